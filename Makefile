@@ -1,0 +1,76 @@
+# remarket: build, check, demo, bench, install.
+# Libraries come from pkg-config; CFLAGS is yours to override.
+PREFIX   ?= /usr/local
+BINDIR   ?= $(PREFIX)/bin
+SHAREDIR ?= $(PREFIX)/share/remarket
+MANDIR   ?= $(PREFIX)/share/man
+CC       ?= cc
+CFLAGS   ?= -O2 -g
+PKGS      = fcgi sqlite3 libcurl libsodium
+# -Wno-format-truncation: snprintf results that matter are checked; the
+# rest are error messages, where a cut is harmless.
+RM_CFLAGS = -std=c11 -Wall -Wextra -Werror -Wno-format-truncation \
+            $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LIBS      = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lsqlite3 -lcurl -lsodium) -lpthread -lm
+SAN       = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+MIGRATIONS = $(sort $(wildcard sql/[0-9]*.sql))
+
+.PHONY: all check check-run unit demo bench install clean deps
+
+all: remarket
+
+sql_migrations.h: $(MIGRATIONS) scripts/embed-sql.sh
+	sh scripts/embed-sql.sh $(MIGRATIONS) > $@.tmp && mv $@.tmp $@
+
+remarket: remarket.c remarket.h sql_migrations.h
+	$(CC) $(CFLAGS) $(RM_CFLAGS) -o $@ remarket.c $(LIBS)
+
+# Sanitized program and unit tests for `make check`; a plain unit test
+# binary for valgrind (which cannot run ASan binaries).
+build/san/remarket: remarket.c remarket.h sql_migrations.h
+	@mkdir -p build/san
+	$(CC) $(SAN) $(RM_CFLAGS) -o $@ remarket.c $(LIBS)
+build/san/unit: tests/unit.c tests/tap.h remarket.c remarket.h sql_migrations.h
+	@mkdir -p build/san
+	$(CC) $(SAN) $(RM_CFLAGS) -DRM_NO_MAIN -I. -o $@ tests/unit.c remarket.c $(LIBS)
+build/plain/unit: tests/unit.c tests/tap.h remarket.c remarket.h sql_migrations.h
+	@mkdir -p build/plain
+	$(CC) -O0 -g $(RM_CFLAGS) -DRM_NO_MAIN -I. -o $@ tests/unit.c remarket.c $(LIBS)
+
+deps:
+	sh scripts/deps.sh test
+
+# The README's test command. Installs what is missing, then builds with
+# the sanitizers and runs every test under prove.
+check: deps
+	$(MAKE) check-run
+
+check-run: remarket build/san/remarket build/san/unit build/plain/unit
+	REMARKET_BIN=$(CURDIR)/build/san/remarket \
+	UNIT_BIN=$(CURDIR)/build/san/unit \
+	VALGRIND_UNIT=$(CURDIR)/build/plain/unit \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
+	prove -v tests/
+
+unit: build/san/unit
+	./build/san/unit
+
+demo:
+	sh scripts/deps.sh build
+	$(MAKE) remarket
+	sh scripts/demo.sh
+
+bench:
+	sh scripts/deps.sh bench
+	$(MAKE) remarket
+	sh bench/run.sh
+
+install: remarket
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SHAREDIR)/templates $(DESTDIR)$(SHAREDIR)/sql
+	install -m 0755 remarket $(DESTDIR)$(BINDIR)/remarket
+	install -m 0644 templates/* $(DESTDIR)$(SHAREDIR)/templates/
+	install -m 0644 sql/*.sql $(DESTDIR)$(SHAREDIR)/sql/
+	install -m 0644 nginx.conf.example $(DESTDIR)$(SHAREDIR)/
+
+clean:
+	rm -rf remarket build sql_migrations.h

@@ -1,0 +1,3809 @@
+/*
+ * remarket: a self-hosted remarketing engine for online stores.
+ *
+ * One program, three forms: a threaded FastCGI responder mounted by the
+ * store's web server, a plain CGI program, and the operator's command
+ * line. It records cart and order events, detects abandoned carts, runs
+ * them through multi-step email flows, and signs every link it sends.
+ * SQLite is the only store; libcurl speaks SMTP; libsodium makes every
+ * signature and every random code.
+ *
+ * Sections, in file order (search for "==== Name"):
+ *   1. Buffers and small helpers
+ *   2. Configuration
+ *   3. Storage: connection, migrations, named statements
+ *   4. Validators
+ *   5. Signed tokens and hook signatures
+ *   6. Templates
+ *   7. Events: validation and state (contacts, carts, orders)
+ *   8. Discount codes
+ *   9. Mail: rendering and RFC 5322 building
+ *  10. Transports: SMTP and outbox
+ *  11. The flow engine: detect, claim, send, record
+ *  12. HTTP routes
+ *  13. FastCGI and CGI front-ends
+ *  14. Command line
+ */
+#define _GNU_SOURCE
+#include "remarket.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <fcgiapp.h>
+#include <sodium.h>
+#include <sqlite3.h>
+
+#include "sql_migrations.h" /* made from sql/NNN_*.sql by the Makefile */
+
+/* ==== 1. Buffers and small helpers ==================================== */
+/*
+ * A growable, always NUL-terminated byte buffer is the only string
+ * builder in the program: no strcat, no sprintf into fixed arrays.
+ * Functions here never fail silently: allocation failure returns -1.
+ */
+
+/* Makes room for n more bytes plus the terminating NUL. */
+static int buf_reserve(struct buf *b, size_t n)
+{
+	if (n > SIZE_MAX - b->len - 1)
+		return -1;
+	if (b->len + n + 1 <= b->cap)
+		return 0;
+	size_t cap = b->cap ? b->cap : 256;
+	while (cap < b->len + n + 1) {
+		if (cap > SIZE_MAX / 2)
+			return -1;
+		cap *= 2;
+	}
+	char *d = realloc(b->data, cap);
+	if (!d)
+		return -1;
+	b->data = d;
+	b->cap = cap;
+	return 0;
+}
+
+int buf_add(struct buf *b, const void *p, size_t n)
+{
+	if (buf_reserve(b, n) < 0)
+		return -1;
+	if (n)
+		memcpy(b->data + b->len, p, n);
+	b->len += n;
+	b->data[b->len] = '\0';
+	return 0;
+}
+
+int buf_adds(struct buf *b, const char *s)
+{
+	return buf_add(b, s, strlen(s));
+}
+
+int buf_addf(struct buf *b, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(NULL, 0, fmt, ap);
+	va_end(ap);
+	if (n < 0 || buf_reserve(b, (size_t)n) < 0)
+		return -1;
+	va_start(ap, fmt);
+	vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+	va_end(ap);
+	b->len += (size_t)n;
+	return 0;
+}
+
+void buf_free(struct buf *b)
+{
+	free(b->data);
+	b->data = NULL;
+	b->len = b->cap = 0;
+}
+
+static const char *buf_str(const struct buf *b)
+{
+	return b->data ? b->data : "";
+}
+
+/* Copies at most n-1 bytes and always terminates; 0 if it fit. */
+static int copy_str(char *dst, size_t n, const char *src)
+{
+	int w = snprintf(dst, n, "%s", src ? src : "");
+	return (w < 0 || (size_t)w >= n) ? -1 : 0;
+}
+
+static rm_time parse_time(const char *s, rm_time base)
+{
+	char *end;
+	if (!s || !*s)
+		return -1;
+	if (*s == '+') { /* relative: +90s, +2h, +3d */
+		long long v = strtoll(s + 1, &end, 10);
+		long long mul = 1;
+		switch (*end) {
+		case 'd': mul = 86400; end++; break;
+		case 'h': mul = 3600; end++; break;
+		case 'm': mul = 60; end++; break;
+		case 's': end++; break;
+		default: break;
+		}
+		if (*end || v < 0 || v > 100LL * 365 * 86400)
+			return -1;
+		return base + v * mul;
+	}
+	long long v = strtoll(s, &end, 10);
+	if (!*end && end != s)
+		return v >= 0 ? v : -1;
+	struct tm tm = {0};
+	end = strptime(s, "%Y-%m-%dT%H:%M:%S", &tm);
+	if (!end || (*end && strcmp(end, "Z") != 0))
+		return -1;
+	return (rm_time)timegm(&tm);
+}
+
+/* The one place that reads the real clock: $REMARKET_NOW overrides it. */
+static rm_time clock_now(void)
+{
+	rm_time real = (rm_time)time(NULL);
+	const char *o = getenv("REMARKET_NOW");
+	rm_time t = o ? parse_time(o, real) : -1;
+	return t >= 0 ? t : real;
+}
+
+static int mkdir_p(const char *path, mode_t mode)
+{
+	char tmp[PATH_MAX];
+	if (copy_str(tmp, sizeof tmp, path) < 0)
+		return -1;
+	for (char *p = tmp + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		if (mkdir(tmp, mode) < 0 && errno != EEXIST)
+			return -1;
+		*p = '/';
+	}
+	if (mkdir(tmp, mode) < 0 && errno != EEXIST)
+		return -1;
+	return 0;
+}
+
+static int mkdir_parent(const char *file)
+{
+	char dir[PATH_MAX];
+	if (copy_str(dir, sizeof dir, file) < 0)
+		return -1;
+	char *slash = strrchr(dir, '/');
+	if (!slash || slash == dir)
+		return 0;
+	*slash = '\0';
+	return mkdir_p(dir, 0755);
+}
+
+static int read_file(const char *path, struct buf *out, size_t max)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return -1;
+	char chunk[8192];
+	size_t n;
+	int rc = 0;
+	while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+		if (out->len + n > max || buf_add(out, chunk, n) < 0) {
+			rc = -1;
+			break;
+		}
+	}
+	if (ferror(f))
+		rc = -1;
+	fclose(f);
+	if (rc == 0 && !out->data)
+		rc = buf_add(out, "", 0);
+	return rc;
+}
+
+/* Writes a file atomically: a reader sees the old file or the new one. */
+static int write_file_atomic(const char *path, const char *data, size_t n,
+			     mode_t mode)
+{
+	char tmp[PATH_MAX];
+	if (snprintf(tmp, sizeof tmp, "%s.tmp%ld", path, (long)getpid()) >=
+	    (int)sizeof tmp)
+		return -1;
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode);
+	if (fd < 0)
+		return -1;
+	size_t off = 0;
+	while (off < n) {
+		ssize_t w = write(fd, data + off, n - off);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0) {
+			close(fd);
+			unlink(tmp);
+			return -1;
+		}
+		off += (size_t)w;
+	}
+	if (fsync(fd) < 0 || close(fd) < 0 || rename(tmp, path) < 0) {
+		unlink(tmp);
+		return -1;
+	}
+	return 0;
+}
+
+/* ==== 2. Configuration ================================================= */
+/*
+ * One table says every key, its type and its default. Values come from
+ * the defaults, then the file, then REMARKET_<KEY> variables, so an
+ * operator can run with no file at all. Unknown keys in the file are an
+ * error: a typo must not silently fall back to a default.
+ */
+
+#define CFG_STR(name, def) {#name, offsetof(struct config, name), 0, def}
+#define CFG_LONG(name, def) {#name, offsetof(struct config, name), 1, def}
+static const struct cfg_key {
+	const char *name;
+	size_t off;
+	int is_long;
+	const char *def;
+} cfg_keys[] = {
+	CFG_STR(db, "./var/remarket.db"),
+	CFG_STR(key_file, "./var/remarket.key"),
+	CFG_STR(base_url, "http://127.0.0.1:8080/rm"),
+	CFG_STR(store_url, "http://127.0.0.1:8080"),
+	CFG_STR(cart_url, "http://127.0.0.1:8080/cart?restore={cart}&code={code}"),
+	CFG_STR(smtp_url, ""),
+	CFG_STR(smtp_user, ""),
+	CFG_STR(smtp_password, ""),
+	CFG_STR(outbox, "./var/outbox"),
+	CFG_STR(from, "Maison Demo <shop@example.com>"),
+	CFG_STR(tick_token, ""),
+	CFG_STR(hook_secret, ""),
+	CFG_STR(postal_address, "Maison Demo, 1 Example Street, 75001 Paris, France"),
+	CFG_STR(templates, "./templates"),
+	CFG_STR(code_prefix, "RM"),
+	CFG_STR(store_name, ""),
+	CFG_LONG(idle_minutes, "60"),
+	CFG_LONG(max_body, "65536"),
+	CFG_LONG(threads, "4"),
+	CFG_LONG(lease_seconds, "300"),
+	CFG_LONG(max_items, "100"),
+};
+#define NKEYS (sizeof cfg_keys / sizeof cfg_keys[0])
+
+static int cfg_set(struct config *cfg, const struct cfg_key *k, const char *v,
+		   char *err, size_t errlen)
+{
+	char *base = (char *)cfg;
+	if (k->is_long) {
+		char *end;
+		errno = 0;
+		long n = strtol(v, &end, 10);
+		if (errno || end == v || *end || n < 0) {
+			snprintf(err, errlen, "%s: '%s' is not a number >= 0",
+				 k->name, v);
+			return -1;
+		}
+		*(long *)(base + k->off) = n;
+		return 0;
+	}
+	char **slot = (char **)(base + k->off);
+	char *copy = strdup(v);
+	if (!copy)
+		return -1;
+	free(*slot);
+	*slot = copy;
+	return 0;
+}
+
+static char *trim(char *s)
+{
+	while (isspace((unsigned char)*s))
+		s++;
+	char *e = s + strlen(s);
+	while (e > s && isspace((unsigned char)e[-1]))
+		*--e = '\0';
+	return s;
+}
+
+static const struct cfg_key *cfg_find(const char *name)
+{
+	for (size_t i = 0; i < NKEYS; i++)
+		if (strcmp(cfg_keys[i].name, name) == 0)
+			return &cfg_keys[i];
+	return NULL;
+}
+
+static int cfg_read_file(struct config *cfg, const char *path, char *err,
+			 size_t errlen)
+{
+	FILE *f = fopen(path, "r");
+	if (!f) {
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		return -1;
+	}
+	char line[4096];
+	int lineno = 0, rc = 0;
+	while (rc == 0 && fgets(line, sizeof line, f)) {
+		lineno++;
+		char *s = trim(line);
+		if (!*s || *s == '#')
+			continue;
+		char *eq = strchr(s, '=');
+		if (!eq) {
+			snprintf(err, errlen, "%s:%d: expected 'key = value'",
+				 path, lineno);
+			rc = -1;
+			break;
+		}
+		*eq = '\0';
+		const struct cfg_key *k = cfg_find(trim(s));
+		if (!k) {
+			snprintf(err, errlen, "%s:%d: unknown key '%s'", path,
+				 lineno, trim(s));
+			rc = -1;
+			break;
+		}
+		rc = cfg_set(cfg, k, trim(eq + 1), err, errlen);
+	}
+	fclose(f);
+	return rc;
+}
+
+/* "Maison Demo <shop@example.com>" gives "Maison Demo". */
+static void cfg_derive_store_name(struct config *cfg)
+{
+	if (cfg->store_name && *cfg->store_name)
+		return;
+	char name[256];
+	copy_str(name, sizeof name, cfg->from);
+	char *lt = strchr(name, '<');
+	if (lt)
+		*lt = '\0';
+	char *n = trim(name);
+	if (*n == '"') {
+		n++;
+		char *q = strchr(n, '"');
+		if (q)
+			*q = '\0';
+	}
+	free(cfg->store_name);
+	cfg->store_name = strdup(*n ? n : "our store");
+}
+
+int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
+{
+	memset(cfg, 0, sizeof *cfg);
+	for (size_t i = 0; i < NKEYS; i++)
+		if (cfg_set(cfg, &cfg_keys[i], cfg_keys[i].def, err, errlen))
+			return -1;
+	if (!file)
+		file = getenv("REMARKET_CONFIG");
+	if (!file && access("./remarket.conf", R_OK) == 0)
+		file = "./remarket.conf";
+	if (file && cfg_read_file(cfg, file, err, errlen) < 0)
+		return -1;
+	for (size_t i = 0; i < NKEYS; i++) {
+		char var[64] = "REMARKET_";
+		size_t at = strlen(var);
+		for (const char *p = cfg_keys[i].name; *p && at < 63; p++)
+			var[at++] = (char)toupper((unsigned char)*p);
+		var[at] = '\0';
+		const char *v = getenv(var);
+		if (v && cfg_set(cfg, &cfg_keys[i], v, err, errlen) < 0)
+			return -1;
+	}
+	cfg_derive_store_name(cfg);
+	if (cfg->threads < 1 || cfg->threads > 64)
+		cfg->threads = 4;
+	return 0;
+}
+
+void cfg_free(struct config *cfg)
+{
+	for (size_t i = 0; i < NKEYS; i++)
+		if (!cfg_keys[i].is_long)
+			free(*(char **)((char *)cfg + cfg_keys[i].off));
+	memset(cfg, 0, sizeof *cfg);
+}
+
+/* ==== 3. Storage: connection, migrations, named statements ============= */
+/*
+ * Every SQL text the program runs (besides the migrations in sql/) is in
+ * the STATEMENTS table below, prepared once per connection on first use.
+ * Values are always bound, never glued into the text. Each thread owns
+ * its connection; SQLite in WAL mode lets readers run beside one writer,
+ * and busy_timeout makes a second writer wait instead of failing.
+ */
+
+#define STATEMENTS(X)                                                          \
+	X(BEGIN, "BEGIN IMMEDIATE")                                            \
+	X(COMMIT, "COMMIT")                                                    \
+	X(ROLLBACK, "ROLLBACK")                                                \
+	X(JSON_ERROR, "SELECT json_object('error', ?1)")                       \
+	X(JSON_ACCEPTED, "SELECT json_object('accepted', ?1, 'duplicates', ?2)") \
+	X(JSON_TICK,                                                           \
+	  "SELECT json_object('now',?1,'abandoned',?2,'enrolled',?3,'sent',?4," \
+	  "'retry',?5,'failed',?6,'exited',?7,'skipped',?8)")                  \
+	X(JSON_DISCOUNT,                                                       \
+	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
+	  "'min_spend', ?4, 'expires', ?5)")                                   \
+	X(BODY_SHAPE, "SELECT json_valid(?1), json_type(?1)")                   \
+	X(ARRAY_EACH, "SELECT value, type FROM json_each(?1)")                 \
+	X(OBJECT_EACH, "SELECT key, type, atom, value FROM json_each(?1)")     \
+	X(EVENT_INSERT,                                                        \
+	  "INSERT INTO events (ts, received, source, type, body) "             \
+	  "VALUES (?1, ?2, ?3, ?4, json(?5))")                                 \
+	X(CONTACT_UPSERT,                                                      \
+	  "INSERT INTO contacts (email, name, consent, created, updated) "     \
+	  "VALUES (?1, coalesce(?2, ''), coalesce(?3, 0), ?4, ?4) "            \
+	  "ON CONFLICT (email) DO UPDATE SET "                                 \
+	  "name = CASE WHEN ?2 IS NOT NULL AND ?2 <> '' THEN ?2 ELSE name END, " \
+	  "consent = coalesce(?3, consent), updated = ?4 RETURNING id")        \
+	X(VISITOR_CONTACT, "SELECT contact_id FROM visitors WHERE vid = ?1")   \
+	X(VISITOR_UPSERT,                                                      \
+	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen) "     \
+	  "VALUES (?1, ?2, ?3, ?3) ON CONFLICT (vid) DO UPDATE SET "           \
+	  "contact_id = coalesce(?2, contact_id), last_seen = ?3")             \
+	X(VISITOR_CARTS,                                                       \
+	  "UPDATE carts SET contact_id = ?2 "                                  \
+	  "WHERE visitor_id = ?1 AND contact_id IS NULL")                      \
+	X(CART_UPSERT,                                                         \
+	  "INSERT INTO carts (cart_key, contact_id, visitor_id, currency, total, " \
+	  "items, item_count, status, updated) VALUES (?1, ?2, ?3, ?4, ?5, "   \
+	  "json(?6), ?7, CASE WHEN ?7 = 0 THEN 'empty' ELSE 'open' END, ?8) "  \
+	  "ON CONFLICT (cart_key) DO UPDATE SET "                              \
+	  "contact_id = coalesce(?2, contact_id), "                            \
+	  "visitor_id = coalesce(?3, visitor_id), currency = ?4, total = ?5, " \
+	  "items = json(?6), item_count = ?7, "                                \
+	  "status = CASE WHEN status = 'ordered' THEN 'ordered' "              \
+	  "WHEN ?7 = 0 THEN 'empty' ELSE 'open' END, updated = ?8 "            \
+	  "RETURNING id, status")                                              \
+	X(CART_TOUCH,                                                          \
+	  "UPDATE carts SET updated = ?2, contact_id = coalesce(?3, contact_id), " \
+	  "status = CASE WHEN status = 'abandoned' THEN 'open' ELSE status END " \
+	  "WHERE cart_key = ?1 AND status <> 'ordered'")                       \
+	X(CART_BY_KEY, "SELECT id FROM carts WHERE cart_key = ?1")             \
+	X(CART_ORDERED,                                                        \
+	  "UPDATE carts SET status = 'ordered', ordered_at = ?3 "              \
+	  "WHERE (id = ?1 OR (?1 IS NULL AND contact_id = ?2)) "               \
+	  "AND status IN ('open', 'abandoned')")                               \
+	X(EXIT_CART,                                                           \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
+	  "WHERE cart_id = ?1 AND status = 'active'")                          \
+	X(EXIT_CONTACT,                                                        \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
+	  "WHERE contact_id = ?1 AND status = 'active'")                       \
+	X(ORDER_INSERT,                                                        \
+	  "INSERT INTO orders (order_key, contact_id, cart_id, total, currency, " \
+	  "items, discount_code, ts) VALUES (?1, ?2, ?3, ?4, ?5, json(?6), ?7, ?8) " \
+	  "ON CONFLICT (order_key) DO NOTHING")                                \
+	X(PRODUCT_UPSERT,                                                      \
+	  "INSERT INTO products (sku, name, price, url, image, category, updated) " \
+	  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (sku) DO UPDATE SET " \
+	  "name = ?2, price = coalesce(?3, price), url = coalesce(?4, url), "  \
+	  "image = coalesce(?5, image), category = coalesce(?6, category), "   \
+	  "updated = ?7")                                                      \
+	X(REVIEW_INSERT,                                                       \
+	  "INSERT OR IGNORE INTO reviews (sku, author, rating, text, ts) "     \
+	  "VALUES (?1, ?2, ?3, ?4, ?5)")                                       \
+	X(DISCOUNT_INSERT,                                                     \
+	  "INSERT INTO discounts (code, percent, min_spend, contact_id, message, " \
+	  "created, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")             \
+	X(DISCOUNT_GET,                                                        \
+	  "SELECT percent, min_spend, expires, redeemed_at FROM discounts "    \
+	  "WHERE code = ?1")                                                   \
+	X(DISCOUNT_REDEEM,                                                     \
+	  "UPDATE discounts SET redeemed_at = ?2, order_key = ?3 "             \
+	  "WHERE code = ?1 AND redeemed_at IS NULL")                           \
+	X(ABANDON,                                                             \
+	  "UPDATE carts SET status = 'abandoned', abandoned_at = ?1 "          \
+	  "WHERE status = 'open' AND item_count > 0 AND updated <= ?2 "        \
+	  "AND contact_id IN (SELECT id FROM contacts WHERE consent = 1 "      \
+	  "AND unsubscribed_at IS NULL AND suppressed_at IS NULL)")            \
+	X(ENROLL,                                                              \
+	  "INSERT INTO enrollments (flow_id, contact_id, cart_id, anchor, created) " \
+	  "SELECT f.id, c.contact_id, c.id, c.updated, ?1 FROM carts c "       \
+	  "JOIN flows f ON f.trigger = 'cart_abandoned' AND f.enabled = 1 "    \
+	  "WHERE c.status = 'abandoned' AND c.abandoned_at = ?1 "              \
+	  "ON CONFLICT (flow_id, cart_id) DO NOTHING")                         \
+	X(QUEUE_DUE,                                                           \
+	  "INSERT INTO messages (enrollment_id, step, contact_id, next_try, created) " \
+	  "SELECT e.id, e.next_step, e.contact_id, e.anchor + s.delay_s, ?1 "  \
+	  "FROM enrollments e JOIN steps s ON s.flow_id = e.flow_id "          \
+	  "AND s.position = e.next_step JOIN carts c ON c.id = e.cart_id "     \
+	  "WHERE e.status = 'active' AND e.anchor + s.delay_s <= ?1 "          \
+	  "AND c.status = 'abandoned' "                                        \
+	  "ON CONFLICT (enrollment_id, step) DO NOTHING")                      \
+	X(CLAIM,                                                               \
+	  "UPDATE messages SET status = 'sending', lease_until = ?1 + ?2, "    \
+	  "attempts = attempts + 1 WHERE id IN (SELECT id FROM messages "      \
+	  "WHERE (status = 'queued' AND next_try <= ?1) "                      \
+	  "OR (status = 'sending' AND lease_until <= ?1) "                     \
+	  "ORDER BY next_try, id LIMIT ?3) RETURNING id")                      \
+	X(MESSAGE_LOAD,                                                        \
+	  "SELECT m.step, m.attempts, m.message_id, m.discount_code, "         \
+	  "e.id, e.status, c.id, c.email, c.name, c.unsubscribed_at, "         \
+	  "c.suppressed_at, k.cart_key, k.status, k.items, k.total, k.currency, " \
+	  "s.template, s.discount_pct, s.discount_valid, s.min_spend "         \
+	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
+	  "JOIN contacts c ON c.id = m.contact_id "                            \
+	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
+	  "LEFT JOIN steps s ON s.flow_id = e.flow_id AND s.position = m.step " \
+	  "WHERE m.id = ?1")                                                   \
+	X(MESSAGE_SET_ID,                                                      \
+	  "UPDATE messages SET message_id = ?2 WHERE id = ?1 AND message_id IS NULL") \
+	X(MESSAGE_SET_CODE,                                                    \
+	  "UPDATE messages SET discount_code = ?2 WHERE id = ?1 "              \
+	  "AND discount_code IS NULL")                                         \
+	X(MESSAGE_SENT,                                                        \
+	  "UPDATE messages SET status = 'sent', sent_at = ?2, lease_until = NULL, " \
+	  "error = NULL WHERE id = ?1")                                        \
+	X(MESSAGE_RETRY,                                                       \
+	  "UPDATE messages SET status = 'queued', next_try = ?2, "             \
+	  "lease_until = NULL, error = ?3 WHERE id = ?1")                      \
+	X(MESSAGE_END,                                                         \
+	  "UPDATE messages SET status = ?2, lease_until = NULL, error = ?3 "   \
+	  "WHERE id = ?1")                                                     \
+	X(ENROLL_ADVANCE,                                                      \
+	  "UPDATE enrollments SET next_step = ?2 + 1, status = CASE WHEN "     \
+	  "EXISTS (SELECT 1 FROM steps s WHERE s.flow_id = enrollments.flow_id " \
+	  "AND s.position = ?2 + 1) THEN status ELSE 'done' END "              \
+	  "WHERE id = ?1 AND next_step = ?2 AND status = 'active'")            \
+	X(ENROLL_EXIT,                                                         \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
+	  "WHERE id = ?1 AND status = 'active'")                               \
+	X(ENROLL_DONE,                                                         \
+	  "UPDATE enrollments SET status = 'done' WHERE id = ?1 AND status = 'active'") \
+	X(SUPPRESS,                                                            \
+	  "UPDATE contacts SET suppressed_at = ?2, suppress_reason = ?3 "      \
+	  "WHERE id = ?1 AND suppressed_at IS NULL")                           \
+	X(UNSUBSCRIBE,                                                         \
+	  "UPDATE contacts SET unsubscribed_at = ?2 "                          \
+	  "WHERE id = ?1 AND unsubscribed_at IS NULL")                         \
+	X(MESSAGE_TARGET,                                                      \
+	  "SELECT m.contact_id, k.cart_key, m.discount_code FROM messages m "  \
+	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
+	  "LEFT JOIN carts k ON k.id = e.cart_id WHERE m.id = ?1")             \
+	X(INTERACTION, "INSERT INTO interactions (message, kind, ts) VALUES (?1, ?2, ?3)") \
+	X(BEST_REVIEW,                                                         \
+	  "SELECT r.author, r.rating, r.text, p.name FROM reviews r "          \
+	  "JOIN products p ON p.sku = r.sku WHERE r.sku IN "                   \
+	  "(SELECT json_extract(value, '$.sku') FROM json_each(?1)) "          \
+	  "ORDER BY r.rating DESC, length(r.text) DESC, r.id LIMIT 1")         \
+	X(ITEMS_EACH,                                                          \
+	  "SELECT json_extract(value,'$.name'), json_extract(value,'$.sku'), " \
+	  "coalesce(json_extract(value,'$.qty'), 1), json_extract(value,'$.price'), " \
+	  "coalesce(json_extract(value,'$.url'), ''), "                        \
+	  "coalesce(json_extract(value,'$.image'), '') FROM json_each(?1)")    \
+	X(REPORT,                                                              \
+	  "SELECT json_object("                                                \
+	  "'until', ?1, "                                                      \
+	  "'abandoned_carts', (SELECT count(*) FROM enrollments), "            \
+	  "'recovered_carts', (SELECT count(*) FROM enrollments e JOIN carts c " \
+	  "ON c.id = e.cart_id WHERE c.status = 'ordered'), "                  \
+	  "'recovered_revenue', (SELECT coalesce(sum(o.total), 0) FROM orders o " \
+	  "WHERE o.cart_id IN (SELECT cart_id FROM enrollments)), "            \
+	  "'sent', (SELECT count(*) FROM messages WHERE status = 'sent'), "    \
+	  "'failed', (SELECT count(*) FROM messages WHERE status = 'failed'), " \
+	  "'unsubscribed', (SELECT count(*) FROM contacts "                    \
+	  "WHERE unsubscribed_at IS NOT NULL), "                               \
+	  "'steps', (SELECT json_group_array(json_object('position', s.position, " \
+	  "'template', s.template, 'sent', (SELECT count(*) FROM messages m "  \
+	  "WHERE m.step = s.position AND m.status = 'sent'), "                 \
+	  "'opened', (SELECT count(DISTINCT i.message) FROM interactions i "   \
+	  "JOIN messages m ON m.id = i.message WHERE m.step = s.position "     \
+	  "AND i.kind = 'open'), "                                             \
+	  "'clicked', (SELECT count(DISTINCT i.message) FROM interactions i "  \
+	  "JOIN messages m ON m.id = i.message WHERE m.step = s.position "     \
+	  "AND i.kind IN ('click', 'discount')))) "                            \
+	  "FROM steps s WHERE s.flow_id = 1 ORDER BY s.position)) AS r")       \
+	X(FLOWS_LIST,                                                          \
+	  "SELECT f.name, f.enabled, s.position, s.delay_s, s.template, "      \
+	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 0), s.min_spend " \
+	  "FROM flows f JOIN steps s ON s.flow_id = f.id ORDER BY f.id, s.position") \
+	X(STEP_SET,                                                            \
+	  "UPDATE steps SET delay_s = coalesce(?3, delay_s), "                 \
+	  "template = coalesce(?4, template), "                                \
+	  "discount_pct = CASE WHEN ?5 IS NULL THEN discount_pct "             \
+	  "WHEN ?5 = 0 THEN NULL ELSE ?5 END, "                                \
+	  "discount_valid = coalesce(?6, discount_valid), "                    \
+	  "min_spend = coalesce(?7, min_spend) "                               \
+	  "WHERE flow_id = (SELECT id FROM flows WHERE name = ?1) AND position = ?2") \
+	X(FLOW_ENABLE, "UPDATE flows SET enabled = ?2 WHERE name = ?1")        \
+	X(PIXEL_EVENT,                                                         \
+	  "SELECT json_patch('{}', json_object('type', ?1, 'sku', ?2, "        \
+	  "'url', ?3, 'visitor_id', ?4, 'email', ?5))")                        \
+	X(VALIDATE_FIELDS,                                                     \
+	  "SELECT json_type(?1, '$.code'), json_extract(?1, '$.code'), "       \
+	  "json_type(?1, '$.total'), json_extract(?1, '$.total')")
+
+#define STMT_ENUM(name, sql) ST_##name,
+#define STMT_TEXT(name, sql) sql,
+enum stmt_id { STATEMENTS(STMT_ENUM) ST__COUNT };
+static const char *const stmt_sql[ST__COUNT] = {STATEMENTS(STMT_TEXT)};
+
+struct db {
+	sqlite3 *h;
+	sqlite3_stmt *st[ST__COUNT];
+};
+
+/* Returns the named statement, reset and with the values bound.
+ * fmt: one letter a value: t text (NULL binds NULL), i int64, d double,
+ * n NULL, b "t" with an explicit length (char *, int). */
+static sqlite3_stmt *q(struct db *db, enum stmt_id id, const char *fmt, ...)
+{
+	sqlite3_stmt *s = db->st[id];
+	if (!s) {
+		if (sqlite3_prepare_v3(db->h, stmt_sql[id], -1,
+				       SQLITE_PREPARE_PERSISTENT, &db->st[id],
+				       NULL) != SQLITE_OK) {
+			fprintf(stderr, "remarket: statement %d: %s\n", (int)id,
+				sqlite3_errmsg(db->h));
+			abort(); /* a broken statement table is our own bug */
+		}
+		s = db->st[id];
+	}
+	sqlite3_reset(s);
+	sqlite3_clear_bindings(s);
+	if (fmt && (int)strlen(fmt) > sqlite3_bind_parameter_count(s))
+		abort(); /* more values than the statement takes: our bug */
+	va_list ap;
+	va_start(ap, fmt);
+	for (int i = 1; fmt && *fmt; fmt++, i++) {
+		switch (*fmt) {
+		case 't': {
+			const char *v = va_arg(ap, const char *);
+			if (v)
+				sqlite3_bind_text(s, i, v, -1, SQLITE_TRANSIENT);
+			break;
+		}
+		case 'b': {
+			const char *v = va_arg(ap, const char *);
+			int n = va_arg(ap, int);
+			sqlite3_bind_text(s, i, v, n, SQLITE_TRANSIENT);
+			break;
+		}
+		case 'i': sqlite3_bind_int64(s, i, va_arg(ap, int64_t)); break;
+		case 'd': sqlite3_bind_double(s, i, va_arg(ap, double)); break;
+		case 'n': break;
+		default: abort();
+		}
+	}
+	va_end(ap);
+	return s;
+}
+
+/* Steps a statement to completion; SQLITE_DONE/ROW count as success. */
+static int q_exec(struct db *db, sqlite3_stmt *s)
+{
+	int rc;
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW)
+		;
+	sqlite3_reset(s);
+	if (rc != SQLITE_DONE) {
+		fprintf(stderr, "remarket: sqlite: %s\n", sqlite3_errmsg(db->h));
+		return -1;
+	}
+	return 0;
+}
+
+static int db_begin(struct db *db) { return q_exec(db, q(db, ST_BEGIN, NULL)); }
+static int db_commit(struct db *db) { return q_exec(db, q(db, ST_COMMIT, NULL)); }
+static void db_rollback(struct db *db)
+{
+	if (!sqlite3_get_autocommit(db->h))
+		q_exec(db, q(db, ST_ROLLBACK, NULL));
+}
+
+static const char *col_text(sqlite3_stmt *s, int i)
+{
+	const unsigned char *t = sqlite3_column_text(s, i);
+	return t ? (const char *)t : "";
+}
+
+int db_open(struct db **out, const char *path, char *err, size_t errlen)
+{
+	struct db *db = calloc(1, sizeof *db);
+	if (!db)
+		return -1;
+	if (mkdir_parent(path) < 0) {
+		snprintf(err, errlen, "db %s: cannot create its directory: %s",
+			 path, strerror(errno));
+		free(db);
+		return -1;
+	}
+	int rc = sqlite3_open_v2(path, &db->h,
+				 SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+					 SQLITE_OPEN_NOMUTEX, NULL);
+	if (rc == SQLITE_OK)
+		rc = sqlite3_exec(db->h,
+				  "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+				  "PRAGMA foreign_keys=ON;", NULL, NULL, NULL);
+	if (rc != SQLITE_OK) {
+		snprintf(err, errlen, "db %s: %s", path, sqlite3_errmsg(db->h));
+		db_close(db);
+		return -1;
+	}
+	sqlite3_busy_timeout(db->h, 10000);
+	*out = db;
+	return 0;
+}
+
+void db_close(struct db *db)
+{
+	if (!db)
+		return;
+	for (int i = 0; i < ST__COUNT; i++)
+		sqlite3_finalize(db->st[i]);
+	sqlite3_close(db->h);
+	free(db);
+}
+
+int db_user_version(struct db *db)
+{
+	sqlite3_stmt *s;
+	int v = -1;
+	if (sqlite3_prepare_v2(db->h, "PRAGMA user_version", -1, &s, NULL))
+		return -1;
+	if (sqlite3_step(s) == SQLITE_ROW)
+		v = sqlite3_column_int(s, 0);
+	sqlite3_finalize(s);
+	return v;
+}
+
+long long db_scalar(struct db *db, const char *sql)
+{
+	sqlite3_stmt *s;
+	long long v = -1;
+	if (sqlite3_prepare_v2(db->h, sql, -1, &s, NULL))
+		return -1;
+	if (sqlite3_step(s) == SQLITE_ROW)
+		v = sqlite3_column_int64(s, 0);
+	sqlite3_finalize(s);
+	return v;
+}
+
+/* Runs each migration above user_version in a transaction of its own. */
+int db_migrate(struct db *db, char *err, size_t errlen)
+{
+	int have = db_user_version(db);
+	int want = (int)(sizeof migrations / sizeof migrations[0]);
+	if (have > want) {
+		snprintf(err, errlen, "database schema %d is newer than this "
+			 "remarket (%d): upgrade remarket", have, want);
+		return -1;
+	}
+	for (int v = have; v < want; v++) {
+		char pragma[64];
+		snprintf(pragma, sizeof pragma, "PRAGMA user_version=%d;", v + 1);
+		char *msg = NULL;
+		if (sqlite3_exec(db->h, "BEGIN IMMEDIATE", NULL, NULL, &msg) ||
+		    sqlite3_exec(db->h, migrations[v], NULL, NULL, &msg) ||
+		    sqlite3_exec(db->h, pragma, NULL, NULL, &msg) ||
+		    sqlite3_exec(db->h, "COMMIT", NULL, NULL, &msg)) {
+			snprintf(err, errlen, "migration %d: %s", v + 1,
+				 msg ? msg : "failed");
+			sqlite3_free(msg);
+			sqlite3_exec(db->h, "ROLLBACK", NULL, NULL, NULL);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* A JSON document made by one of the JSON_* statements. */
+static int json_from(struct db *db, sqlite3_stmt *s, struct buf *out)
+{
+	int rc = -1;
+	if (sqlite3_step(s) == SQLITE_ROW)
+		rc = buf_adds(out, col_text(s, 0));
+	sqlite3_reset(s);
+	(void)db;
+	return rc;
+}
+
+/* ==== 4. Validators ===================================================== */
+/*
+ * Named validators for every field that comes from outside. Each answers
+ * 1 (valid) or 0 and never modifies its input. Nothing else in the
+ * program looks at a field before one of these has accepted it.
+ */
+
+int val_utf8(const char *str, size_t n)
+{
+	const unsigned char *s = (const unsigned char *)str;
+	size_t i = 0;
+	while (i < n) {
+		unsigned c = s[i];
+		size_t len;
+		unsigned min;
+		if (c < 0x80) {
+			i++;
+			continue;
+		} else if ((c & 0xE0) == 0xC0) {
+			len = 2, min = 0x80, c &= 0x1F;
+		} else if ((c & 0xF0) == 0xE0) {
+			len = 3, min = 0x800, c &= 0x0F;
+		} else if ((c & 0xF8) == 0xF0) {
+			len = 4, min = 0x10000, c &= 0x07;
+		} else {
+			return 0;
+		}
+		if (n - i < len)
+			return 0;
+		for (size_t k = 1; k < len; k++) {
+			if ((s[i + k] & 0xC0) != 0x80)
+				return 0;
+			c = (c << 6) | (s[i + k] & 0x3F);
+		}
+		if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF))
+			return 0; /* overlong, out of range, or a surrogate */
+		i += len;
+	}
+	return 1;
+}
+
+int val_text(const char *s, size_t maxlen)
+{
+	size_t n = strlen(s);
+	if (n > maxlen || !val_utf8(s, n))
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c < 0x20 || c == 0x7F)
+			return 0; /* CR, LF, tab and the rest never pass */
+	}
+	return 1;
+}
+
+int val_ident(const char *s, size_t maxlen)
+{
+	size_t n = strlen(s);
+	if (n == 0 || n > maxlen)
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		if (!isalnum((unsigned char)s[i]) && !strchr("._:-", s[i]))
+			return 0;
+	return 1;
+}
+
+static int email_local_ok(const char *s, size_t n)
+{
+	if (n == 0 || n > 64 || s[0] == '.' || s[n - 1] == '.')
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		if (s[i] == '.' && s[i + 1] == '.')
+			return 0;
+		if (!isalnum((unsigned char)s[i]) &&
+		    !strchr(".!#$%&'*+/=?^_`{|}~-", s[i]))
+			return 0;
+	}
+	return 1;
+}
+
+static int email_domain_ok(const char *s)
+{
+	size_t label = 0, labels = 0;
+	for (const char *p = s;; p++) {
+		if (*p == '.' || *p == '\0') {
+			if (label == 0 || label > 63 || p[-1] == '-')
+				return 0;
+			labels++;
+			label = 0;
+			if (*p == '\0')
+				break;
+			continue;
+		}
+		if (!isalnum((unsigned char)*p) && *p != '-')
+			return 0;
+		if (label == 0 && *p == '-')
+			return 0;
+		label++;
+	}
+	return labels >= 2;
+}
+
+int val_email(const char *s)
+{
+	size_t n = strlen(s);
+	const char *at = strchr(s, '@');
+	if (n < 3 || n > 254 || !at || strchr(at + 1, '@'))
+		return 0;
+	return email_local_ok(s, (size_t)(at - s)) && email_domain_ok(at + 1);
+}
+
+int val_url(const char *s)
+{
+	if (strlen(s) > 2048 || !val_text(s, 2048))
+		return 0;
+	CURLU *u = curl_url();
+	char *scheme = NULL, *host = NULL;
+	int ok = u && curl_url_set(u, CURLUPART_URL, s, 0) == CURLUE_OK &&
+		 curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+		 curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
+		 (strcmp(scheme, "http") == 0 || strcmp(scheme, "https") == 0) &&
+		 *host;
+	curl_free(scheme);
+	curl_free(host);
+	curl_url_cleanup(u);
+	return ok;
+}
+
+/* ==== 5. Signed tokens and hook signatures ============================= */
+/*
+ * A token is base64url(kind | subject | expires | mac) where mac is a
+ * 128-bit keyed BLAKE2b (crypto_generichash) over the first 17 bytes.
+ * The MAC is checked before anything in the token is believed, in
+ * constant time. Tokens hold no personal data: the subject is a row id.
+ * Server hooks use HMAC-SHA256 as documented in API.md.
+ */
+
+#define TOK_PAYLOAD 17
+#define TOK_MACLEN 16
+
+static void put_be64(unsigned char *p, uint64_t v)
+{
+	for (int i = 7; i >= 0; i--, v >>= 8)
+		p[i] = (unsigned char)(v & 0xFF);
+}
+
+static uint64_t get_be64(const unsigned char *p)
+{
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = (v << 8) | p[i];
+	return v;
+}
+
+int tok_sign(const unsigned char key[RM_KEYBYTES], char kind, int64_t subject,
+	     rm_time expires, char *out, size_t outlen)
+{
+	unsigned char raw[TOK_PAYLOAD + TOK_MACLEN];
+	raw[0] = (unsigned char)kind;
+	put_be64(raw + 1, (uint64_t)subject);
+	put_be64(raw + 9, (uint64_t)expires);
+	crypto_generichash(raw + TOK_PAYLOAD, TOK_MACLEN, raw, TOK_PAYLOAD,
+			   key, RM_KEYBYTES);
+	size_t need = sodium_base64_ENCODED_LEN(sizeof raw,
+			sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+	if (outlen < need)
+		return -1;
+	sodium_bin2base64(out, outlen, raw, sizeof raw,
+			  sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+	return 0;
+}
+
+int tok_verify(const unsigned char key[RM_KEYBYTES], const char *tok,
+	       char kind, rm_time now, int64_t *subject)
+{
+	unsigned char raw[TOK_PAYLOAD + TOK_MACLEN], mac[TOK_MACLEN];
+	size_t len = 0;
+	if (!tok || strlen(tok) > TOK_MAXLEN ||
+	    sodium_base642bin(raw, sizeof raw, tok, strlen(tok), NULL, &len,
+			      NULL, sodium_base64_VARIANT_URLSAFE_NO_PADDING) ||
+	    len != sizeof raw)
+		return TOK_MALFORMED;
+	crypto_generichash(mac, TOK_MACLEN, raw, TOK_PAYLOAD, key, RM_KEYBYTES);
+	if (sodium_memcmp(mac, raw + TOK_PAYLOAD, TOK_MACLEN) != 0)
+		return TOK_FORGED;
+	if (raw[0] != (unsigned char)kind)
+		return TOK_WRONG_KIND;
+	if ((rm_time)get_be64(raw + 9) < now)
+		return TOK_EXPIRED;
+	*subject = (int64_t)get_be64(raw + 1);
+	return TOK_OK;
+}
+
+const char *tok_strerror(int status)
+{
+	switch (status) {
+	case TOK_OK: return "valid";
+	case TOK_MALFORMED: return "This link is incomplete or damaged.";
+	case TOK_FORGED: return "This link is not one we sent.";
+	case TOK_EXPIRED: return "This link has expired.";
+	case TOK_WRONG_KIND: return "This link is not valid here.";
+	}
+	return "This link is not valid.";
+}
+
+static void hook_mac(const char *secret, const char *t, const char *body,
+		     size_t len, unsigned char mac[crypto_auth_hmacsha256_BYTES])
+{
+	crypto_auth_hmacsha256_state st;
+	crypto_auth_hmacsha256_init(&st, (const unsigned char *)secret,
+				    strlen(secret));
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)t, strlen(t));
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)".", 1);
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)body, len);
+	crypto_auth_hmacsha256_final(&st, mac);
+}
+
+int hook_sign(const char *secret, rm_time t, const char *body, size_t len,
+	      char *out, size_t outlen)
+{
+	unsigned char mac[crypto_auth_hmacsha256_BYTES];
+	char ts[24], hex[2 * sizeof mac + 1];
+	snprintf(ts, sizeof ts, "%lld", (long long)t);
+	hook_mac(secret, ts, body, len, mac);
+	sodium_bin2hex(hex, sizeof hex, mac, sizeof mac);
+	int n = snprintf(out, outlen, "t=%s,v1=%s", ts, hex);
+	return (n < 0 || (size_t)n >= outlen) ? -1 : 0;
+}
+
+/* header: "t=<unix>,v1=<hex>[,v1=<hex>]" (several v1 during key rotation) */
+int hook_verify(const char *secret, const char *header, const char *body,
+		size_t len, rm_time now, const char **why)
+{
+	char h[512], ts[24] = "";
+	*why = "missing X-Remarket-Signature header";
+	if (!header || !*header)
+		return -1;
+	*why = "malformed X-Remarket-Signature header (want t=<unix>,v1=<hex>)";
+	if (copy_str(h, sizeof h, header) < 0)
+		return -1;
+	unsigned char mac[crypto_auth_hmacsha256_BYTES];
+	int have_mac = 0, match = 0;
+	for (char *save = NULL, *part = strtok_r(h, ",", &save); part;
+	     part = strtok_r(NULL, ",", &save)) {
+		part = trim(part);
+		if (strncmp(part, "t=", 2) == 0 && !*ts) {
+			if (copy_str(ts, sizeof ts, part + 2) < 0)
+				return -1;
+			hook_mac(secret, ts, body, len, mac);
+			have_mac = 1;
+		} else if (strncmp(part, "v1=", 3) == 0 && have_mac) {
+			unsigned char got[sizeof mac];
+			size_t n = 0;
+			if (sodium_hex2bin(got, sizeof got, part + 3,
+					   strlen(part + 3), NULL, &n, NULL) ||
+			    n != sizeof got)
+				return -1;
+			match |= sodium_memcmp(got, mac, sizeof mac) == 0;
+		}
+	}
+	char *end;
+	long long t = strtoll(ts, &end, 10);
+	if (!*ts || *end || !have_mac)
+		return -1;
+	*why = "signature does not match the body (check hook_secret)";
+	if (!match)
+		return -1;
+	*why = "signature timestamp is more than 5 minutes away from now";
+	if (t < now - 300 || t > now + 300)
+		return -1;
+	return 0;
+}
+
+/* ==== 6. Templates ====================================================== */
+/*
+ * A small mustache subset: {{var}}, {{#section}}...{{/section}} (a list
+ * repeats, a non-empty scalar shows), {{^section}} (shows when empty),
+ * {{>partial}}. In TPL_HTML mode every variable is HTML-escaped: there is
+ * no raw form, so a template can never inject a shopper's name as markup.
+ * Owners edit the files; an unbalanced tag is reported, never guessed.
+ */
+
+int html_escape(struct buf *out, const char *s)
+{
+	for (; *s; s++) {
+		const char *e = NULL;
+		switch (*s) {
+		case '&': e = "&amp;"; break;
+		case '<': e = "&lt;"; break;
+		case '>': e = "&gt;"; break;
+		case '"': e = "&quot;"; break;
+		case '\'': e = "&#39;"; break;
+		}
+		if (e ? buf_adds(out, e) : buf_add(out, s, 1))
+			return -1;
+	}
+	return 0;
+}
+
+static const struct tvar *tpl_lookup(const struct tctx *ctx, const char *name,
+				     size_t n)
+{
+	for (; ctx; ctx = ctx->parent)
+		for (size_t i = 0; i < ctx->nvars; i++)
+			if (strlen(ctx->vars[i].name) == n &&
+			    memcmp(ctx->vars[i].name, name, n) == 0)
+				return &ctx->vars[i];
+	return NULL;
+}
+
+struct tpl_run {
+	enum tpl_mode mode;
+	const char *dir, *ext;
+	struct buf *out;
+	char *err;
+	size_t errlen;
+	int depth;
+};
+
+static int tpl_block(struct tpl_run *r, const char *s, const char *end,
+		     const struct tctx *ctx);
+
+/* Finds the {{/name}} closing the section that starts at s. */
+static const char *tpl_close(const char *s, const char *end, const char *name,
+			     size_t n, const char **after)
+{
+	int depth = 1;
+	while (s < end) {
+		const char *open = strstr(s, "{{");
+		if (!open || open >= end)
+			return NULL;
+		const char *close = strstr(open, "}}");
+		if (!close || close >= end)
+			return NULL;
+		const char *tag = open + 2;
+		char kind = *tag;
+		if ((kind == '#' || kind == '^' || kind == '/') &&
+		    (size_t)(close - tag - 1) == n &&
+		    memcmp(tag + 1, name, n) == 0) {
+			depth += kind == '/' ? -1 : 1;
+			if (depth == 0) {
+				*after = close + 2;
+				return open;
+			}
+		}
+		s = close + 2;
+	}
+	return NULL;
+}
+
+static int tpl_partial(struct tpl_run *r, const char *name, size_t n,
+		       const struct tctx *ctx)
+{
+	char nm[64], path[PATH_MAX];
+	if (n >= sizeof nm)
+		return -1;
+	memcpy(nm, name, n);
+	nm[n] = '\0';
+	if (!val_ident(nm, 63) || strchr(nm, '.') || r->depth > 4 ||
+	    snprintf(path, sizeof path, "%s/%s%s", r->dir, nm, r->ext) >=
+		    (int)sizeof path) {
+		snprintf(r->err, r->errlen, "partial '%s' not allowed", nm);
+		return -1;
+	}
+	struct buf b = {0};
+	if (read_file(path, &b, 1 << 20) < 0) {
+		snprintf(r->err, r->errlen, "partial %s: %s", path,
+			 strerror(errno));
+		buf_free(&b);
+		return -1;
+	}
+	r->depth++;
+	int rc = tpl_block(r, b.data, b.data + b.len, ctx);
+	r->depth--;
+	buf_free(&b);
+	return rc;
+}
+
+static int tpl_section(struct tpl_run *r, char kind, const char *name,
+		       size_t n, const char *body, const char *body_end,
+		       const struct tctx *ctx)
+{
+	const struct tvar *v = tpl_lookup(ctx, name, n);
+	int truthy = v && (v->value ? *v->value != '\0' : v->nlist > 0);
+	if (kind == '^')
+		return truthy ? 0 : tpl_block(r, body, body_end, ctx);
+	if (!truthy)
+		return 0;
+	if (v->value)
+		return tpl_block(r, body, body_end, ctx);
+	for (size_t i = 0; i < v->nlist; i++) {
+		struct tctx item = v->list[i];
+		item.parent = ctx;
+		if (tpl_block(r, body, body_end, &item) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+static int tpl_block(struct tpl_run *r, const char *s, const char *end,
+		     const struct tctx *ctx)
+{
+	while (s < end) {
+		const char *open = strstr(s, "{{");
+		if (!open || open >= end)
+			return buf_add(r->out, s, (size_t)(end - s));
+		if (buf_add(r->out, s, (size_t)(open - s)) < 0)
+			return -1;
+		const char *close = strstr(open + 2, "}}");
+		if (!close || close >= end) {
+			snprintf(r->err, r->errlen, "unclosed '{{'");
+			return -1;
+		}
+		const char *tag = open + 2;
+		char kind = *tag;
+		const char *name = strchr("#^/>", kind) ? tag + 1 : tag;
+		size_t n = (size_t)(close - name);
+		s = close + 2;
+		if (kind == '/') {
+			snprintf(r->err, r->errlen, "'{{/%.*s}}' closes nothing",
+				 (int)n, name);
+			return -1;
+		}
+		if (kind == '>') {
+			if (tpl_partial(r, name, n, ctx) < 0)
+				return -1;
+			continue;
+		}
+		if (kind == '#' || kind == '^') {
+			const char *after, *body_end = tpl_close(s, end, name, n, &after);
+			if (!body_end) {
+				snprintf(r->err, r->errlen, "'{{%c%.*s}}' is never closed",
+					 kind, (int)n, name);
+				return -1;
+			}
+			if (tpl_section(r, kind, name, n, s, body_end, ctx) < 0)
+				return -1;
+			s = after;
+			continue;
+		}
+		const struct tvar *v = tpl_lookup(ctx, name, n);
+		const char *val = v && v->value ? v->value : "";
+		if (r->mode == TPL_HTML ? html_escape(r->out, val)
+					: buf_adds(r->out, val))
+			return -1;
+	}
+	return 0;
+}
+
+int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
+	       const char *dir, const char *ext, struct buf *out, char *err,
+	       size_t errlen)
+{
+	struct tpl_run r = {mode, dir, ext, out, err, errlen, 0};
+	int rc = tpl_block(&r, tpl, tpl + strlen(tpl), ctx);
+	if (rc == 0 && !out->data)
+		rc = buf_add(out, "", 0);
+	return rc;
+}
+
+/* ==== 7. Events: validation and state (contacts, carts, orders) ======== */
+/*
+ * ev_ingest is the only door for facts. It checks a whole body first
+ * (UTF-8, JSON shape via SQLite's JSON1, every field through a named
+ * validator), then, in one transaction, stores each event as it arrived
+ * and brings contacts, visitors, carts, orders and the catalog up to
+ * date. A body with one bad event stores nothing at all. Unknown fields
+ * are ignored; browser events can never place an order.
+ */
+
+#define EV_MAX_BATCH 1000
+
+struct event {
+	char type[16];
+	char *email, *name, *cart_id, *currency, *visitor_id, *order_id;
+	char *code, *sku, *category, *url, *image, *items, *review, *text;
+	int consent;     /* -1: not said */
+	int has_total, has_price;
+	double total, price;
+	rm_time ts;
+	long nitems;
+};
+
+enum fcheck { FC_TYPE, FC_EMAIL, FC_TEXT, FC_IDENT, FC_URL, FC_CURRENCY, FC_CODE };
+static const struct efield {
+	const char *key;
+	size_t off;
+	enum fcheck check;
+	size_t maxlen;
+} efields[] = {
+	{"email", offsetof(struct event, email), FC_EMAIL, 254},
+	{"name", offsetof(struct event, name), FC_TEXT, 100},
+	{"cart_id", offsetof(struct event, cart_id), FC_IDENT, 64},
+	{"currency", offsetof(struct event, currency), FC_CURRENCY, 3},
+	{"visitor_id", offsetof(struct event, visitor_id), FC_IDENT, 64},
+	{"order_id", offsetof(struct event, order_id), FC_IDENT, 64},
+	{"discount_code", offsetof(struct event, code), FC_CODE, 32},
+	{"sku", offsetof(struct event, sku), FC_IDENT, 64},
+	{"category", offsetof(struct event, category), FC_TEXT, 64},
+	{"url", offsetof(struct event, url), FC_URL, 2048},
+	{"image", offsetof(struct event, image), FC_URL, 2048},
+};
+
+static int fail(struct ev_error *err, int status, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static int fail(struct ev_error *err, int status, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+	va_end(ap);
+	err->status = status;
+	return -1;
+}
+
+static int check_field(enum fcheck c, const char *v, size_t maxlen)
+{
+	switch (c) {
+	case FC_EMAIL: return val_email(v);
+	case FC_TEXT: return val_text(v, maxlen);
+	case FC_IDENT: return val_ident(v, maxlen);
+	case FC_URL: return val_url(v);
+	case FC_CURRENCY:
+		return strlen(v) == 3 && isupper((unsigned char)v[0]) &&
+		       isupper((unsigned char)v[1]) && isupper((unsigned char)v[2]);
+	case FC_CODE: return val_ident(v, maxlen);
+	case FC_TYPE: return 1;
+	}
+	return 0;
+}
+
+static const char *check_hint(enum fcheck c)
+{
+	switch (c) {
+	case FC_EMAIL: return "must be an email address like ann@example.com";
+	case FC_TEXT: return "must be text without control characters (no CR/LF)";
+	case FC_IDENT: return "must be 1-64 characters of A-Z a-z 0-9 . _ : -";
+	case FC_URL: return "must be an http(s) URL";
+	case FC_CURRENCY: return "must be a 3-letter currency code like EUR";
+	case FC_CODE: return "must be a discount code like RM-7QK2-X9PD";
+	case FC_TYPE: break;
+	}
+	return "is not valid";
+}
+
+static void ev_free(struct event *e)
+{
+	for (size_t i = 0; i < sizeof efields / sizeof efields[0]; i++)
+		free(*(char **)((char *)e + efields[i].off));
+	free(e->items);
+	free(e->review);
+	free(e->text);
+	memset(e, 0, sizeof *e);
+}
+
+static int is_number(const char *jtype)
+{
+	return strcmp(jtype, "integer") == 0 || strcmp(jtype, "real") == 0;
+}
+
+/* One number field: finite, within [lo, hi], an integer when asked. */
+static int ev_number(sqlite3_stmt *s, const char *key, const char *jt,
+		     double lo, double hi, int integer, double *out,
+		     struct ev_error *err)
+{
+	if (!is_number(jt) || (integer && strcmp(jt, "integer") != 0))
+		return fail(err, 400, "%s: must be %s", key,
+			    integer ? "an integer" : "a number");
+	double v = sqlite3_column_double(s, 2);
+	if (!isfinite(v) || v < lo || v > hi)
+		return fail(err, 400, "%s: must be between %g and %g", key, lo, hi);
+	*out = v;
+	return 0;
+}
+
+static int ev_string(struct event *e, const char *key, const char *jt,
+		     const char *atom, struct ev_error *err)
+{
+	for (size_t i = 0; i < sizeof efields / sizeof efields[0]; i++) {
+		const struct efield *f = &efields[i];
+		if (strcmp(f->key, key) != 0)
+			continue;
+		if (strcmp(jt, "text") != 0 || !check_field(f->check, atom, f->maxlen))
+			return fail(err, 400, "%s: %s", key, check_hint(f->check));
+		char **slot = (char **)((char *)e + f->off);
+		free(*slot);
+		*slot = strdup(atom);
+		return *slot ? 0 : fail(err, 500, "out of memory");
+	}
+	return 0; /* unknown fields are ignored */
+}
+
+static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
+		    struct ev_error *err)
+{
+	const char *key = col_text(s, 0), *jt = col_text(s, 1);
+	const char *atom = col_text(s, 2);
+	double d;
+	if (strcmp(key, "type") == 0) {
+		if (strcmp(jt, "text") != 0 || copy_str(e->type, sizeof e->type, atom))
+			return fail(err, 400, "type: unknown event type");
+		return 0;
+	}
+	if (strcmp(key, "consent") == 0) {
+		if (strcmp(jt, "true") && strcmp(jt, "false"))
+			return fail(err, 400, "consent: must be true or false");
+		e->consent = strcmp(jt, "true") == 0;
+		return 0;
+	}
+	if (strcmp(key, "total") == 0 || strcmp(key, "price") == 0) {
+		if (ev_number(s, key, jt, 0, 1e9, 0, &d, err))
+			return -1;
+		if (*key == 't')
+			e->total = d, e->has_total = 1;
+		else
+			e->price = d, e->has_price = 1;
+		return 0;
+	}
+	if (strcmp(key, "ts") == 0) {
+		if (ev_number(s, key, jt, 0, (double)now + 300, 1, &d, err))
+			return -1;
+		e->ts = (rm_time)d;
+		return 0;
+	}
+	if (strcmp(key, "items") == 0 || strcmp(key, "review") == 0) {
+		int items = *key == 'i';
+		if (strcmp(jt, items ? "array" : "object") != 0)
+			return fail(err, 400, "%s: must be %s", key,
+				    items ? "an array" : "an object");
+		char **slot = items ? &e->items : &e->review;
+		free(*slot);
+		*slot = strdup(col_text(s, 3));
+		return *slot ? 0 : fail(err, 500, "out of memory");
+	}
+	return ev_string(e, key, jt, atom, err);
+}
+
+/* Checks every field of one item (or review) object with OBJECT_EACH. */
+static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
+		   struct ev_error *err)
+{
+	sqlite3_stmt *s = q(db, ST_OBJECT_EACH, "t", obj);
+	int have_sku = 0, have_name = 0, have_price = 0;
+	double price = 0, qty = 1, d;
+	char key[40];
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		const char *k = col_text(s, 0), *jt = col_text(s, 1);
+		const char *atom = col_text(s, 2);
+		snprintf(key, sizeof key, "items[%zu].%.16s", idx, k);
+		int bad = 0;
+		if (strcmp(k, "sku") == 0)
+			bad = strcmp(jt, "text") || !val_ident(atom, 64), have_sku = 1;
+		else if (strcmp(k, "name") == 0)
+			bad = strcmp(jt, "text") || !val_text(atom, 200), have_name = 1;
+		else if (strcmp(k, "url") == 0 || strcmp(k, "image") == 0)
+			bad = strcmp(jt, "text") || !val_url(atom);
+		else if (strcmp(k, "category") == 0)
+			bad = strcmp(jt, "text") || !val_text(atom, 64);
+		else if (strcmp(k, "price") == 0) {
+			if (ev_number(s, key, jt, 0, 1e7, 0, &d, err))
+				goto bad;
+			price = d, have_price = 1;
+		} else if (strcmp(k, "qty") == 0) {
+			if (ev_number(s, key, jt, 1, 1000, 1, &d, err))
+				goto bad;
+			qty = d;
+		}
+		if (bad) {
+			fail(err, 400, "%s: invalid value", key);
+			goto bad;
+		}
+	}
+	sqlite3_reset(s);
+	if (!have_sku || !have_name || !have_price)
+		return fail(err, 400, "items[%zu]: needs sku, name and price", idx);
+	*sum += price * qty;
+	return 0;
+bad:
+	sqlite3_reset(s);
+	return -1;
+}
+
+static int ev_items(struct app *app, struct event *e, struct ev_error *err)
+{
+	sqlite3_stmt *s = q(app->db, ST_ARRAY_EACH, "t", e->items);
+	double sum = 0;
+	size_t n = 0;
+	int rc = 0;
+	struct buf obj = {0};
+	/* copy each element out: ev_item reuses the statement machinery */
+	struct buf all = {0};
+	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW) {
+		if (++n > (size_t)app->cfg->max_items) {
+			rc = fail(err, 400, "items: at most %ld items",
+				  app->cfg->max_items);
+			break;
+		}
+		if (strcmp(col_text(s, 1), "object") != 0) {
+			rc = fail(err, 400, "items[%zu]: must be an object", n - 1);
+			break;
+		}
+		buf_adds(&all, col_text(s, 0));
+		buf_add(&all, "", 1); /* NUL-separated list */
+	}
+	sqlite3_reset(s);
+	for (size_t i = 0, off = 0; rc == 0 && i < n; i++) {
+		const char *item = all.data + off;
+		off += strlen(item) + 1;
+		rc = ev_item(app->db, item, i, &sum, err);
+	}
+	buf_free(&obj);
+	buf_free(&all);
+	e->nitems = (long)n;
+	if (rc == 0 && !e->has_total)
+		e->total = sum, e->has_total = 1;
+	return rc;
+}
+
+static int ev_review(struct app *app, const char *obj, struct ev_error *err)
+{
+	sqlite3_stmt *s = q(app->db, ST_OBJECT_EACH, "t", obj);
+	int have = 0, bad = 0;
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		const char *k = col_text(s, 0), *jt = col_text(s, 1);
+		const char *atom = col_text(s, 2);
+		if (strcmp(k, "author") == 0)
+			have |= 1, bad |= strcmp(jt, "text") || !val_text(atom, 100) ||
+					  !*atom;
+		else if (strcmp(k, "text") == 0)
+			have |= 2, bad |= strcmp(jt, "text") || !val_text(atom, 2000) ||
+					  !*atom;
+		else if (strcmp(k, "rating") == 0)
+			have |= 4, bad |= strcmp(jt, "integer") ||
+					  sqlite3_column_int(s, 2) < 1 ||
+					  sqlite3_column_int(s, 2) > 5;
+	}
+	sqlite3_reset(s);
+	if (bad || have != 7)
+		return fail(err, 400, "review: needs author, text (no control "
+			    "characters) and an integer rating 1-5");
+	return 0;
+}
+
+static int ev_require(const struct event *e, enum ev_source src,
+		      const char *visitor, struct ev_error *err)
+{
+	const char *t = e->type;
+	int browser = src == EV_BROWSER || src == EV_PIXEL;
+	if (!*t)
+		return fail(err, 400, "type: missing");
+	if (strcmp(t, "identify") && strcmp(t, "cart") && strcmp(t, "view") &&
+	    strcmp(t, "checkout") && strcmp(t, "order") && strcmp(t, "product"))
+		return fail(err, 400, "type: unknown event type '%s'", t);
+	if (browser && strcmp(t, "identify") && strcmp(t, "cart") &&
+	    strcmp(t, "view"))
+		return fail(err, 403, "type: '%s' events must be sent signed to "
+			    "/events by the store backend", t);
+	if (!strcmp(t, "identify") && !e->email)
+		return fail(err, 400, "email: required for identify");
+	if (!strcmp(t, "cart") && !e->items)
+		return fail(err, 400, "items: required for cart (use [] to empty it)");
+	if (!strcmp(t, "cart") && !e->cart_id && !visitor && !e->visitor_id)
+		return fail(err, 400, "cart_id: required for cart");
+	if (!strcmp(t, "checkout") && !e->cart_id)
+		return fail(err, 400, "cart_id: required for checkout");
+	if (!strcmp(t, "order") && !e->order_id)
+		return fail(err, 400, "order_id: required for order");
+	if (!strcmp(t, "order") && !e->email && !e->cart_id)
+		return fail(err, 400, "order: needs email or cart_id");
+	if (!strcmp(t, "product") && (!e->sku || !e->name))
+		return fail(err, 400, "product: needs sku and name");
+	return 0;
+}
+
+/* Parses and validates one event object; writes nothing. */
+static int ev_parse(struct app *app, const char *obj, enum ev_source src,
+		    const char *visitor, rm_time now, struct event *e,
+		    struct ev_error *err)
+{
+	memset(e, 0, sizeof *e);
+	e->consent = -1;
+	e->ts = -1;
+	e->text = strdup(obj);
+	if (!e->text)
+		return fail(err, 500, "out of memory");
+	sqlite3_stmt *s = q(app->db, ST_OBJECT_EACH, "t", obj);
+	int rc = 0;
+	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW)
+		rc = ev_field(e, s, now, err);
+	sqlite3_reset(s);
+	if (rc == 0)
+		rc = ev_require(e, src, visitor, err);
+	if (rc == 0 && e->items)
+		rc = ev_items(app, e, err);
+	if (rc == 0 && e->review)
+		rc = ev_review(app, e->review, err);
+	/* browsers' clocks are not trusted; servers may backdate */
+	if (src == EV_BROWSER || src == EV_PIXEL || e->ts < 0)
+		e->ts = now;
+	return rc;
+}
+
+static int64_t ev_contact(struct app *app, const struct event *e,
+			  const char *vid, rm_time now)
+{
+	struct db *db = app->db;
+	int64_t id = 0;
+	if (e->email) {
+		sqlite3_stmt *s = q(db, ST_CONTACT_UPSERT, "ttni", e->email,
+				    e->name, (int64_t)now);
+		if (e->consent >= 0)
+			sqlite3_bind_int(s, 3, e->consent);
+		if (sqlite3_step(s) == SQLITE_ROW)
+			id = sqlite3_column_int64(s, 0);
+		sqlite3_reset(s);
+		if (!id)
+			return -1;
+	} else if (vid) {
+		sqlite3_stmt *s = q(db, ST_VISITOR_CONTACT, "t", vid);
+		if (sqlite3_step(s) == SQLITE_ROW)
+			id = sqlite3_column_int64(s, 0);
+		sqlite3_reset(s);
+	}
+	if (vid) {
+		sqlite3_stmt *s = q(db, ST_VISITOR_UPSERT, "tni", vid, (int64_t)now);
+		if (id)
+			sqlite3_bind_int64(s, 2, id);
+		if (q_exec(db, s) < 0)
+			return -1;
+		if (id && q_exec(db, q(db, ST_VISITOR_CARTS, "ti", vid, id)) < 0)
+			return -1;
+	}
+	return id;
+}
+
+static int ev_cart(struct app *app, const struct event *e, const char *vid,
+		   int64_t contact)
+{
+	struct db *db = app->db;
+	char key[80];
+	if (e->cart_id)
+		copy_str(key, sizeof key, e->cart_id);
+	else
+		snprintf(key, sizeof key, "v:%s", vid);
+	sqlite3_stmt *s = q(db, ST_CART_UPSERT, "tnttdtii", key, vid,
+			    e->currency ? e->currency : "EUR", e->total,
+			    e->items, (int64_t)e->nitems, (int64_t)e->ts);
+	if (contact)
+		sqlite3_bind_int64(s, 2, contact);
+	int64_t id = 0;
+	if (sqlite3_step(s) == SQLITE_ROW)
+		id = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	if (!id)
+		return -1;
+	if (e->nitems == 0) /* an emptied cart ends its sequence at once */
+		return q_exec(db, q(db, ST_EXIT_CART, "it", id, "empty"));
+	return 0;
+}
+
+static int64_t cart_id_of(struct db *db, const char *key)
+{
+	int64_t id = 0;
+	sqlite3_stmt *s = q(db, ST_CART_BY_KEY, "t", key);
+	if (sqlite3_step(s) == SQLITE_ROW)
+		id = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	return id;
+}
+
+/* Returns 1 when the order was already recorded (a webhook retry). */
+static int ev_order(struct app *app, const struct event *e, int64_t contact)
+{
+	struct db *db = app->db;
+	int64_t cart = e->cart_id ? cart_id_of(db, e->cart_id) : 0;
+	sqlite3_stmt *s = q(db, ST_ORDER_INSERT, "tnndttti", e->order_id,
+			    e->total, e->currency ? e->currency : "EUR",
+			    e->items ? e->items : "[]", e->code, (int64_t)e->ts);
+	if (contact)
+		sqlite3_bind_int64(s, 2, contact);
+	if (cart)
+		sqlite3_bind_int64(s, 3, cart);
+	if (q_exec(db, s) < 0)
+		return -1;
+	if (sqlite3_changes(db->h) == 0)
+		return 1;
+	s = q(db, ST_CART_ORDERED, "nni", (int64_t)e->ts);
+	if (cart)
+		sqlite3_bind_int64(s, 1, cart);
+	if (contact)
+		sqlite3_bind_int64(s, 2, contact);
+	if (q_exec(db, s) < 0)
+		return -1;
+	/* a purchase ends every sequence of this person and this cart */
+	if (cart && q_exec(db, q(db, ST_EXIT_CART, "it", cart, "order")) < 0)
+		return -1;
+	if (contact && q_exec(db, q(db, ST_EXIT_CONTACT, "it", contact, "order")) < 0)
+		return -1;
+	if (e->code && q_exec(db, q(db, ST_DISCOUNT_REDEEM, "tit", e->code,
+				    (int64_t)e->ts, e->order_id)) < 0)
+		return -1;
+	return 0;
+}
+
+static int ev_product(struct app *app, const struct event *e)
+{
+	struct db *db = app->db;
+	sqlite3_stmt *s = q(db, ST_PRODUCT_UPSERT, "ttnttti", e->sku, e->name,
+			    e->url, e->image, e->category, (int64_t)e->ts);
+	if (e->has_price)
+		sqlite3_bind_double(s, 3, e->price);
+	if (q_exec(db, s) < 0)
+		return -1;
+	if (!e->review)
+		return 0;
+	s = q(db, ST_REVIEW_INSERT, "t", e->sku);
+	/* the review object was validated; JSON1 extracts its fields */
+	sqlite3_stmt *f = q(db, ST_OBJECT_EACH, "t", e->review);
+	while (sqlite3_step(f) == SQLITE_ROW) {
+		const char *k = col_text(f, 0);
+		int col = !strcmp(k, "author") ? 2 : !strcmp(k, "rating") ? 3 :
+			  !strcmp(k, "text") ? 4 : 0;
+		if (col == 3)
+			sqlite3_bind_int(s, 3, sqlite3_column_int(f, 2));
+		else if (col)
+			sqlite3_bind_text(s, col, col_text(f, 2), -1,
+					  SQLITE_TRANSIENT);
+	}
+	sqlite3_reset(f);
+	sqlite3_bind_int64(s, 5, e->ts);
+	return q_exec(db, s);
+}
+
+static int ev_checkout(struct app *app, const struct event *e, int64_t contact)
+{
+	sqlite3_stmt *s = q(app->db, ST_CART_TOUCH, "tin", e->cart_id,
+			    (int64_t)e->ts);
+	if (contact)
+		sqlite3_bind_int64(s, 3, contact);
+	return q_exec(app->db, s);
+}
+
+/* Applies one validated event; *dup is set for a repeated order. */
+static int ev_apply(struct app *app, const struct event *e, enum ev_source src,
+		    const char *visitor, rm_time now, int *dup)
+{
+	static const char *const src_name[] = {"hook", "browser", "cli", "pixel"};
+	const char *vid = e->visitor_id ? e->visitor_id : visitor;
+	int64_t contact = ev_contact(app, e, vid, now);
+	int rc = contact < 0 ? -1 : 0;
+	*dup = 0;
+	if (rc == 0 && !strcmp(e->type, "cart"))
+		rc = ev_cart(app, e, vid, contact);
+	else if (rc == 0 && !strcmp(e->type, "checkout"))
+		rc = ev_checkout(app, e, contact);
+	else if (rc == 0 && !strcmp(e->type, "order"))
+		rc = ev_order(app, e, contact);
+	else if (rc == 0 && !strcmp(e->type, "product"))
+		rc = ev_product(app, e);
+	if (rc == 1) {
+		*dup = 1;
+		return 0;
+	}
+	if (rc < 0)
+		return -1;
+	return q_exec(app->db, q(app->db, ST_EVENT_INSERT, "iitt" "t",
+				 (int64_t)e->ts, (int64_t)now, src_name[src],
+				 e->type, e->text));
+}
+
+/* Splits the body into event objects (NUL-separated in out). */
+static int ev_split(struct app *app, const char *json, size_t len,
+		    struct buf *out, size_t *n, struct ev_error *err)
+{
+	struct db *db = app->db;
+	sqlite3_stmt *s = q(db, ST_BODY_SHAPE, "b", json, (int)len);
+	int valid = 0;
+	char type[16] = "";
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		valid = sqlite3_column_int(s, 0);
+		copy_str(type, sizeof type, col_text(s, 1));
+	}
+	sqlite3_reset(s);
+	if (!valid)
+		return fail(err, 400, "body: not valid JSON");
+	*n = 0;
+	if (strcmp(type, "object") == 0) {
+		*n = 1;
+		return buf_add(out, json, len) || buf_add(out, "", 1) ?
+			fail(err, 500, "out of memory") : 0;
+	}
+	if (strcmp(type, "array") != 0)
+		return fail(err, 400, "body: must be an event object or an array "
+			    "of them");
+	s = q(db, ST_ARRAY_EACH, "b", json, (int)len);
+	int rc = 0;
+	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW) {
+		if (++*n > EV_MAX_BATCH)
+			rc = fail(err, 413, "body: at most %d events at once",
+				  EV_MAX_BATCH);
+		else if (strcmp(col_text(s, 1), "object") != 0)
+			rc = fail(err, 400, "[%zu]: must be an event object", *n - 1);
+		else if (buf_adds(out, col_text(s, 0)) || buf_add(out, "", 1))
+			rc = fail(err, 500, "out of memory");
+	}
+	sqlite3_reset(s);
+	if (rc == 0 && *n == 0)
+		rc = fail(err, 400, "body: empty array");
+	return rc;
+}
+
+int ev_ingest(struct app *app, enum ev_source src, const char *json,
+	      size_t len, const char *visitor, rm_time now,
+	      struct ev_error *err)
+{
+	err->status = err->duplicates = 0;
+	err->msg[0] = '\0';
+	if (len > (size_t)app->cfg->max_body)
+		return fail(err, 413, "body: larger than %ld bytes",
+			    app->cfg->max_body);
+	if (len == 0)
+		return fail(err, 400, "body: empty");
+	if (!val_utf8(json, len) || memchr(json, '\0', len))
+		return fail(err, 400, "body: not valid UTF-8 text");
+	if (visitor && !val_ident(visitor, 64))
+		visitor = NULL; /* a bad cookie is ignored, not trusted */
+	struct buf objs = {0};
+	size_t n = 0;
+	struct event *evs = NULL;
+	int rc = ev_split(app, json, len, &objs, &n, err);
+	if (rc == 0 && !(evs = calloc(n, sizeof *evs)))
+		rc = fail(err, 500, "out of memory");
+	const char *p = objs.data;
+	for (size_t i = 0; rc == 0 && i < n; i++, p += strlen(p) + 1) {
+		rc = ev_parse(app, p, src, visitor, now, &evs[i], err);
+		if (rc < 0 && n > 1) { /* say which event of the batch */
+			char msg[sizeof err->msg];
+			snprintf(msg, sizeof msg, "[%zu].%s", i, err->msg);
+			copy_str(err->msg, sizeof err->msg, msg);
+		}
+	}
+	int accepted = 0;
+	if (rc == 0 && db_begin(app->db) < 0)
+		rc = fail(err, 503, "database busy, try again");
+	for (size_t i = 0; rc == 0 && i < n; i++) {
+		int dup;
+		rc = ev_apply(app, &evs[i], src, visitor, now, &dup);
+		if (rc < 0)
+			fail(err, 500, "database error while recording the event");
+		accepted += !dup;
+	}
+	if (rc == 0 && db_commit(app->db) < 0)
+		rc = fail(err, 500, "database error while recording the event");
+	if (rc < 0)
+		db_rollback(app->db);
+	for (size_t i = 0; evs && i < n; i++)
+		ev_free(&evs[i]);
+	free(evs);
+	buf_free(&objs);
+	err->duplicates = rc < 0 ? 0 : (int)(n - (size_t)accepted);
+	return rc < 0 ? -1 : accepted;
+}
+
+/* ==== 8. Discount codes ================================================= */
+/*
+ * Codes are PREFIX-XXXX-XXXX from an alphabet without look-alikes (no 0,
+ * O, 1, I), drawn with randombytes_uniform: 40 bits, unguessable in the
+ * number of tries a checkout allows. The code is the primary key, so a
+ * collision is a failed insert, retried with a new draw.
+ */
+
+static const char code_alphabet[] = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ";
+
+static void code_new(const char *prefix, char *out, size_t outlen)
+{
+	char g[10];
+	for (int i = 0; i < 9; i++)
+		g[i] = i == 4 ? '-' :
+		       code_alphabet[randombytes_uniform(sizeof code_alphabet - 1)];
+	g[9] = '\0';
+	snprintf(out, outlen, "%s-%s", prefix, g);
+}
+
+static int code_issue(struct app *app, int64_t message, int64_t contact,
+		      int percent, double min_spend, rm_time expires,
+		      rm_time now, char *out, size_t outlen)
+{
+	for (int tries = 0; tries < 5; tries++) {
+		code_new(app->cfg->code_prefix, out, outlen);
+		sqlite3_stmt *s = q(app->db, ST_DISCOUNT_INSERT, "tidiiii", out,
+				    (int64_t)percent, min_spend, contact,
+				    message, (int64_t)now, (int64_t)expires);
+		if (sqlite3_step(s) == SQLITE_DONE) {
+			sqlite3_reset(s);
+			return 0;
+		}
+		sqlite3_reset(s);
+	}
+	return -1;
+}
+
+/* Answers the checkout's question: may this code be used on this total? */
+static const char *code_check(struct app *app, const char *code, double total,
+			      rm_time now, int *percent, double *min_spend,
+			      rm_time *expires)
+{
+	sqlite3_stmt *s = q(app->db, ST_DISCOUNT_GET, "t", code);
+	const char *why = "unknown";
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		*percent = sqlite3_column_int(s, 0);
+		*min_spend = sqlite3_column_double(s, 1);
+		*expires = sqlite3_column_int64(s, 2);
+		if (sqlite3_column_type(s, 3) != SQLITE_NULL)
+			why = "already_used";
+		else if (*expires < now)
+			why = "expired";
+		else if (total >= 0 && total < *min_spend)
+			why = "below_minimum";
+		else
+			why = "ok";
+	}
+	sqlite3_reset(s);
+	return why;
+}
+
+/* ==== 9. Mail: rendering and RFC 5322 building ========================== */
+/*
+ * A message is rendered from the owner's template files (text and HTML),
+ * then built into one RFC 5322 byte string that both transports use, so
+ * the outbox holds exactly what SMTP would have carried. libcurl's
+ * curl_mime cannot write a message to a file, which is why the MIME
+ * layout (multipart/alternative, quoted-printable parts) is built here;
+ * it is small and covered by tests that parse it with a real MIME parser.
+ * Header values are checked for CR and LF before anything is written.
+ */
+
+static void money(char *out, size_t n, double v, const char *cur)
+{
+	if (!strcmp(cur, "EUR"))
+		snprintf(out, n, "€%.2f", v);
+	else if (!strcmp(cur, "USD"))
+		snprintf(out, n, "$%.2f", v);
+	else if (!strcmp(cur, "GBP"))
+		snprintf(out, n, "£%.2f", v);
+	else
+		snprintf(out, n, "%.2f %s", v, cur);
+}
+
+static int qp_encode(struct buf *out, const char *s)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	size_t col = 0;
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+		if (*p == '\r')
+			continue;
+		if (*p == '\n') {
+			if (buf_adds(out, "\r\n"))
+				return -1;
+			col = 0;
+			continue;
+		}
+		int at_eol = p[1] == '\n' || p[1] == '\r' || p[1] == '\0';
+		int plain = (*p >= 33 && *p <= 126 && *p != '=') ||
+			    (*p == ' ' && !at_eol);
+		size_t w = plain ? 1 : 3;
+		if (col + w > 75) { /* soft line break keeps lines <= 76 */
+			if (buf_adds(out, "=\r\n"))
+				return -1;
+			col = 0;
+		}
+		char enc[3] = {'=', hex[*p >> 4], hex[*p & 15]};
+		if (plain ? buf_add(out, p, 1) : buf_add(out, enc, 3))
+			return -1;
+		col += w;
+	}
+	return 0;
+}
+
+static int is_ascii(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s >= 0x80)
+			return 0;
+	return 1;
+}
+
+/* RFC 2047: non-ASCII header text as =?UTF-8?B?...?= words of <= 75 chars,
+ * cut at character boundaries and folded. */
+static int hdr_encode(struct buf *out, const char *s)
+{
+	if (is_ascii(s) && !strstr(s, "=?"))
+		return buf_adds(out, s);
+	size_t n = strlen(s), i = 0;
+	while (i < n) {
+		size_t take = n - i > 45 ? 45 : n - i;
+		while (i + take < n && ((unsigned char)s[i + take] & 0xC0) == 0x80)
+			take--; /* never split a UTF-8 sequence */
+		char b64[sodium_base64_ENCODED_LEN(45, sodium_base64_VARIANT_ORIGINAL)];
+		sodium_bin2base64(b64, sizeof b64, (const unsigned char *)s + i,
+				  take, sodium_base64_VARIANT_ORIGINAL);
+		if (buf_addf(out, "%s=?UTF-8?B?%s?=", i ? "\r\n " : "", b64))
+			return -1;
+		i += take;
+	}
+	return 0;
+}
+
+static int has_crlf(const char *s)
+{
+	return s && strpbrk(s, "\r\n") != NULL;
+}
+
+/* "Name <addr>" or "addr" gives addr. */
+static void addr_spec(const char *from, char *out, size_t n)
+{
+	const char *lt = strrchr(from, '<'), *gt = lt ? strchr(lt, '>') : NULL;
+	if (lt && gt && (size_t)(gt - lt - 1) < n) {
+		memcpy(out, lt + 1, (size_t)(gt - lt - 1));
+		out[gt - lt - 1] = '\0';
+	} else {
+		copy_str(out, n, from);
+	}
+}
+
+static int hdr_from(struct buf *out, const char *from)
+{
+	char addr[256], name[256];
+	addr_spec(from, addr, sizeof addr);
+	copy_str(name, sizeof name, from);
+	char *lt = strrchr(name, '<');
+	if (!lt)
+		return buf_addf(out, "From: %s\r\n", addr);
+	*lt = '\0';
+	char *nm = trim(name);
+	if (buf_adds(out, "From: ") || hdr_encode(out, nm))
+		return -1;
+	return buf_addf(out, " <%s>\r\n", addr);
+}
+
+int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
+{
+	const char *vals[] = {m->from, m->to, m->subject, m->message_id,
+			      m->list_unsub};
+	const char *names[] = {"From", "To", "Subject", "Message-ID",
+			       "List-Unsubscribe"};
+	for (size_t i = 0; i < 5; i++)
+		if (!vals[i] || has_crlf(vals[i])) {
+			snprintf(err, errlen, "header %s: %s", names[i],
+				 vals[i] ? "contains CR or LF, refused" : "missing");
+			return -1;
+		}
+	char date[64], boundary[40], rnd[17];
+	struct tm tm;
+	time_t t = (time_t)m->date;
+	gmtime_r(&t, &tm);
+	strftime(date, sizeof date, "%a, %d %b %Y %H:%M:%S +0000", &tm);
+	unsigned char r[8];
+	randombytes_buf(r, sizeof r);
+	sodium_bin2hex(rnd, sizeof rnd, r, sizeof r);
+	/* "=_" can never occur in quoted-printable text */
+	snprintf(boundary, sizeof boundary, "=_rm_%s", rnd);
+	int rc = hdr_from(out, m->from) ||
+		 buf_addf(out, "To: %s\r\nSubject: ", m->to) ||
+		 hdr_encode(out, m->subject) ||
+		 buf_addf(out, "\r\nDate: %s\r\nMessage-ID: %s\r\n"
+			  "MIME-Version: 1.0\r\n"
+			  "List-Unsubscribe: %s\r\n"
+			  "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+			  "Content-Type: multipart/alternative; boundary=\"%s\"\r\n"
+			  "\r\n"
+			  "This is a multi-part message in MIME format.\r\n"
+			  "--%s\r\n"
+			  "Content-Type: text/plain; charset=UTF-8\r\n"
+			  "Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+			  date, m->message_id, m->list_unsub, boundary, boundary) ||
+		 qp_encode(out, m->text) ||
+		 buf_addf(out, "\r\n--%s\r\n"
+			  "Content-Type: text/html; charset=UTF-8\r\n"
+			  "Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+			  boundary) ||
+		 qp_encode(out, m->html) ||
+		 buf_addf(out, "\r\n--%s--\r\n", boundary);
+	if (rc)
+		snprintf(err, errlen, "out of memory building the message");
+	return rc ? -1 : 0;
+}
+
+/* Reads templates/NAME.txt ("Subject: ..." line, blank line, body) and
+ * templates/NAME.html, and renders both with the same context. */
+static int mail_render(struct app *app, const char *name,
+		       const struct tctx *ctx, struct buf *subject,
+		       struct buf *text, struct buf *html, char *err,
+		       size_t errlen)
+{
+	const char *dir = app->cfg->templates;
+	char path[PATH_MAX];
+	struct buf tpl = {0}, txt = {0};
+	int rc = -1;
+	if (!val_ident(name, 64) ||
+	    snprintf(path, sizeof path, "%s/%s.txt", dir, name) >= (int)sizeof path ||
+	    read_file(path, &tpl, 1 << 20) < 0) {
+		snprintf(err, errlen, "template %s/%s.txt: cannot read it — "
+			 "check the templates key", dir, name);
+		goto out;
+	}
+	if (tpl_render(tpl.data, ctx, TPL_TEXT, dir, ".txt", &txt, err, errlen))
+		goto out;
+	const char *body = strstr(txt.data, "\n\n");
+	if (strncmp(txt.data, "Subject:", 8) != 0 || !body) {
+		snprintf(err, errlen, "template %s: must start with 'Subject: ...' "
+			 "and a blank line", path);
+		goto out;
+	}
+	if (buf_add(subject, txt.data + 8, (size_t)(body - txt.data - 8)) ||
+	    buf_adds(text, body + 2))
+		goto out;
+	char *s = trim(subject->data);
+	memmove(subject->data, s, strlen(s) + 1);
+	subject->len = strlen(subject->data);
+	tpl.len = 0;
+	if (snprintf(path, sizeof path, "%s/%s.html", dir, name) >= (int)sizeof path ||
+	    read_file(path, &tpl, 1 << 20) < 0) {
+		snprintf(err, errlen, "template %s: cannot read it", path);
+		goto out;
+	}
+	rc = tpl_render(tpl.data, ctx, TPL_HTML, dir, ".html", html, err, errlen);
+out:
+	buf_free(&tpl);
+	buf_free(&txt);
+	return rc;
+}
+
+/* ==== 10. Transports: SMTP and outbox =================================== */
+/*
+ * send() hands a built message to the configured transport and says
+ * whether it went out (SEND_OK), may go later (SEND_TEMP: a 4xx answer,
+ * a refused connection, a time-out) or never will (SEND_PERM: a 5xx).
+ * The outbox is the embedded default: one file per message, named by the
+ * message row, written atomically, so a repeated attempt replaces the
+ * file instead of adding a second one.
+ */
+
+struct upload {
+	const char *data;
+	size_t len, off;
+};
+
+static size_t upload_read(char *dst, size_t size, size_t nmemb, void *arg)
+{
+	struct upload *u = arg;
+	size_t room = size * nmemb, left = u->len - u->off;
+	size_t n = left < room ? left : room;
+	memcpy(dst, u->data + u->off, n);
+	u->off += n;
+	return n;
+}
+
+/* smtp+starttls://host:587 means smtp:// with STARTTLS required. */
+static int smtp_url(const char *url, char *out, size_t n, int *starttls)
+{
+	*starttls = strncmp(url, "smtp+starttls://", 16) == 0;
+	if (*starttls)
+		return snprintf(out, n, "smtp://%s", url + 16) >= (int)n ? -1 : 0;
+	return copy_str(out, n, url);
+}
+
+static enum send_result smtp_send(struct app *app, const char *to,
+				  const struct buf *msg, char *err, size_t errlen)
+{
+	struct config *cfg = app->cfg;
+	CURL *c = app->curl;
+	char url[1024], from[256];
+	int starttls;
+	if (smtp_url(cfg->smtp_url, url, sizeof url, &starttls) < 0) {
+		snprintf(err, errlen, "smtp_url: too long");
+		return SEND_TEMP;
+	}
+	addr_spec(cfg->from, from, sizeof from);
+	struct curl_slist *rcpt = curl_slist_append(NULL, to);
+	struct upload up = {msg->data, msg->len, 0};
+	char cerr[CURL_ERROR_SIZE] = "";
+	curl_easy_reset(c);
+	curl_easy_setopt(c, CURLOPT_URL, url);
+	curl_easy_setopt(c, CURLOPT_MAIL_FROM, from);
+	curl_easy_setopt(c, CURLOPT_MAIL_RCPT, rcpt);
+	curl_easy_setopt(c, CURLOPT_READFUNCTION, upload_read);
+	curl_easy_setopt(c, CURLOPT_READDATA, &up);
+	curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
+	curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, (curl_off_t)msg->len);
+	curl_easy_setopt(c, CURLOPT_ERRORBUFFER, cerr);
+	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 10L);
+	curl_easy_setopt(c, CURLOPT_TIMEOUT, 60L);
+	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+	if (starttls)
+		curl_easy_setopt(c, CURLOPT_USE_SSL, (long)CURLUSESSL_ALL);
+	if (*cfg->smtp_user) {
+		curl_easy_setopt(c, CURLOPT_USERNAME, cfg->smtp_user);
+		curl_easy_setopt(c, CURLOPT_PASSWORD, cfg->smtp_password);
+	}
+	CURLcode rc = curl_easy_perform(c);
+	long code = 0;
+	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
+	curl_slist_free_all(rcpt);
+	if (rc == CURLE_OK)
+		return SEND_OK;
+	snprintf(err, errlen, "smtp_url %s: %s%s%s", cfg->smtp_url,
+		 *cerr ? cerr : curl_easy_strerror(rc),
+		 rc == CURLE_COULDNT_CONNECT ? " — is the relay running?" : "",
+		 code ? "" : "");
+	if (code >= 500 && code < 600)
+		return SEND_PERM;
+	return SEND_TEMP;
+}
+
+static enum send_result outbox_write(struct app *app, int64_t id,
+				     const struct buf *msg, char *err,
+				     size_t errlen)
+{
+	char path[PATH_MAX];
+	if (mkdir_p(app->cfg->outbox, 0755) < 0 ||
+	    snprintf(path, sizeof path, "%s/m%06lld.eml", app->cfg->outbox,
+		     (long long)id) >= (int)sizeof path ||
+	    write_file_atomic(path, msg->data, msg->len, 0644) < 0) {
+		snprintf(err, errlen, "outbox %s: %s", app->cfg->outbox,
+			 strerror(errno));
+		return SEND_TEMP;
+	}
+	return SEND_OK;
+}
+
+static enum send_result mail_send(struct app *app, int64_t id, const char *to,
+				  const struct buf *msg, char *err, size_t errlen)
+{
+	if (*app->cfg->smtp_url)
+		return smtp_send(app, to, msg, err, errlen);
+	return outbox_write(app, id, msg, err, errlen);
+}
+
+/* ==== 11. The flow engine: detect, claim, send, record ================= */
+/*
+ * A tick runs in three short phases and never holds a write lock while it
+ * talks to an SMTP server:
+ *   1. detect (one transaction): idle carts of reachable contacts become
+ *      abandoned and are enrolled; every step now due gets its message
+ *      row (UNIQUE per enrollment and step, so never two);
+ *   2. claim: UPDATE ... RETURNING takes due messages with a lease, so an
+ *      overlapping tick cannot take the same ones; a lease left by a
+ *      crashed tick expires and the message is taken again, with the same
+ *      Message-ID and code, so the outbox replaces and a receiving MTA
+ *      can recognise a repeat;
+ *   3. per message: check the exit conditions (order, unsubscribe, bounce,
+ *      emptied cart) at send time, render, send, and record the outcome.
+ */
+
+#define TICK_BATCH 50
+#define TICK_MAX 20000
+#define RETRY_MAX 8
+
+struct msgrow {
+	int64_t id, enrollment, contact;
+	int step, attempts, pct, has_step, unsub, suppressed;
+	long valid;
+	double total, min_spend;
+	char message_id[160], code[40], estatus[16], email[256], name[128];
+	char cart_key[80], cart_status[16], currency[8], tpl[80];
+	char *items;
+};
+
+static int msg_load(struct app *app, int64_t id, struct msgrow *m)
+{
+	sqlite3_stmt *s = q(app->db, ST_MESSAGE_LOAD, "i", id);
+	memset(m, 0, sizeof *m);
+	if (sqlite3_step(s) != SQLITE_ROW) {
+		sqlite3_reset(s);
+		return -1;
+	}
+	m->id = id;
+	m->step = sqlite3_column_int(s, 0);
+	m->attempts = sqlite3_column_int(s, 1);
+	copy_str(m->message_id, sizeof m->message_id, col_text(s, 2));
+	copy_str(m->code, sizeof m->code, col_text(s, 3));
+	m->enrollment = sqlite3_column_int64(s, 4);
+	copy_str(m->estatus, sizeof m->estatus, col_text(s, 5));
+	m->contact = sqlite3_column_int64(s, 6);
+	copy_str(m->email, sizeof m->email, col_text(s, 7));
+	copy_str(m->name, sizeof m->name, col_text(s, 8));
+	m->unsub = sqlite3_column_type(s, 9) != SQLITE_NULL;
+	m->suppressed = sqlite3_column_type(s, 10) != SQLITE_NULL;
+	copy_str(m->cart_key, sizeof m->cart_key, col_text(s, 11));
+	copy_str(m->cart_status, sizeof m->cart_status, col_text(s, 12));
+	m->items = strdup(col_text(s, 13));
+	m->total = sqlite3_column_double(s, 14);
+	copy_str(m->currency, sizeof m->currency, col_text(s, 15));
+	m->has_step = sqlite3_column_type(s, 16) != SQLITE_NULL;
+	copy_str(m->tpl, sizeof m->tpl, col_text(s, 16));
+	m->pct = sqlite3_column_int(s, 17);
+	m->valid = (long)sqlite3_column_int64(s, 18);
+	m->min_spend = sqlite3_column_double(s, 19);
+	sqlite3_reset(s);
+	return m->items ? 0 : -1;
+}
+
+/* Why this message must not go out, or NULL. "" means: not now. */
+static const char *msg_exit_reason(const struct msgrow *m)
+{
+	if (strcmp(m->estatus, "active") != 0)
+		return "enrollment ended";
+	if (m->unsub)
+		return "unsubscribe";
+	if (m->suppressed)
+		return "bounce";
+	if (!strcmp(m->cart_status, "ordered"))
+		return "order";
+	if (!strcmp(m->cart_status, "empty"))
+		return "empty";
+	if (!m->has_step)
+		return "step removed";
+	if (!strcmp(m->cart_status, "open"))
+		return ""; /* the shopper is back: wait until idle again */
+	return NULL;
+}
+
+/* ---- the rendering context of one message ---- */
+
+#define MC_VARS 40
+struct item_vars {
+	char *name, *sku, *url, *image;
+	char qty[16], price[32], line[32];
+	struct tvar v[7];
+};
+struct msgctx {
+	struct tvar v[MC_VARS];
+	size_t n;
+	char *owned[MC_VARS];
+	size_t nowned;
+	struct item_vars *items;
+	struct tctx *item_ctx;
+	size_t nitems;
+	struct tctx ctx;
+};
+
+static void mc_set(struct msgctx *mc, const char *name, const char *value)
+{
+	if (mc->n >= MC_VARS || mc->nowned >= MC_VARS)
+		abort(); /* MC_VARS is sized for the fixed set below */
+	char *v = strdup(value ? value : "");
+	if (!v)
+		abort();
+	mc->owned[mc->nowned++] = v;
+	mc->v[mc->n++] = (struct tvar){name, v, NULL, 0};
+}
+
+static void mc_url(struct msgctx *mc, struct app *app, const char *name,
+		   char kind, int64_t subject, rm_time expires, const char *ext)
+{
+	char tok[TOK_MAXLEN + 1], url[1200];
+	tok_sign(app->key, kind, subject, expires, tok, sizeof tok);
+	snprintf(url, sizeof url, "%s/%c/%s%s", app->cfg->base_url, kind, tok,
+		 ext);
+	mc_set(mc, name, url);
+}
+
+static int mc_items(struct msgctx *mc, struct app *app, const char *items,
+		    const char *cur)
+{
+	sqlite3_stmt *s = q(app->db, ST_ITEMS_EACH, "t", items);
+	long n = 0;
+	while (sqlite3_step(s) == SQLITE_ROW && n < app->cfg->max_items) {
+		struct item_vars *iv = realloc(mc->items, (size_t)(n + 1) * sizeof *iv);
+		if (!iv)
+			break;
+		mc->items = iv;
+		iv = &mc->items[n];
+		memset(iv, 0, sizeof *iv);
+		iv->name = strdup(col_text(s, 0));
+		iv->sku = strdup(col_text(s, 1));
+		iv->url = strdup(col_text(s, 4));
+		iv->image = strdup(col_text(s, 5));
+		int qty = sqlite3_column_int(s, 2);
+		double price = sqlite3_column_double(s, 3);
+		snprintf(iv->qty, sizeof iv->qty, "%d", qty);
+		money(iv->price, sizeof iv->price, price, cur);
+		money(iv->line, sizeof iv->line, price * qty, cur);
+		n++;
+	}
+	sqlite3_reset(s);
+	mc->nitems = (size_t)n;
+	mc->item_ctx = calloc(mc->nitems ? mc->nitems : 1, sizeof *mc->item_ctx);
+	if (!mc->item_ctx)
+		return -1;
+	for (size_t i = 0; i < mc->nitems; i++) {
+		struct item_vars *iv = &mc->items[i];
+		if (!iv->name || !iv->sku || !iv->url || !iv->image)
+			return -1;
+		const char *names[] = {"name", "sku", "url", "image", "qty",
+				       "price", "line_total"};
+		const char *vals[] = {iv->name, iv->sku, iv->url, iv->image,
+				      iv->qty, iv->price, iv->line};
+		for (int k = 0; k < 7; k++)
+			iv->v[k] = (struct tvar){names[k], vals[k], NULL, 0};
+		mc->item_ctx[i] = (struct tctx){iv->v, 7, NULL};
+	}
+	if (mc->n >= MC_VARS)
+		abort();
+	mc->v[mc->n++] = (struct tvar){"items", NULL, mc->item_ctx, mc->nitems};
+	return 0;
+}
+
+static void mc_review(struct msgctx *mc, struct app *app, const char *items)
+{
+	sqlite3_stmt *s = q(app->db, ST_BEST_REVIEW, "t", items);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		static const char *const stars[] = {"", "★☆☆☆☆", "★★☆☆☆",
+						    "★★★☆☆", "★★★★☆", "★★★★★"};
+		int r = sqlite3_column_int(s, 1);
+		mc_set(mc, "has_review", "1");
+		mc_set(mc, "review_author", col_text(s, 0));
+		mc_set(mc, "review_rating", col_text(s, 1));
+		mc_set(mc, "review_stars", stars[r >= 1 && r <= 5 ? r : 0]);
+		mc_set(mc, "review_text", col_text(s, 2));
+		mc_set(mc, "review_product", col_text(s, 3));
+	}
+	sqlite3_reset(s);
+}
+
+static void mc_discount(struct msgctx *mc, struct app *app,
+			const struct msgrow *m, rm_time expires)
+{
+	char pct[16], when[80];
+	struct tm tm;
+	time_t t = (time_t)expires;
+	gmtime_r(&t, &tm);
+	strftime(when, sizeof when, "%A %e %B %Y, %H:%M UTC", &tm);
+	snprintf(pct, sizeof pct, "%d", m->pct);
+	mc_set(mc, "discount_code", m->code);
+	mc_set(mc, "discount_percent", pct);
+	mc_set(mc, "discount_expires", when[0] ? when : "");
+	mc_url(mc, app, "discount_url", TOK_DISCOUNT, m->id, expires + 30 * 86400,
+	       "");
+}
+
+static void mc_free(struct msgctx *mc)
+{
+	for (size_t i = 0; i < mc->nowned; i++)
+		free(mc->owned[i]);
+	for (size_t i = 0; mc->items && i < mc->nitems; i++) {
+		free(mc->items[i].name);
+		free(mc->items[i].sku);
+		free(mc->items[i].url);
+		free(mc->items[i].image);
+	}
+	free(mc->items);
+	free(mc->item_ctx);
+}
+
+static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
+		    rm_time now, rm_time code_expires)
+{
+	struct config *cfg = app->cfg;
+	char first[128], total[40], count[16], year[8];
+	copy_str(first, sizeof first, m->name);
+	first[strcspn(first, " ")] = '\0';
+	money(total, sizeof total, m->total, m->currency);
+	struct tm tm;
+	time_t t = (time_t)now;
+	gmtime_r(&t, &tm);
+	snprintf(year, sizeof year, "%d", tm.tm_year + 1900);
+	mc_set(mc, "store_name", cfg->store_name);
+	mc_set(mc, "store_url", cfg->store_url);
+	mc_set(mc, "postal_address", cfg->postal_address);
+	mc_set(mc, "name", m->name);
+	mc_set(mc, "first_name", first);
+	mc_set(mc, "email", m->email);
+	mc_set(mc, "year", year);
+	mc_set(mc, "total", total);
+	mc_url(mc, app, "recovery_url", TOK_RECOVER, m->id, now + 30 * 86400, "");
+	mc_url(mc, app, "unsubscribe_url", TOK_UNSUB, m->id, now + 400 * 86400, "");
+	mc_url(mc, app, "open_url", TOK_OPEN, m->id, now + 400 * 86400, ".gif");
+	mc_review(mc, app, m->items);
+	if (*m->code)
+		mc_discount(mc, app, m, code_expires);
+	if (mc_items(mc, app, m->items, m->currency) < 0)
+		return -1;
+	snprintf(count, sizeof count, "%zu", mc->nitems);
+	mc_set(mc, "item_count", count);
+	mc->ctx = (struct tctx){mc->v, mc->n, NULL};
+	return 0;
+}
+
+/* Fixes the Message-ID and the discount code at the first attempt, so
+ * every later attempt sends the same message. */
+static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
+		       rm_time *code_expires)
+{
+	struct db *db = app->db;
+	if (!*m->message_id) {
+		unsigned char r[8];
+		char hex[17], dom[256];
+		randombytes_buf(r, sizeof r);
+		sodium_bin2hex(hex, sizeof hex, r, sizeof r);
+		addr_spec(app->cfg->from, dom, sizeof dom);
+		char *at = strchr(dom, '@');
+		snprintf(m->message_id, sizeof m->message_id, "<rm.%lld.%s@%s>",
+			 (long long)m->id, hex, at ? at + 1 : "localhost");
+		if (q_exec(db, q(db, ST_MESSAGE_SET_ID, "it", m->id, m->message_id)))
+			return -1;
+	}
+	*code_expires = 0;
+	if (m->pct > 0 && !*m->code) {
+		if (code_issue(app, m->id, m->contact, m->pct, m->min_spend,
+			       now + m->valid, now, m->code, sizeof m->code) ||
+		    q_exec(db, q(db, ST_MESSAGE_SET_CODE, "it", m->id, m->code)))
+			return -1;
+	}
+	if (*m->code) {
+		int pct;
+		double min;
+		code_check(app, m->code, -1, now, &pct, &min, code_expires);
+	}
+	return 0;
+}
+
+static int msg_compose(struct app *app, struct msgrow *m, rm_time now,
+		       struct buf *out, char *err, size_t errlen)
+{
+	rm_time code_expires;
+	struct msgctx mc = {0};
+	struct buf subject = {0}, text = {0}, html = {0};
+	int rc = -1;
+	if (msg_prepare(app, m, now, &code_expires) < 0) {
+		snprintf(err, errlen, "database error preparing message %lld",
+			 (long long)m->id);
+		goto out;
+	}
+	if (mc_build(&mc, app, m, now, code_expires) < 0) {
+		snprintf(err, errlen, "out of memory");
+		goto out;
+	}
+	if (mail_render(app, m->tpl, &mc.ctx, &subject, &text, &html, err, errlen))
+		goto out;
+	char unsub[1300];
+	const char *u = NULL;
+	for (size_t i = 0; i < mc.n; i++)
+		if (!strcmp(mc.v[i].name, "unsubscribe_url"))
+			u = mc.v[i].value;
+	snprintf(unsub, sizeof unsub, "<%s>", u ? u : "");
+	struct mail mail = {app->cfg->from, m->email, subject.data, m->message_id,
+			    unsub, text.data, html.data, now};
+	rc = mail_build(&mail, out, err, errlen);
+out:
+	mc_free(&mc);
+	buf_free(&subject);
+	buf_free(&text);
+	buf_free(&html);
+	return rc;
+}
+
+static void fault(const char *where)
+{
+	const char *f = getenv("REMARKET_FAULT");
+	if (f && strcmp(f, where) == 0)
+		_exit(70); /* fault injection for the crash tests */
+}
+
+static int msg_exit(struct app *app, const struct msgrow *m, const char *why,
+		    struct tick_summary *sum)
+{
+	struct db *db = app->db;
+	int rc = db_begin(db) ||
+		 q_exec(db, q(db, ST_MESSAGE_END, "itt", m->id, "skipped", why)) ||
+		 (!strcmp(why, "step removed") ?
+			  q_exec(db, q(db, ST_ENROLL_DONE, "i", m->enrollment)) :
+			  q_exec(db, q(db, ST_ENROLL_EXIT, "it", m->enrollment, why))) ||
+		 db_commit(db);
+	if (rc)
+		db_rollback(db);
+	sum->skipped++;
+	sum->exited += strcmp(why, "step removed") != 0;
+	return rc ? -1 : 0;
+}
+
+static int msg_record(struct app *app, const struct msgrow *m,
+		      enum send_result r, const char *err, rm_time now,
+		      struct tick_summary *sum)
+{
+	struct db *db = app->db;
+	int rc;
+	if (r == SEND_OK) {
+		rc = db_begin(db) ||
+		     q_exec(db, q(db, ST_MESSAGE_SENT, "ii", m->id, (int64_t)now)) ||
+		     q_exec(db, q(db, ST_ENROLL_ADVANCE, "ii", m->enrollment,
+				  (int64_t)m->step)) ||
+		     db_commit(db);
+		sum->sent++;
+	} else if (r == SEND_TEMP && m->attempts < RETRY_MAX) {
+		int64_t wait = 300LL << (m->attempts > 7 ? 7 : m->attempts - 1);
+		if (wait > 6 * 3600)
+			wait = 6 * 3600;
+		rc = q_exec(db, q(db, ST_MESSAGE_RETRY, "iit", m->id,
+				  (int64_t)now + wait, err));
+		sum->retry++;
+	} else {
+		/* a 5xx, or too many temporary failures: never again */
+		rc = db_begin(db) ||
+		     q_exec(db, q(db, ST_MESSAGE_END, "itt", m->id, "failed", err)) ||
+		     (r == SEND_PERM &&
+		      (q_exec(db, q(db, ST_SUPPRESS, "iit", m->contact, (int64_t)now,
+				    err)) ||
+		       q_exec(db, q(db, ST_EXIT_CONTACT, "it", m->contact, "bounce")))) ||
+		     db_commit(db);
+		sum->failed++;
+	}
+	if (rc)
+		db_rollback(db);
+	return rc ? -1 : 0;
+}
+
+static int flow_send(struct app *app, int64_t id, rm_time now,
+		     struct tick_summary *sum)
+{
+	struct msgrow m;
+	char err[512] = "";
+	struct buf msg = {0};
+	if (msg_load(app, id, &m) < 0)
+		return -1;
+	int rc = 0;
+	const char *why = msg_exit_reason(&m);
+	if (why && !*why) { /* shopper active again: look again later */
+		rc = q_exec(app->db, q(app->db, ST_MESSAGE_RETRY, "iit", id,
+				       (int64_t)now + app->cfg->idle_minutes * 60,
+				       "cart active again"));
+		goto out;
+	}
+	if (why) {
+		rc = msg_exit(app, &m, why, sum);
+		goto out;
+	}
+	enum send_result r = SEND_TEMP;
+	if (msg_compose(app, &m, now, &msg, err, sizeof err) == 0)
+		r = mail_send(app, m.id, m.email, &msg, err, sizeof err);
+	if (r != SEND_OK)
+		fprintf(stderr, "remarket: message %lld to %s: %s\n",
+			(long long)id, m.email, err);
+	else
+		fault("crash_after_send");
+	rc = msg_record(app, &m, r, err, now, sum);
+out:
+	free(m.items);
+	buf_free(&msg);
+	return rc;
+}
+
+int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
+{
+	struct db *db = app->db;
+	rm_time idle_before = now - app->cfg->idle_minutes * 60;
+	if (db_begin(db) < 0)
+		return -1;
+	int rc = q_exec(db, q(db, ST_ABANDON, "ii", (int64_t)now,
+			      (int64_t)idle_before));
+	sum->abandoned += rc ? 0 : sqlite3_changes(db->h);
+	rc = rc || q_exec(db, q(db, ST_ENROLL, "i", (int64_t)now));
+	sum->enrolled += rc ? 0 : sqlite3_changes(db->h);
+	rc = rc || q_exec(db, q(db, ST_QUEUE_DUE, "i", (int64_t)now));
+	rc = rc || db_commit(db);
+	if (rc)
+		db_rollback(db);
+	return rc ? -1 : 0;
+}
+
+int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit)
+{
+	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iii", (int64_t)now,
+			    (int64_t)app->cfg->lease_seconds, (int64_t)limit);
+	int n = 0, rc;
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW)
+		if (n < limit)
+			ids[n++] = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	return rc == SQLITE_DONE ? n : -1;
+}
+
+int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
+{
+	memset(sum, 0, sizeof *sum);
+	if (flow_detect(app, now, sum) < 0)
+		return -1;
+	int64_t ids[TICK_BATCH];
+	for (int total = 0; total < TICK_MAX;) {
+		int n = flow_claim(app, now, ids, TICK_BATCH);
+		if (n < 0)
+			return -1;
+		if (n == 0)
+			break;
+		fault("crash_after_claim");
+		for (int i = 0; i < n; i++)
+			if (flow_send(app, ids[i], now, sum) < 0)
+				return -1;
+		total += n;
+	}
+	return 0;
+}
+
+int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
+	      struct buf *out)
+{
+	return json_from(app->db, q(app->db, ST_JSON_TICK, "iiiiiiii",
+				    (int64_t)now, (int64_t)s->abandoned,
+				    (int64_t)s->enrolled, (int64_t)s->sent,
+				    (int64_t)s->retry, (int64_t)s->failed,
+				    (int64_t)s->exited, (int64_t)s->skipped),
+			 out);
+}
+
+/* ==== 12. HTTP routes =================================================== */
+/*
+ * http_handle maps (method, path) to one route function and always fills
+ * a response: JSON errors for machines ({"error": "..."} with a 4xx that
+ * says what to fix), small HTML pages for shoppers, a GIF for pixels. It
+ * knows nothing of FastCGI or CGI; the front-ends below fill http_req.
+ */
+
+static const unsigned char gif1x1[] = {
+	0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00,
+	0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00,
+	0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01, 0x00,
+	0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b};
+
+static const char *status_text(int status)
+{
+	switch (status) {
+	case 200: return "OK";
+	case 202: return "Accepted";
+	case 204: return "No Content";
+	case 302: return "Found";
+	case 400: return "Bad Request";
+	case 401: return "Unauthorized";
+	case 403: return "Forbidden";
+	case 404: return "Not Found";
+	case 405: return "Method Not Allowed";
+	case 413: return "Payload Too Large";
+	case 415: return "Unsupported Media Type";
+	case 500: return "Internal Server Error";
+	case 503: return "Service Unavailable";
+	}
+	return "Unknown";
+}
+
+void http_resp_free(struct http_resp *rs)
+{
+	buf_free(&rs->headers);
+	buf_free(&rs->body);
+}
+
+static void resp_json_error(struct app *app, struct http_resp *rs, int status,
+			    const char *msg)
+{
+	rs->status = status;
+	rs->content_type = "application/json";
+	rs->body.len = 0;
+	if (json_from(app->db, q(app->db, ST_JSON_ERROR, "t", msg), &rs->body))
+		buf_adds(&rs->body, "{\"error\":\"internal error\"}");
+}
+
+static void resp_gif(struct http_resp *rs)
+{
+	rs->status = 200;
+	rs->content_type = "image/gif";
+	buf_add(&rs->body, gif1x1, sizeof gif1x1);
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n");
+}
+
+/* A page for a shopper, from templates/page.html (built-in if missing). */
+static void resp_page(struct app *app, struct http_resp *rs, int status,
+		      const char *title, const char *message,
+		      const char *action_url, const char *action_label)
+{
+	struct tvar v[] = {
+		{"title", title, NULL, 0},
+		{"message", message, NULL, 0},
+		{"store_name", app->cfg->store_name, NULL, 0},
+		{"store_url", app->cfg->store_url, NULL, 0},
+		{"action_url", action_url ? action_url : "", NULL, 0},
+		{"action_label", action_label ? action_label : "", NULL, 0},
+	};
+	struct tctx ctx = {v, sizeof v / sizeof v[0], NULL};
+	struct buf tpl = {0};
+	char path[PATH_MAX], err[200];
+	rs->status = status;
+	rs->content_type = "text/html; charset=utf-8";
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n"
+		 "Referrer-Policy: no-referrer\r\n");
+	snprintf(path, sizeof path, "%s/page.html", app->cfg->templates);
+	if (read_file(path, &tpl, 1 << 20) < 0 ||
+	    tpl_render(tpl.data, &ctx, TPL_HTML, app->cfg->templates, ".html",
+		       &rs->body, err, sizeof err) < 0) {
+		rs->body.len = 0;
+		tpl_render("<!doctype html><meta charset=utf-8><meta name=viewport "
+			   "content=\"width=device-width\"><title>{{title}}</title>"
+			   "<h1>{{title}}</h1><p>{{message}}</p>{{#action_url}}"
+			   "<form method=post action=\"{{action_url}}\"><button>"
+			   "{{action_label}}</button></form>{{/action_url}}",
+			   &ctx, TPL_HTML, ".", ".html", &rs->body, err, sizeof err);
+	}
+	buf_free(&tpl);
+}
+
+static void resp_redirect(struct http_resp *rs, const char *url)
+{
+	rs->status = 302;
+	rs->content_type = "text/plain; charset=utf-8";
+	if (has_crlf(url))
+		url = "/";
+	buf_addf(&rs->headers, "Location: %s\r\nCache-Control: no-store\r\n"
+		 "Referrer-Policy: no-referrer\r\n", url);
+	buf_addf(&rs->body, "Redirecting to %s\n", url);
+}
+
+/* cart_url with {cart} and {code} replaced by URL-escaped values. */
+static void cart_location(struct app *app, const char *cart, const char *code,
+			  struct buf *out)
+{
+	for (const char *p = app->cfg->cart_url; *p;) {
+		const char *val = NULL;
+		if (!strncmp(p, "{cart}", 6))
+			val = cart;
+		else if (!strncmp(p, "{code}", 6))
+			val = code;
+		if (!val) {
+			buf_add(out, p++, 1);
+			continue;
+		}
+		char *esc = curl_easy_escape(NULL, val, 0);
+		buf_adds(out, esc ? esc : "");
+		curl_free(esc);
+		p += 6;
+	}
+}
+
+static int content_type_is(const struct http_req *rq, const char *want)
+{
+	const char *ct = rq->content_type ? rq->content_type : "";
+	size_t n = strlen(want);
+	return strncasecmp(ct, want, n) == 0 && (ct[n] == '\0' || ct[n] == ';' ||
+						  ct[n] == ' ');
+}
+
+static int bearer_ok(const struct http_req *rq, const char *token)
+{
+	const char *a = rq->authorization;
+	if (!*token || !a || strncmp(a, "Bearer ", 7) != 0)
+		return 0;
+	a += 7;
+	size_t n = strlen(token);
+	return strlen(a) == n && sodium_memcmp(a, token, n) == 0;
+}
+
+/* The rm_vid cookie, if it looks like one of ours. */
+static void cookie_vid(const struct http_req *rq, char *out, size_t n)
+{
+	out[0] = '\0';
+	for (const char *c = rq->cookie; c && (c = strstr(c, "rm_vid=")); c += 7) {
+		if (c != rq->cookie && c[-1] != ' ' && c[-1] != ';')
+			continue;
+		size_t len = strcspn(c + 7, "; ");
+		if (len < n) {
+			memcpy(out, c + 7, len);
+			out[len] = '\0';
+		}
+		if (!val_ident(out, 64))
+			out[0] = '\0';
+		return;
+	}
+}
+
+typedef void route_fn(struct app *, const struct http_req *,
+		      struct http_resp *, const char *, rm_time);
+
+static void route_health(struct app *app, const struct http_req *rq,
+			 struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)app, (void)rq, (void)arg, (void)now;
+	rs->status = 200;
+	rs->content_type = "text/plain; charset=utf-8";
+	buf_adds(&rs->body, "ok\n");
+}
+
+static void ingest_answer(struct app *app, struct http_resp *rs, int n,
+			  const struct ev_error *err, int ok_status)
+{
+	if (n < 0) {
+		resp_json_error(app, rs, err->status, err->msg);
+		return;
+	}
+	rs->status = ok_status;
+	if (ok_status == 204)
+		return;
+	rs->content_type = "application/json";
+	json_from(app->db, q(app->db, ST_JSON_ACCEPTED, "ii", (int64_t)n,
+			     (int64_t)err->duplicates), &rs->body);
+}
+
+static void route_events(struct app *app, const struct http_req *rq,
+			 struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg;
+	const char *why;
+	struct ev_error err;
+	if (rq->body_too_large)
+		return resp_json_error(app, rs, 413, "body: too large");
+	if (!content_type_is(rq, "application/json"))
+		return resp_json_error(app, rs, 415, "Content-Type must be "
+				       "application/json");
+	if (!*app->cfg->hook_secret)
+		return resp_json_error(app, rs, 401, "hook_secret is not set on "
+				       "the server: signed events are refused");
+	if (hook_verify(app->cfg->hook_secret, rq->signature, rq->body,
+			rq->body_len, now, &why) < 0)
+		return resp_json_error(app, rs, 401, why);
+	int n = ev_ingest(app, EV_HOOK, rq->body, rq->body_len, NULL, now, &err);
+	ingest_answer(app, rs, n, &err, 202);
+}
+
+static void route_collect(struct app *app, const struct http_req *rq,
+			  struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg;
+	char vid[80];
+	struct ev_error err;
+	if (rq->body_too_large)
+		return resp_json_error(app, rs, 413, "body: too large");
+	/* sendBeacon posts text/plain; fetch posts application/json */
+	if (!content_type_is(rq, "application/json") &&
+	    !content_type_is(rq, "text/plain"))
+		return resp_json_error(app, rs, 415, "Content-Type must be "
+				       "application/json or text/plain");
+	cookie_vid(rq, vid, sizeof vid);
+	int n = ev_ingest(app, EV_BROWSER, rq->body, rq->body_len,
+			  *vid ? vid : NULL, now, &err);
+	ingest_answer(app, rs, n, &err, 204);
+}
+
+/* Splits a query string and decodes one parameter with libcurl. */
+static char *query_param(const char *query, const char *name)
+{
+	size_t n = strlen(name);
+	for (const char *p = query; p && *p;) {
+		size_t len = strcspn(p, "&");
+		if (len > n && p[n] == '=' && strncmp(p, name, n) == 0) {
+			int outlen = 0;
+			char *v = curl_easy_unescape(NULL, p + n + 1,
+						     (int)(len - n - 1), &outlen);
+			char *copy = v ? strndup(v, (size_t)outlen) : NULL;
+			curl_free(v);
+			return copy;
+		}
+		p += len + (p[len] == '&');
+	}
+	return NULL;
+}
+
+static void route_pixel(struct app *app, const struct http_req *rq,
+			struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg;
+	char vid[80];
+	char *type = query_param(rq->query, "type"), *sku = query_param(rq->query, "sku");
+	char *url = query_param(rq->query, "url"), *qvid = query_param(rq->query, "vid");
+	char *email = query_param(rq->query, "email");
+	cookie_vid(rq, vid, sizeof vid);
+	struct buf ev = {0};
+	struct ev_error err;
+	sqlite3_stmt *s = q(app->db, ST_PIXEL_EVENT, "ttttt", type ? type : "view",
+			    sku, url, qvid ? qvid : (*vid ? vid : NULL), email);
+	/* the pixel never answers with an error image: bad input is dropped */
+	if (json_from(app->db, s, &ev) == 0)
+		ev_ingest(app, EV_PIXEL, ev.data, ev.len, NULL, now, &err);
+	free(type), free(sku), free(url), free(qvid), free(email);
+	buf_free(&ev);
+	resp_gif(rs);
+}
+
+static void route_tick(struct app *app, const struct http_req *rq,
+		       struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg;
+	struct tick_summary sum;
+	if (!*app->cfg->tick_token)
+		return resp_json_error(app, rs, 401, "tick_token is not set on the "
+				       "server: /tick is disabled");
+	if (!bearer_ok(rq, app->cfg->tick_token))
+		return resp_json_error(app, rs, 401, "Authorization: Bearer "
+				       "<tick_token> required");
+	if (flow_tick(app, now, &sum) < 0)
+		return resp_json_error(app, rs, 503, "tick failed: database busy or "
+				       "broken, see the server log");
+	rs->status = 200;
+	rs->content_type = "application/json";
+	tick_json(app, &sum, now, &rs->body);
+}
+
+/* Verifies a link token; on failure answers the shopper's page. */
+static int link_target(struct app *app, const char *tok, char kind,
+		       rm_time now, struct http_resp *rs, int64_t *msg,
+		       int64_t *contact, char *cart, char *code)
+{
+	int st = tok_verify(app->key, tok, kind, now, msg);
+	int found = 0;
+	if (st == TOK_OK) {
+		sqlite3_stmt *s = q(app->db, ST_MESSAGE_TARGET, "i", *msg);
+		if (sqlite3_step(s) == SQLITE_ROW) {
+			found = 1;
+			*contact = sqlite3_column_int64(s, 0);
+			copy_str(cart, 80, col_text(s, 1));
+			copy_str(code, 40, col_text(s, 2));
+		}
+		sqlite3_reset(s);
+	}
+	if (st == TOK_OK && found)
+		return 0;
+	resp_page(app, rs, 400, "This link does not work",
+		  st == TOK_OK ? "This link points to a message we no longer have."
+			       : tok_strerror(st), NULL, NULL);
+	return -1;
+}
+
+static void record(struct app *app, int64_t msg, const char *kind, rm_time now)
+{
+	q_exec(app->db, q(app->db, ST_INTERACTION, "iti", msg, kind, (int64_t)now));
+}
+
+static void route_recover(struct app *app, const struct http_req *rq,
+			  struct http_resp *rs, const char *tok, rm_time now)
+{
+	(void)rq;
+	int64_t msg, contact;
+	char cart[80], code[40];
+	struct buf loc = {0};
+	if (link_target(app, tok, TOK_RECOVER, now, rs, &msg, &contact, cart, code))
+		return;
+	record(app, msg, "click", now);
+	cart_location(app, cart, "", &loc);
+	resp_redirect(rs, buf_str(&loc));
+	buf_free(&loc);
+}
+
+static void route_discount(struct app *app, const struct http_req *rq,
+			   struct http_resp *rs, const char *tok, rm_time now)
+{
+	(void)rq;
+	int64_t msg, contact;
+	char cart[80], code[40];
+	struct buf loc = {0};
+	if (link_target(app, tok, TOK_DISCOUNT, now, rs, &msg, &contact, cart, code))
+		return;
+	record(app, msg, "discount", now);
+	cart_location(app, cart, code, &loc);
+	resp_redirect(rs, buf_str(&loc));
+	buf_free(&loc);
+}
+
+static void route_unsub(struct app *app, const struct http_req *rq,
+			struct http_resp *rs, const char *tok, rm_time now)
+{
+	int64_t msg, contact;
+	char cart[80], code[40], action[1200];
+	if (link_target(app, tok, TOK_UNSUB, now, rs, &msg, &contact, cart, code))
+		return;
+	if (strcmp(rq->method, "POST") != 0) {
+		/* GET only asks: link scanners must not unsubscribe anyone */
+		snprintf(action, sizeof action, "%s/u/%s", app->cfg->base_url, tok);
+		return resp_page(app, rs, 200, "Unsubscribe?",
+				 "Press the button and we will stop sending you "
+				 "these emails.", action, "Unsubscribe");
+	}
+	struct db *db = app->db;
+	int rc = db_begin(db) ||
+		 q_exec(db, q(db, ST_UNSUBSCRIBE, "ii", contact, (int64_t)now)) ||
+		 q_exec(db, q(db, ST_EXIT_CONTACT, "it", contact, "unsubscribe")) ||
+		 q_exec(db, q(db, ST_INTERACTION, "iti", msg, "unsubscribe",
+			      (int64_t)now)) ||
+		 db_commit(db);
+	if (rc) {
+		db_rollback(db);
+		return resp_page(app, rs, 503, "Please try again",
+				 "We could not record your request just now.",
+				 NULL, NULL);
+	}
+	resp_page(app, rs, 200, "You are unsubscribed",
+		  "You will not receive these emails any more.", NULL, NULL);
+}
+
+static void route_open(struct app *app, const struct http_req *rq,
+		       struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)rq;
+	char tok[TOK_MAXLEN + 8];
+	int64_t msg;
+	if (copy_str(tok, sizeof tok, arg) == 0) {
+		char *dot = strstr(tok, ".gif");
+		if (dot)
+			*dot = '\0';
+		if (tok_verify(app->key, tok, TOK_OPEN, now, &msg) == TOK_OK)
+			record(app, msg, "open", now);
+	}
+	resp_gif(rs);
+}
+
+static void route_validate(struct app *app, const struct http_req *rq,
+			   struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg;
+	if (rq->body_too_large)
+		return resp_json_error(app, rs, 413, "body: too large");
+	if (!rq->body_len || !val_utf8(rq->body, rq->body_len))
+		return resp_json_error(app, rs, 400, "body: JSON object with code "
+				       "and total expected");
+	sqlite3_stmt *s = q(app->db, ST_VALIDATE_FIELDS, "b", rq->body,
+			    (int)rq->body_len);
+	char code[40] = "";
+	double total = -1;
+	int ok = 0;
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		ok = !strcmp(col_text(s, 0), "text") &&
+		     copy_str(code, sizeof code, col_text(s, 1)) == 0 &&
+		     val_ident(code, 32);
+		if (is_number(col_text(s, 2)))
+			total = sqlite3_column_double(s, 3);
+		else if (sqlite3_column_type(s, 2) != SQLITE_NULL)
+			ok = 0;
+	}
+	sqlite3_reset(s);
+	if (!ok || !isfinite(total))
+		return resp_json_error(app, rs, 400, "body: {\"code\": \"RM-XXXX-XXXX\", "
+				       "\"total\": 42.0} expected");
+	int pct = 0;
+	double min = 0;
+	rm_time exp = 0;
+	for (char *p = code; *p; p++)
+		*p = (char)toupper((unsigned char)*p);
+	const char *why = code_check(app, code, total, now, &pct, &min, &exp);
+	rs->status = 200;
+	rs->content_type = "application/json";
+	json_from(app->db, q(app->db, ST_JSON_DISCOUNT, "titdi",
+			     strcmp(why, "ok") ? "false" : "true", (int64_t)pct,
+			     why, min, (int64_t)exp), &rs->body);
+}
+
+static void route_report_json(struct app *app, const struct http_req *rq,
+			      struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg;
+	if (!bearer_ok(rq, app->cfg->tick_token))
+		return resp_json_error(app, rs, 401, "Authorization: Bearer "
+				       "<tick_token> required");
+	rs->status = 200;
+	rs->content_type = "application/json";
+	json_from(app->db, q(app->db, ST_REPORT, "i", (int64_t)now), &rs->body);
+}
+
+static const struct route {
+	const char *path;
+	int prefix; /* path is a prefix; the rest is passed as the argument */
+	const char *methods;
+	route_fn *fn;
+} routes[] = {
+	{"/health", 0, "GET HEAD", route_health},
+	{"/events", 0, "POST", route_events},
+	{"/collect", 0, "POST", route_collect},
+	{"/p.gif", 0, "GET HEAD", route_pixel},
+	{"/tick", 0, "POST", route_tick},
+	{"/r/", 1, "GET HEAD", route_recover},
+	{"/u/", 1, "GET HEAD POST", route_unsub},
+	{"/d/", 1, "GET HEAD", route_discount},
+	{"/o/", 1, "GET HEAD", route_open},
+	{"/discounts/validate", 0, "POST", route_validate},
+	{"/report.json", 0, "GET HEAD", route_report_json},
+};
+
+static int method_allowed(const char *methods, const char *m)
+{
+	size_t n = strlen(m);
+	for (const char *p = methods; (p = strstr(p, m)); p += n)
+		if ((p == methods || p[-1] == ' ') && (p[n] == ' ' || !p[n]))
+			return 1;
+	return 0;
+}
+
+void http_handle(struct app *app, const struct http_req *rq,
+		 struct http_resp *rs, rm_time now)
+{
+	const char *path = rq->path && *rq->path ? rq->path : "/";
+	const char *method = rq->method ? rq->method : "GET";
+	for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
+		const struct route *r = &routes[i];
+		size_t n = strlen(r->path);
+		if (r->prefix ? strncmp(path, r->path, n) != 0 || !path[n]
+			      : strcmp(path, r->path) != 0)
+			continue;
+		if (!method_allowed(r->methods, method)) {
+			buf_addf(&rs->headers, "Allow: %s\r\n", r->methods);
+			for (char *p = rs->headers.data; *p; p++)
+				if (*p == ' ' && p[-1] != ':')
+					*p = ',';
+			return resp_json_error(app, rs, 405, "method not allowed "
+					       "here");
+		}
+		return r->fn(app, rq, rs, path + (r->prefix ? n : 0), now);
+	}
+	resp_json_error(app, rs, 404, "no such endpoint");
+}
+
+/* ==== 13. FastCGI and CGI front-ends ==================================== */
+/*
+ * Both front-ends turn a request into struct http_req through the same
+ * function, given a way to read parameters and the body. The body is
+ * read up to max_body; anything longer is drained and answered 413, so a
+ * kept-alive FastCGI connection stays in step.
+ */
+
+struct io {
+	const char *(*param)(void *ctx, const char *name);
+	int (*read)(void *ctx, char *buf, int n);
+	void (*write)(void *ctx, const char *data, size_t n);
+	void *ctx;
+};
+
+static const char *env_param(void *ctx, const char *name)
+{
+	(void)ctx;
+	return getenv(name);
+}
+
+static int stdin_read(void *ctx, char *buf, int n)
+{
+	(void)ctx;
+	return (int)fread(buf, 1, (size_t)n, stdin);
+}
+
+static void stdout_write(void *ctx, const char *data, size_t n)
+{
+	(void)ctx;
+	fwrite(data, 1, n, stdout);
+}
+
+static const char *fcgi_param(void *ctx, const char *name)
+{
+	return FCGX_GetParam(name, ((FCGX_Request *)ctx)->envp);
+}
+
+static int fcgi_read(void *ctx, char *buf, int n)
+{
+	return FCGX_GetStr(buf, n, ((FCGX_Request *)ctx)->in);
+}
+
+static void fcgi_write(void *ctx, const char *data, size_t n)
+{
+	FCGX_PutStr(data, (int)n, ((FCGX_Request *)ctx)->out);
+}
+
+static int read_body(struct app *app, const struct io *io, struct buf *body,
+		     int *too_large)
+{
+	const char *cl = io->param(io->ctx, "CONTENT_LENGTH");
+	long long want = cl && *cl ? strtoll(cl, NULL, 10) : 0;
+	long long max = app->cfg->max_body;
+	char chunk[16384];
+	*too_large = want > max;
+	if (want < 0)
+		return -1;
+	while (want > 0) {
+		int n = io->read(io->ctx, chunk, want < (long long)sizeof chunk ?
+						   (int)want : (int)sizeof chunk);
+		if (n <= 0)
+			break;
+		want -= n;
+		if (!*too_large && buf_add(body, chunk, (size_t)n) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+static void write_response(const struct io *io, const struct http_resp *rs,
+			   int head_only)
+{
+	struct buf h = {0};
+	buf_addf(&h, "Status: %d %s\r\n", rs->status, status_text(rs->status));
+	if (rs->content_type)
+		buf_addf(&h, "Content-Type: %s\r\n", rs->content_type);
+	buf_addf(&h, "Content-Length: %zu\r\nX-Content-Type-Options: nosniff\r\n"
+		 "%s\r\n", rs->body.len, buf_str(&rs->headers));
+	io->write(io->ctx, h.data, h.len);
+	if (!head_only && rs->body.len)
+		io->write(io->ctx, rs->body.data, rs->body.len);
+	buf_free(&h);
+}
+
+static void serve_one(struct app *app, const struct io *io)
+{
+	struct http_req rq = {0};
+	struct http_resp rs = {0};
+	struct buf body = {0};
+	const char *path = io->param(io->ctx, "PATH_INFO");
+	rq.method = io->param(io->ctx, "REQUEST_METHOD");
+	rq.path = path && *path ? path : "/";
+	rq.query = io->param(io->ctx, "QUERY_STRING");
+	rq.content_type = io->param(io->ctx, "CONTENT_TYPE");
+	rq.authorization = io->param(io->ctx, "HTTP_AUTHORIZATION");
+	rq.signature = io->param(io->ctx, "HTTP_X_REMARKET_SIGNATURE");
+	rq.cookie = io->param(io->ctx, "HTTP_COOKIE");
+	rq.origin = io->param(io->ctx, "HTTP_ORIGIN");
+	rq.remote_addr = io->param(io->ctx, "REMOTE_ADDR");
+	if (read_body(app, io, &body, &rq.body_too_large) < 0) {
+		resp_json_error(app, &rs, 400, "body: bad Content-Length");
+	} else {
+		rq.body = body.data ? body.data : "";
+		rq.body_len = body.len;
+		http_handle(app, &rq, &rs, clock_now());
+	}
+	write_response(io, &rs, rq.method && !strcmp(rq.method, "HEAD"));
+	http_resp_free(&rs);
+	buf_free(&body);
+}
+
+static pthread_mutex_t accept_lock = PTHREAD_MUTEX_INITIALIZER;
+static const char *socket_path;
+
+struct worker {
+	pthread_t th;
+	struct config *cfg;
+	int fd;
+};
+
+static void *worker_main(void *arg)
+{
+	struct worker *w = arg;
+	struct app app;
+	char err[512];
+	if (app_open(&app, w->cfg, err, sizeof err) < 0) {
+		fprintf(stderr, "remarket: %s\n", err);
+		return NULL;
+	}
+	FCGX_Request r;
+	FCGX_InitRequest(&r, w->fd, 0);
+	struct io io = {fcgi_param, fcgi_read, fcgi_write, &r};
+	for (;;) {
+		pthread_mutex_lock(&accept_lock);
+		int rc = FCGX_Accept_r(&r);
+		pthread_mutex_unlock(&accept_lock);
+		if (rc < 0)
+			break;
+		serve_one(&app, &io);
+		FCGX_Finish_r(&r);
+	}
+	app_close(&app);
+	return NULL;
+}
+
+static void on_term(int sig)
+{
+	(void)sig;
+	if (socket_path)
+		unlink(socket_path); /* async-signal-safe */
+	_exit(0);
+}
+
+/* Serves FastCGI on fd (a listening socket) with cfg->threads workers. */
+static int serve_fd(struct config *cfg, int fd)
+{
+	long n = cfg->threads;
+	struct worker *w = calloc((size_t)n, sizeof *w);
+	if (!w)
+		return 1;
+	signal(SIGPIPE, SIG_IGN);
+	signal(SIGTERM, on_term);
+	signal(SIGINT, on_term);
+	for (long i = 0; i < n; i++) {
+		w[i] = (struct worker){0, cfg, fd};
+		if (pthread_create(&w[i].th, NULL, worker_main, &w[i]) != 0) {
+			fprintf(stderr, "remarket: cannot start thread %ld\n", i);
+			return 1;
+		}
+	}
+	for (long i = 0; i < n; i++)
+		pthread_join(w[i].th, NULL);
+	free(w);
+	return 1; /* workers only stop when something broke */
+}
+
+static int serve_cgi(struct config *cfg)
+{
+	struct app app;
+	char err[512];
+	if (app_open(&app, cfg, err, sizeof err) < 0) {
+		printf("Status: 503 Service Unavailable\r\nContent-Type: text/plain"
+		       "\r\n\r\nremarket: %s\n", err);
+		return 1;
+	}
+	struct io io = {env_param, stdin_read, stdout_write, NULL};
+	serve_one(&app, &io);
+	app_close(&app);
+	return 0;
+}
+
+/* ==== 14. Command line ================================================== */
+/*
+ * The operator's commands (API.md): init, keygen, serve, tick, event,
+ * report, flows. Each opens its own app, so every command, like every
+ * FastCGI thread, has its own database connection. Started without a
+ * command by a web server, the binary answers as CGI or FastCGI.
+ */
+
+static int load_key(const char *path, unsigned char key[RM_KEYBYTES],
+		    char *err, size_t errlen)
+{
+	struct buf b = {0};
+	int rc = read_file(path, &b, 64);
+	if (rc < 0 || b.len != RM_KEYBYTES) {
+		snprintf(err, errlen, "key_file %s: %s — run 'remarket init' or "
+			 "'remarket keygen > %s'", path,
+			 rc < 0 ? strerror(errno) : "must hold exactly 32 bytes",
+			 path);
+		buf_free(&b);
+		return -1;
+	}
+	memcpy(key, b.data, RM_KEYBYTES);
+	sodium_memzero(b.data, b.len);
+	buf_free(&b);
+	return 0;
+}
+
+int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
+{
+	memset(app, 0, sizeof *app);
+	app->cfg = cfg;
+	if (load_key(cfg->key_file, app->key, err, errlen) < 0 ||
+	    db_open(&app->db, cfg->db, err, errlen) < 0)
+		return -1;
+	int have = db_user_version(app->db);
+	int want = (int)(sizeof migrations / sizeof migrations[0]);
+	if (have != want) {
+		snprintf(err, errlen, "db %s is at schema %d, this remarket needs %d:"
+			 " run 'remarket init'", cfg->db, have, want);
+		app_close(app);
+		return -1;
+	}
+	app->curl = curl_easy_init();
+	if (!app->curl) {
+		snprintf(err, errlen, "libcurl: cannot create a handle");
+		app_close(app);
+		return -1;
+	}
+	return 0;
+}
+
+void app_close(struct app *app)
+{
+	db_close(app->db);
+	if (app->curl)
+		curl_easy_cleanup(app->curl);
+	sodium_memzero(app->key, sizeof app->key);
+	app->db = NULL;
+	app->curl = NULL;
+}
+
+static int cmd_init(struct config *cfg)
+{
+	char err[512];
+	struct db *db;
+	if (db_open(&db, cfg->db, err, sizeof err) < 0 ||
+	    db_migrate(db, err, sizeof err) < 0) {
+		fprintf(stderr, "remarket init: %s\n", err);
+		return 1;
+	}
+	int v = db_user_version(db);
+	db_close(db);
+	if (access(cfg->key_file, F_OK) != 0) {
+		unsigned char key[RM_KEYBYTES];
+		randombytes_buf(key, sizeof key);
+		if (mkdir_parent(cfg->key_file) < 0 ||
+		    write_file_atomic(cfg->key_file, (char *)key, sizeof key,
+				      0600) < 0) {
+			fprintf(stderr, "remarket init: key_file %s: %s\n",
+				cfg->key_file, strerror(errno));
+			return 1;
+		}
+		sodium_memzero(key, sizeof key);
+		printf("remarket: new signing key in %s (mode 0600)\n", cfg->key_file);
+	}
+	if (!*cfg->smtp_url && mkdir_p(cfg->outbox, 0755) < 0) {
+		fprintf(stderr, "remarket init: outbox %s: %s\n", cfg->outbox,
+			strerror(errno));
+		return 1;
+	}
+	printf("remarket: database %s at schema %d; mail goes to %s\n", cfg->db, v,
+	       *cfg->smtp_url ? cfg->smtp_url : cfg->outbox);
+	return 0;
+}
+
+static int cmd_keygen(void)
+{
+	unsigned char key[RM_KEYBYTES];
+	randombytes_buf(key, sizeof key);
+	int rc = fwrite(key, 1, sizeof key, stdout) == sizeof key ? 0 : 1;
+	sodium_memzero(key, sizeof key);
+	return rc;
+}
+
+static int cmd_serve(struct config *cfg, const char *addr)
+{
+	char err[512];
+	struct app probe; /* fail fast, with a message, before listening */
+	if (app_open(&probe, cfg, err, sizeof err) < 0) {
+		fprintf(stderr, "remarket serve: %s\n", err);
+		return 1;
+	}
+	app_close(&probe);
+	if (FCGX_Init() != 0) {
+		fprintf(stderr, "remarket serve: FCGX_Init failed\n");
+		return 1;
+	}
+	int unix_socket = addr[0] == '/' || addr[0] == '.';
+	int fd = FCGX_OpenSocket(addr, 128);
+	if (fd < 0) {
+		fprintf(stderr, "remarket serve: cannot listen on %s: %s\n", addr,
+			strerror(errno));
+		return 1;
+	}
+	if (unix_socket) {
+		socket_path = addr;
+		chmod(addr, 0666); /* the web server runs as another user */
+	}
+	fprintf(stderr, "remarket: FastCGI on %s, %ld threads\n", addr,
+		cfg->threads);
+	return serve_fd(cfg, fd);
+}
+
+static rm_time now_arg(int argc, char **argv)
+{
+	for (int i = 0; i + 1 < argc; i++)
+		if (!strcmp(argv[i], "--now"))
+			return parse_time(argv[i + 1], clock_now());
+	return clock_now();
+}
+
+static int cmd_tick(struct app *app, rm_time now)
+{
+	struct tick_summary sum;
+	struct buf out = {0};
+	if (flow_tick(app, now, &sum) < 0) {
+		fprintf(stderr, "remarket tick: failed (database busy or broken)\n");
+		return 1;
+	}
+	tick_json(app, &sum, now, &out);
+	printf("%s\n", buf_str(&out));
+	buf_free(&out);
+	return 0;
+}
+
+static int cmd_event(struct app *app, rm_time now)
+{
+	struct buf in = {0};
+	char chunk[65536];
+	size_t n;
+	while ((n = fread(chunk, 1, sizeof chunk, stdin)) > 0)
+		if (buf_add(&in, chunk, n) < 0)
+			break;
+	struct ev_error err;
+	/* the operator may load big batches: the HTTP cap does not apply */
+	long max = app->cfg->max_body;
+	app->cfg->max_body = LONG_MAX;
+	int rc = ev_ingest(app, EV_CLI, buf_str(&in), in.len, NULL, now, &err);
+	app->cfg->max_body = max;
+	buf_free(&in);
+	if (rc < 0) {
+		fprintf(stderr, "remarket event: %s\n", err.msg);
+		return 1;
+	}
+	printf("{\"accepted\":%d,\"duplicates\":%d}\n", rc, err.duplicates);
+	return 0;
+}
+
+static int cmd_report(struct app *app, rm_time now, int json)
+{
+	struct buf r = {0};
+	if (json_from(app->db, q(app->db, ST_REPORT, "i", (int64_t)now), &r) < 0)
+		return 1;
+	if (json) {
+		printf("%s\n", r.data);
+	} else {
+		sqlite3_stmt *s = q(app->db, ST_OBJECT_EACH, "t", r.data);
+		while (sqlite3_step(s) == SQLITE_ROW)
+			printf("%-18s %s\n", col_text(s, 0), col_text(s, 3));
+		sqlite3_reset(s);
+	}
+	buf_free(&r);
+	return 0;
+}
+
+static void fmt_delay(char *out, size_t n, long s)
+{
+	if (s % 86400 == 0 && s)
+		snprintf(out, n, "+%ldd", s / 86400);
+	else if (s % 3600 == 0 && s)
+		snprintf(out, n, "+%ldh", s / 3600);
+	else
+		snprintf(out, n, "+%lds", s);
+}
+
+static int flows_list(struct app *app)
+{
+	sqlite3_stmt *s = q(app->db, ST_FLOWS_LIST, NULL);
+	char last[64] = "", d[32], v[32];
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		if (strcmp(last, col_text(s, 0)) != 0) {
+			copy_str(last, sizeof last, col_text(s, 0));
+			printf("%s (%s)\n", last, sqlite3_column_int(s, 1) ?
+			       "enabled" : "disabled");
+		}
+		fmt_delay(d, sizeof d, (long)sqlite3_column_int64(s, 3));
+		printf("  step %d  %-5s  %-16s", sqlite3_column_int(s, 2), d,
+		       col_text(s, 4));
+		if (sqlite3_column_int(s, 5)) {
+			fmt_delay(v, sizeof v, (long)sqlite3_column_int64(s, 6));
+			printf("  %d%% off, valid %s, min spend %.2f",
+			       sqlite3_column_int(s, 5), v + 1,
+			       sqlite3_column_double(s, 7));
+		}
+		printf("\n");
+	}
+	sqlite3_reset(s);
+	return 0;
+}
+
+/* remarket flows set FLOW STEP delay=24h template=x discount=15 valid=48h
+ * min_spend=50 */
+static int flows_set(struct app *app, int argc, char **argv)
+{
+	if (argc < 3) {
+		fprintf(stderr, "usage: remarket flows set FLOW STEP key=value...\n");
+		return 2;
+	}
+	sqlite3_stmt *s = q(app->db, ST_STEP_SET, "ti", argv[0],
+			    (int64_t)atoi(argv[1]));
+	for (int i = 2; i < argc; i++) {
+		char *eq = strchr(argv[i], '=');
+		const char *k = argv[i], *v = eq ? eq + 1 : "";
+		size_t kl = eq ? (size_t)(eq - k) : strlen(k);
+		rm_time t = parse_time(*v == '+' ? v : "", 0);
+		if (*v != '+') {
+			char plus[64];
+			snprintf(plus, sizeof plus, "+%s", v);
+			t = parse_time(plus, 0);
+		}
+		if (kl == 5 && !strncmp(k, "delay", 5) && t >= 0)
+			sqlite3_bind_int64(s, 3, t);
+		else if (kl == 8 && !strncmp(k, "template", 8) && val_ident(v, 64))
+			sqlite3_bind_text(s, 4, v, -1, SQLITE_TRANSIENT);
+		else if (kl == 8 && !strncmp(k, "discount", 8) && atoi(v) >= 0 &&
+			 atoi(v) <= 90)
+			sqlite3_bind_int(s, 5, atoi(v));
+		else if (kl == 5 && !strncmp(k, "valid", 5) && t > 0)
+			sqlite3_bind_int64(s, 6, t);
+		else if (kl == 9 && !strncmp(k, "min_spend", 9) && atof(v) >= 0)
+			sqlite3_bind_double(s, 7, atof(v));
+		else {
+			fprintf(stderr, "remarket flows set: bad setting '%s' (delay=24h "
+				"template=NAME discount=0-90 valid=48h min_spend=N)\n",
+				argv[i]);
+			sqlite3_reset(s);
+			return 2;
+		}
+	}
+	if (q_exec(app->db, s) < 0 || sqlite3_changes(app->db->h) != 1) {
+		fprintf(stderr, "remarket flows set: no step %s of flow %s\n", argv[1],
+			argv[0]);
+		return 1;
+	}
+	return flows_list(app);
+}
+
+static int cmd_flows(struct app *app, int argc, char **argv)
+{
+	if (argc == 0)
+		return flows_list(app);
+	if (!strcmp(argv[0], "set"))
+		return flows_set(app, argc - 1, argv + 1);
+	if ((!strcmp(argv[0], "enable") || !strcmp(argv[0], "disable")) && argc == 2) {
+		if (q_exec(app->db, q(app->db, ST_FLOW_ENABLE, "ti", argv[1],
+				      (int64_t)(argv[0][0] == 'e'))) < 0 ||
+		    sqlite3_changes(app->db->h) != 1) {
+			fprintf(stderr, "remarket flows: no flow %s\n", argv[1]);
+			return 1;
+		}
+		return flows_list(app);
+	}
+	fprintf(stderr, "usage: remarket flows [set FLOW STEP k=v...|enable F|disable F]\n");
+	return 2;
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: remarket [-c FILE] COMMAND\n"
+		"  init                 create or migrate the database, make the key\n"
+		"  keygen               print a new 32-byte key (raw) on stdout\n"
+		"  serve ADDR           FastCGI on a unix socket path or host:port\n"
+		"  tick [--now T]       run one tick, print a JSON summary\n"
+		"  event [--now T]      record JSON event(s) read on stdin\n"
+		"  report [--json]      print the results\n"
+		"  flows [set F N k=v | enable F | disable F]\n"
+		"T is Unix seconds, 2026-11-24T10:00:00Z, or +90m/+2h/+3d from now.\n");
+}
+
+/* Commands that work on an open app. */
+static int run_app_command(struct config *cfg, int argc, char **argv)
+{
+	struct app app;
+	char err[512];
+	if (app_open(&app, cfg, err, sizeof err) < 0) {
+		fprintf(stderr, "remarket %s: %s\n", argv[0], err);
+		return 1;
+	}
+	rm_time now = now_arg(argc, argv);
+	int rc = 2;
+	if (now < 0)
+		fprintf(stderr, "remarket: --now: want Unix seconds, ISO 8601 or "
+			"+N[smhd]\n");
+	else if (!strcmp(argv[0], "tick"))
+		rc = cmd_tick(&app, now);
+	else if (!strcmp(argv[0], "event"))
+		rc = cmd_event(&app, now);
+	else if (!strcmp(argv[0], "report"))
+		rc = cmd_report(&app, now, argc > 1 && !strcmp(argv[1], "--json"));
+	else if (!strcmp(argv[0], "flows"))
+		rc = cmd_flows(&app, argc - 1, argv + 1);
+	else
+		usage(stderr);
+	app_close(&app);
+	return rc;
+}
+
+static int run(int argc, char **argv)
+{
+	const char *file = NULL;
+	if (argc > 2 && !strcmp(argv[1], "-c")) {
+		file = argv[2];
+		argc -= 2, argv += 2;
+	}
+	struct config cfg;
+	char err[512];
+	if (cfg_load(&cfg, file, err, sizeof err) < 0) {
+		fprintf(stderr, "remarket: config: %s\n", err);
+		return 1;
+	}
+	int rc;
+	const char *cmd = argc > 1 ? argv[1] : NULL;
+	if (!cmd && getenv("GATEWAY_INTERFACE"))
+		rc = serve_cgi(&cfg);
+	else if (!cmd && !FCGX_IsCGI()) /* stdin is a listening socket */
+		rc = serve_fd(&cfg, 0);
+	else if (!cmd || !strcmp(cmd, "help") || !strcmp(cmd, "--help"))
+		usage(cmd ? stdout : stderr), rc = cmd ? 0 : 2;
+	else if (!strcmp(cmd, "version") || !strcmp(cmd, "--version"))
+		printf("remarket %s\n", RM_VERSION), rc = 0;
+	else if (!strcmp(cmd, "init"))
+		rc = cmd_init(&cfg);
+	else if (!strcmp(cmd, "keygen"))
+		rc = cmd_keygen();
+	else if (!strcmp(cmd, "serve") && argc == 3)
+		rc = cmd_serve(&cfg, argv[2]);
+	else
+		rc = run_app_command(&cfg, argc - 1, argv + 1);
+	cfg_free(&cfg);
+	return rc;
+}
+
+#ifndef RM_NO_MAIN
+int main(int argc, char **argv)
+{
+	if (sodium_init() < 0 || curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
+		fprintf(stderr, "remarket: libsodium or libcurl failed to start\n");
+		return 1;
+	}
+	int rc = run(argc, argv);
+	curl_global_cleanup();
+	return rc;
+}
+#endif

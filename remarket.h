@@ -1,0 +1,193 @@
+/*
+ * remarket.h: the internal API of remarket, the contract the unit tests
+ * link against. Everything not declared here is static in remarket.c.
+ *
+ * Conventions: functions return 0 on success and a negative value (or an
+ * enum value below 0) on failure; "now" is always an argument, never read
+ * from the system clock below the CLI and HTTP entry points, so that tests
+ * move time without sleeping. Strings are NUL-terminated UTF-8.
+ */
+#ifndef REMARKET_H
+#define REMARKET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define RM_VERSION "0.1.0"
+
+typedef int64_t rm_time; /* Unix seconds */
+
+/* ---- Growable byte buffer ------------------------------------------- */
+
+struct buf {
+	char *data; /* always NUL-terminated when len > 0 or after buf_add* */
+	size_t len, cap;
+};
+int buf_add(struct buf *b, const void *p, size_t n);
+int buf_adds(struct buf *b, const char *s);
+int buf_addf(struct buf *b, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+void buf_free(struct buf *b);
+
+/* ---- Configuration --------------------------------------------------- */
+
+struct config {
+	char *db, *key_file, *base_url, *store_url, *cart_url;
+	char *smtp_url, *smtp_user, *smtp_password, *outbox, *from;
+	char *tick_token, *hook_secret, *postal_address, *templates;
+	char *code_prefix, *store_name;
+	long idle_minutes;  /* a cart idle this long is abandoned */
+	long max_body;      /* bytes; larger request bodies get 413 */
+	long threads;       /* FastCGI worker threads */
+	long lease_seconds; /* how long a claimed message stays claimed */
+	long max_items;     /* items per cart */
+};
+/* Loads defaults, then FILE (NULL: $REMARKET_CONFIG, else ./remarket.conf
+ * if it exists), then REMARKET_<KEY> variables. */
+int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen);
+void cfg_free(struct config *cfg);
+
+/* ---- Storage ---------------------------------------------------------- */
+
+struct db;
+int db_open(struct db **out, const char *path, char *err, size_t errlen);
+int db_migrate(struct db *db, char *err, size_t errlen);
+void db_close(struct db *db);
+int db_user_version(struct db *db);
+/* Runs one query of the tests' own and returns the first column of the
+ * first row as an integer (or -1): a window into the state for tests. */
+long long db_scalar(struct db *db, const char *sql);
+
+/* ---- The application: config + key + one connection ------------------- */
+
+#define RM_KEYBYTES 32
+struct app {
+	struct config *cfg;
+	unsigned char key[RM_KEYBYTES];
+	struct db *db;
+	void *curl; /* one CURL handle per app, reused for SMTP keep-alive */
+};
+int app_open(struct app *app, struct config *cfg, char *err, size_t errlen);
+void app_close(struct app *app);
+
+/* ---- Validators ------------------------------------------------------- */
+
+int val_utf8(const char *s, size_t n);       /* 1 if valid UTF-8 */
+int val_email(const char *s);                /* 1 if a plausible address */
+int val_text(const char *s, size_t maxlen);  /* 1 if no control chars */
+int val_ident(const char *s, size_t maxlen); /* [A-Za-z0-9._:-]+ */
+int val_url(const char *s);                  /* 1 if http(s) URL */
+
+/* ---- Signed tokens ---------------------------------------------------- */
+
+enum tok_kind {
+	TOK_RECOVER = 'r',
+	TOK_UNSUB = 'u',
+	TOK_DISCOUNT = 'd',
+	TOK_OPEN = 'o',
+};
+enum tok_status {
+	TOK_OK = 0,
+	TOK_MALFORMED = -1,
+	TOK_FORGED = -2,
+	TOK_EXPIRED = -3,
+	TOK_WRONG_KIND = -4,
+};
+#define TOK_MAXLEN 64
+int tok_sign(const unsigned char key[RM_KEYBYTES], char kind, int64_t subject,
+	     rm_time expires, char *out, size_t outlen);
+int tok_verify(const unsigned char key[RM_KEYBYTES], const char *tok,
+	       char kind, rm_time now, int64_t *subject);
+const char *tok_strerror(int status);
+
+/* Server hook signature "t=<unix>,v1=<hex>" over "<t>.<body>". */
+int hook_verify(const char *secret, const char *header, const char *body,
+		size_t len, rm_time now, const char **why);
+int hook_sign(const char *secret, rm_time t, const char *body, size_t len,
+	      char *out, size_t outlen);
+
+/* ---- Templates -------------------------------------------------------- */
+
+/* A rendering context: scalar variables and named lists of sub-contexts. */
+struct tvar {
+	const char *name;
+	const char *value;            /* scalar, or NULL for a list */
+	const struct tctx *list;      /* list elements */
+	size_t nlist;
+};
+struct tctx {
+	const struct tvar *vars;
+	size_t nvars;
+	const struct tctx *parent;    /* outer scope, looked up after vars */
+};
+enum tpl_mode { TPL_TEXT, TPL_HTML };
+/* Renders TPL; partials ({{>name}}) are read from DIR with extension EXT.
+ * Returns 0, or -1 with a message in err. */
+int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
+	       const char *dir, const char *ext, struct buf *out, char *err,
+	       size_t errlen);
+int html_escape(struct buf *out, const char *s);
+
+/* ---- Events ----------------------------------------------------------- */
+
+enum ev_source { EV_HOOK, EV_BROWSER, EV_CLI, EV_PIXEL };
+struct ev_error {
+	int status;        /* HTTP status the caller should answer */
+	int duplicates;    /* on success: repeated orders not stored again */
+	char msg[160];     /* "items[3].price: must be a number >= 0" */
+};
+/* Validates and records one event object or an array of them, all or
+ * nothing, and updates contacts, carts and orders. Returns the number of
+ * events accepted (>= 0) or -1 with err filled in. visitor is the browser
+ * cookie's visitor id, or NULL. */
+int ev_ingest(struct app *app, enum ev_source src, const char *json,
+	      size_t len, const char *visitor, rm_time now,
+	      struct ev_error *err);
+
+/* ---- Flow engine ------------------------------------------------------ */
+
+struct tick_summary {
+	long abandoned, enrolled, sent, retry, failed, exited, skipped;
+};
+/* Marks idle carts abandoned and enrolls them. */
+int flow_detect(struct app *app, rm_time now, struct tick_summary *sum);
+/* Claims up to LIMIT due messages with a lease; writes their ids. */
+int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit);
+/* One whole tick: detect, claim, check exits, render, send, record. */
+int flow_tick(struct app *app, rm_time now, struct tick_summary *sum);
+int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
+	      struct buf *out);
+
+/* ---- Mail ------------------------------------------------------------- */
+
+struct mail {
+	const char *from, *to, *subject, *message_id, *list_unsub;
+	const char *text, *html;
+	rm_time date;
+};
+/* Builds the complete RFC 5322 message; -1 if a header would carry CR/LF. */
+int mail_build(const struct mail *m, struct buf *out, char *err,
+	       size_t errlen);
+enum send_result { SEND_OK = 0, SEND_TEMP = 1, SEND_PERM = 2 };
+
+/* ---- HTTP ------------------------------------------------------------- */
+
+struct http_req {
+	const char *method, *path, *query;
+	const char *content_type, *authorization, *signature, *cookie;
+	const char *origin, *remote_addr;
+	const char *body;
+	size_t body_len;
+	int body_too_large; /* the transport stopped reading at max_body */
+};
+struct http_resp {
+	int status;
+	const char *content_type;
+	struct buf headers; /* extra "Name: value\r\n" lines */
+	struct buf body;
+};
+void http_handle(struct app *app, const struct http_req *rq,
+		 struct http_resp *rs, rm_time now);
+void http_resp_free(struct http_resp *rs);
+
+#endif

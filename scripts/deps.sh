@@ -1,0 +1,24 @@
+#!/bin/sh
+# deps.sh: install the Debian packages remarket needs to build, test and
+# benchmark, but only those that are missing. Called by `make check`,
+# `make demo` and `make bench`, so the README's commands work on a fresh
+# Debian machine. Usage: scripts/deps.sh [build|test|bench]
+set -eu
+want="build-essential pkg-config libfcgi-dev libsqlite3-dev libcurl4-openssl-dev libsodium-dev sqlite3 curl"
+case "${1:-build}" in
+  test)  want="$want nginx-light postfix valgrind perl python3" ;;
+  bench) want="$want nginx-light postfix wrk" ;;
+esac
+missing=""
+for p in $want; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+echo "deps.sh: installing$missing" >&2
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+# postfix is wanted only for its smtp-sink test server; it must not ask questions.
+echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections 2>/dev/null || true
+$sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
