@@ -598,6 +598,9 @@ void cfg_free(struct config *cfg)
 	  "'abandoned_carts', (SELECT count(*) FROM enrollments), "            \
 	  "'recovered_carts', (SELECT count(*) FROM enrollments e JOIN carts c " \
 	  "ON c.id = e.cart_id WHERE c.status = 'ordered'), "                  \
+	  "'recovery_rate', (SELECT CASE WHEN count(*) = 0 THEN 0 ELSE "         \
+	  "round(1.0 * sum(c.status = 'ordered') / count(*), 4) END "          \
+	  "FROM enrollments e JOIN carts c ON c.id = e.cart_id), "             \
 	  "'recovered_revenue', (SELECT coalesce(sum(o.total), 0) FROM orders o " \
 	  "WHERE o.cart_id IN (SELECT cart_id FROM enrollments)), "            \
 	  "'sent', (SELECT count(*) FROM messages WHERE status = 'sent'), "    \

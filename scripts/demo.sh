@@ -1,0 +1,54 @@
+#!/bin/sh
+# demo.sh: the quick start. Runs remarket on its embedded defaults (an
+# SQLite file, mail written to an outbox directory) through three days of
+# an abandoned-cart flow in a few seconds, by moving the injected clock.
+# Everything lives in ./var/demo and is made anew at each run.
+set -eu
+cd "$(dirname "$0")/.."
+RM=./remarket
+DIR=./var/demo
+rm -rf "$DIR"
+export REMARKET_DB="$DIR/remarket.db" REMARKET_KEY_FILE="$DIR/remarket.key" \
+       REMARKET_OUTBOX="$DIR/outbox" REMARKET_TEMPLATES=./templates REMARKET_SMTP_URL=
+T0=$(date +%s)
+say() { printf '\n== %s\n' "$*"; }
+tick() { printf '%-28s ' "tick at $1:"; $RM tick --now "$2"; }
+
+say "remarket init (database, signing key, outbox)"
+$RM init
+
+say "events: a catalog with a review, and four shoppers who leave full carts"
+sed "s/T0/$T0/g" demo/events.json | $RM event --now "$T0"
+echo "  ann, bruno and chloe gave consent; dan did not, so he is never emailed"
+
+tick "+30 min (not idle yet)" $((T0 + 1800))
+tick "+1 h (step 1: reminder)" $((T0 + 3700))
+
+say "bruno buys (a signed order event from the store), chloe unsubscribes"
+printf '{"type":"order","order_id":"o-5001","email":"bruno@example.com","cart_id":"c-102","total":59.00,"currency":"EUR","ts":%s}' \
+	$((T0 + 7200)) | $RM event --now $((T0 + 7200))
+# Chloe's mail client posts to the List-Unsubscribe URL (RFC 8058); the
+# binary answers it as a plain CGI program here, as a web server would run it.
+msg=$(grep -l '^To: chloe@example.com' "$DIR"/outbox/*.eml | head -n 1)
+token=$(sed -n 's#^List-Unsubscribe: <.*/u/\([A-Za-z0-9_-]*\)>.*#\1#p' "$msg" | tr -d '\r')
+printf 'List-Unsubscribe=One-Click' | GATEWAY_INTERFACE=CGI/1.1 REQUEST_METHOD=POST \
+	PATH_INFO="/u/$token" CONTENT_TYPE=application/x-www-form-urlencoded CONTENT_LENGTH=26 \
+	$RM | sed -n 's/^Status: /  unsubscribe answered: /p'
+
+tick "+24 h (step 2: review)" $((T0 + 86400 + 100))
+tick "+72 h (step 3: 10 % off)" $((T0 + 3 * 86400 + 100))
+tick "+96 h (nothing left)" $((T0 + 4 * 86400 + 100))
+
+say "the outbox: one .eml file per message"
+for f in "$DIR"/outbox/*.eml; do
+	to=$(sed -n 's/^To: //p' "$f" | tr -d '\r')
+	subj=$(sed -n 's/^Subject: //p' "$f" | tr -d '\r')
+	printf '  %s  %-20s %s\n' "$(basename "$f")" "$to" "$subj"
+done
+
+say "report"
+$RM report --now $((T0 + 4 * 86400 + 100))
+
+say "flows (change them with: remarket flows set abandoned_cart 2 delay=48h)"
+$RM flows
+printf '\nOpen a message: less %s/outbox/m000001.eml (or any mail client)\n' "$DIR"
