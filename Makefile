@@ -9,7 +9,7 @@ CFLAGS   ?= -O2 -g
 PKGS      = fcgi sqlite3 libcurl libsodium
 # -Wno-format-truncation: snprintf results that matter are checked; the
 # rest are error messages, where a cut is harmless.
-RM_CFLAGS = -std=c11 -Wall -Wextra -Werror -Wno-format-truncation \
+RM_CFLAGS = -std=c11 -Wall -Wextra -Werror -Wno-format-truncation -DRM_SHAREDIR='"$(SHAREDIR)"' \
             $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LIBS      = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lsqlite3 -lcurl -lsodium) -lpthread -lm
 SAN       = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all

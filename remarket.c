@@ -49,6 +49,10 @@
 
 #include "sql_migrations.h" /* made from sql/NNN_*.sql by the Makefile */
 
+#ifndef RM_SHAREDIR
+#define RM_SHAREDIR "/usr/local/share/remarket"
+#endif
+
 /* ==== 1. Buffers and small helpers ==================================== */
 /*
  * A growable, always NUL-terminated byte buffer is the only string
@@ -277,6 +281,7 @@ static const struct cfg_key {
 	CFG_STR(hook_secret, ""),
 	CFG_STR(postal_address, "Maison Demo, 1 Example Street, 75001 Paris, France"),
 	CFG_STR(templates, "./templates"),
+	CFG_STR(unsubscribe_mailto, ""),
 	CFG_STR(code_prefix, "RM"),
 	CFG_STR(store_name, ""),
 	CFG_LONG(idle_minutes, "60"),
@@ -410,6 +415,12 @@ int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
 			return -1;
 	}
 	cfg_derive_store_name(cfg);
+	/* an installed remarket finds its templates where make install put them */
+	struct stat st;
+	if (!strcmp(cfg->templates, "./templates") && stat(cfg->templates, &st) != 0) {
+		free(cfg->templates);
+		cfg->templates = strdup(RM_SHAREDIR "/templates");
+	}
 	if (cfg->threads < 1 || cfg->threads > 64)
 		cfg->threads = 4;
 	return 0;
@@ -1458,49 +1469,50 @@ static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 	return ev_string(e, key, jt, atom, err);
 }
 
-/* Checks every field of one item (or review) object with OBJECT_EACH. */
+/* One field of a cart item: 0 if valid, -1 with err filled in. */
+static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
+			 double *qty, unsigned *seen, struct ev_error *err)
+{
+	const char *k = col_text(s, 0), *jt = col_text(s, 1);
+	const char *atom = col_text(s, 2);
+	int text = strcmp(jt, "text") == 0, ok = 1;
+	char key[48];
+	snprintf(key, sizeof key, "items[%zu].%.16s", idx, k);
+	if (strcmp(k, "sku") == 0) {
+		ok = text && val_ident(atom, 64);
+		*seen |= 1;
+	} else if (strcmp(k, "name") == 0) {
+		ok = text && val_text(atom, 200) && *atom;
+		*seen |= 2;
+	} else if (strcmp(k, "url") == 0 || strcmp(k, "image") == 0) {
+		ok = text && val_url(atom);
+	} else if (strcmp(k, "category") == 0) {
+		ok = text && val_text(atom, 64);
+	} else if (strcmp(k, "price") == 0) {
+		*seen |= 4;
+		return ev_number(s, key, jt, 0, 1e7, 0, price, err);
+	} else if (strcmp(k, "qty") == 0) {
+		return ev_number(s, key, jt, 1, 1000, 1, qty, err);
+	}
+	return ok ? 0 : fail(err, 400, "%s: invalid value", key);
+}
+
+/* Checks every field of one item object with OBJECT_EACH. */
 static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
 		   struct ev_error *err)
 {
 	sqlite3_stmt *s = q(db, ST_OBJECT_EACH, "t", obj);
-	int have_sku = 0, have_name = 0, have_price = 0;
-	double price = 0, qty = 1, d;
-	char key[40];
-	while (sqlite3_step(s) == SQLITE_ROW) {
-		const char *k = col_text(s, 0), *jt = col_text(s, 1);
-		const char *atom = col_text(s, 2);
-		snprintf(key, sizeof key, "items[%zu].%.16s", idx, k);
-		int bad = 0;
-		if (strcmp(k, "sku") == 0)
-			bad = strcmp(jt, "text") || !val_ident(atom, 64), have_sku = 1;
-		else if (strcmp(k, "name") == 0)
-			bad = strcmp(jt, "text") || !val_text(atom, 200), have_name = 1;
-		else if (strcmp(k, "url") == 0 || strcmp(k, "image") == 0)
-			bad = strcmp(jt, "text") || !val_url(atom);
-		else if (strcmp(k, "category") == 0)
-			bad = strcmp(jt, "text") || !val_text(atom, 64);
-		else if (strcmp(k, "price") == 0) {
-			if (ev_number(s, key, jt, 0, 1e7, 0, &d, err))
-				goto bad;
-			price = d, have_price = 1;
-		} else if (strcmp(k, "qty") == 0) {
-			if (ev_number(s, key, jt, 1, 1000, 1, &d, err))
-				goto bad;
-			qty = d;
-		}
-		if (bad) {
-			fail(err, 400, "%s: invalid value", key);
-			goto bad;
-		}
-	}
+	double price = 0, qty = 1;
+	unsigned seen = 0;
+	int rc = 0;
+	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW)
+		rc = ev_item_field(s, idx, &price, &qty, &seen, err);
 	sqlite3_reset(s);
-	if (!have_sku || !have_name || !have_price)
-		return fail(err, 400, "items[%zu]: needs sku, name and price", idx);
-	*sum += price * qty;
-	return 0;
-bad:
-	sqlite3_reset(s);
-	return -1;
+	if (rc == 0 && seen != 7)
+		rc = fail(err, 400, "items[%zu]: needs sku, name and price", idx);
+	if (rc == 0)
+		*sum += price * qty;
+	return rc;
 }
 
 static int ev_items(struct app *app, struct event *e, struct ev_error *err)
@@ -1509,8 +1521,7 @@ static int ev_items(struct app *app, struct event *e, struct ev_error *err)
 	double sum = 0;
 	size_t n = 0;
 	int rc = 0;
-	struct buf obj = {0};
-	/* copy each element out: ev_item reuses the statement machinery */
+	/* copy the elements out first: ev_item needs OBJECT_EACH for each */
 	struct buf all = {0};
 	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW) {
 		if (++n > (size_t)app->cfg->max_items) {
@@ -1531,7 +1542,6 @@ static int ev_items(struct app *app, struct event *e, struct ev_error *err)
 		off += strlen(item) + 1;
 		rc = ev_item(app->db, item, i, &sum, err);
 	}
-	buf_free(&obj);
 	buf_free(&all);
 	e->nitems = (long)n;
 	if (rc == 0 && !e->has_total)
@@ -1542,23 +1552,26 @@ static int ev_items(struct app *app, struct event *e, struct ev_error *err)
 static int ev_review(struct app *app, const char *obj, struct ev_error *err)
 {
 	sqlite3_stmt *s = q(app->db, ST_OBJECT_EACH, "t", obj);
-	int have = 0, bad = 0;
+	unsigned seen = 0;
+	int ok = 1;
 	while (sqlite3_step(s) == SQLITE_ROW) {
 		const char *k = col_text(s, 0), *jt = col_text(s, 1);
 		const char *atom = col_text(s, 2);
-		if (strcmp(k, "author") == 0)
-			have |= 1, bad |= strcmp(jt, "text") || !val_text(atom, 100) ||
-					  !*atom;
-		else if (strcmp(k, "text") == 0)
-			have |= 2, bad |= strcmp(jt, "text") || !val_text(atom, 2000) ||
-					  !*atom;
-		else if (strcmp(k, "rating") == 0)
-			have |= 4, bad |= strcmp(jt, "integer") ||
-					  sqlite3_column_int(s, 2) < 1 ||
-					  sqlite3_column_int(s, 2) > 5;
+		int text = strcmp(jt, "text") == 0;
+		if (strcmp(k, "author") == 0) {
+			seen |= 1;
+			ok &= text && *atom && val_text(atom, 100);
+		} else if (strcmp(k, "text") == 0) {
+			seen |= 2;
+			ok &= text && *atom && val_text(atom, 2000);
+		} else if (strcmp(k, "rating") == 0) {
+			int r = sqlite3_column_int(s, 2);
+			seen |= 4;
+			ok &= strcmp(jt, "integer") == 0 && r >= 1 && r <= 5;
+		}
 	}
 	sqlite3_reset(s);
-	if (bad || have != 7)
+	if (!ok || seen != 7)
 		return fail(err, 400, "review: needs author, text (no control "
 			    "characters) and an integer rating 1-5");
 	return 0;
@@ -2226,10 +2239,9 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	curl_slist_free_all(rcpt);
 	if (rc == CURLE_OK)
 		return SEND_OK;
-	snprintf(err, errlen, "smtp_url %s: %s%s%s", cfg->smtp_url,
+	snprintf(err, errlen, "smtp_url %s: %s%s", cfg->smtp_url,
 		 *cerr ? cerr : curl_easy_strerror(rc),
-		 rc == CURLE_COULDNT_CONNECT ? " — is the relay running?" : "",
-		 code ? "" : "");
+		 rc == CURLE_COULDNT_CONNECT ? " — is the relay running?" : "");
 	if (code >= 500 && code < 600)
 		return SEND_PERM;
 	return SEND_TEMP;
@@ -2566,7 +2578,11 @@ static int msg_compose(struct app *app, struct msgrow *m, rm_time now,
 	for (size_t i = 0; i < mc.n; i++)
 		if (!strcmp(mc.v[i].name, "unsubscribe_url"))
 			u = mc.v[i].value;
-	snprintf(unsub, sizeof unsub, "<%s>", u ? u : "");
+	if (*app->cfg->unsubscribe_mailto)
+		snprintf(unsub, sizeof unsub, "<%s>, <mailto:%s?subject=unsubscribe>",
+			 u ? u : "", app->cfg->unsubscribe_mailto);
+	else
+		snprintf(unsub, sizeof unsub, "<%s>", u ? u : "");
 	struct mail mail = {app->cfg->from, m->email, subject.data, m->message_id,
 			    unsub, text.data, html.data, now};
 	rc = mail_build(&mail, out, err, errlen);
@@ -3221,10 +3237,10 @@ void http_handle(struct app *app, const struct http_req *rq,
 			      : strcmp(path, r->path) != 0)
 			continue;
 		if (!method_allowed(r->methods, method)) {
-			buf_addf(&rs->headers, "Allow: %s\r\n", r->methods);
-			for (char *p = rs->headers.data; *p; p++)
-				if (*p == ' ' && p[-1] != ':')
-					*p = ',';
+			buf_adds(&rs->headers, "Allow: ");
+			for (const char *m = r->methods; *m; m++)
+				buf_adds(&rs->headers, *m == ' ' ? ", " : (char[]){*m, 0});
+			buf_adds(&rs->headers, "\r\n");
 			return resp_json_error(app, rs, 405, "method not allowed "
 					       "here");
 		}
@@ -3542,7 +3558,7 @@ static int cmd_serve(struct config *cfg, const char *addr)
 		fprintf(stderr, "remarket serve: FCGX_Init failed\n");
 		return 1;
 	}
-	int unix_socket = addr[0] == '/' || addr[0] == '.';
+	int unix_socket = strchr(addr, ':') == NULL; /* as FCGX_OpenSocket decides */
 	int fd = FCGX_OpenSocket(addr, 128);
 	if (fd < 0) {
 		fprintf(stderr, "remarket serve: cannot listen on %s: %s\n", addr,

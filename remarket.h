@@ -35,7 +35,7 @@ struct config {
 	char *db, *key_file, *base_url, *store_url, *cart_url;
 	char *smtp_url, *smtp_user, *smtp_password, *outbox, *from;
 	char *tick_token, *hook_secret, *postal_address, *templates;
-	char *code_prefix, *store_name;
+	char *code_prefix, *store_name, *unsubscribe_mailto;
 	long idle_minutes;  /* a cart idle this long is abandoned */
 	long max_body;      /* bytes; larger request bodies get 413 */
 	long threads;       /* FastCGI worker threads */
