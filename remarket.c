@@ -282,6 +282,10 @@ static const struct cfg_key {
 	CFG_STR(postal_address, "Maison Demo, 1 Example Street, 75001 Paris, France"),
 	CFG_STR(templates, "./templates"),
 	CFG_STR(unsubscribe_mailto, ""),
+	CFG_STR(store_origin, ""),
+	CFG_STR(static_dir, "./static"),
+	CFG_LONG(rate_ip_per_min, "120"),
+	CFG_LONG(rate_visitor_per_min, "60"),
 	CFG_STR(code_prefix, "RM"),
 	CFG_STR(store_name, ""),
 	CFG_LONG(idle_minutes, "60"),
@@ -392,6 +396,27 @@ static void cfg_derive_store_name(struct config *cfg)
 	cfg->store_name = strdup(*n ? n : "our store");
 }
 
+/* "https://shop.example/some/path" gives the origin "https://shop.example". */
+static void cfg_derive_origin(struct config *cfg)
+{
+	CURLU *u = curl_url();
+	char *scheme = NULL, *host = NULL, *port = NULL;
+	if (u && curl_url_set(u, CURLUPART_URL, cfg->store_url, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK) {
+		curl_url_get(u, CURLUPART_PORT, &port, 0);
+		char origin[512];
+		snprintf(origin, sizeof origin, "%s://%s%s%s", scheme, host,
+			 port ? ":" : "", port ? port : "");
+		free(cfg->store_origin);
+		cfg->store_origin = strdup(origin);
+	}
+	curl_free(scheme);
+	curl_free(host);
+	curl_free(port);
+	curl_url_cleanup(u);
+}
+
 int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
 {
 	memset(cfg, 0, sizeof *cfg);
@@ -415,12 +440,18 @@ int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
 			return -1;
 	}
 	cfg_derive_store_name(cfg);
-	/* an installed remarket finds its templates where make install put them */
+	/* an installed remarket finds its files where make install put them */
 	struct stat st;
 	if (!strcmp(cfg->templates, "./templates") && stat(cfg->templates, &st) != 0) {
 		free(cfg->templates);
 		cfg->templates = strdup(RM_SHAREDIR "/templates");
 	}
+	if (!strcmp(cfg->static_dir, "./static") && stat(cfg->static_dir, &st) != 0) {
+		free(cfg->static_dir);
+		cfg->static_dir = strdup(RM_SHAREDIR "/static");
+	}
+	if (!*cfg->store_origin)
+		cfg_derive_origin(cfg);
 	if (cfg->threads < 1 || cfg->threads > 64)
 		cfg->threads = 4;
 	return 0;
@@ -644,6 +675,15 @@ void cfg_free(struct config *cfg)
 	X(PIXEL_EVENT,                                                         \
 	  "SELECT json_patch('{}', json_object('type', ?1, 'sku', ?2, "        \
 	  "'url', ?3, 'visitor_id', ?4, 'email', ?5))")                        \
+	X(VISITOR_OF_CONTACT,                                                  \
+	  "SELECT vid FROM visitors WHERE contact_id = ?1 "                    \
+	  "ORDER BY last_seen DESC LIMIT 1")                                   \
+	X(ONSITE_CART,                                                         \
+	  "SELECT c.cart_key, c.item_count FROM visitors v JOIN carts c "      \
+	  "ON c.contact_id = v.contact_id WHERE v.vid = ?1 "                   \
+	  "AND c.status = 'abandoned' ORDER BY c.updated DESC LIMIT 1")        \
+	X(JSON_ONSITE,                                                         \
+	  "SELECT json_object('message', ?1, 'cart_url', ?2, 'items', ?3)")    \
 	X(VALIDATE_FIELDS,                                                     \
 	  "SELECT json_type(?1, '$.code'), json_extract(?1, '$.code'), "       \
 	  "json_type(?1, '$.total'), json_extract(?1, '$.total')")
@@ -2960,12 +3000,102 @@ static void route_events(struct app *app, const struct http_req *rq,
 	ingest_answer(app, rs, n, &err, 202);
 }
 
+static char *query_param(const char *query, const char *name);
+
+/* ---- browser-facing: CORS and rate limits ---- */
+/*
+ * Browser endpoints answer only the configured store origin (a request
+ * without an Origin header is same-origin or not from a browser). Rate
+ * limits are kept in memory per process, in fixed one-minute windows per
+ * client address and per visitor id: cheap enough for the hot path, and
+ * enough to stop one client from flooding the event table.
+ */
+
+#define RATE_SLOTS 4096
+static struct rate_slot {
+	uint64_t key;
+	int64_t window;
+	long count;
+} rate_tab[RATE_SLOTS];
+static pthread_mutex_t rate_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* 1 when KIND:ID has made more than LIMIT calls in this minute. */
+static int rate_exceeded(char kind, const char *id, rm_time now, long limit)
+{
+	if (!id || !*id || limit <= 0)
+		return 0;
+	uint64_t h = 1469598103934665603ULL ^ (unsigned char)kind; /* FNV-1a */
+	for (const char *p = id; *p; p++)
+		h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+	struct rate_slot *s = &rate_tab[h % RATE_SLOTS];
+	pthread_mutex_lock(&rate_lock);
+	if (s->key != h || s->window != now / 60)
+		*s = (struct rate_slot){h, now / 60, 0};
+	long n = ++s->count;
+	pthread_mutex_unlock(&rate_lock);
+	return n > limit;
+}
+
+/* Adds the CORS headers; 0 if the origin may call, -1 after a 403. */
+static int cors(struct app *app, const struct http_req *rq, struct http_resp *rs)
+{
+	if (!rq->origin || !*rq->origin)
+		return 0;
+	if (strcmp(rq->origin, app->cfg->store_origin) != 0) {
+		resp_json_error(app, rs, 403, "Origin not allowed: set store_origin "
+				"to the shop's scheme://host[:port]");
+		return -1;
+	}
+	buf_addf(&rs->headers, "Access-Control-Allow-Origin: %s\r\n"
+		 "Access-Control-Allow-Credentials: true\r\nVary: Origin\r\n",
+		 app->cfg->store_origin);
+	return 0;
+}
+
+/* OPTIONS preflight of a browser endpoint. */
+static int preflight(struct app *app, const struct http_req *rq,
+		     struct http_resp *rs)
+{
+	if (strcmp(rq->method, "OPTIONS") != 0)
+		return 0;
+	if (cors(app, rq, rs) == 0) {
+		rs->status = 204;
+		buf_adds(&rs->headers, "Access-Control-Allow-Methods: GET, POST\r\n"
+			 "Access-Control-Allow-Headers: Content-Type\r\n"
+			 "Access-Control-Max-Age: 86400\r\n");
+	}
+	return 1;
+}
+
+static int rate_limited(struct app *app, const struct http_req *rq,
+			const char *vid, rm_time now, struct http_resp *rs)
+{
+	char msg[160];
+	const char *who = NULL;
+	if (rate_exceeded('i', rq->remote_addr, now, app->cfg->rate_ip_per_min))
+		who = "address";
+	else if (rate_exceeded('v', vid, now, app->cfg->rate_visitor_per_min))
+		who = "visitor";
+	if (!who)
+		return 0;
+	snprintf(msg, sizeof msg, "rate limit: too many events from this %s, "
+		 "try again in a minute", who);
+	resp_json_error(app, rs, 429, msg);
+	buf_addf(&rs->headers, "Retry-After: %lld\r\n", (long long)(60 - now % 60));
+	return 1;
+}
+
 static void route_collect(struct app *app, const struct http_req *rq,
 			  struct http_resp *rs, const char *arg, rm_time now)
 {
 	(void)arg;
 	char vid[80];
 	struct ev_error err;
+	if (preflight(app, rq, rs) || cors(app, rq, rs) < 0)
+		return;
+	cookie_vid(rq, vid, sizeof vid);
+	if (rate_limited(app, rq, vid, now, rs))
+		return;
 	if (rq->body_too_large)
 		return resp_json_error(app, rs, 413, "body: too large");
 	/* sendBeacon posts text/plain; fetch posts application/json */
@@ -2973,10 +3103,61 @@ static void route_collect(struct app *app, const struct http_req *rq,
 	    !content_type_is(rq, "text/plain"))
 		return resp_json_error(app, rs, 415, "Content-Type must be "
 				       "application/json or text/plain");
-	cookie_vid(rq, vid, sizeof vid);
 	int n = ev_ingest(app, EV_BROWSER, rq->body, rq->body_len,
 			  *vid ? vid : NULL, now, &err);
 	ingest_answer(app, rs, n, &err, 204);
+}
+
+/* A returning visitor with an abandoned cart gets a message to show. */
+static void route_onsite(struct app *app, const struct http_req *rq,
+			 struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg, (void)now;
+	char vid[80], cart[80] = "", msg[120];
+	long items = 0;
+	if (preflight(app, rq, rs) || cors(app, rq, rs) < 0)
+		return;
+	cookie_vid(rq, vid, sizeof vid);
+	char *qvid = query_param(rq->query, "vid");
+	if (!*vid && qvid && val_ident(qvid, 64))
+		copy_str(vid, sizeof vid, qvid);
+	free(qvid);
+	sqlite3_stmt *s = q(app->db, ST_ONSITE_CART, "t", vid);
+	if (*vid && sqlite3_step(s) == SQLITE_ROW) {
+		copy_str(cart, sizeof cart, col_text(s, 0));
+		items = sqlite3_column_int(s, 1);
+	}
+	sqlite3_reset(s);
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n");
+	if (!*cart) {
+		rs->status = 204;
+		return;
+	}
+	struct buf url = {0};
+	cart_location(app, cart, "", &url);
+	snprintf(msg, sizeof msg, "Your cart is saved — %ld item%s", items,
+		 items == 1 ? "" : "s");
+	rs->status = 200;
+	rs->content_type = "application/json";
+	json_from(app->db, q(app->db, ST_JSON_ONSITE, "tti", msg, buf_str(&url),
+			     (int64_t)items), &rs->body);
+	buf_free(&url);
+}
+
+static void route_script(struct app *app, const struct http_req *rq,
+			 struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)rq, (void)arg, (void)now;
+	char path[PATH_MAX];
+	snprintf(path, sizeof path, "%s/remarket.js", app->cfg->static_dir);
+	if (read_file(path, &rs->body, 1 << 20) < 0) {
+		rs->body.len = 0;
+		return resp_json_error(app, rs, 404, "remarket.js not found: check "
+				       "static_dir");
+	}
+	rs->status = 200;
+	rs->content_type = "application/javascript; charset=utf-8";
+	buf_adds(&rs->headers, "Cache-Control: public, max-age=3600\r\n");
 }
 
 /* Splits a query string and decodes one parameter with libcurl. */
@@ -3009,10 +3190,12 @@ static void route_pixel(struct app *app, const struct http_req *rq,
 	cookie_vid(rq, vid, sizeof vid);
 	struct buf ev = {0};
 	struct ev_error err;
+	int limited = rate_exceeded('i', rq->remote_addr, now,
+				    app->cfg->rate_ip_per_min);
 	sqlite3_stmt *s = q(app->db, ST_PIXEL_EVENT, "ttttt", type ? type : "view",
 			    sku, url, qvid ? qvid : (*vid ? vid : NULL), email);
 	/* the pixel never answers with an error image: bad input is dropped */
-	if (json_from(app->db, s, &ev) == 0)
+	if (!limited && json_from(app->db, s, &ev) == 0)
 		ev_ingest(app, EV_PIXEL, ev.data, ev.len, NULL, now, &err);
 	free(type), free(sku), free(url), free(qvid), free(email);
 	buf_free(&ev);
@@ -3068,16 +3251,45 @@ static void record(struct app *app, int64_t msg, const char *kind, rm_time now)
 	q_exec(app->db, q(app->db, ST_INTERACTION, "iti", msg, kind, (int64_t)now));
 }
 
+/* Joins this browser to the contact: its rm_vid cookie (or the contact's
+ * latest visitor id, or a new one) is linked and set for a year. */
+static void visitor_cookie(struct app *app, const struct http_req *rq,
+			   int64_t contact, rm_time now, struct http_resp *rs)
+{
+	char vid[80];
+	cookie_vid(rq, vid, sizeof vid);
+	if (!*vid) {
+		sqlite3_stmt *s = q(app->db, ST_VISITOR_OF_CONTACT, "i", contact);
+		if (sqlite3_step(s) == SQLITE_ROW)
+			copy_str(vid, sizeof vid, col_text(s, 0));
+		sqlite3_reset(s);
+	}
+	if (!*vid) {
+		unsigned char r[16];
+		randombytes_buf(r, sizeof r);
+		vid[0] = 'v';
+		sodium_bin2base64(vid + 1, sizeof vid - 1, r, sizeof r,
+				  sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+		for (char *p = vid; *p; p++) /* keep to val_ident's alphabet */
+			if (*p == '_')
+				*p = '.';
+	}
+	q_exec(app->db, q(app->db, ST_VISITOR_UPSERT, "tii", vid, contact,
+			  (int64_t)now));
+	buf_addf(&rs->headers, "Set-Cookie: rm_vid=%s; Path=/; Max-Age=31536000; "
+		 "SameSite=Lax\r\n", vid);
+}
+
 static void route_recover(struct app *app, const struct http_req *rq,
 			  struct http_resp *rs, const char *tok, rm_time now)
 {
-	(void)rq;
 	int64_t msg, contact;
 	char cart[80], code[40];
 	struct buf loc = {0};
 	if (link_target(app, tok, TOK_RECOVER, now, rs, &msg, &contact, cart, code))
 		return;
 	record(app, msg, "click", now);
+	visitor_cookie(app, rq, contact, now, rs);
 	cart_location(app, cart, "", &loc);
 	resp_redirect(rs, buf_str(&loc));
 	buf_free(&loc);
@@ -3205,7 +3417,9 @@ static const struct route {
 } routes[] = {
 	{"/health", 0, "GET HEAD", route_health},
 	{"/events", 0, "POST", route_events},
-	{"/collect", 0, "POST", route_collect},
+	{"/collect", 0, "POST OPTIONS", route_collect},
+	{"/onsite", 0, "GET HEAD OPTIONS", route_onsite},
+	{"/remarket.js", 0, "GET HEAD", route_script},
 	{"/p.gif", 0, "GET HEAD", route_pixel},
 	{"/tick", 0, "POST", route_tick},
 	{"/r/", 1, "GET HEAD", route_recover},

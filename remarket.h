@@ -36,11 +36,14 @@ struct config {
 	char *smtp_url, *smtp_user, *smtp_password, *outbox, *from;
 	char *tick_token, *hook_secret, *postal_address, *templates;
 	char *code_prefix, *store_name, *unsubscribe_mailto;
+	char *store_origin; /* scheme://host[:port] allowed to call /collect */
+	char *static_dir;   /* remarket.js */
 	long idle_minutes;  /* a cart idle this long is abandoned */
 	long max_body;      /* bytes; larger request bodies get 413 */
 	long threads;       /* FastCGI worker threads */
 	long lease_seconds; /* how long a claimed message stays claimed */
 	long max_items;     /* items per cart */
+	long rate_ip_per_min, rate_visitor_per_min; /* browser events */
 };
 /* Loads defaults, then FILE (NULL: $REMARKET_CONFIG, else ./remarket.conf
  * if it exists), then REMARKET_<KEY> variables. */
