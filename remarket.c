@@ -1427,6 +1427,31 @@ static void ev_free(struct event *e)
 	memset(e, 0, sizeof *e);
 }
 
+/* JSON may carry \u0000 inside a string. SQLite's JSON1 (3.40) cuts the
+ * decoded string there, so the validators would pass a value that is not
+ * the one stored in the event: such a body is refused outright. An escape
+ * is a backslash preceded by an even run of backslashes. */
+static int has_nul_escape(const char *s, size_t n)
+{
+	for (size_t i = 0; i + 6 <= n; i++) {
+		if (s[i] != '\\' || memcmp(s + i + 1, "u0000", 5) != 0)
+			continue;
+		size_t run = 0;
+		while (run < i && s[i - run - 1] == '\\')
+			run++;
+		if (run % 2 == 0)
+			return 1;
+	}
+	return 0;
+}
+
+/* The same, for a value SQLite did return with its NUL (newer versions). */
+static int has_nul(sqlite3_stmt *s, int col)
+{
+	const char *t = (const char *)sqlite3_column_text(s, col);
+	return t && (size_t)sqlite3_column_bytes(s, col) != strlen(t);
+}
+
 static int is_number(const char *jtype)
 {
 	return strcmp(jtype, "integer") == 0 || strcmp(jtype, "real") == 0;
@@ -1470,6 +1495,8 @@ static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 	const char *key = col_text(s, 0), *jt = col_text(s, 1);
 	const char *atom = col_text(s, 2);
 	double d;
+	if (has_nul(s, 0) || has_nul(s, 2))
+		return fail(err, 400, "%.40s: contains a NUL character", key);
 	if (strcmp(key, "type") == 0) {
 		if (strcmp(jt, "text") != 0 || copy_str(e->type, sizeof e->type, atom))
 			return fail(err, 400, "type: unknown event type");
@@ -1518,6 +1545,8 @@ static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 	int text = strcmp(jt, "text") == 0, ok = 1;
 	char key[48];
 	snprintf(key, sizeof key, "items[%zu].%.16s", idx, k);
+	if (has_nul(s, 0) || has_nul(s, 2))
+		return fail(err, 400, "%s: contains a NUL character", key);
 	if (strcmp(k, "sku") == 0) {
 		ok = text && val_ident(atom, 64);
 		*seen |= 1;
@@ -1598,6 +1627,7 @@ static int ev_review(struct app *app, const char *obj, struct ev_error *err)
 		const char *k = col_text(s, 0), *jt = col_text(s, 1);
 		const char *atom = col_text(s, 2);
 		int text = strcmp(jt, "text") == 0;
+		ok &= !has_nul(s, 2);
 		if (strcmp(k, "author") == 0) {
 			seen |= 1;
 			ok &= text && *atom && val_text(atom, 100);
@@ -1846,7 +1876,7 @@ static int ev_apply(struct app *app, const struct event *e, enum ev_source src,
 
 /* Splits the body into event objects (NUL-separated in out). */
 static int ev_split(struct app *app, const char *json, size_t len,
-		    struct buf *out, size_t *n, struct ev_error *err)
+		    size_t max, struct buf *out, size_t *n, struct ev_error *err)
 {
 	struct db *db = app->db;
 	sqlite3_stmt *s = q(db, ST_BODY_SHAPE, "b", json, (int)len);
@@ -1871,9 +1901,8 @@ static int ev_split(struct app *app, const char *json, size_t len,
 	s = q(db, ST_ARRAY_EACH, "b", json, (int)len);
 	int rc = 0;
 	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW) {
-		if (++*n > EV_MAX_BATCH)
-			rc = fail(err, 413, "body: at most %d events at once",
-				  EV_MAX_BATCH);
+		if (++*n > max)
+			rc = fail(err, 413, "body: at most %zu events at once", max);
 		else if (strcmp(col_text(s, 1), "object") != 0)
 			rc = fail(err, 400, "[%zu]: must be an event object", *n - 1);
 		else if (buf_adds(out, col_text(s, 0)) || buf_add(out, "", 1))
@@ -1898,12 +1927,16 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 		return fail(err, 400, "body: empty");
 	if (!val_utf8(json, len) || memchr(json, '\0', len))
 		return fail(err, 400, "body: not valid UTF-8 text");
+	if (has_nul_escape(json, len))
+		return fail(err, 400, "body: \\u0000 (NUL) is not allowed in text");
 	if (visitor && !val_ident(visitor, 64))
 		visitor = NULL; /* a bad cookie is ignored, not trusted */
 	struct buf objs = {0};
 	size_t n = 0;
 	struct event *evs = NULL;
-	int rc = ev_split(app, json, len, &objs, &n, err);
+	/* the operator's imports are not capped; requests are */
+	size_t max = src == EV_CLI ? SIZE_MAX : EV_MAX_BATCH;
+	int rc = ev_split(app, json, len, max, &objs, &n, err);
 	if (rc == 0 && !(evs = calloc(n, sizeof *evs)))
 		rc = fail(err, 500, "out of memory");
 	const char *p = objs.data;
