@@ -696,6 +696,7 @@ static const char *const stmt_sql[ST__COUNT] = {STATEMENTS(STMT_TEXT)};
 struct db {
 	sqlite3 *h;
 	sqlite3_stmt *st[ST__COUNT];
+	int in_turn; /* holds write_turn (see db_begin) */
 };
 
 /* Returns the named statement, reset and with the values bound.
@@ -758,12 +759,45 @@ static int q_exec(struct db *db, sqlite3_stmt *s)
 	return 0;
 }
 
-static int db_begin(struct db *db) { return q_exec(db, q(db, ST_BEGIN, NULL)); }
-static int db_commit(struct db *db) { return q_exec(db, q(db, ST_COMMIT, NULL)); }
+/*
+ * Write transactions of one process take turns on a mutex before SQLite's
+ * own lock: SQLite's busy handler waits by sleeping (1, 2, 5 ms...), which
+ * under a few concurrent writers costs more than the writes themselves.
+ * Other processes (a CLI tick beside the server) still meet busy_timeout.
+ */
+static pthread_mutex_t write_turn = PTHREAD_MUTEX_INITIALIZER;
+
+static void db_unlock(struct db *db)
+{
+	if (db->in_turn) {
+		db->in_turn = 0;
+		pthread_mutex_unlock(&write_turn);
+	}
+}
+
+static int db_begin(struct db *db)
+{
+	pthread_mutex_lock(&write_turn);
+	db->in_turn = 1;
+	int rc = q_exec(db, q(db, ST_BEGIN, NULL));
+	if (rc)
+		db_unlock(db);
+	return rc;
+}
+
+static int db_commit(struct db *db)
+{
+	int rc = q_exec(db, q(db, ST_COMMIT, NULL));
+	if (rc == 0)
+		db_unlock(db);
+	return rc; /* on failure the caller rolls back, which unlocks */
+}
+
 static void db_rollback(struct db *db)
 {
 	if (!sqlite3_get_autocommit(db->h))
 		q_exec(db, q(db, ST_ROLLBACK, NULL));
+	db_unlock(db);
 }
 
 static const char *col_text(sqlite3_stmt *s, int i)
