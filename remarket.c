@@ -20,9 +20,10 @@
  *   9. Mail: rendering and RFC 5322 building
  *  10. Transports: SMTP and outbox
  *  11. The flow engine: detect, claim, send, record
- *  12. HTTP routes
- *  13. FastCGI and CGI front-ends
- *  14. Command line
+ *  12. The report
+ *  13. HTTP routes
+ *  14. FastCGI and CGI front-ends
+ *  15. Command line
  */
 #define _GNU_SOURCE
 #include "remarket.h"
@@ -136,7 +137,7 @@ static rm_time parse_time(const char *s, rm_time base)
 	char *end;
 	if (!s || !*s)
 		return -1;
-	if (*s == '+') { /* relative: +90s, +2h, +3d */
+	if (*s == '+' || *s == '-') { /* relative: +90s, +2h, -30d */
 		long long v = strtoll(s + 1, &end, 10);
 		long long mul = 1;
 		switch (*end) {
@@ -148,13 +149,17 @@ static rm_time parse_time(const char *s, rm_time base)
 		}
 		if (*end || v < 0 || v > 100LL * 365 * 86400)
 			return -1;
-		return base + v * mul;
+		return *s == '-' ? base - v * mul : base + v * mul;
 	}
 	long long v = strtoll(s, &end, 10);
 	if (!*end && end != s)
 		return v >= 0 ? v : -1;
 	struct tm tm = {0};
 	end = strptime(s, "%Y-%m-%dT%H:%M:%S", &tm);
+	if (!end) { /* a plain date is its midnight, UTC */
+		memset(&tm, 0, sizeof tm);
+		end = strptime(s, "%Y-%m-%d", &tm);
+	}
 	if (!end || (*end && strcmp(end, "Z") != 0))
 		return -1;
 	return (rm_time)timegm(&tm);
@@ -286,6 +291,9 @@ static const struct cfg_key {
 	CFG_STR(static_dir, "./static"),
 	CFG_LONG(rate_ip_per_min, "120"),
 	CFG_LONG(rate_visitor_per_min, "60"),
+	CFG_LONG(attribution_click_days, "5"),
+	CFG_LONG(attribution_view_hours, "24"),
+	CFG_LONG(conversion_days, "7"),
 	CFG_STR(code_prefix, "RM"),
 	CFG_STR(store_name, ""),
 	CFG_LONG(idle_minutes, "60"),
@@ -536,6 +544,22 @@ void cfg_free(struct config *cfg)
 	  "INSERT INTO orders (order_key, contact_id, cart_id, total, currency, " \
 	  "items, discount_code, ts) VALUES (?1, ?2, ?3, ?4, ?5, json(?6), ?7, ?8) " \
 	  "ON CONFLICT (order_key) DO NOTHING")                                \
+	X(CART_CONTACT, "SELECT contact_id FROM carts WHERE id = ?1")          \
+	/* the last message the order redeemed the code of, or that the       \
+	 * contact clicked within the click window before ordering */         \
+	X(ATTRIBUTE_CLICK,                                                     \
+	  "SELECT m.id, CASE WHEN m.id = (SELECT message FROM discounts "      \
+	  "WHERE code = ?3) THEN 'code' ELSE 'click' END FROM messages m "     \
+	  "WHERE m.status = 'sent' AND (m.id = (SELECT message FROM discounts " \
+	  "WHERE code = ?3) OR (m.contact_id = ?1 AND m.sent_at >= ?2 - ?4 "   \
+	  "AND EXISTS (SELECT 1 FROM interactions i WHERE i.message = m.id "   \
+	  "AND i.kind IN ('click', 'discount') AND i.ts BETWEEN ?2 - ?4 AND ?2))) " \
+	  "ORDER BY m.sent_at DESC, m.id DESC LIMIT 1")                        \
+	X(ATTRIBUTE_VIEW,                                                      \
+	  "SELECT id FROM messages WHERE contact_id = ?1 AND status = 'sent' " \
+	  "AND sent_at BETWEEN ?2 - ?3 AND ?2 ORDER BY sent_at DESC, id DESC LIMIT 1") \
+	X(ORDER_ATTRIBUTE,                                                     \
+	  "UPDATE orders SET message = ?2, attribution = ?3 WHERE order_key = ?1") \
 	X(PRODUCT_UPSERT,                                                      \
 	  "INSERT INTO products (sku, name, price, url, image, category, updated) " \
 	  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (sku) DO UPDATE SET " \
@@ -560,18 +584,34 @@ void cfg_free(struct config *cfg)
 	  "AND contact_id IN (SELECT id FROM contacts WHERE consent = 1 "      \
 	  "AND unsubscribed_at IS NULL AND suppressed_at IS NULL)")            \
 	X(ENROLL,                                                              \
-	  "INSERT INTO enrollments (flow_id, contact_id, cart_id, anchor, created) " \
-	  "SELECT f.id, c.contact_id, c.id, c.updated, ?1 FROM carts c "       \
+	  "INSERT INTO enrollments (flow_id, contact_id, cart_id, anchor, created, " \
+	  "holdout) SELECT f.id, c.contact_id, c.id, c.updated, ?1, "          \
+	  "rm_bucket('holdout:' || f.id || ':' || lower(ct.email)) "           \
+	  "< f.holdout_pct * 100 FROM carts c "                                \
+	  "JOIN contacts ct ON ct.id = c.contact_id "                          \
 	  "JOIN flows f ON f.trigger = 'cart_abandoned' AND f.enabled = 1 "    \
 	  "WHERE c.status = 'abandoned' AND c.abandoned_at = ?1 "              \
 	  "ON CONFLICT (flow_id, cart_id) DO NOTHING")                         \
+	/* the held-out get nothing; variant B (if the step has one) goes to  \
+	 * a stable share of contacts and may change the step's delay */      \
 	X(QUEUE_DUE,                                                           \
-	  "INSERT INTO messages (enrollment_id, step, contact_id, next_try, created) " \
-	  "SELECT e.id, e.next_step, e.contact_id, e.anchor + s.delay_s, ?1 "  \
-	  "FROM enrollments e JOIN steps s ON s.flow_id = e.flow_id "          \
-	  "AND s.position = e.next_step JOIN carts c ON c.id = e.cart_id "     \
-	  "WHERE e.status = 'active' AND e.anchor + s.delay_s <= ?1 "          \
-	  "AND c.status = 'abandoned' "                                        \
+	  "WITH due AS (SELECT e.id AS eid, e.next_step AS step, "             \
+	  "e.contact_id AS cid, e.anchor AS anchor, s.delay_s AS delay_a, "    \
+	  "v.delay_s AS delay_b, v.flow_id IS NOT NULL AND rm_bucket('ab:' || " \
+	  "e.flow_id || ':' || e.next_step || ':' || lower(ct.email)) "        \
+	  "< v.share * 100 AS isb FROM enrollments e "                         \
+	  "JOIN steps s ON s.flow_id = e.flow_id AND s.position = e.next_step " \
+	  "JOIN carts c ON c.id = e.cart_id "                                  \
+	  "JOIN contacts ct ON ct.id = e.contact_id "                          \
+	  "LEFT JOIN step_variants v ON v.flow_id = e.flow_id "                \
+	  "AND v.position = e.next_step "                                      \
+	  "WHERE e.status = 'active' AND e.holdout = 0 "                       \
+	  "AND c.status = 'abandoned'), "                                      \
+	  "timed AS (SELECT eid, step, cid, isb, anchor + CASE WHEN isb AND "  \
+	  "delay_b IS NOT NULL THEN delay_b ELSE delay_a END AS at FROM due) " \
+	  "INSERT INTO messages (enrollment_id, step, contact_id, next_try, "  \
+	  "created, variant) SELECT eid, step, cid, at, ?1, "                  \
+	  "CASE WHEN isb THEN 'B' ELSE 'A' END FROM timed WHERE at <= ?1 "     \
 	  "ON CONFLICT (enrollment_id, step) DO NOTHING")                      \
 	X(CLAIM,                                                               \
 	  "UPDATE messages SET status = 'sending', lease_until = ?1 + ?2, "    \
@@ -583,12 +623,17 @@ void cfg_free(struct config *cfg)
 	  "SELECT m.step, m.attempts, m.message_id, m.discount_code, "         \
 	  "e.id, e.status, c.id, c.email, c.name, c.unsubscribed_at, "         \
 	  "c.suppressed_at, k.cart_key, k.status, k.items, k.total, k.currency, " \
-	  "s.template, s.discount_pct, s.discount_valid, s.min_spend "         \
+	  "CASE WHEN m.variant = 'B' THEN coalesce(v.template, s.template) "   \
+	  "ELSE s.template END, CASE WHEN m.variant = 'B' THEN "               \
+	  "coalesce(v.discount_pct, s.discount_pct) ELSE s.discount_pct END, " \
+	  "CASE WHEN m.variant = 'B' THEN coalesce(v.discount_valid, "         \
+	  "s.discount_valid) ELSE s.discount_valid END, s.min_spend "          \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
 	  "JOIN contacts c ON c.id = m.contact_id "                            \
 	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
 	  "LEFT JOIN steps s ON s.flow_id = e.flow_id AND s.position = m.step " \
-	  "WHERE m.id = ?1")                                                   \
+	  "LEFT JOIN step_variants v ON v.flow_id = e.flow_id "                \
+	  "AND v.position = m.step WHERE m.id = ?1")                           \
 	X(MESSAGE_SET_ID,                                                      \
 	  "UPDATE messages SET message_id = ?2 WHERE id = ?1 AND message_id IS NULL") \
 	X(MESSAGE_SET_CODE,                                                    \
@@ -634,31 +679,78 @@ void cfg_free(struct config *cfg)
 	  "coalesce(json_extract(value,'$.qty'), 1), json_extract(value,'$.price'), " \
 	  "coalesce(json_extract(value,'$.url'), ''), "                        \
 	  "coalesce(json_extract(value,'$.image'), '') FROM json_each(?1)")    \
-	X(REPORT,                                                              \
-	  "SELECT json_object("                                                \
-	  "'until', ?1, "                                                      \
-	  "'abandoned_carts', (SELECT count(*) FROM enrollments), "            \
-	  "'recovered_carts', (SELECT count(*) FROM enrollments e JOIN carts c " \
-	  "ON c.id = e.cart_id WHERE c.status = 'ordered'), "                  \
-	  "'recovery_rate', (SELECT CASE WHEN count(*) = 0 THEN 0 ELSE "         \
-	  "round(1.0 * sum(c.status = 'ordered') / count(*), 4) END "          \
-	  "FROM enrollments e JOIN carts c ON c.id = e.cart_id), "             \
-	  "'recovered_revenue', (SELECT coalesce(sum(o.total), 0) FROM orders o " \
-	  "WHERE o.cart_id IN (SELECT cart_id FROM enrollments)), "            \
-	  "'sent', (SELECT count(*) FROM messages WHERE status = 'sent'), "    \
-	  "'failed', (SELECT count(*) FROM messages WHERE status = 'failed'), " \
-	  "'unsubscribed', (SELECT count(*) FROM contacts "                    \
-	  "WHERE unsubscribed_at IS NOT NULL), "                               \
-	  "'steps', (SELECT json_group_array(json_object('position', s.position, " \
-	  "'template', s.template, 'sent', (SELECT count(*) FROM messages m "  \
-	  "WHERE m.step = s.position AND m.status = 'sent'), "                 \
-	  "'opened', (SELECT count(DISTINCT i.message) FROM interactions i "   \
-	  "JOIN messages m ON m.id = i.message WHERE m.step = s.position "     \
-	  "AND i.kind = 'open'), "                                             \
-	  "'clicked', (SELECT count(DISTINCT i.message) FROM interactions i "  \
-	  "JOIN messages m ON m.id = i.message WHERE m.step = s.position "     \
-	  "AND i.kind IN ('click', 'discount')))) "                            \
-	  "FROM steps s WHERE s.flow_id = 1 ORDER BY s.position)) AS r")       \
+	X(REP_CURRENCY,                                                        \
+	  "SELECT currency FROM orders GROUP BY currency "                     \
+	  "ORDER BY count(*) DESC LIMIT 1")                                    \
+	X(REP_ORDERS,                                                          \
+	  "SELECT count(*), total(total), "                                    \
+	  "coalesce(sum(attribution IN ('click', 'code')), 0), "               \
+	  "coalesce(sum(attribution = 'influenced'), 0), "                     \
+	  "total(CASE WHEN attribution = 'influenced' THEN total END) "        \
+	  "FROM orders WHERE ts >= ?1 AND ts < ?2")                            \
+	X(REP_RECOVERED,                                                       \
+	  "SELECT count(*), coalesce(sum(k.status = 'ordered' AND "            \
+	  "k.ordered_at >= e.created AND k.ordered_at < e.created + ?3), 0) "  \
+	  "FROM enrollments e JOIN flows f ON f.id = e.flow_id "               \
+	  "JOIN carts k ON k.id = e.cart_id WHERE f.trigger = 'cart_abandoned' " \
+	  "AND e.holdout = 0 AND e.created >= ?1 AND e.created < ?2")          \
+	X(REP_RECOVERED_REVENUE,                                               \
+	  "SELECT total(o.total) FROM orders o JOIN messages m ON m.id = o.message " \
+	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
+	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'cart_abandoned' " \
+	  "AND o.attribution IN ('click', 'code') AND o.ts >= ?1 AND o.ts < ?2") \
+	X(REP_MESSAGES,                                                        \
+	  "SELECT coalesce(sum(m.status = 'sent'), 0), "                       \
+	  "coalesce(sum(m.status = 'failed'), 0), "                            \
+	  "coalesce(sum(m.status = 'sent' AND EXISTS (SELECT 1 FROM "          \
+	  "interactions i WHERE i.message = m.id AND i.kind = 'open')), 0), "  \
+	  "coalesce(sum(m.status = 'sent' AND EXISTS (SELECT 1 FROM "          \
+	  "interactions i WHERE i.message = m.id "                             \
+	  "AND i.kind IN ('click', 'discount'))), 0), "                        \
+	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i "                 \
+	  "WHERE i.message = m.id AND i.kind = 'unsubscribe')), 0) "           \
+	  "FROM messages m WHERE coalesce(m.sent_at, m.created) >= ?1 "        \
+	  "AND coalesce(m.sent_at, m.created) < ?2")                           \
+	X(REP_DISCOUNTS,                                                       \
+	  "SELECT (SELECT count(*) FROM discounts WHERE created >= ?1 "        \
+	  "AND created < ?2), (SELECT count(*) FROM discounts "                \
+	  "WHERE redeemed_at >= ?1 AND redeemed_at < ?2), "                    \
+	  "(SELECT total(o.total * d.percent / (100.0 - d.percent)) "          \
+	  "FROM orders o JOIN discounts d ON d.code = o.discount_code "        \
+	  "WHERE o.ts >= ?1 AND o.ts < ?2)")                                   \
+	X(REP_FLOWS, "SELECT id, name, holdout_pct FROM flows ORDER BY id")     \
+	X(REP_FLOW_CONV,                                                       \
+	  "SELECT e.holdout, count(*), coalesce(sum(k.status = 'ordered' AND " \
+	  "k.ordered_at >= e.created AND k.ordered_at < e.created + ?4), 0) "  \
+	  "FROM enrollments e JOIN carts k ON k.id = e.cart_id "               \
+	  "WHERE e.flow_id = ?1 AND e.created >= ?2 AND e.created < ?3 "       \
+	  "GROUP BY e.holdout")                                                \
+	X(REP_STEPS,                                                           \
+	  "SELECT m.step, m.variant, count(*), "                               \
+	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i "                 \
+	  "WHERE i.message = m.id AND i.kind = 'open')), 0), "                 \
+	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i WHERE "           \
+	  "i.message = m.id AND i.kind IN ('click', 'discount'))), 0), "       \
+	  "coalesce(sum(o.n), 0), total(o.rev), "                              \
+	  "coalesce(sum(k.status = 'ordered' AND k.ordered_at >= m.sent_at "   \
+	  "AND k.ordered_at < m.sent_at + ?4), 0) "                            \
+	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
+	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
+	  "LEFT JOIN (SELECT message, count(*) AS n, total(total) AS rev "     \
+	  "FROM orders WHERE attribution IN ('click', 'code') GROUP BY message) o " \
+	  "ON o.message = m.id WHERE e.flow_id = ?1 AND m.status = 'sent' "    \
+	  "AND m.sent_at >= ?2 AND m.sent_at < ?3 "                            \
+	  "GROUP BY m.step, m.variant ORDER BY m.step, m.variant")             \
+	X(REP_MONTHS,                                                          \
+	  "SELECT strftime('%Y-%m', ts, 'unixepoch'), count(*), "              \
+	  "coalesce(sum(attribution IN ('click', 'code')), 0), "               \
+	  "total(CASE WHEN attribution IN ('click', 'code') THEN total END) "  \
+	  "FROM orders WHERE ts >= ?1 AND ts < ?2 GROUP BY 1 ORDER BY 1 DESC " \
+	  "LIMIT 24")                                                          \
+	X(REP_DAILY,                                                           \
+	  "SELECT (ts - ?1) / 86400, total(total) FROM orders "                \
+	  "WHERE attribution IN ('click', 'code') AND ts >= ?1 AND ts < ?2 "   \
+	  "GROUP BY 1")                                                        \
 	X(FLOWS_LIST,                                                          \
 	  "SELECT f.name, f.enabled, s.position, s.delay_s, s.template, "      \
 	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 0), s.min_spend " \
@@ -806,6 +898,28 @@ static const char *col_text(sqlite3_stmt *s, int i)
 	return t ? (const char *)t : "";
 }
 
+/* A stable number in [0, 10000) for a text: holdout and A/B assignment
+ * depend on nothing but the flow, the step and the email, so they are the
+ * same on every run and every machine. Unkeyed BLAKE2b is enough: the
+ * point is spread, not secrecy. */
+int rm_bucket(const char *text)
+{
+	unsigned char h[8];
+	crypto_generichash(h, sizeof h, (const unsigned char *)text, strlen(text),
+			   NULL, 0);
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = (v << 8) | h[i];
+	return (int)(v % 10000);
+}
+
+static void sql_bucket(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	(void)argc;
+	const unsigned char *t = sqlite3_value_text(argv[0]);
+	sqlite3_result_int(ctx, rm_bucket(t ? (const char *)t : ""));
+}
+
 int db_open(struct db **out, const char *path, char *err, size_t errlen)
 {
 	struct db *db = calloc(1, sizeof *db);
@@ -820,6 +934,10 @@ int db_open(struct db **out, const char *path, char *err, size_t errlen)
 	int rc = sqlite3_open_v2(path, &db->h,
 				 SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
 					 SQLITE_OPEN_NOMUTEX, NULL);
+	if (rc == SQLITE_OK)
+		rc = sqlite3_create_function(db->h, "rm_bucket", 1, SQLITE_UTF8 |
+					     SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS,
+					     NULL, sql_bucket, NULL, NULL);
 	if (rc == SQLITE_OK)
 		rc = sqlite3_exec(db->h,
 				  "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
@@ -1798,14 +1916,47 @@ static int ev_cart(struct app *app, const struct event *e, const char *vid,
 	return 0;
 }
 
+static int64_t scalar_id(struct db *db, sqlite3_stmt *s);
+static int ev_attribute(struct app *app, const struct event *e, int64_t contact);
+
 static int64_t cart_id_of(struct db *db, const char *key)
 {
+	return scalar_id(db, q(db, ST_CART_BY_KEY, "t", key));
+}
+
+static int64_t scalar_id(struct db *db, sqlite3_stmt *s)
+{
 	int64_t id = 0;
-	sqlite3_stmt *s = q(db, ST_CART_BY_KEY, "t", key);
+	(void)db;
 	if (sqlite3_step(s) == SQLITE_ROW)
 		id = sqlite3_column_int64(s, 0);
 	sqlite3_reset(s);
 	return id;
+}
+
+/* Attributes a new order once, to the last qualifying message: one whose
+ * code it redeemed or that was clicked within attribution_click_days;
+ * else, as "influenced", the last one sent within attribution_view_hours. */
+static int ev_attribute(struct app *app, const struct event *e, int64_t contact)
+{
+	struct db *db = app->db;
+	int64_t click = app->cfg->attribution_click_days * 86400;
+	int64_t view = app->cfg->attribution_view_hours * 3600;
+	int64_t msg = 0;
+	char how[16] = "influenced";
+	sqlite3_stmt *s = q(db, ST_ATTRIBUTE_CLICK, "iiti", contact, (int64_t)e->ts,
+			    e->code ? e->code : "", click);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		msg = sqlite3_column_int64(s, 0);
+		copy_str(how, sizeof how, col_text(s, 1));
+	}
+	sqlite3_reset(s);
+	if (!msg && contact)
+		msg = scalar_id(db, q(db, ST_ATTRIBUTE_VIEW, "iii", contact,
+				      (int64_t)e->ts, view));
+	if (!msg)
+		return 0;
+	return q_exec(db, q(db, ST_ORDER_ATTRIBUTE, "tit", e->order_id, msg, how));
 }
 
 /* Returns 1 when the order was already recorded (a webhook retry). */
@@ -1839,7 +1990,9 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 	if (e->code && q_exec(db, q(db, ST_DISCOUNT_REDEEM, "tit", e->code,
 				    (int64_t)e->ts, e->order_id)) < 0)
 		return -1;
-	return 0;
+	if (!contact && cart)
+		contact = scalar_id(db, q(db, ST_CART_CONTACT, "i", cart));
+	return ev_attribute(app, e, contact);
 }
 
 static int ev_product(struct app *app, const struct event *e)
@@ -2858,7 +3011,425 @@ int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
 			 out);
 }
 
-/* ==== 12. HTTP routes =================================================== */
+/* ==== 12. The report ==================================================== */
+/*
+ * report_build fills one struct report from indexed queries (never from
+ * the events table, which grows fastest); report_json and report_html
+ * render that same struct, so the page and the JSON cannot disagree.
+ * Recovered carts are enrollees, not held out, whose cart was ordered
+ * within conversion_days; recovered revenue is the revenue of orders
+ * attributed (click or code) to a message of the flow.
+ */
+
+void stat_lift(long x1, long n1, long x2, long n2, struct lift *out)
+{
+	memset(out, 0, sizeof *out);
+	out->p1 = n1 > 0 ? (double)x1 / (double)n1 : 0;
+	out->p2 = n2 > 0 ? (double)x2 / (double)n2 : 0;
+	out->diff = out->p1 - out->p2;
+	double var = (n1 > 0 ? out->p1 * (1 - out->p1) / (double)n1 : 0) +
+		     (n2 > 0 ? out->p2 * (1 - out->p2) / (double)n2 : 0);
+	double half = 1.959964 * sqrt(var);
+	out->lo = out->diff - half;
+	out->hi = out->diff + half;
+	out->too_small = n1 < 30 || n2 < 30 || x1 + x2 < 5;
+}
+
+static const char *lift_verdict(const struct lift *l)
+{
+	if (l->too_small)
+		return "Too few people yet to tell (each group needs 30, and 5 "
+		       "conversions in all).";
+	if (l->lo > 0)
+		return "The difference is real: the whole 95 % interval is above zero.";
+	if (l->hi < 0)
+		return "It does worse: the whole 95 % interval is below zero.";
+	return "No clear difference yet: the 95 % interval includes zero.";
+}
+
+static void rep_steps(struct app *app, int64_t flow, const struct report *r,
+		      struct flow_report *f)
+{
+	int64_t conv = app->cfg->conversion_days * 86400;
+	sqlite3_stmt *s = q(app->db, ST_REP_STEPS, "iiii", flow, (int64_t)r->since,
+			    (int64_t)r->until, conv);
+	while (sqlite3_step(s) == SQLITE_ROW && f->nsteps < REPORT_STEPS) {
+		struct step_report *st = &f->steps[f->nsteps++];
+		st->position = sqlite3_column_int(s, 0);
+		st->variant = col_text(s, 1)[0];
+		st->sent = sqlite3_column_int64(s, 2);
+		st->opened = sqlite3_column_int64(s, 3);
+		st->clicked = sqlite3_column_int64(s, 4);
+		st->orders = sqlite3_column_int64(s, 5);
+		st->revenue = sqlite3_column_double(s, 6);
+		st->converted = sqlite3_column_int64(s, 7);
+	}
+	sqlite3_reset(s);
+	/* a B row is compared with the A row of the same step just before it */
+	for (int i = 1; i < f->nsteps; i++) {
+		struct step_report *a = &f->steps[i - 1], *b = &f->steps[i];
+		if (b->variant == 'B' && a->position == b->position)
+			stat_lift(b->converted, b->sent, a->converted, a->sent, &b->ab);
+	}
+}
+
+static void rep_flows(struct app *app, struct report *r)
+{
+	int64_t conv = app->cfg->conversion_days * 86400;
+	int64_t ids[REPORT_FLOWS];
+	sqlite3_stmt *s = q(app->db, ST_REP_FLOWS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW && r->nflows < REPORT_FLOWS) {
+		struct flow_report *f = &r->flows[r->nflows];
+		ids[r->nflows++] = sqlite3_column_int64(s, 0);
+		copy_str(f->name, sizeof f->name, col_text(s, 1));
+		f->holdout_pct = sqlite3_column_int(s, 2);
+	}
+	sqlite3_reset(s);
+	for (int i = 0; i < r->nflows; i++) {
+		struct flow_report *f = &r->flows[i];
+		s = q(app->db, ST_REP_FLOW_CONV, "iiii", ids[i], (int64_t)r->since,
+		      (int64_t)r->until, conv);
+		while (sqlite3_step(s) == SQLITE_ROW) {
+			int held = sqlite3_column_int(s, 0);
+			*(held ? &f->held_out : &f->enrolled) = sqlite3_column_int64(s, 1);
+			*(held ? &f->held_converted : &f->converted) =
+				sqlite3_column_int64(s, 2);
+		}
+		sqlite3_reset(s);
+		stat_lift(f->converted, f->enrolled, f->held_converted, f->held_out,
+			  &f->lift);
+		rep_steps(app, ids[i], r, f);
+	}
+}
+
+static void rep_series(struct app *app, struct report *r)
+{
+	sqlite3_stmt *s = q(app->db, ST_REP_MONTHS, "ii", (int64_t)r->since,
+			    (int64_t)r->until);
+	while (sqlite3_step(s) == SQLITE_ROW && r->nmonths < REPORT_MONTHS) {
+		copy_str(r->months[r->nmonths].month, 8, col_text(s, 0));
+		r->months[r->nmonths].orders = sqlite3_column_int64(s, 1);
+		r->months[r->nmonths].attributed = sqlite3_column_int64(s, 2);
+		r->months[r->nmonths++].revenue = sqlite3_column_double(s, 3);
+	}
+	sqlite3_reset(s);
+	for (int i = 0; i < r->nmonths / 2; i++) { /* oldest first */
+		__typeof__(r->months[0]) t = r->months[i];
+		r->months[i] = r->months[r->nmonths - 1 - i];
+		r->months[r->nmonths - 1 - i] = t;
+	}
+	rm_time start = r->until - (rm_time)REPORT_DAYS * 86400;
+	if (start < r->since)
+		start = r->since;
+	r->first_day = start - start % 86400;
+	r->ndays = (int)((r->until - r->first_day + 86399) / 86400);
+	if (r->ndays > REPORT_DAYS)
+		r->ndays = REPORT_DAYS;
+	s = q(app->db, ST_REP_DAILY, "ii", (int64_t)r->first_day, (int64_t)r->until);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		int64_t d = sqlite3_column_int64(s, 0);
+		if (d >= 0 && d < r->ndays)
+			r->daily[d] = sqlite3_column_double(s, 1);
+	}
+	sqlite3_reset(s);
+}
+
+int report_build(struct app *app, rm_time since, rm_time until, struct report *r)
+{
+	struct db *db = app->db;
+	memset(r, 0, sizeof *r);
+	r->since = since;
+	r->until = until;
+	copy_str(r->currency, sizeof r->currency, "EUR");
+	sqlite3_stmt *s = q(db, ST_REP_CURRENCY, NULL);
+	if (sqlite3_step(s) == SQLITE_ROW)
+		copy_str(r->currency, sizeof r->currency, col_text(s, 0));
+	sqlite3_reset(s);
+	s = q(db, ST_REP_ORDERS, "ii", (int64_t)since, (int64_t)until);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		r->orders = sqlite3_column_int64(s, 0);
+		r->revenue = sqlite3_column_double(s, 1);
+		r->attributed = sqlite3_column_int64(s, 2);
+		r->influenced = sqlite3_column_int64(s, 3);
+		r->influenced_revenue = sqlite3_column_double(s, 4);
+	}
+	sqlite3_reset(s);
+	s = q(db, ST_REP_RECOVERED, "iii", (int64_t)since, (int64_t)until,
+	      (int64_t)app->cfg->conversion_days * 86400);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		r->abandoned = sqlite3_column_int64(s, 0);
+		r->recovered = sqlite3_column_int64(s, 1);
+	}
+	sqlite3_reset(s);
+	r->recovery_rate = r->abandoned ? (double)r->recovered / (double)r->abandoned : 0;
+	s = q(db, ST_REP_RECOVERED_REVENUE, "ii", (int64_t)since, (int64_t)until);
+	if (sqlite3_step(s) == SQLITE_ROW)
+		r->recovered_revenue = sqlite3_column_double(s, 0);
+	sqlite3_reset(s);
+	s = q(db, ST_REP_MESSAGES, "ii", (int64_t)since, (int64_t)until);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		r->sent = sqlite3_column_int64(s, 0);
+		r->bounced = sqlite3_column_int64(s, 1);
+		r->opened = sqlite3_column_int64(s, 2);
+		r->clicked = sqlite3_column_int64(s, 3);
+		r->unsubscribed = sqlite3_column_int64(s, 4);
+	}
+	sqlite3_reset(s);
+	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
+	s = q(db, ST_REP_DISCOUNTS, "ii", (int64_t)since, (int64_t)until);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		r->codes_issued = sqlite3_column_int64(s, 0);
+		r->codes_redeemed = sqlite3_column_int64(s, 1);
+		r->discount_cost = sqlite3_column_double(s, 2);
+	}
+	sqlite3_reset(s);
+	rep_flows(app, r);
+	rep_series(app, r);
+	return 0;
+}
+
+static void json_str(struct buf *b, const char *s)
+{
+	buf_add(b, "\"", 1);
+	for (; *s; s++) {
+		unsigned char c = (unsigned char)*s;
+		if (c == '"' || c == '\\')
+			buf_addf(b, "\\%c", c);
+		else if (c < 0x20)
+			buf_addf(b, "\\u%04x", c);
+		else
+			buf_add(b, s, 1);
+	}
+	buf_add(b, "\"", 1);
+}
+
+static void json_lift(struct buf *b, const struct lift *l)
+{
+	buf_addf(b, "\"lift\":%.4f,\"lift_ci95\":[%.4f,%.4f],\"too_small\":%s,"
+		 "\"verdict\":", l->diff, l->lo, l->hi, l->too_small ? "true" : "false");
+	json_str(b, lift_verdict(l));
+}
+
+static void json_flow(struct buf *b, const struct flow_report *f)
+{
+	buf_adds(b, "{\"name\":");
+	json_str(b, f->name);
+	buf_addf(b, ",\"holdout_pct\":%d,\"enrolled\":%ld,\"holdout\":%ld,"
+		 "\"converted\":%ld,\"holdout_converted\":%ld,\"conversion\":%.4f,"
+		 "\"holdout_conversion\":%.4f,", f->holdout_pct, f->enrolled,
+		 f->held_out, f->converted, f->held_converted, f->lift.p1, f->lift.p2);
+	json_lift(b, &f->lift);
+	buf_adds(b, ",\"steps\":[");
+	for (int i = 0; i < f->nsteps; i++) {
+		const struct step_report *s = &f->steps[i];
+		buf_addf(b, "%s{\"position\":%d,\"variant\":\"%c\",\"sent\":%ld,"
+			 "\"opened\":%ld,\"clicked\":%ld,\"orders\":%ld,\"revenue\":%.2f,"
+			 "\"converted\":%ld", i ? "," : "", s->position, s->variant,
+			 s->sent, s->opened, s->clicked, s->orders, s->revenue,
+			 s->converted);
+		if (s->variant == 'B' && s->ab.p1 + s->ab.p2 + s->ab.diff != 0) {
+			buf_adds(b, ",\"versus_a\":{");
+			json_lift(b, &s->ab);
+			buf_adds(b, "}");
+		}
+		buf_adds(b, "}");
+	}
+	buf_adds(b, "]}");
+}
+
+int report_json(const struct report *r, struct buf *out)
+{
+	buf_addf(out, "{\"since\":%lld,\"until\":%lld,\"currency\":", (long long)r->since,
+		 (long long)r->until);
+	json_str(out, r->currency);
+	buf_addf(out, ",\"abandoned_carts\":%ld,\"recovered_carts\":%ld,"
+		 "\"recovery_rate\":%.4f,\"recovered_revenue\":%.2f,\"orders\":%ld,"
+		 "\"revenue\":%.2f,\"attributed_orders\":%ld,\"influenced_orders\":%ld,"
+		 "\"influenced_revenue\":%.2f,\"sent\":%ld,\"opened\":%ld,\"clicked\":%ld,"
+		 "\"unsubscribed\":%ld,\"unsubscribe_rate\":%.4f,\"bounced\":%ld,"
+		 "\"codes_issued\":%ld,\"codes_redeemed\":%ld,\"discount_cost\":%.2f,"
+		 "\"flows\":[", r->abandoned, r->recovered, r->recovery_rate,
+		 r->recovered_revenue, r->orders, r->revenue, r->attributed,
+		 r->influenced, r->influenced_revenue, r->sent, r->opened, r->clicked,
+		 r->unsubscribed, r->unsubscribe_rate, r->bounced, r->codes_issued,
+		 r->codes_redeemed, r->discount_cost);
+	for (int i = 0; i < r->nflows; i++) {
+		if (i)
+			buf_adds(out, ",");
+		json_flow(out, &r->flows[i]);
+	}
+	buf_adds(out, "],\"orders_per_month\":[");
+	for (int i = 0; i < r->nmonths; i++)
+		buf_addf(out, "%s{\"month\":\"%s\",\"orders\":%ld,\"attributed\":%ld,"
+			 "\"revenue\":%.2f}", i ? "," : "", r->months[i].month,
+			 r->months[i].orders, r->months[i].attributed,
+			 r->months[i].revenue);
+	buf_addf(out, "],\"revenue_by_day\":{\"first_day\":%lld,\"values\":[",
+		 (long long)r->first_day);
+	for (int i = 0; i < r->ndays; i++)
+		buf_addf(out, "%s%.2f", i ? "," : "", r->daily[i]);
+	/* win-back is not built yet: nobody is lapsed or contacted by it */
+	buf_adds(out, "]},\"winback\":{\"lapsed\":0,\"contacted\":0,"
+		 "\"reactivated_30d\":0,\"rate\":0}}");
+	return out->data ? 0 : -1;
+}
+
+/* ---- the HTML page: numbers carry data-k/data-v for checking ---- */
+
+static void html_num(struct buf *b, const char *key, double v, const char *shown)
+{
+	buf_addf(b, "<span data-k=\"%s\" data-v=\"%.4f\">", key, v);
+	html_escape(b, shown);
+	buf_adds(b, "</span>");
+}
+
+static void html_card(struct buf *b, const char *label, const char *key,
+		      double v, const char *shown)
+{
+	buf_adds(b, "<div class=card><div class=big>");
+	html_num(b, key, v, shown);
+	buf_addf(b, "</div><div class=label>%s</div></div>", label);
+}
+
+static void html_chart(struct buf *b, const struct report *r)
+{
+	double max = 0;
+	for (int i = 0; i < r->ndays; i++)
+		if (r->daily[i] > max)
+			max = r->daily[i];
+	int w = 720, h = 160, n = r->ndays > 0 ? r->ndays : 1;
+	double bw = (double)w / n;
+	buf_addf(b, "<svg viewBox=\"0 0 %d %d\" role=img aria-label=\"Recovered "
+		 "revenue by day\" class=chart><line x1=0 y1=%d x2=%d y2=%d "
+		 "stroke=\"#ccc\"/>", w, h + 20, h, w, h);
+	for (int i = 0; i < r->ndays; i++) {
+		double bh = max > 0 ? r->daily[i] / max * h : 0;
+		char day[16];
+		time_t t = (time_t)(r->first_day + (rm_time)i * 86400);
+		struct tm tm;
+		gmtime_r(&t, &tm);
+		strftime(day, sizeof day, "%Y-%m-%d", &tm);
+		buf_addf(b, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" "
+			 "fill=\"#2f6f4f\"><title>%s: %.2f</title></rect>", i * bw,
+			 h - bh, bw > 2 ? bw - 1 : bw, bh, day, r->daily[i]);
+	}
+	buf_addf(b, "<text x=0 y=%d font-size=11>%d days</text>"
+		 "<text x=%d y=%d font-size=11 text-anchor=end>max %.2f %s/day</text>"
+		 "</svg>", h + 16, r->ndays, w, h + 16, max, r->currency);
+}
+
+static void html_flow(struct buf *b, const struct flow_report *f, int idx,
+		      const char *cur)
+{
+	char k[64], v[64];
+	buf_adds(b, "<section><h2>Flow: ");
+	html_escape(b, f->name);
+	buf_addf(b, "</h2><table><tr><th>Step</th><th>Sent</th><th>Opened</th>"
+		 "<th>Clicked</th><th>Orders</th><th>Revenue</th><th>Funnel</th></tr>");
+	for (int i = 0; i < f->nsteps; i++) {
+		const struct step_report *s = &f->steps[i];
+		double pc = s->sent ? 100.0 * (double)s->clicked / (double)s->sent : 0;
+		double po = s->sent ? 100.0 * (double)s->opened / (double)s->sent : 0;
+		buf_addf(b, "<tr><td>%d%s</td>", s->position, s->variant == 'B' ? " (B)" : "");
+		const char *keys[] = {"sent", "opened", "clicked", "orders"};
+		long vals[] = {s->sent, s->opened, s->clicked, s->orders};
+		for (int j = 0; j < 4; j++) {
+			snprintf(k, sizeof k, "flows.%d.steps.%d.%s", idx, i, keys[j]);
+			snprintf(v, sizeof v, "%ld", vals[j]);
+			buf_adds(b, "<td>");
+			html_num(b, k, (double)vals[j], v);
+			buf_adds(b, "</td>");
+		}
+		snprintf(k, sizeof k, "flows.%d.steps.%d.revenue", idx, i);
+		snprintf(v, sizeof v, "%.2f %s", s->revenue, cur);
+		buf_adds(b, "<td>");
+		html_num(b, k, s->revenue, v);
+		buf_addf(b, "</td><td><div class=bar><i style=\"width:%.0f%%\"></i>"
+			 "<b style=\"width:%.0f%%\"></b></div></td></tr>", po, pc);
+	}
+	buf_adds(b, "</table><p class=legend>Bars: opened (light) and clicked "
+		 "(dark) as a share of sent. Opens are inflated by mail privacy "
+		 "proxies; trust clicks and orders more.</p>");
+	const struct lift *l = &f->lift;
+	buf_adds(b, "<div class=lift><h3>Holdout</h3><p>");
+	snprintf(k, sizeof k, "flows.%d.conversion", idx);
+	snprintf(v, sizeof v, "%.1f %%", 100 * l->p1);
+	html_num(b, k, l->p1, v);
+	buf_addf(b, " of %ld enrollees who got messages ordered, against ", f->enrolled);
+	snprintf(k, sizeof k, "flows.%d.holdout_conversion", idx);
+	snprintf(v, sizeof v, "%.1f %%", 100 * l->p2);
+	html_num(b, k, l->p2, v);
+	buf_addf(b, " of %ld held out (%d %%). Lift: ", f->held_out, f->holdout_pct);
+	snprintf(k, sizeof k, "flows.%d.lift", idx);
+	snprintf(v, sizeof v, "%+.1f points", 100 * l->diff);
+	html_num(b, k, l->diff, v);
+	buf_addf(b, " (95 %% interval %+.1f to %+.1f).</p><p class=verdict>",
+		 100 * l->lo, 100 * l->hi);
+	html_escape(b, lift_verdict(l));
+	buf_adds(b, "</p></div></section>");
+}
+
+int report_html(const struct report *r, const char *store, struct buf *b)
+{
+	char v[64], since[32], until[32];
+	struct tm tm;
+	time_t t = (time_t)r->since;
+	gmtime_r(&t, &tm);
+	strftime(since, sizeof since, "%Y-%m-%d", &tm);
+	t = (time_t)r->until;
+	gmtime_r(&t, &tm);
+	strftime(until, sizeof until, "%Y-%m-%d %H:%M UTC", &tm);
+	buf_adds(b, "<!doctype html><html lang=en><head><meta charset=utf-8>"
+		 "<meta name=viewport content=\"width=device-width,initial-scale=1\">"
+		 "<title>remarket report</title><style>"
+		 "body{font:15px/1.45 system-ui,sans-serif;margin:0;background:#f6f4ef;color:#222}"
+		 "main{max-width:820px;margin:auto;padding:20px}h1{font-size:22px}"
+		 ".cards{display:flex;flex-wrap:wrap;gap:10px}.card{background:#fff;"
+		 "border-radius:8px;padding:12px 16px;flex:1 1 150px}.big{font-size:24px;"
+		 "font-weight:600;color:#2f6f4f}.label{color:#666;font-size:13px}"
+		 "section{background:#fff;border-radius:8px;padding:12px 16px;margin:14px 0}"
+		 "table{border-collapse:collapse;width:100%}td,th{padding:4px 6px;"
+		 "text-align:right;border-bottom:1px solid #eee}td:first-child,"
+		 "th:first-child{text-align:left}.bar{position:relative;height:10px;"
+		 "background:#eee;min-width:80px}.bar i,.bar b{position:absolute;left:0;"
+		 "top:0;bottom:0}.bar i{background:#b9d3c4}.bar b{background:#2f6f4f}"
+		 ".chart{width:100%;height:auto}.legend,.note{color:#666;font-size:13px}"
+		 ".verdict{font-weight:600}</style></head><body><main><h1>");
+	html_escape(b, store);
+	buf_addf(b, ": what remarket earned</h1><p class=note>From %s to %s.</p>"
+		 "<div class=cards>", since, until);
+	snprintf(v, sizeof v, "%.2f %s", r->recovered_revenue, r->currency);
+	html_card(b, "recovered revenue", "recovered_revenue", r->recovered_revenue, v);
+	snprintf(v, sizeof v, "%.1f %%", 100 * r->recovery_rate);
+	html_card(b, "of abandoned carts recovered", "recovery_rate", r->recovery_rate, v);
+	snprintf(v, sizeof v, "%ld / %ld", r->recovered, r->abandoned);
+	html_card(b, "carts recovered / abandoned", "recovered_carts",
+		  (double)r->recovered, v);
+	snprintf(v, sizeof v, "%ld", r->sent);
+	html_card(b, "emails sent", "sent", (double)r->sent, v);
+	snprintf(v, sizeof v, "%.2f %%", 100 * r->unsubscribe_rate);
+	html_card(b, "unsubscribed per email", "unsubscribe_rate", r->unsubscribe_rate, v);
+	snprintf(v, sizeof v, "%.2f %s", r->discount_cost, r->currency);
+	html_card(b, "cost of discounts redeemed", "discount_cost", r->discount_cost, v);
+	buf_adds(b, "</div><section><h2>Recovered revenue by day</h2>");
+	html_chart(b, r);
+	buf_addf(b, "<p class=note>%ld orders in all; %ld attributed to a click or a "
+		 "code, %ld more influenced (sent within the view window, no click)."
+		 "</p></section>", r->orders, r->attributed, r->influenced);
+	for (int i = 0; i < r->nflows; i++)
+		html_flow(b, &r->flows[i], i, r->currency);
+	buf_adds(b, "<section><h2>Orders per month</h2><table><tr><th>Month</th>"
+		 "<th>Orders</th><th>Attributed</th><th>Revenue</th></tr>");
+	for (int i = 0; i < r->nmonths; i++)
+		buf_addf(b, "<tr><td>%s</td><td>%ld</td><td>%ld</td><td>%.2f</td></tr>",
+			 r->months[i].month, r->months[i].orders, r->months[i].attributed,
+			 r->months[i].revenue);
+	buf_adds(b, "</table></section><p class=note>Same numbers as JSON: "
+		 "report.json.</p></main></body></html>\n");
+	return b->data ? 0 : -1;
+}
+
+/* ==== 13. HTTP routes =================================================== */
 /*
  * http_handle maps (method, path) to one route function and always fills
  * a response: JSON errors for machines ({"error": "..."} with a 4xx that
@@ -3464,16 +4035,71 @@ static void route_validate(struct app *app, const struct http_req *rq,
 			     why, min, (int64_t)exp), &rs->body);
 }
 
-static void route_report_json(struct app *app, const struct http_req *rq,
-			      struct http_resp *rs, const char *arg, rm_time now)
+/* The operator's pages: from the machine itself, or with the tick token
+ * as a bearer token or as the password of HTTP Basic auth (so a browser
+ * asks for it). */
+static int operator_ok(struct app *app, const struct http_req *rq)
 {
-	(void)arg;
-	if (!bearer_ok(rq, app->cfg->tick_token))
-		return resp_json_error(app, rs, 401, "Authorization: Bearer "
-				       "<tick_token> required");
+	const char *ip = rq->remote_addr ? rq->remote_addr : "";
+	if (!strcmp(ip, "127.0.0.1") || !strcmp(ip, "::1"))
+		return 1;
+	if (bearer_ok(rq, app->cfg->tick_token))
+		return 1;
+	const char *a = rq->authorization;
+	if (!*app->cfg->tick_token || !a || strncmp(a, "Basic ", 6) != 0)
+		return 0;
+	char plain[256];
+	size_t n = 0;
+	if (sodium_base642bin((unsigned char *)plain, sizeof plain - 1, a + 6,
+			      strlen(a + 6), NULL, &n, NULL,
+			      sodium_base64_VARIANT_ORIGINAL) != 0)
+		return 0;
+	plain[n] = '\0';
+	const char *pw = strchr(plain, ':');
+	size_t len = strlen(app->cfg->tick_token);
+	return pw && strlen(pw + 1) == len &&
+	       sodium_memcmp(pw + 1, app->cfg->tick_token, len) == 0;
+}
+
+/* ?since=&until= (dates, Unix seconds or -30d); default: the last 30 days. */
+static int report_window(const struct http_req *rq, rm_time now, rm_time *since,
+			 rm_time *until)
+{
+	char *a = query_param(rq->query, "since"), *b = query_param(rq->query, "until");
+	*until = b ? parse_time(b, now) : now;
+	*since = a ? parse_time(a, *until) : *until - 30 * 86400;
+	free(a);
+	free(b);
+	return *since < 0 || *until < 0 || *since > *until ? -1 : 0;
+}
+
+static void route_report(struct app *app, const struct http_req *rq,
+			 struct http_resp *rs, const char *arg, rm_time now)
+{
+	int json = !strcmp(arg, "/report.json"); /* exact routes get the path */
+	if (!operator_ok(app, rq)) {
+		resp_json_error(app, rs, 401, "the report needs the tick_token "
+				"(Authorization: Bearer, or as the Basic password)");
+		buf_adds(&rs->headers, "WWW-Authenticate: Basic realm=\"remarket\"\r\n");
+		return;
+	}
+	rm_time since, until;
+	if (report_window(rq, now, &since, &until) < 0)
+		return resp_json_error(app, rs, 400, "since/until: want 2026-11-01, "
+				       "Unix seconds or -30d, since before until");
+	struct report *r = malloc(sizeof *r);
+	if (!r || report_build(app, since, until, r) < 0) {
+		free(r);
+		return resp_json_error(app, rs, 500, "report failed");
+	}
 	rs->status = 200;
-	rs->content_type = "application/json";
-	json_from(app->db, q(app->db, ST_REPORT, "i", (int64_t)now), &rs->body);
+	rs->content_type = json ? "application/json" : "text/html; charset=utf-8";
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n");
+	if (json)
+		report_json(r, &rs->body);
+	else
+		report_html(r, app->cfg->store_name, &rs->body);
+	free(r);
 }
 
 static const struct route {
@@ -3494,7 +4120,8 @@ static const struct route {
 	{"/d/", 1, "GET HEAD", route_discount},
 	{"/o/", 1, "GET HEAD", route_open},
 	{"/discounts/validate", 0, "POST", route_validate},
-	{"/report.json", 0, "GET HEAD", route_report_json},
+	{"/report", 0, "GET HEAD", route_report},
+	{"/report.json", 0, "GET HEAD", route_report},
 };
 
 static int method_allowed(const char *methods, const char *m)
@@ -3530,7 +4157,7 @@ void http_handle(struct app *app, const struct http_req *rq,
 	resp_json_error(app, rs, 404, "no such endpoint");
 }
 
-/* ==== 13. FastCGI and CGI front-ends ==================================== */
+/* ==== 14. FastCGI and CGI front-ends ==================================== */
 /*
  * Both front-ends turn a request into struct http_req through the same
  * function, given a way to read parameters and the body. The body is
@@ -3722,7 +4349,7 @@ static int serve_cgi(struct config *cfg)
 	return 0;
 }
 
-/* ==== 14. Command line ================================================== */
+/* ==== 15. Command line ================================================== */
 /*
  * The operator's commands (API.md): init, keygen, serve, tick, event,
  * report, flows. Each opens its own app, so every command, like every
@@ -3900,20 +4527,69 @@ static int cmd_event(struct app *app, rm_time now)
 	return 0;
 }
 
-static int cmd_report(struct app *app, rm_time now, int json)
+static const char *arg_value(int argc, char **argv, const char *name)
 {
-	struct buf r = {0};
-	if (json_from(app->db, q(app->db, ST_REPORT, "i", (int64_t)now), &r) < 0)
-		return 1;
-	if (json) {
-		printf("%s\n", r.data);
-	} else {
-		sqlite3_stmt *s = q(app->db, ST_OBJECT_EACH, "t", r.data);
-		while (sqlite3_step(s) == SQLITE_ROW)
-			printf("%-18s %s\n", col_text(s, 0), col_text(s, 3));
-		sqlite3_reset(s);
+	for (int i = 0; i + 1 < argc; i++)
+		if (!strcmp(argv[i], name))
+			return argv[i + 1];
+	return NULL;
+}
+
+static void report_text(const struct report *r)
+{
+	printf("abandoned carts    %ld (held out not counted)\n", r->abandoned);
+	printf("recovered carts    %ld (%.1f %%)\n", r->recovered,
+	       100 * r->recovery_rate);
+	printf("recovered revenue  %.2f %s\n", r->recovered_revenue, r->currency);
+	printf("orders             %ld (%ld attributed, %ld influenced)\n",
+	       r->orders, r->attributed, r->influenced);
+	printf("emails             %ld sent, %ld opened, %ld clicked, %ld "
+	       "unsubscribed, %ld bounced\n", r->sent, r->opened, r->clicked,
+	       r->unsubscribed, r->bounced);
+	printf("discount codes     %ld issued, %ld redeemed, cost %.2f %s\n",
+	       r->codes_issued, r->codes_redeemed, r->discount_cost, r->currency);
+	for (int i = 0; i < r->nflows; i++) {
+		const struct flow_report *f = &r->flows[i];
+		printf("flow %s: %ld enrolled, %ld held out; conversion %.1f %% vs "
+		       "%.1f %%, lift %+.1f points (95 %% CI %+.1f to %+.1f)\n  %s\n",
+		       f->name, f->enrolled, f->held_out, 100 * f->lift.p1,
+		       100 * f->lift.p2, 100 * f->lift.diff, 100 * f->lift.lo,
+		       100 * f->lift.hi, lift_verdict(&f->lift));
+		for (int j = 0; j < f->nsteps; j++) {
+			const struct step_report *s = &f->steps[j];
+			printf("  step %d%s  sent %ld  opened %ld  clicked %ld  orders %ld"
+			       "  revenue %.2f\n", s->position, s->variant == 'B' ? "B" : " ",
+			       s->sent, s->opened, s->clicked, s->orders, s->revenue);
+		}
 	}
-	buf_free(&r);
+}
+
+static int cmd_report(struct app *app, rm_time now, int argc, char **argv)
+{
+	const char *a = arg_value(argc, argv, "--since");
+	rm_time since = a ? parse_time(a, now) : now - 30 * 86400;
+	if (since < 0 || since > now) {
+		fprintf(stderr, "remarket report: --since: want 2026-11-01, Unix "
+			"seconds or -30d, before --now\n");
+		return 2;
+	}
+	struct report *r = malloc(sizeof *r);
+	struct buf out = {0};
+	if (!r || report_build(app, since, now, r) < 0) {
+		free(r);
+		return 1;
+	}
+	int json = 0;
+	for (int i = 1; i < argc; i++)
+		json |= !strcmp(argv[i], "--json");
+	if (json) {
+		report_json(r, &out);
+		printf("%s\n", buf_str(&out));
+	} else {
+		report_text(r);
+	}
+	buf_free(&out);
+	free(r);
 	return 0;
 }
 
@@ -4027,7 +4703,7 @@ static void usage(FILE *f)
 		"  serve ADDR           FastCGI on a unix socket path or host:port\n"
 		"  tick [--now T]       run one tick, print a JSON summary\n"
 		"  event [--now T]      record JSON event(s) read on stdin\n"
-		"  report [--json]      print the results\n"
+		"  report [--json] [--since D]  results since D (default -30d)\n"
 		"  flows [set F N k=v | enable F | disable F]\n"
 		"T is Unix seconds, 2026-11-24T10:00:00Z, or +90m/+2h/+3d from now.\n");
 }
@@ -4051,7 +4727,7 @@ static int run_app_command(struct config *cfg, int argc, char **argv)
 	else if (!strcmp(argv[0], "event"))
 		rc = cmd_event(&app, now);
 	else if (!strcmp(argv[0], "report"))
-		rc = cmd_report(&app, now, argc > 1 && !strcmp(argv[1], "--json"));
+		rc = cmd_report(&app, now, argc, argv);
 	else if (!strcmp(argv[0], "flows"))
 		rc = cmd_flows(&app, argc - 1, argv + 1);
 	else

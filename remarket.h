@@ -44,6 +44,9 @@ struct config {
 	long lease_seconds; /* how long a claimed message stays claimed */
 	long max_items;     /* items per cart */
 	long rate_ip_per_min, rate_visitor_per_min; /* browser events */
+	long attribution_click_days; /* an order within this of a click */
+	long attribution_view_hours; /* "influenced": within this of a send */
+	long conversion_days;        /* an enrollee who orders within this */
 };
 /* Loads defaults, then FILE (NULL: $REMARKET_CONFIG, else ./remarket.conf
  * if it exists), then REMARKET_<KEY> variables. */
@@ -60,6 +63,8 @@ int db_user_version(struct db *db);
 /* Runs one query of the tests' own and returns the first column of the
  * first row as an integer (or -1): a window into the state for tests. */
 long long db_scalar(struct db *db, const char *sql);
+/* A stable bucket in [0, 10000) for a text (also SQL's rm_bucket()). */
+int rm_bucket(const char *text);
 
 /* ---- The application: config + key + one connection ------------------- */
 
@@ -172,6 +177,55 @@ struct mail {
 int mail_build(const struct mail *m, struct buf *out, char *err,
 	       size_t errlen);
 enum send_result { SEND_OK = 0, SEND_TEMP = 1, SEND_PERM = 2 };
+
+/* ---- Report ----------------------------------------------------------- */
+
+/* Difference of two conversion rates, treated (x1 of n1) minus control
+ * (x2 of n2), with a 95 % Wald interval. too_small when either group has
+ * fewer than 30 members or there are fewer than 5 conversions in all. */
+struct lift {
+	double p1, p2, diff, lo, hi;
+	int too_small;
+};
+void stat_lift(long x1, long n1, long x2, long n2, struct lift *out);
+
+#define REPORT_FLOWS 8
+#define REPORT_STEPS 16
+#define REPORT_DAYS 120
+#define REPORT_MONTHS 24
+struct step_report {
+	int position;
+	char variant;             /* 'A', or 'B' for a step's second version */
+	long sent, opened, clicked, orders, converted;
+	double revenue;
+	struct lift ab;           /* on a 'B' row: B against A */
+};
+struct flow_report {
+	char name[64];
+	int holdout_pct;
+	long enrolled, held_out, converted, held_converted;
+	struct lift lift;         /* messaged against held out */
+	struct step_report steps[REPORT_STEPS];
+	int nsteps;
+};
+struct report {
+	rm_time since, until;
+	char currency[8];
+	long abandoned, recovered, orders, attributed, influenced;
+	double recovery_rate, revenue, recovered_revenue, influenced_revenue;
+	long sent, opened, clicked, unsubscribed, bounced, codes_issued, codes_redeemed;
+	double unsubscribe_rate, discount_cost;
+	struct flow_report flows[REPORT_FLOWS];
+	int nflows;
+	struct { char month[8]; long orders, attributed; double revenue; } months[REPORT_MONTHS];
+	int nmonths;
+	double daily[REPORT_DAYS]; /* attributed revenue by day, last day = until */
+	rm_time first_day;
+	int ndays;
+};
+int report_build(struct app *app, rm_time since, rm_time until, struct report *r);
+int report_json(const struct report *r, struct buf *out);
+int report_html(const struct report *r, const char *store_name, struct buf *out);
 
 /* ---- HTTP ------------------------------------------------------------- */
 
