@@ -645,6 +645,9 @@ void cfg_free(struct config *cfg)
 	X(MESSAGE_RETRY,                                                       \
 	  "UPDATE messages SET status = 'queued', next_try = ?2, "             \
 	  "lease_until = NULL, error = ?3 WHERE id = ?1")                      \
+	X(MESSAGE_DEFER,                                                        \
+	  "UPDATE messages SET status = 'queued', next_try = ?2, "             \
+	  "lease_until = NULL, attempts = max(attempts - 1, 0) WHERE id = ?1") \
 	X(MESSAGE_END,                                                         \
 	  "UPDATE messages SET status = ?2, lease_until = NULL, error = ?3 "   \
 	  "WHERE id = ?1")                                                     \
@@ -1075,6 +1078,8 @@ int val_text(const char *s, size_t maxlen)
 		unsigned char c = (unsigned char)s[i];
 		if (c < 0x20 || c == 0x7F)
 			return 0; /* CR, LF, tab and the rest never pass */
+		if (c == 0xC2 && i + 1 < n && (unsigned char)s[i + 1] <= 0x9F)
+			return 0; /* C1 controls U+0080-U+009F: NEL, CSI... */
 	}
 	return 1;
 }
@@ -1473,11 +1478,54 @@ static int tpl_block(struct tpl_run *r, const char *s, const char *end,
 	return 0;
 }
 
+/* Checks that every tag of the whole template is closed and every section
+ * closed in order, before rendering: a broken tag inside a section that
+ * this shopper's data skips must fail for every shopper, not some. */
+static int tpl_check(const char *s, char *err, size_t errlen)
+{
+	const char *stack[16];
+	size_t lens[16], depth = 0;
+	for (const char *open; (open = strstr(s, "{{"));) {
+		const char *close = strstr(open + 2, "}}");
+		if (!close) {
+			snprintf(err, errlen, "unclosed '{{'");
+			return -1;
+		}
+		char kind = open[2];
+		const char *name = open + 3;
+		size_t n = (size_t)(close - name);
+		s = close + 2;
+		if (kind == '#' || kind == '^') {
+			if (depth == 16) {
+				snprintf(err, errlen, "sections nested too deep");
+				return -1;
+			}
+			stack[depth] = name, lens[depth++] = n;
+		} else if (kind == '/') {
+			if (!depth || lens[depth - 1] != n ||
+			    memcmp(stack[depth - 1], name, n) != 0) {
+				snprintf(err, errlen, "'{{/%.*s}}' closes no open section",
+					 (int)n, name);
+				return -1;
+			}
+			depth--;
+		}
+	}
+	if (depth) {
+		snprintf(err, errlen, "'{{%.*s}}' is never closed", (int)lens[depth - 1],
+			 stack[depth - 1]);
+		return -1;
+	}
+	return 0;
+}
+
 int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
 	       const char *dir, const char *ext, struct buf *out, char *err,
 	       size_t errlen)
 {
 	struct tpl_run r = {mode, dir, ext, out, err, errlen, 0};
+	if (tpl_check(tpl, err, errlen) < 0)
+		return -1;
 	int rc = tpl_block(&r, tpl, tpl + strlen(tpl), ctx);
 	if (rc == 0 && !out->data)
 		rc = buf_add(out, "", 0);
@@ -1852,6 +1900,8 @@ static int ev_parse(struct app *app, const char *obj, enum ev_source src,
 		rc = ev_items(app, e, err);
 	if (rc == 0 && e->review)
 		rc = ev_review(app, e->review, err);
+	for (char *p = e->code; p && *p; p++) /* codes are stored upper-case */
+		*p = (char)toupper((unsigned char)*p);
 	/* browsers' clocks are not trusted; servers may backdate */
 	if (src == EV_BROWSER || src == EV_PIXEL || e->ts < 0)
 		e->ts = now;
@@ -2288,10 +2338,12 @@ static int hdr_encode(struct buf *out, const char *s)
 		return buf_adds(out, s);
 	size_t n = strlen(s), i = 0;
 	while (i < n) {
-		size_t take = n - i > 45 ? 45 : n - i;
+		/* 39 bytes make 52 base64 characters: with "Subject: " and the
+		 * =?UTF-8?B?...?= wrapping, a line stays within 76 (RFC 2047) */
+		size_t take = n - i > 39 ? 39 : n - i;
 		while (i + take < n && ((unsigned char)s[i + take] & 0xC0) == 0x80)
 			take--; /* never split a UTF-8 sequence */
-		char b64[sodium_base64_ENCODED_LEN(45, sodium_base64_VARIANT_ORIGINAL)];
+		char b64[sodium_base64_ENCODED_LEN(39, sodium_base64_VARIANT_ORIGINAL)];
 		sodium_bin2base64(b64, sizeof b64, (const unsigned char *)s + i,
 				  take, sodium_base64_VARIANT_ORIGINAL);
 		if (buf_addf(out, "%s=?UTF-8?B?%s?=", i ? "\r\n " : "", b64))
@@ -2925,9 +2977,8 @@ static int flow_send(struct app *app, int64_t id, rm_time now,
 	int rc = 0;
 	const char *why = msg_exit_reason(&m);
 	if (why && !*why) { /* shopper active again: look again later */
-		rc = q_exec(app->db, q(app->db, ST_MESSAGE_RETRY, "iit", id,
-				       (int64_t)now + app->cfg->idle_minutes * 60,
-				       "cart active again"));
+		rc = q_exec(app->db, q(app->db, ST_MESSAGE_DEFER, "ii", id,
+				       (int64_t)now + app->cfg->idle_minutes * 60));
 		goto out;
 	}
 	if (why) {
@@ -4771,7 +4822,12 @@ static int run(int argc, char **argv)
 	return rc;
 }
 
-#ifndef RM_NO_MAIN
+/* The unit tests bring their own main(); this one is kept, renamed, so
+ * that every function stays compiled and warning-checked in their build. */
+#ifdef RM_NO_MAIN
+#define main remarket_main
+int remarket_main(int argc, char **argv);
+#endif
 int main(int argc, char **argv)
 {
 	if (sodium_init() < 0 || curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
@@ -4782,4 +4838,3 @@ int main(int argc, char **argv)
 	curl_global_cleanup();
 	return rc;
 }
-#endif

@@ -1,0 +1,1932 @@
+/*
+ * tests/unit.c: unit tests of remarket's internal API (remarket.h).
+ *
+ * Every area gets one static function below, run in file order by main().
+ * The tests run against real applications ("worlds": a config loaded by
+ * cfg_load from REMARKET_* variables, a key file, a migrated SQLite file,
+ * the repository's templates and an outbox directory), all inside one
+ * mkdtemp directory under /tmp that is removed at the end. Time never
+ * comes from the system clock: every call is given "now" as T0 plus an
+ * offset, so flows that span days run in milliseconds.
+ *
+ * Output is TAP (tests/tap.h). Build and run: make build/san/unit &&
+ * ./build/san/unit, or through prove (tests/10-unit.t, 11-valgrind.t).
+ * The templates directory is $RM_TEMPLATES, else found from __FILE__,
+ * else ./templates.
+ */
+#define _GNU_SOURCE
+#include "remarket.h"
+#include "tap.h"
+
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <ftw.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <sodium.h>
+#include <sqlite3.h>
+
+#define T0 ((rm_time)1795000000) /* 2026-11-18T11:06:40Z, a Wednesday */
+#define MIN 60
+#define HOUR 3600
+#define DAY 86400
+
+#define HOOK_SECRET "whsec_unit_test"
+#define TICK_TOKEN "tick-unit-token"
+#define CART_URL "https://shop.example.com/cart?restore={cart}&code={code}"
+#define BASE_URL "https://shop.example.com/rm"
+
+static char tmpdir[PATH_MAX];    /* mkdtemp; removed at the end */
+static char templates[PATH_MAX]; /* the repository's templates/, absolute */
+
+/* ==== helpers =========================================================== */
+
+/* A printable form of S for test names: control bytes and non-ASCII as
+ * \xNN, long strings cut. Eight rotating buffers. */
+static const char *vis(const char *s)
+{
+	static char ring[8][120];
+	static int at;
+	char *o = ring[at++ % 8];
+	size_t n = 0;
+	if (!s)
+		return "NULL";
+	for (; *s && n < 100; s++) {
+		unsigned char c = (unsigned char)*s;
+		if (c < 0x20 || c >= 0x7F)
+			n += (size_t)snprintf(o + n, 120 - n, "\\x%02X", c);
+		else
+			o[n++] = (char)c;
+	}
+	if (*s)
+		n += (size_t)snprintf(o + n, 120 - n, "...");
+	o[n] = '\0';
+	return o;
+}
+
+static int contains(const char *hay, const char *needle)
+{
+	return hay && needle && strstr(hay, needle) != NULL;
+}
+
+static int count_of(const char *hay, const char *needle)
+{
+	int n = 0;
+	for (const char *p = hay; p && (p = strstr(p, needle)); p += strlen(needle))
+		n++;
+	return n;
+}
+
+static char *repeat(const char *unit, size_t n)
+{
+	struct buf b = {0};
+	for (size_t i = 0; i < n; i++)
+		buf_adds(&b, unit);
+	buf_add(&b, "", 0);
+	return b.data;
+}
+
+static int write_file(const char *path, const void *data, size_t n)
+{
+	FILE *f = fopen(path, "wb");
+	if (!f)
+		return -1;
+	int rc = fwrite(data, 1, n, f) == n ? 0 : -1;
+	return fclose(f) || rc ? -1 : 0;
+}
+
+static int rm_entry(const char *path, const struct stat *st, int flag,
+		    struct FTW *ftw)
+{
+	(void)st, (void)flag, (void)ftw;
+	return remove(path);
+}
+
+/* Quoted-printable decoding, for reading back what mail_build wrote. */
+static void qp_decode(const char *s, size_t n, struct buf *out)
+{
+	const char *end = s + n;
+	while (s < end) {
+		if (s[0] == '=' && end - s >= 3 && s[1] == '\r' && s[2] == '\n') {
+			s += 3;
+		} else if (s[0] == '=' && end - s >= 3 &&
+			   isxdigit((unsigned char)s[1]) &&
+			   isxdigit((unsigned char)s[2])) {
+			char hex[3] = {s[1], s[2], 0};
+			char c = (char)strtol(hex, NULL, 16);
+			buf_add(out, &c, 1);
+			s += 3;
+		} else if (s[0] == '\r' && end - s >= 2 && s[1] == '\n') {
+			buf_add(out, "\n", 1);
+			s += 2;
+		} else {
+			buf_add(out, s++, 1);
+		}
+	}
+	buf_add(out, "", 0);
+}
+
+/* The longest line of S, not counting its CRLF. */
+static size_t longest_line(const char *s)
+{
+	size_t max = 0;
+	while (*s) {
+		size_t n = strcspn(s, "\r\n");
+		if (n > max)
+			max = n;
+		s += n;
+		s += strspn(s, "\r\n") > 2 ? 2 : strspn(s, "\r\n");
+	}
+	return max;
+}
+
+/* 1 if every LF is preceded by CR and every CR followed by LF. */
+static int all_crlf(const char *s, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (s[i] == '\n' && (i == 0 || s[i - 1] != '\r'))
+			return 0;
+		if (s[i] == '\r' && (i + 1 >= n || s[i + 1] != '\n'))
+			return 0;
+	}
+	return 1;
+}
+
+/* The value of header NAME in a header block (unfolded), or "". */
+static const char *header_of(const char *msg, const char *name)
+{
+	static char val[2048];
+	size_t n = strlen(name);
+	val[0] = '\0';
+	for (const char *p = msg; p && *p;) {
+		if (!strncmp(p, "\r\n", 2))
+			break; /* end of the header block */
+		if (!strncasecmp(p, name, n) && p[n] == ':') {
+			const char *v = p + n + 1;
+			size_t o = 0;
+			while (*v == ' ')
+				v++;
+			while (*v && o + 1 < sizeof val) {
+				if (!strncmp(v, "\r\n", 2) && (v[2] == ' ' || v[2] == '\t'))
+					v += 2; /* folded: keep the whitespace */
+				else if (!strncmp(v, "\r\n", 2))
+					break;
+				else
+					val[o++] = *v++;
+			}
+			val[o] = '\0';
+			return val;
+		}
+		p = strstr(p, "\r\n");
+		if (p)
+			p += 2;
+	}
+	return val;
+}
+
+/* ---- worlds: a real app in the temp dir ---- */
+
+struct world {
+	struct config cfg;
+	struct app app;
+	char name[32];
+	char outbox[PATH_MAX];
+};
+
+static int world_open(struct world *w, const char *name)
+{
+	char db[PATH_MAX], err[512] = "";
+	struct db *d = NULL;
+	memset(w, 0, sizeof *w);
+	snprintf(w->name, sizeof w->name, "%s", name);
+	snprintf(db, sizeof db, "%s/%s.db", tmpdir, name);
+	snprintf(w->outbox, sizeof w->outbox, "%s/%s-outbox", tmpdir, name);
+	setenv("REMARKET_DB", db, 1);
+	setenv("REMARKET_OUTBOX", w->outbox, 1);
+	if (cfg_load(&w->cfg, NULL, err, sizeof err) < 0 ||
+	    db_open(&d, w->cfg.db, err, sizeof err) < 0 ||
+	    db_migrate(d, err, sizeof err) < 0) {
+		diag("world %s: %s", name, err);
+		db_close(d);
+		cfg_free(&w->cfg);
+		return -1;
+	}
+	db_close(d);
+	if (app_open(&w->app, &w->cfg, err, sizeof err) < 0) {
+		diag("world %s: %s", name, err);
+		cfg_free(&w->cfg);
+		return -1;
+	}
+	return 0;
+}
+
+static void world_close(struct world *w)
+{
+	app_close(&w->app);
+	cfg_free(&w->cfg);
+}
+
+static long long sq(struct world *w, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+static long long sq(struct world *w, const char *fmt, ...)
+{
+	char sql[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(sql, sizeof sql, fmt, ap);
+	va_end(ap);
+	return db_scalar(w->app.db, sql);
+}
+
+/* The first column of the first row as text (malloc'd, or NULL), read
+ * through a connection of the test's own: db_scalar only gives numbers. */
+static char *sq_text(struct world *w, const char *sql)
+{
+	sqlite3 *h = NULL;
+	sqlite3_stmt *s = NULL;
+	char *v = NULL;
+	if (sqlite3_open_v2(w->cfg.db, &h, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK &&
+	    sqlite3_prepare_v2(h, sql, -1, &s, NULL) == SQLITE_OK &&
+	    sqlite3_step(s) == SQLITE_ROW && sqlite3_column_text(s, 0))
+		v = strdup((const char *)sqlite3_column_text(s, 0));
+	sqlite3_finalize(s);
+	sqlite3_close(h);
+	return v;
+}
+
+static int ingest(struct world *w, enum ev_source src, const char *json,
+		  rm_time now, struct ev_error *err)
+{
+	return ev_ingest(&w->app, src, json, strlen(json), NULL, now, err);
+}
+
+static int outbox_count(struct world *w)
+{
+	DIR *d = opendir(w->outbox);
+	int n = 0;
+	if (!d)
+		return 0;
+	for (struct dirent *e; (e = readdir(d));) {
+		size_t l = strlen(e->d_name);
+		n += l > 4 && !strcmp(e->d_name + l - 4, ".eml");
+	}
+	closedir(d);
+	return n;
+}
+
+/* The outbox file of message row ID, or -1. */
+static int outbox_read(struct world *w, long long id, struct buf *out)
+{
+	char path[PATH_MAX + 32];
+	snprintf(path, sizeof path, "%s/m%06lld.eml", w->outbox, id);
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return -1;
+	char chunk[4096];
+	size_t n;
+	while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+		buf_add(out, chunk, n);
+	fclose(f);
+	return buf_add(out, "", 0);
+}
+
+/* A cart event of one consenting (or not) shopper, at now. */
+static int cart_event(struct world *w, const char *email, const char *name,
+		      const char *cart, int consent, rm_time now)
+{
+	struct buf b = {0};
+	struct ev_error err;
+	buf_addf(&b, "{\"type\":\"cart\",\"email\":\"%s\",\"name\":\"%s\","
+		 "\"consent\":%s,\"cart_id\":\"%s\",\"currency\":\"EUR\","
+		 "\"items\":[{\"sku\":\"LAMP-1\",\"name\":\"Linen lamp\","
+		 "\"price\":49.5,\"qty\":2,\"url\":\"https://shop.example.com/p/lamp\"},"
+		 "{\"sku\":\"RUG-2\",\"name\":\"Wool rug\",\"price\":120}]}",
+		 email, name, consent ? "true" : "false", cart);
+	int rc = ingest(w, EV_HOOK, b.data, now, &err);
+	if (rc != 1)
+		diag("cart event for %s: %d %d %s", email, rc, err.status, err.msg);
+	buf_free(&b);
+	return rc;
+}
+
+static int tick(struct world *w, rm_time now, struct tick_summary *sum)
+{
+	int rc = flow_tick(&w->app, now, sum);
+	if (rc < 0)
+		diag("flow_tick at T0%+lld failed", (long long)(now - T0));
+	return rc;
+}
+
+/* An HTTP request straight into http_handle. */
+static void http(struct world *w, const char *method, const char *path,
+		 const char *body, const char *sig, const char *auth,
+		 rm_time now, struct http_resp *rs)
+{
+	struct http_req rq = {0};
+	rq.method = method;
+	rq.path = path;
+	rq.content_type = body ? "application/json" : NULL;
+	rq.signature = sig;
+	rq.authorization = auth;
+	rq.remote_addr = "127.0.0.1";
+	rq.body = body;
+	rq.body_len = body ? strlen(body) : 0;
+	memset(rs, 0, sizeof *rs);
+	http_handle(&w->app, &rq, rs, now);
+}
+
+static const char *resp_header(const struct http_resp *rs, const char *name)
+{
+	static char val[2048];
+	size_t n = strlen(name);
+	val[0] = '\0';
+	for (const char *p = rs->headers.data; p && *p;) {
+		size_t len = strcspn(p, "\r\n");
+		if (len > n + 1 && !strncasecmp(p, name, n) && p[n] == ':') {
+			snprintf(val, sizeof val, "%.*s", (int)(len - n - 2), p + n + 2);
+			return val;
+		}
+		p += len;
+		p += strspn(p, "\r\n");
+	}
+	return val;
+}
+
+/* ==== 1. Buffers and validators ========================================= */
+
+static void test_buffers(void)
+{
+	/* buf: growth, NUL termination, embedded NULs, printf, free */
+	struct buf b = {0};
+	ok(buf_add(&b, "", 0) == 0 && b.data && b.len == 0 && b.data[0] == '\0',
+	   "buf_add of nothing gives an allocated empty string");
+	ok(buf_adds(&b, "abc") == 0 && buf_add(&b, "d\0e", 3) == 0,
+	   "buf_adds and buf_add succeed");
+	is_int((long long)b.len, 6, "buf len counts embedded NUL bytes");
+	ok(memcmp(b.data, "abcd\0e", 7) == 0, "bytes kept in order and NUL-terminated");
+	b.len = 0;
+	ok(buf_addf(&b, "%s-%d-%05.1f", "x", 42, 3.14159) == 0, "buf_addf succeeds");
+	is_str(b.data, "x-42-003.1", "buf_addf formats like printf");
+	for (int i = 0; i < 2000; i++)
+		buf_addf(&b, "%08d", i);
+	is_int((long long)b.len, 10 + 2000 * 8, "buf grows over many appends");
+	ok(b.cap > b.len && b.data[b.len] == '\0', "buf keeps room for the NUL");
+	is_str(b.data + b.len - 8, "00001999", "last append is intact");
+	buf_free(&b);
+	ok(!b.data && !b.len && !b.cap, "buf_free resets the buffer");
+	buf_free(&b); /* twice is harmless */
+
+	/* html_escape */
+	ok(html_escape(&b, "<a href=\"x\">Tom & Jerry's</a>") == 0, "html_escape succeeds");
+	is_str(b.data, "&lt;a href=&quot;x&quot;&gt;Tom &amp; Jerry&#39;s&lt;/a&gt;",
+	       "html_escape escapes < > & \" '");
+	buf_free(&b);
+}
+
+struct vcase {
+	const char *s;
+	int want;
+};
+
+static void test_validators(void)
+{
+	/* val_utf8 */
+	static const struct {
+		const char *s;
+		size_t n;
+		int want;
+		const char *what;
+	} u[] = {
+		{"plain ASCII", 11, 1, "ASCII"},
+		{"Zo\xC3\xAB \xE2\x82\xAC \xF0\x9F\x98\x80", 13, 1, "2-, 3- and 4-byte sequences"},
+		{"\xEF\xBF\xBF", 3, 1, "U+FFFF"},
+		{"\xF4\x8F\xBF\xBF", 4, 1, "U+10FFFF, the last code point"},
+		{"a\0b", 3, 1, "an embedded NUL"},
+		{"", 0, 1, "empty"},
+		{"\xC0\x80", 2, 0, "overlong C0 80"},
+		{"\xC1\xBF", 2, 0, "overlong C1 BF"},
+		{"\xE0\x80\xAF", 3, 0, "overlong 3-byte slash"},
+		{"\xF0\x80\x80\xAF", 4, 0, "overlong 4-byte slash"},
+		{"\xED\xA0\x80", 3, 0, "surrogate ED A0 80 (U+D800)"},
+		{"\xED\xBF\xBF", 3, 0, "surrogate ED BF BF (U+DFFF)"},
+		{"\xE2\x82", 2, 0, "truncated 3-byte sequence"},
+		{"abc\xF0\x9F\x98", 6, 0, "truncated 4-byte sequence at the end"},
+		{"\xF4\x90\x80\x80", 4, 0, "U+110000, above U+10FFFF"},
+		{"\xF5\x80\x80\x80", 4, 0, "lead byte F5"},
+		{"\xF8\x88\x80\x80\x80", 5, 0, "5-byte form"},
+		{"\x80", 1, 0, "lone continuation byte"},
+		{"\xC3\x28", 2, 0, "bad continuation byte"},
+		{"\xFF", 1, 0, "byte FF"},
+	};
+	for (size_t i = 0; i < sizeof u / sizeof u[0]; i++)
+		ok(val_utf8(u[i].s, u[i].n) == u[i].want, "val_utf8 %s %s",
+		   u[i].want ? "accepts" : "rejects", u[i].what);
+
+	/* val_email */
+	char *local64 = repeat("a", 64), *l63 = repeat("b", 63), *l61 = repeat("d", 61);
+	char e254[300], e255[300], local65[80];
+	snprintf(e254, sizeof e254, "%s@%s.%s.%s", local64, l63, l63, l61);
+	snprintf(e255, sizeof e255, "%s@%s.%s.%sd", local64, l63, l63, l61);
+	snprintf(local65, sizeof local65, "%sa@example.com", local64);
+	ok(strlen(e254) == 254 && strlen(e255) == 255, "built 254- and 255-char addresses");
+	const struct vcase em[] = {
+		{"ann@example.com", 1},
+		{"a.b+tag@sub.example.co.uk", 1},
+		{"o'brien@example.ie", 1},
+		{"ANN@EXAMPLE.COM", 1},
+		{"x@a-b.io", 1},
+		{e254, 1},
+		{"annexample.com", 0},
+		{"ann@@example.com", 0},
+		{"a@b@example.com", 0},
+		{"ann smith@example.com", 0},
+		{"ann@exam ple.com", 0},
+		{" ann@example.com", 0},
+		{"ann@example.com ", 0},
+		{"ann@example.com\r\n", 0},
+		{"ann@example.com\rBcc: eve@evil.example", 0},
+		{"ann\n@example.com", 0},
+		{e255, 0},
+		{local65, 0},
+		{".ann@example.com", 0},
+		{"ann.@example.com", 0},
+		{"an..n@example.com", 0},
+		{"ann@example..com", 0},
+		{"ann@.example.com", 0},
+		{"ann@example.com.", 0},
+		{"ann@localhost", 0},
+		{"ann@", 0},
+		{"@example.com", 0},
+		{"", 0},
+		{"ann@-example.com", 0},
+		{"ann@example-.com", 0},
+		{"ann@exa_mple.com", 0},
+		{"<ann@example.com>", 0},
+	};
+	for (size_t i = 0; i < sizeof em / sizeof em[0]; i++)
+		ok(val_email(em[i].s) == em[i].want, "val_email %s '%s'",
+		   em[i].want ? "accepts" : "rejects", vis(em[i].s));
+	free(local64), free(l63), free(l61);
+
+	/* val_text */
+	const struct vcase tx[] = {
+		{"Ann Smith", 1}, {"Zo\xC3\xAB \xE2\x80\x94 caf\xC3\xA9", 1}, {"", 1},
+		{"a\rb", 0}, {"a\nb", 0}, {"a\tb", 0}, {"a\x7F", 0},
+		{"\x1B[31mred", 0}, {"bell\a", 0}, {"bad \xC3", 0},
+		/* C1 controls are control characters too: U+0085 NEL (a line
+		 * break to some readers) and U+009B, the 8-bit CSI of terminals */
+		{"a\xC2\x85" "b", 0}, {"\xC2\x9B" "31mred", 0},
+	};
+	for (size_t i = 0; i < sizeof tx / sizeof tx[0]; i++)
+		ok(val_text(tx[i].s, 100) == tx[i].want, "val_text %s '%s'",
+		   tx[i].want ? "accepts" : "rejects", vis(tx[i].s));
+	is_int(val_text("abcd", 4), 1, "val_text accepts exactly maxlen bytes");
+	is_int(val_text("abcde", 4), 0, "val_text rejects maxlen + 1 bytes");
+
+	/* val_ident */
+	char *id64 = repeat("x", 64), *id65 = repeat("x", 65);
+	const struct vcase idc[] = {
+		{"cart-123", 1}, {"a.b_c:d-E9", 1}, {id64, 1},
+		{"", 0}, {id65, 0}, {"a b", 0}, {"a/b", 0}, {"../x", 0},
+		{"caf\xC3\xA9", 0}, {"a;b", 0}, {"a\nb", 0},
+	};
+	for (size_t i = 0; i < sizeof idc / sizeof idc[0]; i++)
+		ok(val_ident(idc[i].s, 64) == idc[i].want, "val_ident %s '%s'",
+		   idc[i].want ? "accepts" : "rejects", vis(idc[i].s));
+	free(id64), free(id65);
+
+	/* val_url */
+	const struct vcase ur[] = {
+		{"http://example.com", 1},
+		{"https://shop.example.com/p/lamp?x=1&y=2#top", 1},
+		{"https://example.com:8443/a", 1},
+		{"javascript:alert(1)", 0},
+		{"JavaScript:alert(document.cookie)", 0},
+		{"ftp://example.com/file", 0},
+		{"data:text/html,<b>hi</b>", 0},
+		{"http://", 0},
+		{"https://", 0},
+		{"//example.com/x", 0},
+		{"example.com/x", 0},
+		{"https://example.com/\r\nSet-Cookie: x=1", 0},
+		{"https://exa mple.com/", 0},
+		{"", 0},
+	};
+	for (size_t i = 0; i < sizeof ur / sizeof ur[0]; i++)
+		ok(val_url(ur[i].s) == ur[i].want, "val_url %s '%s'",
+		   ur[i].want ? "accepts" : "rejects", vis(ur[i].s));
+}
+
+/* ==== 2. Signed tokens ================================================== */
+
+static void test_tokens(void)
+{
+	unsigned char k1[RM_KEYBYTES], k2[RM_KEYBYTES];
+	char tok[TOK_MAXLEN + 1], other[TOK_MAXLEN + 1];
+	int64_t subj;
+	for (int i = 0; i < RM_KEYBYTES; i++)
+		k1[i] = (unsigned char)(i * 7 + 3), k2[i] = (unsigned char)(255 - i);
+
+	/* round trip for every kind */
+	static const char kinds[] = {TOK_RECOVER, TOK_UNSUB, TOK_DISCOUNT, TOK_OPEN};
+	for (size_t i = 0; i < sizeof kinds; i++) {
+		ok(tok_sign(k1, kinds[i], 1000 + (int64_t)i, T0 + DAY, tok, sizeof tok) == 0,
+		   "tok_sign kind '%c'", kinds[i]);
+		subj = -1;
+		ok(tok_verify(k1, tok, kinds[i], T0, &subj) == TOK_OK &&
+			   subj == 1000 + (int64_t)i,
+		   "tok_verify kind '%c' round trip gives subject %d", kinds[i], 1000 + (int)i);
+	}
+	ok(tok_sign(k1, TOK_RECOVER, (int64_t)1 << 40, T0 + DAY, tok, sizeof tok) == 0 &&
+		   tok_verify(k1, tok, TOK_RECOVER, T0, &subj) == TOK_OK &&
+		   subj == (int64_t)1 << 40,
+	   "a 41-bit subject survives the round trip");
+	tok_sign(k1, TOK_RECOVER, 42, T0 + DAY, tok, sizeof tok);
+	size_t len = strlen(tok);
+	ok(len > 0 && len <= TOK_MAXLEN, "token length %zu fits TOK_MAXLEN", len);
+	ok(strspn(tok, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+		       "0123456789-_") == len,
+	   "token is URL-safe base64 without padding");
+	ok(tok_sign(k1, TOK_RECOVER, 42, T0 + DAY, other, 10) < 0,
+	   "tok_sign refuses a too-small output buffer");
+
+	/* wrong kind */
+	is_int(tok_verify(k1, tok, TOK_UNSUB, T0, &subj), TOK_WRONG_KIND,
+	       "a recovery token used as an unsubscribe token -> TOK_WRONG_KIND");
+	is_int(tok_verify(k1, tok, TOK_DISCOUNT, T0, &subj), TOK_WRONG_KIND,
+	       "a recovery token used as a discount token -> TOK_WRONG_KIND");
+
+	/* every single-character change, at every position */
+	static const char alt[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+				  "0123456789-_+/=.~! ";
+	for (size_t pos = 0; pos < len; pos++) {
+		int bad = 0, tried = 0;
+		for (const char *c = alt; *c; c++) {
+			if (*c == tok[pos])
+				continue;
+			snprintf(other, sizeof other, "%s", tok);
+			other[pos] = *c;
+			tried++;
+			if (tok_verify(k1, other, TOK_RECOVER, T0, &subj) == TOK_OK)
+				bad++;
+		}
+		ok(bad == 0, "token changed at position %zu: none of %d variants verifies",
+		   pos, tried);
+	}
+	int bad = 0;
+	for (size_t cut = 0; cut < len; cut++) {
+		snprintf(other, sizeof other, "%.*s", (int)cut, tok);
+		bad += tok_verify(k1, other, TOK_RECOVER, T0, &subj) == TOK_OK;
+	}
+	ok(bad == 0, "no truncation of a token verifies");
+	snprintf(other, sizeof other, "%sA", tok);
+	is_int(tok_verify(k1, other, TOK_RECOVER, T0, &subj), TOK_MALFORMED,
+	       "a token with one more character -> TOK_MALFORMED");
+
+	/* another key */
+	tok_sign(k2, TOK_RECOVER, 42, T0 + DAY, other, sizeof other);
+	is_int(tok_verify(k1, other, TOK_RECOVER, T0, &subj), TOK_FORGED,
+	       "a token signed with another key -> TOK_FORGED");
+	is_int(tok_verify(k2, other, TOK_RECOVER, T0, &subj), TOK_OK,
+	       "... and it verifies with its own key");
+
+	/* expiry */
+	tok_sign(k1, TOK_OPEN, 7, T0 + 100, tok, sizeof tok);
+	is_int(tok_verify(k1, tok, TOK_OPEN, T0 + 99, &subj), TOK_OK, "verify at expires-1 -> TOK_OK");
+	is_int(tok_verify(k1, tok, TOK_OPEN, T0 + 100, &subj), TOK_OK, "verify at expires -> TOK_OK");
+	is_int(tok_verify(k1, tok, TOK_OPEN, T0 + 101, &subj), TOK_EXPIRED, "verify at expires+1 -> TOK_EXPIRED");
+	is_int(tok_verify(k1, tok, TOK_UNSUB, T0 + 101, &subj), TOK_WRONG_KIND,
+	       "the kind is checked before the expiry");
+
+	/* garbage */
+	char *longtok = repeat("A", TOK_MAXLEN + 1);
+	const char *junk[] = {"", "!!!!", "not a token at all", "AAAA",
+			      "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", longtok,
+			      "../../etc/passwd"};
+	for (size_t i = 0; i < sizeof junk / sizeof junk[0]; i++)
+		ok(tok_verify(k1, junk[i], TOK_RECOVER, T0, &subj) == TOK_MALFORMED,
+		   "token '%s' -> TOK_MALFORMED", vis(junk[i]));
+	is_int(tok_verify(k1, NULL, TOK_RECOVER, T0, &subj), TOK_MALFORMED,
+	       "a NULL token -> TOK_MALFORMED");
+	free(longtok);
+	const int sts[] = {TOK_MALFORMED, TOK_FORGED, TOK_EXPIRED, TOK_WRONG_KIND};
+	for (size_t i = 0; i < 4; i++)
+		ok(tok_strerror(sts[i]) && *tok_strerror(sts[i]) &&
+			   strcmp(tok_strerror(sts[i]), tok_strerror(TOK_OK)),
+		   "tok_strerror(%d) says something", sts[i]);
+}
+
+/* ==== 3. Hook signatures ================================================ */
+
+static void test_hooks(void)
+{
+	const char *body = "{\"type\":\"identify\",\"email\":\"ann@example.com\"}";
+	size_t blen = strlen(body);
+	char sig[256], hdr[512], wrong[65], right[65];
+	const char *why = NULL;
+
+	/* hook_sign's format, checked against HMAC-SHA256 computed here */
+	ok(hook_sign(HOOK_SECRET, T0, body, blen, sig, sizeof sig) == 0, "hook_sign succeeds");
+	unsigned char mac[crypto_auth_hmacsha256_BYTES];
+	crypto_auth_hmacsha256_state st;
+	char ts[32];
+	snprintf(ts, sizeof ts, "%lld", (long long)T0);
+	crypto_auth_hmacsha256_init(&st, (const unsigned char *)HOOK_SECRET, strlen(HOOK_SECRET));
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)ts, strlen(ts));
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)".", 1);
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)body, blen);
+	crypto_auth_hmacsha256_final(&st, mac);
+	sodium_bin2hex(right, sizeof right, mac, sizeof mac);
+	snprintf(hdr, sizeof hdr, "t=%lld,v1=%s", (long long)T0, right);
+	is_str(sig, hdr, "hook_sign gives t=<unix>,v1=hex(HMAC-SHA256(secret, t.body))");
+	ok(hook_sign(HOOK_SECRET, T0, body, blen, sig, 20) < 0,
+	   "hook_sign refuses a too-small output buffer");
+	hook_sign(HOOK_SECRET, T0, body, blen, sig, sizeof sig);
+
+	/* valid, body changed, secret changed */
+	is_int(hook_verify(HOOK_SECRET, sig, body, blen, T0, &why), 0, "valid signature accepted");
+	is_int(hook_verify(HOOK_SECRET, sig, body, blen - 1, T0, &why), -1, "body cut by one byte -> refused");
+	ok(why && contains(why, "does not match"), "... why says the signature does not match");
+	char *changed = strdup(body);
+	changed[10] ^= 1;
+	is_int(hook_verify(HOOK_SECRET, sig, changed, blen, T0, &why), -1, "body changed -> refused");
+	free(changed);
+	is_int(hook_verify("another-secret", sig, body, blen, T0, &why), -1, "secret changed -> refused");
+	is_int(hook_verify(HOOK_SECRET, sig, "", 0, T0, &why), -1, "empty body -> refused");
+
+	/* the 5-minute window */
+	is_int(hook_verify(HOOK_SECRET, sig, body, blen, T0 + 299, &why), 0, "t 299 s old -> accepted");
+	is_int(hook_verify(HOOK_SECRET, sig, body, blen, T0 + 300, &why), 0, "t 300 s old -> accepted");
+	is_int(hook_verify(HOOK_SECRET, sig, body, blen, T0 + 301, &why), -1, "t 301 s old -> refused");
+	ok(why && contains(why, "minutes"), "... why speaks of the time window");
+	is_int(hook_verify(HOOK_SECRET, sig, body, blen, T0 - 299, &why), 0, "t 299 s in the future -> accepted");
+	is_int(hook_verify(HOOK_SECRET, sig, body, blen, T0 - 301, &why), -1, "t 301 s in the future -> refused");
+
+	/* malformed headers */
+	memset(wrong, 'a', 64);
+	wrong[64] = '\0';
+	char only_v1[128], t_abc[160], t_nohex[160];
+	snprintf(only_v1, sizeof only_v1, "v1=%s", right);
+	snprintf(t_abc, sizeof t_abc, "t=abc,v1=%s", right);
+	snprintf(t_nohex, sizeof t_nohex, "t=%lld,v1=%.63s", (long long)T0, right);
+	const char *mal[] = {"", "t=", "v1=abc", "t=1,v1=zz", only_v1, t_abc, t_nohex,
+			     "garbage", "t=1795000000", "t=1795000000,v1="};
+	for (size_t i = 0; i < sizeof mal / sizeof mal[0]; i++) {
+		why = NULL;
+		ok(hook_verify(HOOK_SECRET, mal[i], body, blen, T0, &why) == -1 && why && *why,
+		   "malformed header '%s' refused with a reason", vis(mal[i]));
+	}
+	why = NULL;
+	ok(hook_verify(HOOK_SECRET, NULL, body, blen, T0, &why) == -1 && why && contains(why, "missing"),
+	   "no header at all -> refused as missing");
+
+	/* key rotation: several v1 values */
+	snprintf(hdr, sizeof hdr, "t=%lld,v1=%s,v1=%s", (long long)T0, wrong, right);
+	is_int(hook_verify(HOOK_SECRET, hdr, body, blen, T0, &why), 0, "two v1, the second right -> accepted");
+	snprintf(hdr, sizeof hdr, "t=%lld,v1=%s,v1=%s", (long long)T0, right, wrong);
+	is_int(hook_verify(HOOK_SECRET, hdr, body, blen, T0, &why), 0, "two v1, the first right -> accepted");
+	snprintf(hdr, sizeof hdr, "t=%lld,v1=%s,v1=%s", (long long)T0, wrong, wrong);
+	is_int(hook_verify(HOOK_SECRET, hdr, body, blen, T0, &why), -1, "two v1, both wrong -> refused");
+	snprintf(hdr, sizeof hdr, "t=%lld, v1=%s", (long long)T0, right);
+	is_int(hook_verify(HOOK_SECRET, hdr, body, blen, T0, &why), 0, "a space after the comma is tolerated");
+	snprintf(hdr, sizeof hdr, "t=%lld,v1=%s", (long long)(T0 + 1), right);
+	is_int(hook_verify(HOOK_SECRET, hdr, body, blen, T0, &why), -1,
+	       "the MAC of one t does not verify with another t");
+
+	/* bodies with NUL bytes are signed over their length */
+	const char nulbody[] = "a\0b";
+	hook_sign(HOOK_SECRET, T0, nulbody, 3, sig, sizeof sig);
+	is_int(hook_verify(HOOK_SECRET, sig, nulbody, 3, T0, &why), 0, "a body with a NUL byte verifies over its length");
+	is_int(hook_verify(HOOK_SECRET, sig, nulbody, 1, T0, &why), -1, "... and not when cut at the NUL");
+}
+
+/* ==== 4. Templates ====================================================== */
+
+static int render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
+		  const char *dir, const char *ext, struct buf *out, char *err,
+		  size_t errlen)
+{
+	out->len = 0;
+	if (out->data)
+		out->data[0] = '\0';
+	err[0] = '\0';
+	return tpl_render(tpl, ctx, mode, dir ? dir : tmpdir, ext ? ext : ".txt",
+			  out, err, errlen);
+}
+
+static void test_templates(void)
+{
+	static const struct tvar red[] = {{"t", "red", NULL, 0}};
+	static const struct tvar big[] = {{"t", "big", NULL, 0}};
+	static const struct tctx tags[] = {{red, 1, NULL}, {big, 1, NULL}};
+	static const struct tvar lamp[] = {{"name", "Lamp", NULL, 0},
+					   {"tags", NULL, tags, 2}};
+	static const struct tvar rug[] = {{"name", "Rug <wool>", NULL, 0}};
+	static const struct tctx items[] = {{lamp, 2, NULL}, {rug, 1, NULL}};
+	static const struct tvar rootv[] = {
+		{"store", "Maison", NULL, 0},
+		{"name", "Ann", NULL, 0},
+		{"evil", "<b>\"Tom\" & 'Jerry'</b>", NULL, 0},
+		{"empty", "", NULL, 0},
+		{"items", NULL, items, 2},
+		{"none", NULL, NULL, 0},
+	};
+	static const struct tctx root = {rootv, 6, NULL};
+	static const struct {
+		const char *tpl;
+		enum tpl_mode mode;
+		const char *want, *what;
+	} ok_cases[] = {
+		{"Hello {{name}}!", TPL_TEXT, "Hello Ann!", "a variable"},
+		{"{{store}}/{{name}}/{{store}}", TPL_TEXT, "Maison/Ann/Maison", "several variables"},
+		{"[{{missing}}]", TPL_TEXT, "[]", "an unknown variable renders empty"},
+		{"{{evil}}", TPL_HTML, "&lt;b&gt;&quot;Tom&quot; &amp; &#39;Jerry&#39;&lt;/b&gt;",
+		 "TPL_HTML escapes < > & \" '"},
+		{"{{evil}}", TPL_TEXT, "<b>\"Tom\" & 'Jerry'</b>", "TPL_TEXT does not escape"},
+		{"<p>{{name}}</p>", TPL_HTML, "<p>Ann</p>", "TPL_HTML leaves the template's own markup"},
+		{"{{#items}}<{{name}}@{{store}}>{{/items}}", TPL_TEXT,
+		 "<Lamp@Maison><Rug <wool>@Maison>", "a list section repeats, outer variables visible"},
+		{"{{#items}}{{name}}|{{/items}}", TPL_HTML, "Lamp|Rug &lt;wool&gt;|",
+		 "list items are escaped in TPL_HTML"},
+		{"{{#name}}Hi {{name}}{{/name}}", TPL_TEXT, "Hi Ann", "a non-empty scalar section shows"},
+		{"a{{#empty}}x{{/empty}}b", TPL_TEXT, "ab", "an empty scalar section hides"},
+		{"a{{#missing}}x{{/missing}}b", TPL_TEXT, "ab", "a missing section hides"},
+		{"a{{#none}}x{{/none}}b", TPL_TEXT, "ab", "an empty list section hides"},
+		{"{{^empty}}nothing{{/empty}}", TPL_TEXT, "nothing", "inverted section on empty shows"},
+		{"{{^missing}}nothing{{/missing}}", TPL_TEXT, "nothing", "inverted section on missing shows"},
+		{"{{^none}}no items{{/none}}", TPL_TEXT, "no items", "inverted section on an empty list shows"},
+		{"a{{^name}}x{{/name}}b", TPL_TEXT, "ab", "inverted section on a value hides"},
+		{"a{{^items}}x{{/items}}b", TPL_TEXT, "ab", "inverted section on a list hides"},
+		{"{{#items}}{{name}}:{{#tags}}{{t}}/{{store}},{{/tags}}{{^tags}}-{{/tags}};{{/items}}",
+		 TPL_TEXT, "Lamp:red/Maison,big/Maison,;Rug <wool>:-;",
+		 "nested sections see every outer scope"},
+		{"{{#name}}{{#name}}x{{/name}}{{/name}}", TPL_TEXT, "x", "a section nested in itself"},
+		{"", TPL_TEXT, "", "an empty template"},
+		{"no tags at all", TPL_HTML, "no tags at all", "text without tags is copied"},
+	};
+	struct buf out = {0};
+	char err[256];
+	for (size_t i = 0; i < sizeof ok_cases / sizeof ok_cases[0]; i++) {
+		int rc = render(ok_cases[i].tpl, &root, ok_cases[i].mode, NULL, NULL,
+				&out, err, sizeof err);
+		if (!ok(rc == 0 && out.data && !strcmp(out.data, ok_cases[i].want),
+			"tpl_render: %s", ok_cases[i].what)) {
+			diag("  rc %d, err '%s'", rc, err);
+			diag("  got: '%s'", out.data ? out.data : "NULL");
+			diag(" want: '%s'", ok_cases[i].want);
+		}
+	}
+
+	/* errors: -1 and a message */
+	static const struct {
+		const char *tpl, *what;
+	} bad[] = {
+		{"Hello {{name", "an unclosed tag"},
+		{"{{#items}}x", "an unclosed section"},
+		{"{{#items}}x{{/item}}", "a section closed by another name"},
+		{"x{{/items}}", "a stray close"},
+		{"{{#name}}{{/oops}}{{/name}}", "a stray close inside a shown section"},
+		{"{{#empty}}{{/oops}}{{/empty}}", "a stray close inside a hidden section"},
+		{"{{^name}}{{#oops}}{{/name}}", "an unclosed section inside a hidden inverted section"},
+	};
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		int rc = render(bad[i].tpl, &root, TPL_TEXT, NULL, NULL, &out, err, sizeof err);
+		ok(rc == -1 && *err, "tpl_render refuses %s ('%s')", bad[i].what, bad[i].tpl);
+		if (rc != -1)
+			diag("  rc %d, rendered '%s'", rc, out.data ? out.data : "");
+	}
+
+	/* partials from a directory of our own */
+	char dir[PATH_MAX], path[PATH_MAX + 32];
+	snprintf(dir, sizeof dir, "%s/partials", tmpdir);
+	mkdir(dir, 0700);
+	snprintf(path, sizeof path, "%s/greet.txt", dir);
+	write_file(path, "Dear {{name}}", 13);
+	snprintf(path, sizeof path, "%s/greet.html", dir);
+	write_file(path, "<p>{{evil}}</p>", 15);
+	snprintf(path, sizeof path, "%s/item.txt", dir);
+	write_file(path, "[{{name}}]", 10);
+	snprintf(path, sizeof path, "%s/loop.txt", dir);
+	write_file(path, "x{{>loop}}", 10);
+	snprintf(path, sizeof path, "%s/secret.txt", tmpdir);
+	write_file(path, "SECRET", 6);
+	int rc = render("{{>greet}}, welcome", &root, TPL_TEXT, dir, ".txt", &out, err, sizeof err);
+	ok(rc == 0 && !strcmp(out.data, "Dear Ann, welcome"), "a partial is read from DIR with EXT");
+	rc = render("{{>greet}}", &root, TPL_HTML, dir, ".html", &out, err, sizeof err);
+	ok(rc == 0 && !strcmp(out.data, "<p>&lt;b&gt;&quot;Tom&quot; &amp; &#39;Jerry&#39;&lt;/b&gt;</p>"),
+	   "a partial in TPL_HTML escapes its variables");
+	rc = render("{{#items}}{{>item}}{{/items}}", &root, TPL_TEXT, dir, ".txt", &out, err, sizeof err);
+	ok(rc == 0 && !strcmp(out.data, "[Lamp][Rug <wool>]"), "a partial in a list sees the item");
+	rc = render("a{{>nope}}b", &root, TPL_TEXT, dir, ".txt", &out, err, sizeof err);
+	ok(rc == -1 && *err, "a missing partial is an error");
+	rc = render("{{>../secret}}", &root, TPL_TEXT, dir, ".txt", &out, err, sizeof err);
+	ok(rc == -1 && *err && !contains(out.data, "SECRET"), "a partial name with ../ is refused");
+	rc = render("{{>loop}}", &root, TPL_TEXT, dir, ".txt", &out, err, sizeof err);
+	ok(rc == -1 && *err, "a partial including itself ends in an error, not a loop");
+	buf_free(&out);
+}
+
+/* ==== 5. Mail building ================================================== */
+
+/* The decoded text of an RFC 2047 header value (=?UTF-8?B?...?= words). */
+static int rfc2047_decode(const char *v, struct buf *out)
+{
+	while (*v) {
+		while (*v == ' ' || *v == '\t')
+			v++;
+		if (strncmp(v, "=?UTF-8?B?", 10) != 0)
+			return buf_adds(out, v), 0; /* plain text */
+		v += 10;
+		const char *e = strstr(v, "?=");
+		if (!e)
+			return -1;
+		unsigned char bin[256];
+		size_t n = 0;
+		if (sodium_base642bin(bin, sizeof bin, v, (size_t)(e - v), NULL, &n, NULL,
+				      sodium_base64_VARIANT_ORIGINAL))
+			return -1;
+		buf_add(out, bin, n);
+		v = e + 2;
+	}
+	return buf_add(out, "", 0);
+}
+
+/* The decoded body of the MIME part with Content-Type CTYPE. */
+static int mime_part(const char *msg, const char *ctype, struct buf *out)
+{
+	char bnd[128], delim[140];
+	const char *b = strstr(msg, "boundary=\"");
+	if (!b || sscanf(b + 10, "%127[^\"]", bnd) != 1)
+		return -1;
+	snprintf(delim, sizeof delim, "\r\n--%s", bnd);
+	const char *p = strstr(msg, ctype);
+	const char *body = p ? strstr(p, "\r\n\r\n") : NULL;
+	const char *end = body ? strstr(body + 4, delim) : NULL;
+	if (!end)
+		return -1;
+	qp_decode(body + 4, (size_t)(end - body - 4), out);
+	return 0;
+}
+
+static void test_mail(void)
+{
+	char err[256];
+	struct buf out = {0};
+	struct mail m = {
+		.from = "Maison Demo <shop@example.com>",
+		.to = "ann@example.com",
+		.subject = "You left something in your cart",
+		.message_id = "<rm.1.abc@example.com>",
+		.list_unsub = "<https://shop.example.com/rm/u/TOKEN>",
+		.text = "Hi Ann,\n\nYour cart is waiting.\n",
+		.html = "<p>Hi Ann,</p>\n",
+		.date = T0,
+	};
+
+	/* CR or LF in a header -> -1, nothing written */
+	static const char *inj[] = {"Hi\r\nBcc: eve@evil.example", "Hi\nBcc: eve@evil.example", "Hi\r"};
+	for (size_t i = 0; i < 3; i++) {
+		struct mail x = m;
+		x.subject = inj[i];
+		out.len = 0;
+		err[0] = '\0';
+		ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0 && *err,
+		   "mail_build refuses subject '%s' and writes nothing", vis(inj[i]));
+	}
+	struct mail x = m;
+	x.to = "ann@example.com\nBcc: eve@evil.example";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "LF in To -> refused");
+	x = m;
+	x.to = "ann@example.com\r\nBcc: eve@evil.example";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "CRLF in To -> refused");
+	x = m;
+	x.from = "Shop <shop@example.com>\r\nBcc: eve@evil.example";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "CRLF in From -> refused");
+	x = m;
+	x.from = "Shop\n <shop@example.com>";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "LF in From -> refused");
+	x = m;
+	x.list_unsub = "<https://x.example/u>\r\nBcc: eve@evil.example";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "CRLF in List-Unsubscribe -> refused");
+	x = m;
+	x.message_id = "<a@b>\nBcc: eve@evil.example";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "LF in Message-ID -> refused");
+	x = m;
+	x.subject = NULL;
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "a missing Subject -> refused");
+
+	/* a normal mail */
+	ok(mail_build(&m, &out, err, sizeof err) == 0, "mail_build of a normal mail succeeds");
+	const char *msg = out.data ? out.data : "";
+	char date[64];
+	struct tm tm;
+	time_t t = (time_t)T0;
+	gmtime_r(&t, &tm);
+	strftime(date, sizeof date, "%a, %d %b %Y %H:%M:%S +0000", &tm);
+	is_str(header_of(msg, "From"), "Maison Demo <shop@example.com>", "From header");
+	is_str(header_of(msg, "To"), "ann@example.com", "To header");
+	is_str(header_of(msg, "Subject"), "You left something in your cart", "Subject header");
+	is_str(header_of(msg, "Date"), date, "Date header is the given date in RFC 5322 form");
+	is_str(header_of(msg, "Message-ID"), "<rm.1.abc@example.com>", "Message-ID header");
+	is_str(header_of(msg, "MIME-Version"), "1.0", "MIME-Version header");
+	is_str(header_of(msg, "List-Unsubscribe"), "<https://shop.example.com/rm/u/TOKEN>",
+	       "List-Unsubscribe header");
+	is_str(header_of(msg, "List-Unsubscribe-Post"), "List-Unsubscribe=One-Click",
+	       "List-Unsubscribe-Post: List-Unsubscribe=One-Click");
+	ok(!strncmp(header_of(msg, "Content-Type"), "multipart/alternative; boundary=", 32),
+	   "Content-Type is multipart/alternative with a boundary");
+	ok(contains(msg, "\r\nContent-Type: text/plain; charset=UTF-8\r\n"), "a text/plain UTF-8 part");
+	ok(contains(msg, "\r\nContent-Type: text/html; charset=UTF-8\r\n"), "a text/html UTF-8 part");
+	is_int(count_of(msg, "\r\nContent-Transfer-Encoding: quoted-printable\r\n"), 2,
+	       "both parts are quoted-printable");
+	ok(out.len > 4 && !strcmp(msg + out.len - 4, "--\r\n"), "the message ends with the closing boundary");
+	ok(all_crlf(msg, out.len), "every line of the message ends in CRLF");
+	struct buf part = {0};
+	ok(mime_part(msg, "text/plain", &part) == 0 && !strcmp(part.data, m.text),
+	   "the text part decodes back to the text");
+	part.len = 0;
+	ok(mime_part(msg, "text/html", &part) == 0 && !strcmp(part.data, m.html),
+	   "the HTML part decodes back to the HTML");
+
+	/* long lines, non-ASCII, '=' and trailing spaces in the body */
+	struct buf text = {0};
+	for (int i = 0; text.len < 500; i++)
+		buf_addf(&text, "Caf\xC3\xA9 %d = cr\xC3\xA8me br\xC3\xBBl\xC3\xA9" "e; ", i);
+	buf_adds(&text, "end with spaces  \nnext line\n");
+	x = m;
+	x.text = text.data;
+	x.html = text.data;
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0, "mail_build with a 500-char line succeeds");
+	msg = out.data;
+	const char *body = strstr(msg, "\r\n\r\n");
+	size_t longest = body ? longest_line(body) : 999;
+	ok(longest <= 78, "no body line is longer than 78 chars (longest %zu)", longest);
+	ok(all_crlf(msg, out.len), "lines of the long mail end in CRLF");
+	part.len = 0;
+	ok(mime_part(msg, "text/plain", &part) == 0 && !strcmp(part.data, text.data),
+	   "the long text part decodes back exactly (soft breaks, =3D, =20, UTF-8)");
+	part.len = 0;
+	ok(mime_part(msg, "text/html", &part) == 0 && !strcmp(part.data, text.data),
+	   "the long HTML part decodes back exactly");
+	buf_free(&text);
+
+	/* non-ASCII subject and From name: RFC 2047 */
+	const char *subj = "Votre panier vous attend \xE2\x80\x94 10 % de r\xC3\xA9" "duction";
+	x = m;
+	x.subject = subj;
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0, "mail_build with a UTF-8 subject succeeds");
+	ok(contains(out.data, "\r\nSubject: =?UTF-8?B?"), "a non-ASCII subject is RFC 2047 encoded");
+	part.len = 0;
+	ok(rfc2047_decode(header_of(out.data, "Subject"), &part) == 0 && !strcmp(part.data, subj),
+	   "the encoded subject decodes back to the original");
+	struct buf longsubj = {0};
+	for (int i = 0; i < 6; i++)
+		buf_adds(&longsubj, "\xC3\x89t\xC3\xA9 \xE2\x80\x94 d\xC3\xA9j\xC3\xA0 vu \xE2\x82\xAC ");
+	x.subject = longsubj.data;
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0, "mail_build with a long UTF-8 subject succeeds");
+	part.len = 0;
+	ok(rfc2047_decode(header_of(out.data, "Subject"), &part) == 0 &&
+		   !strcmp(part.data, longsubj.data),
+	   "a long encoded subject, folded, decodes back without a split character");
+	const char *hdrs_end = strstr(out.data, "\r\n\r\n");
+	char *hdrs = strndup(out.data, hdrs_end ? (size_t)(hdrs_end - out.data) : 0);
+	longest = longest_line(hdrs);
+	ok(longest <= 76, "header lines with encoded words are at most 76 chars "
+	   "(RFC 2047 section 2; longest %zu)", longest);
+	if (longest > 76)
+		diag("  headers:\n%s", hdrs);
+	free(hdrs);
+	buf_free(&longsubj);
+	x = m;
+	x.subject = "Price =?in?= euros";
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0 && contains(out.data, "Subject: =?UTF-8?B?"),
+	   "an ASCII subject containing =? is encoded too");
+	x = m;
+	x.from = "Maison D\xC3\xA9" "co <shop@example.com>";
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0 &&
+		   contains(out.data, "\r\n") && !strncmp(out.data, "From: =?UTF-8?B?", 16) &&
+		   contains(header_of(out.data, "From"), "?= <shop@example.com>"),
+	   "a non-ASCII From name is encoded, the address kept plain");
+	x = m;
+	x.from = "shop@example.com";
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0 &&
+		   !strcmp(header_of(out.data, "From"), "shop@example.com"),
+	   "a bare From address is kept as it is");
+	buf_free(&part);
+	buf_free(&out);
+}
+
+/* ==== 6. Events ========================================================= */
+
+struct counts {
+	long long events, contacts, carts, orders, visitors, products;
+};
+
+static struct counts counts_of(struct world *w)
+{
+	struct counts c = {
+		sq(w, "SELECT count(*) FROM events"),
+		sq(w, "SELECT count(*) FROM contacts"),
+		sq(w, "SELECT count(*) FROM carts"),
+		sq(w, "SELECT count(*) FROM orders"),
+		sq(w, "SELECT count(*) FROM visitors"),
+		sq(w, "SELECT count(*) FROM products"),
+	};
+	return c;
+}
+
+static int same_counts(struct counts a, struct counts b)
+{
+	return !memcmp(&a, &b, sizeof a);
+}
+
+/* A cart event with N items. */
+static char *items_cart(const char *cart, int n)
+{
+	struct buf b = {0};
+	buf_addf(&b, "{\"type\":\"cart\",\"cart_id\":\"%s\",\"items\":[", cart);
+	for (int i = 0; i < n; i++)
+		buf_addf(&b, "%s{\"sku\":\"S%d\",\"name\":\"N\",\"price\":1}", i ? "," : "", i);
+	buf_adds(&b, "]}");
+	return b.data;
+}
+
+static void test_events(void)
+{
+	struct world w;
+	struct ev_error err;
+	if (!ok(world_open(&w, "events") == 0, "events: world opens"))
+		return;
+
+	/* accepted events: identify, cart, case-insensitive email, CLI, batch */
+	is_int(ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"ann@example.com\","
+		      "\"name\":\"Ann Smith\",\"consent\":true}", T0, &err), 1,
+	       "identify accepted (1 event)");
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email='ann@example.com' "
+		  "AND name='Ann Smith' AND consent=1 AND created=%lld", (long long)T0), 1,
+	       "identify made the contact, with consent and the injected time");
+	is_int(ingest(&w, EV_HOOK, "{\"type\":\"cart\",\"cart_id\":\"c1\",\"email\":\"Ann@Example.com\","
+		      "\"currency\":\"EUR\",\"items\":[{\"sku\":\"LAMP-1\",\"name\":\"Lamp\",\"price\":49.5,"
+		      "\"qty\":2},{\"sku\":\"RUG-2\",\"name\":\"Rug\",\"price\":120}]}", T0 + 10, &err), 1,
+	       "cart accepted");
+	is_int(sq(&w, "SELECT count(*) FROM contacts"), 1, "the email matched the contact case-insensitively");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key='c1' AND status='open' AND item_count=2 "
+		  "AND contact_id=(SELECT id FROM contacts) AND updated=%lld", (long long)(T0 + 10)), 1,
+	       "the cart is open, with 2 items, linked to the contact, updated at now");
+	is_int(sq(&w, "SELECT round(total*100) FROM carts WHERE cart_key='c1'"), 21900,
+	       "the cart total is computed from price * qty");
+	is_int(sq(&w, "SELECT count(*) FROM events WHERE source='hook' AND received=%lld",
+		  (long long)(T0 + 10)), 1, "the event row keeps its source and arrival time");
+	is_int(ingest(&w, EV_CLI, "[{\"type\":\"identify\",\"email\":\"bob@example.com\"},"
+		      "{\"type\":\"view\",\"sku\":\"LAMP-1\"}]", T0 + 20, &err), 2,
+	       "a batch of two from the CLI accepted (2 events)");
+	is_int(sq(&w, "SELECT count(*) FROM events WHERE source='cli'"), 2, "both CLI events stored");
+	const char *cy = "{\"type\":\"identify\",\"email\":\"cy@example.com\"}";
+	is_int(ev_ingest(&w.app, EV_BROWSER, cy, strlen(cy), "vid-123", T0 + 30, &err), 1,
+	       "a browser identify with a visitor id accepted");
+	is_int(sq(&w, "SELECT count(*) FROM visitors WHERE vid='vid-123' AND contact_id IS NOT NULL"), 1,
+	       "the visitor is linked to the contact");
+	is_int(ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"dee@example.com\",\"ts\":1795000300}",
+		      T0, &err), 1, "ts = now + 300 is accepted");
+	is_int(ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"eli@example.com\",\"ts\":1700000000}",
+		      T0, &err), 1, "a server may backdate ts");
+	is_int(sq(&w, "SELECT ts FROM events WHERE body LIKE '%%eli@%%'"), 1700000000,
+	       "the backdated ts is stored");
+
+	/* boundaries: 100 items, a body of exactly max_body bytes */
+	is_int(w.cfg.max_items, 100, "max_items defaults to 100");
+	char *items100 = items_cart("c100", 100), *items101 = items_cart("c101", 101);
+	is_int(ingest(&w, EV_HOOK, items100, T0, &err), 1, "a cart of 100 items accepted");
+	is_int(sq(&w, "SELECT item_count FROM carts WHERE cart_key='c100'"), 100, "... with its 100 items");
+	free(items100);
+	long max = w.cfg.max_body;
+	char *exact = malloc((size_t)max + 2);
+	int head = snprintf(exact, (size_t)max + 2, "{\"type\":\"identify\",\"email\":\"big@example.com\",\"pad\":\"");
+	memset(exact + head, 'x', (size_t)max - (size_t)head - 2);
+	memcpy(exact + max - 2, "\"}", 3);
+	is_int(ev_ingest(&w.app, EV_HOOK, exact, (size_t)max, NULL, T0, &err), 1,
+	       "a body of exactly max_body bytes accepted");
+	memcpy(exact + max - 2, "x\"}", 4); /* max_body + 1 bytes */
+
+	/* rejections: status, message, and nothing stored */
+	const char *neg_price = "{\"type\":\"cart\",\"cart_id\":\"c9\",\"items\":"
+				"[{\"sku\":\"S\",\"name\":\"N\",\"price\":-1}]}";
+	const char *bad2nd = "[{\"type\":\"identify\",\"email\":\"new@example.com\"},{\"type\":\"cart\","
+			     "\"cart_id\":\"c2\",\"items\":[{\"sku\":\"S\",\"name\":\"N\",\"price\":-1}]}]";
+	const struct {
+		const char *json;
+		enum ev_source src;
+		int status;
+		const char *what;
+	} rej[] = {
+		{"", EV_HOOK, 400, "an empty body"},
+		{"{not json", EV_HOOK, 400, "bad JSON"},
+		{"{\"type\":\"identify\",\"email\":\"a@example.com\"", EV_HOOK, 400, "truncated JSON"},
+		{"\"identify\"", EV_HOOK, 400, "a string body"},
+		{"42", EV_HOOK, 400, "a number body"},
+		{"null", EV_HOOK, 400, "null"},
+		{"[]", EV_HOOK, 400, "an empty array"},
+		{"[1,2]", EV_HOOK, 400, "an array of numbers"},
+		{"{\"type\":\"teleport\"}", EV_HOOK, 400, "an unknown type"},
+		{"{\"email\":\"a@example.com\"}", EV_HOOK, 400, "no type"},
+		{"{\"type\":42}", EV_HOOK, 400, "a numeric type"},
+		{"{\"type\":\"identify\",\"email\":\"not-an-email\"}", EV_HOOK, 400, "an invalid email"},
+		{"{\"type\":\"identify\",\"email\":\"eve@example.com\\r\\nBcc: x@y.z\"}", EV_HOOK, 400,
+		 "an email with CRLF"},
+		{"{\"type\":\"identify\"}", EV_HOOK, 400, "identify without email"},
+		{"{\"type\":\"identify\",\"email\":\"eve@example.com\",\"name\":\"Eve\\r\\nBcc: x@y.z\"}",
+		 EV_HOOK, 400, "a name with \\r\\n"},
+		{"{\"type\":\"identify\",\"email\":\"eve@example.com\",\"consent\":\"yes\"}", EV_HOOK, 400,
+		 "consent \"yes\""},
+		{"{\"type\":\"cart\",\"cart_id\":\"c9\",\"items\":{\"sku\":\"S\",\"name\":\"N\",\"price\":1}}",
+		 EV_HOOK, 400, "items not an array"},
+		{"{\"type\":\"cart\",\"cart_id\":\"c9\"}", EV_HOOK, 400, "a cart without items"},
+		{items101, EV_HOOK, 400, "101 items"},
+		{neg_price, EV_HOOK, 400, "a negative price"},
+		{"{\"type\":\"cart\",\"cart_id\":\"c9\",\"items\":[{\"sku\":\"S\",\"name\":\"N\",\"price\":1,\"qty\":0}]}",
+		 EV_HOOK, 400, "qty 0"},
+		{"{\"type\":\"cart\",\"cart_id\":\"c9\",\"items\":[{\"sku\":\"S\",\"name\":\"N\",\"price\":1,\"qty\":1.5}]}",
+		 EV_HOOK, 400, "qty 1.5"},
+		{"{\"type\":\"cart\",\"cart_id\":\"c9\",\"items\":[{\"sku\":\"S\",\"name\":\"N\",\"price\":\"12\"}]}",
+		 EV_HOOK, 400, "price \"12\""},
+		{"{\"type\":\"cart\",\"cart_id\":\"c9\",\"items\":[{\"sku\":\"S\",\"name\":\"N\"}]}",
+		 EV_HOOK, 400, "an item without price"},
+		{"{\"type\":\"cart\",\"cart_id\":\"c9\",\"items\":[7]}", EV_HOOK, 400, "an item that is a number"},
+		{"{\"type\":\"cart\",\"cart_id\":\"c9\",\"items\":[{\"sku\":\"S\",\"name\":\"N\",\"price\":1,"
+		 "\"url\":\"javascript:alert(1)\"}]}", EV_HOOK, 400, "an item url javascript:"},
+		{"{\"type\":\"cart\",\"cart_id\":\"c9\",\"currency\":\"eur\",\"items\":[]}", EV_HOOK, 400,
+		 "currency \"eur\""},
+		{"{\"type\":\"cart\",\"cart_id\":\"bad id!\",\"items\":[]}", EV_HOOK, 400, "a cart_id with a space"},
+		{"{\"type\":\"cart\",\"cart_id\":\"c9\",\"total\":\"12\",\"items\":[]}", EV_HOOK, 400,
+		 "total \"12\""},
+		{"{\"type\":\"identify\",\"email\":\"eve@example.com\",\"ts\":1795000301}", EV_HOOK, 400,
+		 "ts > now + 300"},
+		{"{\"type\":\"identify\",\"email\":\"eve@example.com\",\"ts\":\"1795000000\"}", EV_HOOK, 400,
+		 "ts as a string"},
+		{"{\"type\":\"identify\",\"email\":\"eve@example.com\",\"ts\":1795000000.5}", EV_HOOK, 400,
+		 "a fractional ts"},
+		{"{\"type\":\"identify\",\"email\":\"eve@example.com\",\"name\":\"Ev\xC3\"}", EV_HOOK, 400,
+		 "invalid UTF-8 in a string"},
+		{"{\"type\":\"identify\",\"email\":\"eve@example.com\",\"name\":\"\xED\xA0\x80\"}", EV_HOOK, 400,
+		 "a surrogate in a string"},
+		{"{\"type\":\"identify\",\"email\":\"eve@example.com\",\"name\":\"Eve\\u0000x\"}", EV_HOOK, 400,
+		 "a \\u0000 escape in a string"},
+		{"{\"type\":\"order\",\"order_id\":\"o-9\",\"email\":\"ann@example.com\"}", EV_BROWSER, 403,
+		 "an order from the browser"},
+		{"{\"type\":\"checkout\",\"cart_id\":\"c1\"}", EV_BROWSER, 403, "a checkout from the browser"},
+		{"{\"type\":\"product\",\"sku\":\"X\",\"name\":\"X\"}", EV_BROWSER, 403,
+		 "a product from the browser"},
+		{"{\"type\":\"order\",\"email\":\"ann@example.com\"}", EV_HOOK, 400, "an order without order_id"},
+		{bad2nd, EV_HOOK, 400, "an array whose 2nd event is bad"},
+		{"[{\"type\":\"identify\",\"email\":\"new@example.com\"},3]", EV_HOOK, 400,
+		 "an array whose 2nd element is not an object"},
+		{exact, EV_HOOK, 413, "a body of max_body + 1 bytes"},
+	};
+	struct counts before = counts_of(&w);
+	for (size_t i = 0; i < sizeof rej / sizeof rej[0]; i++) {
+		memset(&err, 0x5A, sizeof err);
+		int rc = ingest(&w, rej[i].src, rej[i].json, T0, &err);
+		ok(rc == -1 && err.status == rej[i].status && err.msg[0] && strlen(err.msg) < sizeof err.msg,
+		   "%s -> -1, status %d and a message", rej[i].what, rej[i].status);
+		if (rc != -1 || err.status != rej[i].status)
+			diag("  rc %d, status %d, msg '%.159s'", rc, err.status, err.msg);
+		ok(same_counts(before, counts_of(&w)), "%s -> nothing stored", rej[i].what);
+	}
+	ingest(&w, EV_HOOK, items101, T0, &err);
+	ok(contains(err.msg, "items"), "the 101-item message names the field (%s)", err.msg);
+	ingest(&w, EV_HOOK, neg_price, T0, &err);
+	ok(contains(err.msg, "price"), "the negative price message names the field (%s)", err.msg);
+	ingest(&w, EV_HOOK, bad2nd, T0, &err);
+	ok(!strncmp(err.msg, "[1]", 3), "a batch error says which event (%s)", err.msg);
+	free(items101);
+	free(exact);
+
+	/* orders: idempotent on order_id, end the cart */
+	const char *order = "{\"type\":\"order\",\"order_id\":\"o-1\",\"email\":\"ann@example.com\","
+			    "\"cart_id\":\"c1\",\"total\":219}";
+	before = counts_of(&w);
+	is_int(ingest(&w, EV_HOOK, order, T0 + 100, &err), 1, "an order accepted");
+	is_int(err.duplicates, 0, "... not a duplicate");
+	is_int(ingest(&w, EV_HOOK, order, T0 + 200, &err), 0, "the same order again: 0 accepted");
+	is_int(err.duplicates, 1, "... counted as 1 duplicate");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key='o-1'"), 1, "one order row stored");
+	is_int(counts_of(&w).events, before.events + 1, "the repeated order is not stored as an event");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key='c1' AND status='ordered' "
+		  "AND ordered_at=%lld", (long long)(T0 + 100)), 1, "the order marked the cart ordered");
+	const char *twice = "[{\"type\":\"order\",\"order_id\":\"o-2\",\"email\":\"bob@example.com\"},"
+			    "{\"type\":\"order\",\"order_id\":\"o-2\",\"email\":\"bob@example.com\"}]";
+	is_int(ingest(&w, EV_CLI, twice, T0 + 300, &err), 1, "a batch with one order twice: 1 accepted");
+	is_int(err.duplicates, 1, "... and 1 duplicate");
+	is_int(sq(&w, "SELECT count(*) FROM orders"), 2, "two order rows in all");
+	world_close(&w);
+}
+
+/* ==== 7. The flow: steps, exits ========================================= */
+
+static int sum_is(const struct tick_summary *s, long ab, long en, long se)
+{
+	return s->abandoned == ab && s->enrolled == en && s->sent == se &&
+	       s->failed == 0;
+}
+
+static void show_sum(const char *what, const struct tick_summary *s)
+{
+	diag("  %s: abandoned %ld enrolled %ld sent %ld retry %ld failed %ld "
+	     "exited %ld skipped %ld", what, s->abandoned, s->enrolled, s->sent,
+	     s->retry, s->failed, s->exited, s->skipped);
+}
+
+static void test_flow(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "flow") == 0, "flow: world opens"))
+		return;
+	is_int(cart_event(&w, "ann@example.com", "Ann Smith", "a1", 1, T0), 1, "ann's cart at T0 (consent)");
+	is_int(cart_event(&w, "bob@example.com", "Bob", "b1", 0, T0), 1, "bob's cart at T0 (no consent)");
+
+	/* step 1 at +1 h (idle_minutes 60, delay 3600) */
+	is_int(w.cfg.idle_minutes, 60, "idle_minutes defaults to 60");
+	ok(tick(&w, T0 + 59 * MIN, &s) == 0 && sum_is(&s, 0, 0, 0), "tick at T0+59min: nothing");
+	is_int(outbox_count(&w), 0, "... outbox empty");
+	is_int(sq(&w, "SELECT count(*) FROM messages"), 0, "... no message rows");
+	if (!ok(tick(&w, T0 + HOUR, &s) == 0 && sum_is(&s, 1, 1, 1),
+		"tick at T0+60min: abandoned 1, enrolled 1, sent 1"))
+		show_sum("T0+1h", &s);
+	is_int(outbox_count(&w), 1, "... one mail in the outbox");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status='sent' AND step=1 AND sent_at=%lld",
+		  (long long)(T0 + HOUR)), 1, "... message row: step 1 sent at now");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE status='active' AND next_step=2 AND anchor=%lld",
+		  (long long)T0), 1, "... enrollment active, next step 2, anchored at the cart's last activity");
+
+	/* the mail itself */
+	long long m1 = sq(&w, "SELECT id FROM messages WHERE step=1");
+	struct buf mail = {0}, dec = {0};
+	ok(outbox_read(&w, m1, &mail) == 0, "the outbox file is named after message %lld", m1);
+	const char *msg = mail.data ? mail.data : "";
+	is_str(header_of(msg, "To"), "ann@example.com", "step 1 mail: To");
+	is_str(header_of(msg, "Subject"), "Ann, you left something in your cart", "step 1 mail: Subject from the template");
+	is_str(header_of(msg, "Date"), "Wed, 18 Nov 2026 12:06:40 +0000", "step 1 mail: Date is the injected now");
+	char *mid = sq_text(&w, "SELECT message_id FROM messages WHERE step=1");
+	is_str(header_of(msg, "Message-ID"), mid ? mid : "(none)", "step 1 mail: Message-ID as recorded");
+	free(mid);
+	const char *lu = header_of(msg, "List-Unsubscribe");
+	char prefix[] = "<" BASE_URL "/u/", tok[TOK_MAXLEN + 1] = "";
+	int64_t subj = -1;
+	if (!strncmp(lu, prefix, strlen(prefix)))
+		snprintf(tok, sizeof tok, "%.*s", (int)strcspn(lu + strlen(prefix), ">"), lu + strlen(prefix));
+	ok(*tok && tok_verify(w.app.key, tok, TOK_UNSUB, T0 + HOUR, &subj) == TOK_OK && subj == m1,
+	   "step 1 mail: List-Unsubscribe holds an unsubscribe token for this message");
+	mime_part(msg, "text/plain", &dec);
+	ok(contains(dec.data, "Linen lamp") && contains(dec.data, "Wool rug") &&
+		   contains(dec.data, "\xE2\x82\xAC" "219.00") && contains(dec.data, BASE_URL "/r/"),
+	   "step 1 mail: the text lists the items, the total and a recovery link");
+	buf_free(&mail);
+	buf_free(&dec);
+
+	/* no double send, step 2 at +24 h, step 3 at +72 h with a code */
+	ok(tick(&w, T0 + HOUR, &s) == 0 && sum_is(&s, 0, 0, 0), "the same tick again: nothing");
+	ok(tick(&w, T0 + HOUR + 60, &s) == 0 && sum_is(&s, 0, 0, 0), "a minute later: nothing");
+	is_int(outbox_count(&w), 1, "... still one mail");
+	ok(tick(&w, T0 + DAY - 1, &s) == 0 && s.sent == 0, "tick at T0+24h-1s: step 2 not yet");
+	if (!ok(tick(&w, T0 + DAY, &s) == 0 && sum_is(&s, 0, 0, 1), "tick at T0+24h: step 2 sent"))
+		show_sum("T0+24h", &s);
+	is_int(outbox_count(&w), 2, "... two mails");
+	is_int(sq(&w, "SELECT count(*) FROM discounts"), 0, "... no discount code yet");
+	ok(tick(&w, T0 + DAY, &s) == 0 && s.sent == 0, "the T0+24h tick again: nothing");
+	if (!ok(tick(&w, T0 + 3 * DAY, &s) == 0 && sum_is(&s, 0, 0, 1), "tick at T0+72h: step 3 sent"))
+		show_sum("T0+72h", &s);
+	is_int(outbox_count(&w), 3, "... three mails");
+	is_int(sq(&w, "SELECT count(*) FROM discounts"), 1, "... one discount code issued");
+	long long m3 = sq(&w, "SELECT id FROM messages WHERE step=3");
+	is_int(sq(&w, "SELECT count(*) FROM discounts d JOIN messages m ON m.discount_code = d.code "
+		  "WHERE m.id=%lld AND d.message=m.id AND d.percent=10 AND d.expires=%lld", m3,
+		  (long long)(T0 + 3 * DAY + 2 * DAY)), 1,
+	       "... the code is 10 percent off, tied to message 3, valid 48 h");
+	char *code = sq_text(&w, "SELECT code FROM discounts");
+	ok(code && !strncmp(code, "RM-", 3) && strlen(code) == 12, "... the code looks like RM-XXXX-XXXX (%s)",
+	   code ? code : "none");
+	outbox_read(&w, m3, &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
+	ok(code && contains(dec.data, code), "... the step 3 mail carries the code");
+	ok(contains(header_of(mail.data ? mail.data : "", "Subject"), "10% off"),
+	   "... with the discount in the subject");
+	free(code);
+	buf_free(&mail);
+	buf_free(&dec);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE status='done'"), 1, "the enrollment is done");
+	ok(tick(&w, T0 + 30 * DAY, &s) == 0 && sum_is(&s, 0, 0, 0), "tick at T0+30d: nothing more");
+	is_int(sq(&w, "SELECT count(*) FROM messages"), 3, "three messages in all");
+
+	/* the code at the checkout: /discounts/validate, then redeemed by an order */
+	code = sq_text(&w, "SELECT code FROM discounts");
+	if (code) {
+		char body[200], lower[40], order[300];
+		struct http_resp rs;
+		struct ev_error err;
+		rm_time expires = T0 + 5 * DAY;
+		snprintf(lower, sizeof lower, "%s", code);
+		for (char *p = lower; *p; p++)
+			*p = (char)tolower((unsigned char)*p);
+		snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100}", code);
+		http(&w, "POST", "/discounts/validate", body, NULL, NULL, T0 + 3 * DAY + HOUR, &rs);
+		ok(rs.status == 200 && contains(rs.body.data, "\"valid\":true") &&
+			   contains(rs.body.data, "\"percent\":10"),
+		   "/discounts/validate: the fresh code is valid, 10 percent (%s)", rs.body.data);
+		http_resp_free(&rs);
+		snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100}", lower);
+		http(&w, "POST", "/discounts/validate", body, NULL, NULL, T0 + 3 * DAY + HOUR, &rs);
+		ok(rs.status == 200 && contains(rs.body.data, "\"valid\":true"),
+		   "/discounts/validate: the code typed in lower case is valid too");
+		http_resp_free(&rs);
+		http(&w, "POST", "/discounts/validate", "{\"code\":\"RM-2222-2222\",\"total\":100}", NULL,
+		     NULL, T0 + 3 * DAY + HOUR, &rs);
+		ok(rs.status == 200 && contains(rs.body.data, "\"valid\":false") &&
+			   contains(rs.body.data, "unknown"), "/discounts/validate: an unknown code is not valid");
+		http_resp_free(&rs);
+		snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100}", code);
+		http(&w, "POST", "/discounts/validate", body, NULL, NULL, expires + 1, &rs);
+		ok(contains(rs.body.data, "\"valid\":false") && contains(rs.body.data, "expired"),
+		   "/discounts/validate: after 48 h the code has expired");
+		http_resp_free(&rs);
+		/* the checkout accepted the code as typed and reports the order with it */
+		snprintf(order, sizeof order, "{\"type\":\"order\",\"order_id\":\"o-ann\",\"cart_id\":\"a1\","
+			 "\"email\":\"ann@example.com\",\"total\":197.1,\"discount_code\":\"%s\"}", lower);
+		is_int(ingest(&w, EV_HOOK, order, T0 + 3 * DAY + 2 * HOUR, &err), 1,
+		       "an order using the code (typed in lower case) accepted");
+		is_int(sq(&w, "SELECT count(*) FROM discounts WHERE redeemed_at IS NOT NULL AND order_key='o-ann'"), 1,
+		       "... the code is marked redeemed by that order");
+		http(&w, "POST", "/discounts/validate", body, NULL, NULL, T0 + 3 * DAY + 3 * HOUR, &rs);
+		ok(contains(rs.body.data, "\"valid\":false") && contains(rs.body.data, "already_used"),
+		   "/discounts/validate: a redeemed code is already_used (%s)", rs.body.data);
+		http_resp_free(&rs);
+		free(code);
+	}
+
+	/* no consent -> never enrolled */
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id=e.contact_id "
+		  "WHERE c.email='bob@example.com'"), 0, "bob (no consent) was never enrolled");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key='b1' AND status='open'"), 1,
+	       "bob's cart is still open");
+
+	/* tick_json */
+	struct buf j = {0};
+	s = (struct tick_summary){1, 2, 3, 4, 5, 6, 7};
+	ok(tick_json(&w.app, &s, T0, &j) == 0 &&
+		   !strcmp(j.data, "{\"now\":1795000000,\"abandoned\":1,\"enrolled\":2,\"sent\":3,"
+			   "\"retry\":4,\"failed\":5,\"exited\":6,\"skipped\":7}"),
+	   "tick_json reports every counter");
+	buf_free(&j);
+	world_close(&w);
+}
+
+/* One shopper's flow up to step 1, for the exit tests. */
+static int exit_world(struct world *w, const char *name)
+{
+	struct tick_summary s;
+	if (world_open(w, name) < 0)
+		return -1;
+	if (cart_event(w, "ann@example.com", "Ann", "a1", 1, T0) != 1 ||
+	    tick(w, T0 + HOUR, &s) < 0 || s.sent != 1) {
+		world_close(w);
+		return -1;
+	}
+	return 0;
+}
+
+/* After an exit: no more mail at +24 h and +72 h. */
+static void no_more_mail(struct world *w, const char *why)
+{
+	struct tick_summary s1, s2;
+	ok(tick(w, T0 + DAY, &s1) == 0 && s1.sent == 0 && tick(w, T0 + 3 * DAY, &s2) == 0 &&
+		   s2.sent == 0, "%s: steps 2 and 3 never sent", why);
+	is_int(outbox_count(w), 1, "... the outbox holds only step 1");
+	is_int(sq(w, "SELECT count(*) FROM enrollments WHERE status='exited' AND exit_reason='%s'", why), 1,
+	       "... the enrollment exited with the reason");
+}
+
+static void test_flow_exits(void)
+{
+	struct world w;
+	struct ev_error err;
+	struct tick_summary s;
+	struct http_resp rs;
+	char tok[TOK_MAXLEN + 1], path[128];
+
+	/* exit on order */
+	if (ok(exit_world(&w, "exit-order") == 0, "exit-order: step 1 sent")) {
+		is_int(ingest(&w, EV_HOOK, "{\"type\":\"order\",\"order_id\":\"o-1\",\"cart_id\":\"a1\","
+			      "\"email\":\"ann@example.com\"}", T0 + 2 * HOUR, &err), 1,
+		       "exit-order: order between step 1 and 2");
+		no_more_mail(&w, "order");
+		world_close(&w);
+	}
+
+	/* exit on unsubscribe, through http_handle */
+	if (ok(exit_world(&w, "exit-unsub") == 0, "exit-unsub: step 1 sent")) {
+		long long m1 = sq(&w, "SELECT id FROM messages WHERE step=1");
+		tok_sign(w.app.key, TOK_UNSUB, m1, T0 + 400 * DAY, tok, sizeof tok);
+		snprintf(path, sizeof path, "/u/%s", tok);
+		http(&w, "GET", path, NULL, NULL, NULL, T0 + 2 * HOUR, &rs);
+		ok(rs.status == 200 && contains(rs.body.data, "<form") && contains(rs.body.data, "method=\"post\""),
+		   "exit-unsub: GET /u/<token> answers 200 with a form");
+		is_int(sq(&w, "SELECT count(*) FROM contacts WHERE unsubscribed_at IS NOT NULL"), 0,
+		       "... and unsubscribes nobody (link scanners)");
+		http_resp_free(&rs);
+		http(&w, "POST", path, NULL, NULL, NULL, T0 + 2 * HOUR, &rs);
+		is_int(rs.status, 200, "exit-unsub: POST /u/<token> answers 200");
+		ok(contains(rs.content_type, "text/html"), "... with an HTML page");
+		http_resp_free(&rs);
+		is_int(sq(&w, "SELECT count(*) FROM contacts WHERE unsubscribed_at=%lld",
+			  (long long)(T0 + 2 * HOUR)), 1, "... the contact is unsubscribed at now");
+		is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind='unsubscribe' AND message=%lld", m1), 1,
+		       "... the unsubscribe is recorded against the message");
+		http(&w, "POST", path, NULL, NULL, NULL, T0 + 3 * HOUR, &rs);
+		is_int(rs.status, 200, "exit-unsub: a second POST is harmless (200)");
+		http_resp_free(&rs);
+		no_more_mail(&w, "unsubscribe");
+		cart_event(&w, "ann@example.com", "Ann", "a2", 1, T0 + 4 * DAY);
+		ok(tick(&w, T0 + 5 * DAY, &s) == 0 && s.abandoned == 0 && s.sent == 0,
+		   "exit-unsub: a new cart of the unsubscribed contact is never abandoned");
+		world_close(&w);
+	}
+
+	/* exit on an emptied cart */
+	if (ok(exit_world(&w, "exit-empty") == 0, "exit-empty: step 1 sent")) {
+		is_int(ingest(&w, EV_HOOK, "{\"type\":\"cart\",\"cart_id\":\"a1\",\"items\":[]}",
+			      T0 + 2 * HOUR, &err), 1, "exit-empty: cart emptied");
+		is_int(sq(&w, "SELECT count(*) FROM carts WHERE status='empty'"), 1, "... the cart is empty");
+		no_more_mail(&w, "empty");
+		world_close(&w);
+	}
+
+	/* an exit that happens after the message was queued: skipped at send time */
+	if (ok(exit_world(&w, "exit-late") == 0, "exit-late: step 1 sent")) {
+		memset(&s, 0, sizeof s);
+		ok(flow_detect(&w.app, T0 + DAY, &s) == 0, "exit-late: detect at T0+24h queues step 2");
+		is_int(sq(&w, "SELECT count(*) FROM messages WHERE step=2 AND status='queued'"), 1,
+		       "... step 2 queued");
+		ingest(&w, EV_HOOK, "{\"type\":\"order\",\"order_id\":\"o-7\",\"email\":\"ann@example.com\"}",
+		       T0 + DAY, &err);
+		ok(tick(&w, T0 + DAY, &s) == 0 && s.sent == 0 && s.skipped == 1,
+		   "exit-late: the order came in between: step 2 skipped, not sent");
+		is_int(sq(&w, "SELECT count(*) FROM messages WHERE step=2 AND status='skipped'"), 1,
+		       "... the message row says skipped");
+		is_int(outbox_count(&w), 1, "... only step 1 in the outbox");
+		world_close(&w);
+	}
+
+	/* the shopper comes back: wait until the cart is idle again */
+	if (ok(exit_world(&w, "back") == 0, "back: step 1 sent")) {
+		cart_event(&w, "ann@example.com", "Ann", "a1", 1, T0 + DAY - 10 * MIN);
+		is_int(sq(&w, "SELECT count(*) FROM carts WHERE status='open'"), 1, "back: the cart is open again");
+		ok(tick(&w, T0 + DAY, &s) == 0 && s.sent == 0,
+		   "back: step 2 is due but the cart was active 10 min ago: not sent");
+		ok(tick(&w, T0 + DAY - 10 * MIN + HOUR, &s) == 0 && s.sent == 1,
+		   "back: idle for an hour again: step 2 sent");
+		is_int(sq(&w, "SELECT count(*) FROM messages WHERE status='sent'"), 2, "... two mails in all");
+		world_close(&w);
+	}
+
+	/* a step already queued waits while the shopper is active */
+	if (ok(exit_world(&w, "active") == 0, "active: step 1 sent")) {
+		memset(&s, 0, sizeof s);
+		flow_detect(&w.app, T0 + DAY, &s);
+		is_int(sq(&w, "SELECT count(*) FROM messages WHERE step=2 AND status='queued'"), 1,
+		       "active: step 2 queued at T0+24h");
+		cart_event(&w, "ann@example.com", "Ann", "a1", 1, T0 + DAY);
+		ok(tick(&w, T0 + DAY, &s) == 0 && s.sent == 0 && s.skipped == 0 && s.exited == 0,
+		   "active: the shopper is back in the same minute: not sent, not skipped");
+		is_int(sq(&w, "SELECT count(*) FROM messages WHERE step=2 AND status='queued' AND next_try=%lld",
+			  (long long)(T0 + DAY + HOUR)), 1, "... queued again for when the cart is idle");
+		is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE status='active'"), 1, "... still enrolled");
+		ok(tick(&w, T0 + DAY + HOUR, &s) == 0 && s.sent == 1, "active: idle an hour later: step 2 sent");
+		is_int(outbox_count(&w), 2, "... two mails");
+		world_close(&w);
+	}
+
+	/* a transport failure is retried, then sent once */
+	if (ok(exit_world(&w, "retry") == 0, "retry: step 1 sent")) {
+		char blocked[PATH_MAX + 16], *good = w.cfg.outbox;
+		snprintf(blocked, sizeof blocked, "%s/retry-file", tmpdir);
+		write_file(blocked, "x", 1);
+		strcat(blocked, "/outbox"); /* under a regular file: cannot be made */
+		w.cfg.outbox = blocked;
+		ok(tick(&w, T0 + DAY, &s) == 0 && s.sent == 0 && s.retry == 1,
+		   "retry: the outbox cannot be written: retry 1, sent 0");
+		is_int(sq(&w, "SELECT count(*) FROM messages WHERE step=2 AND status='queued' AND attempts=1 "
+			  "AND next_try > %lld", (long long)(T0 + DAY)), 1, "... queued again for later");
+		w.cfg.outbox = good;
+		ok(tick(&w, T0 + DAY + 60, &s) == 0 && s.sent == 0, "retry: not before next_try");
+		long long next = sq(&w, "SELECT next_try FROM messages WHERE step=2");
+		ok(tick(&w, (rm_time)next, &s) == 0 && s.sent == 1, "retry: at next_try it is sent");
+		is_int(outbox_count(&w), 2, "... exactly two mails");
+		world_close(&w);
+	}
+}
+
+/* ==== 8. Leases ========================================================= */
+
+struct claimer {
+	struct app *app;
+	rm_time now;
+	pthread_barrier_t *start;
+	int64_t got[256];
+	int n, err;
+};
+
+static void *claim_loop(void *arg)
+{
+	struct claimer *c = arg;
+	pthread_barrier_wait(c->start);
+	for (;;) {
+		int64_t ids[1];
+		int n = flow_claim(c->app, c->now, ids, 1);
+		if (n < 0) {
+			c->err = 1;
+			break;
+		}
+		if (n == 0)
+			break;
+		for (int i = 0; i < n && c->n < 256; i++)
+			c->got[c->n++] = ids[i];
+		/* a tick works between claims: let the other writer in */
+		nanosleep(&(struct timespec){0, 200 * 1000}, NULL);
+	}
+	return NULL;
+}
+
+static void test_leases(void)
+{
+	struct world w;
+	struct tick_summary s = {0};
+	int64_t ids[64];
+	enum { N = 200 };
+	if (!ok(world_open(&w, "lease") == 0, "lease: world opens"))
+		return;
+	for (int i = 0; i < 3; i++) {
+		char email[64], cart[16];
+		snprintf(email, sizeof email, "c%d@example.com", i);
+		snprintf(cart, sizeof cart, "k%d", i);
+		cart_event(&w, email, "C", cart, 1, T0);
+	}
+	rm_time now = T0 + HOUR;
+	long lease = w.cfg.lease_seconds;
+	is_int(lease, 300, "lease_seconds defaults to 300");
+	ok(flow_detect(&w.app, now, &s) == 0 && s.abandoned == 3 && s.enrolled == 3,
+	   "flow_detect: 3 carts abandoned and enrolled");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status='queued'"), 3, "... 3 messages queued");
+	int n = flow_claim(&w.app, now, ids, 10);
+	is_int(n, 3, "flow_claim returns the 3 due messages");
+	long long idsum = 0;
+	for (int i = 0; i < n; i++)
+		idsum += ids[i];
+	is_int(idsum, sq(&w, "SELECT sum(id) FROM messages"), "... their ids");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status='sending' AND lease_until=%lld AND attempts=1",
+		  (long long)(now + lease)), 3, "... leased until now + lease_seconds");
+	is_int(flow_claim(&w.app, now, ids, 10), 0, "a second claim at the same now: 0 (leased)");
+	is_int(flow_claim(&w.app, now + lease - 1, ids, 10), 0, "at now + lease - 1: still leased");
+	is_int(flow_claim(&w.app, now + lease + 1, ids, 10), 3,
+	       "at now + lease + 1: the expired leases are claimed again (crashed tick)");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE attempts=2"), 3, "... attempts counted");
+	is_int(flow_claim(&w.app, now + lease + 1, ids, 1), 0, "and not a third time");
+	world_close(&w);
+
+	/* two connections claiming: never the same id */
+	struct world r;
+	struct app app2;
+	char err[512];
+	if (!ok(world_open(&r, "race") == 0, "race: world opens"))
+		return;
+	for (int i = 0; i < N; i++) {
+		char email[64], cart[16];
+		snprintf(email, sizeof email, "r%d@example.com", i);
+		snprintf(cart, sizeof cart, "r%d", i);
+		cart_event(&r, email, "R", cart, 1, T0);
+	}
+	memset(&s, 0, sizeof s);
+	flow_detect(&r.app, now, &s);
+	is_int(sq(&r, "SELECT count(*) FROM messages"), N, "race: 200 messages queued");
+	if (!ok(app_open(&app2, &r.cfg, err, sizeof err) == 0, "a second app on the same config opens")) {
+		diag("  %s", err);
+		world_close(&r);
+		return;
+	}
+	int seen[N + 1] = {0}, dup = 0, total = 0, other = 0;
+	for (int turn = 0, done = 0; done < 2 && turn < 1000; turn++) {
+		struct app *a = turn % 2 ? &app2 : &r.app;
+		int k = flow_claim(a, now, ids, 3);
+		done = k == 0 ? done + 1 : 0;
+		for (int i = 0; i < k; i++) {
+			if (ids[i] < 1 || ids[i] > N)
+				other++;
+			else
+				dup += seen[ids[i]]++ > 0;
+			total++;
+		}
+	}
+	ok(total == N && dup == 0 && other == 0,
+	   "interleaved claims from two apps: every message once (%d claims, %d twice)", total, dup);
+	/* all leases expired: both threads race for all N, one at a time */
+	pthread_barrier_t start;
+	pthread_barrier_init(&start, NULL, 2);
+	struct claimer c1 = {&r.app, now + 10 * lease, &start, {0}, 0, 0};
+	struct claimer c2 = {&app2, now + 10 * lease, &start, {0}, 0, 0};
+	pthread_t t1, t2;
+	int started = pthread_create(&t1, NULL, claim_loop, &c1) == 0;
+	if (started)
+		started += pthread_create(&t2, NULL, claim_loop, &c2) == 0;
+	if (ok(started == 2, "two claiming threads started")) {
+		pthread_join(t1, NULL);
+		pthread_join(t2, NULL);
+	} else if (started == 1) {
+		pthread_barrier_wait(&start);
+		pthread_join(t1, NULL);
+	}
+	pthread_barrier_destroy(&start);
+	memset(seen, 0, sizeof seen);
+	dup = other = 0;
+	for (int t = 0; t < 2; t++) {
+		const struct claimer *c = t ? &c2 : &c1;
+		for (int i = 0; i < c->n; i++) {
+			int64_t id = c->got[i] >= 1 && c->got[i] <= N ? c->got[i] : 0;
+			dup += seen[id]++ > 0 && id;
+		}
+	}
+	ok(!c1.err && !c2.err, "concurrent flow_claim never fails (busy_timeout)");
+	ok(c1.n + c2.n == N && dup == 0 && seen[0] == 0,
+	   "concurrent claims in two threads: %d + %d of %d, none twice", c1.n, c2.n, N);
+	app_close(&app2);
+	world_close(&r);
+}
+
+/* ==== 9. HTTP =========================================================== */
+
+/* cart_url with {cart} and {code} replaced (values here need no escaping). */
+static void expand_cart_url(const char *url, const char *cart, const char *code, struct buf *out)
+{
+	while (*url) {
+		if (!strncmp(url, "{cart}", 6))
+			buf_adds(out, cart), url += 6;
+		else if (!strncmp(url, "{code}", 6))
+			buf_adds(out, code), url += 6;
+		else
+			buf_add(out, url++, 1);
+	}
+}
+
+static void test_http(void)
+{
+	struct world w;
+	struct http_resp rs;
+	char sig[256], path[160], tok[TOK_MAXLEN + 1], bearer[128];
+	if (!ok(world_open(&w, "http") == 0, "http: world opens"))
+		return;
+	rm_time now = T0;
+
+	/* routes */
+	http(&w, "GET", "/health", NULL, NULL, NULL, now, &rs);
+	ok(rs.status == 200 && rs.body.data && !strcmp(rs.body.data, "ok\n"), "GET /health -> 200 ok");
+	http_resp_free(&rs);
+	http(&w, "GET", "/nope", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 404, "GET /nope -> 404");
+	ok(contains(rs.content_type, "application/json") && contains(rs.body.data, "\"error\""),
+	   "... with a JSON body containing \"error\"");
+	http_resp_free(&rs);
+	http(&w, "GET", "/r/", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 404, "GET /r/ (no token) -> 404");
+	http_resp_free(&rs);
+	http(&w, "GET", "/events", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 405, "GET /events -> 405");
+	is_str(resp_header(&rs, "Allow"), "POST", "... with Allow: POST");
+	ok(contains(rs.body.data, "\"error\""), "... and a JSON error");
+	http_resp_free(&rs);
+	http(&w, "DELETE", "/u/abc", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 405, "DELETE /u/... -> 405");
+	is_str(resp_header(&rs, "Allow"), "GET, HEAD, POST", "... with Allow: GET, HEAD, POST");
+	http_resp_free(&rs);
+
+	/* /events: signatures */
+	const char *ev = "{\"type\":\"cart\",\"email\":\"ann@example.com\",\"name\":\"Ann\",\"consent\":true,"
+			 "\"cart_id\":\"c-http\",\"items\":[{\"sku\":\"S1\",\"name\":\"Lamp\",\"price\":10}]}";
+	http(&w, "POST", "/events", ev, NULL, NULL, now, &rs);
+	is_int(rs.status, 401, "POST /events without a signature -> 401");
+	ok(contains(rs.body.data, "\"error\""), "... with a JSON error");
+	http_resp_free(&rs);
+	hook_sign("not-the-secret", now, ev, strlen(ev), sig, sizeof sig);
+	http(&w, "POST", "/events", ev, sig, NULL, now, &rs);
+	is_int(rs.status, 401, "POST /events signed with another secret -> 401");
+	http_resp_free(&rs);
+	hook_sign(w.cfg.hook_secret, now - 301, ev, strlen(ev), sig, sizeof sig);
+	http(&w, "POST", "/events", ev, sig, NULL, now, &rs);
+	is_int(rs.status, 401, "POST /events signed 301 s ago -> 401");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM events"), 0, "no event stored by refused requests");
+	hook_sign(w.cfg.hook_secret, now, ev, strlen(ev), sig, sizeof sig);
+	struct http_req rq = {.method = "POST", .path = "/events", .content_type = "text/plain",
+			      .signature = sig, .body = ev, .body_len = strlen(ev)};
+	memset(&rs, 0, sizeof rs);
+	http_handle(&w.app, &rq, &rs, now);
+	is_int(rs.status, 415, "POST /events as text/plain -> 415");
+	http_resp_free(&rs);
+	rq.content_type = "application/json";
+	rq.body_too_large = 1;
+	memset(&rs, 0, sizeof rs);
+	http_handle(&w.app, &rq, &rs, now);
+	is_int(rs.status, 413, "POST /events with body_too_large -> 413");
+	http_resp_free(&rs);
+	http(&w, "POST", "/events", ev, sig, NULL, now, &rs);
+	is_int(rs.status, 202, "POST /events with a valid signature -> 202");
+	is_str(rs.body.data, "{\"accepted\":1,\"duplicates\":0}", "... answering what was accepted");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key='c-http'"), 1, "... the cart is stored");
+	http(&w, "POST", "/collect", "{\"type\":\"order\",\"order_id\":\"o-x\",\"email\":\"ann@example.com\"}",
+	     NULL, NULL, now, &rs);
+	is_int(rs.status, 403, "POST /collect with an order -> 403");
+	http_resp_free(&rs);
+
+	/* /tick: bearer */
+	now = T0 + HOUR;
+	http(&w, "POST", "/tick", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 401, "POST /tick without a bearer -> 401");
+	http_resp_free(&rs);
+	http(&w, "POST", "/tick", NULL, NULL, "Bearer wrong-token", now, &rs);
+	is_int(rs.status, 401, "POST /tick with a wrong bearer -> 401");
+	http_resp_free(&rs);
+	snprintf(bearer, sizeof bearer, "Bearer %s", w.cfg.tick_token);
+	http(&w, "POST", "/tick", NULL, NULL, bearer, now, &rs);
+	is_int(rs.status, 200, "POST /tick with the bearer -> 200");
+	ok(contains(rs.content_type, "application/json") && rs.body.data && rs.body.data[0] == '{' &&
+		   contains(rs.body.data, "\"sent\":1") && contains(rs.body.data, "\"now\":1795003600"),
+	   "... with a JSON summary: the cart's step 1 was sent (%s)", rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+
+	/* /r/ links */
+	long long m1 = sq(&w, "SELECT id FROM messages WHERE step=1");
+	ok(m1 > 0, "a message row to link to");
+	tok_sign(w.app.key, TOK_RECOVER, m1, now + 30 * DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 302, "GET /r/<valid> -> 302");
+	struct buf want = {0};
+	expand_cart_url(w.cfg.cart_url, "c-http", "", &want);
+	is_str(resp_header(&rs, "Location"), want.data, "... Location is cart_url with {cart} expanded");
+	buf_free(&want);
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind='click' AND message=%lld", m1), 1,
+	       "... the click is recorded");
+	unsigned char other[RM_KEYBYTES];
+	memset(other, 0x42, sizeof other);
+	tok_sign(other, TOK_RECOVER, m1, now + 30 * DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 400, "GET /r/<forged> -> 400");
+	ok(contains(rs.content_type, "text/html"), "... as a text/html page");
+	ok(contains(rs.body.data, "not one we sent"), "... saying the link is not ours");
+	http_resp_free(&rs);
+	tok_sign(w.app.key, TOK_RECOVER, m1, now - 1, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	ok(rs.status == 400 && contains(rs.body.data, "expired"), "GET /r/<expired> -> 400, expired");
+	http_resp_free(&rs);
+	tok_sign(w.app.key, TOK_UNSUB, m1, now + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 400, "GET /r/<unsubscribe token> -> 400");
+	http_resp_free(&rs);
+	tok_sign(w.app.key, TOK_RECOVER, 999999, now + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 400, "GET /r/<token of a message we do not have> -> 400");
+	http_resp_free(&rs);
+	http(&w, "GET", "/r/%3Cscript%3E", NULL, NULL, NULL, now, &rs);
+	ok(rs.status == 400 && !contains(rs.body.data, "<script>"), "GET /r/<garbage> -> 400, nothing echoed");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind='click'"), 1, "refused links record nothing");
+
+	/* the open pixel */
+	tok_sign(w.app.key, TOK_OPEN, m1, now + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/o/%s.gif", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	ok(rs.status == 200 && contains(rs.content_type, "image/gif") && rs.body.len > 6 &&
+		   !memcmp(rs.body.data, "GIF89a", 6), "GET /o/<token>.gif -> 200, a GIF");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind='open' AND message=%lld", m1), 1,
+	       "... the open is recorded");
+	world_close(&w);
+}
+
+/* ==== main ============================================================== */
+
+static int find_templates(void)
+{
+	char from_file[PATH_MAX], probe[PATH_MAX + 32];
+	const char *slash = strrchr(__FILE__, '/');
+	snprintf(from_file, sizeof from_file, "%.*s../templates",
+		 slash ? (int)(slash - __FILE__ + 1) : 0, __FILE__);
+	const char *cands[] = {getenv("RM_TEMPLATES"), from_file, "templates"};
+	for (size_t i = 0; i < 3; i++) {
+		if (!cands[i] || !realpath(cands[i], templates))
+			continue;
+		snprintf(probe, sizeof probe, "%s/cart_reminder.txt", templates);
+		if (access(probe, R_OK) == 0)
+			return 0;
+	}
+	return -1;
+}
+
+/* Only our own REMARKET_* variables: none from the caller's environment. */
+static void clear_env(void)
+{
+	extern char **environ;
+	for (int again = 1; again;) {
+		again = 0;
+		for (char **e = environ; *e; e++) {
+			if (strncmp(*e, "REMARKET_", 9) != 0)
+				continue;
+			char name[128];
+			snprintf(name, sizeof name, "%.*s", (int)strcspn(*e, "="), *e);
+			unsetenv(name);
+			again = 1;
+			break;
+		}
+	}
+}
+
+static int setup(void)
+{
+	char path[PATH_MAX + 32];
+	unsigned char key[RM_KEYBYTES];
+	snprintf(tmpdir, sizeof tmpdir, "/tmp/rm-unit-XXXXXX");
+	if (!mkdtemp(tmpdir)) {
+		printf("Bail out! mkdtemp: %s\n", strerror(errno));
+		return -1;
+	}
+	if (find_templates() < 0) {
+		printf("Bail out! templates/ not found: set RM_TEMPLATES\n");
+		return -1;
+	}
+	clear_env();
+	for (int i = 0; i < RM_KEYBYTES; i++)
+		key[i] = (unsigned char)(i * 13 + 1);
+	snprintf(path, sizeof path, "%s/key", tmpdir);
+	if (write_file(path, key, sizeof key) < 0)
+		return -1;
+	setenv("REMARKET_KEY_FILE", path, 1);
+	snprintf(path, sizeof path, "%s/empty.conf", tmpdir);
+	write_file(path, "", 0);
+	setenv("REMARKET_CONFIG", path, 1); /* never ./remarket.conf */
+	setenv("REMARKET_TEMPLATES", templates, 1);
+	setenv("REMARKET_SMTP_URL", "", 1);
+	setenv("REMARKET_HOOK_SECRET", HOOK_SECRET, 1);
+	setenv("REMARKET_TICK_TOKEN", TICK_TOKEN, 1);
+	setenv("REMARKET_CART_URL", CART_URL, 1);
+	setenv("REMARKET_BASE_URL", BASE_URL, 1);
+	setenv("REMARKET_FROM", "Maison Demo <shop@example.com>", 1);
+	return 0;
+}
+
+int main(void)
+{
+	if (sodium_init() < 0 || curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
+		printf("Bail out! libsodium or libcurl failed to start\n");
+		return 1;
+	}
+	if (setup() < 0) {
+		if (*tmpdir)
+			nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+		curl_global_cleanup();
+		return 1;
+	}
+	test_buffers();
+	test_validators();
+	test_tokens();
+	test_hooks();
+	test_templates();
+	test_mail();
+	test_events();
+	test_flow();
+	test_flow_exits();
+	test_leases();
+	test_http();
+	int rc = done_testing();
+	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
+		diag("could not remove %s", tmpdir);
+	curl_global_cleanup();
+	return rc;
+}
