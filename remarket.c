@@ -756,7 +756,8 @@ void cfg_free(struct config *cfg)
 	  "GROUP BY 1")                                                        \
 	X(FLOWS_LIST,                                                          \
 	  "SELECT f.name, f.enabled, s.position, s.delay_s, s.template, "      \
-	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 0), s.min_spend " \
+	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 0), s.min_spend, " \
+	  "f.holdout_pct " \
 	  "FROM flows f JOIN steps s ON s.flow_id = f.id ORDER BY f.id, s.position") \
 	X(STEP_SET,                                                            \
 	  "UPDATE steps SET delay_s = coalesce(?3, delay_s), "                 \
@@ -767,6 +768,24 @@ void cfg_free(struct config *cfg)
 	  "min_spend = coalesce(?7, min_spend) "                               \
 	  "WHERE flow_id = (SELECT id FROM flows WHERE name = ?1) AND position = ?2") \
 	X(FLOW_ENABLE, "UPDATE flows SET enabled = ?2 WHERE name = ?1")        \
+	X(FLOW_HOLDOUT, "UPDATE flows SET holdout_pct = ?2 WHERE name = ?1")   \
+	X(VARIANT_SET,                                                         \
+	  "INSERT INTO step_variants (flow_id, position, template, delay_s, "  \
+	  "discount_pct, discount_valid, share) SELECT s.flow_id, s.position, " \
+	  "?3, ?4, ?5, ?6, coalesce(?7, 50) FROM steps s JOIN flows f "        \
+	  "ON f.id = s.flow_id WHERE f.name = ?1 AND s.position = ?2 "         \
+	  "ON CONFLICT (flow_id, position) DO UPDATE SET "                     \
+	  "template = coalesce(?3, template), delay_s = coalesce(?4, delay_s), " \
+	  "discount_pct = coalesce(?5, discount_pct), "                        \
+	  "discount_valid = coalesce(?6, discount_valid), "                    \
+	  "share = coalesce(?7, share)")                                       \
+	X(VARIANT_OFF,                                                         \
+	  "DELETE FROM step_variants WHERE position = ?2 AND flow_id = "       \
+	  "(SELECT id FROM flows WHERE name = ?1)")                            \
+	X(VARIANTS_LIST,                                                       \
+	  "SELECT v.position, coalesce(v.template, ''), coalesce(v.delay_s, -1), " \
+	  "coalesce(v.discount_pct, -1), v.share FROM step_variants v "        \
+	  "JOIN flows f ON f.id = v.flow_id WHERE f.name = ?1 ORDER BY v.position") \
 	X(PIXEL_EVENT,                                                         \
 	  "SELECT json_patch('{}', json_object('type', ?1, 'sku', ?2, "        \
 	  "'url', ?3, 'visitor_id', ?4, 'email', ?5))")                        \
@@ -4654,6 +4673,27 @@ static void fmt_delay(char *out, size_t n, long s)
 		snprintf(out, n, "+%lds", s);
 }
 
+static void flows_variants(struct app *app, const char *flow)
+{
+	/* a second statement: FLOWS_LIST is being stepped by the caller */
+	sqlite3_stmt *s = q(app->db, ST_VARIANTS_LIST, "t", flow);
+	char d[32];
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		printf("  variant B of step %d for %d %% of contacts:",
+		       sqlite3_column_int(s, 0), sqlite3_column_int(s, 4));
+		if (*col_text(s, 1))
+			printf(" template %s", col_text(s, 1));
+		if (sqlite3_column_int64(s, 2) >= 0) {
+			fmt_delay(d, sizeof d, (long)sqlite3_column_int64(s, 2));
+			printf(" delay %s", d);
+		}
+		if (sqlite3_column_int(s, 3) >= 0)
+			printf(" discount %d%%", sqlite3_column_int(s, 3));
+		printf("\n");
+	}
+	sqlite3_reset(s);
+}
+
 static int flows_list(struct app *app)
 {
 	sqlite3_stmt *s = q(app->db, ST_FLOWS_LIST, NULL);
@@ -4661,8 +4701,10 @@ static int flows_list(struct app *app)
 	while (sqlite3_step(s) == SQLITE_ROW) {
 		if (strcmp(last, col_text(s, 0)) != 0) {
 			copy_str(last, sizeof last, col_text(s, 0));
-			printf("%s (%s)\n", last, sqlite3_column_int(s, 1) ?
-			       "enabled" : "disabled");
+			printf("%s (%s, %d %% held out)\n", last,
+			       sqlite3_column_int(s, 1) ? "enabled" : "disabled",
+			       sqlite3_column_int(s, 8));
+			flows_variants(app, last);
 		}
 		fmt_delay(d, sizeof d, (long)sqlite3_column_int64(s, 3));
 		printf("  step %d  %-5s  %-16s", sqlite3_column_int(s, 2), d,
@@ -4726,10 +4768,78 @@ static int flows_set(struct app *app, int argc, char **argv)
 	return flows_list(app);
 }
 
+/* remarket flows variant FLOW STEP template=x delay=2h discount=15
+ * valid=48h share=50 | off */
+static int flows_variant(struct app *app, int argc, char **argv)
+{
+	if (argc < 3) {
+		fprintf(stderr, "usage: remarket flows variant FLOW STEP k=v... | off\n");
+		return 2;
+	}
+	if (!strcmp(argv[2], "off")) {
+		if (q_exec(app->db, q(app->db, ST_VARIANT_OFF, "ti", argv[0],
+				      (int64_t)atoi(argv[1]))) < 0)
+			return 1;
+		return flows_list(app);
+	}
+	sqlite3_stmt *s = q(app->db, ST_VARIANT_SET, "ti", argv[0],
+			    (int64_t)atoi(argv[1]));
+	for (int i = 2; i < argc; i++) {
+		char *eq = strchr(argv[i], '=');
+		const char *v = eq ? eq + 1 : "";
+		char plus[64];
+		snprintf(plus, sizeof plus, "+%s", v);
+		rm_time t = parse_time(plus, 0);
+		size_t kl = eq ? (size_t)(eq - argv[i]) : 0;
+		int ok = 1;
+		if (kl == 8 && !strncmp(argv[i], "template", 8) && val_ident(v, 64))
+			sqlite3_bind_text(s, 3, v, -1, SQLITE_TRANSIENT);
+		else if (kl == 5 && !strncmp(argv[i], "delay", 5) && t >= 0)
+			sqlite3_bind_int64(s, 4, t);
+		else if (kl == 8 && !strncmp(argv[i], "discount", 8) && atoi(v) >= 0 &&
+			 atoi(v) <= 90)
+			sqlite3_bind_int(s, 5, atoi(v));
+		else if (kl == 5 && !strncmp(argv[i], "valid", 5) && t > 0)
+			sqlite3_bind_int64(s, 6, t);
+		else if (kl == 5 && !strncmp(argv[i], "share", 5) && atoi(v) >= 1 &&
+			 atoi(v) <= 99)
+			sqlite3_bind_int(s, 7, atoi(v));
+		else
+			ok = 0;
+		if (!ok) {
+			fprintf(stderr, "remarket flows variant: bad setting '%s' "
+				"(template=NAME delay=2h discount=0-90 valid=48h "
+				"share=1-99)\n", argv[i]);
+			sqlite3_reset(s);
+			return 2;
+		}
+	}
+	if (q_exec(app->db, s) < 0 || sqlite3_changes(app->db->h) != 1) {
+		fprintf(stderr, "remarket flows variant: no step %s of flow %s\n",
+			argv[1], argv[0]);
+		return 1;
+	}
+	return flows_list(app);
+}
+
 static int cmd_flows(struct app *app, int argc, char **argv)
 {
 	if (argc == 0)
 		return flows_list(app);
+	if (!strcmp(argv[0], "variant"))
+		return flows_variant(app, argc - 1, argv + 1);
+	if (!strcmp(argv[0], "holdout") && argc == 3) {
+		int pct = atoi(argv[2]);
+		if (pct < 0 || pct > 50 ||
+		    q_exec(app->db, q(app->db, ST_FLOW_HOLDOUT, "ti", argv[1],
+				      (int64_t)pct)) < 0 ||
+		    sqlite3_changes(app->db->h) != 1) {
+			fprintf(stderr, "remarket flows holdout: want a flow name and "
+				"0-50 (percent)\n");
+			return 1;
+		}
+		return flows_list(app);
+	}
 	if (!strcmp(argv[0], "set"))
 		return flows_set(app, argc - 1, argv + 1);
 	if ((!strcmp(argv[0], "enable") || !strcmp(argv[0], "disable")) && argc == 2) {
@@ -4741,7 +4851,8 @@ static int cmd_flows(struct app *app, int argc, char **argv)
 		}
 		return flows_list(app);
 	}
-	fprintf(stderr, "usage: remarket flows [set FLOW STEP k=v...|enable F|disable F]\n");
+	fprintf(stderr, "usage: remarket flows [set FLOW STEP k=v... | enable F | "
+		"disable F | holdout F PCT | variant F STEP k=v... | variant F STEP off]\n");
 	return 2;
 }
 
@@ -4755,7 +4866,8 @@ static void usage(FILE *f)
 		"  tick [--now T]       run one tick, print a JSON summary\n"
 		"  event [--now T]      record JSON event(s) read on stdin\n"
 		"  report [--json] [--since D]  results since D (default -30d)\n"
-		"  flows [set F N k=v | enable F | disable F]\n"
+		"  flows [set F N k=v | enable F | disable F | holdout F PCT |\n"
+		"         variant F N k=v | variant F N off]\n"
 		"T is Unix seconds, 2026-11-24T10:00:00Z, or +90m/+2h/+3d from now.\n");
 }
 

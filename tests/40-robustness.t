@@ -79,6 +79,9 @@ sub instance {
 	};
 	my ($rc) = rm($env, undef, 'init');
 	die "init failed" if $rc;
+	# every enrollee must be messaged here: no 10 % holdout
+	($rc) = rm($env, undef, 'flows', 'holdout', 'abandoned_cart', '0');
+	die "flows holdout failed" if $rc;
 	return { env => $env, dir => $d };
 }
 

@@ -24,6 +24,7 @@
 #include <ftw.h>
 #include <limits.h>
 #include <pthread.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -226,6 +227,9 @@ static int world_open(struct world *w, const char *name)
 		cfg_free(&w->cfg);
 		return -1;
 	}
+	/* these worlds expect every enrollee to be messaged: the default 10 %
+	 * holdout is switched off here and tested in test_measurement */
+	db_scalar(w->app.db, "UPDATE flows SET holdout_pct = 0");
 	return 0;
 }
 
@@ -1901,6 +1905,268 @@ static int setup(void)
 	return 0;
 }
 
+
+/* ==== Measurement: holdouts, variants, attribution, the report ========== */
+
+static int near(double got, double want, double tol, const char *name)
+{
+	int r = ok(fabs(got - want) <= tol, "%s", name);
+	if (!r)
+		diag("got %.6f, want %.6f (+- %g)", got, want, tol);
+	return r;
+}
+
+static void test_stats(void)
+{
+	is_int(rm_bucket("holdout:1:ann@example.com"), rm_bucket("holdout:1:ann@example.com"),
+	       "rm_bucket is stable");
+	ok(rm_bucket("a") >= 0 && rm_bucket("a") < 10000, "rm_bucket is in [0, 10000)");
+	int held = 0;
+	char key[96];
+	for (int i = 0; i < 10000; i++) {
+		snprintf(key, sizeof key, "holdout:1:shopper%d@example.com", i);
+		held += rm_bucket(key) < 1000;
+	}
+	ok(held > 1000 - 90 && held < 1000 + 90,
+	   "a 10 %% holdout over 10 000 contacts holds out %d (within 3 sigma of 1000)", held);
+
+	/* worked by hand: p1 = 60/500 = .12, p2 = 5/100 = .05, diff .07;
+	 * se = sqrt(.12*.88/500 + .05*.95/100) = sqrt(.0006862) = .0261954;
+	 * 1.96 se = .0513420: interval .018658 .. .121342 */
+	struct lift l;
+	stat_lift(60, 500, 5, 100, &l);
+	near(l.p1, 0.12, 1e-9, "stat_lift: treated rate");
+	near(l.p2, 0.05, 1e-9, "stat_lift: control rate");
+	near(l.diff, 0.07, 1e-9, "stat_lift: difference");
+	near(l.lo, 0.018658, 1e-5, "stat_lift: lower bound of the 95 % interval");
+	near(l.hi, 0.121342, 1e-5, "stat_lift: upper bound of the 95 % interval");
+	ok(!l.too_small, "stat_lift: 500 and 100 people are enough");
+	stat_lift(3, 29, 1, 100, &l);
+	ok(l.too_small, "stat_lift: 29 in a group is too small to tell");
+	stat_lift(2, 100, 2, 100, &l);
+	ok(l.too_small, "stat_lift: 4 conversions in all is too small to tell");
+	stat_lift(0, 0, 0, 0, &l);
+	ok(l.too_small && l.diff == 0 && l.lo == 0 && l.hi == 0, "stat_lift: empty groups give zeros");
+}
+
+static void test_holdout(void)
+{
+	struct world w;
+	struct tick_summary s;
+	char email[64], key[96];
+	if (!ok(world_open(&w, "holdout") == 0, "holdout: world opens"))
+		return;
+	db_scalar(w.app.db, "UPDATE flows SET holdout_pct = 10");
+	int want = 0;
+	for (int i = 0; i < 200; i++) {
+		snprintf(email, sizeof email, "h%d@example.com", i);
+		char cart[16];
+		snprintf(cart, sizeof cart, "h%d", i);
+		cart_event(&w, email, "H", cart, 1, T0);
+		snprintf(key, sizeof key, "holdout:1:%s", email);
+		want += rm_bucket(key) < 1000;
+	}
+	tick(&w, T0 + HOUR, &s);
+	is_int(s.enrolled, 200, "holdout: 200 carts enrolled");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE holdout = 1"), want,
+	       "holdout: exactly the contacts whose bucket is under 1000 are held out");
+	is_int(s.sent, 200 - want, "holdout: the others, and only they, got step 1");
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON e.id = "
+		  "m.enrollment_id WHERE e.holdout = 1"), 0, "holdout: no message row for the held out");
+	tick(&w, T0 + 4 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON e.id = "
+		  "m.enrollment_id WHERE e.holdout = 1"), 0, "holdout: still none after 4 days");
+	world_close(&w);
+}
+
+static void test_variants(void)
+{
+	struct world w;
+	struct tick_summary s;
+	char email[64], key[96], cart[16];
+	if (!ok(world_open(&w, "variants") == 0, "variants: world opens"))
+		return;
+	/* B of step 1 waits 2 h instead of 1 h */
+	db_scalar(w.app.db, "INSERT INTO step_variants (flow_id, position, delay_s, share) "
+		  "VALUES (1, 1, 7200, 50)");
+	int b = 0;
+	for (int i = 0; i < 100; i++) {
+		snprintf(email, sizeof email, "v%d@example.com", i);
+		snprintf(cart, sizeof cart, "v%d", i);
+		cart_event(&w, email, "V", cart, 1, T0);
+		snprintf(key, sizeof key, "ab:1:1:%s", email);
+		b += rm_bucket(key) < 5000;
+	}
+	ok(b > 30 && b < 70, "variants: about half the contacts fall in B (%d)", b);
+	tick(&w, T0 + HOUR, &s);
+	is_int(s.sent, 100 - b, "variants: at +1 h only A contacts get step 1");
+	tick(&w, T0 + 2 * HOUR, &s);
+	is_int(s.sent, b, "variants: at +2 h the B contacts get it (the variant's timing)");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE variant = 'B'"), b,
+	       "variants: their messages are recorded as variant B");
+	/* sticky: a second cart of a B contact later gets B again */
+	int sticky = 1;
+	for (int i = 0; i < 100 && sticky; i++) {
+		snprintf(key, sizeof key, "ab:1:1:v%d@example.com", i);
+		if (rm_bucket(key) >= 5000)
+			continue;
+		snprintf(email, sizeof email, "v%d@example.com", i);
+		cart_event(&w, email, "V", "second", 1, T0 + DAY);
+		tick(&w, T0 + DAY + 3 * HOUR, &s);
+		sticky = sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON "
+			    "e.id = m.enrollment_id JOIN carts c ON c.id = e.cart_id WHERE "
+			    "c.cart_key = 'second' AND m.variant = 'B'") == 1;
+		break;
+	}
+	ok(sticky, "variants: a contact's second cart gets the same variant");
+	world_close(&w);
+}
+
+/* Clicks the recovery link of message ID at NOW. */
+static int click(struct world *w, long long id, rm_time now)
+{
+	char tok[TOK_MAXLEN + 1], path[128];
+	struct http_resp rs;
+	tok_sign(w->app.key, TOK_RECOVER, id, now + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(w, "GET", path, NULL, NULL, NULL, now, &rs);
+	int st = rs.status;
+	http_resp_free(&rs);
+	return st;
+}
+
+static int order(struct world *w, const char *id, const char *email,
+		 const char *code, double total, rm_time now)
+{
+	char body[512];
+	struct ev_error err;
+	snprintf(body, sizeof body, "{\"type\":\"order\",\"order_id\":\"%s\","
+		 "\"email\":\"%s\",\"total\":%.2f,\"currency\":\"EUR\"%s%s%s}", id,
+		 email, total, code ? ",\"discount_code\":\"" : "", code ? code : "",
+		 code ? "\"" : "");
+	int rc = ingest(w, EV_HOOK, body, now, &err);
+	if (rc < 0)
+		diag("order %s: %d %s", id, rc, err.msg);
+	return rc;
+}
+
+static char *attribution(struct world *w, const char *order_id, long long *msg)
+{
+	char q[160];
+	snprintf(q, sizeof q, "SELECT coalesce(message, 0) FROM orders WHERE order_key = '%s'",
+		 order_id);
+	*msg = db_scalar(w->app.db, q);
+	snprintf(q, sizeof q, "SELECT coalesce(attribution, 'none') FROM orders "
+		 "WHERE order_key = '%s'", order_id);
+	return sq_text(w, q);
+}
+
+static void is_attr(struct world *w, const char *order_id, const char *how,
+		    long long msg, const char *name)
+{
+	long long got_msg;
+	char *got = attribution(w, order_id, &got_msg);
+	ok(got && !strcmp(got, how) && got_msg == msg, "%s", name);
+	if (!got || strcmp(got, how) || got_msg != msg)
+		diag("got %s to message %lld, want %s to %lld", got ? got : "(null)",
+		     got_msg, how, msg);
+	free(got);
+}
+
+static void test_attribution(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "attribution") == 0, "attribution: world opens"))
+		return;
+	const char *who[] = {"a@example.com", "b@example.com", "c@example.com",
+			     "d@example.com", "e@example.com"};
+	const char *carts[] = {"ca", "cb", "cc", "cd", "ce"};
+	for (int i = 0; i < 5; i++)
+		cart_event(&w, who[i], "X", carts[i], 1, T0);
+	tick(&w, T0 + HOUR, &s);       /* step 1 to all five */
+	tick(&w, T0 + DAY, &s);        /* step 2 to all five */
+	long long m1[5], m2[5];
+	char q[200];
+	for (int i = 0; i < 5; i++) {
+		snprintf(q, sizeof q, "SELECT m.id FROM messages m JOIN contacts c ON "
+			 "c.id = m.contact_id WHERE c.email = '%s' AND m.step = 1", who[i]);
+		m1[i] = db_scalar(w.app.db, q);
+		snprintf(q, sizeof q, "SELECT m.id FROM messages m JOIN contacts c ON "
+			 "c.id = m.contact_id WHERE c.email = '%s' AND m.step = 2", who[i]);
+		m2[i] = db_scalar(w.app.db, q);
+	}
+	ok(m1[4] > 0 && m2[4] > 0, "attribution: two messages sent to each of five");
+
+	/* a: click on step 1, order 2 days later: click, to step 1 */
+	is_int(click(&w, m1[0], T0 + 2 * HOUR), 302, "a clicks the step 1 link");
+	order(&w, "oa", who[0], NULL, 50, T0 + 2 * HOUR + 2 * DAY);
+	is_attr(&w, "oa", "click", m1[0], "click then order within 5 days: click, to that message");
+
+	/* b: clicks on both steps: the last qualifying message wins */
+	click(&w, m1[1], T0 + 2 * HOUR);
+	click(&w, m2[1], T0 + DAY + HOUR);
+	order(&w, "ob", who[1], NULL, 60, T0 + DAY + 2 * HOUR);
+	is_attr(&w, "ob", "click", m2[1], "two clicked messages: the last one gets the order");
+
+	/* c: no click, order 5 hours after step 2: influenced */
+	order(&w, "oc", who[2], NULL, 70, T0 + DAY + 5 * HOUR);
+	is_attr(&w, "oc", "influenced", m2[2], "no click, order within 24 h of a send: influenced");
+
+	/* d: click on step 1, order 6 days later, no send in the last 24 h */
+	click(&w, m1[3], T0 + 2 * HOUR);
+	order(&w, "od", who[3], NULL, 80, T0 + 2 * HOUR + 6 * DAY);
+	is_attr(&w, "od", "none", 0, "order outside the click window and the view window: not attributed");
+
+	/* e: step 3 gives a code; an order redeems it without any click */
+	tick(&w, T0 + 3 * DAY, &s);
+	snprintf(q, sizeof q, "SELECT m.id FROM messages m JOIN contacts c ON "
+		 "c.id = m.contact_id WHERE c.email = '%s' AND m.step = 3", who[4]);
+	long long m3 = db_scalar(w.app.db, q);
+	snprintf(q, sizeof q, "SELECT discount_code FROM messages WHERE id = %lld", m3);
+	char *code = sq_text(&w, q);
+	ok(code != NULL, "e got a code in step 3");
+	order(&w, "oe", "someone-else@example.com", code, 90, T0 + 4 * DAY + 3 * HOUR);
+	is_attr(&w, "oe", "code", m3, "a redeemed code attributes the order to its message, even without a click");
+	free(code);
+	/* the same order again: still attributed once */
+	order(&w, "oa", who[0], NULL, 50, T0 + 5 * DAY);
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'oa'"), 1,
+	       "a repeated order event is one order, attributed once");
+
+	/* the report over this world */
+	struct report *r = calloc(1, sizeof *r);
+	struct buf json = {0}, html = {0};
+	report_build(&w.app, T0 - DAY, T0 + 7 * DAY, r);
+	is_int(r->orders, 5, "report: 5 orders");
+	is_int(r->attributed, 3, "report: 3 attributed (click a, click b, code e)");
+	is_int(r->influenced, 1, "report: 1 influenced (c)");
+	near(r->recovered_revenue, 50 + 60 + 90, 1e-9, "report: recovered revenue 200");
+	is_int(r->abandoned, 5, "report: 5 abandoned carts enrolled");
+	/* step 3 went to e only: a-d had ordered (d's order was recorded first) */
+	is_int(r->sent, 11, "report: 11 emails sent (5 + 5 + 1)");
+	near(r->discount_cost, 90.0 * 10 / 90, 1e-6, "report: discount cost 10 on a 90 order at 10 %");
+	report_json(r, &json);
+	report_html(r, "Test shop", &html);
+	ok(contains(json.data, "\"recovered_revenue\":200.00") &&
+		   contains(html.data, "data-k=\"recovered_revenue\" data-v=\"200.0000\""),
+	   "report: JSON and HTML carry the same recovered revenue");
+	ok(contains(json.data, "\"orders\":5") && contains(html.data, "<svg"),
+	   "report: the HTML has its inline SVG chart");
+	buf_free(&json);
+	buf_free(&html);
+	free(r);
+	world_close(&w);
+}
+
+static void test_measurement(void)
+{
+	test_stats();
+	test_holdout();
+	test_variants();
+	test_attribution();
+}
+
 int main(void)
 {
 	if (sodium_init() < 0 || curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
@@ -1924,6 +2190,7 @@ int main(void)
 	test_flow_exits();
 	test_leases();
 	test_http();
+	test_measurement();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
 		diag("could not remove %s", tmpdir);
