@@ -404,3 +404,7 @@ if [ $BASE_ONLY = 1 ]; then
     echo
     echo "bench: --baselines-only: remarket was not measured"
 fi
+if [ $BASE_ONLY = 0 ]; then
+    echo
+    REMARKET="$RM" sh "$(dirname "$0")/report.sh"
+fi

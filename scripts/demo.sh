@@ -17,19 +17,26 @@ tick() { printf '%-28s ' "tick at $1:"; $RM tick --now "$2"; }
 say "remarket init (database, signing key, outbox)"
 $RM init
 
-say "events: a catalog with a review, and four shoppers who leave full carts"
+say "events: a catalog with a review, and five shoppers who leave full carts"
 sed "s/T0/$T0/g" demo/events.json | $RM event --now "$T0"
-echo "  ann, bruno and chloe gave consent; dan did not, so he is never emailed"
+echo "  lea, bruno, chloe and eva gave consent; dan did not, so he is never emailed."
+echo "  10 % of enrollees are held out as a control group (eva falls in it): they"
+echo "  get nothing, so the report can tell what the flow really adds."
 
 tick "+30 min (not idle yet)" $((T0 + 1800))
 tick "+1 h (step 1: reminder)" $((T0 + 3700))
 
-say "bruno buys (a signed order event from the store), chloe unsubscribes"
+say "bruno clicks his recovery link and buys; chloe unsubscribes"
+# The shopper's click: the binary answers GET /r/<token> as a CGI program.
+link() { grep -l "^To: $1@example.com" "$DIR"/outbox/*.eml | head -n 1; }
+rtoken=$(tr -d '\r' < "$(link bruno)" | sed -n 's#.*/rm/r/\([A-Za-z0-9_-]*\).*#\1#p' | head -n 1)
+GATEWAY_INTERFACE=CGI/1.1 REQUEST_METHOD=GET PATH_INFO="/r/$rtoken" REMARKET_NOW=$((T0 + 7000)) \
+	$RM | sed -n 's/^Location: /  recovery link redirects to: /p'
 printf '{"type":"order","order_id":"o-5001","email":"bruno@example.com","cart_id":"c-102","total":59.00,"currency":"EUR","ts":%s}' \
 	$((T0 + 7200)) | $RM event --now $((T0 + 7200))
 # Chloe's mail client posts to the List-Unsubscribe URL (RFC 8058); the
 # binary answers it as a plain CGI program here, as a web server would run it.
-msg=$(grep -l '^To: chloe@example.com' "$DIR"/outbox/*.eml | head -n 1)
+msg=$(link chloe)
 token=$(sed -n 's#^List-Unsubscribe: <.*/u/\([A-Za-z0-9_-]*\)>.*#\1#p' "$msg" | tr -d '\r')
 printf 'List-Unsubscribe=One-Click' | GATEWAY_INTERFACE=CGI/1.1 REQUEST_METHOD=POST \
 	PATH_INFO="/u/$token" CONTENT_TYPE=application/x-www-form-urlencoded CONTENT_LENGTH=26 \
@@ -46,8 +53,10 @@ for f in "$DIR"/outbox/*.eml; do
 	printf '  %s  %-20s %s\n' "$(basename "$f")" "$to" "$subj"
 done
 
-say "report"
+say "report (also as a page, the one GET /rm/report serves: $DIR/report.html)"
 $RM report --now $((T0 + 4 * 86400 + 100))
+GATEWAY_INTERFACE=CGI/1.1 REQUEST_METHOD=GET PATH_INFO=/report REMOTE_ADDR=127.0.0.1 \
+	REMARKET_NOW=$((T0 + 4 * 86400 + 100)) $RM | sed '1,/^\r*$/d' > "$DIR/report.html"
 
 say "flows (change them with: remarket flows set abandoned_cart 2 delay=48h)"
 $RM flows

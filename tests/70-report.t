@@ -1,0 +1,140 @@
+#!/usr/bin/perl
+# The report as an operator sees it: a world of 120 abandoned carts (with
+# the default 10 % holdout), clicks and orders, then GET /report rendered
+# by headless Chromium. Every number on the page (data-k/data-v) must
+# equal the same number in GET /report.json; a screenshot is kept in
+# tests/artifacts/report.png. Requests go through the CGI front-end.
+use strict;
+use warnings;
+use Test::More;
+use File::Temp qw(tempdir);
+use File::Basename qw(dirname);
+use Cwd qw(abs_path);
+use JSON::PP ();
+
+my $root = abs_path(dirname(abs_path($0)) . '/..');
+my $bin = $ENV{REMARKET_BIN} || "$root/remarket";
+my $chromium = (grep { -x } '/usr/bin/chromium', '/usr/bin/chromium-browser')[0];
+plan skip_all => 'chromium not installed (apt-get install chromium)' unless $chromium;
+BAIL_OUT("$bin not built: run make check") unless -x $bin;
+
+my $tmp = tempdir(CLEANUP => 1);
+my $T0 = 1795000000;
+my %env = (
+	REMARKET_DB => "$tmp/rm.db", REMARKET_KEY_FILE => "$tmp/rm.key",
+	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates",
+	REMARKET_SMTP_URL => '', REMARKET_FROM => 'Maison Test <shop@example.com>',
+);
+
+sub run_rm {
+	my ($stdin, $extra, @args) = @_;
+	local %ENV = (%ENV, %env, %{ $extra || {} });
+	my $in = "$tmp/stdin";
+	open my $fh, '>', $in or die;
+	print $fh ($stdin // '');
+	close $fh;
+	my $out = `'$bin' @args < '$in' 2>'$tmp/stderr'`;
+	return ($? >> 8, $out);
+}
+
+# One request through the CGI front-end; returns (headers, body).
+sub cgi {
+	my ($path, $now, $query) = @_;
+	my (undef, $out) = run_rm('', {
+		GATEWAY_INTERFACE => 'CGI/1.1', REQUEST_METHOD => 'GET',
+		PATH_INFO => $path, QUERY_STRING => $query // '',
+		REMOTE_ADDR => '127.0.0.1', REMARKET_NOW => $now });
+	my ($h, $b) = split /\r\n\r\n/, $out, 2;
+	return ($h // '', $b // '');
+}
+
+is((run_rm('', {}, 'init'))[0], 0, 'init');
+my @ev;
+for my $i (1 .. 120) {
+	push @ev, qq({"type":"cart","email":"r$i\@example.com","name":"R $i","consent":true,)
+	    . qq("cart_id":"r$i","currency":"EUR","ts":$T0,"items":[{"sku":"LAMP-1",)
+	    . qq("name":"Rattan lamp","price":40,"qty":1}]});
+}
+is((run_rm('[' . join(',', @ev) . ']', {}, 'event', '--now', $T0))[0], 0, '120 carts recorded');
+my ($rc, $out) = run_rm('', {}, 'tick', '--now', $T0 + 3700);
+like($out, qr/"enrolled":120/, 'all 120 enrolled at +1 h');
+
+# a third of the messaged shoppers click their link and buy the next day;
+# every fourth held-out shopper buys anyway
+my $db = $env{REMARKET_DB};
+my @msgs = split /\n/, `sqlite3 '$db' "SELECT m.id || ' ' || c.email FROM messages m JOIN contacts c ON c.id = m.contact_id WHERE m.step = 1 ORDER BY m.id"`;
+my @held = split /\n/, `sqlite3 '$db' "SELECT c.email FROM enrollments e JOIN contacts c ON c.id = e.contact_id WHERE e.holdout = 1"`;
+ok(@held > 0 && @held < 30, scalar(@held) . ' of 120 held out');
+my ($clicked, $orders) = (0, 0);
+for my $k (0 .. $#msgs) {
+	next if $k % 3;
+	my ($id, $email) = split / /, $msgs[$k];
+	open my $fh, '<', sprintf('%s/m%06d.eml', $env{REMARKET_OUTBOX}, $id) or next;
+	local $/;
+	my $mail = <$fh>;
+	$mail =~ s/=\r?\n//g;
+	my ($t) = $mail =~ m{/rm/r/([A-Za-z0-9_-]+)} or next;
+	my ($h) = cgi("/r/$t", $T0 + 2 * 3600);
+	$clicked++ if $h =~ /^Status: 302/m;
+	my $o = qq({"type":"order","order_id":"o-$id","email":"$email","total":40,"currency":"EUR","ts":) . ($T0 + 86400) . '}';
+	$orders++ if (run_rm($o, {}, 'event', '--now', $T0 + 86400))[0] == 0;
+}
+for my $k (0 .. $#held) {
+	next if $k % 4;
+	my $o = qq({"type":"order","order_id":"h-$k","email":"$held[$k]","total":40,"currency":"EUR","ts":) . ($T0 + 86400) . '}';
+	run_rm($o, {}, 'event', '--now', $T0 + 86400);
+}
+ok($clicked > 20 && $clicked == $orders, "$clicked shoppers clicked and ordered");
+
+my $now = $T0 + 2 * 86400;
+my (undef, $json_text) = cgi('/report.json', $now);
+my $j = eval { JSON::PP->new->decode($json_text) };
+ok($j, 'GET /report.json is JSON') or diag $json_text;
+is($j->{recovered_carts}, $orders, 'recovered carts = the messaged shoppers who ordered');
+is($j->{flows}[0]{holdout}, scalar @held, 'the held out are counted');
+is($j->{flows}[0]{steps}[0]{clicked}, $clicked, 'step 1 clicks counted');
+is($j->{flows}[0]{steps}[0]{orders}, $orders, 'step 1 orders attributed');
+
+my ($h, $html) = cgi('/report', $now);
+like($h, qr{Content-Type: text/html}, 'GET /report is HTML');
+open my $fh, '>', "$tmp/report.html" or die;
+print $fh $html;
+close $fh;
+
+my @flags = qw(--headless --no-sandbox --disable-gpu --disable-quic --no-first-run
+    --disable-background-networking --disable-component-update --disable-sync);
+my $dom = `'$chromium' @flags --user-data-dir='$tmp/profile' --dump-dom 'file://$tmp/report.html' 2>/dev/null`;
+like($dom, qr/<svg/, 'Chromium rendered the page, chart included');
+
+# every number on the page equals the JSON's
+sub lookup {
+	my ($data, $key) = @_;
+	for my $part (split /\./, $key) {
+		return undef unless ref $data;
+		$data = ref $data eq 'ARRAY' ? $data->[$part] : $data->{$part};
+	}
+	return $data;
+}
+my ($n, $bad) = (0, 0);
+while ($dom =~ /data-k="([^"]+)" data-v="([^"]+)"/g) {
+	my ($k, $v) = ($1, $2);
+	$n++;
+	my $want = lookup($j, $k);
+	if (!defined $want || abs($want - $v) > 0.00005) {
+		$bad++;
+		diag("page $k = $v, JSON " . ($want // 'missing'));
+	}
+}
+my $steps = 0;
+$steps += @{ $_->{steps} } for @{ $j->{flows} };
+is($n, 6 + 3 * @{ $j->{flows} } + 5 * $steps,
+    'every number on the page carries its value (6 headline, 3 a flow, 5 a step)');
+is($bad, 0, 'each equals the number in report.json');
+
+mkdir "$root/tests/artifacts";
+my $png = "$root/tests/artifacts/report.png";
+unlink $png;
+system("'$chromium' @flags --user-data-dir='$tmp/profile2' --hide-scrollbars --window-size=900,1600 --screenshot='$png' 'file://$tmp/report.html' >/dev/null 2>&1");
+ok(-s $png, 'screenshot kept as tests/artifacts/report.png');
+
+done_testing();
