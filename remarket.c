@@ -3297,7 +3297,7 @@ static void json_flow(struct buf *b, const struct flow_report *f)
 			 "\"converted\":%ld", i ? "," : "", s->position, s->variant,
 			 s->sent, s->opened, s->clicked, s->orders, s->revenue,
 			 s->converted);
-		if (s->variant == 'B' && s->ab.p1 + s->ab.p2 + s->ab.diff != 0) {
+		if (s->variant == 'B') {
 			buf_adds(b, ",\"versus_a\":{");
 			json_lift(b, &s->ab);
 			buf_adds(b, "}");
@@ -3417,7 +3417,22 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 		buf_addf(b, "</td><td><div class=bar><i style=\"width:%.0f%%\"></i>"
 			 "<b style=\"width:%.0f%%\"></b></div></td></tr>", po, pc);
 	}
-	buf_adds(b, "</table><p class=legend>Bars: opened (light) and clicked "
+	buf_adds(b, "</table>");
+	for (int i = 0; i < f->nsteps; i++) {
+		const struct step_report *s = &f->steps[i];
+		if (s->variant != 'B')
+			continue;
+		buf_addf(b, "<p>Step %d, variant B against A: %.1f %% against %.1f %% "
+			 "converted, ", s->position, 100 * s->ab.p1, 100 * s->ab.p2);
+		snprintf(k, sizeof k, "flows.%d.steps.%d.versus_a.lift", idx, i);
+		snprintf(v, sizeof v, "%+.1f points", 100 * s->ab.diff);
+		html_num(b, k, s->ab.diff, v);
+		buf_addf(b, " (95 %% interval %+.1f to %+.1f). ", 100 * s->ab.lo,
+			 100 * s->ab.hi);
+		html_escape(b, lift_verdict(&s->ab));
+		buf_adds(b, "</p>");
+	}
+	buf_adds(b, "<p class=legend>Bars: opened (light) and clicked "
 		 "(dark) as a share of sent. Opens are inflated by mail privacy "
 		 "proxies; trust clicks and orders more.</p>");
 	const struct lift *l = &f->lift;

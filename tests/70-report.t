@@ -49,6 +49,8 @@ sub cgi {
 }
 
 is((run_rm('', {}, 'init'))[0], 0, 'init');
+is((run_rm('', {}, 'flows', 'variant', 'abandoned_cart', '1', 'template=social_proof', 'share=50'))[0], 0,
+    'step 1 gets a variant B (the social proof template) for half the contacts');
 my @ev;
 for my $i (1 .. 120) {
 	push @ev, qq({"type":"cart","email":"r$i\@example.com","name":"R $i","consent":true,)
@@ -92,8 +94,13 @@ my $j = eval { JSON::PP->new->decode($json_text) };
 ok($j, 'GET /report.json is JSON') or diag $json_text;
 is($j->{recovered_carts}, $orders, 'recovered carts = the messaged shoppers who ordered');
 is($j->{flows}[0]{holdout}, scalar @held, 'the held out are counted');
-is($j->{flows}[0]{steps}[0]{clicked}, $clicked, 'step 1 clicks counted');
-is($j->{flows}[0]{steps}[0]{orders}, $orders, 'step 1 orders attributed');
+my @s1 = grep { $_->{position} == 1 } @{ $j->{flows}[0]{steps} };
+is(scalar @s1, 2, 'step 1 is reported as variants A and B');
+my ($c, $o) = (0, 0);
+$c += $_->{clicked}, $o += $_->{orders} for @s1;
+is($c, $clicked, 'step 1 clicks counted');
+is($o, $orders, 'step 1 orders attributed');
+ok(exists $s1[1]{versus_a}{lift_ci95}, 'variant B is compared with A, with an interval');
 
 my ($h, $html) = cgi('/report', $now);
 like($h, qr{Content-Type: text/html}, 'GET /report is HTML');
@@ -125,10 +132,13 @@ while ($dom =~ /data-k="([^"]+)" data-v="([^"]+)"/g) {
 		diag("page $k = $v, JSON " . ($want // 'missing'));
 	}
 }
-my $steps = 0;
-$steps += @{ $_->{steps} } for @{ $j->{flows} };
-is($n, 6 + 3 * @{ $j->{flows} } + 5 * $steps,
-    'every number on the page carries its value (6 headline, 3 a flow, 5 a step)');
+my ($steps, $bees) = (0, 0);
+for my $f (@{ $j->{flows} }) {
+	$steps += @{ $f->{steps} };
+	$bees += grep { $_->{variant} eq 'B' } @{ $f->{steps} };
+}
+is($n, 6 + 3 * @{ $j->{flows} } + 5 * $steps + $bees,
+    'every number on the page carries its value (6 headline, 3 a flow, 5 a step, 1 a B variant)');
 is($bad, 0, 'each equals the number in report.json');
 
 mkdir "$root/tests/artifacts";
