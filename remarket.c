@@ -1716,6 +1716,8 @@ static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 	double d;
 	if (has_nul(s, 0) || has_nul(s, 2))
 		return fail(err, 400, "%.40s: contains a NUL character", key);
+	if (strcmp(jt, "null") == 0)
+		return 0; /* null means "not given"; required fields are checked after */
 	if (strcmp(key, "type") == 0) {
 		if (strcmp(jt, "text") != 0 || copy_str(e->type, sizeof e->type, atom))
 			return fail(err, 400, "type: unknown event type");

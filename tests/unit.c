@@ -2159,8 +2159,25 @@ static void test_attribution(void)
 	world_close(&w);
 }
 
+static void test_nulls(void)
+{
+	struct world w;
+	struct ev_error err;
+	if (!ok(world_open(&w, "nulls") == 0, "nulls: world opens"))
+		return;
+	is_int(ingest(&w, EV_HOOK, "{\"type\":\"order\",\"order_id\":\"n1\","
+		      "\"email\":\"n@example.com\",\"total\":10,\"discount_code\":null,"
+		      "\"cart_id\":null,\"items\":null}", T0, &err), 1,
+	       "an optional field sent as null is taken as not given");
+	is_int(ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":null}", T0, &err), -1,
+	       "a required field sent as null is still missing");
+	is_int(err.status, 400, "... answered 400");
+	world_close(&w);
+}
+
 static void test_measurement(void)
 {
+	test_nulls();
 	test_stats();
 	test_holdout();
 	test_variants();
