@@ -914,6 +914,25 @@ static void db_rollback(struct db *db)
 	db_unlock(db);
 }
 
+/* Steps S once and reads its first row into pointers: fmt has one letter
+ * a column, l (long), d (double). Returns 1 if there was a row, else 0
+ * and the outputs untouched. The statement is reset either way. */
+static int q_row(sqlite3_stmt *s, const char *fmt, ...)
+{
+	int row = sqlite3_step(s) == SQLITE_ROW;
+	va_list ap;
+	va_start(ap, fmt);
+	for (int i = 0; row && fmt[i]; i++) {
+		if (fmt[i] == 'l')
+			*va_arg(ap, long *) = (long)sqlite3_column_int64(s, i);
+		else
+			*va_arg(ap, double *) = sqlite3_column_double(s, i);
+	}
+	va_end(ap);
+	sqlite3_reset(s);
+	return row;
+}
+
 static const char *col_text(sqlite3_stmt *s, int i)
 {
 	const unsigned char *t = sqlite3_column_text(s, i);
@@ -3217,44 +3236,18 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	if (sqlite3_step(s) == SQLITE_ROW)
 		copy_str(r->currency, sizeof r->currency, col_text(s, 0));
 	sqlite3_reset(s);
-	s = q(db, ST_REP_ORDERS, "ii", (int64_t)since, (int64_t)until);
-	if (sqlite3_step(s) == SQLITE_ROW) {
-		r->orders = sqlite3_column_int64(s, 0);
-		r->revenue = sqlite3_column_double(s, 1);
-		r->attributed = sqlite3_column_int64(s, 2);
-		r->influenced = sqlite3_column_int64(s, 3);
-		r->influenced_revenue = sqlite3_column_double(s, 4);
-	}
-	sqlite3_reset(s);
-	s = q(db, ST_REP_RECOVERED, "iii", (int64_t)since, (int64_t)until,
-	      (int64_t)app->cfg->conversion_days * 86400);
-	if (sqlite3_step(s) == SQLITE_ROW) {
-		r->abandoned = sqlite3_column_int64(s, 0);
-		r->recovered = sqlite3_column_int64(s, 1);
-	}
-	sqlite3_reset(s);
+	int64_t a = since, b = until, conv = app->cfg->conversion_days * 86400;
+	q_row(q(db, ST_REP_ORDERS, "ii", a, b), "ldlld", &r->orders, &r->revenue,
+	      &r->attributed, &r->influenced, &r->influenced_revenue);
+	q_row(q(db, ST_REP_RECOVERED, "iii", a, b, conv), "ll", &r->abandoned,
+	      &r->recovered);
+	q_row(q(db, ST_REP_RECOVERED_REVENUE, "ii", a, b), "d", &r->recovered_revenue);
+	q_row(q(db, ST_REP_MESSAGES, "ii", a, b), "lllll", &r->sent, &r->bounced,
+	      &r->opened, &r->clicked, &r->unsubscribed);
+	q_row(q(db, ST_REP_DISCOUNTS, "ii", a, b), "lld", &r->codes_issued,
+	      &r->codes_redeemed, &r->discount_cost);
 	r->recovery_rate = r->abandoned ? (double)r->recovered / (double)r->abandoned : 0;
-	s = q(db, ST_REP_RECOVERED_REVENUE, "ii", (int64_t)since, (int64_t)until);
-	if (sqlite3_step(s) == SQLITE_ROW)
-		r->recovered_revenue = sqlite3_column_double(s, 0);
-	sqlite3_reset(s);
-	s = q(db, ST_REP_MESSAGES, "ii", (int64_t)since, (int64_t)until);
-	if (sqlite3_step(s) == SQLITE_ROW) {
-		r->sent = sqlite3_column_int64(s, 0);
-		r->bounced = sqlite3_column_int64(s, 1);
-		r->opened = sqlite3_column_int64(s, 2);
-		r->clicked = sqlite3_column_int64(s, 3);
-		r->unsubscribed = sqlite3_column_int64(s, 4);
-	}
-	sqlite3_reset(s);
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
-	s = q(db, ST_REP_DISCOUNTS, "ii", (int64_t)since, (int64_t)until);
-	if (sqlite3_step(s) == SQLITE_ROW) {
-		r->codes_issued = sqlite3_column_int64(s, 0);
-		r->codes_redeemed = sqlite3_column_int64(s, 1);
-		r->discount_cost = sqlite3_column_double(s, 2);
-	}
-	sqlite3_reset(s);
 	rep_flows(app, r);
 	rep_series(app, r);
 	return 0;
