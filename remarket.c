@@ -1037,6 +1037,9 @@ int db_migrate(struct db *db, char *err, size_t errlen)
 			 "remarket (%d): upgrade remarket", have, want);
 		return -1;
 	}
+	/* foreign keys off while a migration rebuilds a table (SQLite's own
+	 * procedure); checked again before each commit */
+	sqlite3_exec(db->h, "PRAGMA foreign_keys=OFF", NULL, NULL, NULL);
 	for (int v = have; v < want; v++) {
 		char pragma[64];
 		snprintf(pragma, sizeof pragma, "PRAGMA user_version=%d;", v + 1);
@@ -1044,14 +1047,17 @@ int db_migrate(struct db *db, char *err, size_t errlen)
 		if (sqlite3_exec(db->h, "BEGIN IMMEDIATE", NULL, NULL, &msg) ||
 		    sqlite3_exec(db->h, migrations[v], NULL, NULL, &msg) ||
 		    sqlite3_exec(db->h, pragma, NULL, NULL, &msg) ||
+		    db_scalar(db, "SELECT count(*) FROM pragma_foreign_key_check") != 0 ||
 		    sqlite3_exec(db->h, "COMMIT", NULL, NULL, &msg)) {
 			snprintf(err, errlen, "migration %d: %s", v + 1,
 				 msg ? msg : "failed");
 			sqlite3_free(msg);
 			sqlite3_exec(db->h, "ROLLBACK", NULL, NULL, NULL);
+			sqlite3_exec(db->h, "PRAGMA foreign_keys=ON", NULL, NULL, NULL);
 			return -1;
 		}
 	}
+	sqlite3_exec(db->h, "PRAGMA foreign_keys=ON", NULL, NULL, NULL);
 	return 0;
 }
 
