@@ -6,7 +6,7 @@
 set -eu
 want="build-essential pkg-config libfcgi-dev libsqlite3-dev libcurl4-openssl-dev libsodium-dev sqlite3 curl"
 case "${1:-build}" in
-  test)  want="$want nginx-light postfix valgrind perl python3" ;;
+  test)  want="$want nginx-light postfix valgrind perl python3 apache2 lighttpd" ;;
   bench) want="$want nginx-light postfix wrk bc" ;;
 esac
 missing=""
@@ -18,6 +18,14 @@ echo "deps.sh: installing$missing" >&2
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive
+# Installed packages must not start their services: the tests start their
+# own servers on free ports, and apache2 and lighttpd would both want :80.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+	printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+	$sudo chmod +x "$policy"
+	trap '$sudo rm -f "$policy"' EXIT
+fi
 $sudo apt-get update -qq
 # postfix is wanted only for its smtp-sink test server; it must not ask questions.
 echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections 2>/dev/null || true

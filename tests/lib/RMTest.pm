@@ -4,12 +4,13 @@ package RMTest;
 # start() builds a throw-away world in a temporary directory: an SMTP sink
 # (postfix's smtp-sink) that dumps every message to a file, a fresh
 # database and key made by `remarket init`, `remarket serve` on a unix
-# socket, and nginx started from the repository's own nginx.conf.example
-# with only its two "TEST:" lines rewritten by sed. The configuration is
-# passed to every remarket process through REMARKET_* environment
-# variables. Every server started here is stopped by stop(), which also
-# runs from an END block and from INT/TERM/HUP handlers, so a failing or
-# interrupted test leaves nothing running.
+# socket, and a web server in front of it: nginx by default, or Apache or
+# lighttpd (start(server => ...)), each started from the repository's own
+# *.conf.example with only its "TEST:" lines rewritten by sed. The
+# configuration is passed to every remarket process through REMARKET_*
+# environment variables. Every server started here is stopped by stop(),
+# which also runs from an END block and from INT/TERM/HUP handlers, so a
+# failing or interrupted test leaves nothing running.
 #
 # Perl core modules only; loopback only.
 
@@ -33,7 +34,7 @@ our @EXPORT = qw(start stop http sign post_event cli sql counts
   sink_messages wait_sink outbox_messages parse_mail decode_json_or_undef
   table_fingerprint);
 our @EXPORT_OK = qw(root bin tmp http_port sink_port base_url free_port
-  %CONF $TICK_TOKEN $HOOK_SECRET);
+  servers server_available %CONF $TICK_TOKEN $HOOK_SECRET);
 
 our $TICK_TOKEN  = 'tick-secret-123';
 our $HOOK_SECRET = 'hook-secret-456';
@@ -140,14 +141,22 @@ sub _wait_pid {
     return undef;
 }
 
+# Stop a child we spawned: TERM, then KILL if it lingers. With $group, also
+# whatever is left of its process group (the web servers' own children;
+# _spawn made the child a group leader, so the group is ours alone).
 sub _kill {
-    my ($name, $pid) = @_;
+    my ($name, $pid, $group) = @_;
     return unless $pid;
     kill 'TERM', $pid;
-    return if defined _wait_pid($pid, 5);
-    print STDERR "# RMTest: $name (pid $pid) ignored TERM, sending KILL\n";
-    kill 'KILL', $pid;
-    _wait_pid($pid, 2);
+    unless (defined _wait_pid($pid, 5)) {
+        print STDERR "# RMTest: $name (pid $pid) ignored TERM, sending KILL\n";
+        kill 'KILL', $pid;
+        _wait_pid($pid, 2);
+    }
+    return unless $group;
+    my $end = time + 3;
+    sleep 0.02 while kill(0, -$pid) && time < $end;
+    kill 'KILL', -$pid if kill 0, -$pid;
 }
 
 sub _start_sink {
@@ -180,54 +189,150 @@ sub _start_sink {
     die "RMTest: smtp-sink did not answer on 127.0.0.1:$S{sink_port}";
 }
 
-sub _nginx_conf {
-    my $tmp  = $S{tmp};
-    my $sock = $S{sock};
-    my $port = $S{http_port};
-    my $src  = "$ROOT/nginx.conf.example";
-    -r $src or die "RMTest: $src is missing";
-    # sed, only on the lines marked "TEST:".
-    my @sed = ('sed',
-        '-e', "/TEST:/s#server unix:[^;]*;#server unix:$sock;#",
-        '-e', "/TEST:/s#listen [^;]*;#listen 127.0.0.1:$port;#",
-        $src);
-    my $pid = _spawn(cmd => \@sed, stdout => "$tmp/nginx.conf",
-        stderr => "$tmp/sed.err", cwd => $ROOT);
-    my $st = _wait_pid($pid, 10);
-    die "RMTest: sed failed" unless defined $st && $st == 0;
-    my @a = split /\n/, _slurp($src), -1;
-    my @b = split /\n/, _slurp("$tmp/nginx.conf"), -1;
-    die "RMTest: sed changed the line count" unless @a == @b;
-    my @changed = grep { $a[$_] ne $b[$_] } 0 .. $#a;
-    die "RMTest: expected exactly 2 TEST: lines rewritten, got " . scalar(@changed)
-        unless @changed == 2 && !grep { $a[$_] !~ /TEST:/ } @changed;
-    my $conf = _slurp("$tmp/nginx.conf");
-    die "RMTest: socket line not rewritten" unless index($conf, "server unix:$sock;") >= 0;
-    die "RMTest: listen line not rewritten" unless index($conf, "listen 127.0.0.1:$port;") >= 0;
+# The web servers start() can put in front of `remarket serve`. Each one
+# runs from the repository's own example configuration, copied with sed
+# rewriting only its "TEST:" lines: on nginx and lighttpd the marker ends
+# the line it marks; Apache allows no comment after a directive, so there
+# the marker is a comment line and the directive follows it.
+#   conf   the example file
+#   sed    sed expressions, given (prefix dir, port, socket)
+#   lines  how many lines the rewrite must change
+#   marker 'same': changed lines carry TEST:; 'above': they follow a TEST: line
+#   want   strings the rewritten file must then contain
+#   bin    the program
+#   cmd    its arguments, given (prefix dir, rewritten conf)
+#   log    the error log, relative to the prefix dir
+my %WEB = (
+    nginx => {
+        conf   => 'nginx.conf.example',
+        bin    => 'nginx',
+        sed    => sub { my ($pre, $port, $sock) = @_;
+            ("/TEST:/s#server unix:[^;]*;#server unix:$sock;#",
+             "/TEST:/s#listen [^;]*;#listen 127.0.0.1:$port;#") },
+        lines  => 2,
+        marker => 'same',
+        want   => sub { my ($pre, $port, $sock) = @_;
+            ("server unix:$sock;", "listen 127.0.0.1:$port;") },
+        cmd    => sub { my ($pre, $conf) = @_;
+            ('-p', "$pre/", '-c', $conf, '-e', "$pre/startup.log") },
+        log    => 'error.log',
+    },
+    apache => {
+        conf   => 'apache.conf.example',
+        bin    => 'apache2',
+        sed    => sub { my ($pre, $port, $sock) = @_;
+            ("/# TEST:/{n;s#^ServerRoot .*#ServerRoot \"$pre\"#;"
+             . "s#^Listen .*#Listen 127.0.0.1:$port#;"
+             . "s#\"unix:[^|\"]*|#\"unix:$sock|#;}") },
+        lines  => 3,
+        marker => 'above',
+        want   => sub { my ($pre, $port, $sock) = @_;
+            ("\nServerRoot \"$pre\"\n", "\nListen 127.0.0.1:$port\n",
+             "ProxyPass \"unix:$sock|fcgi://") },
+        cmd    => sub { my ($pre, $conf) = @_;
+            ('-f', $conf, '-DFOREGROUND') },
+        log    => 'error.log',
+        dirs   => [qw(html run)],
+    },
+    lighttpd => {
+        conf   => 'lighttpd.conf.example',
+        bin    => 'lighttpd',
+        sed    => sub { my ($pre, $port, $sock) = @_;
+            ("/TEST:/s#^var.prefix = \"[^\"]*\"#var.prefix = \"$pre\"#",
+             "/TEST:/s#^server.port = [0-9]*#server.port = $port#",
+             "/TEST:/s#\"socket\" => \"[^\"]*\"#\"socket\" => \"$sock\"#") },
+        lines  => 3,
+        marker => 'same',
+        want   => sub { my ($pre, $port, $sock) = @_;
+            ("var.prefix = \"$pre\"", "server.port = $port ", "\"socket\" => \"$sock\"") },
+        cmd    => sub { my ($pre, $conf) = @_;
+            ('-D', '-f', $conf) },
+        log    => 'error.log',
+        dirs   => [qw(html tmp)],
+        # As root lighttpd drops to www-data before it opens its error log.
+        owner  => 'www-data',
+    },
+);
+
+sub servers { sort keys %WEB }
+
+# The path of a web server's program, or undef when it is not installed
+# (nginx, apache2 and lighttpd are in /usr/sbin on Debian, which a
+# non-root PATH may lack).
+sub server_available {
+    my ($name) = @_;
+    my $w = $WEB{$name} or return undef;
+    for my $d (split(/:/, $ENV{PATH} // ''), '/usr/sbin', '/sbin') {
+        return "$d/$w->{bin}" if length $d && -f "$d/$w->{bin}" && -x _;
+    }
+    return undef;
 }
 
-sub _start_nginx {
+sub _web_conf {
+    my ($w) = @_;
+    my $tmp  = $S{tmp};
+    my $pre  = $S{web_prefix};
+    my $src  = "$ROOT/$w->{conf}";
+    my $dst  = "$tmp/$S{web}.conf";
+    -r $src or die "RMTest: $src is missing";
+    my @args = ($pre, $S{http_port}, $S{sock});
+    my @sed = ('sed', (map { ('-e', $_) } $w->{sed}->(@args)), $src);
+    my $pid = _spawn(cmd => \@sed, stdout => $dst, stderr => "$tmp/sed.err", cwd => $ROOT);
+    my $st = _wait_pid($pid, 10);
+    die "RMTest: sed failed: " . (_slurp("$tmp/sed.err") // '') unless defined $st && $st == 0;
+    my @a = split /\n/, _slurp($src), -1;
+    my @b = split /\n/, _slurp($dst), -1;
+    die "RMTest: sed changed the line count of $w->{conf}" unless @a == @b;
+    my @changed = grep { $a[$_] ne $b[$_] } 0 .. $#a;
+    my @unmarked = $w->{marker} eq 'above'
+        ? grep { $_ == 0 || $a[$_ - 1] !~ /^\s*#.*TEST:/ } @changed
+        : grep { $a[$_] !~ /TEST:/ } @changed;
+    die "RMTest: expected exactly $w->{lines} TEST: lines of $w->{conf} rewritten, got "
+        . scalar(@changed) . (@unmarked ? ', ' . scalar(@unmarked) . ' of them unmarked' : '')
+        unless @changed == $w->{lines} && !@unmarked;
+    my $conf = _slurp($dst);
+    for my $want ($w->{want}->(@args)) {
+        die "RMTest: $w->{conf}: a TEST: line was not rewritten (no '$want')"
+            unless index($conf, $want) >= 0;
+    }
+    return $dst;
+}
+
+sub _start_web {
+    my ($name) = @_;
+    my $w = $WEB{$name} or die "RMTest: unknown server '$name' (nginx, apache, lighttpd)";
     my $tmp = $S{tmp};
-    make_path("$tmp/nginx/tmp", "$tmp/nginx/html");
-    chmod 0755, "$tmp/nginx", "$tmp/nginx/tmp", "$tmp/nginx/html";
-    _nginx_conf();
-    my @cmd = ('nginx', '-p', "$tmp/nginx/", '-c', "$tmp/nginx.conf",
-        '-e', "$tmp/nginx/startup.log");
-    $S{nginx_pid} = _spawn(cmd => \@cmd, stdout => "$tmp/nginx.out",
-        stderr => "$tmp/nginx.err");
+    my $pre = $S{web_prefix} = "$tmp/$name";
+    my @dirs = map { "$pre/$_" } @{ $w->{dirs} || ['tmp', 'html'] };
+    make_path($pre, @dirs);
+    chmod 0755, $pre, @dirs;
+    if ($w->{owner} && $> == 0) {
+        my ($uid, $gid) = (getpwnam($w->{owner}))[2, 3];
+        chown $uid, $gid, $pre, @dirs if defined $uid;
+    }
+    my $bin = server_available($name) // $w->{bin};
+    my $conf = _web_conf($w);
+    $S{web_log} = "$pre/$w->{log}";
+    $S{web_pid} = _spawn(cmd => [ $bin, $w->{cmd}->($pre, $conf) ],
+        stdout => "$tmp/$name.out", stderr => "$tmp/$name.err");
 }
 
 # Start the whole world. Options:
-#   smtp => 0     leave smtp_url empty: mail goes to $tmp/outbox
-#   env  => {...} extra/overriding REMARKET_* variables
+#   smtp   => 0     leave smtp_url empty: mail goes to $tmp/outbox
+#   env    => {...} extra/overriding REMARKET_* variables
+#   server => 'nginx' (default), 'apache' or 'lighttpd': the web server in
+#             front, run from its *.conf.example
 sub start {
     my (%o) = @_;
     stop() if $S{tmp};
+    my $server = $o{server} // 'nginx';
+    die "RMTest: unknown server '$server' (" . join(', ', servers()) . ")\n"
+        unless $WEB{$server};
     -x $BIN or die "RMTest: $BIN is not built (run make)";
     my $tmp = tempdir('remarket-test-XXXXXX', TMPDIR => 1,
         CLEANUP => !$ENV{RMTEST_KEEP});
     chmod 0755, $tmp;
-    %S = (tmp => $tmp);
+    %S = (tmp => $tmp, web => $server);
     print STDERR "# RMTest: world in $tmp\n" if $ENV{RMTEST_KEEP};
     $S{http_port} = free_port();
     $S{sock} = "$tmp/remarket.sock";
@@ -264,20 +369,20 @@ sub start {
         sleep 0.02;
     }
 
-    _start_nginx();
+    _start_web($server);
     $end = time + 15;
     my $last;
     while (1) {
-        die "RMTest: nginx exited: " . (_slurp("$tmp/nginx.err") // '')
-            . (_slurp("$tmp/nginx/startup.log") // '')
-            . (_slurp("$tmp/nginx/error.log") // '')
-            unless _alive($S{nginx_pid});
+        die "RMTest: $server exited: " . (_slurp("$tmp/$server.err") // '')
+            . (_slurp("$S{web_prefix}/startup.log") // '')
+            . (_slurp($S{web_log}) // '')
+            unless _alive($S{web_pid});
         $last = http('GET', '/rm/health');
         last if $last->{status} == 200 && $last->{content} =~ /\Aok\r?\n?\z/;
         if (time > $end) {
             die "RMTest: GET /rm/health never answered 200 ok (last: $last->{status} "
                 . substr($last->{content} // '', 0, 200) . ")\n"
-                . "nginx error.log: " . (_slurp("$tmp/nginx/error.log") // '') . "\n"
+                . "$server error.log: " . (_slurp($S{web_log}) // '') . "\n"
                 . "serve.log: " . (_slurp("$tmp/serve.log") // '');
         }
         sleep 0.05;
@@ -287,11 +392,11 @@ sub start {
 
 sub stop {
     return unless $S{tmp};
-    _kill('nginx', delete $S{nginx_pid});
+    _kill($S{web}, delete $S{web_pid}, 'group');
     _kill('remarket serve', delete $S{serve_pid});
     _kill('smtp-sink', delete $S{sink_pid});
     if ($ENV{RMTEST_VERBOSE}) {
-        for my $log (qw(serve.log nginx/error.log sink.log)) {
+        for my $log ('serve.log', "$S{web}/error.log", 'sink.log') {
             my $t = _slurp("$S{tmp}/$log");
             print STDERR "# --- $log ---\n$t" if defined $t && length $t;
         }
