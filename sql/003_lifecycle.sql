@@ -71,7 +71,9 @@ INSERT INTO steps (flow_id, position, delay_s, template, segment) VALUES
 -- Post-purchase: thanks with the order at 1 h, a review request after
 -- delivery (10 days), a cross-sell of what goes with it (21 days). Never a
 -- discount. Not held out: a receipt-like thank-you is owed to everyone.
-INSERT INTO flows (id, name, trigger, holdout_pct) VALUES (3, 'post_purchase', 'order_placed', 0);
+-- Off by default: many shops send their own confirmation (remarket flows
+-- enable post_purchase).
+INSERT INTO flows (id, name, trigger, holdout_pct, enabled) VALUES (3, 'post_purchase', 'order_placed', 0, 0);
 INSERT INTO steps (flow_id, position, delay_s, template) VALUES
   (3, 1, 3600, 'order_thanks'),
   (3, 2, 864000, 'review_request'),

@@ -358,6 +358,12 @@ sub start {
 
     my ($rc, $out, $err) = cli('init');
     die "RMTest: remarket init exited $rc: $err" unless $rc == 0;
+    # The scenarios follow named shoppers through every step: no control
+    # group here (holdouts have their own tests: unit.c, 70-report.t).
+    for my $flow (qw(abandoned_cart winback post_purchase)) {
+        ($rc, $out, $err) = cli("flows", "holdout", $flow, $o{holdout} // 0);
+        die "RMTest: remarket flows holdout exited $rc: $err" unless $rc == 0;
+    }
 
     $S{serve_pid} = _spawn(cmd => [ $BIN, 'serve', $S{sock} ],
         stdout => "$tmp/serve.out", stderr => "$tmp/serve.log");
