@@ -294,6 +294,8 @@ static const struct cfg_key {
 	CFG_LONG(attribution_click_days, "5"),
 	CFG_LONG(attribution_view_hours, "24"),
 	CFG_LONG(conversion_days, "7"),
+	CFG_STR(winback_after, "90"),
+	CFG_LONG(winback_cooldown_days, "180"),
 	CFG_STR(code_prefix, "RM"),
 	CFG_STR(store_name, ""),
 	CFG_LONG(idle_minutes, "60"),
@@ -532,7 +534,7 @@ void cfg_free(struct config *cfg)
 	X(CART_BY_KEY, "SELECT id FROM carts WHERE cart_key = ?1")             \
 	X(CART_ORDERED,                                                        \
 	  "UPDATE carts SET status = 'ordered', ordered_at = ?3 "              \
-	  "WHERE (id = ?1 OR (?1 IS NULL AND contact_id = ?2)) "               \
+	  "WHERE (id = ?1 OR (?1 IS NULL AND contact_id = ?2 AND updated <= ?3)) " \
 	  "AND status IN ('open', 'abandoned')")                               \
 	X(EXIT_CART,                                                           \
 	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
@@ -560,6 +562,136 @@ void cfg_free(struct config *cfg)
 	  "AND sent_at BETWEEN ?2 - ?3 AND ?2 ORDER BY sent_at DESC, id DESC LIMIT 1") \
 	X(ORDER_ATTRIBUTE,                                                     \
 	  "UPDATE orders SET message = ?2, attribution = ?3 WHERE order_key = ?1") \
+	X(ORDER_LINES,                                                         \
+	  "INSERT INTO order_lines (order_id, contact_id, sku, qty, price, ts) " \
+	  "SELECT ?1, ?2, json_extract(value, '$.sku'), "                      \
+	  "coalesce(json_extract(value, '$.qty'), 1), "                        \
+	  "json_extract(value, '$.price'), ?3 FROM json_each(?4) "             \
+	  "WHERE json_extract(value, '$.sku') IS NOT NULL")                    \
+	X(EXIT_ORDERED,                                                        \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = 'order' "   \
+	  "WHERE contact_id = ?1 AND status = 'active' AND created <= ?2 "     \
+	  "AND flow_id IN (SELECT id FROM flows "                              \
+	  "WHERE trigger IN ('cart_abandoned', 'customer_lapsed'))")           \
+	/* gaps between a customer's consecutive orders: count and the 90th  \
+	 * percentile, from which winback_after = auto is derived */          \
+	X(LAPSE_GAPS,                                                          \
+	  "WITH g AS (SELECT ts - lag(ts) OVER (PARTITION BY contact_id "      \
+	  "ORDER BY ts) AS gap FROM orders WHERE contact_id IS NOT NULL), "    \
+	  "v AS (SELECT gap FROM g WHERE gap > 0) SELECT (SELECT count(*) "    \
+	  "FROM v), (SELECT gap FROM v ORDER BY gap LIMIT 1 OFFSET "           \
+	  "(SELECT CAST(count(*) * 0.9 AS INTEGER) FROM v))")                  \
+	X(SEGMENTS_CLEAR, "DELETE FROM segments")                              \
+	X(SEGMENTS_FILL,                                                       \
+	  "INSERT INTO segments (contact_id, r, f, m, orders, spent, "         \
+	  "last_order, segment) WITH c AS (SELECT contact_id, count(*) AS n, " \
+	  "total(total) AS spent, max(ts) AS last FROM orders "                \
+	  "WHERE contact_id IS NOT NULL AND ts <= ?1 GROUP BY contact_id), "   \
+	  "s AS (SELECT *, ntile(5) OVER (ORDER BY last, contact_id) AS r, "   \
+	  "ntile(5) OVER (ORDER BY n, contact_id) AS f, "                      \
+	  "ntile(5) OVER (ORDER BY spent, contact_id) AS m FROM c) "           \
+	  "SELECT contact_id, r, f, m, n, spent, last, CASE "                  \
+	  "WHEN last <= ?1 - 2 * ?2 THEN 'lost' WHEN last <= ?1 - ?2 THEN 'lapsed' " \
+	  "WHEN n = 1 AND last > ?1 - 30 * 86400 THEN 'new' "                  \
+	  "WHEN f >= 4 AND m >= 4 THEN 'vip' "                                 \
+	  "WHEN r <= 2 AND n >= 2 THEN 'at_risk' ELSE 'active' END FROM s")    \
+	X(SEGMENT_COUNTS,                                                      \
+	  "SELECT segment, count(*) FROM segments GROUP BY segment "           \
+	  "ORDER BY CASE segment WHEN 'new' THEN 1 WHEN 'active' THEN 2 "      \
+	  "WHEN 'vip' THEN 3 WHEN 'at_risk' THEN 4 WHEN 'lapsed' THEN 5 ELSE 6 END") \
+	/* lapsed: no order for the threshold (two thirds of it for the at-   \
+	 * risk), consenting, and not enrolled since their last order nor     \
+	 * within the cool-down: once per lapse */                            \
+	X(LAPSE_ENROLL,                                                        \
+	  "INSERT INTO enrollments (flow_id, contact_id, anchor, created, holdout) " \
+	  "SELECT f.id, c.id, ?1, ?1, rm_bucket('holdout:' || f.id || ':' || " \
+	  "lower(c.email)) < f.holdout_pct * 100 FROM segments sg "            \
+	  "JOIN contacts c ON c.id = sg.contact_id "                           \
+	  "JOIN flows f ON f.trigger = 'customer_lapsed' AND f.enabled = 1 "   \
+	  "WHERE c.consent = 1 AND c.unsubscribed_at IS NULL "                 \
+	  "AND c.suppressed_at IS NULL AND sg.last_order <= ?1 - CASE "        \
+	  "WHEN sg.segment = 'at_risk' THEN ?2 * 2 / 3 ELSE ?2 END "           \
+	  "AND NOT EXISTS (SELECT 1 FROM enrollments e WHERE e.flow_id = f.id " \
+	  "AND e.contact_id = c.id AND (e.created >= sg.last_order "           \
+	  "OR e.created > ?1 - ?3))")                                          \
+	X(ORDER_ENROLL,                                                        \
+	  "INSERT INTO enrollments (flow_id, contact_id, order_id, anchor, "   \
+	  "created, holdout) SELECT f.id, o.contact_id, o.id, o.ts, ?1, "      \
+	  "rm_bucket('holdout:' || f.id || ':' || lower(c.email)) "            \
+	  "< f.holdout_pct * 100 FROM orders o "                               \
+	  "JOIN contacts c ON c.id = o.contact_id "                            \
+	  "JOIN flows f ON f.trigger = 'order_placed' AND f.enabled = 1 "      \
+	  "WHERE o.ts > ?1 - 2 * 86400 AND o.ts <= ?1 AND c.consent = 1 "      \
+	  "AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL "         \
+	  "ON CONFLICT DO NOTHING")                                            \
+	X(AOV, "SELECT coalesce(round(avg(total), 2), 0) FROM orders WHERE total > 0") \
+	X(ENROLLMENT_CODE,                                                     \
+	  "SELECT discount_code FROM messages WHERE enrollment_id = ?1 "       \
+	  "AND discount_code IS NOT NULL ORDER BY step DESC LIMIT 1")          \
+	X(ORDER_OF,                                                            \
+	  "SELECT order_key, items, total, currency FROM orders WHERE id = ?1") \
+	/* recommendations: what customers who bought what this one bought    \
+	 * also bought; then best sellers of their favourite category; then   \
+	 * of the store. Never what they own. */                              \
+	X(RECO_COOCCUR,                                                        \
+	  "WITH mine AS (SELECT DISTINCT sku FROM order_lines WHERE contact_id = ?1), " \
+	  "peers AS (SELECT DISTINCT l.order_id FROM order_lines l "           \
+	  "JOIN mine USING (sku) WHERE l.contact_id IS NOT ?1), "              \
+	  "co AS (SELECT l.sku, count(DISTINCT l.order_id) AS n "              \
+	  "FROM order_lines l JOIN peers USING (order_id) "                    \
+	  "WHERE l.sku NOT IN (SELECT sku FROM mine) GROUP BY l.sku) "         \
+	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
+	  "coalesce(p.image, '') FROM co JOIN products p ON p.sku = co.sku "   \
+	  "ORDER BY co.n DESC, p.sku LIMIT ?2")                                \
+	X(RECO_CATEGORY,                                                       \
+	  "WITH mine AS (SELECT DISTINCT sku FROM order_lines WHERE contact_id = ?1), " \
+	  "fav AS (SELECT p.category FROM order_lines l JOIN products p "       \
+	  "ON p.sku = l.sku WHERE l.contact_id = ?1 AND p.category IS NOT NULL " \
+	  "GROUP BY p.category ORDER BY sum(l.qty) DESC, p.category LIMIT 1) " \
+	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
+	  "coalesce(p.image, '') FROM products p JOIN fav "                    \
+	  "ON p.category = fav.category WHERE p.sku NOT IN (SELECT sku FROM mine) " \
+	  "ORDER BY (SELECT total(qty) FROM order_lines l WHERE l.sku = p.sku) " \
+	  "DESC, p.sku LIMIT ?2")                                              \
+	X(RECO_BEST,                                                           \
+	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
+	  "coalesce(p.image, '') FROM products p WHERE p.sku NOT IN "          \
+	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
+	  "ORDER BY (SELECT total(qty) FROM order_lines l WHERE l.sku = p.sku) " \
+	  "DESC, p.sku LIMIT ?2")                                              \
+	X(WINBACK_REPORT,                                                      \
+	  "SELECT (SELECT count(*) FROM segments WHERE segment IN ('lapsed', 'lost')), " \
+	  "count(*), coalesce(sum(EXISTS (SELECT 1 FROM orders o "             \
+	  "WHERE o.contact_id = x.contact_id AND o.ts > x.first "              \
+	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT m.contact_id, " \
+	  "min(m.sent_at) AS first FROM messages m "                           \
+	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
+	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'customer_lapsed' " \
+	  "AND m.status = 'sent' AND m.sent_at >= ?1 AND m.sent_at < ?2 "      \
+	  "GROUP BY m.contact_id) x")                                          \
+	X(IMP_CREATE,                                                          \
+	  "CREATE TEMP TABLE IF NOT EXISTS imp (n INTEGER PRIMARY KEY, "       \
+	  "order_id TEXT, email TEXT, ts INTEGER, sku TEXT, name TEXT, "       \
+	  "price REAL, qty INTEGER, currency TEXT, consent INTEGER)")          \
+	X(IMP_INSERT,                                                          \
+	  "INSERT INTO temp.imp (order_id, email, ts, sku, name, price, qty, " \
+	  "currency, consent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, coalesce(?7, 1), " \
+	  "?8, ?9)")                                                           \
+	X(IMP_ORDERS,                                                          \
+	  "SELECT order_id, json_patch('{}', json_object('type', 'order', "    \
+	  "'order_id', order_id, 'email', min(email), 'ts', min(ts), "         \
+	  "'currency', coalesce(min(currency), 'EUR'), 'consent', CASE "       \
+	  "WHEN max(consent) IS NULL THEN NULL WHEN max(consent) THEN json('true') " \
+	  "ELSE json('false') END, 'total', round(total(price * qty), 2), "    \
+	  "'items', json_group_array(json_object('sku', sku, 'name', name, "   \
+	  "'price', price, 'qty', qty)))) FROM temp.imp GROUP BY order_id "    \
+	  "ORDER BY min(ts), min(n)")                                          \
+	X(IMP_CLEAR, "DELETE FROM temp.imp")                                   \
+	X(IMP_PRODUCT,                                                         \
+	  "SELECT json_patch('{}', json_object('type', 'product', 'sku', ?1, " \
+	  "'name', ?2, 'price', ?3, 'url', ?4, 'image', ?5, 'category', ?6, "  \
+	  "'review', CASE WHEN ?7 IS NOT NULL THEN json_object('author', ?7, " \
+	  "'rating', ?8, 'text', ?9) END))")                                   \
 	X(PRODUCT_UPSERT,                                                      \
 	  "INSERT INTO products (sku, name, price, url, image, category, updated) " \
 	  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (sku) DO UPDATE SET " \
@@ -601,12 +733,12 @@ void cfg_free(struct config *cfg)
 	  "e.flow_id || ':' || e.next_step || ':' || lower(ct.email)) "        \
 	  "< v.share * 100 AS isb FROM enrollments e "                         \
 	  "JOIN steps s ON s.flow_id = e.flow_id AND s.position = e.next_step " \
-	  "JOIN carts c ON c.id = e.cart_id "                                  \
+	  "LEFT JOIN carts c ON c.id = e.cart_id "                             \
 	  "JOIN contacts ct ON ct.id = e.contact_id "                          \
 	  "LEFT JOIN step_variants v ON v.flow_id = e.flow_id "                \
 	  "AND v.position = e.next_step "                                      \
 	  "WHERE e.status = 'active' AND e.holdout = 0 "                       \
-	  "AND c.status = 'abandoned'), "                                      \
+	  "AND (e.cart_id IS NULL OR c.status = 'abandoned')), "               \
 	  "timed AS (SELECT eid, step, cid, isb, anchor + CASE WHEN isb AND "  \
 	  "delay_b IS NOT NULL THEN delay_b ELSE delay_a END AS at FROM due) " \
 	  "INSERT INTO messages (enrollment_id, step, contact_id, next_try, "  \
@@ -627,8 +759,13 @@ void cfg_free(struct config *cfg)
 	  "ELSE s.template END, CASE WHEN m.variant = 'B' THEN "               \
 	  "coalesce(v.discount_pct, s.discount_pct) ELSE s.discount_pct END, " \
 	  "CASE WHEN m.variant = 'B' THEN coalesce(v.discount_valid, "         \
-	  "s.discount_valid) ELSE s.discount_valid END, s.min_spend "          \
+	  "s.discount_valid) ELSE s.discount_valid END, s.min_spend, "         \
+	  "f.trigger, coalesce(s.segment, ''), coalesce(sg.segment, ''), "     \
+	  "EXISTS (SELECT 1 FROM orders o WHERE o.contact_id = e.contact_id "  \
+	  "AND o.ts > e.created), coalesce(e.order_id, 0) "                    \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
+	  "JOIN flows f ON f.id = e.flow_id "                                  \
+	  "LEFT JOIN segments sg ON sg.contact_id = m.contact_id "             \
 	  "JOIN contacts c ON c.id = m.contact_id "                            \
 	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
 	  "LEFT JOIN steps s ON s.flow_id = e.flow_id AND s.position = m.step " \
@@ -668,7 +805,10 @@ void cfg_free(struct config *cfg)
 	  "UPDATE contacts SET unsubscribed_at = ?2 "                          \
 	  "WHERE id = ?1 AND unsubscribed_at IS NULL")                         \
 	X(MESSAGE_TARGET,                                                      \
-	  "SELECT m.contact_id, k.cart_key, m.discount_code FROM messages m "  \
+	  "SELECT m.contact_id, k.cart_key, coalesce(m.discount_code, "        \
+	  "(SELECT x.discount_code FROM messages x WHERE x.enrollment_id = "   \
+	  "m.enrollment_id AND x.discount_code IS NOT NULL "                   \
+	  "ORDER BY x.step DESC LIMIT 1)) FROM messages m "                    \
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
 	  "LEFT JOIN carts k ON k.id = e.cart_id WHERE m.id = ?1")             \
 	X(INTERACTION, "INSERT INTO interactions (message, kind, ts) VALUES (?1, ?2, ?3)") \
@@ -2071,6 +2211,12 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 		return -1;
 	if (sqlite3_changes(db->h) == 0)
 		return 1;
+	int64_t order = sqlite3_last_insert_rowid(db->h);
+	s = q(db, ST_ORDER_LINES, "init", order, (int64_t)e->ts, e->items ? e->items : "[]");
+	if (contact)
+		sqlite3_bind_int64(s, 2, contact);
+	if (q_exec(db, s) < 0)
+		return -1;
 	s = q(db, ST_CART_ORDERED, "nni", (int64_t)e->ts);
 	if (cart)
 		sqlite3_bind_int64(s, 1, cart);
@@ -2081,7 +2227,10 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 	/* a purchase ends every sequence of this person and this cart */
 	if (cart && q_exec(db, q(db, ST_EXIT_CART, "it", cart, "order")) < 0)
 		return -1;
-	if (contact && q_exec(db, q(db, ST_EXIT_CONTACT, "it", contact, "order")) < 0)
+	/* a purchase ends cart and win-back sequences begun before it (an
+	 * imported old order ends nothing newer) */
+	if (contact && q_exec(db, q(db, ST_EXIT_ORDERED, "ii", contact,
+				    (int64_t)e->ts)) < 0)
 		return -1;
 	if (e->code && q_exec(db, q(db, ST_DISCOUNT_REDEEM, "tit", e->code,
 				    (int64_t)e->ts, e->order_id)) < 0)
@@ -2656,6 +2805,9 @@ struct msgrow {
 	double total, min_spend;
 	char message_id[160], code[40], estatus[16], email[256], name[128];
 	char cart_key[80], cart_status[16], currency[8], tpl[80];
+	char trigger[20], step_segment[16], segment[16];
+	int ordered_since;
+	int64_t order;
 	char *items;
 };
 
@@ -2689,8 +2841,23 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	m->pct = sqlite3_column_int(s, 17);
 	m->valid = (long)sqlite3_column_int64(s, 18);
 	m->min_spend = sqlite3_column_double(s, 19);
+	copy_str(m->trigger, sizeof m->trigger, col_text(s, 20));
+	copy_str(m->step_segment, sizeof m->step_segment, col_text(s, 21));
+	copy_str(m->segment, sizeof m->segment, col_text(s, 22));
+	m->ordered_since = sqlite3_column_int(s, 23);
+	m->order = sqlite3_column_int64(s, 24);
 	sqlite3_reset(s);
 	return m->items ? 0 : -1;
+}
+
+/* A step's segment: "" (everyone), "vip" (only), "!vip" (all but). */
+static int segment_matches(const char *want, const char *have)
+{
+	if (!*want)
+		return 1;
+	if (*want == '!')
+		return strcmp(want + 1, have) != 0;
+	return strcmp(want, have) == 0;
 }
 
 /* Why this message must not go out, or NULL. "" means: not now. */
@@ -2702,33 +2869,43 @@ static const char *msg_exit_reason(const struct msgrow *m)
 		return "unsubscribe";
 	if (m->suppressed)
 		return "bounce";
-	if (!strcmp(m->cart_status, "ordered"))
+	int cart = !strcmp(m->trigger, "cart_abandoned");
+	if (cart && !strcmp(m->cart_status, "ordered"))
 		return "order";
-	if (!strcmp(m->cart_status, "empty"))
+	if (cart && !strcmp(m->cart_status, "empty"))
 		return "empty";
+	if (!strcmp(m->trigger, "customer_lapsed") && m->ordered_since)
+		return "order"; /* they came back: the win-back is done */
 	if (!m->has_step)
 		return "step removed";
-	if (!strcmp(m->cart_status, "open"))
+	if (!segment_matches(m->step_segment, m->segment))
+		return "segment";
+	if (cart && !strcmp(m->cart_status, "open"))
 		return ""; /* the shopper is back: wait until idle again */
 	return NULL;
 }
 
 /* ---- the rendering context of one message ---- */
 
-#define MC_VARS 40
+#define MC_VARS 48
+#define MC_LISTS 3
 struct item_vars {
 	char *name, *sku, *url, *image;
 	char qty[16], price[32], line[32];
 	struct tvar v[7];
+};
+struct mlist { /* a list variable: items, order_items, recommendations */
+	struct item_vars *items;
+	struct tctx *ctx;
+	size_t n;
 };
 struct msgctx {
 	struct tvar v[MC_VARS];
 	size_t n;
 	char *owned[MC_VARS];
 	size_t nowned;
-	struct item_vars *items;
-	struct tctx *item_ctx;
-	size_t nitems;
+	struct mlist lists[MC_LISTS];
+	int nlists;
 	struct tctx ctx;
 };
 
@@ -2753,50 +2930,138 @@ static void mc_url(struct msgctx *mc, struct app *app, const char *name,
 	mc_set(mc, name, url);
 }
 
-static int mc_items(struct msgctx *mc, struct app *app, const char *items,
+/* Appends one element to list L; strings are copied. */
+static int list_add(struct mlist *l, const char *name, const char *sku,
+		    int qty, double price, const char *url, const char *image,
 		    const char *cur)
 {
-	sqlite3_stmt *s = q(app->db, ST_ITEMS_EACH, "t", items);
-	long n = 0;
-	while (sqlite3_step(s) == SQLITE_ROW && n < app->cfg->max_items) {
-		struct item_vars *iv = realloc(mc->items, (size_t)(n + 1) * sizeof *iv);
-		if (!iv)
-			break;
-		mc->items = iv;
-		iv = &mc->items[n];
-		memset(iv, 0, sizeof *iv);
-		iv->name = strdup(col_text(s, 0));
-		iv->sku = strdup(col_text(s, 1));
-		iv->url = strdup(col_text(s, 4));
-		iv->image = strdup(col_text(s, 5));
-		int qty = sqlite3_column_int(s, 2);
-		double price = sqlite3_column_double(s, 3);
-		snprintf(iv->qty, sizeof iv->qty, "%d", qty);
-		money(iv->price, sizeof iv->price, price, cur);
-		money(iv->line, sizeof iv->line, price * qty, cur);
-		n++;
-	}
-	sqlite3_reset(s);
-	mc->nitems = (size_t)n;
-	mc->item_ctx = calloc(mc->nitems ? mc->nitems : 1, sizeof *mc->item_ctx);
-	if (!mc->item_ctx)
+	struct item_vars *iv = realloc(l->items, (l->n + 1) * sizeof *iv);
+	if (!iv)
 		return -1;
-	for (size_t i = 0; i < mc->nitems; i++) {
-		struct item_vars *iv = &mc->items[i];
-		if (!iv->name || !iv->sku || !iv->url || !iv->image)
-			return -1;
-		const char *names[] = {"name", "sku", "url", "image", "qty",
-				       "price", "line_total"};
+	l->items = iv;
+	iv = &l->items[l->n++];
+	memset(iv, 0, sizeof *iv);
+	iv->name = strdup(name);
+	iv->sku = strdup(sku);
+	iv->url = strdup(url);
+	iv->image = strdup(image);
+	snprintf(iv->qty, sizeof iv->qty, "%d", qty);
+	money(iv->price, sizeof iv->price, price, cur);
+	money(iv->line, sizeof iv->line, price * qty, cur);
+	return iv->name && iv->sku && iv->url && iv->image ? 0 : -1;
+}
+
+/* Makes list L visible to templates as NAME. */
+static int list_publish(struct msgctx *mc, struct mlist *l, const char *name)
+{
+	static const char *const names[] = {"name", "sku", "url", "image", "qty",
+					    "price", "line_total"};
+	l->ctx = calloc(l->n ? l->n : 1, sizeof *l->ctx);
+	if (!l->ctx || mc->n >= MC_VARS)
+		return -1;
+	for (size_t i = 0; i < l->n; i++) {
+		struct item_vars *iv = &l->items[i];
 		const char *vals[] = {iv->name, iv->sku, iv->url, iv->image,
 				      iv->qty, iv->price, iv->line};
 		for (int k = 0; k < 7; k++)
 			iv->v[k] = (struct tvar){names[k], vals[k], NULL, 0};
-		mc->item_ctx[i] = (struct tctx){iv->v, 7, NULL};
+		l->ctx[i] = (struct tctx){iv->v, 7, NULL};
 	}
-	if (mc->n >= MC_VARS)
-		abort();
-	mc->v[mc->n++] = (struct tvar){"items", NULL, mc->item_ctx, mc->nitems};
+	mc->v[mc->n++] = (struct tvar){name, NULL, l->ctx, l->n};
 	return 0;
+}
+
+static struct mlist *mc_list(struct msgctx *mc)
+{
+	if (mc->nlists >= MC_LISTS)
+		abort(); /* sized for the lists a message can have */
+	return &mc->lists[mc->nlists++];
+}
+
+/* A JSON items array (of a cart or an order) as the list NAME. */
+static int mc_items(struct msgctx *mc, struct app *app, const char *name,
+		    const char *items, const char *cur)
+{
+	struct mlist *l = mc_list(mc);
+	sqlite3_stmt *s = q(app->db, ST_ITEMS_EACH, "t", items);
+	int rc = 0;
+	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW &&
+	       l->n < (size_t)app->cfg->max_items)
+		rc = list_add(l, col_text(s, 0), col_text(s, 1),
+			      sqlite3_column_int(s, 2), sqlite3_column_double(s, 3),
+			      col_text(s, 4), col_text(s, 5), cur);
+	sqlite3_reset(s);
+	return rc ? rc : list_publish(mc, l, name);
+}
+
+/* Runs the recommendation statements in order of preference until N
+ * distinct products are found; calls add() for each, best first. */
+static int reco_walk(struct app *app, int64_t contact, int n,
+		     int (*add)(void *arg, sqlite3_stmt *row), void *arg)
+{
+	static const enum stmt_id tiers[] = {ST_RECO_COOCCUR, ST_RECO_CATEGORY,
+					     ST_RECO_BEST};
+	char seen[16][65];
+	int found = 0;
+	if (n > 16)
+		n = 16;
+	for (size_t t = 0; t < 3 && found < n; t++) {
+		sqlite3_stmt *s = q(app->db, tiers[t], "ii", contact, (int64_t)n + found);
+		while (found < n && sqlite3_step(s) == SQLITE_ROW) {
+			int dup = 0;
+			for (int i = 0; i < found; i++)
+				dup |= !strcmp(seen[i], col_text(s, 0));
+			if (dup)
+				continue;
+			copy_str(seen[found++], 65, col_text(s, 0));
+			if (add(arg, s) < 0) {
+				sqlite3_reset(s);
+				return -1;
+			}
+		}
+		sqlite3_reset(s);
+	}
+	return found;
+}
+
+struct reco_out {
+	char (*skus)[65];
+	int n;
+};
+
+static int reco_sku(void *arg, sqlite3_stmt *row)
+{
+	struct reco_out *o = arg;
+	copy_str(o->skus[o->n++], 65, col_text(row, 0));
+	return 0;
+}
+
+int reco_for(struct app *app, int64_t contact, char (*out)[65], int n)
+{
+	struct reco_out o = {out, 0};
+	return reco_walk(app, contact, n, reco_sku, &o);
+}
+
+struct reco_list {
+	struct mlist *l;
+	const char *cur;
+};
+
+static int reco_item(void *arg, sqlite3_stmt *row)
+{
+	struct reco_list *r = arg;
+	return list_add(r->l, col_text(row, 1), col_text(row, 0), 1,
+			sqlite3_column_double(row, 2), col_text(row, 3),
+			col_text(row, 4), r->cur);
+}
+
+static int mc_recos(struct msgctx *mc, struct app *app, int64_t contact,
+		    const char *cur)
+{
+	struct reco_list r = {mc_list(mc), cur};
+	if (reco_walk(app, contact, 3, reco_item, &r) < 0)
+		return -1;
+	return list_publish(mc, r.l, "recommendations");
 }
 
 static void mc_review(struct msgctx *mc, struct app *app, const char *items)
@@ -2825,8 +3090,12 @@ static void mc_discount(struct msgctx *mc, struct app *app,
 	gmtime_r(&t, &tm);
 	strftime(when, sizeof when, "%A %e %B %Y, %H:%M UTC", &tm);
 	snprintf(pct, sizeof pct, "%d", m->pct);
+	char min[40] = "";
+	if (m->min_spend > 0)
+		money(min, sizeof min, m->min_spend, m->currency);
 	mc_set(mc, "discount_code", m->code);
 	mc_set(mc, "discount_percent", pct);
+	mc_set(mc, "discount_min_spend", min);
 	mc_set(mc, "discount_expires", when[0] ? when : "");
 	mc_url(mc, app, "discount_url", TOK_DISCOUNT, m->id, expires + 30 * 86400,
 	       "");
@@ -2836,14 +3105,52 @@ static void mc_free(struct msgctx *mc)
 {
 	for (size_t i = 0; i < mc->nowned; i++)
 		free(mc->owned[i]);
-	for (size_t i = 0; mc->items && i < mc->nitems; i++) {
-		free(mc->items[i].name);
-		free(mc->items[i].sku);
-		free(mc->items[i].url);
-		free(mc->items[i].image);
+	for (int k = 0; k < mc->nlists; k++) {
+		struct mlist *l = &mc->lists[k];
+		for (size_t i = 0; i < l->n; i++) {
+			free(l->items[i].name);
+			free(l->items[i].sku);
+			free(l->items[i].url);
+			free(l->items[i].image);
+		}
+		free(l->items);
+		free(l->ctx);
 	}
-	free(mc->items);
-	free(mc->item_ctx);
+}
+
+/* The footer's sentence: why this person gets this email. */
+static void mc_reason(struct msgctx *mc, const struct config *cfg,
+		      const char *trigger)
+{
+	char r[300];
+	snprintf(r, sizeof r, "You are receiving this because %s %s.",
+		 !strcmp(trigger, "cart_abandoned") ? "you left items in your cart at" :
+		 !strcmp(trigger, "order_placed") ? "you ordered from" :
+		 "you are a customer of", cfg->store_name);
+	mc_set(mc, "reason", r);
+}
+
+/* The order a post-purchase message is about: order_id, order_items,
+ * order_total. */
+static int mc_order(struct msgctx *mc, struct app *app, int64_t order)
+{
+	char key[80] = "", cur[8] = "EUR", total[40];
+	struct buf items = {0};
+	double sum = 0;
+	sqlite3_stmt *s = q(app->db, ST_ORDER_OF, "i", order);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		copy_str(key, sizeof key, col_text(s, 0));
+		buf_adds(&items, col_text(s, 1));
+		sum = sqlite3_column_double(s, 2);
+		copy_str(cur, sizeof cur, col_text(s, 3));
+	}
+	sqlite3_reset(s);
+	money(total, sizeof total, sum, cur);
+	mc_set(mc, "order_id", key);
+	mc_set(mc, "order_total", total);
+	int rc = mc_items(mc, app, "order_items", items.data ? items.data : "[]", cur);
+	buf_free(&items);
+	return rc;
 }
 
 static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
@@ -2865,17 +3172,24 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 	mc_set(mc, "first_name", first);
 	mc_set(mc, "email", m->email);
 	mc_set(mc, "year", year);
-	mc_set(mc, "total", total);
+	if (*m->cart_key)
+		mc_set(mc, "total", total);
 	mc_url(mc, app, "recovery_url", TOK_RECOVER, m->id, now + 30 * 86400, "");
 	mc_url(mc, app, "unsubscribe_url", TOK_UNSUB, m->id, now + 400 * 86400, "");
 	mc_url(mc, app, "open_url", TOK_OPEN, m->id, now + 400 * 86400, ".gif");
-	mc_review(mc, app, m->items);
 	if (*m->code)
 		mc_discount(mc, app, m, code_expires);
-	if (mc_items(mc, app, m->items, m->currency) < 0)
+	if (!strcmp(m->trigger, "cart_abandoned")) {
+		mc_review(mc, app, m->items);
+		if (mc_items(mc, app, "items", m->items, m->currency) < 0)
+			return -1;
+		snprintf(count, sizeof count, "%zu", mc->lists[mc->nlists - 1].n);
+		mc_set(mc, "item_count", count);
+	} else if (mc_recos(mc, app, m->contact, m->currency) < 0 ||
+		   (m->order && mc_order(mc, app, m->order) < 0)) {
 		return -1;
-	snprintf(count, sizeof count, "%zu", mc->nitems);
-	mc_set(mc, "item_count", count);
+	}
+	mc_reason(mc, cfg, m->trigger);
 	mc->ctx = (struct tctx){mc->v, mc->n, NULL};
 	return 0;
 }
@@ -2900,16 +3214,23 @@ static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
 	}
 	*code_expires = 0;
 	if (m->pct > 0 && !*m->code) {
-		if (code_issue(app, m->id, m->contact, m->pct, m->min_spend,
-			       now + m->valid, now, m->code, sizeof m->code) ||
+		double min = m->min_spend; /* -1: the store's average order */
+		if (min < 0)
+			q_row(q(db, ST_AOV, NULL), "d", &min);
+		if (code_issue(app, m->id, m->contact, m->pct, min, now + m->valid,
+			       now, m->code, sizeof m->code) ||
 		    q_exec(db, q(db, ST_MESSAGE_SET_CODE, "it", m->id, m->code)))
 			return -1;
 	}
-	if (*m->code) {
-		int pct;
-		double min;
-		code_check(app, m->code, -1, now, &pct, &min, code_expires);
+	if (!*m->code) { /* a later step reminds of an earlier step's code */
+		sqlite3_stmt *s = q(db, ST_ENROLLMENT_CODE, "i", m->enrollment);
+		if (sqlite3_step(s) == SQLITE_ROW)
+			copy_str(m->code, sizeof m->code, col_text(s, 0));
+		sqlite3_reset(s);
 	}
+	if (*m->code) /* the code's own terms, whichever step issued it */
+		code_check(app, m->code, -1, now, &m->pct, &m->min_spend,
+			   code_expires);
 	return 0;
 }
 
@@ -2963,16 +3284,20 @@ static int msg_exit(struct app *app, const struct msgrow *m, const char *why,
 		    struct tick_summary *sum)
 {
 	struct db *db = app->db;
+	/* not this contact's step: go on with the next one */
+	int next = !strcmp(why, "segment");
+	int done = !strcmp(why, "step removed");
 	int rc = db_begin(db) ||
 		 q_exec(db, q(db, ST_MESSAGE_END, "itt", m->id, "skipped", why)) ||
-		 (!strcmp(why, "step removed") ?
-			  q_exec(db, q(db, ST_ENROLL_DONE, "i", m->enrollment)) :
-			  q_exec(db, q(db, ST_ENROLL_EXIT, "it", m->enrollment, why))) ||
+		 (next ? q_exec(db, q(db, ST_ENROLL_ADVANCE, "ii", m->enrollment,
+				     (int64_t)m->step)) :
+		  done ? q_exec(db, q(db, ST_ENROLL_DONE, "i", m->enrollment)) :
+			 q_exec(db, q(db, ST_ENROLL_EXIT, "it", m->enrollment, why))) ||
 		 db_commit(db);
 	if (rc)
 		db_rollback(db);
 	sum->skipped++;
-	sum->exited += strcmp(why, "step removed") != 0;
+	sum->exited += !next && !done;
 	return rc ? -1 : 0;
 }
 
@@ -3046,10 +3371,74 @@ out:
 	return rc;
 }
 
+long flow_lapse_days(struct app *app, char *why, size_t whylen)
+{
+	const char *w = app->cfg->winback_after;
+	if (strcmp(w, "auto") != 0) {
+		long d = atol(w);
+		if (d < 1)
+			d = 90;
+		snprintf(why, whylen, "set by winback_after = %ld", d);
+		return d;
+	}
+	long gaps = 0;
+	double p90 = 0;
+	q_row(q(app->db, ST_LAPSE_GAPS, NULL), "ld", &gaps, &p90);
+	if (gaps < 20) {
+		snprintf(why, whylen, "winback_after = auto, but only %ld repeat "
+			 "purchases to learn from (20 needed): the default 90", gaps);
+		return 90;
+	}
+	long d = (long)(p90 / 86400 + 0.5);
+	long clamped = d < 60 ? 60 : d > 180 ? 180 : d;
+	snprintf(why, whylen, "winback_after = auto: 90 %% of %ld repeat purchases "
+		 "came within %ld days%s", gaps, d,
+		 clamped != d ? (d < 60 ? ", raised to the minimum of 60" :
+				 ", lowered to the maximum of 180") : "");
+	return clamped;
+}
+
+static int segments_fill(struct app *app, rm_time now)
+{
+	char why[200];
+	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
+	return q_exec(app->db, q(app->db, ST_SEGMENTS_CLEAR, NULL)) ||
+	       q_exec(app->db, q(app->db, ST_SEGMENTS_FILL, "ii", (int64_t)now, lapse));
+}
+
+int flow_segments(struct app *app, rm_time now)
+{
+	if (db_begin(app->db) < 0)
+		return -1;
+	if (segments_fill(app, now) || db_commit(app->db)) {
+		db_rollback(app->db);
+		return -1;
+	}
+	return 0;
+}
+
+/* Lapsed customers and new orders become enrollments of their flows. */
+static int detect_lifecycle(struct app *app, rm_time now, int64_t lapse,
+			    struct tick_summary *sum)
+{
+	struct db *db = app->db;
+	int64_t cool = (int64_t)app->cfg->winback_cooldown_days * 86400;
+	if (segments_fill(app, now) ||
+	    q_exec(db, q(db, ST_LAPSE_ENROLL, "iii", (int64_t)now, lapse, cool)))
+		return -1;
+	sum->enrolled += sqlite3_changes(db->h);
+	if (q_exec(db, q(db, ST_ORDER_ENROLL, "i", (int64_t)now)))
+		return -1;
+	sum->enrolled += sqlite3_changes(db->h);
+	return 0;
+}
+
 int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 {
 	struct db *db = app->db;
 	rm_time idle_before = now - app->cfg->idle_minutes * 60;
+	char why[200];
+	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
 	if (db_begin(db) < 0)
 		return -1;
 	int rc = q_exec(db, q(db, ST_ABANDON, "ii", (int64_t)now,
@@ -3057,6 +3446,7 @@ int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 	sum->abandoned += rc ? 0 : sqlite3_changes(db->h);
 	rc = rc || q_exec(db, q(db, ST_ENROLL, "i", (int64_t)now));
 	sum->enrolled += rc ? 0 : sqlite3_changes(db->h);
+	rc = rc || detect_lifecycle(app, now, lapse, sum);
 	rc = rc || q_exec(db, q(db, ST_QUEUE_DUE, "i", (int64_t)now));
 	rc = rc || db_commit(db);
 	if (rc)
@@ -3231,6 +3621,24 @@ static void rep_series(struct app *app, struct report *r)
 	sqlite3_reset(s);
 }
 
+static const char *const segment_names[6] = {"new", "active", "vip", "at_risk",
+					      "lapsed", "lost"};
+
+static void rep_lifecycle(struct app *app, struct report *r)
+{
+	r->lapse_days = flow_lapse_days(app, r->lapse_why, sizeof r->lapse_why);
+	q_row(q(app->db, ST_WINBACK_REPORT, "ii", (int64_t)r->since, (int64_t)r->until),
+	      "lll", &r->lapsed, &r->contacted, &r->reactivated);
+	r->reactivation_rate = r->contacted ? (double)r->reactivated /
+						      (double)r->contacted : 0;
+	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW)
+		for (int i = 0; i < 6; i++)
+			if (!strcmp(col_text(s, 0), segment_names[i]))
+				r->segments[i] = sqlite3_column_int64(s, 1);
+	sqlite3_reset(s);
+}
+
 int report_build(struct app *app, rm_time since, rm_time until, struct report *r)
 {
 	struct db *db = app->db;
@@ -3256,6 +3664,7 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
 	rep_flows(app, r);
 	rep_series(app, r);
+	rep_lifecycle(app, r);
 	return 0;
 }
 
@@ -3339,9 +3748,16 @@ int report_json(const struct report *r, struct buf *out)
 		 (long long)r->first_day);
 	for (int i = 0; i < r->ndays; i++)
 		buf_addf(out, "%s%.2f", i ? "," : "", r->daily[i]);
-	/* win-back is not built yet: nobody is lapsed or contacted by it */
-	buf_adds(out, "]},\"winback\":{\"lapsed\":0,\"contacted\":0,"
-		 "\"reactivated_30d\":0,\"rate\":0}}");
+	buf_addf(out, "]},\"winback\":{\"threshold_days\":%ld,\"threshold_source\":",
+		 r->lapse_days);
+	json_str(out, r->lapse_why);
+	buf_addf(out, ",\"lapsed\":%ld,\"contacted\":%ld,\"reactivated_30d\":%ld,"
+		 "\"rate\":%.4f},\"segments\":{", r->lapsed, r->contacted,
+		 r->reactivated, r->reactivation_rate);
+	for (int i = 0; i < 6; i++)
+		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
+			 r->segments[i]);
+	buf_adds(out, "}}");
 	return out->data ? 0 : -1;
 }
 
@@ -3455,6 +3871,41 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 	buf_adds(b, "</p></div></section>");
 }
 
+static void html_lifecycle(struct buf *b, const struct report *r)
+{
+	char k[48], v[48];
+	buf_adds(b, "<section><h2>Win-back</h2><p>");
+	snprintf(v, sizeof v, "%ld", r->lapsed);
+	html_num(b, "winback.lapsed", (double)r->lapsed, v);
+	buf_addf(b, " customers are lapsed or lost (no order for %ld days: ",
+		 r->lapse_days);
+	html_escape(b, r->lapse_why);
+	buf_adds(b, "). ");
+	snprintf(v, sizeof v, "%ld", r->contacted);
+	html_num(b, "winback.contacted", (double)r->contacted, v);
+	buf_adds(b, " were contacted in this period; ");
+	snprintf(v, sizeof v, "%ld", r->reactivated);
+	html_num(b, "winback.reactivated_30d", (double)r->reactivated, v);
+	buf_adds(b, " ordered again within 30 days (");
+	snprintf(v, sizeof v, "%.1f %%", 100 * r->reactivation_rate);
+	html_num(b, "winback.rate", r->reactivation_rate, v);
+	buf_adds(b, ").</p></section><section><h2>Segments</h2><table><tr>");
+	for (int i = 0; i < 6; i++)
+		buf_addf(b, "<th>%s</th>", segment_names[i]);
+	buf_adds(b, "</tr><tr>");
+	for (int i = 0; i < 6; i++) {
+		snprintf(k, sizeof k, "segments.%s", segment_names[i]);
+		snprintf(v, sizeof v, "%ld", r->segments[i]);
+		buf_adds(b, "<td>");
+		html_num(b, k, (double)r->segments[i], v);
+		buf_adds(b, "</td>");
+	}
+	buf_adds(b, "</tr></table><p class=legend>RFM: recency, frequency and "
+		 "money in quintiles over all customers. VIP: top two fifths in "
+		 "frequency and money; at risk: bought twice or more, not lately."
+		 "</p></section>");
+}
+
 int report_html(const struct report *r, const char *store, struct buf *b)
 {
 	char v[64], since[32], until[32];
@@ -3504,6 +3955,7 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 		 "</p></section>", r->orders, r->attributed, r->influenced);
 	for (int i = 0; i < r->nflows; i++)
 		html_flow(b, &r->flows[i], i, r->currency);
+	html_lifecycle(b, r);
 	buf_adds(b, "<section><h2>Orders per month</h2><table><tr><th>Month</th>"
 		 "<th>Orders</th><th>Attributed</th><th>Revenue</th></tr>");
 	for (int i = 0; i < r->nmonths; i++)
@@ -4634,6 +5086,13 @@ static void report_text(const struct report *r)
 	       r->unsubscribed, r->bounced);
 	printf("discount codes     %ld issued, %ld redeemed, cost %.2f %s\n",
 	       r->codes_issued, r->codes_redeemed, r->discount_cost, r->currency);
+	printf("win-back           %ld lapsed (after %ld days: %s), %ld contacted, "
+	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
+	       r->lapse_why, r->contacted, r->reactivated, 100 * r->reactivation_rate);
+	printf("segments          ");
+	for (int i = 0; i < 6; i++)
+		printf(" %s %ld", segment_names[i], r->segments[i]);
+	printf("\n");
 	for (int i = 0; i < r->nflows; i++) {
 		const struct flow_report *f = &r->flows[i];
 		printf("flow %s: %ld enrolled, %ld held out; conversion %.1f %% vs "
@@ -4872,6 +5331,235 @@ static int cmd_flows(struct app *app, int argc, char **argv)
 	return 2;
 }
 
+/* ---- CSV imports ---- */
+/*
+ * RFC 4180 records (quoted fields, doubled quotes, CRLF or LF, newlines
+ * inside quotes). Neither SQLite's library nor the others here parse CSV,
+ * so this small reader is ours. The first record names the columns; each
+ * row becomes an event built by SQLite's json_object and goes through
+ * ev_ingest, the same validation as every other door.
+ */
+
+#define CSV_FIELDS 16
+
+/* Reads one record; fields point into B. Returns the field count, 0 at
+ * the end of the file, -1 on an unclosed quote or too many fields. */
+static int csv_record(FILE *f, struct buf *b, const char **fields)
+{
+	size_t starts[CSV_FIELDS];
+	int n = 0, c, quoted = 0, any = 0;
+	b->len = 0;
+	starts[n++] = 0;
+	while ((c = fgetc(f)) != EOF) {
+		any = 1;
+		if (quoted) {
+			if (c == '"') {
+				int d = fgetc(f);
+				if (d != '"') {
+					quoted = 0;
+					if (d != EOF)
+						ungetc(d, f);
+					continue;
+				}
+			}
+			buf_add(b, &(char){(char)c}, 1);
+		} else if (c == '"') {
+			quoted = 1;
+		} else if (c == ',') {
+			if (n == CSV_FIELDS)
+				return -1;
+			buf_add(b, "", 1);
+			starts[n++] = b->len;
+		} else if (c == '\n') {
+			break;
+		} else if (c != '\r') {
+			buf_add(b, &(char){(char)c}, 1);
+		}
+	}
+	if (quoted)
+		return -1;
+	if (!any)
+		return 0;
+	buf_add(b, "", 1);
+	for (int i = 0; i < n; i++)
+		fields[i] = b->data + starts[i];
+	return n;
+}
+
+/* The index of column NAME in the header, or -1. */
+static int csv_col(const char **hdr, int n, const char *name)
+{
+	for (int i = 0; i < n; i++)
+		if (!strcasecmp(trim((char *)hdr[i]), name))
+			return i;
+	return -1;
+}
+
+static const char *csv_val(const char **row, int n, int col)
+{
+	return col >= 0 && col < n && *row[col] ? row[col] : NULL;
+}
+
+static void bind_num(sqlite3_stmt *s, int i, const char *v, int integer)
+{
+	char *end;
+	double d = v ? strtod(v, &end) : 0;
+	if (v && !*end && isfinite(d)) {
+		if (integer)
+			sqlite3_bind_int64(s, i, (int64_t)d);
+		else
+			sqlite3_bind_double(s, i, d);
+	} else if (v) {
+		sqlite3_bind_text(s, i, v, -1, SQLITE_TRANSIENT); /* refused later */
+	}
+}
+
+/* Sends one built event through ev_ingest; prints why it was refused. */
+static int import_one(struct app *app, const char *what, const char *json,
+		      rm_time now, long *ok, long *bad)
+{
+	struct ev_error err;
+	if (ev_ingest(app, EV_CLI, json, strlen(json), NULL, now, &err) >= 0) {
+		(*ok)++;
+		return 0;
+	}
+	if (++*bad <= 20)
+		fprintf(stderr, "remarket import: %s: %s\n", what, err.msg);
+	return -1;
+}
+
+static int import_products(struct app *app, FILE *f, rm_time now)
+{
+	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
+	struct buf hb = {0}, rb = {0}, ev = {0};
+	int nh = csv_record(f, &hb, hdr);
+	static const char *const cols[] = {"sku", "name", "price", "url", "image",
+					   "category", "review_author",
+					   "review_rating", "review_text"};
+	int at[9];
+	for (int i = 0; i < 9; i++)
+		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i]) : -1;
+	long ok = 0, bad = 0, line = 1;
+	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
+		char what[32];
+		snprintf(what, sizeof what, "line %ld", line + 1);
+		if (n < 0) {
+			fprintf(stderr, "remarket import: %s: bad CSV\n", what);
+			bad++;
+			break;
+		}
+		sqlite3_stmt *s = q(app->db, ST_IMP_PRODUCT, NULL);
+		for (int i = 0; i < 9; i++) {
+			const char *v = csv_val(row, n, at[i]);
+			if (i == 2 || i == 7)
+				bind_num(s, i + 1, v, i == 7);
+			else if (v)
+				sqlite3_bind_text(s, i + 1, v, -1, SQLITE_TRANSIENT);
+		}
+		ev.len = 0;
+		if (json_from(app->db, s, &ev) == 0)
+			import_one(app, what, ev.data, now, &ok, &bad);
+	}
+	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
+	buf_free(&hb), buf_free(&rb), buf_free(&ev);
+	return bad ? 1 : 0;
+}
+
+static int import_orders(struct app *app, FILE *f, rm_time now)
+{
+	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
+	struct buf hb = {0}, rb = {0};
+	int nh = csv_record(f, &hb, hdr);
+	static const char *const cols[] = {"order_id", "email", "date", "sku", "name",
+					   "price", "qty", "currency", "consent"};
+	int at[9];
+	for (int i = 0; i < 9; i++)
+		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i]) : -1;
+	if (at[0] < 0 || at[2] < 0 || at[3] < 0) {
+		fprintf(stderr, "remarket import orders: the first line must name the "
+			"columns: order_id,email,date,sku,name,price,qty[,currency,consent]\n");
+		return 2;
+	}
+	long ok = 0, bad = 0, line = 1;
+	q_exec(app->db, q(app->db, ST_IMP_CREATE, NULL));
+	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
+	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
+		if (n < 0) {
+			fprintf(stderr, "remarket import: line %ld: bad CSV\n", line + 1);
+			return 1;
+		}
+		sqlite3_stmt *s = q(app->db, ST_IMP_INSERT, NULL);
+		for (int i = 0; i < 9; i++) {
+			const char *v = csv_val(row, n, at[i]);
+			if (i == 2) {
+				rm_time t = v ? parse_time(v, now) : -1;
+				if (t >= 0)
+					sqlite3_bind_int64(s, 3, t);
+			} else if (i == 5 || i == 6) {
+				bind_num(s, i + 1, v, i == 6);
+			} else if (i == 8 && v) {
+				sqlite3_bind_int(s, 9, !strcasecmp(v, "1") ||
+							       !strcasecmp(v, "true") ||
+							       !strcasecmp(v, "yes"));
+			} else if (v) {
+				sqlite3_bind_text(s, i + 1, v, -1, SQLITE_TRANSIENT);
+			}
+		}
+		q_exec(app->db, s);
+	}
+	sqlite3_stmt *s = q(app->db, ST_IMP_ORDERS, NULL);
+	struct buf ids = {0}, evs = {0};
+	while (sqlite3_step(s) == SQLITE_ROW) { /* copied out: ingest writes */
+		buf_adds(&ids, col_text(s, 0)), buf_add(&ids, "", 1);
+		buf_adds(&evs, col_text(s, 1)), buf_add(&evs, "", 1);
+	}
+	sqlite3_reset(s);
+	for (size_t i = 0, j = 0; i < ids.len; i += strlen(ids.data + i) + 1,
+		    j += strlen(evs.data + j) + 1) {
+		char what[96];
+		snprintf(what, sizeof what, "order %.64s", ids.data + i);
+		import_one(app, what, evs.data + j, now, &ok, &bad);
+	}
+	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
+	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
+	buf_free(&hb), buf_free(&rb), buf_free(&ids), buf_free(&evs);
+	return bad ? 1 : 0;
+}
+
+static int cmd_import(struct app *app, rm_time now, int argc, char **argv)
+{
+	if (argc < 3 || (strcmp(argv[1], "products") && strcmp(argv[1], "orders"))) {
+		fprintf(stderr, "usage: remarket import products|orders FILE.csv\n");
+		return 2;
+	}
+	FILE *f = fopen(argv[2], "r");
+	if (!f) {
+		fprintf(stderr, "remarket import: %s: %s\n", argv[2], strerror(errno));
+		return 1;
+	}
+	int rc = argv[1][0] == 'p' ? import_products(app, f, now)
+				    : import_orders(app, f, now);
+	fclose(f);
+	return rc;
+}
+
+static int cmd_segments(struct app *app, rm_time now)
+{
+	char why[200];
+	long days = flow_lapse_days(app, why, sizeof why);
+	if (flow_segments(app, now) < 0) {
+		fprintf(stderr, "remarket segments: failed\n");
+		return 1;
+	}
+	printf("lapsed after %ld days (%s)\n", days, why);
+	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW)
+		printf("  %-8s %lld\n", col_text(s, 0),
+		       (long long)sqlite3_column_int64(s, 1));
+	sqlite3_reset(s);
+	return 0;
+}
+
 static void usage(FILE *f)
 {
 	fprintf(f,
@@ -4884,6 +5572,8 @@ static void usage(FILE *f)
 		"  report [--json] [--since D]  results since D (default -30d)\n"
 		"  flows [set F N k=v | enable F | disable F | holdout F PCT |\n"
 		"         variant F N k=v | variant F N off]\n"
+		"  segments             RFM segments and the lapse threshold\n"
+		"  import products|orders FILE.csv   fill the catalog, load past orders\n"
 		"T is Unix seconds, 2026-11-24T10:00:00Z, or +90m/+2h/+3d from now.\n");
 }
 
@@ -4909,6 +5599,10 @@ static int run_app_command(struct config *cfg, int argc, char **argv)
 		rc = cmd_report(&app, now, argc, argv);
 	else if (!strcmp(argv[0], "flows"))
 		rc = cmd_flows(&app, argc - 1, argv + 1);
+	else if (!strcmp(argv[0], "import"))
+		rc = cmd_import(&app, now, argc, argv);
+	else if (!strcmp(argv[0], "segments"))
+		rc = cmd_segments(&app, now);
 	else
 		usage(stderr);
 	app_close(&app);

@@ -47,6 +47,8 @@ struct config {
 	long attribution_click_days; /* an order within this of a click */
 	long attribution_view_hours; /* "influenced": within this of a send */
 	long conversion_days;        /* an enrollee who orders within this */
+	char *winback_after;         /* days without an order, or "auto" */
+	long winback_cooldown_days;  /* no second win-back within this */
 };
 /* Loads defaults, then FILE (NULL: $REMARKET_CONFIG, else ./remarket.conf
  * if it exists), then REMARKET_<KEY> variables. */
@@ -161,6 +163,16 @@ struct tick_summary {
 int flow_detect(struct app *app, rm_time now, struct tick_summary *sum);
 /* Claims up to LIMIT due messages with a lease; writes their ids. */
 int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit);
+/* Days without an order after which a customer is lapsed: winback_after,
+ * or with "auto" the 90th percentile of the gaps between customers'
+ * consecutive orders, clamped to 60-180 (90 with fewer than 20 gaps). WHY
+ * says how the number was found. */
+long flow_lapse_days(struct app *app, char *why, size_t whylen);
+/* Recomputes every customer's RFM scores and segment (table segments). */
+int flow_segments(struct app *app, rm_time now);
+/* Up to N product skus to recommend to CONTACT, best first, in OUT
+ * (each up to 64 bytes). Returns how many. */
+int reco_for(struct app *app, int64_t contact, char (*out)[65], int n);
 /* One whole tick: detect, claim, check exits, render, send, record. */
 int flow_tick(struct app *app, rm_time now, struct tick_summary *sum);
 int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
@@ -219,6 +231,10 @@ struct report {
 	int nflows;
 	struct { char month[8]; long orders, attributed; double revenue; } months[REPORT_MONTHS];
 	int nmonths;
+	long lapse_days, lapsed, contacted, reactivated;
+	char lapse_why[200];
+	double reactivation_rate;  /* contacted who ordered within 30 days */
+	long segments[6];          /* new, active, vip, at_risk, lapsed, lost */
 	double daily[REPORT_DAYS]; /* attributed revenue by day, last day = until */
 	rm_time first_day;
 	int ndays;
