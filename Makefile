@@ -15,7 +15,7 @@ LIBS      = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lsqlit
 SAN       = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 MIGRATIONS = $(sort $(wildcard sql/[0-9]*.sql))
 
-.PHONY: all check check-run unit demo bench install clean deps
+.PHONY: all check check-run unit demo demo-shop bench install clean deps
 
 all: remarket
 
@@ -60,16 +60,23 @@ demo:
 	$(MAKE) remarket
 	sh scripts/demo.sh
 
+# The demo storefront in a browser: nginx + remarket + a tiny backend.
+demo-shop:
+	sh scripts/deps.sh test
+	$(MAKE) remarket
+	sh scripts/demo-shop.sh
+
 bench:
 	sh scripts/deps.sh bench
 	$(MAKE) remarket
 	sh bench/run.sh
 
 install: remarket
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SHAREDIR)/templates $(DESTDIR)$(SHAREDIR)/sql
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SHAREDIR)/templates $(DESTDIR)$(SHAREDIR)/sql $(DESTDIR)$(SHAREDIR)/static
 	install -m 0755 remarket $(DESTDIR)$(BINDIR)/remarket
 	install -m 0644 templates/* $(DESTDIR)$(SHAREDIR)/templates/
 	install -m 0644 sql/*.sql $(DESTDIR)$(SHAREDIR)/sql/
+	install -m 0644 static/remarket.js $(DESTDIR)$(SHAREDIR)/static/
 	install -m 0644 nginx.conf.example $(DESTDIR)$(SHAREDIR)/
 
 clean:
