@@ -760,7 +760,8 @@ void cfg_free(struct config *cfg)
 	  "coalesce(v.discount_pct, s.discount_pct) ELSE s.discount_pct END, " \
 	  "CASE WHEN m.variant = 'B' THEN coalesce(v.discount_valid, "         \
 	  "s.discount_valid) ELSE s.discount_valid END, s.min_spend, "         \
-	  "f.trigger, coalesce(s.segment, ''), coalesce(sg.segment, ''), "     \
+	  "f.trigger, coalesce(s.segment, ''), CASE WHEN sg.f >= 4 AND "       \
+	  "sg.m >= 4 THEN 'vip' ELSE coalesce(sg.segment, '') END, "           \
 	  "EXISTS (SELECT 1 FROM orders o WHERE o.contact_id = e.contact_id "  \
 	  "AND o.ts > e.created), coalesce(e.order_id, 0) "                    \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
@@ -2850,7 +2851,10 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	return m->items ? 0 : -1;
 }
 
-/* A step's segment: "" (everyone), "vip" (only), "!vip" (all but). */
+/* A step's segment: "" (everyone), "vip" (only), "!vip" (all but). The
+ * contact's is their named segment, except that a customer in the top
+ * two fifths by frequency and money counts as "vip" however long they
+ * have been away: a lapsed VIP is still a VIP to a win-back. */
 static int segment_matches(const char *want, const char *have)
 {
 	if (!*want)
@@ -3466,23 +3470,45 @@ int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit)
 	return rc == SQLITE_DONE ? n : -1;
 }
 
+static int flow_queue(struct app *app, rm_time now)
+{
+	struct db *db = app->db;
+	if (db_begin(db) < 0)
+		return -1;
+	if (q_exec(db, q(db, ST_QUEUE_DUE, "i", (int64_t)now)) || db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	return 0;
+}
+
 int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 {
 	memset(sum, 0, sizeof *sum);
 	if (flow_detect(app, now, sum) < 0)
 		return -1;
 	int64_t ids[TICK_BATCH];
-	for (int total = 0; total < TICK_MAX;) {
-		int n = flow_claim(app, now, ids, TICK_BATCH);
-		if (n < 0)
+	int total = 0;
+	/* a step skipped for its segment makes the next one due at once:
+	 * queue again, a few rounds at most */
+	for (int round = 0; round < 4 && total < TICK_MAX; round++) {
+		long skipped = sum->skipped;
+		if (round > 0 && flow_queue(app, now) < 0)
 			return -1;
-		if (n == 0)
-			break;
-		fault("crash_after_claim");
-		for (int i = 0; i < n; i++)
-			if (flow_send(app, ids[i], now, sum) < 0)
+		for (;;) {
+			int n = flow_claim(app, now, ids, TICK_BATCH);
+			if (n < 0)
 				return -1;
-		total += n;
+			if (n == 0)
+				break;
+			fault("crash_after_claim");
+			for (int i = 0; i < n; i++)
+				if (flow_send(app, ids[i], now, sum) < 0)
+					return -1;
+			total += n;
+		}
+		if (sum->skipped == skipped)
+			break;
 	}
 	return 0;
 }

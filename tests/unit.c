@@ -2184,6 +2184,302 @@ static void test_measurement(void)
 	test_attribution();
 }
 
+/* ==== Lifecycle: win-back, segments, recommendations, post-purchase ===== */
+
+static void set_cfg(char **slot, const char *v)
+{
+	free(*slot);
+	*slot = strdup(v);
+}
+
+/* An order of one line of SKU by EMAIL (consenting), at TS. */
+static int order_line(struct world *w, const char *id, const char *email,
+		      const char *sku, double price, rm_time ts, rm_time now)
+{
+	char body[512];
+	struct ev_error err;
+	snprintf(body, sizeof body, "{\"type\":\"order\",\"order_id\":\"%s\","
+		 "\"email\":\"%s\",\"consent\":true,\"total\":%.2f,\"ts\":%lld,"
+		 "\"items\":[{\"sku\":\"%s\",\"name\":\"%s\",\"price\":%.2f}]}",
+		 id, email, price, (long long)ts, sku, sku, price);
+	int rc = ingest(w, EV_CLI, body, now, &err);
+	if (rc < 0)
+		diag("order %s: %s", id, err.msg);
+	return rc;
+}
+
+static void product(struct world *w, const char *sku, const char *cat, rm_time now)
+{
+	char body[256];
+	struct ev_error err;
+	snprintf(body, sizeof body, "{\"type\":\"product\",\"sku\":\"%s\",\"name\":"
+		 "\"Product %s\",\"price\":10,\"category\":\"%s\",\"url\":"
+		 "\"https://shop.example/p/%s\"}", sku, sku, cat, sku);
+	ingest(w, EV_CLI, body, now, &err);
+}
+
+static void test_threshold(void)
+{
+	struct world w;
+	char why[200], id[32], email[64];
+	if (!ok(world_open(&w, "threshold") == 0, "threshold: world opens"))
+		return;
+	long d = flow_lapse_days(&w.app, why, sizeof why);
+	is_int(d, 90, "lapse threshold: 90 days by default");
+	set_cfg(&w.cfg.winback_after, "auto");
+	d = flow_lapse_days(&w.app, why, sizeof why);
+	ok(d == 90 && contains(why, "only 0 repeat"), "auto with no repeat buyers: 90 (%s)", why);
+	/* 25 customers reorder after 120 days, 5 after 150: p90 = 150 */
+	for (int i = 0; i < 30; i++) {
+		snprintf(email, sizeof email, "t%d@example.com", i);
+		snprintf(id, sizeof id, "t%da", i);
+		order_line(&w, id, email, "A", 20, T0 - 400 * DAY, T0);
+		snprintf(id, sizeof id, "t%db", i);
+		order_line(&w, id, email, "A", 20, T0 - 400 * DAY + (i < 25 ? 120 : 150) * DAY, T0);
+	}
+	d = flow_lapse_days(&w.app, why, sizeof why);
+	ok(d == 150 && contains(why, "30 repeat purchases"),
+	   "auto: the 90th percentile of the gaps, 150 days (%s)", why);
+	/* a store whose customers come back within 30 days: raised to 60 */
+	for (int i = 0; i < 300; i++) {
+		snprintf(email, sizeof email, "f%d@example.com", i);
+		snprintf(id, sizeof id, "f%da", i);
+		order_line(&w, id, email, "A", 20, T0 - 100 * DAY, T0);
+		snprintf(id, sizeof id, "f%db", i);
+		order_line(&w, id, email, "A", 20, T0 - 70 * DAY, T0);
+	}
+	d = flow_lapse_days(&w.app, why, sizeof why);
+	ok(d == 60 && contains(why, "raised to the minimum of 60"),
+	   "auto: clamped to 60 days (%s)", why);
+	world_close(&w);
+}
+
+static long long winback_sent(struct world *w, const char *email, int step)
+{
+	char q[300];
+	snprintf(q, sizeof q, "SELECT count(*) FROM messages m JOIN enrollments e ON "
+		 "e.id = m.enrollment_id JOIN contacts c ON c.id = m.contact_id WHERE "
+		 "e.flow_id = 2 AND m.status = 'sent' AND c.email = '%s'%s", email,
+		 step == 1 ? " AND m.step = 1" : step == 2 ? " AND m.step = 2" :
+		 step == 3 ? " AND m.step = 3" : "");
+	return db_scalar(w->app.db, q);
+}
+
+static void test_winback(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "winback") == 0, "winback: world opens"))
+		return;
+	product(&w, "A", "lighting", T0);
+	product(&w, "B", "lighting", T0);
+	/* lapsed: last order 91 days ago; active: 89 days; no consent */
+	order_line(&w, "o1", "lapsed@example.com", "A", 40, T0 - 91 * DAY, T0);
+	order_line(&w, "o2", "recent@example.com", "A", 40, T0 - 89 * DAY, T0);
+	order_line(&w, "o3", "quiet@example.com", "A", 40, T0 - 200 * DAY, T0);
+	db_scalar(w.app.db, "UPDATE contacts SET consent = 0 WHERE email = 'quiet@example.com'");
+	tick(&w, T0, &s);
+	is_int(winback_sent(&w, "lapsed@example.com", 1), 1,
+	       "a customer 91 days without an order gets win-back step 1 at once");
+	is_int(winback_sent(&w, "recent@example.com", 0), 0, "89 days: not yet");
+	is_int(winback_sent(&w, "quiet@example.com", 0), 0, "no consent: never");
+	long long m = sq(&w, "SELECT max(id) FROM messages");
+	struct buf mail = {0}, dec = {0};
+	outbox_read(&w, m, &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
+	ok(contains(dec.data, "Product B") && !contains(dec.data, "Product A"),
+	   "step 1 recommends B (a best seller of their category), never what they own");
+	buf_free(&mail), buf_free(&dec);
+
+	/* the recent one lapses two days later, and orders before step 2 */
+	tick(&w, T0 + 2 * DAY, &s);
+	is_int(winback_sent(&w, "recent@example.com", 1), 1, "the other customer lapses at 90 days");
+	order_line(&w, "o4", "recent@example.com", "B", 40, T0 + 3 * DAY, T0 + 3 * DAY);
+	/* step 2 a week later: a loyalty code, minimum spend = average order */
+	tick(&w, T0 + 7 * DAY, &s);
+	is_int(winback_sent(&w, "lapsed@example.com", 2), 1, "step 2 at +7 days");
+	ok(sq(&w, "SELECT count(*) FROM discounts WHERE percent = 15 AND min_spend = 40") == 1,
+	   "a 15 %% code with the average order value (40) as its minimum");
+	tick(&w, T0 + 10 * DAY, &s);
+	is_int(winback_sent(&w, "recent@example.com", 2), 0, "an order ends the win-back before step 2");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email = 'recent@example.com' AND e.exit_reason = 'order'"), 1,
+	       "... exit reason 'order'");
+
+	/* last chance 2 days before the code expires (7 + 14 - 2 = 19 days) */
+	tick(&w, T0 + 19 * DAY, &s);
+	is_int(winback_sent(&w, "lapsed@example.com", 3), 0, "the VIP-only step is skipped for a regular customer");
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 'lapsed@example.com' AND m.step = 4 AND m.status = 'sent'"), 1,
+	       "last chance at +19 days");
+	m = sq(&w, "SELECT max(id) FROM messages");
+	outbox_read(&w, m, &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
+	char *code = sq_text(&w, "SELECT code FROM discounts");
+	ok(code && contains(dec.data, code), "the last chance repeats the step 2 code");
+	free(code);
+	buf_free(&mail), buf_free(&dec);
+
+	/* once per lapse: still no order, no second win-back */
+	tick(&w, T0 + 100 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email = 'lapsed@example.com'"), 1, "once per lapse: no second enrollment");
+	/* they order at +120 days and lapse again at +210: within the cool-down
+	 * (180 days after the first) nothing, then again */
+	order_line(&w, "o5", "lapsed@example.com", "B", 40, T0 + 120 * DAY, T0 + 120 * DAY);
+	tick(&w, T0 + 175 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email = 'lapsed@example.com'"), 1, "a lapse within the 180-day cool-down: nothing");
+	tick(&w, T0 + 215 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email = 'lapsed@example.com'"), 2, "after the cool-down, a new lapse: a new win-back");
+	world_close(&w);
+}
+
+static void test_segments(void)
+{
+	struct world w;
+	char id[32], email[64];
+	if (!ok(world_open(&w, "segments") == 0, "segments: world opens"))
+		return;
+	/* ten customers: i orders of 10*i each, the last i days ago * 10 */
+	for (int i = 1; i <= 10; i++) {
+		snprintf(email, sizeof email, "s%02d@example.com", i);
+		for (int k = 0; k < i; k++) {
+			snprintf(id, sizeof id, "s%d-%d", i, k);
+			order_line(&w, id, email, "A", 10.0 * i, T0 - (11 - i) * 5 * DAY - k * DAY, T0);
+		}
+	}
+	order_line(&w, "new1", "new@example.com", "A", 5, T0 - 2 * DAY, T0);
+	order_line(&w, "old1", "gone@example.com", "A", 5, T0 - 400 * DAY, T0);
+	order_line(&w, "old2", "gone@example.com", "A", 5, T0 - 300 * DAY, T0);
+	order_line(&w, "lap1", "lapsed@example.com", "A", 5, T0 - 100 * DAY, T0);
+	ok(flow_segments(&w.app, T0) == 0, "segments computed");
+	is_int(sq(&w, "SELECT count(*) FROM segments"), 13, "every customer with an order has a row");
+	is_int(sq(&w, "SELECT f FROM segments s JOIN contacts c ON c.id = s.contact_id "
+		  "WHERE c.email = 's10@example.com'"), 5, "the most frequent buyer: F = 5");
+	is_int(sq(&w, "SELECT r FROM segments s JOIN contacts c ON c.id = s.contact_id "
+		  "WHERE c.email = 'gone@example.com'"), 1, "the longest gone: R = 1");
+	char *seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
+			    "c.id = s.contact_id WHERE c.email = 's10@example.com'");
+	is_str(seg, "vip", "10 orders, the most money: vip");
+	free(seg);
+	seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
+		      "c.id = s.contact_id WHERE c.email = 'new@example.com'");
+	is_str(seg, "new", "one order 2 days ago: new");
+	free(seg);
+	seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
+		      "c.id = s.contact_id WHERE c.email = 'lapsed@example.com'");
+	is_str(seg, "lapsed", "100 days without an order: lapsed");
+	free(seg);
+	seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
+		      "c.id = s.contact_id WHERE c.email = 'gone@example.com'");
+	is_str(seg, "lost", "300 days: lost");
+	free(seg);
+
+	/* a VIP who lapses gets early access instead of the discount */
+	struct tick_summary t;
+	tick(&w, T0 + 40 * DAY, &t);   /* s10's last order was T0-5d-9d */
+	tick(&w, T0 + 120 * DAY, &t);
+	tick(&w, T0 + 127 * DAY, &t);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 's10@example.com' AND m.step = 3 AND m.status = 'sent'"), 1,
+	       "a lapsed VIP gets the early-access step");
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 's10@example.com' AND m.step = 2 AND m.status = 'sent'"), 0,
+	       "... and not the discount");
+	world_close(&w);
+}
+
+static void test_recommendations(void)
+{
+	struct world w;
+	char out[5][65];
+	if (!ok(world_open(&w, "reco") == 0, "reco: world opens"))
+		return;
+	const char *skus[] = {"A", "B", "C", "D", "E", "F"};
+	const char *cats[] = {"lamps", "lamps", "vases", "lamps", "rugs", "rugs"};
+	for (int i = 0; i < 6; i++)
+		product(&w, skus[i], cats[i], T0);
+	struct ev_error err;
+	/* x owns A; others bought A+B twice, A+C once; D sells best in lamps
+	 * among what x lacks after B; E sells best overall */
+	order_line(&w, "x1", "x@example.com", "A", 10, T0 - DAY, T0);
+	ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"p1\",\"email\":\"p@example.com\","
+	       "\"total\":20,\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":10},"
+	       "{\"sku\":\"B\",\"name\":\"B\",\"price\":10}]}", T0, &err);
+	ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"p2\",\"email\":\"q@example.com\","
+	       "\"total\":20,\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":10},"
+	       "{\"sku\":\"B\",\"name\":\"B\",\"price\":10}]}", T0, &err);
+	ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"p3\",\"email\":\"r@example.com\","
+	       "\"total\":20,\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":10},"
+	       "{\"sku\":\"C\",\"name\":\"C\",\"price\":10}]}", T0, &err);
+	for (int i = 0; i < 3; i++) {
+		char id[16];
+		snprintf(id, sizeof id, "d%d", i);
+		order_line(&w, id, "s@example.com", "D", 10, T0, T0);
+	}
+	for (int i = 0; i < 5; i++) {
+		char id[16];
+		snprintf(id, sizeof id, "e%d", i);
+		order_line(&w, id, "t@example.com", "E", 10, T0, T0);
+	}
+	long long x = sq(&w, "SELECT id FROM contacts WHERE email = 'x@example.com'");
+	int n = reco_for(&w.app, x, out, 5);
+	is_int(n, 5, "five recommendations for x");
+	ok(n >= 4 && !strcmp(out[0], "B") && !strcmp(out[1], "C") && !strcmp(out[2], "D") &&
+		   !strcmp(out[3], "E"),
+	   "order: bought together (B twice, C once), then the favourite category's "
+	   "best seller (D), then the store's (E)");
+	int owns = 0;
+	for (int i = 0; i < n; i++)
+		owns |= !strcmp(out[i], "A");
+	ok(!owns, "never what x already owns");
+	world_close(&w);
+}
+
+static void test_post_purchase(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "post") == 0, "post-purchase: world opens"))
+		return;
+	is_int(sq(&w, "SELECT enabled FROM flows WHERE name = 'post_purchase'"), 0,
+	       "post-purchase is off by default");
+	db_scalar(w.app.db, "UPDATE flows SET enabled = 1 WHERE name = 'post_purchase'");
+	order_line(&w, "pp1", "buyer@example.com", "A", 25, T0, T0);
+	tick(&w, T0 + 30 * MIN, &s);
+	is_int(s.sent, 0, "nothing in the first hour");
+	tick(&w, T0 + HOUR, &s);
+	is_int(s.sent, 1, "the thank-you at +1 h");
+	long long m = sq(&w, "SELECT max(id) FROM messages");
+	struct buf mail = {0}, dec = {0};
+	outbox_read(&w, m, &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
+	ok(contains(dec.data, "pp1") && contains(dec.data, "\xE2\x82\xAC" "25.00"),
+	   "it shows the order and its total");
+	buf_free(&mail), buf_free(&dec);
+	tick(&w, T0 + 10 * DAY, &s);
+	tick(&w, T0 + 21 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'sent'"), 3,
+	       "review request at +10 days, cross-sell at +21 days");
+	is_int(sq(&w, "SELECT count(*) FROM discounts"), 0, "never a discount after a purchase");
+	order_line(&w, "old", "history@example.com", "A", 25, T0 - 30 * DAY, T0 + 21 * DAY);
+	tick(&w, T0 + 22 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE flow_id = 3"), 1,
+	       "an imported old order starts no post-purchase flow");
+	world_close(&w);
+}
+
+static void test_lifecycle(void)
+{
+	test_threshold();
+	test_winback();
+	test_segments();
+	test_recommendations();
+	test_post_purchase();
+}
+
 int main(void)
 {
 	if (sodium_init() < 0 || curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
@@ -2208,6 +2504,7 @@ int main(void)
 	test_leases();
 	test_http();
 	test_measurement();
+	test_lifecycle();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
 		diag("could not remove %s", tmpdir);
