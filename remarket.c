@@ -593,7 +593,7 @@ void cfg_free(struct config *cfg)
 	  "SELECT contact_id, r, f, m, n, spent, last, CASE "                  \
 	  "WHEN last <= ?1 - 2 * ?2 THEN 'lost' WHEN last <= ?1 - ?2 THEN 'lapsed' " \
 	  "WHEN n = 1 AND last > ?1 - 30 * 86400 THEN 'new' "                  \
-	  "WHEN f >= 4 AND m >= 4 THEN 'vip' "                                 \
+	  "WHEN f = 5 AND m >= 4 THEN 'vip' "                                  \
 	  "WHEN r <= 2 AND n >= 2 THEN 'at_risk' ELSE 'active' END FROM s")    \
 	X(SEGMENT_COUNTS,                                                      \
 	  "SELECT segment, count(*) FROM segments GROUP BY segment "           \
@@ -760,7 +760,7 @@ void cfg_free(struct config *cfg)
 	  "coalesce(v.discount_pct, s.discount_pct) ELSE s.discount_pct END, " \
 	  "CASE WHEN m.variant = 'B' THEN coalesce(v.discount_valid, "         \
 	  "s.discount_valid) ELSE s.discount_valid END, s.min_spend, "         \
-	  "f.trigger, coalesce(s.segment, ''), CASE WHEN sg.f >= 4 AND "       \
+	  "f.trigger, coalesce(s.segment, ''), CASE WHEN sg.f = 5 AND "        \
 	  "sg.m >= 4 THEN 'vip' ELSE coalesce(sg.segment, '') END, "           \
 	  "EXISTS (SELECT 1 FROM orders o WHERE o.contact_id = e.contact_id "  \
 	  "AND o.ts > e.created), coalesce(e.order_id, 0) "                    \
@@ -2853,8 +2853,8 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 
 /* A step's segment: "" (everyone), "vip" (only), "!vip" (all but). The
  * contact's is their named segment, except that a customer in the top
- * two fifths by frequency and money counts as "vip" however long they
- * have been away: a lapsed VIP is still a VIP to a win-back. */
+ * fifth by frequency and the top two by money counts as "vip" however
+ * long they have been away: a lapsed VIP is still a VIP to a win-back. */
 static int segment_matches(const char *want, const char *have)
 {
 	if (!*want)
@@ -3927,8 +3927,9 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 		buf_adds(b, "</td>");
 	}
 	buf_adds(b, "</tr></table><p class=legend>RFM: recency, frequency and "
-		 "money in quintiles over all customers. VIP: top two fifths in "
-		 "frequency and money; at risk: bought twice or more, not lately."
+		 "money in quintiles over all customers. VIP: the top fifth by "
+		 "frequency, the top two by money; at risk: bought twice or more, "
+		 "not lately."
 		 "</p></section>");
 }
 
