@@ -898,7 +898,7 @@ void cfg_free(struct config *cfg)
 	X(FLOWS_LIST,                                                          \
 	  "SELECT f.name, f.enabled, s.position, s.delay_s, s.template, "      \
 	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 0), s.min_spend, " \
-	  "f.holdout_pct " \
+	  "f.holdout_pct, coalesce(s.segment, '') " \
 	  "FROM flows f JOIN steps s ON s.flow_id = f.id ORDER BY f.id, s.position") \
 	X(STEP_SET,                                                            \
 	  "UPDATE steps SET delay_s = coalesce(?3, delay_s), "                 \
@@ -906,7 +906,8 @@ void cfg_free(struct config *cfg)
 	  "discount_pct = CASE WHEN ?5 IS NULL THEN discount_pct "             \
 	  "WHEN ?5 = 0 THEN NULL ELSE ?5 END, "                                \
 	  "discount_valid = coalesce(?6, discount_valid), "                    \
-	  "min_spend = coalesce(?7, min_spend) "                               \
+	  "min_spend = coalesce(?7, min_spend), segment = CASE WHEN ?8 IS NULL " \
+	  "THEN segment WHEN ?8 = '' THEN NULL ELSE ?8 END "                   \
 	  "WHERE flow_id = (SELECT id FROM flows WHERE name = ?1) AND position = ?2") \
 	X(FLOW_ENABLE, "UPDATE flows SET enabled = ?2 WHERE name = ?1")        \
 	X(FLOW_HOLDOUT, "UPDATE flows SET holdout_pct = ?2 WHERE name = ?1")   \
@@ -5213,19 +5214,41 @@ static int flows_list(struct app *app)
 		printf("  step %d  %-5s  %-16s", sqlite3_column_int(s, 2), d,
 		       col_text(s, 4));
 		if (sqlite3_column_int(s, 5)) {
+			double min = sqlite3_column_double(s, 7);
 			fmt_delay(v, sizeof v, (long)sqlite3_column_int64(s, 6));
-			printf("  %d%% off, valid %s, min spend %.2f",
-			       sqlite3_column_int(s, 5), v + 1,
-			       sqlite3_column_double(s, 7));
+			printf("  %d%% off, valid %s, min spend ", sqlite3_column_int(s, 5),
+			       v + 1);
+			if (min < 0)
+				printf("the average order");
+			else
+				printf("%.2f", min);
 		}
+		const char *seg = col_text(s, 9);
+		if (*seg)
+			printf("  %s %s", *seg == '!' ? "not for" : "only for",
+			       seg + (*seg == '!'));
 		printf("\n");
 	}
 	sqlite3_reset(s);
 	return 0;
 }
 
+/* "" (everyone), a segment name, or "!" and one. */
+static int segment_name_ok(const char *v)
+{
+	static const char *const names[] = {"new", "active", "vip", "at_risk",
+					    "lapsed", "lost"};
+	if (!*v)
+		return 1;
+	v += *v == '!';
+	for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+		if (!strcmp(v, names[i]))
+			return 1;
+	return 0;
+}
+
 /* remarket flows set FLOW STEP delay=24h template=x discount=15 valid=48h
- * min_spend=50 */
+ * min_spend=50 segment=vip */
 static int flows_set(struct app *app, int argc, char **argv)
 {
 	if (argc < 3) {
@@ -5255,10 +5278,12 @@ static int flows_set(struct app *app, int argc, char **argv)
 			sqlite3_bind_int64(s, 6, t);
 		else if (kl == 9 && !strncmp(k, "min_spend", 9) && atof(v) >= 0)
 			sqlite3_bind_double(s, 7, atof(v));
+		else if (kl == 7 && !strncmp(k, "segment", 7) && segment_name_ok(v))
+			sqlite3_bind_text(s, 8, v, -1, SQLITE_TRANSIENT);
 		else {
 			fprintf(stderr, "remarket flows set: bad setting '%s' (delay=24h "
-				"template=NAME discount=0-90 valid=48h min_spend=N)\n",
-				argv[i]);
+				"template=NAME discount=0-90 valid=48h min_spend=N "
+				"segment=vip|!vip|...|empty for all)\n", argv[i]);
 			sqlite3_reset(s);
 			return 2;
 		}

@@ -13,7 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define RM_VERSION "0.1.0"
+#define RM_VERSION "0.2.0"
 
 typedef int64_t rm_time; /* Unix seconds */
 
