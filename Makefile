@@ -55,14 +55,15 @@ check-run: remarket build/san/remarket build/san/unit build/plain/unit
 unit: build/san/unit
 	./build/san/unit
 
+# Three days of the flows in seconds; at a terminal, then the demo shop.
 demo:
-	sh scripts/deps.sh build
+	sh scripts/deps.sh shop
 	$(MAKE) remarket
 	sh scripts/demo.sh
 
 # The demo storefront in a browser: nginx + remarket + a tiny backend.
 demo-shop:
-	sh scripts/deps.sh test
+	sh scripts/deps.sh shop
 	$(MAKE) remarket
 	sh scripts/demo-shop.sh
 

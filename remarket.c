@@ -547,6 +547,7 @@ void cfg_free(struct config *cfg)
 	  "items, discount_code, ts) VALUES (?1, ?2, ?3, ?4, ?5, json(?6), ?7, ?8) " \
 	  "ON CONFLICT (order_key) DO NOTHING")                                \
 	X(CART_CONTACT, "SELECT contact_id FROM carts WHERE id = ?1")          \
+	X(CONTACT_ID, "SELECT id FROM contacts WHERE email = ?1")              \
 	/* the last message the order redeemed the code of, or that the       \
 	 * contact clicked within the click window before ordering */         \
 	X(ATTRIBUTE_CLICK,                                                     \
@@ -5596,6 +5597,21 @@ static int cmd_import(struct app *app, rm_time now, int argc, char **argv)
 	return rc;
 }
 
+static int cmd_recommend(struct app *app, int argc, char **argv)
+{
+	char skus[16][65];
+	if (argc < 2 || !val_email(argv[1])) {
+		fprintf(stderr, "usage: remarket recommend EMAIL [N]\n");
+		return 2;
+	}
+	sqlite3_stmt *s = q(app->db, ST_CONTACT_ID, "t", argv[1]);
+	int64_t contact = scalar_id(app->db, s);
+	int n = reco_for(app, contact, skus, argc > 2 ? atoi(argv[2]) : 3);
+	for (int i = 0; i < n; i++)
+		printf("%s\n", skus[i]);
+	return n < 0;
+}
+
 static int cmd_segments(struct app *app, rm_time now)
 {
 	char why[200];
@@ -5626,6 +5642,7 @@ static void usage(FILE *f)
 		"  flows [set F N k=v | enable F | disable F | holdout F PCT |\n"
 		"         variant F N k=v | variant F N off]\n"
 		"  segments             RFM segments and the lapse threshold\n"
+		"  recommend EMAIL [N]  the products win-back would recommend\n"
 		"  import products|orders FILE.csv   fill the catalog, load past orders\n"
 		"T is Unix seconds, 2026-11-24T10:00:00Z, or +90m/+2h/+3d from now.\n");
 }
@@ -5656,6 +5673,8 @@ static int run_app_command(struct config *cfg, int argc, char **argv)
 		rc = cmd_import(&app, now, argc, argv);
 	else if (!strcmp(argv[0], "segments"))
 		rc = cmd_segments(&app, now);
+	else if (!strcmp(argv[0], "recommend"))
+		rc = cmd_recommend(&app, argc, argv);
 	else
 		usage(stderr);
 	app_close(&app);

@@ -61,3 +61,10 @@ GATEWAY_INTERFACE=CGI/1.1 REQUEST_METHOD=GET PATH_INFO=/report REMOTE_ADDR=127.0
 say "flows (change them with: remarket flows set abandoned_cart 2 delay=48h)"
 $RM flows
 printf '\nOpen a message: less %s/outbox/m000001.eml (or any mail client)\n' "$DIR"
+
+# At a terminal, go on with the shop itself in a browser (Ctrl-C stops it);
+# from a script or CI, stop here.
+if [ -t 0 ] && [ -t 1 ] && [ -z "${DEMO_BATCH:-}" ]; then
+	printf '\n== now the demo shop, in your browser (DEMO_BATCH=1 skips this)\n'
+	exec sh scripts/demo-shop.sh
+fi

@@ -2,12 +2,13 @@
 # deps.sh: install the Debian packages remarket needs to build, test and
 # benchmark, but only those that are missing. Called by `make check`,
 # `make demo` and `make bench`, so the README's commands work on a fresh
-# Debian machine. Usage: scripts/deps.sh [build|test|bench]
+# Debian machine. Usage: scripts/deps.sh [build|test|bench|shop]
 set -eu
 want="build-essential pkg-config libfcgi-dev libsqlite3-dev libcurl4-openssl-dev libsodium-dev sqlite3 curl"
 case "${1:-build}" in
   test)  want="$want nginx-light postfix valgrind perl python3 apache2 lighttpd chromium chromium-driver fonts-dejavu-core" ;;
   bench) want="$want nginx-light postfix wrk bc" ;;
+  shop)  want="$want nginx-light python3" ;;
 esac
 missing=""
 for p in $want; do

@@ -2480,6 +2480,115 @@ static void test_lifecycle(void)
 	test_post_purchase();
 }
 
+/* ==== The browser side: CORS, rate limits, on-site, the visitor cookie == */
+
+static int browser_req(struct world *w, const char *method, const char *path,
+		       const char *origin, const char *ip, const char *cookie,
+		       const char *body, rm_time now, struct http_resp *rs)
+{
+	struct http_req rq = {0};
+	rq.method = method;
+	rq.path = path;
+	rq.content_type = body ? "text/plain;charset=UTF-8" : NULL;
+	rq.origin = origin;
+	rq.remote_addr = ip;
+	rq.cookie = cookie;
+	rq.body = body;
+	rq.body_len = body ? strlen(body) : 0;
+	memset(rs, 0, sizeof *rs);
+	http_handle(&w->app, &rq, rs, now);
+	return rs->status;
+}
+
+static void test_browser_side(void)
+{
+	struct world w;
+	struct http_resp rs;
+	const char *view = "{\"type\":\"view\",\"sku\":\"LAMP-1\"}";
+	if (!ok(world_open(&w, "browser") == 0, "browser: world opens"))
+		return;
+	is_str(w.cfg.store_origin, "http://127.0.0.1:8080", "store_origin derives from store_url");
+	is_int(browser_req(&w, "POST", "/collect", "http://127.0.0.1:8080", "10.0.0.1", NULL,
+			   view, T0, &rs), 204, "the store's origin may post events");
+	is_str(resp_header(&rs, "Access-Control-Allow-Origin"), "http://127.0.0.1:8080",
+	       "... and is told so (CORS)");
+	http_resp_free(&rs);
+	long long before = sq(&w, "SELECT count(*) FROM events");
+	is_int(browser_req(&w, "POST", "/collect", "https://evil.example", "10.0.0.1", NULL,
+			   view, T0, &rs), 403, "another origin gets 403");
+	ok(contains(rs.body.data, "store_origin") && !*resp_header(&rs, "Access-Control-Allow-Origin"),
+	   "... with a message naming store_origin and no CORS grant");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM events"), before, "... and nothing is stored");
+	is_int(browser_req(&w, "OPTIONS", "/collect", "http://127.0.0.1:8080", "10.0.0.1", NULL,
+			   NULL, T0, &rs), 204, "preflight from the store: 204");
+	ok(contains(resp_header(&rs, "Access-Control-Allow-Methods"), "POST"), "... allowing POST");
+	http_resp_free(&rs);
+	is_int(browser_req(&w, "OPTIONS", "/collect", "https://evil.example", "10.0.0.1", NULL,
+			   NULL, T0, &rs), 403, "preflight from elsewhere: 403");
+	http_resp_free(&rs);
+
+	/* rate limits: 3 a minute per address, 2 per visitor */
+	w.cfg.rate_ip_per_min = 3;
+	w.cfg.rate_visitor_per_min = 2;
+	rm_time t = T0 + 600 - (T0 + 600) % 60;
+	int st[4];
+	for (int i = 0; i < 4; i++) {
+		st[i] = browser_req(&w, "POST", "/collect", NULL, "10.0.0.2", NULL, view, t, &rs);
+		if (i < 3)
+			http_resp_free(&rs);
+	}
+	ok(st[0] == 204 && st[1] == 204 && st[2] == 204 && st[3] == 429,
+	   "the 4th event in a minute from one address: 429");
+	ok(contains(rs.body.data, "rate limit") && atoi(resp_header(&rs, "Retry-After")) > 0,
+	   "... with a clear message and Retry-After");
+	http_resp_free(&rs);
+	is_int(browser_req(&w, "POST", "/collect", NULL, "10.0.0.2", NULL, view, t + 60, &rs), 204,
+	       "the next minute it is accepted again");
+	http_resp_free(&rs);
+	for (int i = 0; i < 3; i++) {
+		char ip[16];
+		snprintf(ip, sizeof ip, "10.0.1.%d", i);
+		st[i] = browser_req(&w, "POST", "/collect", NULL, ip, "rm_vid=v-rate-1", view, t, &rs);
+		http_resp_free(&rs);
+	}
+	ok(st[0] == 204 && st[1] == 204 && st[2] == 429,
+	   "one visitor from changing addresses: the 3rd event in a minute is 429");
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+
+	/* on-site: a known visitor with an abandoned cart */
+	struct ev_error err;
+	ingest(&w, EV_BROWSER, "{\"type\":\"identify\",\"email\":\"vis@example.com\","
+	       "\"consent\":true,\"visitor_id\":\"v-onsite-1\"}", T0, &err);
+	cart_event(&w, "vis@example.com", "Vis", "vis-cart", 1, T0);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.0.0.3", "rm_vid=v-onsite-1", NULL,
+			   T0 + 10, &rs), 204, "on-site: nothing while the cart is open");
+	http_resp_free(&rs);
+	struct tick_summary sum;
+	tick(&w, T0 + HOUR, &sum);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.0.0.3", "a=b; rm_vid=v-onsite-1", NULL,
+			   T0 + 2 * HOUR, &rs), 200, "on-site: the abandoned cart's owner gets a message");
+	ok(contains(rs.body.data, "Your cart is saved") && contains(rs.body.data, "2 items") &&
+		   contains(rs.body.data, "vis-cart"),
+	   "... saying the cart is saved, with its 2 items and a link to it");
+	http_resp_free(&rs);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.0.0.3", "rm_vid=v-stranger", NULL,
+			   T0 + 2 * HOUR, &rs), 204, "on-site: a stranger gets nothing");
+	http_resp_free(&rs);
+
+	/* the recovery click sets the visitor cookie of the contact */
+	long long m = sq(&w, "SELECT max(id) FROM messages");
+	char tok[TOK_MAXLEN + 1], path[96];
+	tok_sign(w.app.key, TOK_RECOVER, m, T0 + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	is_int(browser_req(&w, "GET", path, NULL, "10.0.0.4", NULL, NULL, T0 + 3 * HOUR, &rs), 302,
+	       "recovery link from a new phone: 302");
+	ok(contains(resp_header(&rs, "Set-Cookie"), "rm_vid=v-onsite-1;"),
+	   "... and the phone gets the contact's visitor id as its rm_vid cookie");
+	http_resp_free(&rs);
+	world_close(&w);
+}
+
 int main(void)
 {
 	if (sodium_init() < 0 || curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
@@ -2503,6 +2612,7 @@ int main(void)
 	test_flow_exits();
 	test_leases();
 	test_http();
+	test_browser_side();
 	test_measurement();
 	test_lifecycle();
 	int rc = done_testing();
