@@ -339,6 +339,9 @@ if [ $BASE_ONLY = 0 ]; then
         export REMARKET_DB="$TMP/mail.$r.db"
         "$RM" init >"$TMP/init-mail.$r.log" 2>&1 \
             || { cat "$TMP/init-mail.$r.log" >&2; die "remarket init failed (REMARKET_DB=$REMARKET_DB)"; }
+        # every cart must be mailed: no 10 % control group in the bench
+        "$RM" flows holdout abandoned_cart 0 >/dev/null \
+            || die "remarket flows holdout failed (REMARKET_DB=$REMARKET_DB)"
         t1=$(now)
         for f in "$TMP"/events.*.json; do
             "$RM" event --now "$T0" <"$f" >>"$TMP/event.$r.log" 2>&1 \
