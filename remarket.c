@@ -773,14 +773,12 @@ void cfg_free(struct config *cfg)
 	  "LEFT JOIN steps s ON s.flow_id = e.flow_id AND s.position = m.step " \
 	  "LEFT JOIN step_variants v ON v.flow_id = e.flow_id "                \
 	  "AND v.position = m.step WHERE m.id = ?1")                           \
-	X(MESSAGE_SET_ID,                                                      \
-	  "UPDATE messages SET message_id = ?2 WHERE id = ?1 AND message_id IS NULL") \
 	X(MESSAGE_SET_CODE,                                                    \
 	  "UPDATE messages SET discount_code = ?2 WHERE id = ?1 "              \
 	  "AND discount_code IS NULL")                                         \
 	X(MESSAGE_SENT,                                                        \
 	  "UPDATE messages SET status = 'sent', sent_at = ?2, lease_until = NULL, " \
-	  "error = NULL WHERE id = ?1")                                        \
+	  "error = NULL, message_id = ?3 WHERE id = ?1")                       \
 	X(MESSAGE_RETRY,                                                       \
 	  "UPDATE messages SET status = 'queued', next_try = ?2, "             \
 	  "lease_until = NULL, error = ?3 WHERE id = ?1")                      \
@@ -2490,16 +2488,23 @@ static void money(char *out, size_t n, double v, const char *cur)
 		snprintf(out, n, "%.2f %s", v, cur);
 }
 
+/* Quoted-printable (RFC 2045): lines of at most 76 characters, soft
+ * breaks, LF made CRLF. The worst case is reserved once, then written
+ * directly: this runs over every byte of every message. */
 static int qp_encode(struct buf *out, const char *s)
 {
 	static const char hex[] = "0123456789ABCDEF";
+	size_t n = strlen(s);
+	/* each byte as =XX, a soft break per 25 of those, a CR per LF */
+	if (n > SIZE_MAX / 8 || buf_reserve(out, n * 3 + (n / 25 + 1) * 3 + n) < 0)
+		return -1;
+	char *o = out->data + out->len;
 	size_t col = 0;
 	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
 		if (*p == '\r')
 			continue;
 		if (*p == '\n') {
-			if (buf_adds(out, "\r\n"))
-				return -1;
+			*o++ = '\r', *o++ = '\n';
 			col = 0;
 			continue;
 		}
@@ -2508,15 +2513,18 @@ static int qp_encode(struct buf *out, const char *s)
 			    (*p == ' ' && !at_eol);
 		size_t w = plain ? 1 : 3;
 		if (col + w > 75) { /* soft line break keeps lines <= 76 */
-			if (buf_adds(out, "=\r\n"))
-				return -1;
+			*o++ = '=', *o++ = '\r', *o++ = '\n';
 			col = 0;
 		}
-		char enc[3] = {'=', hex[*p >> 4], hex[*p & 15]};
-		if (plain ? buf_add(out, p, 1) : buf_add(out, enc, 3))
-			return -1;
+		if (plain) {
+			*o++ = (char)*p;
+		} else {
+			*o++ = '=', *o++ = hex[*p >> 4], *o++ = hex[*p & 15];
+		}
 		col += w;
 	}
+	*o = '\0';
+	out->len = (size_t)(o - out->data);
 	return 0;
 }
 
@@ -3207,16 +3215,18 @@ static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
 {
 	struct db *db = app->db;
 	if (!*m->message_id) {
-		unsigned char r[8];
+		/* derived from the row and the key, not drawn: every attempt of
+		 * this message, before or after a crash, carries the same ID, and
+		 * nothing has to be written before the send */
+		unsigned char h[8];
 		char hex[17], dom[256];
-		randombytes_buf(r, sizeof r);
-		sodium_bin2hex(hex, sizeof hex, r, sizeof r);
+		crypto_generichash(h, sizeof h, (const unsigned char *)&m->id,
+				   sizeof m->id, app->key, RM_KEYBYTES);
+		sodium_bin2hex(hex, sizeof hex, h, sizeof h);
 		addr_spec(app->cfg->from, dom, sizeof dom);
 		char *at = strchr(dom, '@');
 		snprintf(m->message_id, sizeof m->message_id, "<rm.%lld.%s@%s>",
 			 (long long)m->id, hex, at ? at + 1 : "localhost");
-		if (q_exec(db, q(db, ST_MESSAGE_SET_ID, "it", m->id, m->message_id)))
-			return -1;
 	}
 	*code_expires = 0;
 	if (m->pct > 0 && !*m->code) {
@@ -3315,7 +3325,8 @@ static int msg_record(struct app *app, const struct msgrow *m,
 	int rc;
 	if (r == SEND_OK) {
 		rc = db_begin(db) ||
-		     q_exec(db, q(db, ST_MESSAGE_SENT, "ii", m->id, (int64_t)now)) ||
+		     q_exec(db, q(db, ST_MESSAGE_SENT, "iit", m->id, (int64_t)now,
+				  m->message_id)) ||
 		     q_exec(db, q(db, ST_ENROLL_ADVANCE, "ii", m->enrollment,
 				  (int64_t)m->step)) ||
 		     db_commit(db);
