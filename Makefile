@@ -79,6 +79,8 @@ install: remarket
 	install -m 0644 sql/*.sql $(DESTDIR)$(SHAREDIR)/sql/
 	install -m 0644 static/remarket.js $(DESTDIR)$(SHAREDIR)/static/
 	install -m 0644 nginx.conf.example $(DESTDIR)$(SHAREDIR)/
+	install -d $(DESTDIR)$(MANDIR)/man8
+	install -m 0644 remarket.8 $(DESTDIR)$(MANDIR)/man8/remarket.8
 
 clean:
 	rm -rf remarket build sql_migrations.h
