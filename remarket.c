@@ -764,7 +764,7 @@ void cfg_free(struct config *cfg)
 	  "f.trigger, coalesce(s.segment, ''), CASE WHEN sg.f = 5 AND "        \
 	  "sg.m >= 4 THEN 'vip' ELSE coalesce(sg.segment, '') END, "           \
 	  "EXISTS (SELECT 1 FROM orders o WHERE o.contact_id = e.contact_id "  \
-	  "AND o.ts > e.created), coalesce(e.order_id, 0) "                    \
+	  "AND o.ts > e.created), coalesce(e.order_id, 0), f.name, m.variant " \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
 	  "JOIN flows f ON f.id = e.flow_id "                                  \
 	  "LEFT JOIN segments sg ON sg.contact_id = m.contact_id "             \
@@ -2594,10 +2594,10 @@ static int hdr_from(struct buf *out, const char *from)
 int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 {
 	const char *vals[] = {m->from, m->to, m->subject, m->message_id,
-			      m->list_unsub};
+			      m->list_unsub, m->feedback_id ? m->feedback_id : ""};
 	const char *names[] = {"From", "To", "Subject", "Message-ID",
-			       "List-Unsubscribe"};
-	for (size_t i = 0; i < 5; i++)
+			       "List-Unsubscribe", "Feedback-ID"};
+	for (size_t i = 0; i < 6; i++)
 		if (!vals[i] || has_crlf(vals[i])) {
 			snprintf(err, errlen, "header %s: %s", names[i],
 				 vals[i] ? "contains CR or LF, refused" : "missing");
@@ -2620,13 +2620,18 @@ int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 			  "MIME-Version: 1.0\r\n"
 			  "List-Unsubscribe: %s\r\n"
 			  "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+			  "%s%s%s"
 			  "Content-Type: multipart/alternative; boundary=\"%s\"\r\n"
 			  "\r\n"
 			  "This is a multi-part message in MIME format.\r\n"
 			  "--%s\r\n"
 			  "Content-Type: text/plain; charset=UTF-8\r\n"
 			  "Content-Transfer-Encoding: quoted-printable\r\n\r\n",
-			  date, m->message_id, m->list_unsub, boundary, boundary) ||
+			  date, m->message_id, m->list_unsub,
+			  m->feedback_id && *m->feedback_id ? "Feedback-ID: " : "",
+			  m->feedback_id ? m->feedback_id : "",
+			  m->feedback_id && *m->feedback_id ? "\r\n" : "",
+			  boundary, boundary) ||
 		 qp_encode(out, m->text) ||
 		 buf_addf(out, "\r\n--%s\r\n"
 			  "Content-Type: text/html; charset=UTF-8\r\n"
@@ -2816,7 +2821,8 @@ struct msgrow {
 	double total, min_spend;
 	char message_id[160], code[40], estatus[16], email[256], name[128];
 	char cart_key[80], cart_status[16], currency[8], tpl[80];
-	char trigger[20], step_segment[16], segment[16];
+	char trigger[20], step_segment[16], segment[16], flow[64];
+	char variant;
 	int ordered_since;
 	int64_t order;
 	char *items;
@@ -2857,6 +2863,8 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	copy_str(m->segment, sizeof m->segment, col_text(s, 22));
 	m->ordered_since = sqlite3_column_int(s, 23);
 	m->order = sqlite3_column_int64(s, 24);
+	copy_str(m->flow, sizeof m->flow, col_text(s, 25));
+	m->variant = col_text(s, 26)[0];
 	sqlite3_reset(s);
 	return m->items ? 0 : -1;
 }
@@ -3278,8 +3286,12 @@ static int msg_compose(struct app *app, struct msgrow *m, rm_time now,
 			 u ? u : "", app->cfg->unsubscribe_mailto);
 	else
 		snprintf(unsub, sizeof unsub, "<%s>", u ? u : "");
+	/* Gmail's feedback loop groups complaints by these fields */
+	char fbl[120];
+	snprintf(fbl, sizeof fbl, "%s:%d%c:remarket", m->flow, m->step,
+		 m->variant ? m->variant : 'A');
 	struct mail mail = {app->cfg->from, m->email, subject.data, m->message_id,
-			    unsub, text.data, html.data, now};
+			    unsub, text.data, html.data, now, fbl};
 	rc = mail_build(&mail, out, err, errlen);
 out:
 	mc_free(&mc);

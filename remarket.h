@@ -184,6 +184,7 @@ struct mail {
 	const char *from, *to, *subject, *message_id, *list_unsub;
 	const char *text, *html;
 	rm_time date;
+	const char *feedback_id; /* optional: "flow:step:remarket" */
 };
 /* Builds the complete RFC 5322 message; -1 if a header would carry CR/LF. */
 int mail_build(const struct mail *m, struct buf *out, char *err,
