@@ -5271,107 +5271,113 @@ static int segment_name_ok(const char *v)
 	return 0;
 }
 
-/* remarket flows set FLOW STEP delay=24h template=x discount=15 valid=48h
- * min_spend=50 segment=vip */
-static int flows_set(struct app *app, int argc, char **argv)
+/* The key=value settings of `flows set` and `flows variant`: each names
+ * the statement parameter it binds and how its value is checked. */
+enum set_kind { SET_DELAY, SET_SPAN, SET_TEMPLATE, SET_PCT, SET_SHARE,
+		SET_MONEY, SET_SEGMENT };
+struct setting {
+	const char *key;
+	int param;
+	enum set_kind kind;
+};
+
+static int bind_setting(sqlite3_stmt *s, const struct setting *st, const char *v)
+{
+	char plus[64];
+	snprintf(plus, sizeof plus, "+%s", v); /* 24h, 2d, 3600 */
+	rm_time t = parse_time(plus, 0);
+	char *end;
+	double d = strtod(v, &end);
+	int num = *v && !*end && isfinite(d);
+	switch (st->kind) {
+	case SET_DELAY:
+	case SET_SPAN:
+		if (t < 0 || (st->kind == SET_SPAN && t == 0))
+			return -1;
+		return sqlite3_bind_int64(s, st->param, t);
+	case SET_TEMPLATE:
+		return val_ident(v, 64) ? sqlite3_bind_text(s, st->param, v, -1,
+							  SQLITE_TRANSIENT) : -1;
+	case SET_PCT:
+	case SET_SHARE:
+		if (!num || d != (int)d || d < (st->kind == SET_PCT ? 0 : 1) ||
+		    d > (st->kind == SET_PCT ? 90 : 99))
+			return -1;
+		return sqlite3_bind_int(s, st->param, (int)d);
+	case SET_MONEY:
+		return num && d >= 0 ? sqlite3_bind_double(s, st->param, d) : -1;
+	case SET_SEGMENT:
+		return segment_name_ok(v) ? sqlite3_bind_text(s, st->param, v, -1,
+							     SQLITE_TRANSIENT) : -1;
+	}
+	return -1;
+}
+
+/* Binds FLOW and STEP, then each key=value; runs the statement, which
+ * must change one row. */
+static int flows_apply(struct app *app, enum stmt_id id, const char *what,
+		       const struct setting *set, size_t nset, const char *help,
+		       int argc, char **argv)
 {
 	if (argc < 3) {
-		fprintf(stderr, "usage: remarket flows set FLOW STEP key=value...\n");
+		fprintf(stderr, "usage: remarket flows %s FLOW STEP %s\n", what, help);
 		return 2;
 	}
-	sqlite3_stmt *s = q(app->db, ST_STEP_SET, "ti", argv[0],
-			    (int64_t)atoi(argv[1]));
+	sqlite3_stmt *s = q(app->db, id, "ti", argv[0], (int64_t)atoi(argv[1]));
 	for (int i = 2; i < argc; i++) {
-		char *eq = strchr(argv[i], '=');
-		const char *k = argv[i], *v = eq ? eq + 1 : "";
-		size_t kl = eq ? (size_t)(eq - k) : strlen(k);
-		rm_time t = parse_time(*v == '+' ? v : "", 0);
-		if (*v != '+') {
-			char plus[64];
-			snprintf(plus, sizeof plus, "+%s", v);
-			t = parse_time(plus, 0);
-		}
-		if (kl == 5 && !strncmp(k, "delay", 5) && t >= 0)
-			sqlite3_bind_int64(s, 3, t);
-		else if (kl == 8 && !strncmp(k, "template", 8) && val_ident(v, 64))
-			sqlite3_bind_text(s, 4, v, -1, SQLITE_TRANSIENT);
-		else if (kl == 8 && !strncmp(k, "discount", 8) && atoi(v) >= 0 &&
-			 atoi(v) <= 90)
-			sqlite3_bind_int(s, 5, atoi(v));
-		else if (kl == 5 && !strncmp(k, "valid", 5) && t > 0)
-			sqlite3_bind_int64(s, 6, t);
-		else if (kl == 9 && !strncmp(k, "min_spend", 9) && atof(v) >= 0)
-			sqlite3_bind_double(s, 7, atof(v));
-		else if (kl == 7 && !strncmp(k, "segment", 7) && segment_name_ok(v))
-			sqlite3_bind_text(s, 8, v, -1, SQLITE_TRANSIENT);
-		else {
-			fprintf(stderr, "remarket flows set: bad setting '%s' (delay=24h "
-				"template=NAME discount=0-90 valid=48h min_spend=N "
-				"segment=vip|!vip|...|empty for all)\n", argv[i]);
+		const char *eq = strchr(argv[i], '=');
+		const struct setting *st = NULL;
+		for (size_t k = 0; eq && k < nset; k++)
+			if (strlen(set[k].key) == (size_t)(eq - argv[i]) &&
+			    !strncmp(argv[i], set[k].key, (size_t)(eq - argv[i])))
+				st = &set[k];
+		if (!st || bind_setting(s, st, eq + 1) != SQLITE_OK) {
+			fprintf(stderr, "remarket flows %s: bad setting '%s' (%s)\n",
+				what, argv[i], help);
 			sqlite3_reset(s);
 			return 2;
 		}
 	}
 	if (q_exec(app->db, s) < 0 || sqlite3_changes(app->db->h) != 1) {
-		fprintf(stderr, "remarket flows set: no step %s of flow %s\n", argv[1],
-			argv[0]);
+		fprintf(stderr, "remarket flows %s: no step %s of flow %s\n", what,
+			argv[1], argv[0]);
 		return 1;
 	}
 	return flows_list(app);
+}
+
+/* remarket flows set FLOW STEP delay=24h template=x discount=15 valid=48h
+ * min_spend=50 segment=vip */
+static int flows_set(struct app *app, int argc, char **argv)
+{
+	static const struct setting set[] = {
+		{"delay", 3, SET_DELAY}, {"template", 4, SET_TEMPLATE},
+		{"discount", 5, SET_PCT}, {"valid", 6, SET_SPAN},
+		{"min_spend", 7, SET_MONEY}, {"segment", 8, SET_SEGMENT},
+	};
+	return flows_apply(app, ST_STEP_SET, "set", set, sizeof set / sizeof set[0],
+			   "delay=24h template=NAME discount=0-90 valid=48h "
+			   "min_spend=N segment=vip|!vip|... (empty: all)", argc, argv);
 }
 
 /* remarket flows variant FLOW STEP template=x delay=2h discount=15
  * valid=48h share=50 | off */
 static int flows_variant(struct app *app, int argc, char **argv)
 {
-	if (argc < 3) {
-		fprintf(stderr, "usage: remarket flows variant FLOW STEP k=v... | off\n");
-		return 2;
-	}
-	if (!strcmp(argv[2], "off")) {
+	static const struct setting set[] = {
+		{"template", 3, SET_TEMPLATE}, {"delay", 4, SET_DELAY},
+		{"discount", 5, SET_PCT}, {"valid", 6, SET_SPAN},
+		{"share", 7, SET_SHARE},
+	};
+	if (argc == 3 && !strcmp(argv[2], "off")) {
 		if (q_exec(app->db, q(app->db, ST_VARIANT_OFF, "ti", argv[0],
 				      (int64_t)atoi(argv[1]))) < 0)
 			return 1;
 		return flows_list(app);
 	}
-	sqlite3_stmt *s = q(app->db, ST_VARIANT_SET, "ti", argv[0],
-			    (int64_t)atoi(argv[1]));
-	for (int i = 2; i < argc; i++) {
-		char *eq = strchr(argv[i], '=');
-		const char *v = eq ? eq + 1 : "";
-		char plus[64];
-		snprintf(plus, sizeof plus, "+%s", v);
-		rm_time t = parse_time(plus, 0);
-		size_t kl = eq ? (size_t)(eq - argv[i]) : 0;
-		int ok = 1;
-		if (kl == 8 && !strncmp(argv[i], "template", 8) && val_ident(v, 64))
-			sqlite3_bind_text(s, 3, v, -1, SQLITE_TRANSIENT);
-		else if (kl == 5 && !strncmp(argv[i], "delay", 5) && t >= 0)
-			sqlite3_bind_int64(s, 4, t);
-		else if (kl == 8 && !strncmp(argv[i], "discount", 8) && atoi(v) >= 0 &&
-			 atoi(v) <= 90)
-			sqlite3_bind_int(s, 5, atoi(v));
-		else if (kl == 5 && !strncmp(argv[i], "valid", 5) && t > 0)
-			sqlite3_bind_int64(s, 6, t);
-		else if (kl == 5 && !strncmp(argv[i], "share", 5) && atoi(v) >= 1 &&
-			 atoi(v) <= 99)
-			sqlite3_bind_int(s, 7, atoi(v));
-		else
-			ok = 0;
-		if (!ok) {
-			fprintf(stderr, "remarket flows variant: bad setting '%s' "
-				"(template=NAME delay=2h discount=0-90 valid=48h "
-				"share=1-99)\n", argv[i]);
-			sqlite3_reset(s);
-			return 2;
-		}
-	}
-	if (q_exec(app->db, s) < 0 || sqlite3_changes(app->db->h) != 1) {
-		fprintf(stderr, "remarket flows variant: no step %s of flow %s\n",
-			argv[1], argv[0]);
-		return 1;
-	}
-	return flows_list(app);
+	return flows_apply(app, ST_VARIANT_SET, "variant", set,
+			   sizeof set / sizeof set[0], "template=NAME delay=2h "
+			   "discount=0-90 valid=48h share=1-99 | off", argc, argv);
 }
 
 static int cmd_flows(struct app *app, int argc, char **argv)
