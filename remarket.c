@@ -3,10 +3,12 @@
  *
  * One program, three forms: a threaded FastCGI responder mounted by the
  * store's web server, a plain CGI program, and the operator's command
- * line. It records cart and order events, detects abandoned carts, runs
- * them through multi-step email flows, and signs every link it sends.
- * SQLite is the only store; libcurl speaks SMTP; libsodium makes every
- * signature and every random code.
+ * line. It records cart, order and product events; finds abandoned carts,
+ * lapsed customers and new orders; runs them through multi-step email
+ * flows (with holdouts, A/B variants and segment-targeted steps); signs
+ * every link it sends; and reports what the flows earned. SQLite is the
+ * only store; libcurl speaks SMTP; libsodium makes every signature and
+ * every random code.
  *
  * Sections, in file order (search for "==== Name"):
  *   1. Buffers and small helpers
@@ -2799,8 +2801,11 @@ static enum send_result mail_send(struct app *app, int64_t id, const char *to,
  * A tick runs in three short phases and never holds a write lock while it
  * talks to an SMTP server:
  *   1. detect (one transaction): idle carts of reachable contacts become
- *      abandoned and are enrolled; every step now due gets its message
- *      row (UNIQUE per enrollment and step, so never two);
+ *      abandoned and are enrolled; segments are recomputed, lapsed
+ *      customers and new orders enrolled in their flows (the held-out
+ *      share of each flow is marked and never messaged); every step now
+ *      due gets its message row (UNIQUE per enrollment and step, so never
+ *      two), with its A/B variant;
  *   2. claim: UPDATE ... RETURNING takes due messages with a lease, so an
  *      overlapping tick cannot take the same ones; a lease left by a
  *      crashed tick expires and the message is taken again, with the same
