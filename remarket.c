@@ -750,10 +750,20 @@ void cfg_free(struct config *cfg)
 	  "ON CONFLICT (enrollment_id, step) DO NOTHING")                      \
 	X(CLAIM,                                                               \
 	  "UPDATE messages SET status = 'sending', lease_until = ?1 + ?2, "    \
-	  "attempts = attempts + 1 WHERE id IN (SELECT id FROM messages "      \
+	  "lease_owner = ?4, attempts = attempts + 1 WHERE id IN (SELECT id FROM messages " \
 	  "WHERE (status = 'queued' AND next_try <= ?1) "                      \
 	  "OR (status = 'sending' AND lease_until <= ?1) "                     \
 	  "ORDER BY next_try, id LIMIT ?3) RETURNING id")                      \
+	X(LEASE_RENEW,                                                         \
+	  "UPDATE messages SET lease_until = ?2 WHERE lease_owner = ?1 "       \
+	  "AND status = 'sending'")                                            \
+	X(LEASE_RELEASE,                                                       \
+	  "UPDATE messages SET status = 'queued', lease_until = NULL, "        \
+	  "attempts = max(attempts - 1, 0) WHERE lease_owner = ?1 "            \
+	  "AND status = 'sending'")                                            \
+	X(LEASE_HELD,                                                          \
+	  "SELECT count(*) FROM messages WHERE id = ?1 AND lease_owner = ?2 "  \
+	  "AND status = 'sending'")                                            \
 	X(MESSAGE_LOAD,                                                        \
 	  "SELECT m.step, m.attempts, m.message_id, m.discount_code, "         \
 	  "e.id, e.status, c.id, c.email, c.name, c.unsubscribed_at, "         \
@@ -780,16 +790,17 @@ void cfg_free(struct config *cfg)
 	  "AND discount_code IS NULL")                                         \
 	X(MESSAGE_SENT,                                                        \
 	  "UPDATE messages SET status = 'sent', sent_at = ?2, lease_until = NULL, " \
-	  "error = NULL, message_id = ?3 WHERE id = ?1")                       \
+	  "error = NULL, message_id = ?3 WHERE id = ?1 AND lease_owner = ?4")  \
 	X(MESSAGE_RETRY,                                                       \
 	  "UPDATE messages SET status = 'queued', next_try = ?2, "             \
-	  "lease_until = NULL, error = ?3 WHERE id = ?1")                      \
+	  "lease_until = NULL, error = ?3 WHERE id = ?1 AND lease_owner = ?4") \
 	X(MESSAGE_DEFER,                                                        \
 	  "UPDATE messages SET status = 'queued', next_try = ?2, "             \
-	  "lease_until = NULL, attempts = max(attempts - 1, 0) WHERE id = ?1") \
+	  "lease_until = NULL, attempts = max(attempts - 1, 0), error = ?3 "   \
+	  "WHERE id = ?1 AND lease_owner = ?4")                                \
 	X(MESSAGE_END,                                                         \
 	  "UPDATE messages SET status = ?2, lease_until = NULL, error = ?3 "   \
-	  "WHERE id = ?1")                                                     \
+	  "WHERE id = ?1 AND lease_owner = ?4")                                \
 	X(ENROLL_ADVANCE,                                                      \
 	  "UPDATE enrollments SET next_step = ?2 + 1, status = CASE WHEN "     \
 	  "EXISTS (SELECT 1 FROM steps s WHERE s.flow_id = enrollments.flow_id " \
@@ -2163,6 +2174,16 @@ static int64_t cart_id_of(struct db *db, const char *key)
 	return scalar_id(db, q(db, ST_CART_BY_KEY, "t", key));
 }
 
+/* The first column of a statement's first row, or -1. */
+static long long db_scalar_stmt(sqlite3_stmt *s)
+{
+	long long v = -1;
+	if (sqlite3_step(s) == SQLITE_ROW)
+		v = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	return v;
+}
+
 static int64_t scalar_id(struct db *db, sqlite3_stmt *s)
 {
 	int64_t id = 0;
@@ -2764,9 +2785,21 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	curl_slist_free_all(rcpt);
 	if (rc == CURLE_OK)
 		return SEND_OK;
+	/* Only a 5xx to RCPT, or to the message itself, is about this
+	 * recipient; a refused login, sender or TLS is about us, and would
+	 * otherwise suppress every address of the list one by one. */
+	int recipient = strstr(cerr, "RCPT failed") != NULL ||
+			rc == CURLE_WEIRD_SERVER_REPLY;
+	int us = rc == CURLE_LOGIN_DENIED || rc == CURLE_USE_SSL_FAILED ||
+		 rc == CURLE_SSL_CONNECT_ERROR || rc == CURLE_PEER_FAILED_VERIFICATION ||
+		 (code >= 500 && code < 600 && !recipient);
 	snprintf(err, errlen, "smtp_url %s: %s%s", cfg->smtp_url,
 		 *cerr ? cerr : curl_easy_strerror(rc),
-		 rc == CURLE_COULDNT_CONNECT ? " — is the relay running?" : "");
+		 rc == CURLE_COULDNT_CONNECT ? " — is the relay running?" :
+		 us ? " — the relay refuses us: check smtp_user, smtp_password, "
+		      "from and TLS; nothing more is sent this tick" : "");
+	if (us)
+		return SEND_CONFIG;
 	if (code >= 500 && code < 600)
 		return SEND_PERM;
 	return SEND_TEMP;
@@ -2828,6 +2861,7 @@ struct msgrow {
 	char cart_key[80], cart_status[16], currency[8], tpl[80];
 	char trigger[20], step_segment[16], segment[16], flow[64];
 	char variant;
+	int64_t owner; /* the lease this tick holds on the message */
 	int ordered_since;
 	int64_t order;
 	char *items;
@@ -3321,7 +3355,7 @@ static int msg_exit(struct app *app, const struct msgrow *m, const char *why,
 	int next = !strcmp(why, "segment");
 	int done = !strcmp(why, "step removed");
 	int rc = db_begin(db) ||
-		 q_exec(db, q(db, ST_MESSAGE_END, "itt", m->id, "skipped", why)) ||
+		 q_exec(db, q(db, ST_MESSAGE_END, "itti", m->id, "skipped", why, m->owner)) ||
 		 (next ? q_exec(db, q(db, ST_ENROLL_ADVANCE, "ii", m->enrollment,
 				     (int64_t)m->step)) :
 		  done ? q_exec(db, q(db, ST_ENROLL_DONE, "i", m->enrollment)) :
@@ -3342,8 +3376,8 @@ static int msg_record(struct app *app, const struct msgrow *m,
 	int rc;
 	if (r == SEND_OK) {
 		rc = db_begin(db) ||
-		     q_exec(db, q(db, ST_MESSAGE_SENT, "iit", m->id, (int64_t)now,
-				  m->message_id)) ||
+		     q_exec(db, q(db, ST_MESSAGE_SENT, "iiti", m->id, (int64_t)now,
+				  m->message_id, m->owner)) ||
 		     q_exec(db, q(db, ST_ENROLL_ADVANCE, "ii", m->enrollment,
 				  (int64_t)m->step)) ||
 		     db_commit(db);
@@ -3352,13 +3386,14 @@ static int msg_record(struct app *app, const struct msgrow *m,
 		int64_t wait = 300LL << (m->attempts > 7 ? 7 : m->attempts - 1);
 		if (wait > 6 * 3600)
 			wait = 6 * 3600;
-		rc = q_exec(db, q(db, ST_MESSAGE_RETRY, "iit", m->id,
-				  (int64_t)now + wait, err));
+		rc = q_exec(db, q(db, ST_MESSAGE_RETRY, "iiti", m->id,
+				  (int64_t)now + wait, err, m->owner));
 		sum->retry++;
 	} else {
 		/* a 5xx, or too many temporary failures: never again */
 		rc = db_begin(db) ||
-		     q_exec(db, q(db, ST_MESSAGE_END, "itt", m->id, "failed", err)) ||
+		     q_exec(db, q(db, ST_MESSAGE_END, "itti", m->id, "failed", err,
+				  m->owner)) ||
 		     (r == SEND_PERM &&
 		      (q_exec(db, q(db, ST_SUPPRESS, "iit", m->contact, (int64_t)now,
 				    err)) ||
@@ -3371,7 +3406,18 @@ static int msg_record(struct app *app, const struct msgrow *m,
 	return rc ? -1 : 0;
 }
 
-static int flow_send(struct app *app, int64_t id, rm_time now,
+/* Puts a message back for later without counting an attempt: the shopper
+ * is active again, a template is broken, or the relay refuses us. */
+static int msg_defer(struct app *app, const struct msgrow *m, rm_time when,
+		     const char *why)
+{
+	return q_exec(app->db, q(app->db, ST_MESSAGE_DEFER, "iiti", m->id,
+				 (int64_t)when, why, m->owner));
+}
+
+/* Sends one claimed message. Returns 0, -1 on a database failure, or 1
+ * when the relay refuses us (login, sender): the tick should stop. */
+static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		     struct tick_summary *sum)
 {
 	struct msgrow m;
@@ -3379,20 +3425,39 @@ static int flow_send(struct app *app, int64_t id, rm_time now,
 	struct buf msg = {0};
 	if (msg_load(app, id, &m) < 0)
 		return -1;
+	m.owner = owner;
 	int rc = 0;
 	const char *why = msg_exit_reason(&m);
+	/* taken over by another tick after our lease ran out: not ours */
+	if (db_scalar_stmt(q(app->db, ST_LEASE_HELD, "ii", id, owner)) != 1) {
+		fprintf(stderr, "remarket: message %lld: lease lost to another tick, "
+			"left to it\n", (long long)id);
+		goto out;
+	}
 	if (why && !*why) { /* shopper active again: look again later */
-		rc = q_exec(app->db, q(app->db, ST_MESSAGE_DEFER, "ii", id,
-				       (int64_t)now + app->cfg->idle_minutes * 60));
+		rc = msg_defer(app, &m, now + app->cfg->idle_minutes * 60,
+			       "cart active again");
 		goto out;
 	}
 	if (why) {
 		rc = msg_exit(app, &m, why, sum);
 		goto out;
 	}
-	enum send_result r = SEND_TEMP;
-	if (msg_compose(app, &m, now, &msg, err, sizeof err) == 0)
-		r = mail_send(app, m.id, m.email, &msg, err, sizeof err);
+	if (msg_compose(app, &m, now, &msg, err, sizeof err) < 0) {
+		fprintf(stderr, "remarket: message %lld: %s (retried in 15 min)\n",
+			(long long)id, err);
+		rc = msg_defer(app, &m, now + 900, err);
+		sum->retry++;
+		goto out;
+	}
+	enum send_result r = mail_send(app, m.id, m.email, &msg, err, sizeof err);
+	if (r == SEND_CONFIG) {
+		fprintf(stderr, "remarket: %s\n", err);
+		rc = msg_defer(app, &m, now + 900, err);
+		sum->retry++;
+		rc = rc ? rc : 1;
+		goto out;
+	}
 	if (r != SEND_OK)
 		fprintf(stderr, "remarket: message %lld to %s: %s\n",
 			(long long)id, m.email, err);
@@ -3488,16 +3553,29 @@ int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 	return rc ? -1 : 0;
 }
 
-int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit)
+static int claim_as(struct app *app, rm_time now, int64_t owner, int64_t *ids,
+		    int limit)
 {
-	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iii", (int64_t)now,
-			    (int64_t)app->cfg->lease_seconds, (int64_t)limit);
+	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iiii", (int64_t)now,
+			    (int64_t)app->cfg->lease_seconds, (int64_t)limit, owner);
 	int n = 0, rc;
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW)
 		if (n < limit)
 			ids[n++] = sqlite3_column_int64(s, 0);
 	sqlite3_reset(s);
 	return rc == SQLITE_DONE ? n : -1;
+}
+
+static int64_t lease_owner_new(void)
+{
+	int64_t o;
+	randombytes_buf(&o, sizeof o);
+	return o & INT64_MAX; /* positive, never 0 in practice */
+}
+
+int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit)
+{
+	return claim_as(app, now, lease_owner_new(), ids, limit);
 }
 
 static int flow_queue(struct app *app, rm_time now)
@@ -3512,12 +3590,32 @@ static int flow_queue(struct app *app, rm_time now)
 	return 0;
 }
 
+/* Keeps this tick's leases alive while it runs: "now" is the tick's
+ * (injected) time plus the real seconds it has spent, so a slow relay
+ * never lets a lease lapse under a tick that is still working on it. */
+struct lease {
+	int64_t owner;
+	time_t started, renewed;
+};
+
+static void lease_keep(struct app *app, rm_time now, struct lease *l)
+{
+	time_t real = time(NULL);
+	if (real - l->renewed < app->cfg->lease_seconds / 3)
+		return;
+	rm_time tick_now = now + (rm_time)(real - l->started);
+	q_exec(app->db, q(app->db, ST_LEASE_RENEW, "ii", l->owner,
+			  (int64_t)(tick_now + app->cfg->lease_seconds)));
+	l->renewed = real;
+}
+
 int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 {
 	memset(sum, 0, sizeof *sum);
 	if (flow_detect(app, now, sum) < 0)
 		return -1;
 	int64_t ids[TICK_BATCH];
+	struct lease l = {lease_owner_new(), time(NULL), time(NULL)};
 	int total = 0;
 	/* a step skipped for its segment makes the next one due at once:
 	 * queue again, a few rounds at most */
@@ -3526,15 +3624,23 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 		if (round > 0 && flow_queue(app, now) < 0)
 			return -1;
 		for (;;) {
-			int n = flow_claim(app, now, ids, TICK_BATCH);
+			int n = claim_as(app, now, l.owner, ids, TICK_BATCH);
 			if (n < 0)
 				return -1;
 			if (n == 0)
 				break;
 			fault("crash_after_claim");
-			for (int i = 0; i < n; i++)
-				if (flow_send(app, ids[i], now, sum) < 0)
+			for (int i = 0; i < n; i++) {
+				lease_keep(app, now, &l);
+				int rc = flow_send(app, ids[i], now, l.owner, sum);
+				if (rc < 0)
 					return -1;
+				if (rc > 0) { /* the relay refuses us: give the rest back */
+					q_exec(app->db, q(app->db, ST_LEASE_RELEASE, "i",
+							  l.owner));
+					return 0;
+				}
+			}
 			total += n;
 		}
 		if (sum->skipped == skipped)

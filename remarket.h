@@ -189,7 +189,12 @@ struct mail {
 /* Builds the complete RFC 5322 message; -1 if a header would carry CR/LF. */
 int mail_build(const struct mail *m, struct buf *out, char *err,
 	       size_t errlen);
-enum send_result { SEND_OK = 0, SEND_TEMP = 1, SEND_PERM = 2 };
+enum send_result {
+	SEND_OK = 0,
+	SEND_TEMP = 1,   /* try again later: 4xx, refused connection, time-out */
+	SEND_PERM = 2,   /* the recipient is refused (5xx to RCPT or the data) */
+	SEND_CONFIG = 3, /* the relay refuses us (login, sender): stop the tick */
+};
 
 /* ---- Report ----------------------------------------------------------- */
 

@@ -255,4 +255,52 @@ my $due = $T0 + 3700;    # step 1 is due at +1 h
 	    or diag $out;
 }
 
+# ---- the relay refuses us (5xx to MAIL FROM): nobody is suppressed ----------
+{
+	my $bad = start_sink("$tmp/sink-sender", '-f', 'MAIL');
+	my $in = instance(smtp => "smtp://127.0.0.1:$bad");
+	carts($in, 3, $T0);
+	my ($rc, $out, $err) = rm($in->{env}, undef, 'tick', '--now', $due);
+	is($rc, 0, 'a tick whose relay refuses the sender exits 0');
+	like($err, qr/the relay refuses us: check smtp_user, smtp_password, from/, 'and says what to check');
+	is(field($out, 'failed'), 0, 'nothing is marked failed') or diag $out;
+	is(sql($in, "SELECT count(*) FROM contacts WHERE suppressed_at IS NOT NULL"), 0,
+	    'no address is suppressed for a fault of ours');
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'queued' AND attempts = 0"), 3,
+	    'all three wait, no attempt counted, none left claimed');
+	my $sd = "$tmp/sink-fixed";
+	my $good = start_sink($sd);
+	(undef, $out) = rm({ %{ $in->{env} }, REMARKET_SMTP_URL => "smtp://127.0.0.1:$good" }, undef,
+	    'tick', '--now', $due + 901);
+	is(field($out, 'sent'), 3, 'once the relay is fixed, all three go') or diag $out;
+}
+
+# ---- a tick slower than its lease keeps it: the next tick sends nothing twice --
+{
+	my $sd = "$tmp/sink-slow";
+	my $port = start_sink($sd, '-w', '1');    # one second before each DATA answer
+	my $in = instance(smtp => "smtp://127.0.0.1:$port");
+	carts($in, 6, $T0);
+	my %env = (%{ $in->{env} }, REMARKET_LEASE_SECONDS => 3);
+	my $pid = fork // die;
+	if (!$pid) {
+		$ENV{$_} = $env{$_} for keys %env;
+		delete $ENV{REMARKET_FAULT};
+		open STDOUT, '>', "$tmp/slow-a.out";
+		open STDERR, '>', "$tmp/slow-a.err";
+		exec $bin, 'tick', '--now', $due;
+		exit 127;
+	}
+	sleep 2.5;    # tick A is halfway; its first lease (due + 3) ran out for B
+	my (undef, $out) = rm(\%env, undef, 'tick', '--now', $due + 4);
+	waitpid $pid, 0;
+	my $a = slurp("$tmp/slow-a.out");
+	is(field($a, 'sent') + field($out, 'sent'), 6, 'six messages sent between the two ticks')
+	    or diag("A: $a\nB: $out");
+	my @m = sink_messages($sd);
+	my %ids = map { $_ => 1 } message_ids(@m);
+	is(scalar @m, 6, 'the relay received six messages: the slow tick renewed its lease');
+	is(scalar keys %ids, 6, 'six distinct Message-IDs');
+}
+
 done_testing();
