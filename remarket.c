@@ -228,6 +228,20 @@ static int read_file(const char *path, struct buf *out, size_t max)
 	return rc;
 }
 
+/* A template file, its CRs dropped (an editor on Windows saves CRLF). */
+static int template_read(const char *path, struct buf *out)
+{
+	if (read_file(path, out, 1 << 20) < 0)
+		return -1;
+	size_t w = 0;
+	for (size_t r = 0; r < out->len; r++)
+		if (out->data[r] != '\r')
+			out->data[w++] = out->data[r];
+	out->len = w;
+	out->data[w] = '\0';
+	return 0;
+}
+
 /* Writes a file atomically: a reader sees the old file or the new one. */
 static int write_file_atomic(const char *path, const char *data, size_t n,
 			     mode_t mode)
@@ -534,6 +548,9 @@ void cfg_free(struct config *cfg)
 	  "status = CASE WHEN status = 'abandoned' THEN 'open' ELSE status END " \
 	  "WHERE cart_key = ?1 AND status <> 'ordered'")                       \
 	X(CART_BY_KEY, "SELECT id FROM carts WHERE cart_key = ?1")             \
+	X(CART_OWNER,                                                          \
+	  "SELECT count(*) FROM carts WHERE cart_key = ?1 "                    \
+	  "AND visitor_id IS NOT ?2")                                          \
 	X(CART_ORDERED,                                                        \
 	  "UPDATE carts SET status = 'ordered', ordered_at = ?3 "              \
 	  "WHERE (id = ?1 OR (?1 IS NULL AND contact_id = ?2 AND updated <= ?3)) " \
@@ -748,6 +765,11 @@ void cfg_free(struct config *cfg)
 	  "created, variant) SELECT eid, step, cid, at, ?1, "                  \
 	  "CASE WHEN isb THEN 'B' ELSE 'A' END FROM timed WHERE at <= ?1 "     \
 	  "ON CONFLICT (enrollment_id, step) DO NOTHING")                      \
+	X(CLAIM_GIVE_UP,                                                       \
+	  "UPDATE messages SET status = 'failed', lease_until = NULL, "        \
+	  "error = 'given up: claimed ' || attempts || ' times without an "    \
+	  "outcome (does it crash the tick?)' WHERE status = 'sending' "       \
+	  "AND lease_until <= ?1 AND attempts >= ?2")                          \
 	X(CLAIM,                                                               \
 	  "UPDATE messages SET status = 'sending', lease_until = ?1 + ?2, "    \
 	  "lease_owner = ?4, attempts = attempts + 1 WHERE id IN (SELECT id FROM messages " \
@@ -776,7 +798,8 @@ void cfg_free(struct config *cfg)
 	  "f.trigger, coalesce(s.segment, ''), CASE WHEN sg.f = 5 AND "        \
 	  "sg.m >= 4 THEN 'vip' ELSE coalesce(sg.segment, '') END, "           \
 	  "EXISTS (SELECT 1 FROM orders o WHERE o.contact_id = e.contact_id "  \
-	  "AND o.ts > e.created), coalesce(e.order_id, 0), f.name, m.variant " \
+	  "AND o.ts > e.created), coalesce(e.order_id, 0), f.name, m.variant, " \
+	  "c.consent "                                                         \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
 	  "JOIN flows f ON f.id = e.flow_id "                                  \
 	  "LEFT JOIN segments sg ON sg.contact_id = m.contact_id "             \
@@ -909,7 +932,7 @@ void cfg_free(struct config *cfg)
 	  "GROUP BY 1")                                                        \
 	X(FLOWS_LIST,                                                          \
 	  "SELECT f.name, f.enabled, s.position, s.delay_s, s.template, "      \
-	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 0), s.min_spend, " \
+	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 172800), s.min_spend, " \
 	  "f.holdout_pct, coalesce(s.segment, '') " \
 	  "FROM flows f JOIN steps s ON s.flow_id = f.id ORDER BY f.id, s.position") \
 	X(STEP_SET,                                                            \
@@ -943,12 +966,14 @@ void cfg_free(struct config *cfg)
 	X(PIXEL_EVENT,                                                         \
 	  "SELECT json_patch('{}', json_object('type', ?1, 'sku', ?2, "        \
 	  "'url', ?3, 'visitor_id', ?4, 'email', ?5))")                        \
-	X(VISITOR_OF_CONTACT,                                                  \
-	  "SELECT vid FROM visitors WHERE contact_id = ?1 "                    \
-	  "ORDER BY last_seen DESC LIMIT 1")                                   \
+	X(VISITOR_VERIFIED,                                                    \
+	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen, verified) " \
+	  "VALUES (?1, ?2, ?3, ?3, 1) ON CONFLICT (vid) DO UPDATE SET "        \
+	  "contact_id = ?2, last_seen = ?3, verified = 1")                     \
 	X(ONSITE_CART,                                                         \
 	  "SELECT c.cart_key, c.item_count FROM visitors v JOIN carts c "      \
-	  "ON c.contact_id = v.contact_id WHERE v.vid = ?1 "                   \
+	  "ON c.visitor_id = v.vid OR (v.verified = 1 "                        \
+	  "AND c.contact_id = v.contact_id) WHERE v.vid = ?1 "                 \
 	  "AND c.status = 'abandoned' ORDER BY c.updated DESC LIMIT 1")        \
 	X(JSON_ONSITE,                                                         \
 	  "SELECT json_object('message', ?1, 'cart_url', ?2, 'items', ?3)")    \
@@ -1592,7 +1617,7 @@ static int tpl_partial(struct tpl_run *r, const char *name, size_t n,
 		return -1;
 	}
 	struct buf b = {0};
-	if (read_file(path, &b, 1 << 20) < 0) {
+	if (template_read(path, &b) < 0) {
 		snprintf(r->err, r->errlen, "partial %s: %s", path,
 			 strerror(errno));
 		buf_free(&b);
@@ -1741,6 +1766,7 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
  */
 
 #define EV_MAX_BATCH 1000
+#define EV_MAX_BROWSER 20 /* a page has no business sending more at once */
 
 struct event {
 	char type[16];
@@ -1937,8 +1963,16 @@ static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 }
 
 /* One field of a cart item: 0 if valid, -1 with err filled in. */
+/* 1 if URL is on ORIGIN ("https://shop.example"), or ORIGIN is NULL. */
+static int on_origin(const char *url, const char *origin)
+{
+	size_t n = origin ? strlen(origin) : 0;
+	return !origin || (!strncmp(url, origin, n) && url[n] == '/');
+}
+
 static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
-			 double *qty, unsigned *seen, struct ev_error *err)
+			 double *qty, unsigned *seen, const char *origin,
+			 struct ev_error *err)
 {
 	const char *k = col_text(s, 0), *jt = col_text(s, 1);
 	const char *atom = col_text(s, 2);
@@ -1954,7 +1988,12 @@ static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 		ok = text && val_text(atom, 200) && *atom;
 		*seen |= 2;
 	} else if (strcmp(k, "url") == 0 || strcmp(k, "image") == 0) {
+		/* from a browser, links must stay on the shop: an email must not
+		 * carry a link a stranger typed into someone else's cart */
 		ok = text && val_url(atom);
+		if (ok && !on_origin(atom, origin))
+			return fail(err, 400, "%s: from a browser, links must be on %s",
+				    key, origin);
 	} else if (strcmp(k, "category") == 0) {
 		ok = text && val_text(atom, 64);
 	} else if (strcmp(k, "price") == 0) {
@@ -1968,14 +2007,14 @@ static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 
 /* Checks every field of one item object with OBJECT_EACH. */
 static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
-		   struct ev_error *err)
+		   const char *origin, struct ev_error *err)
 {
 	sqlite3_stmt *s = q(db, ST_OBJECT_EACH, "t", obj);
 	double price = 0, qty = 1;
 	unsigned seen = 0;
 	int rc = 0;
 	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW)
-		rc = ev_item_field(s, idx, &price, &qty, &seen, err);
+		rc = ev_item_field(s, idx, &price, &qty, &seen, origin, err);
 	sqlite3_reset(s);
 	if (rc == 0 && seen != 7)
 		rc = fail(err, 400, "items[%zu]: needs sku, name and price", idx);
@@ -1984,7 +2023,8 @@ static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
 	return rc;
 }
 
-static int ev_items(struct app *app, struct event *e, struct ev_error *err)
+static int ev_items(struct app *app, struct event *e, const char *origin,
+		    struct ev_error *err)
 {
 	sqlite3_stmt *s = q(app->db, ST_ARRAY_EACH, "t", e->items);
 	double sum = 0;
@@ -2009,7 +2049,7 @@ static int ev_items(struct app *app, struct event *e, struct ev_error *err)
 	for (size_t i = 0, off = 0; rc == 0 && i < n; i++) {
 		const char *item = all.data + off;
 		off += strlen(item) + 1;
-		rc = ev_item(app->db, item, i, &sum, err);
+		rc = ev_item(app->db, item, i, &sum, origin, err);
 	}
 	buf_free(&all);
 	e->nitems = (long)n;
@@ -2096,8 +2136,9 @@ static int ev_parse(struct app *app, const char *obj, enum ev_source src,
 	sqlite3_reset(s);
 	if (rc == 0)
 		rc = ev_require(e, src, visitor, err);
+	int browser = src == EV_BROWSER || src == EV_PIXEL;
 	if (rc == 0 && e->items)
-		rc = ev_items(app, e, err);
+		rc = ev_items(app, e, browser ? app->cfg->store_origin : NULL, err);
 	if (rc == 0 && e->review)
 		rc = ev_review(app, e->review, err);
 	for (char *p = e->code; p && *p; p++) /* codes are stored upper-case */
@@ -2307,10 +2348,19 @@ static int ev_apply(struct app *app, const struct event *e, enum ev_source src,
 		    const char *visitor, rm_time now, int *dup)
 {
 	static const char *const src_name[] = {"hook", "browser", "cli", "pixel"};
-	const char *vid = e->visitor_id ? e->visitor_id : visitor;
+	int browser = src == EV_BROWSER || src == EV_PIXEL;
+	/* a browser is who its cookie says; the body may name a visitor only
+	 * where there is no cookie (first visit, cookies blocked) */
+	const char *vid = browser && visitor ? visitor :
+			  e->visitor_id ? e->visitor_id : visitor;
+	*dup = 0;
+	/* a browser may fill its own carts, not one the store's backend or
+	 * another visitor made */
+	if (browser && !strcmp(e->type, "cart") && e->cart_id &&
+	    db_scalar_stmt(q(app->db, ST_CART_OWNER, "tt", e->cart_id, vid)) > 0)
+		return -2;
 	int64_t contact = ev_contact(app, e, vid, now);
 	int rc = contact < 0 ? -1 : 0;
-	*dup = 0;
 	if (rc == 0 && !strcmp(e->type, "cart"))
 		rc = ev_cart(app, e, vid, contact);
 	else if (rc == 0 && !strcmp(e->type, "checkout"))
@@ -2391,7 +2441,8 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	size_t n = 0;
 	struct event *evs = NULL;
 	/* the operator's imports are not capped; requests are */
-	size_t max = src == EV_CLI ? SIZE_MAX : EV_MAX_BATCH;
+	size_t max = src == EV_CLI ? SIZE_MAX :
+		     src == EV_BROWSER || src == EV_PIXEL ? EV_MAX_BROWSER : EV_MAX_BATCH;
 	int rc = ev_split(app, json, len, max, &objs, &n, err);
 	if (rc == 0 && !(evs = calloc(n, sizeof *evs)))
 		rc = fail(err, 500, "out of memory");
@@ -2410,7 +2461,9 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	for (size_t i = 0; rc == 0 && i < n; i++) {
 		int dup;
 		rc = ev_apply(app, &evs[i], src, visitor, now, &dup);
-		if (rc < 0)
+		if (rc == -2)
+			fail(err, 403, "cart_id: that cart is not this visitor's");
+		else if (rc < 0)
 			fail(err, 500, "database error while recording the event");
 		accepted += !dup;
 	}
@@ -2570,7 +2623,8 @@ static int hdr_encode(struct buf *out, const char *s)
 		/* 39 bytes make 52 base64 characters: with "Subject: " and the
 		 * =?UTF-8?B?...?= wrapping, a line stays within 76 (RFC 2047) */
 		size_t take = n - i > 39 ? 39 : n - i;
-		while (i + take < n && ((unsigned char)s[i + take] & 0xC0) == 0x80)
+		while (take > 1 && i + take < n &&
+		       ((unsigned char)s[i + take] & 0xC0) == 0x80)
 			take--; /* never split a UTF-8 sequence */
 		char b64[sodium_base64_ENCODED_LEN(39, sodium_base64_VARIANT_ORIGINAL)];
 		sodium_bin2base64(b64, sizeof b64, (const unsigned char *)s + i,
@@ -2680,7 +2734,7 @@ static int mail_render(struct app *app, const char *name,
 	int rc = -1;
 	if (!val_ident(name, 64) ||
 	    snprintf(path, sizeof path, "%s/%s.txt", dir, name) >= (int)sizeof path ||
-	    read_file(path, &tpl, 1 << 20) < 0) {
+	    template_read(path, &tpl) < 0) {
 		snprintf(err, errlen, "template %s/%s.txt: cannot read it — "
 			 "check the templates key", dir, name);
 		goto out;
@@ -2701,11 +2755,17 @@ static int mail_render(struct app *app, const char *name,
 	subject->len = strlen(subject->data);
 	tpl.len = 0;
 	if (snprintf(path, sizeof path, "%s/%s.html", dir, name) >= (int)sizeof path ||
-	    read_file(path, &tpl, 1 << 20) < 0) {
+	    template_read(path, &tpl) < 0) {
 		snprintf(err, errlen, "template %s: cannot read it", path);
 		goto out;
 	}
 	rc = tpl_render(tpl.data, ctx, TPL_HTML, dir, ".html", html, err, errlen);
+	if (rc == 0 && !(val_utf8(subject->data, subject->len) &&
+			 val_utf8(text->data, text->len) &&
+			 val_utf8(html->data, html->len))) {
+		snprintf(err, errlen, "template %s: not valid UTF-8", name);
+		rc = -1;
+	}
 out:
 	buf_free(&tpl);
 	buf_free(&txt);
@@ -2854,7 +2914,7 @@ static enum send_result mail_send(struct app *app, int64_t id, const char *to,
 
 struct msgrow {
 	int64_t id, enrollment, contact;
-	int step, attempts, pct, has_step, unsub, suppressed;
+	int step, attempts, pct, has_step, unsub, suppressed, consent;
 	long valid;
 	double total, min_spend;
 	char message_id[160], code[40], estatus[16], email[256], name[128];
@@ -2897,6 +2957,8 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	m->pct = sqlite3_column_int(s, 17);
 	m->valid = (long)sqlite3_column_int64(s, 18);
 	m->min_spend = sqlite3_column_double(s, 19);
+	if (m->pct > 0 && m->valid <= 0)
+		m->valid = 48 * 3600; /* a step with a discount but no valid= */
 	copy_str(m->trigger, sizeof m->trigger, col_text(s, 20));
 	copy_str(m->step_segment, sizeof m->step_segment, col_text(s, 21));
 	copy_str(m->segment, sizeof m->segment, col_text(s, 22));
@@ -2904,6 +2966,7 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	m->order = sqlite3_column_int64(s, 24);
 	copy_str(m->flow, sizeof m->flow, col_text(s, 25));
 	m->variant = col_text(s, 26)[0];
+	m->consent = sqlite3_column_int(s, 27);
 	sqlite3_reset(s);
 	return m->items ? 0 : -1;
 }
@@ -2928,6 +2991,8 @@ static const char *msg_exit_reason(const struct msgrow *m)
 		return "enrollment ended";
 	if (m->unsub)
 		return "unsubscribe";
+	if (!m->consent)
+		return "consent withdrawn";
 	if (m->suppressed)
 		return "bounce";
 	int cart = !strcmp(m->trigger, "cart_abandoned");
@@ -3556,6 +3621,9 @@ int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 static int claim_as(struct app *app, rm_time now, int64_t owner, int64_t *ids,
 		    int limit)
 {
+	if (q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP, "ii", (int64_t)now,
+			      (int64_t)RETRY_MAX + 2)) < 0)
+		return -1;
 	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iiii", (int64_t)now,
 			    (int64_t)app->cfg->lease_seconds, (int64_t)limit, owner);
 	int n = 0, rc;
@@ -4352,22 +4420,26 @@ static char *query_param(const char *query, const char *name);
  */
 
 #define RATE_SLOTS 4096
-static struct rate_slot {
+struct rate_slot {
 	uint64_t key;
 	int64_t window;
 	long count;
-} rate_tab[RATE_SLOTS];
+};
+/* One table per kind: a visitor id (chosen by the client) must never be
+ * able to reset an address's counter by landing in its slot. */
+static struct rate_slot rate_ip[RATE_SLOTS], rate_vid[RATE_SLOTS];
 static pthread_mutex_t rate_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* 1 when KIND:ID has made more than LIMIT calls in this minute. */
+/* 1 when KIND ('i' address, 'v' visitor):ID has made more than LIMIT
+ * calls in this minute. Per process: CGI mode has no memory, no limit. */
 static int rate_exceeded(char kind, const char *id, rm_time now, long limit)
 {
 	if (!id || !*id || limit <= 0)
 		return 0;
-	uint64_t h = 1469598103934665603ULL ^ (unsigned char)kind; /* FNV-1a */
+	uint64_t h = 1469598103934665603ULL; /* FNV-1a */
 	for (const char *p = id; *p; p++)
 		h = (h ^ (unsigned char)*p) * 1099511628211ULL;
-	struct rate_slot *s = &rate_tab[h % RATE_SLOTS];
+	struct rate_slot *s = &(kind == 'i' ? rate_ip : rate_vid)[h % RATE_SLOTS];
 	pthread_mutex_lock(&rate_lock);
 	if (s->key != h || s->window != now / 60)
 		*s = (struct rate_slot){h, now / 60, 0};
@@ -4457,11 +4529,8 @@ static void route_onsite(struct app *app, const struct http_req *rq,
 	long items = 0;
 	if (preflight(app, rq, rs) || cors(app, rq, rs) < 0)
 		return;
+	/* the cookie only: a visitor id in a URL could be anyone's */
 	cookie_vid(rq, vid, sizeof vid);
-	char *qvid = query_param(rq->query, "vid");
-	if (!*vid && qvid && val_ident(qvid, 64))
-		copy_str(vid, sizeof vid, qvid);
-	free(qvid);
 	sqlite3_stmt *s = q(app->db, ST_ONSITE_CART, "t", vid);
 	if (*vid && sqlite3_step(s) == SQLITE_ROW) {
 		copy_str(cart, sizeof cart, col_text(s, 0));
@@ -4598,13 +4667,7 @@ static void visitor_cookie(struct app *app, const struct http_req *rq,
 {
 	char vid[80];
 	cookie_vid(rq, vid, sizeof vid);
-	if (!*vid) {
-		sqlite3_stmt *s = q(app->db, ST_VISITOR_OF_CONTACT, "i", contact);
-		if (sqlite3_step(s) == SQLITE_ROW)
-			copy_str(vid, sizeof vid, col_text(s, 0));
-		sqlite3_reset(s);
-	}
-	if (!*vid) {
+	if (!*vid) { /* a new browser gets a new id, never someone else's */
 		unsigned char r[16];
 		randombytes_buf(r, sizeof r);
 		vid[0] = 'v';
@@ -4614,7 +4677,8 @@ static void visitor_cookie(struct app *app, const struct http_req *rq,
 			if (*p == '_')
 				*p = '.';
 	}
-	q_exec(app->db, q(app->db, ST_VISITOR_UPSERT, "tii", vid, contact,
+	/* the click proves this browser reads the contact's mail */
+	q_exec(app->db, q(app->db, ST_VISITOR_VERIFIED, "tii", vid, contact,
 			  (int64_t)now));
 	buf_addf(&rs->headers, "Set-Cookie: rm_vid=%s; Path=/; Max-Age=31536000; "
 		 "SameSite=Lax\r\n", vid);
@@ -4701,6 +4765,9 @@ static void route_validate(struct app *app, const struct http_req *rq,
 			   struct http_resp *rs, const char *arg, rm_time now)
 {
 	(void)arg;
+	/* each answer tells whether a code exists: no guessing at speed */
+	if (rate_limited(app, rq, NULL, now, rs))
+		return;
 	if (rq->body_too_large)
 		return resp_json_error(app, rs, 413, "body: too large");
 	if (!rq->body_len || !val_utf8(rq->body, rq->body_len))
@@ -5547,6 +5614,8 @@ static int csv_record(FILE *f, struct buf *b, const char **fields)
 	while ((c = fgetc(f)) != EOF) {
 		any = 1;
 		if (quoted) {
+			if (c == '\0')
+				return -1;
 			if (c == '"') {
 				int d = fgetc(f);
 				if (d != '"') {
@@ -5566,6 +5635,8 @@ static int csv_record(FILE *f, struct buf *b, const char **fields)
 			starts[n++] = b->len;
 		} else if (c == '\n') {
 			break;
+		} else if (c == '\0') {
+			return -1; /* a NUL would cut the field short unseen */
 		} else if (c != '\r') {
 			buf_add(b, &(char){(char)c}, 1);
 		}
@@ -5637,6 +5708,8 @@ static int import_products(struct app *app, FILE *f, rm_time now)
 	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
 		char what[32];
 		snprintf(what, sizeof what, "line %ld", line + 1);
+		if (n == 1 && !*row[0])
+			continue; /* a blank line */
 		if (n < 0) {
 			fprintf(stderr, "remarket import: %s: bad CSV\n", what);
 			bad++;
@@ -5679,8 +5752,21 @@ static int import_orders(struct app *app, FILE *f, rm_time now)
 	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
 	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
 		if (n < 0) {
-			fprintf(stderr, "remarket import: line %ld: bad CSV\n", line + 1);
+			fprintf(stderr, "remarket import: line %ld: bad CSV (an "
+				"unclosed quote, a NUL byte or too many fields)\n", line + 1);
+			buf_free(&hb), buf_free(&rb);
 			return 1;
+		}
+		if (n == 1 && !*row[0])
+			continue; /* a blank line */
+		const char *date = csv_val(row, n, at[2]);
+		if (!date || parse_time(date, now) < 0) {
+			/* never "now": an old order must not pass for a new one */
+			if (++bad <= 20)
+				fprintf(stderr, "remarket import: line %ld: date '%s' is "
+					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
+					"seconds\n", line + 1, date ? date : "");
+			continue;
 		}
 		sqlite3_stmt *s = q(app->db, ST_IMP_INSERT, NULL);
 		for (int i = 0; i < 9; i++) {

@@ -98,6 +98,18 @@ like($out, qr/"imported":$norders,"refused":0/, "$norders past orders imported")
 is(sql('SELECT count(*) FROM order_lines'), $lines, 'every line is an order line for recommendations');
 is(sql("SELECT count(*) FROM enrollments"), 0, 'past orders start no flow by themselves');
 
+# a bad date is refused, never taken as "now"; blank lines are no rows
+open my $bf, '>', "$tmp/bad.csv" or die;
+print $bf "order_id,email,date,sku,name,price,qty\n\n"
+    . "X-1,late\@example.com,2024-01-15 10:00:00,LAMP-1,Lamp,10,1\n"
+    . "X-2,ok\@example.com,2024-01-16,LAMP-1,Lamp,10,1\n";
+close $bf;
+($rc, $out, $err) = rm('', {}, qw(import orders), "$tmp/bad.csv", '--now', $T0);
+is($rc, 1, 'an import with a refused row exits 1');
+like($out, qr/"imported":1,"refused":1/, 'the good order is in, the undated one is not');
+like($err, qr/line 3: date '2024-01-15 10:00:00' is not ISO 8601/, 'the bad line is named');
+is(sql("SELECT count(*) FROM orders WHERE order_key = 'X-1'"), 0, 'no order was dated "now"');
+
 ($rc, $out) = rm('', {}, 'segments', '--now', $T0);
 like($out, qr/lapsed after 90 days/, 'segments: the default 90-day threshold');
 for my $seg (qw(vip active lapsed)) {
@@ -203,6 +215,6 @@ is($j->{winback}{contacted}, scalar(keys %by), 'report: contacted = the enrolled
 ok($j->{winback}{reactivated_30d} >= 1, "report: $j->{winback}{reactivated_30d} reactivated within 30 days");
 my $segs = 0;
 $segs += $_ for values %{ $j->{segments} };
-is($segs, 150, 'report: each of the 150 customers is in one segment');
+is($segs, 151, 'report: each of the 151 customers (150 and ok\@example.com) is in one segment');
 
 done_testing();

@@ -194,6 +194,8 @@ static const char *header_of(const char *msg, const char *name)
 	return val;
 }
 
+static void set_cfg(char **slot, const char *v);
+
 /* ---- worlds: a real app in the temp dir ---- */
 
 struct world {
@@ -2487,8 +2489,14 @@ static int browser_req(struct world *w, const char *method, const char *path,
 		       const char *body, rm_time now, struct http_resp *rs)
 {
 	struct http_req rq = {0};
+	char p[256];
+	snprintf(p, sizeof p, "%s", path);
+	char *query = strchr(p, '?');
+	if (query)
+		*query++ = '\0';
 	rq.method = method;
-	rq.path = path;
+	rq.path = p;
+	rq.query = query;
 	rq.content_type = body ? "text/plain;charset=UTF-8" : NULL;
 	rq.origin = origin;
 	rq.remote_addr = ip;
@@ -2554,20 +2562,42 @@ static void test_browser_side(void)
 	}
 	ok(st[0] == 204 && st[1] == 204 && st[2] == 429,
 	   "one visitor from changing addresses: the 3rd event in a minute is 429");
+	for (int i = 0; i < 4; i++) {
+		struct http_req rq = {0};
+		rq.method = "POST";
+		rq.path = "/discounts/validate";
+		rq.remote_addr = "10.0.2.1";
+		rq.content_type = "application/json";
+		rq.body = "{\"code\":\"RM-AAAA-BBBB\",\"total\":10}";
+		rq.body_len = strlen(rq.body);
+		memset(&rs, 0, sizeof rs);
+		http_handle(&w.app, &rq, &rs, t);
+		st[i] = rs.status;
+		http_resp_free(&rs);
+	}
+	ok(st[0] == 200 && st[2] == 200 && st[3] == 429,
+	   "guessing discount codes is rate-limited too (4th try in a minute: 429)");
 	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
 
-	/* on-site: a known visitor with an abandoned cart */
+	/* on-site: a visitor with the abandoned cart they built */
 	struct ev_error err;
-	ingest(&w, EV_BROWSER, "{\"type\":\"identify\",\"email\":\"vis@example.com\","
-	       "\"consent\":true,\"visitor_id\":\"v-onsite-1\"}", T0, &err);
-	cart_event(&w, "vis@example.com", "Vis", "vis-cart", 1, T0);
+	const char *vis = "v-onsite-1";
+	const char *ident = "{\"type\":\"identify\",\"email\":\"vis@example.com\","
+			    "\"consent\":true}";
+	ev_ingest(&w.app, EV_BROWSER, ident, strlen(ident), vis, T0, &err);
+	const char *cart = "{\"type\":\"cart\",\"cart_id\":\"vis-cart\",\"items\":["
+			   "{\"sku\":\"A\",\"name\":\"Lamp\",\"price\":10,\"qty\":1,"
+			   "\"url\":\"http://127.0.0.1:8080/p/a\"},{\"sku\":\"B\",\"name\":"
+			   "\"Rug\",\"price\":20}]}";
+	is_int(ev_ingest(&w.app, EV_BROWSER, cart, strlen(cart), vis, T0, &err), 1,
+	       "the browser builds its cart (a link on the store's origin)");
 	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.0.0.3", "rm_vid=v-onsite-1", NULL,
 			   T0 + 10, &rs), 204, "on-site: nothing while the cart is open");
 	http_resp_free(&rs);
 	struct tick_summary sum;
 	tick(&w, T0 + HOUR, &sum);
 	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.0.0.3", "a=b; rm_vid=v-onsite-1", NULL,
-			   T0 + 2 * HOUR, &rs), 200, "on-site: the abandoned cart's owner gets a message");
+			   T0 + 2 * HOUR, &rs), 200, "on-site: the browser of the abandoned cart gets a message");
 	ok(contains(rs.body.data, "Your cart is saved") && contains(rs.body.data, "2 items") &&
 		   contains(rs.body.data, "vis-cart"),
 	   "... saying the cart is saved, with its 2 items and a link to it");
@@ -2575,17 +2605,127 @@ static void test_browser_side(void)
 	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.0.0.3", "rm_vid=v-stranger", NULL,
 			   T0 + 2 * HOUR, &rs), 204, "on-site: a stranger gets nothing");
 	http_resp_free(&rs);
+	/* a stranger claims the email from another browser: still nothing */
+	const char *spy = "{\"type\":\"identify\",\"email\":\"vis@example.com\"}";
+	ev_ingest(&w.app, EV_BROWSER, spy, strlen(spy), "v-spy", T0 + 2 * HOUR, &err);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.0.0.9", "rm_vid=v-spy", NULL,
+			   T0 + 2 * HOUR, &rs), 204,
+	       "on-site: typing someone's email into another browser shows their cart to nobody");
+	http_resp_free(&rs);
+	is_int(browser_req(&w, "GET", "/onsite?vid=v-onsite-1", NULL, "10.0.0.9", NULL, NULL,
+			   T0 + 2 * HOUR, &rs), 204, "on-site: a visitor id in the URL is ignored");
+	http_resp_free(&rs);
 
-	/* the recovery click sets the visitor cookie of the contact */
+	/* the recovery click on a new phone: a new id, proven, sees the cart */
 	long long m = sq(&w, "SELECT max(id) FROM messages");
-	char tok[TOK_MAXLEN + 1], path[96];
+	char tok[TOK_MAXLEN + 1], path[96], cookie[96];
 	tok_sign(w.app.key, TOK_RECOVER, m, T0 + DAY, tok, sizeof tok);
 	snprintf(path, sizeof path, "/r/%s", tok);
 	is_int(browser_req(&w, "GET", path, NULL, "10.0.0.4", NULL, NULL, T0 + 3 * HOUR, &rs), 302,
 	       "recovery link from a new phone: 302");
-	ok(contains(resp_header(&rs, "Set-Cookie"), "rm_vid=v-onsite-1;"),
-	   "... and the phone gets the contact's visitor id as its rm_vid cookie");
+	const char *sc = resp_header(&rs, "Set-Cookie");
+	ok(!strncmp(sc, "rm_vid=v", 8) && !contains(sc, "v-onsite-1") && !contains(sc, "v-spy"),
+	   "... the phone gets a new visitor id, never another browser's (%s)", sc);
+	snprintf(cookie, sizeof cookie, "%.*s", (int)strcspn(sc, ";"), sc);
 	http_resp_free(&rs);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.0.0.4", cookie, NULL, T0 + 3 * HOUR, &rs),
+	       200, "... and, proven by the click, it sees the contact's saved cart");
+	http_resp_free(&rs);
+
+	/* a browser cannot touch a cart the backend made, nor link elsewhere */
+	cart_event(&w, "shop@example.com", "Shop", "backend-1", 1, T0);
+	const char *take = "{\"type\":\"cart\",\"cart_id\":\"backend-1\",\"items\":[]}";
+	is_int(ev_ingest(&w.app, EV_BROWSER, take, strlen(take), "v-evil", T0, &err), -1,
+	       "a browser event cannot change a cart it did not make");
+	is_int(err.status, 403, "... 403");
+	is_int(sq(&w, "SELECT item_count FROM carts WHERE cart_key = 'backend-1'"), 2, "... the cart is intact");
+	const char *phish = "{\"type\":\"cart\",\"items\":[{\"sku\":\"X\",\"name\":"
+			    "\"Verify your account\",\"price\":0,\"url\":\"https://evil.example/x\"}]}";
+	is_int(ev_ingest(&w.app, EV_BROWSER, phish, strlen(phish), "v-evil", T0, &err), -1,
+	       "a browser cart linking off the shop is refused");
+	ok(err.status == 400 && contains(err.msg, "links must be on http://127.0.0.1:8080"),
+	   "... 400, naming the store origin (%s)", err.msg);
+	struct buf many = {0};
+	buf_adds(&many, "[");
+	for (int i = 0; i < 21; i++)
+		buf_addf(&many, "%s{\"type\":\"view\",\"sku\":\"A\"}", i ? "," : "");
+	buf_adds(&many, "]");
+	is_int(ev_ingest(&w.app, EV_BROWSER, many.data, many.len, "v-many", T0, &err), -1,
+	       "21 events in one browser request are refused");
+	is_int(err.status, 413, "... 413");
+	buf_free(&many);
+	world_close(&w);
+}
+
+static void test_review_fixes(void)
+{
+	struct world w;
+	struct tick_summary sum;
+	struct ev_error err;
+	if (!ok(world_open(&w, "fixes") == 0, "fixes: world opens"))
+		return;
+	cart_event(&w, "cw@example.com", "Cw", "cw1", 1, T0);
+	tick(&w, T0 + HOUR, &sum);
+	is_int(sum.sent, 1, "consent: step 1 goes");
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"cw@example.com\",\"consent\":false}",
+	       T0 + 2 * HOUR, &err);
+	tick(&w, T0 + DAY, &sum);
+	is_int(sum.sent, 0, "consent withdrawn: step 2 does not go");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE exit_reason = 'consent withdrawn'"), 1,
+	       "... the sequence ends, saying why");
+
+	/* a discount step with no valid= gets 48 h, not an expired code */
+	db_scalar(w.app.db, "UPDATE steps SET discount_pct = 10, discount_valid = NULL "
+		  "WHERE flow_id = 1 AND position = 1");
+	cart_event(&w, "dv@example.com", "Dv", "dv1", 1, T0);
+	tick(&w, T0 + HOUR, &sum);
+	is_int(sq(&w, "SELECT expires FROM discounts"), T0 + HOUR + 48 * HOUR,
+	       "a discount without valid= lasts 48 hours");
+	db_scalar(w.app.db, "UPDATE steps SET discount_pct = NULL WHERE flow_id = 1 AND position = 1");
+
+	/* templates saved with CRLF work; invalid UTF-8 is refused, retried */
+	char dir[PATH_MAX + 16], path[PATH_MAX + 64];
+	snprintf(dir, sizeof dir, "%s/tpl-fixes", tmpdir);
+	mkdir(dir, 0755);
+	snprintf(path, sizeof path, "%s/crlf.txt", dir);
+	FILE *f = fopen(path, "w");
+	fputs("Subject: Hello {{first_name}}\r\n\r\nYour cart.\r\n{{>footer}}\r\n", f);
+	fclose(f);
+	snprintf(path, sizeof path, "%s/crlf.html", dir);
+	f = fopen(path, "w");
+	fputs("<p>Hello</p>\r\n", f);
+	fclose(f);
+	snprintf(path, sizeof path, "%s/footer.txt", dir);
+	f = fopen(path, "w");
+	fputs("-- \r\n{{postal_address}}\r\n", f);
+	fclose(f);
+	snprintf(path, sizeof path, "%s/bad.txt", dir);
+	f = fopen(path, "w");
+	fputs("Subject: \x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80"
+	      "\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80"
+	      "\x80\x80\x80\x80\x80\x80\x80\n\nbody\n", f);
+	fclose(f);
+	snprintf(path, sizeof path, "%s/bad.html", dir);
+	f = fopen(path, "w");
+	fputs("<p>x</p>", f);
+	fclose(f);
+	set_cfg(&w.cfg.templates, dir);
+	db_scalar(w.app.db, "UPDATE steps SET template = 'crlf' WHERE flow_id = 1 AND position = 1");
+	cart_event(&w, "crlf@example.com", "Cr", "cr1", 1, T0 + 2 * DAY);
+	tick(&w, T0 + 2 * DAY + HOUR, &sum);
+	is_int(sum.sent, 1, "a template saved with CRLF line ends is sent");
+	char *subj = sq_text(&w, "SELECT 1");
+	free(subj);
+	db_scalar(w.app.db, "UPDATE steps SET template = 'bad' WHERE flow_id = 1 AND position = 1");
+	cart_event(&w, "bad@example.com", "Bad", "bad1", 1, T0 + 3 * DAY);
+	tick(&w, T0 + 3 * DAY + HOUR, &sum);
+	char *why = sq_text(&w, "SELECT m.status || ': ' || m.error FROM messages m JOIN contacts c "
+			    "ON c.id = m.contact_id WHERE c.email = 'bad@example.com'");
+	ok(why && !strcmp(why, "queued: template bad: not valid UTF-8"),
+	   "a template that is not UTF-8 is refused, the message waits (%s)", why ? why : "-");
+	free(why);
+	is_int(sq(&w, "SELECT attempts FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 'bad@example.com'"), 0, "... counting no attempt");
 	world_close(&w);
 }
 
@@ -2613,6 +2753,7 @@ int main(void)
 	test_leases();
 	test_http();
 	test_browser_side();
+	test_review_fixes();
 	test_measurement();
 	test_lifecycle();
 	int rc = done_testing();
