@@ -2042,8 +2042,8 @@ static int ev_items(struct app *app, struct event *e, const char *origin,
 			rc = fail(err, 400, "items[%zu]: must be an object", n - 1);
 			break;
 		}
-		buf_adds(&all, col_text(s, 0));
-		buf_add(&all, "", 1); /* NUL-separated list */
+		if (buf_adds(&all, col_text(s, 0)) || buf_add(&all, "", 1))
+			rc = fail(err, 500, "out of memory"); /* NUL-separated list */
 	}
 	sqlite3_reset(s);
 	for (size_t i = 0, off = 0; rc == 0 && i < n; i++) {
