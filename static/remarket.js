@@ -138,7 +138,7 @@
 	function onsite() {
 		if (!cfg.onsite || store('rm_onsite')) return;
 		var r = new XMLHttpRequest();
-		r.open('GET', cfg.endpoint + '/onsite?vid=' + encodeURIComponent(vid()));
+		r.open('GET', cfg.endpoint + '/onsite'); /* the rm_vid cookie says who */
 		r.withCredentials = true;
 		r.onload = guard(function () {
 			if (r.status !== 200) return;
