@@ -167,7 +167,8 @@ static rm_time parse_time(const char *s, rm_time base)
 	return (rm_time)timegm(&tm);
 }
 
-/* The one place that reads the real clock: $REMARKET_NOW overrides it. */
+/* Where "now" comes from: the real clock, or $REMARKET_NOW. (Below this,
+ * only lease_keep looks at the real clock, to measure elapsed seconds.) */
 static rm_time clock_now(void)
 {
 	rm_time real = (rm_time)time(NULL);
@@ -2426,7 +2427,8 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 {
 	err->status = err->duplicates = 0;
 	err->msg[0] = '\0';
-	if (len > (size_t)app->cfg->max_body)
+	/* requests are capped; the operator's imports are not */
+	if (src != EV_CLI && len > (size_t)app->cfg->max_body)
 		return fail(err, 413, "body: larger than %ld bytes",
 			    app->cfg->max_body);
 	if (len == 0)
@@ -2440,7 +2442,6 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	struct buf objs = {0};
 	size_t n = 0;
 	struct event *evs = NULL;
-	/* the operator's imports are not capped; requests are */
 	size_t max = src == EV_CLI ? SIZE_MAX :
 		     src == EV_BROWSER || src == EV_PIXEL ? EV_MAX_BROWSER : EV_MAX_BATCH;
 	int rc = ev_split(app, json, len, max, &objs, &n, err);
@@ -2680,7 +2681,9 @@ int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 				 vals[i] ? "contains CR or LF, refused" : "missing");
 			return -1;
 		}
-	char date[64], boundary[40], rnd[17];
+	char date[64], boundary[40], rnd[17], fbl[200] = "";
+	if (m->feedback_id && *m->feedback_id)
+		snprintf(fbl, sizeof fbl, "Feedback-ID: %s\r\n", m->feedback_id);
 	struct tm tm;
 	time_t t = (time_t)m->date;
 	gmtime_r(&t, &tm);
@@ -2697,18 +2700,14 @@ int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 			  "MIME-Version: 1.0\r\n"
 			  "List-Unsubscribe: %s\r\n"
 			  "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
-			  "%s%s%s"
+			  "%s"
 			  "Content-Type: multipart/alternative; boundary=\"%s\"\r\n"
 			  "\r\n"
 			  "This is a multi-part message in MIME format.\r\n"
 			  "--%s\r\n"
 			  "Content-Type: text/plain; charset=UTF-8\r\n"
 			  "Content-Transfer-Encoding: quoted-printable\r\n\r\n",
-			  date, m->message_id, m->list_unsub,
-			  m->feedback_id && *m->feedback_id ? "Feedback-ID: " : "",
-			  m->feedback_id ? m->feedback_id : "",
-			  m->feedback_id && *m->feedback_id ? "\r\n" : "",
-			  boundary, boundary) ||
+			  date, m->message_id, m->list_unsub, fbl, boundary, boundary) ||
 		 qp_encode(out, m->text) ||
 		 buf_addf(out, "\r\n--%s\r\n"
 			  "Content-Type: text/html; charset=UTF-8\r\n"
@@ -2774,9 +2773,11 @@ out:
 
 /* ==== 10. Transports: SMTP and outbox =================================== */
 /*
- * send() hands a built message to the configured transport and says
+ * mail_send() hands a built message to the configured transport and says
  * whether it went out (SEND_OK), may go later (SEND_TEMP: a 4xx answer,
- * a refused connection, a time-out) or never will (SEND_PERM: a 5xx).
+ * a refused connection, a time-out), never will to this recipient
+ * (SEND_PERM: a 5xx to RCPT or to the data), or the relay refuses us
+ * (SEND_CONFIG: login, sender, TLS).
  * The outbox is the embedded default: one file per message, named by the
  * message row, written atomically, so a repeated attempt replaces the
  * file instead of adding a second one.
@@ -3562,19 +3563,21 @@ long flow_lapse_days(struct app *app, char *why, size_t whylen)
 	return clamped;
 }
 
-static int segments_fill(struct app *app, rm_time now)
+/* LAPSE: the threshold in seconds, found once by the caller (with
+ * winback_after = auto it is a scan of every order). */
+static int segments_fill(struct app *app, rm_time now, int64_t lapse)
 {
-	char why[200];
-	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
 	return q_exec(app->db, q(app->db, ST_SEGMENTS_CLEAR, NULL)) ||
 	       q_exec(app->db, q(app->db, ST_SEGMENTS_FILL, "ii", (int64_t)now, lapse));
 }
 
 int flow_segments(struct app *app, rm_time now)
 {
+	char why[200];
+	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
 	if (db_begin(app->db) < 0)
 		return -1;
-	if (segments_fill(app, now) || db_commit(app->db)) {
+	if (segments_fill(app, now, lapse) || db_commit(app->db)) {
 		db_rollback(app->db);
 		return -1;
 	}
@@ -3587,7 +3590,7 @@ static int detect_lifecycle(struct app *app, rm_time now, int64_t lapse,
 {
 	struct db *db = app->db;
 	int64_t cool = (int64_t)app->cfg->winback_cooldown_days * 86400;
-	if (segments_fill(app, now) ||
+	if (segments_fill(app, now, lapse) ||
 	    q_exec(db, q(db, ST_LAPSE_ENROLL, "iii", (int64_t)now, lapse, cool)))
 		return -1;
 	sum->enrolled += sqlite3_changes(db->h);
@@ -4278,7 +4281,7 @@ static void resp_page(struct app *app, struct http_resp *rs, int status,
 	buf_adds(&rs->headers, "Cache-Control: no-store\r\n"
 		 "Referrer-Policy: no-referrer\r\n");
 	snprintf(path, sizeof path, "%s/page.html", app->cfg->templates);
-	if (read_file(path, &tpl, 1 << 20) < 0 ||
+	if (template_read(path, &tpl) < 0 ||
 	    tpl_render(tpl.data, &ctx, TPL_HTML, app->cfg->templates, ".html",
 		       &rs->body, err, sizeof err) < 0) {
 		rs->body.len = 0;
@@ -4684,34 +4687,34 @@ static void visitor_cookie(struct app *app, const struct http_req *rq,
 		 "SameSite=Lax\r\n", vid);
 }
 
-static void route_recover(struct app *app, const struct http_req *rq,
-			  struct http_resp *rs, const char *tok, rm_time now)
+/* A link from an email to the cart: /r/ (recovery, which also joins this
+ * browser to the contact) and /d/ (the same, with the discount code). */
+static void cart_link(struct app *app, const struct http_req *rq,
+		      struct http_resp *rs, const char *tok, char kind, rm_time now)
 {
 	int64_t msg, contact;
 	char cart[80], code[40];
 	struct buf loc = {0};
-	if (link_target(app, tok, TOK_RECOVER, now, rs, &msg, &contact, cart, code))
+	if (link_target(app, tok, kind, now, rs, &msg, &contact, cart, code))
 		return;
-	record(app, msg, "click", now);
-	visitor_cookie(app, rq, contact, now, rs);
-	cart_location(app, cart, "", &loc);
+	record(app, msg, kind == TOK_RECOVER ? "click" : "discount", now);
+	if (kind == TOK_RECOVER)
+		visitor_cookie(app, rq, contact, now, rs);
+	cart_location(app, cart, kind == TOK_DISCOUNT ? code : "", &loc);
 	resp_redirect(rs, buf_str(&loc));
 	buf_free(&loc);
+}
+
+static void route_recover(struct app *app, const struct http_req *rq,
+			  struct http_resp *rs, const char *tok, rm_time now)
+{
+	cart_link(app, rq, rs, tok, TOK_RECOVER, now);
 }
 
 static void route_discount(struct app *app, const struct http_req *rq,
 			   struct http_resp *rs, const char *tok, rm_time now)
 {
-	(void)rq;
-	int64_t msg, contact;
-	char cart[80], code[40];
-	struct buf loc = {0};
-	if (link_target(app, tok, TOK_DISCOUNT, now, rs, &msg, &contact, cart, code))
-		return;
-	record(app, msg, "discount", now);
-	cart_location(app, cart, code, &loc);
-	resp_redirect(rs, buf_str(&loc));
-	buf_free(&loc);
+	cart_link(app, rq, rs, tok, TOK_DISCOUNT, now);
 }
 
 static void route_unsub(struct app *app, const struct http_req *rq,
@@ -5282,11 +5285,7 @@ static int cmd_event(struct app *app, rm_time now)
 		if (buf_add(&in, chunk, n) < 0)
 			break;
 	struct ev_error err;
-	/* the operator may load big batches: the HTTP cap does not apply */
-	long max = app->cfg->max_body;
-	app->cfg->max_body = LONG_MAX;
 	int rc = ev_ingest(app, EV_CLI, buf_str(&in), in.len, NULL, now, &err);
-	app->cfg->max_body = max;
 	buf_free(&in);
 	if (rc < 0) {
 		fprintf(stderr, "remarket event: %s\n", err.msg);
