@@ -5041,6 +5041,49 @@ static void serve_one(struct app *app, const struct io *io)
 	buf_free(&body);
 }
 
+/* The parameters come from a NULL-terminated "NAME=value" array, the body
+ * from memory, the response goes to a buffer: the fuzz target and the
+ * boundary tests drive the front-end's whole path with this. */
+struct mem_io {
+	const char *const *env;
+	const char *body;
+	size_t len, off;
+	struct buf *out;
+};
+
+static const char *mem_param(void *ctx, const char *name)
+{
+	const struct mem_io *m = ctx;
+	size_t n = strlen(name);
+	for (const char *const *e = m->env; e && *e; e++)
+		if (!strncmp(*e, name, n) && (*e)[n] == '=')
+			return *e + n + 1;
+	return NULL;
+}
+
+static int mem_read(void *ctx, char *buf, int n)
+{
+	struct mem_io *m = ctx;
+	size_t left = m->len - m->off;
+	size_t k = (size_t)n < left ? (size_t)n : left;
+	memcpy(buf, m->body + m->off, k);
+	m->off += k;
+	return (int)k;
+}
+
+static void mem_write(void *ctx, const char *data, size_t n)
+{
+	buf_add(((struct mem_io *)ctx)->out, data, n);
+}
+
+void http_serve_cgi(struct app *app, const char *const *env, const char *body,
+		    size_t len, struct buf *out)
+{
+	struct mem_io m = {env, body ? body : "", body ? len : 0, 0, out};
+	struct io io = {mem_param, mem_read, mem_write, &m};
+	serve_one(app, &io);
+}
+
 static pthread_mutex_t accept_lock = PTHREAD_MUTEX_INITIALIZER;
 static const char *socket_path;
 

@@ -268,5 +268,11 @@ struct http_resp {
 void http_handle(struct app *app, const struct http_req *rq,
 		 struct http_resp *rs, rm_time now);
 void http_resp_free(struct http_resp *rs);
+/* The front-ends' whole path for one request: CGI parameters from ENV (a
+ * NULL-terminated array of "NAME=value"), the body from BODY, and the CGI
+ * response (Status, headers, blank line, body) appended to OUT. Uses the
+ * real clock or $REMARKET_NOW, as the front-ends do. */
+void http_serve_cgi(struct app *app, const char *const *env, const char *body,
+		    size_t len, struct buf *out);
 
 #endif
