@@ -3,7 +3,8 @@
 # see it. The world runs behind nginx (nginx.conf.example) with
 # trusted_proxies = 127.0.0.1 and a fixed clock. Checked here:
 #   - the socket is mode 0660, group www-data (socket_group's default), and
-#     a local user outside that group cannot connect (when run as root);
+#     a local user outside that group cannot connect (when run as root),
+#     and a socket_group that does not exist stops `remarket serve`;
 #   - a raw FastCGI client (the honest way to leave a parameter out) sends
 #     requests without REQUEST_METHOD, with it empty, with odd lengths:
 #     each gets a JSON 400 naming the parameter, and the server lives on;
@@ -51,6 +52,13 @@ SKIP: {
     }
     waitpid $pid, 0;
     is($? >> 8, 1, 'a local user outside the group cannot connect to the socket');
+}
+{
+    my ($rc, undef, $err) = cli('serve', tmp() . '/other.sock',
+        { timeout => 10, env => { REMARKET_SOCKET_GROUP => 'no-such-group-rm' } });
+    is($rc, 1, 'serve with a socket_group that does not exist stops');
+    like($err, qr/socket_group 'no-such-group-rm': no such group/, '... naming it') or diag $err;
+    ok(!-e tmp() . '/other.sock', '... and leaves no socket behind');
 }
 
 # ---- a raw FastCGI client ----
