@@ -33,6 +33,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
@@ -44,6 +45,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <arpa/inet.h>
 
 #include <curl/curl.h>
 #include <fcgiapp.h>
@@ -134,12 +136,21 @@ static int copy_str(char *dst, size_t n, const char *src)
 	return (w < 0 || (size_t)w >= n) ? -1 : 0;
 }
 
+/* The latest time anything accepts: 9999-12-31T23:59:59Z. Every time
+ * from outside is checked against it, so sums of times never overflow. */
+#define RM_TIME_MAX ((rm_time)253402300799LL)
+
+/* Unix seconds, ISO 8601 (UTC) or +N[smhd]/-N[smhd] from BASE; -1 when
+ * S is none of them or falls outside 1970..9999. */
 static rm_time parse_time(const char *s, rm_time base)
 {
 	char *end;
 	if (!s || !*s)
 		return -1;
 	if (*s == '+' || *s == '-') { /* relative: +90s, +2h, -30d */
+		if (!isdigit((unsigned char)s[1]) || base < 0 || base > RM_TIME_MAX)
+			return -1;
+		errno = 0;
 		long long v = strtoll(s + 1, &end, 10);
 		long long mul = 1;
 		switch (*end) {
@@ -149,22 +160,27 @@ static rm_time parse_time(const char *s, rm_time base)
 		case 's': end++; break;
 		default: break;
 		}
-		if (*end || v < 0 || v > 100LL * 365 * 86400)
+		if (errno || *end || v < 0 || v > 100LL * 365 * 86400)
 			return -1;
-		return *s == '-' ? base - v * mul : base + v * mul;
+		/* |v * mul| <= 2.8e14 and base <= RM_TIME_MAX: no overflow */
+		rm_time t = *s == '-' ? base - v * mul : base + v * mul;
+		return t >= 0 && t <= RM_TIME_MAX ? t : -1;
 	}
+	errno = 0;
 	long long v = strtoll(s, &end, 10);
 	if (!*end && end != s)
-		return v >= 0 ? v : -1;
+		return !errno && v >= 0 && v <= RM_TIME_MAX ? v : -1;
 	struct tm tm = {0};
 	end = strptime(s, "%Y-%m-%dT%H:%M:%S", &tm);
 	if (!end) { /* a plain date is its midnight, UTC */
 		memset(&tm, 0, sizeof tm);
 		end = strptime(s, "%Y-%m-%d", &tm);
 	}
-	if (!end || (*end && strcmp(end, "Z") != 0))
+	if (!end || (*end && strcmp(end, "Z") != 0) || tm.tm_year < 70 ||
+	    tm.tm_year > 9999 - 1900)
 		return -1;
-	return (rm_time)timegm(&tm);
+	rm_time t = (rm_time)timegm(&tm);
+	return t >= 0 && t <= RM_TIME_MAX ? t : -1;
 }
 
 /* Where "now" comes from: the real clock, or $REMARKET_NOW. (Below this,
@@ -175,6 +191,98 @@ static rm_time clock_now(void)
 	const char *o = getenv("REMARKET_NOW");
 	rm_time t = o ? parse_time(o, real) : -1;
 	return t >= 0 ? t : real;
+}
+
+/* An IPv4 or IPv6 address; "::ffff:1.2.3.4" is the IPv4 1.2.3.4. */
+struct ipaddr {
+	int v6;
+	unsigned char b[16];
+};
+
+static int ip_parse(const char *s, struct ipaddr *a)
+{
+	static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+						 0xff, 0xff};
+	memset(a, 0, sizeof *a);
+	if (inet_pton(AF_INET, s, a->b) == 1)
+		return 0;
+	if (inet_pton(AF_INET6, s, a->b) != 1)
+		return -1;
+	a->v6 = 1;
+	if (!memcmp(a->b, mapped, sizeof mapped)) {
+		memmove(a->b, a->b + 12, 4);
+		memset(a->b + 4, 0, 12);
+		a->v6 = 0;
+	}
+	return 0;
+}
+
+/* The address in its usual text form, for use as a key. */
+static void ip_format(const struct ipaddr *a, char *out, size_t n)
+{
+	if (!inet_ntop(a->v6 ? AF_INET6 : AF_INET, a->b, out, (socklen_t)n))
+		copy_str(out, n, "");
+}
+
+/* SPEC is "10.0.0.0/8", "::1" or "192.0.2.7" (its length within n bytes).
+ * Returns 1 if A is in it, 0 if not, -1 if SPEC is not an address. */
+static int cidr_match(const char *spec, size_t n, const struct ipaddr *a)
+{
+	char addr[64];
+	struct ipaddr net;
+	const char *slash = memchr(spec, '/', n);
+	size_t alen = slash ? (size_t)(slash - spec) : n;
+	if (alen >= sizeof addr)
+		return -1;
+	memcpy(addr, spec, alen);
+	addr[alen] = '\0';
+	if (ip_parse(addr, &net) < 0)
+		return -1;
+	long bits = net.v6 ? 128 : 32;
+	if (slash) {
+		const char *p = slash + 1, *end = spec + n;
+		if (p == end || end - p > 3)
+			return -1;
+		bits = 0;
+		for (; p < end; p++) {
+			if (!isdigit((unsigned char)*p))
+				return -1;
+			bits = bits * 10 + (*p - '0');
+		}
+		if (bits > (net.v6 ? 128 : 32))
+			return -1;
+	}
+	if (a->v6 != net.v6)
+		return 0;
+	for (long i = 0; i < bits; i++) {
+		unsigned mask = 0x80u >> (i % 8);
+		if ((a->b[i / 8] & mask) != (net.b[i / 8] & mask))
+			return 0;
+	}
+	return 1;
+}
+
+/* 1 if A is in the comma- or space-separated LIST of addresses and CIDRs,
+ * 0 if not, -1 if an entry of LIST is not one (BAD, BADLEN: which). */
+static int ip_in_list(const char *list, const struct ipaddr *a,
+		      const char **bad, size_t *badlen)
+{
+	int found = 0;
+	for (const char *p = list; *p;) {
+		p += strspn(p, ", \t");
+		size_t n = strcspn(p, ", \t");
+		if (!n)
+			break;
+		int m = cidr_match(p, n, a);
+		if (m < 0) {
+			if (bad)
+				*bad = p, *badlen = n;
+			return -1;
+		}
+		found |= m;
+		p += n;
+	}
+	return found;
 }
 
 static int mkdir_p(const char *path, mode_t mode)
@@ -308,6 +416,7 @@ static const struct cfg_key {
 	CFG_STR(static_dir, "./static"),
 	CFG_LONG(rate_ip_per_min, "120"),
 	CFG_LONG(rate_visitor_per_min, "60"),
+	CFG_STR(trusted_proxies, ""),
 	CFG_LONG(attribution_click_days, "5"),
 	CFG_LONG(attribution_view_hours, "24"),
 	CFG_LONG(conversion_days, "7"),
@@ -318,6 +427,7 @@ static const struct cfg_key {
 	CFG_LONG(idle_minutes, "60"),
 	CFG_LONG(max_body, "65536"),
 	CFG_LONG(threads, "4"),
+	CFG_STR(socket_group, ""),
 	CFG_LONG(lease_seconds, "300"),
 	CFG_LONG(max_items, "100"),
 };
@@ -479,6 +589,15 @@ int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
 	}
 	if (!*cfg->store_origin)
 		cfg_derive_origin(cfg);
+	const char *bad = NULL;
+	size_t badlen = 0;
+	struct ipaddr any = {0};
+	if (ip_in_list(cfg->trusted_proxies, &any, &bad, &badlen) < 0) {
+		snprintf(err, errlen, "trusted_proxies: '%.*s' is not an address or "
+			 "CIDR (want e.g. 127.0.0.1, ::1, 10.0.0.0/8)", (int)badlen,
+			 bad);
+		return -1;
+	}
 	if (cfg->threads < 1 || cfg->threads > 64)
 		cfg->threads = 4;
 	return 0;
@@ -1293,10 +1412,20 @@ int val_utf8(const char *str, size_t n)
 	return 1;
 }
 
+/* Characters (code points) in valid UTF-8: the bytes that start one. */
+static size_t utf8_chars(const char *s, size_t n)
+{
+	size_t chars = 0;
+	for (size_t i = 0; i < n; i++)
+		chars += ((unsigned char)s[i] & 0xC0) != 0x80;
+	return chars;
+}
+
+/* maxlen counts characters, not bytes: "é" x 100 is 100 characters. */
 int val_text(const char *s, size_t maxlen)
 {
 	size_t n = strlen(s);
-	if (n > maxlen || !val_utf8(s, n))
+	if (!val_utf8(s, n) || utf8_chars(s, n) > maxlen)
 		return 0;
 	for (size_t i = 0; i < n; i++) {
 		unsigned char c = (unsigned char)s[i];
@@ -1904,6 +2033,11 @@ static int ev_string(struct event *e, const char *key, const char *jt,
 		const struct efield *f = &efields[i];
 		if (strcmp(f->key, key) != 0)
 			continue;
+		if (strcmp(jt, "text") == 0 && f->check == FC_TEXT &&
+		    val_utf8(atom, strlen(atom)) &&
+		    utf8_chars(atom, strlen(atom)) > f->maxlen)
+			return fail(err, 400, "%s: at most %zu characters", key,
+				    f->maxlen);
 		if (strcmp(jt, "text") != 0 || !check_field(f->check, atom, f->maxlen))
 			return fail(err, 400, "%s: %s", key, check_hint(f->check));
 		char **slot = (char **)((char *)e + f->off);
@@ -1978,6 +2112,7 @@ static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 	const char *k = col_text(s, 0), *jt = col_text(s, 1);
 	const char *atom = col_text(s, 2);
 	int text = strcmp(jt, "text") == 0, ok = 1;
+	size_t max = 0; /* characters, for the message */
 	char key[48];
 	snprintf(key, sizeof key, "items[%zu].%.16s", idx, k);
 	if (has_nul(s, 0) || has_nul(s, 2))
@@ -1986,7 +2121,7 @@ static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 		ok = text && val_ident(atom, 64);
 		*seen |= 1;
 	} else if (strcmp(k, "name") == 0) {
-		ok = text && val_text(atom, 200) && *atom;
+		ok = text && val_text(atom, max = 200) && *atom;
 		*seen |= 2;
 	} else if (strcmp(k, "url") == 0 || strcmp(k, "image") == 0) {
 		/* from a browser, links must stay on the shop: an email must not
@@ -1996,13 +2131,16 @@ static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 			return fail(err, 400, "%s: from a browser, links must be on %s",
 				    key, origin);
 	} else if (strcmp(k, "category") == 0) {
-		ok = text && val_text(atom, 64);
+		ok = text && val_text(atom, max = 64);
 	} else if (strcmp(k, "price") == 0) {
 		*seen |= 4;
 		return ev_number(s, key, jt, 0, 1e7, 0, price, err);
 	} else if (strcmp(k, "qty") == 0) {
 		return ev_number(s, key, jt, 1, 1000, 1, qty, err);
 	}
+	if (!ok && max && text && val_utf8(atom, strlen(atom)) &&
+	    utf8_chars(atom, strlen(atom)) > max)
+		return fail(err, 400, "%s: at most %zu characters", key, max);
 	return ok ? 0 : fail(err, 400, "%s: invalid value", key);
 }
 
@@ -4807,13 +4945,28 @@ static void route_validate(struct app *app, const struct http_req *rq,
 			     why, min, (int64_t)exp), &rs->body);
 }
 
-/* The operator's pages: from the machine itself, or with the tick token
- * as a bearer token or as the password of HTTP Basic auth (so a browser
- * asks for it). */
-static int operator_ok(struct app *app, const struct http_req *rq)
+/* The subject of report links: 63 bits of a hash of the tick token, so
+ * that changing tick_token revokes every report link given out. */
+static int64_t report_subject(const struct config *cfg)
 {
-	const char *ip = rq->remote_addr ? rq->remote_addr : "";
-	if (!strcmp(ip, "127.0.0.1") || !strcmp(ip, "::1"))
+	unsigned char h[8];
+	crypto_generichash(h, sizeof h, (const unsigned char *)"remarket report",
+			   15, (const unsigned char *)cfg->tick_token,
+			   strlen(cfg->tick_token));
+	return (int64_t)(get_be64(h) >> 1);
+}
+
+/* The operator's pages: with the tick token as a bearer token or as the
+ * password of HTTP Basic auth (so a browser asks for it), or with a
+ * report link (?t=, from `remarket report --link`). Never by address: a
+ * tunnel or a TLS terminator on this host makes every client loopback. */
+static int operator_ok(struct app *app, const struct http_req *rq, rm_time now)
+{
+	char *t = query_param(rq->query, "t");
+	int64_t subject = 0;
+	int st = t ? tok_verify(app->key, t, TOK_REPORT, now, &subject) : TOK_MALFORMED;
+	free(t);
+	if (st == TOK_OK && subject == report_subject(app->cfg))
 		return 1;
 	if (bearer_ok(rq, app->cfg->tick_token))
 		return 1;
@@ -4849,9 +5002,10 @@ static void route_report(struct app *app, const struct http_req *rq,
 			 struct http_resp *rs, const char *arg, rm_time now)
 {
 	int json = !strcmp(arg, "/report.json"); /* exact routes get the path */
-	if (!operator_ok(app, rq)) {
+	if (!operator_ok(app, rq, now)) {
 		resp_json_error(app, rs, 401, "the report needs the tick_token "
-				"(Authorization: Bearer, or as the Basic password)");
+				"(Authorization: Bearer, or as the Basic password) "
+				"or a link from 'remarket report --link'");
 		buf_adds(&rs->headers, "WWW-Authenticate: Basic realm=\"remarket\"\r\n");
 		return;
 	}
@@ -4866,7 +5020,9 @@ static void route_report(struct app *app, const struct http_req *rq,
 	}
 	rs->status = 200;
 	rs->content_type = json ? "application/json" : "text/html; charset=utf-8";
-	buf_adds(&rs->headers, "Cache-Control: no-store\r\n");
+	/* a report link must not leak through a Referer */
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n"
+		 "Referrer-Policy: no-referrer\r\n");
 	if (json)
 		report_json(r, &rs->body);
 	else
@@ -4899,17 +5055,24 @@ static const struct route {
 static int method_allowed(const char *methods, const char *m)
 {
 	size_t n = strlen(m);
+	if (!n)
+		return 0; /* strstr(p, "") would match forever */
 	for (const char *p = methods; (p = strstr(p, m)); p += n)
 		if ((p == methods || p[-1] == ' ') && (p[n] == ' ' || !p[n]))
 			return 1;
 	return 0;
 }
 
-void http_handle(struct app *app, const struct http_req *rq,
+void http_handle(struct app *app, const struct http_req *req,
 		 struct http_resp *rs, rm_time now)
 {
-	const char *path = rq->path && *rq->path ? rq->path : "/";
-	const char *method = rq->method ? rq->method : "GET";
+	/* the routes may rely on a method and a path (the front-ends have
+	 * validated both; a direct caller may leave them out) */
+	struct http_req r1 = *req;
+	const struct http_req *rq = &r1;
+	const char *path = r1.path = req->path && *req->path ? req->path : "/";
+	const char *method = r1.method = req->method && *req->method ? req->method
+								     : "GET";
 	for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
 		const struct route *r = &routes[i];
 		size_t n = strlen(r->path);
@@ -4977,6 +5140,148 @@ static void fcgi_write(void *ctx, const char *data, size_t n)
 	FCGX_PutStr(data, (int)n, ((FCGX_Request *)ctx)->out);
 }
 
+/* ---- the parameters: validated before anything reads them ---- */
+/*
+ * A CGI/FastCGI parameter is input like a body: anyone who reaches the
+ * socket writes them, and any may be missing, empty or hostile. Each one
+ * the program reads has a named validator below; serve_one runs them all
+ * first and answers 400 with the parameter's name. Parameters not in the
+ * table are never read.
+ */
+
+/* The methods HTTP defines; the routes then answer 405 for the others. */
+static const char *const cgi_methods[] = {"GET", "HEAD", "POST", "OPTIONS",
+					  "PUT", "DELETE", "PATCH"};
+
+static int cgi_method_ok(const char *v)
+{
+	for (size_t i = 0; i < sizeof cgi_methods / sizeof cgi_methods[0]; i++)
+		if (!strcmp(v, cgi_methods[i]))
+			return 1;
+	return 0;
+}
+
+/* Empty means "/"; otherwise a path from "/", text, no control chars. */
+static int cgi_path_ok(const char *v, size_t max)
+{
+	return !*v || (*v == '/' && strlen(v) <= max && val_text(v, max));
+}
+
+/* A whole number of bytes: digits only, at most 18 of them. */
+static int cgi_length_ok(const char *v, size_t max)
+{
+	size_t n = strspn(v, "0123456789");
+	return !v[n] && n <= max;
+}
+
+static int cgi_addr_ok(const char *v)
+{
+	struct ipaddr a;
+	return ip_parse(v, &a) == 0;
+}
+
+static int cgi_text_ok(const char *v, size_t max)
+{
+	return strlen(v) <= max && val_text(v, max);
+}
+
+enum cgi_check { CGI_METHOD, CGI_PATH, CGI_LENGTH, CGI_ADDR, CGI_TEXT };
+static const struct cgi_param {
+	const char *name;
+	enum cgi_check check;
+	size_t max;   /* bytes */
+	int required; /* else missing and empty are fine */
+	const char *want;
+} cgi_params[] = {
+	{"REQUEST_METHOD", CGI_METHOD, 7, 1,
+	 "one of GET, HEAD, POST, OPTIONS, PUT, DELETE, PATCH"},
+	{"PATH_INFO", CGI_PATH, 1024, 0,
+	 "a path from / of at most 1024 bytes, no control characters"},
+	{"QUERY_STRING", CGI_TEXT, 8192, 0,
+	 "at most 8192 bytes of UTF-8 without control characters"},
+	{"CONTENT_LENGTH", CGI_LENGTH, 18, 0, "a whole number of bytes"},
+	{"CONTENT_TYPE", CGI_TEXT, 256, 0,
+	 "at most 256 bytes without control characters"},
+	{"REMOTE_ADDR", CGI_ADDR, 64, 0, "an IPv4 or IPv6 address"},
+	{"HTTP_X_FORWARDED_FOR", CGI_TEXT, 2048, 0,
+	 "at most 2048 bytes without control characters"},
+	{"HTTP_AUTHORIZATION", CGI_TEXT, 1024, 0,
+	 "at most 1024 bytes without control characters"},
+	{"HTTP_X_REMARKET_SIGNATURE", CGI_TEXT, 1024, 0,
+	 "at most 1024 bytes without control characters"},
+	{"HTTP_COOKIE", CGI_TEXT, 16384, 0,
+	 "at most 16384 bytes without control characters"},
+	{"HTTP_ORIGIN", CGI_TEXT, 2048, 0,
+	 "at most 2048 bytes without control characters"},
+};
+
+static int cgi_param_ok(const struct cgi_param *p, const char *v)
+{
+	if (!v || !*v)
+		return !p->required;
+	switch (p->check) {
+	case CGI_METHOD: return cgi_method_ok(v);
+	case CGI_PATH: return cgi_path_ok(v, p->max);
+	case CGI_LENGTH: return cgi_length_ok(v, p->max);
+	case CGI_ADDR: return strlen(v) <= p->max && cgi_addr_ok(v);
+	case CGI_TEXT: return cgi_text_ok(v, p->max);
+	}
+	return 0;
+}
+
+/* 0 if every parameter passes, else -1 with the message in MSG. */
+static int cgi_validate(const struct io *io, char *msg, size_t n)
+{
+	for (size_t i = 0; i < sizeof cgi_params / sizeof cgi_params[0]; i++) {
+		const struct cgi_param *p = &cgi_params[i];
+		const char *v = io->param(io->ctx, p->name);
+		if (cgi_param_ok(p, v))
+			continue;
+		snprintf(msg, n, "%s: %s; want %s", p->name,
+			 !v ? "missing" : !*v ? "empty" : "invalid", p->want);
+		return -1;
+	}
+	return 0;
+}
+
+/* The client's address: REMOTE_ADDR, unless that is one of
+ * trusted_proxies; then the right-most address of X-Forwarded-For that is
+ * not a trusted proxy (the left-most if all are). Anything to the left of
+ * that was written by the client itself and is never believed. */
+static void client_addr(const struct config *cfg, const char *remote,
+			const char *xff, char *out, size_t n)
+{
+	struct ipaddr a;
+	copy_str(out, n, "unknown"); /* one bucket for "no address given" */
+	if (!remote || !*remote || ip_parse(remote, &a) < 0)
+		return;
+	ip_format(&a, out, n);
+	if (!xff || ip_in_list(cfg->trusted_proxies, &a, NULL, NULL) != 1)
+		return;
+	for (size_t end = strlen(xff); end > 0;) {
+		size_t start = end;
+		while (start > 0 && xff[start - 1] != ',')
+			start--;
+		char hop[64];
+		const char *p = xff + start;
+		size_t len = end - start;
+		while (len && (*p == ' ' || *p == '\t'))
+			p++, len--;
+		while (len && (p[len - 1] == ' ' || p[len - 1] == '\t'))
+			len--;
+		end = start ? start - 1 : 0;
+		if (len >= sizeof hop)
+			return; /* not an address: stop at the last proxy */
+		memcpy(hop, p, len);
+		hop[len] = '\0';
+		if (ip_parse(hop, &a) < 0)
+			return;
+		ip_format(&a, out, n);
+		if (ip_in_list(cfg->trusted_proxies, &a, NULL, NULL) != 1)
+			return;
+	}
+}
+
 static int read_body(struct app *app, const struct io *io, struct buf *body,
 		     int *too_large)
 {
@@ -5019,6 +5324,13 @@ static void serve_one(struct app *app, const struct io *io)
 	struct http_req rq = {0};
 	struct http_resp rs = {0};
 	struct buf body = {0};
+	char msg[200], client[64];
+	if (cgi_validate(io, msg, sizeof msg) < 0) {
+		resp_json_error(app, &rs, 400, msg);
+		write_response(io, &rs, 0);
+		http_resp_free(&rs);
+		return;
+	}
 	const char *path = io->param(io->ctx, "PATH_INFO");
 	rq.method = io->param(io->ctx, "REQUEST_METHOD");
 	rq.path = path && *path ? path : "/";
@@ -5028,7 +5340,10 @@ static void serve_one(struct app *app, const struct io *io)
 	rq.signature = io->param(io->ctx, "HTTP_X_REMARKET_SIGNATURE");
 	rq.cookie = io->param(io->ctx, "HTTP_COOKIE");
 	rq.origin = io->param(io->ctx, "HTTP_ORIGIN");
-	rq.remote_addr = io->param(io->ctx, "REMOTE_ADDR");
+	client_addr(app->cfg, io->param(io->ctx, "REMOTE_ADDR"),
+		    io->param(io->ctx, "HTTP_X_FORWARDED_FOR"), client,
+		    sizeof client);
+	rq.remote_addr = client;
 	if (read_body(app, io, &body, &rq.body_too_large) < 0) {
 		resp_json_error(app, &rs, 400, "body: bad Content-Length");
 	} else {
@@ -5268,6 +5583,41 @@ static int cmd_keygen(void)
 	return rc;
 }
 
+/* Makes the socket at PATH mode 0660 and of socket_group: only the web
+ * server (a member of that group) may send requests, and with them the
+ * parameters (REMOTE_ADDR...) remarket believes. With socket_group empty,
+ * the group is www-data if it exists, else the group remarket runs as.
+ * The group's name goes to GROUP. */
+static int socket_give(const struct config *cfg, const char *path, char *group,
+		       size_t n)
+{
+	const char *name = *cfg->socket_group ? cfg->socket_group : "www-data";
+	struct group *g = getgrnam(name);
+	if (!g && *cfg->socket_group) {
+		fprintf(stderr, "remarket serve: socket_group '%s': no such group — "
+			"name the web server's group (www-data, nginx, apache)\n", name);
+		return -1;
+	}
+	if (g && chown(path, (uid_t)-1, g->gr_gid) < 0) {
+		if (*cfg->socket_group) {
+			fprintf(stderr, "remarket serve: socket_group '%s': cannot give "
+				"%s to it: %s — run remarket as a member of that "
+				"group, or as root\n", name, path, strerror(errno));
+			return -1;
+		}
+		g = NULL; /* the default is only a guess: keep our own group */
+	}
+	if (!g)
+		g = getgrgid(getegid());
+	copy_str(group, n, g ? g->gr_name : "?");
+	if (chmod(path, 0660) < 0) {
+		fprintf(stderr, "remarket serve: chmod 0660 %s: %s\n", path,
+			strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
 static int cmd_serve(struct config *cfg, const char *addr)
 {
 	char err[512];
@@ -5282,18 +5632,27 @@ static int cmd_serve(struct config *cfg, const char *addr)
 		return 1;
 	}
 	int unix_socket = strchr(addr, ':') == NULL; /* as FCGX_OpenSocket decides */
+	/* born 0660 (no window in which others may connect), then given to
+	 * socket_group */
+	mode_t old = umask(0117);
 	int fd = FCGX_OpenSocket(addr, 128);
+	umask(old);
 	if (fd < 0) {
 		fprintf(stderr, "remarket serve: cannot listen on %s: %s\n", addr,
 			strerror(errno));
 		return 1;
 	}
+	char group[64] = "";
 	if (unix_socket) {
 		socket_path = addr;
-		chmod(addr, 0666); /* the web server runs as another user */
+		if (socket_give(cfg, addr, group, sizeof group) < 0) {
+			unlink(addr);
+			return 1;
+		}
 	}
-	fprintf(stderr, "remarket: FastCGI on %s, %ld threads\n", addr,
-		cfg->threads);
+	fprintf(stderr, "remarket: FastCGI on %s%s%s%s, %ld threads\n", addr,
+		unix_socket ? " (mode 0660, group " : "", group,
+		unix_socket ? ")" : "", cfg->threads);
 	return serve_fd(cfg, fd);
 }
 
@@ -5382,8 +5741,29 @@ static void report_text(const struct report *r)
 	}
 }
 
+/* remarket report --link [--days N]: a URL that opens the report in a
+ * browser for N days (default 7), until tick_token changes. */
+static int report_link(struct app *app, rm_time now, int argc, char **argv)
+{
+	const char *d = arg_value(argc, argv, "--days");
+	char *end = NULL, tok[TOK_MAXLEN + 1];
+	long days = d ? strtol(d, &end, 10) : 7;
+	if ((d && (!isdigit((unsigned char)*d) || *end)) || days < 1 || days > 366) {
+		fprintf(stderr, "remarket report --link: --days: want 1 to 366\n");
+		return 2;
+	}
+	if (tok_sign(app->key, TOK_REPORT, report_subject(app->cfg),
+		     now + days * 86400, tok, sizeof tok) < 0)
+		return 1;
+	printf("%s/report?t=%s\n", app->cfg->base_url, tok);
+	return 0;
+}
+
 static int cmd_report(struct app *app, rm_time now, int argc, char **argv)
 {
+	for (int i = 1; i < argc; i++)
+		if (!strcmp(argv[i], "--link"))
+			return report_link(app, now, argc, argv);
 	const char *a = arg_value(argc, argv, "--since");
 	rm_time since = a ? parse_time(a, now) : now - 30 * 86400;
 	if (since < 0 || since > now) {
@@ -5907,6 +6287,8 @@ static void usage(FILE *f)
 		"  tick [--now T]       run one tick, print a JSON summary\n"
 		"  event [--now T]      record JSON event(s) read on stdin\n"
 		"  report [--json] [--since D]  results since D (default -30d)\n"
+		"  report --link [--days N]     a URL that opens the report in a\n"
+		"                       browser for N days (default 7)\n"
 		"  flows [set F N k=v | enable F | disable F | holdout F PCT |\n"
 		"         variant F N k=v | variant F N off]\n"
 		"  segments             RFM segments and the lapse threshold\n"

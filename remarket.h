@@ -44,6 +44,8 @@ struct config {
 	long lease_seconds; /* how long a claimed message stays claimed */
 	long max_items;     /* items per cart */
 	long rate_ip_per_min, rate_visitor_per_min; /* browser events */
+	char *trusted_proxies; /* addresses/CIDRs whose X-Forwarded-For counts */
+	char *socket_group;    /* group of the 0660 FastCGI socket */
 	long attribution_click_days; /* an order within this of a click */
 	long attribution_view_hours; /* "influenced": within this of a send */
 	long conversion_days;        /* an enrollee who orders within this */
@@ -84,7 +86,8 @@ void app_close(struct app *app);
 
 int val_utf8(const char *s, size_t n);       /* 1 if valid UTF-8 */
 int val_email(const char *s);                /* 1 if a plausible address */
-int val_text(const char *s, size_t maxlen);  /* 1 if no control chars */
+int val_text(const char *s, size_t maxlen);  /* 1 if no control chars and at
+					      * most maxlen characters */
 int val_ident(const char *s, size_t maxlen); /* [A-Za-z0-9._:-]+ */
 int val_url(const char *s);                  /* 1 if http(s) URL */
 
@@ -95,6 +98,7 @@ enum tok_kind {
 	TOK_UNSUB = 'u',
 	TOK_DISCOUNT = 'd',
 	TOK_OPEN = 'o',
+	TOK_REPORT = 'p', /* the operator's report link; subject: report_subject */
 };
 enum tok_status {
 	TOK_OK = 0,
@@ -254,7 +258,10 @@ int report_html(const struct report *r, const char *store_name, struct buf *out)
 struct http_req {
 	const char *method, *path, *query;
 	const char *content_type, *authorization, *signature, *cookie;
-	const char *origin, *remote_addr;
+	const char *origin;
+	/* the client: REMOTE_ADDR, or from X-Forwarded-For when REMOTE_ADDR
+	 * is one of trusted_proxies (the front-ends work it out) */
+	const char *remote_addr;
 	const char *body;
 	size_t body_len;
 	int body_too_large; /* the transport stopped reading at max_body */

@@ -157,8 +157,8 @@ if [ $BASE_ONLY = 0 ]; then
 fi
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/remarket-bench.XXXXXX")
-# nginx workers run as nobody when nginx runs as root: they must be able
-# to reach the FastCGI socket in here.
+# nginx workers run as www-data (nginx.conf.example) when nginx runs as
+# root: they must be able to reach the FastCGI socket in here.
 chmod 755 "$TMP"
 
 # Make sure nothing from the caller's environment changes remarket's setup.

@@ -55,8 +55,11 @@ done
 
 say "report (also as a page, the one GET /rm/report serves: $DIR/report.html)"
 $RM report --now $((T0 + 4 * 86400 + 100))
+# the report is the operator's: a link from `remarket report --link` opens it
+rlink=$($RM report --link --now $((T0 + 4 * 86400 + 100)))
 GATEWAY_INTERFACE=CGI/1.1 REQUEST_METHOD=GET PATH_INFO=/report REMOTE_ADDR=127.0.0.1 \
-	REMARKET_NOW=$((T0 + 4 * 86400 + 100)) $RM | sed '1,/^\r*$/d' > "$DIR/report.html"
+	QUERY_STRING="t=${rlink##*t=}" REMARKET_NOW=$((T0 + 4 * 86400 + 100)) $RM |
+	sed '1,/^\r*$/d' > "$DIR/report.html"
 
 say "flows (change them with: remarket flows set abandoned_cart 2 delay=48h)"
 $RM flows

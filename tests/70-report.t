@@ -89,7 +89,17 @@ for my $k (0 .. $#held) {
 ok($clicked > 20 && $clicked == $orders, "$clicked shoppers clicked and ordered");
 
 my $now = $T0 + 2 * 86400;
-my (undef, $json_text) = cgi('/report.json', $now);
+# the report is the operator's: from loopback too it needs the token or a
+# link from `remarket report --link`
+my ($h401) = cgi('/report.json', $now);
+like($h401, qr/^Status: 401/m, 'GET /report.json from 127.0.0.1 without a token -> 401');
+my ($lrc, $link) = run_rm('', {}, 'report', '--link', '--days', '3', '--now', $now);
+like($link, qr{^http://127\.0\.0\.1:8080/rm/report\?t=[A-Za-z0-9_-]+\n\z}, 'report --link prints a URL')
+    or diag $link;
+my ($t) = $link =~ /[?&]t=([A-Za-z0-9_-]+)/;
+my ($hexp) = cgi('/report', $now + 3 * 86400 + 1, "t=$t");
+like($hexp, qr/^Status: 401/m, '... that stops working after --days 3');
+my (undef, $json_text) = cgi('/report.json', $now, "t=$t");
 my $j = eval { JSON::PP->new->decode($json_text) };
 ok($j, 'GET /report.json is JSON') or diag $json_text;
 is($j->{recovered_carts}, $orders, 'recovered carts = the messaged shoppers who ordered');
@@ -102,7 +112,7 @@ is($c, $clicked, 'step 1 clicks counted');
 is($o, $orders, 'step 1 orders attributed');
 ok(exists $s1[1]{versus_a}{lift_ci95}, 'variant B is compared with A, with an interval');
 
-my ($h, $html) = cgi('/report', $now);
+my ($h, $html) = cgi('/report', $now, "t=$t");
 like($h, qr{Content-Type: text/html}, 'GET /report is HTML');
 open my $fh, '>', "$tmp/report.html" or die;
 print $fh $html;

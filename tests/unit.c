@@ -2657,6 +2657,336 @@ static void test_browser_side(void)
 	world_close(&w);
 }
 
+/* ==== The FastCGI boundary: parameters, the report, client addresses ==== */
+
+/* One request through the front-ends' whole path (http_serve_cgi); ENV is
+ * a NULL-terminated "NAME=value" list. Returns the status; the whole CGI
+ * answer is left in OUT. */
+static int cgi_req(struct world *w, const char *const *env, const char *body,
+		   struct buf *out)
+{
+	out->len = 0;
+	http_serve_cgi(&w->app, env, body, body ? strlen(body) : 0, out);
+	buf_add(out, "", 0);
+	int status = 0;
+	if (sscanf(out->data, "Status: %d", &status) != 1)
+		status = -1;
+	return status;
+}
+
+/* The report link's subject, as remarket computes it (pins the format). */
+static int64_t report_subject_of(const char *tick_token)
+{
+	unsigned char h[8];
+	crypto_generichash(h, sizeof h, (const unsigned char *)"remarket report",
+			   15, (const unsigned char *)tick_token, strlen(tick_token));
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = (v << 8) | h[i];
+	return (int64_t)(v >> 1);
+}
+
+static void test_boundary(void)
+{
+	struct world w;
+	struct buf out = {0};
+	char nowvar[64], q[9000], big[2100];
+	if (!ok(world_open(&w, "boundary") == 0, "boundary: world opens"))
+		return;
+	snprintf(nowvar, sizeof nowvar, "%lld", (long long)T0);
+	setenv("REMARKET_NOW", nowvar, 1);
+
+	/* REQUEST_METHOD missing or empty: a 400, never a crash or a loop */
+	static const char *const paths[] = {"PATH_INFO=/onsite", "PATH_INFO=/collect",
+					    "PATH_INFO=/u/abc", "PATH_INFO=/health",
+					    "PATH_INFO=/discounts/validate"};
+	for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+		const char *missing[] = {paths[i], "REMOTE_ADDR=10.9.0.1", NULL};
+		const char *empty[] = {"REQUEST_METHOD=", paths[i], "REMOTE_ADDR=10.9.0.1", NULL};
+		is_int(cgi_req(&w, missing, NULL, &out), 400, paths[i]);
+		ok(contains(out.data, "REQUEST_METHOD: missing") &&
+		   contains(out.data, "application/json"),
+		   "... without REQUEST_METHOD: a JSON 400 naming it");
+		is_int(cgi_req(&w, empty, NULL, &out), 400, "... with REQUEST_METHOD empty: 400");
+		ok(contains(out.data, "REQUEST_METHOD: empty"), "... naming it");
+	}
+	static const char *const badm[] = {"get", "GET ", "FOO", "G\tET", "GETGETGET", "POST\r\n"};
+	for (size_t i = 0; i < sizeof badm / sizeof badm[0]; i++) {
+		char m[64];
+		snprintf(m, sizeof m, "REQUEST_METHOD=%s", badm[i]);
+		const char *env[] = {m, "PATH_INFO=/health", NULL};
+		is_int(cgi_req(&w, env, NULL, &out), 400, vis(m));
+		ok(contains(out.data, "REQUEST_METHOD: invalid"), "... naming REQUEST_METHOD");
+	}
+	{
+		const char *env[] = {"REQUEST_METHOD=GET", "PATH_INFO=/health", "REMOTE_ADDR=10.9.0.1", NULL};
+		is_int(cgi_req(&w, env, NULL, &out), 200, "GET /health through http_serve_cgi -> 200");
+		const char *head[] = {"REQUEST_METHOD=HEAD", "PATH_INFO=/health", NULL};
+		is_int(cgi_req(&w, head, NULL, &out), 200, "HEAD /health -> 200");
+		ok(!contains(out.data, "ok\n"), "... without a body");
+		const char *del[] = {"REQUEST_METHOD=DELETE", "PATH_INFO=/health", NULL};
+		is_int(cgi_req(&w, del, NULL, &out), 405, "DELETE /health: a known method -> 405");
+		const char *nopath[] = {"REQUEST_METHOD=GET", NULL};
+		is_int(cgi_req(&w, nopath, NULL, &out), 404, "no PATH_INFO is / -> 404");
+	}
+	/* the same straight into http_handle: a NULL or empty method */
+	static const char *const hpaths[] = {"/onsite", "/collect", "/u/abc", "/report"};
+	for (size_t i = 0; i < sizeof hpaths / sizeof hpaths[0]; i++) {
+		struct http_resp rs;
+		struct http_req rq = {.path = hpaths[i], .remote_addr = "10.9.0.2"};
+		memset(&rs, 0, sizeof rs);
+		http_handle(&w.app, &rq, &rs, T0);
+		ok(rs.status >= 200 && rs.status < 500, "http_handle %s, method NULL -> %d", hpaths[i], rs.status);
+		http_resp_free(&rs);
+		rq.method = "";
+		memset(&rs, 0, sizeof rs);
+		http_handle(&w.app, &rq, &rs, T0);
+		ok(rs.status >= 200 && rs.status < 500, "http_handle %s, method \"\" -> %d", hpaths[i], rs.status);
+		http_resp_free(&rs);
+	}
+
+	/* every other parameter: lengths, charsets, numbers */
+	memset(q, 'a', sizeof q - 1);
+	q[sizeof q - 1] = '\0';
+	memcpy(q, "QUERY_STRING=", 13); /* 8986 bytes of value */
+	memset(big, 'b', sizeof big - 1);
+	big[sizeof big - 1] = '\0';
+	char pathlong[1100] = "PATH_INFO=/";
+	memset(pathlong + 11, 'p', 1030);
+	pathlong[1041] = '\0';
+	char cookie[40], auth[1100] = "HTTP_AUTHORIZATION=Bearer ";
+	memset(auth + 26, 'x', 1030); /* 1037 bytes of value */
+	auth[1056] = '\0';
+	snprintf(cookie, sizeof cookie, "HTTP_COOKIE=rm_vid=v1\nX: y");
+	char origin[2100];
+	snprintf(origin, sizeof origin, "HTTP_ORIGIN=http://%s", big + 20);
+	char xff[2200];
+	snprintf(xff, sizeof xff, "HTTP_X_FORWARDED_FOR=%s", big);
+	static const struct {
+		const char *param, *value;
+	} bad[] = {
+		{"PATH_INFO", "PATH_INFO=health"},
+		{"PATH_INFO", "PATH_INFO=/health\x01"},
+		{"PATH_INFO", "PATH_INFO=/r/\x7f"},
+		{"PATH_INFO", "PATH_INFO=/r/\xff\xfe"},
+		{"PATH_INFO", NULL}, /* pathlong */
+		{"QUERY_STRING", NULL}, /* q */
+		{"QUERY_STRING", "QUERY_STRING=type=view&sku=\x1b[2J"},
+		{"CONTENT_LENGTH", "CONTENT_LENGTH=abc"},
+		{"CONTENT_LENGTH", "CONTENT_LENGTH=-1"},
+		{"CONTENT_LENGTH", "CONTENT_LENGTH=+5"},
+		{"CONTENT_LENGTH", "CONTENT_LENGTH= 5"},
+		{"CONTENT_LENGTH", "CONTENT_LENGTH=1e3"},
+		{"CONTENT_LENGTH", "CONTENT_LENGTH=99999999999999999999"},
+		{"CONTENT_TYPE", "CONTENT_TYPE=application/json\r\nX: y"},
+		{"REMOTE_ADDR", "REMOTE_ADDR=not-an-address"},
+		{"REMOTE_ADDR", "REMOTE_ADDR=10.0.0.256"},
+		{"REMOTE_ADDR", "REMOTE_ADDR=unix:"},
+		{"HTTP_AUTHORIZATION", NULL}, /* auth */
+		{"HTTP_COOKIE", NULL},        /* cookie */
+		{"HTTP_ORIGIN", NULL},        /* origin */
+		{"HTTP_X_FORWARDED_FOR", NULL}, /* xff */
+		{"HTTP_X_REMARKET_SIGNATURE", "HTTP_X_REMARKET_SIGNATURE=t=1,\nv1=00"},
+	};
+	const char *fill[] = {pathlong, q, auth, cookie, origin, xff};
+	size_t nfill = 0;
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		const char *v = bad[i].value ? bad[i].value : fill[nfill++];
+		/* the first NAME= counts: the bad one goes first */
+		const char *env2[] = {v, "REQUEST_METHOD=POST", "REMOTE_ADDR=10.9.0.3",
+				      "PATH_INFO=/collect", "CONTENT_LENGTH=2",
+				      "CONTENT_TYPE=text/plain", NULL};
+		char want[80];
+		snprintf(want, sizeof want, "\"%s: invalid", bad[i].param);
+		is_int(cgi_req(&w, env2, "{}", &out), 400, vis(v));
+		if (!ok(contains(out.data, want), "... the answer names %s", bad[i].param))
+			diag("%s", vis(out.data));
+	}
+	is_int(sq(&w, "SELECT count(*) FROM events"), 0, "no refused request stored an event");
+	{
+		const char *env[] = {"REQUEST_METHOD=GET", "PATH_INFO=/health", "REMOTE_ADDR=::ffff:10.9.0.4",
+				     "CONTENT_LENGTH=", "QUERY_STRING=", "HTTP_COOKIE=", NULL};
+		is_int(cgi_req(&w, env, NULL, &out), 200, "empty optional parameters and a v4-mapped address pass");
+	}
+
+	/* the report: never by address, always the token or a signed link */
+	static const char *const loop[] = {"REMOTE_ADDR=127.0.0.1", "REMOTE_ADDR=::1"};
+	for (int i = 0; i < 2; i++) {
+		const char *env[] = {"REQUEST_METHOD=GET", "PATH_INFO=/report.json", loop[i], NULL};
+		is_int(cgi_req(&w, env, NULL, &out), 401, "GET /report.json from loopback without a token -> 401");
+		ok(contains(out.data, "WWW-Authenticate: Basic"), "... asking for Basic auth");
+		const char *env2[] = {"REQUEST_METHOD=GET", "PATH_INFO=/report", loop[i], NULL};
+		is_int(cgi_req(&w, env2, NULL, &out), 401, vis(loop[i]));
+	}
+	{
+		const char *bearer[] = {"REQUEST_METHOD=GET", "PATH_INFO=/report.json", "REMOTE_ADDR=127.0.0.1",
+					"HTTP_AUTHORIZATION=Bearer " TICK_TOKEN, NULL};
+		is_int(cgi_req(&w, bearer, NULL, &out), 200, "... with the tick token as Bearer -> 200");
+		char basic[200], b64[120];
+		sodium_bin2base64(b64, sizeof b64, (const unsigned char *)"owner:" TICK_TOKEN,
+				  strlen("owner:" TICK_TOKEN), sodium_base64_VARIANT_ORIGINAL);
+		snprintf(basic, sizeof basic, "HTTP_AUTHORIZATION=Basic %s", b64);
+		const char *env[] = {"REQUEST_METHOD=GET", "PATH_INFO=/report", "REMOTE_ADDR=198.51.100.7", basic, NULL};
+		is_int(cgi_req(&w, env, NULL, &out), 200, "... with the tick token as the Basic password -> 200");
+	}
+	{
+		char tok[TOK_MAXLEN + 1], qs[120];
+		const char *env[] = {"REQUEST_METHOD=GET", "PATH_INFO=/report", "REMOTE_ADDR=198.51.100.8", qs, NULL};
+		tok_sign(w.app.key, TOK_REPORT, report_subject_of(TICK_TOKEN), T0 + 7 * DAY, tok, sizeof tok);
+		snprintf(qs, sizeof qs, "QUERY_STRING=t=%s", tok);
+		is_int(cgi_req(&w, env, NULL, &out), 200, "a report link opens the report");
+		ok(contains(out.data, "Referrer-Policy: no-referrer"), "... and keeps itself out of Referer headers");
+		snprintf(qs, sizeof qs, "QUERY_STRING=since=-7d&t=%s&until=%lld", tok, (long long)T0);
+		is_int(cgi_req(&w, env, NULL, &out), 200, "... with since and until around it");
+		const char *json[] = {"REQUEST_METHOD=GET", "PATH_INFO=/report.json", "REMOTE_ADDR=198.51.100.8", qs, NULL};
+		is_int(cgi_req(&w, json, NULL, &out), 200, "... and report.json");
+		snprintf(nowvar, sizeof nowvar, "%lld", (long long)(T0 + 7 * DAY + 1));
+		setenv("REMARKET_NOW", nowvar, 1);
+		is_int(cgi_req(&w, env, NULL, &out), 401, "the link expires after its days");
+		snprintf(nowvar, sizeof nowvar, "%lld", (long long)T0);
+		setenv("REMARKET_NOW", nowvar, 1);
+		set_cfg(&w.cfg.tick_token, "a-new-tick-token");
+		is_int(cgi_req(&w, env, NULL, &out), 401, "changing tick_token revokes every report link");
+		set_cfg(&w.cfg.tick_token, TICK_TOKEN);
+		tok_sign(w.app.key, TOK_OPEN, report_subject_of(TICK_TOKEN), T0 + DAY, tok, sizeof tok);
+		snprintf(qs, sizeof qs, "QUERY_STRING=t=%s", tok);
+		is_int(cgi_req(&w, env, NULL, &out), 401, "a token of another kind is no report link");
+		tok_sign(w.app.key, TOK_REPORT, 0, T0 + DAY, tok, sizeof tok);
+		snprintf(qs, sizeof qs, "QUERY_STRING=t=%s", tok);
+		is_int(cgi_req(&w, env, NULL, &out), 401, "a report token of another subject -> 401");
+		unsigned char other[RM_KEYBYTES] = {1};
+		tok_sign(other, TOK_REPORT, report_subject_of(TICK_TOKEN), T0 + DAY, tok, sizeof tok);
+		snprintf(qs, sizeof qs, "QUERY_STRING=t=%s", tok);
+		is_int(cgi_req(&w, env, NULL, &out), 401, "a report link signed with another key -> 401");
+	}
+
+	/* parse_time: huge times are a 400, never an overflow */
+	static const char *const times[] = {
+		"until=9223372036854775807", "since=%2B1d&until=9223372036854775807",
+		"since=-1d&until=9223372036854775807", "until=99999999999999999999",
+		"until=253402300800", "since=-9223372036854775807d", "since=%2B9223372036854775807s",
+		"until=%2B%205", "until=10000-01-01", "since=-%2B5d", "until=-",
+	};
+	for (size_t i = 0; i < sizeof times / sizeof times[0]; i++) {
+		char qs[120];
+		snprintf(qs, sizeof qs, "QUERY_STRING=%s", times[i]);
+		const char *env[] = {"REQUEST_METHOD=GET", "PATH_INFO=/report.json", "REMOTE_ADDR=10.9.0.5",
+				     "HTTP_AUTHORIZATION=Bearer " TICK_TOKEN, qs, NULL};
+		is_int(cgi_req(&w, env, NULL, &out), 400, times[i]);
+	}
+	{
+		const char *env[] = {"REQUEST_METHOD=GET", "PATH_INFO=/report.json", "REMOTE_ADDR=10.9.0.5",
+				     "HTTP_AUTHORIZATION=Bearer " TICK_TOKEN,
+				     "QUERY_STRING=since=2026-01-01&until=%2B30d", NULL};
+		is_int(cgi_req(&w, env, NULL, &out), 200, "since=2026-01-01&until=+30d is fine");
+	}
+
+	/* length limits count characters, not bytes */
+	struct ev_error err;
+	char *e51 = repeat("\xc3\xa9", 51), *e101 = repeat("\xc3\xa9", 101);
+	char *a100 = repeat("a", 100), *e200 = repeat("\xc3\xa9", 200), *a201 = repeat("a", 201);
+	struct buf ev = {0};
+	buf_addf(&ev, "{\"type\":\"identify\",\"email\":\"e51@example.com\",\"name\":\"%s\"}", e51);
+	is_int(ingest(&w, EV_HOOK, ev.data, T0, &err), 1, "a name of 51 x \"\xc3\xa9\" (102 bytes) is accepted");
+	ev.len = 0;
+	buf_addf(&ev, "{\"type\":\"identify\",\"email\":\"e101@example.com\",\"name\":\"%s\"}", e101);
+	is_int(ingest(&w, EV_HOOK, ev.data, T0, &err), -1, "a name of 101 characters is refused");
+	is_str(err.msg, "name: at most 100 characters", "... saying the limit in characters");
+	ev.len = 0;
+	buf_addf(&ev, "{\"type\":\"identify\",\"email\":\"a100@example.com\",\"name\":\"%s\"}", a100);
+	is_int(ingest(&w, EV_HOOK, ev.data, T0, &err), 1, "a name of 100 ASCII characters is accepted");
+	ev.len = 0;
+	buf_addf(&ev, "{\"type\":\"cart\",\"email\":\"e200@example.com\",\"cart_id\":\"c-e200\","
+		 "\"items\":[{\"sku\":\"S1\",\"name\":\"%s\",\"price\":1}]}", e200);
+	is_int(ingest(&w, EV_HOOK, ev.data, T0, &err), 1, "an item name of 200 x \"\xc3\xa9\" (400 bytes) is accepted");
+	ev.len = 0;
+	buf_addf(&ev, "{\"type\":\"cart\",\"email\":\"a201@example.com\",\"cart_id\":\"c-a201\","
+		 "\"items\":[{\"sku\":\"S1\",\"name\":\"%s\",\"price\":1}]}", a201);
+	is_int(ingest(&w, EV_HOOK, ev.data, T0, &err), -1, "an item name of 201 characters is refused");
+	is_str(err.msg, "items[0].name: at most 200 characters", "... saying so");
+	ok(val_text("\xc3\xa9\xc3\xa9", 2) && !val_text("\xc3\xa9\xc3\xa9\xc3\xa9", 2),
+	   "val_text counts characters");
+	free(e51), free(e101), free(a100), free(e200), free(a201);
+	buf_free(&ev);
+
+	/* rate limits key on the client, X-Forwarded-For only from a proxy */
+	const char *code = "{\"code\":\"RM-AAAA-BBBB\",\"total\":10}";
+	rm_time rnow = T0 + 777 * 60; /* a window of its own */
+	snprintf(nowvar, sizeof nowvar, "%lld", (long long)rnow);
+	setenv("REMARKET_NOW", nowvar, 1);
+	w.cfg.rate_ip_per_min = 5;
+	set_cfg(&w.cfg.trusted_proxies, "127.0.0.1, 10.0.0.0/8");
+	int limited = 0;
+	for (int i = 0; i < 8; i++) {
+		const char *env[] = {"REQUEST_METHOD=POST", "PATH_INFO=/discounts/validate",
+				     "REMOTE_ADDR=127.0.0.1", "HTTP_X_FORWARDED_FOR=203.0.113.5",
+				     "CONTENT_TYPE=application/json", "CONTENT_LENGTH=34", NULL};
+		limited += cgi_req(&w, env, code, &out) == 429;
+	}
+	is_int(limited, 3, "a noisy client behind the proxy gets 429 after 5 a minute");
+	{
+		const char *env[] = {"REQUEST_METHOD=POST", "PATH_INFO=/discounts/validate",
+				     "REMOTE_ADDR=127.0.0.1", "HTTP_X_FORWARDED_FOR=203.0.113.6",
+				     "CONTENT_TYPE=application/json", "CONTENT_LENGTH=34", NULL};
+		is_int(cgi_req(&w, env, code, &out), 200, "another client behind the same proxy is still answered");
+		ok(contains(out.data, "\"valid\""), "... with the code's verdict");
+		const char *spoof[] = {"REQUEST_METHOD=POST", "PATH_INFO=/discounts/validate",
+				       "REMOTE_ADDR=127.0.0.1", "HTTP_X_FORWARDED_FOR=198.51.100.1, 203.0.113.5",
+				       "CONTENT_TYPE=application/json", "CONTENT_LENGTH=34", NULL};
+		is_int(cgi_req(&w, spoof, code, &out), 429,
+		       "the noisy client cannot escape by writing its own X-Forwarded-For");
+		const char *chain[] = {"REQUEST_METHOD=POST", "PATH_INFO=/discounts/validate",
+				       "REMOTE_ADDR=127.0.0.1", "HTTP_X_FORWARDED_FOR=203.0.113.5, 10.1.2.3",
+				       "CONTENT_TYPE=application/json", "CONTENT_LENGTH=34", NULL};
+		is_int(cgi_req(&w, chain, code, &out), 429, "... nor behind two trusted proxies (right-most untrusted)");
+	}
+	limited = 0;
+	for (int i = 0; i < 7; i++) {
+		char x[80];
+		snprintf(x, sizeof x, "HTTP_X_FORWARDED_FOR=192.0.2.%d", i + 1);
+		const char *env[] = {"REQUEST_METHOD=POST", "PATH_INFO=/discounts/validate",
+				     "REMOTE_ADDR=198.51.100.99", x,
+				     "CONTENT_TYPE=application/json", "CONTENT_LENGTH=34", NULL};
+		limited += cgi_req(&w, env, code, &out) == 429;
+	}
+	is_int(limited, 2, "X-Forwarded-For from an untrusted address is ignored: it keys on REMOTE_ADDR");
+	set_cfg(&w.cfg.trusted_proxies, "");
+	{
+		const char *env[] = {"REQUEST_METHOD=POST", "PATH_INFO=/discounts/validate",
+				     "REMOTE_ADDR=127.0.0.1", "HTTP_X_FORWARDED_FOR=203.0.113.77",
+				     "CONTENT_TYPE=application/json", "CONTENT_LENGTH=34", NULL};
+		int n = 0;
+		for (int i = 0; i < 6; i++)
+			n += cgi_req(&w, env, code, &out) == 429;
+		is_int(n, 1, "with trusted_proxies empty, X-Forwarded-For counts for nothing");
+	}
+	w.cfg.rate_ip_per_min = 120;
+
+	/* trusted_proxies is checked when the configuration loads */
+	struct config c;
+	char cerr[300] = "";
+	setenv("REMARKET_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.300", 1);
+	ok(cfg_load(&c, NULL, cerr, sizeof cerr) < 0 && contains(cerr, "trusted_proxies: '10.0.0.300'"),
+	   "a bad trusted_proxies entry stops the configuration: %s", cerr);
+	cfg_free(&c);
+	static const char *const goodp[] = {"127.0.0.1 ::1", "10.0.0.0/8,192.168.0.0/16", "fd00::/8", ""};
+	static const char *const badp[] = {"10.0.0.0/33", "::1/129", "10.0.0.0/", "localhost", "10.0.0.0/8x"};
+	for (size_t i = 0; i < sizeof goodp / sizeof goodp[0]; i++) {
+		setenv("REMARKET_TRUSTED_PROXIES", goodp[i], 1);
+		ok(cfg_load(&c, NULL, cerr, sizeof cerr) == 0, "trusted_proxies '%s' loads", goodp[i]);
+		cfg_free(&c);
+	}
+	for (size_t i = 0; i < sizeof badp / sizeof badp[0]; i++) {
+		setenv("REMARKET_TRUSTED_PROXIES", badp[i], 1);
+		ok(cfg_load(&c, NULL, cerr, sizeof cerr) < 0, "trusted_proxies '%s' is refused", badp[i]);
+		cfg_free(&c);
+	}
+	unsetenv("REMARKET_TRUSTED_PROXIES");
+	unsetenv("REMARKET_NOW");
+	buf_free(&out);
+	world_close(&w);
+}
+
 static void test_review_fixes(void)
 {
 	struct world w;
@@ -2753,6 +3083,7 @@ int main(void)
 	test_leases();
 	test_http();
 	test_browser_side();
+	test_boundary();
 	test_review_fixes();
 	test_measurement();
 	test_lifecycle();
