@@ -5162,7 +5162,9 @@ void http_handle(struct app *app, const struct http_req *rq,
  * Both front-ends turn a request into struct http_req through the same
  * function, given a way to read parameters and the body. The body is
  * read up to max_body; anything longer is drained and answered 413, so a
- * kept-alive FastCGI connection stays in step.
+ * kept-alive FastCGI connection stays in step. Neither runs a tick on a
+ * request: POST /tick hands its run to the background sender (FastCGI)
+ * or to a child detached once the answer is out (CGI).
  */
 
 struct io {
@@ -5355,7 +5357,7 @@ static void *worker_main(void *arg)
 static struct {
 	pthread_mutex_t lock;
 	pthread_cond_t wake;
-	int ready;     /* the thread has its connection */
+	int ready;     /* 1: the thread has its connection; -1: it has none */
 	int64_t id;    /* the run waiting, or 0 */
 	rm_time now;
 } sender = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0};
@@ -5363,12 +5365,12 @@ static struct {
 static int sender_take(struct app *app, int64_t id, rm_time now)
 {
 	pthread_mutex_lock(&sender.lock);
-	int ready = sender.ready;
+	int ready = sender.ready == 1;
 	int64_t replaced = ready ? sender.id : 0;
 	if (ready) {
 		sender.id = id;
 		sender.now = now;
-		pthread_cond_signal(&sender.wake);
+		pthread_cond_broadcast(&sender.wake);
 	}
 	pthread_mutex_unlock(&sender.lock);
 	if (replaced)
@@ -5381,13 +5383,17 @@ static void *sender_main(void *arg)
 {
 	struct app app;
 	char err[512];
-	if (app_open(&app, arg, err, sizeof err) < 0) {
+	int rc = app_open(&app, arg, err, sizeof err);
+	if (rc < 0)
 		fprintf(stderr, "remarket: background sender: %s; POST /tick "
 			"answers 503\n", err);
+	pthread_mutex_lock(&sender.lock);
+	sender.ready = rc < 0 ? -1 : 1;
+	pthread_cond_broadcast(&sender.wake); /* serve_fd waits for this */
+	if (rc < 0) {
+		pthread_mutex_unlock(&sender.lock);
 		return NULL;
 	}
-	pthread_mutex_lock(&sender.lock);
-	sender.ready = 1;
 	for (;;) {
 		while (!sender.id)
 			pthread_cond_wait(&sender.wake, &sender.lock);
@@ -5425,6 +5431,10 @@ static int serve_fd(struct config *cfg, int fd)
 		return 1;
 	}
 	pthread_detach(bg);
+	pthread_mutex_lock(&sender.lock); /* no POST /tick before it is ready */
+	while (!sender.ready)
+		pthread_cond_wait(&sender.wake, &sender.lock);
+	pthread_mutex_unlock(&sender.lock);
 	tick_handoff = sender_take;
 	for (long i = 0; i < n; i++) {
 		w[i] = (struct worker){0, cfg, fd};
