@@ -6,8 +6,8 @@
 # promptly while that run is stuck on the relay; the run ends by its time
 # budget and says so (GET /rm/tick/<id>); the next run takes the rest. The
 # CGI form answers at once too and runs its tick in a detached process.
-# The CLI tick gives up on a silent relay after smtp_reply_timeout, not
-# minutes. Once a working relay (smtp-sink) is back, every message goes out
+# The CLI tick gives up on a silent relay after smtp_reply_timeout, and on
+# one it cannot connect to after smtp_connect_timeout, not minutes. Once a working relay (smtp-sink) is back, every message goes out
 # exactly once.
 #
 # Short time-outs come from the configuration (1 s replies, 3 s budget);
@@ -30,7 +30,8 @@ plan skip_all => "smtp-sink not installed (apt-get install postfix)"
 my $J   = JSON::PP->new->canonical;
 my $T0  = 1795000000;
 my $due = $T0 + 3700;    # step 1 (the reminder) is due at +1 h
-my $N   = 8;
+my $N   = 160;  # more than three claim batches of 50: on the old main, four
+                # synchronous ticks held all four FastCGI threads
 my $AUTH = { Authorization => "Bearer $TICK_TOKEN" };
 
 # ---- a relay that accepts and then never says a word --------------------
@@ -196,11 +197,28 @@ like($err, qr/did not answer in time/, '... saying the relay did not answer in t
 is($cj->{budget_spent}, JSON::PP::true, '... and that its 1 s budget was spent');
 like($cj->{tick} // '', qr/^\d+\z/, '... its run is recorded too');
 
+# ---- the CLI: a relay whose listen queue is full (connect never ends) --
+{
+    my $l = IO::Socket::INET->new(Listen => 0, LocalAddr => '127.0.0.1', LocalPort => 0)
+        or die "listen: $!";
+    my $port = $l->sockport;
+    my @fill = map { IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port", Blocking => 0) } 1 .. 4;
+    ($secs, $rc, $out, $err) = timed {
+        cli('tick', '--now', $due + 2500, { env => { REMARKET_SMTP_URL => "smtp://127.0.0.1:$port",
+            REMARKET_SMTP_REPLY_TIMEOUT => 30, REMARKET_TICK_BUDGET_SECONDS => 1 }, timeout => 60 }) };
+    $cj = decode_json_or_undef($out) || {};
+    ok($rc == 0 && ($cj->{retry} // 0) >= 1, 'remarket tick meets a relay it cannot connect to')
+        or diag "$rc $out $err";
+    ok($secs < 1 + 2 + 3, sprintf('... and gives up after the 1 s connect time-out (%.1f s)', $secs));
+    close $_ for grep { defined } @fill;
+    close $l;
+}
+
 # ---- the relay works again: each message exactly once ------------------
 ($rc, $out, $err) = cli('tick', '--now', $due + 3600, { env => { REMARKET_SMTP_URL => $sink } });
 $cj = decode_json_or_undef($out) || {};
 is($cj->{sent}, $N, "a tick with smtp-sink sends all $N") or diag "$out $err";
-my @m = wait_sink($N);
+my @m = wait_sink($N, 30);
 my %to = map { /^To:.*?<?([^\s<>]+\@example\.com)/mi ? ($1 => 1) : () } @m;
 my %mid = map { /^Message-ID:\s*(\S+)/mi ? ($1 => 1) : () } @m;
 is(scalar @m, $N, "the relay received $N messages");
