@@ -405,6 +405,8 @@ static const struct cfg_key {
 	CFG_STR(smtp_url, ""),
 	CFG_STR(smtp_user, ""),
 	CFG_STR(smtp_password, ""),
+	CFG_LONG(smtp_connect_timeout, "10"),
+	CFG_LONG(smtp_reply_timeout, "30"),
 	CFG_STR(outbox, "./var/outbox"),
 	CFG_STR(from, "Maison Demo <shop@example.com>"),
 	CFG_STR(tick_token, ""),
@@ -429,6 +431,7 @@ static const struct cfg_key {
 	CFG_LONG(threads, "4"),
 	CFG_STR(socket_group, ""),
 	CFG_LONG(lease_seconds, "300"),
+	CFG_LONG(tick_budget_seconds, "50"),
 	CFG_LONG(max_items, "100"),
 };
 #define NKEYS (sizeof cfg_keys / sizeof cfg_keys[0])
@@ -600,6 +603,15 @@ int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
 	}
 	if (cfg->threads < 1 || cfg->threads > 64)
 		cfg->threads = 4;
+	/* 0 would mean libcurl's own (minutes-long) defaults */
+	if (cfg->smtp_connect_timeout < 1)
+		cfg->smtp_connect_timeout = 1;
+	if (cfg->smtp_reply_timeout < 1)
+		cfg->smtp_reply_timeout = 1;
+	if (cfg->smtp_connect_timeout > 3600)
+		cfg->smtp_connect_timeout = 3600;
+	if (cfg->smtp_reply_timeout > 3600)
+		cfg->smtp_reply_timeout = 3600;
 	return 0;
 }
 
@@ -906,6 +918,25 @@ void cfg_free(struct config *cfg)
 	X(LEASE_HELD,                                                          \
 	  "SELECT count(*) FROM messages WHERE id = ?1 AND lease_owner = ?2 "  \
 	  "AND status = 'sending'")                                            \
+	X(TICK_OPEN,                                                           \
+	  "SELECT id, pid, started_real FROM ticks "                           \
+	  "WHERE finished_real IS NULL ORDER BY id DESC LIMIT 8")              \
+	X(TICK_INSERT,                                                         \
+	  "INSERT INTO ticks (now, source, pid, started_real) "                \
+	  "VALUES (?1, ?2, ?3, ?4) RETURNING id")                              \
+	X(TICK_PRUNE, "DELETE FROM ticks WHERE id <= ?1 - 10000")              \
+	X(TICK_PID, "UPDATE ticks SET pid = ?2 WHERE id = ?1")                 \
+	X(TICK_FINISH,                                                         \
+	  "UPDATE ticks SET finished_real = ?2, "                              \
+	  "summary = json_set(?3, '$.tick', ?1, '$.budget_spent', json(?4)) "  \
+	  "WHERE id = ?1 RETURNING summary")                                   \
+	X(TICK_GET,                                                            \
+	  "SELECT id, pid, started_real, finished_real, summary, now FROM ticks " \
+	  "WHERE id = coalesce(?1, (SELECT max(id) FROM ticks))")              \
+	X(JSON_TICK_STATE,                                                     \
+	  "SELECT json_patch(json_object('tick', ?1, 'state', "               \
+	  "CASE WHEN json_extract(?4, '$.error') IS NOT NULL THEN 'failed' "   \
+	  "ELSE ?2 END, 'now', ?3), coalesce(?4, '{}'))")                      \
 	X(MESSAGE_LOAD,                                                        \
 	  "SELECT m.step, m.attempts, m.message_id, m.discount_code, "         \
 	  "e.id, e.status, c.id, c.email, c.name, c.unsubscribed_at, "         \
@@ -2969,8 +3000,13 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
 	curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, (curl_off_t)msg->len);
 	curl_easy_setopt(c, CURLOPT_ERRORBUFFER, cerr);
-	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 10L);
-	curl_easy_setopt(c, CURLOPT_TIMEOUT, 60L);
+	/* a stalled relay costs at most this per stage: connecting, then
+	 * each reply (greeting, EHLO, MAIL, RCPT, DATA, end of data); the
+	 * whole conversation is capped as a last resort */
+	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, cfg->smtp_connect_timeout);
+	curl_easy_setopt(c, CURLOPT_SERVER_RESPONSE_TIMEOUT, cfg->smtp_reply_timeout);
+	curl_easy_setopt(c, CURLOPT_TIMEOUT, cfg->smtp_connect_timeout +
+					     8 * cfg->smtp_reply_timeout);
 	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
 	if (starttls)
 		curl_easy_setopt(c, CURLOPT_USE_SSL, (long)CURLUSESSL_ALL);
@@ -2995,6 +3031,8 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	snprintf(err, errlen, "smtp_url %s: %s%s", cfg->smtp_url,
 		 *cerr ? cerr : curl_easy_strerror(rc),
 		 rc == CURLE_COULDNT_CONNECT ? " — is the relay running?" :
+		 rc == CURLE_OPERATION_TIMEDOUT ? " — the relay did not answer in "
+		 "time (smtp_connect_timeout, smtp_reply_timeout); tried again later" :
 		 us ? " — the relay refuses us: check smtp_user, smtp_password, "
 		      "from and TLS; nothing more is sent this tick" : "");
 	if (us)
@@ -3818,6 +3856,19 @@ static void lease_keep(struct app *app, rm_time now, struct lease *l)
 	l->renewed = real;
 }
 
+/* The tick's time budget (real seconds since it started) is spent: the
+ * messages it claimed and has not tried go back, untouched, for the next
+ * tick. */
+static int out_of_budget(struct app *app, const struct lease *l,
+		       struct tick_summary *sum)
+{
+	if (time(NULL) - l->started < app->cfg->tick_budget_seconds)
+		return 0;
+	q_exec(app->db, q(app->db, ST_LEASE_RELEASE, "i", l->owner));
+	sum->budget_spent = 1;
+	return 1;
+}
+
 int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 {
 	memset(sum, 0, sizeof *sum);
@@ -3833,6 +3884,8 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 		if (round > 0 && flow_queue(app, now) < 0)
 			return -1;
 		for (;;) {
+			if (out_of_budget(app, &l, sum))
+				return 0;
 			int n = claim_as(app, now, l.owner, ids, TICK_BATCH);
 			if (n < 0)
 				return -1;
@@ -3840,6 +3893,8 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 				break;
 			fault("crash_after_claim");
 			for (int i = 0; i < n; i++) {
+				if (out_of_budget(app, &l, sum))
+					return 0;
 				lease_keep(app, now, &l);
 				int rc = flow_send(app, ids[i], now, l.owner, sum);
 				if (rc < 0)
@@ -3867,6 +3922,123 @@ int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
 				    (int64_t)s->retry, (int64_t)s->failed,
 				    (int64_t)s->exited, (int64_t)s->skipped),
 			 out);
+}
+
+/*
+ * Tick runs (table ticks). POST /tick starts a run and answers at once; a
+ * sender outside the request (the FastCGI server's background thread, or
+ * a detached process in CGI mode) does the work and records how it
+ * ended; `remarket tick` records its runs the same way. A run without an
+ * end is running while its process lives and it is younger than the
+ * longest a tick can take (its budget, then one last message with every
+ * SMTP time-out spent, and a minute of slack); otherwise it was lost to a
+ * crash or a restart, and its messages go again once their lease ends.
+ */
+
+static int tick_alive(struct app *app, int64_t pid, int64_t started_real)
+{
+	const struct config *c = app->cfg;
+	int64_t most = (int64_t)c->tick_budget_seconds + c->smtp_connect_timeout +
+		       8 * (int64_t)c->smtp_reply_timeout + 60;
+	if ((int64_t)time(NULL) - started_real > most || pid <= 0 || pid > INT_MAX)
+		return 0;
+	return kill((pid_t)pid, 0) == 0 || errno == EPERM;
+}
+
+/* The running tick's id in *id (*running = 1), or a new run recorded for
+ * this process (*running = 0), in one transaction: two requests at once
+ * never start two ticks. ALWAYS: record a new run even beside a running
+ * one (the CLI's). */
+static int tick_begin(struct app *app, rm_time now, const char *source,
+		      int always, int64_t *id, int *running)
+{
+	struct db *db = app->db;
+	*id = 0;
+	*running = 0;
+	if (db_begin(db) < 0)
+		return -1;
+	sqlite3_stmt *s = q(db, ST_TICK_OPEN, NULL);
+	while (!always && !*running && sqlite3_step(s) == SQLITE_ROW)
+		if (tick_alive(app, sqlite3_column_int64(s, 1),
+			       sqlite3_column_int64(s, 2))) {
+			*id = sqlite3_column_int64(s, 0);
+			*running = 1;
+		}
+	sqlite3_reset(s);
+	if (!*running) {
+		s = q(db, ST_TICK_INSERT, "itii", (int64_t)now, source,
+		      (int64_t)getpid(), (int64_t)time(NULL));
+		if (sqlite3_step(s) == SQLITE_ROW)
+			*id = sqlite3_column_int64(s, 0);
+		sqlite3_reset(s);
+		if (!*id || q_exec(db, q(db, ST_TICK_PRUNE, "i", *id))) {
+			db_rollback(db);
+			return -1;
+		}
+	}
+	if (db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	return 0;
+}
+
+/* Records how run ID ended: the summary (with its id and budget_spent),
+ * or {"error": WHY}. The summary as recorded is appended to OUT. */
+static int tick_end(struct app *app, int64_t id, const struct tick_summary *sum,
+		    rm_time now, const char *why, struct buf *out)
+{
+	struct buf js = {0};
+	int rc = why ? json_from(app->db, q(app->db, ST_JSON_ERROR, "t", why), &js)
+		     : tick_json(app, sum, now, &js);
+	sqlite3_stmt *s = q(app->db, ST_TICK_FINISH, "iitt", id,
+			    (int64_t)time(NULL), rc ? "{}" : buf_str(&js),
+			    sum && sum->budget_spent ? "true" : "false");
+	rc = sqlite3_step(s) == SQLITE_ROW ? 0 : -1;
+	if (rc == 0 && out)
+		rc = buf_adds(out, col_text(s, 0));
+	sqlite3_reset(s);
+	buf_free(&js);
+	return rc;
+}
+
+/* Runs tick ID (made by tick_begin) and records its end. */
+static int tick_run(struct app *app, int64_t id, rm_time now, struct buf *out)
+{
+	struct tick_summary sum;
+	if (flow_tick(app, now, &sum) < 0) {
+		tick_end(app, id, NULL, now, "tick failed: database busy or broken, "
+			 "see the server log", out);
+		return -1;
+	}
+	return tick_end(app, id, &sum, now, NULL, out);
+}
+
+/* {"tick": id, "state": "running" | "finished" | "failed" | "lost", ...}
+ * and the recorded summary; ID 0: the latest run. 0, or -1 if none. */
+static int tick_state_json(struct app *app, int64_t id, struct buf *out)
+{
+	sqlite3_stmt *s = q(app->db, ST_TICK_GET, id ? "i" : "n", id);
+	if (sqlite3_step(s) != SQLITE_ROW) {
+		sqlite3_reset(s);
+		return -1;
+	}
+	id = sqlite3_column_int64(s, 0);
+	const char *state =
+		sqlite3_column_type(s, 3) != SQLITE_NULL ? "finished" :
+		tick_alive(app, sqlite3_column_int64(s, 1),
+			   sqlite3_column_int64(s, 2)) ? "running" : "lost";
+	struct buf summary = {0};
+	int has = sqlite3_column_type(s, 4) != SQLITE_NULL;
+	if (has)
+		buf_adds(&summary, col_text(s, 4));
+	int64_t tnow = sqlite3_column_int64(s, 5);
+	sqlite3_reset(s);
+	int rc = json_from(app->db, q(app->db, ST_JSON_TICK_STATE, "itit", id,
+				      state, tnow, has ? buf_str(&summary) : NULL),
+			   out);
+	buf_free(&summary);
+	return rc;
 }
 
 /* ==== 12. The report ==================================================== */
@@ -4752,23 +4924,78 @@ static void route_pixel(struct app *app, const struct http_req *rq,
 	resp_gif(rs);
 }
 
+/* How POST /tick hands a new run to its sender: set once by the
+ * front-end before it serves (the FastCGI server's background thread, or
+ * a process detached after the CGI answer). NULL (http_serve_cgi in the
+ * unit tests and the fuzz target): the run happens in the request.
+ * Returns 0 when the sender has taken the run. */
+static int (*tick_handoff)(struct app *app, int64_t id, rm_time now);
+
+static int tick_auth(struct app *app, const struct http_req *rq,
+		     struct http_resp *rs)
+{
+	if (!*app->cfg->tick_token) {
+		resp_json_error(app, rs, 401, "tick_token is not set on the "
+				"server: /tick is disabled");
+		return -1;
+	}
+	if (!bearer_ok(rq, app->cfg->tick_token)) {
+		resp_json_error(app, rs, 401, "Authorization: Bearer "
+				"<tick_token> required");
+		return -1;
+	}
+	return 0;
+}
+
+/* POST /tick answers at once, 202 with the run's id and state: a new run
+ * handed to the sender, or the one already running (never a second). */
 static void route_tick(struct app *app, const struct http_req *rq,
 		       struct http_resp *rs, const char *arg, rm_time now)
 {
 	(void)arg;
-	struct tick_summary sum;
-	if (!*app->cfg->tick_token)
-		return resp_json_error(app, rs, 401, "tick_token is not set on the "
-				       "server: /tick is disabled");
-	if (!bearer_ok(rq, app->cfg->tick_token))
-		return resp_json_error(app, rs, 401, "Authorization: Bearer "
-				       "<tick_token> required");
-	if (flow_tick(app, now, &sum) < 0)
+	int64_t id;
+	int running;
+	if (tick_auth(app, rq, rs))
+		return;
+	if (tick_begin(app, now, "http", 0, &id, &running) < 0)
 		return resp_json_error(app, rs, 503, "tick failed: database busy or "
 				       "broken, see the server log");
-	rs->status = 200;
+	if (!running && !tick_handoff) {
+		tick_run(app, id, now, NULL);
+	} else if (!running && tick_handoff(app, id, now) < 0) {
+		tick_end(app, id, NULL, now, "the background sender is not "
+			 "running, see the server log", NULL);
+		return resp_json_error(app, rs, 503, "the background sender is not "
+				       "running, see the server log");
+	}
+	rs->status = 202;
 	rs->content_type = "application/json";
-	tick_json(app, &sum, now, &rs->body);
+	tick_state_json(app, id, &rs->body);
+}
+
+/* GET /tick/<id> (or /tick/latest): how that run stands or ended. */
+static void route_tick_state(struct app *app, const struct http_req *rq,
+			     struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)now;
+	int64_t id = 0;
+	if (tick_auth(app, rq, rs))
+		return;
+	if (strcmp(arg, "latest") != 0) {
+		char *end;
+		errno = 0;
+		long long n = strtoll(arg, &end, 10);
+		if (!isdigit((unsigned char)*arg) || *end || errno || n < 1)
+			return resp_json_error(app, rs, 400, "/tick/<id>: id must be "
+					       "a tick number (from POST /tick) or "
+					       "latest");
+		id = (int64_t)n;
+	}
+	rs->content_type = "application/json";
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n");
+	if (tick_state_json(app, id, &rs->body) < 0)
+		return resp_json_error(app, rs, 404, "no such tick");
+	rs->status = 200;
 }
 
 /* Verifies a link token; on failure answers the shopper's page. */
@@ -5043,6 +5270,7 @@ static const struct route {
 	{"/remarket.js", 0, "GET HEAD", route_script},
 	{"/p.gif", 0, "GET HEAD", route_pixel},
 	{"/tick", 0, "POST", route_tick},
+	{"/tick/", 1, "GET HEAD", route_tick_state},
 	{"/r/", 1, "GET HEAD", route_recover},
 	{"/u/", 1, "GET HEAD POST", route_unsub},
 	{"/d/", 1, "GET HEAD", route_discount},
@@ -5097,7 +5325,9 @@ void http_handle(struct app *app, const struct http_req *req,
  * Both front-ends turn a request into struct http_req through the same
  * function, given a way to read parameters and the body. The body is
  * read up to max_body; anything longer is drained and answered 413, so a
- * kept-alive FastCGI connection stays in step.
+ * kept-alive FastCGI connection stays in step. Neither runs a tick on a
+ * request: POST /tick hands its run to the background sender (FastCGI)
+ * or to a child detached once the answer is out (CGI).
  */
 
 struct io {
@@ -5433,6 +5663,65 @@ static void *worker_main(void *arg)
 	return NULL;
 }
 
+/*
+ * The background sender: one thread of the FastCGI server, with its own
+ * connection, runs the ticks that POST /tick starts, so that no request
+ * thread ever waits for an SMTP server. It holds at most one run waiting
+ * behind the one it is doing; a newer run replaces a waiting one.
+ */
+static struct {
+	pthread_mutex_t lock;
+	pthread_cond_t wake;
+	int ready;     /* 1: the thread has its connection; -1: it has none */
+	int64_t id;    /* the run waiting, or 0 */
+	rm_time now;
+} sender = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0};
+
+static int sender_take(struct app *app, int64_t id, rm_time now)
+{
+	pthread_mutex_lock(&sender.lock);
+	int ready = sender.ready == 1;
+	int64_t replaced = ready ? sender.id : 0;
+	if (ready) {
+		sender.id = id;
+		sender.now = now;
+		pthread_cond_broadcast(&sender.wake);
+	}
+	pthread_mutex_unlock(&sender.lock);
+	if (replaced)
+		tick_end(app, replaced, NULL, now, "replaced by a later tick before "
+			 "it started", NULL);
+	return ready ? 0 : -1;
+}
+
+static void *sender_main(void *arg)
+{
+	struct app app;
+	char err[512];
+	int rc = app_open(&app, arg, err, sizeof err);
+	if (rc < 0)
+		fprintf(stderr, "remarket: background sender: %s; POST /tick "
+			"answers 503\n", err);
+	pthread_mutex_lock(&sender.lock);
+	sender.ready = rc < 0 ? -1 : 1;
+	pthread_cond_broadcast(&sender.wake); /* serve_fd waits for this */
+	if (rc < 0) {
+		pthread_mutex_unlock(&sender.lock);
+		return NULL;
+	}
+	for (;;) {
+		while (!sender.id)
+			pthread_cond_wait(&sender.wake, &sender.lock);
+		int64_t id = sender.id;
+		rm_time now = sender.now;
+		sender.id = 0;
+		pthread_mutex_unlock(&sender.lock);
+		tick_run(&app, id, now, NULL);
+		pthread_mutex_lock(&sender.lock);
+	}
+	return NULL; /* not reached: the server ends with the process */
+}
+
 static void on_term(int sig)
 {
 	(void)sig;
@@ -5451,6 +5740,17 @@ static int serve_fd(struct config *cfg, int fd)
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGTERM, on_term);
 	signal(SIGINT, on_term);
+	pthread_t bg;
+	if (pthread_create(&bg, NULL, sender_main, cfg) != 0) {
+		fprintf(stderr, "remarket: cannot start the background sender\n");
+		return 1;
+	}
+	pthread_detach(bg);
+	pthread_mutex_lock(&sender.lock); /* no POST /tick before it is ready */
+	while (!sender.ready)
+		pthread_cond_wait(&sender.wake, &sender.lock);
+	pthread_mutex_unlock(&sender.lock);
+	tick_handoff = sender_take;
 	for (long i = 0; i < n; i++) {
 		w[i] = (struct worker){0, cfg, fd};
 		if (pthread_create(&w[i].th, NULL, worker_main, &w[i]) != 0) {
@@ -5464,6 +5764,61 @@ static int serve_fd(struct config *cfg, int fd)
 	return 1; /* workers only stop when something broke */
 }
 
+/* In CGI mode POST /tick leaves its run here; it starts once the answer
+ * is written and the request's connection closed. */
+static struct {
+	int64_t id;
+	rm_time now;
+} cgi_tick;
+
+static int cgi_tick_take(struct app *app, int64_t id, rm_time now)
+{
+	(void)app;
+	cgi_tick.id = id;
+	cgi_tick.now = now;
+	return 0;
+}
+
+/* Runs the waiting tick in a child detached from the web server (its own
+ * session, no pipe of the server's held open, so the server finishes the
+ * request now). The parent waits only until the child has written its
+ * pid on the run, so that a POST meanwhile sees the run as running. */
+static void cgi_tick_detach(struct config *cfg)
+{
+	int ready[2];
+	fflush(stdout);
+	if (pipe(ready) < 0)
+		return;
+	pid_t pid = fork();
+	if (pid != 0) {
+		close(ready[1]);
+		char c;
+		if (pid > 0)
+			while (read(ready[0], &c, 1) < 0 && errno == EINTR)
+				;
+		close(ready[0]);
+		return; /* on failure the run is lost, and says so */
+	}
+	close(ready[0]);
+	setsid();
+	int null = open("/dev/null", O_RDWR);
+	if (null >= 0) {
+		dup2(null, 0), dup2(null, 1), dup2(null, 2);
+		if (null > 2)
+			close(null);
+	}
+	struct app app;
+	char err[512];
+	if (app_open(&app, cfg, err, sizeof err) == 0) {
+		q_exec(app.db, q(app.db, ST_TICK_PID, "ii", cgi_tick.id,
+				 (int64_t)getpid()));
+		close(ready[1]);
+		tick_run(&app, cgi_tick.id, cgi_tick.now, NULL);
+		app_close(&app);
+	}
+	_exit(0);
+}
+
 static int serve_cgi(struct config *cfg)
 {
 	struct app app;
@@ -5474,8 +5829,12 @@ static int serve_cgi(struct config *cfg)
 		return 1;
 	}
 	struct io io = {env_param, stdin_read, stdout_write, NULL};
+	tick_handoff = cgi_tick_take;
 	serve_one(&app, &io);
+	/* no database connection may cross the fork */
 	app_close(&app);
+	if (cgi_tick.id)
+		cgi_tick_detach(cfg);
 	return 0;
 }
 
@@ -5666,13 +6025,20 @@ static rm_time now_arg(int argc, char **argv)
 
 static int cmd_tick(struct app *app, rm_time now)
 {
-	struct tick_summary sum;
 	struct buf out = {0};
-	if (flow_tick(app, now, &sum) < 0) {
+	int64_t id;
+	int running;
+	/* the CLI always runs its tick, beside any other: leases keep them
+	 * apart; the run is recorded like the HTTP ones */
+	if (tick_begin(app, now, "cli", 1, &id, &running) < 0) {
 		fprintf(stderr, "remarket tick: failed (database busy or broken)\n");
 		return 1;
 	}
-	tick_json(app, &sum, now, &out);
+	if (tick_run(app, id, now, &out) < 0) {
+		fprintf(stderr, "remarket tick: failed (database busy or broken)\n");
+		buf_free(&out);
+		return 1;
+	}
 	printf("%s\n", buf_str(&out));
 	buf_free(&out);
 	return 0;

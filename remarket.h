@@ -42,6 +42,9 @@ struct config {
 	long max_body;      /* bytes; larger request bodies get 413 */
 	long threads;       /* FastCGI worker threads */
 	long lease_seconds; /* how long a claimed message stays claimed */
+	long smtp_connect_timeout; /* seconds to connect to the relay */
+	long smtp_reply_timeout;   /* seconds to wait for each relay reply */
+	long tick_budget_seconds;  /* a tick stops claiming after this */
 	long max_items;     /* items per cart */
 	long rate_ip_per_min, rate_visitor_per_min; /* browser events */
 	char *trusted_proxies; /* addresses/CIDRs whose X-Forwarded-For counts */
@@ -162,6 +165,7 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 
 struct tick_summary {
 	long abandoned, enrolled, sent, retry, failed, exited, skipped;
+	int budget_spent; /* the budget ran out: the rest waits for the next tick */
 };
 /* Marks idle carts abandoned and enrolls them. */
 int flow_detect(struct app *app, rm_time now, struct tick_summary *sum);

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1392,7 +1393,7 @@ static void test_flow(void)
 
 	/* tick_json */
 	struct buf j = {0};
-	s = (struct tick_summary){1, 2, 3, 4, 5, 6, 7};
+	s = (struct tick_summary){1, 2, 3, 4, 5, 6, 7, 0};
 	ok(tick_json(&w.app, &s, T0, &j) == 0 &&
 		   !strcmp(j.data, "{\"now\":1795000000,\"abandoned\":1,\"enrolled\":2,\"sent\":3,"
 			   "\"retry\":4,\"failed\":5,\"exited\":6,\"skipped\":7}"),
@@ -1681,6 +1682,127 @@ static void test_leases(void)
 	world_close(&r);
 }
 
+/* The tick's time budget and its recorded runs (POST /tick, /tick/<id>). */
+static void test_tick_runs(void)
+{
+	struct world w;
+	struct tick_summary s;
+	struct http_resp rs;
+	char bearer[128], path[64];
+	if (!ok(world_open(&w, "tickrun") == 0, "tickrun: world opens"))
+		return;
+	is_int(w.cfg.smtp_connect_timeout, 10, "smtp_connect_timeout defaults to 10 s");
+	is_int(w.cfg.smtp_reply_timeout, 30, "smtp_reply_timeout defaults to 30 s");
+	is_int(w.cfg.tick_budget_seconds, 50, "tick_budget_seconds defaults to 50 s");
+	for (int i = 0; i < 3; i++) {
+		char email[64], cart[16];
+		snprintf(email, sizeof email, "t%d@example.com", i);
+		snprintf(cart, sizeof cart, "t%d", i);
+		cart_event(&w, email, "T", cart, 1, T0);
+	}
+	rm_time now = T0 + HOUR;
+
+	/* a spent budget: the tick enrolls, claims nothing, says so */
+	w.cfg.tick_budget_seconds = 0;
+	int rc = flow_tick(&w.app, now, &s);
+	ok(rc == 0 && s.enrolled == 3 && s.sent == 0 && s.budget_spent == 1,
+	   "budget 0: the tick enrolls 3, sends none, budget_spent (sent %ld, spent %d)",
+	   s.sent, s.budget_spent);
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status='queued' AND attempts=0 "
+		  "AND lease_until IS NULL"), 3,
+	       "... the 3 messages wait for the next tick, no attempt counted, none claimed");
+	w.cfg.tick_budget_seconds = 50;
+
+	/* POST /tick without a sender (the unit tests' http_handle): the run
+	 * happens in the request and is recorded */
+	snprintf(bearer, sizeof bearer, "Bearer %s", w.cfg.tick_token);
+	http(&w, "POST", "/tick", NULL, NULL, bearer, now, &rs);
+	is_int(rs.status, 202, "POST /tick -> 202");
+	ok(rs.body.data && contains(rs.body.data, "\"tick\":1,") &&
+		   contains(rs.body.data, "\"state\":\"finished\"") &&
+		   contains(rs.body.data, "\"sent\":3") &&
+		   contains(rs.body.data, "\"budget_spent\":false"),
+	   "... run 1 finished, sent the 3 that waited (%s)", rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM ticks WHERE id=1 AND source='http' AND "
+		  "finished_real IS NOT NULL AND json_extract(summary,'$.sent')=3"), 1,
+	       "... recorded in ticks with its summary");
+
+	http(&w, "GET", "/tick/1", NULL, NULL, bearer, now, &rs);
+	ok(rs.status == 200 && rs.body.data && contains(rs.body.data, "\"state\":\"finished\"") &&
+		   contains(rs.body.data, "\"now\":1795003600"),
+	   "GET /tick/1 -> 200, finished, with its now (%d %s)", rs.status,
+	   rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+	http(&w, "GET", "/tick/latest", NULL, NULL, bearer, now, &rs);
+	ok(rs.status == 200 && rs.body.data && contains(rs.body.data, "\"tick\":1,"),
+	   "GET /tick/latest -> run 1");
+	http_resp_free(&rs);
+	http(&w, "GET", "/tick/1", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 401, "GET /tick/1 without the bearer -> 401");
+	http_resp_free(&rs);
+	http(&w, "GET", "/tick/99", NULL, NULL, bearer, now, &rs);
+	is_int(rs.status, 404, "GET /tick/99 -> 404");
+	http_resp_free(&rs);
+	const char *bad[] = {"/tick/x", "/tick/-1", "/tick/0", "/tick/1x",
+			     "/tick/99999999999999999999", "/tick/+1"};
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		http(&w, "GET", bad[i], NULL, NULL, bearer, now, &rs);
+		ok(rs.status == 400, "GET %s -> 400 (%d)", bad[i], rs.status);
+		http_resp_free(&rs);
+	}
+	http(&w, "POST", "/tick/1", NULL, NULL, bearer, now, &rs);
+	is_int(rs.status, 405, "POST /tick/1 -> 405");
+	http_resp_free(&rs);
+
+	/* a run of a live process that has not ended is running: a POST gets
+	 * its id and starts nothing */
+	long long run = sq(&w, "INSERT INTO ticks (now, source, pid, started_real) "
+			   "VALUES (%lld, 'http', %lld, %lld) RETURNING id",
+			   (long long)now, (long long)getpid(), (long long)time(NULL));
+	http(&w, "POST", "/tick", NULL, NULL, bearer, now + 60, &rs);
+	snprintf(path, sizeof path, "\"tick\":%lld,", run);
+	ok(rs.status == 202 && rs.body.data && contains(rs.body.data, path) &&
+		   contains(rs.body.data, "\"state\":\"running\""),
+	   "POST /tick while run %lld runs -> 202 with its id (%s)", run,
+	   rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM ticks"), 2, "... and no second run");
+
+	/* a run whose process is gone, or older than a tick can be, was lost */
+	pid_t dead = fork();
+	if (dead == 0)
+		_exit(0);
+	waitpid(dead, NULL, 0);
+	sq(&w, "UPDATE ticks SET pid=%lld WHERE id=%lld", (long long)dead, run);
+	snprintf(path, sizeof path, "/tick/%lld", run);
+	http(&w, "GET", path, NULL, NULL, bearer, now, &rs);
+	ok(rs.status == 200 && rs.body.data && contains(rs.body.data, "\"state\":\"lost\""),
+	   "a run whose process died -> lost (%s)", rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+	sq(&w, "UPDATE ticks SET pid=%lld, started_real=%lld WHERE id=%lld",
+	   (long long)getpid(), (long long)time(NULL) - 86400, run);
+	http(&w, "GET", path, NULL, NULL, bearer, now, &rs);
+	ok(rs.status == 200 && rs.body.data && contains(rs.body.data, "\"state\":\"lost\""),
+	   "a run older than budget + SMTP time-outs -> lost");
+	http_resp_free(&rs);
+	http(&w, "POST", "/tick", NULL, NULL, bearer, now + 60, &rs);
+	ok(rs.status == 202 && rs.body.data && contains(rs.body.data, "\"tick\":3,") &&
+		   contains(rs.body.data, "\"state\":\"finished\""),
+	   "POST /tick after a lost run starts run 3 (%s)", rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+
+	/* only the last 10000 runs are kept */
+	sq(&w, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 10005) "
+	   "INSERT INTO ticks (now, source, pid, started_real, finished_real) "
+	   "SELECT %lld, 'cli', 1, 1, 1 FROM n", (long long)now);
+	http(&w, "POST", "/tick", NULL, NULL, bearer, now + 120, &rs);
+	is_int(rs.status, 202, "POST /tick with 10008 runs recorded -> 202");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM ticks"), 10000, "... the table keeps the last 10000");
+	world_close(&w);
+}
+
 /* ==== 9. HTTP =========================================================== */
 
 /* cart_url with {cart} and {code} replaced (values here need no escaping). */
@@ -1776,7 +1898,7 @@ static void test_http(void)
 	http_resp_free(&rs);
 	snprintf(bearer, sizeof bearer, "Bearer %s", w.cfg.tick_token);
 	http(&w, "POST", "/tick", NULL, NULL, bearer, now, &rs);
-	is_int(rs.status, 200, "POST /tick with the bearer -> 200");
+	is_int(rs.status, 202, "POST /tick with the bearer -> 202 (run in the request here: no sender)");
 	ok(contains(rs.content_type, "application/json") && rs.body.data && rs.body.data[0] == '{' &&
 		   contains(rs.body.data, "\"sent\":1") && contains(rs.body.data, "\"now\":1795003600"),
 	   "... with a JSON summary: the cart's step 1 was sent (%s)", rs.body.data ? rs.body.data : "");
@@ -3081,6 +3203,7 @@ int main(void)
 	test_flow();
 	test_flow_exits();
 	test_leases();
+	test_tick_runs();
 	test_http();
 	test_browser_side();
 	test_boundary();

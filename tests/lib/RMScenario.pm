@@ -21,9 +21,10 @@ use warnings;
 use Exporter 'import';
 use Test::More;
 use JSON::PP ();
+use Time::HiRes ();
 use RMTest qw(:DEFAULT http_port $TICK_TOKEN);
 
-our @EXPORT = qw(server_scenario rel tick_at cart_event item shopper check_mail
+our @EXPORT = qw(server_scenario rel tick_at wait_tick cart_event item shopper check_mail
   contact_sql $J $T0 $PORT);
 
 # $T0: the scenario's start (real time); $PORT: the web server's port.
@@ -31,6 +32,22 @@ our $J = JSON::PP->new->canonical;
 our ($T0, $PORT);
 
 sub rel { my $t = shift; my $d = $t - $T0; return $d >= 0 ? "T0+$d" : "T0$d" }
+
+# Polls GET /rm/tick/$id until the run is no longer running (at most
+# $timeout seconds, default 30); returns the decoded state (or {}).
+sub wait_tick {
+    my ($id, $timeout) = @_;
+    my $end = Time::HiRes::time() + ($timeout // 30);
+    my $j = {};
+    while (1) {
+        my $r = http('GET', "/rm/tick/" . ($id // 'latest'), undef,
+            { Authorization => "Bearer $TICK_TOKEN" });
+        $j = decode_json_or_undef($r->{content}) || { status => $r->{status} };
+        last if ($j->{state} // 'running') ne 'running' || Time::HiRes::time() > $end;
+        Time::HiRes::sleep(0.05);
+    }
+    return $j;
+}
 
 # Run `remarket tick --now $now`; returns the decoded summary (or {}).
 sub tick_at {
@@ -141,12 +158,17 @@ sub server_scenario {
         item('LAMP-1', 'Rattan lamp', 39.9), item('CUSH-2', 'Linen cushion', 39.9));
     is(contact_sql('name', 'ann@example.com'), 'Ann', 'contact ann recorded with her name');
 
+    # POST /tick answers at once (202, the run's id); the run's summary
+    # is read from GET /tick/<id> once it has finished
     $r = http('POST', '/rm/tick', '', { Authorization => "Bearer $TICK_TOKEN" });
-    is($r->{status}, 200, 'POST /rm/tick with the bearer token -> 200')
+    is($r->{status}, 202, 'POST /rm/tick with the bearer token -> 202')
         or diag "body: $r->{content}";
     like($r->{headers}{'content-type'} // '', qr{^application/json}, '... JSON');
     my $j = decode_json_or_undef($r->{content}) || {};
-    is($j->{sent}, 0, '... sent 0 at real time (nothing due)') or diag $r->{content};
+    like($j->{tick} // '', qr/^[1-9][0-9]*\z/, '... with the id of the run') or diag $r->{content};
+    $j = wait_tick($j->{tick});
+    is($j->{state}, 'finished', 'GET /rm/tick/<id>: the run finished') or diag $J->encode($j);
+    is($j->{sent}, 0, '... sent 0 at real time (nothing due)') or diag $J->encode($j);
 
     $j = tick_at($T0 + 30 * 60);
     is($j->{sent}, 0, 'tick at +30 min sends nothing') or diag $J->encode($j);
