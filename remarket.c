@@ -204,7 +204,7 @@ static int mkdir_parent(const char *file)
 	if (!slash || slash == dir)
 		return 0;
 	*slash = '\0';
-	return mkdir_p(dir, 0755);
+	return mkdir_p(dir, 0700);
 }
 
 static int read_file(const char *path, struct buf *out, size_t max)
@@ -254,6 +254,11 @@ static int write_file_atomic(const char *path, const char *data, size_t n,
 	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode);
 	if (fd < 0)
 		return -1;
+	if (fchmod(fd, mode) < 0) { /* the mode asked for, whatever the umask */
+		close(fd);
+		unlink(tmp);
+		return -1;
+	}
 	size_t off = 0;
 	while (off < n) {
 		ssize_t w = write(fd, data + off, n - off);
@@ -306,6 +311,7 @@ static const struct cfg_key {
 	CFG_STR(unsubscribe_mailto, ""),
 	CFG_STR(store_origin, ""),
 	CFG_STR(static_dir, "./static"),
+	CFG_STR(log_pii, "no"),
 	CFG_LONG(rate_ip_per_min, "120"),
 	CFG_LONG(rate_visitor_per_min, "60"),
 	CFG_LONG(attribution_click_days, "5"),
@@ -481,6 +487,11 @@ int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
 		cfg_derive_origin(cfg);
 	if (cfg->threads < 1 || cfg->threads > 64)
 		cfg->threads = 4;
+	if (strcmp(cfg->log_pii, "yes") != 0 && strcmp(cfg->log_pii, "no") != 0) {
+		snprintf(err, errlen, "log_pii: '%s' must be yes or no", cfg->log_pii);
+		cfg_free(cfg);
+		return -1;
+	}
 	return 0;
 }
 
@@ -849,6 +860,10 @@ void cfg_free(struct config *cfg)
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
 	  "LEFT JOIN carts k ON k.id = e.cart_id WHERE m.id = ?1")             \
 	X(INTERACTION, "INSERT INTO interactions (message, kind, ts) VALUES (?1, ?2, ?3)") \
+	/* mails whose links were signed with the key file's keys */         \
+	X(KEY_SIGNED,                                                          \
+	  "SELECT count(*) FROM messages "                                     \
+	  "WHERE sent_at IS NOT NULL OR status = 'sending'")                   \
 	X(BEST_REVIEW,                                                         \
 	  "SELECT r.author, r.rating, r.text, p.name FROM reviews r "          \
 	  "JOIN products p ON p.sku = r.sku WHERE r.sku IN "                   \
@@ -1151,6 +1166,17 @@ int db_open(struct db **out, const char *path, char *err, size_t errlen)
 			 path, strerror(errno));
 		free(db);
 		return -1;
+	}
+	/* SQLite would create the file 0644 less the umask, and its -wal and
+	 * -shm with the database file's mode: a new database is made 0600
+	 * here first, whatever the umask */
+	if (strcmp(path, ":memory:") != 0 && strncmp(path, "file:", 5) != 0) {
+		int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+		struct stat st;
+		if (fd >= 0 && fstat(fd, &st) == 0 && st.st_size == 0)
+			(void)fchmod(fd, 0600);
+		if (fd >= 0)
+			close(fd);
 	}
 	int rc = sqlite3_open_v2(path, &db->h,
 				 SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
@@ -2871,10 +2897,10 @@ static enum send_result outbox_write(struct app *app, int64_t id,
 				     size_t errlen)
 {
 	char path[PATH_MAX];
-	if (mkdir_p(app->cfg->outbox, 0755) < 0 ||
+	if (mkdir_p(app->cfg->outbox, 0700) < 0 ||
 	    snprintf(path, sizeof path, "%s/m%06lld.eml", app->cfg->outbox,
 		     (long long)id) >= (int)sizeof path ||
-	    write_file_atomic(path, msg->data, msg->len, 0644) < 0) {
+	    write_file_atomic(path, msg->data, msg->len, 0600) < 0) {
 		snprintf(err, errlen, "outbox %s: %s", app->cfg->outbox,
 			 strerror(errno));
 		return SEND_TEMP;
@@ -3524,9 +3550,11 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		rc = rc ? rc : 1;
 		goto out;
 	}
-	if (r != SEND_OK)
-		fprintf(stderr, "remarket: message %lld to %s: %s\n",
-			(long long)id, m.email, err);
+	if (r != SEND_OK) { /* an address only with log_pii = yes */
+		int pii = !strcmp(app->cfg->log_pii, "yes");
+		fprintf(stderr, "remarket: message %lld%s%s: %s\n", (long long)id,
+			pii ? " to " : "", pii ? m.email : "", err);
+	}
 	else
 		fault("crash_after_send");
 	rc = msg_record(app, &m, r, err, now, sum);
@@ -4638,7 +4666,7 @@ static int link_target(struct app *app, const char *tok, char kind,
 		       rm_time now, struct http_resp *rs, int64_t *msg,
 		       int64_t *contact, char *cart, char *code)
 {
-	int st = tok_verify(app->key, tok, kind, now, msg);
+	int st = app_tok_verify(app, tok, kind, now, msg);
 	int found = 0;
 	if (st == TOK_OK) {
 		sqlite3_stmt *s = q(app->db, ST_MESSAGE_TARGET, "i", *msg);
@@ -4758,7 +4786,7 @@ static void route_open(struct app *app, const struct http_req *rq,
 		char *dot = strstr(tok, ".gif");
 		if (dot)
 			*dot = '\0';
-		if (tok_verify(app->key, tok, TOK_OPEN, now, &msg) == TOK_OK)
+		if (app_tok_verify(app, tok, TOK_OPEN, now, &msg) == TOK_OK)
 			record(app, msg, "open", now);
 	}
 	resp_gif(rs);
@@ -5172,30 +5200,61 @@ static int serve_cgi(struct config *cfg)
  * command by a web server, the binary answers as CGI or FastCGI.
  */
 
-static int load_key(const char *path, unsigned char key[RM_KEYBYTES],
-		    char *err, size_t errlen)
+/*
+ * The key file is a key ring: one or more 32-byte keys, raw, oldest first.
+ * The last one signs; every one verifies, so that `remarket keygen
+ * --rotate` (which appends a key) breaks no link already mailed. A file of
+ * one key, as every remarket before the ring wrote, is a ring of one.
+ */
+static int load_keys(const char *path, struct buf *b, char *err,
+		     size_t errlen)
 {
-	struct buf b = {0};
-	int rc = read_file(path, &b, 64);
-	if (rc < 0 || b.len != RM_KEYBYTES) {
+	errno = 0;
+	int rc = read_file(path, b, RM_MAXKEYS * RM_KEYBYTES);
+	if (rc < 0 || b->len == 0 || b->len % RM_KEYBYTES) {
 		snprintf(err, errlen, "key_file %s: %s — run 'remarket init' or "
 			 "'remarket keygen > %s'", path,
-			 rc < 0 ? strerror(errno) : "must hold exactly 32 bytes",
-			 path);
-		buf_free(&b);
+			 rc < 0 && errno ? strerror(errno) :
+			 "must hold one or more 32-byte keys (at most 16)", path);
+		if (b->data)
+			sodium_memzero(b->data, b->len);
+		buf_free(b);
 		return -1;
 	}
-	memcpy(key, b.data, RM_KEYBYTES);
+	return 0;
+}
+
+static int load_key(struct app *app, const char *path, char *err,
+		    size_t errlen)
+{
+	struct buf b = {0};
+	if (load_keys(path, &b, err, errlen) < 0)
+		return -1;
+	int n = (int)(b.len / RM_KEYBYTES);
+	memcpy(app->key, b.data + (size_t)(n - 1) * RM_KEYBYTES, RM_KEYBYTES);
+	app->nold = n - 1;
+	for (int i = 0; i < app->nold; i++) /* newest first */
+		memcpy(app->old_keys[i],
+		       b.data + (size_t)(n - 2 - i) * RM_KEYBYTES, RM_KEYBYTES);
 	sodium_memzero(b.data, b.len);
 	buf_free(&b);
 	return 0;
+}
+
+int app_tok_verify(const struct app *app, const char *tok, char kind,
+		   rm_time now, int64_t *subject)
+{
+	int st = tok_verify(app->key, tok, kind, now, subject);
+	for (int i = 0; st == TOK_FORGED && i < app->nold; i++)
+		st = tok_verify(app->old_keys[i], tok, kind, now, subject);
+	return st;
 }
 
 int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
 {
 	memset(app, 0, sizeof *app);
 	app->cfg = cfg;
-	if (load_key(cfg->key_file, app->key, err, errlen) < 0 ||
+	if (load_key(app, cfg->key_file, err, errlen) < 0 ||
 	    db_open(&app->db, cfg->db, err, errlen) < 0)
 		return -1;
 	int have = db_user_version(app->db);
@@ -5221,21 +5280,57 @@ void app_close(struct app *app)
 	if (app->curl)
 		curl_easy_cleanup(app->curl);
 	sodium_memzero(app->key, sizeof app->key);
+	sodium_memzero(app->old_keys, sizeof app->old_keys);
 	app->db = NULL;
 	app->curl = NULL;
 }
 
-static int cmd_init(struct config *cfg)
+/* Makes the operator's files private, whatever the umask they were made
+ * under: the database and its -wal and -shm, the key file. */
+static void init_private_files(const struct config *cfg)
+{
+	const char *sfx[] = {"", "-wal", "-shm"};
+	char path[PATH_MAX];
+	for (size_t i = 0; i < sizeof sfx / sizeof sfx[0]; i++) {
+		int n = snprintf(path, sizeof path, "%s%s", cfg->db, sfx[i]);
+		if (n > 0 && (size_t)n < sizeof path && access(path, F_OK) == 0)
+			(void)chmod(path, 0600);
+	}
+	if (access(cfg->key_file, F_OK) == 0)
+		(void)chmod(cfg->key_file, 0600);
+}
+
+static int cmd_init(struct config *cfg, int argc, char **argv)
 {
 	char err[512];
-	struct db *db;
+	struct db *db = NULL;
+	int new_key = 0;
+	for (int i = 2; i < argc; i++) {
+		if (strcmp(argv[i], "--new-key") != 0) {
+			fprintf(stderr, "usage: remarket init [--new-key]\n");
+			return 2;
+		}
+		new_key = 1;
+	}
 	if (db_open(&db, cfg->db, err, sizeof err) < 0 ||
 	    db_migrate(db, err, sizeof err) < 0) {
 		fprintf(stderr, "remarket init: %s\n", err);
+		db_close(db);
 		return 1;
 	}
 	int v = db_user_version(db);
+	long long signed_mails = db_scalar_stmt(q(db, ST_KEY_SIGNED, ""));
 	db_close(db);
+	if (access(cfg->key_file, F_OK) != 0 && signed_mails > 0 && !new_key) {
+		fprintf(stderr, "remarket init: key_file %s is missing, but db %s "
+			"holds %lld sent messages whose unsubscribe, cart and "
+			"discount links were signed with it. Restore the key file "
+			"from a backup (the links keep working), or run 'remarket "
+			"init --new-key' to make a new key, knowing that every link "
+			"already mailed stops working.\n", cfg->key_file, cfg->db,
+			signed_mails);
+		return 1;
+	}
 	if (access(cfg->key_file, F_OK) != 0) {
 		unsigned char key[RM_KEYBYTES];
 		randombytes_buf(key, sizeof key);
@@ -5248,8 +5343,14 @@ static int cmd_init(struct config *cfg)
 		}
 		sodium_memzero(key, sizeof key);
 		printf("remarket: new signing key in %s (mode 0600)\n", cfg->key_file);
+	} else if (new_key) {
+		fprintf(stderr, "remarket init: key_file %s exists: --new-key only "
+			"replaces a lost key; to add a key, run 'remarket keygen "
+			"--rotate'\n", cfg->key_file);
+		return 1;
 	}
-	if (!*cfg->smtp_url && mkdir_p(cfg->outbox, 0755) < 0) {
+	init_private_files(cfg);
+	if (!*cfg->smtp_url && mkdir_p(cfg->outbox, 0700) < 0) {
 		fprintf(stderr, "remarket init: outbox %s: %s\n", cfg->outbox,
 			strerror(errno));
 		return 1;
@@ -5259,13 +5360,50 @@ static int cmd_init(struct config *cfg)
 	return 0;
 }
 
-static int cmd_keygen(void)
+/* keygen: a new raw key on stdout. keygen --rotate: a new key appended to
+ * key_file's ring; it signs from now on, the older ones still verify. */
+static int cmd_keygen(struct config *cfg, int argc, char **argv)
 {
 	unsigned char key[RM_KEYBYTES];
+	int rotate = argc == 3 && !strcmp(argv[2], "--rotate");
+	if (argc > 2 && !rotate) {
+		fprintf(stderr, "usage: remarket keygen [--rotate]\n");
+		return 2;
+	}
 	randombytes_buf(key, sizeof key);
-	int rc = fwrite(key, 1, sizeof key, stdout) == sizeof key ? 0 : 1;
+	if (!rotate) {
+		int rc = fwrite(key, 1, sizeof key, stdout) == sizeof key ? 0 : 1;
+		sodium_memzero(key, sizeof key);
+		return rc;
+	}
+	char err[512];
+	struct buf ring = {0};
+	if (load_keys(cfg->key_file, &ring, err, sizeof err) < 0) {
+		sodium_memzero(key, sizeof key);
+		fprintf(stderr, "remarket keygen --rotate: %s\n", err);
+		return 1;
+	}
+	size_t drop = 0; /* a full ring forgets its oldest key */
+	if (ring.len / RM_KEYBYTES >= RM_MAXKEYS)
+		drop = ring.len - (RM_MAXKEYS - 1) * RM_KEYBYTES;
+	int rc = buf_add(&ring, key, sizeof key);
 	sodium_memzero(key, sizeof key);
-	return rc;
+	if (rc == 0)
+		rc = write_file_atomic(cfg->key_file, ring.data + drop,
+				       ring.len - drop, 0600);
+	size_t n = (ring.len - drop) / RM_KEYBYTES;
+	sodium_memzero(ring.data, ring.len);
+	buf_free(&ring);
+	if (rc < 0) {
+		fprintf(stderr, "remarket keygen --rotate: key_file %s: %s — the "
+			"old key ring is unchanged\n", cfg->key_file, strerror(errno));
+		return 1;
+	}
+	printf("remarket: key_file %s now holds %zu keys; the new one signs, "
+	       "the older ones still verify%s. Restart 'remarket serve'.\n",
+	       cfg->key_file, n, drop ? " (the oldest was dropped: the ring "
+	       "holds 16)" : "");
+	return 0;
 }
 
 static int cmd_serve(struct config *cfg, const char *addr)
@@ -5901,8 +6039,9 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: remarket [-c FILE] COMMAND\n"
-		"  init                 create or migrate the database, make the key\n"
-		"  keygen               print a new 32-byte key (raw) on stdout\n"
+		"  init [--new-key]     create or migrate the database, make the key\n"
+		"  keygen [--rotate]    print a new 32-byte key (raw) on stdout, or\n"
+		"                       add one to key_file (old links stay valid)\n"
 		"  serve ADDR           FastCGI on a unix socket path or host:port\n"
 		"  tick [--now T]       run one tick, print a JSON summary\n"
 		"  event [--now T]      record JSON event(s) read on stdin\n"
@@ -5973,9 +6112,9 @@ static int run(int argc, char **argv)
 	else if (!strcmp(cmd, "version") || !strcmp(cmd, "--version"))
 		printf("remarket %s\n", RM_VERSION), rc = 0;
 	else if (!strcmp(cmd, "init"))
-		rc = cmd_init(&cfg);
+		rc = cmd_init(&cfg, argc, argv);
 	else if (!strcmp(cmd, "keygen"))
-		rc = cmd_keygen();
+		rc = cmd_keygen(&cfg, argc, argv);
 	else if (!strcmp(cmd, "serve") && argc == 3)
 		rc = cmd_serve(&cfg, argv[2]);
 	else
