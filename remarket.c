@@ -524,6 +524,9 @@ void cfg_free(struct config *cfg)
 	X(JSON_DISCOUNT,                                                       \
 	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
 	  "'min_spend', ?4, 'expires', ?5)")                                   \
+	X(JSON_DISCOUNT_HELD,                                                  \
+	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
+	  "'min_spend', ?4, 'expires', ?5, 'reserved_until', ?6)")             \
 	X(BODY_SHAPE, "SELECT json_valid(?1), json_type(?1)")                   \
 	X(ARRAY_EACH, "SELECT value, type FROM json_each(?1)")                 \
 	X(OBJECT_EACH, "SELECT key, type, atom, value FROM json_each(?1)")     \
@@ -739,9 +742,20 @@ void cfg_free(struct config *cfg)
 	X(DISCOUNT_GET,                                                        \
 	  "SELECT percent, min_spend, expires, redeemed_at FROM discounts "    \
 	  "WHERE code = ?1")                                                   \
+	/* an order redeems a code once, and only before it expires */       \
 	X(DISCOUNT_REDEEM,                                                     \
 	  "UPDATE discounts SET redeemed_at = ?2, order_key = ?3 "             \
-	  "WHERE code = ?1 AND redeemed_at IS NULL")                           \
+	  "WHERE code = ?1 AND redeemed_at IS NULL AND expires >= ?2")         \
+	X(ORDER_CODE_STATUS,                                                   \
+	  "UPDATE orders SET code_status = ?2 WHERE order_key = ?1")           \
+	/* a hold of another cart (?3) on the code, still running at ?2 */   \
+	X(DISCOUNT_HELD,                                                       \
+	  "SELECT reserved_until FROM discounts WHERE code = ?1 "              \
+	  "AND reserved_until >= ?2 AND reserved_cart IS NOT ?3")              \
+	X(DISCOUNT_RESERVE,                                                    \
+	  "UPDATE discounts SET reserved_cart = ?2, reserved_until = ?3 "      \
+	  "WHERE code = ?1 AND redeemed_at IS NULL AND (reserved_until IS NULL " \
+	  "OR reserved_until < ?4 OR reserved_cart = ?2)")                     \
 	X(ABANDON,                                                             \
 	  "UPDATE carts SET status = 'abandoned', abandoned_at = ?1 "          \
 	  "WHERE status = 'open' AND item_count > 0 AND updated <= ?2 "        \
@@ -995,7 +1009,10 @@ void cfg_free(struct config *cfg)
 	  "SELECT json_object('message', ?1, 'cart_url', ?2, 'items', ?3)")    \
 	X(VALIDATE_FIELDS,                                                     \
 	  "SELECT json_type(?1, '$.code'), json_extract(?1, '$.code'), "       \
-	  "json_type(?1, '$.total'), json_extract(?1, '$.total')")
+	  "json_type(?1, '$.total'), json_extract(?1, '$.total')")             \
+	X(VALIDATE_RESERVE,                                                    \
+	  "SELECT json_type(?1, '$.reserve'), json_type(?1, '$.cart_id'), "    \
+	  "json_extract(?1, '$.cart_id')")
 
 #define STMT_ENUM(name, sql) ST_##name,
 #define STMT_TEXT(name, sql) sql,
@@ -2235,7 +2252,8 @@ static int ev_cart(struct app *app, const struct event *e, const char *vid,
 }
 
 static int64_t scalar_id(struct db *db, sqlite3_stmt *s);
-static int ev_attribute(struct app *app, const struct event *e, int64_t contact);
+static int ev_attribute(struct app *app, const struct event *e, int64_t contact,
+			const char *code);
 
 static int64_t cart_id_of(struct db *db, const char *key)
 {
@@ -2265,7 +2283,8 @@ static int64_t scalar_id(struct db *db, sqlite3_stmt *s)
 /* Attributes a new order once, to the last qualifying message: one whose
  * code it redeemed or that was clicked within attribution_click_days;
  * else, as "influenced", the last one sent within attribution_view_hours. */
-static int ev_attribute(struct app *app, const struct event *e, int64_t contact)
+static int ev_attribute(struct app *app, const struct event *e, int64_t contact,
+			const char *code)
 {
 	struct db *db = app->db;
 	int64_t click = app->cfg->attribution_click_days * 86400;
@@ -2273,7 +2292,7 @@ static int ev_attribute(struct app *app, const struct event *e, int64_t contact)
 	int64_t msg = 0;
 	char how[16] = "influenced";
 	sqlite3_stmt *s = q(db, ST_ATTRIBUTE_CLICK, "iiti", contact, (int64_t)e->ts,
-			    e->code ? e->code : "", click);
+			    code ? code : "", click);
 	if (sqlite3_step(s) == SQLITE_ROW) {
 		msg = sqlite3_column_int64(s, 0);
 		copy_str(how, sizeof how, col_text(s, 1));
@@ -2285,6 +2304,26 @@ static int ev_attribute(struct app *app, const struct event *e, int64_t contact)
 	if (!msg)
 		return 0;
 	return q_exec(db, q(db, ST_ORDER_ATTRIBUTE, "tit", e->order_id, msg, how));
+}
+
+/* A new order's discount code: redeemed when it is the code's first order
+ * before its expiry, else flagged 'reused' or 'expired' on the order (a
+ * code remarket did not issue is left alone). *redeemed says which. */
+static int code_redeem(struct app *app, const struct event *e, int *redeemed)
+{
+	struct db *db = app->db;
+	if (q_exec(db, q(db, ST_DISCOUNT_REDEEM, "tit", e->code, (int64_t)e->ts,
+			 e->order_id)) < 0)
+		return -1;
+	*redeemed = sqlite3_changes(db->h) == 1;
+	const char *status = *redeemed ? "redeemed" : NULL;
+	sqlite3_stmt *s = q(db, ST_DISCOUNT_GET, "t", e->code);
+	if (!status && sqlite3_step(s) == SQLITE_ROW)
+		status = sqlite3_column_type(s, 3) != SQLITE_NULL ? "reused" : "expired";
+	sqlite3_reset(s);
+	if (!status)
+		return 0;
+	return q_exec(db, q(db, ST_ORDER_CODE_STATUS, "tt", e->order_id, status));
 }
 
 /* Returns 1 when the order was already recorded (a webhook retry). */
@@ -2324,12 +2363,12 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 	if (contact && q_exec(db, q(db, ST_EXIT_ORDERED, "ii", contact,
 				    (int64_t)e->ts)) < 0)
 		return -1;
-	if (e->code && q_exec(db, q(db, ST_DISCOUNT_REDEEM, "tit", e->code,
-				    (int64_t)e->ts, e->order_id)) < 0)
+	int redeemed = 0;
+	if (e->code && code_redeem(app, e, &redeemed) < 0)
 		return -1;
 	if (!contact && cart)
 		contact = scalar_id(db, q(db, ST_CART_CONTACT, "i", cart));
-	return ev_attribute(app, e, contact);
+	return ev_attribute(app, e, contact, redeemed ? e->code : NULL);
 }
 
 static int ev_product(struct app *app, const struct event *e)
@@ -2515,6 +2554,7 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
  */
 
 static const char code_alphabet[] = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ";
+#define CODE_HOLD_SECONDS (15 * 60) /* a checkout's reservation */
 
 static void code_new(const char *prefix, char *out, size_t outlen)
 {
@@ -4822,17 +4862,67 @@ static void route_validate(struct app *app, const struct http_req *rq,
 	if (!ok || !isfinite(total))
 		return resp_json_error(app, rs, 400, "body: {\"code\": \"RM-XXXX-XXXX\", "
 				       "\"total\": 42.0} expected");
+	/* "reserve": true holds the code for "cart_id" for 15 minutes */
+	int reserve = 0;
+	char cart[72] = "";
+	s = q(app->db, ST_VALIDATE_RESERVE, "b", rq->body, (int)rq->body_len);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		const char *rt = col_text(s, 0), *ct = col_text(s, 1);
+		reserve = !strcmp(rt, "true");
+		if (*rt && strcmp(rt, "true") && strcmp(rt, "false"))
+			ok = 0;
+		if (*ct && (strcmp(ct, "text") ||
+			    copy_str(cart, sizeof cart, col_text(s, 2)) < 0 ||
+			    !val_ident(cart, 64)))
+			ok = 0;
+	}
+	sqlite3_reset(s);
+	if (!ok)
+		return resp_json_error(app, rs, 400, "body: \"reserve\" must be "
+				       "true or false, \"cart_id\" the cart's id "
+				       "([A-Za-z0-9._:-], at most 64)");
+	if (reserve && !*cart)
+		return resp_json_error(app, rs, 400, "cart_id: required with "
+				       "\"reserve\": true (the code is held for "
+				       "that cart)");
 	int pct = 0;
 	double min = 0;
 	rm_time exp = 0;
 	for (char *p = code; *p; p++)
 		*p = (char)toupper((unsigned char)*p);
 	const char *why = code_check(app, code, total, now, &pct, &min, &exp);
+	long long held = -1;
+	if (!strcmp(why, "ok")) {
+		held = db_scalar_stmt(q(app->db, ST_DISCOUNT_HELD, "tit", code,
+					(int64_t)now, cart));
+		if (held >= 0)
+			why = "reserved";
+	}
+	if (reserve && !strcmp(why, "ok")) {
+		held = now + CODE_HOLD_SECONDS;
+		if (q_exec(app->db, q(app->db, ST_DISCOUNT_RESERVE, "ttii", code,
+				      cart, (int64_t)held, (int64_t)now)) < 0)
+			return resp_json_error(app, rs, 503, "database busy: try "
+					       "again");
+		if (sqlite3_changes(app->db->h) == 0) { /* another cart won */
+			why = "reserved";
+			held = -1;
+		}
+	}
 	rs->status = 200;
 	rs->content_type = "application/json";
-	json_from(app->db, q(app->db, ST_JSON_DISCOUNT, "titdi",
-			     strcmp(why, "ok") ? "false" : "true", (int64_t)pct,
-			     why, min, (int64_t)exp), &rs->body);
+	if (!reserve && held < 0) {
+		json_from(app->db, q(app->db, ST_JSON_DISCOUNT, "titdi",
+				     strcmp(why, "ok") ? "false" : "true", (int64_t)pct,
+				     why, min, (int64_t)exp), &rs->body);
+		return;
+	}
+	s = q(app->db, ST_JSON_DISCOUNT_HELD, "titdin",
+	      strcmp(why, "ok") ? "false" : "true", (int64_t)pct, why, min,
+	      (int64_t)exp);
+	if (held >= 0)
+		sqlite3_bind_int64(s, 6, held);
+	json_from(app->db, s, &rs->body);
 }
 
 /* The operator's pages: from the machine itself, or with the tick token
