@@ -927,6 +927,10 @@ void cfg_free(struct config *cfg)
 	  "(SELECT total(o.total * d.percent / (100.0 - d.percent)) "          \
 	  "FROM orders o JOIN discounts d ON d.code = o.discount_code "        \
 	  "WHERE o.ts >= ?1 AND o.ts < ?2)")                                   \
+	X(REP_CODE_FLAGS,                                                      \
+	  "SELECT coalesce(sum(code_status = 'reused'), 0), "                  \
+	  "coalesce(sum(code_status = 'expired'), 0) FROM orders "             \
+	  "WHERE code_status IS NOT NULL AND ts >= ?1 AND ts < ?2")            \
 	X(REP_FLOWS, "SELECT id, name, holdout_pct FROM flows ORDER BY id")     \
 	X(REP_FLOW_CONV,                                                       \
 	  "SELECT e.holdout, count(*), coalesce(sum(k.status = 'ordered' AND " \
@@ -3961,6 +3965,8 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	      &r->opened, &r->clicked, &r->unsubscribed);
 	q_row(q(db, ST_REP_DISCOUNTS, "ii", a, b), "lld", &r->codes_issued,
 	      &r->codes_redeemed, &r->discount_cost);
+	q_row(q(db, ST_REP_CODE_FLAGS, "ii", a, b), "ll", &r->codes_reused,
+	      &r->codes_expired);
 	r->recovery_rate = r->abandoned ? (double)r->recovered / (double)r->abandoned : 0;
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
 	rep_flows(app, r);
@@ -4058,7 +4064,8 @@ int report_json(const struct report *r, struct buf *out)
 	for (int i = 0; i < 6; i++)
 		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
 			 r->segments[i]);
-	buf_adds(out, "}}");
+	buf_addf(out, "},\"codes_flagged\":{\"reused\":%ld,\"expired\":%ld}}",
+		 r->codes_reused, r->codes_expired);
 	return out->data ? 0 : -1;
 }
 
@@ -4250,6 +4257,9 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	html_card(b, "unsubscribed per email", "unsubscribe_rate", r->unsubscribe_rate, v);
 	snprintf(v, sizeof v, "%.2f %s", r->discount_cost, r->currency);
 	html_card(b, "cost of discounts redeemed", "discount_cost", r->discount_cost, v);
+	snprintf(v, sizeof v, "%ld / %ld", r->codes_reused, r->codes_expired);
+	html_card(b, "orders with a code used before / expired", "codes_reused",
+		  (double)r->codes_reused, v);
 	buf_adds(b, "</div><section><h2>Recovered revenue by day</h2>");
 	html_chart(b, r);
 	buf_addf(b, "<p class=note>%ld orders in all; %ld attributed to a click or a "
@@ -5587,6 +5597,9 @@ static void report_text(const struct report *r)
 	       r->unsubscribed, r->bounced);
 	printf("discount codes     %ld issued, %ld redeemed, cost %.2f %s\n",
 	       r->codes_issued, r->codes_redeemed, r->discount_cost, r->currency);
+	printf("flagged codes      %ld orders with a code used before, %ld with an "
+	       "expired code (not attributed to it)\n", r->codes_reused,
+	       r->codes_expired);
 	printf("win-back           %ld lapsed (after %ld days: %s), %ld contacted, "
 	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
 	       r->lapse_why, r->contacted, r->reactivated, 100 * r->reactivation_rate);

@@ -242,6 +242,7 @@ struct report {
 	double recovery_rate, revenue, recovered_revenue, influenced_revenue;
 	long sent, opened, clicked, unsubscribed, bounced, codes_issued, codes_redeemed;
 	double unsubscribe_rate, discount_cost;
+	long codes_reused, codes_expired; /* orders whose code was used before, or had expired */
 	struct flow_report flows[REPORT_FLOWS];
 	int nflows;
 	struct { char month[8]; long orders, attributed; double revenue; } months[REPORT_MONTHS];

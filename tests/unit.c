@@ -2930,6 +2930,17 @@ static void test_codes(void)
 	if (r && report_build(&w.app, T0 - DAY, T0 + 30 * DAY, r) == 0) {
 		is_int(r->codes_redeemed, 1, "report: one code redeemed");
 		is_int(r->attributed, 1, "report: one order attributed (o-1), not three");
+		ok(r->codes_reused == 1 && r->codes_expired == 1,
+		   "report: one order with a reused code, one with an expired code");
+		struct buf j = {0}, h = {0};
+		report_json(r, &j);
+		report_html(r, "Test shop", &h);
+		ok(contains(j.data, "\"codes_flagged\":{\"reused\":1,\"expired\":1}}"),
+		   "report JSON: codes_flagged");
+		ok(contains(h.data, "data-k=\"codes_reused\" data-v=\"1.0000\""),
+		   "report HTML: the reused codes card");
+		buf_free(&j);
+		buf_free(&h);
 	}
 	free(r);
 	buf_free(&out);
@@ -2938,10 +2949,47 @@ static void test_codes(void)
 	world_close(&w);
 }
 
+/* Migration 009 on a database that already holds orders with codes: every
+ * row stays, old orders are flagged by the same rules. The database is made
+ * "before 009" by undoing 009's columns (009 is the last migration). */
+static void test_codes_migration(void)
+{
+	struct world w;
+	char err[512] = "";
+	if (!ok(world_open(&w, "codes-migration") == 0, "codes migration: world opens"))
+		return;
+	struct db *db = w.app.db;
+	int v = db_user_version(db);
+	db_scalar(db, "INSERT INTO discounts (code, percent, created, expires, redeemed_at, order_key) "
+		  "VALUES ('RM-AAAA-AAAA', 10, 0, 1000, 500, 'k1'), "
+		  "('RM-BBBB-BBBB', 10, 0, 1000, NULL, NULL)");
+	db_scalar(db, "INSERT INTO orders (order_key, total, discount_code, ts) VALUES "
+		  "('k1', 10, 'RM-AAAA-AAAA', 500), ('k2', 10, 'RM-AAAA-AAAA', 600), "
+		  "('k3', 10, 'RM-BBBB-BBBB', 2000), ('k4', 10, 'OWN-CODE', 700), ('k5', 10, NULL, 800)");
+	db_scalar(db, "DROP INDEX orders_code_status");
+	db_scalar(db, "ALTER TABLE orders DROP COLUMN code_status");
+	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_cart");
+	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_until");
+	char pragma[64];
+	snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v - 1);
+	db_scalar(db, pragma);
+	ok(db_migrate(db, err, sizeof err) == 0 && db_user_version(db) == v,
+	   "codes migration: 009 applies to a database with orders (%s)", err);
+	is_int(sq(&w, "SELECT count(*) FROM orders"), 5, "codes migration: no order lost");
+	is_int(sq(&w, "SELECT count(*) FROM discounts"), 2, "codes migration: no code lost");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE (order_key = 'k1' AND code_status = 'redeemed') "
+		  "OR (order_key = 'k2' AND code_status = 'reused') "
+		  "OR (order_key = 'k3' AND code_status = 'expired') "
+		  "OR (order_key IN ('k4', 'k5') AND code_status IS NULL)"), 5,
+	       "codes migration: old orders flagged redeemed, reused, expired, or not at all");
+	world_close(&w);
+}
+
 static void test_keys_codes(void)
 {
 	test_keyring();
 	test_codes();
+	test_codes_migration();
 }
 
 int main(void)
