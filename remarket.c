@@ -1434,6 +1434,8 @@ int val_url(const char *s)
  * 128-bit keyed BLAKE2b (crypto_generichash) over the first 17 bytes.
  * The MAC is checked before anything in the token is believed, in
  * constant time. Tokens hold no personal data: the subject is a row id.
+ * The app signs with the newest key of its key ring and verifies with
+ * each (app_tok_verify, section 15), so a rotation breaks no link.
  * Server hooks use HMAC-SHA256 as documented in API.md.
  */
 
@@ -2555,6 +2557,10 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
  * O, 1, I), drawn with randombytes_uniform: 40 bits, unguessable in the
  * number of tries a checkout allows. The code is the primary key, so a
  * collision is a failed insert, retried with a new draw.
+ * A code is single-use: a checkout may hold it for its cart for 15
+ * minutes (/discounts/validate with "reserve"), and the first order that
+ * carries it before it expires redeems it (code_redeem, section 7); a
+ * later or late use is stored and flagged on the order, never attributed.
  */
 
 static const char code_alphabet[] = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ";
