@@ -1190,14 +1190,15 @@ int db_open(struct db **out, const char *path, char *err, size_t errlen)
 	}
 	/* SQLite would create the file 0644 less the umask, and its -wal and
 	 * -shm with the database file's mode: a new database is made 0600
-	 * here first, whatever the umask */
+	 * here first, whatever the umask. O_EXCL: never open (and close) an
+	 * existing database, as closing any descriptor of a file drops every
+	 * POSIX lock this process holds on it (the other threads' locks). */
 	if (strcmp(path, ":memory:") != 0 && strncmp(path, "file:", 5) != 0) {
-		int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-		struct stat st;
-		if (fd >= 0 && fstat(fd, &st) == 0 && st.st_size == 0)
+		int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+		if (fd >= 0) {
 			(void)fchmod(fd, 0600);
-		if (fd >= 0)
 			close(fd);
+		}
 	}
 	int rc = sqlite3_open_v2(path, &db->h,
 				 SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
@@ -4264,7 +4265,7 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	snprintf(v, sizeof v, "%.2f %s", r->discount_cost, r->currency);
 	html_card(b, "cost of discounts redeemed", "discount_cost", r->discount_cost, v);
 	snprintf(v, sizeof v, "%ld / %ld", r->codes_reused, r->codes_expired);
-	html_card(b, "orders with a code used before / expired", "codes_reused",
+	html_card(b, "orders with a code used before / expired", "codes_flagged.reused",
 		  (double)r->codes_reused, v);
 	buf_adds(b, "</div><section><h2>Recovered revenue by day</h2>");
 	html_chart(b, r);

@@ -2937,7 +2937,7 @@ static void test_codes(void)
 		report_html(r, "Test shop", &h);
 		ok(contains(j.data, "\"codes_flagged\":{\"reused\":1,\"expired\":1}}"),
 		   "report JSON: codes_flagged");
-		ok(contains(h.data, "data-k=\"codes_reused\" data-v=\"1.0000\""),
+		ok(contains(h.data, "data-k=\"codes_flagged.reused\" data-v=\"1.0000\""),
 		   "report HTML: the reused codes card");
 		buf_free(&j);
 		buf_free(&h);
