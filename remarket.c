@@ -312,7 +312,7 @@ static int mkdir_parent(const char *file)
 	if (!slash || slash == dir)
 		return 0;
 	*slash = '\0';
-	return mkdir_p(dir, 0755);
+	return mkdir_p(dir, 0700);
 }
 
 static int read_file(const char *path, struct buf *out, size_t max)
@@ -362,6 +362,11 @@ static int write_file_atomic(const char *path, const char *data, size_t n,
 	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode);
 	if (fd < 0)
 		return -1;
+	if (fchmod(fd, mode) < 0) { /* the mode asked for, whatever the umask */
+		close(fd);
+		unlink(tmp);
+		return -1;
+	}
 	size_t off = 0;
 	while (off < n) {
 		ssize_t w = write(fd, data + off, n - off);
@@ -416,6 +421,7 @@ static const struct cfg_key {
 	CFG_STR(unsubscribe_mailto, ""),
 	CFG_STR(store_origin, ""),
 	CFG_STR(static_dir, "./static"),
+	CFG_STR(log_pii, "no"),
 	CFG_LONG(rate_ip_per_min, "120"),
 	CFG_LONG(rate_visitor_per_min, "60"),
 	CFG_STR(trusted_proxies, ""),
@@ -557,9 +563,9 @@ static void cfg_derive_origin(struct config *cfg)
 	curl_url_cleanup(u);
 }
 
-int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
+static int cfg_load_all(struct config *cfg, const char *file, char *err,
+			size_t errlen)
 {
-	memset(cfg, 0, sizeof *cfg);
 	for (size_t i = 0; i < NKEYS; i++)
 		if (cfg_set(cfg, &cfg_keys[i], cfg_keys[i].def, err, errlen))
 			return -1;
@@ -612,7 +618,21 @@ int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
 		cfg->smtp_connect_timeout = 3600;
 	if (cfg->smtp_reply_timeout > 3600)
 		cfg->smtp_reply_timeout = 3600;
+	if (strcmp(cfg->log_pii, "yes") != 0 && strcmp(cfg->log_pii, "no") != 0) {
+		snprintf(err, errlen, "log_pii: '%s' must be yes or no", cfg->log_pii);
+		return -1;
+	}
 	return 0;
+}
+
+/* On failure nothing is left allocated. */
+int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
+{
+	memset(cfg, 0, sizeof *cfg);
+	if (cfg_load_all(cfg, file, err, errlen) == 0)
+		return 0;
+	cfg_free(cfg);
+	return -1;
 }
 
 void cfg_free(struct config *cfg)
@@ -644,6 +664,9 @@ void cfg_free(struct config *cfg)
 	X(JSON_DISCOUNT,                                                       \
 	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
 	  "'min_spend', ?4, 'expires', ?5)")                                   \
+	X(JSON_DISCOUNT_HELD,                                                  \
+	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
+	  "'min_spend', ?4, 'expires', ?5, 'reserved_until', ?6)")             \
 	X(BODY_SHAPE, "SELECT json_valid(?1), json_type(?1)")                   \
 	X(ARRAY_EACH, "SELECT value, type FROM json_each(?1)")                 \
 	X(OBJECT_EACH, "SELECT key, type, atom, value FROM json_each(?1)")     \
@@ -859,9 +882,20 @@ void cfg_free(struct config *cfg)
 	X(DISCOUNT_GET,                                                        \
 	  "SELECT percent, min_spend, expires, redeemed_at FROM discounts "    \
 	  "WHERE code = ?1")                                                   \
+	/* an order redeems a code once, and only before it expires */       \
 	X(DISCOUNT_REDEEM,                                                     \
 	  "UPDATE discounts SET redeemed_at = ?2, order_key = ?3 "             \
-	  "WHERE code = ?1 AND redeemed_at IS NULL")                           \
+	  "WHERE code = ?1 AND redeemed_at IS NULL AND expires >= ?2")         \
+	X(ORDER_CODE_STATUS,                                                   \
+	  "UPDATE orders SET code_status = ?2 WHERE order_key = ?1")           \
+	/* a hold of another cart (?3) on the code, still running at ?2 */   \
+	X(DISCOUNT_HELD,                                                       \
+	  "SELECT reserved_until FROM discounts WHERE code = ?1 "              \
+	  "AND reserved_until >= ?2 AND reserved_cart IS NOT ?3")              \
+	X(DISCOUNT_RESERVE,                                                    \
+	  "UPDATE discounts SET reserved_cart = ?2, reserved_until = ?3 "      \
+	  "WHERE code = ?1 AND redeemed_at IS NULL AND (reserved_until IS NULL " \
+	  "OR reserved_until < ?4 OR reserved_cart = ?2)")                     \
 	X(ABANDON,                                                             \
 	  "UPDATE carts SET status = 'abandoned', abandoned_at = ?1 "          \
 	  "WHERE status = 'open' AND item_count > 0 AND updated <= ?2 "        \
@@ -999,6 +1033,10 @@ void cfg_free(struct config *cfg)
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
 	  "LEFT JOIN carts k ON k.id = e.cart_id WHERE m.id = ?1")             \
 	X(INTERACTION, "INSERT INTO interactions (message, kind, ts) VALUES (?1, ?2, ?3)") \
+	/* mails whose links were signed with the key file's keys */         \
+	X(KEY_SIGNED,                                                          \
+	  "SELECT count(*) FROM messages "                                     \
+	  "WHERE sent_at IS NOT NULL OR status = 'sending'")                   \
 	X(BEST_REVIEW,                                                         \
 	  "SELECT r.author, r.rating, r.text, p.name FROM reviews r "          \
 	  "JOIN products p ON p.sku = r.sku WHERE r.sku IN "                   \
@@ -1048,6 +1086,10 @@ void cfg_free(struct config *cfg)
 	  "(SELECT total(o.total * d.percent / (100.0 - d.percent)) "          \
 	  "FROM orders o JOIN discounts d ON d.code = o.discount_code "        \
 	  "WHERE o.ts >= ?1 AND o.ts < ?2)")                                   \
+	X(REP_CODE_FLAGS,                                                      \
+	  "SELECT coalesce(sum(code_status = 'reused'), 0), "                  \
+	  "coalesce(sum(code_status = 'expired'), 0) FROM orders "             \
+	  "WHERE code_status IS NOT NULL AND ts >= ?1 AND ts < ?2")            \
 	X(REP_FLOWS, "SELECT id, name, holdout_pct FROM flows ORDER BY id")     \
 	X(REP_FLOW_CONV,                                                       \
 	  "SELECT e.holdout, count(*), coalesce(sum(k.status = 'ordered' AND " \
@@ -1130,7 +1172,10 @@ void cfg_free(struct config *cfg)
 	  "SELECT json_object('message', ?1, 'cart_url', ?2, 'items', ?3)")    \
 	X(VALIDATE_FIELDS,                                                     \
 	  "SELECT json_type(?1, '$.code'), json_extract(?1, '$.code'), "       \
-	  "json_type(?1, '$.total'), json_extract(?1, '$.total')")
+	  "json_type(?1, '$.total'), json_extract(?1, '$.total')")             \
+	X(VALIDATE_RESERVE,                                                    \
+	  "SELECT json_type(?1, '$.reserve'), json_type(?1, '$.cart_id'), "    \
+	  "json_extract(?1, '$.cart_id')")
 
 #define STMT_ENUM(name, sql) ST_##name,
 #define STMT_TEXT(name, sql) sql,
@@ -1301,6 +1346,18 @@ int db_open(struct db **out, const char *path, char *err, size_t errlen)
 			 path, strerror(errno));
 		free(db);
 		return -1;
+	}
+	/* SQLite would create the file 0644 less the umask, and its -wal and
+	 * -shm with the database file's mode: a new database is made 0600
+	 * here first, whatever the umask. O_EXCL: never open (and close) an
+	 * existing database, as closing any descriptor of a file drops every
+	 * POSIX lock this process holds on it (the other threads' locks). */
+	if (strcmp(path, ":memory:") != 0 && strncmp(path, "file:", 5) != 0) {
+		int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+		if (fd >= 0) {
+			(void)fchmod(fd, 0600);
+			close(fd);
+		}
 	}
 	int rc = sqlite3_open_v2(path, &db->h,
 				 SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
@@ -1547,6 +1604,8 @@ int val_url(const char *s)
  * 128-bit keyed BLAKE2b (crypto_generichash) over the first 17 bytes.
  * The MAC is checked before anything in the token is believed, in
  * constant time. Tokens hold no personal data: the subject is a row id.
+ * The app signs with the newest key of its key ring and verifies with
+ * each (app_tok_verify, section 15), so a rotation breaks no link.
  * Server hooks use HMAC-SHA256 as documented in API.md.
  */
 
@@ -2378,7 +2437,8 @@ static int ev_cart(struct app *app, const struct event *e, const char *vid,
 }
 
 static int64_t scalar_id(struct db *db, sqlite3_stmt *s);
-static int ev_attribute(struct app *app, const struct event *e, int64_t contact);
+static int ev_attribute(struct app *app, const struct event *e, int64_t contact,
+			const char *code);
 
 static int64_t cart_id_of(struct db *db, const char *key)
 {
@@ -2408,7 +2468,8 @@ static int64_t scalar_id(struct db *db, sqlite3_stmt *s)
 /* Attributes a new order once, to the last qualifying message: one whose
  * code it redeemed or that was clicked within attribution_click_days;
  * else, as "influenced", the last one sent within attribution_view_hours. */
-static int ev_attribute(struct app *app, const struct event *e, int64_t contact)
+static int ev_attribute(struct app *app, const struct event *e, int64_t contact,
+			const char *code)
 {
 	struct db *db = app->db;
 	int64_t click = app->cfg->attribution_click_days * 86400;
@@ -2416,7 +2477,7 @@ static int ev_attribute(struct app *app, const struct event *e, int64_t contact)
 	int64_t msg = 0;
 	char how[16] = "influenced";
 	sqlite3_stmt *s = q(db, ST_ATTRIBUTE_CLICK, "iiti", contact, (int64_t)e->ts,
-			    e->code ? e->code : "", click);
+			    code ? code : "", click);
 	if (sqlite3_step(s) == SQLITE_ROW) {
 		msg = sqlite3_column_int64(s, 0);
 		copy_str(how, sizeof how, col_text(s, 1));
@@ -2428,6 +2489,26 @@ static int ev_attribute(struct app *app, const struct event *e, int64_t contact)
 	if (!msg)
 		return 0;
 	return q_exec(db, q(db, ST_ORDER_ATTRIBUTE, "tit", e->order_id, msg, how));
+}
+
+/* A new order's discount code: redeemed when it is the code's first order
+ * before its expiry, else flagged 'reused' or 'expired' on the order (a
+ * code remarket did not issue is left alone). *redeemed says which. */
+static int code_redeem(struct app *app, const struct event *e, int *redeemed)
+{
+	struct db *db = app->db;
+	if (q_exec(db, q(db, ST_DISCOUNT_REDEEM, "tit", e->code, (int64_t)e->ts,
+			 e->order_id)) < 0)
+		return -1;
+	*redeemed = sqlite3_changes(db->h) == 1;
+	const char *status = *redeemed ? "redeemed" : NULL;
+	sqlite3_stmt *s = q(db, ST_DISCOUNT_GET, "t", e->code);
+	if (!status && sqlite3_step(s) == SQLITE_ROW)
+		status = sqlite3_column_type(s, 3) != SQLITE_NULL ? "reused" : "expired";
+	sqlite3_reset(s);
+	if (!status)
+		return 0;
+	return q_exec(db, q(db, ST_ORDER_CODE_STATUS, "tt", e->order_id, status));
 }
 
 /* Returns 1 when the order was already recorded (a webhook retry). */
@@ -2467,12 +2548,12 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 	if (contact && q_exec(db, q(db, ST_EXIT_ORDERED, "ii", contact,
 				    (int64_t)e->ts)) < 0)
 		return -1;
-	if (e->code && q_exec(db, q(db, ST_DISCOUNT_REDEEM, "tit", e->code,
-				    (int64_t)e->ts, e->order_id)) < 0)
+	int redeemed = 0;
+	if (e->code && code_redeem(app, e, &redeemed) < 0)
 		return -1;
 	if (!contact && cart)
 		contact = scalar_id(db, q(db, ST_CART_CONTACT, "i", cart));
-	return ev_attribute(app, e, contact);
+	return ev_attribute(app, e, contact, redeemed ? e->code : NULL);
 }
 
 static int ev_product(struct app *app, const struct event *e)
@@ -2655,9 +2736,14 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
  * O, 1, I), drawn with randombytes_uniform: 40 bits, unguessable in the
  * number of tries a checkout allows. The code is the primary key, so a
  * collision is a failed insert, retried with a new draw.
+ * A code is single-use: a checkout may hold it for its cart for 15
+ * minutes (/discounts/validate with "reserve"), and the first order that
+ * carries it before it expires redeems it (code_redeem, section 7); a
+ * later or late use is stored and flagged on the order, never attributed.
  */
 
 static const char code_alphabet[] = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ";
+#define CODE_HOLD_SECONDS (15 * 60) /* a checkout's reservation */
 
 static void code_new(const char *prefix, char *out, size_t outlen)
 {
@@ -3047,10 +3133,10 @@ static enum send_result outbox_write(struct app *app, int64_t id,
 				     size_t errlen)
 {
 	char path[PATH_MAX];
-	if (mkdir_p(app->cfg->outbox, 0755) < 0 ||
+	if (mkdir_p(app->cfg->outbox, 0700) < 0 ||
 	    snprintf(path, sizeof path, "%s/m%06lld.eml", app->cfg->outbox,
 		     (long long)id) >= (int)sizeof path ||
-	    write_file_atomic(path, msg->data, msg->len, 0644) < 0) {
+	    write_file_atomic(path, msg->data, msg->len, 0600) < 0) {
 		snprintf(err, errlen, "outbox %s: %s", app->cfg->outbox,
 			 strerror(errno));
 		return SEND_TEMP;
@@ -3700,9 +3786,11 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		rc = rc ? rc : 1;
 		goto out;
 	}
-	if (r != SEND_OK)
-		fprintf(stderr, "remarket: message %lld to %s: %s\n",
-			(long long)id, m.email, err);
+	if (r != SEND_OK) { /* an address only with log_pii = yes */
+		int pii = !strcmp(app->cfg->log_pii, "yes");
+		fprintf(stderr, "remarket: message %lld%s%s: %s\n", (long long)id,
+			pii ? " to " : "", pii ? m.email : "", err);
+	}
 	else
 		fault("crash_after_send");
 	rc = msg_record(app, &m, r, err, now, sum);
@@ -4203,6 +4291,8 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	      &r->opened, &r->clicked, &r->unsubscribed);
 	q_row(q(db, ST_REP_DISCOUNTS, "ii", a, b), "lld", &r->codes_issued,
 	      &r->codes_redeemed, &r->discount_cost);
+	q_row(q(db, ST_REP_CODE_FLAGS, "ii", a, b), "ll", &r->codes_reused,
+	      &r->codes_expired);
 	r->recovery_rate = r->abandoned ? (double)r->recovered / (double)r->abandoned : 0;
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
 	rep_flows(app, r);
@@ -4300,7 +4390,8 @@ int report_json(const struct report *r, struct buf *out)
 	for (int i = 0; i < 6; i++)
 		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
 			 r->segments[i]);
-	buf_adds(out, "}}");
+	buf_addf(out, "},\"codes_flagged\":{\"reused\":%ld,\"expired\":%ld}}",
+		 r->codes_reused, r->codes_expired);
 	return out->data ? 0 : -1;
 }
 
@@ -4492,6 +4583,9 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	html_card(b, "unsubscribed per email", "unsubscribe_rate", r->unsubscribe_rate, v);
 	snprintf(v, sizeof v, "%.2f %s", r->discount_cost, r->currency);
 	html_card(b, "cost of discounts redeemed", "discount_cost", r->discount_cost, v);
+	snprintf(v, sizeof v, "%ld / %ld", r->codes_reused, r->codes_expired);
+	html_card(b, "orders with a code used before / expired", "codes_flagged.reused",
+		  (double)r->codes_reused, v);
 	buf_adds(b, "</div><section><h2>Recovered revenue by day</h2>");
 	html_chart(b, r);
 	buf_addf(b, "<p class=note>%ld orders in all; %ld attributed to a click or a "
@@ -5003,7 +5097,7 @@ static int link_target(struct app *app, const char *tok, char kind,
 		       rm_time now, struct http_resp *rs, int64_t *msg,
 		       int64_t *contact, char *cart, char *code)
 {
-	int st = tok_verify(app->key, tok, kind, now, msg);
+	int st = app_tok_verify(app, tok, kind, now, msg);
 	int found = 0;
 	if (st == TOK_OK) {
 		sqlite3_stmt *s = q(app->db, ST_MESSAGE_TARGET, "i", *msg);
@@ -5123,7 +5217,7 @@ static void route_open(struct app *app, const struct http_req *rq,
 		char *dot = strstr(tok, ".gif");
 		if (dot)
 			*dot = '\0';
-		if (tok_verify(app->key, tok, TOK_OPEN, now, &msg) == TOK_OK)
+		if (app_tok_verify(app, tok, TOK_OPEN, now, &msg) == TOK_OK)
 			record(app, msg, "open", now);
 	}
 	resp_gif(rs);
@@ -5159,17 +5253,67 @@ static void route_validate(struct app *app, const struct http_req *rq,
 	if (!ok || !isfinite(total))
 		return resp_json_error(app, rs, 400, "body: {\"code\": \"RM-XXXX-XXXX\", "
 				       "\"total\": 42.0} expected");
+	/* "reserve": true holds the code for "cart_id" for 15 minutes */
+	int reserve = 0;
+	char cart[72] = "";
+	s = q(app->db, ST_VALIDATE_RESERVE, "b", rq->body, (int)rq->body_len);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		const char *rt = col_text(s, 0), *ct = col_text(s, 1);
+		reserve = !strcmp(rt, "true");
+		if (*rt && strcmp(rt, "true") && strcmp(rt, "false"))
+			ok = 0;
+		if (*ct && (strcmp(ct, "text") ||
+			    copy_str(cart, sizeof cart, col_text(s, 2)) < 0 ||
+			    !val_ident(cart, 64)))
+			ok = 0;
+	}
+	sqlite3_reset(s);
+	if (!ok)
+		return resp_json_error(app, rs, 400, "body: \"reserve\" must be "
+				       "true or false, \"cart_id\" the cart's id "
+				       "([A-Za-z0-9._:-], at most 64)");
+	if (reserve && !*cart)
+		return resp_json_error(app, rs, 400, "cart_id: required with "
+				       "\"reserve\": true (the code is held for "
+				       "that cart)");
 	int pct = 0;
 	double min = 0;
 	rm_time exp = 0;
 	for (char *p = code; *p; p++)
 		*p = (char)toupper((unsigned char)*p);
 	const char *why = code_check(app, code, total, now, &pct, &min, &exp);
+	long long held = -1;
+	if (!strcmp(why, "ok")) {
+		held = db_scalar_stmt(q(app->db, ST_DISCOUNT_HELD, "tit", code,
+					(int64_t)now, cart));
+		if (held >= 0)
+			why = "reserved";
+	}
+	if (reserve && !strcmp(why, "ok")) {
+		held = now + CODE_HOLD_SECONDS;
+		if (q_exec(app->db, q(app->db, ST_DISCOUNT_RESERVE, "ttii", code,
+				      cart, (int64_t)held, (int64_t)now)) < 0)
+			return resp_json_error(app, rs, 503, "database busy: try "
+					       "again");
+		if (sqlite3_changes(app->db->h) == 0) { /* another cart won */
+			why = "reserved";
+			held = -1;
+		}
+	}
 	rs->status = 200;
 	rs->content_type = "application/json";
-	json_from(app->db, q(app->db, ST_JSON_DISCOUNT, "titdi",
-			     strcmp(why, "ok") ? "false" : "true", (int64_t)pct,
-			     why, min, (int64_t)exp), &rs->body);
+	if (!reserve && held < 0) {
+		json_from(app->db, q(app->db, ST_JSON_DISCOUNT, "titdi",
+				     strcmp(why, "ok") ? "false" : "true", (int64_t)pct,
+				     why, min, (int64_t)exp), &rs->body);
+		return;
+	}
+	s = q(app->db, ST_JSON_DISCOUNT_HELD, "titdin",
+	      strcmp(why, "ok") ? "false" : "true", (int64_t)pct, why, min,
+	      (int64_t)exp);
+	if (held >= 0)
+		sqlite3_bind_int64(s, 6, held);
+	json_from(app->db, s, &rs->body);
 }
 
 /* The subject of report links: 63 bits of a hash of the tick token, so
@@ -5191,7 +5335,7 @@ static int operator_ok(struct app *app, const struct http_req *rq, rm_time now)
 {
 	char *t = query_param(rq->query, "t");
 	int64_t subject = 0;
-	int st = t ? tok_verify(app->key, t, TOK_REPORT, now, &subject) : TOK_MALFORMED;
+	int st = t ? app_tok_verify(app, t, TOK_REPORT, now, &subject) : TOK_MALFORMED;
 	free(t);
 	if (st == TOK_OK && subject == report_subject(app->cfg))
 		return 1;
@@ -5846,30 +5990,61 @@ static int serve_cgi(struct config *cfg)
  * command by a web server, the binary answers as CGI or FastCGI.
  */
 
-static int load_key(const char *path, unsigned char key[RM_KEYBYTES],
-		    char *err, size_t errlen)
+/*
+ * The key file is a key ring: one or more 32-byte keys, raw, oldest first.
+ * The last one signs; every one verifies, so that `remarket keygen
+ * --rotate` (which appends a key) breaks no link already mailed. A file of
+ * one key, as every remarket before the ring wrote, is a ring of one.
+ */
+static int load_keys(const char *path, struct buf *b, char *err,
+		     size_t errlen)
 {
-	struct buf b = {0};
-	int rc = read_file(path, &b, 64);
-	if (rc < 0 || b.len != RM_KEYBYTES) {
+	errno = 0;
+	int rc = read_file(path, b, RM_MAXKEYS * RM_KEYBYTES);
+	if (rc < 0 || b->len == 0 || b->len % RM_KEYBYTES) {
 		snprintf(err, errlen, "key_file %s: %s — run 'remarket init' or "
 			 "'remarket keygen > %s'", path,
-			 rc < 0 ? strerror(errno) : "must hold exactly 32 bytes",
-			 path);
-		buf_free(&b);
+			 rc < 0 && errno ? strerror(errno) :
+			 "must hold one or more 32-byte keys (at most 16)", path);
+		if (b->data)
+			sodium_memzero(b->data, b->len);
+		buf_free(b);
 		return -1;
 	}
-	memcpy(key, b.data, RM_KEYBYTES);
+	return 0;
+}
+
+static int load_key(struct app *app, const char *path, char *err,
+		    size_t errlen)
+{
+	struct buf b = {0};
+	if (load_keys(path, &b, err, errlen) < 0)
+		return -1;
+	int n = (int)(b.len / RM_KEYBYTES);
+	memcpy(app->key, b.data + (size_t)(n - 1) * RM_KEYBYTES, RM_KEYBYTES);
+	app->nold = n - 1;
+	for (int i = 0; i < app->nold; i++) /* newest first */
+		memcpy(app->old_keys[i],
+		       b.data + (size_t)(n - 2 - i) * RM_KEYBYTES, RM_KEYBYTES);
 	sodium_memzero(b.data, b.len);
 	buf_free(&b);
 	return 0;
+}
+
+int app_tok_verify(const struct app *app, const char *tok, char kind,
+		   rm_time now, int64_t *subject)
+{
+	int st = tok_verify(app->key, tok, kind, now, subject);
+	for (int i = 0; st == TOK_FORGED && i < app->nold; i++)
+		st = tok_verify(app->old_keys[i], tok, kind, now, subject);
+	return st;
 }
 
 int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
 {
 	memset(app, 0, sizeof *app);
 	app->cfg = cfg;
-	if (load_key(cfg->key_file, app->key, err, errlen) < 0 ||
+	if (load_key(app, cfg->key_file, err, errlen) < 0 ||
 	    db_open(&app->db, cfg->db, err, errlen) < 0)
 		return -1;
 	int have = db_user_version(app->db);
@@ -5895,21 +6070,57 @@ void app_close(struct app *app)
 	if (app->curl)
 		curl_easy_cleanup(app->curl);
 	sodium_memzero(app->key, sizeof app->key);
+	sodium_memzero(app->old_keys, sizeof app->old_keys);
 	app->db = NULL;
 	app->curl = NULL;
 }
 
-static int cmd_init(struct config *cfg)
+/* Makes the operator's files private, whatever the umask they were made
+ * under: the database and its -wal and -shm, the key file. */
+static void init_private_files(const struct config *cfg)
+{
+	const char *sfx[] = {"", "-wal", "-shm"};
+	char path[PATH_MAX];
+	for (size_t i = 0; i < sizeof sfx / sizeof sfx[0]; i++) {
+		int n = snprintf(path, sizeof path, "%s%s", cfg->db, sfx[i]);
+		if (n > 0 && (size_t)n < sizeof path && access(path, F_OK) == 0)
+			(void)chmod(path, 0600);
+	}
+	if (access(cfg->key_file, F_OK) == 0)
+		(void)chmod(cfg->key_file, 0600);
+}
+
+static int cmd_init(struct config *cfg, int argc, char **argv)
 {
 	char err[512];
-	struct db *db;
+	struct db *db = NULL;
+	int new_key = 0;
+	for (int i = 2; i < argc; i++) {
+		if (strcmp(argv[i], "--new-key") != 0) {
+			fprintf(stderr, "usage: remarket init [--new-key]\n");
+			return 2;
+		}
+		new_key = 1;
+	}
 	if (db_open(&db, cfg->db, err, sizeof err) < 0 ||
 	    db_migrate(db, err, sizeof err) < 0) {
 		fprintf(stderr, "remarket init: %s\n", err);
+		db_close(db);
 		return 1;
 	}
 	int v = db_user_version(db);
+	long long signed_mails = db_scalar_stmt(q(db, ST_KEY_SIGNED, ""));
 	db_close(db);
+	if (access(cfg->key_file, F_OK) != 0 && signed_mails > 0 && !new_key) {
+		fprintf(stderr, "remarket init: key_file %s is missing, but db %s "
+			"holds %lld sent messages whose unsubscribe, cart and "
+			"discount links were signed with it. Restore the key file "
+			"from a backup (the links keep working), or run 'remarket "
+			"init --new-key' to make a new key, knowing that every link "
+			"already mailed stops working.\n", cfg->key_file, cfg->db,
+			signed_mails);
+		return 1;
+	}
 	if (access(cfg->key_file, F_OK) != 0) {
 		unsigned char key[RM_KEYBYTES];
 		randombytes_buf(key, sizeof key);
@@ -5922,8 +6133,14 @@ static int cmd_init(struct config *cfg)
 		}
 		sodium_memzero(key, sizeof key);
 		printf("remarket: new signing key in %s (mode 0600)\n", cfg->key_file);
+	} else if (new_key) {
+		fprintf(stderr, "remarket init: key_file %s exists: --new-key only "
+			"replaces a lost key; to add a key, run 'remarket keygen "
+			"--rotate'\n", cfg->key_file);
+		return 1;
 	}
-	if (!*cfg->smtp_url && mkdir_p(cfg->outbox, 0755) < 0) {
+	init_private_files(cfg);
+	if (!*cfg->smtp_url && mkdir_p(cfg->outbox, 0700) < 0) {
 		fprintf(stderr, "remarket init: outbox %s: %s\n", cfg->outbox,
 			strerror(errno));
 		return 1;
@@ -5933,13 +6150,50 @@ static int cmd_init(struct config *cfg)
 	return 0;
 }
 
-static int cmd_keygen(void)
+/* keygen: a new raw key on stdout. keygen --rotate: a new key appended to
+ * key_file's ring; it signs from now on, the older ones still verify. */
+static int cmd_keygen(struct config *cfg, int argc, char **argv)
 {
 	unsigned char key[RM_KEYBYTES];
+	int rotate = argc == 3 && !strcmp(argv[2], "--rotate");
+	if (argc > 2 && !rotate) {
+		fprintf(stderr, "usage: remarket keygen [--rotate]\n");
+		return 2;
+	}
 	randombytes_buf(key, sizeof key);
-	int rc = fwrite(key, 1, sizeof key, stdout) == sizeof key ? 0 : 1;
+	if (!rotate) {
+		int rc = fwrite(key, 1, sizeof key, stdout) == sizeof key ? 0 : 1;
+		sodium_memzero(key, sizeof key);
+		return rc;
+	}
+	char err[512];
+	struct buf ring = {0};
+	if (load_keys(cfg->key_file, &ring, err, sizeof err) < 0) {
+		sodium_memzero(key, sizeof key);
+		fprintf(stderr, "remarket keygen --rotate: %s\n", err);
+		return 1;
+	}
+	size_t drop = 0; /* a full ring forgets its oldest key */
+	if (ring.len / RM_KEYBYTES >= RM_MAXKEYS)
+		drop = ring.len - (RM_MAXKEYS - 1) * RM_KEYBYTES;
+	int rc = buf_add(&ring, key, sizeof key);
 	sodium_memzero(key, sizeof key);
-	return rc;
+	if (rc == 0)
+		rc = write_file_atomic(cfg->key_file, ring.data + drop,
+				       ring.len - drop, 0600);
+	size_t n = (ring.len - drop) / RM_KEYBYTES;
+	sodium_memzero(ring.data, ring.len);
+	buf_free(&ring);
+	if (rc < 0) {
+		fprintf(stderr, "remarket keygen --rotate: key_file %s: %s — the "
+			"old key ring is unchanged\n", cfg->key_file, strerror(errno));
+		return 1;
+	}
+	printf("remarket: key_file %s now holds %zu keys; the new one signs, "
+	       "the older ones still verify%s. Restart 'remarket serve'.\n",
+	       cfg->key_file, n, drop ? " (the oldest was dropped: the ring "
+	       "holds 16)" : "");
+	return 0;
 }
 
 /* Makes the socket at PATH mode 0660 and of socket_group: only the web
@@ -6084,6 +6338,9 @@ static void report_text(const struct report *r)
 	       r->unsubscribed, r->bounced);
 	printf("discount codes     %ld issued, %ld redeemed, cost %.2f %s\n",
 	       r->codes_issued, r->codes_redeemed, r->discount_cost, r->currency);
+	printf("flagged codes      %ld orders with a code used before, %ld with an "
+	       "expired code (not attributed to it)\n", r->codes_reused,
+	       r->codes_expired);
 	printf("win-back           %ld lapsed (after %ld days: %s), %ld contacted, "
 	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
 	       r->lapse_why, r->contacted, r->reactivated, 100 * r->reactivation_rate);
@@ -6647,8 +6904,9 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: remarket [-c FILE] COMMAND\n"
-		"  init                 create or migrate the database, make the key\n"
-		"  keygen               print a new 32-byte key (raw) on stdout\n"
+		"  init [--new-key]     create or migrate the database, make the key\n"
+		"  keygen [--rotate]    print a new 32-byte key (raw) on stdout, or\n"
+		"                       add one to key_file (old links stay valid)\n"
 		"  serve ADDR           FastCGI on a unix socket path or host:port\n"
 		"  tick [--now T]       run one tick, print a JSON summary\n"
 		"  event [--now T]      record JSON event(s) read on stdin\n"
@@ -6721,9 +6979,9 @@ static int run(int argc, char **argv)
 	else if (!strcmp(cmd, "version") || !strcmp(cmd, "--version"))
 		printf("remarket %s\n", RM_VERSION), rc = 0;
 	else if (!strcmp(cmd, "init"))
-		rc = cmd_init(&cfg);
+		rc = cmd_init(&cfg, argc, argv);
 	else if (!strcmp(cmd, "keygen"))
-		rc = cmd_keygen();
+		rc = cmd_keygen(&cfg, argc, argv);
 	else if (!strcmp(cmd, "serve") && argc == 3)
 		rc = cmd_serve(&cfg, argv[2]);
 	else

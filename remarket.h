@@ -38,6 +38,7 @@ struct config {
 	char *code_prefix, *store_name, *unsubscribe_mailto;
 	char *store_origin; /* scheme://host[:port] allowed to call /collect */
 	char *static_dir;   /* remarket.js */
+	char *log_pii;      /* "yes": the log may name addresses; "no": ids only */
 	long idle_minutes;  /* a cart idle this long is abandoned */
 	long max_body;      /* bytes; larger request bodies get 413 */
 	long threads;       /* FastCGI worker threads */
@@ -76,14 +77,22 @@ int rm_bucket(const char *text);
 /* ---- The application: config + key + one connection ------------------- */
 
 #define RM_KEYBYTES 32
+#define RM_MAXKEYS 16 /* keys in one key file (the key ring) */
 struct app {
 	struct config *cfg;
-	unsigned char key[RM_KEYBYTES];
+	unsigned char key[RM_KEYBYTES]; /* the newest key: signs every token */
 	struct db *db;
 	void *curl; /* one CURL handle per app, reused for SMTP keep-alive */
+	/* the key ring's older keys, newest first: they only verify, so that
+	 * links mailed before `remarket keygen --rotate` keep working */
+	unsigned char old_keys[RM_MAXKEYS - 1][RM_KEYBYTES];
+	int nold;
 };
 int app_open(struct app *app, struct config *cfg, char *err, size_t errlen);
 void app_close(struct app *app);
+/* tok_verify with each key of the ring, newest first. */
+int app_tok_verify(const struct app *app, const char *tok, char kind,
+		   rm_time now, int64_t *subject);
 
 /* ---- Validators ------------------------------------------------------- */
 
@@ -241,6 +250,7 @@ struct report {
 	double recovery_rate, revenue, recovered_revenue, influenced_revenue;
 	long sent, opened, clicked, unsubscribed, bounced, codes_issued, codes_redeemed;
 	double unsubscribe_rate, discount_cost;
+	long codes_reused, codes_expired; /* orders whose code was used before, or had expired */
 	struct flow_report flows[REPORT_FLOWS];
 	int nflows;
 	struct { char month[8]; long orders, attributed; double revenue; } months[REPORT_MONTHS];

@@ -3181,6 +3181,269 @@ static void test_review_fixes(void)
 	world_close(&w);
 }
 
+/* ==== Keys and single-use codes ========================================= */
+
+/* POST /discounts/validate with BODY at NOW: the status, the answer in OUT. */
+static int validate(struct world *w, const char *body, rm_time now, struct buf *out)
+{
+	struct http_resp rs;
+	http(w, "POST", "/discounts/validate", body, NULL, NULL, now, &rs);
+	int st = rs.status;
+	out->len = 0;
+	buf_adds(out, rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+	return st;
+}
+
+static void test_keyring(void)
+{
+	char ring_path[PATH_MAX + 32], bad_path[PATH_MAX + 32], tok[TOK_MAXLEN + 1];
+	unsigned char ring[2 * RM_KEYBYTES], other[RM_KEYBYTES];
+	const char *key_file = getenv("REMARKET_KEY_FILE");
+	char saved[PATH_MAX];
+	int64_t subj = 0;
+	struct world w;
+	snprintf(saved, sizeof saved, "%s", key_file ? key_file : "");
+	for (int i = 0; i < RM_KEYBYTES; i++) {
+		ring[i] = (unsigned char)(i * 13 + 1); /* setup()'s key: the old one */
+		ring[RM_KEYBYTES + i] = (unsigned char)(i * 7 + 3);
+		other[i] = (unsigned char)(i * 5 + 2);
+	}
+	snprintf(ring_path, sizeof ring_path, "%s/ring.key", tmpdir);
+	write_file(ring_path, ring, sizeof ring);
+	setenv("REMARKET_KEY_FILE", ring_path, 1);
+	if (ok(world_open(&w, "keyring") == 0, "keyring: a key file of two keys opens")) {
+		ok(!memcmp(w.app.key, ring + RM_KEYBYTES, RM_KEYBYTES) && w.app.nold == 1,
+		   "keyring: the last key of the file signs, the first is kept to verify");
+		tok_sign(ring, TOK_UNSUB, 42, T0 + DAY, tok, sizeof tok);
+		ok(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj) == TOK_OK && subj == 42,
+		   "keyring: a token of the old key verifies");
+		is_int(tok_verify(w.app.key, tok, TOK_UNSUB, T0, &subj), TOK_FORGED,
+		       "keyring: ... which the new key alone would call forged");
+		tok_sign(w.app.key, TOK_UNSUB, 43, T0 + DAY, tok, sizeof tok);
+		ok(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj) == TOK_OK && subj == 43,
+		   "keyring: a token of the new key verifies");
+		tok_sign(other, TOK_UNSUB, 44, T0 + DAY, tok, sizeof tok);
+		is_int(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj), TOK_FORGED,
+		       "keyring: a token of a key not in the ring is forged");
+		tok_sign(ring, TOK_UNSUB, 45, T0 - 1, tok, sizeof tok);
+		is_int(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj), TOK_EXPIRED,
+		       "keyring: an expired token of the old key is expired, not forged");
+		tok_sign(ring, TOK_RECOVER, 46, T0 + DAY, tok, sizeof tok);
+		is_int(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj), TOK_WRONG_KIND,
+		       "keyring: an old key's token of another kind is the wrong kind");
+		/* a link mailed before the rotation, opened after it */
+		struct tick_summary sum;
+		struct http_resp rs;
+		char path[128];
+		cart_event(&w, "ring@example.com", "Ring", "ring1", 1, T0);
+		tick(&w, T0 + HOUR, &sum);
+		long long m = sq(&w, "SELECT id FROM messages WHERE status = 'sent'");
+		tok_sign(ring, TOK_UNSUB, m, T0 + 400 * DAY, tok, sizeof tok);
+		snprintf(path, sizeof path, "/u/%s", tok);
+		http(&w, "GET", path, NULL, NULL, NULL, T0 + 2 * HOUR, &rs);
+		ok(m > 0 && rs.status == 200, "keyring: an unsubscribe link of the old key opens its page (%d)",
+		   rs.status);
+		http_resp_free(&rs);
+		tok_sign(ring, TOK_RECOVER, m, T0 + 30 * DAY, tok, sizeof tok);
+		snprintf(path, sizeof path, "/r/%s", tok);
+		http(&w, "GET", path, NULL, NULL, NULL, T0 + 2 * HOUR, &rs);
+		is_int(rs.status, 302, "keyring: a cart link of the old key restores the cart");
+		http_resp_free(&rs);
+		world_close(&w);
+	}
+	/* a key file that is not whole keys is refused, with the fix */
+	snprintf(bad_path, sizeof bad_path, "%s/bad.key", tmpdir);
+	write_file(bad_path, ring, RM_KEYBYTES + 1);
+	setenv("REMARKET_KEY_FILE", bad_path, 1);
+	struct config cfg;
+	struct app app;
+	char err[512] = "";
+	if (cfg_load(&cfg, NULL, err, sizeof err) == 0) {
+		ok(app_open(&app, &cfg, err, sizeof err) < 0 && contains(err, "32-byte keys") &&
+			   contains(err, "bad.key"),
+		   "keyring: a key file of 33 bytes is refused, naming the file (%s)", err);
+		cfg_free(&cfg);
+	}
+	setenv("REMARKET_KEY_FILE", saved, 1);
+}
+
+static void test_codes(void)
+{
+	struct world w;
+	struct tick_summary sum;
+	struct buf out = {0};
+	char body[256], q[256];
+	if (!ok(world_open(&w, "codes") == 0, "codes: world opens"))
+		return;
+	cart_event(&w, "ann@example.com", "Ann", "c-ann", 1, T0);
+	cart_event(&w, "cid@example.com", "Cid", "c-cid", 1, T0);
+	tick(&w, T0 + HOUR, &sum);
+	tick(&w, T0 + DAY, &sum);
+	tick(&w, T0 + 3 * DAY, &sum);
+	long long m3 = sq(&w, "SELECT m.id FROM messages m JOIN contacts c ON c.id = m.contact_id "
+			  "WHERE c.email = 'ann@example.com' AND m.step = 3");
+	char *code = sq_text(&w, "SELECT d.code FROM discounts d JOIN contacts c ON c.id = d.contact_id "
+			     "WHERE c.email = 'ann@example.com'");
+	char *code2 = sq_text(&w, "SELECT d.code FROM discounts d JOIN contacts c ON c.id = d.contact_id "
+			      "WHERE c.email = 'cid@example.com'");
+	if (!ok(code && code2 && m3 > 0, "codes: Ann and Cid each got a code in step 3")) {
+		free(code);
+		free(code2);
+		world_close(&w);
+		return;
+	}
+	rm_time now = T0 + 3 * DAY + HOUR;
+
+	/* the reservation */
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
+		 "\"cart_id\":\"cart-A\"}", code);
+	is_int(validate(&w, body, now, &out), 200, "validate reserve for cart A: 200");
+	snprintf(q, sizeof q, "\"reserved_until\":%lld", (long long)(now + 900));
+	ok(contains(out.data, "\"valid\":true") && contains(out.data, "\"reason\":\"ok\"") &&
+		   contains(out.data, q),
+	   "... valid, held for cart A for 15 minutes (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"cart_id\":\"cart-B\"}", code);
+	validate(&w, body, now + 60, &out);
+	ok(contains(out.data, "\"valid\":false") && contains(out.data, "\"reason\":\"reserved\"") &&
+		   contains(out.data, q),
+	   "validate for cart B meanwhile: not valid, reserved, until when (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
+		 "\"cart_id\":\"cart-B\"}", code);
+	validate(&w, body, now + 60, &out);
+	ok(contains(out.data, "\"valid\":false") && contains(out.data, "\"reason\":\"reserved\""),
+	   "cart B cannot take the hold of cart A (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100}", code);
+	validate(&w, body, now + 60, &out);
+	ok(contains(out.data, "\"reason\":\"reserved\""),
+	   "validate without a cart while the code is held: reserved (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"cart_id\":\"cart-A\"}", code);
+	validate(&w, body, now + 60, &out);
+	ok(contains(out.data, "\"valid\":true"), "validate for cart A itself: valid (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
+		 "\"cart_id\":\"cart-B\"}", code);
+	validate(&w, body, now + 901, &out);
+	snprintf(q, sizeof q, "\"reserved_until\":%lld", (long long)(now + 901 + 900));
+	ok(contains(out.data, "\"valid\":true") && contains(out.data, q),
+	   "15 minutes later the hold has lapsed: cart B reserves it (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true}", code);
+	is_int(validate(&w, body, now, &out), 400, "reserve without cart_id: 400");
+	ok(contains(out.data, "cart_id"), "... naming cart_id (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":\"yes\","
+		 "\"cart_id\":\"c\"}", code);
+	is_int(validate(&w, body, now, &out), 400, "reserve that is not a boolean: 400");
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"cart_id\":7}", code);
+	is_int(validate(&w, body, now, &out), 400, "cart_id that is not text: 400");
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
+		 "\"cart_id\":\"a b\"}", code);
+	is_int(validate(&w, body, now, &out), 400, "cart_id with a space: 400");
+
+	/* the first order redeems the code and is attributed to its message */
+	is_int(order(&w, "o-1", "ann@example.com", code, 90, now + 1000), 1, "order o-1 with Ann's code");
+	is_attr(&w, "o-1", "code", m3, "... attributed to the message that carried the code");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-1' AND code_status = 'redeemed'"),
+	       1, "... flagged redeemed");
+	/* a second order with the same code: stored, flagged, not attributed again */
+	is_int(order(&w, "o-2", "zed@example.com", code, 80, now + 2000), 1,
+	       "order o-2 with the same code is stored");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-2' AND code_status = 'reused'"),
+	       1, "... flagged reused");
+	is_attr(&w, "o-2", "none", 0, "... and not attributed to the code's message again");
+	is_int(sq(&w, "SELECT count(*) FROM discounts WHERE order_key = 'o-1' AND redeemed_at = %lld",
+		  (long long)(now + 1000)), 1, "... the code stays redeemed by o-1");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE message = %lld", m3), 1,
+	       "the code's message has one order");
+	/* the same order again (a hook retry) changes nothing */
+	order(&w, "o-1", "ann@example.com", code, 90, now + 3000);
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE code_status = 'redeemed'"), 1,
+	       "a repeated order event redeems nothing more");
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
+		 "\"cart_id\":\"cart-C\"}", code);
+	validate(&w, body, now + 4000, &out);
+	ok(contains(out.data, "already_used"), "a redeemed code cannot be reserved (%s)", out.data);
+
+	/* an expired code: stored, flagged, not redeemed, not attributed to it */
+	rm_time expires = sq(&w, "SELECT expires FROM discounts WHERE contact_id = "
+			     "(SELECT id FROM contacts WHERE email = 'cid@example.com')");
+	is_int(order(&w, "o-3", "yan@example.com", code2, 70, expires + 1), 1,
+	       "order o-3 with Cid's code after it expired is stored");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-3' AND code_status = 'expired'"),
+	       1, "... flagged expired");
+	is_int(sq(&w, "SELECT count(*) FROM discounts WHERE redeemed_at IS NOT NULL"), 1,
+	       "... and the expired code is not marked redeemed");
+	is_attr(&w, "o-3", "none", 0, "... nor attributed to the code's message");
+	/* a code remarket never issued is the store's own affair */
+	is_int(order(&w, "o-4", "ann@example.com", "SUMMER10", 60, expires + 2), 1,
+	       "an order with a store's own code is stored");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-4' AND code_status IS NULL"),
+	       1, "... not flagged");
+
+	struct report *r = calloc(1, sizeof *r);
+	if (r && report_build(&w.app, T0 - DAY, T0 + 30 * DAY, r) == 0) {
+		is_int(r->codes_redeemed, 1, "report: one code redeemed");
+		is_int(r->attributed, 1, "report: one order attributed (o-1), not three");
+		ok(r->codes_reused == 1 && r->codes_expired == 1,
+		   "report: one order with a reused code, one with an expired code");
+		struct buf j = {0}, h = {0};
+		report_json(r, &j);
+		report_html(r, "Test shop", &h);
+		ok(contains(j.data, "\"codes_flagged\":{\"reused\":1,\"expired\":1}}"),
+		   "report JSON: codes_flagged");
+		ok(contains(h.data, "data-k=\"codes_flagged.reused\" data-v=\"1.0000\""),
+		   "report HTML: the reused codes card");
+		buf_free(&j);
+		buf_free(&h);
+	}
+	free(r);
+	buf_free(&out);
+	free(code);
+	free(code2);
+	world_close(&w);
+}
+
+/* Migration 009 on a database that already holds orders with codes: every
+ * row stays, old orders are flagged by the same rules. The database is made
+ * "before 009" by undoing 009's columns (009 is the last migration). */
+static void test_codes_migration(void)
+{
+	struct world w;
+	char err[512] = "";
+	if (!ok(world_open(&w, "codes-migration") == 0, "codes migration: world opens"))
+		return;
+	struct db *db = w.app.db;
+	int v = db_user_version(db);
+	db_scalar(db, "INSERT INTO discounts (code, percent, created, expires, redeemed_at, order_key) "
+		  "VALUES ('RM-AAAA-AAAA', 10, 0, 1000, 500, 'k1'), "
+		  "('RM-BBBB-BBBB', 10, 0, 1000, NULL, NULL)");
+	db_scalar(db, "INSERT INTO orders (order_key, total, discount_code, ts) VALUES "
+		  "('k1', 10, 'RM-AAAA-AAAA', 500), ('k2', 10, 'RM-AAAA-AAAA', 600), "
+		  "('k3', 10, 'RM-BBBB-BBBB', 2000), ('k4', 10, 'OWN-CODE', 700), ('k5', 10, NULL, 800)");
+	db_scalar(db, "DROP INDEX orders_code_status");
+	db_scalar(db, "ALTER TABLE orders DROP COLUMN code_status");
+	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_cart");
+	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_until");
+	char pragma[64];
+	snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v - 1);
+	db_scalar(db, pragma);
+	ok(db_migrate(db, err, sizeof err) == 0 && db_user_version(db) == v,
+	   "codes migration: 009 applies to a database with orders (%s)", err);
+	is_int(sq(&w, "SELECT count(*) FROM orders"), 5, "codes migration: no order lost");
+	is_int(sq(&w, "SELECT count(*) FROM discounts"), 2, "codes migration: no code lost");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE (order_key = 'k1' AND code_status = 'redeemed') "
+		  "OR (order_key = 'k2' AND code_status = 'reused') "
+		  "OR (order_key = 'k3' AND code_status = 'expired') "
+		  "OR (order_key IN ('k4', 'k5') AND code_status IS NULL)"), 5,
+	       "codes migration: old orders flagged redeemed, reused, expired, or not at all");
+	world_close(&w);
+}
+
+static void test_keys_codes(void)
+{
+	test_keyring();
+	test_codes();
+	test_codes_migration();
+}
+
 int main(void)
 {
 	if (sodium_init() < 0 || curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
@@ -3210,6 +3473,7 @@ int main(void)
 	test_review_fixes();
 	test_measurement();
 	test_lifecycle();
+	test_keys_codes();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
 		diag("could not remove %s", tmpdir);
