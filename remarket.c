@@ -3802,12 +3802,22 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 			(long long)id, m.email, err);
 	else
 		fault("crash_after_send");
+	struct tick_summary before = *sum;
 	rc = msg_record(app, &m, r, err, now, sum);
+	/* An outcome lost is a message sent twice: on a full disk, try again
+	 * after a checkpoint, which lets the next write reuse the WAL's
+	 * space from its start, and after the space the failed write grew */
+	for (int i = 0; rc < 0 && i < 3; i++) {
+		*sum = before;
+		sqlite3_wal_checkpoint_v2(app->db->h, NULL, SQLITE_CHECKPOINT_PASSIVE,
+					  NULL, NULL);
+		nanosleep(&(struct timespec){0, 100000000L << i}, NULL);
+		rc = msg_record(app, &m, r, err, now, sum);
+	}
 	if (rc < 0 && r == SEND_OK)
 		fprintf(stderr, "remarket: message %lld was sent, but the database "
-			"%s refused to record it (%s) — is the disk full? The tick "
-			"stops\n", (long long)id, app->cfg->db,
-			sqlite3_errmsg(app->db->h));
+			"%s refused to record it — is the disk full? The tick "
+			"stops\n", (long long)id, app->cfg->db);
 	/* the relay took this content from someone: the held refusals of
 	 * the same step were about their recipients */
 	if (rc == 0 && r == SEND_OK)

@@ -23,6 +23,8 @@ plan skip_all => 'python3 not installed' unless grep { -x "$_/python3" } split /
 
 my $tmp = tempdir(CLEANUP => 1);
 chmod 0755, $tmp;
+our $MOUNTED;    # a tmpfs of ours, unmounted whatever happens
+END { system('umount', $MOUNTED) if $MOUNTED; }
 
 sub slurp { open my $fh, '<', $_[0] or return ''; local $/; my $s = <$fh>; $s // '' }
 
@@ -243,6 +245,59 @@ for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
 	my $dropped = grep { /dropped/ } $relay->log_lines;
 	cmp_ok($dropped, '>=', $KILLS, "... (the relay dropped $dropped transactions cut by the kills)");
 	$relay->stop;
+}
+
+
+# ---- a hook cart dated 10 days back: stale, not a burst of three mails ------------
+{
+	my $in = instance('');
+	my $now = $T0 + 30 * 86400;
+	my $ev = qq({"type":"cart","email":"old\@example.com","consent":true,"cart_id":"old-1",)
+	    . qq("ts":@{[$now - 10 * 86400]},"items":[{"sku":"LAMP-1","name":"Rattan lamp","price":39.9}]});
+	my ($rc, undef, $err) = rm($in, { _stdin => $ev }, 'event', '--now', $now);
+	is($rc, 0, 'stale: a cart dated 10 days back is recorded') or diag $err;
+	my ($sent, $stale) = (0, 0);
+	for my $k (0 .. 2) {
+		my (undef, $out) = rm($in, 'tick', '--now', $now + 60 * $k);
+		$sent += field($out, 'sent');
+		$stale += field($out, 'stale') if field($out, 'stale') > 0;
+	}
+	is($sent, 0, 'stale: three one-minute ticks send none of its three steps');
+	is($stale, 3, '... the ticks count 3 stale steps');
+	is(scalar(() = glob("$in->{dir}/outbox/*.eml")), 0, '... the outbox is empty');
+	my (undef, $rep) = rm($in, 'report', '--json', '--now', $now + 3600);
+	like($rep, qr/"stale_steps":3\b/, '... and the report counts them');
+}
+
+# ---- the disk fills while a message is sent: nothing lost, nothing doubled ----------
+SKIP: {
+	skip 'mounting a small tmpfs needs root', 5 unless $> == 0;
+	my $mnt = "$tmp/disk";
+	mkdir $mnt;
+	skip 'cannot mount a tmpfs here', 5
+	    unless system('mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', $mnt) == 0;
+	$MOUNTED = $mnt;
+	# the relay fills the file system under remarket's database while it
+	# holds the first message, then answers 250
+	my $relay = RMRelay->start(dir => "$tmp/relay-full", fill => "$mnt/filler");
+	my $in = instance($relay->url, dir => "$mnt/db");
+	carts($in, 3);
+	my @out;
+	for my $k (0 .. 4) {
+		unlink "$mnt/filler" if $k == 4;    # room again for the last tick
+		my ($rc, $out, $err) = rm($in, 'tick', '--now', $due + 301 * $k);
+		push @out, "tick $k: rc $rc $out $err";
+	}
+	my @ids = $relay->message_ids;
+	my %n;
+	$n{$_}++ for @ids;
+	is(scalar keys %n, 3, 'disk full: the relay got all three messages') or diag @out;
+	is(scalar @ids, 3, '... each once: none sent again by a later tick') or diag @out;
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'sent'"), 3, '... all three recorded sent');
+	is(sql($in, "SELECT sum(attempts) FROM messages"), 3, '... one attempt each');
+	ok(-e "$mnt/db/rm.db", '... (the database lived on the full file system)');
+	$relay->stop;
+	system('umount', $MOUNTED) == 0 and undef $MOUNTED;
 }
 
 done_testing();

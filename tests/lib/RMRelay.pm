@@ -40,7 +40,7 @@ sub start {
     if (!$pid) {
         open STDOUT, '>', "$dir/stdout";
         open STDERR, '>', "$dir/stderr";
-        exec @cmd;
+        { no warnings "exec"; exec @cmd; }
         POSIX::_exit(127);
     }
     $LIVE{$pid} = 1;
