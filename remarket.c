@@ -3764,6 +3764,7 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		rc = rc < 0 ? -1 : 0;
 		goto out;
 	}
+	fault("crash_while_preparing");
 	if (msg_compose(app, &m, now, &msg, err, sizeof err) < 0) {
 		fprintf(stderr, "remarket: message %lld: %s (retried in 15 min)\n",
 			(long long)id, err);

@@ -248,6 +248,29 @@ for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
 }
 
 
+# ---- a message that kills the tick every time: given up, alone ------------------
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-poison");
+	my $in = instance($relay->url);
+	carts($in, 3);
+	my $now = $due;
+	my @rc;
+	for (1 .. 5) {    # CRASH_MAX deaths while preparing message 1
+		my ($rc) = rm($in, { REMARKET_FAULT => 'crash_while_preparing' }, 'tick', '--now', $now);
+		push @rc, $rc;
+		$now += 301;
+	}
+	is("@rc", '70 70 70 70 70', 'poison: five ticks die while preparing the same message');
+	is(sql($in, "SELECT crashes FROM messages WHERE id = 1"), 5, '... its deaths are counted');
+	is(sql($in, "SELECT sum(crashes) + sum(attempts) FROM messages WHERE id > 1"), 0,
+	    '... and nothing is counted for the messages claimed with it');
+	my (undef, $out) = rm($in, 'tick', '--now', $now);
+	is(field($out, 'sent'), 2, '... the next tick gives it up and sends the other two') or diag $out;
+	like(sql($in, "SELECT status || ': ' || error FROM messages WHERE id = 1"),
+	    qr/^failed: given up: the tick died 5 times while preparing it/, '... saying why');
+	$relay->stop;
+}
+
 # ---- a hook cart dated 10 days back: stale, not a burst of three mails ------------
 {
 	my $in = instance('');
