@@ -4489,8 +4489,6 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	html_card(b, "emails sent", "sent", (double)r->sent, v);
 	snprintf(v, sizeof v, "%.2f %%", 100 * r->unsubscribe_rate);
 	html_card(b, "unsubscribed per email", "unsubscribe_rate", r->unsubscribe_rate, v);
-	snprintf(v, sizeof v, "%ld", r->stale);
-	html_card(b, "steps too late to send (stale)", "stale_steps", (double)r->stale, v);
 	snprintf(v, sizeof v, "%.2f %s", r->discount_cost, r->currency);
 	html_card(b, "cost of discounts redeemed", "discount_cost", r->discount_cost, v);
 	buf_adds(b, "</div><section><h2>Recovered revenue by day</h2>");
@@ -4498,6 +4496,10 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	buf_addf(b, "<p class=note>%ld orders in all; %ld attributed to a click or a "
 		 "code, %ld more influenced (sent within the view window, no click)."
 		 "</p></section>", r->orders, r->attributed, r->influenced);
+	if (r->stale)
+		buf_addf(b, "<p class=note>%ld steps were too late to send (more than "
+			 "max_lateness_hours after they were due) and were skipped as "
+			 "stale.</p>", r->stale);
 	for (int i = 0; i < r->nflows; i++)
 		html_flow(b, &r->flows[i], i, r->currency);
 	html_lifecycle(b, r);
