@@ -3003,7 +3003,10 @@ static enum send_result mail_send(struct app *app, int64_t id, const char *to,
  *      Message-ID and code, so the outbox replaces and a receiving MTA
  *      can recognise a repeat;
  *   3. per message: check the exit conditions (order, unsubscribe, bounce,
- *      emptied cart) at send time, render, send, and record the outcome.
+ *      emptied cart) and lateness (a stale step is recorded, not sent) at
+ *      send time, render, write the "sending" state (one attempt, for
+ *      this message only), send, and record the outcome. A claim counts
+ *      no attempt, so a tick killed mid-batch costs its batch nothing.
  */
 
 #define TICK_BATCH 50
