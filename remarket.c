@@ -436,6 +436,7 @@ static const struct cfg_key {
 	CFG_LONG(max_body, "65536"),
 	CFG_LONG(threads, "4"),
 	CFG_STR(socket_group, ""),
+	CFG_LONG(max_lateness_hours, "24"),
 	CFG_LONG(lease_seconds, "300"),
 	CFG_LONG(tick_budget_seconds, "50"),
 	CFG_LONG(max_items, "100"),
@@ -659,8 +660,9 @@ void cfg_free(struct config *cfg)
 	X(JSON_ERROR, "SELECT json_object('error', ?1)")                       \
 	X(JSON_ACCEPTED, "SELECT json_object('accepted', ?1, 'duplicates', ?2)") \
 	X(JSON_TICK,                                                           \
-	  "SELECT json_object('now',?1,'abandoned',?2,'enrolled',?3,'sent',?4," \
-	  "'retry',?5,'failed',?6,'exited',?7,'skipped',?8)")                  \
+	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
+	  "'sent',?4,'retry',?5,'failed',?6,'exited',?7,'skipped',?8,"         \
+	  "'stale',?9), json_object('stopped',?10))")                          \
 	X(JSON_DISCOUNT,                                                       \
 	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
 	  "'min_spend', ?4, 'expires', ?5)")                                   \
@@ -933,22 +935,49 @@ void cfg_free(struct config *cfg)
 	  "ON CONFLICT (enrollment_id, step) DO NOTHING")                      \
 	X(CLAIM_GIVE_UP,                                                       \
 	  "UPDATE messages SET status = 'failed', lease_until = NULL, "        \
-	  "error = 'given up: claimed ' || attempts || ' times without an "    \
-	  "outcome (does it crash the tick?)' WHERE status = 'sending' "       \
-	  "AND lease_until <= ?1 AND attempts >= ?2")                          \
+	  "error = 'given up: the tick died ' || crashes || ' times while "    \
+	  "preparing it (does it crash the tick?)' WHERE status = 'sending' "  \
+	  "AND lease_until <= ?1 AND crashes >= ?2")                           \
+	/* no attempt is counted here: only for the message being sent; the  \
+	 * messages of a paused step wait */                                  \
 	X(CLAIM,                                                               \
 	  "UPDATE messages SET status = 'sending', lease_until = ?1 + ?2, "    \
-	  "lease_owner = ?4, attempts = attempts + 1 WHERE id IN (SELECT id FROM messages " \
-	  "WHERE (status = 'queued' AND next_try <= ?1) "                      \
-	  "OR (status = 'sending' AND lease_until <= ?1) "                     \
+	  "lease_owner = ?4 WHERE id IN (SELECT id FROM messages "             \
+	  "WHERE ((status = 'queued' AND next_try <= ?1) "                     \
+	  "OR (status = 'sending' AND lease_until <= ?1)) AND NOT EXISTS "     \
+	  "(SELECT 1 FROM enrollments e JOIN steps s ON s.flow_id = e.flow_id " \
+	  "AND s.position = messages.step WHERE e.id = messages.enrollment_id " \
+	  "AND s.paused_at IS NOT NULL) "                                      \
 	  "ORDER BY next_try, id LIMIT ?3) RETURNING id")                      \
+	/* before the rendering: a death from here on is this message's */    \
+	X(MESSAGE_START,                                                       \
+	  "UPDATE messages SET crashes = crashes + 1 WHERE id = ?1 "           \
+	  "AND lease_owner = ?2 AND status = 'sending'")                       \
+	/* the durable "sending" state, written before the hand-over: one     \
+	 * attempt, and every byte the outcome needs, so that recording the   \
+	 * outcome only flips small numbers */                                \
+	X(MESSAGE_ATTEMPT,                                                     \
+	  "UPDATE messages SET attempts = attempts + 1, crashes = 0, "         \
+	  "message_id = ?3 WHERE id = ?1 AND lease_owner = ?2 "                \
+	  "AND status = 'sending'")                                            \
+	X(STEP_PAUSE,                                                          \
+	  "UPDATE steps SET paused_at = ?3, paused_reason = ?4 WHERE flow_id = " \
+	  "(SELECT flow_id FROM enrollments WHERE id = ?1) AND position = ?2 " \
+	  "AND paused_at IS NULL")                                             \
+	X(STEP_RESUME,                                                         \
+	  "UPDATE steps SET paused_at = NULL, paused_reason = NULL WHERE "     \
+	  "flow_id = (SELECT id FROM flows WHERE name = ?1) AND position = ?2 " \
+	  "AND paused_at IS NOT NULL")                                         \
+	X(STEPS_PAUSED,                                                        \
+	  "SELECT f.name, s.position, s.paused_at, s.paused_reason FROM steps s " \
+	  "JOIN flows f ON f.id = s.flow_id WHERE s.paused_at IS NOT NULL "    \
+	  "ORDER BY f.id, s.position")                                         \
 	X(LEASE_RENEW,                                                         \
 	  "UPDATE messages SET lease_until = ?2 WHERE lease_owner = ?1 "       \
 	  "AND status = 'sending'")                                            \
 	X(LEASE_RELEASE,                                                       \
-	  "UPDATE messages SET status = 'queued', lease_until = NULL, "        \
-	  "attempts = max(attempts - 1, 0) WHERE lease_owner = ?1 "            \
-	  "AND status = 'sending'")                                            \
+	  "UPDATE messages SET status = 'queued', lease_until = NULL "         \
+	  "WHERE lease_owner = ?1 AND status = 'sending'")                     \
 	X(LEASE_HELD,                                                          \
 	  "SELECT count(*) FROM messages WHERE id = ?1 AND lease_owner = ?2 "  \
 	  "AND status = 'sending'")                                            \
@@ -984,7 +1013,13 @@ void cfg_free(struct config *cfg)
 	  "sg.m >= 4 THEN 'vip' ELSE coalesce(sg.segment, '') END, "           \
 	  "EXISTS (SELECT 1 FROM orders o WHERE o.contact_id = e.contact_id "  \
 	  "AND o.ts > e.created), coalesce(e.order_id, 0), f.name, m.variant, " \
-	  "c.consent "                                                         \
+	  "c.consent, "                                                        \
+	  /* 28: when the step was due; 29: how long after it the next one  \
+	   * (with a later delay) is */                                      \
+	  "e.anchor + CASE WHEN m.variant = 'B' THEN coalesce(v.delay_s, "     \
+	  "s.delay_s) ELSE s.delay_s END, (SELECT min(n.delay_s) FROM steps n " \
+	  "WHERE n.flow_id = e.flow_id AND n.position > m.step "               \
+	  "AND n.delay_s > s.delay_s) - s.delay_s "                            \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
 	  "JOIN flows f ON f.id = e.flow_id "                                  \
 	  "LEFT JOIN segments sg ON sg.contact_id = m.contact_id "             \
@@ -1004,8 +1039,8 @@ void cfg_free(struct config *cfg)
 	  "lease_until = NULL, error = ?3 WHERE id = ?1 AND lease_owner = ?4") \
 	X(MESSAGE_DEFER,                                                        \
 	  "UPDATE messages SET status = 'queued', next_try = ?2, "             \
-	  "lease_until = NULL, attempts = max(attempts - 1, 0), error = ?3 "   \
-	  "WHERE id = ?1 AND lease_owner = ?4")                                \
+	  "lease_until = NULL, attempts = max(attempts - ?5, 0), crashes = 0, " \
+	  "error = ?3 WHERE id = ?1 AND lease_owner = ?4")                     \
 	X(MESSAGE_END,                                                         \
 	  "UPDATE messages SET status = ?2, lease_until = NULL, error = ?3 "   \
 	  "WHERE id = ?1 AND lease_owner = ?4")                                \
@@ -1079,6 +1114,9 @@ void cfg_free(struct config *cfg)
 	  "WHERE i.message = m.id AND i.kind = 'unsubscribe')), 0) "           \
 	  "FROM messages m WHERE coalesce(m.sent_at, m.created) >= ?1 "        \
 	  "AND coalesce(m.sent_at, m.created) < ?2")                           \
+	X(REP_STALE,                                                           \
+	  "SELECT count(*) FROM messages WHERE status = 'skipped' "            \
+	  "AND error LIKE 'stale%' AND created >= ?1 AND created < ?2")        \
 	X(REP_DISCOUNTS,                                                       \
 	  "SELECT (SELECT count(*) FROM discounts WHERE created >= ?1 "        \
 	  "AND created < ?2), (SELECT count(*) FROM discounts "                \
@@ -3031,8 +3069,10 @@ out:
  * mail_send() hands a built message to the configured transport and says
  * whether it went out (SEND_OK), may go later (SEND_TEMP: a 4xx answer,
  * a refused connection, a time-out), never will to this recipient
- * (SEND_PERM: a 5xx to RCPT or to the data), or the relay refuses us
- * (SEND_CONFIG: login, sender, TLS).
+ * (SEND_PERM: a 5xx to RCPT), the relay refuses us (SEND_CONFIG: a 5xx
+ * to the greeting, EHLO, AUTH or MAIL FROM; login, TLS), or refused the
+ * content (SEND_CONTENT: a 5xx at the end of DATA, which the tick reads
+ * as this recipient's, or as everyone's when it repeats).
  * The outbox is the embedded default: one file per message, named by the
  * message row, written atomically, so a repeated attempt replaces the
  * file instead of adding a second one.
@@ -3051,6 +3091,66 @@ static size_t upload_read(char *dst, size_t size, size_t nmemb, void *arg)
 	memcpy(dst, u->data + u->off, n);
 	u->off += n;
 	return n;
+}
+
+/* Which step of the SMTP dialogue the relay answered last: the verb of
+ * the last command we sent ("greeting" before any), or "end of DATA"
+ * once the relay took the content (354). libcurl's error codes alone do
+ * not tell a 554 greeting from a 554 to the content. */
+struct smtp_trace {
+	char stage[16];
+	char reply[160]; /* the relay's last reply line, for the log */
+	int quit;        /* QUIT sent: its answer is not the one to report */
+};
+
+static int smtp_debug(CURL *c, curl_infotype type, char *data, size_t n,
+		      void *arg)
+{
+	struct smtp_trace *tr = arg;
+	(void)c;
+	if (type == CURLINFO_HEADER_OUT) {
+		size_t k = 0;
+		while (k < n && k + 1 < sizeof tr->stage && isalpha((unsigned char)data[k]))
+			k++;
+		/* QUIT and RSET follow a failure: they must not hide its stage */
+		int after = k == 4 && (!strncmp(data, "QUIT", 4) || !strncmp(data, "RSET", 4));
+		tr->quit |= after;
+		if (k && !after) {
+			memcpy(tr->stage, data, k);
+			tr->stage[k] = '\0';
+		}
+	} else if (type == CURLINFO_HEADER_IN && n >= 3 && !tr->quit) {
+		size_t k = strcspn(data, "\r\n");
+		if (k > n)
+			k = n;
+		if (k >= sizeof tr->reply)
+			k = sizeof tr->reply - 1;
+		memcpy(tr->reply, data, k);
+		tr->reply[k] = '\0';
+		if (!memcmp(data, "354", 3) && !strcmp(tr->stage, "DATA"))
+			copy_str(tr->stage, sizeof tr->stage, "end of DATA");
+	}
+	return 0;
+}
+
+/* The outcome of a failed SMTP transaction, by where it failed: before
+ * RCPT the relay refuses us (nobody's address is at fault); RCPT is about
+ * this recipient; a 5xx to the content is decided by the tick (one
+ * recipient, or the content for everyone: see flow_send). */
+static enum send_result smtp_classify(CURLcode rc, long code, const char *stage)
+{
+	int perm = code >= 500 && code < 600;
+	if (rc == CURLE_LOGIN_DENIED || rc == CURLE_USE_SSL_FAILED ||
+	    rc == CURLE_SSL_CONNECT_ERROR || rc == CURLE_PEER_FAILED_VERIFICATION ||
+	    rc == CURLE_REMOTE_ACCESS_DENIED)
+		return SEND_CONFIG;
+	if (!perm)
+		return SEND_TEMP; /* a 4xx, a refused connection, a time-out */
+	if (!strcmp(stage, "RCPT"))
+		return SEND_PERM;
+	if (!strcmp(stage, "end of DATA"))
+		return SEND_CONTENT;
+	return SEND_CONFIG; /* greeting, EHLO/HELO, STARTTLS, AUTH, MAIL, DATA */
 }
 
 /* smtp+starttls://host:587 means smtp:// with STARTTLS required. */
@@ -3077,6 +3177,7 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	struct curl_slist *rcpt = curl_slist_append(NULL, to);
 	struct upload up = {msg->data, msg->len, 0};
 	char cerr[CURL_ERROR_SIZE] = "";
+	struct smtp_trace tr = {"greeting", "", 0};
 	curl_easy_reset(c);
 	curl_easy_setopt(c, CURLOPT_URL, url);
 	curl_easy_setopt(c, CURLOPT_MAIL_FROM, from);
@@ -3093,6 +3194,9 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	curl_easy_setopt(c, CURLOPT_SERVER_RESPONSE_TIMEOUT, cfg->smtp_reply_timeout);
 	curl_easy_setopt(c, CURLOPT_TIMEOUT, cfg->smtp_connect_timeout +
 					     8 * cfg->smtp_reply_timeout);
+	curl_easy_setopt(c, CURLOPT_DEBUGFUNCTION, smtp_debug);
+	curl_easy_setopt(c, CURLOPT_DEBUGDATA, &tr);
+	curl_easy_setopt(c, CURLOPT_VERBOSE, 1L);
 	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
 	if (starttls)
 		curl_easy_setopt(c, CURLOPT_USE_SSL, (long)CURLUSESSL_ALL);
@@ -3106,26 +3210,19 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	curl_slist_free_all(rcpt);
 	if (rc == CURLE_OK)
 		return SEND_OK;
-	/* Only a 5xx to RCPT, or to the message itself, is about this
-	 * recipient; a refused login, sender or TLS is about us, and would
-	 * otherwise suppress every address of the list one by one. */
-	int recipient = strstr(cerr, "RCPT failed") != NULL ||
-			rc == CURLE_WEIRD_SERVER_REPLY;
-	int us = rc == CURLE_LOGIN_DENIED || rc == CURLE_USE_SSL_FAILED ||
-		 rc == CURLE_SSL_CONNECT_ERROR || rc == CURLE_PEER_FAILED_VERIFICATION ||
-		 (code >= 500 && code < 600 && !recipient);
-	snprintf(err, errlen, "smtp_url %s: %s%s", cfg->smtp_url,
+	enum send_result r = smtp_classify(rc, code, tr.stage);
+	snprintf(err, errlen, "smtp_url %s: %s%s%s%s (at %s)%s", cfg->smtp_url,
 		 *cerr ? cerr : curl_easy_strerror(rc),
+		 *tr.reply ? ": \"" : "", tr.reply, *tr.reply ? "\"" : "",
+		 tr.stage,
+		 r == SEND_CONFIG ? " — the relay refuses us: check smtp_user, "
+				    "smtp_password, from and TLS, and whether "
+				    "the relay blocks this host; nothing more is "
+				    "sent this tick" :
 		 rc == CURLE_COULDNT_CONNECT ? " — is the relay running?" :
 		 rc == CURLE_OPERATION_TIMEDOUT ? " — the relay did not answer in "
-		 "time (smtp_connect_timeout, smtp_reply_timeout); tried again later" :
-		 us ? " — the relay refuses us: check smtp_user, smtp_password, "
-		      "from and TLS; nothing more is sent this tick" : "");
-	if (us)
-		return SEND_CONFIG;
-	if (code >= 500 && code < 600)
-		return SEND_PERM;
-	return SEND_TEMP;
+		 "time (smtp_connect_timeout, smtp_reply_timeout); tried again later" : "");
+	return r;
 }
 
 static enum send_result outbox_write(struct app *app, int64_t id,
@@ -3168,12 +3265,18 @@ static enum send_result mail_send(struct app *app, int64_t id, const char *to,
  *      Message-ID and code, so the outbox replaces and a receiving MTA
  *      can recognise a repeat;
  *   3. per message: check the exit conditions (order, unsubscribe, bounce,
- *      emptied cart) at send time, render, send, and record the outcome.
+ *      emptied cart) and lateness (a stale step is recorded, not sent) at
+ *      send time, render, write the "sending" state (one attempt, for
+ *      this message only), send, and record the outcome. A claim counts
+ *      no attempt, so a tick killed mid-batch costs its batch nothing.
  */
 
 #define TICK_BATCH 50
 #define TICK_MAX 20000
 #define RETRY_MAX 8
+#define CRASH_MAX 5        /* deaths of the tick while preparing one message */
+#define REFUSALS_IN_A_ROW 3 /* content refused for this many recipients */
+#define REFUSALS_HELD 16
 
 struct msgrow {
 	int64_t id, enrollment, contact;
@@ -3188,6 +3291,7 @@ struct msgrow {
 	int ordered_since;
 	int64_t order;
 	char *items;
+	int64_t due, next_gap; /* when the step was due; to the next one, or 0 */
 };
 
 static int msg_load(struct app *app, int64_t id, struct msgrow *m)
@@ -3230,6 +3334,8 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	copy_str(m->flow, sizeof m->flow, col_text(s, 25));
 	m->variant = col_text(s, 26)[0];
 	m->consent = sqlite3_column_int(s, 27);
+	m->due = sqlite3_column_int64(s, 28);
+	m->next_gap = sqlite3_column_int64(s, 29);
 	sqlite3_reset(s);
 	return m->items ? 0 : -1;
 }
@@ -3591,8 +3697,8 @@ static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
 	struct db *db = app->db;
 	if (!*m->message_id) {
 		/* derived from the row and the key, not drawn: every attempt of
-		 * this message, before or after a crash, carries the same ID, and
-		 * nothing has to be written before the send */
+		 * this message, before or after a crash, carries the same ID
+		 * (written with the "sending" state, before the hand-over) */
 		unsigned char h[8];
 		char hex[17], dom[256];
 		crypto_generichash(h, sizeof h, (const unsigned char *)&m->id,
@@ -3679,8 +3785,10 @@ static int msg_exit(struct app *app, const struct msgrow *m, const char *why,
 		    struct tick_summary *sum)
 {
 	struct db *db = app->db;
-	/* not this contact's step: go on with the next one */
-	int next = !strcmp(why, "segment");
+	/* not this contact's step, or too late for it: go on with the next
+	 * one, which keeps its own schedule */
+	int stale = !strncmp(why, "stale", 5);
+	int next = !strcmp(why, "segment") || stale;
 	int done = !strcmp(why, "step removed");
 	int rc = db_begin(db) ||
 		 q_exec(db, q(db, ST_MESSAGE_END, "itti", m->id, "skipped", why, m->owner)) ||
@@ -3691,7 +3799,8 @@ static int msg_exit(struct app *app, const struct msgrow *m, const char *why,
 		 db_commit(db);
 	if (rc)
 		db_rollback(db);
-	sum->skipped++;
+	sum->skipped += !stale;
+	sum->stale += stale;
 	sum->exited += !next && !done;
 	return rc ? -1 : 0;
 }
@@ -3735,21 +3844,162 @@ static int msg_record(struct app *app, const struct msgrow *m,
 }
 
 /* Puts a message back for later without counting an attempt: the shopper
- * is active again, a template is broken, or the relay refuses us. */
+ * is active again, a template is broken, or the relay refuses us. UNDO
+ * gives back the attempt counted by msg_mark(ST_MESSAGE_ATTEMPT). */
 static int msg_defer(struct app *app, const struct msgrow *m, rm_time when,
-		     const char *why)
+		     const char *why, int undo)
 {
-	return q_exec(app->db, q(app->db, ST_MESSAGE_DEFER, "iiti", m->id,
-				 (int64_t)when, why, m->owner));
+	return q_exec(app->db, q(app->db, ST_MESSAGE_DEFER, "iitii", m->id,
+				 (int64_t)when, why, m->owner, (int64_t)undo));
 }
 
-/* Sends one claimed message. Returns 0, -1 on a database failure, or 1
- * when the relay refuses us (login, sender): the tick should stop. */
+/* Writes ST_MESSAGE_START or ST_MESSAGE_ATTEMPT for M. Returns 0, 1 when
+ * the lease was lost to another tick, -1 when the database refused. */
+static int msg_mark(struct app *app, const struct msgrow *m, enum stmt_id id)
+{
+	sqlite3_stmt *s = id == ST_MESSAGE_ATTEMPT ?
+		q(app->db, id, "iit", m->id, m->owner, m->message_id) :
+		q(app->db, id, "ii", m->id, m->owner);
+	if (q_exec(app->db, s) < 0)
+		return -1;
+	return sqlite3_changes(app->db->h) == 1 ? 0 : 1;
+}
+
+/* Too late to send: more than max_lateness_hours after the step was due,
+ * or more than half the way to the next step if that is sooner. Then
+ * writes "stale: ..." to WHY and returns 1. */
+static int msg_stale(const struct config *cfg, const struct msgrow *m,
+		     rm_time now, char *why, size_t n)
+{
+	long hours = cfg->max_lateness_hours;
+	if (hours <= 0 || m->due <= 0 || !m->has_step)
+		return 0;
+	int64_t limit = (int64_t)(hours < 1000000 ? hours : 1000000) * 3600;
+	if (m->next_gap > 0 && m->next_gap / 2 < limit)
+		limit = m->next_gap / 2;
+	int64_t late = (int64_t)now - m->due;
+	if (late <= limit)
+		return 0;
+	snprintf(why, n, "stale: due %.1f h ago, later than this step's limit "
+		 "of %.1f h (max_lateness_hours, or half the gap to the next step)",
+		 (double)late / 3600, (double)limit / 3600);
+	return 1;
+}
+
+/*
+ * 5xx answers to the content (end of DATA). One alone is about its
+ * recipient; the same content refused for REFUSALS_IN_A_ROW different
+ * recipients in a row is about the content or the sender, and then
+ * nobody may be suppressed. So such a message is held (still leased,
+ * nothing recorded) until the tick knows: the relay accepts the same
+ * step from someone else (the held ones were the recipients': failed
+ * and suppressed), the row is complete (the step is paused, the held
+ * ones wait for it, nobody is suppressed, the tick stops), or the tick
+ * ends first (retried later like a 4xx).
+ */
+struct refusals {
+	struct msgrow held[REFUSALS_HELD];
+	char err[REFUSALS_HELD][512];
+	int n;
+};
+
+static int same_content(const struct msgrow *a, const struct msgrow *b)
+{
+	return !strcmp(a->flow, b->flow) && a->step == b->step &&
+	       a->variant == b->variant;
+}
+
+/* Records held message K as R and drops it from the list. */
+static int refusal_settle(struct app *app, struct refusals *rf, int k,
+			  enum send_result r, rm_time now,
+			  struct tick_summary *sum)
+{
+	int rc = msg_record(app, &rf->held[k], r, rf->err[k], now, sum);
+	rf->n--;
+	memmove(&rf->held[k], &rf->held[k + 1], (size_t)(rf->n - k) * sizeof rf->held[0]);
+	memmove(rf->err[k], rf->err[k + 1], (size_t)(rf->n - k) * sizeof rf->err[0]);
+	return rc;
+}
+
+/* Settles every held message like M's content (all of them if M is
+ * NULL) as R. */
+static int refusals_settle(struct app *app, struct refusals *rf,
+			   const struct msgrow *m, enum send_result r,
+			   rm_time now, struct tick_summary *sum)
+{
+	int rc = 0;
+	for (int k = 0; k < rf->n;)
+		if (!m || same_content(&rf->held[k], m))
+			rc |= refusal_settle(app, rf, k, r, now, sum);
+		else
+			k++;
+	return rc ? -1 : 0;
+}
+
+/* M's content was refused. Returns 0 (held), 1 (the row is complete:
+ * the step is paused, stop the tick) or -1. */
+static int refusal_add(struct app *app, struct refusals *rf,
+		       const struct msgrow *m, const char *err, rm_time now,
+		       struct tick_summary *sum)
+{
+	if (rf->n == REFUSALS_HELD && refusal_settle(app, rf, 0, SEND_TEMP, now, sum) < 0)
+		return -1;
+	rf->held[rf->n] = *m;
+	rf->held[rf->n].items = NULL;
+	copy_str(rf->err[rf->n], sizeof rf->err[0], err);
+	rf->n++;
+	int distinct = 0;
+	for (int k = 0; k < rf->n; k++) {
+		int seen = 0;
+		for (int j = 0; j < k; j++)
+			seen |= same_content(&rf->held[j], &rf->held[k]) &&
+				rf->held[j].contact == rf->held[k].contact;
+		distinct += !seen && same_content(&rf->held[k], m);
+	}
+	if (distinct < REFUSALS_IN_A_ROW)
+		return 0;
+	char why[sizeof sum->stopped];
+	const char *reply = strchr(err, '"'); /* the relay's own words */
+	snprintf(why, sizeof why, "%s step %d paused: the relay refused its "
+		 "content for %d different recipients in a row; nobody was "
+		 "suppressed. Fix the template or the sender, then: remarket "
+		 "flows resume %s %d (relay: %.100s)", m->flow, m->step, distinct,
+		 m->flow, m->step, reply ? reply : err);
+	struct db *db = app->db;
+	int rc = db_begin(db) ||
+		 q_exec(db, q(db, ST_STEP_PAUSE, "iiit", m->enrollment,
+			      (int64_t)m->step, (int64_t)now, why));
+	for (int k = 0; !rc && k < rf->n; k++)
+		if (same_content(&rf->held[k], m))
+			rc = msg_defer(app, &rf->held[k], now, why, 1);
+	rc = rc || db_commit(db);
+	if (rc) {
+		db_rollback(db);
+		return -1;
+	}
+	for (int k = 0; k < rf->n;)
+		if (same_content(&rf->held[k], m)) {
+			rf->n--;
+			memmove(&rf->held[k], &rf->held[k + 1],
+				(size_t)(rf->n - k) * sizeof rf->held[0]);
+			memmove(rf->err[k], rf->err[k + 1],
+				(size_t)(rf->n - k) * sizeof rf->err[0]);
+		} else {
+			k++;
+		}
+	fprintf(stderr, "remarket: %s\n", why);
+	copy_str(sum->stopped, sizeof sum->stopped, why);
+	return 1;
+}
+
+/* Sends one claimed message. Returns 0, -1 on a database failure (the
+ * tick stops), or 1 when the relay refuses us or a step was paused: the
+ * tick should stop. */
 static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
-		     struct tick_summary *sum)
+		     struct tick_summary *sum, struct refusals *rf)
 {
 	struct msgrow m;
-	char err[512] = "";
+	char err[512] = "", stale[200];
 	struct buf msg = {0};
 	if (msg_load(app, id, &m) < 0)
 		return -1;
@@ -3764,26 +4014,53 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 	}
 	if (why && !*why) { /* shopper active again: look again later */
 		rc = msg_defer(app, &m, now + app->cfg->idle_minutes * 60,
-			       "cart active again");
+			       "cart active again", 0);
 		goto out;
 	}
+	if (!why && msg_stale(app->cfg, &m, now, stale, sizeof stale))
+		why = stale;
 	if (why) {
 		rc = msg_exit(app, &m, why, sum);
 		goto out;
 	}
+	/* from here until the hand-over, a death of the tick is this
+	 * message's: CRASH_MAX of them and it is given up (ST_CLAIM_GIVE_UP) */
+	if ((rc = msg_mark(app, &m, ST_MESSAGE_START)) != 0) {
+		rc = rc < 0 ? -1 : 0;
+		goto out;
+	}
+	fault("crash_while_preparing");
 	if (msg_compose(app, &m, now, &msg, err, sizeof err) < 0) {
 		fprintf(stderr, "remarket: message %lld: %s (retried in 15 min)\n",
 			(long long)id, err);
-		rc = msg_defer(app, &m, now + 900, err);
+		rc = msg_defer(app, &m, now + 900, err, 0);
 		sum->retry++;
 		goto out;
 	}
+	/* the durable "sending" state: if it cannot be written (a full
+	 * disk), nothing is sent, since the outcome could not be either */
+	if ((rc = msg_mark(app, &m, ST_MESSAGE_ATTEMPT)) != 0) {
+		if (rc < 0)
+			fprintf(stderr, "remarket: message %lld: not sent: the database "
+				"%s cannot be written (%s) — is the disk full? The "
+				"tick stops; the message goes once it can be written\n",
+				(long long)id, app->cfg->db, sqlite3_errmsg(app->db->h));
+		rc = rc < 0 ? -1 : 0;
+		goto out;
+	}
+	m.attempts++;
 	enum send_result r = mail_send(app, m.id, m.email, &msg, err, sizeof err);
 	if (r == SEND_CONFIG) {
 		fprintf(stderr, "remarket: %s\n", err);
-		rc = msg_defer(app, &m, now + 900, err);
+		copy_str(sum->stopped, sizeof sum->stopped, err);
+		rc = msg_defer(app, &m, now + 900, err, 1);
 		sum->retry++;
 		rc = rc ? rc : 1;
+		goto out;
+	}
+	if (r == SEND_CONTENT) {
+		fprintf(stderr, "remarket: message %lld: %s\n", (long long)id, err);
+		rc = refusal_add(app, rf, &m, err, now, sum);
 		goto out;
 	}
 	if (r != SEND_OK) { /* an address only with log_pii = yes */
@@ -3793,7 +4070,26 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 	}
 	else
 		fault("crash_after_send");
+	struct tick_summary before = *sum;
 	rc = msg_record(app, &m, r, err, now, sum);
+	/* An outcome lost is a message sent twice: on a full disk, try again
+	 * after a checkpoint, which lets the next write reuse the WAL's
+	 * space from its start, and after the space the failed write grew */
+	for (int i = 0; rc < 0 && i < 3; i++) {
+		*sum = before;
+		sqlite3_wal_checkpoint_v2(app->db->h, NULL, SQLITE_CHECKPOINT_PASSIVE,
+					  NULL, NULL);
+		nanosleep(&(struct timespec){0, 100000000L << i}, NULL);
+		rc = msg_record(app, &m, r, err, now, sum);
+	}
+	if (rc < 0 && r == SEND_OK)
+		fprintf(stderr, "remarket: message %lld was sent, but the database "
+			"%s refused to record it — is the disk full? The tick "
+			"stops\n", (long long)id, app->cfg->db);
+	/* the relay took this content from someone: the held refusals of
+	 * the same step were about their recipients */
+	if (rc == 0 && r == SEND_OK)
+		rc = refusals_settle(app, rf, &m, SEND_PERM, now, sum);
 out:
 	free(m.items);
 	buf_free(&msg);
@@ -3889,7 +4185,7 @@ static int claim_as(struct app *app, rm_time now, int64_t owner, int64_t *ids,
 		    int limit)
 {
 	if (q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP, "ii", (int64_t)now,
-			      (int64_t)RETRY_MAX + 2)) < 0)
+			      (int64_t)CRASH_MAX)) < 0)
 		return -1;
 	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iiii", (int64_t)now,
 			    (int64_t)app->cfg->lease_seconds, (int64_t)limit, owner);
@@ -3957,58 +4253,73 @@ static int out_of_budget(struct app *app, const struct lease *l,
 	return 1;
 }
 
-int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
+static int flow_rounds(struct app *app, rm_time now, struct lease *l,
+		       struct tick_summary *sum, struct refusals *rf)
 {
-	memset(sum, 0, sizeof *sum);
-	if (flow_detect(app, now, sum) < 0)
-		return -1;
 	int64_t ids[TICK_BATCH];
-	struct lease l = {lease_owner_new(), time(NULL), time(NULL)};
 	int total = 0;
-	/* a step skipped for its segment makes the next one due at once:
-	 * queue again, a few rounds at most */
+	/* a step skipped for its segment (or stale) makes the next one due
+	 * at once: queue again, a few rounds at most */
 	for (int round = 0; round < 4 && total < TICK_MAX; round++) {
-		long skipped = sum->skipped;
+		long skipped = sum->skipped + sum->stale;
 		if (round > 0 && flow_queue(app, now) < 0)
 			return -1;
 		for (;;) {
-			if (out_of_budget(app, &l, sum))
+			if (out_of_budget(app, l, sum))
 				return 0;
-			int n = claim_as(app, now, l.owner, ids, TICK_BATCH);
+			int n = claim_as(app, now, l->owner, ids, TICK_BATCH);
 			if (n < 0)
 				return -1;
 			if (n == 0)
 				break;
 			fault("crash_after_claim");
 			for (int i = 0; i < n; i++) {
-				if (out_of_budget(app, &l, sum))
+				if (out_of_budget(app, l, sum))
 					return 0;
-				lease_keep(app, now, &l);
-				int rc = flow_send(app, ids[i], now, l.owner, sum);
-				if (rc < 0)
-					return -1;
-				if (rc > 0) { /* the relay refuses us: give the rest back */
-					q_exec(app->db, q(app->db, ST_LEASE_RELEASE, "i",
-							  l.owner));
-					return 0;
-				}
+				lease_keep(app, now, l);
+				int rc = flow_send(app, ids[i], now, l->owner, sum, rf);
+				if (rc != 0)
+					return rc;
 			}
 			total += n;
 		}
-		if (sum->skipped == skipped)
+		if (sum->skipped + sum->stale == skipped)
 			break;
 	}
 	return 0;
 }
 
+int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
+{
+	memset(sum, 0, sizeof *sum);
+	if (flow_detect(app, now, sum) < 0)
+		return -1;
+	struct lease l = {lease_owner_new(), time(NULL), time(NULL)};
+	struct refusals *rf = calloc(1, sizeof *rf);
+	if (!rf)
+		return -1;
+	int rc = flow_rounds(app, now, &l, sum, rf);
+	/* refusals not settled by the end: like a 4xx, tried again later */
+	if (refusals_settle(app, rf, NULL, SEND_TEMP, now, sum) < 0)
+		rc = -1;
+	free(rf);
+	if (rc > 0) { /* the relay refuses us, or a step was paused: give the
+		       * rest back */
+		q_exec(app->db, q(app->db, ST_LEASE_RELEASE, "i", l.owner));
+		return 0;
+	}
+	return rc;
+}
+
 int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
 	      struct buf *out)
 {
-	return json_from(app->db, q(app->db, ST_JSON_TICK, "iiiiiiii",
+	return json_from(app->db, q(app->db, ST_JSON_TICK, "iiiiiiiiit",
 				    (int64_t)now, (int64_t)s->abandoned,
 				    (int64_t)s->enrolled, (int64_t)s->sent,
 				    (int64_t)s->retry, (int64_t)s->failed,
-				    (int64_t)s->exited, (int64_t)s->skipped),
+				    (int64_t)s->exited, (int64_t)s->skipped,
+				    (int64_t)s->stale, *s->stopped ? s->stopped : NULL),
 			 out);
 }
 
@@ -4289,6 +4600,7 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	q_row(q(db, ST_REP_RECOVERED_REVENUE, "ii", a, b), "d", &r->recovered_revenue);
 	q_row(q(db, ST_REP_MESSAGES, "ii", a, b), "lllll", &r->sent, &r->bounced,
 	      &r->opened, &r->clicked, &r->unsubscribed);
+	q_row(q(db, ST_REP_STALE, "ii", a, b), "l", &r->stale);
 	q_row(q(db, ST_REP_DISCOUNTS, "ii", a, b), "lld", &r->codes_issued,
 	      &r->codes_redeemed, &r->discount_cost);
 	q_row(q(db, ST_REP_CODE_FLAGS, "ii", a, b), "ll", &r->codes_reused,
@@ -4390,8 +4702,9 @@ int report_json(const struct report *r, struct buf *out)
 	for (int i = 0; i < 6; i++)
 		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
 			 r->segments[i]);
-	buf_addf(out, "},\"codes_flagged\":{\"reused\":%ld,\"expired\":%ld}}",
-		 r->codes_reused, r->codes_expired);
+	buf_addf(out, "},\"codes_flagged\":{\"reused\":%ld,\"expired\":%ld},"
+		 "\"stale_steps\":%ld}",
+		 r->codes_reused, r->codes_expired, r->stale);
 	return out->data ? 0 : -1;
 }
 
@@ -4591,6 +4904,10 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	buf_addf(b, "<p class=note>%ld orders in all; %ld attributed to a click or a "
 		 "code, %ld more influenced (sent within the view window, no click)."
 		 "</p></section>", r->orders, r->attributed, r->influenced);
+	if (r->stale)
+		buf_addf(b, "<p class=note>%ld steps were too late to send (more than "
+			 "max_lateness_hours after they were due) and were skipped as "
+			 "stale.</p>", r->stale);
 	for (int i = 0; i < r->nflows; i++)
 		html_flow(b, &r->flows[i], i, r->currency);
 	html_lifecycle(b, r);
@@ -6336,6 +6653,8 @@ static void report_text(const struct report *r)
 	printf("emails             %ld sent, %ld opened, %ld clicked, %ld "
 	       "unsubscribed, %ld bounced\n", r->sent, r->opened, r->clicked,
 	       r->unsubscribed, r->bounced);
+	printf("stale steps        %ld (too late to send: recorded, not sent)\n",
+	       r->stale);
 	printf("discount codes     %ld issued, %ld redeemed, cost %.2f %s\n",
 	       r->codes_issued, r->codes_redeemed, r->discount_cost, r->currency);
 	printf("flagged codes      %ld orders with a code used before, %ld with an "
@@ -6445,6 +6764,18 @@ static void flows_variants(struct app *app, const char *flow)
 	sqlite3_reset(s);
 }
 
+/* Steps paused by a tick (the relay refused their content), and why. */
+static int flows_paused(struct app *app)
+{
+	sqlite3_stmt *s = q(app->db, ST_STEPS_PAUSED, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW)
+		printf("PAUSED %s step %d since %lld: %s\n", col_text(s, 0),
+		       sqlite3_column_int(s, 1),
+		       (long long)sqlite3_column_int64(s, 2), col_text(s, 3));
+	sqlite3_reset(s);
+	return 0;
+}
+
 static int flows_list(struct app *app)
 {
 	sqlite3_stmt *s = q(app->db, ST_FLOWS_LIST, NULL);
@@ -6477,7 +6808,7 @@ static int flows_list(struct app *app)
 		printf("\n");
 	}
 	sqlite3_reset(s);
-	return 0;
+	return flows_paused(app);
 }
 
 /* "" (everyone), a segment name, or "!" and one. */
@@ -6623,6 +6954,17 @@ static int cmd_flows(struct app *app, int argc, char **argv)
 	}
 	if (!strcmp(argv[0], "set"))
 		return flows_set(app, argc - 1, argv + 1);
+	if (!strcmp(argv[0], "resume") && argc == 3) {
+		if (q_exec(app->db, q(app->db, ST_STEP_RESUME, "ti", argv[1],
+				      (int64_t)atoi(argv[2]))) < 0 ||
+		    sqlite3_changes(app->db->h) != 1) {
+			fprintf(stderr, "remarket flows resume: %s step %s is not "
+				"paused (remarket flows lists the paused steps)\n",
+				argv[1], argv[2]);
+			return 1;
+		}
+		return flows_list(app);
+	}
 	if ((!strcmp(argv[0], "enable") || !strcmp(argv[0], "disable")) && argc == 2) {
 		if (q_exec(app->db, q(app->db, ST_FLOW_ENABLE, "ti", argv[1],
 				      (int64_t)(argv[0][0] == 'e'))) < 0 ||
@@ -6633,7 +6975,8 @@ static int cmd_flows(struct app *app, int argc, char **argv)
 		return flows_list(app);
 	}
 	fprintf(stderr, "usage: remarket flows [set FLOW STEP k=v... | enable F | "
-		"disable F | holdout F PCT | variant F STEP k=v... | variant F STEP off]\n");
+		"disable F | holdout F PCT | variant F STEP k=v... | variant F STEP off |\n"
+		"        resume F STEP]\n");
 	return 2;
 }
 
@@ -6914,7 +7257,7 @@ static void usage(FILE *f)
 		"  report --link [--days N]     a URL that opens the report in a\n"
 		"                       browser for N days (default 7)\n"
 		"  flows [set F N k=v | enable F | disable F | holdout F PCT |\n"
-		"         variant F N k=v | variant F N off]\n"
+		"         variant F N k=v | variant F N off | resume F N]\n"
 		"  segments             RFM segments and the lapse threshold\n"
 		"  recommend EMAIL [N]  the products win-back would recommend\n"
 		"  import products|orders FILE.csv   fill the catalog, load past orders\n"

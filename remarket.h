@@ -42,6 +42,7 @@ struct config {
 	long idle_minutes;  /* a cart idle this long is abandoned */
 	long max_body;      /* bytes; larger request bodies get 413 */
 	long threads;       /* FastCGI worker threads */
+	long max_lateness_hours; /* a step later than this is stale (0: never) */
 	long lease_seconds; /* how long a claimed message stays claimed */
 	long smtp_connect_timeout; /* seconds to connect to the relay */
 	long smtp_reply_timeout;   /* seconds to wait for each relay reply */
@@ -175,6 +176,8 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 struct tick_summary {
 	long abandoned, enrolled, sent, retry, failed, exited, skipped;
 	int budget_spent; /* the budget ran out: the rest waits for the next tick */
+	long stale;        /* steps too late to send: recorded, not sent */
+	char stopped[400]; /* why the tick stopped early, or "" */
 };
 /* Marks idle carts abandoned and enrolls them. */
 int flow_detect(struct app *app, rm_time now, struct tick_summary *sum);
@@ -211,6 +214,8 @@ enum send_result {
 	SEND_TEMP = 1,   /* try again later: 4xx, refused connection, time-out */
 	SEND_PERM = 2,   /* the recipient is refused (5xx to RCPT or the data) */
 	SEND_CONFIG = 3, /* the relay refuses us (login, sender): stop the tick */
+	SEND_CONTENT = 4, /* a 5xx to the content: this recipient, or the
+			   * content/sender for all (the tick decides) */
 };
 
 /* ---- Report ----------------------------------------------------------- */
@@ -249,6 +254,7 @@ struct report {
 	long abandoned, recovered, orders, attributed, influenced;
 	double recovery_rate, revenue, recovered_revenue, influenced_revenue;
 	long sent, opened, clicked, unsubscribed, bounced, codes_issued, codes_redeemed;
+	long stale;                /* steps recorded stale: too late to send */
 	double unsubscribe_rate, discount_cost;
 	long codes_reused, codes_expired; /* orders whose code was used before, or had expired */
 	struct flow_report flows[REPORT_FLOWS];

@@ -1393,10 +1393,11 @@ static void test_flow(void)
 
 	/* tick_json */
 	struct buf j = {0};
-	s = (struct tick_summary){1, 2, 3, 4, 5, 6, 7, 0};
+	s = (struct tick_summary){.abandoned = 1, .enrolled = 2, .sent = 3, .retry = 4,
+				  .failed = 5, .exited = 6, .skipped = 7};
 	ok(tick_json(&w.app, &s, T0, &j) == 0 &&
 		   !strcmp(j.data, "{\"now\":1795000000,\"abandoned\":1,\"enrolled\":2,\"sent\":3,"
-			   "\"retry\":4,\"failed\":5,\"exited\":6,\"skipped\":7}"),
+			   "\"retry\":4,\"failed\":5,\"exited\":6,\"skipped\":7,\"stale\":0}"),
 	   "tick_json reports every counter");
 	buf_free(&j);
 	world_close(&w);
@@ -1604,13 +1605,14 @@ static void test_leases(void)
 	for (int i = 0; i < n; i++)
 		idsum += ids[i];
 	is_int(idsum, sq(&w, "SELECT sum(id) FROM messages"), "... their ids");
-	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status='sending' AND lease_until=%lld AND attempts=1",
-		  (long long)(now + lease)), 3, "... leased until now + lease_seconds");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status='sending' AND lease_until=%lld AND attempts=0",
+		  (long long)(now + lease)), 3, "... leased until now + lease_seconds (no attempt counted by a claim)");
 	is_int(flow_claim(&w.app, now, ids, 10), 0, "a second claim at the same now: 0 (leased)");
 	is_int(flow_claim(&w.app, now + lease - 1, ids, 10), 0, "at now + lease - 1: still leased");
 	is_int(flow_claim(&w.app, now + lease + 1, ids, 10), 3,
 	       "at now + lease + 1: the expired leases are claimed again (crashed tick)");
-	is_int(sq(&w, "SELECT count(*) FROM messages WHERE attempts=2"), 3, "... attempts counted");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE attempts=0 AND crashes=0"), 3,
+	       "... no attempt counted: only the message actually sent counts one");
 	is_int(flow_claim(&w.app, now + lease + 1, ids, 1), 0, "and not a third time");
 	world_close(&w);
 
@@ -3387,7 +3389,7 @@ static void test_codes(void)
 		struct buf j = {0}, h = {0};
 		report_json(r, &j);
 		report_html(r, "Test shop", &h);
-		ok(contains(j.data, "\"codes_flagged\":{\"reused\":1,\"expired\":1}}"),
+		ok(contains(j.data, "\"codes_flagged\":{\"reused\":1,\"expired\":1}"),
 		   "report JSON: codes_flagged");
 		ok(contains(h.data, "data-k=\"codes_flagged.reused\" data-v=\"1.0000\""),
 		   "report HTML: the reused codes card");
@@ -3444,6 +3446,130 @@ static void test_keys_codes(void)
 	test_codes_migration();
 }
 
+
+/* ==== Sending: stale steps, the "sending" state (issue 8) ============== */
+
+/* A signed-hook cart of one consenting shopper, dated TS, arriving at NOW. */
+static int cart_dated(struct world *w, const char *email, const char *cart,
+		      rm_time ts, rm_time now)
+{
+	char json[512];
+	struct ev_error err;
+	snprintf(json, sizeof json, "{\"type\":\"cart\",\"email\":\"%s\",\"consent\":true,"
+		 "\"cart_id\":\"%s\",\"ts\":%lld,\"currency\":\"EUR\",\"items\":"
+		 "[{\"sku\":\"LAMP-1\",\"name\":\"Linen lamp\",\"price\":49.5}]}",
+		 email, cart, (long long)ts);
+	int rc = ingest(w, EV_HOOK, json, now, &err);
+	if (rc != 1)
+		diag("cart %s: %d %s", cart, rc, err.msg);
+	return rc;
+}
+
+static void test_sending(void)
+{
+	struct world w;
+	struct tick_summary s;
+	struct report r;
+
+	/* a hook cart dated 10 days back: no burst of three steps */
+	if (!ok(world_open(&w, "stale") == 0, "stale: world opens"))
+		return;
+	is_int(w.cfg.max_lateness_hours, 24, "max_lateness_hours defaults to 24");
+	rm_time now = T0 + 30 * DAY;
+	cart_dated(&w, "old@example.com", "old1", now - 10 * DAY, now);
+	long sent = 0, stale = 0;
+	for (int i = 0; i < 3; i++) {
+		tick(&w, now + i * 60, &s);
+		sent += s.sent;
+		stale += s.stale;
+	}
+	is_int(sent, 0, "stale: a cart dated 10 days back gets nothing in three one-minute ticks");
+	is_int(stale, 3, "... its three steps are stale");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'skipped' AND error LIKE 'stale: %%'"),
+	       3, "... recorded (skipped, reason stale), not sent");
+	is_int(outbox_count(&w), 0, "... the outbox is empty");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE status = 'done'"), 1,
+	       "... the sequence is over");
+	memset(&r, 0, sizeof r);
+	int built = report_build(&w.app, now - DAY, now + DAY, &r);
+	ok(built == 0 && r.stale == 3, "... the report counts 3 stale steps (%ld)", r.stale);
+	struct buf j = {0};
+	report_json(&r, &j);
+	ok(j.data && strstr(j.data, "\"stale_steps\":3"), "... report JSON: stale_steps 3");
+	buf_free(&j);
+	world_close(&w);
+
+	/* late, but the next step keeps its own schedule */
+	if (!ok(world_open(&w, "stale2") == 0, "stale2: world opens"))
+		return;
+	cart_dated(&w, "late@example.com", "late1", T0, T0);
+	tick(&w, T0 + 26 * HOUR, &s);
+	ok(s.stale == 1 && s.sent == 1, "stale2: first tick 26 h after the cart: step 1 "
+	   "(half the 23 h to step 2 is its limit) stale, step 2 sent (stale %ld, sent %ld)",
+	   s.stale, s.sent);
+	is_int(sq(&w, "SELECT step FROM messages WHERE status = 'sent'"), 2, "... the one sent is step 2");
+	tick(&w, T0 + 72 * HOUR - 60, &s);
+	is_int(s.sent, 0, "... step 3 not before its own time");
+	tick(&w, T0 + 72 * HOUR + 60, &s);
+	is_int(s.sent, 1, "... step 3 sent at 72 h, on time");
+	world_close(&w);
+
+	/* a 30-day outage: month-old steps are not sent, a new cart is */
+	if (!ok(world_open(&w, "outage") == 0, "outage: world opens"))
+		return;
+	cart_dated(&w, "before@example.com", "before1", T0, T0);
+	tick(&w, T0 + HOUR + 60, &s);
+	is_int(s.sent, 1, "outage: step 1 sent before the outage");
+	cart_dated(&w, "during@example.com", "during1", T0 + 30 * DAY - 2 * HOUR,
+		   T0 + 30 * DAY - 2 * HOUR);
+	tick(&w, T0 + 30 * DAY, &s);
+	ok(s.sent == 1 && s.stale == 2, "outage: the first tick after 30 days: the "
+	   "month-old steps 2 and 3 stale, the new cart's reminder sent (sent %ld, stale %ld)",
+	   s.sent, s.stale);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 'before@example.com' AND m.status = 'sent'"), 1,
+	       "... the old shopper got only the reminder sent on time");
+	world_close(&w);
+
+	/* max_lateness_hours = 0: never stale */
+	if (!ok(world_open(&w, "nostale") == 0, "nostale: world opens"))
+		return;
+	w.cfg.max_lateness_hours = 0;
+	cart_dated(&w, "old@example.com", "old1", T0, T0 + 10 * DAY);
+	tick(&w, T0 + 10 * DAY, &s);
+	ok(s.sent == 1 && s.stale == 0, "max_lateness_hours = 0: a 10-day-old step is sent");
+	world_close(&w);
+
+	/* the "sending" state cannot be written (a full disk): nothing is sent */
+	if (!ok(world_open(&w, "full") == 0, "full: world opens"))
+		return;
+	cart_dated(&w, "a@example.com", "fa", T0, T0);
+	cart_dated(&w, "b@example.com", "fb", T0, T0);
+	db_scalar(w.app.db, "CREATE TRIGGER full_before BEFORE UPDATE OF attempts ON messages "
+		  "WHEN NEW.attempts > OLD.attempts BEGIN "
+		  "SELECT RAISE(ABORT, 'database or disk is full'); END");
+	ok(flow_tick(&w.app, T0 + HOUR + 60, &s) < 0,
+	   "full: the \"sending\" state cannot be written: the tick stops");
+	is_int(outbox_count(&w), 0, "... and nothing was sent");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE attempts = 0"), 2, "... nor counted");
+	db_scalar(w.app.db, "DROP TRIGGER full_before");
+	/* the outcome cannot be written: the tick stops after that message */
+	db_scalar(w.app.db, "CREATE TRIGGER full_after BEFORE UPDATE OF status ON messages "
+		  "WHEN NEW.status = 'sent' BEGIN "
+		  "SELECT RAISE(ABORT, 'database or disk is full'); END");
+	ok(flow_tick(&w.app, T0 + HOUR + 60 + 301, &s) < 0,
+	   "full: the outcome of a sent message cannot be written: the tick stops");
+	is_int(outbox_count(&w), 1, "... after that one message, not going on to the next");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'sending' AND attempts = 1 "
+		  "AND message_id IS NOT NULL"), 1,
+	       "... which is known to be in flight, with its Message-ID kept for the repeat");
+	db_scalar(w.app.db, "DROP TRIGGER full_after");
+	tick(&w, T0 + HOUR + 60 + 602, &s);
+	ok(s.sent == 2 && outbox_count(&w) == 2, "full: with room again both are sent, "
+	   "one file each (sent %ld)", s.sent);
+	world_close(&w);
+}
+
 int main(void)
 {
 	if (sodium_init() < 0 || curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
@@ -3474,6 +3600,7 @@ int main(void)
 	test_measurement();
 	test_lifecycle();
 	test_keys_codes();
+	test_sending();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
 		diag("could not remove %s", tmpdir);

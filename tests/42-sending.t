@@ -1,0 +1,326 @@
+#!/usr/bin/perl
+# 42-sending.t: the sending pipeline against a scriptable relay on loopback
+# (tests/lib/smtp_script.py): a relay that refuses us at any stage
+# suppresses nobody; a relay refusing the content for several recipients in
+# a row pauses the step; kill -9 in the middle of a batch loses nothing and
+# doubles nothing; a disk that fills while a message is sent neither loses
+# nor repeats it. The clock is moved with --now.
+use strict;
+use warnings;
+use Test::More;
+use File::Temp qw(tempdir);
+use File::Basename qw(dirname);
+use Cwd qw(abs_path);
+use POSIX ();
+use Time::HiRes qw(sleep time);
+use lib dirname(abs_path($0)) . '/lib';
+use RMRelay;
+
+my $root = abs_path(dirname(abs_path($0)) . '/..');
+my $bin  = $ENV{REMARKET_BIN} || "$root/remarket";
+BAIL_OUT("$bin not built: run make check") unless -x $bin;
+plan skip_all => 'python3 not installed' unless grep { -x "$_/python3" } split /:/, $ENV{PATH};
+
+my $tmp = tempdir(CLEANUP => 1);
+chmod 0755, $tmp;
+our $MOUNTED;    # a tmpfs of ours, unmounted whatever happens
+END { system('umount', $MOUNTED) if $MOUNTED; }
+
+sub slurp { open my $fh, '<', $_[0] or return ''; local $/; my $s = <$fh>; $s // '' }
+
+# A fresh remarket instance: its own database and key, mail to URL.
+my $n_inst = 0;
+sub instance {
+	my ($url, %env) = @_;
+	my $d = $env{dir} // "$tmp/i" . ++$n_inst;
+	delete $env{dir};
+	mkdir $d;
+	my $in = { dir => $d, env => {
+		REMARKET_DB => "$d/rm.db", REMARKET_KEY_FILE => "$d/rm.key",
+		REMARKET_OUTBOX => "$d/outbox", REMARKET_TEMPLATES => "$root/templates",
+		REMARKET_SMTP_URL => $url, %env } };
+	my ($rc, undef, $err) = rm($in, 'init');
+	die "init failed: $err" if $rc;
+	($rc) = rm($in, 'flows', 'holdout', 'abandoned_cart', '0');
+	die "flows holdout failed" if $rc;
+	return $in;
+}
+
+# Starts the binary; returns (pid, base of its output files).
+my $n_run = 0;
+sub spawn {
+	my ($in, $stdin, $extra, @args) = @_;
+	my $base = "$tmp/run" . ++$n_run;
+	open my $fh, '>', "$base.in" or die;
+	print $fh $stdin // '';
+	close $fh;
+	my $pid = fork // die;
+	if (!$pid) {
+		delete @ENV{ grep { /^REMARKET_/ } keys %ENV };
+		my %e = (%{ $in->{env} }, %{ $extra || {} });
+		$ENV{$_} = $e{$_} for keys %e;
+		open STDIN, '<', "$base.in";
+		open STDOUT, '>', "$base.out";
+		open STDERR, '>', "$base.err";
+		exec $bin, @args;
+		POSIX::_exit(127);
+	}
+	return ($pid, $base);
+}
+
+# rm($in, [{VAR => value, _stdin => text}], @args)
+sub rm {
+	my ($in, @args) = @_;
+	my %extra = ref $args[0] eq 'HASH' ? %{ shift @args } : ();
+	my $stdin = delete $extra{_stdin};
+	my ($pid, $base) = spawn($in, $stdin, \%extra, @args);
+	waitpid $pid, 0;
+	my $rc = $? & 127 ? 128 + ($? & 127) : $? >> 8;
+	return ($rc, slurp("$base.out"), slurp("$base.err"));
+}
+
+sub sql {
+	my ($in, $q) = @_;
+	open my $fh, '-|', 'sqlite3', '-batch', '-cmd', '.timeout 5000', $in->{env}{REMARKET_DB}, $q
+	    or die "sqlite3: $!";
+	local $/;
+	my $o = <$fh> // '';
+	close $fh;
+	$o =~ s/\A\s+|\s+\z//g;
+	return $o;
+}
+
+my $T0 = 1795000000;
+my $due = $T0 + 3700;    # step 1 is due at +1 h
+
+# N shoppers s1..sN with a cart each at T0, through signed-hook-like CLI events.
+sub carts {
+	my ($in, $n) = @_;
+	my @ev;
+	for my $i (1 .. $n) {
+		push @ev, qq({"type":"cart","email":"s$i\@example.com","name":"Shopper $i","consent":true,)
+		    . qq("cart_id":"c-$i","currency":"EUR","ts":$T0,)
+		    . qq("items":[{"sku":"LAMP-1","name":"Rattan lamp","price":39.9,"qty":1}]});
+	}
+	my ($rc, $out, $err) = rm($in, { _stdin => '[' . join(',', @ev) . ']' }, 'event', '--now', $T0);
+	die "event load failed: $err" if $rc;
+}
+
+sub field { my ($json, $k) = @_; $json =~ /"$k":(\d+)/ ? $1 : -1 }
+
+my $suppressed = "SELECT count(*) FROM contacts WHERE suppressed_at IS NOT NULL";
+
+# ---- the relay refuses us before RCPT: nobody is suppressed -----------------
+for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
+	      ['ehlo', '550', 'EHLO refused'],
+	      ['auth', '535', 'the login refused', smtp_user => 'shop', smtp_password => 'wrong'],
+	      ['mail', '553', 'the sender refused (MAIL FROM)'],
+	      ['data', '554', 'the DATA command refused']) {
+	my ($stage, $code, $what, %auth) = @$case;
+	my $relay = RMRelay->start(dir => "$tmp/relay-$stage", fail => ["$stage=$code"]);
+	my %env = map { ('REMARKET_' . uc $_ => $auth{$_}) } keys %auth;
+	my $in = instance($relay->url, %env);
+	carts($in, 3);
+	my ($rc, $out, $err) = rm($in, 'tick', '--now', $due);
+	is($rc, 0, "$what: the tick exits 0");
+	like($err, qr/the relay refuses us/, "$what: the log says the relay refuses us")
+	    or diag $err;
+	is(sql($in, $suppressed), 0, "$what: nobody is suppressed");
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'queued' AND attempts = 0"), 3,
+	    "$what: all three wait, no attempt counted") or diag sql($in, "SELECT * FROM messages");
+	like($out, qr/"stopped":".*the relay refuses us/, "$what: the tick's JSON says why it stopped")
+	    or diag $out;
+	is(sql($in, "SELECT count(*) FROM enrollments WHERE status = 'active'"), 3,
+	    "$what: every sequence goes on");
+	$relay->stop;
+}
+
+# ---- RCPT 5xx: that recipient only ----------------------------------------------
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-rcpt", fail => ['rcpt=550'], fail_for => '^s2@');
+	my $in = instance($relay->url);
+	carts($in, 3);
+	my (undef, $out) = rm($in, 'tick', '--now', $due);
+	is(field($out, 'sent'), 2, 'RCPT 550 for one recipient: the others are sent') or diag $out;
+	is(field($out, 'failed'), 1, '... that one failed');
+	is(sql($in, "SELECT group_concat(email) FROM contacts WHERE suppressed_at IS NOT NULL"),
+	    's2@example.com', '... and only that address is suppressed');
+	$relay->stop;
+}
+
+# ---- 5xx at the end of DATA for one recipient: that recipient ---------------------
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-eod1", fail => ['eod=550'], fail_for => '^s2@');
+	my $in = instance($relay->url);
+	carts($in, 3);
+	my (undef, $out, $err) = rm($in, 'tick', '--now', $due);
+	is(field($out, 'sent'), 2, 'end of DATA 550 for one recipient: the others are sent') or diag "$out\n$err";
+	is(field($out, 'failed'), 1, '... that one failed, once the same content went to another');
+	is(sql($in, "SELECT group_concat(email) FROM contacts WHERE suppressed_at IS NOT NULL"),
+	    's2@example.com', '... only that address is suppressed');
+	is(sql($in, "SELECT count(*) FROM steps WHERE paused_at IS NOT NULL"), 0, '... no step is paused');
+	$relay->stop;
+}
+
+# ---- 5xx at the end of DATA, the last of the tick: undecided, retried ---------------
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-eod-last", fail => ['eod=554'], fail_for => '^s3@');
+	my $in = instance($relay->url);
+	carts($in, 3);
+	my (undef, $out) = rm($in, 'tick', '--now', $due);
+	is(field($out, 'sent'), 2, 'end of DATA 554 for the last message: the others are sent') or diag $out;
+	is(field($out, 'retry'), 1, '... it is retried later (nothing after it told whose fault it was)');
+	is(sql($in, $suppressed), 0, '... and nobody is suppressed');
+	$relay->stop;
+}
+
+# ---- 5xx at the end of DATA for everyone: the step pauses, nobody suppressed ----------
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-eod", fail => ['eod=554']);
+	my $in = instance($relay->url);
+	carts($in, 6);
+	my ($rc, $out, $err) = rm($in, 'tick', '--now', $due);
+	is($rc, 0, 'content refused for everyone: the tick exits 0');
+	is(field($out, 'sent') + field($out, 'failed'), 0, '... nothing sent, nothing failed') or diag $out;
+	like($out, qr/"stopped":"abandoned_cart step 1 paused: the relay refused its content for 3 different recipients/,
+	    '... the tick stopped after three recipients in a row and says so') or diag $out;
+	like($err, qr/remarket flows resume abandoned_cart 1/, '... the log says how to resume');
+	is(sql($in, $suppressed), 0, '... nobody is suppressed');
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'queued' AND attempts = 0"), 6,
+	    '... all six wait, no attempt counted') or diag sql($in, "SELECT * FROM messages");
+	is(scalar(grep { /dropped/ } $relay->log_lines), 0, '... (the relay dropped nothing)');
+	my (undef, $flows) = rm($in, 'flows');
+	like($flows, qr/^PAUSED abandoned_cart step 1 since \d+: /m, '`remarket flows` shows the paused step');
+	$relay->stop;
+	my $good = RMRelay->start(dir => "$tmp/relay-eod-fixed");
+	(undef, $out) = rm($in, { REMARKET_SMTP_URL => $good->url }, 'tick', '--now', $due + 60);
+	is(field($out, 'sent'), 0, 'a paused step sends nothing, even to a good relay') or diag $out;
+	my ($rc2, undef, $e2) = rm($in, 'flows', 'resume', 'abandoned_cart', '1');
+	is($rc2, 0, '`remarket flows resume abandoned_cart 1` resumes it') or diag $e2;
+	(undef, $out) = rm($in, { REMARKET_SMTP_URL => $good->url }, 'tick', '--now', $due + 120);
+	is(field($out, 'sent'), 6, '... and the next tick sends all six') or diag $out;
+	is(scalar($good->messages), 6, '... each once');
+	$good->stop;
+}
+
+# ---- kill -9 in the middle of batches against a slow relay -----------------------
+{
+	my $N = 120;
+	my $KILLS = 40;
+	my $relay = RMRelay->start(dir => "$tmp/relay-slow", delay => ['eod=0.15']);
+	my $in = instance($relay->url);
+	carts($in, $N);
+	srand(8);
+	my $killed = 0;
+	my $now = $due;
+	for my $k (1 .. $KILLS) {
+		my $before = grep { /^wait/ } $relay->log_lines;
+		my $after = 1 + int(rand(3));    # kill while the relay holds the 1st..3rd message
+		my ($pid) = spawn($in, undef, {}, 'tick', '--now', $now);
+		my $end = time + 20;
+		while (time < $end) {
+			last if (grep { /^wait/ } $relay->log_lines) >= $before + $after;
+			last if waitpid($pid, POSIX::WNOHANG()) == $pid;
+			sleep 0.005;
+		}
+		$killed += kill 'KILL', $pid;
+		waitpid $pid, 0;
+		$now += 301;    # past the lease of the killed tick
+	}
+	is($killed, $KILLS, "$KILLS ticks killed with SIGKILL while the relay held a message");
+	my $out = '';
+	for (1 .. 5) {
+		(undef, $out) = rm($in, 'tick', '--now', $now);
+		$now += 301;
+		last if sql($in, "SELECT count(*) FROM messages WHERE status IN ('queued','sending')") == 0;
+	}
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'sent'"), $N, "then all $N are sent: 0 lost")
+	    or diag sql($in, "SELECT status, attempts, crashes, error FROM messages WHERE status <> 'sent'");
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'failed'"), 0, '... none given up');
+	my @ids = $relay->message_ids;
+	my %n;
+	$n{$_}++ for @ids;
+	is(scalar keys %n, $N, "the relay accepted $N distinct messages");
+	is(scalar @ids, $N, '... each exactly once: 0 doubled');
+	my $dropped = grep { /dropped/ } $relay->log_lines;
+	cmp_ok($dropped, '>=', $KILLS, "... (the relay dropped $dropped transactions cut by the kills)");
+	$relay->stop;
+}
+
+
+# ---- a message that kills the tick every time: given up, alone ------------------
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-poison");
+	my $in = instance($relay->url);
+	carts($in, 3);
+	my $now = $due;
+	my @rc;
+	for (1 .. 5) {    # CRASH_MAX deaths while preparing message 1
+		my ($rc) = rm($in, { REMARKET_FAULT => 'crash_while_preparing' }, 'tick', '--now', $now);
+		push @rc, $rc;
+		$now += 301;
+	}
+	is("@rc", '70 70 70 70 70', 'poison: five ticks die while preparing the same message');
+	is(sql($in, "SELECT crashes FROM messages WHERE id = 1"), 5, '... its deaths are counted');
+	is(sql($in, "SELECT sum(crashes) + sum(attempts) FROM messages WHERE id > 1"), 0,
+	    '... and nothing is counted for the messages claimed with it');
+	my (undef, $out) = rm($in, 'tick', '--now', $now);
+	is(field($out, 'sent'), 2, '... the next tick gives it up and sends the other two') or diag $out;
+	like(sql($in, "SELECT status || ': ' || error FROM messages WHERE id = 1"),
+	    qr/^failed: given up: the tick died 5 times while preparing it/, '... saying why');
+	$relay->stop;
+}
+
+# ---- a hook cart dated 10 days back: stale, not a burst of three mails ------------
+{
+	my $in = instance('');
+	my $now = $T0 + 30 * 86400;
+	my $ev = qq({"type":"cart","email":"old\@example.com","consent":true,"cart_id":"old-1",)
+	    . qq("ts":@{[$now - 10 * 86400]},"items":[{"sku":"LAMP-1","name":"Rattan lamp","price":39.9}]});
+	my ($rc, undef, $err) = rm($in, { _stdin => $ev }, 'event', '--now', $now);
+	is($rc, 0, 'stale: a cart dated 10 days back is recorded') or diag $err;
+	my ($sent, $stale) = (0, 0);
+	for my $k (0 .. 2) {
+		my (undef, $out) = rm($in, 'tick', '--now', $now + 60 * $k);
+		$sent += field($out, 'sent');
+		$stale += field($out, 'stale') if field($out, 'stale') > 0;
+	}
+	is($sent, 0, 'stale: three one-minute ticks send none of its three steps');
+	is($stale, 3, '... the ticks count 3 stale steps');
+	is(scalar(() = glob("$in->{dir}/outbox/*.eml")), 0, '... the outbox is empty');
+	my (undef, $rep) = rm($in, 'report', '--json', '--now', $now + 3600);
+	like($rep, qr/"stale_steps":3\b/, '... and the report counts them');
+}
+
+# ---- the disk fills while a message is sent: nothing lost, nothing doubled ----------
+SKIP: {
+	skip 'mounting a small tmpfs needs root', 5 unless $> == 0;
+	my $mnt = "$tmp/disk";
+	mkdir $mnt;
+	skip 'cannot mount a tmpfs here', 5
+	    unless system('mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', $mnt) == 0;
+	$MOUNTED = $mnt;
+	# the relay fills the file system under remarket's database while it
+	# holds the first message, then answers 250
+	my $relay = RMRelay->start(dir => "$tmp/relay-full", fill => "$mnt/filler");
+	my $in = instance($relay->url, dir => "$mnt/db");
+	carts($in, 3);
+	my @out;
+	for my $k (0 .. 4) {
+		unlink "$mnt/filler" if $k == 4;    # room again for the last tick
+		my ($rc, $out, $err) = rm($in, 'tick', '--now', $due + 301 * $k);
+		push @out, "tick $k: rc $rc $out $err";
+	}
+	my @ids = $relay->message_ids;
+	my %n;
+	$n{$_}++ for @ids;
+	is(scalar keys %n, 3, 'disk full: the relay got all three messages') or diag @out;
+	is(scalar @ids, 3, '... each once: none sent again by a later tick') or diag @out;
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'sent'"), 3, '... all three recorded sent');
+	is(sql($in, "SELECT sum(attempts) FROM messages"), 3, '... one attempt each');
+	ok(-e "$mnt/db/rm.db", '... (the database lived on the full file system)');
+	$relay->stop;
+	system('umount', $MOUNTED) == 0 and undef $MOUNTED;
+}
+
+done_testing();
