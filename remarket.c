@@ -308,6 +308,8 @@ static const struct cfg_key {
 	CFG_STR(static_dir, "./static"),
 	CFG_LONG(rate_ip_per_min, "120"),
 	CFG_LONG(rate_visitor_per_min, "60"),
+	CFG_LONG(browser_new_contacts_per_hour, "200"),
+	CFG_STR(browser_consent, "checkbox"),
 	CFG_LONG(attribution_click_days, "5"),
 	CFG_LONG(attribution_view_hours, "24"),
 	CFG_LONG(conversion_days, "7"),
@@ -481,6 +483,12 @@ int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
 		cfg_derive_origin(cfg);
 	if (cfg->threads < 1 || cfg->threads > 64)
 		cfg->threads = 4;
+	if (strcmp(cfg->browser_consent, "checkbox") &&
+	    strcmp(cfg->browser_consent, "confirm")) {
+		snprintf(err, errlen, "browser_consent: '%s' is not checkbox or "
+			 "confirm", cfg->browser_consent);
+		return -1;
+	}
 	return 0;
 }
 
@@ -520,11 +528,46 @@ void cfg_free(struct config *cfg)
 	  "INSERT INTO events (ts, received, source, type, body) "             \
 	  "VALUES (?1, ?2, ?3, ?4, json(?5))")                                 \
 	X(CONTACT_UPSERT,                                                      \
-	  "INSERT INTO contacts (email, name, consent, created, updated) "     \
-	  "VALUES (?1, coalesce(?2, ''), coalesce(?3, 0), ?4, ?4) "            \
+	  "INSERT INTO contacts (email, name, consent, created, updated, signed) " \
+	  "VALUES (?1, coalesce(?2, ''), coalesce(?3, 0), ?4, ?4, 1) "         \
 	  "ON CONFLICT (email) DO UPDATE SET "                                 \
 	  "name = CASE WHEN ?2 IS NOT NULL AND ?2 <> '' THEN ?2 ELSE name END, " \
-	  "consent = coalesce(?3, consent), updated = ?4 RETURNING id")        \
+	  "consent = coalesce(?3, consent), updated = ?4, signed = 1, "        \
+	  "consent_vid = CASE WHEN ?3 IS NULL THEN consent_vid END, "          \
+	  "consent_pending = CASE WHEN ?3 IS NULL THEN consent_pending ELSE 0 END " \
+	  "RETURNING id")                                                      \
+	/* the browser's door to contacts: an address, never a name; new      \
+	 * browser-only contacts past the hourly cap are held (not mailed);   \
+	 * consent given by a checkbox, taken back only by the same visitor;  \
+	 * ?5 = 1: a browser-only contact's consent waits for the double      \
+	 * opt-in */                                                          \
+	X(BROWSER_RECENT,                                                      \
+	  "SELECT count(*) FROM (SELECT 1 FROM contacts WHERE signed = 0 "     \
+	  "AND created > ?1 - 3600 AND created <= ?1 LIMIT ?2)")               \
+	X(CONTACT_NEW_BROWSER,                                                 \
+	  "INSERT INTO contacts (email, created, updated, held_at) "           \
+	  "VALUES (?1, ?2, ?2, ?3) RETURNING id")                              \
+	X(CONTACT_CONSENT_BROWSER,                                             \
+	  "UPDATE contacts SET updated = ?4, consent = CASE "                  \
+	  "WHEN ?2 = 1 AND consent = 0 AND NOT (?5 AND signed = 0) THEN 1 "    \
+	  "WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 ELSE consent END, "         \
+	  "consent_pending = CASE WHEN ?2 = 1 AND consent = 0 AND ?5 "         \
+	  "AND signed = 0 THEN 1 WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 "     \
+	  "ELSE consent_pending END, consent_vid = CASE WHEN ?2 = 1 "          \
+	  "AND consent = 0 THEN ?3 ELSE consent_vid END WHERE id = ?1")        \
+	/* double opt-in: the confirmation mails to send, and the click */    \
+	X(CONFIRM_DUE,                                                         \
+	  "SELECT id, email FROM contacts WHERE consent_pending = 1 "          \
+	  "AND confirm_sent_at IS NULL AND unsubscribed_at IS NULL "           \
+	  "AND suppressed_at IS NULL ORDER BY id LIMIT ?1")                    \
+	X(CONFIRM_CLAIM,                                                       \
+	  "UPDATE contacts SET confirm_sent_at = ?2 WHERE id = ?1 "            \
+	  "AND consent_pending = 1 AND confirm_sent_at IS NULL")               \
+	X(CONFIRM_DONE,                                                        \
+	  "UPDATE contacts SET consent = 1, consent_pending = 0, "             \
+	  "confirmed_at = ?2, updated = ?2 WHERE id = ?1 AND consent_pending = 1") \
+	X(CONFIRM_STATE,                                                       \
+	  "SELECT consent_pending, consent FROM contacts WHERE id = ?1")       \
 	X(VISITOR_CONTACT, "SELECT contact_id FROM visitors WHERE vid = ?1")   \
 	X(VISITOR_UPSERT,                                                      \
 	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen) "     \
@@ -549,6 +592,24 @@ void cfg_free(struct config *cfg)
 	  "status = CASE WHEN status = 'abandoned' THEN 'open' ELSE status END " \
 	  "WHERE cart_key = ?1 AND status <> 'ordered'")                       \
 	X(CART_BY_KEY, "SELECT id FROM carts WHERE cart_key = ?1")             \
+	/* a browser's cart item: sku and qty only; the total from the       \
+	 * catalog's prices */                                                \
+	X(ITEMS_BARE,                                                          \
+	  "SELECT json_group_array(json_object('sku', "                        \
+	  "json_extract(value, '$.sku'), 'qty', "                              \
+	  "coalesce(json_extract(value, '$.qty'), 1))), "                      \
+	  "total(coalesce(json_extract(value, '$.qty'), 1) * p.price) "        \
+	  "FROM json_each(?1) LEFT JOIN products p "                           \
+	  "ON p.sku = json_extract(value, '$.sku')")                           \
+	/* a signed order for cart_id X ends the browsers' carts "X/<vid>" */ \
+	X(SCOPED_EXIT,                                                         \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = 'order' "   \
+	  "WHERE status = 'active' AND cart_id IN (SELECT id FROM carts "      \
+	  "WHERE cart_key >= ?1 || '/' AND cart_key < ?1 || '0')")             \
+	X(SCOPED_ORDERED,                                                      \
+	  "UPDATE carts SET status = 'ordered', ordered_at = ?2 "              \
+	  "WHERE cart_key >= ?1 || '/' AND cart_key < ?1 || '0' "              \
+	  "AND status IN ('open', 'abandoned')")                               \
 	X(CART_OWNER,                                                          \
 	  "SELECT count(*) FROM carts WHERE cart_key = ?1 "                    \
 	  "AND visitor_id IS NOT ?2")                                          \
@@ -744,6 +805,11 @@ void cfg_free(struct config *cfg)
 	  "JOIN contacts ct ON ct.id = c.contact_id "                          \
 	  "JOIN flows f ON f.trigger = 'cart_abandoned' AND f.enabled = 1 "    \
 	  "WHERE c.status = 'abandoned' AND c.abandoned_at = ?1 "              \
+	  "AND (ct.signed = 1 OR (ct.held_at IS NULL AND c.id = (SELECT "      \
+	  "max(c2.id) FROM carts c2 WHERE c2.contact_id = ct.id "              \
+	  "AND c2.status = 'abandoned' AND c2.abandoned_at = ?1) "             \
+	  "AND NOT EXISTS (SELECT 1 FROM enrollments x WHERE "                 \
+	  "x.contact_id = ct.id AND x.created > ?1 - 30 * 86400))) "           \
 	  "ON CONFLICT (flow_id, cart_id) DO NOTHING")                         \
 	/* the held-out get nothing; variant B (if the step has one) goes to  \
 	 * a stable share of contacts and may change the step's delay */      \
@@ -854,11 +920,30 @@ void cfg_free(struct config *cfg)
 	  "JOIN products p ON p.sku = r.sku WHERE r.sku IN "                   \
 	  "(SELECT json_extract(value, '$.sku') FROM json_each(?1)) "          \
 	  "ORDER BY r.rating DESC, length(r.text) DESC, r.id LIMIT 1")         \
+	/* what a mail prints of items: a signed hook's own words, else the  \
+	 * catalog's (a browser's items are sku and qty only); an item known  \
+	 * to neither is not printed */                                       \
 	X(ITEMS_EACH,                                                          \
-	  "SELECT json_extract(value,'$.name'), json_extract(value,'$.sku'), " \
-	  "coalesce(json_extract(value,'$.qty'), 1), json_extract(value,'$.price'), " \
-	  "coalesce(json_extract(value,'$.url'), ''), "                        \
-	  "coalesce(json_extract(value,'$.image'), '') FROM json_each(?1)")    \
+	  "SELECT coalesce(json_extract(value,'$.name'), p.name), "            \
+	  "json_extract(value,'$.sku'), "                                      \
+	  "coalesce(json_extract(value,'$.qty'), 1), "                         \
+	  "coalesce(json_extract(value,'$.price'), p.price), "                 \
+	  "coalesce(json_extract(value,'$.url'), p.url, ''), "                 \
+	  "coalesce(json_extract(value,'$.image'), p.image, '') "              \
+	  "FROM json_each(?1) LEFT JOIN products p "                           \
+	  "ON p.sku = json_extract(value,'$.sku') "                            \
+	  "WHERE coalesce(json_extract(value,'$.name'), p.name, '') <> '' "    \
+	  "ORDER BY json_each.key")                                            \
+	/* printable items, items from a browser, and their catalog total */  \
+	X(ITEMS_TRUST,                                                         \
+	  "SELECT coalesce(sum(n <> ''), 0), coalesce(sum(bare), 0), "         \
+	  "total(CASE WHEN n <> '' THEN qty * price END) FROM (SELECT "        \
+	  "coalesce(json_extract(value,'$.name'), p.name, '') AS n, "          \
+	  "json_extract(value,'$.name') IS NULL AS bare, "                     \
+	  "coalesce(json_extract(value,'$.qty'), 1) AS qty, "                  \
+	  "coalesce(json_extract(value,'$.price'), p.price, 0) AS price "      \
+	  "FROM json_each(?1) LEFT JOIN products p "                           \
+	  "ON p.sku = json_extract(value,'$.sku'))")                           \
 	X(REP_CURRENCY,                                                        \
 	  "SELECT currency FROM orders GROUP BY currency "                     \
 	  "ORDER BY count(*) DESC LIMIT 1")                                    \
@@ -899,6 +984,9 @@ void cfg_free(struct config *cfg)
 	  "FROM orders o JOIN discounts d ON d.code = o.discount_code "        \
 	  "WHERE o.ts >= ?1 AND o.ts < ?2)")                                   \
 	X(REP_FLOWS, "SELECT id, name, holdout_pct FROM flows ORDER BY id")     \
+	X(REP_BROWSER_HELD,                                                    \
+	  "SELECT count(*) FROM contacts WHERE held_at >= ?1 AND held_at < ?2 " \
+	  "AND signed = 0")                                                    \
 	X(REP_FLOW_CONV,                                                       \
 	  "SELECT e.holdout, count(*), coalesce(sum(k.status = 'ordered' AND " \
 	  "k.ordered_at >= e.created AND k.ordered_at < e.created + ?4), 0) "  \
@@ -2017,7 +2105,11 @@ static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
 	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW)
 		rc = ev_item_field(s, idx, &price, &qty, &seen, origin, err);
 	sqlite3_reset(s);
-	if (rc == 0 && seen != 7)
+	/* a browser's item needs only its sku (origin is set for browsers):
+	 * its name, price and links are never kept, the catalog's are used */
+	if (rc == 0 && origin && !(seen & 1))
+		rc = fail(err, 400, "items[%zu]: needs sku", idx);
+	else if (rc == 0 && !origin && seen != 7)
 		rc = fail(err, 400, "items[%zu]: needs sku, name and price", idx);
 	if (rc == 0)
 		*sum += price * qty;
@@ -2102,6 +2194,12 @@ static int ev_require(const struct event *e, enum ev_source src,
 	    strcmp(t, "view"))
 		return fail(err, 403, "type: '%s' events must be sent signed to "
 			    "/events by the store backend", t);
+	if (src == EV_PIXEL && strcmp(t, "view"))
+		return fail(err, 403, "type: the pixel records views only; "
+			    "'%s' goes to /collect", t);
+	if (browser && !strcmp(t, "cart") && !visitor && !e->visitor_id)
+		return fail(err, 400, "visitor_id: a browser's cart needs the "
+			    "rm_vid cookie or a visitor_id");
 	if (!strcmp(t, "identify") && !e->email)
 		return fail(err, 400, "email: required for identify");
 	if (!strcmp(t, "cart") && !e->items)
@@ -2144,18 +2242,63 @@ static int ev_parse(struct app *app, const char *obj, enum ev_source src,
 		rc = ev_review(app, e->review, err);
 	for (char *p = e->code; p && *p; p++) /* codes are stored upper-case */
 		*p = (char)toupper((unsigned char)*p);
+	if (src == EV_PIXEL) { /* a pixel never names anyone */
+		free(e->email);
+		e->email = NULL;
+	}
 	/* browsers' clocks are not trusted; servers may backdate */
 	if (src == EV_BROWSER || src == EV_PIXEL || e->ts < 0)
 		e->ts = now;
 	return rc;
 }
 
+static int64_t scalar_id(struct db *db, sqlite3_stmt *s);
+static long long db_scalar_stmt(sqlite3_stmt *s);
+
+/* The browser names an address and nothing else: it never writes a name;
+ * a new address is "browser-only" (held, not mailed, past the store's
+ * hourly cap); its checkbox gives consent (in confirm mode a browser-only
+ * address waits for the double opt-in), and only the visitor whose
+ * checkbox gave it may take it back. */
+static int64_t contact_from_browser(struct app *app, const struct event *e,
+				    const char *vid, rm_time now)
+{
+	struct db *db = app->db;
+	int64_t id = scalar_id(db, q(db, ST_CONTACT_ID, "t", e->email));
+	if (!id) {
+		long cap = app->cfg->browser_new_contacts_per_hour;
+		int held = db_scalar_stmt(q(db, ST_BROWSER_RECENT, "ii",
+					    (int64_t)now, (int64_t)cap)) >= cap;
+		sqlite3_stmt *s = q(db, ST_CONTACT_NEW_BROWSER, "tin", e->email,
+				    (int64_t)now);
+		if (held)
+			sqlite3_bind_int64(s, 3, now);
+		id = scalar_id(db, s);
+		if (!id)
+			return -1;
+		if (held)
+			fprintf(stderr, "remarket: contact %lld: more than %ld new "
+				"browser-only contacts this hour "
+				"(browser_new_contacts_per_hour): recorded, not mailed\n",
+				(long long)id, cap);
+	}
+	sqlite3_stmt *s = q(db, ST_CONTACT_CONSENT_BROWSER, "intii", id, vid,
+			    (int64_t)now,
+			    (int64_t)!strcmp(app->cfg->browser_consent, "confirm"));
+	if (e->consent >= 0)
+		sqlite3_bind_int(s, 2, e->consent);
+	return q_exec(db, s) < 0 ? -1 : id;
+}
+
 static int64_t ev_contact(struct app *app, const struct event *e,
-			  const char *vid, rm_time now)
+			  const char *vid, int browser, rm_time now)
 {
 	struct db *db = app->db;
 	int64_t id = 0;
-	if (e->email) {
+	if (e->email && browser) {
+		if ((id = contact_from_browser(app, e, vid, now)) < 0)
+			return -1;
+	} else if (e->email) {
 		sqlite3_stmt *s = q(db, ST_CONTACT_UPSERT, "ttni", e->email,
 				    e->name, (int64_t)now);
 		if (e->consent >= 0)
@@ -2184,17 +2327,36 @@ static int64_t ev_contact(struct app *app, const struct event *e,
 }
 
 static int ev_cart(struct app *app, const struct event *e, const char *vid,
-		   int64_t contact)
+		   int browser, int64_t contact)
 {
 	struct db *db = app->db;
-	char key[80];
-	if (e->cart_id)
+	char key[160];
+	const char *items = e->items;
+	double total = e->total;
+	struct buf bare = {0};
+	/* a browser's cart id is its own: "<cart_id>/<vid>" can never be the
+	 * backend's cart of the same id ('/' is not in a cart id) */
+	if (e->cart_id && browser)
+		snprintf(key, sizeof key, "%s/%s", e->cart_id, vid ? vid : "");
+	else if (e->cart_id)
 		copy_str(key, sizeof key, e->cart_id);
 	else
 		snprintf(key, sizeof key, "v:%s", vid);
+	if (browser) { /* skus and quantities only, priced by the catalog */
+		sqlite3_stmt *b = q(db, ST_ITEMS_BARE, "t", e->items);
+		if (sqlite3_step(b) == SQLITE_ROW &&
+		    buf_adds(&bare, col_text(b, 0)) == 0) {
+			items = bare.data;
+			total = sqlite3_column_double(b, 1);
+		}
+		sqlite3_reset(b);
+		if (items != bare.data)
+			return -1;
+	}
 	sqlite3_stmt *s = q(db, ST_CART_UPSERT, "tnttdtii", key, vid,
-			    e->currency ? e->currency : "EUR", e->total,
-			    e->items, (int64_t)e->nitems, (int64_t)e->ts);
+			    e->currency ? e->currency : "EUR", total,
+			    items, (int64_t)e->nitems, (int64_t)e->ts);
+	buf_free(&bare); /* bound as a transient copy by q() */
 	if (contact)
 		sqlite3_bind_int64(s, 2, contact);
 	int64_t id = 0;
@@ -2290,8 +2452,14 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 		sqlite3_bind_int64(s, 2, contact);
 	if (q_exec(db, s) < 0)
 		return -1;
-	/* a purchase ends every sequence of this person and this cart */
+	/* a purchase ends every sequence of this person and this cart, and
+	 * of the browsers' own copies of the cart id */
 	if (cart && q_exec(db, q(db, ST_EXIT_CART, "it", cart, "order")) < 0)
+		return -1;
+	if (e->cart_id &&
+	    (q_exec(db, q(db, ST_SCOPED_EXIT, "t", e->cart_id)) < 0 ||
+	     q_exec(db, q(db, ST_SCOPED_ORDERED, "ti", e->cart_id,
+			  (int64_t)e->ts)) < 0))
 		return -1;
 	/* a purchase ends cart and win-back sequences begun before it (an
 	 * imported old order ends nothing newer) */
@@ -2360,10 +2528,10 @@ static int ev_apply(struct app *app, const struct event *e, enum ev_source src,
 	if (browser && !strcmp(e->type, "cart") && e->cart_id &&
 	    db_scalar_stmt(q(app->db, ST_CART_OWNER, "tt", e->cart_id, vid)) > 0)
 		return -2;
-	int64_t contact = ev_contact(app, e, vid, now);
+	int64_t contact = ev_contact(app, e, vid, browser, now);
 	int rc = contact < 0 ? -1 : 0;
 	if (rc == 0 && !strcmp(e->type, "cart"))
-		rc = ev_cart(app, e, vid, contact);
+		rc = ev_cart(app, e, vid, browser, contact);
 	else if (rc == 0 && !strcmp(e->type, "checkout"))
 		rc = ev_checkout(app, e, contact);
 	else if (rc == 0 && !strcmp(e->type, "order"))
@@ -2926,6 +3094,7 @@ struct msgrow {
 	int ordered_since;
 	int64_t order;
 	char *items;
+	int printable; /* cart items a mail may print (signed or in the catalog) */
 };
 
 static int msg_load(struct app *app, int64_t id, struct msgrow *m)
@@ -2969,6 +3138,15 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	m->variant = col_text(s, 26)[0];
 	m->consent = sqlite3_column_int(s, 27);
 	sqlite3_reset(s);
+	if (m->items && *m->cart_key) { /* a browser's cart is priced now */
+		sqlite3_stmt *t = q(app->db, ST_ITEMS_TRUST, "t", m->items);
+		if (sqlite3_step(t) == SQLITE_ROW) {
+			m->printable = sqlite3_column_int(t, 0);
+			if (sqlite3_column_int(t, 1) > 0)
+				m->total = sqlite3_column_double(t, 2);
+		}
+		sqlite3_reset(t);
+	}
 	return m->items ? 0 : -1;
 }
 
@@ -3001,6 +3179,8 @@ static const char *msg_exit_reason(const struct msgrow *m)
 		return "order";
 	if (cart && !strcmp(m->cart_status, "empty"))
 		return "empty";
+	if (cart && !m->printable) /* a browser's cart of unknown skus */
+		return "no known item";
 	if (!strcmp(m->trigger, "customer_lapsed") && m->ordered_since)
 		return "order"; /* they came back: the win-back is done */
 	if (!m->has_step)
@@ -4310,10 +4490,12 @@ static void resp_redirect(struct http_resp *rs, const char *url)
 static void cart_location(struct app *app, const char *cart, const char *code,
 			  struct buf *out)
 {
+	char shop[80]; /* a browser's "<cart_id>/<vid>": the shop knows cart_id */
+	snprintf(shop, sizeof shop, "%.*s", (int)strcspn(cart, "/"), cart);
 	for (const char *p = app->cfg->cart_url; *p;) {
 		const char *val = NULL;
 		if (!strncmp(p, "{cart}", 6))
-			val = cart;
+			val = shop;
 		else if (!strncmp(p, "{code}", 6))
 			val = code;
 		if (!val) {

@@ -44,6 +44,9 @@ struct config {
 	long lease_seconds; /* how long a claimed message stays claimed */
 	long max_items;     /* items per cart */
 	long rate_ip_per_min, rate_visitor_per_min; /* browser events */
+	long browser_new_contacts_per_hour; /* past this, browser-only contacts
+					     * are recorded, not mailed */
+	char *browser_consent; /* "checkbox", or "confirm": double opt-in */
 	long attribution_click_days; /* an order within this of a click */
 	long attribution_view_hours; /* "influenced": within this of a send */
 	long conversion_days;        /* an enrollee who orders within this */
@@ -95,6 +98,7 @@ enum tok_kind {
 	TOK_UNSUB = 'u',
 	TOK_DISCOUNT = 'd',
 	TOK_OPEN = 'o',
+	TOK_CONFIRM = 'c', /* double opt-in: subject is the contact id */
 };
 enum tok_status {
 	TOK_OK = 0,
