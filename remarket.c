@@ -566,6 +566,9 @@ void cfg_free(struct config *cfg)
 	X(CONFIRM_DONE,                                                        \
 	  "UPDATE contacts SET consent = 1, consent_pending = 0, "             \
 	  "confirmed_at = ?2, updated = ?2 WHERE id = ?1 AND consent_pending = 1") \
+	X(CONFIRM_DECLINE,                                                     \
+	  "UPDATE contacts SET consent_pending = 0, updated = ?2 "             \
+	  "WHERE id = ?1 AND consent_pending = 1")                             \
 	X(CONFIRM_STATE,                                                       \
 	  "SELECT consent_pending, consent FROM contacts WHERE id = ?1")       \
 	X(VISITOR_CONTACT, "SELECT contact_id FROM visitors WHERE vid = ?1")   \
@@ -3860,10 +3863,103 @@ static void lease_keep(struct app *app, rm_time now, struct lease *l)
 	l->renewed = real;
 }
 
+/* browser_consent = confirm: the double opt-in mail of one contact, with
+ * a signed link (30 days) to the confirm page. */
+static int confirm_mail(struct app *app, int64_t contact, const char *email,
+			rm_time now, char *err, size_t errlen)
+{
+	char url[1200], tok[TOK_MAXLEN + 1], year[8], mid[200], dom[256];
+	struct tm tm;
+	time_t t = (time_t)now;
+	gmtime_r(&t, &tm);
+	snprintf(year, sizeof year, "%d", tm.tm_year + 1900);
+	if (tok_sign(app->key, TOK_CONFIRM, contact, now + 30 * 86400, tok,
+		     sizeof tok) < 0 ||
+	    snprintf(url, sizeof url, "%s/c/%s", app->cfg->base_url, tok) >=
+		    (int)sizeof url) {
+		snprintf(err, errlen, "base_url: too long for a confirm link");
+		return -1;
+	}
+	struct tvar v[] = {
+		{"store_name", app->cfg->store_name, NULL, 0},
+		{"store_url", app->cfg->store_url, NULL, 0},
+		{"postal_address", app->cfg->postal_address, NULL, 0},
+		{"email", email, NULL, 0},
+		{"year", year, NULL, 0},
+		{"confirm_url", url, NULL, 0},
+	};
+	struct tctx ctx = {v, sizeof v / sizeof v[0], NULL};
+	struct buf subject = {0}, text = {0}, html = {0}, msg = {0};
+	addr_spec(app->cfg->from, dom, sizeof dom);
+	char *at = strchr(dom, '@');
+	snprintf(mid, sizeof mid, "<rm.confirm.%lld.%lld@%s>", (long long)contact,
+		 (long long)now, at ? at + 1 : "localhost");
+	/* a one-click "unsubscribe" of this mail declines (see route_confirm) */
+	char unsub[1300];
+	snprintf(unsub, sizeof unsub, "<%s>", url);
+	int rc = -1;
+	if (mail_render(app, "confirm", &ctx, &subject, &text, &html, err, errlen))
+		goto out;
+	struct mail m = {app->cfg->from, email, subject.data, mid, unsub,
+			 text.data, html.data, now, "confirm:remarket"};
+	if (mail_build(&m, &msg, err, errlen))
+		goto out;
+	/* the outbox names it m-NNNNN.eml (minus the contact id), apart from
+	 * the messages' mNNNNNN.eml */
+	rc = mail_send(app, -contact, email, &msg, err, errlen) == SEND_OK ? 0 : -1;
+out:
+	buf_free(&subject);
+	buf_free(&text);
+	buf_free(&html);
+	buf_free(&msg);
+	return rc;
+}
+
+/* Sends the confirmation mails due. Each is marked sent before it goes:
+ * a crash loses a confirmation (the shopper may ask again), never sends
+ * one twice. */
+static int confirm_send(struct app *app, rm_time now)
+{
+	struct db *db = app->db;
+	for (int round = 0; round < TICK_MAX / TICK_BATCH; round++) {
+		int64_t ids[TICK_BATCH];
+		char (*emails)[256] = calloc(TICK_BATCH, 256);
+		int n = 0;
+		if (!emails)
+			return -1;
+		sqlite3_stmt *s = q(db, ST_CONFIRM_DUE, "i", (int64_t)TICK_BATCH);
+		while (n < TICK_BATCH && sqlite3_step(s) == SQLITE_ROW) {
+			ids[n] = sqlite3_column_int64(s, 0);
+			copy_str(emails[n++], 256, col_text(s, 1));
+		}
+		sqlite3_reset(s);
+		for (int i = 0; i < n; i++) {
+			char err[512] = "";
+			if (q_exec(db, q(db, ST_CONFIRM_CLAIM, "ii", ids[i],
+					 (int64_t)now)) < 0) {
+				free(emails);
+				return -1;
+			}
+			if (sqlite3_changes(db->h) == 1 &&
+			    confirm_mail(app, ids[i], emails[i], now, err,
+					 sizeof err) < 0)
+				fprintf(stderr, "remarket: confirmation mail to "
+					"contact %lld: %s\n", (long long)ids[i], err);
+		}
+		free(emails);
+		if (n < TICK_BATCH)
+			break;
+	}
+	return 0;
+}
+
 int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 {
 	memset(sum, 0, sizeof *sum);
 	if (flow_detect(app, now, sum) < 0)
+		return -1;
+	if (!strcmp(app->cfg->browser_consent, "confirm") &&
+	    confirm_send(app, now) < 0)
 		return -1;
 	int64_t ids[TICK_BATCH];
 	struct lease l = {lease_owner_new(), time(NULL), time(NULL)};
@@ -4075,6 +4171,7 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	      &r->codes_redeemed, &r->discount_cost);
 	r->recovery_rate = r->abandoned ? (double)r->recovered / (double)r->abandoned : 0;
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
+	q_row(q(db, ST_REP_BROWSER_HELD, "ii", a, b), "l", &r->browser_held);
 	rep_flows(app, r);
 	rep_series(app, r);
 	rep_lifecycle(app, r);
@@ -4170,7 +4267,12 @@ int report_json(const struct report *r, struct buf *out)
 	for (int i = 0; i < 6; i++)
 		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
 			 r->segments[i]);
-	buf_adds(out, "}}");
+	buf_addf(out, "},\"browser_held\":%ld,\"warnings\":[", r->browser_held);
+	if (r->browser_held)
+		buf_addf(out, "\"%ld new browser-only contacts recorded but not "
+			 "mailed: over browser_new_contacts_per_hour\"",
+			 r->browser_held);
+	buf_adds(out, "]}");
 	return out->data ? 0 : -1;
 }
 
@@ -4349,6 +4451,12 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	html_escape(b, store);
 	buf_addf(b, ": what remarket earned</h1><p class=note>From %s to %s.</p>"
 		 "<div class=cards>", since, until);
+	if (r->browser_held) /* a warning above the cards, before any number */
+		buf_addf(b, "</div><p class=warning role=alert><b>Warning:</b> %ld "
+			 "new browser-only contacts were recorded but not mailed: "
+			 "more arrived in an hour than browser_new_contacts_per_hour "
+			 "allows (a bot typing addresses, or raise the limit).</p>"
+			 "<div class=cards>", r->browser_held);
 	snprintf(v, sizeof v, "%.2f %s", r->recovered_revenue, r->currency);
 	html_card(b, "recovered revenue", "recovered_revenue", r->recovered_revenue, v);
 	snprintf(v, sizeof v, "%.1f %%", 100 * r->recovery_rate);
@@ -4930,6 +5038,49 @@ static void route_unsub(struct app *app, const struct http_req *rq,
 		  "You will not receive these emails any more.", NULL, NULL);
 }
 
+/* The double opt-in link: GET asks (link scanners follow GETs), POST
+ * confirms; the mail client's one-click List-Unsubscribe POST declines. */
+static void route_confirm(struct app *app, const struct http_req *rq,
+			  struct http_resp *rs, const char *tok, rm_time now)
+{
+	int64_t contact;
+	char action[1200];
+	int st = tok_verify(app->key, tok, TOK_CONFIRM, now, &contact);
+	if (st != TOK_OK)
+		return resp_page(app, rs, 400, "This link does not work",
+				 tok_strerror(st), NULL, NULL);
+	int pending = 0, consent = 0;
+	sqlite3_stmt *s = q(app->db, ST_CONFIRM_STATE, "i", contact);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		pending = sqlite3_column_int(s, 0);
+		consent = sqlite3_column_int(s, 1);
+	}
+	sqlite3_reset(s);
+	if (!rq->method || strcmp(rq->method, "POST") != 0) {
+		if (consent && !pending)
+			return resp_page(app, rs, 200, "Confirmed",
+					 "Your address is confirmed.", NULL, NULL);
+		snprintf(action, sizeof action, "%s/c/%s", app->cfg->base_url, tok);
+		return resp_page(app, rs, 200, "Confirm your email address?",
+				 "Press the button and we may email you about "
+				 "your cart and our shop. If you did not ask, "
+				 "just close this page.", action, "Confirm");
+	}
+	int decline = rq->body && rq->body_len &&
+		      memmem(rq->body, rq->body_len, "List-Unsubscribe=One-Click", 26);
+	if (q_exec(app->db, q(app->db, decline ? ST_CONFIRM_DECLINE : ST_CONFIRM_DONE,
+			      "ii", contact, (int64_t)now)) < 0)
+		return resp_page(app, rs, 503, "Please try again",
+				 "We could not record your answer just now.",
+				 NULL, NULL);
+	if (decline)
+		return resp_page(app, rs, 200, "Not confirmed",
+				 "We will not email this address.", NULL, NULL);
+	resp_page(app, rs, 200, "Confirmed", consent || pending ?
+		  "Thank you: your address is confirmed." :
+		  "This address is not waiting for a confirmation.", NULL, NULL);
+}
+
 static void route_open(struct app *app, const struct http_req *rq,
 		       struct http_resp *rs, const char *arg, rm_time now)
 {
@@ -5072,6 +5223,7 @@ static const struct route {
 	{"/r/", 1, "GET HEAD", route_recover},
 	{"/u/", 1, "GET HEAD POST", route_unsub},
 	{"/d/", 1, "GET HEAD", route_discount},
+	{"/c/", 1, "GET HEAD POST", route_confirm},
 	{"/o/", 1, "GET HEAD", route_open},
 	{"/discounts/validate", 0, "POST", route_validate},
 	{"/report", 0, "GET HEAD", route_report},
@@ -5530,6 +5682,10 @@ static const char *arg_value(int argc, char **argv, const char *name)
 
 static void report_text(const struct report *r)
 {
+	if (r->browser_held)
+		printf("WARNING: %ld new browser-only contacts recorded but not "
+		       "mailed (over browser_new_contacts_per_hour)\n",
+		       r->browser_held);
 	printf("abandoned carts    %ld (held out not counted)\n", r->abandoned);
 	printf("recovered carts    %ld (%.1f %%)\n", r->recovered,
 	       100 * r->recovery_rate);

@@ -237,6 +237,7 @@ struct report {
 	double recovery_rate, revenue, recovered_revenue, influenced_revenue;
 	long sent, opened, clicked, unsubscribed, bounced, codes_issued, codes_redeemed;
 	double unsubscribe_rate, discount_cost;
+	long browser_held; /* new browser-only contacts past the hourly cap */
 	struct flow_report flows[REPORT_FLOWS];
 	int nflows;
 	struct { char month[8]; long orders, attributed; double revenue; } months[REPORT_MONTHS];
