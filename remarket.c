@@ -1854,7 +1854,9 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
  * validator), then, in one transaction, stores each event as it arrived
  * and brings contacts, visitors, carts, orders and the catalog up to
  * date. A body with one bad event stores nothing at all. Unknown fields
- * are ignored; browser events can never place an order.
+ * are ignored; browser events can never place an order. The browser
+ * names an address, skus and quantities, never anything a mail prints
+ * (a name, an item's text or price): see contact_from_browser, ev_cart.
  */
 
 #define EV_MAX_BATCH 1000
