@@ -800,6 +800,8 @@ void cfg_free(struct config *cfg)
 	  "WHERE status = 'open' AND item_count > 0 AND updated <= ?2 "        \
 	  "AND contact_id IN (SELECT id FROM contacts WHERE consent = 1 "      \
 	  "AND unsubscribed_at IS NULL AND suppressed_at IS NULL)")            \
+	/* a browser-only contact (never named by a signed hook): not held by \
+	 * the hourly cap, one cart a tick, one sequence in 30 days */        \
 	X(ENROLL,                                                              \
 	  "INSERT INTO enrollments (flow_id, contact_id, cart_id, anchor, created, " \
 	  "holdout) SELECT f.id, c.contact_id, c.id, c.updated, ?1, "          \
