@@ -563,6 +563,8 @@ void cfg_free(struct config *cfg)
 	X(CONFIRM_CLAIM,                                                       \
 	  "UPDATE contacts SET confirm_sent_at = ?2 WHERE id = ?1 "            \
 	  "AND consent_pending = 1 AND confirm_sent_at IS NULL")               \
+	X(CONFIRM_UNCLAIM,                                                     \
+	  "UPDATE contacts SET confirm_sent_at = NULL WHERE id = ?1")          \
 	X(CONFIRM_DONE,                                                        \
 	  "UPDATE contacts SET consent = 1, consent_pending = 0, "             \
 	  "confirmed_at = ?2, updated = ?2 WHERE id = ?1 AND consent_pending = 1") \
@@ -3909,8 +3911,9 @@ static int confirm_mail(struct app *app, int64_t contact, const char *email,
 	if (mail_build(&m, &msg, err, errlen))
 		goto out;
 	/* the outbox names it m-NNNNN.eml (minus the contact id), apart from
-	 * the messages' mNNNNNN.eml */
-	rc = mail_send(app, -contact, email, &msg, err, errlen) == SEND_OK ? 0 : -1;
+	 * the messages' mNNNNNN.eml; a refused address is not tried again */
+	enum send_result r = mail_send(app, -contact, email, &msg, err, errlen);
+	rc = r == SEND_OK ? 0 : r == SEND_PERM ? -2 : -1;
 out:
 	buf_free(&subject);
 	buf_free(&text);
@@ -3921,7 +3924,7 @@ out:
 
 /* Sends the confirmation mails due. Each is marked sent before it goes:
  * a crash loses a confirmation (the shopper may ask again), never sends
- * one twice. */
+ * one twice; a failure to render or send is unmarked for the next tick. */
 static int confirm_send(struct app *app, rm_time now)
 {
 	struct db *db = app->db;
@@ -3944,11 +3947,21 @@ static int confirm_send(struct app *app, rm_time now)
 				free(emails);
 				return -1;
 			}
-			if (sqlite3_changes(db->h) == 1 &&
-			    confirm_mail(app, ids[i], emails[i], now, err,
-					 sizeof err) < 0)
+			if (sqlite3_changes(db->h) != 1)
+				continue;
+			int rc = confirm_mail(app, ids[i], emails[i], now, err,
+					      sizeof err);
+			if (rc < 0)
 				fprintf(stderr, "remarket: confirmation mail to "
-					"contact %lld: %s\n", (long long)ids[i], err);
+					"contact %lld: %s%s\n", (long long)ids[i], err,
+					rc == -1 ? " (tried again at the next tick)" : "");
+			/* a template or relay failure: the next tick tries again,
+			 * and this one sends no more confirmations */
+			if (rc == -1) {
+				q_exec(db, q(db, ST_CONFIRM_UNCLAIM, "i", ids[i]));
+				free(emails);
+				return 0;
+			}
 		}
 		free(emails);
 		if (n < TICK_BATCH)

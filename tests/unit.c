@@ -2985,6 +2985,18 @@ static void test_browser_trust(void)
 	http_resp_free(&rs);
 	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts WHERE id = %lld", nid),
 	       0, "confirm: the mail client's one-click unsubscribe declines");
+	/* a relay that is down: the confirmation waits for the next tick */
+	collect(&w, "rm_vid=v-rt", "{\"type\":\"identify\",\"email\":\"rt@example.org\","
+		"\"consent\":true}", T0 + 6 * HOUR);
+	set_cfg(&w.cfg.smtp_url, "smtp://127.0.0.1:1");
+	tick(&w, T0 + 6 * HOUR + 60, &sum);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'rt@example.org' "
+		  "AND consent_pending = 1 AND confirm_sent_at IS NULL"), 1,
+	       "confirm: with the relay down the confirmation is not marked sent");
+	set_cfg(&w.cfg.smtp_url, "");
+	tick(&w, T0 + 6 * HOUR + 120, &sum);
+	is_int(sq(&w, "SELECT confirm_sent_at FROM contacts WHERE email = 'rt@example.org'"),
+	       T0 + 6 * HOUR + 120, "... and goes at the next tick");
 	buf_free(&cm);
 	buf_free(&ct);
 	world_close(&w);
