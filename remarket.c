@@ -614,7 +614,7 @@ void cfg_free(struct config *cfg)
 	X(SCOPED_ORDERED,                                                      \
 	  "UPDATE carts SET status = 'ordered', ordered_at = ?2 "              \
 	  "WHERE cart_key >= ?1 || '/' AND cart_key < ?1 || '0' "              \
-	  "AND status IN ('open', 'abandoned')")                               \
+	  "AND +status IN ('open', 'abandoned')") /* by key, not status */     \
 	X(CART_OWNER,                                                          \
 	  "SELECT count(*) FROM carts WHERE cart_key = ?1 "                    \
 	  "AND visitor_id IS NOT ?2")                                          \
@@ -993,7 +993,7 @@ void cfg_free(struct config *cfg)
 	X(REP_FLOWS, "SELECT id, name, holdout_pct FROM flows ORDER BY id")     \
 	X(REP_BROWSER_HELD,                                                    \
 	  "SELECT count(*) FROM contacts WHERE held_at >= ?1 AND held_at < ?2 " \
-	  "AND signed = 0")                                                    \
+	  "AND +signed = 0")                                                   \
 	X(REP_FLOW_CONV,                                                       \
 	  "SELECT e.holdout, count(*), coalesce(sum(k.status = 'ordered' AND " \
 	  "k.ordered_at >= e.created AND k.ordered_at < e.created + ?4), 0) "  \

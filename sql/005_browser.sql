@@ -18,6 +18,7 @@ ALTER TABLE contacts ADD COLUMN confirmed_at INTEGER;
 ALTER TABLE contacts ADD COLUMN held_at INTEGER;
 CREATE INDEX contacts_browser_created ON contacts(signed, created);
 CREATE INDEX contacts_pending ON contacts(consent_pending, confirm_sent_at);
+CREATE INDEX contacts_held ON contacts(held_at) WHERE held_at IS NOT NULL;
 
 -- Addresses the backend or the operator named before this migration.
 UPDATE contacts SET signed = 1
