@@ -2729,6 +2729,59 @@ static void test_review_fixes(void)
 	world_close(&w);
 }
 
+/* A database of schema 4 (sql/001-004 from the repository) with a browser
+ * cart and a backend's, brought forward by db_migrate: no row lost, the
+ * browser's cart keeps skus only under its visitor-scoped key. */
+static void test_browser_migration(void)
+{
+	char db[PATH_MAX], path[PATH_MAX + 64], err[256] = "";
+	snprintf(db, sizeof db, "%s/mig4.db", tmpdir);
+	sqlite3 *h = NULL;
+	int ok4 = sqlite3_open(db, &h) == SQLITE_OK;
+	for (int v = 1; ok4 && v <= 4; v++) {
+		static const char *const names[] = {"", "001_init", "002_measure",
+						    "003_lifecycle", "004_fencing"};
+		struct buf sql = {0};
+		snprintf(path, sizeof path, "%s/../sql/%s.sql", templates, names[v]);
+		FILE *f = fopen(path, "rb");
+		char chunk[4096];
+		size_t n;
+		while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
+			buf_add(&sql, chunk, n);
+		if (f)
+			fclose(f);
+		ok4 = f && sql.data && sqlite3_exec(h, sql.data, NULL, NULL, NULL) == SQLITE_OK;
+		buf_free(&sql);
+	}
+	ok4 = ok4 && sqlite3_exec(h,
+		"INSERT INTO contacts (email, name, consent, created, updated) VALUES "
+		"('h@example.com', 'H', 1, 1, 1), ('b@example.com', '', 1, 1, 1);"
+		"INSERT INTO events (ts, received, source, type, body) VALUES "
+		"(1, 1, 'hook', 'cart', '{\"type\":\"cart\",\"email\":\"h@example.com\",\"cart_id\":\"hc\"}'),"
+		"(1, 1, 'browser', 'cart', '{\"type\":\"cart\",\"cart_id\":\"bc\"}');"
+		"INSERT INTO carts (cart_key, contact_id, visitor_id, items, item_count, updated) VALUES "
+		"('hc', 1, NULL, '[{\"sku\":\"A\",\"name\":\"Lamp\",\"price\":5}]', 1, 1),"
+		"('bc', 2, 'v-old', '[{\"sku\":\"A\",\"name\":\"SPAM\",\"price\":0.5,\"qty\":3}]', 1, 1);"
+		"PRAGMA user_version = 4;", NULL, NULL, NULL) == SQLITE_OK;
+	sqlite3_close(h);
+	if (!ok(ok4, "migration: a database of schema 4 is made from sql/001-004"))
+		return;
+	struct db *d = NULL;
+	ok(db_open(&d, db, err, sizeof err) == 0 && db_migrate(d, err, sizeof err) == 0,
+	   "migration: 005_browser applies (%s)", err);
+	is_int(db_scalar(d, "SELECT count(*) FROM contacts") * 10 +
+		       db_scalar(d, "SELECT count(*) FROM carts"), 22, "... no row lost");
+	is_int(db_scalar(d, "SELECT signed FROM contacts WHERE email = 'h@example.com'") * 10 +
+		       db_scalar(d, "SELECT signed FROM contacts WHERE email = 'b@example.com'"), 10,
+	       "... the address the backend named is signed, the browser's is not");
+	is_int(db_scalar(d, "SELECT count(*) FROM carts WHERE cart_key = 'bc/v-old' AND items = "
+			 "'[{\"sku\":\"A\",\"qty\":3}]'"), 1,
+	       "... the browser's cart keeps sku and qty, under bc/v-old");
+	is_int(db_scalar(d, "SELECT count(*) FROM carts WHERE cart_key = 'hc' AND items LIKE '%Lamp%'"),
+	       1, "... the backend's cart is untouched");
+	db_close(d);
+}
+
 /* ==== The browser is untrusted: it may name, never write ================ */
 
 /* The decoded subject, text and HTML of message row ID, in OUT. */
@@ -3000,6 +3053,7 @@ static void test_browser_trust(void)
 	buf_free(&cm);
 	buf_free(&ct);
 	world_close(&w);
+	test_browser_migration();
 }
 
 int main(void)
