@@ -2189,6 +2189,29 @@ static int ev_review(struct app *app, const char *obj, struct ev_error *err)
 	return 0;
 }
 
+/* 1 if CUR is an ISO 4217 currency code: a browser's currency is printed
+ * in mails, so it may be one of these and never three letters of its own */
+static int iso_currency(const char *cur)
+{
+	static const char codes[] =
+		"AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF "
+		"BMD BND BOB BRL BSD BTN BWP BYN BZD CAD CDF CHF CLP CNY COP CRC "
+		"CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS "
+		"GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD "
+		"JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL "
+		"LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD "
+		"NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD "
+		"RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS SRD SSP STN SVC "
+		"SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS "
+		"VES VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWL";
+	if (strlen(cur) != 3)
+		return 0;
+	for (size_t i = 0; i + 3 < sizeof codes; i += 4) /* "XXX " each */
+		if (!strncmp(codes + i, cur, 3))
+			return 1;
+	return 0;
+}
+
 static int ev_require(const struct event *e, enum ev_source src,
 		      const char *visitor, struct ev_error *err)
 {
@@ -2206,6 +2229,9 @@ static int ev_require(const struct event *e, enum ev_source src,
 	if (src == EV_PIXEL && strcmp(t, "view"))
 		return fail(err, 403, "type: the pixel records views only; "
 			    "'%s' goes to /collect", t);
+	if (browser && e->currency && !iso_currency(e->currency))
+		return fail(err, 400, "currency: from a browser, an ISO 4217 code "
+			    "like EUR");
 	if (browser && !strcmp(t, "cart") && !visitor && !e->visitor_id)
 		return fail(err, 400, "visitor_id: a browser's cart needs the "
 			    "rm_vid cookie or a visitor_id");

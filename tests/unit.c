@@ -2865,6 +2865,12 @@ static void test_browser_trust(void)
 		  "e.contact_id WHERE c.email = 'x2@example.org' AND e.exit_reason = "
 		  "'no known item'"), 1, "... its sequence ends saying why");
 
+	const char *cur = "{\"type\":\"cart\",\"visitor_id\":\"v-cur\",\"currency\":\"WIN\","
+			  "\"items\":[{\"sku\":\"LAMP-1\"}]}";
+	is_int(ev_ingest(&w.app, EV_BROWSER, cur, strlen(cur), NULL, T0, &err), -1,
+	       "trust: a browser's currency must be an ISO 4217 code (WIN is not)");
+	is_int(err.status, 400, "... 400");
+
 	/* names and consent: a browser never renames; withdraws only its own */
 	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"ann@example.com\","
 	       "\"name\":\"Ann Smith\",\"consent\":true}", T0, &err);
