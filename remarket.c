@@ -539,8 +539,8 @@ void cfg_free(struct config *cfg)
 	/* the browser's door to contacts: an address, never a name; new      \
 	 * browser-only contacts past the hourly cap are held (not mailed);   \
 	 * consent given by a checkbox, taken back only by the same visitor;  \
-	 * ?5 = 1: a browser-only contact's consent waits for the double      \
-	 * opt-in */                                                          \
+	 * ?5 = 1 (browser_consent = confirm): a consent given in a browser   \
+	 * waits for the double opt-in */                                     \
 	X(BROWSER_RECENT,                                                      \
 	  "SELECT count(*) FROM (SELECT 1 FROM contacts WHERE signed = 0 "     \
 	  "AND created > ?1 - 3600 AND created <= ?1 LIMIT ?2)")               \
@@ -549,10 +549,10 @@ void cfg_free(struct config *cfg)
 	  "VALUES (?1, ?2, ?2, ?3) RETURNING id")                              \
 	X(CONTACT_CONSENT_BROWSER,                                             \
 	  "UPDATE contacts SET updated = ?4, consent = CASE "                  \
-	  "WHEN ?2 = 1 AND consent = 0 AND NOT (?5 AND signed = 0) THEN 1 "    \
+	  "WHEN ?2 = 1 AND consent = 0 AND NOT ?5 THEN 1 "                     \
 	  "WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 ELSE consent END, "         \
-	  "consent_pending = CASE WHEN ?2 = 1 AND consent = 0 AND ?5 "         \
-	  "AND signed = 0 THEN 1 WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 "     \
+	  "consent_pending = CASE WHEN ?2 = 1 AND consent = 0 AND ?5 THEN 1 "  \
+	  "WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 "                           \
 	  "ELSE consent_pending END, consent_vid = CASE WHEN ?2 = 1 "          \
 	  "AND consent = 0 THEN ?3 ELSE consent_vid END WHERE id = ?1")        \
 	/* double opt-in: the confirmation mails to send, and the click */    \
@@ -2292,9 +2292,9 @@ static long long db_scalar_stmt(sqlite3_stmt *s);
 
 /* The browser names an address and nothing else: it never writes a name;
  * a new address is "browser-only" (held, not mailed, past the store's
- * hourly cap); its checkbox gives consent (in confirm mode a browser-only
- * address waits for the double opt-in), and only the visitor whose
- * checkbox gave it may take it back. */
+ * hourly cap); its checkbox gives consent (in confirm mode the consent
+ * waits for the double opt-in), and only the visitor whose checkbox gave
+ * it may take it back. */
 static int64_t contact_from_browser(struct app *app, const struct event *e,
 				    const char *vid, rm_time now)
 {

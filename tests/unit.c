@@ -3032,6 +3032,14 @@ static void test_browser_trust(void)
 		  cid, (long long)(T0 + 3 * HOUR)), 1, "... consent is given, with its time");
 	tick(&w, T0 + 4 * HOUR, &sum);
 	is_int(sum.enrolled, 1, "confirm: the cart's sequence starts after the click");
+	/* a customer the backend knows, without consent: the box asks too */
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"known@example.org\","
+	       "\"consent\":false}", T0 + 4 * HOUR, &err);
+	collect(&w, "rm_vid=v-kn", "{\"type\":\"identify\",\"email\":\"known@example.org\","
+		"\"consent\":true}", T0 + 4 * HOUR);
+	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts "
+		  "WHERE email = 'known@example.org'"), 10,
+	       "confirm: a known customer's consent from a browser waits for the click too");
 	/* a one-click List-Unsubscribe POST declines */
 	collect(&w, "rm_vid=v-no", "{\"type\":\"identify\",\"email\":\"no@example.org\","
 		"\"consent\":true}", T0 + 4 * HOUR);
