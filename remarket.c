@@ -469,6 +469,12 @@ int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
 			return -1;
 	}
 	cfg_derive_store_name(cfg);
+	if (strcmp(cfg->browser_consent, "checkbox") &&
+	    strcmp(cfg->browser_consent, "confirm")) {
+		snprintf(err, errlen, "browser_consent: '%s' is not checkbox or "
+			 "confirm", cfg->browser_consent);
+		return -1;
+	}
 	/* an installed remarket finds its files where make install put them */
 	struct stat st;
 	if (!strcmp(cfg->templates, "./templates") && stat(cfg->templates, &st) != 0) {
@@ -483,12 +489,6 @@ int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen)
 		cfg_derive_origin(cfg);
 	if (cfg->threads < 1 || cfg->threads > 64)
 		cfg->threads = 4;
-	if (strcmp(cfg->browser_consent, "checkbox") &&
-	    strcmp(cfg->browser_consent, "confirm")) {
-		snprintf(err, errlen, "browser_consent: '%s' is not checkbox or "
-			 "confirm", cfg->browser_consent);
-		return -1;
-	}
 	return 0;
 }
 
@@ -3799,102 +3799,6 @@ int flow_segments(struct app *app, rm_time now)
 	return 0;
 }
 
-/* Lapsed customers and new orders become enrollments of their flows. */
-static int detect_lifecycle(struct app *app, rm_time now, int64_t lapse,
-			    struct tick_summary *sum)
-{
-	struct db *db = app->db;
-	int64_t cool = (int64_t)app->cfg->winback_cooldown_days * 86400;
-	if (segments_fill(app, now, lapse) ||
-	    q_exec(db, q(db, ST_LAPSE_ENROLL, "iii", (int64_t)now, lapse, cool)))
-		return -1;
-	sum->enrolled += sqlite3_changes(db->h);
-	if (q_exec(db, q(db, ST_ORDER_ENROLL, "i", (int64_t)now)))
-		return -1;
-	sum->enrolled += sqlite3_changes(db->h);
-	return 0;
-}
-
-int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
-{
-	struct db *db = app->db;
-	rm_time idle_before = now - app->cfg->idle_minutes * 60;
-	char why[200];
-	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
-	if (db_begin(db) < 0)
-		return -1;
-	int rc = q_exec(db, q(db, ST_ABANDON, "ii", (int64_t)now,
-			      (int64_t)idle_before));
-	sum->abandoned += rc ? 0 : sqlite3_changes(db->h);
-	rc = rc || q_exec(db, q(db, ST_ENROLL, "i", (int64_t)now));
-	sum->enrolled += rc ? 0 : sqlite3_changes(db->h);
-	rc = rc || detect_lifecycle(app, now, lapse, sum);
-	rc = rc || q_exec(db, q(db, ST_QUEUE_DUE, "i", (int64_t)now));
-	rc = rc || db_commit(db);
-	if (rc)
-		db_rollback(db);
-	return rc ? -1 : 0;
-}
-
-static int claim_as(struct app *app, rm_time now, int64_t owner, int64_t *ids,
-		    int limit)
-{
-	if (q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP, "ii", (int64_t)now,
-			      (int64_t)RETRY_MAX + 2)) < 0)
-		return -1;
-	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iiii", (int64_t)now,
-			    (int64_t)app->cfg->lease_seconds, (int64_t)limit, owner);
-	int n = 0, rc;
-	while ((rc = sqlite3_step(s)) == SQLITE_ROW)
-		if (n < limit)
-			ids[n++] = sqlite3_column_int64(s, 0);
-	sqlite3_reset(s);
-	return rc == SQLITE_DONE ? n : -1;
-}
-
-static int64_t lease_owner_new(void)
-{
-	int64_t o;
-	randombytes_buf(&o, sizeof o);
-	return o & INT64_MAX; /* positive, never 0 in practice */
-}
-
-int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit)
-{
-	return claim_as(app, now, lease_owner_new(), ids, limit);
-}
-
-static int flow_queue(struct app *app, rm_time now)
-{
-	struct db *db = app->db;
-	if (db_begin(db) < 0)
-		return -1;
-	if (q_exec(db, q(db, ST_QUEUE_DUE, "i", (int64_t)now)) || db_commit(db)) {
-		db_rollback(db);
-		return -1;
-	}
-	return 0;
-}
-
-/* Keeps this tick's leases alive while it runs: "now" is the tick's
- * (injected) time plus the real seconds it has spent, so a slow relay
- * never lets a lease lapse under a tick that is still working on it. */
-struct lease {
-	int64_t owner;
-	time_t started, renewed;
-};
-
-static void lease_keep(struct app *app, rm_time now, struct lease *l)
-{
-	time_t real = time(NULL);
-	if (real - l->renewed < app->cfg->lease_seconds / 3)
-		return;
-	rm_time tick_now = now + (rm_time)(real - l->started);
-	q_exec(app->db, q(app->db, ST_LEASE_RENEW, "ii", l->owner,
-			  (int64_t)(tick_now + app->cfg->lease_seconds)));
-	l->renewed = real;
-}
-
 /* browser_consent = confirm: the double opt-in mail of one contact, with
  * a signed link (30 days) to the confirm page. */
 static int confirm_mail(struct app *app, int64_t contact, const char *email,
@@ -3994,6 +3898,102 @@ static int confirm_send(struct app *app, rm_time now)
 			break;
 	}
 	return 0;
+}
+
+/* Lapsed customers and new orders become enrollments of their flows. */
+static int detect_lifecycle(struct app *app, rm_time now, int64_t lapse,
+			    struct tick_summary *sum)
+{
+	struct db *db = app->db;
+	int64_t cool = (int64_t)app->cfg->winback_cooldown_days * 86400;
+	if (segments_fill(app, now, lapse) ||
+	    q_exec(db, q(db, ST_LAPSE_ENROLL, "iii", (int64_t)now, lapse, cool)))
+		return -1;
+	sum->enrolled += sqlite3_changes(db->h);
+	if (q_exec(db, q(db, ST_ORDER_ENROLL, "i", (int64_t)now)))
+		return -1;
+	sum->enrolled += sqlite3_changes(db->h);
+	return 0;
+}
+
+int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
+{
+	struct db *db = app->db;
+	rm_time idle_before = now - app->cfg->idle_minutes * 60;
+	char why[200];
+	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
+	if (db_begin(db) < 0)
+		return -1;
+	int rc = q_exec(db, q(db, ST_ABANDON, "ii", (int64_t)now,
+			      (int64_t)idle_before));
+	sum->abandoned += rc ? 0 : sqlite3_changes(db->h);
+	rc = rc || q_exec(db, q(db, ST_ENROLL, "i", (int64_t)now));
+	sum->enrolled += rc ? 0 : sqlite3_changes(db->h);
+	rc = rc || detect_lifecycle(app, now, lapse, sum);
+	rc = rc || q_exec(db, q(db, ST_QUEUE_DUE, "i", (int64_t)now));
+	rc = rc || db_commit(db);
+	if (rc)
+		db_rollback(db);
+	return rc ? -1 : 0;
+}
+
+static int claim_as(struct app *app, rm_time now, int64_t owner, int64_t *ids,
+		    int limit)
+{
+	if (q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP, "ii", (int64_t)now,
+			      (int64_t)RETRY_MAX + 2)) < 0)
+		return -1;
+	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iiii", (int64_t)now,
+			    (int64_t)app->cfg->lease_seconds, (int64_t)limit, owner);
+	int n = 0, rc;
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW)
+		if (n < limit)
+			ids[n++] = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	return rc == SQLITE_DONE ? n : -1;
+}
+
+static int64_t lease_owner_new(void)
+{
+	int64_t o;
+	randombytes_buf(&o, sizeof o);
+	return o & INT64_MAX; /* positive, never 0 in practice */
+}
+
+int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit)
+{
+	return claim_as(app, now, lease_owner_new(), ids, limit);
+}
+
+static int flow_queue(struct app *app, rm_time now)
+{
+	struct db *db = app->db;
+	if (db_begin(db) < 0)
+		return -1;
+	if (q_exec(db, q(db, ST_QUEUE_DUE, "i", (int64_t)now)) || db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	return 0;
+}
+
+/* Keeps this tick's leases alive while it runs: "now" is the tick's
+ * (injected) time plus the real seconds it has spent, so a slow relay
+ * never lets a lease lapse under a tick that is still working on it. */
+struct lease {
+	int64_t owner;
+	time_t started, renewed;
+};
+
+static void lease_keep(struct app *app, rm_time now, struct lease *l)
+{
+	time_t real = time(NULL);
+	if (real - l->renewed < app->cfg->lease_seconds / 3)
+		return;
+	rm_time tick_now = now + (rm_time)(real - l->started);
+	q_exec(app->db, q(app->db, ST_LEASE_RENEW, "ii", l->owner,
+			  (int64_t)(tick_now + app->cfg->lease_seconds)));
+	l->renewed = real;
 }
 
 int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
@@ -4275,6 +4275,12 @@ int report_json(const struct report *r, struct buf *out)
 	buf_addf(out, "{\"since\":%lld,\"until\":%lld,\"currency\":", (long long)r->since,
 		 (long long)r->until);
 	json_str(out, r->currency);
+	buf_addf(out, ",\"browser_held\":%ld,\"warnings\":[", r->browser_held);
+	if (r->browser_held)
+		buf_addf(out, "\"%ld new browser-only contacts recorded but not "
+			 "mailed: over browser_new_contacts_per_hour\"",
+			 r->browser_held);
+	buf_adds(out, "]");
 	buf_addf(out, ",\"abandoned_carts\":%ld,\"recovered_carts\":%ld,"
 		 "\"recovery_rate\":%.4f,\"recovered_revenue\":%.2f,\"orders\":%ld,"
 		 "\"revenue\":%.2f,\"attributed_orders\":%ld,\"influenced_orders\":%ld,"
@@ -4310,12 +4316,7 @@ int report_json(const struct report *r, struct buf *out)
 	for (int i = 0; i < 6; i++)
 		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
 			 r->segments[i]);
-	buf_addf(out, "},\"browser_held\":%ld,\"warnings\":[", r->browser_held);
-	if (r->browser_held)
-		buf_addf(out, "\"%ld new browser-only contacts recorded but not "
-			 "mailed: over browser_new_contacts_per_hour\"",
-			 r->browser_held);
-	buf_adds(out, "]}");
+	buf_adds(out, "}}");
 	return out->data ? 0 : -1;
 }
 

@@ -2657,78 +2657,6 @@ static void test_browser_side(void)
 	world_close(&w);
 }
 
-static void test_review_fixes(void)
-{
-	struct world w;
-	struct tick_summary sum;
-	struct ev_error err;
-	if (!ok(world_open(&w, "fixes") == 0, "fixes: world opens"))
-		return;
-	cart_event(&w, "cw@example.com", "Cw", "cw1", 1, T0);
-	tick(&w, T0 + HOUR, &sum);
-	is_int(sum.sent, 1, "consent: step 1 goes");
-	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"cw@example.com\",\"consent\":false}",
-	       T0 + 2 * HOUR, &err);
-	tick(&w, T0 + DAY, &sum);
-	is_int(sum.sent, 0, "consent withdrawn: step 2 does not go");
-	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE exit_reason = 'consent withdrawn'"), 1,
-	       "... the sequence ends, saying why");
-
-	/* a discount step with no valid= gets 48 h, not an expired code */
-	db_scalar(w.app.db, "UPDATE steps SET discount_pct = 10, discount_valid = NULL "
-		  "WHERE flow_id = 1 AND position = 1");
-	cart_event(&w, "dv@example.com", "Dv", "dv1", 1, T0);
-	tick(&w, T0 + HOUR, &sum);
-	is_int(sq(&w, "SELECT expires FROM discounts"), T0 + HOUR + 48 * HOUR,
-	       "a discount without valid= lasts 48 hours");
-	db_scalar(w.app.db, "UPDATE steps SET discount_pct = NULL WHERE flow_id = 1 AND position = 1");
-
-	/* templates saved with CRLF work; invalid UTF-8 is refused, retried */
-	char dir[PATH_MAX + 16], path[PATH_MAX + 64];
-	snprintf(dir, sizeof dir, "%s/tpl-fixes", tmpdir);
-	mkdir(dir, 0755);
-	snprintf(path, sizeof path, "%s/crlf.txt", dir);
-	FILE *f = fopen(path, "w");
-	fputs("Subject: Hello {{first_name}}\r\n\r\nYour cart.\r\n{{>footer}}\r\n", f);
-	fclose(f);
-	snprintf(path, sizeof path, "%s/crlf.html", dir);
-	f = fopen(path, "w");
-	fputs("<p>Hello</p>\r\n", f);
-	fclose(f);
-	snprintf(path, sizeof path, "%s/footer.txt", dir);
-	f = fopen(path, "w");
-	fputs("-- \r\n{{postal_address}}\r\n", f);
-	fclose(f);
-	snprintf(path, sizeof path, "%s/bad.txt", dir);
-	f = fopen(path, "w");
-	fputs("Subject: \x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80"
-	      "\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80"
-	      "\x80\x80\x80\x80\x80\x80\x80\n\nbody\n", f);
-	fclose(f);
-	snprintf(path, sizeof path, "%s/bad.html", dir);
-	f = fopen(path, "w");
-	fputs("<p>x</p>", f);
-	fclose(f);
-	set_cfg(&w.cfg.templates, dir);
-	db_scalar(w.app.db, "UPDATE steps SET template = 'crlf' WHERE flow_id = 1 AND position = 1");
-	cart_event(&w, "crlf@example.com", "Cr", "cr1", 1, T0 + 2 * DAY);
-	tick(&w, T0 + 2 * DAY + HOUR, &sum);
-	is_int(sum.sent, 1, "a template saved with CRLF line ends is sent");
-	char *subj = sq_text(&w, "SELECT 1");
-	free(subj);
-	db_scalar(w.app.db, "UPDATE steps SET template = 'bad' WHERE flow_id = 1 AND position = 1");
-	cart_event(&w, "bad@example.com", "Bad", "bad1", 1, T0 + 3 * DAY);
-	tick(&w, T0 + 3 * DAY + HOUR, &sum);
-	char *why = sq_text(&w, "SELECT m.status || ': ' || m.error FROM messages m JOIN contacts c "
-			    "ON c.id = m.contact_id WHERE c.email = 'bad@example.com'");
-	ok(why && !strcmp(why, "queued: template bad: not valid UTF-8"),
-	   "a template that is not UTF-8 is refused, the message waits (%s)", why ? why : "-");
-	free(why);
-	is_int(sq(&w, "SELECT attempts FROM messages m JOIN contacts c ON c.id = m.contact_id "
-		  "WHERE c.email = 'bad@example.com'"), 0, "... counting no attempt");
-	world_close(&w);
-}
-
 /* A database of schema 4 (sql/001-004 from the repository) with a browser
  * cart and a backend's, brought forward by db_migrate: no row lost, the
  * browser's cart keeps skus only under its visitor-scoped key. */
@@ -3068,6 +2996,78 @@ static void test_browser_trust(void)
 	buf_free(&ct);
 	world_close(&w);
 	test_browser_migration();
+}
+
+static void test_review_fixes(void)
+{
+	struct world w;
+	struct tick_summary sum;
+	struct ev_error err;
+	if (!ok(world_open(&w, "fixes") == 0, "fixes: world opens"))
+		return;
+	cart_event(&w, "cw@example.com", "Cw", "cw1", 1, T0);
+	tick(&w, T0 + HOUR, &sum);
+	is_int(sum.sent, 1, "consent: step 1 goes");
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"cw@example.com\",\"consent\":false}",
+	       T0 + 2 * HOUR, &err);
+	tick(&w, T0 + DAY, &sum);
+	is_int(sum.sent, 0, "consent withdrawn: step 2 does not go");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE exit_reason = 'consent withdrawn'"), 1,
+	       "... the sequence ends, saying why");
+
+	/* a discount step with no valid= gets 48 h, not an expired code */
+	db_scalar(w.app.db, "UPDATE steps SET discount_pct = 10, discount_valid = NULL "
+		  "WHERE flow_id = 1 AND position = 1");
+	cart_event(&w, "dv@example.com", "Dv", "dv1", 1, T0);
+	tick(&w, T0 + HOUR, &sum);
+	is_int(sq(&w, "SELECT expires FROM discounts"), T0 + HOUR + 48 * HOUR,
+	       "a discount without valid= lasts 48 hours");
+	db_scalar(w.app.db, "UPDATE steps SET discount_pct = NULL WHERE flow_id = 1 AND position = 1");
+
+	/* templates saved with CRLF work; invalid UTF-8 is refused, retried */
+	char dir[PATH_MAX + 16], path[PATH_MAX + 64];
+	snprintf(dir, sizeof dir, "%s/tpl-fixes", tmpdir);
+	mkdir(dir, 0755);
+	snprintf(path, sizeof path, "%s/crlf.txt", dir);
+	FILE *f = fopen(path, "w");
+	fputs("Subject: Hello {{first_name}}\r\n\r\nYour cart.\r\n{{>footer}}\r\n", f);
+	fclose(f);
+	snprintf(path, sizeof path, "%s/crlf.html", dir);
+	f = fopen(path, "w");
+	fputs("<p>Hello</p>\r\n", f);
+	fclose(f);
+	snprintf(path, sizeof path, "%s/footer.txt", dir);
+	f = fopen(path, "w");
+	fputs("-- \r\n{{postal_address}}\r\n", f);
+	fclose(f);
+	snprintf(path, sizeof path, "%s/bad.txt", dir);
+	f = fopen(path, "w");
+	fputs("Subject: \x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80"
+	      "\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80"
+	      "\x80\x80\x80\x80\x80\x80\x80\n\nbody\n", f);
+	fclose(f);
+	snprintf(path, sizeof path, "%s/bad.html", dir);
+	f = fopen(path, "w");
+	fputs("<p>x</p>", f);
+	fclose(f);
+	set_cfg(&w.cfg.templates, dir);
+	db_scalar(w.app.db, "UPDATE steps SET template = 'crlf' WHERE flow_id = 1 AND position = 1");
+	cart_event(&w, "crlf@example.com", "Cr", "cr1", 1, T0 + 2 * DAY);
+	tick(&w, T0 + 2 * DAY + HOUR, &sum);
+	is_int(sum.sent, 1, "a template saved with CRLF line ends is sent");
+	char *subj = sq_text(&w, "SELECT 1");
+	free(subj);
+	db_scalar(w.app.db, "UPDATE steps SET template = 'bad' WHERE flow_id = 1 AND position = 1");
+	cart_event(&w, "bad@example.com", "Bad", "bad1", 1, T0 + 3 * DAY);
+	tick(&w, T0 + 3 * DAY + HOUR, &sum);
+	char *why = sq_text(&w, "SELECT m.status || ': ' || m.error FROM messages m JOIN contacts c "
+			    "ON c.id = m.contact_id WHERE c.email = 'bad@example.com'");
+	ok(why && !strcmp(why, "queued: template bad: not valid UTF-8"),
+	   "a template that is not UTF-8 is refused, the message waits (%s)", why ? why : "-");
+	free(why);
+	is_int(sq(&w, "SELECT attempts FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 'bad@example.com'"), 0, "... counting no attempt");
+	world_close(&w);
 }
 
 int main(void)
