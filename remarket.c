@@ -425,6 +425,8 @@ static const struct cfg_key {
 	CFG_LONG(rate_ip_per_min, "120"),
 	CFG_LONG(rate_visitor_per_min, "60"),
 	CFG_STR(trusted_proxies, ""),
+	CFG_LONG(browser_new_contacts_per_hour, "200"),
+	CFG_STR(browser_consent, "checkbox"),
 	CFG_LONG(attribution_click_days, "5"),
 	CFG_LONG(attribution_view_hours, "24"),
 	CFG_LONG(conversion_days, "7"),
@@ -587,6 +589,12 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 			return -1;
 	}
 	cfg_derive_store_name(cfg);
+	if (strcmp(cfg->browser_consent, "checkbox") &&
+	    strcmp(cfg->browser_consent, "confirm")) {
+		snprintf(err, errlen, "browser_consent: '%s' is not checkbox or "
+			 "confirm", cfg->browser_consent);
+		return -1;
+	}
 	/* an installed remarket finds its files where make install put them */
 	struct stat st;
 	if (!strcmp(cfg->templates, "./templates") && stat(cfg->templates, &st) != 0) {
@@ -676,11 +684,51 @@ void cfg_free(struct config *cfg)
 	  "INSERT INTO events (ts, received, source, type, body) "             \
 	  "VALUES (?1, ?2, ?3, ?4, json(?5))")                                 \
 	X(CONTACT_UPSERT,                                                      \
-	  "INSERT INTO contacts (email, name, consent, created, updated) "     \
-	  "VALUES (?1, coalesce(?2, ''), coalesce(?3, 0), ?4, ?4) "            \
+	  "INSERT INTO contacts (email, name, consent, created, updated, signed) " \
+	  "VALUES (?1, coalesce(?2, ''), coalesce(?3, 0), ?4, ?4, 1) "         \
 	  "ON CONFLICT (email) DO UPDATE SET "                                 \
 	  "name = CASE WHEN ?2 IS NOT NULL AND ?2 <> '' THEN ?2 ELSE name END, " \
-	  "consent = coalesce(?3, consent), updated = ?4 RETURNING id")        \
+	  "consent = coalesce(?3, consent), updated = ?4, signed = 1, "        \
+	  "consent_vid = CASE WHEN ?3 IS NULL THEN consent_vid END, "          \
+	  "consent_pending = CASE WHEN ?3 IS NULL THEN consent_pending ELSE 0 END " \
+	  "RETURNING id")                                                      \
+	/* the browser's door to contacts: an address, never a name; new      \
+	 * browser-only contacts past the hourly cap are held (not mailed);   \
+	 * consent given by a checkbox, taken back only by the same visitor;  \
+	 * ?5 = 1 (browser_consent = confirm): a consent given in a browser   \
+	 * waits for the double opt-in */                                     \
+	X(BROWSER_RECENT,                                                      \
+	  "SELECT count(*) FROM (SELECT 1 FROM contacts WHERE signed = 0 "     \
+	  "AND created > ?1 - 3600 AND created <= ?1 LIMIT ?2)")               \
+	X(CONTACT_NEW_BROWSER,                                                 \
+	  "INSERT INTO contacts (email, created, updated, held_at) "           \
+	  "VALUES (?1, ?2, ?2, ?3) RETURNING id")                              \
+	X(CONTACT_CONSENT_BROWSER,                                             \
+	  "UPDATE contacts SET updated = ?4, consent = CASE "                  \
+	  "WHEN ?2 = 1 AND consent = 0 AND NOT ?5 THEN 1 "                     \
+	  "WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 ELSE consent END, "         \
+	  "consent_pending = CASE WHEN ?2 = 1 AND consent = 0 AND ?5 THEN 1 "  \
+	  "WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 "                           \
+	  "ELSE consent_pending END, consent_vid = CASE WHEN ?2 = 1 "          \
+	  "AND consent = 0 THEN ?3 ELSE consent_vid END WHERE id = ?1")        \
+	/* double opt-in: the confirmation mails to send, and the click */    \
+	X(CONFIRM_DUE,                                                         \
+	  "SELECT id, email FROM contacts WHERE consent_pending = 1 "          \
+	  "AND confirm_sent_at IS NULL AND unsubscribed_at IS NULL "           \
+	  "AND suppressed_at IS NULL ORDER BY id LIMIT ?1")                    \
+	X(CONFIRM_CLAIM,                                                       \
+	  "UPDATE contacts SET confirm_sent_at = ?2 WHERE id = ?1 "            \
+	  "AND consent_pending = 1 AND confirm_sent_at IS NULL")               \
+	X(CONFIRM_UNCLAIM,                                                     \
+	  "UPDATE contacts SET confirm_sent_at = NULL WHERE id = ?1")          \
+	X(CONFIRM_DONE,                                                        \
+	  "UPDATE contacts SET consent = 1, consent_pending = 0, "             \
+	  "confirmed_at = ?2, updated = ?2 WHERE id = ?1 AND consent_pending = 1") \
+	X(CONFIRM_DECLINE,                                                     \
+	  "UPDATE contacts SET consent_pending = 0, updated = ?2 "             \
+	  "WHERE id = ?1 AND consent_pending = 1")                             \
+	X(CONFIRM_STATE,                                                       \
+	  "SELECT consent_pending, consent FROM contacts WHERE id = ?1")       \
 	X(VISITOR_CONTACT, "SELECT contact_id FROM visitors WHERE vid = ?1")   \
 	X(VISITOR_UPSERT,                                                      \
 	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen) "     \
@@ -705,6 +753,24 @@ void cfg_free(struct config *cfg)
 	  "status = CASE WHEN status = 'abandoned' THEN 'open' ELSE status END " \
 	  "WHERE cart_key = ?1 AND status <> 'ordered'")                       \
 	X(CART_BY_KEY, "SELECT id FROM carts WHERE cart_key = ?1")             \
+	/* a browser's cart item: sku and qty only; the total from the       \
+	 * catalog's prices */                                                \
+	X(ITEMS_BARE,                                                          \
+	  "SELECT json_group_array(json_object('sku', "                        \
+	  "json_extract(value, '$.sku'), 'qty', "                              \
+	  "coalesce(json_extract(value, '$.qty'), 1))), "                      \
+	  "total(coalesce(json_extract(value, '$.qty'), 1) * p.price) "        \
+	  "FROM json_each(?1) LEFT JOIN products p "                           \
+	  "ON p.sku = json_extract(value, '$.sku')")                           \
+	/* a signed order for cart_id X ends the browsers' carts "X/<vid>" */ \
+	X(SCOPED_EXIT,                                                         \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = 'order' "   \
+	  "WHERE status = 'active' AND cart_id IN (SELECT id FROM carts "      \
+	  "WHERE cart_key >= ?1 || '/' AND cart_key < ?1 || '0')")             \
+	X(SCOPED_ORDERED,                                                      \
+	  "UPDATE carts SET status = 'ordered', ordered_at = ?2 "              \
+	  "WHERE cart_key >= ?1 || '/' AND cart_key < ?1 || '0' "              \
+	  "AND +status IN ('open', 'abandoned')") /* by key, not status */     \
 	X(CART_OWNER,                                                          \
 	  "SELECT count(*) FROM carts WHERE cart_key = ?1 "                    \
 	  "AND visitor_id IS NOT ?2")                                          \
@@ -903,6 +969,8 @@ void cfg_free(struct config *cfg)
 	  "WHERE status = 'open' AND item_count > 0 AND updated <= ?2 "        \
 	  "AND contact_id IN (SELECT id FROM contacts WHERE consent = 1 "      \
 	  "AND unsubscribed_at IS NULL AND suppressed_at IS NULL)")            \
+	/* a browser-only contact (never named by a signed hook): not held by \
+	 * the hourly cap, one cart a tick, one sequence in 30 days */        \
 	X(ENROLL,                                                              \
 	  "INSERT INTO enrollments (flow_id, contact_id, cart_id, anchor, created, " \
 	  "holdout) SELECT f.id, c.contact_id, c.id, c.updated, ?1, "          \
@@ -911,6 +979,11 @@ void cfg_free(struct config *cfg)
 	  "JOIN contacts ct ON ct.id = c.contact_id "                          \
 	  "JOIN flows f ON f.trigger = 'cart_abandoned' AND f.enabled = 1 "    \
 	  "WHERE c.status = 'abandoned' AND c.abandoned_at = ?1 "              \
+	  "AND (ct.signed = 1 OR (ct.held_at IS NULL AND c.id = (SELECT "      \
+	  "max(c2.id) FROM carts c2 WHERE c2.contact_id = ct.id "              \
+	  "AND c2.status = 'abandoned' AND c2.abandoned_at = ?1) "             \
+	  "AND NOT EXISTS (SELECT 1 FROM enrollments x WHERE "                 \
+	  "x.contact_id = ct.id AND x.created > ?1 - 30 * 86400))) "           \
 	  "ON CONFLICT (flow_id, cart_id) DO NOTHING")                         \
 	/* the held-out get nothing; variant B (if the step has one) goes to  \
 	 * a stable share of contacts and may change the step's delay */      \
@@ -1077,11 +1150,30 @@ void cfg_free(struct config *cfg)
 	  "JOIN products p ON p.sku = r.sku WHERE r.sku IN "                   \
 	  "(SELECT json_extract(value, '$.sku') FROM json_each(?1)) "          \
 	  "ORDER BY r.rating DESC, length(r.text) DESC, r.id LIMIT 1")         \
+	/* what a mail prints of items: a signed hook's own words, else the  \
+	 * catalog's (a browser's items are sku and qty only); an item known  \
+	 * to neither is not printed */                                       \
 	X(ITEMS_EACH,                                                          \
-	  "SELECT json_extract(value,'$.name'), json_extract(value,'$.sku'), " \
-	  "coalesce(json_extract(value,'$.qty'), 1), json_extract(value,'$.price'), " \
-	  "coalesce(json_extract(value,'$.url'), ''), "                        \
-	  "coalesce(json_extract(value,'$.image'), '') FROM json_each(?1)")    \
+	  "SELECT coalesce(json_extract(value,'$.name'), p.name), "            \
+	  "json_extract(value,'$.sku'), "                                      \
+	  "coalesce(json_extract(value,'$.qty'), 1), "                         \
+	  "coalesce(json_extract(value,'$.price'), p.price), "                 \
+	  "coalesce(json_extract(value,'$.url'), p.url, ''), "                 \
+	  "coalesce(json_extract(value,'$.image'), p.image, '') "              \
+	  "FROM json_each(?1) LEFT JOIN products p "                           \
+	  "ON p.sku = json_extract(value,'$.sku') "                            \
+	  "WHERE coalesce(json_extract(value,'$.name'), p.name, '') <> '' "    \
+	  "ORDER BY json_each.key")                                            \
+	/* printable items, items from a browser, and their catalog total */  \
+	X(ITEMS_TRUST,                                                         \
+	  "SELECT coalesce(sum(n <> ''), 0), coalesce(sum(bare), 0), "         \
+	  "total(CASE WHEN n <> '' THEN qty * price END) FROM (SELECT "        \
+	  "coalesce(json_extract(value,'$.name'), p.name, '') AS n, "          \
+	  "json_extract(value,'$.name') IS NULL AS bare, "                     \
+	  "coalesce(json_extract(value,'$.qty'), 1) AS qty, "                  \
+	  "coalesce(json_extract(value,'$.price'), p.price, 0) AS price "      \
+	  "FROM json_each(?1) LEFT JOIN products p "                           \
+	  "ON p.sku = json_extract(value,'$.sku'))")                           \
 	X(REP_CURRENCY,                                                        \
 	  "SELECT currency FROM orders GROUP BY currency "                     \
 	  "ORDER BY count(*) DESC LIMIT 1")                                    \
@@ -1129,6 +1221,9 @@ void cfg_free(struct config *cfg)
 	  "coalesce(sum(code_status = 'expired'), 0) FROM orders "             \
 	  "WHERE code_status IS NOT NULL AND ts >= ?1 AND ts < ?2")            \
 	X(REP_FLOWS, "SELECT id, name, holdout_pct FROM flows ORDER BY id")     \
+	X(REP_BROWSER_HELD,                                                    \
+	  "SELECT count(*) FROM contacts WHERE held_at >= ?1 AND held_at < ?2 " \
+	  "AND +signed = 0")                                                   \
 	X(REP_FLOW_CONV,                                                       \
 	  "SELECT e.holdout, count(*), coalesce(sum(k.status = 'ordered' AND " \
 	  "k.ordered_at >= e.created AND k.ordered_at < e.created + ?4), 0) "  \
@@ -2020,7 +2115,9 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
  * validator), then, in one transaction, stores each event as it arrived
  * and brings contacts, visitors, carts, orders and the catalog up to
  * date. A body with one bad event stores nothing at all. Unknown fields
- * are ignored; browser events can never place an order.
+ * are ignored; browser events can never place an order. The browser
+ * names an address, skus and quantities, never anything a mail prints
+ * (a name, an item's text or price): see contact_from_browser, ev_cart.
  */
 
 #define EV_MAX_BATCH 1000
@@ -2283,7 +2380,11 @@ static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
 	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW)
 		rc = ev_item_field(s, idx, &price, &qty, &seen, origin, err);
 	sqlite3_reset(s);
-	if (rc == 0 && seen != 7)
+	/* a browser's item needs only its sku (origin is set for browsers):
+	 * its name, price and links are never kept, the catalog's are used */
+	if (rc == 0 && origin && !(seen & 1))
+		rc = fail(err, 400, "items[%zu]: needs sku", idx);
+	else if (rc == 0 && !origin && seen != 7)
 		rc = fail(err, 400, "items[%zu]: needs sku, name and price", idx);
 	if (rc == 0)
 		*sum += price * qty;
@@ -2354,6 +2455,29 @@ static int ev_review(struct app *app, const char *obj, struct ev_error *err)
 	return 0;
 }
 
+/* 1 if CUR is an ISO 4217 currency code: a browser's currency is printed
+ * in mails, so it may be one of these and never three letters of its own */
+static int iso_currency(const char *cur)
+{
+	static const char codes[] =
+		"AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF "
+		"BMD BND BOB BRL BSD BTN BWP BYN BZD CAD CDF CHF CLP CNY COP CRC "
+		"CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS "
+		"GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD "
+		"JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL "
+		"LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD "
+		"NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD "
+		"RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS SRD SSP STN SVC "
+		"SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS "
+		"VES VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWL";
+	if (strlen(cur) != 3)
+		return 0;
+	for (size_t i = 0; i + 3 < sizeof codes; i += 4) /* "XXX " each */
+		if (!strncmp(codes + i, cur, 3))
+			return 1;
+	return 0;
+}
+
 static int ev_require(const struct event *e, enum ev_source src,
 		      const char *visitor, struct ev_error *err)
 {
@@ -2368,6 +2492,15 @@ static int ev_require(const struct event *e, enum ev_source src,
 	    strcmp(t, "view"))
 		return fail(err, 403, "type: '%s' events must be sent signed to "
 			    "/events by the store backend", t);
+	if (src == EV_PIXEL && strcmp(t, "view"))
+		return fail(err, 403, "type: the pixel records views only; "
+			    "'%s' goes to /collect", t);
+	if (browser && e->currency && !iso_currency(e->currency))
+		return fail(err, 400, "currency: from a browser, an ISO 4217 code "
+			    "like EUR");
+	if (browser && !strcmp(t, "cart") && !visitor && !e->visitor_id)
+		return fail(err, 400, "visitor_id: a browser's cart needs the "
+			    "rm_vid cookie or a visitor_id");
 	if (!strcmp(t, "identify") && !e->email)
 		return fail(err, 400, "email: required for identify");
 	if (!strcmp(t, "cart") && !e->items)
@@ -2410,18 +2543,63 @@ static int ev_parse(struct app *app, const char *obj, enum ev_source src,
 		rc = ev_review(app, e->review, err);
 	for (char *p = e->code; p && *p; p++) /* codes are stored upper-case */
 		*p = (char)toupper((unsigned char)*p);
+	if (src == EV_PIXEL) { /* a pixel never names anyone */
+		free(e->email);
+		e->email = NULL;
+	}
 	/* browsers' clocks are not trusted; servers may backdate */
 	if (src == EV_BROWSER || src == EV_PIXEL || e->ts < 0)
 		e->ts = now;
 	return rc;
 }
 
+static int64_t scalar_id(struct db *db, sqlite3_stmt *s);
+static long long db_scalar_stmt(sqlite3_stmt *s);
+
+/* The browser names an address and nothing else: it never writes a name;
+ * a new address is "browser-only" (held, not mailed, past the store's
+ * hourly cap); its checkbox gives consent (in confirm mode the consent
+ * waits for the double opt-in), and only the visitor whose checkbox gave
+ * it may take it back. */
+static int64_t contact_from_browser(struct app *app, const struct event *e,
+				    const char *vid, rm_time now)
+{
+	struct db *db = app->db;
+	int64_t id = scalar_id(db, q(db, ST_CONTACT_ID, "t", e->email));
+	if (!id) {
+		long cap = app->cfg->browser_new_contacts_per_hour;
+		int held = db_scalar_stmt(q(db, ST_BROWSER_RECENT, "ii",
+					    (int64_t)now, (int64_t)cap)) >= cap;
+		sqlite3_stmt *s = q(db, ST_CONTACT_NEW_BROWSER, "tin", e->email,
+				    (int64_t)now);
+		if (held)
+			sqlite3_bind_int64(s, 3, now);
+		id = scalar_id(db, s);
+		if (!id)
+			return -1;
+		if (held)
+			fprintf(stderr, "remarket: contact %lld: more than %ld new "
+				"browser-only contacts this hour "
+				"(browser_new_contacts_per_hour): recorded, not mailed\n",
+				(long long)id, cap);
+	}
+	sqlite3_stmt *s = q(db, ST_CONTACT_CONSENT_BROWSER, "intii", id, vid,
+			    (int64_t)now,
+			    (int64_t)!strcmp(app->cfg->browser_consent, "confirm"));
+	if (e->consent >= 0)
+		sqlite3_bind_int(s, 2, e->consent);
+	return q_exec(db, s) < 0 ? -1 : id;
+}
+
 static int64_t ev_contact(struct app *app, const struct event *e,
-			  const char *vid, rm_time now)
+			  const char *vid, int browser, rm_time now)
 {
 	struct db *db = app->db;
 	int64_t id = 0;
-	if (e->email) {
+	if (e->email && browser) {
+		if ((id = contact_from_browser(app, e, vid, now)) < 0)
+			return -1;
+	} else if (e->email) {
 		sqlite3_stmt *s = q(db, ST_CONTACT_UPSERT, "ttni", e->email,
 				    e->name, (int64_t)now);
 		if (e->consent >= 0)
@@ -2450,17 +2628,36 @@ static int64_t ev_contact(struct app *app, const struct event *e,
 }
 
 static int ev_cart(struct app *app, const struct event *e, const char *vid,
-		   int64_t contact)
+		   int browser, int64_t contact)
 {
 	struct db *db = app->db;
-	char key[80];
-	if (e->cart_id)
+	char key[160];
+	const char *items = e->items;
+	double total = e->total;
+	struct buf bare = {0};
+	/* a browser's cart id is its own: "<cart_id>/<vid>" can never be the
+	 * backend's cart of the same id ('/' is not in a cart id) */
+	if (e->cart_id && browser)
+		snprintf(key, sizeof key, "%s/%s", e->cart_id, vid ? vid : "");
+	else if (e->cart_id)
 		copy_str(key, sizeof key, e->cart_id);
 	else
 		snprintf(key, sizeof key, "v:%s", vid);
+	if (browser) { /* skus and quantities only, priced by the catalog */
+		sqlite3_stmt *b = q(db, ST_ITEMS_BARE, "t", e->items);
+		if (sqlite3_step(b) == SQLITE_ROW &&
+		    buf_adds(&bare, col_text(b, 0)) == 0) {
+			items = bare.data;
+			total = sqlite3_column_double(b, 1);
+		}
+		sqlite3_reset(b);
+		if (items != bare.data)
+			return -1;
+	}
 	sqlite3_stmt *s = q(db, ST_CART_UPSERT, "tnttdtii", key, vid,
-			    e->currency ? e->currency : "EUR", e->total,
-			    e->items, (int64_t)e->nitems, (int64_t)e->ts);
+			    e->currency ? e->currency : "EUR", total,
+			    items, (int64_t)e->nitems, (int64_t)e->ts);
+	buf_free(&bare); /* bound as a transient copy by q() */
 	if (contact)
 		sqlite3_bind_int64(s, 2, contact);
 	int64_t id = 0;
@@ -2578,8 +2775,14 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 		sqlite3_bind_int64(s, 2, contact);
 	if (q_exec(db, s) < 0)
 		return -1;
-	/* a purchase ends every sequence of this person and this cart */
+	/* a purchase ends every sequence of this person and this cart, and
+	 * of the browsers' own copies of the cart id */
 	if (cart && q_exec(db, q(db, ST_EXIT_CART, "it", cart, "order")) < 0)
+		return -1;
+	if (e->cart_id &&
+	    (q_exec(db, q(db, ST_SCOPED_EXIT, "t", e->cart_id)) < 0 ||
+	     q_exec(db, q(db, ST_SCOPED_ORDERED, "ti", e->cart_id,
+			  (int64_t)e->ts)) < 0))
 		return -1;
 	/* a purchase ends cart and win-back sequences begun before it (an
 	 * imported old order ends nothing newer) */
@@ -2648,10 +2851,10 @@ static int ev_apply(struct app *app, const struct event *e, enum ev_source src,
 	if (browser && !strcmp(e->type, "cart") && e->cart_id &&
 	    db_scalar_stmt(q(app->db, ST_CART_OWNER, "tt", e->cart_id, vid)) > 0)
 		return -2;
-	int64_t contact = ev_contact(app, e, vid, now);
+	int64_t contact = ev_contact(app, e, vid, browser, now);
 	int rc = contact < 0 ? -1 : 0;
 	if (rc == 0 && !strcmp(e->type, "cart"))
-		rc = ev_cart(app, e, vid, contact);
+		rc = ev_cart(app, e, vid, browser, contact);
 	else if (rc == 0 && !strcmp(e->type, "checkout"))
 		rc = ev_checkout(app, e, contact);
 	else if (rc == 0 && !strcmp(e->type, "order"))
@@ -3292,6 +3495,7 @@ struct msgrow {
 	int64_t order;
 	char *items;
 	int64_t due, next_gap; /* when the step was due; to the next one, or 0 */
+	int printable; /* cart items a mail may print (signed or in the catalog) */
 };
 
 static int msg_load(struct app *app, int64_t id, struct msgrow *m)
@@ -3337,6 +3541,15 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	m->due = sqlite3_column_int64(s, 28);
 	m->next_gap = sqlite3_column_int64(s, 29);
 	sqlite3_reset(s);
+	if (m->items && *m->cart_key) { /* a browser's cart is priced now */
+		sqlite3_stmt *t = q(app->db, ST_ITEMS_TRUST, "t", m->items);
+		if (sqlite3_step(t) == SQLITE_ROW) {
+			m->printable = sqlite3_column_int(t, 0);
+			if (sqlite3_column_int(t, 1) > 0)
+				m->total = sqlite3_column_double(t, 2);
+		}
+		sqlite3_reset(t);
+	}
 	return m->items ? 0 : -1;
 }
 
@@ -3369,6 +3582,8 @@ static const char *msg_exit_reason(const struct msgrow *m)
 		return "order";
 	if (cart && !strcmp(m->cart_status, "empty"))
 		return "empty";
+	if (cart && !m->printable) /* a browser's cart of unknown skus */
+		return "no known item";
 	if (!strcmp(m->trigger, "customer_lapsed") && m->ordered_since)
 		return "order"; /* they came back: the win-back is done */
 	if (!m->has_step)
@@ -4144,6 +4359,107 @@ int flow_segments(struct app *app, rm_time now)
 	return 0;
 }
 
+/* browser_consent = confirm: the double opt-in mail of one contact, with
+ * a signed link (30 days) to the confirm page. */
+static int confirm_mail(struct app *app, int64_t contact, const char *email,
+			rm_time now, char *err, size_t errlen)
+{
+	char url[1200], tok[TOK_MAXLEN + 1], year[8], mid[200], dom[256];
+	struct tm tm;
+	time_t t = (time_t)now;
+	gmtime_r(&t, &tm);
+	snprintf(year, sizeof year, "%d", tm.tm_year + 1900);
+	if (tok_sign(app->key, TOK_CONFIRM, contact, now + 30 * 86400, tok,
+		     sizeof tok) < 0 ||
+	    snprintf(url, sizeof url, "%s/c/%s", app->cfg->base_url, tok) >=
+		    (int)sizeof url) {
+		snprintf(err, errlen, "base_url: too long for a confirm link");
+		return -1;
+	}
+	struct tvar v[] = {
+		{"store_name", app->cfg->store_name, NULL, 0},
+		{"store_url", app->cfg->store_url, NULL, 0},
+		{"postal_address", app->cfg->postal_address, NULL, 0},
+		{"email", email, NULL, 0},
+		{"year", year, NULL, 0},
+		{"confirm_url", url, NULL, 0},
+	};
+	struct tctx ctx = {v, sizeof v / sizeof v[0], NULL};
+	struct buf subject = {0}, text = {0}, html = {0}, msg = {0};
+	addr_spec(app->cfg->from, dom, sizeof dom);
+	char *at = strchr(dom, '@');
+	snprintf(mid, sizeof mid, "<rm.confirm.%lld.%lld@%s>", (long long)contact,
+		 (long long)now, at ? at + 1 : "localhost");
+	/* a one-click "unsubscribe" of this mail declines (see route_confirm) */
+	char unsub[1300];
+	snprintf(unsub, sizeof unsub, "<%s>", url);
+	int rc = -1;
+	if (mail_render(app, "confirm", &ctx, &subject, &text, &html, err, errlen))
+		goto out;
+	struct mail m = {app->cfg->from, email, subject.data, mid, unsub,
+			 text.data, html.data, now, "confirm:remarket"};
+	if (mail_build(&m, &msg, err, errlen))
+		goto out;
+	/* the outbox names it m-NNNNN.eml (minus the contact id), apart from
+	 * the messages' mNNNNNN.eml; a refused address is not tried again */
+	enum send_result r = mail_send(app, -contact, email, &msg, err, errlen);
+	rc = r == SEND_OK ? 0 : r == SEND_PERM ? -2 : -1;
+out:
+	buf_free(&subject);
+	buf_free(&text);
+	buf_free(&html);
+	buf_free(&msg);
+	return rc;
+}
+
+/* Sends the confirmation mails due. Each is marked sent before it goes:
+ * a crash loses a confirmation (the shopper may ask again), never sends
+ * one twice; a failure to render or send is unmarked for the next tick. */
+static int confirm_send(struct app *app, rm_time now)
+{
+	struct db *db = app->db;
+	for (int round = 0; round < TICK_MAX / TICK_BATCH; round++) {
+		int64_t ids[TICK_BATCH];
+		char (*emails)[256] = calloc(TICK_BATCH, 256);
+		int n = 0;
+		if (!emails)
+			return -1;
+		sqlite3_stmt *s = q(db, ST_CONFIRM_DUE, "i", (int64_t)TICK_BATCH);
+		while (n < TICK_BATCH && sqlite3_step(s) == SQLITE_ROW) {
+			ids[n] = sqlite3_column_int64(s, 0);
+			copy_str(emails[n++], 256, col_text(s, 1));
+		}
+		sqlite3_reset(s);
+		for (int i = 0; i < n; i++) {
+			char err[512] = "";
+			if (q_exec(db, q(db, ST_CONFIRM_CLAIM, "ii", ids[i],
+					 (int64_t)now)) < 0) {
+				free(emails);
+				return -1;
+			}
+			if (sqlite3_changes(db->h) != 1)
+				continue;
+			int rc = confirm_mail(app, ids[i], emails[i], now, err,
+					      sizeof err);
+			if (rc < 0)
+				fprintf(stderr, "remarket: confirmation mail to "
+					"contact %lld: %s%s\n", (long long)ids[i], err,
+					rc == -1 ? " (tried again at the next tick)" : "");
+			/* a template or relay failure: the next tick tries again,
+			 * and this one sends no more confirmations */
+			if (rc == -1) {
+				q_exec(db, q(db, ST_CONFIRM_UNCLAIM, "i", ids[i]));
+				free(emails);
+				return 0;
+			}
+		}
+		free(emails);
+		if (n < TICK_BATCH)
+			break;
+	}
+	return 0;
+}
+
 /* Lapsed customers and new orders become enrollments of their flows. */
 static int detect_lifecycle(struct app *app, rm_time now, int64_t lapse,
 			    struct tick_summary *sum)
@@ -4293,6 +4609,9 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 {
 	memset(sum, 0, sizeof *sum);
 	if (flow_detect(app, now, sum) < 0)
+		return -1;
+	if (!strcmp(app->cfg->browser_consent, "confirm") &&
+	    confirm_send(app, now) < 0)
 		return -1;
 	struct lease l = {lease_owner_new(), time(NULL), time(NULL)};
 	struct refusals *rf = calloc(1, sizeof *rf);
@@ -4607,6 +4926,7 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	      &r->codes_expired);
 	r->recovery_rate = r->abandoned ? (double)r->recovered / (double)r->abandoned : 0;
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
+	q_row(q(db, ST_REP_BROWSER_HELD, "ii", a, b), "l", &r->browser_held);
 	rep_flows(app, r);
 	rep_series(app, r);
 	rep_lifecycle(app, r);
@@ -4667,6 +4987,12 @@ int report_json(const struct report *r, struct buf *out)
 	buf_addf(out, "{\"since\":%lld,\"until\":%lld,\"currency\":", (long long)r->since,
 		 (long long)r->until);
 	json_str(out, r->currency);
+	buf_addf(out, ",\"browser_held\":%ld,\"warnings\":[", r->browser_held);
+	if (r->browser_held)
+		buf_addf(out, "\"%ld new browser-only contacts recorded but not "
+			 "mailed: over browser_new_contacts_per_hour\"",
+			 r->browser_held);
+	buf_adds(out, "]");
 	buf_addf(out, ",\"abandoned_carts\":%ld,\"recovered_carts\":%ld,"
 		 "\"recovery_rate\":%.4f,\"recovered_revenue\":%.2f,\"orders\":%ld,"
 		 "\"revenue\":%.2f,\"attributed_orders\":%ld,\"influenced_orders\":%ld,"
@@ -4883,6 +5209,12 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	html_escape(b, store);
 	buf_addf(b, ": what remarket earned</h1><p class=note>From %s to %s.</p>"
 		 "<div class=cards>", since, until);
+	if (r->browser_held) /* a warning above the cards, before any number */
+		buf_addf(b, "</div><p class=warning role=alert><b>Warning:</b> %ld "
+			 "new browser-only contacts were recorded but not mailed: "
+			 "more arrived in an hour than browser_new_contacts_per_hour "
+			 "allows (a bot typing addresses, or raise the limit).</p>"
+			 "<div class=cards>", r->browser_held);
 	snprintf(v, sizeof v, "%.2f %s", r->recovered_revenue, r->currency);
 	html_card(b, "recovered revenue", "recovered_revenue", r->recovered_revenue, v);
 	snprintf(v, sizeof v, "%.1f %%", 100 * r->recovery_rate);
@@ -5031,10 +5363,12 @@ static void resp_redirect(struct http_resp *rs, const char *url)
 static void cart_location(struct app *app, const char *cart, const char *code,
 			  struct buf *out)
 {
+	char shop[80]; /* a browser's "<cart_id>/<vid>": the shop knows cart_id */
+	snprintf(shop, sizeof shop, "%.*s", (int)strcspn(cart, "/"), cart);
 	for (const char *p = app->cfg->cart_url; *p;) {
 		const char *val = NULL;
 		if (!strncmp(p, "{cart}", 6))
-			val = cart;
+			val = shop;
 		else if (!strncmp(p, "{code}", 6))
 			val = code;
 		if (!val) {
@@ -5524,6 +5858,49 @@ static void route_unsub(struct app *app, const struct http_req *rq,
 		  "You will not receive these emails any more.", NULL, NULL);
 }
 
+/* The double opt-in link: GET asks (link scanners follow GETs), POST
+ * confirms; the mail client's one-click List-Unsubscribe POST declines. */
+static void route_confirm(struct app *app, const struct http_req *rq,
+			  struct http_resp *rs, const char *tok, rm_time now)
+{
+	int64_t contact;
+	char action[1200];
+	int st = app_tok_verify(app, tok, TOK_CONFIRM, now, &contact);
+	if (st != TOK_OK)
+		return resp_page(app, rs, 400, "This link does not work",
+				 tok_strerror(st), NULL, NULL);
+	int pending = 0, consent = 0;
+	sqlite3_stmt *s = q(app->db, ST_CONFIRM_STATE, "i", contact);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		pending = sqlite3_column_int(s, 0);
+		consent = sqlite3_column_int(s, 1);
+	}
+	sqlite3_reset(s);
+	if (!rq->method || strcmp(rq->method, "POST") != 0) {
+		if (consent && !pending)
+			return resp_page(app, rs, 200, "Confirmed",
+					 "Your address is confirmed.", NULL, NULL);
+		snprintf(action, sizeof action, "%s/c/%s", app->cfg->base_url, tok);
+		return resp_page(app, rs, 200, "Confirm your email address?",
+				 "Press the button and we may email you about "
+				 "your cart and our shop. If you did not ask, "
+				 "just close this page.", action, "Confirm");
+	}
+	int decline = rq->body && rq->body_len &&
+		      memmem(rq->body, rq->body_len, "List-Unsubscribe=One-Click", 26);
+	if (q_exec(app->db, q(app->db, decline ? ST_CONFIRM_DECLINE : ST_CONFIRM_DONE,
+			      "ii", contact, (int64_t)now)) < 0)
+		return resp_page(app, rs, 503, "Please try again",
+				 "We could not record your answer just now.",
+				 NULL, NULL);
+	if (decline)
+		return resp_page(app, rs, 200, "Not confirmed",
+				 "We will not email this address.", NULL, NULL);
+	resp_page(app, rs, 200, "Confirmed", consent || pending ?
+		  "Thank you: your address is confirmed." :
+		  "This address is not waiting for a confirmation.", NULL, NULL);
+}
+
 static void route_open(struct app *app, const struct http_req *rq,
 		       struct http_resp *rs, const char *arg, rm_time now)
 {
@@ -5735,6 +6112,7 @@ static const struct route {
 	{"/r/", 1, "GET HEAD", route_recover},
 	{"/u/", 1, "GET HEAD POST", route_unsub},
 	{"/d/", 1, "GET HEAD", route_discount},
+	{"/c/", 1, "GET HEAD POST", route_confirm},
 	{"/o/", 1, "GET HEAD", route_open},
 	{"/discounts/validate", 0, "POST", route_validate},
 	{"/report", 0, "GET HEAD", route_report},
@@ -6644,6 +7022,10 @@ static const char *arg_value(int argc, char **argv, const char *name)
 
 static void report_text(const struct report *r)
 {
+	if (r->browser_held)
+		printf("WARNING: %ld new browser-only contacts recorded but not "
+		       "mailed (over browser_new_contacts_per_hour)\n",
+		       r->browser_held);
 	printf("abandoned carts    %ld (held out not counted)\n", r->abandoned);
 	printf("recovered carts    %ld (%.1f %%)\n", r->recovered,
 	       100 * r->recovery_rate);

@@ -51,6 +51,9 @@ struct config {
 	long rate_ip_per_min, rate_visitor_per_min; /* browser events */
 	char *trusted_proxies; /* addresses/CIDRs whose X-Forwarded-For counts */
 	char *socket_group;    /* group of the 0660 FastCGI socket */
+	long browser_new_contacts_per_hour; /* past this, browser-only contacts
+					     * are recorded, not mailed */
+	char *browser_consent; /* "checkbox", or "confirm": double opt-in */
 	long attribution_click_days; /* an order within this of a click */
 	long attribution_view_hours; /* "influenced": within this of a send */
 	long conversion_days;        /* an enrollee who orders within this */
@@ -112,6 +115,7 @@ enum tok_kind {
 	TOK_DISCOUNT = 'd',
 	TOK_OPEN = 'o',
 	TOK_REPORT = 'p', /* the operator's report link; subject: report_subject */
+	TOK_CONFIRM = 'c', /* double opt-in: subject is the contact id */
 };
 enum tok_status {
 	TOK_OK = 0,
@@ -257,6 +261,7 @@ struct report {
 	long stale;                /* steps recorded stale: too late to send */
 	double unsubscribe_rate, discount_cost;
 	long codes_reused, codes_expired; /* orders whose code was used before, or had expired */
+	long browser_held; /* new browser-only contacts past the hourly cap */
 	struct flow_report flows[REPORT_FLOWS];
 	int nflows;
 	struct { char month[8]; long orders, attributed; double revenue; } months[REPORT_MONTHS];

@@ -3111,6 +3111,347 @@ static void test_boundary(void)
 	world_close(&w);
 }
 
+/* A database of schema 4 (sql/001-004 from the repository) with a browser
+ * cart and a backend's, brought forward by db_migrate: no row lost, the
+ * browser's cart keeps skus only under its visitor-scoped key. */
+static void test_browser_migration(void)
+{
+	char db[PATH_MAX], path[PATH_MAX + 64], err[256] = "";
+	snprintf(db, sizeof db, "%s/mig4.db", tmpdir);
+	sqlite3 *h = NULL;
+	int ok4 = sqlite3_open(db, &h) == SQLITE_OK;
+	for (int v = 1; ok4 && v <= 4; v++) {
+		static const char *const names[] = {"", "001_init", "002_measure",
+						    "003_lifecycle", "004_fencing"};
+		struct buf sql = {0};
+		snprintf(path, sizeof path, "%s/../sql/%s.sql", templates, names[v]);
+		FILE *f = fopen(path, "rb");
+		char chunk[4096];
+		size_t n;
+		while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
+			buf_add(&sql, chunk, n);
+		if (f)
+			fclose(f);
+		ok4 = f && sql.data && sqlite3_exec(h, sql.data, NULL, NULL, NULL) == SQLITE_OK;
+		buf_free(&sql);
+	}
+	ok4 = ok4 && sqlite3_exec(h,
+		"INSERT INTO contacts (email, name, consent, created, updated) VALUES "
+		"('h@example.com', 'H', 1, 1, 1), ('b@example.com', '', 1, 1, 1);"
+		"INSERT INTO events (ts, received, source, type, body) VALUES "
+		"(1, 1, 'hook', 'cart', '{\"type\":\"cart\",\"email\":\"h@example.com\",\"cart_id\":\"hc\"}'),"
+		"(1, 1, 'browser', 'cart', '{\"type\":\"cart\",\"cart_id\":\"bc\"}');"
+		"INSERT INTO carts (cart_key, contact_id, visitor_id, items, item_count, updated) VALUES "
+		"('hc', 1, NULL, '[{\"sku\":\"A\",\"name\":\"Lamp\",\"price\":5}]', 1, 1),"
+		"('bc', 2, 'v-old', '[{\"sku\":\"A\",\"name\":\"SPAM\",\"price\":0.5,\"qty\":3}]', 1, 1);"
+		"PRAGMA user_version = 4;", NULL, NULL, NULL) == SQLITE_OK;
+	sqlite3_close(h);
+	if (!ok(ok4, "migration: a database of schema 4 is made from sql/001-004"))
+		return;
+	struct db *d = NULL;
+	ok(db_open(&d, db, err, sizeof err) == 0 && db_migrate(d, err, sizeof err) == 0,
+	   "migration: 006_browser applies (%s)", err);
+	is_int(db_scalar(d, "SELECT count(*) FROM contacts") * 10 +
+		       db_scalar(d, "SELECT count(*) FROM carts"), 22, "... no row lost");
+	is_int(db_scalar(d, "SELECT signed FROM contacts WHERE email = 'h@example.com'") * 10 +
+		       db_scalar(d, "SELECT signed FROM contacts WHERE email = 'b@example.com'"), 10,
+	       "... the address the backend named is signed, the browser's is not");
+	is_int(db_scalar(d, "SELECT count(*) FROM carts WHERE cart_key = 'bc/v-old' AND items = "
+			 "'[{\"sku\":\"A\",\"qty\":3}]'"), 1,
+	       "... the browser's cart keeps sku and qty, under bc/v-old");
+	is_int(db_scalar(d, "SELECT count(*) FROM carts WHERE cart_key = 'hc' AND items LIKE '%Lamp%'"),
+	       1, "... the backend's cart is untouched");
+	db_close(d);
+}
+
+/* ==== The browser is untrusted: it may name, never write ================ */
+
+/* The decoded subject, text and HTML of message row ID, in OUT. */
+static int mail_text(struct world *w, long long id, struct buf *out)
+{
+	struct buf raw = {0};
+	int rc = outbox_read(w, id, &raw);
+	if (rc == 0) {
+		rfc2047_decode(header_of(raw.data, "Subject"), out);
+		buf_adds(out, "\n");
+		rc = mime_part(raw.data, "text/plain", out) ||
+		     mime_part(raw.data, "text/html", out);
+	}
+	buf_free(&raw);
+	return rc;
+}
+
+static int collect(struct world *w, const char *cookie, const char *body,
+		   rm_time now)
+{
+	struct http_resp rs;
+	int st = browser_req(w, "POST", "/collect", NULL, "10.9.9.9", cookie, body,
+			     now, &rs);
+	if (st != 204)
+		diag("POST /collect %s: %d %s", body, st, rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+	return st;
+}
+
+static void test_browser_trust(void)
+{
+	struct world w;
+	struct tick_summary sum;
+	struct ev_error err;
+	struct http_resp rs;
+	if (!ok(world_open(&w, "trust") == 0, "trust: world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+
+	/* the attack of issue 8: an anonymous POST (no Origin, no cookie)
+	 * names an address with consent and a cart of free text */
+	const char *spam =
+		"[{\"type\":\"identify\",\"email\":\"victim@example.org\",\"name\":"
+		"\"Congratulations-you-won-visit-gift-claim.example\",\"consent\":true},"
+		"{\"type\":\"cart\",\"email\":\"victim@example.org\",\"visitor_id\":\"v-atk\","
+		"\"cart_id\":\"c-1\",\"total\":0.01,\"items\":[{\"sku\":\"LAMP-1\",\"name\":"
+		"\"WIN-A-PRIZE-at-gift-claim.example\",\"price\":0.01,\"qty\":2},"
+		"{\"sku\":\"NOPE-9\",\"name\":\"Claim at gift-claim.example\",\"price\":0}]}]";
+	is_int(collect(&w, NULL, spam, T0), 204, "trust: the anonymous identify + cart is recorded");
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'victim@example.org' "
+		  "AND name = '' AND signed = 0"), 1,
+	       "... the browser named an address, never a name (a browser-only contact)");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE items LIKE '%%gift-claim%%' "
+		  "OR items LIKE '%%PRIZE%%'"), 0, "... no item text is kept from the browser");
+	tick(&w, T0 + HOUR + 60, &sum);
+	is_int(sum.sent, 1, "trust: +1 h, the reminder goes (a known sku)");
+	struct buf mail = {0};
+	long long mid = sq(&w, "SELECT max(id) FROM messages WHERE status = 'sent'");
+	ok(mail_text(&w, mid, &mail) == 0, "... its text decodes");
+	ok(!contains(mail.data, "gift-claim") && !contains(mail.data, "Congratulations") &&
+		   !contains(mail.data, "PRIZE"),
+	   "... and prints no word the browser typed (subject, text, HTML)");
+	ok(contains(mail.data, "Product LAMP-1") && !contains(mail.data, "NOPE-9"),
+	   "... the item's name is the catalog's; the unknown sku is not printed");
+	ok(contains(mail.data, "€20.00") && !contains(mail.data, "€0.01"),
+	   "... priced by the catalog (2 × 10.00 = 20.00), not by the browser");
+	if (!contains(mail.data, "€20.00"))
+		diag("%s", mail.data);
+	buf_free(&mail);
+
+	/* a cart of unknown skus only is never mailed */
+	collect(&w, NULL, "{\"type\":\"cart\",\"email\":\"x2@example.org\",\"visitor_id\":"
+		"\"v-x2\",\"items\":[{\"sku\":\"NOPE-1\",\"name\":\"Free money\",\"price\":1}]}",
+		T0);
+	collect(&w, NULL, "{\"type\":\"identify\",\"email\":\"x2@example.org\",\"consent\":true,"
+		"\"visitor_id\":\"v-x2\"}", T0);
+	tick(&w, T0 + 2 * HOUR, &sum);
+	is_int(sum.sent, 0, "trust: a cart with no known item is not mailed");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = "
+		  "e.contact_id WHERE c.email = 'x2@example.org' AND e.exit_reason = "
+		  "'no known item'"), 1, "... its sequence ends saying why");
+
+	const char *cur = "{\"type\":\"cart\",\"visitor_id\":\"v-cur\",\"currency\":\"WIN\","
+			  "\"items\":[{\"sku\":\"LAMP-1\"}]}";
+	is_int(ev_ingest(&w.app, EV_BROWSER, cur, strlen(cur), NULL, T0, &err), -1,
+	       "trust: a browser's currency must be an ISO 4217 code (WIN is not)");
+	is_int(err.status, 400, "... 400");
+
+	/* names and consent: a browser never renames; withdraws only its own */
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"ann@example.com\","
+	       "\"name\":\"Ann Smith\",\"consent\":true}", T0, &err);
+	collect(&w, "rm_vid=v-stranger", "{\"type\":\"identify\",\"email\":\"ann@example.com\","
+		"\"name\":\"You won a prize\",\"consent\":false}", T0 + 60);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'ann@example.com' "
+		  "AND name = 'Ann Smith' AND consent = 1"), 1,
+	       "trust: a browser can neither rename a known contact nor withdraw its consent");
+	collect(&w, "rm_vid=v-own", "{\"type\":\"identify\",\"email\":\"own@example.com\","
+		"\"consent\":true}", T0);
+	collect(&w, "rm_vid=v-other", "{\"type\":\"identify\",\"email\":\"own@example.com\","
+		"\"consent\":false}", T0 + 60);
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'own@example.com'"), 1,
+	       "... another visitor cannot withdraw the consent this one gave");
+	collect(&w, "rm_vid=v-own", "{\"type\":\"identify\",\"email\":\"own@example.com\","
+		"\"consent\":false}", T0 + 120);
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'own@example.com'"), 0,
+	       "... the visitor who ticked the box may untick it");
+
+	/* the pixel records views; it never identifies */
+	is_int(browser_req(&w, "GET", "/p.gif?type=identify&email=pix1%40example.org",
+			   NULL, "10.9.9.8", NULL, NULL, T0, &rs), 200, "trust: pixel identify: a GIF");
+	http_resp_free(&rs);
+	browser_req(&w, "GET", "/p.gif?type=view&sku=LAMP-1&email=pix2%40example.org&vid=v-pix",
+		    NULL, "10.9.9.8", NULL, NULL, T0, &rs);
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email LIKE 'pix%%'"), 0,
+	       "... neither an identify nor a view with an email makes a contact");
+	is_int(sq(&w, "SELECT count(*) FROM events WHERE source = 'pixel' AND type = 'view'"), 1,
+	       "... the view is recorded");
+	const char *pid = "{\"type\":\"identify\",\"email\":\"pix3@example.org\"}";
+	is_int(ev_ingest(&w.app, EV_PIXEL, pid, strlen(pid), NULL, T0, &err), -1,
+	       "... ev_ingest refuses an identify from the pixel");
+	is_int(err.status, 403, "... 403");
+
+	/* cart ids are the visitor's own: a guessed id first owns nothing */
+	collect(&w, "rm_vid=v-guess", "{\"type\":\"cart\",\"cart_id\":\"shop-9\",\"items\":"
+		"[{\"sku\":\"LAMP-1\",\"name\":\"Lamp\",\"price\":1,\"qty\":1}]}", T0);
+	cart_event(&w, "carol@example.com", "Carol", "shop-9", 1, T0 + 60);
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key = 'shop-9' AND visitor_id IS NULL "
+		  "AND item_count = 2"), 1,
+	       "trust: the backend's cart shop-9 is its own, not the guessing visitor's");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key = 'shop-9/v-guess'"), 1,
+	       "... the browser's cart is kept apart as shop-9/v-guess");
+	tick(&w, T0 + 3 * HOUR, &sum);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.9.9.7", "rm_vid=v-guess", NULL,
+			   T0 + 3 * HOUR, &rs), 204,
+	       "... and /onsite shows the guessing visitor nothing of Carol's cart");
+	http_resp_free(&rs);
+	ingest(&w, EV_HOOK, "{\"type\":\"order\",\"order_id\":\"o-shop-9\",\"cart_id\":\"shop-9\","
+	       "\"total\":10}", T0 + 4 * HOUR, &err);
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key LIKE 'shop-9%%' "
+		  "AND status = 'ordered'"), 2,
+	       "... an order for shop-9 ends the browser's copy too");
+	world_close(&w);
+
+	/* browser-only addresses: one sequence in 30 days, an hourly cap */
+	if (!ok(world_open(&w, "trust-cap") == 0, "trust: cap world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	w.cfg.browser_new_contacts_per_hour = 3;
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+	char body[400], cookie[40];
+	for (int i = 0; i < 5; i++) {
+		snprintf(body, sizeof body, "[{\"type\":\"identify\",\"email\":\"b%d@example.org\","
+			 "\"consent\":true},{\"type\":\"cart\",\"cart_id\":\"k%d\",\"items\":"
+			 "[{\"sku\":\"LAMP-1\"}]}]", i, i);
+		snprintf(cookie, sizeof cookie, "rm_vid=v-b%d", i);
+		collect(&w, cookie, body, T0 + i * 60);
+	}
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE held_at IS NOT NULL"), 2,
+	       "trust: past browser_new_contacts_per_hour (3), new browser-only contacts are held");
+	tick(&w, T0 + 2 * HOUR, &sum);
+	is_int(sum.sent, 3, "... the first 3 are mailed, the held 2 are recorded but not mailed");
+	struct report *r = calloc(1, sizeof *r);
+	report_build(&w.app, T0 - DAY, T0 + DAY, r);
+	is_int(r->browser_held, 2, "... the report counts them");
+	struct buf out = {0};
+	report_json(r, &out);
+	ok(contains(out.data, "\"browser_held\":2") &&
+		   contains(out.data, "not mailed: over browser_new_contacts_per_hour"),
+	   "... and warns in JSON");
+	out.len = 0;
+	report_html(r, "Shop", &out);
+	ok(contains(out.data, "<b>Warning:</b> 2 new browser-only contacts"),
+	   "... and in HTML");
+	buf_free(&out);
+	free(r);
+	/* the same browser-only address again within 30 days: no new sequence */
+	collect(&w, "rm_vid=v-b0", "{\"type\":\"cart\",\"cart_id\":\"k0b\",\"items\":"
+		"[{\"sku\":\"LAMP-1\"}]}", T0 + 5 * DAY);
+	tick(&w, T0 + 5 * DAY + 2 * HOUR, &sum);
+	is_int(sum.enrolled, 0, "trust: a browser-only address gets one sequence in 30 days");
+	collect(&w, "rm_vid=v-b0", "{\"type\":\"cart\",\"cart_id\":\"k0c\",\"items\":"
+		"[{\"sku\":\"LAMP-1\"}]}", T0 + 31 * DAY);
+	tick(&w, T0 + 31 * DAY + 2 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "... and another one after 30 days");
+	/* a signed hook naming the address lifts both limits */
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"b4@example.org\"}", T0 + 32 * DAY, &err);
+	collect(&w, "rm_vid=v-b4", "{\"type\":\"cart\",\"cart_id\":\"k4b\",\"items\":"
+		"[{\"sku\":\"LAMP-1\"}]}", T0 + 32 * DAY);
+	tick(&w, T0 + 32 * DAY + 2 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "... a held address named by a signed hook is mailed again");
+	world_close(&w);
+
+	/* browser_consent = confirm: a double opt-in first */
+	if (!ok(world_open(&w, "trust-confirm") == 0, "trust: confirm world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	set_cfg(&w.cfg.browser_consent, "confirm");
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+	collect(&w, "rm_vid=v-dbl", "[{\"type\":\"identify\",\"email\":\"dbl@example.org\","
+		"\"consent\":true},{\"type\":\"cart\",\"cart_id\":\"d1\",\"items\":"
+		"[{\"sku\":\"LAMP-1\"}]}]", T0);
+	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts "
+		  "WHERE email = 'dbl@example.org'"), 10,
+	       "confirm: the checkbox asks; there is no consent yet");
+	tick(&w, T0 + 2 * HOUR, &sum);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments"), 0, "confirm: no sequence before the click");
+	long long cid = sq(&w, "SELECT id FROM contacts WHERE email = 'dbl@example.org'");
+	char path[PATH_MAX + 64];
+	snprintf(path, sizeof path, "%s/m-%05lld.eml", w.outbox, cid);
+	struct buf cm = {0};
+	FILE *f = fopen(path, "rb");
+	char chunk[4096];
+	size_t n;
+	while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
+		buf_add(&cm, chunk, n);
+	if (f)
+		fclose(f);
+	ok(f && cm.data && contains(cm.data, "To: dbl@example.org"),
+	   "confirm: the double opt-in mail went out (%s)", path);
+	struct buf ct = {0};
+	mime_part(cm.data ? cm.data : "", "text/plain", &ct);
+	const char *c = ct.data ? strstr(ct.data, "/c/") : NULL;
+	char tok[TOK_MAXLEN + 1] = "";
+	if (c)
+		snprintf(tok, sizeof tok, "%.*s", (int)strspn(c + 3,
+			 "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"), c + 3);
+	ok(*tok != '\0', "... with a signed confirm link");
+	tick(&w, T0 + 3 * HOUR, &sum);
+	is_int(outbox_count(&w), 1, "... sent once, not at every tick");
+	snprintf(path, sizeof path, "/c/%s", tok);
+	is_int(browser_req(&w, "GET", path, NULL, "10.9.9.6", NULL, NULL, T0 + 3 * HOUR, &rs), 200,
+	       "confirm: GET shows a page with a button");
+	ok(rs.body.data && contains(rs.body.data, "method=\"post\"") &&
+		   contains(rs.body.data, "Confirm"), "... offering to confirm");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE id = %lld", cid), 0,
+	       "... a GET (a link scanner) confirms nothing");
+	is_int(browser_req(&w, "GET", "/c/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", NULL,
+			   "10.9.9.6", NULL, NULL, T0 + 3 * HOUR, &rs), 400,
+	       "confirm: a forged link gets 400");
+	http_resp_free(&rs);
+	is_int(browser_req(&w, "POST", path, NULL, "10.9.9.6", NULL, "", T0 + 3 * HOUR, &rs), 200,
+	       "confirm: POST confirms");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE id = %lld AND confirmed_at = %lld",
+		  cid, (long long)(T0 + 3 * HOUR)), 1, "... consent is given, with its time");
+	tick(&w, T0 + 4 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "confirm: the cart's sequence starts after the click");
+	/* a customer the backend knows, without consent: the box asks too */
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"known@example.org\","
+	       "\"consent\":false}", T0 + 4 * HOUR, &err);
+	collect(&w, "rm_vid=v-kn", "{\"type\":\"identify\",\"email\":\"known@example.org\","
+		"\"consent\":true}", T0 + 4 * HOUR);
+	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts "
+		  "WHERE email = 'known@example.org'"), 10,
+	       "confirm: a known customer's consent from a browser waits for the click too");
+	/* a one-click List-Unsubscribe POST declines */
+	collect(&w, "rm_vid=v-no", "{\"type\":\"identify\",\"email\":\"no@example.org\","
+		"\"consent\":true}", T0 + 4 * HOUR);
+	tick(&w, T0 + 4 * HOUR + 60, &sum);
+	long long nid = sq(&w, "SELECT id FROM contacts WHERE email = 'no@example.org'");
+	tok_sign(w.app.key, TOK_CONFIRM, nid, T0 + 30 * DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/c/%s", tok);
+	browser_req(&w, "POST", path, NULL, "10.9.9.6", NULL, "List-Unsubscribe=One-Click",
+		    T0 + 5 * HOUR, &rs);
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts WHERE id = %lld", nid),
+	       0, "confirm: the mail client's one-click unsubscribe declines");
+	/* a relay that is down: the confirmation waits for the next tick */
+	collect(&w, "rm_vid=v-rt", "{\"type\":\"identify\",\"email\":\"rt@example.org\","
+		"\"consent\":true}", T0 + 6 * HOUR);
+	set_cfg(&w.cfg.smtp_url, "smtp://127.0.0.1:1");
+	tick(&w, T0 + 6 * HOUR + 60, &sum);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'rt@example.org' "
+		  "AND consent_pending = 1 AND confirm_sent_at IS NULL"), 1,
+	       "confirm: with the relay down the confirmation is not marked sent");
+	set_cfg(&w.cfg.smtp_url, "");
+	tick(&w, T0 + 6 * HOUR + 120, &sum);
+	is_int(sq(&w, "SELECT confirm_sent_at FROM contacts WHERE email = 'rt@example.org'"),
+	       T0 + 6 * HOUR + 120, "... and goes at the next tick");
+	buf_free(&cm);
+	buf_free(&ct);
+	world_close(&w);
+	test_browser_migration();
+}
+
 static void test_review_fixes(void)
 {
 	struct world w;
@@ -3596,6 +3937,7 @@ int main(void)
 	test_http();
 	test_browser_side();
 	test_boundary();
+	test_browser_trust();
 	test_review_fixes();
 	test_measurement();
 	test_lifecycle();
