@@ -46,7 +46,8 @@ FUZZ_CC      ?= $(shell command -v clang-14 || command -v clang || echo clang)
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS  = ingest http template token csv
 FUZZ_SAN      = -g -O1 -fno-omit-frame-pointer -fno-sanitize-recover=all
-FUZZ_CFLAGS   = $(RM_CFLAGS) -Wno-unknown-warning-option -DRM_NO_MAIN -I.
+FUZZ_CFLAGS   = $(RM_CFLAGS) -Wno-unknown-warning-option -DRM_NO_MAIN -I. \
+                -DFZ_TEMPLATES='"$(CURDIR)/templates"'
 build/fuzz/remarket.o: remarket.c remarket.h sql_migrations.h
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer-no-link,address,undefined $(FUZZ_CFLAGS) -c -o $@ remarket.c
