@@ -15,7 +15,7 @@ LIBS      = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lsqlit
 SAN       = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 MIGRATIONS = $(sort $(wildcard sql/[0-9]*.sql))
 
-.PHONY: all check check-run unit demo demo-shop bench install clean deps
+.PHONY: all check check-run unit demo demo-shop bench install clean deps fuzz fuzz-build
 
 all: remarket
 
@@ -37,6 +37,34 @@ build/plain/unit: tests/unit.c tests/tap.h remarket.c remarket.h sql_migrations.
 	@mkdir -p build/plain
 	$(CC) -O0 -g $(RM_CFLAGS) -DRM_NO_MAIN -I. -o $@ tests/unit.c remarket.c $(LIBS)
 
+# libFuzzer targets (tests/fuzz/NAME.c, corpora in tests/fuzz/corpus/NAME/):
+# clang with -fsanitize=fuzzer,address,undefined, linked like the unit
+# tests. `make check` replays every corpus (tests/15-fuzz-replay.t);
+# `make fuzz` runs each target for FUZZ_SECONDS, keeping what it finds in
+# build/fuzz/corpus/NAME/ and crashes as build/fuzz/crash-NAME-*.
+FUZZ_CC      ?= $(shell command -v clang-14 || command -v clang || echo clang)
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS  = ingest http template token csv
+FUZZ_SAN      = -g -O1 -fno-omit-frame-pointer -fno-sanitize-recover=all
+FUZZ_CFLAGS   = $(RM_CFLAGS) -Wno-unknown-warning-option -DRM_NO_MAIN -I. \
+                -DFZ_TEMPLATES='"$(CURDIR)/templates"'
+build/fuzz/remarket.o: remarket.c remarket.h sql_migrations.h
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer-no-link,address,undefined $(FUZZ_CFLAGS) -c -o $@ remarket.c
+build/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz.h build/fuzz/remarket.o
+	$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer,address,undefined $(FUZZ_CFLAGS) -o $@ $< build/fuzz/remarket.o $(LIBS)
+fuzz-build: $(addprefix build/fuzz/,$(FUZZ_TARGETS))
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p build/fuzz/corpus/$$t; \
+		dict=; [ -f tests/fuzz/$$t.dict ] && dict=-dict=tests/fuzz/$$t.dict; \
+		echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+		build/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+			-close_fd_mask=3 -print_final_stats=1 $$dict \
+			-artifact_prefix=build/fuzz/crash-$$t- \
+			build/fuzz/corpus/$$t tests/fuzz/corpus/$$t || exit 1; \
+	done
+
 deps:
 	sh scripts/deps.sh test
 
@@ -45,8 +73,9 @@ deps:
 check: deps
 	$(MAKE) check-run
 
-check-run: remarket build/san/remarket build/san/unit build/plain/unit
+check-run: remarket build/san/remarket build/san/unit build/plain/unit fuzz-build
 	REMARKET_BIN=$(CURDIR)/build/san/remarket \
+	FUZZ_BIN_DIR=$(CURDIR)/build/fuzz \
 	UNIT_BIN=$(CURDIR)/build/san/unit \
 	VALGRIND_UNIT=$(CURDIR)/build/plain/unit \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \

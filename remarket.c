@@ -1959,8 +1959,11 @@ static int tpl_partial(struct tpl_run *r, const char *name, size_t n,
 		       const struct tctx *ctx)
 {
 	char nm[64], path[PATH_MAX];
-	if (n >= sizeof nm)
+	if (n >= sizeof nm) {
+		snprintf(r->err, r->errlen, "partial not allowed: its name is "
+			 "longer than 63 bytes");
 		return -1;
+	}
 	memcpy(nm, name, n);
 	nm[n] = '\0';
 	if (!val_ident(nm, 63) || strchr(nm, '.') || r->depth > 4 ||
@@ -3178,8 +3181,16 @@ int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 			return -1;
 		}
 	char date[64], boundary[40], rnd[17], fbl[200] = "";
-	if (m->feedback_id && *m->feedback_id)
-		snprintf(fbl, sizeof fbl, "Feedback-ID: %s\r\n", m->feedback_id);
+	if (m->feedback_id && *m->feedback_id) {
+		/* a cut here would leave a bare CR and swallow the next header */
+		int n = snprintf(fbl, sizeof fbl, "Feedback-ID: %s\r\n", m->feedback_id);
+		if (n < 0 || (size_t)n >= sizeof fbl) {
+			snprintf(err, errlen, "header Feedback-ID: longer than %zu "
+				 "bytes, refused (shorten the flow's name)",
+				 sizeof fbl - 16);
+			return -1;
+		}
+	}
 	struct tm tm;
 	time_t t = (time_t)m->date;
 	gmtime_r(&t, &tm);
@@ -7463,7 +7474,7 @@ static int import_one(struct app *app, const char *what, const char *json,
 	return -1;
 }
 
-static int import_products(struct app *app, FILE *f, rm_time now)
+int import_products(struct app *app, FILE *f, rm_time now)
 {
 	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
 	struct buf hb = {0}, rb = {0}, ev = {0};
@@ -7502,7 +7513,7 @@ static int import_products(struct app *app, FILE *f, rm_time now)
 	return bad ? 1 : 0;
 }
 
-static int import_orders(struct app *app, FILE *f, rm_time now)
+int import_orders(struct app *app, FILE *f, rm_time now)
 {
 	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
 	struct buf hb = {0}, rb = {0};
@@ -7515,6 +7526,7 @@ static int import_orders(struct app *app, FILE *f, rm_time now)
 	if (at[0] < 0 || at[2] < 0 || at[3] < 0) {
 		fprintf(stderr, "remarket import orders: the first line must name the "
 			"columns: order_id,email,date,sku,name,price,qty[,currency,consent]\n");
+		buf_free(&hb);
 		return 2;
 	}
 	long ok = 0, bad = 0, line = 1;

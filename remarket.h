@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #define RM_VERSION "0.2.0"
 
@@ -174,6 +175,13 @@ struct ev_error {
 int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	      size_t len, const char *visitor, rm_time now,
 	      struct ev_error *err);
+
+/* The CSV importers (`remarket import products|orders`): the first record
+ * names the columns, each row goes through ev_ingest as EV_CLI. Print the
+ * counts on stdout, up to 20 refusals on stderr. Return 0, 1 if a row was
+ * refused, 2 if the orders header lacks order_id, date or sku. */
+int import_products(struct app *app, FILE *f, rm_time now);
+int import_orders(struct app *app, FILE *f, rm_time now);
 
 /* ---- Flow engine ------------------------------------------------------ */
 

@@ -1,0 +1,38 @@
+/*
+ * tests/fuzz/ingest.c: ev_ingest, the one door every event goes through.
+ *
+ * Input: byte 0 picks the source (0 hook, 1 browser, 2 CLI, 3 pixel, mod
+ * 4), byte 1 whether a visitor id comes with it (odd: yes), the rest is
+ * the JSON body, passed with its length (NUL bytes included). Checks: no
+ * crash, leak or undefined behaviour; an accepted batch answers with a
+ * count, a refused one with a 4xx/5xx and a message.
+ */
+#include "fuzz.h"
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+	(void)argc, (void)argv;
+	fz_open();
+	fz_baseline();
+	fz_reset(); /* takes the baseline's copy */
+	return 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t len)
+{
+	static const enum ev_source src[] = {EV_HOOK, EV_BROWSER, EV_CLI, EV_PIXEL};
+	if (len < 2)
+		return 0;
+	struct ev_error err;
+	memset(&err, 0, sizeof err);
+	char *json = fz_str(data + 2, len - 2);
+	int n = ev_ingest(&fz_app, src[data[0] % 4], json, len - 2,
+			  data[1] & 1 ? "v_fuzzvisitor0000000000" : NULL, FZ_NOW,
+			  &err);
+	if (n < 0 && (err.status < 400 || err.status > 599 || !err.msg[0] ||
+		      !memchr(err.msg, '\0', sizeof err.msg)))
+		abort(); /* a refusal must say why, with an error status */
+	free(json);
+	fz_reset();
+	return 0;
+}
