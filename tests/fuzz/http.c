@@ -31,9 +31,7 @@
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
 	(void)argc, (void)argv;
-	fz_open();
-	fz_baseline();
-	fz_reset(); /* takes the baseline's copy */
+	fz_start_world();
 	return 0;
 }
 
