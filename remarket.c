@@ -62,28 +62,40 @@
 /*
  * A growable, always NUL-terminated byte buffer is the only string
  * builder in the program: no strcat, no sprintf into fixed arrays.
- * Functions here never fail silently: allocation failure returns -1.
+ * Its error is sticky, as in SQLite's StrAccum: an append that cannot be
+ * done (out of memory, or a size past SIZE_MAX) sets b->failed, and
+ * every later append does nothing and returns -1. So a builder appends
+ * without checking each call and asks buf_failed once before it returns
+ * success; a buffer that failed is never sent, written or stored as if
+ * whole. Per-call checks remain only where a failure changes what
+ * happens next (a loop that must stop, a value read back at once).
  */
 
-/* Makes room for n more bytes plus the terminating NUL. */
+/* Makes room for n more bytes plus the terminating NUL; on failure sets
+ * the sticky error. */
 static int buf_reserve(struct buf *b, size_t n)
 {
-	if (n > SIZE_MAX - b->len - 1)
+	if (b->failed)
 		return -1;
+	if (n > SIZE_MAX - b->len - 1)
+		goto fail;
 	if (b->len + n + 1 <= b->cap)
 		return 0;
 	size_t cap = b->cap ? b->cap : 256;
 	while (cap < b->len + n + 1) {
 		if (cap > SIZE_MAX / 2)
-			return -1;
+			goto fail;
 		cap *= 2;
 	}
 	char *d = realloc(b->data, cap);
 	if (!d)
-		return -1;
+		goto fail;
 	b->data = d;
 	b->cap = cap;
 	return 0;
+fail:
+	b->failed = 1;
+	return -1;
 }
 
 int buf_add(struct buf *b, const void *p, size_t n)
@@ -105,9 +117,13 @@ int buf_adds(struct buf *b, const char *s)
 int buf_addf(struct buf *b, const char *fmt, ...)
 {
 	va_list ap;
+	if (b->failed)
+		return -1;
 	va_start(ap, fmt);
 	int n = vsnprintf(NULL, 0, fmt, ap);
 	va_end(ap);
+	if (n < 0)
+		b->failed = 1;
 	if (n < 0 || buf_reserve(b, (size_t)n) < 0)
 		return -1;
 	va_start(ap, fmt);
@@ -117,11 +133,26 @@ int buf_addf(struct buf *b, const char *fmt, ...)
 	return 0;
 }
 
+int buf_failed(const struct buf *b)
+{
+	return b->failed != 0;
+}
+
+/* Empties the buffer for reuse; the error concerned the text discarded. */
+void buf_reset(struct buf *b)
+{
+	b->len = 0;
+	if (b->data)
+		b->data[0] = '\0';
+	b->failed = 0;
+}
+
 void buf_free(struct buf *b)
 {
 	free(b->data);
 	b->data = NULL;
 	b->len = b->cap = 0;
+	b->failed = 0;
 }
 
 static const char *buf_str(const struct buf *b)
@@ -334,7 +365,7 @@ static int read_file(const char *path, struct buf *out, size_t max)
 	fclose(f);
 	if (rc == 0 && !out->data)
 		rc = buf_add(out, "", 0);
-	return rc;
+	return rc < 0 || buf_failed(out) ? -1 : 0;
 }
 
 /* A template file, its CRs dropped (an editor on Windows saves CRLF). */
@@ -1898,10 +1929,12 @@ int html_escape(struct buf *out, const char *s)
 		case '"': e = "&quot;"; break;
 		case '\'': e = "&#39;"; break;
 		}
-		if (e ? buf_adds(out, e) : buf_add(out, s, 1))
-			return -1;
+		if (e)
+			buf_adds(out, e);
+		else
+			buf_add(out, s, 1);
 	}
-	return 0;
+	return buf_failed(out) ? -1 : 0;
 }
 
 static const struct tvar *tpl_lookup(const struct tctx *ctx, const char *name,
@@ -2108,6 +2141,10 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
 	int rc = tpl_block(&r, tpl, tpl + strlen(tpl), ctx);
 	if (rc == 0 && !out->data)
 		rc = buf_add(out, "", 0);
+	if (buf_failed(out)) {
+		snprintf(err, errlen, "out of memory rendering the template");
+		return -1;
+	}
 	return rc;
 }
 
@@ -3129,11 +3166,10 @@ static int hdr_encode(struct buf *out, const char *s)
 		char b64[sodium_base64_ENCODED_LEN(39, sodium_base64_VARIANT_ORIGINAL)];
 		sodium_bin2base64(b64, sizeof b64, (const unsigned char *)s + i,
 				  take, sodium_base64_VARIANT_ORIGINAL);
-		if (buf_addf(out, "%s=?UTF-8?B?%s?=", i ? "\r\n " : "", b64))
-			return -1;
+		buf_addf(out, "%s=?UTF-8?B?%s?=", i ? "\r\n " : "", b64);
 		i += take;
 	}
-	return 0;
+	return buf_failed(out) ? -1 : 0;
 }
 
 static int has_crlf(const char *s)
@@ -3163,9 +3199,10 @@ static int hdr_from(struct buf *out, const char *from)
 		return buf_addf(out, "From: %s\r\n", addr);
 	*lt = '\0';
 	char *nm = trim(name);
-	if (buf_adds(out, "From: ") || hdr_encode(out, nm))
-		return -1;
-	return buf_addf(out, " <%s>\r\n", addr);
+	buf_adds(out, "From: ");
+	hdr_encode(out, nm);
+	buf_addf(out, " <%s>\r\n", addr);
+	return buf_failed(out) ? -1 : 0;
 }
 
 int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
@@ -3200,31 +3237,33 @@ int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 	sodium_bin2hex(rnd, sizeof rnd, r, sizeof r);
 	/* "=_" can never occur in quoted-printable text */
 	snprintf(boundary, sizeof boundary, "=_rm_%s", rnd);
-	int rc = hdr_from(out, m->from) ||
-		 buf_addf(out, "To: %s\r\nSubject: ", m->to) ||
-		 hdr_encode(out, m->subject) ||
-		 buf_addf(out, "\r\nDate: %s\r\nMessage-ID: %s\r\n"
-			  "MIME-Version: 1.0\r\n"
-			  "List-Unsubscribe: %s\r\n"
-			  "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
-			  "%s"
-			  "Content-Type: multipart/alternative; boundary=\"%s\"\r\n"
-			  "\r\n"
-			  "This is a multi-part message in MIME format.\r\n"
-			  "--%s\r\n"
-			  "Content-Type: text/plain; charset=UTF-8\r\n"
-			  "Content-Transfer-Encoding: quoted-printable\r\n\r\n",
-			  date, m->message_id, m->list_unsub, fbl, boundary, boundary) ||
-		 qp_encode(out, m->text) ||
-		 buf_addf(out, "\r\n--%s\r\n"
-			  "Content-Type: text/html; charset=UTF-8\r\n"
-			  "Content-Transfer-Encoding: quoted-printable\r\n\r\n",
-			  boundary) ||
-		 qp_encode(out, m->html) ||
-		 buf_addf(out, "\r\n--%s--\r\n", boundary);
-	if (rc)
+	hdr_from(out, m->from);
+	buf_addf(out, "To: %s\r\nSubject: ", m->to);
+	hdr_encode(out, m->subject);
+	buf_addf(out, "\r\nDate: %s\r\nMessage-ID: %s\r\n"
+		 "MIME-Version: 1.0\r\n"
+		 "List-Unsubscribe: %s\r\n"
+		 "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+		 "%s"
+		 "Content-Type: multipart/alternative; boundary=\"%s\"\r\n"
+		 "\r\n"
+		 "This is a multi-part message in MIME format.\r\n"
+		 "--%s\r\n"
+		 "Content-Type: text/plain; charset=UTF-8\r\n"
+		 "Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+		 date, m->message_id, m->list_unsub, fbl, boundary, boundary);
+	qp_encode(out, m->text);
+	buf_addf(out, "\r\n--%s\r\n"
+		 "Content-Type: text/html; charset=UTF-8\r\n"
+		 "Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+		 boundary);
+	qp_encode(out, m->html);
+	buf_addf(out, "\r\n--%s--\r\n", boundary);
+	if (buf_failed(out)) {
 		snprintf(err, errlen, "out of memory building the message");
-	return rc ? -1 : 0;
+		return -1;
+	}
+	return 0;
 }
 
 /* Reads templates/NAME.txt ("Subject: ..." line, blank line, body) and
@@ -3253,13 +3292,16 @@ static int mail_render(struct app *app, const char *name,
 			 "and a blank line", path);
 		goto out;
 	}
-	if (buf_add(subject, txt.data + 8, (size_t)(body - txt.data - 8)) ||
-	    buf_adds(text, body + 2))
+	buf_add(subject, txt.data + 8, (size_t)(body - txt.data - 8));
+	buf_adds(text, body + 2);
+	if (buf_failed(subject) || buf_failed(text)) {
+		snprintf(err, errlen, "out of memory rendering template %s", name);
 		goto out;
+	}
 	char *s = trim(subject->data);
 	memmove(subject->data, s, strlen(s) + 1);
 	subject->len = strlen(subject->data);
-	tpl.len = 0;
+	buf_reset(&tpl);
 	if (snprintf(path, sizeof path, "%s/%s.html", dir, name) >= (int)sizeof path ||
 	    template_read(path, &tpl) < 0) {
 		snprintf(err, errlen, "template %s: cannot read it", path);
@@ -3458,6 +3500,10 @@ static enum send_result outbox_write(struct app *app, int64_t id,
 static enum send_result mail_send(struct app *app, int64_t id, const char *to,
 				  const struct buf *msg, char *err, size_t errlen)
 {
+	if (buf_failed(msg)) { /* never a message cut short */
+		snprintf(err, errlen, "out of memory building the message");
+		return SEND_TEMP;
+	}
 	if (*app->cfg->smtp_url)
 		return smtp_send(app, to, msg, err, errlen);
 	return outbox_write(app, id, msg, err, errlen);
@@ -3869,7 +3915,8 @@ static int mc_order(struct msgctx *mc, struct app *app, int64_t order)
 	money(total, sizeof total, sum, cur);
 	mc_set(mc, "order_id", key);
 	mc_set(mc, "order_total", total);
-	int rc = mc_items(mc, app, "order_items", items.data ? items.data : "[]", cur);
+	int rc = buf_failed(&items) ? -1 :
+		 mc_items(mc, app, "order_items", items.data ? items.data : "[]", cur);
 	buf_free(&items);
 	return rc;
 }
@@ -4763,7 +4810,8 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
 		buf_adds(&summary, col_text(s, 4));
 	int64_t tnow = sqlite3_column_int64(s, 5);
 	sqlite3_reset(s);
-	int rc = json_from(app->db, q(app->db, ST_JSON_TICK_STATE, "itit", id,
+	int rc = buf_failed(&summary) ? -1 :
+		 json_from(app->db, q(app->db, ST_JSON_TICK_STATE, "itit", id,
 				      state, tnow, has ? buf_str(&summary) : NULL),
 			   out);
 	buf_free(&summary);
@@ -5311,7 +5359,7 @@ static void resp_json_error(struct app *app, struct http_resp *rs, int status,
 {
 	rs->status = status;
 	rs->content_type = "application/json";
-	rs->body.len = 0;
+	buf_reset(&rs->body);
 	if (json_from(app->db, q(app->db, ST_JSON_ERROR, "t", msg), &rs->body))
 		buf_adds(&rs->body, "{\"error\":\"internal error\"}");
 }
@@ -5348,7 +5396,7 @@ static void resp_page(struct app *app, struct http_resp *rs, int status,
 	if (template_read(path, &tpl) < 0 ||
 	    tpl_render(tpl.data, &ctx, TPL_HTML, app->cfg->templates, ".html",
 		       &rs->body, err, sizeof err) < 0) {
-		rs->body.len = 0;
+		buf_reset(&rs->body);
 		tpl_render("<!doctype html><meta charset=utf-8><meta name=viewport "
 			   "content=\"width=device-width\"><title>{{title}}</title>"
 			   "<h1>{{title}}</h1><p>{{message}}</p>{{#action_url}}"
@@ -5371,8 +5419,8 @@ static void resp_redirect(struct http_resp *rs, const char *url)
 }
 
 /* cart_url with {cart} and {code} replaced by URL-escaped values. */
-static void cart_location(struct app *app, const char *cart, const char *code,
-			  struct buf *out)
+static int cart_location(struct app *app, const char *cart, const char *code,
+			 struct buf *out)
 {
 	char shop[80]; /* a browser's "<cart_id>/<vid>": the shop knows cart_id */
 	snprintf(shop, sizeof shop, "%.*s", (int)strcspn(cart, "/"), cart);
@@ -5387,10 +5435,13 @@ static void cart_location(struct app *app, const char *cart, const char *code,
 			continue;
 		}
 		char *esc = curl_easy_escape(NULL, val, 0);
+		if (!esc)
+			out->failed = 1; /* a value left out is a wrong link */
 		buf_adds(out, esc ? esc : "");
 		curl_free(esc);
 		p += 6;
 	}
+	return buf_failed(out) ? -1 : 0;
 }
 
 static int content_type_is(const struct http_req *rq, const char *want)
@@ -5612,7 +5663,10 @@ static void route_onsite(struct app *app, const struct http_req *rq,
 		return;
 	}
 	struct buf url = {0};
-	cart_location(app, cart, "", &url);
+	if (cart_location(app, cart, "", &url) < 0) {
+		buf_free(&url);
+		return resp_json_error(app, rs, 500, "out of memory");
+	}
 	snprintf(msg, sizeof msg, "Your cart is saved — %ld item%s", items,
 		 items == 1 ? "" : "s");
 	rs->status = 200;
@@ -5629,7 +5683,7 @@ static void route_script(struct app *app, const struct http_req *rq,
 	char path[PATH_MAX];
 	snprintf(path, sizeof path, "%s/remarket.js", app->cfg->static_dir);
 	if (read_file(path, &rs->body, 1 << 20) < 0) {
-		rs->body.len = 0;
+		buf_reset(&rs->body);
 		return resp_json_error(app, rs, 404, "remarket.js not found: check "
 				       "static_dir");
 	}
@@ -5749,7 +5803,7 @@ static void route_tick_state(struct app *app, const struct http_req *rq,
 	}
 	rs->content_type = "application/json";
 	buf_adds(&rs->headers, "Cache-Control: no-store\r\n");
-	if (tick_state_json(app, id, &rs->body) < 0)
+	if (tick_state_json(app, id, &rs->body) < 0 && !buf_failed(&rs->body))
 		return resp_json_error(app, rs, 404, "no such tick");
 	rs->status = 200;
 }
@@ -5821,8 +5875,11 @@ static void cart_link(struct app *app, const struct http_req *rq,
 	record(app, msg, kind == TOK_RECOVER ? "click" : "discount", now);
 	if (kind == TOK_RECOVER)
 		visitor_cookie(app, rq, contact, now, rs);
-	cart_location(app, cart, kind == TOK_DISCOUNT ? code : "", &loc);
-	resp_redirect(rs, buf_str(&loc));
+	if (cart_location(app, cart, kind == TOK_DISCOUNT ? code : "", &loc) < 0)
+		resp_page(app, rs, 500, "Something went wrong",
+			  "Please try this link again in a minute.", NULL, NULL);
+	else
+		resp_redirect(rs, buf_str(&loc));
 	buf_free(&loc);
 }
 
@@ -6141,8 +6198,8 @@ static int method_allowed(const char *methods, const char *m)
 	return 0;
 }
 
-void http_handle(struct app *app, const struct http_req *req,
-		 struct http_resp *rs, rm_time now)
+static void http_route(struct app *app, const struct http_req *req,
+		       struct http_resp *rs, rm_time now)
 {
 	/* the routes may rely on a method and a path (the front-ends have
 	 * validated both; a direct caller may leave them out) */
@@ -6168,6 +6225,24 @@ void http_handle(struct app *app, const struct http_req *req,
 		return r->fn(app, rq, rs, path + (r->prefix ? n : 0), now);
 	}
 	resp_json_error(app, rs, 404, "no such endpoint");
+}
+
+/* Routes append to the response without checking each append; a
+ * response with a failed buffer is checked here, once, and never sent
+ * cut short: it becomes a 500. */
+void http_handle(struct app *app, const struct http_req *req,
+		 struct http_resp *rs, rm_time now)
+{
+	http_route(app, req, rs, now);
+	if (!buf_failed(&rs->headers) && !buf_failed(&rs->body))
+		return;
+	fprintf(stderr, "remarket: out of memory building a response; "
+		"answered 500\n");
+	buf_free(&rs->headers);
+	buf_free(&rs->body);
+	rs->status = 500;
+	rs->content_type = "application/json";
+	buf_adds(&rs->body, "{\"error\":\"out of memory\"}");
 }
 
 /* ==== 14. FastCGI and CGI front-ends ==================================== */
@@ -6387,12 +6462,25 @@ static int read_body(struct app *app, const struct io *io, struct buf *body,
 static void write_response(const struct io *io, const struct http_resp *rs,
 			   int head_only)
 {
+	static const char oom_head[] =
+		"Status: 500 Internal Server Error\r\n"
+		"Content-Type: application/json\r\nContent-Length: 25\r\n"
+		"X-Content-Type-Options: nosniff\r\n\r\n",
+		oom_body[] = "{\"error\":\"out of memory\"}";
 	struct buf h = {0};
 	buf_addf(&h, "Status: %d %s\r\n", rs->status, status_text(rs->status));
 	if (rs->content_type)
 		buf_addf(&h, "Content-Type: %s\r\n", rs->content_type);
 	buf_addf(&h, "Content-Length: %zu\r\nX-Content-Type-Options: nosniff\r\n"
 		 "%s\r\n", rs->body.len, buf_str(&rs->headers));
+	if (buf_failed(&h) || buf_failed(&rs->headers) || buf_failed(&rs->body)) {
+		/* nothing allocated: this is what is left when memory is not */
+		io->write(io->ctx, oom_head, sizeof oom_head - 1);
+		if (!head_only)
+			io->write(io->ctx, oom_body, sizeof oom_body - 1);
+		buf_free(&h);
+		return;
+	}
 	io->write(io->ctx, h.data, h.len);
 	if (!head_only && rs->body.len)
 		io->write(io->ctx, rs->body.data, rs->body.len);

@@ -20,15 +20,21 @@ typedef int64_t rm_time; /* Unix seconds */
 
 /* ---- Growable byte buffer ------------------------------------------- */
 
+/* An append that cannot be done (out of memory) sets the sticky error
+ * flag; once set, every append does nothing and returns -1. A builder
+ * appends freely and asks buf_failed once, before it reports success. */
 struct buf {
 	char *data; /* always NUL-terminated when len > 0 or after buf_add* */
 	size_t len, cap;
+	int failed; /* an append failed: the text is incomplete */
 };
 int buf_add(struct buf *b, const void *p, size_t n);
 int buf_adds(struct buf *b, const char *s);
 int buf_addf(struct buf *b, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
-void buf_free(struct buf *b);
+int buf_failed(const struct buf *b); /* 1 if an append failed, else 0 */
+void buf_reset(struct buf *b); /* empty, error cleared, memory kept */
+void buf_free(struct buf *b);   /* empty, error cleared, memory freed */
 
 /* ---- Configuration --------------------------------------------------- */
 
@@ -218,7 +224,8 @@ struct mail {
 	rm_time date;
 	const char *feedback_id; /* optional: "flow:step:remarket" */
 };
-/* Builds the complete RFC 5322 message; -1 if a header would carry CR/LF. */
+/* Builds the complete RFC 5322 message; -1 if a header would carry CR/LF
+ * or OUT failed (out of memory), with the reason in err. */
 int mail_build(const struct mail *m, struct buf *out, char *err,
 	       size_t errlen);
 enum send_result {
@@ -305,6 +312,7 @@ struct http_resp {
 	struct buf headers; /* extra "Name: value\r\n" lines */
 	struct buf body;
 };
+/* Answers one request; a response whose buffers failed becomes a 500. */
 void http_handle(struct app *app, const struct http_req *rq,
 		 struct http_resp *rs, rm_time now);
 void http_resp_free(struct http_resp *rs);

@@ -399,6 +399,101 @@ static void test_buffers(void)
 	buf_free(&b);
 }
 
+static const char *buf_str_or(const struct buf *b)
+{
+	return b->data ? b->data : "";
+}
+
+/* buf: the sticky error; builders given a failed buffer fail */
+static void test_buffer_errors(void)
+{
+	char err[256];
+	struct buf b = {0};
+	buf_adds(&b, "abc");
+	ok(!buf_failed(&b), "buf_failed: a buffer starts without error");
+	ok(buf_add(&b, "x", SIZE_MAX) < 0 && buf_failed(&b),
+	   "buf_add of SIZE_MAX bytes fails and sets the sticky error");
+	ok(buf_adds(&b, "def") < 0 && buf_addf(&b, "%d", 42) < 0 &&
+	   buf_add(&b, "g", 1) < 0 && html_escape(&b, "<") < 0,
+	   "once failed, every append returns -1");
+	ok(b.len == 3 && !strcmp(b.data, "abc") && buf_failed(&b),
+	   "once failed, appends change nothing and the error stays");
+	buf_reset(&b);
+	ok(!buf_failed(&b) && b.len == 0 && b.data && !*b.data,
+	   "buf_reset empties the buffer and clears the error");
+	ok(buf_adds(&b, "ok") == 0 && !strcmp(b.data, "ok"),
+	   "after buf_reset appends work again");
+	buf_add(&b, "", SIZE_MAX - 1);
+	ok(buf_failed(&b), "a size past SIZE_MAX - len sets the error");
+	buf_free(&b);
+	ok(!buf_failed(&b) && !b.data, "buf_free clears the error");
+	buf_addf(&b, "%s", "");
+	ok(buf_add(&b, "", SIZE_MAX) < 0 && buf_failed(&b) && b.len == 0,
+	   "the error is set on an allocated empty buffer too");
+
+	/* tpl_render into a failed buffer: -1 and a reason */
+	struct tvar v[] = {{"name", "Ann", NULL, 0}};
+	struct tctx ctx = {v, 1, NULL};
+	err[0] = '\0';
+	ok(tpl_render("Hi {{name}}", &ctx, TPL_TEXT, tmpdir, ".txt", &b, err,
+		      sizeof err) < 0, "tpl_render into a failed buffer returns -1");
+	is_str(err, "out of memory rendering the template",
+	       "... and says out of memory");
+	ok(tpl_render("Hi {{name}}", &ctx, TPL_HTML, tmpdir, ".html", &b, err,
+		      sizeof err) < 0, "... in HTML mode too");
+	buf_free(&b);
+
+	/* mail_build into a failed buffer: -1 and a reason */
+	struct mail m = {
+		.from = "Maison Démo <shop@example.com>",
+		.to = "ann@example.com",
+		.subject = "Votre panier vous attend — à bientôt",
+		.message_id = "<rm.1.abc@example.com>",
+		.list_unsub = "<https://shop.example.com/rm/u/TOKEN>",
+		.text = "Hi Ann,\n",
+		.html = "<p>Hi Ann,</p>\n",
+		.date = T0,
+	};
+	ok(mail_build(&m, &b, err, sizeof err) == 0 && !buf_failed(&b),
+	   "mail_build succeeds into a good buffer");
+	buf_reset(&b);
+	buf_add(&b, "", SIZE_MAX);
+	err[0] = '\0';
+	ok(mail_build(&m, &b, err, sizeof err) < 0,
+	   "mail_build into a failed buffer returns -1");
+	is_str(err, "out of memory building the message", "... and says out of memory");
+	ok(b.len == 0, "... and writes nothing");
+	buf_free(&b);
+
+	/* http_handle: a response whose buffer failed is answered 500 */
+	struct world w;
+	if (!ok(world_open(&w, "buferr") == 0, "buffer errors: world opens"))
+		return;
+	struct http_req rq = {0};
+	rq.method = "GET";
+	rq.path = "/health";
+	rq.remote_addr = "127.0.0.1";
+	struct http_resp rs = {0};
+	http_handle(&w.app, &rq, &rs, T0);
+	ok(rs.status == 200 && !strcmp(buf_str_or(&rs.body), "ok\n"),
+	   "GET /health answers ok with good buffers");
+	http_resp_free(&rs);
+	for (int i = 0; i < 2; i++) {
+		memset(&rs, 0, sizeof rs);
+		buf_adds(i ? &rs.headers : &rs.body, "partial");
+		buf_add(i ? &rs.headers : &rs.body, "", SIZE_MAX);
+		http_handle(&w.app, &rq, &rs, T0);
+		is_int(rs.status, 500, i ? "a failed header buffer: 500"
+					 : "a failed body buffer: 500");
+		is_str(buf_str_or(&rs.body), "{\"error\":\"out of memory\"}",
+		       "... with a JSON error, nothing of the cut-short response");
+		ok(!buf_failed(&rs.body) && !buf_failed(&rs.headers) &&
+		   rs.headers.len == 0, "... and clean buffers");
+		http_resp_free(&rs);
+	}
+	world_close(&w);
+}
+
 struct vcase {
 	const char *s;
 	int want;
@@ -3972,6 +4067,7 @@ int main(void)
 		return 1;
 	}
 	test_buffers();
+	test_buffer_errors();
 	test_validators();
 	test_tokens();
 	test_hooks();
