@@ -5012,23 +5012,38 @@ static const struct rep_num rep_nums[] = {
 };
 #undef RN
 
-/* One number of a step's row: JSON everywhere, the page's table and the
- * text where shown is set (the text prints key before the number). */
-struct rep_step_num {
+/* One number of a flow or of a step's row: in the JSON always; on the
+ * page's step table and in the text's step line where shown is set (the
+ * text prints key before the number). A flow's numbers are shown in
+ * sentences, not rows: the page and the text write those by hand. */
+struct rep_row_num {
 	const char *key;
 	size_t off;
-	enum rep_kind kind; /* RK_COUNT or RK_MONEY */
+	enum rep_kind kind;
 	int shown;
 };
 
-static const struct rep_step_num rep_step_nums[] = {
-	{"sent", offsetof(struct step_report, sent), RK_COUNT, 1},
-	{"opened", offsetof(struct step_report, opened), RK_COUNT, 1},
-	{"clicked", offsetof(struct step_report, clicked), RK_COUNT, 1},
-	{"orders", offsetof(struct step_report, orders), RK_COUNT, 1},
-	{"revenue", offsetof(struct step_report, revenue), RK_MONEY, 1},
-	{"converted", offsetof(struct step_report, converted), RK_COUNT, 0},
+#define RF(f) offsetof(struct flow_report, f)
+static const struct rep_row_num rep_flow_nums[] = {
+	{"enrolled", RF(enrolled), RK_COUNT, 0},
+	{"holdout", RF(held_out), RK_COUNT, 0},
+	{"converted", RF(converted), RK_COUNT, 0},
+	{"holdout_converted", RF(held_converted), RK_COUNT, 0},
+	{"conversion", RF(lift.p1), RK_PERCENT, 0},
+	{"holdout_conversion", RF(lift.p2), RK_PERCENT, 0},
 };
+#undef RF
+
+#define RS(f) offsetof(struct step_report, f)
+static const struct rep_row_num rep_step_nums[] = {
+	{"sent", RS(sent), RK_COUNT, 1},
+	{"opened", RS(opened), RK_COUNT, 1},
+	{"clicked", RS(clicked), RK_COUNT, 1},
+	{"orders", RS(orders), RK_COUNT, 1},
+	{"revenue", RS(revenue), RK_MONEY, 1},
+	{"converted", RS(converted), RK_COUNT, 0},
+};
+#undef RS
 
 static long rep_long(const void *base, size_t off)
 {
@@ -5058,6 +5073,16 @@ static void rep_json_value(struct buf *b, enum rep_kind kind, const void *base,
 		buf_addf(b, "%ld", rep_long(base, off));
 	else
 		buf_addf(b, kind == RK_MONEY ? "%.2f" : "%.4f", rep_double(base, off));
+}
+
+/* The n numbers of a row as JSON members, each after a comma. */
+static void json_row(struct buf *b, const struct rep_row_num *nums, size_t n,
+		     const void *base)
+{
+	for (size_t i = 0; i < n; i++) {
+		buf_addf(b, ",\"%s\":", nums[i].key);
+		rep_json_value(b, nums[i].kind, base, nums[i].off);
+	}
 }
 
 /* The number as a person reads it into out (empty if it does not fit);
@@ -5138,20 +5163,16 @@ static void json_flow(struct buf *b, const struct flow_report *f)
 {
 	buf_adds(b, "{\"name\":");
 	json_str(b, f->name);
-	buf_addf(b, ",\"holdout_pct\":%d,\"enrolled\":%ld,\"holdout\":%ld,"
-		 "\"converted\":%ld,\"holdout_converted\":%ld,\"conversion\":%.4f,"
-		 "\"holdout_conversion\":%.4f,", f->holdout_pct, f->enrolled,
-		 f->held_out, f->converted, f->held_converted, f->lift.p1, f->lift.p2);
+	buf_addf(b, ",\"holdout_pct\":%d", f->holdout_pct);
+	json_row(b, rep_flow_nums, sizeof rep_flow_nums / sizeof rep_flow_nums[0], f);
+	buf_adds(b, ",");
 	json_lift(b, &f->lift);
 	buf_adds(b, ",\"steps\":[");
 	for (int i = 0; i < f->nsteps; i++) {
 		const struct step_report *s = &f->steps[i];
 		buf_addf(b, "%s{\"position\":%d,\"variant\":\"%c\"", i ? "," : "",
 			 s->position, s->variant);
-		for (size_t j = 0; j < sizeof rep_step_nums / sizeof rep_step_nums[0]; j++) {
-			buf_addf(b, ",\"%s\":", rep_step_nums[j].key);
-			rep_json_value(b, rep_step_nums[j].kind, s, rep_step_nums[j].off);
-		}
+		json_row(b, rep_step_nums, sizeof rep_step_nums / sizeof rep_step_nums[0], s);
 		if (s->variant == 'B') {
 			buf_adds(b, ",\"versus_a\":{");
 			json_lift(b, &s->ab);
@@ -5287,7 +5308,7 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 		double po = s->sent ? 100.0 * (double)s->opened / (double)s->sent : 0;
 		buf_addf(b, "<tr><td>%d%s</td>", s->position, s->variant == 'B' ? " (B)" : "");
 		for (size_t j = 0; j < sizeof rep_step_nums / sizeof rep_step_nums[0]; j++) {
-			const struct rep_step_num *n = &rep_step_nums[j];
+			const struct rep_row_num *n = &rep_step_nums[j];
 			if (!n->shown)
 				continue;
 			snprintf(k, sizeof k, "flows.%d.steps.%d.%s", idx, i, n->key);
@@ -5469,7 +5490,7 @@ static void report_text(const struct report *r)
 			printf("  step %d%s", s->position, s->variant == 'B' ? "B" : " ");
 			for (size_t k = 0; k < sizeof rep_step_nums / sizeof rep_step_nums[0];
 			     k++) {
-				const struct rep_step_num *n = &rep_step_nums[k];
+				const struct rep_row_num *n = &rep_step_nums[k];
 				if (!n->shown)
 					continue;
 				rep_shown(v, sizeof v, n->kind, s, n->off, NULL);
