@@ -4762,8 +4762,10 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
 /* ==== 12. The report ==================================================== */
 /*
  * report_build fills one struct report from indexed queries (never from
- * the events table, which grows fastest); report_json and report_html
- * render that same struct, so the page and the JSON cannot disagree.
+ * the events table, which grows fastest); report_json, report_html and
+ * report_text (`remarket report`) render that same struct from one
+ * description of its numbers (rep_nums, rep_flow_nums, rep_step_nums:
+ * key, field, kind, label, where shown), so they cannot disagree.
  * Recovered carts are enrollees, not held out, whose cart was ordered
  * within conversion_days; recovered revenue is the revenue of orders
  * attributed (click or code) to a message of the flow.
@@ -4952,7 +4954,8 @@ enum { RW_JSON_TAIL = 1, /* in the JSON after the segments, not up front */
 
 /* One headline number. key is its JSON path (a dot opens an object) and
  * the page's data-k; card is its place among the page's cards (0: no
- * card), label the card's caption, and a card with `of` shows "n / of".
+ * card), label the card's caption, and a card with `of` (a second
+ * count) shows "n / of".
  * In the text, line starts a new line (NULL: continues the one before)
  * and words follow the number. The table is in the order of the text;
  * the JSON keeps that order within its two runs. */
