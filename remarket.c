@@ -4821,8 +4821,10 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
 /* ==== 12. The report ==================================================== */
 /*
  * report_build fills one struct report from indexed queries (never from
- * the events table, which grows fastest); report_json and report_html
- * render that same struct, so the page and the JSON cannot disagree.
+ * the events table, which grows fastest); report_json, report_html and
+ * report_text (`remarket report`) render that same struct from one
+ * description of its numbers (rep_nums, rep_flow_nums, rep_step_nums:
+ * key, field, kind, label, where shown), so they cannot disagree.
  * Recovered carts are enrollees, not held out, whose cart was ordered
  * within conversion_days; recovered revenue is the revenue of orders
  * attributed (click or code) to a message of the flow.
@@ -4992,6 +4994,211 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	return 0;
 }
 
+/* ---- the numbers, described once ---- */
+
+/* How a number is stored and shown. A count is a long; the others are
+ * doubles. JSON: counts as integers, money with 2 decimals, rates as
+ * fractions with 4; the page and the text show money with the currency
+ * and rates in percent. */
+enum rep_kind {
+	RK_COUNT,
+	RK_MONEY,
+	RK_PERCENT,   /* a rate shown as "12.3 %" */
+	RK_PERCENT2,  /* a small rate shown as "0.12 %" (per email) */
+};
+
+/* Where a number appears besides report.json. */
+enum { RW_JSON_TAIL = 1, /* in the JSON after the segments, not up front */
+       RW_TEXT = 2 };    /* a part of `remarket report`'s text */
+
+/* One headline number. key is its JSON path (a dot opens an object) and
+ * the page's data-k; card is its place among the page's cards (0: no
+ * card), label the card's caption, and a card with `of` (a second
+ * count) shows "n / of".
+ * In the text, line starts a new line (NULL: continues the one before)
+ * and words follow the number. The table is in the order of the text;
+ * the JSON keeps that order within its two runs. */
+struct rep_num {
+	const char *key;
+	size_t off;
+	enum rep_kind kind;
+	int where, card;
+	const char *label;
+	size_t of;
+	const char *line, *words;
+};
+
+#define RN(f) offsetof(struct report, f)
+static const struct rep_num rep_nums[] = {
+	{"abandoned_carts", RN(abandoned), RK_COUNT, RW_TEXT, 0, NULL, 0,
+	 "abandoned carts    ", " (held out not counted)"},
+	{"recovered_carts", RN(recovered), RK_COUNT, RW_TEXT, 3,
+	 "carts recovered / abandoned", RN(abandoned), "recovered carts    ", " ("},
+	{"recovery_rate", RN(recovery_rate), RK_PERCENT, RW_TEXT, 2,
+	 "of abandoned carts recovered", 0, NULL, ")"},
+	{"recovered_revenue", RN(recovered_revenue), RK_MONEY, RW_TEXT, 1,
+	 "recovered revenue", 0, "recovered revenue  ", ""},
+	{"orders", RN(orders), RK_COUNT, RW_TEXT, 0, NULL, 0,
+	 "orders             ", " ("},
+	{"revenue", RN(revenue), RK_MONEY, 0, 0, NULL, 0, NULL, NULL},
+	{"attributed_orders", RN(attributed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
+	 " attributed, "},
+	{"influenced_orders", RN(influenced), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
+	 " influenced)"},
+	{"influenced_revenue", RN(influenced_revenue), RK_MONEY, 0, 0, NULL, 0,
+	 NULL, NULL},
+	{"sent", RN(sent), RK_COUNT, RW_TEXT, 4, "emails sent", 0,
+	 "emails             ", " sent, "},
+	{"opened", RN(opened), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " opened, "},
+	{"clicked", RN(clicked), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " clicked, "},
+	{"unsubscribed", RN(unsubscribed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
+	 " unsubscribed, "},
+	{"unsubscribe_rate", RN(unsubscribe_rate), RK_PERCENT2, 0, 5,
+	 "unsubscribed per email", 0, NULL, NULL},
+	{"bounced", RN(bounced), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " bounced"},
+	{"stale_steps", RN(stale), RK_COUNT, RW_JSON_TAIL | RW_TEXT, 0, NULL, 0,
+	 "stale steps        ", " (too late to send: recorded, not sent)"},
+	{"codes_issued", RN(codes_issued), RK_COUNT, RW_TEXT, 0, NULL, 0,
+	 "discount codes     ", " issued, "},
+	{"codes_redeemed", RN(codes_redeemed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
+	 " redeemed, cost "},
+	{"discount_cost", RN(discount_cost), RK_MONEY, RW_TEXT, 6,
+	 "cost of discounts redeemed", 0, NULL, ""},
+	{"codes_flagged.reused", RN(codes_reused), RK_COUNT,
+	 RW_JSON_TAIL | RW_TEXT, 7, "orders with a code used before / expired",
+	 RN(codes_expired), "flagged codes      ",
+	 " orders with a code used before, "},
+	{"codes_flagged.expired", RN(codes_expired), RK_COUNT,
+	 RW_JSON_TAIL | RW_TEXT, 0, NULL, 0, NULL,
+	 " with an expired code (not attributed to it)"},
+};
+#undef RN
+
+/* One number of a flow or of a step's row: in the JSON always; on the
+ * page's step table and in the text's step line where shown is set (the
+ * text prints key before the number). A flow's numbers are shown in
+ * sentences, not rows: the page and the text write those by hand. */
+struct rep_row_num {
+	const char *key;
+	size_t off;
+	enum rep_kind kind;
+	int shown;
+};
+
+#define RF(f) offsetof(struct flow_report, f)
+static const struct rep_row_num rep_flow_nums[] = {
+	{"enrolled", RF(enrolled), RK_COUNT, 0},
+	{"holdout", RF(held_out), RK_COUNT, 0},
+	{"converted", RF(converted), RK_COUNT, 0},
+	{"holdout_converted", RF(held_converted), RK_COUNT, 0},
+	{"conversion", RF(lift.p1), RK_PERCENT, 0},
+	{"holdout_conversion", RF(lift.p2), RK_PERCENT, 0},
+};
+#undef RF
+
+#define RS(f) offsetof(struct step_report, f)
+static const struct rep_row_num rep_step_nums[] = {
+	{"sent", RS(sent), RK_COUNT, 1},
+	{"opened", RS(opened), RK_COUNT, 1},
+	{"clicked", RS(clicked), RK_COUNT, 1},
+	{"orders", RS(orders), RK_COUNT, 1},
+	{"revenue", RS(revenue), RK_MONEY, 1},
+	{"converted", RS(converted), RK_COUNT, 0},
+};
+#undef RS
+
+static long rep_long(const void *base, size_t off)
+{
+	long v;
+	memcpy(&v, (const char *)base + off, sizeof v);
+	return v;
+}
+
+static double rep_double(const void *base, size_t off)
+{
+	double v;
+	memcpy(&v, (const char *)base + off, sizeof v);
+	return v;
+}
+
+/* The number at off in base, as a double (for data-v). */
+static double rep_value(enum rep_kind kind, const void *base, size_t off)
+{
+	return kind == RK_COUNT ? (double)rep_long(base, off) : rep_double(base, off);
+}
+
+/* The number as JSON writes it. */
+static void rep_json_value(struct buf *b, enum rep_kind kind, const void *base,
+			   size_t off)
+{
+	if (kind == RK_COUNT)
+		buf_addf(b, "%ld", rep_long(base, off));
+	else
+		buf_addf(b, kind == RK_MONEY ? "%.2f" : "%.4f", rep_double(base, off));
+}
+
+/* The n numbers of a row as JSON members, each after a comma. */
+static void json_row(struct buf *b, const struct rep_row_num *nums, size_t n,
+		     const void *base)
+{
+	for (size_t i = 0; i < n; i++) {
+		buf_addf(b, ",\"%s\":", nums[i].key);
+		rep_json_value(b, nums[i].kind, base, nums[i].off);
+	}
+}
+
+/* The number as a person reads it into out (empty if it does not fit);
+ * money carries the currency cur unless cur is NULL. */
+static void rep_shown(char *out, size_t n, enum rep_kind kind, const void *base,
+		      size_t off, const char *cur)
+{
+	int w;
+	if (kind == RK_COUNT)
+		w = snprintf(out, n, "%ld", rep_long(base, off));
+	else if (kind == RK_MONEY && cur)
+		w = snprintf(out, n, "%.2f %s", rep_double(base, off), cur);
+	else if (kind == RK_MONEY)
+		w = snprintf(out, n, "%.2f", rep_double(base, off));
+	else if (kind == RK_PERCENT)
+		w = snprintf(out, n, "%.1f %%", 100 * rep_double(base, off));
+	else
+		w = snprintf(out, n, "%.2f %%", 100 * rep_double(base, off));
+	if (w < 0 || (size_t)w >= n)
+		out[0] = '\0';
+}
+
+/* The headline numbers of one JSON run (tail or not), each after a comma;
+ * a key "a.b" puts b into an object a shared with its neighbours. */
+static void json_nums(struct buf *b, const struct report *r, int tail)
+{
+	const char *open = NULL; /* the object being filled, up to its dot */
+	size_t openlen = 0;
+	for (size_t i = 0; i < sizeof rep_nums / sizeof rep_nums[0]; i++) {
+		const struct rep_num *n = &rep_nums[i];
+		if (!(n->where & RW_JSON_TAIL) != !tail)
+			continue;
+		const char *dot = strchr(n->key, '.'), *name = n->key;
+		if (open && (!dot || (size_t)(dot - n->key) != openlen ||
+			     strncmp(n->key, open, openlen))) {
+			buf_adds(b, "}");
+			open = NULL;
+		}
+		if (dot && !open) {
+			open = n->key;
+			openlen = (size_t)(dot - n->key);
+			buf_addf(b, ",\"%.*s\":{", (int)openlen, open);
+		} else {
+			buf_adds(b, ",");
+		}
+		if (dot)
+			name = dot + 1;
+		buf_addf(b, "\"%s\":", name);
+		rep_json_value(b, n->kind, r, n->off);
+	}
+	if (open)
+		buf_adds(b, "}");
+}
+
 static void json_str(struct buf *b, const char *s)
 {
 	buf_add(b, "\"", 1);
@@ -5018,19 +5225,16 @@ static void json_flow(struct buf *b, const struct flow_report *f)
 {
 	buf_adds(b, "{\"name\":");
 	json_str(b, f->name);
-	buf_addf(b, ",\"holdout_pct\":%d,\"enrolled\":%ld,\"holdout\":%ld,"
-		 "\"converted\":%ld,\"holdout_converted\":%ld,\"conversion\":%.4f,"
-		 "\"holdout_conversion\":%.4f,", f->holdout_pct, f->enrolled,
-		 f->held_out, f->converted, f->held_converted, f->lift.p1, f->lift.p2);
+	buf_addf(b, ",\"holdout_pct\":%d", f->holdout_pct);
+	json_row(b, rep_flow_nums, sizeof rep_flow_nums / sizeof rep_flow_nums[0], f);
+	buf_adds(b, ",");
 	json_lift(b, &f->lift);
 	buf_adds(b, ",\"steps\":[");
 	for (int i = 0; i < f->nsteps; i++) {
 		const struct step_report *s = &f->steps[i];
-		buf_addf(b, "%s{\"position\":%d,\"variant\":\"%c\",\"sent\":%ld,"
-			 "\"opened\":%ld,\"clicked\":%ld,\"orders\":%ld,\"revenue\":%.2f,"
-			 "\"converted\":%ld", i ? "," : "", s->position, s->variant,
-			 s->sent, s->opened, s->clicked, s->orders, s->revenue,
-			 s->converted);
+		buf_addf(b, "%s{\"position\":%d,\"variant\":\"%c\"", i ? "," : "",
+			 s->position, s->variant);
+		json_row(b, rep_step_nums, sizeof rep_step_nums / sizeof rep_step_nums[0], s);
 		if (s->variant == 'B') {
 			buf_adds(b, ",\"versus_a\":{");
 			json_lift(b, &s->ab);
@@ -5052,17 +5256,8 @@ int report_json(const struct report *r, struct buf *out)
 			 "mailed: over browser_new_contacts_per_hour\"",
 			 r->browser_held);
 	buf_adds(out, "]");
-	buf_addf(out, ",\"abandoned_carts\":%ld,\"recovered_carts\":%ld,"
-		 "\"recovery_rate\":%.4f,\"recovered_revenue\":%.2f,\"orders\":%ld,"
-		 "\"revenue\":%.2f,\"attributed_orders\":%ld,\"influenced_orders\":%ld,"
-		 "\"influenced_revenue\":%.2f,\"sent\":%ld,\"opened\":%ld,\"clicked\":%ld,"
-		 "\"unsubscribed\":%ld,\"unsubscribe_rate\":%.4f,\"bounced\":%ld,"
-		 "\"codes_issued\":%ld,\"codes_redeemed\":%ld,\"discount_cost\":%.2f,"
-		 "\"flows\":[", r->abandoned, r->recovered, r->recovery_rate,
-		 r->recovered_revenue, r->orders, r->revenue, r->attributed,
-		 r->influenced, r->influenced_revenue, r->sent, r->opened, r->clicked,
-		 r->unsubscribed, r->unsubscribe_rate, r->bounced, r->codes_issued,
-		 r->codes_redeemed, r->discount_cost);
+	json_nums(out, r, 0);
+	buf_adds(out, ",\"flows\":[");
 	for (int i = 0; i < r->nflows; i++) {
 		if (i)
 			buf_adds(out, ",");
@@ -5087,9 +5282,9 @@ int report_json(const struct report *r, struct buf *out)
 	for (int i = 0; i < 6; i++)
 		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
 			 r->segments[i]);
-	buf_addf(out, "},\"codes_flagged\":{\"reused\":%ld,\"expired\":%ld},"
-		 "\"stale_steps\":%ld}",
-		 r->codes_reused, r->codes_expired, r->stale);
+	buf_adds(out, "}");
+	json_nums(out, r, 1);
+	buf_adds(out, "}");
 	return out->data ? 0 : -1;
 }
 
@@ -5108,6 +5303,30 @@ static void html_card(struct buf *b, const char *label, const char *key,
 	buf_adds(b, "<div class=card><div class=big>");
 	html_num(b, key, v, shown);
 	buf_addf(b, "</div><div class=label>%s</div></div>", label);
+}
+
+/* The cards, in their places: each a rep_nums number with a label. */
+static void html_cards(struct buf *b, const struct report *r)
+{
+	char v[64];
+	const size_t nn = sizeof rep_nums / sizeof rep_nums[0];
+	for (int place = 1;; place++) {
+		size_t i = 0;
+		while (i < nn && rep_nums[i].card != place)
+			i++;
+		if (i == nn)
+			return;
+		const struct rep_num *n = &rep_nums[i];
+		if (n->of) {
+			int w = snprintf(v, sizeof v, "%ld / %ld", rep_long(r, n->off),
+					 rep_long(r, n->of));
+			if (w < 0 || (size_t)w >= sizeof v)
+				v[0] = '\0';
+		} else {
+			rep_shown(v, sizeof v, n->kind, r, n->off, r->currency);
+		}
+		html_card(b, n->label, n->key, rep_value(n->kind, r, n->off), v);
+	}
 }
 
 static void html_chart(struct buf *b, const struct report *r)
@@ -5150,20 +5369,17 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 		double pc = s->sent ? 100.0 * (double)s->clicked / (double)s->sent : 0;
 		double po = s->sent ? 100.0 * (double)s->opened / (double)s->sent : 0;
 		buf_addf(b, "<tr><td>%d%s</td>", s->position, s->variant == 'B' ? " (B)" : "");
-		const char *keys[] = {"sent", "opened", "clicked", "orders"};
-		long vals[] = {s->sent, s->opened, s->clicked, s->orders};
-		for (int j = 0; j < 4; j++) {
-			snprintf(k, sizeof k, "flows.%d.steps.%d.%s", idx, i, keys[j]);
-			snprintf(v, sizeof v, "%ld", vals[j]);
+		for (size_t j = 0; j < sizeof rep_step_nums / sizeof rep_step_nums[0]; j++) {
+			const struct rep_row_num *n = &rep_step_nums[j];
+			if (!n->shown)
+				continue;
+			snprintf(k, sizeof k, "flows.%d.steps.%d.%s", idx, i, n->key);
+			rep_shown(v, sizeof v, n->kind, s, n->off, cur);
 			buf_adds(b, "<td>");
-			html_num(b, k, (double)vals[j], v);
+			html_num(b, k, rep_value(n->kind, s, n->off), v);
 			buf_adds(b, "</td>");
 		}
-		snprintf(k, sizeof k, "flows.%d.steps.%d.revenue", idx, i);
-		snprintf(v, sizeof v, "%.2f %s", s->revenue, cur);
-		buf_adds(b, "<td>");
-		html_num(b, k, s->revenue, v);
-		buf_addf(b, "</td><td><div class=bar><i style=\"width:%.0f%%\"></i>"
+		buf_addf(b, "<td><div class=bar><i style=\"width:%.0f%%\"></i>"
 			 "<b style=\"width:%.0f%%\"></b></div></td></tr>", po, pc);
 	}
 	buf_adds(b, "</table>");
@@ -5241,7 +5457,7 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 
 int report_html(const struct report *r, const char *store, struct buf *b)
 {
-	char v[64], since[32], until[32];
+	char since[32], until[32];
 	struct tm tm;
 	time_t t = (time_t)r->since;
 	gmtime_r(&t, &tm);
@@ -5274,22 +5490,7 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 			 "more arrived in an hour than browser_new_contacts_per_hour "
 			 "allows (a bot typing addresses, or raise the limit).</p>"
 			 "<div class=cards>", r->browser_held);
-	snprintf(v, sizeof v, "%.2f %s", r->recovered_revenue, r->currency);
-	html_card(b, "recovered revenue", "recovered_revenue", r->recovered_revenue, v);
-	snprintf(v, sizeof v, "%.1f %%", 100 * r->recovery_rate);
-	html_card(b, "of abandoned carts recovered", "recovery_rate", r->recovery_rate, v);
-	snprintf(v, sizeof v, "%ld / %ld", r->recovered, r->abandoned);
-	html_card(b, "carts recovered / abandoned", "recovered_carts",
-		  (double)r->recovered, v);
-	snprintf(v, sizeof v, "%ld", r->sent);
-	html_card(b, "emails sent", "sent", (double)r->sent, v);
-	snprintf(v, sizeof v, "%.2f %%", 100 * r->unsubscribe_rate);
-	html_card(b, "unsubscribed per email", "unsubscribe_rate", r->unsubscribe_rate, v);
-	snprintf(v, sizeof v, "%.2f %s", r->discount_cost, r->currency);
-	html_card(b, "cost of discounts redeemed", "discount_cost", r->discount_cost, v);
-	snprintf(v, sizeof v, "%ld / %ld", r->codes_reused, r->codes_expired);
-	html_card(b, "orders with a code used before / expired", "codes_flagged.reused",
-		  (double)r->codes_reused, v);
+	html_cards(b, r);
 	buf_adds(b, "</div><section><h2>Recovered revenue by day</h2>");
 	html_chart(b, r);
 	buf_addf(b, "<p class=note>%ld orders in all; %ld attributed to a click or a "
@@ -5311,6 +5512,55 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	buf_adds(b, "</table></section><p class=note>Same numbers as JSON: "
 		 "report.json.</p></main></body></html>\n");
 	return b->data ? 0 : -1;
+}
+
+/* `remarket report`: the same numbers as the page, as lines of text. */
+static void report_text(const struct report *r)
+{
+	if (r->browser_held)
+		printf("WARNING: %ld new browser-only contacts recorded but not "
+		       "mailed (over browser_new_contacts_per_hour)\n",
+		       r->browser_held);
+	char v[64];
+	int lines = 0;
+	for (size_t i = 0; i < sizeof rep_nums / sizeof rep_nums[0]; i++) {
+		const struct rep_num *n = &rep_nums[i];
+		if (!(n->where & RW_TEXT))
+			continue;
+		if (n->line)
+			printf("%s%s", lines++ ? "\n" : "", n->line);
+		rep_shown(v, sizeof v, n->kind, r, n->off, r->currency);
+		printf("%s%s", v, n->words);
+	}
+	printf("\n");
+	printf("win-back           %ld lapsed (after %ld days: %s), %ld contacted, "
+	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
+	       r->lapse_why, r->contacted, r->reactivated, 100 * r->reactivation_rate);
+	printf("segments          ");
+	for (int i = 0; i < 6; i++)
+		printf(" %s %ld", segment_names[i], r->segments[i]);
+	printf("\n");
+	for (int i = 0; i < r->nflows; i++) {
+		const struct flow_report *f = &r->flows[i];
+		printf("flow %s: %ld enrolled, %ld held out; conversion %.1f %% vs "
+		       "%.1f %%, lift %+.1f points (95 %% CI %+.1f to %+.1f)\n  %s\n",
+		       f->name, f->enrolled, f->held_out, 100 * f->lift.p1,
+		       100 * f->lift.p2, 100 * f->lift.diff, 100 * f->lift.lo,
+		       100 * f->lift.hi, lift_verdict(&f->lift));
+		for (int j = 0; j < f->nsteps; j++) {
+			const struct step_report *s = &f->steps[j];
+			printf("  step %d%s", s->position, s->variant == 'B' ? "B" : " ");
+			for (size_t k = 0; k < sizeof rep_step_nums / sizeof rep_step_nums[0];
+			     k++) {
+				const struct rep_row_num *n = &rep_step_nums[k];
+				if (!n->shown)
+					continue;
+				rep_shown(v, sizeof v, n->kind, s, n->off, NULL);
+				printf("  %s %s", n->key, v);
+			}
+			printf("\n");
+		}
+	}
 }
 
 /* ==== 13. HTTP routes =================================================== */
@@ -7117,51 +7367,6 @@ static const char *arg_value(int argc, char **argv, const char *name)
 		if (!strcmp(argv[i], name))
 			return argv[i + 1];
 	return NULL;
-}
-
-static void report_text(const struct report *r)
-{
-	if (r->browser_held)
-		printf("WARNING: %ld new browser-only contacts recorded but not "
-		       "mailed (over browser_new_contacts_per_hour)\n",
-		       r->browser_held);
-	printf("abandoned carts    %ld (held out not counted)\n", r->abandoned);
-	printf("recovered carts    %ld (%.1f %%)\n", r->recovered,
-	       100 * r->recovery_rate);
-	printf("recovered revenue  %.2f %s\n", r->recovered_revenue, r->currency);
-	printf("orders             %ld (%ld attributed, %ld influenced)\n",
-	       r->orders, r->attributed, r->influenced);
-	printf("emails             %ld sent, %ld opened, %ld clicked, %ld "
-	       "unsubscribed, %ld bounced\n", r->sent, r->opened, r->clicked,
-	       r->unsubscribed, r->bounced);
-	printf("stale steps        %ld (too late to send: recorded, not sent)\n",
-	       r->stale);
-	printf("discount codes     %ld issued, %ld redeemed, cost %.2f %s\n",
-	       r->codes_issued, r->codes_redeemed, r->discount_cost, r->currency);
-	printf("flagged codes      %ld orders with a code used before, %ld with an "
-	       "expired code (not attributed to it)\n", r->codes_reused,
-	       r->codes_expired);
-	printf("win-back           %ld lapsed (after %ld days: %s), %ld contacted, "
-	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
-	       r->lapse_why, r->contacted, r->reactivated, 100 * r->reactivation_rate);
-	printf("segments          ");
-	for (int i = 0; i < 6; i++)
-		printf(" %s %ld", segment_names[i], r->segments[i]);
-	printf("\n");
-	for (int i = 0; i < r->nflows; i++) {
-		const struct flow_report *f = &r->flows[i];
-		printf("flow %s: %ld enrolled, %ld held out; conversion %.1f %% vs "
-		       "%.1f %%, lift %+.1f points (95 %% CI %+.1f to %+.1f)\n  %s\n",
-		       f->name, f->enrolled, f->held_out, 100 * f->lift.p1,
-		       100 * f->lift.p2, 100 * f->lift.diff, 100 * f->lift.lo,
-		       100 * f->lift.hi, lift_verdict(&f->lift));
-		for (int j = 0; j < f->nsteps; j++) {
-			const struct step_report *s = &f->steps[j];
-			printf("  step %d%s  sent %ld  opened %ld  clicked %ld  orders %ld"
-			       "  revenue %.2f\n", s->position, s->variant == 'B' ? "B" : " ",
-			       s->sent, s->opened, s->clicked, s->orders, s->revenue);
-		}
-	}
 }
 
 /* remarket report --link [--days N]: a URL that opens the report in a

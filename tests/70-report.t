@@ -112,6 +112,34 @@ is($c, $clicked, 'step 1 clicks counted');
 is($o, $orders, 'step 1 orders attributed');
 ok(exists $s1[1]{versus_a}{lift_ci95}, 'variant B is compared with A, with an interval');
 
+# `remarket report` prints the numbers of `remarket report --json`
+my (undef, $cli_json) = run_rm('', {}, 'report', '--json', '--now', $now);
+my (undef, $text) = run_rm('', {}, 'report', '--now', $now);
+my $cj = eval { JSON::PP->new->decode($cli_json) } || {};
+my @lines = (
+	sprintf('abandoned carts    %d (held out not counted)', $cj->{abandoned_carts} // -1),
+	sprintf('recovered carts    %d (%.1f %%)', $cj->{recovered_carts} // -1,
+	    $cj->{abandoned_carts} ? 100 * $cj->{recovered_carts} / $cj->{abandoned_carts} : 0),
+	sprintf('recovered revenue  %.2f %s', $cj->{recovered_revenue} // -1, $cj->{currency} // ''),
+	sprintf('orders             %d (%d attributed, %d influenced)',
+	    map { $_ // -1 } @$cj{qw(orders attributed_orders influenced_orders)}),
+	sprintf('emails             %d sent, %d opened, %d clicked, %d unsubscribed, %d bounced',
+	    map { $_ // -1 } @$cj{qw(sent opened clicked unsubscribed bounced)}),
+	sprintf('stale steps        %d (too late to send: recorded, not sent)', $cj->{stale_steps} // -1),
+	sprintf('discount codes     %d issued, %d redeemed, cost %.2f %s',
+	    (map { $_ // -1 } @$cj{qw(codes_issued codes_redeemed discount_cost)}), $cj->{currency} // ''),
+	sprintf('flagged codes      %d orders with a code used before, %d with an expired code (not attributed to it)',
+	    map { $_ // -1 } @{ $cj->{codes_flagged} || {} }{qw(reused expired)}),
+	map { sprintf('  step %d%s  sent %d  opened %d  clicked %d  orders %d  revenue %.2f',
+	    $_->{position}, $_->{variant} eq 'B' ? 'B' : ' ', @$_{qw(sent opened clicked orders revenue)}) }
+	    map { @{ $_->{steps} } } @{ $cj->{flows} || [] },
+);
+my @missing = grep { index($text, "$_\n") < 0 } @lines;
+diag("not in the text: $_") for @missing;
+ok(@lines > 8 && !@missing && $cj->{sent},
+    'remarket report prints every headline and step number of report --json, in its lines')
+    or diag $text;
+
 my ($h, $html) = cgi('/report', $now, "t=$t");
 like($h, qr{Content-Type: text/html}, 'GET /report is HTML');
 open my $fh, '>', "$tmp/report.html" or die;

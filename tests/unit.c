@@ -2405,6 +2405,106 @@ static void test_measurement(void)
 	test_attribution();
 }
 
+/* The report's numbers are described once (key, field, kind): a report
+ * filled by hand, no database, must come out of report_json and
+ * report_html with each number under its key, in its kind's format. */
+static void test_report_numbers(void)
+{
+	struct report *r = calloc(1, sizeof *r);
+	struct buf j = {0}, h = {0};
+	sqlite3 *db = NULL;
+	if (!ok(r && sqlite3_open(":memory:", &db) == SQLITE_OK,
+		"report numbers: a report and a JSON checker"))
+		goto out;
+	r->since = T0 - DAY;
+	r->until = T0;
+	snprintf(r->currency, sizeof r->currency, "EUR");
+	r->abandoned = 101, r->recovered = 102, r->orders = 103;
+	r->attributed = 104, r->influenced = 105, r->sent = 106, r->opened = 107;
+	r->clicked = 108, r->unsubscribed = 109, r->bounced = 110;
+	r->codes_issued = 111, r->codes_redeemed = 112, r->stale = 113;
+	r->codes_reused = 114, r->codes_expired = 115;
+	r->recovery_rate = 0.25, r->unsubscribe_rate = 0.0012;
+	r->revenue = 1000.5, r->recovered_revenue = 34.5;
+	r->influenced_revenue = 20.25, r->discount_cost = 7.75;
+	r->nflows = 1;
+	struct flow_report *f = &r->flows[0];
+	snprintf(f->name, sizeof f->name, "abandoned_cart");
+	f->enrolled = 40, f->held_out = 10, f->converted = 8, f->held_converted = 1;
+	stat_lift(f->converted, f->enrolled, f->held_converted, f->held_out, &f->lift);
+	f->nsteps = 1;
+	f->steps[0] = (struct step_report){.position = 1, .variant = 'A', .sent = 31,
+		.opened = 32, .clicked = 33, .orders = 34, .converted = 35,
+		.revenue = 12.5};
+	is_int(report_json(r, &j), 0, "report numbers: report_json");
+	is_int(report_html(r, "Shop", &h), 0, "report numbers: report_html");
+	sqlite3_stmt *st = NULL;
+	int valid = j.data && sqlite3_prepare_v2(db, "SELECT json_valid(?1)", -1,
+						  &st, NULL) == SQLITE_OK &&
+		    sqlite3_bind_text(st, 1, j.data, -1, SQLITE_STATIC) == SQLITE_OK &&
+		    sqlite3_step(st) == SQLITE_ROW && sqlite3_column_int(st, 0) == 1;
+	sqlite3_finalize(st);
+	ok(valid, "report numbers: the JSON is valid");
+	static const char *const json[] = {
+		"\"abandoned_carts\":101,", "\"recovered_carts\":102,",
+		"\"recovery_rate\":0.2500,", "\"recovered_revenue\":34.50,",
+		"\"orders\":103,", "\"revenue\":1000.50,", "\"attributed_orders\":104,",
+		"\"influenced_orders\":105,", "\"influenced_revenue\":20.25,",
+		"\"sent\":106,", "\"opened\":107,", "\"clicked\":108,",
+		"\"unsubscribed\":109,", "\"unsubscribe_rate\":0.0012,",
+		"\"bounced\":110,", "\"codes_issued\":111,", "\"codes_redeemed\":112,",
+		"\"discount_cost\":7.75,", "\"stale_steps\":113",
+		"\"codes_flagged\":{\"reused\":114,\"expired\":115}",
+		"\"holdout_pct\":0,\"enrolled\":40,\"holdout\":10,\"converted\":8,"
+		"\"holdout_converted\":1,\"conversion\":0.2000,"
+		"\"holdout_conversion\":0.1000,\"lift\":0.1000,",
+		"{\"position\":1,\"variant\":\"A\",\"sent\":31,\"opened\":32,"
+		"\"clicked\":33,\"orders\":34,\"revenue\":12.50,\"converted\":35}",
+	};
+	int bad = 0;
+	for (size_t i = 0; i < sizeof json / sizeof json[0]; i++)
+		if (!contains(j.data, json[i]) && ++bad)
+			diag("report.json lacks %s", json[i]);
+	is_int(bad, 0, "report numbers: every JSON number under its key, in its kind's format");
+	static const char *const cards[] = {
+		"data-k=\"recovered_revenue\" data-v=\"34.5000\">34.50 EUR</span></div>"
+		"<div class=label>recovered revenue</div>",
+		"data-k=\"recovery_rate\" data-v=\"0.2500\">25.0 %</span></div>"
+		"<div class=label>of abandoned carts recovered</div>",
+		"data-k=\"recovered_carts\" data-v=\"102.0000\">102 / 101</span></div>"
+		"<div class=label>carts recovered / abandoned</div>",
+		"data-k=\"sent\" data-v=\"106.0000\">106</span></div>"
+		"<div class=label>emails sent</div>",
+		"data-k=\"unsubscribe_rate\" data-v=\"0.0012\">0.12 %</span></div>"
+		"<div class=label>unsubscribed per email</div>",
+		"data-k=\"discount_cost\" data-v=\"7.7500\">7.75 EUR</span></div>"
+		"<div class=label>cost of discounts redeemed</div>",
+		"data-k=\"codes_flagged.reused\" data-v=\"114.0000\">114 / 115</span>"
+		"</div><div class=label>orders with a code used before / expired</div>",
+		"<td><span data-k=\"flows.0.steps.0.sent\" data-v=\"31.0000\">31</span>"
+		"</td><td><span data-k=\"flows.0.steps.0.opened\" data-v=\"32.0000\">32"
+		"</span></td><td><span data-k=\"flows.0.steps.0.clicked\" "
+		"data-v=\"33.0000\">33</span></td><td><span data-k=\"flows.0.steps.0."
+		"orders\" data-v=\"34.0000\">34</span></td><td><span data-k=\"flows.0."
+		"steps.0.revenue\" data-v=\"12.5000\">12.50 EUR</span></td><td>",
+	};
+	bad = 0;
+	const char *at = h.data ? h.data : "";
+	for (size_t i = 0; i < sizeof cards / sizeof cards[0]; i++) {
+		const char *p = strstr(at, cards[i]);
+		if (!p && ++bad)
+			diag("report page lacks, or has out of order, %s", cards[i]);
+		at = p ? p : at;
+	}
+	is_int(bad, 0, "report numbers: the page's cards and a step's row, in order, "
+	       "with their keys, values, shown text and labels");
+out:
+	buf_free(&j);
+	buf_free(&h);
+	sqlite3_close(db);
+	free(r);
+}
+
 /* ==== Lifecycle: win-back, segments, recommendations, post-purchase ===== */
 
 static void set_cfg(char **slot, const char *v)
@@ -4084,6 +4184,7 @@ int main(void)
 	test_browser_trust();
 	test_review_fixes();
 	test_measurement();
+	test_report_numbers();
 	test_lifecycle();
 	test_keys_codes();
 	test_sending();
