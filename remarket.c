@@ -5285,7 +5285,7 @@ int report_json(const struct report *r, struct buf *out)
 	buf_adds(out, "}");
 	json_nums(out, r, 1);
 	buf_adds(out, "}");
-	return out->data ? 0 : -1;
+	return buf_failed(out) ? -1 : 0;
 }
 
 /* ---- the HTML page: numbers carry data-k/data-v for checking ---- */
@@ -5511,7 +5511,7 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 			 r->months[i].revenue);
 	buf_adds(b, "</table></section><p class=note>Same numbers as JSON: "
 		 "report.json.</p></main></body></html>\n");
-	return b->data ? 0 : -1;
+	return buf_failed(b) ? -1 : 0;
 }
 
 /* `remarket report`: the same numbers as the page, as lines of text. */
