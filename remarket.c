@@ -1261,27 +1261,31 @@ void cfg_free(struct config *cfg)
 	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 172800), s.min_spend, " \
 	  "f.holdout_pct, coalesce(s.segment, '') " \
 	  "FROM flows f JOIN steps s ON s.flow_id = f.id ORDER BY f.id, s.position") \
-	X(STEP_SET,                                                            \
-	  "UPDATE steps SET delay_s = coalesce(?3, delay_s), "                 \
-	  "template = coalesce(?4, template), "                                \
-	  "discount_pct = CASE WHEN ?5 IS NULL THEN discount_pct "             \
-	  "WHEN ?5 = 0 THEN NULL ELSE ?5 END, "                                \
-	  "discount_valid = coalesce(?6, discount_valid), "                    \
-	  "min_spend = coalesce(?7, min_spend), segment = CASE WHEN ?8 IS NULL " \
-	  "THEN segment WHEN ?8 = '' THEN NULL ELSE ?8 END "                   \
-	  "WHERE flow_id = (SELECT id FROM flows WHERE name = ?1) AND position = ?2") \
+	X(STEP_SET, /* named parameters: flows_apply binds them by name */  \
+	  "UPDATE steps SET delay_s = coalesce(:delay, delay_s), "             \
+	  "template = coalesce(:template, template), "                        \
+	  "discount_pct = CASE WHEN :discount IS NULL THEN discount_pct "      \
+	  "WHEN :discount = 0 THEN NULL ELSE :discount END, "                  \
+	  "discount_valid = coalesce(:valid, discount_valid), "                \
+	  "min_spend = coalesce(:min_spend, min_spend), "                      \
+	  "segment = CASE WHEN :segment IS NULL THEN segment "                 \
+	  "WHEN :segment = '' THEN NULL ELSE :segment END "                    \
+	  "WHERE flow_id = (SELECT id FROM flows WHERE name = :flow) "         \
+	  "AND position = :step")                                              \
 	X(FLOW_ENABLE, "UPDATE flows SET enabled = ?2 WHERE name = ?1")        \
 	X(FLOW_HOLDOUT, "UPDATE flows SET holdout_pct = ?2 WHERE name = ?1")   \
-	X(VARIANT_SET,                                                         \
+	X(VARIANT_SET, /* named parameters, as STEP_SET */                   \
 	  "INSERT INTO step_variants (flow_id, position, template, delay_s, "  \
 	  "discount_pct, discount_valid, share) SELECT s.flow_id, s.position, " \
-	  "?3, ?4, ?5, ?6, coalesce(?7, 50) FROM steps s JOIN flows f "        \
-	  "ON f.id = s.flow_id WHERE f.name = ?1 AND s.position = ?2 "         \
+	  ":template, :delay, :discount, :valid, coalesce(:share, 50) "        \
+	  "FROM steps s JOIN flows f "                                         \
+	  "ON f.id = s.flow_id WHERE f.name = :flow AND s.position = :step "   \
 	  "ON CONFLICT (flow_id, position) DO UPDATE SET "                     \
-	  "template = coalesce(?3, template), delay_s = coalesce(?4, delay_s), " \
-	  "discount_pct = coalesce(?5, discount_pct), "                        \
-	  "discount_valid = coalesce(?6, discount_valid), "                    \
-	  "share = coalesce(?7, share)")                                       \
+	  "template = coalesce(:template, template), "                         \
+	  "delay_s = coalesce(:delay, delay_s), "                              \
+	  "discount_pct = coalesce(:discount, discount_pct), "                 \
+	  "discount_valid = coalesce(:valid, discount_valid), "                \
+	  "share = coalesce(:share, share)")                                   \
 	X(VARIANT_OFF,                                                         \
 	  "DELETE FROM step_variants WHERE position = ?2 AND flow_id = "       \
 	  "(SELECT id FROM flows WHERE name = ?1)")                            \
@@ -7218,18 +7222,31 @@ static int segment_name_ok(const char *v)
 	return 0;
 }
 
-/* The key=value settings of `flows set` and `flows variant`: each names
- * the statement parameter it binds and how its value is checked. */
+/* The key=value settings of `flows set` and `flows variant`: each key is
+ * also the name of the statement parameter it binds (":delay"), and has a
+ * kind that says how its value is checked. */
 enum set_kind { SET_DELAY, SET_SPAN, SET_TEMPLATE, SET_PCT, SET_SHARE,
 		SET_MONEY, SET_SEGMENT };
 struct setting {
 	const char *key;
-	int param;
 	enum set_kind kind;
 };
 
+/* The index of the statement's parameter ":NAME", 0 if it has none. */
+static int param_index(sqlite3_stmt *s, const char *name)
+{
+	char p[64];
+	int n = snprintf(p, sizeof p, ":%s", name);
+	if (n < 0 || (size_t)n >= sizeof p)
+		return 0;
+	return sqlite3_bind_parameter_index(s, p);
+}
+
 static int bind_setting(sqlite3_stmt *s, const struct setting *st, const char *v)
 {
+	int param = param_index(s, st->key);
+	if (!param)
+		abort(); /* a setting the statement does not take: our bug */
 	char plus[64];
 	snprintf(plus, sizeof plus, "+%s", v); /* 24h, 2d, 3600 */
 	rm_time t = parse_time(plus, 0);
@@ -7241,20 +7258,20 @@ static int bind_setting(sqlite3_stmt *s, const struct setting *st, const char *v
 	case SET_SPAN:
 		if (t < 0 || (st->kind == SET_SPAN && t == 0))
 			return -1;
-		return sqlite3_bind_int64(s, st->param, t);
+		return sqlite3_bind_int64(s, param, t);
 	case SET_TEMPLATE:
-		return val_ident(v, 64) ? sqlite3_bind_text(s, st->param, v, -1,
+		return val_ident(v, 64) ? sqlite3_bind_text(s, param, v, -1,
 							  SQLITE_TRANSIENT) : -1;
 	case SET_PCT:
 	case SET_SHARE:
 		if (!num || d != (int)d || d < (st->kind == SET_PCT ? 0 : 1) ||
 		    d > (st->kind == SET_PCT ? 90 : 99))
 			return -1;
-		return sqlite3_bind_int(s, st->param, (int)d);
+		return sqlite3_bind_int(s, param, (int)d);
 	case SET_MONEY:
-		return num && d >= 0 ? sqlite3_bind_double(s, st->param, d) : -1;
+		return num && d >= 0 ? sqlite3_bind_double(s, param, d) : -1;
 	case SET_SEGMENT:
-		return segment_name_ok(v) ? sqlite3_bind_text(s, st->param, v, -1,
+		return segment_name_ok(v) ? sqlite3_bind_text(s, param, v, -1,
 							     SQLITE_TRANSIENT) : -1;
 	}
 	return -1;
@@ -7270,7 +7287,10 @@ static int flows_apply(struct app *app, enum stmt_id id, const char *what,
 		fprintf(stderr, "usage: remarket flows %s FLOW STEP %s\n", what, help);
 		return 2;
 	}
-	sqlite3_stmt *s = q(app->db, id, "ti", argv[0], (int64_t)atoi(argv[1]));
+	sqlite3_stmt *s = q(app->db, id, NULL);
+	sqlite3_bind_text(s, param_index(s, "flow"), argv[0], -1,
+			  SQLITE_TRANSIENT);
+	sqlite3_bind_int64(s, param_index(s, "step"), atoi(argv[1]));
 	for (int i = 2; i < argc; i++) {
 		const char *eq = strchr(argv[i], '=');
 		const struct setting *st = NULL;
@@ -7298,9 +7318,9 @@ static int flows_apply(struct app *app, enum stmt_id id, const char *what,
 static int flows_set(struct app *app, int argc, char **argv)
 {
 	static const struct setting set[] = {
-		{"delay", 3, SET_DELAY}, {"template", 4, SET_TEMPLATE},
-		{"discount", 5, SET_PCT}, {"valid", 6, SET_SPAN},
-		{"min_spend", 7, SET_MONEY}, {"segment", 8, SET_SEGMENT},
+		{"delay", SET_DELAY}, {"template", SET_TEMPLATE},
+		{"discount", SET_PCT}, {"valid", SET_SPAN},
+		{"min_spend", SET_MONEY}, {"segment", SET_SEGMENT},
 	};
 	return flows_apply(app, ST_STEP_SET, "set", set, sizeof set / sizeof set[0],
 			   "delay=24h template=NAME discount=0-90 valid=48h "
@@ -7312,9 +7332,9 @@ static int flows_set(struct app *app, int argc, char **argv)
 static int flows_variant(struct app *app, int argc, char **argv)
 {
 	static const struct setting set[] = {
-		{"template", 3, SET_TEMPLATE}, {"delay", 4, SET_DELAY},
-		{"discount", 5, SET_PCT}, {"valid", 6, SET_SPAN},
-		{"share", 7, SET_SHARE},
+		{"template", SET_TEMPLATE}, {"delay", SET_DELAY},
+		{"discount", SET_PCT}, {"valid", SET_SPAN},
+		{"share", SET_SHARE},
 	};
 	if (argc == 3 && !strcmp(argv[2], "off")) {
 		if (q_exec(app->db, q(app->db, ST_VARIANT_OFF, "ti", argv[0],
