@@ -7701,9 +7701,13 @@ static int cmd_version(struct app *app, struct config *cfg, rm_time now,
  */
 typedef int cmd_fn(struct app *app, struct config *cfg, rm_time now, int argc,
 		   char **argv);
+enum cmd_needs {
+	CMD_ALONE, /* the config only: init, keygen, serve, help, version */
+	CMD_APP,   /* the key ring and the database, opened before it runs */
+};
 struct command {
 	const char *name;
-	int needs_app;          /* opens the key ring and the database */
+	enum cmd_needs needs;
 	int min_args, max_args; /* words after the name; max -1: any */
 	cmd_fn *fn;
 	const char *args;       /* usage: what follows the name ("\n" wraps) */
@@ -7711,36 +7715,36 @@ struct command {
 };
 
 static const struct command commands[] = {
-	{"init", 0, 0, 1, cmd_init, "[--new-key]",
+	{"init", CMD_ALONE, 0, 1, cmd_init, "[--new-key]",
 	 "create or migrate the database, make the key"},
-	{"keygen", 0, 0, 1, cmd_keygen, "[--rotate]",
+	{"keygen", CMD_ALONE, 0, 1, cmd_keygen, "[--rotate]",
 	 "print a new 32-byte key (raw) on stdout, or\n"
 	 "add one to key_file (old links stay valid)"},
-	{"serve", 0, 1, 1, cmd_serve, "ADDR",
+	{"serve", CMD_ALONE, 1, 1, cmd_serve, "ADDR",
 	 "FastCGI on a unix socket path or host:port"},
-	{"tick", 1, 0, -1, cmd_tick, "[--now T]",
+	{"tick", CMD_APP, 0, -1, cmd_tick, "[--now T]",
 	 "run one tick, print a JSON summary"},
-	{"event", 1, 0, -1, cmd_event, "[--now T]",
+	{"event", CMD_APP, 0, -1, cmd_event, "[--now T]",
 	 "record JSON event(s) read on stdin"},
-	{"report", 1, 0, -1, cmd_report, "[--json] [--since D]",
+	{"report", CMD_APP, 0, -1, cmd_report, "[--json] [--since D]",
 	 "results since D (default -30d)"},
-	{"report", 1, 0, -1, cmd_report, "--link [--days N]",
+	{"report", CMD_APP, 0, -1, cmd_report, "--link [--days N]",
 	 "a URL that opens the report in a\nbrowser for N days (default 7)"},
-	{"flows", 1, 0, -1, cmd_flows,
+	{"flows", CMD_APP, 0, -1, cmd_flows,
 	 "[set F N k=v | enable F | disable F | holdout F PCT |\n"
 	 "variant F N k=v | variant F N off | resume F N]",
 	 "list the flows, or change one"},
-	{"segments", 1, 0, -1, cmd_segments, "[--now T]",
+	{"segments", CMD_APP, 0, -1, cmd_segments, "[--now T]",
 	 "RFM segments and the lapse threshold"},
-	{"recommend", 1, 1, -1, cmd_recommend, "EMAIL [N]",
+	{"recommend", CMD_APP, 1, -1, cmd_recommend, "EMAIL [N]",
 	 "the products win-back would recommend"},
-	{"import", 1, 2, -1, cmd_import, "products|orders FILE.csv",
+	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv",
 	 "fill the catalog, load past orders"},
-	{"help", 0, 0, 1, cmd_help, "[--man]",
+	{"help", CMD_ALONE, 0, 1, cmd_help, "[--man]",
 	 "this list; --man: the man page's SYNOPSIS"},
-	{"version", 0, 0, 0, cmd_version, "", "print the version"},
-	{"--help", 0, 0, -1, cmd_help, NULL, NULL},
-	{"--version", 0, 0, -1, cmd_version, NULL, NULL},
+	{"version", CMD_ALONE, 0, 0, cmd_version, "", "print the version"},
+	{"--help", CMD_ALONE, 0, -1, cmd_help, NULL, NULL},
+	{"--version", CMD_ALONE, 0, -1, cmd_version, NULL, NULL},
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
 
@@ -7862,7 +7866,7 @@ static int cmd_run(const struct command *c, struct config *cfg, int argc,
 	int words = argc - 1;
 	if (words < c->min_args || (c->max_args >= 0 && words > c->max_args))
 		return cmd_usage(c->name);
-	if (!c->needs_app)
+	if (c->needs == CMD_ALONE)
 		return c->fn(NULL, cfg, 0, argc, argv);
 	struct app app;
 	char err[512];
