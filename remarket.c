@@ -1292,27 +1292,31 @@ void cfg_free(struct config *cfg)
 	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 172800), s.min_spend, " \
 	  "f.holdout_pct, coalesce(s.segment, '') " \
 	  "FROM flows f JOIN steps s ON s.flow_id = f.id ORDER BY f.id, s.position") \
-	X(STEP_SET,                                                            \
-	  "UPDATE steps SET delay_s = coalesce(?3, delay_s), "                 \
-	  "template = coalesce(?4, template), "                                \
-	  "discount_pct = CASE WHEN ?5 IS NULL THEN discount_pct "             \
-	  "WHEN ?5 = 0 THEN NULL ELSE ?5 END, "                                \
-	  "discount_valid = coalesce(?6, discount_valid), "                    \
-	  "min_spend = coalesce(?7, min_spend), segment = CASE WHEN ?8 IS NULL " \
-	  "THEN segment WHEN ?8 = '' THEN NULL ELSE ?8 END "                   \
-	  "WHERE flow_id = (SELECT id FROM flows WHERE name = ?1) AND position = ?2") \
+	X(STEP_SET, /* named parameters: flows_apply binds them by name */  \
+	  "UPDATE steps SET delay_s = coalesce(:delay, delay_s), "             \
+	  "template = coalesce(:template, template), "                        \
+	  "discount_pct = CASE WHEN :discount IS NULL THEN discount_pct "      \
+	  "WHEN :discount = 0 THEN NULL ELSE :discount END, "                  \
+	  "discount_valid = coalesce(:valid, discount_valid), "                \
+	  "min_spend = coalesce(:min_spend, min_spend), "                      \
+	  "segment = CASE WHEN :segment IS NULL THEN segment "                 \
+	  "WHEN :segment = '' THEN NULL ELSE :segment END "                    \
+	  "WHERE flow_id = (SELECT id FROM flows WHERE name = :flow) "         \
+	  "AND position = :step")                                              \
 	X(FLOW_ENABLE, "UPDATE flows SET enabled = ?2 WHERE name = ?1")        \
 	X(FLOW_HOLDOUT, "UPDATE flows SET holdout_pct = ?2 WHERE name = ?1")   \
-	X(VARIANT_SET,                                                         \
+	X(VARIANT_SET, /* named parameters, as STEP_SET */                   \
 	  "INSERT INTO step_variants (flow_id, position, template, delay_s, "  \
 	  "discount_pct, discount_valid, share) SELECT s.flow_id, s.position, " \
-	  "?3, ?4, ?5, ?6, coalesce(?7, 50) FROM steps s JOIN flows f "        \
-	  "ON f.id = s.flow_id WHERE f.name = ?1 AND s.position = ?2 "         \
+	  ":template, :delay, :discount, :valid, coalesce(:share, 50) "        \
+	  "FROM steps s JOIN flows f "                                         \
+	  "ON f.id = s.flow_id WHERE f.name = :flow AND s.position = :step "   \
 	  "ON CONFLICT (flow_id, position) DO UPDATE SET "                     \
-	  "template = coalesce(?3, template), delay_s = coalesce(?4, delay_s), " \
-	  "discount_pct = coalesce(?5, discount_pct), "                        \
-	  "discount_valid = coalesce(?6, discount_valid), "                    \
-	  "share = coalesce(?7, share)")                                       \
+	  "template = coalesce(:template, template), "                         \
+	  "delay_s = coalesce(:delay, delay_s), "                              \
+	  "discount_pct = coalesce(:discount, discount_pct), "                 \
+	  "discount_valid = coalesce(:valid, discount_valid), "                \
+	  "share = coalesce(:share, share)")                                   \
 	X(VARIANT_OFF,                                                         \
 	  "DELETE FROM step_variants WHERE position = ?2 AND flow_id = "       \
 	  "(SELECT id FROM flows WHERE name = ?1)")                            \
@@ -7134,12 +7138,14 @@ static void init_private_files(const struct config *cfg)
 		(void)chmod(cfg->key_file, 0600);
 }
 
-static int cmd_init(struct config *cfg, int argc, char **argv)
+static int cmd_init(struct app *app, struct config *cfg, rm_time now, int argc,
+		    char **argv)
 {
+	(void)app, (void)now; /* no key, no app: init makes them */
 	char err[512];
 	struct db *db = NULL;
 	int new_key = 0;
-	for (int i = 2; i < argc; i++) {
+	for (int i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--new-key") != 0) {
 			fprintf(stderr, "usage: remarket init [--new-key]\n");
 			return 2;
@@ -7196,11 +7202,13 @@ static int cmd_init(struct config *cfg, int argc, char **argv)
 
 /* keygen: a new raw key on stdout. keygen --rotate: a new key appended to
  * key_file's ring; it signs from now on, the older ones still verify. */
-static int cmd_keygen(struct config *cfg, int argc, char **argv)
+static int cmd_keygen(struct app *app, struct config *cfg, rm_time now,
+		      int argc, char **argv)
 {
+	(void)app, (void)now;
 	unsigned char key[RM_KEYBYTES];
-	int rotate = argc == 3 && !strcmp(argv[2], "--rotate");
-	if (argc > 2 && !rotate) {
+	int rotate = argc == 2 && !strcmp(argv[1], "--rotate");
+	if (argc > 1 && !rotate) {
 		fprintf(stderr, "usage: remarket keygen [--rotate]\n");
 		return 2;
 	}
@@ -7275,8 +7283,11 @@ static int socket_give(const struct config *cfg, const char *path, char *group,
 	return 0;
 }
 
-static int cmd_serve(struct config *cfg, const char *addr)
+static int cmd_serve(struct app *app, struct config *cfg, rm_time now, int argc,
+		     char **argv)
 {
+	(void)app, (void)now, (void)argc; /* each thread opens its own app */
+	const char *addr = argv[1];
 	char err[512];
 	struct app probe; /* fail fast, with a message, before listening */
 	if (app_open(&probe, cfg, err, sizeof err) < 0) {
@@ -7321,8 +7332,10 @@ static rm_time now_arg(int argc, char **argv)
 	return clock_now();
 }
 
-static int cmd_tick(struct app *app, rm_time now)
+static int cmd_tick(struct app *app, struct config *cfg, rm_time now, int argc,
+		    char **argv)
 {
+	(void)cfg, (void)argc, (void)argv;
 	struct buf out = {0};
 	int64_t id;
 	int running;
@@ -7342,8 +7355,10 @@ static int cmd_tick(struct app *app, rm_time now)
 	return 0;
 }
 
-static int cmd_event(struct app *app, rm_time now)
+static int cmd_event(struct app *app, struct config *cfg, rm_time now, int argc,
+		     char **argv)
 {
+	(void)cfg, (void)argc, (void)argv;
 	struct buf in = {0};
 	char chunk[65536];
 	size_t n;
@@ -7387,8 +7402,10 @@ static int report_link(struct app *app, rm_time now, int argc, char **argv)
 	return 0;
 }
 
-static int cmd_report(struct app *app, rm_time now, int argc, char **argv)
+static int cmd_report(struct app *app, struct config *cfg, rm_time now,
+		      int argc, char **argv)
 {
+	(void)cfg;
 	for (int i = 1; i < argc; i++)
 		if (!strcmp(argv[i], "--link"))
 			return report_link(app, now, argc, argv);
@@ -7511,18 +7528,31 @@ static int segment_name_ok(const char *v)
 	return 0;
 }
 
-/* The key=value settings of `flows set` and `flows variant`: each names
- * the statement parameter it binds and how its value is checked. */
+/* The key=value settings of `flows set` and `flows variant`: each key is
+ * also the name of the statement parameter it binds (":delay"), and has a
+ * kind that says how its value is checked. */
 enum set_kind { SET_DELAY, SET_SPAN, SET_TEMPLATE, SET_PCT, SET_SHARE,
 		SET_MONEY, SET_SEGMENT };
 struct setting {
 	const char *key;
-	int param;
 	enum set_kind kind;
 };
 
+/* The index of the statement's parameter ":NAME", 0 if it has none. */
+static int param_index(sqlite3_stmt *s, const char *name)
+{
+	char p[64];
+	int n = snprintf(p, sizeof p, ":%s", name);
+	if (n < 0 || (size_t)n >= sizeof p)
+		return 0;
+	return sqlite3_bind_parameter_index(s, p);
+}
+
 static int bind_setting(sqlite3_stmt *s, const struct setting *st, const char *v)
 {
+	int param = param_index(s, st->key);
+	if (!param)
+		abort(); /* a setting the statement does not take: our bug */
 	char plus[64];
 	snprintf(plus, sizeof plus, "+%s", v); /* 24h, 2d, 3600 */
 	rm_time t = parse_time(plus, 0);
@@ -7534,20 +7564,20 @@ static int bind_setting(sqlite3_stmt *s, const struct setting *st, const char *v
 	case SET_SPAN:
 		if (t < 0 || (st->kind == SET_SPAN && t == 0))
 			return -1;
-		return sqlite3_bind_int64(s, st->param, t);
+		return sqlite3_bind_int64(s, param, t);
 	case SET_TEMPLATE:
-		return val_ident(v, 64) ? sqlite3_bind_text(s, st->param, v, -1,
+		return val_ident(v, 64) ? sqlite3_bind_text(s, param, v, -1,
 							  SQLITE_TRANSIENT) : -1;
 	case SET_PCT:
 	case SET_SHARE:
 		if (!num || d != (int)d || d < (st->kind == SET_PCT ? 0 : 1) ||
 		    d > (st->kind == SET_PCT ? 90 : 99))
 			return -1;
-		return sqlite3_bind_int(s, st->param, (int)d);
+		return sqlite3_bind_int(s, param, (int)d);
 	case SET_MONEY:
-		return num && d >= 0 ? sqlite3_bind_double(s, st->param, d) : -1;
+		return num && d >= 0 ? sqlite3_bind_double(s, param, d) : -1;
 	case SET_SEGMENT:
-		return segment_name_ok(v) ? sqlite3_bind_text(s, st->param, v, -1,
+		return segment_name_ok(v) ? sqlite3_bind_text(s, param, v, -1,
 							     SQLITE_TRANSIENT) : -1;
 	}
 	return -1;
@@ -7563,7 +7593,10 @@ static int flows_apply(struct app *app, enum stmt_id id, const char *what,
 		fprintf(stderr, "usage: remarket flows %s FLOW STEP %s\n", what, help);
 		return 2;
 	}
-	sqlite3_stmt *s = q(app->db, id, "ti", argv[0], (int64_t)atoi(argv[1]));
+	sqlite3_stmt *s = q(app->db, id, NULL);
+	sqlite3_bind_text(s, param_index(s, "flow"), argv[0], -1,
+			  SQLITE_TRANSIENT);
+	sqlite3_bind_int64(s, param_index(s, "step"), atoi(argv[1]));
 	for (int i = 2; i < argc; i++) {
 		const char *eq = strchr(argv[i], '=');
 		const struct setting *st = NULL;
@@ -7591,9 +7624,9 @@ static int flows_apply(struct app *app, enum stmt_id id, const char *what,
 static int flows_set(struct app *app, int argc, char **argv)
 {
 	static const struct setting set[] = {
-		{"delay", 3, SET_DELAY}, {"template", 4, SET_TEMPLATE},
-		{"discount", 5, SET_PCT}, {"valid", 6, SET_SPAN},
-		{"min_spend", 7, SET_MONEY}, {"segment", 8, SET_SEGMENT},
+		{"delay", SET_DELAY}, {"template", SET_TEMPLATE},
+		{"discount", SET_PCT}, {"valid", SET_SPAN},
+		{"min_spend", SET_MONEY}, {"segment", SET_SEGMENT},
 	};
 	return flows_apply(app, ST_STEP_SET, "set", set, sizeof set / sizeof set[0],
 			   "delay=24h template=NAME discount=0-90 valid=48h "
@@ -7605,9 +7638,9 @@ static int flows_set(struct app *app, int argc, char **argv)
 static int flows_variant(struct app *app, int argc, char **argv)
 {
 	static const struct setting set[] = {
-		{"template", 3, SET_TEMPLATE}, {"delay", 4, SET_DELAY},
-		{"discount", 5, SET_PCT}, {"valid", 6, SET_SPAN},
-		{"share", 7, SET_SHARE},
+		{"template", SET_TEMPLATE}, {"delay", SET_DELAY},
+		{"discount", SET_PCT}, {"valid", SET_SPAN},
+		{"share", SET_SHARE},
 	};
 	if (argc == 3 && !strcmp(argv[2], "off")) {
 		if (q_exec(app->db, q(app->db, ST_VARIANT_OFF, "ti", argv[0],
@@ -7620,8 +7653,11 @@ static int flows_variant(struct app *app, int argc, char **argv)
 			   "discount=0-90 valid=48h share=1-99 | off", argc, argv);
 }
 
-static int cmd_flows(struct app *app, int argc, char **argv)
+static int cmd_flows(struct app *app, struct config *cfg, rm_time now, int argc,
+		     char **argv)
 {
+	(void)cfg, (void)now;
+	argc--, argv++; /* the words after "flows" */
 	if (argc == 0)
 		return flows_list(app);
 	if (!strcmp(argv[0], "variant"))
@@ -7881,8 +7917,10 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 	return bad ? 1 : 0;
 }
 
-static int cmd_import(struct app *app, rm_time now, int argc, char **argv)
+static int cmd_import(struct app *app, struct config *cfg, rm_time now,
+		      int argc, char **argv)
 {
+	(void)cfg;
 	if (argc < 3 || (strcmp(argv[1], "products") && strcmp(argv[1], "orders"))) {
 		fprintf(stderr, "usage: remarket import products|orders FILE.csv\n");
 		return 2;
@@ -7898,8 +7936,10 @@ static int cmd_import(struct app *app, rm_time now, int argc, char **argv)
 	return rc;
 }
 
-static int cmd_recommend(struct app *app, int argc, char **argv)
+static int cmd_recommend(struct app *app, struct config *cfg, rm_time now,
+			 int argc, char **argv)
 {
+	(void)cfg, (void)now;
 	char skus[16][65];
 	if (argc < 2 || !val_email(argv[1])) {
 		fprintf(stderr, "usage: remarket recommend EMAIL [N]\n");
@@ -7913,8 +7953,10 @@ static int cmd_recommend(struct app *app, int argc, char **argv)
 	return n < 0;
 }
 
-static int cmd_segments(struct app *app, rm_time now)
+static int cmd_segments(struct app *app, struct config *cfg, rm_time now,
+			int argc, char **argv)
 {
+	(void)cfg, (void)argc, (void)argv;
 	char why[200];
 	long days = flow_lapse_days(app, why, sizeof why);
 	if (flow_segments(app, now) < 0) {
@@ -7930,30 +7972,195 @@ static int cmd_segments(struct app *app, rm_time now)
 	return 0;
 }
 
-static void usage(FILE *f)
+static int cmd_help(struct app *app, struct config *cfg, rm_time now, int argc,
+		    char **argv);
+static int cmd_version(struct app *app, struct config *cfg, rm_time now,
+		       int argc, char **argv);
+
+/* ---- The command table ---- */
+/*
+ * Every command, as routes[] is every URL: its name, whether it needs the
+ * application (the key ring and the database, opened before it runs and
+ * closed after), how many words may follow its name, its function, and
+ * its usage line. usage(), `remarket help --man` (the man page's
+ * SYNOPSIS, compared with remarket.8 by tests/46-commands.t) and the
+ * dispatch in run() are all made from it. A command may have several
+ * rows, one per form; the first row of a name dispatches. A row without
+ * an args string is an alias, left out of the usage.
+ *
+ * Every cmd_* has the same signature. argv[0] is the command's name;
+ * app is NULL when the row does not need it, and now is the --now of
+ * the command line (or the real clock) when it does.
+ */
+typedef int cmd_fn(struct app *app, struct config *cfg, rm_time now, int argc,
+		   char **argv);
+enum cmd_needs {
+	CMD_ALONE, /* the config only: init, keygen, serve, help, version */
+	CMD_APP,   /* the key ring and the database, opened before it runs */
+};
+struct command {
+	const char *name;
+	enum cmd_needs needs;
+	int min_args, max_args; /* words after the name; max -1: any */
+	cmd_fn *fn;
+	const char *args;       /* usage: what follows the name ("\n" wraps) */
+	const char *help;       /* usage: what it does ("\n" wraps) */
+};
+
+static const struct command commands[] = {
+	{"init", CMD_ALONE, 0, 1, cmd_init, "[--new-key]",
+	 "create or migrate the database, make the key"},
+	{"keygen", CMD_ALONE, 0, 1, cmd_keygen, "[--rotate]",
+	 "print a new 32-byte key (raw) on stdout, or\n"
+	 "add one to key_file (old links stay valid)"},
+	{"serve", CMD_ALONE, 1, 1, cmd_serve, "ADDR",
+	 "FastCGI on a unix socket path or host:port"},
+	{"tick", CMD_APP, 0, -1, cmd_tick, "[--now T]",
+	 "run one tick, print a JSON summary"},
+	{"event", CMD_APP, 0, -1, cmd_event, "[--now T]",
+	 "record JSON event(s) read on stdin"},
+	{"report", CMD_APP, 0, -1, cmd_report, "[--json] [--since D]",
+	 "results since D (default -30d)"},
+	{"report", CMD_APP, 0, -1, cmd_report, "--link [--days N]",
+	 "a URL that opens the report in a\nbrowser for N days (default 7)"},
+	{"flows", CMD_APP, 0, -1, cmd_flows,
+	 "[set F N k=v | enable F | disable F | holdout F PCT |\n"
+	 "variant F N k=v | variant F N off | resume F N]",
+	 "list the flows, or change one"},
+	{"segments", CMD_APP, 0, -1, cmd_segments, "[--now T]",
+	 "RFM segments and the lapse threshold"},
+	{"recommend", CMD_APP, 1, -1, cmd_recommend, "EMAIL [N]",
+	 "the products win-back would recommend"},
+	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv",
+	 "fill the catalog, load past orders"},
+	{"help", CMD_ALONE, 0, 1, cmd_help, "[--man]",
+	 "this list; --man: the man page's SYNOPSIS"},
+	{"version", CMD_ALONE, 0, 0, cmd_version, "", "print the version"},
+	{"--help", CMD_ALONE, 0, -1, cmd_help, NULL, NULL},
+	{"--version", CMD_ALONE, 0, -1, cmd_version, NULL, NULL},
+};
+#define NCOMMANDS (sizeof commands / sizeof commands[0])
+
+/* Prints TEXT, each line after a "\n" indented by INDENT spaces. */
+static void print_wrapped(FILE *f, const char *text, int indent)
 {
-	fprintf(f,
-		"usage: remarket [-c FILE] COMMAND\n"
-		"  init [--new-key]     create or migrate the database, make the key\n"
-		"  keygen [--rotate]    print a new 32-byte key (raw) on stdout, or\n"
-		"                       add one to key_file (old links stay valid)\n"
-		"  serve ADDR           FastCGI on a unix socket path or host:port\n"
-		"  tick [--now T]       run one tick, print a JSON summary\n"
-		"  event [--now T]      record JSON event(s) read on stdin\n"
-		"  report [--json] [--since D]  results since D (default -30d)\n"
-		"  report --link [--days N]     a URL that opens the report in a\n"
-		"                       browser for N days (default 7)\n"
-		"  flows [set F N k=v | enable F | disable F | holdout F PCT |\n"
-		"         variant F N k=v | variant F N off | resume F N]\n"
-		"  segments             RFM segments and the lapse threshold\n"
-		"  recommend EMAIL [N]  the products win-back would recommend\n"
-		"  import products|orders FILE.csv   fill the catalog, load past orders\n"
-		"T is Unix seconds, 2026-11-24T10:00:00Z, or +90m/+2h/+3d from now.\n");
+	for (const char *p = text; *p; p++) {
+		fputc(*p, f);
+		if (*p == '\n')
+			fprintf(f, "%*s", indent, "");
+	}
 }
 
-/* Commands that work on an open app. */
-static int run_app_command(struct config *cfg, int argc, char **argv)
+static void usage(FILE *f)
 {
+	fprintf(f, "usage: remarket [-c FILE] COMMAND\n");
+	for (size_t i = 0; i < NCOMMANDS; i++) {
+		const struct command *c = &commands[i];
+		if (!c->args)
+			continue;
+		int w = fprintf(f, "  %s%s", c->name, *c->args ? " " : "");
+		print_wrapped(f, c->args, w);
+		const char *nl = strrchr(c->args, '\n');
+		int col = nl ? w + (int)strlen(nl + 1)
+			     : w + (int)strlen(c->args);
+		if (col < 23) {
+			fprintf(f, "%*s", 23 - col, "");
+		} else {
+			fprintf(f, "\n%*s", 23, "");
+		}
+		print_wrapped(f, c->help, 23);
+		fputc('\n', f);
+	}
+	fprintf(f, "T is Unix seconds, 2026-11-24T10:00:00Z, or +90m/+2h/+3d "
+		"from now.\n");
+}
+
+/* The usage lines of command NAME, on stderr; returns 2, the exit code
+ * of a command line that is wrong. */
+static int cmd_usage(const char *name)
+{
+	for (size_t i = 0; i < NCOMMANDS; i++) {
+		const struct command *c = &commands[i];
+		if (strcmp(c->name, name) || !c->args)
+			continue;
+		int w = fprintf(stderr, "usage: remarket %s%s", c->name,
+				*c->args ? " " : "");
+		print_wrapped(stderr, c->args, w);
+		fputc('\n', stderr);
+	}
+	return 2;
+}
+
+/* Prints S for roff: '-' as "\-", '\' as "\e". */
+static void man_text(const char *s)
+{
+	for (; *s; s++) {
+		if (*s == '-')
+			fputs("\\-", stdout);
+		else if (*s == '\\')
+			fputs("\\e", stdout);
+		else
+			putchar(*s);
+	}
+}
+
+/* The SYNOPSIS section of remarket.8, made from the command table. */
+static void man_synopsis(void)
+{
+	printf(".SH SYNOPSIS\n"
+	       ".B remarket\n.RB [ \\-c\n.IR file ]\n.I command\n.RI [ args ]\n"
+	       ".br\n");
+	for (size_t i = 0; i < NCOMMANDS; i++) {
+		const struct command *c = &commands[i];
+		if (!c->args)
+			continue;
+		printf(".B remarket %s\n", c->name);
+		if (*c->args) {
+			man_text(c->args);
+			putchar('\n');
+		}
+		printf(".br\n");
+	}
+	printf(".B remarket\n"
+	       "(as a CGI program or on a FastCGI listening socket)\n");
+}
+
+static int cmd_help(struct app *app, struct config *cfg, rm_time now, int argc,
+		    char **argv)
+{
+	(void)app, (void)cfg, (void)now;
+	if (argc == 2 && !strcmp(argv[1], "--man"))
+		man_synopsis();
+	else
+		usage(stdout);
+	return 0;
+}
+
+static int cmd_version(struct app *app, struct config *cfg, rm_time now,
+		       int argc, char **argv)
+{
+	(void)app, (void)cfg, (void)now, (void)argc, (void)argv;
+	printf("remarket %s\n", RM_VERSION);
+	return 0;
+}
+
+static const struct command *cmd_find(const char *name)
+{
+	for (size_t i = 0; i < NCOMMANDS; i++)
+		if (!strcmp(commands[i].name, name))
+			return &commands[i];
+	return NULL;
+}
+
+/* Checks the arity, opens the app if the command needs it, runs it. */
+static int cmd_run(const struct command *c, struct config *cfg, int argc,
+		   char **argv)
+{
+	int words = argc - 1;
+	if (words < c->min_args || (c->max_args >= 0 && words > c->max_args))
+		return cmd_usage(c->name);
+	if (c->needs == CMD_ALONE)
+		return c->fn(NULL, cfg, 0, argc, argv);
 	struct app app;
 	char err[512];
 	if (app_open(&app, cfg, err, sizeof err) < 0) {
@@ -7965,22 +8172,8 @@ static int run_app_command(struct config *cfg, int argc, char **argv)
 	if (now < 0)
 		fprintf(stderr, "remarket: --now: want Unix seconds, ISO 8601 or "
 			"+N[smhd]\n");
-	else if (!strcmp(argv[0], "tick"))
-		rc = cmd_tick(&app, now);
-	else if (!strcmp(argv[0], "event"))
-		rc = cmd_event(&app, now);
-	else if (!strcmp(argv[0], "report"))
-		rc = cmd_report(&app, now, argc, argv);
-	else if (!strcmp(argv[0], "flows"))
-		rc = cmd_flows(&app, argc - 1, argv + 1);
-	else if (!strcmp(argv[0], "import"))
-		rc = cmd_import(&app, now, argc, argv);
-	else if (!strcmp(argv[0], "segments"))
-		rc = cmd_segments(&app, now);
-	else if (!strcmp(argv[0], "recommend"))
-		rc = cmd_recommend(&app, argc, argv);
 	else
-		usage(stderr);
+		rc = c->fn(&app, cfg, now, argc, argv);
 	app_close(&app);
 	return rc;
 }
@@ -8000,22 +8193,18 @@ static int run(int argc, char **argv)
 	}
 	int rc;
 	const char *cmd = argc > 1 ? argv[1] : NULL;
+	const struct command *c = cmd ? cmd_find(cmd) : NULL;
 	if (!cmd && getenv("GATEWAY_INTERFACE"))
 		rc = serve_cgi(&cfg);
 	else if (!cmd && !FCGX_IsCGI()) /* stdin is a listening socket */
 		rc = serve_fd(&cfg, 0);
-	else if (!cmd || !strcmp(cmd, "help") || !strcmp(cmd, "--help"))
-		usage(cmd ? stdout : stderr), rc = cmd ? 0 : 2;
-	else if (!strcmp(cmd, "version") || !strcmp(cmd, "--version"))
-		printf("remarket %s\n", RM_VERSION), rc = 0;
-	else if (!strcmp(cmd, "init"))
-		rc = cmd_init(&cfg, argc, argv);
-	else if (!strcmp(cmd, "keygen"))
-		rc = cmd_keygen(&cfg, argc, argv);
-	else if (!strcmp(cmd, "serve") && argc == 3)
-		rc = cmd_serve(&cfg, argv[2]);
+	else if (!cmd)
+		usage(stderr), rc = 2;
+	else if (!c)
+		fprintf(stderr, "remarket: no command '%s'; the commands are:\n",
+			cmd), usage(stderr), rc = 2;
 	else
-		rc = run_app_command(&cfg, argc - 1, argv + 1);
+		rc = cmd_run(c, &cfg, argc - 1, argv + 1);
 	cfg_free(&cfg);
 	return rc;
 }
