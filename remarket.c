@@ -7422,18 +7422,20 @@ static int cmd_report(struct app *app, struct config *cfg, rm_time now,
 		free(r);
 		return 1;
 	}
-	int json = 0;
+	int json = 0, rc = 0;
 	for (int i = 1; i < argc; i++)
 		json |= !strcmp(argv[i], "--json");
-	if (json) {
-		report_json(r, &out);
+	if (json && report_json(r, &out) < 0) {
+		fprintf(stderr, "remarket: out of memory writing the report\n");
+		rc = 1;
+	} else if (json) {
 		printf("%s\n", buf_str(&out));
 	} else {
 		report_text(r);
 	}
 	buf_free(&out);
 	free(r);
-	return 0;
+	return rc;
 }
 
 static void fmt_delay(char *out, size_t n, long s)
