@@ -839,9 +839,7 @@ void cfg_free(struct config *cfg)
 	  "WHEN f = 5 AND m >= 4 THEN 'vip' "                                  \
 	  "WHEN r <= 2 AND n >= 2 THEN 'at_risk' ELSE 'active' END FROM s")    \
 	X(SEGMENT_COUNTS,                                                      \
-	  "SELECT segment, count(*) FROM segments GROUP BY segment "           \
-	  "ORDER BY CASE segment WHEN 'new' THEN 1 WHEN 'active' THEN 2 "      \
-	  "WHEN 'vip' THEN 3 WHEN 'at_risk' THEN 4 WHEN 'lapsed' THEN 5 ELSE 6 END") \
+	  "SELECT segment, count(*) FROM segments GROUP BY segment")          \
 	/* lapsed: no order for the threshold (two thirds of it for the at-   \
 	 * risk), consenting, and not enrolled since their last order nor     \
 	 * within the cool-down: once per lapse */                            \
@@ -4370,6 +4368,36 @@ int flow_segments(struct app *app, rm_time now)
 	return 0;
 }
 
+/* The one list of segment names, in enum segment's order; SEGMENTS_FILL
+ * writes the same names (a unit test holds the two together). */
+const char *const segment_names[SEG__MAX] = {
+	[SEG_NEW] = "new",	   [SEG_ACTIVE] = "active", [SEG_VIP] = "vip",
+	[SEG_AT_RISK] = "at_risk", [SEG_LAPSED] = "lapsed", [SEG_LOST] = "lost",
+};
+
+/* The enum segment of NAME, or -1. */
+static int segment_find(const char *name)
+{
+	for (int i = 0; i < SEG__MAX; i++)
+		if (!strcmp(name, segment_names[i]))
+			return i;
+	return -1;
+}
+
+/* Customers per segment, from the last flow_segments. */
+static void segment_counts(struct app *app, long n[SEG__MAX])
+{
+	for (int i = 0; i < SEG__MAX; i++)
+		n[i] = 0;
+	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		int i = segment_find(col_text(s, 0));
+		if (i >= 0)
+			n[i] = (long)sqlite3_column_int64(s, 1);
+	}
+	sqlite3_reset(s);
+}
+
 /* browser_consent = confirm: the double opt-in mail of one contact, with
  * a signed link (30 days) to the confirm page. */
 static int confirm_mail(struct app *app, int64_t contact, const char *email,
@@ -4893,9 +4921,6 @@ static void rep_series(struct app *app, struct report *r)
 	sqlite3_reset(s);
 }
 
-static const char *const segment_names[6] = {"new", "active", "vip", "at_risk",
-					      "lapsed", "lost"};
-
 static void rep_lifecycle(struct app *app, struct report *r)
 {
 	r->lapse_days = flow_lapse_days(app, r->lapse_why, sizeof r->lapse_why);
@@ -4903,12 +4928,7 @@ static void rep_lifecycle(struct app *app, struct report *r)
 	      "lll", &r->lapsed, &r->contacted, &r->reactivated);
 	r->reactivation_rate = r->contacted ? (double)r->reactivated /
 						      (double)r->contacted : 0;
-	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
-	while (sqlite3_step(s) == SQLITE_ROW)
-		for (int i = 0; i < 6; i++)
-			if (!strcmp(col_text(s, 0), segment_names[i]))
-				r->segments[i] = sqlite3_column_int64(s, 1);
-	sqlite3_reset(s);
+	segment_counts(app, r->segments);
 }
 
 int report_build(struct app *app, rm_time since, rm_time until, struct report *r)
@@ -5036,7 +5056,7 @@ int report_json(const struct report *r, struct buf *out)
 	buf_addf(out, ",\"lapsed\":%ld,\"contacted\":%ld,\"reactivated_30d\":%ld,"
 		 "\"rate\":%.4f},\"segments\":{", r->lapsed, r->contacted,
 		 r->reactivated, r->reactivation_rate);
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < SEG__MAX; i++)
 		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
 			 r->segments[i]);
 	buf_addf(out, "},\"codes_flagged\":{\"reused\":%ld,\"expired\":%ld},"
@@ -5174,10 +5194,10 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 	snprintf(v, sizeof v, "%.1f %%", 100 * r->reactivation_rate);
 	html_num(b, "winback.rate", r->reactivation_rate, v);
 	buf_adds(b, ").</p></section><section><h2>Segments</h2><table><tr>");
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < SEG__MAX; i++)
 		buf_addf(b, "<th>%s</th>", segment_names[i]);
 	buf_adds(b, "</tr><tr>");
-	for (int i = 0; i < 6; i++) {
+	for (int i = 0; i < SEG__MAX; i++) {
 		snprintf(k, sizeof k, "segments.%s", segment_names[i]);
 		snprintf(v, sizeof v, "%ld", r->segments[i]);
 		buf_adds(b, "<td>");
@@ -7057,7 +7077,7 @@ static void report_text(const struct report *r)
 	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
 	       r->lapse_why, r->contacted, r->reactivated, 100 * r->reactivation_rate);
 	printf("segments          ");
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < SEG__MAX; i++)
 		printf(" %s %ld", segment_names[i], r->segments[i]);
 	printf("\n");
 	for (int i = 0; i < r->nflows; i++) {
@@ -7207,15 +7227,7 @@ static int flows_list(struct app *app)
 /* "" (everyone), a segment name, or "!" and one. */
 static int segment_name_ok(const char *v)
 {
-	static const char *const names[] = {"new", "active", "vip", "at_risk",
-					    "lapsed", "lost"};
-	if (!*v)
-		return 1;
-	v += *v == '!';
-	for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-		if (!strcmp(v, names[i]))
-			return 1;
-	return 0;
+	return !*v || segment_find(v + (*v == '!')) >= 0;
 }
 
 /* The key=value settings of `flows set` and `flows variant`: each names
@@ -7629,11 +7641,11 @@ static int cmd_segments(struct app *app, rm_time now)
 		return 1;
 	}
 	printf("lapsed after %ld days (%s)\n", days, why);
-	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
-	while (sqlite3_step(s) == SQLITE_ROW)
-		printf("  %-8s %lld\n", col_text(s, 0),
-		       (long long)sqlite3_column_int64(s, 1));
-	sqlite3_reset(s);
+	long n[SEG__MAX];
+	segment_counts(app, n);
+	for (int i = 0; i < SEG__MAX; i++)
+		if (n[i]) /* the segments that have customers, as before */
+			printf("  %-8s %ld\n", segment_names[i], n[i]);
 	return 0;
 }
 

@@ -2517,6 +2517,54 @@ static void test_segments(void)
 	world_close(&w);
 }
 
+/* enum segment and segment_names[] against the SQL that writes the
+ * names: every name SEGMENTS_FILL writes is in the array, each of the
+ * array's names is written for some customer, and the report counts by
+ * the array's order. */
+static void test_segment_names(void)
+{
+	struct world w;
+	char id[32], email[64];
+	if (!ok(world_open(&w, "segnames") == 0, "segment names: world opens"))
+		return;
+	for (int i = 1; i <= 10; i++) { /* as test_segments: new to vip */
+		snprintf(email, sizeof email, "s%02d@example.com", i);
+		for (int k = 0; k < i; k++) {
+			snprintf(id, sizeof id, "s%d-%d", i, k);
+			order_line(&w, id, email, "A", 10.0 * i, T0 - (11 - i) * 5 * DAY - k * DAY, T0);
+		}
+	}
+	order_line(&w, "new1", "new@example.com", "A", 5, T0 - 2 * DAY, T0);
+	order_line(&w, "old1", "gone@example.com", "A", 5, T0 - 400 * DAY, T0);
+	order_line(&w, "old2", "gone@example.com", "A", 5, T0 - 300 * DAY, T0);
+	order_line(&w, "lap1", "lapsed@example.com", "A", 5, T0 - 100 * DAY, T0);
+	ok(flow_segments(&w.app, T0) == 0, "segment names: segments computed");
+	long long all = sq(&w, "SELECT count(*) FROM segments"), known = 0;
+	for (int i = 0; i < SEG__MAX; i++) {
+		long long n = sq(&w, "SELECT count(*) FROM segments WHERE segment = '%s'",
+				 segment_names[i]);
+		ok(n > 0, "the SQL writes segment_names[%d] '%s' (%lld customers)", i,
+		   segment_names[i], n);
+		known += n;
+	}
+	is_int(known, all, "every segment the SQL writes is one of segment_names[]");
+	struct report *r = calloc(1, sizeof *r);
+	if (r && report_build(&w.app, T0 - DAY, T0, r) == 0) {
+		for (int i = 0; i < SEG__MAX; i++) {
+			char name[64];
+			snprintf(name, sizeof name, "report: segments[%d] counts '%s'", i,
+				 segment_names[i]);
+			is_int(r->segments[i], sq(&w, "SELECT count(*) FROM segments "
+						    "WHERE segment = '%s'", segment_names[i]),
+			       name);
+		}
+	} else {
+		ok(0, "report_build over the segments world");
+	}
+	free(r);
+	world_close(&w);
+}
+
 static void test_recommendations(void)
 {
 	struct world w;
@@ -3989,6 +4037,7 @@ int main(void)
 	test_review_fixes();
 	test_measurement();
 	test_lifecycle();
+	test_segment_names();
 	test_keys_codes();
 	test_sending();
 	test_fuzz_findings();
