@@ -7472,6 +7472,130 @@ static void bind_num(sqlite3_stmt *s, int i, const char *v, int integer)
 	}
 }
 
+/* The columns of an import, described once: the header name, how the
+ * value is converted, whether the header must name it, and the import
+ * statement's parameter it binds. A column the file lacks, or an empty
+ * value, binds NULL; the event built from the row then goes through
+ * ev_ingest, which refuses what is missing or malformed. */
+enum csv_kind {
+	CSV_TEXT,   /* bound as it is */
+	CSV_IDENT,  /* an id (sku, order_id): bound as it is, val_ident later */
+	CSV_NUMBER, /* a decimal; anything else is bound as text, refused later */
+	CSV_INT,    /* a whole number, likewise */
+	CSV_TIME,   /* ISO 8601 or Unix seconds; else the row is refused here */
+	CSV_FLAG,   /* 1, true or yes (any case): 1; anything else: 0 */
+};
+enum csv_need {
+	CSV_MUST, /* the header must name it */
+	CSV_WANT, /* listed as expected; a row without it is refused later */
+	CSV_MAY,  /* optional */
+};
+struct csv_column {
+	const char *name;
+	enum csv_kind kind;
+	enum csv_need need;
+	int param; /* ?N of the import statement */
+};
+
+static const struct csv_column product_columns[] = {
+	{"sku", CSV_IDENT, CSV_WANT, 1},
+	{"name", CSV_TEXT, CSV_WANT, 2},
+	{"price", CSV_NUMBER, CSV_WANT, 3},
+	{"url", CSV_TEXT, CSV_MAY, 4},
+	{"image", CSV_TEXT, CSV_MAY, 5},
+	{"category", CSV_TEXT, CSV_MAY, 6},
+	{"review_author", CSV_TEXT, CSV_MAY, 7},
+	{"review_rating", CSV_INT, CSV_MAY, 8},
+	{"review_text", CSV_TEXT, CSV_MAY, 9},
+};
+#define PRODUCT_COLUMNS (sizeof product_columns / sizeof product_columns[0])
+
+static const struct csv_column order_columns[] = {
+	{"order_id", CSV_IDENT, CSV_MUST, 1},
+	{"email", CSV_TEXT, CSV_WANT, 2},
+	{"date", CSV_TIME, CSV_MUST, 3},
+	{"sku", CSV_IDENT, CSV_MUST, 4},
+	{"name", CSV_TEXT, CSV_WANT, 5},
+	{"price", CSV_NUMBER, CSV_WANT, 6},
+	{"qty", CSV_INT, CSV_WANT, 7},
+	{"currency", CSV_TEXT, CSV_MAY, 8},
+	{"consent", CSV_FLAG, CSV_MAY, 9},
+};
+#define ORDER_COLUMNS (sizeof order_columns / sizeof order_columns[0])
+
+/* Finds each column in the header: AT[i] is its field, or -1. Returns 0,
+ * or -1 if a CSV_MUST column is missing. */
+static int csv_header(const struct csv_column *cols, size_t ncols,
+		      const char **hdr, int nh, int *at)
+{
+	int rc = 0;
+	for (size_t i = 0; i < ncols; i++) {
+		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i].name) : -1;
+		if (at[i] < 0 && cols[i].need == CSV_MUST)
+			rc = -1;
+	}
+	return rc;
+}
+
+/* "a,b,c[,d,e]": the columns a header names, the optional in brackets. */
+static void csv_synopsis(const struct csv_column *cols, size_t ncols,
+			 struct buf *out)
+{
+	int first = 1, opt = 0;
+	for (size_t i = 0; i < ncols; i++)
+		if (cols[i].need != CSV_MAY) {
+			buf_addf(out, "%s%s", first ? "" : ",", cols[i].name);
+			first = 0;
+		}
+	for (size_t i = 0; i < ncols; i++)
+		if (cols[i].need == CSV_MAY)
+			buf_addf(out, "%s%s", opt++ ? "," : "[,", cols[i].name);
+	if (opt)
+		buf_adds(out, "]");
+}
+
+/* Binds one row's values to S by the table. Returns -1 before binding
+ * anything if a CSV_TIME value is missing or no time (the column's index
+ * in *BAD), else 0. */
+static int csv_bind(sqlite3_stmt *s, const struct csv_column *cols,
+		    size_t ncols, const int *at, const char **row, int n,
+		    rm_time now, size_t *bad)
+{
+	for (size_t i = 0; i < ncols; i++) {
+		const char *v = csv_val(row, n, at[i]);
+		if (cols[i].kind == CSV_TIME && (!v || parse_time(v, now) < 0)) {
+			/* never "now": an old order must not pass for a new one */
+			*bad = i;
+			return -1;
+		}
+	}
+	for (size_t i = 0; i < ncols; i++) {
+		const char *v = csv_val(row, n, at[i]);
+		int p = cols[i].param;
+		if (!v)
+			continue;
+		switch (cols[i].kind) {
+		case CSV_NUMBER:
+		case CSV_INT:
+			bind_num(s, p, v, cols[i].kind == CSV_INT);
+			break;
+		case CSV_TIME:
+			sqlite3_bind_int64(s, p, parse_time(v, now));
+			break;
+		case CSV_FLAG:
+			sqlite3_bind_int(s, p, !strcasecmp(v, "1") ||
+						      !strcasecmp(v, "true") ||
+						      !strcasecmp(v, "yes"));
+			break;
+		case CSV_TEXT:
+		case CSV_IDENT:
+			sqlite3_bind_text(s, p, v, -1, SQLITE_TRANSIENT);
+			break;
+		}
+	}
+	return 0;
+}
+
 /* Sends one built event through ev_ingest; prints why it was refused. */
 static int import_one(struct app *app, const char *what, const char *json,
 		      rm_time now, long *ok, long *bad)
@@ -7490,13 +7614,9 @@ int import_products(struct app *app, FILE *f, rm_time now)
 {
 	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
 	struct buf hb = {0}, rb = {0}, ev = {0};
-	int nh = csv_record(f, &hb, hdr);
-	static const char *const cols[] = {"sku", "name", "price", "url", "image",
-					   "category", "review_author",
-					   "review_rating", "review_text"};
-	int at[9];
-	for (int i = 0; i < 9; i++)
-		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i]) : -1;
+	int nh = csv_record(f, &hb, hdr), at[PRODUCT_COLUMNS];
+	size_t badcol;
+	csv_header(product_columns, PRODUCT_COLUMNS, hdr, nh, at);
 	long ok = 0, bad = 0, line = 1;
 	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
 		char what[32];
@@ -7509,13 +7629,8 @@ int import_products(struct app *app, FILE *f, rm_time now)
 			break;
 		}
 		sqlite3_stmt *s = q(app->db, ST_IMP_PRODUCT, NULL);
-		for (int i = 0; i < 9; i++) {
-			const char *v = csv_val(row, n, at[i]);
-			if (i == 2 || i == 7)
-				bind_num(s, i + 1, v, i == 7);
-			else if (v)
-				sqlite3_bind_text(s, i + 1, v, -1, SQLITE_TRANSIENT);
-		}
+		csv_bind(s, product_columns, PRODUCT_COLUMNS, at, row, n, now,
+			 &badcol); /* no time column: never refuses */
 		ev.len = 0;
 		if (json_from(app->db, s, &ev) == 0)
 			import_one(app, what, ev.data, now, &ok, &bad);
@@ -7529,16 +7644,13 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 {
 	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
 	struct buf hb = {0}, rb = {0};
-	int nh = csv_record(f, &hb, hdr);
-	static const char *const cols[] = {"order_id", "email", "date", "sku", "name",
-					   "price", "qty", "currency", "consent"};
-	int at[9];
-	for (int i = 0; i < 9; i++)
-		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i]) : -1;
-	if (at[0] < 0 || at[2] < 0 || at[3] < 0) {
+	int nh = csv_record(f, &hb, hdr), at[ORDER_COLUMNS];
+	if (csv_header(order_columns, ORDER_COLUMNS, hdr, nh, at) < 0) {
+		struct buf syn = {0};
+		csv_synopsis(order_columns, ORDER_COLUMNS, &syn);
 		fprintf(stderr, "remarket import orders: the first line must name the "
-			"columns: order_id,email,date,sku,name,price,qty[,currency,consent]\n");
-		buf_free(&hb);
+			"columns: %s\n", buf_str(&syn));
+		buf_free(&syn), buf_free(&hb);
 		return 2;
 	}
 	long ok = 0, bad = 0, line = 1;
@@ -7553,31 +7665,16 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 		}
 		if (n == 1 && !*row[0])
 			continue; /* a blank line */
-		const char *date = csv_val(row, n, at[2]);
-		if (!date || parse_time(date, now) < 0) {
-			/* never "now": an old order must not pass for a new one */
-			if (++bad <= 20)
-				fprintf(stderr, "remarket import: line %ld: date '%s' is "
-					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
-					"seconds\n", line + 1, date ? date : "");
-			continue;
-		}
 		sqlite3_stmt *s = q(app->db, ST_IMP_INSERT, NULL);
-		for (int i = 0; i < 9; i++) {
-			const char *v = csv_val(row, n, at[i]);
-			if (i == 2) {
-				rm_time t = v ? parse_time(v, now) : -1;
-				if (t >= 0)
-					sqlite3_bind_int64(s, 3, t);
-			} else if (i == 5 || i == 6) {
-				bind_num(s, i + 1, v, i == 6);
-			} else if (i == 8 && v) {
-				sqlite3_bind_int(s, 9, !strcasecmp(v, "1") ||
-							       !strcasecmp(v, "true") ||
-							       !strcasecmp(v, "yes"));
-			} else if (v) {
-				sqlite3_bind_text(s, i + 1, v, -1, SQLITE_TRANSIENT);
-			}
+		size_t c;
+		if (csv_bind(s, order_columns, ORDER_COLUMNS, at, row, n, now, &c) < 0) {
+			const char *v = csv_val(row, n, at[c]);
+			if (++bad <= 20)
+				fprintf(stderr, "remarket import: line %ld: %s '%s' is "
+					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
+					"seconds\n", line + 1, order_columns[c].name,
+					v ? v : "");
+			continue;
 		}
 		q_exec(app->db, s);
 	}
