@@ -7487,7 +7487,7 @@ enum csv_kind {
 };
 enum csv_need {
 	CSV_MUST, /* the header must name it */
-	CSV_WANT, /* listed as expected; a row without it is refused later */
+	CSV_WANT, /* expected: the synopsis lists it, the header may lack it */
 	CSV_MAY,  /* optional */
 };
 struct csv_column {
@@ -7501,9 +7501,9 @@ static const struct csv_column product_columns[] = {
 	{"sku", CSV_IDENT, CSV_WANT, 1},
 	{"name", CSV_TEXT, CSV_WANT, 2},
 	{"price", CSV_NUMBER, CSV_WANT, 3},
-	{"url", CSV_TEXT, CSV_MAY, 4},
-	{"image", CSV_TEXT, CSV_MAY, 5},
-	{"category", CSV_TEXT, CSV_MAY, 6},
+	{"url", CSV_TEXT, CSV_WANT, 4},
+	{"image", CSV_TEXT, CSV_WANT, 5},
+	{"category", CSV_TEXT, CSV_WANT, 6},
 	{"review_author", CSV_TEXT, CSV_MAY, 7},
 	{"review_rating", CSV_INT, CSV_MAY, 8},
 	{"review_text", CSV_TEXT, CSV_MAY, 9},
