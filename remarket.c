@@ -2479,18 +2479,29 @@ static int iso_currency(const char *cur)
 	return 0;
 }
 
+/* The event types, listed once: and whether a browser (/collect, the
+ * pixel) may send one; the others come signed from the store backend. */
+static const struct {
+	const char *name;
+	int browser;
+} ev_types[] = {
+	{"identify", 1}, {"cart", 1},	 {"view", 1},
+	{"checkout", 0}, {"order", 0}, {"product", 0},
+};
+
 static int ev_require(const struct event *e, enum ev_source src,
 		      const char *visitor, struct ev_error *err)
 {
 	const char *t = e->type;
 	int browser = src == EV_BROWSER || src == EV_PIXEL;
+	size_t k = 0, ntypes = sizeof ev_types / sizeof ev_types[0];
 	if (!*t)
 		return fail(err, 400, "type: missing");
-	if (strcmp(t, "identify") && strcmp(t, "cart") && strcmp(t, "view") &&
-	    strcmp(t, "checkout") && strcmp(t, "order") && strcmp(t, "product"))
+	while (k < ntypes && strcmp(t, ev_types[k].name))
+		k++;
+	if (k == ntypes)
 		return fail(err, 400, "type: unknown event type '%s'", t);
-	if (browser && strcmp(t, "identify") && strcmp(t, "cart") &&
-	    strcmp(t, "view"))
+	if (browser && !ev_types[k].browser)
 		return fail(err, 403, "type: '%s' events must be sent signed to "
 			    "/events by the store backend", t);
 	if (src == EV_PIXEL && strcmp(t, "view"))
