@@ -2479,13 +2479,13 @@ static int iso_currency(const char *cur)
 	return 0;
 }
 
-/* The event types, listed once: and whether a browser (/collect, the
- * pixel) may send one; the others come signed from the store backend. */
+/* The event types, listed once, each with whether a browser (/collect,
+ * the pixel) may send it; the others come signed from the store backend. */
 static const struct {
 	const char *name;
 	int browser;
 } ev_types[] = {
-	{"identify", 1}, {"cart", 1},	 {"view", 1},
+	{"identify", 1}, {"cart", 1},  {"view", 1},
 	{"checkout", 0}, {"order", 0}, {"product", 0},
 };
 
