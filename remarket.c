@@ -870,9 +870,7 @@ void cfg_free(struct config *cfg)
 	  "WHEN f = 5 AND m >= 4 THEN 'vip' "                                  \
 	  "WHEN r <= 2 AND n >= 2 THEN 'at_risk' ELSE 'active' END FROM s")    \
 	X(SEGMENT_COUNTS,                                                      \
-	  "SELECT segment, count(*) FROM segments GROUP BY segment "           \
-	  "ORDER BY CASE segment WHEN 'new' THEN 1 WHEN 'active' THEN 2 "      \
-	  "WHEN 'vip' THEN 3 WHEN 'at_risk' THEN 4 WHEN 'lapsed' THEN 5 ELSE 6 END") \
+	  "SELECT segment, count(*) FROM segments GROUP BY segment")          \
 	/* lapsed: no order for the threshold (two thirds of it for the at-   \
 	 * risk), consenting, and not enrolled since their last order nor     \
 	 * within the cool-down: once per lapse */                            \
@@ -2522,18 +2520,29 @@ static int iso_currency(const char *cur)
 	return 0;
 }
 
+/* The event types, listed once, each with whether a browser (/collect,
+ * the pixel) may send it; the others come signed from the store backend. */
+static const struct {
+	const char *name;
+	int browser;
+} ev_types[] = {
+	{"identify", 1}, {"cart", 1},  {"view", 1},
+	{"checkout", 0}, {"order", 0}, {"product", 0},
+};
+
 static int ev_require(const struct event *e, enum ev_source src,
 		      const char *visitor, struct ev_error *err)
 {
 	const char *t = e->type;
 	int browser = src == EV_BROWSER || src == EV_PIXEL;
+	size_t k = 0, ntypes = sizeof ev_types / sizeof ev_types[0];
 	if (!*t)
 		return fail(err, 400, "type: missing");
-	if (strcmp(t, "identify") && strcmp(t, "cart") && strcmp(t, "view") &&
-	    strcmp(t, "checkout") && strcmp(t, "order") && strcmp(t, "product"))
+	while (k < ntypes && strcmp(t, ev_types[k].name))
+		k++;
+	if (k == ntypes)
 		return fail(err, 400, "type: unknown event type '%s'", t);
-	if (browser && strcmp(t, "identify") && strcmp(t, "cart") &&
-	    strcmp(t, "view"))
+	if (browser && !ev_types[k].browser)
 		return fail(err, 403, "type: '%s' events must be sent signed to "
 			    "/events by the store backend", t);
 	if (src == EV_PIXEL && strcmp(t, "view"))
@@ -3215,7 +3224,7 @@ int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 			      m->list_unsub, m->feedback_id ? m->feedback_id : ""};
 	const char *names[] = {"From", "To", "Subject", "Message-ID",
 			       "List-Unsubscribe", "Feedback-ID"};
-	for (size_t i = 0; i < 6; i++)
+	for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++)
 		if (!vals[i] || has_crlf(vals[i])) {
 			snprintf(err, errlen, "header %s: %s", names[i],
 				 vals[i] ? "contains CR or LF, refused" : "missing");
@@ -4421,6 +4430,36 @@ int flow_segments(struct app *app, rm_time now)
 	return 0;
 }
 
+/* The one list of segment names, in enum segment's order; SEGMENTS_FILL
+ * writes the same names (a unit test holds the two together). */
+const char *const segment_names[SEG__MAX] = {
+	[SEG_NEW] = "new",	   [SEG_ACTIVE] = "active", [SEG_VIP] = "vip",
+	[SEG_AT_RISK] = "at_risk", [SEG_LAPSED] = "lapsed", [SEG_LOST] = "lost",
+};
+
+/* The enum segment of NAME, or -1. */
+static int segment_find(const char *name)
+{
+	for (int i = 0; i < SEG__MAX; i++)
+		if (!strcmp(name, segment_names[i]))
+			return i;
+	return -1;
+}
+
+/* Customers per segment, from the last flow_segments. */
+static void segment_counts(struct app *app, long n[SEG__MAX])
+{
+	for (int i = 0; i < SEG__MAX; i++)
+		n[i] = 0;
+	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		int i = segment_find(col_text(s, 0));
+		if (i >= 0)
+			n[i] = (long)sqlite3_column_int64(s, 1);
+	}
+	sqlite3_reset(s);
+}
+
 /* browser_consent = confirm: the double opt-in mail of one contact, with
  * a signed link (30 days) to the confirm page. */
 static int confirm_mail(struct app *app, int64_t contact, const char *email,
@@ -4947,9 +4986,6 @@ static void rep_series(struct app *app, struct report *r)
 	sqlite3_reset(s);
 }
 
-static const char *const segment_names[6] = {"new", "active", "vip", "at_risk",
-					      "lapsed", "lost"};
-
 static void rep_lifecycle(struct app *app, struct report *r)
 {
 	r->lapse_days = flow_lapse_days(app, r->lapse_why, sizeof r->lapse_why);
@@ -4957,12 +4993,7 @@ static void rep_lifecycle(struct app *app, struct report *r)
 	      "lll", &r->lapsed, &r->contacted, &r->reactivated);
 	r->reactivation_rate = r->contacted ? (double)r->reactivated /
 						      (double)r->contacted : 0;
-	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
-	while (sqlite3_step(s) == SQLITE_ROW)
-		for (int i = 0; i < 6; i++)
-			if (!strcmp(col_text(s, 0), segment_names[i]))
-				r->segments[i] = sqlite3_column_int64(s, 1);
-	sqlite3_reset(s);
+	segment_counts(app, r->segments);
 }
 
 int report_build(struct app *app, rm_time since, rm_time until, struct report *r)
@@ -5283,7 +5314,7 @@ int report_json(const struct report *r, struct buf *out)
 	buf_addf(out, ",\"lapsed\":%ld,\"contacted\":%ld,\"reactivated_30d\":%ld,"
 		 "\"rate\":%.4f},\"segments\":{", r->lapsed, r->contacted,
 		 r->reactivated, r->reactivation_rate);
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < SEG__MAX; i++)
 		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
 			 r->segments[i]);
 	buf_adds(out, "}");
@@ -5442,10 +5473,10 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 	snprintf(v, sizeof v, "%.1f %%", 100 * r->reactivation_rate);
 	html_num(b, "winback.rate", r->reactivation_rate, v);
 	buf_adds(b, ").</p></section><section><h2>Segments</h2><table><tr>");
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < SEG__MAX; i++)
 		buf_addf(b, "<th>%s</th>", segment_names[i]);
 	buf_adds(b, "</tr><tr>");
-	for (int i = 0; i < 6; i++) {
+	for (int i = 0; i < SEG__MAX; i++) {
 		snprintf(k, sizeof k, "segments.%s", segment_names[i]);
 		snprintf(v, sizeof v, "%ld", r->segments[i]);
 		buf_adds(b, "<td>");
@@ -5541,7 +5572,7 @@ static void report_text(const struct report *r)
 	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
 	       r->lapse_why, r->contacted, r->reactivated, 100 * r->reactivation_rate);
 	printf("segments          ");
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < SEG__MAX; i++)
 		printf(" %s %ld", segment_names[i], r->segments[i]);
 	printf("\n");
 	for (int i = 0; i < r->nflows; i++) {
@@ -7519,15 +7550,7 @@ static int flows_list(struct app *app)
 /* "" (everyone), a segment name, or "!" and one. */
 static int segment_name_ok(const char *v)
 {
-	static const char *const names[] = {"new", "active", "vip", "at_risk",
-					    "lapsed", "lost"};
-	if (!*v)
-		return 1;
-	v += *v == '!';
-	for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-		if (!strcmp(v, names[i]))
-			return 1;
-	return 0;
+	return !*v || segment_find(v + (*v == '!')) >= 0;
 }
 
 /* The key=value settings of `flows set` and `flows variant`: each key is
@@ -7791,6 +7814,130 @@ static void bind_num(sqlite3_stmt *s, int i, const char *v, int integer)
 	}
 }
 
+/* The columns of an import, described once: the header name, how the
+ * value is converted, whether the header must name it, and the import
+ * statement's parameter it binds. A column the file lacks, or an empty
+ * value, binds NULL; the event built from the row then goes through
+ * ev_ingest, which refuses what is missing or malformed. */
+enum csv_kind {
+	CSV_TEXT,   /* bound as it is */
+	CSV_IDENT,  /* an id (sku, order_id): bound as it is, val_ident later */
+	CSV_NUMBER, /* a decimal; anything else is bound as text, refused later */
+	CSV_INT,    /* a whole number, likewise */
+	CSV_TIME,   /* ISO 8601 or Unix seconds; else the row is refused here */
+	CSV_FLAG,   /* 1, true or yes (any case): 1; anything else: 0 */
+};
+enum csv_need {
+	CSV_MUST, /* the header must name it */
+	CSV_WANT, /* expected: the synopsis lists it, the header may lack it */
+	CSV_MAY,  /* optional */
+};
+struct csv_column {
+	const char *name;
+	enum csv_kind kind;
+	enum csv_need need;
+	int param; /* ?N of the import statement */
+};
+
+static const struct csv_column product_columns[] = {
+	{"sku", CSV_IDENT, CSV_WANT, 1},
+	{"name", CSV_TEXT, CSV_WANT, 2},
+	{"price", CSV_NUMBER, CSV_WANT, 3},
+	{"url", CSV_TEXT, CSV_WANT, 4},
+	{"image", CSV_TEXT, CSV_WANT, 5},
+	{"category", CSV_TEXT, CSV_WANT, 6},
+	{"review_author", CSV_TEXT, CSV_MAY, 7},
+	{"review_rating", CSV_INT, CSV_MAY, 8},
+	{"review_text", CSV_TEXT, CSV_MAY, 9},
+};
+#define PRODUCT_COLUMNS (sizeof product_columns / sizeof product_columns[0])
+
+static const struct csv_column order_columns[] = {
+	{"order_id", CSV_IDENT, CSV_MUST, 1},
+	{"email", CSV_TEXT, CSV_WANT, 2},
+	{"date", CSV_TIME, CSV_MUST, 3},
+	{"sku", CSV_IDENT, CSV_MUST, 4},
+	{"name", CSV_TEXT, CSV_WANT, 5},
+	{"price", CSV_NUMBER, CSV_WANT, 6},
+	{"qty", CSV_INT, CSV_WANT, 7},
+	{"currency", CSV_TEXT, CSV_MAY, 8},
+	{"consent", CSV_FLAG, CSV_MAY, 9},
+};
+#define ORDER_COLUMNS (sizeof order_columns / sizeof order_columns[0])
+
+/* Finds each column in the header: AT[i] is its field, or -1. Returns 0,
+ * or -1 if a CSV_MUST column is missing. */
+static int csv_header(const struct csv_column *cols, size_t ncols,
+		      const char **hdr, int nh, int *at)
+{
+	int rc = 0;
+	for (size_t i = 0; i < ncols; i++) {
+		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i].name) : -1;
+		if (at[i] < 0 && cols[i].need == CSV_MUST)
+			rc = -1;
+	}
+	return rc;
+}
+
+/* "a,b,c[,d,e]": the columns a header names, the optional in brackets. */
+static void csv_synopsis(const struct csv_column *cols, size_t ncols,
+			 struct buf *out)
+{
+	int first = 1, opt = 0;
+	for (size_t i = 0; i < ncols; i++)
+		if (cols[i].need != CSV_MAY) {
+			buf_addf(out, "%s%s", first ? "" : ",", cols[i].name);
+			first = 0;
+		}
+	for (size_t i = 0; i < ncols; i++)
+		if (cols[i].need == CSV_MAY)
+			buf_addf(out, "%s%s", opt++ ? "," : "[,", cols[i].name);
+	if (opt)
+		buf_adds(out, "]");
+}
+
+/* Binds one row's values to S by the table. Returns -1 before binding
+ * anything if a CSV_TIME value is missing or no time (the column's index
+ * in *BAD), else 0. */
+static int csv_bind(sqlite3_stmt *s, const struct csv_column *cols,
+		    size_t ncols, const int *at, const char **row, int n,
+		    rm_time now, size_t *bad)
+{
+	for (size_t i = 0; i < ncols; i++) {
+		const char *v = csv_val(row, n, at[i]);
+		if (cols[i].kind == CSV_TIME && (!v || parse_time(v, now) < 0)) {
+			/* never "now": an old order must not pass for a new one */
+			*bad = i;
+			return -1;
+		}
+	}
+	for (size_t i = 0; i < ncols; i++) {
+		const char *v = csv_val(row, n, at[i]);
+		int p = cols[i].param;
+		if (!v)
+			continue;
+		switch (cols[i].kind) {
+		case CSV_NUMBER:
+		case CSV_INT:
+			bind_num(s, p, v, cols[i].kind == CSV_INT);
+			break;
+		case CSV_TIME:
+			sqlite3_bind_int64(s, p, parse_time(v, now));
+			break;
+		case CSV_FLAG:
+			sqlite3_bind_int(s, p, !strcasecmp(v, "1") ||
+						      !strcasecmp(v, "true") ||
+						      !strcasecmp(v, "yes"));
+			break;
+		case CSV_TEXT:
+		case CSV_IDENT:
+			sqlite3_bind_text(s, p, v, -1, SQLITE_TRANSIENT);
+			break;
+		}
+	}
+	return 0;
+}
+
 /* Sends one built event through ev_ingest; prints why it was refused. */
 static int import_one(struct app *app, const char *what, const char *json,
 		      rm_time now, long *ok, long *bad)
@@ -7809,13 +7956,9 @@ int import_products(struct app *app, FILE *f, rm_time now)
 {
 	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
 	struct buf hb = {0}, rb = {0}, ev = {0};
-	int nh = csv_record(f, &hb, hdr);
-	static const char *const cols[] = {"sku", "name", "price", "url", "image",
-					   "category", "review_author",
-					   "review_rating", "review_text"};
-	int at[9];
-	for (int i = 0; i < 9; i++)
-		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i]) : -1;
+	int nh = csv_record(f, &hb, hdr), at[PRODUCT_COLUMNS];
+	size_t badcol;
+	csv_header(product_columns, PRODUCT_COLUMNS, hdr, nh, at);
 	long ok = 0, bad = 0, line = 1;
 	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
 		char what[32];
@@ -7828,13 +7971,8 @@ int import_products(struct app *app, FILE *f, rm_time now)
 			break;
 		}
 		sqlite3_stmt *s = q(app->db, ST_IMP_PRODUCT, NULL);
-		for (int i = 0; i < 9; i++) {
-			const char *v = csv_val(row, n, at[i]);
-			if (i == 2 || i == 7)
-				bind_num(s, i + 1, v, i == 7);
-			else if (v)
-				sqlite3_bind_text(s, i + 1, v, -1, SQLITE_TRANSIENT);
-		}
+		csv_bind(s, product_columns, PRODUCT_COLUMNS, at, row, n, now,
+			 &badcol); /* no time column: never refuses */
 		ev.len = 0;
 		if (json_from(app->db, s, &ev) == 0)
 			import_one(app, what, ev.data, now, &ok, &bad);
@@ -7848,16 +7986,13 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 {
 	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
 	struct buf hb = {0}, rb = {0};
-	int nh = csv_record(f, &hb, hdr);
-	static const char *const cols[] = {"order_id", "email", "date", "sku", "name",
-					   "price", "qty", "currency", "consent"};
-	int at[9];
-	for (int i = 0; i < 9; i++)
-		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i]) : -1;
-	if (at[0] < 0 || at[2] < 0 || at[3] < 0) {
+	int nh = csv_record(f, &hb, hdr), at[ORDER_COLUMNS];
+	if (csv_header(order_columns, ORDER_COLUMNS, hdr, nh, at) < 0) {
+		struct buf syn = {0};
+		csv_synopsis(order_columns, ORDER_COLUMNS, &syn);
 		fprintf(stderr, "remarket import orders: the first line must name the "
-			"columns: order_id,email,date,sku,name,price,qty[,currency,consent]\n");
-		buf_free(&hb);
+			"columns: %s\n", buf_str(&syn));
+		buf_free(&syn), buf_free(&hb);
 		return 2;
 	}
 	long ok = 0, bad = 0, line = 1;
@@ -7872,31 +8007,16 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 		}
 		if (n == 1 && !*row[0])
 			continue; /* a blank line */
-		const char *date = csv_val(row, n, at[2]);
-		if (!date || parse_time(date, now) < 0) {
-			/* never "now": an old order must not pass for a new one */
-			if (++bad <= 20)
-				fprintf(stderr, "remarket import: line %ld: date '%s' is "
-					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
-					"seconds\n", line + 1, date ? date : "");
-			continue;
-		}
 		sqlite3_stmt *s = q(app->db, ST_IMP_INSERT, NULL);
-		for (int i = 0; i < 9; i++) {
-			const char *v = csv_val(row, n, at[i]);
-			if (i == 2) {
-				rm_time t = v ? parse_time(v, now) : -1;
-				if (t >= 0)
-					sqlite3_bind_int64(s, 3, t);
-			} else if (i == 5 || i == 6) {
-				bind_num(s, i + 1, v, i == 6);
-			} else if (i == 8 && v) {
-				sqlite3_bind_int(s, 9, !strcasecmp(v, "1") ||
-							       !strcasecmp(v, "true") ||
-							       !strcasecmp(v, "yes"));
-			} else if (v) {
-				sqlite3_bind_text(s, i + 1, v, -1, SQLITE_TRANSIENT);
-			}
+		size_t c;
+		if (csv_bind(s, order_columns, ORDER_COLUMNS, at, row, n, now, &c) < 0) {
+			const char *v = csv_val(row, n, at[c]);
+			if (++bad <= 20)
+				fprintf(stderr, "remarket import: line %ld: %s '%s' is "
+					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
+					"seconds\n", line + 1, order_columns[c].name,
+					v ? v : "");
+			continue;
 		}
 		q_exec(app->db, s);
 	}
@@ -7966,11 +8086,11 @@ static int cmd_segments(struct app *app, struct config *cfg, rm_time now,
 		return 1;
 	}
 	printf("lapsed after %ld days (%s)\n", days, why);
-	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
-	while (sqlite3_step(s) == SQLITE_ROW)
-		printf("  %-8s %lld\n", col_text(s, 0),
-		       (long long)sqlite3_column_int64(s, 1));
-	sqlite3_reset(s);
+	long n[SEG__MAX];
+	segment_counts(app, n);
+	for (int i = 0; i < SEG__MAX; i++)
+		if (n[i]) /* the segments that have customers, as before */
+			printf("  %-8s %ld\n", segment_names[i], n[i]);
 	return 0;
 }
 

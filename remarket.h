@@ -206,6 +206,11 @@ int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit);
  * consecutive orders, clamped to 60-180 (90 with fewer than 20 gaps). WHY
  * says how the number was found. */
 long flow_lapse_days(struct app *app, char *why, size_t whylen);
+/* The RFM segments, in the report's order. segment_names[] holds their
+ * names as the SQL (SEGMENTS_FILL) writes them into segments.segment. */
+enum segment { SEG_NEW, SEG_ACTIVE, SEG_VIP, SEG_AT_RISK, SEG_LAPSED,
+	       SEG_LOST, SEG__MAX };
+extern const char *const segment_names[SEG__MAX];
 /* Recomputes every customer's RFM scores and segment (table segments). */
 int flow_segments(struct app *app, rm_time now);
 /* Up to N product skus to recommend to CONTACT, best first, in OUT
@@ -284,7 +289,7 @@ struct report {
 	long lapse_days, lapsed, contacted, reactivated;
 	char lapse_why[200];
 	double reactivation_rate;  /* contacted who ordered within 30 days */
-	long segments[6];          /* new, active, vip, at_risk, lapsed, lost */
+	long segments[SEG__MAX];   /* customers per segment, by enum segment */
 	double daily[REPORT_DAYS]; /* attributed revenue by day, last day = until */
 	rm_time first_day;
 	int ndays;

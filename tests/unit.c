@@ -2712,6 +2712,141 @@ static void test_segments(void)
 	world_close(&w);
 }
 
+/* enum segment and segment_names[] against the SQL that writes the
+ * names: every name SEGMENTS_FILL writes is in the array, each of the
+ * array's names is written for some customer, and the report counts by
+ * the array's order. */
+static void test_segment_names(void)
+{
+	struct world w;
+	char id[32], email[64];
+	if (!ok(world_open(&w, "segnames") == 0, "segment names: world opens"))
+		return;
+	for (int i = 1; i <= 10; i++) { /* as test_segments: new to vip */
+		snprintf(email, sizeof email, "s%02d@example.com", i);
+		for (int k = 0; k < i; k++) {
+			snprintf(id, sizeof id, "s%d-%d", i, k);
+			order_line(&w, id, email, "A", 10.0 * i, T0 - (11 - i) * 5 * DAY - k * DAY, T0);
+		}
+	}
+	order_line(&w, "new1", "new@example.com", "A", 5, T0 - 2 * DAY, T0);
+	order_line(&w, "old1", "gone@example.com", "A", 5, T0 - 400 * DAY, T0);
+	order_line(&w, "old2", "gone@example.com", "A", 5, T0 - 300 * DAY, T0);
+	order_line(&w, "lap1", "lapsed@example.com", "A", 5, T0 - 100 * DAY, T0);
+	ok(flow_segments(&w.app, T0) == 0, "segment names: segments computed");
+	long long all = sq(&w, "SELECT count(*) FROM segments"), known = 0;
+	for (int i = 0; i < SEG__MAX; i++) {
+		long long n = sq(&w, "SELECT count(*) FROM segments WHERE segment = '%s'",
+				 segment_names[i]);
+		ok(n > 0, "the SQL writes segment_names[%d] '%s' (%lld customers)", i,
+		   segment_names[i], n);
+		known += n;
+	}
+	is_int(known, all, "every segment the SQL writes is one of segment_names[]");
+	struct report *r = calloc(1, sizeof *r);
+	if (r && report_build(&w.app, T0 - DAY, T0, r) == 0) {
+		for (int i = 0; i < SEG__MAX; i++) {
+			char name[64];
+			snprintf(name, sizeof name, "report: segments[%d] counts '%s'", i,
+				 segment_names[i]);
+			is_int(r->segments[i], sq(&w, "SELECT count(*) FROM segments "
+						    "WHERE segment = '%s'", segment_names[i]),
+			       name);
+		}
+	} else {
+		ok(0, "report_build over the segments world");
+	}
+	free(r);
+	world_close(&w);
+}
+
+/* Runs import_orders (ORDERS) or import_products on CSV; what it prints
+ * on stdout and stderr goes to OUT and ERR. Returns its result. */
+static int csv_run(struct world *w, int orders, const char *csv, char *out,
+		   size_t outlen, char *err, size_t errlen)
+{
+	FILE *f = fmemopen((void *)csv, strlen(csv), "r");
+	FILE *co = tmpfile(), *ce = tmpfile();
+	int rc = -9, so = dup(1), se = dup(2);
+	if (f && co && ce && so >= 0 && se >= 0) {
+		fflush(stdout), fflush(stderr);
+		dup2(fileno(co), 1), dup2(fileno(ce), 2);
+		rc = orders ? import_orders(&w->app, f, T0) : import_products(&w->app, f, T0);
+		fflush(stdout), fflush(stderr);
+		dup2(so, 1), dup2(se, 2);
+	}
+	*out = *err = '\0';
+	if (co)
+		rewind(co), out[fread(out, 1, outlen - 1, co)] = '\0', fclose(co);
+	if (ce)
+		rewind(ce), err[fread(err, 1, errlen - 1, ce)] = '\0', fclose(ce);
+	if (so >= 0)
+		close(so);
+	if (se >= 0)
+		close(se);
+	if (f)
+		fclose(f);
+	return rc;
+}
+
+/* The importers' column tables: names in any order and case, each kind
+ * converted as before, the header's must-have columns, the messages. */
+static void test_csv_columns(void)
+{
+	struct world w;
+	char out[256], err[1024];
+	if (!ok(world_open(&w, "csvcols") == 0, "csv columns: world opens"))
+		return;
+	is_int(csv_run(&w, 1, "email,sku,name\na@example.com,X,Y\n", out, sizeof out,
+		       err, sizeof err), 2, "orders: a header without order_id and date: 2");
+	is_str(err, "remarket import orders: the first line must name the columns: "
+	       "order_id,email,date,sku,name,price,qty[,currency,consent]\n",
+	       "... the message lists the columns, the optional ones in brackets");
+	is_int(csv_run(&w, 1, "order_id,date,email\n1,2024-01-15,a@example.com\n", out,
+		       sizeof out, err, sizeof err), 2, "orders: a header without sku: 2");
+	/* email, name, price, qty named but not present: the header passes */
+	is_int(csv_run(&w, 1, " SKU ,Consent,Date,ORDER_ID,qty,Price,Email,Currency,name\n"
+		       "K1,Yes,2024-01-15T10:00:00Z,o1,2,9.5,c1@example.com,USD,Kettle\n"
+		       "K2,no,1705312800,o2,,4,c2@example.com,,Cup\n"
+		       "K3,true,2024-01-15 10:00:00,o3,1,1,c3@example.com,,Pot\n"
+		       "K4,,2024-01-16,o4,1,abc,c4@example.com,,Pan\n",
+		       out, sizeof out, err, sizeof err), 1,
+	       "orders: columns in any order and case; a refused row makes 1");
+	is_str(out, "{\"imported\":2,\"refused\":2}\n", "... 2 imported, 2 refused");
+	ok(strstr(err, "line 4: date '2024-01-15 10:00:00' is not ISO 8601") != NULL,
+	   "... a date that is no time refuses its row, named (%s)", err);
+	ok(strstr(err, "order o4:") != NULL, "... a price that is no number is refused by "
+	   "ev_ingest (%s)", err);
+	is_int(sq(&w, "SELECT ts FROM orders WHERE order_key = 'o1'"), 1705312800,
+	       "time: ISO 8601 converted");
+	is_int(sq(&w, "SELECT ts FROM orders WHERE order_key = 'o2'"), 1705312800,
+	       "time: Unix seconds converted");
+	is_int(sq(&w, "SELECT round(total * 100) FROM orders WHERE order_key = 'o1'"), 1900,
+	       "number and int: 9.5 x 2 = 19");
+	is_int(sq(&w, "SELECT json_extract(items, '$[0].qty') FROM orders "
+		  "WHERE order_key = 'o2'"), 1, "int: an empty qty is 1");
+	is_int(sq(&w, "SELECT currency = 'USD' FROM orders WHERE order_key = 'o1'"), 1,
+	       "text: the currency as given");
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'c1@example.com'"), 1,
+	       "flag: Yes gives consent");
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'c2@example.com'"), 0,
+	       "flag: no does not");
+
+	is_int(csv_run(&w, 0, "Price,sku,name,review_rating,review_author,review_text,category\n"
+		       "12.5,P1,Lamp,4,Ann,Bright,lamps\n"
+		       "x,P2,Vase,,,,\n", out, sizeof out, err, sizeof err), 1,
+	       "products: columns in any order; a row with a bad price makes 1");
+	is_str(out, "{\"imported\":1,\"refused\":1}\n", "... 1 imported, 1 refused");
+	ok(strstr(err, "line 3:") != NULL, "... the refused line is named (%s)", err);
+	is_int(sq(&w, "SELECT round(price * 10) FROM products WHERE sku = 'P1'"), 125,
+	       "products: number converted");
+	is_int(sq(&w, "SELECT rating FROM reviews WHERE sku = 'P1'"), 4,
+	       "products: the review's rating an integer");
+	is_int(sq(&w, "SELECT category = 'lamps' FROM products WHERE sku = 'P1'"), 1,
+	       "products: text as given");
+	world_close(&w);
+}
+
 static void test_recommendations(void)
 {
 	struct world w;
@@ -4186,6 +4321,8 @@ int main(void)
 	test_measurement();
 	test_report_numbers();
 	test_lifecycle();
+	test_segment_names();
+	test_csv_columns();
 	test_keys_codes();
 	test_sending();
 	test_fuzz_findings();
