@@ -7396,6 +7396,11 @@ static int cmd_event(struct app *app, struct config *cfg, rm_time now, int argc,
 	while ((n = fread(chunk, 1, sizeof chunk, stdin)) > 0)
 		if (buf_add(&in, chunk, n) < 0)
 			break;
+	if (buf_failed(&in)) { /* never record a part of what was sent */
+		fprintf(stderr, "remarket: event: out of memory reading stdin\n");
+		buf_free(&in);
+		return 1;
+	}
 	struct ev_error err;
 	int rc = ev_ingest(app, EV_CLI, buf_str(&in), in.len, NULL, now, &err);
 	buf_free(&in);
@@ -7744,7 +7749,7 @@ static int csv_record(FILE *f, struct buf *b, const char **fields)
 {
 	size_t starts[CSV_FIELDS];
 	int n = 0, c, quoted = 0, any = 0;
-	b->len = 0;
+	buf_reset(b);
 	starts[n++] = 0;
 	while ((c = fgetc(f)) != EOF) {
 		any = 1;
@@ -7781,6 +7786,8 @@ static int csv_record(FILE *f, struct buf *b, const char **fields)
 	if (!any)
 		return 0;
 	buf_add(b, "", 1);
+	if (buf_failed(b))
+		return -1; /* no field may point into a buffer that lost bytes */
 	for (int i = 0; i < n; i++)
 		fields[i] = b->data + starts[i];
 	return n;
@@ -7973,7 +7980,7 @@ int import_products(struct app *app, FILE *f, rm_time now)
 		sqlite3_stmt *s = q(app->db, ST_IMP_PRODUCT, NULL);
 		csv_bind(s, product_columns, PRODUCT_COLUMNS, at, row, n, now,
 			 &badcol); /* no time column: never refuses */
-		ev.len = 0;
+		buf_reset(&ev);
 		if (json_from(app->db, s, &ev) == 0)
 			import_one(app, what, ev.data, now, &ok, &bad);
 	}
