@@ -58,7 +58,7 @@
 #define RM_SHAREDIR "/usr/local/share/remarket"
 #endif
 
-/* ==== 1. Buffers and small helpers ==================================== */
+/* ==== Buffers and small helpers ======================================= */
 /*
  * A growable, always NUL-terminated byte buffer is the only string
  * builder in the program: no strcat, no sprintf into fixed arrays.
@@ -69,6 +69,8 @@
  * success; a buffer that failed is never sent, written or stored as if
  * whole. Per-call checks remain only where a failure changes what
  * happens next (a loop that must stop, a value read back at once).
+ * Also here: time parsing and the one clock, IP addresses and CIDR
+ * lists, and the few file helpers (read, mkdir -p, atomic write).
  */
 
 /* Makes room for n more bytes plus the terminating NUL; on failure sets
@@ -417,7 +419,7 @@ static int write_file_atomic(const char *path, const char *data, size_t n,
 	return 0;
 }
 
-/* ==== 2. Configuration ================================================= */
+/* ==== Configuration =================================================== */
 /*
  * One table says every key, its type and its default. Values come from
  * the defaults, then the file, then REMARKET_<KEY> variables, so an
@@ -683,7 +685,7 @@ void cfg_free(struct config *cfg)
 	memset(cfg, 0, sizeof *cfg);
 }
 
-/* ==== 3. Storage: connection, migrations, named statements ============= */
+/* ==== Storage: connection, migrations, named statements =============== */
 /*
  * Every SQL text the program runs (besides the migrations in sql/) is in
  * the STATEMENTS table below, prepared once per connection on first use.
@@ -1625,7 +1627,95 @@ static int json_from(struct db *db, sqlite3_stmt *s, struct buf *out)
 	return rc;
 }
 
-/* ==== 4. Validators ===================================================== */
+/* ==== The application object ========================================== */
+/*
+ * struct app is what every command and every FastCGI worker holds: the
+ * configuration, its own database connection (at the schema this binary
+ * needs), the key ring and a libcurl handle. app_open makes one and
+ * app_close ends it; no connection or key is shared between two apps,
+ * and none may cross a fork (serve_cgi closes its app before a tick's
+ * child is detached). The key file must hold whole keys: a missing or
+ * short one is an error naming the file and `remarket init` / `remarket
+ * keygen`, never a default key. Keys are wiped when the app closes.
+ */
+
+/*
+ * The key file is a key ring: one or more 32-byte keys, raw, oldest first.
+ * The last one signs; every one verifies, so that `remarket keygen
+ * --rotate` (which appends a key) breaks no link already mailed. A file of
+ * one key, as every remarket before the ring wrote, is a ring of one.
+ */
+static int load_keys(const char *path, struct buf *b, char *err,
+		     size_t errlen)
+{
+	errno = 0;
+	int rc = read_file(path, b, RM_MAXKEYS * RM_KEYBYTES);
+	if (rc < 0 || b->len == 0 || b->len % RM_KEYBYTES) {
+		snprintf(err, errlen, "key_file %s: %s — run 'remarket init' or "
+			 "'remarket keygen > %s'", path,
+			 rc < 0 && errno ? strerror(errno) :
+			 "must hold one or more 32-byte keys (at most 16)", path);
+		if (b->data)
+			sodium_memzero(b->data, b->len);
+		buf_free(b);
+		return -1;
+	}
+	return 0;
+}
+
+static int load_key(struct app *app, const char *path, char *err,
+		    size_t errlen)
+{
+	struct buf b = {0};
+	if (load_keys(path, &b, err, errlen) < 0)
+		return -1;
+	int n = (int)(b.len / RM_KEYBYTES);
+	memcpy(app->key, b.data + (size_t)(n - 1) * RM_KEYBYTES, RM_KEYBYTES);
+	app->nold = n - 1;
+	for (int i = 0; i < app->nold; i++) /* newest first */
+		memcpy(app->old_keys[i],
+		       b.data + (size_t)(n - 2 - i) * RM_KEYBYTES, RM_KEYBYTES);
+	sodium_memzero(b.data, b.len);
+	buf_free(&b);
+	return 0;
+}
+
+int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
+{
+	memset(app, 0, sizeof *app);
+	app->cfg = cfg;
+	if (load_key(app, cfg->key_file, err, errlen) < 0 ||
+	    db_open(&app->db, cfg->db, err, errlen) < 0)
+		return -1;
+	int have = db_user_version(app->db);
+	int want = (int)(sizeof migrations / sizeof migrations[0]);
+	if (have != want) {
+		snprintf(err, errlen, "db %s is at schema %d, this remarket needs %d:"
+			 " run 'remarket init'", cfg->db, have, want);
+		app_close(app);
+		return -1;
+	}
+	app->curl = curl_easy_init();
+	if (!app->curl) {
+		snprintf(err, errlen, "libcurl: cannot create a handle");
+		app_close(app);
+		return -1;
+	}
+	return 0;
+}
+
+void app_close(struct app *app)
+{
+	db_close(app->db);
+	if (app->curl)
+		curl_easy_cleanup(app->curl);
+	sodium_memzero(app->key, sizeof app->key);
+	sodium_memzero(app->old_keys, sizeof app->old_keys);
+	app->db = NULL;
+	app->curl = NULL;
+}
+
+/* ==== Validators ====================================================== */
 /*
  * Named validators for every field that comes from outside. Each answers
  * 1 (valid) or 0 and never modifies its input. Nothing else in the
@@ -1764,15 +1854,16 @@ int val_url(const char *s)
 	return ok;
 }
 
-/* ==== 5. Signed tokens and hook signatures ============================= */
+/* ==== Signed tokens and hook signatures =============================== */
 /*
  * A token is base64url(kind | subject | expires | mac) where mac is a
  * 128-bit keyed BLAKE2b (crypto_generichash) over the first 17 bytes.
  * The MAC is checked before anything in the token is believed, in
  * constant time. Tokens hold no personal data: the subject is a row id.
  * The app signs with the newest key of its key ring and verifies with
- * each (app_tok_verify, section 15), so a rotation breaks no link.
- * Server hooks use HMAC-SHA256 as documented in API.md.
+ * each (app_tok_verify, at the end of this section), so a rotation
+ * breaks no link. Server hooks use HMAC-SHA256 over "<t>.<body>" as the
+ * README's "From the store backend (signed)" documents.
  */
 
 #define TOK_PAYLOAD 17
@@ -1911,7 +2002,16 @@ int hook_verify(const char *secret, const char *header, const char *body,
 	return 0;
 }
 
-/* ==== 6. Templates ====================================================== */
+int app_tok_verify(const struct app *app, const char *tok, char kind,
+		   rm_time now, int64_t *subject)
+{
+	int st = tok_verify(app->key, tok, kind, now, subject);
+	for (int i = 0; st == TOK_FORGED && i < app->nold; i++)
+		st = tok_verify(app->old_keys[i], tok, kind, now, subject);
+	return st;
+}
+
+/* ==== Templates ======================================================= */
 /*
  * A small mustache subset: {{var}}, {{#section}}...{{/section}} (a list
  * repeats, a non-empty scalar shows), {{^section}} (shows when empty),
@@ -2150,7 +2250,7 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
 	return rc;
 }
 
-/* ==== 7. Events: validation and state (contacts, carts, orders) ======== */
+/* ==== Events: validation and state (contacts, carts, orders) ========== */
 /*
  * ev_ingest is the only door for facts. It checks a whole body first
  * (UTF-8, JSON shape via SQLite's JSON1, every field through a named
@@ -3024,7 +3124,7 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	return rc < 0 ? -1 : accepted;
 }
 
-/* ==== 8. Discount codes ================================================= */
+/* ==== Discount codes ================================================== */
 /*
  * Codes are PREFIX-XXXX-XXXX from an alphabet without look-alikes (no 0,
  * O, 1, I), drawn with randombytes_uniform: 40 bits, unguessable in the
@@ -3032,8 +3132,9 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
  * collision is a failed insert, retried with a new draw.
  * A code is single-use: a checkout may hold it for its cart for 15
  * minutes (/discounts/validate with "reserve"), and the first order that
- * carries it before it expires redeems it (code_redeem, section 7); a
- * later or late use is stored and flagged on the order, never attributed.
+ * carries it before it expires redeems it (code_redeem, in the events
+ * section); a later or late use is stored and flagged on the order, never
+ * attributed.
  */
 
 static const char code_alphabet[] = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ";
@@ -3091,7 +3192,489 @@ static const char *code_check(struct app *app, const char *code, double total,
 	return why;
 }
 
-/* ==== 9. Mail: rendering and RFC 5322 building ========================== */
+/* ==== Catalog and order imports (CSV) ================================= */
+/*
+ * `remarket import products|orders FILE`: RFC 4180 records (quoted
+ * fields, doubled quotes, CRLF or LF, newlines inside quotes). Neither
+ * SQLite's library nor the others here parse CSV, so this small reader
+ * is ours. The first record names the columns, checked against one
+ * {name, kind, need, param} table per import; each row becomes an event
+ * built by SQLite's json_object and goes through ev_ingest, the same
+ * validation as every other door. The importer never writes a table
+ * itself.
+ */
+
+#define CSV_FIELDS 16
+
+/* Reads one record; fields point into B. Returns the field count, 0 at
+ * the end of the file, -1 on an unclosed quote or too many fields. */
+static int csv_record(FILE *f, struct buf *b, const char **fields)
+{
+	size_t starts[CSV_FIELDS];
+	int n = 0, c, quoted = 0, any = 0;
+	buf_reset(b);
+	starts[n++] = 0;
+	while ((c = fgetc(f)) != EOF) {
+		any = 1;
+		if (quoted) {
+			if (c == '\0')
+				return -1;
+			if (c == '"') {
+				int d = fgetc(f);
+				if (d != '"') {
+					quoted = 0;
+					if (d != EOF)
+						ungetc(d, f);
+					continue;
+				}
+			}
+			buf_add(b, &(char){(char)c}, 1);
+		} else if (c == '"') {
+			quoted = 1;
+		} else if (c == ',') {
+			if (n == CSV_FIELDS)
+				return -1;
+			buf_add(b, "", 1);
+			starts[n++] = b->len;
+		} else if (c == '\n') {
+			break;
+		} else if (c == '\0') {
+			return -1; /* a NUL would cut the field short unseen */
+		} else if (c != '\r') {
+			buf_add(b, &(char){(char)c}, 1);
+		}
+	}
+	if (quoted)
+		return -1;
+	if (!any)
+		return 0;
+	buf_add(b, "", 1);
+	if (buf_failed(b))
+		return -1; /* no field may point into a buffer that lost bytes */
+	for (int i = 0; i < n; i++)
+		fields[i] = b->data + starts[i];
+	return n;
+}
+
+/* The index of column NAME in the header, or -1. */
+static int csv_col(const char **hdr, int n, const char *name)
+{
+	for (int i = 0; i < n; i++)
+		if (!strcasecmp(trim((char *)hdr[i]), name))
+			return i;
+	return -1;
+}
+
+static const char *csv_val(const char **row, int n, int col)
+{
+	return col >= 0 && col < n && *row[col] ? row[col] : NULL;
+}
+
+static void bind_num(sqlite3_stmt *s, int i, const char *v, int integer)
+{
+	char *end;
+	double d = v ? strtod(v, &end) : 0;
+	if (v && !*end && isfinite(d)) {
+		if (integer)
+			sqlite3_bind_int64(s, i, (int64_t)d);
+		else
+			sqlite3_bind_double(s, i, d);
+	} else if (v) {
+		sqlite3_bind_text(s, i, v, -1, SQLITE_TRANSIENT); /* refused later */
+	}
+}
+
+/* The columns of an import, described once: the header name, how the
+ * value is converted, whether the header must name it, and the import
+ * statement's parameter it binds. A column the file lacks, or an empty
+ * value, binds NULL; the event built from the row then goes through
+ * ev_ingest, which refuses what is missing or malformed. */
+enum csv_kind {
+	CSV_TEXT,   /* bound as it is */
+	CSV_IDENT,  /* an id (sku, order_id): bound as it is, val_ident later */
+	CSV_NUMBER, /* a decimal; anything else is bound as text, refused later */
+	CSV_INT,    /* a whole number, likewise */
+	CSV_TIME,   /* ISO 8601 or Unix seconds; else the row is refused here */
+	CSV_FLAG,   /* 1, true or yes (any case): 1; anything else: 0 */
+};
+enum csv_need {
+	CSV_MUST, /* the header must name it */
+	CSV_WANT, /* expected: the synopsis lists it, the header may lack it */
+	CSV_MAY,  /* optional */
+};
+struct csv_column {
+	const char *name;
+	enum csv_kind kind;
+	enum csv_need need;
+	int param; /* ?N of the import statement */
+};
+
+static const struct csv_column product_columns[] = {
+	{"sku", CSV_IDENT, CSV_WANT, 1},
+	{"name", CSV_TEXT, CSV_WANT, 2},
+	{"price", CSV_NUMBER, CSV_WANT, 3},
+	{"url", CSV_TEXT, CSV_WANT, 4},
+	{"image", CSV_TEXT, CSV_WANT, 5},
+	{"category", CSV_TEXT, CSV_WANT, 6},
+	{"review_author", CSV_TEXT, CSV_MAY, 7},
+	{"review_rating", CSV_INT, CSV_MAY, 8},
+	{"review_text", CSV_TEXT, CSV_MAY, 9},
+};
+#define PRODUCT_COLUMNS (sizeof product_columns / sizeof product_columns[0])
+
+static const struct csv_column order_columns[] = {
+	{"order_id", CSV_IDENT, CSV_MUST, 1},
+	{"email", CSV_TEXT, CSV_WANT, 2},
+	{"date", CSV_TIME, CSV_MUST, 3},
+	{"sku", CSV_IDENT, CSV_MUST, 4},
+	{"name", CSV_TEXT, CSV_WANT, 5},
+	{"price", CSV_NUMBER, CSV_WANT, 6},
+	{"qty", CSV_INT, CSV_WANT, 7},
+	{"currency", CSV_TEXT, CSV_MAY, 8},
+	{"consent", CSV_FLAG, CSV_MAY, 9},
+};
+#define ORDER_COLUMNS (sizeof order_columns / sizeof order_columns[0])
+
+/* Finds each column in the header: AT[i] is its field, or -1. Returns 0,
+ * or -1 if a CSV_MUST column is missing. */
+static int csv_header(const struct csv_column *cols, size_t ncols,
+		      const char **hdr, int nh, int *at)
+{
+	int rc = 0;
+	for (size_t i = 0; i < ncols; i++) {
+		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i].name) : -1;
+		if (at[i] < 0 && cols[i].need == CSV_MUST)
+			rc = -1;
+	}
+	return rc;
+}
+
+/* "a,b,c[,d,e]": the columns a header names, the optional in brackets. */
+static void csv_synopsis(const struct csv_column *cols, size_t ncols,
+			 struct buf *out)
+{
+	int first = 1, opt = 0;
+	for (size_t i = 0; i < ncols; i++)
+		if (cols[i].need != CSV_MAY) {
+			buf_addf(out, "%s%s", first ? "" : ",", cols[i].name);
+			first = 0;
+		}
+	for (size_t i = 0; i < ncols; i++)
+		if (cols[i].need == CSV_MAY)
+			buf_addf(out, "%s%s", opt++ ? "," : "[,", cols[i].name);
+	if (opt)
+		buf_adds(out, "]");
+}
+
+/* Binds one row's values to S by the table. Returns -1 before binding
+ * anything if a CSV_TIME value is missing or no time (the column's index
+ * in *BAD), else 0. */
+static int csv_bind(sqlite3_stmt *s, const struct csv_column *cols,
+		    size_t ncols, const int *at, const char **row, int n,
+		    rm_time now, size_t *bad)
+{
+	for (size_t i = 0; i < ncols; i++) {
+		const char *v = csv_val(row, n, at[i]);
+		if (cols[i].kind == CSV_TIME && (!v || parse_time(v, now) < 0)) {
+			/* never "now": an old order must not pass for a new one */
+			*bad = i;
+			return -1;
+		}
+	}
+	for (size_t i = 0; i < ncols; i++) {
+		const char *v = csv_val(row, n, at[i]);
+		int p = cols[i].param;
+		if (!v)
+			continue;
+		switch (cols[i].kind) {
+		case CSV_NUMBER:
+		case CSV_INT:
+			bind_num(s, p, v, cols[i].kind == CSV_INT);
+			break;
+		case CSV_TIME:
+			sqlite3_bind_int64(s, p, parse_time(v, now));
+			break;
+		case CSV_FLAG:
+			sqlite3_bind_int(s, p, !strcasecmp(v, "1") ||
+						      !strcasecmp(v, "true") ||
+						      !strcasecmp(v, "yes"));
+			break;
+		case CSV_TEXT:
+		case CSV_IDENT:
+			sqlite3_bind_text(s, p, v, -1, SQLITE_TRANSIENT);
+			break;
+		}
+	}
+	return 0;
+}
+
+/* Sends one built event through ev_ingest; prints why it was refused. */
+static int import_one(struct app *app, const char *what, const char *json,
+		      rm_time now, long *ok, long *bad)
+{
+	struct ev_error err;
+	if (ev_ingest(app, EV_CLI, json, strlen(json), NULL, now, &err) >= 0) {
+		(*ok)++;
+		return 0;
+	}
+	if (++*bad <= 20)
+		fprintf(stderr, "remarket import: %s: %s\n", what, err.msg);
+	return -1;
+}
+
+int import_products(struct app *app, FILE *f, rm_time now)
+{
+	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
+	struct buf hb = {0}, rb = {0}, ev = {0};
+	int nh = csv_record(f, &hb, hdr), at[PRODUCT_COLUMNS];
+	size_t badcol;
+	csv_header(product_columns, PRODUCT_COLUMNS, hdr, nh, at);
+	long ok = 0, bad = 0, line = 1;
+	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
+		char what[32];
+		snprintf(what, sizeof what, "line %ld", line + 1);
+		if (n == 1 && !*row[0])
+			continue; /* a blank line */
+		if (n < 0) {
+			fprintf(stderr, "remarket import: %s: bad CSV\n", what);
+			bad++;
+			break;
+		}
+		sqlite3_stmt *s = q(app->db, ST_IMP_PRODUCT, NULL);
+		csv_bind(s, product_columns, PRODUCT_COLUMNS, at, row, n, now,
+			 &badcol); /* no time column: never refuses */
+		buf_reset(&ev);
+		if (json_from(app->db, s, &ev) == 0)
+			import_one(app, what, ev.data, now, &ok, &bad);
+	}
+	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
+	buf_free(&hb), buf_free(&rb), buf_free(&ev);
+	return bad ? 1 : 0;
+}
+
+int import_orders(struct app *app, FILE *f, rm_time now)
+{
+	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
+	struct buf hb = {0}, rb = {0};
+	int nh = csv_record(f, &hb, hdr), at[ORDER_COLUMNS];
+	if (csv_header(order_columns, ORDER_COLUMNS, hdr, nh, at) < 0) {
+		struct buf syn = {0};
+		csv_synopsis(order_columns, ORDER_COLUMNS, &syn);
+		fprintf(stderr, "remarket import orders: the first line must name the "
+			"columns: %s\n", buf_str(&syn));
+		buf_free(&syn), buf_free(&hb);
+		return 2;
+	}
+	long ok = 0, bad = 0, line = 1;
+	q_exec(app->db, q(app->db, ST_IMP_CREATE, NULL));
+	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
+	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
+		if (n < 0) {
+			fprintf(stderr, "remarket import: line %ld: bad CSV (an "
+				"unclosed quote, a NUL byte or too many fields)\n", line + 1);
+			buf_free(&hb), buf_free(&rb);
+			return 1;
+		}
+		if (n == 1 && !*row[0])
+			continue; /* a blank line */
+		sqlite3_stmt *s = q(app->db, ST_IMP_INSERT, NULL);
+		size_t c;
+		if (csv_bind(s, order_columns, ORDER_COLUMNS, at, row, n, now, &c) < 0) {
+			const char *v = csv_val(row, n, at[c]);
+			if (++bad <= 20)
+				fprintf(stderr, "remarket import: line %ld: %s '%s' is "
+					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
+					"seconds\n", line + 1, order_columns[c].name,
+					v ? v : "");
+			continue;
+		}
+		q_exec(app->db, s);
+	}
+	sqlite3_stmt *s = q(app->db, ST_IMP_ORDERS, NULL);
+	struct buf ids = {0}, evs = {0};
+	while (sqlite3_step(s) == SQLITE_ROW) { /* copied out: ingest writes */
+		buf_adds(&ids, col_text(s, 0)), buf_add(&ids, "", 1);
+		buf_adds(&evs, col_text(s, 1)), buf_add(&evs, "", 1);
+	}
+	sqlite3_reset(s);
+	for (size_t i = 0, j = 0; i < ids.len; i += strlen(ids.data + i) + 1,
+		    j += strlen(evs.data + j) + 1) {
+		char what[96];
+		snprintf(what, sizeof what, "order %.64s", ids.data + i);
+		import_one(app, what, evs.data + j, now, &ok, &bad);
+	}
+	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
+	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
+	buf_free(&hb), buf_free(&rb), buf_free(&ids), buf_free(&evs);
+	return bad ? 1 : 0;
+}
+
+/* ==== Segments ======================================================== */
+/*
+ * RFM segments (new, active, vip, at_risk, lapsed, lost), one name array
+ * in enum segment's order. flow_segments recomputes every customer's
+ * segment from their orders in one transaction (ST_SEGMENTS_FILL); the
+ * win-back threshold comes from winback_after, or is learned from repeat
+ * purchases (flow_lapse_days). A step targets "", a segment, or "!" and
+ * one (segment_matches). Segments are derived data: they are rebuilt,
+ * never edited.
+ */
+
+/* A step's segment: "" (everyone), "vip" (only), "!vip" (all but). The
+ * contact's is their named segment, except that a customer in the top
+ * fifth by frequency and the top two by money counts as "vip" however
+ * long they have been away: a lapsed VIP is still a VIP to a win-back. */
+static int segment_matches(const char *want, const char *have)
+{
+	if (!*want)
+		return 1;
+	if (*want == '!')
+		return strcmp(want + 1, have) != 0;
+	return strcmp(want, have) == 0;
+}
+
+long flow_lapse_days(struct app *app, char *why, size_t whylen)
+{
+	const char *w = app->cfg->winback_after;
+	if (strcmp(w, "auto") != 0) {
+		long d = atol(w);
+		if (d < 1)
+			d = 90;
+		snprintf(why, whylen, "set by winback_after = %ld", d);
+		return d;
+	}
+	long gaps = 0;
+	double p90 = 0;
+	q_row(q(app->db, ST_LAPSE_GAPS, NULL), "ld", &gaps, &p90);
+	if (gaps < 20) {
+		snprintf(why, whylen, "winback_after = auto, but only %ld repeat "
+			 "purchases to learn from (20 needed): the default 90", gaps);
+		return 90;
+	}
+	long d = (long)(p90 / 86400 + 0.5);
+	long clamped = d < 60 ? 60 : d > 180 ? 180 : d;
+	snprintf(why, whylen, "winback_after = auto: 90 %% of %ld repeat purchases "
+		 "came within %ld days%s", gaps, d,
+		 clamped != d ? (d < 60 ? ", raised to the minimum of 60" :
+				 ", lowered to the maximum of 180") : "");
+	return clamped;
+}
+
+/* LAPSE: the threshold in seconds, found once by the caller (with
+ * winback_after = auto it is a scan of every order). */
+static int segments_fill(struct app *app, rm_time now, int64_t lapse)
+{
+	return q_exec(app->db, q(app->db, ST_SEGMENTS_CLEAR, NULL)) ||
+	       q_exec(app->db, q(app->db, ST_SEGMENTS_FILL, "ii", (int64_t)now, lapse));
+}
+
+int flow_segments(struct app *app, rm_time now)
+{
+	char why[200];
+	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
+	if (db_begin(app->db) < 0)
+		return -1;
+	if (segments_fill(app, now, lapse) || db_commit(app->db)) {
+		db_rollback(app->db);
+		return -1;
+	}
+	return 0;
+}
+
+/* The one list of segment names, in enum segment's order; SEGMENTS_FILL
+ * writes the same names (a unit test holds the two together). */
+const char *const segment_names[SEG__MAX] = {
+	[SEG_NEW] = "new",	   [SEG_ACTIVE] = "active", [SEG_VIP] = "vip",
+	[SEG_AT_RISK] = "at_risk", [SEG_LAPSED] = "lapsed", [SEG_LOST] = "lost",
+};
+
+/* The enum segment of NAME, or -1. */
+static int segment_find(const char *name)
+{
+	for (int i = 0; i < SEG__MAX; i++)
+		if (!strcmp(name, segment_names[i]))
+			return i;
+	return -1;
+}
+
+/* Customers per segment, from the last flow_segments. */
+static void segment_counts(struct app *app, long n[SEG__MAX])
+{
+	for (int i = 0; i < SEG__MAX; i++)
+		n[i] = 0;
+	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		int i = segment_find(col_text(s, 0));
+		if (i >= 0)
+			n[i] = (long)sqlite3_column_int64(s, 1);
+	}
+	sqlite3_reset(s);
+}
+
+/* "" (everyone), a segment name, or "!" and one. */
+static int segment_name_ok(const char *v)
+{
+	return !*v || segment_find(v + (*v == '!')) >= 0;
+}
+
+/* ==== Recommendations ================================================= */
+/*
+ * Products a contact may like, in tiers of preference: bought together
+ * with theirs, then their categories, then best sellers; never one they
+ * own or one twice. reco_walk only reads; the message context turns its
+ * rows into the {{#recommendations}} list, `remarket recommend` prints
+ * them.
+ */
+
+/* Runs the recommendation statements in order of preference until N
+ * distinct products are found; calls add() for each, best first. */
+static int reco_walk(struct app *app, int64_t contact, int n,
+		     int (*add)(void *arg, sqlite3_stmt *row), void *arg)
+{
+	static const enum stmt_id tiers[] = {ST_RECO_COOCCUR, ST_RECO_CATEGORY,
+					     ST_RECO_BEST};
+	char seen[16][65];
+	int found = 0;
+	if (n > 16)
+		n = 16;
+	for (size_t t = 0; t < 3 && found < n; t++) {
+		sqlite3_stmt *s = q(app->db, tiers[t], "ii", contact, (int64_t)n + found);
+		while (found < n && sqlite3_step(s) == SQLITE_ROW) {
+			int dup = 0;
+			for (int i = 0; i < found; i++)
+				dup |= !strcmp(seen[i], col_text(s, 0));
+			if (dup)
+				continue;
+			copy_str(seen[found++], 65, col_text(s, 0));
+			if (add(arg, s) < 0) {
+				sqlite3_reset(s);
+				return -1;
+			}
+		}
+		sqlite3_reset(s);
+	}
+	return found;
+}
+
+struct reco_out {
+	char (*skus)[65];
+	int n;
+};
+
+static int reco_sku(void *arg, sqlite3_stmt *row)
+{
+	struct reco_out *o = arg;
+	copy_str(o->skus[o->n++], 65, col_text(row, 0));
+	return 0;
+}
+
+int reco_for(struct app *app, int64_t contact, char (*out)[65], int n)
+{
+	struct reco_out o = {out, 0};
+	return reco_walk(app, contact, n, reco_sku, &o);
+}
+
+/* ==== Mail: rendering and RFC 5322 building =========================== */
 /*
  * A message is rendered from the owner's template files (text and HTML),
  * then built into one RFC 5322 byte string that both transports use, so
@@ -3333,7 +3916,7 @@ out:
 	return rc;
 }
 
-/* ==== 10. Transports: SMTP and outbox =================================== */
+/* ==== Transports: SMTP and outbox ===================================== */
 /*
  * mail_send() hands a built message to the configured transport and says
  * whether it went out (SEND_OK), may go later (SEND_TEMP: a 4xx answer,
@@ -3522,35 +4105,19 @@ static enum send_result mail_send(struct app *app, int64_t id, const char *to,
 	return outbox_write(app, id, msg, err, errlen);
 }
 
-/* ==== 11. The flow engine: detect, claim, send, record ================= */
+/* ==== The message context ============================================= */
 /*
- * A tick runs in three short phases and never holds a write lock while it
- * talks to an SMTP server:
- *   1. detect (one transaction): idle carts of reachable contacts become
- *      abandoned and are enrolled; segments are recomputed, lapsed
- *      customers and new orders enrolled in their flows (the held-out
- *      share of each flow is marked and never messaged); every step now
- *      due gets its message row (UNIQUE per enrollment and step, so never
- *      two), with its A/B variant;
- *   2. claim: UPDATE ... RETURNING takes due messages with a lease, so an
- *      overlapping tick cannot take the same ones; a lease left by a
- *      crashed tick expires and the message is taken again, with the same
- *      Message-ID and code, so the outbox replaces and a receiving MTA
- *      can recognise a repeat;
- *   3. per message: check the exit conditions (order, unsubscribe, bounce,
- *      emptied cart) and lateness (a stale step is recorded, not sent) at
- *      send time, render, write the "sending" state (one attempt, for
- *      this message only), send, and record the outcome. A claim counts
- *      no attempt, so a tick killed mid-batch costs its batch nothing.
+ * One claimed message, from its row to its bytes: msg_load reads the
+ * row (struct msgrow) with its contact, cart and step; msg_exit_reason
+ * says whether it must not go out; mc_build fills the template variables
+ * (names, items, recommendations, review links, the discount code, the
+ * signed links) and msg_prepare / msg_compose render and build it. This
+ * section reads and renders; it records nothing about the message's
+ * outcome (the flow engine does) and sends nothing.
  */
 
-#define TICK_BATCH 50
-#define TICK_MAX 20000
-#define RETRY_MAX 8
-#define CRASH_MAX 5        /* deaths of the tick while preparing one message */
-#define REFUSALS_IN_A_ROW 3 /* content refused for this many recipients */
-#define REFUSALS_HELD 16
-
+/* One message as the tick sees it: its row, its enrollment, step,
+ * contact and cart, read at send time by msg_load. */
 struct msgrow {
 	int64_t id, enrollment, contact;
 	int step, attempts, pct, has_step, unsub, suppressed, consent;
@@ -3621,19 +4188,6 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 		sqlite3_reset(t);
 	}
 	return m->items ? 0 : -1;
-}
-
-/* A step's segment: "" (everyone), "vip" (only), "!vip" (all but). The
- * contact's is their named segment, except that a customer in the top
- * fifth by frequency and the top two by money counts as "vip" however
- * long they have been away: a lapsed VIP is still a VIP to a win-back. */
-static int segment_matches(const char *want, const char *have)
-{
-	if (!*want)
-		return 1;
-	if (*want == '!')
-		return strcmp(want + 1, have) != 0;
-	return strcmp(want, have) == 0;
 }
 
 /* Why this message must not go out, or NULL. "" means: not now. */
@@ -3772,54 +4326,6 @@ static int mc_items(struct msgctx *mc, struct app *app, const char *name,
 			      col_text(s, 4), col_text(s, 5), cur);
 	sqlite3_reset(s);
 	return rc ? rc : list_publish(mc, l, name);
-}
-
-/* Runs the recommendation statements in order of preference until N
- * distinct products are found; calls add() for each, best first. */
-static int reco_walk(struct app *app, int64_t contact, int n,
-		     int (*add)(void *arg, sqlite3_stmt *row), void *arg)
-{
-	static const enum stmt_id tiers[] = {ST_RECO_COOCCUR, ST_RECO_CATEGORY,
-					     ST_RECO_BEST};
-	char seen[16][65];
-	int found = 0;
-	if (n > 16)
-		n = 16;
-	for (size_t t = 0; t < 3 && found < n; t++) {
-		sqlite3_stmt *s = q(app->db, tiers[t], "ii", contact, (int64_t)n + found);
-		while (found < n && sqlite3_step(s) == SQLITE_ROW) {
-			int dup = 0;
-			for (int i = 0; i < found; i++)
-				dup |= !strcmp(seen[i], col_text(s, 0));
-			if (dup)
-				continue;
-			copy_str(seen[found++], 65, col_text(s, 0));
-			if (add(arg, s) < 0) {
-				sqlite3_reset(s);
-				return -1;
-			}
-		}
-		sqlite3_reset(s);
-	}
-	return found;
-}
-
-struct reco_out {
-	char (*skus)[65];
-	int n;
-};
-
-static int reco_sku(void *arg, sqlite3_stmt *row)
-{
-	struct reco_out *o = arg;
-	copy_str(o->skus[o->n++], 65, col_text(row, 0));
-	return 0;
-}
-
-int reco_for(struct app *app, int64_t contact, char (*out)[65], int n)
-{
-	struct reco_out o = {out, 0};
-	return reco_walk(app, contact, n, reco_sku, &o);
 }
 
 struct reco_list {
@@ -4059,6 +4565,35 @@ out:
 	buf_free(&html);
 	return rc;
 }
+
+/* ==== The flow engine: detect, claim, send, record ==================== */
+/*
+ * A tick runs in three short phases and never holds a write lock while it
+ * talks to an SMTP server:
+ *   1. detect (one transaction): idle carts of reachable contacts become
+ *      abandoned and are enrolled; segments are recomputed, lapsed
+ *      customers and new orders enrolled in their flows (the held-out
+ *      share of each flow is marked and never messaged); every step now
+ *      due gets its message row (UNIQUE per enrollment and step, so never
+ *      two), with its A/B variant;
+ *   2. claim: UPDATE ... RETURNING takes due messages with a lease, so an
+ *      overlapping tick cannot take the same ones; a lease left by a
+ *      crashed tick expires and the message is taken again, with the same
+ *      Message-ID and code, so the outbox replaces and a receiving MTA
+ *      can recognise a repeat;
+ *   3. per message: check the exit conditions (order, unsubscribe, bounce,
+ *      emptied cart) and lateness (a stale step is recorded, not sent) at
+ *      send time, render, write the "sending" state (one attempt, for
+ *      this message only), send, and record the outcome. A claim counts
+ *      no attempt, so a tick killed mid-batch costs its batch nothing.
+ */
+
+#define TICK_BATCH 50
+#define TICK_MAX 20000
+#define RETRY_MAX 8
+#define CRASH_MAX 5        /* deaths of the tick while preparing one message */
+#define REFUSALS_IN_A_ROW 3 /* content refused for this many recipients */
+#define REFUSALS_HELD 16
 
 static void fault(const char *where)
 {
@@ -4382,84 +4917,6 @@ out:
 	return rc;
 }
 
-long flow_lapse_days(struct app *app, char *why, size_t whylen)
-{
-	const char *w = app->cfg->winback_after;
-	if (strcmp(w, "auto") != 0) {
-		long d = atol(w);
-		if (d < 1)
-			d = 90;
-		snprintf(why, whylen, "set by winback_after = %ld", d);
-		return d;
-	}
-	long gaps = 0;
-	double p90 = 0;
-	q_row(q(app->db, ST_LAPSE_GAPS, NULL), "ld", &gaps, &p90);
-	if (gaps < 20) {
-		snprintf(why, whylen, "winback_after = auto, but only %ld repeat "
-			 "purchases to learn from (20 needed): the default 90", gaps);
-		return 90;
-	}
-	long d = (long)(p90 / 86400 + 0.5);
-	long clamped = d < 60 ? 60 : d > 180 ? 180 : d;
-	snprintf(why, whylen, "winback_after = auto: 90 %% of %ld repeat purchases "
-		 "came within %ld days%s", gaps, d,
-		 clamped != d ? (d < 60 ? ", raised to the minimum of 60" :
-				 ", lowered to the maximum of 180") : "");
-	return clamped;
-}
-
-/* LAPSE: the threshold in seconds, found once by the caller (with
- * winback_after = auto it is a scan of every order). */
-static int segments_fill(struct app *app, rm_time now, int64_t lapse)
-{
-	return q_exec(app->db, q(app->db, ST_SEGMENTS_CLEAR, NULL)) ||
-	       q_exec(app->db, q(app->db, ST_SEGMENTS_FILL, "ii", (int64_t)now, lapse));
-}
-
-int flow_segments(struct app *app, rm_time now)
-{
-	char why[200];
-	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
-	if (db_begin(app->db) < 0)
-		return -1;
-	if (segments_fill(app, now, lapse) || db_commit(app->db)) {
-		db_rollback(app->db);
-		return -1;
-	}
-	return 0;
-}
-
-/* The one list of segment names, in enum segment's order; SEGMENTS_FILL
- * writes the same names (a unit test holds the two together). */
-const char *const segment_names[SEG__MAX] = {
-	[SEG_NEW] = "new",	   [SEG_ACTIVE] = "active", [SEG_VIP] = "vip",
-	[SEG_AT_RISK] = "at_risk", [SEG_LAPSED] = "lapsed", [SEG_LOST] = "lost",
-};
-
-/* The enum segment of NAME, or -1. */
-static int segment_find(const char *name)
-{
-	for (int i = 0; i < SEG__MAX; i++)
-		if (!strcmp(name, segment_names[i]))
-			return i;
-	return -1;
-}
-
-/* Customers per segment, from the last flow_segments. */
-static void segment_counts(struct app *app, long n[SEG__MAX])
-{
-	for (int i = 0; i < SEG__MAX; i++)
-		n[i] = 0;
-	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
-	while (sqlite3_step(s) == SQLITE_ROW) {
-		int i = segment_find(col_text(s, 0));
-		if (i >= 0)
-			n[i] = (long)sqlite3_column_int64(s, 1);
-	}
-	sqlite3_reset(s);
-}
-
 /* browser_consent = confirm: the double opt-in mail of one contact, with
  * a signed link (30 days) to the confirm page. */
 static int confirm_mail(struct app *app, int64_t contact, const char *email,
@@ -4743,6 +5200,7 @@ int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
 			 out);
 }
 
+/* ==== Tick runs ======================================================= */
 /*
  * Tick runs (table ticks). POST /tick starts a run and answers at once; a
  * sender outside the request (the FastCGI server's background thread, or
@@ -4752,6 +5210,8 @@ int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
  * longest a tick can take (its budget, then one last message with every
  * SMTP time-out spent, and a minute of slack); otherwise it was lost to a
  * crash or a restart, and its messages go again once their lease ends.
+ * This section records runs and hands each to flow_tick; the run's
+ * messages are the flow engine's business, never this section's.
  */
 
 static int tick_alive(struct app *app, int64_t pid, int64_t started_real)
@@ -4861,7 +5321,7 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
 	return rc;
 }
 
-/* ==== 12. The report ==================================================== */
+/* ==== The report ====================================================== */
 /*
  * report_build fills one struct report from indexed queries (never from
  * the events table, which grows fastest); report_json, report_html and
@@ -5598,7 +6058,7 @@ static void report_text(const struct report *r)
 	}
 }
 
-/* ==== 13. HTTP routes =================================================== */
+/* ==== HTTP routes ===================================================== */
 /*
  * http_handle maps (method, path) to one route function and always fills
  * a response: JSON errors for machines ({"error": "..."} with a 4xx that
@@ -6530,7 +6990,7 @@ void http_handle(struct app *app, const struct http_req *req,
 	buf_adds(&rs->body, "{\"error\":\"out of memory\"}");
 }
 
-/* ==== 14. FastCGI and CGI front-ends ==================================== */
+/* ==== FastCGI and CGI front-ends ====================================== */
 /*
  * Both front-ends turn a request into struct http_req through the same
  * function, given a way to read parameters and the body. The body is
@@ -7061,98 +7521,16 @@ static int serve_cgi(struct config *cfg)
 	return 0;
 }
 
-/* ==== 15. Command line ================================================== */
+/* ==== Command line ==================================================== */
 /*
- * The operator's commands (API.md): init, keygen, serve, tick, event,
- * report, flows. Each opens its own app, so every command, like every
- * FastCGI thread, has its own database connection. Started without a
- * command by a web server, the binary answers as CGI or FastCGI.
+ * The operator's commands, one row each in the command table below
+ * (commands[]: name, whether it needs the app, arity, function, usage):
+ * init, keygen, serve, tick, event, report, flows, import, recommend,
+ * segments, help, version. The table also makes usage() and the man
+ * page's SYNOPSIS (`remarket help --man`). A command that needs the
+ * app opens its own, so every command, like every FastCGI thread, has
+ * its own database connection.
  */
-
-/*
- * The key file is a key ring: one or more 32-byte keys, raw, oldest first.
- * The last one signs; every one verifies, so that `remarket keygen
- * --rotate` (which appends a key) breaks no link already mailed. A file of
- * one key, as every remarket before the ring wrote, is a ring of one.
- */
-static int load_keys(const char *path, struct buf *b, char *err,
-		     size_t errlen)
-{
-	errno = 0;
-	int rc = read_file(path, b, RM_MAXKEYS * RM_KEYBYTES);
-	if (rc < 0 || b->len == 0 || b->len % RM_KEYBYTES) {
-		snprintf(err, errlen, "key_file %s: %s — run 'remarket init' or "
-			 "'remarket keygen > %s'", path,
-			 rc < 0 && errno ? strerror(errno) :
-			 "must hold one or more 32-byte keys (at most 16)", path);
-		if (b->data)
-			sodium_memzero(b->data, b->len);
-		buf_free(b);
-		return -1;
-	}
-	return 0;
-}
-
-static int load_key(struct app *app, const char *path, char *err,
-		    size_t errlen)
-{
-	struct buf b = {0};
-	if (load_keys(path, &b, err, errlen) < 0)
-		return -1;
-	int n = (int)(b.len / RM_KEYBYTES);
-	memcpy(app->key, b.data + (size_t)(n - 1) * RM_KEYBYTES, RM_KEYBYTES);
-	app->nold = n - 1;
-	for (int i = 0; i < app->nold; i++) /* newest first */
-		memcpy(app->old_keys[i],
-		       b.data + (size_t)(n - 2 - i) * RM_KEYBYTES, RM_KEYBYTES);
-	sodium_memzero(b.data, b.len);
-	buf_free(&b);
-	return 0;
-}
-
-int app_tok_verify(const struct app *app, const char *tok, char kind,
-		   rm_time now, int64_t *subject)
-{
-	int st = tok_verify(app->key, tok, kind, now, subject);
-	for (int i = 0; st == TOK_FORGED && i < app->nold; i++)
-		st = tok_verify(app->old_keys[i], tok, kind, now, subject);
-	return st;
-}
-
-int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
-{
-	memset(app, 0, sizeof *app);
-	app->cfg = cfg;
-	if (load_key(app, cfg->key_file, err, errlen) < 0 ||
-	    db_open(&app->db, cfg->db, err, errlen) < 0)
-		return -1;
-	int have = db_user_version(app->db);
-	int want = (int)(sizeof migrations / sizeof migrations[0]);
-	if (have != want) {
-		snprintf(err, errlen, "db %s is at schema %d, this remarket needs %d:"
-			 " run 'remarket init'", cfg->db, have, want);
-		app_close(app);
-		return -1;
-	}
-	app->curl = curl_easy_init();
-	if (!app->curl) {
-		snprintf(err, errlen, "libcurl: cannot create a handle");
-		app_close(app);
-		return -1;
-	}
-	return 0;
-}
-
-void app_close(struct app *app)
-{
-	db_close(app->db);
-	if (app->curl)
-		curl_easy_cleanup(app->curl);
-	sodium_memzero(app->key, sizeof app->key);
-	sodium_memzero(app->old_keys, sizeof app->old_keys);
-	app->db = NULL;
-	app->curl = NULL;
-}
 
 /* Makes the operator's files private, whatever the umask they were made
  * under: the database and its -wal and -shm, the key file. */
@@ -7552,12 +7930,6 @@ static int flows_list(struct app *app)
 	return flows_paused(app);
 }
 
-/* "" (everyone), a segment name, or "!" and one. */
-static int segment_name_ok(const char *v)
-{
-	return !*v || segment_find(v + (*v == '!')) >= 0;
-}
-
 /* The key=value settings of `flows set` and `flows variant`: each key is
  * also the name of the statement parameter it binds (":delay"), and has a
  * kind that says how its value is checked. */
@@ -7730,320 +8102,6 @@ static int cmd_flows(struct app *app, struct config *cfg, rm_time now, int argc,
 		"disable F | holdout F PCT | variant F STEP k=v... | variant F STEP off |\n"
 		"        resume F STEP]\n");
 	return 2;
-}
-
-/* ---- CSV imports ---- */
-/*
- * RFC 4180 records (quoted fields, doubled quotes, CRLF or LF, newlines
- * inside quotes). Neither SQLite's library nor the others here parse CSV,
- * so this small reader is ours. The first record names the columns; each
- * row becomes an event built by SQLite's json_object and goes through
- * ev_ingest, the same validation as every other door.
- */
-
-#define CSV_FIELDS 16
-
-/* Reads one record; fields point into B. Returns the field count, 0 at
- * the end of the file, -1 on an unclosed quote or too many fields. */
-static int csv_record(FILE *f, struct buf *b, const char **fields)
-{
-	size_t starts[CSV_FIELDS];
-	int n = 0, c, quoted = 0, any = 0;
-	buf_reset(b);
-	starts[n++] = 0;
-	while ((c = fgetc(f)) != EOF) {
-		any = 1;
-		if (quoted) {
-			if (c == '\0')
-				return -1;
-			if (c == '"') {
-				int d = fgetc(f);
-				if (d != '"') {
-					quoted = 0;
-					if (d != EOF)
-						ungetc(d, f);
-					continue;
-				}
-			}
-			buf_add(b, &(char){(char)c}, 1);
-		} else if (c == '"') {
-			quoted = 1;
-		} else if (c == ',') {
-			if (n == CSV_FIELDS)
-				return -1;
-			buf_add(b, "", 1);
-			starts[n++] = b->len;
-		} else if (c == '\n') {
-			break;
-		} else if (c == '\0') {
-			return -1; /* a NUL would cut the field short unseen */
-		} else if (c != '\r') {
-			buf_add(b, &(char){(char)c}, 1);
-		}
-	}
-	if (quoted)
-		return -1;
-	if (!any)
-		return 0;
-	buf_add(b, "", 1);
-	if (buf_failed(b))
-		return -1; /* no field may point into a buffer that lost bytes */
-	for (int i = 0; i < n; i++)
-		fields[i] = b->data + starts[i];
-	return n;
-}
-
-/* The index of column NAME in the header, or -1. */
-static int csv_col(const char **hdr, int n, const char *name)
-{
-	for (int i = 0; i < n; i++)
-		if (!strcasecmp(trim((char *)hdr[i]), name))
-			return i;
-	return -1;
-}
-
-static const char *csv_val(const char **row, int n, int col)
-{
-	return col >= 0 && col < n && *row[col] ? row[col] : NULL;
-}
-
-static void bind_num(sqlite3_stmt *s, int i, const char *v, int integer)
-{
-	char *end;
-	double d = v ? strtod(v, &end) : 0;
-	if (v && !*end && isfinite(d)) {
-		if (integer)
-			sqlite3_bind_int64(s, i, (int64_t)d);
-		else
-			sqlite3_bind_double(s, i, d);
-	} else if (v) {
-		sqlite3_bind_text(s, i, v, -1, SQLITE_TRANSIENT); /* refused later */
-	}
-}
-
-/* The columns of an import, described once: the header name, how the
- * value is converted, whether the header must name it, and the import
- * statement's parameter it binds. A column the file lacks, or an empty
- * value, binds NULL; the event built from the row then goes through
- * ev_ingest, which refuses what is missing or malformed. */
-enum csv_kind {
-	CSV_TEXT,   /* bound as it is */
-	CSV_IDENT,  /* an id (sku, order_id): bound as it is, val_ident later */
-	CSV_NUMBER, /* a decimal; anything else is bound as text, refused later */
-	CSV_INT,    /* a whole number, likewise */
-	CSV_TIME,   /* ISO 8601 or Unix seconds; else the row is refused here */
-	CSV_FLAG,   /* 1, true or yes (any case): 1; anything else: 0 */
-};
-enum csv_need {
-	CSV_MUST, /* the header must name it */
-	CSV_WANT, /* expected: the synopsis lists it, the header may lack it */
-	CSV_MAY,  /* optional */
-};
-struct csv_column {
-	const char *name;
-	enum csv_kind kind;
-	enum csv_need need;
-	int param; /* ?N of the import statement */
-};
-
-static const struct csv_column product_columns[] = {
-	{"sku", CSV_IDENT, CSV_WANT, 1},
-	{"name", CSV_TEXT, CSV_WANT, 2},
-	{"price", CSV_NUMBER, CSV_WANT, 3},
-	{"url", CSV_TEXT, CSV_WANT, 4},
-	{"image", CSV_TEXT, CSV_WANT, 5},
-	{"category", CSV_TEXT, CSV_WANT, 6},
-	{"review_author", CSV_TEXT, CSV_MAY, 7},
-	{"review_rating", CSV_INT, CSV_MAY, 8},
-	{"review_text", CSV_TEXT, CSV_MAY, 9},
-};
-#define PRODUCT_COLUMNS (sizeof product_columns / sizeof product_columns[0])
-
-static const struct csv_column order_columns[] = {
-	{"order_id", CSV_IDENT, CSV_MUST, 1},
-	{"email", CSV_TEXT, CSV_WANT, 2},
-	{"date", CSV_TIME, CSV_MUST, 3},
-	{"sku", CSV_IDENT, CSV_MUST, 4},
-	{"name", CSV_TEXT, CSV_WANT, 5},
-	{"price", CSV_NUMBER, CSV_WANT, 6},
-	{"qty", CSV_INT, CSV_WANT, 7},
-	{"currency", CSV_TEXT, CSV_MAY, 8},
-	{"consent", CSV_FLAG, CSV_MAY, 9},
-};
-#define ORDER_COLUMNS (sizeof order_columns / sizeof order_columns[0])
-
-/* Finds each column in the header: AT[i] is its field, or -1. Returns 0,
- * or -1 if a CSV_MUST column is missing. */
-static int csv_header(const struct csv_column *cols, size_t ncols,
-		      const char **hdr, int nh, int *at)
-{
-	int rc = 0;
-	for (size_t i = 0; i < ncols; i++) {
-		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i].name) : -1;
-		if (at[i] < 0 && cols[i].need == CSV_MUST)
-			rc = -1;
-	}
-	return rc;
-}
-
-/* "a,b,c[,d,e]": the columns a header names, the optional in brackets. */
-static void csv_synopsis(const struct csv_column *cols, size_t ncols,
-			 struct buf *out)
-{
-	int first = 1, opt = 0;
-	for (size_t i = 0; i < ncols; i++)
-		if (cols[i].need != CSV_MAY) {
-			buf_addf(out, "%s%s", first ? "" : ",", cols[i].name);
-			first = 0;
-		}
-	for (size_t i = 0; i < ncols; i++)
-		if (cols[i].need == CSV_MAY)
-			buf_addf(out, "%s%s", opt++ ? "," : "[,", cols[i].name);
-	if (opt)
-		buf_adds(out, "]");
-}
-
-/* Binds one row's values to S by the table. Returns -1 before binding
- * anything if a CSV_TIME value is missing or no time (the column's index
- * in *BAD), else 0. */
-static int csv_bind(sqlite3_stmt *s, const struct csv_column *cols,
-		    size_t ncols, const int *at, const char **row, int n,
-		    rm_time now, size_t *bad)
-{
-	for (size_t i = 0; i < ncols; i++) {
-		const char *v = csv_val(row, n, at[i]);
-		if (cols[i].kind == CSV_TIME && (!v || parse_time(v, now) < 0)) {
-			/* never "now": an old order must not pass for a new one */
-			*bad = i;
-			return -1;
-		}
-	}
-	for (size_t i = 0; i < ncols; i++) {
-		const char *v = csv_val(row, n, at[i]);
-		int p = cols[i].param;
-		if (!v)
-			continue;
-		switch (cols[i].kind) {
-		case CSV_NUMBER:
-		case CSV_INT:
-			bind_num(s, p, v, cols[i].kind == CSV_INT);
-			break;
-		case CSV_TIME:
-			sqlite3_bind_int64(s, p, parse_time(v, now));
-			break;
-		case CSV_FLAG:
-			sqlite3_bind_int(s, p, !strcasecmp(v, "1") ||
-						      !strcasecmp(v, "true") ||
-						      !strcasecmp(v, "yes"));
-			break;
-		case CSV_TEXT:
-		case CSV_IDENT:
-			sqlite3_bind_text(s, p, v, -1, SQLITE_TRANSIENT);
-			break;
-		}
-	}
-	return 0;
-}
-
-/* Sends one built event through ev_ingest; prints why it was refused. */
-static int import_one(struct app *app, const char *what, const char *json,
-		      rm_time now, long *ok, long *bad)
-{
-	struct ev_error err;
-	if (ev_ingest(app, EV_CLI, json, strlen(json), NULL, now, &err) >= 0) {
-		(*ok)++;
-		return 0;
-	}
-	if (++*bad <= 20)
-		fprintf(stderr, "remarket import: %s: %s\n", what, err.msg);
-	return -1;
-}
-
-int import_products(struct app *app, FILE *f, rm_time now)
-{
-	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
-	struct buf hb = {0}, rb = {0}, ev = {0};
-	int nh = csv_record(f, &hb, hdr), at[PRODUCT_COLUMNS];
-	size_t badcol;
-	csv_header(product_columns, PRODUCT_COLUMNS, hdr, nh, at);
-	long ok = 0, bad = 0, line = 1;
-	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
-		char what[32];
-		snprintf(what, sizeof what, "line %ld", line + 1);
-		if (n == 1 && !*row[0])
-			continue; /* a blank line */
-		if (n < 0) {
-			fprintf(stderr, "remarket import: %s: bad CSV\n", what);
-			bad++;
-			break;
-		}
-		sqlite3_stmt *s = q(app->db, ST_IMP_PRODUCT, NULL);
-		csv_bind(s, product_columns, PRODUCT_COLUMNS, at, row, n, now,
-			 &badcol); /* no time column: never refuses */
-		buf_reset(&ev);
-		if (json_from(app->db, s, &ev) == 0)
-			import_one(app, what, ev.data, now, &ok, &bad);
-	}
-	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
-	buf_free(&hb), buf_free(&rb), buf_free(&ev);
-	return bad ? 1 : 0;
-}
-
-int import_orders(struct app *app, FILE *f, rm_time now)
-{
-	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
-	struct buf hb = {0}, rb = {0};
-	int nh = csv_record(f, &hb, hdr), at[ORDER_COLUMNS];
-	if (csv_header(order_columns, ORDER_COLUMNS, hdr, nh, at) < 0) {
-		struct buf syn = {0};
-		csv_synopsis(order_columns, ORDER_COLUMNS, &syn);
-		fprintf(stderr, "remarket import orders: the first line must name the "
-			"columns: %s\n", buf_str(&syn));
-		buf_free(&syn), buf_free(&hb);
-		return 2;
-	}
-	long ok = 0, bad = 0, line = 1;
-	q_exec(app->db, q(app->db, ST_IMP_CREATE, NULL));
-	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
-	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
-		if (n < 0) {
-			fprintf(stderr, "remarket import: line %ld: bad CSV (an "
-				"unclosed quote, a NUL byte or too many fields)\n", line + 1);
-			buf_free(&hb), buf_free(&rb);
-			return 1;
-		}
-		if (n == 1 && !*row[0])
-			continue; /* a blank line */
-		sqlite3_stmt *s = q(app->db, ST_IMP_INSERT, NULL);
-		size_t c;
-		if (csv_bind(s, order_columns, ORDER_COLUMNS, at, row, n, now, &c) < 0) {
-			const char *v = csv_val(row, n, at[c]);
-			if (++bad <= 20)
-				fprintf(stderr, "remarket import: line %ld: %s '%s' is "
-					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
-					"seconds\n", line + 1, order_columns[c].name,
-					v ? v : "");
-			continue;
-		}
-		q_exec(app->db, s);
-	}
-	sqlite3_stmt *s = q(app->db, ST_IMP_ORDERS, NULL);
-	struct buf ids = {0}, evs = {0};
-	while (sqlite3_step(s) == SQLITE_ROW) { /* copied out: ingest writes */
-		buf_adds(&ids, col_text(s, 0)), buf_add(&ids, "", 1);
-		buf_adds(&evs, col_text(s, 1)), buf_add(&evs, "", 1);
-	}
-	sqlite3_reset(s);
-	for (size_t i = 0, j = 0; i < ids.len; i += strlen(ids.data + i) + 1,
-		    j += strlen(evs.data + j) + 1) {
-		char what[96];
-		snprintf(what, sizeof what, "order %.64s", ids.data + i);
-		import_one(app, what, evs.data + j, now, &ok, &bad);
-	}
-	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
-	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
-	buf_free(&hb), buf_free(&rb), buf_free(&ids), buf_free(&evs);
-	return bad ? 1 : 0;
 }
 
 static int cmd_import(struct app *app, struct config *cfg, rm_time now,
@@ -8306,6 +8364,13 @@ static int cmd_run(const struct command *c, struct config *cfg, int argc,
 	app_close(&app);
 	return rc;
 }
+
+/* ==== Main ============================================================ */
+/*
+ * One binary, three forms: with a command it runs the command; started
+ * without one by a web server, it answers as CGI (a request in the
+ * environment) or as a FastCGI server on the socket it was given.
+ */
 
 static int run(int argc, char **argv)
 {
