@@ -695,21 +695,11 @@ void cfg_free(struct config *cfg)
  */
 
 #define STATEMENTS(X)                                                          \
+	/* -- Storage: connection, migrations, named statements -- */          \
 	X(BEGIN, "BEGIN IMMEDIATE")                                            \
 	X(COMMIT, "COMMIT")                                                    \
 	X(ROLLBACK, "ROLLBACK")                                                \
-	X(JSON_ERROR, "SELECT json_object('error', ?1)")                       \
-	X(JSON_ACCEPTED, "SELECT json_object('accepted', ?1, 'duplicates', ?2)") \
-	X(JSON_TICK,                                                           \
-	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
-	  "'sent',?4,'retry',?5,'failed',?6,'exited',?7,'skipped',?8,"         \
-	  "'stale',?9), json_object('stopped',?10))")                          \
-	X(JSON_DISCOUNT,                                                       \
-	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
-	  "'min_spend', ?4, 'expires', ?5)")                                   \
-	X(JSON_DISCOUNT_HELD,                                                  \
-	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
-	  "'min_spend', ?4, 'expires', ?5, 'reserved_until', ?6)")             \
+	/* -- Events: validation and state (contacts, carts, orders) -- */     \
 	X(BODY_SHAPE, "SELECT json_valid(?1), json_type(?1)")                   \
 	X(ARRAY_EACH, "SELECT value, type FROM json_each(?1)")                 \
 	X(OBJECT_EACH, "SELECT key, type, atom, value FROM json_each(?1)")     \
@@ -744,24 +734,6 @@ void cfg_free(struct config *cfg)
 	  "WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 "                           \
 	  "ELSE consent_pending END, consent_vid = CASE WHEN ?2 = 1 "          \
 	  "AND consent = 0 THEN ?3 ELSE consent_vid END WHERE id = ?1")        \
-	/* double opt-in: the confirmation mails to send, and the click */    \
-	X(CONFIRM_DUE,                                                         \
-	  "SELECT id, email FROM contacts WHERE consent_pending = 1 "          \
-	  "AND confirm_sent_at IS NULL AND unsubscribed_at IS NULL "           \
-	  "AND suppressed_at IS NULL ORDER BY id LIMIT ?1")                    \
-	X(CONFIRM_CLAIM,                                                       \
-	  "UPDATE contacts SET confirm_sent_at = ?2 WHERE id = ?1 "            \
-	  "AND consent_pending = 1 AND confirm_sent_at IS NULL")               \
-	X(CONFIRM_UNCLAIM,                                                     \
-	  "UPDATE contacts SET confirm_sent_at = NULL WHERE id = ?1")          \
-	X(CONFIRM_DONE,                                                        \
-	  "UPDATE contacts SET consent = 1, consent_pending = 0, "             \
-	  "confirmed_at = ?2, updated = ?2 WHERE id = ?1 AND consent_pending = 1") \
-	X(CONFIRM_DECLINE,                                                     \
-	  "UPDATE contacts SET consent_pending = 0, updated = ?2 "             \
-	  "WHERE id = ?1 AND consent_pending = 1")                             \
-	X(CONFIRM_STATE,                                                       \
-	  "SELECT consent_pending, consent FROM contacts WHERE id = ?1")       \
 	X(VISITOR_CONTACT, "SELECT contact_id FROM visitors WHERE vid = ?1")   \
 	X(VISITOR_UPSERT,                                                      \
 	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen) "     \
@@ -814,9 +786,6 @@ void cfg_free(struct config *cfg)
 	X(EXIT_CART,                                                           \
 	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
 	  "WHERE cart_id = ?1 AND status = 'active'")                          \
-	X(EXIT_CONTACT,                                                        \
-	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
-	  "WHERE contact_id = ?1 AND status = 'active'")                       \
 	X(ORDER_INSERT,                                                        \
 	  "INSERT INTO orders (order_key, contact_id, cart_id, total, currency, " \
 	  "items, discount_code, ts) VALUES (?1, ?2, ?3, ?4, ?5, json(?6), ?7, ?8) " \
@@ -849,6 +818,53 @@ void cfg_free(struct config *cfg)
 	  "WHERE contact_id = ?1 AND status = 'active' AND created <= ?2 "     \
 	  "AND flow_id IN (SELECT id FROM flows "                              \
 	  "WHERE trigger IN ('cart_abandoned', 'customer_lapsed'))")           \
+	X(PRODUCT_UPSERT,                                                      \
+	  "INSERT INTO products (sku, name, price, url, image, category, updated) " \
+	  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (sku) DO UPDATE SET " \
+	  "name = ?2, price = coalesce(?3, price), url = coalesce(?4, url), "  \
+	  "image = coalesce(?5, image), category = coalesce(?6, category), "   \
+	  "updated = ?7")                                                      \
+	X(REVIEW_INSERT,                                                       \
+	  "INSERT OR IGNORE INTO reviews (sku, author, rating, text, ts) "     \
+	  "VALUES (?1, ?2, ?3, ?4, ?5)")                                       \
+	X(DISCOUNT_GET,                                                        \
+	  "SELECT percent, min_spend, expires, redeemed_at FROM discounts "    \
+	  "WHERE code = ?1")                                                   \
+	/* an order redeems a code once, and only before it expires */       \
+	X(DISCOUNT_REDEEM,                                                     \
+	  "UPDATE discounts SET redeemed_at = ?2, order_key = ?3 "             \
+	  "WHERE code = ?1 AND redeemed_at IS NULL AND expires >= ?2")         \
+	X(ORDER_CODE_STATUS,                                                   \
+	  "UPDATE orders SET code_status = ?2 WHERE order_key = ?1")           \
+	/* -- Discount codes -- */                                             \
+	X(DISCOUNT_INSERT,                                                     \
+	  "INSERT INTO discounts (code, percent, min_spend, contact_id, message, " \
+	  "created, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")             \
+	/* -- Catalog and order imports (CSV) -- */                            \
+	X(IMP_CREATE,                                                          \
+	  "CREATE TEMP TABLE IF NOT EXISTS imp (n INTEGER PRIMARY KEY, "       \
+	  "order_id TEXT, email TEXT, ts INTEGER, sku TEXT, name TEXT, "       \
+	  "price REAL, qty INTEGER, currency TEXT, consent INTEGER)")          \
+	X(IMP_INSERT,                                                          \
+	  "INSERT INTO temp.imp (order_id, email, ts, sku, name, price, qty, " \
+	  "currency, consent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, coalesce(?7, 1), " \
+	  "?8, ?9)")                                                           \
+	X(IMP_ORDERS,                                                          \
+	  "SELECT order_id, json_patch('{}', json_object('type', 'order', "    \
+	  "'order_id', order_id, 'email', min(email), 'ts', min(ts), "         \
+	  "'currency', coalesce(min(currency), 'EUR'), 'consent', CASE "       \
+	  "WHEN max(consent) IS NULL THEN NULL WHEN max(consent) THEN json('true') " \
+	  "ELSE json('false') END, 'total', round(total(price * qty), 2), "    \
+	  "'items', json_group_array(json_object('sku', sku, 'name', name, "   \
+	  "'price', price, 'qty', qty)))) FROM temp.imp GROUP BY order_id "    \
+	  "ORDER BY min(ts), min(n)")                                          \
+	X(IMP_CLEAR, "DELETE FROM temp.imp")                                   \
+	X(IMP_PRODUCT,                                                         \
+	  "SELECT json_patch('{}', json_object('type', 'product', 'sku', ?1, " \
+	  "'name', ?2, 'price', ?3, 'url', ?4, 'image', ?5, 'category', ?6, "  \
+	  "'review', CASE WHEN ?7 IS NOT NULL THEN json_object('author', ?7, " \
+	  "'rating', ?8, 'text', ?9) END))")                                   \
+	/* -- Segments -- */                                                   \
 	/* gaps between a customer's consecutive orders: count and the 90th  \
 	 * percentile, from which winback_after = auto is derived */          \
 	X(LAPSE_GAPS,                                                          \
@@ -873,37 +889,7 @@ void cfg_free(struct config *cfg)
 	  "WHEN r <= 2 AND n >= 2 THEN 'at_risk' ELSE 'active' END FROM s")    \
 	X(SEGMENT_COUNTS,                                                      \
 	  "SELECT segment, count(*) FROM segments GROUP BY segment")          \
-	/* lapsed: no order for the threshold (two thirds of it for the at-   \
-	 * risk), consenting, and not enrolled since their last order nor     \
-	 * within the cool-down: once per lapse */                            \
-	X(LAPSE_ENROLL,                                                        \
-	  "INSERT INTO enrollments (flow_id, contact_id, anchor, created, holdout) " \
-	  "SELECT f.id, c.id, ?1, ?1, rm_bucket('holdout:' || f.id || ':' || " \
-	  "lower(c.email)) < f.holdout_pct * 100 FROM segments sg "            \
-	  "JOIN contacts c ON c.id = sg.contact_id "                           \
-	  "JOIN flows f ON f.trigger = 'customer_lapsed' AND f.enabled = 1 "   \
-	  "WHERE c.consent = 1 AND c.unsubscribed_at IS NULL "                 \
-	  "AND c.suppressed_at IS NULL AND sg.last_order <= ?1 - CASE "        \
-	  "WHEN sg.segment = 'at_risk' THEN ?2 * 2 / 3 ELSE ?2 END "           \
-	  "AND NOT EXISTS (SELECT 1 FROM enrollments e WHERE e.flow_id = f.id " \
-	  "AND e.contact_id = c.id AND (e.created >= sg.last_order "           \
-	  "OR e.created > ?1 - ?3))")                                          \
-	X(ORDER_ENROLL,                                                        \
-	  "INSERT INTO enrollments (flow_id, contact_id, order_id, anchor, "   \
-	  "created, holdout) SELECT f.id, o.contact_id, o.id, o.ts, ?1, "      \
-	  "rm_bucket('holdout:' || f.id || ':' || lower(c.email)) "            \
-	  "< f.holdout_pct * 100 FROM orders o "                               \
-	  "JOIN contacts c ON c.id = o.contact_id "                            \
-	  "JOIN flows f ON f.trigger = 'order_placed' AND f.enabled = 1 "      \
-	  "WHERE o.ts > ?1 - 2 * 86400 AND o.ts <= ?1 AND c.consent = 1 "      \
-	  "AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL "         \
-	  "ON CONFLICT DO NOTHING")                                            \
-	X(AOV, "SELECT coalesce(round(avg(total), 2), 0) FROM orders WHERE total > 0") \
-	X(ENROLLMENT_CODE,                                                     \
-	  "SELECT discount_code FROM messages WHERE enrollment_id = ?1 "       \
-	  "AND discount_code IS NOT NULL ORDER BY step DESC LIMIT 1")          \
-	X(ORDER_OF,                                                            \
-	  "SELECT order_key, items, total, currency FROM orders WHERE id = ?1") \
+	/* -- Recommendations -- */                                            \
 	/* recommendations: what customers who bought what this one bought    \
 	 * also bought; then best sellers of their favourite category; then   \
 	 * of the store. Never what they own. */                              \
@@ -933,68 +919,116 @@ void cfg_free(struct config *cfg)
 	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
 	  "ORDER BY (SELECT total(qty) FROM order_lines l WHERE l.sku = p.sku) " \
 	  "DESC, p.sku LIMIT ?2")                                              \
-	X(WINBACK_REPORT,                                                      \
-	  "SELECT (SELECT count(*) FROM segments WHERE segment IN ('lapsed', 'lost')), " \
-	  "count(*), coalesce(sum(EXISTS (SELECT 1 FROM orders o "             \
-	  "WHERE o.contact_id = x.contact_id AND o.ts > x.first "              \
-	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT m.contact_id, " \
-	  "min(m.sent_at) AS first FROM messages m "                           \
-	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
-	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'customer_lapsed' " \
-	  "AND m.status = 'sent' AND m.sent_at >= ?1 AND m.sent_at < ?2 "      \
-	  "GROUP BY m.contact_id) x")                                          \
-	X(IMP_CREATE,                                                          \
-	  "CREATE TEMP TABLE IF NOT EXISTS imp (n INTEGER PRIMARY KEY, "       \
-	  "order_id TEXT, email TEXT, ts INTEGER, sku TEXT, name TEXT, "       \
-	  "price REAL, qty INTEGER, currency TEXT, consent INTEGER)")          \
-	X(IMP_INSERT,                                                          \
-	  "INSERT INTO temp.imp (order_id, email, ts, sku, name, price, qty, " \
-	  "currency, consent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, coalesce(?7, 1), " \
-	  "?8, ?9)")                                                           \
-	X(IMP_ORDERS,                                                          \
-	  "SELECT order_id, json_patch('{}', json_object('type', 'order', "    \
-	  "'order_id', order_id, 'email', min(email), 'ts', min(ts), "         \
-	  "'currency', coalesce(min(currency), 'EUR'), 'consent', CASE "       \
-	  "WHEN max(consent) IS NULL THEN NULL WHEN max(consent) THEN json('true') " \
-	  "ELSE json('false') END, 'total', round(total(price * qty), 2), "    \
-	  "'items', json_group_array(json_object('sku', sku, 'name', name, "   \
-	  "'price', price, 'qty', qty)))) FROM temp.imp GROUP BY order_id "    \
-	  "ORDER BY min(ts), min(n)")                                          \
-	X(IMP_CLEAR, "DELETE FROM temp.imp")                                   \
-	X(IMP_PRODUCT,                                                         \
-	  "SELECT json_patch('{}', json_object('type', 'product', 'sku', ?1, " \
-	  "'name', ?2, 'price', ?3, 'url', ?4, 'image', ?5, 'category', ?6, "  \
-	  "'review', CASE WHEN ?7 IS NOT NULL THEN json_object('author', ?7, " \
-	  "'rating', ?8, 'text', ?9) END))")                                   \
-	X(PRODUCT_UPSERT,                                                      \
-	  "INSERT INTO products (sku, name, price, url, image, category, updated) " \
-	  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (sku) DO UPDATE SET " \
-	  "name = ?2, price = coalesce(?3, price), url = coalesce(?4, url), "  \
-	  "image = coalesce(?5, image), category = coalesce(?6, category), "   \
-	  "updated = ?7")                                                      \
-	X(REVIEW_INSERT,                                                       \
-	  "INSERT OR IGNORE INTO reviews (sku, author, rating, text, ts) "     \
-	  "VALUES (?1, ?2, ?3, ?4, ?5)")                                       \
-	X(DISCOUNT_INSERT,                                                     \
-	  "INSERT INTO discounts (code, percent, min_spend, contact_id, message, " \
-	  "created, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")             \
-	X(DISCOUNT_GET,                                                        \
-	  "SELECT percent, min_spend, expires, redeemed_at FROM discounts "    \
-	  "WHERE code = ?1")                                                   \
-	/* an order redeems a code once, and only before it expires */       \
-	X(DISCOUNT_REDEEM,                                                     \
-	  "UPDATE discounts SET redeemed_at = ?2, order_key = ?3 "             \
-	  "WHERE code = ?1 AND redeemed_at IS NULL AND expires >= ?2")         \
-	X(ORDER_CODE_STATUS,                                                   \
-	  "UPDATE orders SET code_status = ?2 WHERE order_key = ?1")           \
-	/* a hold of another cart (?3) on the code, still running at ?2 */   \
-	X(DISCOUNT_HELD,                                                       \
-	  "SELECT reserved_until FROM discounts WHERE code = ?1 "              \
-	  "AND reserved_until >= ?2 AND reserved_cart IS NOT ?3")              \
-	X(DISCOUNT_RESERVE,                                                    \
-	  "UPDATE discounts SET reserved_cart = ?2, reserved_until = ?3 "      \
-	  "WHERE code = ?1 AND redeemed_at IS NULL AND (reserved_until IS NULL " \
-	  "OR reserved_until < ?4 OR reserved_cart = ?2)")                     \
+	/* -- The message context -- */                                        \
+	X(AOV, "SELECT coalesce(round(avg(total), 2), 0) FROM orders WHERE total > 0") \
+	X(ENROLLMENT_CODE,                                                     \
+	  "SELECT discount_code FROM messages WHERE enrollment_id = ?1 "       \
+	  "AND discount_code IS NOT NULL ORDER BY step DESC LIMIT 1")          \
+	X(ORDER_OF,                                                            \
+	  "SELECT order_key, items, total, currency FROM orders WHERE id = ?1") \
+	X(MESSAGE_LOAD,                                                        \
+	  "SELECT m.step, m.attempts, m.message_id, m.discount_code, "         \
+	  "e.id, e.status, c.id, c.email, c.name, c.unsubscribed_at, "         \
+	  "c.suppressed_at, k.cart_key, k.status, k.items, k.total, k.currency, " \
+	  "CASE WHEN m.variant = 'B' THEN coalesce(v.template, s.template) "   \
+	  "ELSE s.template END, CASE WHEN m.variant = 'B' THEN "               \
+	  "coalesce(v.discount_pct, s.discount_pct) ELSE s.discount_pct END, " \
+	  "CASE WHEN m.variant = 'B' THEN coalesce(v.discount_valid, "         \
+	  "s.discount_valid) ELSE s.discount_valid END, s.min_spend, "         \
+	  "f.trigger, coalesce(s.segment, ''), CASE WHEN sg.f = 5 AND "        \
+	  "sg.m >= 4 THEN 'vip' ELSE coalesce(sg.segment, '') END, "           \
+	  "EXISTS (SELECT 1 FROM orders o WHERE o.contact_id = e.contact_id "  \
+	  "AND o.ts > e.created), coalesce(e.order_id, 0), f.name, m.variant, " \
+	  "c.consent, "                                                        \
+	  /* 28: when the step was due; 29: how long after it the next one  \
+	   * (with a later delay) is */                                      \
+	  "e.anchor + CASE WHEN m.variant = 'B' THEN coalesce(v.delay_s, "     \
+	  "s.delay_s) ELSE s.delay_s END, (SELECT min(n.delay_s) FROM steps n " \
+	  "WHERE n.flow_id = e.flow_id AND n.position > m.step "               \
+	  "AND n.delay_s > s.delay_s) - s.delay_s "                            \
+	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
+	  "JOIN flows f ON f.id = e.flow_id "                                  \
+	  "LEFT JOIN segments sg ON sg.contact_id = m.contact_id "             \
+	  "JOIN contacts c ON c.id = m.contact_id "                            \
+	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
+	  "LEFT JOIN steps s ON s.flow_id = e.flow_id AND s.position = m.step " \
+	  "LEFT JOIN step_variants v ON v.flow_id = e.flow_id "                \
+	  "AND v.position = m.step WHERE m.id = ?1")                           \
+	X(MESSAGE_SET_CODE,                                                    \
+	  "UPDATE messages SET discount_code = ?2 WHERE id = ?1 "              \
+	  "AND discount_code IS NULL")                                         \
+	X(BEST_REVIEW,                                                         \
+	  "SELECT r.author, r.rating, r.text, p.name FROM reviews r "          \
+	  "JOIN products p ON p.sku = r.sku WHERE r.sku IN "                   \
+	  "(SELECT json_extract(value, '$.sku') FROM json_each(?1)) "          \
+	  "ORDER BY r.rating DESC, length(r.text) DESC, r.id LIMIT 1")         \
+	/* what a mail prints of items: a signed hook's own words, else the  \
+	 * catalog's (a browser's items are sku and qty only); an item known  \
+	 * to neither is not printed */                                       \
+	X(ITEMS_EACH,                                                          \
+	  "SELECT coalesce(json_extract(value,'$.name'), p.name), "            \
+	  "json_extract(value,'$.sku'), "                                      \
+	  "coalesce(json_extract(value,'$.qty'), 1), "                         \
+	  "coalesce(json_extract(value,'$.price'), p.price), "                 \
+	  "coalesce(json_extract(value,'$.url'), p.url, ''), "                 \
+	  "coalesce(json_extract(value,'$.image'), p.image, '') "              \
+	  "FROM json_each(?1) LEFT JOIN products p "                           \
+	  "ON p.sku = json_extract(value,'$.sku') "                            \
+	  "WHERE coalesce(json_extract(value,'$.name'), p.name, '') <> '' "    \
+	  "ORDER BY json_each.key")                                            \
+	/* printable items, items from a browser, and their catalog total */  \
+	X(ITEMS_TRUST,                                                         \
+	  "SELECT coalesce(sum(n <> ''), 0), coalesce(sum(bare), 0), "         \
+	  "total(CASE WHEN n <> '' THEN qty * price END) FROM (SELECT "        \
+	  "coalesce(json_extract(value,'$.name'), p.name, '') AS n, "          \
+	  "json_extract(value,'$.name') IS NULL AS bare, "                     \
+	  "coalesce(json_extract(value,'$.qty'), 1) AS qty, "                  \
+	  "coalesce(json_extract(value,'$.price'), p.price, 0) AS price "      \
+	  "FROM json_each(?1) LEFT JOIN products p "                           \
+	  "ON p.sku = json_extract(value,'$.sku'))")                           \
+	/* -- The flow engine: detect, claim, send, record -- */               \
+	X(JSON_TICK,                                                           \
+	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
+	  "'sent',?4,'retry',?5,'failed',?6,'exited',?7,'skipped',?8,"         \
+	  "'stale',?9), json_object('stopped',?10))")                          \
+	/* double opt-in: the confirmation mails to send, and the click */    \
+	X(CONFIRM_DUE,                                                         \
+	  "SELECT id, email FROM contacts WHERE consent_pending = 1 "          \
+	  "AND confirm_sent_at IS NULL AND unsubscribed_at IS NULL "           \
+	  "AND suppressed_at IS NULL ORDER BY id LIMIT ?1")                    \
+	X(CONFIRM_CLAIM,                                                       \
+	  "UPDATE contacts SET confirm_sent_at = ?2 WHERE id = ?1 "            \
+	  "AND consent_pending = 1 AND confirm_sent_at IS NULL")               \
+	X(CONFIRM_UNCLAIM,                                                     \
+	  "UPDATE contacts SET confirm_sent_at = NULL WHERE id = ?1")          \
+	X(EXIT_CONTACT,                                                        \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
+	  "WHERE contact_id = ?1 AND status = 'active'")                       \
+	/* lapsed: no order for the threshold (two thirds of it for the at-   \
+	 * risk), consenting, and not enrolled since their last order nor     \
+	 * within the cool-down: once per lapse */                            \
+	X(LAPSE_ENROLL,                                                        \
+	  "INSERT INTO enrollments (flow_id, contact_id, anchor, created, holdout) " \
+	  "SELECT f.id, c.id, ?1, ?1, rm_bucket('holdout:' || f.id || ':' || " \
+	  "lower(c.email)) < f.holdout_pct * 100 FROM segments sg "            \
+	  "JOIN contacts c ON c.id = sg.contact_id "                           \
+	  "JOIN flows f ON f.trigger = 'customer_lapsed' AND f.enabled = 1 "   \
+	  "WHERE c.consent = 1 AND c.unsubscribed_at IS NULL "                 \
+	  "AND c.suppressed_at IS NULL AND sg.last_order <= ?1 - CASE "        \
+	  "WHEN sg.segment = 'at_risk' THEN ?2 * 2 / 3 ELSE ?2 END "           \
+	  "AND NOT EXISTS (SELECT 1 FROM enrollments e WHERE e.flow_id = f.id " \
+	  "AND e.contact_id = c.id AND (e.created >= sg.last_order "           \
+	  "OR e.created > ?1 - ?3))")                                          \
+	X(ORDER_ENROLL,                                                        \
+	  "INSERT INTO enrollments (flow_id, contact_id, order_id, anchor, "   \
+	  "created, holdout) SELECT f.id, o.contact_id, o.id, o.ts, ?1, "      \
+	  "rm_bucket('holdout:' || f.id || ':' || lower(c.email)) "            \
+	  "< f.holdout_pct * 100 FROM orders o "                               \
+	  "JOIN contacts c ON c.id = o.contact_id "                            \
+	  "JOIN flows f ON f.trigger = 'order_placed' AND f.enabled = 1 "      \
+	  "WHERE o.ts > ?1 - 2 * 86400 AND o.ts <= ?1 AND c.consent = 1 "      \
+	  "AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL "         \
+	  "ON CONFLICT DO NOTHING")                                            \
 	X(ABANDON,                                                             \
 	  "UPDATE carts SET status = 'abandoned', abandoned_at = ?1 "          \
 	  "WHERE status = 'open' AND item_count > 0 AND updated <= ?2 "        \
@@ -1068,14 +1102,6 @@ void cfg_free(struct config *cfg)
 	  "UPDATE steps SET paused_at = ?3, paused_reason = ?4 WHERE flow_id = " \
 	  "(SELECT flow_id FROM enrollments WHERE id = ?1) AND position = ?2 " \
 	  "AND paused_at IS NULL")                                             \
-	X(STEP_RESUME,                                                         \
-	  "UPDATE steps SET paused_at = NULL, paused_reason = NULL WHERE "     \
-	  "flow_id = (SELECT id FROM flows WHERE name = ?1) AND position = ?2 " \
-	  "AND paused_at IS NOT NULL")                                         \
-	X(STEPS_PAUSED,                                                        \
-	  "SELECT f.name, s.position, s.paused_at, s.paused_reason FROM steps s " \
-	  "JOIN flows f ON f.id = s.flow_id WHERE s.paused_at IS NOT NULL "    \
-	  "ORDER BY f.id, s.position")                                         \
 	X(LEASE_RENEW,                                                         \
 	  "UPDATE messages SET lease_until = ?2 WHERE lease_owner = ?1 "       \
 	  "AND status = 'sending'")                                            \
@@ -1085,56 +1111,6 @@ void cfg_free(struct config *cfg)
 	X(LEASE_HELD,                                                          \
 	  "SELECT count(*) FROM messages WHERE id = ?1 AND lease_owner = ?2 "  \
 	  "AND status = 'sending'")                                            \
-	X(TICK_OPEN,                                                           \
-	  "SELECT id, pid, started_real FROM ticks "                           \
-	  "WHERE finished_real IS NULL ORDER BY id DESC LIMIT 8")              \
-	X(TICK_INSERT,                                                         \
-	  "INSERT INTO ticks (now, source, pid, started_real) "                \
-	  "VALUES (?1, ?2, ?3, ?4) RETURNING id")                              \
-	X(TICK_PRUNE, "DELETE FROM ticks WHERE id <= ?1 - 10000")              \
-	X(TICK_PID, "UPDATE ticks SET pid = ?2 WHERE id = ?1")                 \
-	X(TICK_FINISH,                                                         \
-	  "UPDATE ticks SET finished_real = ?2, "                              \
-	  "summary = json_set(?3, '$.tick', ?1, '$.budget_spent', json(?4)) "  \
-	  "WHERE id = ?1 RETURNING summary")                                   \
-	X(TICK_GET,                                                            \
-	  "SELECT id, pid, started_real, finished_real, summary, now FROM ticks " \
-	  "WHERE id = coalesce(?1, (SELECT max(id) FROM ticks))")              \
-	X(JSON_TICK_STATE,                                                     \
-	  "SELECT json_patch(json_object('tick', ?1, 'state', "               \
-	  "CASE WHEN json_extract(?4, '$.error') IS NOT NULL THEN 'failed' "   \
-	  "ELSE ?2 END, 'now', ?3), coalesce(?4, '{}'))")                      \
-	X(MESSAGE_LOAD,                                                        \
-	  "SELECT m.step, m.attempts, m.message_id, m.discount_code, "         \
-	  "e.id, e.status, c.id, c.email, c.name, c.unsubscribed_at, "         \
-	  "c.suppressed_at, k.cart_key, k.status, k.items, k.total, k.currency, " \
-	  "CASE WHEN m.variant = 'B' THEN coalesce(v.template, s.template) "   \
-	  "ELSE s.template END, CASE WHEN m.variant = 'B' THEN "               \
-	  "coalesce(v.discount_pct, s.discount_pct) ELSE s.discount_pct END, " \
-	  "CASE WHEN m.variant = 'B' THEN coalesce(v.discount_valid, "         \
-	  "s.discount_valid) ELSE s.discount_valid END, s.min_spend, "         \
-	  "f.trigger, coalesce(s.segment, ''), CASE WHEN sg.f = 5 AND "        \
-	  "sg.m >= 4 THEN 'vip' ELSE coalesce(sg.segment, '') END, "           \
-	  "EXISTS (SELECT 1 FROM orders o WHERE o.contact_id = e.contact_id "  \
-	  "AND o.ts > e.created), coalesce(e.order_id, 0), f.name, m.variant, " \
-	  "c.consent, "                                                        \
-	  /* 28: when the step was due; 29: how long after it the next one  \
-	   * (with a later delay) is */                                      \
-	  "e.anchor + CASE WHEN m.variant = 'B' THEN coalesce(v.delay_s, "     \
-	  "s.delay_s) ELSE s.delay_s END, (SELECT min(n.delay_s) FROM steps n " \
-	  "WHERE n.flow_id = e.flow_id AND n.position > m.step "               \
-	  "AND n.delay_s > s.delay_s) - s.delay_s "                            \
-	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
-	  "JOIN flows f ON f.id = e.flow_id "                                  \
-	  "LEFT JOIN segments sg ON sg.contact_id = m.contact_id "             \
-	  "JOIN contacts c ON c.id = m.contact_id "                            \
-	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
-	  "LEFT JOIN steps s ON s.flow_id = e.flow_id AND s.position = m.step " \
-	  "LEFT JOIN step_variants v ON v.flow_id = e.flow_id "                \
-	  "AND v.position = m.step WHERE m.id = ?1")                           \
-	X(MESSAGE_SET_CODE,                                                    \
-	  "UPDATE messages SET discount_code = ?2 WHERE id = ?1 "              \
-	  "AND discount_code IS NULL")                                         \
 	X(MESSAGE_SENT,                                                        \
 	  "UPDATE messages SET status = 'sent', sent_at = ?2, lease_until = NULL, " \
 	  "error = NULL, message_id = ?3 WHERE id = ?1 AND lease_owner = ?4")  \
@@ -1161,50 +1137,37 @@ void cfg_free(struct config *cfg)
 	X(SUPPRESS,                                                            \
 	  "UPDATE contacts SET suppressed_at = ?2, suppress_reason = ?3 "      \
 	  "WHERE id = ?1 AND suppressed_at IS NULL")                           \
-	X(UNSUBSCRIBE,                                                         \
-	  "UPDATE contacts SET unsubscribed_at = ?2 "                          \
-	  "WHERE id = ?1 AND unsubscribed_at IS NULL")                         \
-	X(MESSAGE_TARGET,                                                      \
-	  "SELECT m.contact_id, k.cart_key, coalesce(m.discount_code, "        \
-	  "(SELECT x.discount_code FROM messages x WHERE x.enrollment_id = "   \
-	  "m.enrollment_id AND x.discount_code IS NOT NULL "                   \
-	  "ORDER BY x.step DESC LIMIT 1)) FROM messages m "                    \
+	/* -- Tick runs -- */                                                  \
+	X(JSON_ERROR, "SELECT json_object('error', ?1)")                       \
+	X(TICK_OPEN,                                                           \
+	  "SELECT id, pid, started_real FROM ticks "                           \
+	  "WHERE finished_real IS NULL ORDER BY id DESC LIMIT 8")              \
+	X(TICK_INSERT,                                                         \
+	  "INSERT INTO ticks (now, source, pid, started_real) "                \
+	  "VALUES (?1, ?2, ?3, ?4) RETURNING id")                              \
+	X(TICK_PRUNE, "DELETE FROM ticks WHERE id <= ?1 - 10000")              \
+	X(TICK_FINISH,                                                         \
+	  "UPDATE ticks SET finished_real = ?2, "                              \
+	  "summary = json_set(?3, '$.tick', ?1, '$.budget_spent', json(?4)) "  \
+	  "WHERE id = ?1 RETURNING summary")                                   \
+	X(TICK_GET,                                                            \
+	  "SELECT id, pid, started_real, finished_real, summary, now FROM ticks " \
+	  "WHERE id = coalesce(?1, (SELECT max(id) FROM ticks))")              \
+	X(JSON_TICK_STATE,                                                     \
+	  "SELECT json_patch(json_object('tick', ?1, 'state', "               \
+	  "CASE WHEN json_extract(?4, '$.error') IS NOT NULL THEN 'failed' "   \
+	  "ELSE ?2 END, 'now', ?3), coalesce(?4, '{}'))")                      \
+	/* -- The report -- */                                                 \
+	X(WINBACK_REPORT,                                                      \
+	  "SELECT (SELECT count(*) FROM segments WHERE segment IN ('lapsed', 'lost')), " \
+	  "count(*), coalesce(sum(EXISTS (SELECT 1 FROM orders o "             \
+	  "WHERE o.contact_id = x.contact_id AND o.ts > x.first "              \
+	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT m.contact_id, " \
+	  "min(m.sent_at) AS first FROM messages m "                           \
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
-	  "LEFT JOIN carts k ON k.id = e.cart_id WHERE m.id = ?1")             \
-	X(INTERACTION, "INSERT INTO interactions (message, kind, ts) VALUES (?1, ?2, ?3)") \
-	/* mails whose links were signed with the key file's keys */         \
-	X(KEY_SIGNED,                                                          \
-	  "SELECT count(*) FROM messages "                                     \
-	  "WHERE sent_at IS NOT NULL OR status = 'sending'")                   \
-	X(BEST_REVIEW,                                                         \
-	  "SELECT r.author, r.rating, r.text, p.name FROM reviews r "          \
-	  "JOIN products p ON p.sku = r.sku WHERE r.sku IN "                   \
-	  "(SELECT json_extract(value, '$.sku') FROM json_each(?1)) "          \
-	  "ORDER BY r.rating DESC, length(r.text) DESC, r.id LIMIT 1")         \
-	/* what a mail prints of items: a signed hook's own words, else the  \
-	 * catalog's (a browser's items are sku and qty only); an item known  \
-	 * to neither is not printed */                                       \
-	X(ITEMS_EACH,                                                          \
-	  "SELECT coalesce(json_extract(value,'$.name'), p.name), "            \
-	  "json_extract(value,'$.sku'), "                                      \
-	  "coalesce(json_extract(value,'$.qty'), 1), "                         \
-	  "coalesce(json_extract(value,'$.price'), p.price), "                 \
-	  "coalesce(json_extract(value,'$.url'), p.url, ''), "                 \
-	  "coalesce(json_extract(value,'$.image'), p.image, '') "              \
-	  "FROM json_each(?1) LEFT JOIN products p "                           \
-	  "ON p.sku = json_extract(value,'$.sku') "                            \
-	  "WHERE coalesce(json_extract(value,'$.name'), p.name, '') <> '' "    \
-	  "ORDER BY json_each.key")                                            \
-	/* printable items, items from a browser, and their catalog total */  \
-	X(ITEMS_TRUST,                                                         \
-	  "SELECT coalesce(sum(n <> ''), 0), coalesce(sum(bare), 0), "         \
-	  "total(CASE WHEN n <> '' THEN qty * price END) FROM (SELECT "        \
-	  "coalesce(json_extract(value,'$.name'), p.name, '') AS n, "          \
-	  "json_extract(value,'$.name') IS NULL AS bare, "                     \
-	  "coalesce(json_extract(value,'$.qty'), 1) AS qty, "                  \
-	  "coalesce(json_extract(value,'$.price'), p.price, 0) AS price "      \
-	  "FROM json_each(?1) LEFT JOIN products p "                           \
-	  "ON p.sku = json_extract(value,'$.sku'))")                           \
+	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'customer_lapsed' " \
+	  "AND m.status = 'sent' AND m.sent_at >= ?1 AND m.sent_at < ?2 "      \
+	  "GROUP BY m.contact_id) x")                                          \
 	X(REP_CURRENCY,                                                        \
 	  "SELECT currency FROM orders GROUP BY currency "                     \
 	  "ORDER BY count(*) DESC LIMIT 1")                                    \
@@ -1287,6 +1250,76 @@ void cfg_free(struct config *cfg)
 	  "SELECT (ts - ?1) / 86400, total(total) FROM orders "                \
 	  "WHERE attribution IN ('click', 'code') AND ts >= ?1 AND ts < ?2 "   \
 	  "GROUP BY 1")                                                        \
+	/* -- HTTP routes -- */                                                \
+	X(JSON_ACCEPTED, "SELECT json_object('accepted', ?1, 'duplicates', ?2)") \
+	X(JSON_DISCOUNT,                                                       \
+	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
+	  "'min_spend', ?4, 'expires', ?5)")                                   \
+	X(JSON_DISCOUNT_HELD,                                                  \
+	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
+	  "'min_spend', ?4, 'expires', ?5, 'reserved_until', ?6)")             \
+	X(CONFIRM_DONE,                                                        \
+	  "UPDATE contacts SET consent = 1, consent_pending = 0, "             \
+	  "confirmed_at = ?2, updated = ?2 WHERE id = ?1 AND consent_pending = 1") \
+	X(CONFIRM_DECLINE,                                                     \
+	  "UPDATE contacts SET consent_pending = 0, updated = ?2 "             \
+	  "WHERE id = ?1 AND consent_pending = 1")                             \
+	X(CONFIRM_STATE,                                                       \
+	  "SELECT consent_pending, consent FROM contacts WHERE id = ?1")       \
+	/* a hold of another cart (?3) on the code, still running at ?2 */   \
+	X(DISCOUNT_HELD,                                                       \
+	  "SELECT reserved_until FROM discounts WHERE code = ?1 "              \
+	  "AND reserved_until >= ?2 AND reserved_cart IS NOT ?3")              \
+	X(DISCOUNT_RESERVE,                                                    \
+	  "UPDATE discounts SET reserved_cart = ?2, reserved_until = ?3 "      \
+	  "WHERE code = ?1 AND redeemed_at IS NULL AND (reserved_until IS NULL " \
+	  "OR reserved_until < ?4 OR reserved_cart = ?2)")                     \
+	X(UNSUBSCRIBE,                                                         \
+	  "UPDATE contacts SET unsubscribed_at = ?2 "                          \
+	  "WHERE id = ?1 AND unsubscribed_at IS NULL")                         \
+	X(MESSAGE_TARGET,                                                      \
+	  "SELECT m.contact_id, k.cart_key, coalesce(m.discount_code, "        \
+	  "(SELECT x.discount_code FROM messages x WHERE x.enrollment_id = "   \
+	  "m.enrollment_id AND x.discount_code IS NOT NULL "                   \
+	  "ORDER BY x.step DESC LIMIT 1)) FROM messages m "                    \
+	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
+	  "LEFT JOIN carts k ON k.id = e.cart_id WHERE m.id = ?1")             \
+	X(INTERACTION, "INSERT INTO interactions (message, kind, ts) VALUES (?1, ?2, ?3)") \
+	X(PIXEL_EVENT,                                                         \
+	  "SELECT json_patch('{}', json_object('type', ?1, 'sku', ?2, "        \
+	  "'url', ?3, 'visitor_id', ?4, 'email', ?5))")                        \
+	X(VISITOR_VERIFIED,                                                    \
+	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen, verified) " \
+	  "VALUES (?1, ?2, ?3, ?3, 1) ON CONFLICT (vid) DO UPDATE SET "        \
+	  "contact_id = ?2, last_seen = ?3, verified = 1")                     \
+	X(ONSITE_CART,                                                         \
+	  "SELECT c.cart_key, c.item_count FROM visitors v JOIN carts c "      \
+	  "ON c.visitor_id = v.vid OR (v.verified = 1 "                        \
+	  "AND c.contact_id = v.contact_id) WHERE v.vid = ?1 "                 \
+	  "AND c.status = 'abandoned' ORDER BY c.updated DESC LIMIT 1")        \
+	X(JSON_ONSITE,                                                         \
+	  "SELECT json_object('message', ?1, 'cart_url', ?2, 'items', ?3)")    \
+	X(VALIDATE_FIELDS,                                                     \
+	  "SELECT json_type(?1, '$.code'), json_extract(?1, '$.code'), "       \
+	  "json_type(?1, '$.total'), json_extract(?1, '$.total')")             \
+	X(VALIDATE_RESERVE,                                                    \
+	  "SELECT json_type(?1, '$.reserve'), json_type(?1, '$.cart_id'), "    \
+	  "json_extract(?1, '$.cart_id')")                                     \
+	/* -- FastCGI and CGI front-ends -- */                                 \
+	X(TICK_PID, "UPDATE ticks SET pid = ?2 WHERE id = ?1")                 \
+	/* -- Command line -- */                                               \
+	X(STEP_RESUME,                                                         \
+	  "UPDATE steps SET paused_at = NULL, paused_reason = NULL WHERE "     \
+	  "flow_id = (SELECT id FROM flows WHERE name = ?1) AND position = ?2 " \
+	  "AND paused_at IS NOT NULL")                                         \
+	X(STEPS_PAUSED,                                                        \
+	  "SELECT f.name, s.position, s.paused_at, s.paused_reason FROM steps s " \
+	  "JOIN flows f ON f.id = s.flow_id WHERE s.paused_at IS NOT NULL "    \
+	  "ORDER BY f.id, s.position")                                         \
+	/* mails whose links were signed with the key file's keys */         \
+	X(KEY_SIGNED,                                                          \
+	  "SELECT count(*) FROM messages "                                     \
+	  "WHERE sent_at IS NOT NULL OR status = 'sending'")                   \
 	X(FLOWS_LIST,                                                          \
 	  "SELECT f.name, f.enabled, s.position, s.delay_s, s.template, "      \
 	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 172800), s.min_spend, " \
@@ -1323,27 +1356,7 @@ void cfg_free(struct config *cfg)
 	X(VARIANTS_LIST,                                                       \
 	  "SELECT v.position, coalesce(v.template, ''), coalesce(v.delay_s, -1), " \
 	  "coalesce(v.discount_pct, -1), v.share FROM step_variants v "        \
-	  "JOIN flows f ON f.id = v.flow_id WHERE f.name = ?1 ORDER BY v.position") \
-	X(PIXEL_EVENT,                                                         \
-	  "SELECT json_patch('{}', json_object('type', ?1, 'sku', ?2, "        \
-	  "'url', ?3, 'visitor_id', ?4, 'email', ?5))")                        \
-	X(VISITOR_VERIFIED,                                                    \
-	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen, verified) " \
-	  "VALUES (?1, ?2, ?3, ?3, 1) ON CONFLICT (vid) DO UPDATE SET "        \
-	  "contact_id = ?2, last_seen = ?3, verified = 1")                     \
-	X(ONSITE_CART,                                                         \
-	  "SELECT c.cart_key, c.item_count FROM visitors v JOIN carts c "      \
-	  "ON c.visitor_id = v.vid OR (v.verified = 1 "                        \
-	  "AND c.contact_id = v.contact_id) WHERE v.vid = ?1 "                 \
-	  "AND c.status = 'abandoned' ORDER BY c.updated DESC LIMIT 1")        \
-	X(JSON_ONSITE,                                                         \
-	  "SELECT json_object('message', ?1, 'cart_url', ?2, 'items', ?3)")    \
-	X(VALIDATE_FIELDS,                                                     \
-	  "SELECT json_type(?1, '$.code'), json_extract(?1, '$.code'), "       \
-	  "json_type(?1, '$.total'), json_extract(?1, '$.total')")             \
-	X(VALIDATE_RESERVE,                                                    \
-	  "SELECT json_type(?1, '$.reserve'), json_type(?1, '$.cart_id'), "    \
-	  "json_extract(?1, '$.cart_id')")
+	  "JOIN flows f ON f.id = v.flow_id WHERE f.name = ?1 ORDER BY v.position")
 
 #define STMT_ENUM(name, sql) ST_##name,
 #define STMT_TEXT(name, sql) sql,
