@@ -10,22 +10,31 @@
  * only store; libcurl speaks SMTP; libsodium makes every signature and
  * every random code.
  *
- * Sections, in file order (search for "==== Name"):
+ * Sections, in file order. Each opens with a banner that puts its name
+ * after four equals signs: search for "==== " and the name as below
+ * (without its number) to land on it.
  *   1. Buffers and small helpers
  *   2. Configuration
  *   3. Storage: connection, migrations, named statements
- *   4. Validators
- *   5. Signed tokens and hook signatures
- *   6. Templates
- *   7. Events: validation and state (contacts, carts, orders)
- *   8. Discount codes
- *   9. Mail: rendering and RFC 5322 building
- *  10. Transports: SMTP and outbox
- *  11. The flow engine: detect, claim, send, record
- *  12. The report
- *  13. HTTP routes
- *  14. FastCGI and CGI front-ends
- *  15. Command line
+ *   4. The application object
+ *   5. Validators
+ *   6. Signed tokens and hook signatures
+ *   7. Templates
+ *   8. Events: validation and state (contacts, carts, orders)
+ *   9. Discount codes
+ *  10. Catalog and order imports (CSV)
+ *  11. Segments
+ *  12. Recommendations
+ *  13. Mail: rendering and RFC 5322 building
+ *  14. Transports: SMTP and outbox
+ *  15. The message context
+ *  16. The flow engine: detect, claim, send, record
+ *  17. Tick runs
+ *  18. The report
+ *  19. HTTP routes
+ *  20. FastCGI and CGI front-ends
+ *  21. Command line
+ *  22. Main
  */
 #define _GNU_SOURCE
 #include "remarket.h"
@@ -216,8 +225,12 @@ static rm_time parse_time(const char *s, rm_time base)
 	return t >= 0 && t <= RM_TIME_MAX ? t : -1;
 }
 
-/* Where "now" comes from: the real clock, or $REMARKET_NOW. (Below this,
- * only lease_keep looks at the real clock, to measure elapsed seconds.) */
+/* Where "now" comes from: the real clock, or $REMARKET_NOW. Everything
+ * that decides about the data takes "now" as an argument; besides this,
+ * the real clock is read only by the tick's own bookkeeping: flow_tick,
+ * lease_keep and out_of_budget measure elapsed seconds, and tick runs
+ * (tick_begin, tick_end, tick_alive) record when a process started and
+ * ended, to tell a running tick from a lost one. */
 static rm_time clock_now(void)
 {
 	rm_time real = (rm_time)time(NULL);
@@ -6596,8 +6609,9 @@ static void record(struct app *app, int64_t msg, const char *kind, rm_time now)
 	q_exec(app->db, q(app->db, ST_INTERACTION, "iti", msg, kind, (int64_t)now));
 }
 
-/* Joins this browser to the contact: its rm_vid cookie (or the contact's
- * latest visitor id, or a new one) is linked and set for a year. */
+/* Joins this browser to the contact: its rm_vid cookie, or a new random
+ * id (never one of the contact's other browsers), is linked as verified
+ * and set for a year. */
 static void visitor_cookie(struct app *app, const struct http_req *rq,
 			   int64_t contact, rm_time now, struct http_resp *rs)
 {
