@@ -534,6 +534,9 @@ static const struct cfg_key *cfg_find(const char *name)
 	return NULL;
 }
 
+/* Reads the key = value lines of the config file PATH into CFG; a line
+ * that is not key = value, or names an unknown key, is an error naming the
+ * file and the line. */
 static int cfg_read_file(struct config *cfg, const char *path, char *err,
 			 size_t errlen)
 {
@@ -612,6 +615,8 @@ static void cfg_derive_origin(struct config *cfg)
 	curl_url_cleanup(u);
 }
 
+/* The whole configuration: defaults, then the file, then REMARKET_<KEY>
+ * variables, then the derived values and the checks across keys. */
 static int cfg_load_all(struct config *cfg, const char *file, char *err,
 			size_t errlen)
 {
@@ -1530,6 +1535,8 @@ static void sql_bucket(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	sqlite3_result_int(ctx, rm_bucket(t ? (const char *)t : ""));
 }
 
+/* Opens one connection to the database at PATH (a new file made 0600, its
+ * directory created): WAL, foreign keys, rm_bucket(), the busy timeout. */
 int db_open(struct db **out, const char *path, char *err, size_t errlen)
 {
 	struct db *db = calloc(1, sizeof *db);
@@ -1748,6 +1755,8 @@ void app_close(struct app *app)
  * program looks at a field before one of these has accepted it.
  */
 
+/* 1 if the N bytes at STR are well-formed UTF-8 (no overlong forms, no
+ * surrogates, nothing past U+10FFFF). */
 int val_utf8(const char *str, size_t n)
 {
 	const unsigned char *s = (const unsigned char *)str;
@@ -2168,6 +2177,8 @@ static int tpl_section(struct tpl_run *r, char kind, const char *name,
 	return 0;
 }
 
+/* Renders the template text from S to END in context CTX: variables,
+ * sections, inverted sections and partials, in order. */
 static int tpl_block(struct tpl_run *r, const char *s, const char *end,
 		     const struct tctx *ctx)
 {
@@ -2441,6 +2452,8 @@ static int ev_string(struct event *e, const char *key, const char *jt,
 	return 0; /* unknown fields are ignored */
 }
 
+/* Takes one top-level field of an event (one json_each row): checks it with
+ * its validator and stores it in E; unknown keys are ignored. */
 static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 		    struct ev_error *err)
 {
@@ -2498,6 +2511,8 @@ static int on_origin(const char *url, const char *origin)
 	return !origin || (!strncmp(url, origin, n) && url[n] == '/');
 }
 
+/* Checks one field of items[IDX] (sku, qty, price, name, url, image) with
+ * its validator; records what was seen, the price and the quantity. */
 static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 			 double *qty, unsigned *seen, const char *origin,
 			 struct ev_error *err)
@@ -2559,6 +2574,8 @@ static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
 	return rc;
 }
 
+/* Checks every element of E's items array (count, shape, each field) and
+ * totals the items when the event gave no total. */
 static int ev_items(struct app *app, struct event *e, const char *origin,
 		    struct ev_error *err)
 {
@@ -2656,6 +2673,8 @@ static const struct {
 	{"checkout", 0}, {"order", 0}, {"product", 0},
 };
 
+/* After the fields: the event type is known and allowed from SRC, and the
+ * fields its type needs are present. */
 static int ev_require(const struct event *e, enum ev_source src,
 		      const char *visitor, struct ev_error *err)
 {
@@ -2770,6 +2789,8 @@ static int64_t contact_from_browser(struct app *app, const struct event *e,
 	return q_exec(db, s) < 0 ? -1 : id;
 }
 
+/* The contact an event names (upserted from a signed event, limited from a
+ * browser) and its visitor linked; the contact id, 0 if none, -1 on error. */
 static int64_t ev_contact(struct app *app, const struct event *e,
 			  const char *vid, int browser, rm_time now)
 {
@@ -2806,6 +2827,8 @@ static int64_t ev_contact(struct app *app, const struct event *e,
 	return id;
 }
 
+/* Stores the cart of a cart event under its key (a browser's cart is its
+ * own, priced by the catalog); an emptied cart ends its sequence. */
 static int ev_cart(struct app *app, const struct event *e, const char *vid,
 		   int browser, int64_t contact)
 {
@@ -3091,6 +3114,8 @@ static int ev_split(struct app *app, const char *json, size_t len,
 	return rc;
 }
 
+/* The door for facts: checks the whole body, then stores every event and
+ * its state changes in one transaction (or nothing). */
 int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	      size_t len, const char *visitor, rm_time now,
 	      struct ev_error *err)
@@ -3478,6 +3503,8 @@ int import_products(struct app *app, FILE *f, rm_time now)
 	return bad ? 1 : 0;
 }
 
+/* `remarket import orders`: checks the header against order_columns, puts
+ * the rows in a scratch table, then ingests one order event per order_id. */
 int import_orders(struct app *app, FILE *f, rm_time now)
 {
 	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
@@ -3827,6 +3854,8 @@ static int hdr_from(struct buf *out, const char *from)
 	return buf_failed(out) ? -1 : 0;
 }
 
+/* Builds the RFC 5322 message of M (headers checked for CR/LF, text and
+ * HTML as multipart/alternative, quoted-printable) into OUT. */
 int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 {
 	const char *vals[] = {m->from, m->to, m->subject, m->message_id,
@@ -4040,6 +4069,8 @@ static int smtp_url(const char *url, char *out, size_t n, int *starttls)
 	return copy_str(out, n, url);
 }
 
+/* Sends one built message to TO over the configured SMTP relay with
+ * libcurl and classifies the outcome as a send_result. */
 static enum send_result smtp_send(struct app *app, const char *to,
 				  const struct buf *msg, char *err, size_t errlen)
 {
@@ -4161,6 +4192,8 @@ struct msgrow {
 	int printable; /* cart items a mail may print (signed or in the catalog) */
 };
 
+/* Reads message ID with its enrollment, flow, step, contact and cart into M;
+ * -1 if the row is gone. */
 static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 {
 	sqlite3_stmt *s = q(app->db, ST_MESSAGE_LOAD, "i", id);
@@ -4466,6 +4499,8 @@ static int mc_order(struct msgctx *mc, struct app *app, int64_t order)
 	return rc;
 }
 
+/* Fills the template variables of message M: names, items, order, review
+ * and recommendation lists, the discount code and every signed link. */
 static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 		    rm_time now, rm_time code_expires)
 {
@@ -4549,6 +4584,8 @@ static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
 	return 0;
 }
 
+/* Renders and builds message M (subject, text, HTML) into OUT; fails with a
+ * message in ERR when a template is missing or broken. */
 static int msg_compose(struct app *app, struct msgrow *m, rm_time now,
 		       struct buf *out, char *err, size_t errlen)
 {
@@ -4652,6 +4689,8 @@ static int msg_exit(struct app *app, const struct msgrow *m, const char *why,
 	return rc ? -1 : 0;
 }
 
+/* Records the outcome R of sending M: sent (and the enrollment advanced),
+ * retried later with back-off, or failed (a 5xx also suppresses). */
 static int msg_record(struct app *app, const struct msgrow *m,
 		      enum send_result r, const char *err, rm_time now,
 		      struct tick_summary *sum)
@@ -5153,6 +5192,8 @@ static int out_of_budget(struct app *app, const struct lease *l,
 	return 1;
 }
 
+/* The claim-and-send loop of one tick: batches of leased messages until
+ * none is due, the budget is spent or a send stops the tick. */
 static int flow_rounds(struct app *app, rm_time now, struct lease *l,
 		       struct tick_summary *sum, struct refusals *rf)
 {
@@ -5440,6 +5481,8 @@ static void rep_flows(struct app *app, struct report *r)
 	}
 }
 
+/* The report's time series: orders, attributed orders and revenue per
+ * month (oldest first), and recovered revenue per day for the chart. */
 static void rep_series(struct app *app, struct report *r)
 {
 	sqlite3_stmt *s = q(app->db, ST_REP_MONTHS, "ii", (int64_t)r->since,
@@ -5482,6 +5525,8 @@ static void rep_lifecycle(struct app *app, struct report *r)
 	segment_counts(app, r->segments);
 }
 
+/* Fills R with every number of the report from SINCE to UNTIL, from
+ * indexed queries. */
 int report_build(struct app *app, rm_time since, rm_time until, struct report *r)
 {
 	struct db *db = app->db;
@@ -5766,6 +5811,7 @@ static void json_flow(struct buf *b, const struct flow_report *f)
 	buf_adds(b, "]}");
 }
 
+/* The report as JSON, from the same number tables as the HTML and text. */
 int report_json(const struct report *r, struct buf *out)
 {
 	buf_addf(out, "{\"since\":%lld,\"until\":%lld,\"currency\":", (long long)r->since,
@@ -5877,6 +5923,8 @@ static void html_chart(struct buf *b, const struct report *r)
 		 "</svg>", h + 16, r->ndays, w, h + 16, max, r->currency);
 }
 
+/* One flow's section of the HTML report: its steps, variants, holdout and
+ * lift. */
 static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 		      const char *cur)
 {
@@ -5940,6 +5988,7 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 	buf_adds(b, "</p></div></section>");
 }
 
+/* The win-back and segments sections of the HTML report. */
 static void html_lifecycle(struct buf *b, const struct report *r)
 {
 	char k[48], v[48];
@@ -5976,6 +6025,7 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 		 "</p></section>");
 }
 
+/* The whole HTML report page: cards, chart, flows, win-back, months. */
 int report_html(const struct report *r, const char *store, struct buf *b)
 {
 	char since[32], until[32];
@@ -6757,6 +6807,8 @@ static void route_open(struct app *app, const struct http_req *rq,
 	resp_gif(rs);
 }
 
+/* POST /discounts/validate: whether a code applies to a total, and with
+ * "reserve" a hold of it for one cart for 15 minutes. */
 static void route_validate(struct app *app, const struct http_req *rq,
 			   struct http_resp *rs, const char *arg, rm_time now)
 {
@@ -6903,6 +6955,7 @@ static int report_window(const struct http_req *rq, rm_time now, rm_time *since,
 	return *since < 0 || *until < 0 || *since > *until ? -1 : 0;
 }
 
+/* GET /report and /report.json for the operator (tick_token required). */
 static void route_report(struct app *app, const struct http_req *rq,
 			 struct http_resp *rs, const char *arg, rm_time now)
 {
@@ -7259,6 +7312,8 @@ static void write_response(const struct io *io, const struct http_resp *rs,
 	buf_free(&h);
 }
 
+/* One request through either front-end: validate the CGI parameters, fill
+ * http_req, read the body, route, write the response. */
 static void serve_one(struct app *app, const struct io *io)
 {
 	struct http_req rq = {0};
@@ -7574,6 +7629,8 @@ static void init_private_files(const struct config *cfg)
 		(void)chmod(cfg->key_file, 0600);
 }
 
+/* `remarket init`: creates or migrates the database and makes the key file,
+ * refusing a new key while sent mails hold links signed with the old one. */
 static int cmd_init(struct app *app, struct config *cfg, rm_time now, int argc,
 		    char **argv)
 {
@@ -7719,6 +7776,8 @@ static int socket_give(const struct config *cfg, const char *path, char *group,
 	return 0;
 }
 
+/* `remarket serve ADDR`: checks the app opens, then runs the FastCGI server
+ * on a unix socket or host:port. */
 static int cmd_serve(struct app *app, struct config *cfg, rm_time now, int argc,
 		     char **argv)
 {
@@ -7843,6 +7902,8 @@ static int report_link(struct app *app, rm_time now, int argc, char **argv)
 	return 0;
 }
 
+/* `remarket report`: the report as text or JSON, or with --link a signed
+ * URL that opens it in a browser. */
 static int cmd_report(struct app *app, struct config *cfg, rm_time now,
 		      int argc, char **argv)
 {
@@ -7922,6 +7983,7 @@ static int flows_paused(struct app *app)
 	return 0;
 }
 
+/* `remarket flows`: every flow with its steps, variants and state. */
 static int flows_list(struct app *app)
 {
 	sqlite3_stmt *s = q(app->db, ST_FLOWS_LIST, NULL);
@@ -7977,6 +8039,8 @@ static int param_index(sqlite3_stmt *s, const char *name)
 	return sqlite3_bind_parameter_index(s, p);
 }
 
+/* Binds the value V of one `flows set` setting to its named parameter,
+ * checked by its kind; -1 if the value is bad. */
 static int bind_setting(sqlite3_stmt *s, const struct setting *st, const char *v)
 {
 	int param = param_index(s, st->key);
@@ -8082,6 +8146,8 @@ static int flows_variant(struct app *app, int argc, char **argv)
 			   "discount=0-90 valid=48h share=1-99 | off", argc, argv);
 }
 
+/* `remarket flows ...`: lists the flows, or changes one (set, enable,
+ * disable, holdout, variant, resume). */
 static int cmd_flows(struct app *app, struct config *cfg, rm_time now, int argc,
 		     char **argv)
 {
