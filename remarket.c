@@ -3672,9 +3672,10 @@ static int segment_name_ok(const char *v)
 
 /* ==== Recommendations ================================================= */
 /*
- * Products a contact may like, in tiers of preference: bought together
- * with theirs, then their categories, then best sellers; never one they
- * own or one twice. reco_walk only reads; the message context turns its
+ * Products a contact may like, in tiers of preference: what customers
+ * who bought what they bought also bought, then best sellers of their
+ * favourite category, then of the store; never one they own, never one
+ * twice. reco_walk only reads; the message context turns its
  * rows into the {{#recommendations}} list, `remarket recommend` prints
  * them.
  */
@@ -4166,11 +4167,13 @@ static enum send_result mail_send(struct app *app, int64_t id, const char *to,
 /*
  * One claimed message, from its row to its bytes: msg_load reads the
  * row (struct msgrow) with its contact, cart and step; msg_exit_reason
- * says whether it must not go out; mc_build fills the template variables
- * (names, items, recommendations, review links, the discount code, the
- * signed links) and msg_prepare / msg_compose render and build it. This
- * section reads and renders; it records nothing about the message's
- * outcome (the flow engine does) and sends nothing.
+ * says whether it must not go out; msg_prepare fixes its Message-ID and
+ * discount code at the first attempt (the only rows written here), so
+ * that every attempt sends the same message; mc_build fills the template
+ * variables (names, items, recommendations, review links, the discount,
+ * the signed links) and msg_compose renders and builds it. This section
+ * records nothing about the message's outcome (the flow engine does) and
+ * sends nothing.
  */
 
 /* One message as the tick sees it: its row, its enrollment, step,
