@@ -10,22 +10,31 @@
  * only store; libcurl speaks SMTP; libsodium makes every signature and
  * every random code.
  *
- * Sections, in file order (search for "==== Name"):
+ * Sections, in file order. Each opens with a banner that puts its name
+ * after four equals signs: search for "==== " and the name as below
+ * (without its number) to land on it.
  *   1. Buffers and small helpers
  *   2. Configuration
  *   3. Storage: connection, migrations, named statements
- *   4. Validators
- *   5. Signed tokens and hook signatures
- *   6. Templates
- *   7. Events: validation and state (contacts, carts, orders)
- *   8. Discount codes
- *   9. Mail: rendering and RFC 5322 building
- *  10. Transports: SMTP and outbox
- *  11. The flow engine: detect, claim, send, record
- *  12. The report
- *  13. HTTP routes
- *  14. FastCGI and CGI front-ends
- *  15. Command line
+ *   4. The application object
+ *   5. Validators
+ *   6. Signed tokens and hook signatures
+ *   7. Templates
+ *   8. Events: validation and state (contacts, carts, orders)
+ *   9. Discount codes
+ *  10. Catalog and order imports (CSV)
+ *  11. Segments
+ *  12. Recommendations
+ *  13. Mail: rendering and RFC 5322 building
+ *  14. Transports: SMTP and outbox
+ *  15. The message context
+ *  16. The flow engine: detect, claim, send, record
+ *  17. Tick runs
+ *  18. The report
+ *  19. HTTP routes
+ *  20. FastCGI and CGI front-ends
+ *  21. Command line
+ *  22. Main
  */
 #define _GNU_SOURCE
 #include "remarket.h"
@@ -58,7 +67,7 @@
 #define RM_SHAREDIR "/usr/local/share/remarket"
 #endif
 
-/* ==== 1. Buffers and small helpers ==================================== */
+/* ==== Buffers and small helpers ======================================= */
 /*
  * A growable, always NUL-terminated byte buffer is the only string
  * builder in the program: no strcat, no sprintf into fixed arrays.
@@ -69,6 +78,8 @@
  * success; a buffer that failed is never sent, written or stored as if
  * whole. Per-call checks remain only where a failure changes what
  * happens next (a loop that must stop, a value read back at once).
+ * Also here: time parsing and the one clock, IP addresses and CIDR
+ * lists, and the few file helpers (read, mkdir -p, atomic write).
  */
 
 /* Makes room for n more bytes plus the terminating NUL; on failure sets
@@ -214,8 +225,12 @@ static rm_time parse_time(const char *s, rm_time base)
 	return t >= 0 && t <= RM_TIME_MAX ? t : -1;
 }
 
-/* Where "now" comes from: the real clock, or $REMARKET_NOW. (Below this,
- * only lease_keep looks at the real clock, to measure elapsed seconds.) */
+/* Where "now" comes from: the real clock, or $REMARKET_NOW. Everything
+ * that decides about the data takes "now" as an argument; besides this,
+ * the real clock is read only by the tick's own bookkeeping: flow_tick,
+ * lease_keep and out_of_budget measure elapsed seconds, and tick runs
+ * (tick_begin, tick_end, tick_alive) record when a process started and
+ * ended, to tell a running tick from a lost one. */
 static rm_time clock_now(void)
 {
 	rm_time real = (rm_time)time(NULL);
@@ -417,7 +432,7 @@ static int write_file_atomic(const char *path, const char *data, size_t n,
 	return 0;
 }
 
-/* ==== 2. Configuration ================================================= */
+/* ==== Configuration =================================================== */
 /*
  * One table says every key, its type and its default. Values come from
  * the defaults, then the file, then REMARKET_<KEY> variables, so an
@@ -519,6 +534,9 @@ static const struct cfg_key *cfg_find(const char *name)
 	return NULL;
 }
 
+/* Reads the key = value lines of the config file PATH into CFG; a line
+ * that is not key = value, or names an unknown key, is an error naming the
+ * file and the line. */
 static int cfg_read_file(struct config *cfg, const char *path, char *err,
 			 size_t errlen)
 {
@@ -597,6 +615,8 @@ static void cfg_derive_origin(struct config *cfg)
 	curl_url_cleanup(u);
 }
 
+/* The whole configuration: defaults, then the file, then REMARKET_<KEY>
+ * variables, then the derived values and the checks across keys. */
 static int cfg_load_all(struct config *cfg, const char *file, char *err,
 			size_t errlen)
 {
@@ -683,7 +703,7 @@ void cfg_free(struct config *cfg)
 	memset(cfg, 0, sizeof *cfg);
 }
 
-/* ==== 3. Storage: connection, migrations, named statements ============= */
+/* ==== Storage: connection, migrations, named statements =============== */
 /*
  * Every SQL text the program runs (besides the migrations in sql/) is in
  * the STATEMENTS table below, prepared once per connection on first use.
@@ -693,21 +713,11 @@ void cfg_free(struct config *cfg)
  */
 
 #define STATEMENTS(X)                                                          \
+	/* -- Storage: connection, migrations, named statements -- */          \
 	X(BEGIN, "BEGIN IMMEDIATE")                                            \
 	X(COMMIT, "COMMIT")                                                    \
 	X(ROLLBACK, "ROLLBACK")                                                \
-	X(JSON_ERROR, "SELECT json_object('error', ?1)")                       \
-	X(JSON_ACCEPTED, "SELECT json_object('accepted', ?1, 'duplicates', ?2)") \
-	X(JSON_TICK,                                                           \
-	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
-	  "'sent',?4,'retry',?5,'failed',?6,'exited',?7,'skipped',?8,"         \
-	  "'stale',?9), json_object('stopped',?10))")                          \
-	X(JSON_DISCOUNT,                                                       \
-	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
-	  "'min_spend', ?4, 'expires', ?5)")                                   \
-	X(JSON_DISCOUNT_HELD,                                                  \
-	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
-	  "'min_spend', ?4, 'expires', ?5, 'reserved_until', ?6)")             \
+	/* -- Events: validation and state (contacts, carts, orders) -- */     \
 	X(BODY_SHAPE, "SELECT json_valid(?1), json_type(?1)")                   \
 	X(ARRAY_EACH, "SELECT value, type FROM json_each(?1)")                 \
 	X(OBJECT_EACH, "SELECT key, type, atom, value FROM json_each(?1)")     \
@@ -742,24 +752,6 @@ void cfg_free(struct config *cfg)
 	  "WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 "                           \
 	  "ELSE consent_pending END, consent_vid = CASE WHEN ?2 = 1 "          \
 	  "AND consent = 0 THEN ?3 ELSE consent_vid END WHERE id = ?1")        \
-	/* double opt-in: the confirmation mails to send, and the click */    \
-	X(CONFIRM_DUE,                                                         \
-	  "SELECT id, email FROM contacts WHERE consent_pending = 1 "          \
-	  "AND confirm_sent_at IS NULL AND unsubscribed_at IS NULL "           \
-	  "AND suppressed_at IS NULL ORDER BY id LIMIT ?1")                    \
-	X(CONFIRM_CLAIM,                                                       \
-	  "UPDATE contacts SET confirm_sent_at = ?2 WHERE id = ?1 "            \
-	  "AND consent_pending = 1 AND confirm_sent_at IS NULL")               \
-	X(CONFIRM_UNCLAIM,                                                     \
-	  "UPDATE contacts SET confirm_sent_at = NULL WHERE id = ?1")          \
-	X(CONFIRM_DONE,                                                        \
-	  "UPDATE contacts SET consent = 1, consent_pending = 0, "             \
-	  "confirmed_at = ?2, updated = ?2 WHERE id = ?1 AND consent_pending = 1") \
-	X(CONFIRM_DECLINE,                                                     \
-	  "UPDATE contacts SET consent_pending = 0, updated = ?2 "             \
-	  "WHERE id = ?1 AND consent_pending = 1")                             \
-	X(CONFIRM_STATE,                                                       \
-	  "SELECT consent_pending, consent FROM contacts WHERE id = ?1")       \
 	X(VISITOR_CONTACT, "SELECT contact_id FROM visitors WHERE vid = ?1")   \
 	X(VISITOR_UPSERT,                                                      \
 	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen) "     \
@@ -812,9 +804,6 @@ void cfg_free(struct config *cfg)
 	X(EXIT_CART,                                                           \
 	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
 	  "WHERE cart_id = ?1 AND status = 'active'")                          \
-	X(EXIT_CONTACT,                                                        \
-	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
-	  "WHERE contact_id = ?1 AND status = 'active'")                       \
 	X(ORDER_INSERT,                                                        \
 	  "INSERT INTO orders (order_key, contact_id, cart_id, total, currency, " \
 	  "items, discount_code, ts) VALUES (?1, ?2, ?3, ?4, ?5, json(?6), ?7, ?8) " \
@@ -847,6 +836,53 @@ void cfg_free(struct config *cfg)
 	  "WHERE contact_id = ?1 AND status = 'active' AND created <= ?2 "     \
 	  "AND flow_id IN (SELECT id FROM flows "                              \
 	  "WHERE trigger IN ('cart_abandoned', 'customer_lapsed'))")           \
+	X(PRODUCT_UPSERT,                                                      \
+	  "INSERT INTO products (sku, name, price, url, image, category, updated) " \
+	  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (sku) DO UPDATE SET " \
+	  "name = ?2, price = coalesce(?3, price), url = coalesce(?4, url), "  \
+	  "image = coalesce(?5, image), category = coalesce(?6, category), "   \
+	  "updated = ?7")                                                      \
+	X(REVIEW_INSERT,                                                       \
+	  "INSERT OR IGNORE INTO reviews (sku, author, rating, text, ts) "     \
+	  "VALUES (?1, ?2, ?3, ?4, ?5)")                                       \
+	X(DISCOUNT_GET,                                                        \
+	  "SELECT percent, min_spend, expires, redeemed_at FROM discounts "    \
+	  "WHERE code = ?1")                                                   \
+	/* an order redeems a code once, and only before it expires */       \
+	X(DISCOUNT_REDEEM,                                                     \
+	  "UPDATE discounts SET redeemed_at = ?2, order_key = ?3 "             \
+	  "WHERE code = ?1 AND redeemed_at IS NULL AND expires >= ?2")         \
+	X(ORDER_CODE_STATUS,                                                   \
+	  "UPDATE orders SET code_status = ?2 WHERE order_key = ?1")           \
+	/* -- Discount codes -- */                                             \
+	X(DISCOUNT_INSERT,                                                     \
+	  "INSERT INTO discounts (code, percent, min_spend, contact_id, message, " \
+	  "created, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")             \
+	/* -- Catalog and order imports (CSV) -- */                            \
+	X(IMP_CREATE,                                                          \
+	  "CREATE TEMP TABLE IF NOT EXISTS imp (n INTEGER PRIMARY KEY, "       \
+	  "order_id TEXT, email TEXT, ts INTEGER, sku TEXT, name TEXT, "       \
+	  "price REAL, qty INTEGER, currency TEXT, consent INTEGER)")          \
+	X(IMP_INSERT,                                                          \
+	  "INSERT INTO temp.imp (order_id, email, ts, sku, name, price, qty, " \
+	  "currency, consent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, coalesce(?7, 1), " \
+	  "?8, ?9)")                                                           \
+	X(IMP_ORDERS,                                                          \
+	  "SELECT order_id, json_patch('{}', json_object('type', 'order', "    \
+	  "'order_id', order_id, 'email', min(email), 'ts', min(ts), "         \
+	  "'currency', coalesce(min(currency), 'EUR'), 'consent', CASE "       \
+	  "WHEN max(consent) IS NULL THEN NULL WHEN max(consent) THEN json('true') " \
+	  "ELSE json('false') END, 'total', round(total(price * qty), 2), "    \
+	  "'items', json_group_array(json_object('sku', sku, 'name', name, "   \
+	  "'price', price, 'qty', qty)))) FROM temp.imp GROUP BY order_id "    \
+	  "ORDER BY min(ts), min(n)")                                          \
+	X(IMP_CLEAR, "DELETE FROM temp.imp")                                   \
+	X(IMP_PRODUCT,                                                         \
+	  "SELECT json_patch('{}', json_object('type', 'product', 'sku', ?1, " \
+	  "'name', ?2, 'price', ?3, 'url', ?4, 'image', ?5, 'category', ?6, "  \
+	  "'review', CASE WHEN ?7 IS NOT NULL THEN json_object('author', ?7, " \
+	  "'rating', ?8, 'text', ?9) END))")                                   \
+	/* -- Segments -- */                                                   \
 	/* gaps between a customer's consecutive orders: count and the 90th  \
 	 * percentile, from which winback_after = auto is derived */          \
 	X(LAPSE_GAPS,                                                          \
@@ -871,37 +907,7 @@ void cfg_free(struct config *cfg)
 	  "WHEN r <= 2 AND n >= 2 THEN 'at_risk' ELSE 'active' END FROM s")    \
 	X(SEGMENT_COUNTS,                                                      \
 	  "SELECT segment, count(*) FROM segments GROUP BY segment")          \
-	/* lapsed: no order for the threshold (two thirds of it for the at-   \
-	 * risk), consenting, and not enrolled since their last order nor     \
-	 * within the cool-down: once per lapse */                            \
-	X(LAPSE_ENROLL,                                                        \
-	  "INSERT INTO enrollments (flow_id, contact_id, anchor, created, holdout) " \
-	  "SELECT f.id, c.id, ?1, ?1, rm_bucket('holdout:' || f.id || ':' || " \
-	  "lower(c.email)) < f.holdout_pct * 100 FROM segments sg "            \
-	  "JOIN contacts c ON c.id = sg.contact_id "                           \
-	  "JOIN flows f ON f.trigger = 'customer_lapsed' AND f.enabled = 1 "   \
-	  "WHERE c.consent = 1 AND c.unsubscribed_at IS NULL "                 \
-	  "AND c.suppressed_at IS NULL AND sg.last_order <= ?1 - CASE "        \
-	  "WHEN sg.segment = 'at_risk' THEN ?2 * 2 / 3 ELSE ?2 END "           \
-	  "AND NOT EXISTS (SELECT 1 FROM enrollments e WHERE e.flow_id = f.id " \
-	  "AND e.contact_id = c.id AND (e.created >= sg.last_order "           \
-	  "OR e.created > ?1 - ?3))")                                          \
-	X(ORDER_ENROLL,                                                        \
-	  "INSERT INTO enrollments (flow_id, contact_id, order_id, anchor, "   \
-	  "created, holdout) SELECT f.id, o.contact_id, o.id, o.ts, ?1, "      \
-	  "rm_bucket('holdout:' || f.id || ':' || lower(c.email)) "            \
-	  "< f.holdout_pct * 100 FROM orders o "                               \
-	  "JOIN contacts c ON c.id = o.contact_id "                            \
-	  "JOIN flows f ON f.trigger = 'order_placed' AND f.enabled = 1 "      \
-	  "WHERE o.ts > ?1 - 2 * 86400 AND o.ts <= ?1 AND c.consent = 1 "      \
-	  "AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL "         \
-	  "ON CONFLICT DO NOTHING")                                            \
-	X(AOV, "SELECT coalesce(round(avg(total), 2), 0) FROM orders WHERE total > 0") \
-	X(ENROLLMENT_CODE,                                                     \
-	  "SELECT discount_code FROM messages WHERE enrollment_id = ?1 "       \
-	  "AND discount_code IS NOT NULL ORDER BY step DESC LIMIT 1")          \
-	X(ORDER_OF,                                                            \
-	  "SELECT order_key, items, total, currency FROM orders WHERE id = ?1") \
+	/* -- Recommendations -- */                                            \
 	/* recommendations: what customers who bought what this one bought    \
 	 * also bought; then best sellers of their favourite category; then   \
 	 * of the store. Never what they own. */                              \
@@ -931,68 +937,116 @@ void cfg_free(struct config *cfg)
 	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
 	  "ORDER BY (SELECT total(qty) FROM order_lines l WHERE l.sku = p.sku) " \
 	  "DESC, p.sku LIMIT ?2")                                              \
-	X(WINBACK_REPORT,                                                      \
-	  "SELECT (SELECT count(*) FROM segments WHERE segment IN ('lapsed', 'lost')), " \
-	  "count(*), coalesce(sum(EXISTS (SELECT 1 FROM orders o "             \
-	  "WHERE o.contact_id = x.contact_id AND o.ts > x.first "              \
-	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT m.contact_id, " \
-	  "min(m.sent_at) AS first FROM messages m "                           \
-	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
-	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'customer_lapsed' " \
-	  "AND m.status = 'sent' AND m.sent_at >= ?1 AND m.sent_at < ?2 "      \
-	  "GROUP BY m.contact_id) x")                                          \
-	X(IMP_CREATE,                                                          \
-	  "CREATE TEMP TABLE IF NOT EXISTS imp (n INTEGER PRIMARY KEY, "       \
-	  "order_id TEXT, email TEXT, ts INTEGER, sku TEXT, name TEXT, "       \
-	  "price REAL, qty INTEGER, currency TEXT, consent INTEGER)")          \
-	X(IMP_INSERT,                                                          \
-	  "INSERT INTO temp.imp (order_id, email, ts, sku, name, price, qty, " \
-	  "currency, consent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, coalesce(?7, 1), " \
-	  "?8, ?9)")                                                           \
-	X(IMP_ORDERS,                                                          \
-	  "SELECT order_id, json_patch('{}', json_object('type', 'order', "    \
-	  "'order_id', order_id, 'email', min(email), 'ts', min(ts), "         \
-	  "'currency', coalesce(min(currency), 'EUR'), 'consent', CASE "       \
-	  "WHEN max(consent) IS NULL THEN NULL WHEN max(consent) THEN json('true') " \
-	  "ELSE json('false') END, 'total', round(total(price * qty), 2), "    \
-	  "'items', json_group_array(json_object('sku', sku, 'name', name, "   \
-	  "'price', price, 'qty', qty)))) FROM temp.imp GROUP BY order_id "    \
-	  "ORDER BY min(ts), min(n)")                                          \
-	X(IMP_CLEAR, "DELETE FROM temp.imp")                                   \
-	X(IMP_PRODUCT,                                                         \
-	  "SELECT json_patch('{}', json_object('type', 'product', 'sku', ?1, " \
-	  "'name', ?2, 'price', ?3, 'url', ?4, 'image', ?5, 'category', ?6, "  \
-	  "'review', CASE WHEN ?7 IS NOT NULL THEN json_object('author', ?7, " \
-	  "'rating', ?8, 'text', ?9) END))")                                   \
-	X(PRODUCT_UPSERT,                                                      \
-	  "INSERT INTO products (sku, name, price, url, image, category, updated) " \
-	  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (sku) DO UPDATE SET " \
-	  "name = ?2, price = coalesce(?3, price), url = coalesce(?4, url), "  \
-	  "image = coalesce(?5, image), category = coalesce(?6, category), "   \
-	  "updated = ?7")                                                      \
-	X(REVIEW_INSERT,                                                       \
-	  "INSERT OR IGNORE INTO reviews (sku, author, rating, text, ts) "     \
-	  "VALUES (?1, ?2, ?3, ?4, ?5)")                                       \
-	X(DISCOUNT_INSERT,                                                     \
-	  "INSERT INTO discounts (code, percent, min_spend, contact_id, message, " \
-	  "created, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")             \
-	X(DISCOUNT_GET,                                                        \
-	  "SELECT percent, min_spend, expires, redeemed_at FROM discounts "    \
-	  "WHERE code = ?1")                                                   \
-	/* an order redeems a code once, and only before it expires */       \
-	X(DISCOUNT_REDEEM,                                                     \
-	  "UPDATE discounts SET redeemed_at = ?2, order_key = ?3 "             \
-	  "WHERE code = ?1 AND redeemed_at IS NULL AND expires >= ?2")         \
-	X(ORDER_CODE_STATUS,                                                   \
-	  "UPDATE orders SET code_status = ?2 WHERE order_key = ?1")           \
-	/* a hold of another cart (?3) on the code, still running at ?2 */   \
-	X(DISCOUNT_HELD,                                                       \
-	  "SELECT reserved_until FROM discounts WHERE code = ?1 "              \
-	  "AND reserved_until >= ?2 AND reserved_cart IS NOT ?3")              \
-	X(DISCOUNT_RESERVE,                                                    \
-	  "UPDATE discounts SET reserved_cart = ?2, reserved_until = ?3 "      \
-	  "WHERE code = ?1 AND redeemed_at IS NULL AND (reserved_until IS NULL " \
-	  "OR reserved_until < ?4 OR reserved_cart = ?2)")                     \
+	/* -- The message context -- */                                        \
+	X(AOV, "SELECT coalesce(round(avg(total), 2), 0) FROM orders WHERE total > 0") \
+	X(ENROLLMENT_CODE,                                                     \
+	  "SELECT discount_code FROM messages WHERE enrollment_id = ?1 "       \
+	  "AND discount_code IS NOT NULL ORDER BY step DESC LIMIT 1")          \
+	X(ORDER_OF,                                                            \
+	  "SELECT order_key, items, total, currency FROM orders WHERE id = ?1") \
+	X(MESSAGE_LOAD,                                                        \
+	  "SELECT m.step, m.attempts, m.message_id, m.discount_code, "         \
+	  "e.id, e.status, c.id, c.email, c.name, c.unsubscribed_at, "         \
+	  "c.suppressed_at, k.cart_key, k.status, k.items, k.total, k.currency, " \
+	  "CASE WHEN m.variant = 'B' THEN coalesce(v.template, s.template) "   \
+	  "ELSE s.template END, CASE WHEN m.variant = 'B' THEN "               \
+	  "coalesce(v.discount_pct, s.discount_pct) ELSE s.discount_pct END, " \
+	  "CASE WHEN m.variant = 'B' THEN coalesce(v.discount_valid, "         \
+	  "s.discount_valid) ELSE s.discount_valid END, s.min_spend, "         \
+	  "f.trigger, coalesce(s.segment, ''), CASE WHEN sg.f = 5 AND "        \
+	  "sg.m >= 4 THEN 'vip' ELSE coalesce(sg.segment, '') END, "           \
+	  "EXISTS (SELECT 1 FROM orders o WHERE o.contact_id = e.contact_id "  \
+	  "AND o.ts > e.created), coalesce(e.order_id, 0), f.name, m.variant, " \
+	  "c.consent, "                                                        \
+	  /* 28: when the step was due; 29: how long after it the next one  \
+	   * (with a later delay) is */                                      \
+	  "e.anchor + CASE WHEN m.variant = 'B' THEN coalesce(v.delay_s, "     \
+	  "s.delay_s) ELSE s.delay_s END, (SELECT min(n.delay_s) FROM steps n " \
+	  "WHERE n.flow_id = e.flow_id AND n.position > m.step "               \
+	  "AND n.delay_s > s.delay_s) - s.delay_s "                            \
+	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
+	  "JOIN flows f ON f.id = e.flow_id "                                  \
+	  "LEFT JOIN segments sg ON sg.contact_id = m.contact_id "             \
+	  "JOIN contacts c ON c.id = m.contact_id "                            \
+	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
+	  "LEFT JOIN steps s ON s.flow_id = e.flow_id AND s.position = m.step " \
+	  "LEFT JOIN step_variants v ON v.flow_id = e.flow_id "                \
+	  "AND v.position = m.step WHERE m.id = ?1")                           \
+	X(MESSAGE_SET_CODE,                                                    \
+	  "UPDATE messages SET discount_code = ?2 WHERE id = ?1 "              \
+	  "AND discount_code IS NULL")                                         \
+	X(BEST_REVIEW,                                                         \
+	  "SELECT r.author, r.rating, r.text, p.name FROM reviews r "          \
+	  "JOIN products p ON p.sku = r.sku WHERE r.sku IN "                   \
+	  "(SELECT json_extract(value, '$.sku') FROM json_each(?1)) "          \
+	  "ORDER BY r.rating DESC, length(r.text) DESC, r.id LIMIT 1")         \
+	/* what a mail prints of items: a signed hook's own words, else the  \
+	 * catalog's (a browser's items are sku and qty only); an item known  \
+	 * to neither is not printed */                                       \
+	X(ITEMS_EACH,                                                          \
+	  "SELECT coalesce(json_extract(value,'$.name'), p.name), "            \
+	  "json_extract(value,'$.sku'), "                                      \
+	  "coalesce(json_extract(value,'$.qty'), 1), "                         \
+	  "coalesce(json_extract(value,'$.price'), p.price), "                 \
+	  "coalesce(json_extract(value,'$.url'), p.url, ''), "                 \
+	  "coalesce(json_extract(value,'$.image'), p.image, '') "              \
+	  "FROM json_each(?1) LEFT JOIN products p "                           \
+	  "ON p.sku = json_extract(value,'$.sku') "                            \
+	  "WHERE coalesce(json_extract(value,'$.name'), p.name, '') <> '' "    \
+	  "ORDER BY json_each.key")                                            \
+	/* printable items, items from a browser, and their catalog total */  \
+	X(ITEMS_TRUST,                                                         \
+	  "SELECT coalesce(sum(n <> ''), 0), coalesce(sum(bare), 0), "         \
+	  "total(CASE WHEN n <> '' THEN qty * price END) FROM (SELECT "        \
+	  "coalesce(json_extract(value,'$.name'), p.name, '') AS n, "          \
+	  "json_extract(value,'$.name') IS NULL AS bare, "                     \
+	  "coalesce(json_extract(value,'$.qty'), 1) AS qty, "                  \
+	  "coalesce(json_extract(value,'$.price'), p.price, 0) AS price "      \
+	  "FROM json_each(?1) LEFT JOIN products p "                           \
+	  "ON p.sku = json_extract(value,'$.sku'))")                           \
+	/* -- The flow engine: detect, claim, send, record -- */               \
+	X(JSON_TICK,                                                           \
+	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
+	  "'sent',?4,'retry',?5,'failed',?6,'exited',?7,'skipped',?8,"         \
+	  "'stale',?9), json_object('stopped',?10))")                          \
+	/* double opt-in: the confirmation mails to send, and the click */    \
+	X(CONFIRM_DUE,                                                         \
+	  "SELECT id, email FROM contacts WHERE consent_pending = 1 "          \
+	  "AND confirm_sent_at IS NULL AND unsubscribed_at IS NULL "           \
+	  "AND suppressed_at IS NULL ORDER BY id LIMIT ?1")                    \
+	X(CONFIRM_CLAIM,                                                       \
+	  "UPDATE contacts SET confirm_sent_at = ?2 WHERE id = ?1 "            \
+	  "AND consent_pending = 1 AND confirm_sent_at IS NULL")               \
+	X(CONFIRM_UNCLAIM,                                                     \
+	  "UPDATE contacts SET confirm_sent_at = NULL WHERE id = ?1")          \
+	X(EXIT_CONTACT,                                                        \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
+	  "WHERE contact_id = ?1 AND status = 'active'")                       \
+	/* lapsed: no order for the threshold (two thirds of it for the at-   \
+	 * risk), consenting, and not enrolled since their last order nor     \
+	 * within the cool-down: once per lapse */                            \
+	X(LAPSE_ENROLL,                                                        \
+	  "INSERT INTO enrollments (flow_id, contact_id, anchor, created, holdout) " \
+	  "SELECT f.id, c.id, ?1, ?1, rm_bucket('holdout:' || f.id || ':' || " \
+	  "lower(c.email)) < f.holdout_pct * 100 FROM segments sg "            \
+	  "JOIN contacts c ON c.id = sg.contact_id "                           \
+	  "JOIN flows f ON f.trigger = 'customer_lapsed' AND f.enabled = 1 "   \
+	  "WHERE c.consent = 1 AND c.unsubscribed_at IS NULL "                 \
+	  "AND c.suppressed_at IS NULL AND sg.last_order <= ?1 - CASE "        \
+	  "WHEN sg.segment = 'at_risk' THEN ?2 * 2 / 3 ELSE ?2 END "           \
+	  "AND NOT EXISTS (SELECT 1 FROM enrollments e WHERE e.flow_id = f.id " \
+	  "AND e.contact_id = c.id AND (e.created >= sg.last_order "           \
+	  "OR e.created > ?1 - ?3))")                                          \
+	X(ORDER_ENROLL,                                                        \
+	  "INSERT INTO enrollments (flow_id, contact_id, order_id, anchor, "   \
+	  "created, holdout) SELECT f.id, o.contact_id, o.id, o.ts, ?1, "      \
+	  "rm_bucket('holdout:' || f.id || ':' || lower(c.email)) "            \
+	  "< f.holdout_pct * 100 FROM orders o "                               \
+	  "JOIN contacts c ON c.id = o.contact_id "                            \
+	  "JOIN flows f ON f.trigger = 'order_placed' AND f.enabled = 1 "      \
+	  "WHERE o.ts > ?1 - 2 * 86400 AND o.ts <= ?1 AND c.consent = 1 "      \
+	  "AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL "         \
+	  "ON CONFLICT DO NOTHING")                                            \
 	X(ABANDON,                                                             \
 	  "UPDATE carts SET status = 'abandoned', abandoned_at = ?1 "          \
 	  "WHERE status = 'open' AND item_count > 0 AND updated <= ?2 "        \
@@ -1066,14 +1120,6 @@ void cfg_free(struct config *cfg)
 	  "UPDATE steps SET paused_at = ?3, paused_reason = ?4 WHERE flow_id = " \
 	  "(SELECT flow_id FROM enrollments WHERE id = ?1) AND position = ?2 " \
 	  "AND paused_at IS NULL")                                             \
-	X(STEP_RESUME,                                                         \
-	  "UPDATE steps SET paused_at = NULL, paused_reason = NULL WHERE "     \
-	  "flow_id = (SELECT id FROM flows WHERE name = ?1) AND position = ?2 " \
-	  "AND paused_at IS NOT NULL")                                         \
-	X(STEPS_PAUSED,                                                        \
-	  "SELECT f.name, s.position, s.paused_at, s.paused_reason FROM steps s " \
-	  "JOIN flows f ON f.id = s.flow_id WHERE s.paused_at IS NOT NULL "    \
-	  "ORDER BY f.id, s.position")                                         \
 	X(LEASE_RENEW,                                                         \
 	  "UPDATE messages SET lease_until = ?2 WHERE lease_owner = ?1 "       \
 	  "AND status = 'sending'")                                            \
@@ -1083,56 +1129,6 @@ void cfg_free(struct config *cfg)
 	X(LEASE_HELD,                                                          \
 	  "SELECT count(*) FROM messages WHERE id = ?1 AND lease_owner = ?2 "  \
 	  "AND status = 'sending'")                                            \
-	X(TICK_OPEN,                                                           \
-	  "SELECT id, pid, started_real FROM ticks "                           \
-	  "WHERE finished_real IS NULL ORDER BY id DESC LIMIT 8")              \
-	X(TICK_INSERT,                                                         \
-	  "INSERT INTO ticks (now, source, pid, started_real) "                \
-	  "VALUES (?1, ?2, ?3, ?4) RETURNING id")                              \
-	X(TICK_PRUNE, "DELETE FROM ticks WHERE id <= ?1 - 10000")              \
-	X(TICK_PID, "UPDATE ticks SET pid = ?2 WHERE id = ?1")                 \
-	X(TICK_FINISH,                                                         \
-	  "UPDATE ticks SET finished_real = ?2, "                              \
-	  "summary = json_set(?3, '$.tick', ?1, '$.budget_spent', json(?4)) "  \
-	  "WHERE id = ?1 RETURNING summary")                                   \
-	X(TICK_GET,                                                            \
-	  "SELECT id, pid, started_real, finished_real, summary, now FROM ticks " \
-	  "WHERE id = coalesce(?1, (SELECT max(id) FROM ticks))")              \
-	X(JSON_TICK_STATE,                                                     \
-	  "SELECT json_patch(json_object('tick', ?1, 'state', "               \
-	  "CASE WHEN json_extract(?4, '$.error') IS NOT NULL THEN 'failed' "   \
-	  "ELSE ?2 END, 'now', ?3), coalesce(?4, '{}'))")                      \
-	X(MESSAGE_LOAD,                                                        \
-	  "SELECT m.step, m.attempts, m.message_id, m.discount_code, "         \
-	  "e.id, e.status, c.id, c.email, c.name, c.unsubscribed_at, "         \
-	  "c.suppressed_at, k.cart_key, k.status, k.items, k.total, k.currency, " \
-	  "CASE WHEN m.variant = 'B' THEN coalesce(v.template, s.template) "   \
-	  "ELSE s.template END, CASE WHEN m.variant = 'B' THEN "               \
-	  "coalesce(v.discount_pct, s.discount_pct) ELSE s.discount_pct END, " \
-	  "CASE WHEN m.variant = 'B' THEN coalesce(v.discount_valid, "         \
-	  "s.discount_valid) ELSE s.discount_valid END, s.min_spend, "         \
-	  "f.trigger, coalesce(s.segment, ''), CASE WHEN sg.f = 5 AND "        \
-	  "sg.m >= 4 THEN 'vip' ELSE coalesce(sg.segment, '') END, "           \
-	  "EXISTS (SELECT 1 FROM orders o WHERE o.contact_id = e.contact_id "  \
-	  "AND o.ts > e.created), coalesce(e.order_id, 0), f.name, m.variant, " \
-	  "c.consent, "                                                        \
-	  /* 28: when the step was due; 29: how long after it the next one  \
-	   * (with a later delay) is */                                      \
-	  "e.anchor + CASE WHEN m.variant = 'B' THEN coalesce(v.delay_s, "     \
-	  "s.delay_s) ELSE s.delay_s END, (SELECT min(n.delay_s) FROM steps n " \
-	  "WHERE n.flow_id = e.flow_id AND n.position > m.step "               \
-	  "AND n.delay_s > s.delay_s) - s.delay_s "                            \
-	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
-	  "JOIN flows f ON f.id = e.flow_id "                                  \
-	  "LEFT JOIN segments sg ON sg.contact_id = m.contact_id "             \
-	  "JOIN contacts c ON c.id = m.contact_id "                            \
-	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
-	  "LEFT JOIN steps s ON s.flow_id = e.flow_id AND s.position = m.step " \
-	  "LEFT JOIN step_variants v ON v.flow_id = e.flow_id "                \
-	  "AND v.position = m.step WHERE m.id = ?1")                           \
-	X(MESSAGE_SET_CODE,                                                    \
-	  "UPDATE messages SET discount_code = ?2 WHERE id = ?1 "              \
-	  "AND discount_code IS NULL")                                         \
 	X(MESSAGE_SENT,                                                        \
 	  "UPDATE messages SET status = 'sent', sent_at = ?2, lease_until = NULL, " \
 	  "error = NULL, message_id = ?3 WHERE id = ?1 AND lease_owner = ?4")  \
@@ -1159,50 +1155,37 @@ void cfg_free(struct config *cfg)
 	X(SUPPRESS,                                                            \
 	  "UPDATE contacts SET suppressed_at = ?2, suppress_reason = ?3 "      \
 	  "WHERE id = ?1 AND suppressed_at IS NULL")                           \
-	X(UNSUBSCRIBE,                                                         \
-	  "UPDATE contacts SET unsubscribed_at = ?2 "                          \
-	  "WHERE id = ?1 AND unsubscribed_at IS NULL")                         \
-	X(MESSAGE_TARGET,                                                      \
-	  "SELECT m.contact_id, k.cart_key, coalesce(m.discount_code, "        \
-	  "(SELECT x.discount_code FROM messages x WHERE x.enrollment_id = "   \
-	  "m.enrollment_id AND x.discount_code IS NOT NULL "                   \
-	  "ORDER BY x.step DESC LIMIT 1)) FROM messages m "                    \
+	/* -- Tick runs -- */                                                  \
+	X(JSON_ERROR, "SELECT json_object('error', ?1)")                       \
+	X(TICK_OPEN,                                                           \
+	  "SELECT id, pid, started_real FROM ticks "                           \
+	  "WHERE finished_real IS NULL ORDER BY id DESC LIMIT 8")              \
+	X(TICK_INSERT,                                                         \
+	  "INSERT INTO ticks (now, source, pid, started_real) "                \
+	  "VALUES (?1, ?2, ?3, ?4) RETURNING id")                              \
+	X(TICK_PRUNE, "DELETE FROM ticks WHERE id <= ?1 - 10000")              \
+	X(TICK_FINISH,                                                         \
+	  "UPDATE ticks SET finished_real = ?2, "                              \
+	  "summary = json_set(?3, '$.tick', ?1, '$.budget_spent', json(?4)) "  \
+	  "WHERE id = ?1 RETURNING summary")                                   \
+	X(TICK_GET,                                                            \
+	  "SELECT id, pid, started_real, finished_real, summary, now FROM ticks " \
+	  "WHERE id = coalesce(?1, (SELECT max(id) FROM ticks))")              \
+	X(JSON_TICK_STATE,                                                     \
+	  "SELECT json_patch(json_object('tick', ?1, 'state', "               \
+	  "CASE WHEN json_extract(?4, '$.error') IS NOT NULL THEN 'failed' "   \
+	  "ELSE ?2 END, 'now', ?3), coalesce(?4, '{}'))")                      \
+	/* -- The report -- */                                                 \
+	X(WINBACK_REPORT,                                                      \
+	  "SELECT (SELECT count(*) FROM segments WHERE segment IN ('lapsed', 'lost')), " \
+	  "count(*), coalesce(sum(EXISTS (SELECT 1 FROM orders o "             \
+	  "WHERE o.contact_id = x.contact_id AND o.ts > x.first "              \
+	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT m.contact_id, " \
+	  "min(m.sent_at) AS first FROM messages m "                           \
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
-	  "LEFT JOIN carts k ON k.id = e.cart_id WHERE m.id = ?1")             \
-	X(INTERACTION, "INSERT INTO interactions (message, kind, ts) VALUES (?1, ?2, ?3)") \
-	/* mails whose links were signed with the key file's keys */         \
-	X(KEY_SIGNED,                                                          \
-	  "SELECT count(*) FROM messages "                                     \
-	  "WHERE sent_at IS NOT NULL OR status = 'sending'")                   \
-	X(BEST_REVIEW,                                                         \
-	  "SELECT r.author, r.rating, r.text, p.name FROM reviews r "          \
-	  "JOIN products p ON p.sku = r.sku WHERE r.sku IN "                   \
-	  "(SELECT json_extract(value, '$.sku') FROM json_each(?1)) "          \
-	  "ORDER BY r.rating DESC, length(r.text) DESC, r.id LIMIT 1")         \
-	/* what a mail prints of items: a signed hook's own words, else the  \
-	 * catalog's (a browser's items are sku and qty only); an item known  \
-	 * to neither is not printed */                                       \
-	X(ITEMS_EACH,                                                          \
-	  "SELECT coalesce(json_extract(value,'$.name'), p.name), "            \
-	  "json_extract(value,'$.sku'), "                                      \
-	  "coalesce(json_extract(value,'$.qty'), 1), "                         \
-	  "coalesce(json_extract(value,'$.price'), p.price), "                 \
-	  "coalesce(json_extract(value,'$.url'), p.url, ''), "                 \
-	  "coalesce(json_extract(value,'$.image'), p.image, '') "              \
-	  "FROM json_each(?1) LEFT JOIN products p "                           \
-	  "ON p.sku = json_extract(value,'$.sku') "                            \
-	  "WHERE coalesce(json_extract(value,'$.name'), p.name, '') <> '' "    \
-	  "ORDER BY json_each.key")                                            \
-	/* printable items, items from a browser, and their catalog total */  \
-	X(ITEMS_TRUST,                                                         \
-	  "SELECT coalesce(sum(n <> ''), 0), coalesce(sum(bare), 0), "         \
-	  "total(CASE WHEN n <> '' THEN qty * price END) FROM (SELECT "        \
-	  "coalesce(json_extract(value,'$.name'), p.name, '') AS n, "          \
-	  "json_extract(value,'$.name') IS NULL AS bare, "                     \
-	  "coalesce(json_extract(value,'$.qty'), 1) AS qty, "                  \
-	  "coalesce(json_extract(value,'$.price'), p.price, 0) AS price "      \
-	  "FROM json_each(?1) LEFT JOIN products p "                           \
-	  "ON p.sku = json_extract(value,'$.sku'))")                           \
+	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'customer_lapsed' " \
+	  "AND m.status = 'sent' AND m.sent_at >= ?1 AND m.sent_at < ?2 "      \
+	  "GROUP BY m.contact_id) x")                                          \
 	X(REP_CURRENCY,                                                        \
 	  "SELECT currency FROM orders GROUP BY currency "                     \
 	  "ORDER BY count(*) DESC LIMIT 1")                                    \
@@ -1285,6 +1268,76 @@ void cfg_free(struct config *cfg)
 	  "SELECT (ts - ?1) / 86400, total(total) FROM orders "                \
 	  "WHERE attribution IN ('click', 'code') AND ts >= ?1 AND ts < ?2 "   \
 	  "GROUP BY 1")                                                        \
+	/* -- HTTP routes -- */                                                \
+	X(JSON_ACCEPTED, "SELECT json_object('accepted', ?1, 'duplicates', ?2)") \
+	X(JSON_DISCOUNT,                                                       \
+	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
+	  "'min_spend', ?4, 'expires', ?5)")                                   \
+	X(JSON_DISCOUNT_HELD,                                                  \
+	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
+	  "'min_spend', ?4, 'expires', ?5, 'reserved_until', ?6)")             \
+	X(CONFIRM_DONE,                                                        \
+	  "UPDATE contacts SET consent = 1, consent_pending = 0, "             \
+	  "confirmed_at = ?2, updated = ?2 WHERE id = ?1 AND consent_pending = 1") \
+	X(CONFIRM_DECLINE,                                                     \
+	  "UPDATE contacts SET consent_pending = 0, updated = ?2 "             \
+	  "WHERE id = ?1 AND consent_pending = 1")                             \
+	X(CONFIRM_STATE,                                                       \
+	  "SELECT consent_pending, consent FROM contacts WHERE id = ?1")       \
+	/* a hold of another cart (?3) on the code, still running at ?2 */   \
+	X(DISCOUNT_HELD,                                                       \
+	  "SELECT reserved_until FROM discounts WHERE code = ?1 "              \
+	  "AND reserved_until >= ?2 AND reserved_cart IS NOT ?3")              \
+	X(DISCOUNT_RESERVE,                                                    \
+	  "UPDATE discounts SET reserved_cart = ?2, reserved_until = ?3 "      \
+	  "WHERE code = ?1 AND redeemed_at IS NULL AND (reserved_until IS NULL " \
+	  "OR reserved_until < ?4 OR reserved_cart = ?2)")                     \
+	X(UNSUBSCRIBE,                                                         \
+	  "UPDATE contacts SET unsubscribed_at = ?2 "                          \
+	  "WHERE id = ?1 AND unsubscribed_at IS NULL")                         \
+	X(MESSAGE_TARGET,                                                      \
+	  "SELECT m.contact_id, k.cart_key, coalesce(m.discount_code, "        \
+	  "(SELECT x.discount_code FROM messages x WHERE x.enrollment_id = "   \
+	  "m.enrollment_id AND x.discount_code IS NOT NULL "                   \
+	  "ORDER BY x.step DESC LIMIT 1)) FROM messages m "                    \
+	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
+	  "LEFT JOIN carts k ON k.id = e.cart_id WHERE m.id = ?1")             \
+	X(INTERACTION, "INSERT INTO interactions (message, kind, ts) VALUES (?1, ?2, ?3)") \
+	X(PIXEL_EVENT,                                                         \
+	  "SELECT json_patch('{}', json_object('type', ?1, 'sku', ?2, "        \
+	  "'url', ?3, 'visitor_id', ?4, 'email', ?5))")                        \
+	X(VISITOR_VERIFIED,                                                    \
+	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen, verified) " \
+	  "VALUES (?1, ?2, ?3, ?3, 1) ON CONFLICT (vid) DO UPDATE SET "        \
+	  "contact_id = ?2, last_seen = ?3, verified = 1")                     \
+	X(ONSITE_CART,                                                         \
+	  "SELECT c.cart_key, c.item_count FROM visitors v JOIN carts c "      \
+	  "ON c.visitor_id = v.vid OR (v.verified = 1 "                        \
+	  "AND c.contact_id = v.contact_id) WHERE v.vid = ?1 "                 \
+	  "AND c.status = 'abandoned' ORDER BY c.updated DESC LIMIT 1")        \
+	X(JSON_ONSITE,                                                         \
+	  "SELECT json_object('message', ?1, 'cart_url', ?2, 'items', ?3)")    \
+	X(VALIDATE_FIELDS,                                                     \
+	  "SELECT json_type(?1, '$.code'), json_extract(?1, '$.code'), "       \
+	  "json_type(?1, '$.total'), json_extract(?1, '$.total')")             \
+	X(VALIDATE_RESERVE,                                                    \
+	  "SELECT json_type(?1, '$.reserve'), json_type(?1, '$.cart_id'), "    \
+	  "json_extract(?1, '$.cart_id')")                                     \
+	/* -- FastCGI and CGI front-ends -- */                                 \
+	X(TICK_PID, "UPDATE ticks SET pid = ?2 WHERE id = ?1")                 \
+	/* -- Command line -- */                                               \
+	X(STEP_RESUME,                                                         \
+	  "UPDATE steps SET paused_at = NULL, paused_reason = NULL WHERE "     \
+	  "flow_id = (SELECT id FROM flows WHERE name = ?1) AND position = ?2 " \
+	  "AND paused_at IS NOT NULL")                                         \
+	X(STEPS_PAUSED,                                                        \
+	  "SELECT f.name, s.position, s.paused_at, s.paused_reason FROM steps s " \
+	  "JOIN flows f ON f.id = s.flow_id WHERE s.paused_at IS NOT NULL "    \
+	  "ORDER BY f.id, s.position")                                         \
+	/* mails whose links were signed with the key file's keys */         \
+	X(KEY_SIGNED,                                                          \
+	  "SELECT count(*) FROM messages "                                     \
+	  "WHERE sent_at IS NOT NULL OR status = 'sending'")                   \
 	X(FLOWS_LIST,                                                          \
 	  "SELECT f.name, f.enabled, s.position, s.delay_s, s.template, "      \
 	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 172800), s.min_spend, " \
@@ -1321,27 +1374,7 @@ void cfg_free(struct config *cfg)
 	X(VARIANTS_LIST,                                                       \
 	  "SELECT v.position, coalesce(v.template, ''), coalesce(v.delay_s, -1), " \
 	  "coalesce(v.discount_pct, -1), v.share FROM step_variants v "        \
-	  "JOIN flows f ON f.id = v.flow_id WHERE f.name = ?1 ORDER BY v.position") \
-	X(PIXEL_EVENT,                                                         \
-	  "SELECT json_patch('{}', json_object('type', ?1, 'sku', ?2, "        \
-	  "'url', ?3, 'visitor_id', ?4, 'email', ?5))")                        \
-	X(VISITOR_VERIFIED,                                                    \
-	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen, verified) " \
-	  "VALUES (?1, ?2, ?3, ?3, 1) ON CONFLICT (vid) DO UPDATE SET "        \
-	  "contact_id = ?2, last_seen = ?3, verified = 1")                     \
-	X(ONSITE_CART,                                                         \
-	  "SELECT c.cart_key, c.item_count FROM visitors v JOIN carts c "      \
-	  "ON c.visitor_id = v.vid OR (v.verified = 1 "                        \
-	  "AND c.contact_id = v.contact_id) WHERE v.vid = ?1 "                 \
-	  "AND c.status = 'abandoned' ORDER BY c.updated DESC LIMIT 1")        \
-	X(JSON_ONSITE,                                                         \
-	  "SELECT json_object('message', ?1, 'cart_url', ?2, 'items', ?3)")    \
-	X(VALIDATE_FIELDS,                                                     \
-	  "SELECT json_type(?1, '$.code'), json_extract(?1, '$.code'), "       \
-	  "json_type(?1, '$.total'), json_extract(?1, '$.total')")             \
-	X(VALIDATE_RESERVE,                                                    \
-	  "SELECT json_type(?1, '$.reserve'), json_type(?1, '$.cart_id'), "    \
-	  "json_extract(?1, '$.cart_id')")
+	  "JOIN flows f ON f.id = v.flow_id WHERE f.name = ?1 ORDER BY v.position")
 
 #define STMT_ENUM(name, sql) ST_##name,
 #define STMT_TEXT(name, sql) sql,
@@ -1502,6 +1535,8 @@ static void sql_bucket(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	sqlite3_result_int(ctx, rm_bucket(t ? (const char *)t : ""));
 }
 
+/* Opens one connection to the database at PATH (a new file made 0600, its
+ * directory created): WAL, foreign keys, rm_bucket(), the busy timeout. */
 int db_open(struct db **out, const char *path, char *err, size_t errlen)
 {
 	struct db *db = calloc(1, sizeof *db);
@@ -1625,13 +1660,103 @@ static int json_from(struct db *db, sqlite3_stmt *s, struct buf *out)
 	return rc;
 }
 
-/* ==== 4. Validators ===================================================== */
+/* ==== The application object ========================================== */
+/*
+ * struct app is what every command and every FastCGI worker holds: the
+ * configuration, its own database connection (at the schema this binary
+ * needs), the key ring and a libcurl handle. app_open makes one and
+ * app_close ends it; no connection or key is shared between two apps,
+ * and none may cross a fork (serve_cgi closes its app before a tick's
+ * child is detached). The key file must hold whole keys: a missing or
+ * short one is an error naming the file and `remarket init` / `remarket
+ * keygen`, never a default key. Keys are wiped when the app closes.
+ */
+
+/*
+ * The key file is a key ring: one or more 32-byte keys, raw, oldest first.
+ * The last one signs; every one verifies, so that `remarket keygen
+ * --rotate` (which appends a key) breaks no link already mailed. A file of
+ * one key, as every remarket before the ring wrote, is a ring of one.
+ */
+static int load_keys(const char *path, struct buf *b, char *err,
+		     size_t errlen)
+{
+	errno = 0;
+	int rc = read_file(path, b, RM_MAXKEYS * RM_KEYBYTES);
+	if (rc < 0 || b->len == 0 || b->len % RM_KEYBYTES) {
+		snprintf(err, errlen, "key_file %s: %s — run 'remarket init' or "
+			 "'remarket keygen > %s'", path,
+			 rc < 0 && errno ? strerror(errno) :
+			 "must hold one or more 32-byte keys (at most 16)", path);
+		if (b->data)
+			sodium_memzero(b->data, b->len);
+		buf_free(b);
+		return -1;
+	}
+	return 0;
+}
+
+static int load_key(struct app *app, const char *path, char *err,
+		    size_t errlen)
+{
+	struct buf b = {0};
+	if (load_keys(path, &b, err, errlen) < 0)
+		return -1;
+	int n = (int)(b.len / RM_KEYBYTES);
+	memcpy(app->key, b.data + (size_t)(n - 1) * RM_KEYBYTES, RM_KEYBYTES);
+	app->nold = n - 1;
+	for (int i = 0; i < app->nold; i++) /* newest first */
+		memcpy(app->old_keys[i],
+		       b.data + (size_t)(n - 2 - i) * RM_KEYBYTES, RM_KEYBYTES);
+	sodium_memzero(b.data, b.len);
+	buf_free(&b);
+	return 0;
+}
+
+int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
+{
+	memset(app, 0, sizeof *app);
+	app->cfg = cfg;
+	if (load_key(app, cfg->key_file, err, errlen) < 0 ||
+	    db_open(&app->db, cfg->db, err, errlen) < 0)
+		return -1;
+	int have = db_user_version(app->db);
+	int want = (int)(sizeof migrations / sizeof migrations[0]);
+	if (have != want) {
+		snprintf(err, errlen, "db %s is at schema %d, this remarket needs %d:"
+			 " run 'remarket init'", cfg->db, have, want);
+		app_close(app);
+		return -1;
+	}
+	app->curl = curl_easy_init();
+	if (!app->curl) {
+		snprintf(err, errlen, "libcurl: cannot create a handle");
+		app_close(app);
+		return -1;
+	}
+	return 0;
+}
+
+void app_close(struct app *app)
+{
+	db_close(app->db);
+	if (app->curl)
+		curl_easy_cleanup(app->curl);
+	sodium_memzero(app->key, sizeof app->key);
+	sodium_memzero(app->old_keys, sizeof app->old_keys);
+	app->db = NULL;
+	app->curl = NULL;
+}
+
+/* ==== Validators ====================================================== */
 /*
  * Named validators for every field that comes from outside. Each answers
  * 1 (valid) or 0 and never modifies its input. Nothing else in the
  * program looks at a field before one of these has accepted it.
  */
 
+/* 1 if the N bytes at STR are well-formed UTF-8 (no overlong forms, no
+ * surrogates, nothing past U+10FFFF). */
 int val_utf8(const char *str, size_t n)
 {
 	const unsigned char *s = (const unsigned char *)str;
@@ -1764,15 +1889,16 @@ int val_url(const char *s)
 	return ok;
 }
 
-/* ==== 5. Signed tokens and hook signatures ============================= */
+/* ==== Signed tokens and hook signatures =============================== */
 /*
  * A token is base64url(kind | subject | expires | mac) where mac is a
  * 128-bit keyed BLAKE2b (crypto_generichash) over the first 17 bytes.
  * The MAC is checked before anything in the token is believed, in
  * constant time. Tokens hold no personal data: the subject is a row id.
  * The app signs with the newest key of its key ring and verifies with
- * each (app_tok_verify, section 15), so a rotation breaks no link.
- * Server hooks use HMAC-SHA256 as documented in API.md.
+ * each (app_tok_verify, at the end of this section), so a rotation
+ * breaks no link. Server hooks use HMAC-SHA256 over "<t>.<body>" as the
+ * README's "From the store backend (signed)" documents.
  */
 
 #define TOK_PAYLOAD 17
@@ -1911,7 +2037,16 @@ int hook_verify(const char *secret, const char *header, const char *body,
 	return 0;
 }
 
-/* ==== 6. Templates ====================================================== */
+int app_tok_verify(const struct app *app, const char *tok, char kind,
+		   rm_time now, int64_t *subject)
+{
+	int st = tok_verify(app->key, tok, kind, now, subject);
+	for (int i = 0; st == TOK_FORGED && i < app->nold; i++)
+		st = tok_verify(app->old_keys[i], tok, kind, now, subject);
+	return st;
+}
+
+/* ==== Templates ======================================================= */
 /*
  * A small mustache subset: {{var}}, {{#section}}...{{/section}} (a list
  * repeats, a non-empty scalar shows), {{^section}} (shows when empty),
@@ -2042,6 +2177,8 @@ static int tpl_section(struct tpl_run *r, char kind, const char *name,
 	return 0;
 }
 
+/* Renders the template text from S to END in context CTX: variables,
+ * sections, inverted sections and partials, in order. */
 static int tpl_block(struct tpl_run *r, const char *s, const char *end,
 		     const struct tctx *ctx)
 {
@@ -2150,7 +2287,7 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
 	return rc;
 }
 
-/* ==== 7. Events: validation and state (contacts, carts, orders) ======== */
+/* ==== Events: validation and state (contacts, carts, orders) ========== */
 /*
  * ev_ingest is the only door for facts. It checks a whole body first
  * (UTF-8, JSON shape via SQLite's JSON1, every field through a named
@@ -2315,6 +2452,8 @@ static int ev_string(struct event *e, const char *key, const char *jt,
 	return 0; /* unknown fields are ignored */
 }
 
+/* Takes one top-level field of an event (one json_each row): checks it with
+ * its validator and stores it in E; unknown keys are ignored. */
 static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 		    struct ev_error *err)
 {
@@ -2372,6 +2511,8 @@ static int on_origin(const char *url, const char *origin)
 	return !origin || (!strncmp(url, origin, n) && url[n] == '/');
 }
 
+/* Checks one field of items[IDX] (sku, qty, price, name, url, image) with
+ * its validator; records what was seen, the price and the quantity. */
 static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 			 double *qty, unsigned *seen, const char *origin,
 			 struct ev_error *err)
@@ -2433,6 +2574,8 @@ static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
 	return rc;
 }
 
+/* Checks every element of E's items array (count, shape, each field) and
+ * totals the items when the event gave no total. */
 static int ev_items(struct app *app, struct event *e, const char *origin,
 		    struct ev_error *err)
 {
@@ -2530,6 +2673,8 @@ static const struct {
 	{"checkout", 0}, {"order", 0}, {"product", 0},
 };
 
+/* After the fields: the event type is known and allowed from SRC, and the
+ * fields its type needs are present. */
 static int ev_require(const struct event *e, enum ev_source src,
 		      const char *visitor, struct ev_error *err)
 {
@@ -2644,6 +2789,8 @@ static int64_t contact_from_browser(struct app *app, const struct event *e,
 	return q_exec(db, s) < 0 ? -1 : id;
 }
 
+/* The contact an event names (upserted from a signed event, limited from a
+ * browser) and its visitor linked; the contact id, 0 if none, -1 on error. */
 static int64_t ev_contact(struct app *app, const struct event *e,
 			  const char *vid, int browser, rm_time now)
 {
@@ -2680,6 +2827,8 @@ static int64_t ev_contact(struct app *app, const struct event *e,
 	return id;
 }
 
+/* Stores the cart of a cart event under its key (a browser's cart is its
+ * own, priced by the catalog); an emptied cart ends its sequence. */
 static int ev_cart(struct app *app, const struct event *e, const char *vid,
 		   int browser, int64_t contact)
 {
@@ -2965,6 +3114,8 @@ static int ev_split(struct app *app, const char *json, size_t len,
 	return rc;
 }
 
+/* The door for facts: checks the whole body, then stores every event and
+ * its state changes in one transaction (or nothing). */
 int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	      size_t len, const char *visitor, rm_time now,
 	      struct ev_error *err)
@@ -3024,7 +3175,7 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	return rc < 0 ? -1 : accepted;
 }
 
-/* ==== 8. Discount codes ================================================= */
+/* ==== Discount codes ================================================== */
 /*
  * Codes are PREFIX-XXXX-XXXX from an alphabet without look-alikes (no 0,
  * O, 1, I), drawn with randombytes_uniform: 40 bits, unguessable in the
@@ -3032,8 +3183,9 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
  * collision is a failed insert, retried with a new draw.
  * A code is single-use: a checkout may hold it for its cart for 15
  * minutes (/discounts/validate with "reserve"), and the first order that
- * carries it before it expires redeems it (code_redeem, section 7); a
- * later or late use is stored and flagged on the order, never attributed.
+ * carries it before it expires redeems it (code_redeem, in the events
+ * section); a later or late use is stored and flagged on the order, never
+ * attributed.
  */
 
 static const char code_alphabet[] = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ";
@@ -3091,7 +3243,492 @@ static const char *code_check(struct app *app, const char *code, double total,
 	return why;
 }
 
-/* ==== 9. Mail: rendering and RFC 5322 building ========================== */
+/* ==== Catalog and order imports (CSV) ================================= */
+/*
+ * `remarket import products|orders FILE`: RFC 4180 records (quoted
+ * fields, doubled quotes, CRLF or LF, newlines inside quotes). Neither
+ * SQLite's library nor the others here parse CSV, so this small reader
+ * is ours. The first record names the columns, checked against one
+ * {name, kind, need, param} table per import; each row becomes an event
+ * built by SQLite's json_object and goes through ev_ingest, the same
+ * validation as every other door. The importer never writes a table
+ * itself.
+ */
+
+#define CSV_FIELDS 16
+
+/* Reads one record; fields point into B. Returns the field count, 0 at
+ * the end of the file, -1 on an unclosed quote or too many fields. */
+static int csv_record(FILE *f, struct buf *b, const char **fields)
+{
+	size_t starts[CSV_FIELDS];
+	int n = 0, c, quoted = 0, any = 0;
+	buf_reset(b);
+	starts[n++] = 0;
+	while ((c = fgetc(f)) != EOF) {
+		any = 1;
+		if (quoted) {
+			if (c == '\0')
+				return -1;
+			if (c == '"') {
+				int d = fgetc(f);
+				if (d != '"') {
+					quoted = 0;
+					if (d != EOF)
+						ungetc(d, f);
+					continue;
+				}
+			}
+			buf_add(b, &(char){(char)c}, 1);
+		} else if (c == '"') {
+			quoted = 1;
+		} else if (c == ',') {
+			if (n == CSV_FIELDS)
+				return -1;
+			buf_add(b, "", 1);
+			starts[n++] = b->len;
+		} else if (c == '\n') {
+			break;
+		} else if (c == '\0') {
+			return -1; /* a NUL would cut the field short unseen */
+		} else if (c != '\r') {
+			buf_add(b, &(char){(char)c}, 1);
+		}
+	}
+	if (quoted)
+		return -1;
+	if (!any)
+		return 0;
+	buf_add(b, "", 1);
+	if (buf_failed(b))
+		return -1; /* no field may point into a buffer that lost bytes */
+	for (int i = 0; i < n; i++)
+		fields[i] = b->data + starts[i];
+	return n;
+}
+
+/* The index of column NAME in the header, or -1. */
+static int csv_col(const char **hdr, int n, const char *name)
+{
+	for (int i = 0; i < n; i++)
+		if (!strcasecmp(trim((char *)hdr[i]), name))
+			return i;
+	return -1;
+}
+
+static const char *csv_val(const char **row, int n, int col)
+{
+	return col >= 0 && col < n && *row[col] ? row[col] : NULL;
+}
+
+static void bind_num(sqlite3_stmt *s, int i, const char *v, int integer)
+{
+	char *end;
+	double d = v ? strtod(v, &end) : 0;
+	if (v && !*end && isfinite(d)) {
+		if (integer)
+			sqlite3_bind_int64(s, i, (int64_t)d);
+		else
+			sqlite3_bind_double(s, i, d);
+	} else if (v) {
+		sqlite3_bind_text(s, i, v, -1, SQLITE_TRANSIENT); /* refused later */
+	}
+}
+
+/* The columns of an import, described once: the header name, how the
+ * value is converted, whether the header must name it, and the import
+ * statement's parameter it binds. A column the file lacks, or an empty
+ * value, binds NULL; the event built from the row then goes through
+ * ev_ingest, which refuses what is missing or malformed. */
+enum csv_kind {
+	CSV_TEXT,   /* bound as it is */
+	CSV_IDENT,  /* an id (sku, order_id): bound as it is, val_ident later */
+	CSV_NUMBER, /* a decimal; anything else is bound as text, refused later */
+	CSV_INT,    /* a whole number, likewise */
+	CSV_TIME,   /* ISO 8601 or Unix seconds; else the row is refused here */
+	CSV_FLAG,   /* 1, true or yes (any case): 1; anything else: 0 */
+};
+enum csv_need {
+	CSV_MUST, /* the header must name it */
+	CSV_WANT, /* expected: the synopsis lists it, the header may lack it */
+	CSV_MAY,  /* optional */
+};
+struct csv_column {
+	const char *name;
+	enum csv_kind kind;
+	enum csv_need need;
+	int param; /* ?N of the import statement */
+};
+
+static const struct csv_column product_columns[] = {
+	{"sku", CSV_IDENT, CSV_WANT, 1},
+	{"name", CSV_TEXT, CSV_WANT, 2},
+	{"price", CSV_NUMBER, CSV_WANT, 3},
+	{"url", CSV_TEXT, CSV_WANT, 4},
+	{"image", CSV_TEXT, CSV_WANT, 5},
+	{"category", CSV_TEXT, CSV_WANT, 6},
+	{"review_author", CSV_TEXT, CSV_MAY, 7},
+	{"review_rating", CSV_INT, CSV_MAY, 8},
+	{"review_text", CSV_TEXT, CSV_MAY, 9},
+};
+#define PRODUCT_COLUMNS (sizeof product_columns / sizeof product_columns[0])
+
+static const struct csv_column order_columns[] = {
+	{"order_id", CSV_IDENT, CSV_MUST, 1},
+	{"email", CSV_TEXT, CSV_WANT, 2},
+	{"date", CSV_TIME, CSV_MUST, 3},
+	{"sku", CSV_IDENT, CSV_MUST, 4},
+	{"name", CSV_TEXT, CSV_WANT, 5},
+	{"price", CSV_NUMBER, CSV_WANT, 6},
+	{"qty", CSV_INT, CSV_WANT, 7},
+	{"currency", CSV_TEXT, CSV_MAY, 8},
+	{"consent", CSV_FLAG, CSV_MAY, 9},
+};
+#define ORDER_COLUMNS (sizeof order_columns / sizeof order_columns[0])
+
+/* Finds each column in the header: AT[i] is its field, or -1. Returns 0,
+ * or -1 if a CSV_MUST column is missing. */
+static int csv_header(const struct csv_column *cols, size_t ncols,
+		      const char **hdr, int nh, int *at)
+{
+	int rc = 0;
+	for (size_t i = 0; i < ncols; i++) {
+		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i].name) : -1;
+		if (at[i] < 0 && cols[i].need == CSV_MUST)
+			rc = -1;
+	}
+	return rc;
+}
+
+/* "a,b,c[,d,e]": the columns a header names, the optional in brackets. */
+static void csv_synopsis(const struct csv_column *cols, size_t ncols,
+			 struct buf *out)
+{
+	int first = 1, opt = 0;
+	for (size_t i = 0; i < ncols; i++)
+		if (cols[i].need != CSV_MAY) {
+			buf_addf(out, "%s%s", first ? "" : ",", cols[i].name);
+			first = 0;
+		}
+	for (size_t i = 0; i < ncols; i++)
+		if (cols[i].need == CSV_MAY)
+			buf_addf(out, "%s%s", opt++ ? "," : "[,", cols[i].name);
+	if (opt)
+		buf_adds(out, "]");
+}
+
+/* Binds one row's values to S by the table. Returns -1 before binding
+ * anything if a CSV_TIME value is missing or no time (the column's index
+ * in *BAD), else 0. */
+static int csv_bind(sqlite3_stmt *s, const struct csv_column *cols,
+		    size_t ncols, const int *at, const char **row, int n,
+		    rm_time now, size_t *bad)
+{
+	for (size_t i = 0; i < ncols; i++) {
+		const char *v = csv_val(row, n, at[i]);
+		if (cols[i].kind == CSV_TIME && (!v || parse_time(v, now) < 0)) {
+			/* never "now": an old order must not pass for a new one */
+			*bad = i;
+			return -1;
+		}
+	}
+	for (size_t i = 0; i < ncols; i++) {
+		const char *v = csv_val(row, n, at[i]);
+		int p = cols[i].param;
+		if (!v)
+			continue;
+		switch (cols[i].kind) {
+		case CSV_NUMBER:
+		case CSV_INT:
+			bind_num(s, p, v, cols[i].kind == CSV_INT);
+			break;
+		case CSV_TIME:
+			sqlite3_bind_int64(s, p, parse_time(v, now));
+			break;
+		case CSV_FLAG:
+			sqlite3_bind_int(s, p, !strcasecmp(v, "1") ||
+						      !strcasecmp(v, "true") ||
+						      !strcasecmp(v, "yes"));
+			break;
+		case CSV_TEXT:
+		case CSV_IDENT:
+			sqlite3_bind_text(s, p, v, -1, SQLITE_TRANSIENT);
+			break;
+		}
+	}
+	return 0;
+}
+
+/* Sends one built event through ev_ingest; prints why it was refused. */
+static int import_one(struct app *app, const char *what, const char *json,
+		      rm_time now, long *ok, long *bad)
+{
+	struct ev_error err;
+	if (ev_ingest(app, EV_CLI, json, strlen(json), NULL, now, &err) >= 0) {
+		(*ok)++;
+		return 0;
+	}
+	if (++*bad <= 20)
+		fprintf(stderr, "remarket import: %s: %s\n", what, err.msg);
+	return -1;
+}
+
+int import_products(struct app *app, FILE *f, rm_time now)
+{
+	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
+	struct buf hb = {0}, rb = {0}, ev = {0};
+	int nh = csv_record(f, &hb, hdr), at[PRODUCT_COLUMNS];
+	size_t badcol;
+	csv_header(product_columns, PRODUCT_COLUMNS, hdr, nh, at);
+	long ok = 0, bad = 0, line = 1;
+	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
+		char what[32];
+		snprintf(what, sizeof what, "line %ld", line + 1);
+		if (n == 1 && !*row[0])
+			continue; /* a blank line */
+		if (n < 0) {
+			fprintf(stderr, "remarket import: %s: bad CSV\n", what);
+			bad++;
+			break;
+		}
+		sqlite3_stmt *s = q(app->db, ST_IMP_PRODUCT, NULL);
+		csv_bind(s, product_columns, PRODUCT_COLUMNS, at, row, n, now,
+			 &badcol); /* no time column: never refuses */
+		buf_reset(&ev);
+		if (json_from(app->db, s, &ev) == 0)
+			import_one(app, what, ev.data, now, &ok, &bad);
+	}
+	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
+	buf_free(&hb), buf_free(&rb), buf_free(&ev);
+	return bad ? 1 : 0;
+}
+
+/* `remarket import orders`: checks the header against order_columns, puts
+ * the rows in a scratch table, then ingests one order event per order_id. */
+int import_orders(struct app *app, FILE *f, rm_time now)
+{
+	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
+	struct buf hb = {0}, rb = {0};
+	int nh = csv_record(f, &hb, hdr), at[ORDER_COLUMNS];
+	if (csv_header(order_columns, ORDER_COLUMNS, hdr, nh, at) < 0) {
+		struct buf syn = {0};
+		csv_synopsis(order_columns, ORDER_COLUMNS, &syn);
+		fprintf(stderr, "remarket import orders: the first line must name the "
+			"columns: %s\n", buf_str(&syn));
+		buf_free(&syn), buf_free(&hb);
+		return 2;
+	}
+	long ok = 0, bad = 0, line = 1;
+	q_exec(app->db, q(app->db, ST_IMP_CREATE, NULL));
+	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
+	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
+		if (n < 0) {
+			fprintf(stderr, "remarket import: line %ld: bad CSV (an "
+				"unclosed quote, a NUL byte or too many fields)\n", line + 1);
+			buf_free(&hb), buf_free(&rb);
+			return 1;
+		}
+		if (n == 1 && !*row[0])
+			continue; /* a blank line */
+		sqlite3_stmt *s = q(app->db, ST_IMP_INSERT, NULL);
+		size_t c;
+		if (csv_bind(s, order_columns, ORDER_COLUMNS, at, row, n, now, &c) < 0) {
+			const char *v = csv_val(row, n, at[c]);
+			if (++bad <= 20)
+				fprintf(stderr, "remarket import: line %ld: %s '%s' is "
+					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
+					"seconds\n", line + 1, order_columns[c].name,
+					v ? v : "");
+			continue;
+		}
+		q_exec(app->db, s);
+	}
+	sqlite3_stmt *s = q(app->db, ST_IMP_ORDERS, NULL);
+	struct buf ids = {0}, evs = {0};
+	while (sqlite3_step(s) == SQLITE_ROW) { /* copied out: ingest writes */
+		buf_adds(&ids, col_text(s, 0)), buf_add(&ids, "", 1);
+		buf_adds(&evs, col_text(s, 1)), buf_add(&evs, "", 1);
+	}
+	sqlite3_reset(s);
+	for (size_t i = 0, j = 0; i < ids.len; i += strlen(ids.data + i) + 1,
+		    j += strlen(evs.data + j) + 1) {
+		char what[96];
+		snprintf(what, sizeof what, "order %.64s", ids.data + i);
+		import_one(app, what, evs.data + j, now, &ok, &bad);
+	}
+	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
+	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
+	buf_free(&hb), buf_free(&rb), buf_free(&ids), buf_free(&evs);
+	return bad ? 1 : 0;
+}
+
+/* ==== Segments ======================================================== */
+/*
+ * RFM segments (new, active, vip, at_risk, lapsed, lost), one name array
+ * in enum segment's order. flow_segments recomputes every customer's
+ * segment from their orders in one transaction (ST_SEGMENTS_FILL); the
+ * win-back threshold comes from winback_after, or is learned from repeat
+ * purchases (flow_lapse_days). A step targets "", a segment, or "!" and
+ * one (segment_matches). Segments are derived data: they are rebuilt,
+ * never edited.
+ */
+
+/* A step's segment: "" (everyone), "vip" (only), "!vip" (all but). The
+ * contact's is their named segment, except that a customer in the top
+ * fifth by frequency and the top two by money counts as "vip" however
+ * long they have been away: a lapsed VIP is still a VIP to a win-back. */
+static int segment_matches(const char *want, const char *have)
+{
+	if (!*want)
+		return 1;
+	if (*want == '!')
+		return strcmp(want + 1, have) != 0;
+	return strcmp(want, have) == 0;
+}
+
+long flow_lapse_days(struct app *app, char *why, size_t whylen)
+{
+	const char *w = app->cfg->winback_after;
+	if (strcmp(w, "auto") != 0) {
+		long d = atol(w);
+		if (d < 1)
+			d = 90;
+		snprintf(why, whylen, "set by winback_after = %ld", d);
+		return d;
+	}
+	long gaps = 0;
+	double p90 = 0;
+	q_row(q(app->db, ST_LAPSE_GAPS, NULL), "ld", &gaps, &p90);
+	if (gaps < 20) {
+		snprintf(why, whylen, "winback_after = auto, but only %ld repeat "
+			 "purchases to learn from (20 needed): the default 90", gaps);
+		return 90;
+	}
+	long d = (long)(p90 / 86400 + 0.5);
+	long clamped = d < 60 ? 60 : d > 180 ? 180 : d;
+	snprintf(why, whylen, "winback_after = auto: 90 %% of %ld repeat purchases "
+		 "came within %ld days%s", gaps, d,
+		 clamped != d ? (d < 60 ? ", raised to the minimum of 60" :
+				 ", lowered to the maximum of 180") : "");
+	return clamped;
+}
+
+/* LAPSE: the threshold in seconds, found once by the caller (with
+ * winback_after = auto it is a scan of every order). */
+static int segments_fill(struct app *app, rm_time now, int64_t lapse)
+{
+	return q_exec(app->db, q(app->db, ST_SEGMENTS_CLEAR, NULL)) ||
+	       q_exec(app->db, q(app->db, ST_SEGMENTS_FILL, "ii", (int64_t)now, lapse));
+}
+
+int flow_segments(struct app *app, rm_time now)
+{
+	char why[200];
+	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
+	if (db_begin(app->db) < 0)
+		return -1;
+	if (segments_fill(app, now, lapse) || db_commit(app->db)) {
+		db_rollback(app->db);
+		return -1;
+	}
+	return 0;
+}
+
+/* The one list of segment names, in enum segment's order; SEGMENTS_FILL
+ * writes the same names (a unit test holds the two together). */
+const char *const segment_names[SEG__MAX] = {
+	[SEG_NEW] = "new",	   [SEG_ACTIVE] = "active", [SEG_VIP] = "vip",
+	[SEG_AT_RISK] = "at_risk", [SEG_LAPSED] = "lapsed", [SEG_LOST] = "lost",
+};
+
+/* The enum segment of NAME, or -1. */
+static int segment_find(const char *name)
+{
+	for (int i = 0; i < SEG__MAX; i++)
+		if (!strcmp(name, segment_names[i]))
+			return i;
+	return -1;
+}
+
+/* Customers per segment, from the last flow_segments. */
+static void segment_counts(struct app *app, long n[SEG__MAX])
+{
+	for (int i = 0; i < SEG__MAX; i++)
+		n[i] = 0;
+	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		int i = segment_find(col_text(s, 0));
+		if (i >= 0)
+			n[i] = (long)sqlite3_column_int64(s, 1);
+	}
+	sqlite3_reset(s);
+}
+
+/* "" (everyone), a segment name, or "!" and one. */
+static int segment_name_ok(const char *v)
+{
+	return !*v || segment_find(v + (*v == '!')) >= 0;
+}
+
+/* ==== Recommendations ================================================= */
+/*
+ * Products a contact may like, in tiers of preference: what customers
+ * who bought what they bought also bought, then best sellers of their
+ * favourite category, then of the store; never one they own, never one
+ * twice. reco_walk only reads; the message context turns its
+ * rows into the {{#recommendations}} list, `remarket recommend` prints
+ * them.
+ */
+
+/* Runs the recommendation statements in order of preference until N
+ * distinct products are found; calls add() for each, best first. */
+static int reco_walk(struct app *app, int64_t contact, int n,
+		     int (*add)(void *arg, sqlite3_stmt *row), void *arg)
+{
+	static const enum stmt_id tiers[] = {ST_RECO_COOCCUR, ST_RECO_CATEGORY,
+					     ST_RECO_BEST};
+	char seen[16][65];
+	int found = 0;
+	if (n > 16)
+		n = 16;
+	for (size_t t = 0; t < 3 && found < n; t++) {
+		sqlite3_stmt *s = q(app->db, tiers[t], "ii", contact, (int64_t)n + found);
+		while (found < n && sqlite3_step(s) == SQLITE_ROW) {
+			int dup = 0;
+			for (int i = 0; i < found; i++)
+				dup |= !strcmp(seen[i], col_text(s, 0));
+			if (dup)
+				continue;
+			copy_str(seen[found++], 65, col_text(s, 0));
+			if (add(arg, s) < 0) {
+				sqlite3_reset(s);
+				return -1;
+			}
+		}
+		sqlite3_reset(s);
+	}
+	return found;
+}
+
+struct reco_out {
+	char (*skus)[65];
+	int n;
+};
+
+static int reco_sku(void *arg, sqlite3_stmt *row)
+{
+	struct reco_out *o = arg;
+	copy_str(o->skus[o->n++], 65, col_text(row, 0));
+	return 0;
+}
+
+int reco_for(struct app *app, int64_t contact, char (*out)[65], int n)
+{
+	struct reco_out o = {out, 0};
+	return reco_walk(app, contact, n, reco_sku, &o);
+}
+
+/* ==== Mail: rendering and RFC 5322 building =========================== */
 /*
  * A message is rendered from the owner's template files (text and HTML),
  * then built into one RFC 5322 byte string that both transports use, so
@@ -3218,6 +3855,8 @@ static int hdr_from(struct buf *out, const char *from)
 	return buf_failed(out) ? -1 : 0;
 }
 
+/* Builds the RFC 5322 message of M (headers checked for CR/LF, text and
+ * HTML as multipart/alternative, quoted-printable) into OUT. */
 int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 {
 	const char *vals[] = {m->from, m->to, m->subject, m->message_id,
@@ -3333,7 +3972,7 @@ out:
 	return rc;
 }
 
-/* ==== 10. Transports: SMTP and outbox =================================== */
+/* ==== Transports: SMTP and outbox ===================================== */
 /*
  * mail_send() hands a built message to the configured transport and says
  * whether it went out (SEND_OK), may go later (SEND_TEMP: a 4xx answer,
@@ -3431,6 +4070,8 @@ static int smtp_url(const char *url, char *out, size_t n, int *starttls)
 	return copy_str(out, n, url);
 }
 
+/* Sends one built message to TO over the configured SMTP relay with
+ * libcurl and classifies the outcome as a send_result. */
 static enum send_result smtp_send(struct app *app, const char *to,
 				  const struct buf *msg, char *err, size_t errlen)
 {
@@ -3522,35 +4163,21 @@ static enum send_result mail_send(struct app *app, int64_t id, const char *to,
 	return outbox_write(app, id, msg, err, errlen);
 }
 
-/* ==== 11. The flow engine: detect, claim, send, record ================= */
+/* ==== The message context ============================================= */
 /*
- * A tick runs in three short phases and never holds a write lock while it
- * talks to an SMTP server:
- *   1. detect (one transaction): idle carts of reachable contacts become
- *      abandoned and are enrolled; segments are recomputed, lapsed
- *      customers and new orders enrolled in their flows (the held-out
- *      share of each flow is marked and never messaged); every step now
- *      due gets its message row (UNIQUE per enrollment and step, so never
- *      two), with its A/B variant;
- *   2. claim: UPDATE ... RETURNING takes due messages with a lease, so an
- *      overlapping tick cannot take the same ones; a lease left by a
- *      crashed tick expires and the message is taken again, with the same
- *      Message-ID and code, so the outbox replaces and a receiving MTA
- *      can recognise a repeat;
- *   3. per message: check the exit conditions (order, unsubscribe, bounce,
- *      emptied cart) and lateness (a stale step is recorded, not sent) at
- *      send time, render, write the "sending" state (one attempt, for
- *      this message only), send, and record the outcome. A claim counts
- *      no attempt, so a tick killed mid-batch costs its batch nothing.
+ * One claimed message, from its row to its bytes: msg_load reads the
+ * row (struct msgrow) with its contact, cart and step; msg_exit_reason
+ * says whether it must not go out; msg_prepare fixes its Message-ID and
+ * discount code at the first attempt (the only rows written here), so
+ * that every attempt sends the same message; mc_build fills the template
+ * variables (names, items, recommendations, review links, the discount,
+ * the signed links) and msg_compose renders and builds it. This section
+ * records nothing about the message's outcome (the flow engine does) and
+ * sends nothing.
  */
 
-#define TICK_BATCH 50
-#define TICK_MAX 20000
-#define RETRY_MAX 8
-#define CRASH_MAX 5        /* deaths of the tick while preparing one message */
-#define REFUSALS_IN_A_ROW 3 /* content refused for this many recipients */
-#define REFUSALS_HELD 16
-
+/* One message as the tick sees it: its row, its enrollment, step,
+ * contact and cart, read at send time by msg_load. */
 struct msgrow {
 	int64_t id, enrollment, contact;
 	int step, attempts, pct, has_step, unsub, suppressed, consent;
@@ -3568,6 +4195,8 @@ struct msgrow {
 	int printable; /* cart items a mail may print (signed or in the catalog) */
 };
 
+/* Reads message ID with its enrollment, flow, step, contact and cart into M;
+ * -1 if the row is gone. */
 static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 {
 	sqlite3_stmt *s = q(app->db, ST_MESSAGE_LOAD, "i", id);
@@ -3621,19 +4250,6 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 		sqlite3_reset(t);
 	}
 	return m->items ? 0 : -1;
-}
-
-/* A step's segment: "" (everyone), "vip" (only), "!vip" (all but). The
- * contact's is their named segment, except that a customer in the top
- * fifth by frequency and the top two by money counts as "vip" however
- * long they have been away: a lapsed VIP is still a VIP to a win-back. */
-static int segment_matches(const char *want, const char *have)
-{
-	if (!*want)
-		return 1;
-	if (*want == '!')
-		return strcmp(want + 1, have) != 0;
-	return strcmp(want, have) == 0;
 }
 
 /* Why this message must not go out, or NULL. "" means: not now. */
@@ -3774,54 +4390,6 @@ static int mc_items(struct msgctx *mc, struct app *app, const char *name,
 	return rc ? rc : list_publish(mc, l, name);
 }
 
-/* Runs the recommendation statements in order of preference until N
- * distinct products are found; calls add() for each, best first. */
-static int reco_walk(struct app *app, int64_t contact, int n,
-		     int (*add)(void *arg, sqlite3_stmt *row), void *arg)
-{
-	static const enum stmt_id tiers[] = {ST_RECO_COOCCUR, ST_RECO_CATEGORY,
-					     ST_RECO_BEST};
-	char seen[16][65];
-	int found = 0;
-	if (n > 16)
-		n = 16;
-	for (size_t t = 0; t < 3 && found < n; t++) {
-		sqlite3_stmt *s = q(app->db, tiers[t], "ii", contact, (int64_t)n + found);
-		while (found < n && sqlite3_step(s) == SQLITE_ROW) {
-			int dup = 0;
-			for (int i = 0; i < found; i++)
-				dup |= !strcmp(seen[i], col_text(s, 0));
-			if (dup)
-				continue;
-			copy_str(seen[found++], 65, col_text(s, 0));
-			if (add(arg, s) < 0) {
-				sqlite3_reset(s);
-				return -1;
-			}
-		}
-		sqlite3_reset(s);
-	}
-	return found;
-}
-
-struct reco_out {
-	char (*skus)[65];
-	int n;
-};
-
-static int reco_sku(void *arg, sqlite3_stmt *row)
-{
-	struct reco_out *o = arg;
-	copy_str(o->skus[o->n++], 65, col_text(row, 0));
-	return 0;
-}
-
-int reco_for(struct app *app, int64_t contact, char (*out)[65], int n)
-{
-	struct reco_out o = {out, 0};
-	return reco_walk(app, contact, n, reco_sku, &o);
-}
-
 struct reco_list {
 	struct mlist *l;
 	const char *cur;
@@ -3934,6 +4502,8 @@ static int mc_order(struct msgctx *mc, struct app *app, int64_t order)
 	return rc;
 }
 
+/* Fills the template variables of message M: names, items, order, review
+ * and recommendation lists, the discount code and every signed link. */
 static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 		    rm_time now, rm_time code_expires)
 {
@@ -4017,6 +4587,8 @@ static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
 	return 0;
 }
 
+/* Renders and builds message M (subject, text, HTML) into OUT; fails with a
+ * message in ERR when a template is missing or broken. */
 static int msg_compose(struct app *app, struct msgrow *m, rm_time now,
 		       struct buf *out, char *err, size_t errlen)
 {
@@ -4060,6 +4632,35 @@ out:
 	return rc;
 }
 
+/* ==== The flow engine: detect, claim, send, record ==================== */
+/*
+ * A tick runs in three short phases and never holds a write lock while it
+ * talks to an SMTP server:
+ *   1. detect (one transaction): idle carts of reachable contacts become
+ *      abandoned and are enrolled; segments are recomputed, lapsed
+ *      customers and new orders enrolled in their flows (the held-out
+ *      share of each flow is marked and never messaged); every step now
+ *      due gets its message row (UNIQUE per enrollment and step, so never
+ *      two), with its A/B variant;
+ *   2. claim: UPDATE ... RETURNING takes due messages with a lease, so an
+ *      overlapping tick cannot take the same ones; a lease left by a
+ *      crashed tick expires and the message is taken again, with the same
+ *      Message-ID and code, so the outbox replaces and a receiving MTA
+ *      can recognise a repeat;
+ *   3. per message: check the exit conditions (order, unsubscribe, bounce,
+ *      emptied cart) and lateness (a stale step is recorded, not sent) at
+ *      send time, render, write the "sending" state (one attempt, for
+ *      this message only), send, and record the outcome. A claim counts
+ *      no attempt, so a tick killed mid-batch costs its batch nothing.
+ */
+
+#define TICK_BATCH 50
+#define TICK_MAX 20000
+#define RETRY_MAX 8
+#define CRASH_MAX 5        /* deaths of the tick while preparing one message */
+#define REFUSALS_IN_A_ROW 3 /* content refused for this many recipients */
+#define REFUSALS_HELD 16
+
 static void fault(const char *where)
 {
 	const char *f = getenv("REMARKET_FAULT");
@@ -4091,6 +4692,8 @@ static int msg_exit(struct app *app, const struct msgrow *m, const char *why,
 	return rc ? -1 : 0;
 }
 
+/* Records the outcome R of sending M: sent (and the enrollment advanced),
+ * retried later with back-off, or failed (a 5xx also suppresses). */
 static int msg_record(struct app *app, const struct msgrow *m,
 		      enum send_result r, const char *err, rm_time now,
 		      struct tick_summary *sum)
@@ -4382,84 +4985,6 @@ out:
 	return rc;
 }
 
-long flow_lapse_days(struct app *app, char *why, size_t whylen)
-{
-	const char *w = app->cfg->winback_after;
-	if (strcmp(w, "auto") != 0) {
-		long d = atol(w);
-		if (d < 1)
-			d = 90;
-		snprintf(why, whylen, "set by winback_after = %ld", d);
-		return d;
-	}
-	long gaps = 0;
-	double p90 = 0;
-	q_row(q(app->db, ST_LAPSE_GAPS, NULL), "ld", &gaps, &p90);
-	if (gaps < 20) {
-		snprintf(why, whylen, "winback_after = auto, but only %ld repeat "
-			 "purchases to learn from (20 needed): the default 90", gaps);
-		return 90;
-	}
-	long d = (long)(p90 / 86400 + 0.5);
-	long clamped = d < 60 ? 60 : d > 180 ? 180 : d;
-	snprintf(why, whylen, "winback_after = auto: 90 %% of %ld repeat purchases "
-		 "came within %ld days%s", gaps, d,
-		 clamped != d ? (d < 60 ? ", raised to the minimum of 60" :
-				 ", lowered to the maximum of 180") : "");
-	return clamped;
-}
-
-/* LAPSE: the threshold in seconds, found once by the caller (with
- * winback_after = auto it is a scan of every order). */
-static int segments_fill(struct app *app, rm_time now, int64_t lapse)
-{
-	return q_exec(app->db, q(app->db, ST_SEGMENTS_CLEAR, NULL)) ||
-	       q_exec(app->db, q(app->db, ST_SEGMENTS_FILL, "ii", (int64_t)now, lapse));
-}
-
-int flow_segments(struct app *app, rm_time now)
-{
-	char why[200];
-	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
-	if (db_begin(app->db) < 0)
-		return -1;
-	if (segments_fill(app, now, lapse) || db_commit(app->db)) {
-		db_rollback(app->db);
-		return -1;
-	}
-	return 0;
-}
-
-/* The one list of segment names, in enum segment's order; SEGMENTS_FILL
- * writes the same names (a unit test holds the two together). */
-const char *const segment_names[SEG__MAX] = {
-	[SEG_NEW] = "new",	   [SEG_ACTIVE] = "active", [SEG_VIP] = "vip",
-	[SEG_AT_RISK] = "at_risk", [SEG_LAPSED] = "lapsed", [SEG_LOST] = "lost",
-};
-
-/* The enum segment of NAME, or -1. */
-static int segment_find(const char *name)
-{
-	for (int i = 0; i < SEG__MAX; i++)
-		if (!strcmp(name, segment_names[i]))
-			return i;
-	return -1;
-}
-
-/* Customers per segment, from the last flow_segments. */
-static void segment_counts(struct app *app, long n[SEG__MAX])
-{
-	for (int i = 0; i < SEG__MAX; i++)
-		n[i] = 0;
-	sqlite3_stmt *s = q(app->db, ST_SEGMENT_COUNTS, NULL);
-	while (sqlite3_step(s) == SQLITE_ROW) {
-		int i = segment_find(col_text(s, 0));
-		if (i >= 0)
-			n[i] = (long)sqlite3_column_int64(s, 1);
-	}
-	sqlite3_reset(s);
-}
-
 /* browser_consent = confirm: the double opt-in mail of one contact, with
  * a signed link (30 days) to the confirm page. */
 static int confirm_mail(struct app *app, int64_t contact, const char *email,
@@ -4670,6 +5195,8 @@ static int out_of_budget(struct app *app, const struct lease *l,
 	return 1;
 }
 
+/* The claim-and-send loop of one tick: batches of leased messages until
+ * none is due, the budget is spent or a send stops the tick. */
 static int flow_rounds(struct app *app, rm_time now, struct lease *l,
 		       struct tick_summary *sum, struct refusals *rf)
 {
@@ -4743,6 +5270,7 @@ int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
 			 out);
 }
 
+/* ==== Tick runs ======================================================= */
 /*
  * Tick runs (table ticks). POST /tick starts a run and answers at once; a
  * sender outside the request (the FastCGI server's background thread, or
@@ -4752,6 +5280,8 @@ int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
  * longest a tick can take (its budget, then one last message with every
  * SMTP time-out spent, and a minute of slack); otherwise it was lost to a
  * crash or a restart, and its messages go again once their lease ends.
+ * This section records runs and hands each to flow_tick; the run's
+ * messages are the flow engine's business, never this section's.
  */
 
 static int tick_alive(struct app *app, int64_t pid, int64_t started_real)
@@ -4861,7 +5391,7 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
 	return rc;
 }
 
-/* ==== 12. The report ==================================================== */
+/* ==== The report ====================================================== */
 /*
  * report_build fills one struct report from indexed queries (never from
  * the events table, which grows fastest); report_json, report_html and
@@ -4954,6 +5484,8 @@ static void rep_flows(struct app *app, struct report *r)
 	}
 }
 
+/* The report's time series: orders, attributed orders and revenue per
+ * month (oldest first), and recovered revenue per day for the chart. */
 static void rep_series(struct app *app, struct report *r)
 {
 	sqlite3_stmt *s = q(app->db, ST_REP_MONTHS, "ii", (int64_t)r->since,
@@ -4996,6 +5528,8 @@ static void rep_lifecycle(struct app *app, struct report *r)
 	segment_counts(app, r->segments);
 }
 
+/* Fills R with every number of the report from SINCE to UNTIL, from
+ * indexed queries. */
 int report_build(struct app *app, rm_time since, rm_time until, struct report *r)
 {
 	struct db *db = app->db;
@@ -5280,6 +5814,7 @@ static void json_flow(struct buf *b, const struct flow_report *f)
 	buf_adds(b, "]}");
 }
 
+/* The report as JSON, from the same number tables as the HTML and text. */
 int report_json(const struct report *r, struct buf *out)
 {
 	buf_addf(out, "{\"since\":%lld,\"until\":%lld,\"currency\":", (long long)r->since,
@@ -5391,6 +5926,8 @@ static void html_chart(struct buf *b, const struct report *r)
 		 "</svg>", h + 16, r->ndays, w, h + 16, max, r->currency);
 }
 
+/* One flow's section of the HTML report: its steps, variants, holdout and
+ * lift. */
 static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 		      const char *cur)
 {
@@ -5454,6 +5991,7 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 	buf_adds(b, "</p></div></section>");
 }
 
+/* The win-back and segments sections of the HTML report. */
 static void html_lifecycle(struct buf *b, const struct report *r)
 {
 	char k[48], v[48];
@@ -5490,6 +6028,7 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 		 "</p></section>");
 }
 
+/* The whole HTML report page: cards, chart, flows, win-back, months. */
 int report_html(const struct report *r, const char *store, struct buf *b)
 {
 	char since[32], until[32];
@@ -5598,7 +6137,7 @@ static void report_text(const struct report *r)
 	}
 }
 
-/* ==== 13. HTTP routes =================================================== */
+/* ==== HTTP routes ===================================================== */
 /*
  * http_handle maps (method, path) to one route function and always fills
  * a response: JSON errors for machines ({"error": "..."} with a 4xx that
@@ -6123,8 +6662,9 @@ static void record(struct app *app, int64_t msg, const char *kind, rm_time now)
 	q_exec(app->db, q(app->db, ST_INTERACTION, "iti", msg, kind, (int64_t)now));
 }
 
-/* Joins this browser to the contact: its rm_vid cookie (or the contact's
- * latest visitor id, or a new one) is linked and set for a year. */
+/* Joins this browser to the contact: its rm_vid cookie, or a new random
+ * id (never one of the contact's other browsers), is linked as verified
+ * and set for a year. */
 static void visitor_cookie(struct app *app, const struct http_req *rq,
 			   int64_t contact, rm_time now, struct http_resp *rs)
 {
@@ -6270,6 +6810,8 @@ static void route_open(struct app *app, const struct http_req *rq,
 	resp_gif(rs);
 }
 
+/* POST /discounts/validate: whether a code applies to a total, and with
+ * "reserve" a hold of it for one cart for 15 minutes. */
 static void route_validate(struct app *app, const struct http_req *rq,
 			   struct http_resp *rs, const char *arg, rm_time now)
 {
@@ -6416,6 +6958,7 @@ static int report_window(const struct http_req *rq, rm_time now, rm_time *since,
 	return *since < 0 || *until < 0 || *since > *until ? -1 : 0;
 }
 
+/* GET /report and /report.json for the operator (tick_token required). */
 static void route_report(struct app *app, const struct http_req *rq,
 			 struct http_resp *rs, const char *arg, rm_time now)
 {
@@ -6530,7 +7073,7 @@ void http_handle(struct app *app, const struct http_req *req,
 	buf_adds(&rs->body, "{\"error\":\"out of memory\"}");
 }
 
-/* ==== 14. FastCGI and CGI front-ends ==================================== */
+/* ==== FastCGI and CGI front-ends ====================================== */
 /*
  * Both front-ends turn a request into struct http_req through the same
  * function, given a way to read parameters and the body. The body is
@@ -6772,6 +7315,8 @@ static void write_response(const struct io *io, const struct http_resp *rs,
 	buf_free(&h);
 }
 
+/* One request through either front-end: validate the CGI parameters, fill
+ * http_req, read the body, route, write the response. */
 static void serve_one(struct app *app, const struct io *io)
 {
 	struct http_req rq = {0};
@@ -7061,98 +7606,16 @@ static int serve_cgi(struct config *cfg)
 	return 0;
 }
 
-/* ==== 15. Command line ================================================== */
+/* ==== Command line ==================================================== */
 /*
- * The operator's commands (API.md): init, keygen, serve, tick, event,
- * report, flows. Each opens its own app, so every command, like every
- * FastCGI thread, has its own database connection. Started without a
- * command by a web server, the binary answers as CGI or FastCGI.
+ * The operator's commands, one row each in the command table below
+ * (commands[]: name, whether it needs the app, arity, function, usage):
+ * init, keygen, serve, tick, event, report, flows, import, recommend,
+ * segments, help, version. The table also makes usage() and the man
+ * page's SYNOPSIS (`remarket help --man`). A command that needs the
+ * app opens its own, so every command, like every FastCGI thread, has
+ * its own database connection.
  */
-
-/*
- * The key file is a key ring: one or more 32-byte keys, raw, oldest first.
- * The last one signs; every one verifies, so that `remarket keygen
- * --rotate` (which appends a key) breaks no link already mailed. A file of
- * one key, as every remarket before the ring wrote, is a ring of one.
- */
-static int load_keys(const char *path, struct buf *b, char *err,
-		     size_t errlen)
-{
-	errno = 0;
-	int rc = read_file(path, b, RM_MAXKEYS * RM_KEYBYTES);
-	if (rc < 0 || b->len == 0 || b->len % RM_KEYBYTES) {
-		snprintf(err, errlen, "key_file %s: %s — run 'remarket init' or "
-			 "'remarket keygen > %s'", path,
-			 rc < 0 && errno ? strerror(errno) :
-			 "must hold one or more 32-byte keys (at most 16)", path);
-		if (b->data)
-			sodium_memzero(b->data, b->len);
-		buf_free(b);
-		return -1;
-	}
-	return 0;
-}
-
-static int load_key(struct app *app, const char *path, char *err,
-		    size_t errlen)
-{
-	struct buf b = {0};
-	if (load_keys(path, &b, err, errlen) < 0)
-		return -1;
-	int n = (int)(b.len / RM_KEYBYTES);
-	memcpy(app->key, b.data + (size_t)(n - 1) * RM_KEYBYTES, RM_KEYBYTES);
-	app->nold = n - 1;
-	for (int i = 0; i < app->nold; i++) /* newest first */
-		memcpy(app->old_keys[i],
-		       b.data + (size_t)(n - 2 - i) * RM_KEYBYTES, RM_KEYBYTES);
-	sodium_memzero(b.data, b.len);
-	buf_free(&b);
-	return 0;
-}
-
-int app_tok_verify(const struct app *app, const char *tok, char kind,
-		   rm_time now, int64_t *subject)
-{
-	int st = tok_verify(app->key, tok, kind, now, subject);
-	for (int i = 0; st == TOK_FORGED && i < app->nold; i++)
-		st = tok_verify(app->old_keys[i], tok, kind, now, subject);
-	return st;
-}
-
-int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
-{
-	memset(app, 0, sizeof *app);
-	app->cfg = cfg;
-	if (load_key(app, cfg->key_file, err, errlen) < 0 ||
-	    db_open(&app->db, cfg->db, err, errlen) < 0)
-		return -1;
-	int have = db_user_version(app->db);
-	int want = (int)(sizeof migrations / sizeof migrations[0]);
-	if (have != want) {
-		snprintf(err, errlen, "db %s is at schema %d, this remarket needs %d:"
-			 " run 'remarket init'", cfg->db, have, want);
-		app_close(app);
-		return -1;
-	}
-	app->curl = curl_easy_init();
-	if (!app->curl) {
-		snprintf(err, errlen, "libcurl: cannot create a handle");
-		app_close(app);
-		return -1;
-	}
-	return 0;
-}
-
-void app_close(struct app *app)
-{
-	db_close(app->db);
-	if (app->curl)
-		curl_easy_cleanup(app->curl);
-	sodium_memzero(app->key, sizeof app->key);
-	sodium_memzero(app->old_keys, sizeof app->old_keys);
-	app->db = NULL;
-	app->curl = NULL;
-}
 
 /* Makes the operator's files private, whatever the umask they were made
  * under: the database and its -wal and -shm, the key file. */
@@ -7169,6 +7632,8 @@ static void init_private_files(const struct config *cfg)
 		(void)chmod(cfg->key_file, 0600);
 }
 
+/* `remarket init`: creates or migrates the database and makes the key file,
+ * refusing a new key while sent mails hold links signed with the old one. */
 static int cmd_init(struct app *app, struct config *cfg, rm_time now, int argc,
 		    char **argv)
 {
@@ -7314,6 +7779,8 @@ static int socket_give(const struct config *cfg, const char *path, char *group,
 	return 0;
 }
 
+/* `remarket serve ADDR`: checks the app opens, then runs the FastCGI server
+ * on a unix socket or host:port. */
 static int cmd_serve(struct app *app, struct config *cfg, rm_time now, int argc,
 		     char **argv)
 {
@@ -7438,6 +7905,8 @@ static int report_link(struct app *app, rm_time now, int argc, char **argv)
 	return 0;
 }
 
+/* `remarket report`: the report as text or JSON, or with --link a signed
+ * URL that opens it in a browser. */
 static int cmd_report(struct app *app, struct config *cfg, rm_time now,
 		      int argc, char **argv)
 {
@@ -7517,6 +7986,7 @@ static int flows_paused(struct app *app)
 	return 0;
 }
 
+/* `remarket flows`: every flow with its steps, variants and state. */
 static int flows_list(struct app *app)
 {
 	sqlite3_stmt *s = q(app->db, ST_FLOWS_LIST, NULL);
@@ -7552,12 +8022,6 @@ static int flows_list(struct app *app)
 	return flows_paused(app);
 }
 
-/* "" (everyone), a segment name, or "!" and one. */
-static int segment_name_ok(const char *v)
-{
-	return !*v || segment_find(v + (*v == '!')) >= 0;
-}
-
 /* The key=value settings of `flows set` and `flows variant`: each key is
  * also the name of the statement parameter it binds (":delay"), and has a
  * kind that says how its value is checked. */
@@ -7578,6 +8042,8 @@ static int param_index(sqlite3_stmt *s, const char *name)
 	return sqlite3_bind_parameter_index(s, p);
 }
 
+/* Binds the value V of one `flows set` setting to its named parameter,
+ * checked by its kind; -1 if the value is bad. */
 static int bind_setting(sqlite3_stmt *s, const struct setting *st, const char *v)
 {
 	int param = param_index(s, st->key);
@@ -7683,6 +8149,8 @@ static int flows_variant(struct app *app, int argc, char **argv)
 			   "discount=0-90 valid=48h share=1-99 | off", argc, argv);
 }
 
+/* `remarket flows ...`: lists the flows, or changes one (set, enable,
+ * disable, holdout, variant, resume). */
 static int cmd_flows(struct app *app, struct config *cfg, rm_time now, int argc,
 		     char **argv)
 {
@@ -7730,320 +8198,6 @@ static int cmd_flows(struct app *app, struct config *cfg, rm_time now, int argc,
 		"disable F | holdout F PCT | variant F STEP k=v... | variant F STEP off |\n"
 		"        resume F STEP]\n");
 	return 2;
-}
-
-/* ---- CSV imports ---- */
-/*
- * RFC 4180 records (quoted fields, doubled quotes, CRLF or LF, newlines
- * inside quotes). Neither SQLite's library nor the others here parse CSV,
- * so this small reader is ours. The first record names the columns; each
- * row becomes an event built by SQLite's json_object and goes through
- * ev_ingest, the same validation as every other door.
- */
-
-#define CSV_FIELDS 16
-
-/* Reads one record; fields point into B. Returns the field count, 0 at
- * the end of the file, -1 on an unclosed quote or too many fields. */
-static int csv_record(FILE *f, struct buf *b, const char **fields)
-{
-	size_t starts[CSV_FIELDS];
-	int n = 0, c, quoted = 0, any = 0;
-	buf_reset(b);
-	starts[n++] = 0;
-	while ((c = fgetc(f)) != EOF) {
-		any = 1;
-		if (quoted) {
-			if (c == '\0')
-				return -1;
-			if (c == '"') {
-				int d = fgetc(f);
-				if (d != '"') {
-					quoted = 0;
-					if (d != EOF)
-						ungetc(d, f);
-					continue;
-				}
-			}
-			buf_add(b, &(char){(char)c}, 1);
-		} else if (c == '"') {
-			quoted = 1;
-		} else if (c == ',') {
-			if (n == CSV_FIELDS)
-				return -1;
-			buf_add(b, "", 1);
-			starts[n++] = b->len;
-		} else if (c == '\n') {
-			break;
-		} else if (c == '\0') {
-			return -1; /* a NUL would cut the field short unseen */
-		} else if (c != '\r') {
-			buf_add(b, &(char){(char)c}, 1);
-		}
-	}
-	if (quoted)
-		return -1;
-	if (!any)
-		return 0;
-	buf_add(b, "", 1);
-	if (buf_failed(b))
-		return -1; /* no field may point into a buffer that lost bytes */
-	for (int i = 0; i < n; i++)
-		fields[i] = b->data + starts[i];
-	return n;
-}
-
-/* The index of column NAME in the header, or -1. */
-static int csv_col(const char **hdr, int n, const char *name)
-{
-	for (int i = 0; i < n; i++)
-		if (!strcasecmp(trim((char *)hdr[i]), name))
-			return i;
-	return -1;
-}
-
-static const char *csv_val(const char **row, int n, int col)
-{
-	return col >= 0 && col < n && *row[col] ? row[col] : NULL;
-}
-
-static void bind_num(sqlite3_stmt *s, int i, const char *v, int integer)
-{
-	char *end;
-	double d = v ? strtod(v, &end) : 0;
-	if (v && !*end && isfinite(d)) {
-		if (integer)
-			sqlite3_bind_int64(s, i, (int64_t)d);
-		else
-			sqlite3_bind_double(s, i, d);
-	} else if (v) {
-		sqlite3_bind_text(s, i, v, -1, SQLITE_TRANSIENT); /* refused later */
-	}
-}
-
-/* The columns of an import, described once: the header name, how the
- * value is converted, whether the header must name it, and the import
- * statement's parameter it binds. A column the file lacks, or an empty
- * value, binds NULL; the event built from the row then goes through
- * ev_ingest, which refuses what is missing or malformed. */
-enum csv_kind {
-	CSV_TEXT,   /* bound as it is */
-	CSV_IDENT,  /* an id (sku, order_id): bound as it is, val_ident later */
-	CSV_NUMBER, /* a decimal; anything else is bound as text, refused later */
-	CSV_INT,    /* a whole number, likewise */
-	CSV_TIME,   /* ISO 8601 or Unix seconds; else the row is refused here */
-	CSV_FLAG,   /* 1, true or yes (any case): 1; anything else: 0 */
-};
-enum csv_need {
-	CSV_MUST, /* the header must name it */
-	CSV_WANT, /* expected: the synopsis lists it, the header may lack it */
-	CSV_MAY,  /* optional */
-};
-struct csv_column {
-	const char *name;
-	enum csv_kind kind;
-	enum csv_need need;
-	int param; /* ?N of the import statement */
-};
-
-static const struct csv_column product_columns[] = {
-	{"sku", CSV_IDENT, CSV_WANT, 1},
-	{"name", CSV_TEXT, CSV_WANT, 2},
-	{"price", CSV_NUMBER, CSV_WANT, 3},
-	{"url", CSV_TEXT, CSV_WANT, 4},
-	{"image", CSV_TEXT, CSV_WANT, 5},
-	{"category", CSV_TEXT, CSV_WANT, 6},
-	{"review_author", CSV_TEXT, CSV_MAY, 7},
-	{"review_rating", CSV_INT, CSV_MAY, 8},
-	{"review_text", CSV_TEXT, CSV_MAY, 9},
-};
-#define PRODUCT_COLUMNS (sizeof product_columns / sizeof product_columns[0])
-
-static const struct csv_column order_columns[] = {
-	{"order_id", CSV_IDENT, CSV_MUST, 1},
-	{"email", CSV_TEXT, CSV_WANT, 2},
-	{"date", CSV_TIME, CSV_MUST, 3},
-	{"sku", CSV_IDENT, CSV_MUST, 4},
-	{"name", CSV_TEXT, CSV_WANT, 5},
-	{"price", CSV_NUMBER, CSV_WANT, 6},
-	{"qty", CSV_INT, CSV_WANT, 7},
-	{"currency", CSV_TEXT, CSV_MAY, 8},
-	{"consent", CSV_FLAG, CSV_MAY, 9},
-};
-#define ORDER_COLUMNS (sizeof order_columns / sizeof order_columns[0])
-
-/* Finds each column in the header: AT[i] is its field, or -1. Returns 0,
- * or -1 if a CSV_MUST column is missing. */
-static int csv_header(const struct csv_column *cols, size_t ncols,
-		      const char **hdr, int nh, int *at)
-{
-	int rc = 0;
-	for (size_t i = 0; i < ncols; i++) {
-		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i].name) : -1;
-		if (at[i] < 0 && cols[i].need == CSV_MUST)
-			rc = -1;
-	}
-	return rc;
-}
-
-/* "a,b,c[,d,e]": the columns a header names, the optional in brackets. */
-static void csv_synopsis(const struct csv_column *cols, size_t ncols,
-			 struct buf *out)
-{
-	int first = 1, opt = 0;
-	for (size_t i = 0; i < ncols; i++)
-		if (cols[i].need != CSV_MAY) {
-			buf_addf(out, "%s%s", first ? "" : ",", cols[i].name);
-			first = 0;
-		}
-	for (size_t i = 0; i < ncols; i++)
-		if (cols[i].need == CSV_MAY)
-			buf_addf(out, "%s%s", opt++ ? "," : "[,", cols[i].name);
-	if (opt)
-		buf_adds(out, "]");
-}
-
-/* Binds one row's values to S by the table. Returns -1 before binding
- * anything if a CSV_TIME value is missing or no time (the column's index
- * in *BAD), else 0. */
-static int csv_bind(sqlite3_stmt *s, const struct csv_column *cols,
-		    size_t ncols, const int *at, const char **row, int n,
-		    rm_time now, size_t *bad)
-{
-	for (size_t i = 0; i < ncols; i++) {
-		const char *v = csv_val(row, n, at[i]);
-		if (cols[i].kind == CSV_TIME && (!v || parse_time(v, now) < 0)) {
-			/* never "now": an old order must not pass for a new one */
-			*bad = i;
-			return -1;
-		}
-	}
-	for (size_t i = 0; i < ncols; i++) {
-		const char *v = csv_val(row, n, at[i]);
-		int p = cols[i].param;
-		if (!v)
-			continue;
-		switch (cols[i].kind) {
-		case CSV_NUMBER:
-		case CSV_INT:
-			bind_num(s, p, v, cols[i].kind == CSV_INT);
-			break;
-		case CSV_TIME:
-			sqlite3_bind_int64(s, p, parse_time(v, now));
-			break;
-		case CSV_FLAG:
-			sqlite3_bind_int(s, p, !strcasecmp(v, "1") ||
-						      !strcasecmp(v, "true") ||
-						      !strcasecmp(v, "yes"));
-			break;
-		case CSV_TEXT:
-		case CSV_IDENT:
-			sqlite3_bind_text(s, p, v, -1, SQLITE_TRANSIENT);
-			break;
-		}
-	}
-	return 0;
-}
-
-/* Sends one built event through ev_ingest; prints why it was refused. */
-static int import_one(struct app *app, const char *what, const char *json,
-		      rm_time now, long *ok, long *bad)
-{
-	struct ev_error err;
-	if (ev_ingest(app, EV_CLI, json, strlen(json), NULL, now, &err) >= 0) {
-		(*ok)++;
-		return 0;
-	}
-	if (++*bad <= 20)
-		fprintf(stderr, "remarket import: %s: %s\n", what, err.msg);
-	return -1;
-}
-
-int import_products(struct app *app, FILE *f, rm_time now)
-{
-	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
-	struct buf hb = {0}, rb = {0}, ev = {0};
-	int nh = csv_record(f, &hb, hdr), at[PRODUCT_COLUMNS];
-	size_t badcol;
-	csv_header(product_columns, PRODUCT_COLUMNS, hdr, nh, at);
-	long ok = 0, bad = 0, line = 1;
-	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
-		char what[32];
-		snprintf(what, sizeof what, "line %ld", line + 1);
-		if (n == 1 && !*row[0])
-			continue; /* a blank line */
-		if (n < 0) {
-			fprintf(stderr, "remarket import: %s: bad CSV\n", what);
-			bad++;
-			break;
-		}
-		sqlite3_stmt *s = q(app->db, ST_IMP_PRODUCT, NULL);
-		csv_bind(s, product_columns, PRODUCT_COLUMNS, at, row, n, now,
-			 &badcol); /* no time column: never refuses */
-		buf_reset(&ev);
-		if (json_from(app->db, s, &ev) == 0)
-			import_one(app, what, ev.data, now, &ok, &bad);
-	}
-	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
-	buf_free(&hb), buf_free(&rb), buf_free(&ev);
-	return bad ? 1 : 0;
-}
-
-int import_orders(struct app *app, FILE *f, rm_time now)
-{
-	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
-	struct buf hb = {0}, rb = {0};
-	int nh = csv_record(f, &hb, hdr), at[ORDER_COLUMNS];
-	if (csv_header(order_columns, ORDER_COLUMNS, hdr, nh, at) < 0) {
-		struct buf syn = {0};
-		csv_synopsis(order_columns, ORDER_COLUMNS, &syn);
-		fprintf(stderr, "remarket import orders: the first line must name the "
-			"columns: %s\n", buf_str(&syn));
-		buf_free(&syn), buf_free(&hb);
-		return 2;
-	}
-	long ok = 0, bad = 0, line = 1;
-	q_exec(app->db, q(app->db, ST_IMP_CREATE, NULL));
-	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
-	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
-		if (n < 0) {
-			fprintf(stderr, "remarket import: line %ld: bad CSV (an "
-				"unclosed quote, a NUL byte or too many fields)\n", line + 1);
-			buf_free(&hb), buf_free(&rb);
-			return 1;
-		}
-		if (n == 1 && !*row[0])
-			continue; /* a blank line */
-		sqlite3_stmt *s = q(app->db, ST_IMP_INSERT, NULL);
-		size_t c;
-		if (csv_bind(s, order_columns, ORDER_COLUMNS, at, row, n, now, &c) < 0) {
-			const char *v = csv_val(row, n, at[c]);
-			if (++bad <= 20)
-				fprintf(stderr, "remarket import: line %ld: %s '%s' is "
-					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
-					"seconds\n", line + 1, order_columns[c].name,
-					v ? v : "");
-			continue;
-		}
-		q_exec(app->db, s);
-	}
-	sqlite3_stmt *s = q(app->db, ST_IMP_ORDERS, NULL);
-	struct buf ids = {0}, evs = {0};
-	while (sqlite3_step(s) == SQLITE_ROW) { /* copied out: ingest writes */
-		buf_adds(&ids, col_text(s, 0)), buf_add(&ids, "", 1);
-		buf_adds(&evs, col_text(s, 1)), buf_add(&evs, "", 1);
-	}
-	sqlite3_reset(s);
-	for (size_t i = 0, j = 0; i < ids.len; i += strlen(ids.data + i) + 1,
-		    j += strlen(evs.data + j) + 1) {
-		char what[96];
-		snprintf(what, sizeof what, "order %.64s", ids.data + i);
-		import_one(app, what, evs.data + j, now, &ok, &bad);
-	}
-	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
-	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
-	buf_free(&hb), buf_free(&rb), buf_free(&ids), buf_free(&evs);
-	return bad ? 1 : 0;
 }
 
 static int cmd_import(struct app *app, struct config *cfg, rm_time now,
@@ -8306,6 +8460,13 @@ static int cmd_run(const struct command *c, struct config *cfg, int argc,
 	app_close(&app);
 	return rc;
 }
+
+/* ==== Main ============================================================ */
+/*
+ * One binary, three forms: with a command it runs the command; started
+ * without one by a web server, it answers as CGI (a request in the
+ * environment) or as a FastCGI server on the socket it was given.
+ */
 
 static int run(int argc, char **argv)
 {

@@ -4,8 +4,14 @@
  *
  * Conventions: functions return 0 on success and a negative value (or an
  * enum value below 0) on failure; "now" is always an argument, never read
- * from the system clock below the CLI and HTTP entry points, so that tests
- * move time without sleeping. Strings are NUL-terminated UTF-8.
+ * from the system clock below the CLI and HTTP entry points (only a
+ * tick's own bookkeeping reads it: elapsed seconds, when a run started
+ * and ended), so that tests move time without sleeping. Strings are
+ * NUL-terminated UTF-8.
+ *
+ * The groups below carry the names and the order of remarket.c's
+ * sections (its table of contents); a section with nothing exported has
+ * no group here.
  */
 #ifndef REMARKET_H
 #define REMARKET_H
@@ -18,7 +24,7 @@
 
 typedef int64_t rm_time; /* Unix seconds */
 
-/* ---- Growable byte buffer ------------------------------------------- */
+/* ==== Buffers and small helpers ======================================= */
 
 /* An append that cannot be done (out of memory) sets the sticky error
  * flag; once set, every append does nothing and returns -1. A builder
@@ -36,7 +42,7 @@ int buf_failed(const struct buf *b); /* 1 if an append failed, else 0 */
 void buf_reset(struct buf *b); /* empty, error cleared, memory kept */
 void buf_free(struct buf *b);   /* empty, error cleared, memory freed */
 
-/* ---- Configuration --------------------------------------------------- */
+/* ==== Configuration =================================================== */
 
 struct config {
 	char *db, *key_file, *base_url, *store_url, *cart_url;
@@ -72,7 +78,7 @@ struct config {
 int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen);
 void cfg_free(struct config *cfg);
 
-/* ---- Storage ---------------------------------------------------------- */
+/* ==== Storage: connection, migrations, named statements =============== */
 
 struct db;
 int db_open(struct db **out, const char *path, char *err, size_t errlen);
@@ -85,7 +91,7 @@ long long db_scalar(struct db *db, const char *sql);
 /* A stable bucket in [0, 10000) for a text (also SQL's rm_bucket()). */
 int rm_bucket(const char *text);
 
-/* ---- The application: config + key + one connection ------------------- */
+/* ==== The application object ========================================== */
 
 #define RM_KEYBYTES 32
 #define RM_MAXKEYS 16 /* keys in one key file (the key ring) */
@@ -101,11 +107,8 @@ struct app {
 };
 int app_open(struct app *app, struct config *cfg, char *err, size_t errlen);
 void app_close(struct app *app);
-/* tok_verify with each key of the ring, newest first. */
-int app_tok_verify(const struct app *app, const char *tok, char kind,
-		   rm_time now, int64_t *subject);
 
-/* ---- Validators ------------------------------------------------------- */
+/* ==== Validators ====================================================== */
 
 int val_utf8(const char *s, size_t n);       /* 1 if valid UTF-8 */
 int val_email(const char *s);                /* 1 if a plausible address */
@@ -114,7 +117,7 @@ int val_text(const char *s, size_t maxlen);  /* 1 if no control chars and at
 int val_ident(const char *s, size_t maxlen); /* [A-Za-z0-9._:-]+ */
 int val_url(const char *s);                  /* 1 if http(s) URL */
 
-/* ---- Signed tokens ---------------------------------------------------- */
+/* ==== Signed tokens and hook signatures =============================== */
 
 enum tok_kind {
 	TOK_RECOVER = 'r',
@@ -137,6 +140,9 @@ int tok_sign(const unsigned char key[RM_KEYBYTES], char kind, int64_t subject,
 int tok_verify(const unsigned char key[RM_KEYBYTES], const char *tok,
 	       char kind, rm_time now, int64_t *subject);
 const char *tok_strerror(int status);
+/* tok_verify with each key of the ring, newest first. */
+int app_tok_verify(const struct app *app, const char *tok, char kind,
+		   rm_time now, int64_t *subject);
 
 /* Server hook signature "t=<unix>,v1=<hex>" over "<t>.<body>". */
 int hook_verify(const char *secret, const char *header, const char *body,
@@ -144,7 +150,7 @@ int hook_verify(const char *secret, const char *header, const char *body,
 int hook_sign(const char *secret, rm_time t, const char *body, size_t len,
 	      char *out, size_t outlen);
 
-/* ---- Templates -------------------------------------------------------- */
+/* ==== Templates ======================================================= */
 
 /* A rendering context: scalar variables and named lists of sub-contexts. */
 struct tvar {
@@ -166,7 +172,7 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
 	       size_t errlen);
 int html_escape(struct buf *out, const char *s);
 
-/* ---- Events ----------------------------------------------------------- */
+/* ==== Events: validation and state (contacts, carts, orders) ========== */
 
 enum ev_source { EV_HOOK, EV_BROWSER, EV_CLI, EV_PIXEL };
 struct ev_error {
@@ -182,6 +188,8 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	      size_t len, const char *visitor, rm_time now,
 	      struct ev_error *err);
 
+/* ==== Catalog and order imports (CSV) ================================= */
+
 /* The CSV importers (`remarket import products|orders`): the first record
  * names the columns, each row goes through ev_ingest as EV_CLI. Print the
  * counts on stdout, up to 20 refusals on stderr. Return 0, 1 if a row was
@@ -189,39 +197,28 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 int import_products(struct app *app, FILE *f, rm_time now);
 int import_orders(struct app *app, FILE *f, rm_time now);
 
-/* ---- Flow engine ------------------------------------------------------ */
+/* ==== Segments ======================================================== */
 
-struct tick_summary {
-	long abandoned, enrolled, sent, retry, failed, exited, skipped;
-	int budget_spent; /* the budget ran out: the rest waits for the next tick */
-	long stale;        /* steps too late to send: recorded, not sent */
-	char stopped[400]; /* why the tick stopped early, or "" */
-};
-/* Marks idle carts abandoned and enrolls them. */
-int flow_detect(struct app *app, rm_time now, struct tick_summary *sum);
-/* Claims up to LIMIT due messages with a lease; writes their ids. */
-int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit);
-/* Days without an order after which a customer is lapsed: winback_after,
- * or with "auto" the 90th percentile of the gaps between customers'
- * consecutive orders, clamped to 60-180 (90 with fewer than 20 gaps). WHY
- * says how the number was found. */
-long flow_lapse_days(struct app *app, char *why, size_t whylen);
 /* The RFM segments, in the report's order. segment_names[] holds their
  * names as the SQL (SEGMENTS_FILL) writes them into segments.segment. */
 enum segment { SEG_NEW, SEG_ACTIVE, SEG_VIP, SEG_AT_RISK, SEG_LAPSED,
 	       SEG_LOST, SEG__MAX };
 extern const char *const segment_names[SEG__MAX];
+/* Days without an order after which a customer is lapsed: winback_after,
+ * or with "auto" the 90th percentile of the gaps between customers'
+ * consecutive orders, clamped to 60-180 (90 with fewer than 20 gaps). WHY
+ * says how the number was found. */
+long flow_lapse_days(struct app *app, char *why, size_t whylen);
 /* Recomputes every customer's RFM scores and segment (table segments). */
 int flow_segments(struct app *app, rm_time now);
+
+/* ==== Recommendations ================================================= */
+
 /* Up to N product skus to recommend to CONTACT, best first, in OUT
  * (each up to 64 bytes). Returns how many. */
 int reco_for(struct app *app, int64_t contact, char (*out)[65], int n);
-/* One whole tick: detect, claim, check exits, render, send, record. */
-int flow_tick(struct app *app, rm_time now, struct tick_summary *sum);
-int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
-	      struct buf *out);
 
-/* ---- Mail ------------------------------------------------------------- */
+/* ==== Mail: rendering and RFC 5322 building =========================== */
 
 struct mail {
 	const char *from, *to, *subject, *message_id, *list_unsub;
@@ -233,6 +230,9 @@ struct mail {
  * or OUT failed (out of memory), with the reason in err. */
 int mail_build(const struct mail *m, struct buf *out, char *err,
 	       size_t errlen);
+
+/* ==== Transports: SMTP and outbox ===================================== */
+
 enum send_result {
 	SEND_OK = 0,
 	SEND_TEMP = 1,   /* try again later: 4xx, refused connection, time-out */
@@ -242,7 +242,24 @@ enum send_result {
 			   * content/sender for all (the tick decides) */
 };
 
-/* ---- Report ----------------------------------------------------------- */
+/* ==== The flow engine: detect, claim, send, record ==================== */
+
+struct tick_summary {
+	long abandoned, enrolled, sent, retry, failed, exited, skipped;
+	int budget_spent; /* the budget ran out: the rest waits for the next tick */
+	long stale;        /* steps too late to send: recorded, not sent */
+	char stopped[400]; /* why the tick stopped early, or "" */
+};
+/* Marks idle carts abandoned and enrolls them. */
+int flow_detect(struct app *app, rm_time now, struct tick_summary *sum);
+/* Claims up to LIMIT due messages with a lease; writes their ids. */
+int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit);
+/* One whole tick: detect, claim, check exits, render, send, record. */
+int flow_tick(struct app *app, rm_time now, struct tick_summary *sum);
+int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
+	      struct buf *out);
+
+/* ==== The report ====================================================== */
 
 /* Difference of two conversion rates, treated (x1 of n1) minus control
  * (x2 of n2), with a 95 % Wald interval. too_small when either group has
@@ -298,7 +315,7 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 int report_json(const struct report *r, struct buf *out);
 int report_html(const struct report *r, const char *store_name, struct buf *out);
 
-/* ---- HTTP ------------------------------------------------------------- */
+/* ==== HTTP routes ===================================================== */
 
 struct http_req {
 	const char *method, *path, *query;
@@ -321,6 +338,9 @@ struct http_resp {
 void http_handle(struct app *app, const struct http_req *rq,
 		 struct http_resp *rs, rm_time now);
 void http_resp_free(struct http_resp *rs);
+
+/* ==== FastCGI and CGI front-ends ====================================== */
+
 /* The front-ends' whole path for one request: CGI parameters from ENV (a
  * NULL-terminated array of "NAME=value"), the body from BODY, and the CGI
  * response (Status, headers, blank line, body) appended to OUT. Uses the

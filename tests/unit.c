@@ -1,7 +1,10 @@
 /*
  * tests/unit.c: unit tests of remarket's internal API (remarket.h).
  *
- * Every area gets one static function below, run in file order by main().
+ * Every area gets one static function below, grouped under the names and
+ * in the order of remarket.c's sections (search "==== Name" in both), after
+ * the helpers the groups share; main() runs them in the order the areas
+ * were added, which the TAP numbering keeps.
  * The tests run against real applications ("worlds": a config loaded by
  * cfg_load from REMARKET_* variables, a key file, a migrated SQLite file,
  * the repository's templates and an outbox directory), all inside one
@@ -50,7 +53,7 @@
 static char tmpdir[PATH_MAX];    /* mkdtemp; removed at the end */
 static char templates[PATH_MAX]; /* the repository's templates/, absolute */
 
-/* ==== helpers =========================================================== */
+/* ==== Helpers shared by the tests ===================================== */
 
 /* A printable form of S for test names: control bytes and non-ASCII as
  * \xNN, long strings cut. Eight rotating buffers. */
@@ -368,7 +371,414 @@ static const char *resp_header(const struct http_resp *rs, const char *name)
 	return val;
 }
 
-/* ==== 1. Buffers and validators ========================================= */
+static const char *buf_str_or(const struct buf *b)
+{
+	return b->data ? b->data : "";
+}
+
+static int render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
+		  const char *dir, const char *ext, struct buf *out, char *err,
+		  size_t errlen)
+{
+	out->len = 0;
+	if (out->data)
+		out->data[0] = '\0';
+	err[0] = '\0';
+	return tpl_render(tpl, ctx, mode, dir ? dir : tmpdir, ext ? ext : ".txt",
+			  out, err, errlen);
+}
+
+/* The decoded text of an RFC 2047 header value (=?UTF-8?B?...?= words). */
+static int rfc2047_decode(const char *v, struct buf *out)
+{
+	while (*v) {
+		while (*v == ' ' || *v == '\t')
+			v++;
+		if (strncmp(v, "=?UTF-8?B?", 10) != 0)
+			return buf_adds(out, v), 0; /* plain text */
+		v += 10;
+		const char *e = strstr(v, "?=");
+		if (!e)
+			return -1;
+		unsigned char bin[256];
+		size_t n = 0;
+		if (sodium_base642bin(bin, sizeof bin, v, (size_t)(e - v), NULL, &n, NULL,
+				      sodium_base64_VARIANT_ORIGINAL))
+			return -1;
+		buf_add(out, bin, n);
+		v = e + 2;
+	}
+	return buf_add(out, "", 0);
+}
+
+/* The decoded body of the MIME part with Content-Type CTYPE. */
+static int mime_part(const char *msg, const char *ctype, struct buf *out)
+{
+	char bnd[128], delim[140];
+	const char *b = strstr(msg, "boundary=\"");
+	if (!b || sscanf(b + 10, "%127[^\"]", bnd) != 1)
+		return -1;
+	snprintf(delim, sizeof delim, "\r\n--%s", bnd);
+	const char *p = strstr(msg, ctype);
+	const char *body = p ? strstr(p, "\r\n\r\n") : NULL;
+	const char *end = body ? strstr(body + 4, delim) : NULL;
+	if (!end)
+		return -1;
+	qp_decode(body + 4, (size_t)(end - body - 4), out);
+	return 0;
+}
+
+struct counts {
+	long long events, contacts, carts, orders, visitors, products;
+};
+
+static struct counts counts_of(struct world *w)
+{
+	struct counts c = {
+		sq(w, "SELECT count(*) FROM events"),
+		sq(w, "SELECT count(*) FROM contacts"),
+		sq(w, "SELECT count(*) FROM carts"),
+		sq(w, "SELECT count(*) FROM orders"),
+		sq(w, "SELECT count(*) FROM visitors"),
+		sq(w, "SELECT count(*) FROM products"),
+	};
+	return c;
+}
+
+static int same_counts(struct counts a, struct counts b)
+{
+	return !memcmp(&a, &b, sizeof a);
+}
+
+/* A cart event with N items. */
+static char *items_cart(const char *cart, int n)
+{
+	struct buf b = {0};
+	buf_addf(&b, "{\"type\":\"cart\",\"cart_id\":\"%s\",\"items\":[", cart);
+	for (int i = 0; i < n; i++)
+		buf_addf(&b, "%s{\"sku\":\"S%d\",\"name\":\"N\",\"price\":1}", i ? "," : "", i);
+	buf_adds(&b, "]}");
+	return b.data;
+}
+
+static int sum_is(const struct tick_summary *s, long ab, long en, long se)
+{
+	return s->abandoned == ab && s->enrolled == en && s->sent == se &&
+	       s->failed == 0;
+}
+
+static void show_sum(const char *what, const struct tick_summary *s)
+{
+	diag("  %s: abandoned %ld enrolled %ld sent %ld retry %ld failed %ld "
+	     "exited %ld skipped %ld", what, s->abandoned, s->enrolled, s->sent,
+	     s->retry, s->failed, s->exited, s->skipped);
+}
+
+/* One shopper's flow up to step 1, for the exit tests. */
+static int exit_world(struct world *w, const char *name)
+{
+	struct tick_summary s;
+	if (world_open(w, name) < 0)
+		return -1;
+	if (cart_event(w, "ann@example.com", "Ann", "a1", 1, T0) != 1 ||
+	    tick(w, T0 + HOUR, &s) < 0 || s.sent != 1) {
+		world_close(w);
+		return -1;
+	}
+	return 0;
+}
+
+/* After an exit: no more mail at +24 h and +72 h. */
+static void no_more_mail(struct world *w, const char *why)
+{
+	struct tick_summary s1, s2;
+	ok(tick(w, T0 + DAY, &s1) == 0 && s1.sent == 0 && tick(w, T0 + 3 * DAY, &s2) == 0 &&
+		   s2.sent == 0, "%s: steps 2 and 3 never sent", why);
+	is_int(outbox_count(w), 1, "... the outbox holds only step 1");
+	is_int(sq(w, "SELECT count(*) FROM enrollments WHERE status='exited' AND exit_reason='%s'", why), 1,
+	       "... the enrollment exited with the reason");
+}
+
+struct claimer {
+	struct app *app;
+	rm_time now;
+	pthread_barrier_t *start;
+	int64_t got[256];
+	int n, err;
+};
+
+static void *claim_loop(void *arg)
+{
+	struct claimer *c = arg;
+	pthread_barrier_wait(c->start);
+	for (;;) {
+		int64_t ids[1];
+		int n = flow_claim(c->app, c->now, ids, 1);
+		if (n < 0) {
+			c->err = 1;
+			break;
+		}
+		if (n == 0)
+			break;
+		for (int i = 0; i < n && c->n < 256; i++)
+			c->got[c->n++] = ids[i];
+		/* a tick works between claims: let the other writer in */
+		nanosleep(&(struct timespec){0, 200 * 1000}, NULL);
+	}
+	return NULL;
+}
+
+/* cart_url with {cart} and {code} replaced (values here need no escaping). */
+static void expand_cart_url(const char *url, const char *cart, const char *code, struct buf *out)
+{
+	while (*url) {
+		if (!strncmp(url, "{cart}", 6))
+			buf_adds(out, cart), url += 6;
+		else if (!strncmp(url, "{code}", 6))
+			buf_adds(out, code), url += 6;
+		else
+			buf_add(out, url++, 1);
+	}
+}
+
+static int near(double got, double want, double tol, const char *name)
+{
+	int r = ok(fabs(got - want) <= tol, "%s", name);
+	if (!r)
+		diag("got %.6f, want %.6f (+- %g)", got, want, tol);
+	return r;
+}
+
+/* Clicks the recovery link of message ID at NOW. */
+static int click(struct world *w, long long id, rm_time now)
+{
+	char tok[TOK_MAXLEN + 1], path[128];
+	struct http_resp rs;
+	tok_sign(w->app.key, TOK_RECOVER, id, now + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(w, "GET", path, NULL, NULL, NULL, now, &rs);
+	int st = rs.status;
+	http_resp_free(&rs);
+	return st;
+}
+
+static int order(struct world *w, const char *id, const char *email,
+		 const char *code, double total, rm_time now)
+{
+	char body[512];
+	struct ev_error err;
+	snprintf(body, sizeof body, "{\"type\":\"order\",\"order_id\":\"%s\","
+		 "\"email\":\"%s\",\"total\":%.2f,\"currency\":\"EUR\"%s%s%s}", id,
+		 email, total, code ? ",\"discount_code\":\"" : "", code ? code : "",
+		 code ? "\"" : "");
+	int rc = ingest(w, EV_HOOK, body, now, &err);
+	if (rc < 0)
+		diag("order %s: %d %s", id, rc, err.msg);
+	return rc;
+}
+
+static char *attribution(struct world *w, const char *order_id, long long *msg)
+{
+	char q[160];
+	snprintf(q, sizeof q, "SELECT coalesce(message, 0) FROM orders WHERE order_key = '%s'",
+		 order_id);
+	*msg = db_scalar(w->app.db, q);
+	snprintf(q, sizeof q, "SELECT coalesce(attribution, 'none') FROM orders "
+		 "WHERE order_key = '%s'", order_id);
+	return sq_text(w, q);
+}
+
+static void is_attr(struct world *w, const char *order_id, const char *how,
+		    long long msg, const char *name)
+{
+	long long got_msg;
+	char *got = attribution(w, order_id, &got_msg);
+	ok(got && !strcmp(got, how) && got_msg == msg, "%s", name);
+	if (!got || strcmp(got, how) || got_msg != msg)
+		diag("got %s to message %lld, want %s to %lld", got ? got : "(null)",
+		     got_msg, how, msg);
+	free(got);
+}
+
+static void set_cfg(char **slot, const char *v)
+{
+	free(*slot);
+	*slot = strdup(v);
+}
+
+/* An order of one line of SKU by EMAIL (consenting), at TS. */
+static int order_line(struct world *w, const char *id, const char *email,
+		      const char *sku, double price, rm_time ts, rm_time now)
+{
+	char body[512];
+	struct ev_error err;
+	snprintf(body, sizeof body, "{\"type\":\"order\",\"order_id\":\"%s\","
+		 "\"email\":\"%s\",\"consent\":true,\"total\":%.2f,\"ts\":%lld,"
+		 "\"items\":[{\"sku\":\"%s\",\"name\":\"%s\",\"price\":%.2f}]}",
+		 id, email, price, (long long)ts, sku, sku, price);
+	int rc = ingest(w, EV_CLI, body, now, &err);
+	if (rc < 0)
+		diag("order %s: %s", id, err.msg);
+	return rc;
+}
+
+static void product(struct world *w, const char *sku, const char *cat, rm_time now)
+{
+	char body[256];
+	struct ev_error err;
+	snprintf(body, sizeof body, "{\"type\":\"product\",\"sku\":\"%s\",\"name\":"
+		 "\"Product %s\",\"price\":10,\"category\":\"%s\",\"url\":"
+		 "\"https://shop.example/p/%s\"}", sku, sku, cat, sku);
+	ingest(w, EV_CLI, body, now, &err);
+}
+
+static long long winback_sent(struct world *w, const char *email, int step)
+{
+	char q[300];
+	snprintf(q, sizeof q, "SELECT count(*) FROM messages m JOIN enrollments e ON "
+		 "e.id = m.enrollment_id JOIN contacts c ON c.id = m.contact_id WHERE "
+		 "e.flow_id = 2 AND m.status = 'sent' AND c.email = '%s'%s", email,
+		 step == 1 ? " AND m.step = 1" : step == 2 ? " AND m.step = 2" :
+		 step == 3 ? " AND m.step = 3" : "");
+	return db_scalar(w->app.db, q);
+}
+
+/* Runs import_orders (ORDERS) or import_products on CSV; what it prints
+ * on stdout and stderr goes to OUT and ERR. Returns its result. */
+static int csv_run(struct world *w, int orders, const char *csv, char *out,
+		   size_t outlen, char *err, size_t errlen)
+{
+	FILE *f = fmemopen((void *)csv, strlen(csv), "r");
+	FILE *co = tmpfile(), *ce = tmpfile();
+	int rc = -9, so = dup(1), se = dup(2);
+	if (f && co && ce && so >= 0 && se >= 0) {
+		fflush(stdout), fflush(stderr);
+		dup2(fileno(co), 1), dup2(fileno(ce), 2);
+		rc = orders ? import_orders(&w->app, f, T0) : import_products(&w->app, f, T0);
+		fflush(stdout), fflush(stderr);
+		dup2(so, 1), dup2(se, 2);
+	}
+	*out = *err = '\0';
+	if (co)
+		rewind(co), out[fread(out, 1, outlen - 1, co)] = '\0', fclose(co);
+	if (ce)
+		rewind(ce), err[fread(err, 1, errlen - 1, ce)] = '\0', fclose(ce);
+	if (so >= 0)
+		close(so);
+	if (se >= 0)
+		close(se);
+	if (f)
+		fclose(f);
+	return rc;
+}
+
+static int browser_req(struct world *w, const char *method, const char *path,
+		       const char *origin, const char *ip, const char *cookie,
+		       const char *body, rm_time now, struct http_resp *rs)
+{
+	struct http_req rq = {0};
+	char p[256];
+	snprintf(p, sizeof p, "%s", path);
+	char *query = strchr(p, '?');
+	if (query)
+		*query++ = '\0';
+	rq.method = method;
+	rq.path = p;
+	rq.query = query;
+	rq.content_type = body ? "text/plain;charset=UTF-8" : NULL;
+	rq.origin = origin;
+	rq.remote_addr = ip;
+	rq.cookie = cookie;
+	rq.body = body;
+	rq.body_len = body ? strlen(body) : 0;
+	memset(rs, 0, sizeof *rs);
+	http_handle(&w->app, &rq, rs, now);
+	return rs->status;
+}
+
+/* One request through the front-ends' whole path (http_serve_cgi); ENV is
+ * a NULL-terminated "NAME=value" list. Returns the status; the whole CGI
+ * answer is left in OUT. */
+static int cgi_req(struct world *w, const char *const *env, const char *body,
+		   struct buf *out)
+{
+	out->len = 0;
+	http_serve_cgi(&w->app, env, body, body ? strlen(body) : 0, out);
+	buf_add(out, "", 0);
+	int status = 0;
+	if (sscanf(out->data, "Status: %d", &status) != 1)
+		status = -1;
+	return status;
+}
+
+/* The report link's subject, as remarket computes it (pins the format). */
+static int64_t report_subject_of(const char *tick_token)
+{
+	unsigned char h[8];
+	crypto_generichash(h, sizeof h, (const unsigned char *)"remarket report",
+			   15, (const unsigned char *)tick_token, strlen(tick_token));
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = (v << 8) | h[i];
+	return (int64_t)(v >> 1);
+}
+
+/* The decoded subject, text and HTML of message row ID, in OUT. */
+static int mail_text(struct world *w, long long id, struct buf *out)
+{
+	struct buf raw = {0};
+	int rc = outbox_read(w, id, &raw);
+	if (rc == 0) {
+		rfc2047_decode(header_of(raw.data, "Subject"), out);
+		buf_adds(out, "\n");
+		rc = mime_part(raw.data, "text/plain", out) ||
+		     mime_part(raw.data, "text/html", out);
+	}
+	buf_free(&raw);
+	return rc;
+}
+
+static int collect(struct world *w, const char *cookie, const char *body,
+		   rm_time now)
+{
+	struct http_resp rs;
+	int st = browser_req(w, "POST", "/collect", NULL, "10.9.9.9", cookie, body,
+			     now, &rs);
+	if (st != 204)
+		diag("POST /collect %s: %d %s", body, st, rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+	return st;
+}
+
+/* POST /discounts/validate with BODY at NOW: the status, the answer in OUT. */
+static int validate(struct world *w, const char *body, rm_time now, struct buf *out)
+{
+	struct http_resp rs;
+	http(w, "POST", "/discounts/validate", body, NULL, NULL, now, &rs);
+	int st = rs.status;
+	out->len = 0;
+	buf_adds(out, rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+	return st;
+}
+
+/* A signed-hook cart of one consenting shopper, dated TS, arriving at NOW. */
+static int cart_dated(struct world *w, const char *email, const char *cart,
+		      rm_time ts, rm_time now)
+{
+	char json[512];
+	struct ev_error err;
+	snprintf(json, sizeof json, "{\"type\":\"cart\",\"email\":\"%s\",\"consent\":true,"
+		 "\"cart_id\":\"%s\",\"ts\":%lld,\"currency\":\"EUR\",\"items\":"
+		 "[{\"sku\":\"LAMP-1\",\"name\":\"Linen lamp\",\"price\":49.5}]}",
+		 email, cart, (long long)ts);
+	int rc = ingest(w, EV_HOOK, json, now, &err);
+	if (rc != 1)
+		diag("cart %s: %d %s", cart, rc, err.msg);
+	return rc;
+}
+
+/* ==== Buffers and small helpers ======================================= */
 
 static void test_buffers(void)
 {
@@ -397,11 +807,6 @@ static void test_buffers(void)
 	is_str(b.data, "&lt;a href=&quot;x&quot;&gt;Tom &amp; Jerry&#39;s&lt;/a&gt;",
 	       "html_escape escapes < > & \" '");
 	buf_free(&b);
-}
-
-static const char *buf_str_or(const struct buf *b)
-{
-	return b->data ? b->data : "";
 }
 
 /* buf: the sticky error; builders given a failed buffer fail */
@@ -493,6 +898,83 @@ static void test_buffer_errors(void)
 	}
 	world_close(&w);
 }
+
+/* ==== The application object ========================================== */
+
+static void test_keyring(void)
+{
+	char ring_path[PATH_MAX + 32], bad_path[PATH_MAX + 32], tok[TOK_MAXLEN + 1];
+	unsigned char ring[2 * RM_KEYBYTES], other[RM_KEYBYTES];
+	const char *key_file = getenv("REMARKET_KEY_FILE");
+	char saved[PATH_MAX];
+	int64_t subj = 0;
+	struct world w;
+	snprintf(saved, sizeof saved, "%s", key_file ? key_file : "");
+	for (int i = 0; i < RM_KEYBYTES; i++) {
+		ring[i] = (unsigned char)(i * 13 + 1); /* setup()'s key: the old one */
+		ring[RM_KEYBYTES + i] = (unsigned char)(i * 7 + 3);
+		other[i] = (unsigned char)(i * 5 + 2);
+	}
+	snprintf(ring_path, sizeof ring_path, "%s/ring.key", tmpdir);
+	write_file(ring_path, ring, sizeof ring);
+	setenv("REMARKET_KEY_FILE", ring_path, 1);
+	if (ok(world_open(&w, "keyring") == 0, "keyring: a key file of two keys opens")) {
+		ok(!memcmp(w.app.key, ring + RM_KEYBYTES, RM_KEYBYTES) && w.app.nold == 1,
+		   "keyring: the last key of the file signs, the first is kept to verify");
+		tok_sign(ring, TOK_UNSUB, 42, T0 + DAY, tok, sizeof tok);
+		ok(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj) == TOK_OK && subj == 42,
+		   "keyring: a token of the old key verifies");
+		is_int(tok_verify(w.app.key, tok, TOK_UNSUB, T0, &subj), TOK_FORGED,
+		       "keyring: ... which the new key alone would call forged");
+		tok_sign(w.app.key, TOK_UNSUB, 43, T0 + DAY, tok, sizeof tok);
+		ok(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj) == TOK_OK && subj == 43,
+		   "keyring: a token of the new key verifies");
+		tok_sign(other, TOK_UNSUB, 44, T0 + DAY, tok, sizeof tok);
+		is_int(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj), TOK_FORGED,
+		       "keyring: a token of a key not in the ring is forged");
+		tok_sign(ring, TOK_UNSUB, 45, T0 - 1, tok, sizeof tok);
+		is_int(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj), TOK_EXPIRED,
+		       "keyring: an expired token of the old key is expired, not forged");
+		tok_sign(ring, TOK_RECOVER, 46, T0 + DAY, tok, sizeof tok);
+		is_int(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj), TOK_WRONG_KIND,
+		       "keyring: an old key's token of another kind is the wrong kind");
+		/* a link mailed before the rotation, opened after it */
+		struct tick_summary sum;
+		struct http_resp rs;
+		char path[128];
+		cart_event(&w, "ring@example.com", "Ring", "ring1", 1, T0);
+		tick(&w, T0 + HOUR, &sum);
+		long long m = sq(&w, "SELECT id FROM messages WHERE status = 'sent'");
+		tok_sign(ring, TOK_UNSUB, m, T0 + 400 * DAY, tok, sizeof tok);
+		snprintf(path, sizeof path, "/u/%s", tok);
+		http(&w, "GET", path, NULL, NULL, NULL, T0 + 2 * HOUR, &rs);
+		ok(m > 0 && rs.status == 200, "keyring: an unsubscribe link of the old key opens its page (%d)",
+		   rs.status);
+		http_resp_free(&rs);
+		tok_sign(ring, TOK_RECOVER, m, T0 + 30 * DAY, tok, sizeof tok);
+		snprintf(path, sizeof path, "/r/%s", tok);
+		http(&w, "GET", path, NULL, NULL, NULL, T0 + 2 * HOUR, &rs);
+		is_int(rs.status, 302, "keyring: a cart link of the old key restores the cart");
+		http_resp_free(&rs);
+		world_close(&w);
+	}
+	/* a key file that is not whole keys is refused, with the fix */
+	snprintf(bad_path, sizeof bad_path, "%s/bad.key", tmpdir);
+	write_file(bad_path, ring, RM_KEYBYTES + 1);
+	setenv("REMARKET_KEY_FILE", bad_path, 1);
+	struct config cfg;
+	struct app app;
+	char err[512] = "";
+	if (cfg_load(&cfg, NULL, err, sizeof err) == 0) {
+		ok(app_open(&app, &cfg, err, sizeof err) < 0 && contains(err, "32-byte keys") &&
+			   contains(err, "bad.key"),
+		   "keyring: a key file of 33 bytes is refused, naming the file (%s)", err);
+		cfg_free(&cfg);
+	}
+	setenv("REMARKET_KEY_FILE", saved, 1);
+}
+
+/* ==== Validators ====================================================== */
 
 struct vcase {
 	const char *s;
@@ -628,7 +1110,7 @@ static void test_validators(void)
 		   ur[i].want ? "accepts" : "rejects", vis(ur[i].s));
 }
 
-/* ==== 2. Signed tokens ================================================== */
+/* ==== Signed tokens and hook signatures =============================== */
 
 static void test_tokens(void)
 {
@@ -727,8 +1209,6 @@ static void test_tokens(void)
 		   "tok_strerror(%d) says something", sts[i]);
 }
 
-/* ==== 3. Hook signatures ================================================ */
-
 static void test_hooks(void)
 {
 	const char *body = "{\"type\":\"identify\",\"email\":\"ann@example.com\"}";
@@ -811,19 +1291,7 @@ static void test_hooks(void)
 	is_int(hook_verify(HOOK_SECRET, sig, nulbody, 1, T0, &why), -1, "... and not when cut at the NUL");
 }
 
-/* ==== 4. Templates ====================================================== */
-
-static int render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
-		  const char *dir, const char *ext, struct buf *out, char *err,
-		  size_t errlen)
-{
-	out->len = 0;
-	if (out->data)
-		out->data[0] = '\0';
-	err[0] = '\0';
-	return tpl_render(tpl, ctx, mode, dir ? dir : tmpdir, ext ? ext : ".txt",
-			  out, err, errlen);
-}
+/* ==== Templates ======================================================= */
 
 static void test_templates(void)
 {
@@ -937,236 +1405,7 @@ static void test_templates(void)
 	buf_free(&out);
 }
 
-/* ==== 5. Mail building ================================================== */
-
-/* The decoded text of an RFC 2047 header value (=?UTF-8?B?...?= words). */
-static int rfc2047_decode(const char *v, struct buf *out)
-{
-	while (*v) {
-		while (*v == ' ' || *v == '\t')
-			v++;
-		if (strncmp(v, "=?UTF-8?B?", 10) != 0)
-			return buf_adds(out, v), 0; /* plain text */
-		v += 10;
-		const char *e = strstr(v, "?=");
-		if (!e)
-			return -1;
-		unsigned char bin[256];
-		size_t n = 0;
-		if (sodium_base642bin(bin, sizeof bin, v, (size_t)(e - v), NULL, &n, NULL,
-				      sodium_base64_VARIANT_ORIGINAL))
-			return -1;
-		buf_add(out, bin, n);
-		v = e + 2;
-	}
-	return buf_add(out, "", 0);
-}
-
-/* The decoded body of the MIME part with Content-Type CTYPE. */
-static int mime_part(const char *msg, const char *ctype, struct buf *out)
-{
-	char bnd[128], delim[140];
-	const char *b = strstr(msg, "boundary=\"");
-	if (!b || sscanf(b + 10, "%127[^\"]", bnd) != 1)
-		return -1;
-	snprintf(delim, sizeof delim, "\r\n--%s", bnd);
-	const char *p = strstr(msg, ctype);
-	const char *body = p ? strstr(p, "\r\n\r\n") : NULL;
-	const char *end = body ? strstr(body + 4, delim) : NULL;
-	if (!end)
-		return -1;
-	qp_decode(body + 4, (size_t)(end - body - 4), out);
-	return 0;
-}
-
-static void test_mail(void)
-{
-	char err[256];
-	struct buf out = {0};
-	struct mail m = {
-		.from = "Maison Demo <shop@example.com>",
-		.to = "ann@example.com",
-		.subject = "You left something in your cart",
-		.message_id = "<rm.1.abc@example.com>",
-		.list_unsub = "<https://shop.example.com/rm/u/TOKEN>",
-		.text = "Hi Ann,\n\nYour cart is waiting.\n",
-		.html = "<p>Hi Ann,</p>\n",
-		.date = T0,
-	};
-
-	/* CR or LF in a header -> -1, nothing written */
-	static const char *inj[] = {"Hi\r\nBcc: eve@evil.example", "Hi\nBcc: eve@evil.example", "Hi\r"};
-	for (size_t i = 0; i < 3; i++) {
-		struct mail x = m;
-		x.subject = inj[i];
-		out.len = 0;
-		err[0] = '\0';
-		ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0 && *err,
-		   "mail_build refuses subject '%s' and writes nothing", vis(inj[i]));
-	}
-	struct mail x = m;
-	x.to = "ann@example.com\nBcc: eve@evil.example";
-	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "LF in To -> refused");
-	x = m;
-	x.to = "ann@example.com\r\nBcc: eve@evil.example";
-	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "CRLF in To -> refused");
-	x = m;
-	x.from = "Shop <shop@example.com>\r\nBcc: eve@evil.example";
-	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "CRLF in From -> refused");
-	x = m;
-	x.from = "Shop\n <shop@example.com>";
-	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "LF in From -> refused");
-	x = m;
-	x.list_unsub = "<https://x.example/u>\r\nBcc: eve@evil.example";
-	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "CRLF in List-Unsubscribe -> refused");
-	x = m;
-	x.message_id = "<a@b>\nBcc: eve@evil.example";
-	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "LF in Message-ID -> refused");
-	x = m;
-	x.subject = NULL;
-	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "a missing Subject -> refused");
-
-	/* a normal mail */
-	ok(mail_build(&m, &out, err, sizeof err) == 0, "mail_build of a normal mail succeeds");
-	const char *msg = out.data ? out.data : "";
-	char date[64];
-	struct tm tm;
-	time_t t = (time_t)T0;
-	gmtime_r(&t, &tm);
-	strftime(date, sizeof date, "%a, %d %b %Y %H:%M:%S +0000", &tm);
-	is_str(header_of(msg, "From"), "Maison Demo <shop@example.com>", "From header");
-	is_str(header_of(msg, "To"), "ann@example.com", "To header");
-	is_str(header_of(msg, "Subject"), "You left something in your cart", "Subject header");
-	is_str(header_of(msg, "Date"), date, "Date header is the given date in RFC 5322 form");
-	is_str(header_of(msg, "Message-ID"), "<rm.1.abc@example.com>", "Message-ID header");
-	is_str(header_of(msg, "MIME-Version"), "1.0", "MIME-Version header");
-	is_str(header_of(msg, "List-Unsubscribe"), "<https://shop.example.com/rm/u/TOKEN>",
-	       "List-Unsubscribe header");
-	is_str(header_of(msg, "List-Unsubscribe-Post"), "List-Unsubscribe=One-Click",
-	       "List-Unsubscribe-Post: List-Unsubscribe=One-Click");
-	ok(!strncmp(header_of(msg, "Content-Type"), "multipart/alternative; boundary=", 32),
-	   "Content-Type is multipart/alternative with a boundary");
-	ok(contains(msg, "\r\nContent-Type: text/plain; charset=UTF-8\r\n"), "a text/plain UTF-8 part");
-	ok(contains(msg, "\r\nContent-Type: text/html; charset=UTF-8\r\n"), "a text/html UTF-8 part");
-	is_int(count_of(msg, "\r\nContent-Transfer-Encoding: quoted-printable\r\n"), 2,
-	       "both parts are quoted-printable");
-	ok(out.len > 4 && !strcmp(msg + out.len - 4, "--\r\n"), "the message ends with the closing boundary");
-	ok(all_crlf(msg, out.len), "every line of the message ends in CRLF");
-	struct buf part = {0};
-	ok(mime_part(msg, "text/plain", &part) == 0 && !strcmp(part.data, m.text),
-	   "the text part decodes back to the text");
-	part.len = 0;
-	ok(mime_part(msg, "text/html", &part) == 0 && !strcmp(part.data, m.html),
-	   "the HTML part decodes back to the HTML");
-
-	/* long lines, non-ASCII, '=' and trailing spaces in the body */
-	struct buf text = {0};
-	for (int i = 0; text.len < 500; i++)
-		buf_addf(&text, "Caf\xC3\xA9 %d = cr\xC3\xA8me br\xC3\xBBl\xC3\xA9" "e; ", i);
-	buf_adds(&text, "end with spaces  \nnext line\n");
-	x = m;
-	x.text = text.data;
-	x.html = text.data;
-	out.len = 0;
-	ok(mail_build(&x, &out, err, sizeof err) == 0, "mail_build with a 500-char line succeeds");
-	msg = out.data;
-	const char *body = strstr(msg, "\r\n\r\n");
-	size_t longest = body ? longest_line(body) : 999;
-	ok(longest <= 78, "no body line is longer than 78 chars (longest %zu)", longest);
-	ok(all_crlf(msg, out.len), "lines of the long mail end in CRLF");
-	part.len = 0;
-	ok(mime_part(msg, "text/plain", &part) == 0 && !strcmp(part.data, text.data),
-	   "the long text part decodes back exactly (soft breaks, =3D, =20, UTF-8)");
-	part.len = 0;
-	ok(mime_part(msg, "text/html", &part) == 0 && !strcmp(part.data, text.data),
-	   "the long HTML part decodes back exactly");
-	buf_free(&text);
-
-	/* non-ASCII subject and From name: RFC 2047 */
-	const char *subj = "Votre panier vous attend \xE2\x80\x94 10 % de r\xC3\xA9" "duction";
-	x = m;
-	x.subject = subj;
-	out.len = 0;
-	ok(mail_build(&x, &out, err, sizeof err) == 0, "mail_build with a UTF-8 subject succeeds");
-	ok(contains(out.data, "\r\nSubject: =?UTF-8?B?"), "a non-ASCII subject is RFC 2047 encoded");
-	part.len = 0;
-	ok(rfc2047_decode(header_of(out.data, "Subject"), &part) == 0 && !strcmp(part.data, subj),
-	   "the encoded subject decodes back to the original");
-	struct buf longsubj = {0};
-	for (int i = 0; i < 6; i++)
-		buf_adds(&longsubj, "\xC3\x89t\xC3\xA9 \xE2\x80\x94 d\xC3\xA9j\xC3\xA0 vu \xE2\x82\xAC ");
-	x.subject = longsubj.data;
-	out.len = 0;
-	ok(mail_build(&x, &out, err, sizeof err) == 0, "mail_build with a long UTF-8 subject succeeds");
-	part.len = 0;
-	ok(rfc2047_decode(header_of(out.data, "Subject"), &part) == 0 &&
-		   !strcmp(part.data, longsubj.data),
-	   "a long encoded subject, folded, decodes back without a split character");
-	const char *hdrs_end = strstr(out.data, "\r\n\r\n");
-	char *hdrs = strndup(out.data, hdrs_end ? (size_t)(hdrs_end - out.data) : 0);
-	longest = longest_line(hdrs);
-	ok(longest <= 76, "header lines with encoded words are at most 76 chars "
-	   "(RFC 2047 section 2; longest %zu)", longest);
-	if (longest > 76)
-		diag("  headers:\n%s", hdrs);
-	free(hdrs);
-	buf_free(&longsubj);
-	x = m;
-	x.subject = "Price =?in?= euros";
-	out.len = 0;
-	ok(mail_build(&x, &out, err, sizeof err) == 0 && contains(out.data, "Subject: =?UTF-8?B?"),
-	   "an ASCII subject containing =? is encoded too");
-	x = m;
-	x.from = "Maison D\xC3\xA9" "co <shop@example.com>";
-	out.len = 0;
-	ok(mail_build(&x, &out, err, sizeof err) == 0 &&
-		   contains(out.data, "\r\n") && !strncmp(out.data, "From: =?UTF-8?B?", 16) &&
-		   contains(header_of(out.data, "From"), "?= <shop@example.com>"),
-	   "a non-ASCII From name is encoded, the address kept plain");
-	x = m;
-	x.from = "shop@example.com";
-	out.len = 0;
-	ok(mail_build(&x, &out, err, sizeof err) == 0 &&
-		   !strcmp(header_of(out.data, "From"), "shop@example.com"),
-	   "a bare From address is kept as it is");
-	buf_free(&part);
-	buf_free(&out);
-}
-
-/* ==== 6. Events ========================================================= */
-
-struct counts {
-	long long events, contacts, carts, orders, visitors, products;
-};
-
-static struct counts counts_of(struct world *w)
-{
-	struct counts c = {
-		sq(w, "SELECT count(*) FROM events"),
-		sq(w, "SELECT count(*) FROM contacts"),
-		sq(w, "SELECT count(*) FROM carts"),
-		sq(w, "SELECT count(*) FROM orders"),
-		sq(w, "SELECT count(*) FROM visitors"),
-		sq(w, "SELECT count(*) FROM products"),
-	};
-	return c;
-}
-
-static int same_counts(struct counts a, struct counts b)
-{
-	return !memcmp(&a, &b, sizeof a);
-}
-
-/* A cart event with N items. */
-static char *items_cart(const char *cart, int n)
-{
-	struct buf b = {0};
-	buf_addf(&b, "{\"type\":\"cart\",\"cart_id\":\"%s\",\"items\":[", cart);
-	for (int i = 0; i < n; i++)
-		buf_addf(&b, "%s{\"sku\":\"S%d\",\"name\":\"N\",\"price\":1}", i ? "," : "", i);
-	buf_adds(&b, "]}");
-	return b.data;
-}
+/* ==== Events: validation and state (contacts, carts, orders) ========== */
 
 static void test_events(void)
 {
@@ -1338,20 +1577,903 @@ static void test_events(void)
 	world_close(&w);
 }
 
-/* ==== 7. The flow: steps, exits ========================================= */
-
-static int sum_is(const struct tick_summary *s, long ab, long en, long se)
+/* A database of schema 4 (sql/001-004 from the repository) with a browser
+ * cart and a backend's, brought forward by db_migrate: no row lost, the
+ * browser's cart keeps skus only under its visitor-scoped key. */
+static void test_browser_migration(void)
 {
-	return s->abandoned == ab && s->enrolled == en && s->sent == se &&
-	       s->failed == 0;
+	char db[PATH_MAX], path[PATH_MAX + 64], err[256] = "";
+	snprintf(db, sizeof db, "%s/mig4.db", tmpdir);
+	sqlite3 *h = NULL;
+	int ok4 = sqlite3_open(db, &h) == SQLITE_OK;
+	for (int v = 1; ok4 && v <= 4; v++) {
+		static const char *const names[] = {"", "001_init", "002_measure",
+						    "003_lifecycle", "004_fencing"};
+		struct buf sql = {0};
+		snprintf(path, sizeof path, "%s/../sql/%s.sql", templates, names[v]);
+		FILE *f = fopen(path, "rb");
+		char chunk[4096];
+		size_t n;
+		while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
+			buf_add(&sql, chunk, n);
+		if (f)
+			fclose(f);
+		ok4 = f && sql.data && sqlite3_exec(h, sql.data, NULL, NULL, NULL) == SQLITE_OK;
+		buf_free(&sql);
+	}
+	ok4 = ok4 && sqlite3_exec(h,
+		"INSERT INTO contacts (email, name, consent, created, updated) VALUES "
+		"('h@example.com', 'H', 1, 1, 1), ('b@example.com', '', 1, 1, 1);"
+		"INSERT INTO events (ts, received, source, type, body) VALUES "
+		"(1, 1, 'hook', 'cart', '{\"type\":\"cart\",\"email\":\"h@example.com\",\"cart_id\":\"hc\"}'),"
+		"(1, 1, 'browser', 'cart', '{\"type\":\"cart\",\"cart_id\":\"bc\"}');"
+		"INSERT INTO carts (cart_key, contact_id, visitor_id, items, item_count, updated) VALUES "
+		"('hc', 1, NULL, '[{\"sku\":\"A\",\"name\":\"Lamp\",\"price\":5}]', 1, 1),"
+		"('bc', 2, 'v-old', '[{\"sku\":\"A\",\"name\":\"SPAM\",\"price\":0.5,\"qty\":3}]', 1, 1);"
+		"PRAGMA user_version = 4;", NULL, NULL, NULL) == SQLITE_OK;
+	sqlite3_close(h);
+	if (!ok(ok4, "migration: a database of schema 4 is made from sql/001-004"))
+		return;
+	struct db *d = NULL;
+	ok(db_open(&d, db, err, sizeof err) == 0 && db_migrate(d, err, sizeof err) == 0,
+	   "migration: 006_browser applies (%s)", err);
+	is_int(db_scalar(d, "SELECT count(*) FROM contacts") * 10 +
+		       db_scalar(d, "SELECT count(*) FROM carts"), 22, "... no row lost");
+	is_int(db_scalar(d, "SELECT signed FROM contacts WHERE email = 'h@example.com'") * 10 +
+		       db_scalar(d, "SELECT signed FROM contacts WHERE email = 'b@example.com'"), 10,
+	       "... the address the backend named is signed, the browser's is not");
+	is_int(db_scalar(d, "SELECT count(*) FROM carts WHERE cart_key = 'bc/v-old' AND items = "
+			 "'[{\"sku\":\"A\",\"qty\":3}]'"), 1,
+	       "... the browser's cart keeps sku and qty, under bc/v-old");
+	is_int(db_scalar(d, "SELECT count(*) FROM carts WHERE cart_key = 'hc' AND items LIKE '%Lamp%'"),
+	       1, "... the backend's cart is untouched");
+	db_close(d);
 }
 
-static void show_sum(const char *what, const struct tick_summary *s)
+static void test_browser_trust(void)
 {
-	diag("  %s: abandoned %ld enrolled %ld sent %ld retry %ld failed %ld "
-	     "exited %ld skipped %ld", what, s->abandoned, s->enrolled, s->sent,
-	     s->retry, s->failed, s->exited, s->skipped);
+	struct world w;
+	struct tick_summary sum;
+	struct ev_error err;
+	struct http_resp rs;
+	if (!ok(world_open(&w, "trust") == 0, "trust: world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+
+	/* the attack of issue 8: an anonymous POST (no Origin, no cookie)
+	 * names an address with consent and a cart of free text */
+	const char *spam =
+		"[{\"type\":\"identify\",\"email\":\"victim@example.org\",\"name\":"
+		"\"Congratulations-you-won-visit-gift-claim.example\",\"consent\":true},"
+		"{\"type\":\"cart\",\"email\":\"victim@example.org\",\"visitor_id\":\"v-atk\","
+		"\"cart_id\":\"c-1\",\"total\":0.01,\"items\":[{\"sku\":\"LAMP-1\",\"name\":"
+		"\"WIN-A-PRIZE-at-gift-claim.example\",\"price\":0.01,\"qty\":2},"
+		"{\"sku\":\"NOPE-9\",\"name\":\"Claim at gift-claim.example\",\"price\":0}]}]";
+	is_int(collect(&w, NULL, spam, T0), 204, "trust: the anonymous identify + cart is recorded");
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'victim@example.org' "
+		  "AND name = '' AND signed = 0"), 1,
+	       "... the browser named an address, never a name (a browser-only contact)");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE items LIKE '%%gift-claim%%' "
+		  "OR items LIKE '%%PRIZE%%'"), 0, "... no item text is kept from the browser");
+	tick(&w, T0 + HOUR + 60, &sum);
+	is_int(sum.sent, 1, "trust: +1 h, the reminder goes (a known sku)");
+	struct buf mail = {0};
+	long long mid = sq(&w, "SELECT max(id) FROM messages WHERE status = 'sent'");
+	ok(mail_text(&w, mid, &mail) == 0, "... its text decodes");
+	ok(!contains(mail.data, "gift-claim") && !contains(mail.data, "Congratulations") &&
+		   !contains(mail.data, "PRIZE"),
+	   "... and prints no word the browser typed (subject, text, HTML)");
+	ok(contains(mail.data, "Product LAMP-1") && !contains(mail.data, "NOPE-9"),
+	   "... the item's name is the catalog's; the unknown sku is not printed");
+	ok(contains(mail.data, "€20.00") && !contains(mail.data, "€0.01"),
+	   "... priced by the catalog (2 × 10.00 = 20.00), not by the browser");
+	if (!contains(mail.data, "€20.00"))
+		diag("%s", mail.data);
+	buf_free(&mail);
+
+	/* a cart of unknown skus only is never mailed */
+	collect(&w, NULL, "{\"type\":\"cart\",\"email\":\"x2@example.org\",\"visitor_id\":"
+		"\"v-x2\",\"items\":[{\"sku\":\"NOPE-1\",\"name\":\"Free money\",\"price\":1}]}",
+		T0);
+	collect(&w, NULL, "{\"type\":\"identify\",\"email\":\"x2@example.org\",\"consent\":true,"
+		"\"visitor_id\":\"v-x2\"}", T0);
+	tick(&w, T0 + 2 * HOUR, &sum);
+	is_int(sum.sent, 0, "trust: a cart with no known item is not mailed");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = "
+		  "e.contact_id WHERE c.email = 'x2@example.org' AND e.exit_reason = "
+		  "'no known item'"), 1, "... its sequence ends saying why");
+
+	const char *cur = "{\"type\":\"cart\",\"visitor_id\":\"v-cur\",\"currency\":\"WIN\","
+			  "\"items\":[{\"sku\":\"LAMP-1\"}]}";
+	is_int(ev_ingest(&w.app, EV_BROWSER, cur, strlen(cur), NULL, T0, &err), -1,
+	       "trust: a browser's currency must be an ISO 4217 code (WIN is not)");
+	is_int(err.status, 400, "... 400");
+
+	/* names and consent: a browser never renames; withdraws only its own */
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"ann@example.com\","
+	       "\"name\":\"Ann Smith\",\"consent\":true}", T0, &err);
+	collect(&w, "rm_vid=v-stranger", "{\"type\":\"identify\",\"email\":\"ann@example.com\","
+		"\"name\":\"You won a prize\",\"consent\":false}", T0 + 60);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'ann@example.com' "
+		  "AND name = 'Ann Smith' AND consent = 1"), 1,
+	       "trust: a browser can neither rename a known contact nor withdraw its consent");
+	collect(&w, "rm_vid=v-own", "{\"type\":\"identify\",\"email\":\"own@example.com\","
+		"\"consent\":true}", T0);
+	collect(&w, "rm_vid=v-other", "{\"type\":\"identify\",\"email\":\"own@example.com\","
+		"\"consent\":false}", T0 + 60);
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'own@example.com'"), 1,
+	       "... another visitor cannot withdraw the consent this one gave");
+	collect(&w, "rm_vid=v-own", "{\"type\":\"identify\",\"email\":\"own@example.com\","
+		"\"consent\":false}", T0 + 120);
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'own@example.com'"), 0,
+	       "... the visitor who ticked the box may untick it");
+
+	/* the pixel records views; it never identifies */
+	is_int(browser_req(&w, "GET", "/p.gif?type=identify&email=pix1%40example.org",
+			   NULL, "10.9.9.8", NULL, NULL, T0, &rs), 200, "trust: pixel identify: a GIF");
+	http_resp_free(&rs);
+	browser_req(&w, "GET", "/p.gif?type=view&sku=LAMP-1&email=pix2%40example.org&vid=v-pix",
+		    NULL, "10.9.9.8", NULL, NULL, T0, &rs);
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email LIKE 'pix%%'"), 0,
+	       "... neither an identify nor a view with an email makes a contact");
+	is_int(sq(&w, "SELECT count(*) FROM events WHERE source = 'pixel' AND type = 'view'"), 1,
+	       "... the view is recorded");
+	const char *pid = "{\"type\":\"identify\",\"email\":\"pix3@example.org\"}";
+	is_int(ev_ingest(&w.app, EV_PIXEL, pid, strlen(pid), NULL, T0, &err), -1,
+	       "... ev_ingest refuses an identify from the pixel");
+	is_int(err.status, 403, "... 403");
+
+	/* cart ids are the visitor's own: a guessed id first owns nothing */
+	collect(&w, "rm_vid=v-guess", "{\"type\":\"cart\",\"cart_id\":\"shop-9\",\"items\":"
+		"[{\"sku\":\"LAMP-1\",\"name\":\"Lamp\",\"price\":1,\"qty\":1}]}", T0);
+	cart_event(&w, "carol@example.com", "Carol", "shop-9", 1, T0 + 60);
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key = 'shop-9' AND visitor_id IS NULL "
+		  "AND item_count = 2"), 1,
+	       "trust: the backend's cart shop-9 is its own, not the guessing visitor's");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key = 'shop-9/v-guess'"), 1,
+	       "... the browser's cart is kept apart as shop-9/v-guess");
+	tick(&w, T0 + 3 * HOUR, &sum);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.9.9.7", "rm_vid=v-guess", NULL,
+			   T0 + 3 * HOUR, &rs), 204,
+	       "... and /onsite shows the guessing visitor nothing of Carol's cart");
+	http_resp_free(&rs);
+	ingest(&w, EV_HOOK, "{\"type\":\"order\",\"order_id\":\"o-shop-9\",\"cart_id\":\"shop-9\","
+	       "\"total\":10}", T0 + 4 * HOUR, &err);
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key LIKE 'shop-9%%' "
+		  "AND status = 'ordered'"), 2,
+	       "... an order for shop-9 ends the browser's copy too");
+	world_close(&w);
+
+	/* browser-only addresses: one sequence in 30 days, an hourly cap */
+	if (!ok(world_open(&w, "trust-cap") == 0, "trust: cap world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	w.cfg.browser_new_contacts_per_hour = 3;
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+	char body[400], cookie[40];
+	for (int i = 0; i < 5; i++) {
+		snprintf(body, sizeof body, "[{\"type\":\"identify\",\"email\":\"b%d@example.org\","
+			 "\"consent\":true},{\"type\":\"cart\",\"cart_id\":\"k%d\",\"items\":"
+			 "[{\"sku\":\"LAMP-1\"}]}]", i, i);
+		snprintf(cookie, sizeof cookie, "rm_vid=v-b%d", i);
+		collect(&w, cookie, body, T0 + i * 60);
+	}
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE held_at IS NOT NULL"), 2,
+	       "trust: past browser_new_contacts_per_hour (3), new browser-only contacts are held");
+	tick(&w, T0 + 2 * HOUR, &sum);
+	is_int(sum.sent, 3, "... the first 3 are mailed, the held 2 are recorded but not mailed");
+	struct report *r = calloc(1, sizeof *r);
+	report_build(&w.app, T0 - DAY, T0 + DAY, r);
+	is_int(r->browser_held, 2, "... the report counts them");
+	struct buf out = {0};
+	report_json(r, &out);
+	ok(contains(out.data, "\"browser_held\":2") &&
+		   contains(out.data, "not mailed: over browser_new_contacts_per_hour"),
+	   "... and warns in JSON");
+	out.len = 0;
+	report_html(r, "Shop", &out);
+	ok(contains(out.data, "<b>Warning:</b> 2 new browser-only contacts"),
+	   "... and in HTML");
+	buf_free(&out);
+	free(r);
+	/* the same browser-only address again within 30 days: no new sequence */
+	collect(&w, "rm_vid=v-b0", "{\"type\":\"cart\",\"cart_id\":\"k0b\",\"items\":"
+		"[{\"sku\":\"LAMP-1\"}]}", T0 + 5 * DAY);
+	tick(&w, T0 + 5 * DAY + 2 * HOUR, &sum);
+	is_int(sum.enrolled, 0, "trust: a browser-only address gets one sequence in 30 days");
+	collect(&w, "rm_vid=v-b0", "{\"type\":\"cart\",\"cart_id\":\"k0c\",\"items\":"
+		"[{\"sku\":\"LAMP-1\"}]}", T0 + 31 * DAY);
+	tick(&w, T0 + 31 * DAY + 2 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "... and another one after 30 days");
+	/* a signed hook naming the address lifts both limits */
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"b4@example.org\"}", T0 + 32 * DAY, &err);
+	collect(&w, "rm_vid=v-b4", "{\"type\":\"cart\",\"cart_id\":\"k4b\",\"items\":"
+		"[{\"sku\":\"LAMP-1\"}]}", T0 + 32 * DAY);
+	tick(&w, T0 + 32 * DAY + 2 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "... a held address named by a signed hook is mailed again");
+	world_close(&w);
+
+	/* browser_consent = confirm: a double opt-in first */
+	if (!ok(world_open(&w, "trust-confirm") == 0, "trust: confirm world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	set_cfg(&w.cfg.browser_consent, "confirm");
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+	collect(&w, "rm_vid=v-dbl", "[{\"type\":\"identify\",\"email\":\"dbl@example.org\","
+		"\"consent\":true},{\"type\":\"cart\",\"cart_id\":\"d1\",\"items\":"
+		"[{\"sku\":\"LAMP-1\"}]}]", T0);
+	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts "
+		  "WHERE email = 'dbl@example.org'"), 10,
+	       "confirm: the checkbox asks; there is no consent yet");
+	tick(&w, T0 + 2 * HOUR, &sum);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments"), 0, "confirm: no sequence before the click");
+	long long cid = sq(&w, "SELECT id FROM contacts WHERE email = 'dbl@example.org'");
+	char path[PATH_MAX + 64];
+	snprintf(path, sizeof path, "%s/m-%05lld.eml", w.outbox, cid);
+	struct buf cm = {0};
+	FILE *f = fopen(path, "rb");
+	char chunk[4096];
+	size_t n;
+	while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
+		buf_add(&cm, chunk, n);
+	if (f)
+		fclose(f);
+	ok(f && cm.data && contains(cm.data, "To: dbl@example.org"),
+	   "confirm: the double opt-in mail went out (%s)", path);
+	struct buf ct = {0};
+	mime_part(cm.data ? cm.data : "", "text/plain", &ct);
+	const char *c = ct.data ? strstr(ct.data, "/c/") : NULL;
+	char tok[TOK_MAXLEN + 1] = "";
+	if (c)
+		snprintf(tok, sizeof tok, "%.*s", (int)strspn(c + 3,
+			 "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"), c + 3);
+	ok(*tok != '\0', "... with a signed confirm link");
+	tick(&w, T0 + 3 * HOUR, &sum);
+	is_int(outbox_count(&w), 1, "... sent once, not at every tick");
+	snprintf(path, sizeof path, "/c/%s", tok);
+	is_int(browser_req(&w, "GET", path, NULL, "10.9.9.6", NULL, NULL, T0 + 3 * HOUR, &rs), 200,
+	       "confirm: GET shows a page with a button");
+	ok(rs.body.data && contains(rs.body.data, "method=\"post\"") &&
+		   contains(rs.body.data, "Confirm"), "... offering to confirm");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE id = %lld", cid), 0,
+	       "... a GET (a link scanner) confirms nothing");
+	is_int(browser_req(&w, "GET", "/c/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", NULL,
+			   "10.9.9.6", NULL, NULL, T0 + 3 * HOUR, &rs), 400,
+	       "confirm: a forged link gets 400");
+	http_resp_free(&rs);
+	is_int(browser_req(&w, "POST", path, NULL, "10.9.9.6", NULL, "", T0 + 3 * HOUR, &rs), 200,
+	       "confirm: POST confirms");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE id = %lld AND confirmed_at = %lld",
+		  cid, (long long)(T0 + 3 * HOUR)), 1, "... consent is given, with its time");
+	tick(&w, T0 + 4 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "confirm: the cart's sequence starts after the click");
+	/* a customer the backend knows, without consent: the box asks too */
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"known@example.org\","
+	       "\"consent\":false}", T0 + 4 * HOUR, &err);
+	collect(&w, "rm_vid=v-kn", "{\"type\":\"identify\",\"email\":\"known@example.org\","
+		"\"consent\":true}", T0 + 4 * HOUR);
+	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts "
+		  "WHERE email = 'known@example.org'"), 10,
+	       "confirm: a known customer's consent from a browser waits for the click too");
+	/* a one-click List-Unsubscribe POST declines */
+	collect(&w, "rm_vid=v-no", "{\"type\":\"identify\",\"email\":\"no@example.org\","
+		"\"consent\":true}", T0 + 4 * HOUR);
+	tick(&w, T0 + 4 * HOUR + 60, &sum);
+	long long nid = sq(&w, "SELECT id FROM contacts WHERE email = 'no@example.org'");
+	tok_sign(w.app.key, TOK_CONFIRM, nid, T0 + 30 * DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/c/%s", tok);
+	browser_req(&w, "POST", path, NULL, "10.9.9.6", NULL, "List-Unsubscribe=One-Click",
+		    T0 + 5 * HOUR, &rs);
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts WHERE id = %lld", nid),
+	       0, "confirm: the mail client's one-click unsubscribe declines");
+	/* a relay that is down: the confirmation waits for the next tick */
+	collect(&w, "rm_vid=v-rt", "{\"type\":\"identify\",\"email\":\"rt@example.org\","
+		"\"consent\":true}", T0 + 6 * HOUR);
+	set_cfg(&w.cfg.smtp_url, "smtp://127.0.0.1:1");
+	tick(&w, T0 + 6 * HOUR + 60, &sum);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'rt@example.org' "
+		  "AND consent_pending = 1 AND confirm_sent_at IS NULL"), 1,
+	       "confirm: with the relay down the confirmation is not marked sent");
+	set_cfg(&w.cfg.smtp_url, "");
+	tick(&w, T0 + 6 * HOUR + 120, &sum);
+	is_int(sq(&w, "SELECT confirm_sent_at FROM contacts WHERE email = 'rt@example.org'"),
+	       T0 + 6 * HOUR + 120, "... and goes at the next tick");
+	buf_free(&cm);
+	buf_free(&ct);
+	world_close(&w);
+	test_browser_migration();
 }
+
+/* ==== Discount codes ================================================== */
+
+static void test_codes(void)
+{
+	struct world w;
+	struct tick_summary sum;
+	struct buf out = {0};
+	char body[256], q[256];
+	if (!ok(world_open(&w, "codes") == 0, "codes: world opens"))
+		return;
+	cart_event(&w, "ann@example.com", "Ann", "c-ann", 1, T0);
+	cart_event(&w, "cid@example.com", "Cid", "c-cid", 1, T0);
+	tick(&w, T0 + HOUR, &sum);
+	tick(&w, T0 + DAY, &sum);
+	tick(&w, T0 + 3 * DAY, &sum);
+	long long m3 = sq(&w, "SELECT m.id FROM messages m JOIN contacts c ON c.id = m.contact_id "
+			  "WHERE c.email = 'ann@example.com' AND m.step = 3");
+	char *code = sq_text(&w, "SELECT d.code FROM discounts d JOIN contacts c ON c.id = d.contact_id "
+			     "WHERE c.email = 'ann@example.com'");
+	char *code2 = sq_text(&w, "SELECT d.code FROM discounts d JOIN contacts c ON c.id = d.contact_id "
+			      "WHERE c.email = 'cid@example.com'");
+	if (!ok(code && code2 && m3 > 0, "codes: Ann and Cid each got a code in step 3")) {
+		free(code);
+		free(code2);
+		world_close(&w);
+		return;
+	}
+	rm_time now = T0 + 3 * DAY + HOUR;
+
+	/* the reservation */
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
+		 "\"cart_id\":\"cart-A\"}", code);
+	is_int(validate(&w, body, now, &out), 200, "validate reserve for cart A: 200");
+	snprintf(q, sizeof q, "\"reserved_until\":%lld", (long long)(now + 900));
+	ok(contains(out.data, "\"valid\":true") && contains(out.data, "\"reason\":\"ok\"") &&
+		   contains(out.data, q),
+	   "... valid, held for cart A for 15 minutes (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"cart_id\":\"cart-B\"}", code);
+	validate(&w, body, now + 60, &out);
+	ok(contains(out.data, "\"valid\":false") && contains(out.data, "\"reason\":\"reserved\"") &&
+		   contains(out.data, q),
+	   "validate for cart B meanwhile: not valid, reserved, until when (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
+		 "\"cart_id\":\"cart-B\"}", code);
+	validate(&w, body, now + 60, &out);
+	ok(contains(out.data, "\"valid\":false") && contains(out.data, "\"reason\":\"reserved\""),
+	   "cart B cannot take the hold of cart A (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100}", code);
+	validate(&w, body, now + 60, &out);
+	ok(contains(out.data, "\"reason\":\"reserved\""),
+	   "validate without a cart while the code is held: reserved (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"cart_id\":\"cart-A\"}", code);
+	validate(&w, body, now + 60, &out);
+	ok(contains(out.data, "\"valid\":true"), "validate for cart A itself: valid (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
+		 "\"cart_id\":\"cart-B\"}", code);
+	validate(&w, body, now + 901, &out);
+	snprintf(q, sizeof q, "\"reserved_until\":%lld", (long long)(now + 901 + 900));
+	ok(contains(out.data, "\"valid\":true") && contains(out.data, q),
+	   "15 minutes later the hold has lapsed: cart B reserves it (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true}", code);
+	is_int(validate(&w, body, now, &out), 400, "reserve without cart_id: 400");
+	ok(contains(out.data, "cart_id"), "... naming cart_id (%s)", out.data);
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":\"yes\","
+		 "\"cart_id\":\"c\"}", code);
+	is_int(validate(&w, body, now, &out), 400, "reserve that is not a boolean: 400");
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"cart_id\":7}", code);
+	is_int(validate(&w, body, now, &out), 400, "cart_id that is not text: 400");
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
+		 "\"cart_id\":\"a b\"}", code);
+	is_int(validate(&w, body, now, &out), 400, "cart_id with a space: 400");
+
+	/* the first order redeems the code and is attributed to its message */
+	is_int(order(&w, "o-1", "ann@example.com", code, 90, now + 1000), 1, "order o-1 with Ann's code");
+	is_attr(&w, "o-1", "code", m3, "... attributed to the message that carried the code");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-1' AND code_status = 'redeemed'"),
+	       1, "... flagged redeemed");
+	/* a second order with the same code: stored, flagged, not attributed again */
+	is_int(order(&w, "o-2", "zed@example.com", code, 80, now + 2000), 1,
+	       "order o-2 with the same code is stored");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-2' AND code_status = 'reused'"),
+	       1, "... flagged reused");
+	is_attr(&w, "o-2", "none", 0, "... and not attributed to the code's message again");
+	is_int(sq(&w, "SELECT count(*) FROM discounts WHERE order_key = 'o-1' AND redeemed_at = %lld",
+		  (long long)(now + 1000)), 1, "... the code stays redeemed by o-1");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE message = %lld", m3), 1,
+	       "the code's message has one order");
+	/* the same order again (a hook retry) changes nothing */
+	order(&w, "o-1", "ann@example.com", code, 90, now + 3000);
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE code_status = 'redeemed'"), 1,
+	       "a repeated order event redeems nothing more");
+	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
+		 "\"cart_id\":\"cart-C\"}", code);
+	validate(&w, body, now + 4000, &out);
+	ok(contains(out.data, "already_used"), "a redeemed code cannot be reserved (%s)", out.data);
+
+	/* an expired code: stored, flagged, not redeemed, not attributed to it */
+	rm_time expires = sq(&w, "SELECT expires FROM discounts WHERE contact_id = "
+			     "(SELECT id FROM contacts WHERE email = 'cid@example.com')");
+	is_int(order(&w, "o-3", "yan@example.com", code2, 70, expires + 1), 1,
+	       "order o-3 with Cid's code after it expired is stored");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-3' AND code_status = 'expired'"),
+	       1, "... flagged expired");
+	is_int(sq(&w, "SELECT count(*) FROM discounts WHERE redeemed_at IS NOT NULL"), 1,
+	       "... and the expired code is not marked redeemed");
+	is_attr(&w, "o-3", "none", 0, "... nor attributed to the code's message");
+	/* a code remarket never issued is the store's own affair */
+	is_int(order(&w, "o-4", "ann@example.com", "SUMMER10", 60, expires + 2), 1,
+	       "an order with a store's own code is stored");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-4' AND code_status IS NULL"),
+	       1, "... not flagged");
+
+	struct report *r = calloc(1, sizeof *r);
+	if (r && report_build(&w.app, T0 - DAY, T0 + 30 * DAY, r) == 0) {
+		is_int(r->codes_redeemed, 1, "report: one code redeemed");
+		is_int(r->attributed, 1, "report: one order attributed (o-1), not three");
+		ok(r->codes_reused == 1 && r->codes_expired == 1,
+		   "report: one order with a reused code, one with an expired code");
+		struct buf j = {0}, h = {0};
+		report_json(r, &j);
+		report_html(r, "Test shop", &h);
+		ok(contains(j.data, "\"codes_flagged\":{\"reused\":1,\"expired\":1}"),
+		   "report JSON: codes_flagged");
+		ok(contains(h.data, "data-k=\"codes_flagged.reused\" data-v=\"1.0000\""),
+		   "report HTML: the reused codes card");
+		buf_free(&j);
+		buf_free(&h);
+	}
+	free(r);
+	buf_free(&out);
+	free(code);
+	free(code2);
+	world_close(&w);
+}
+
+/* Migration 009 on a database that already holds orders with codes: every
+ * row stays, old orders are flagged by the same rules. The database is made
+ * "before 009" by undoing 009's columns (009 is the last migration). */
+static void test_codes_migration(void)
+{
+	struct world w;
+	char err[512] = "";
+	if (!ok(world_open(&w, "codes-migration") == 0, "codes migration: world opens"))
+		return;
+	struct db *db = w.app.db;
+	int v = db_user_version(db);
+	db_scalar(db, "INSERT INTO discounts (code, percent, created, expires, redeemed_at, order_key) "
+		  "VALUES ('RM-AAAA-AAAA', 10, 0, 1000, 500, 'k1'), "
+		  "('RM-BBBB-BBBB', 10, 0, 1000, NULL, NULL)");
+	db_scalar(db, "INSERT INTO orders (order_key, total, discount_code, ts) VALUES "
+		  "('k1', 10, 'RM-AAAA-AAAA', 500), ('k2', 10, 'RM-AAAA-AAAA', 600), "
+		  "('k3', 10, 'RM-BBBB-BBBB', 2000), ('k4', 10, 'OWN-CODE', 700), ('k5', 10, NULL, 800)");
+	db_scalar(db, "DROP INDEX orders_code_status");
+	db_scalar(db, "ALTER TABLE orders DROP COLUMN code_status");
+	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_cart");
+	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_until");
+	char pragma[64];
+	snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v - 1);
+	db_scalar(db, pragma);
+	ok(db_migrate(db, err, sizeof err) == 0 && db_user_version(db) == v,
+	   "codes migration: 009 applies to a database with orders (%s)", err);
+	is_int(sq(&w, "SELECT count(*) FROM orders"), 5, "codes migration: no order lost");
+	is_int(sq(&w, "SELECT count(*) FROM discounts"), 2, "codes migration: no code lost");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE (order_key = 'k1' AND code_status = 'redeemed') "
+		  "OR (order_key = 'k2' AND code_status = 'reused') "
+		  "OR (order_key = 'k3' AND code_status = 'expired') "
+		  "OR (order_key IN ('k4', 'k5') AND code_status IS NULL)"), 5,
+	       "codes migration: old orders flagged redeemed, reused, expired, or not at all");
+	world_close(&w);
+}
+
+static void test_keys_codes(void)
+{
+	test_keyring();
+	test_codes();
+	test_codes_migration();
+}
+
+/* ==== Catalog and order imports (CSV) ================================= */
+
+/* The importers' column tables: names in any order and case, each kind
+ * converted as before, the header's must-have columns, the messages. */
+static void test_csv_columns(void)
+{
+	struct world w;
+	char out[256], err[1024];
+	if (!ok(world_open(&w, "csvcols") == 0, "csv columns: world opens"))
+		return;
+	is_int(csv_run(&w, 1, "email,sku,name\na@example.com,X,Y\n", out, sizeof out,
+		       err, sizeof err), 2, "orders: a header without order_id and date: 2");
+	is_str(err, "remarket import orders: the first line must name the columns: "
+	       "order_id,email,date,sku,name,price,qty[,currency,consent]\n",
+	       "... the message lists the columns, the optional ones in brackets");
+	is_int(csv_run(&w, 1, "order_id,date,email\n1,2024-01-15,a@example.com\n", out,
+		       sizeof out, err, sizeof err), 2, "orders: a header without sku: 2");
+	/* email, name, price, qty named but not present: the header passes */
+	is_int(csv_run(&w, 1, " SKU ,Consent,Date,ORDER_ID,qty,Price,Email,Currency,name\n"
+		       "K1,Yes,2024-01-15T10:00:00Z,o1,2,9.5,c1@example.com,USD,Kettle\n"
+		       "K2,no,1705312800,o2,,4,c2@example.com,,Cup\n"
+		       "K3,true,2024-01-15 10:00:00,o3,1,1,c3@example.com,,Pot\n"
+		       "K4,,2024-01-16,o4,1,abc,c4@example.com,,Pan\n",
+		       out, sizeof out, err, sizeof err), 1,
+	       "orders: columns in any order and case; a refused row makes 1");
+	is_str(out, "{\"imported\":2,\"refused\":2}\n", "... 2 imported, 2 refused");
+	ok(strstr(err, "line 4: date '2024-01-15 10:00:00' is not ISO 8601") != NULL,
+	   "... a date that is no time refuses its row, named (%s)", err);
+	ok(strstr(err, "order o4:") != NULL, "... a price that is no number is refused by "
+	   "ev_ingest (%s)", err);
+	is_int(sq(&w, "SELECT ts FROM orders WHERE order_key = 'o1'"), 1705312800,
+	       "time: ISO 8601 converted");
+	is_int(sq(&w, "SELECT ts FROM orders WHERE order_key = 'o2'"), 1705312800,
+	       "time: Unix seconds converted");
+	is_int(sq(&w, "SELECT round(total * 100) FROM orders WHERE order_key = 'o1'"), 1900,
+	       "number and int: 9.5 x 2 = 19");
+	is_int(sq(&w, "SELECT json_extract(items, '$[0].qty') FROM orders "
+		  "WHERE order_key = 'o2'"), 1, "int: an empty qty is 1");
+	is_int(sq(&w, "SELECT currency = 'USD' FROM orders WHERE order_key = 'o1'"), 1,
+	       "text: the currency as given");
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'c1@example.com'"), 1,
+	       "flag: Yes gives consent");
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'c2@example.com'"), 0,
+	       "flag: no does not");
+
+	is_int(csv_run(&w, 0, "Price,sku,name,review_rating,review_author,review_text,category\n"
+		       "12.5,P1,Lamp,4,Ann,Bright,lamps\n"
+		       "x,P2,Vase,,,,\n", out, sizeof out, err, sizeof err), 1,
+	       "products: columns in any order; a row with a bad price makes 1");
+	is_str(out, "{\"imported\":1,\"refused\":1}\n", "... 1 imported, 1 refused");
+	ok(strstr(err, "line 3:") != NULL, "... the refused line is named (%s)", err);
+	is_int(sq(&w, "SELECT round(price * 10) FROM products WHERE sku = 'P1'"), 125,
+	       "products: number converted");
+	is_int(sq(&w, "SELECT rating FROM reviews WHERE sku = 'P1'"), 4,
+	       "products: the review's rating an integer");
+	is_int(sq(&w, "SELECT category = 'lamps' FROM products WHERE sku = 'P1'"), 1,
+	       "products: text as given");
+	world_close(&w);
+}
+
+/* ==== Segments ======================================================== */
+
+static void test_threshold(void)
+{
+	struct world w;
+	char why[200], id[32], email[64];
+	if (!ok(world_open(&w, "threshold") == 0, "threshold: world opens"))
+		return;
+	long d = flow_lapse_days(&w.app, why, sizeof why);
+	is_int(d, 90, "lapse threshold: 90 days by default");
+	set_cfg(&w.cfg.winback_after, "auto");
+	d = flow_lapse_days(&w.app, why, sizeof why);
+	ok(d == 90 && contains(why, "only 0 repeat"), "auto with no repeat buyers: 90 (%s)", why);
+	/* 25 customers reorder after 120 days, 5 after 150: p90 = 150 */
+	for (int i = 0; i < 30; i++) {
+		snprintf(email, sizeof email, "t%d@example.com", i);
+		snprintf(id, sizeof id, "t%da", i);
+		order_line(&w, id, email, "A", 20, T0 - 400 * DAY, T0);
+		snprintf(id, sizeof id, "t%db", i);
+		order_line(&w, id, email, "A", 20, T0 - 400 * DAY + (i < 25 ? 120 : 150) * DAY, T0);
+	}
+	d = flow_lapse_days(&w.app, why, sizeof why);
+	ok(d == 150 && contains(why, "30 repeat purchases"),
+	   "auto: the 90th percentile of the gaps, 150 days (%s)", why);
+	/* a store whose customers come back within 30 days: raised to 60 */
+	for (int i = 0; i < 300; i++) {
+		snprintf(email, sizeof email, "f%d@example.com", i);
+		snprintf(id, sizeof id, "f%da", i);
+		order_line(&w, id, email, "A", 20, T0 - 100 * DAY, T0);
+		snprintf(id, sizeof id, "f%db", i);
+		order_line(&w, id, email, "A", 20, T0 - 70 * DAY, T0);
+	}
+	d = flow_lapse_days(&w.app, why, sizeof why);
+	ok(d == 60 && contains(why, "raised to the minimum of 60"),
+	   "auto: clamped to 60 days (%s)", why);
+	world_close(&w);
+}
+
+static void test_segments(void)
+{
+	struct world w;
+	char id[32], email[64];
+	if (!ok(world_open(&w, "segments") == 0, "segments: world opens"))
+		return;
+	/* ten customers: i orders of 10*i each, the last i days ago * 10 */
+	for (int i = 1; i <= 10; i++) {
+		snprintf(email, sizeof email, "s%02d@example.com", i);
+		for (int k = 0; k < i; k++) {
+			snprintf(id, sizeof id, "s%d-%d", i, k);
+			order_line(&w, id, email, "A", 10.0 * i, T0 - (11 - i) * 5 * DAY - k * DAY, T0);
+		}
+	}
+	order_line(&w, "new1", "new@example.com", "A", 5, T0 - 2 * DAY, T0);
+	order_line(&w, "old1", "gone@example.com", "A", 5, T0 - 400 * DAY, T0);
+	order_line(&w, "old2", "gone@example.com", "A", 5, T0 - 300 * DAY, T0);
+	order_line(&w, "lap1", "lapsed@example.com", "A", 5, T0 - 100 * DAY, T0);
+	ok(flow_segments(&w.app, T0) == 0, "segments computed");
+	is_int(sq(&w, "SELECT count(*) FROM segments"), 13, "every customer with an order has a row");
+	is_int(sq(&w, "SELECT f FROM segments s JOIN contacts c ON c.id = s.contact_id "
+		  "WHERE c.email = 's10@example.com'"), 5, "the most frequent buyer: F = 5");
+	is_int(sq(&w, "SELECT r FROM segments s JOIN contacts c ON c.id = s.contact_id "
+		  "WHERE c.email = 'gone@example.com'"), 1, "the longest gone: R = 1");
+	char *seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
+			    "c.id = s.contact_id WHERE c.email = 's10@example.com'");
+	is_str(seg, "vip", "10 orders, the most money: vip");
+	free(seg);
+	seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
+		      "c.id = s.contact_id WHERE c.email = 'new@example.com'");
+	is_str(seg, "new", "one order 2 days ago: new");
+	free(seg);
+	seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
+		      "c.id = s.contact_id WHERE c.email = 'lapsed@example.com'");
+	is_str(seg, "lapsed", "100 days without an order: lapsed");
+	free(seg);
+	seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
+		      "c.id = s.contact_id WHERE c.email = 'gone@example.com'");
+	is_str(seg, "lost", "300 days: lost");
+	free(seg);
+
+	/* a VIP who lapses gets early access instead of the discount */
+	struct tick_summary t;
+	tick(&w, T0 + 40 * DAY, &t);   /* s10's last order was T0-5d-9d */
+	tick(&w, T0 + 120 * DAY, &t);
+	tick(&w, T0 + 127 * DAY, &t);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 's10@example.com' AND m.step = 3 AND m.status = 'sent'"), 1,
+	       "a lapsed VIP gets the early-access step");
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 's10@example.com' AND m.step = 2 AND m.status = 'sent'"), 0,
+	       "... and not the discount");
+	world_close(&w);
+}
+
+/* enum segment and segment_names[] against the SQL that writes the
+ * names: every name SEGMENTS_FILL writes is in the array, each of the
+ * array's names is written for some customer, and the report counts by
+ * the array's order. */
+static void test_segment_names(void)
+{
+	struct world w;
+	char id[32], email[64];
+	if (!ok(world_open(&w, "segnames") == 0, "segment names: world opens"))
+		return;
+	for (int i = 1; i <= 10; i++) { /* as test_segments: new to vip */
+		snprintf(email, sizeof email, "s%02d@example.com", i);
+		for (int k = 0; k < i; k++) {
+			snprintf(id, sizeof id, "s%d-%d", i, k);
+			order_line(&w, id, email, "A", 10.0 * i, T0 - (11 - i) * 5 * DAY - k * DAY, T0);
+		}
+	}
+	order_line(&w, "new1", "new@example.com", "A", 5, T0 - 2 * DAY, T0);
+	order_line(&w, "old1", "gone@example.com", "A", 5, T0 - 400 * DAY, T0);
+	order_line(&w, "old2", "gone@example.com", "A", 5, T0 - 300 * DAY, T0);
+	order_line(&w, "lap1", "lapsed@example.com", "A", 5, T0 - 100 * DAY, T0);
+	ok(flow_segments(&w.app, T0) == 0, "segment names: segments computed");
+	long long all = sq(&w, "SELECT count(*) FROM segments"), known = 0;
+	for (int i = 0; i < SEG__MAX; i++) {
+		long long n = sq(&w, "SELECT count(*) FROM segments WHERE segment = '%s'",
+				 segment_names[i]);
+		ok(n > 0, "the SQL writes segment_names[%d] '%s' (%lld customers)", i,
+		   segment_names[i], n);
+		known += n;
+	}
+	is_int(known, all, "every segment the SQL writes is one of segment_names[]");
+	struct report *r = calloc(1, sizeof *r);
+	if (r && report_build(&w.app, T0 - DAY, T0, r) == 0) {
+		for (int i = 0; i < SEG__MAX; i++) {
+			char name[64];
+			snprintf(name, sizeof name, "report: segments[%d] counts '%s'", i,
+				 segment_names[i]);
+			is_int(r->segments[i], sq(&w, "SELECT count(*) FROM segments "
+						    "WHERE segment = '%s'", segment_names[i]),
+			       name);
+		}
+	} else {
+		ok(0, "report_build over the segments world");
+	}
+	free(r);
+	world_close(&w);
+}
+
+/* ==== Recommendations ================================================= */
+
+static void test_recommendations(void)
+{
+	struct world w;
+	char out[5][65];
+	if (!ok(world_open(&w, "reco") == 0, "reco: world opens"))
+		return;
+	const char *skus[] = {"A", "B", "C", "D", "E", "F"};
+	const char *cats[] = {"lamps", "lamps", "vases", "lamps", "rugs", "rugs"};
+	for (int i = 0; i < 6; i++)
+		product(&w, skus[i], cats[i], T0);
+	struct ev_error err;
+	/* x owns A; others bought A+B twice, A+C once; D sells best in lamps
+	 * among what x lacks after B; E sells best overall */
+	order_line(&w, "x1", "x@example.com", "A", 10, T0 - DAY, T0);
+	ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"p1\",\"email\":\"p@example.com\","
+	       "\"total\":20,\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":10},"
+	       "{\"sku\":\"B\",\"name\":\"B\",\"price\":10}]}", T0, &err);
+	ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"p2\",\"email\":\"q@example.com\","
+	       "\"total\":20,\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":10},"
+	       "{\"sku\":\"B\",\"name\":\"B\",\"price\":10}]}", T0, &err);
+	ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"p3\",\"email\":\"r@example.com\","
+	       "\"total\":20,\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":10},"
+	       "{\"sku\":\"C\",\"name\":\"C\",\"price\":10}]}", T0, &err);
+	for (int i = 0; i < 3; i++) {
+		char id[16];
+		snprintf(id, sizeof id, "d%d", i);
+		order_line(&w, id, "s@example.com", "D", 10, T0, T0);
+	}
+	for (int i = 0; i < 5; i++) {
+		char id[16];
+		snprintf(id, sizeof id, "e%d", i);
+		order_line(&w, id, "t@example.com", "E", 10, T0, T0);
+	}
+	long long x = sq(&w, "SELECT id FROM contacts WHERE email = 'x@example.com'");
+	int n = reco_for(&w.app, x, out, 5);
+	is_int(n, 5, "five recommendations for x");
+	ok(n >= 4 && !strcmp(out[0], "B") && !strcmp(out[1], "C") && !strcmp(out[2], "D") &&
+		   !strcmp(out[3], "E"),
+	   "order: bought together (B twice, C once), then the favourite category's "
+	   "best seller (D), then the store's (E)");
+	int owns = 0;
+	for (int i = 0; i < n; i++)
+		owns |= !strcmp(out[i], "A");
+	ok(!owns, "never what x already owns");
+	world_close(&w);
+}
+
+/* ==== Mail: rendering and RFC 5322 building =========================== */
+
+static void test_mail(void)
+{
+	char err[256];
+	struct buf out = {0};
+	struct mail m = {
+		.from = "Maison Demo <shop@example.com>",
+		.to = "ann@example.com",
+		.subject = "You left something in your cart",
+		.message_id = "<rm.1.abc@example.com>",
+		.list_unsub = "<https://shop.example.com/rm/u/TOKEN>",
+		.text = "Hi Ann,\n\nYour cart is waiting.\n",
+		.html = "<p>Hi Ann,</p>\n",
+		.date = T0,
+	};
+
+	/* CR or LF in a header -> -1, nothing written */
+	static const char *inj[] = {"Hi\r\nBcc: eve@evil.example", "Hi\nBcc: eve@evil.example", "Hi\r"};
+	for (size_t i = 0; i < 3; i++) {
+		struct mail x = m;
+		x.subject = inj[i];
+		out.len = 0;
+		err[0] = '\0';
+		ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0 && *err,
+		   "mail_build refuses subject '%s' and writes nothing", vis(inj[i]));
+	}
+	struct mail x = m;
+	x.to = "ann@example.com\nBcc: eve@evil.example";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "LF in To -> refused");
+	x = m;
+	x.to = "ann@example.com\r\nBcc: eve@evil.example";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "CRLF in To -> refused");
+	x = m;
+	x.from = "Shop <shop@example.com>\r\nBcc: eve@evil.example";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "CRLF in From -> refused");
+	x = m;
+	x.from = "Shop\n <shop@example.com>";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "LF in From -> refused");
+	x = m;
+	x.list_unsub = "<https://x.example/u>\r\nBcc: eve@evil.example";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "CRLF in List-Unsubscribe -> refused");
+	x = m;
+	x.message_id = "<a@b>\nBcc: eve@evil.example";
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "LF in Message-ID -> refused");
+	x = m;
+	x.subject = NULL;
+	ok(mail_build(&x, &out, err, sizeof err) == -1 && out.len == 0, "a missing Subject -> refused");
+
+	/* a normal mail */
+	ok(mail_build(&m, &out, err, sizeof err) == 0, "mail_build of a normal mail succeeds");
+	const char *msg = out.data ? out.data : "";
+	char date[64];
+	struct tm tm;
+	time_t t = (time_t)T0;
+	gmtime_r(&t, &tm);
+	strftime(date, sizeof date, "%a, %d %b %Y %H:%M:%S +0000", &tm);
+	is_str(header_of(msg, "From"), "Maison Demo <shop@example.com>", "From header");
+	is_str(header_of(msg, "To"), "ann@example.com", "To header");
+	is_str(header_of(msg, "Subject"), "You left something in your cart", "Subject header");
+	is_str(header_of(msg, "Date"), date, "Date header is the given date in RFC 5322 form");
+	is_str(header_of(msg, "Message-ID"), "<rm.1.abc@example.com>", "Message-ID header");
+	is_str(header_of(msg, "MIME-Version"), "1.0", "MIME-Version header");
+	is_str(header_of(msg, "List-Unsubscribe"), "<https://shop.example.com/rm/u/TOKEN>",
+	       "List-Unsubscribe header");
+	is_str(header_of(msg, "List-Unsubscribe-Post"), "List-Unsubscribe=One-Click",
+	       "List-Unsubscribe-Post: List-Unsubscribe=One-Click");
+	ok(!strncmp(header_of(msg, "Content-Type"), "multipart/alternative; boundary=", 32),
+	   "Content-Type is multipart/alternative with a boundary");
+	ok(contains(msg, "\r\nContent-Type: text/plain; charset=UTF-8\r\n"), "a text/plain UTF-8 part");
+	ok(contains(msg, "\r\nContent-Type: text/html; charset=UTF-8\r\n"), "a text/html UTF-8 part");
+	is_int(count_of(msg, "\r\nContent-Transfer-Encoding: quoted-printable\r\n"), 2,
+	       "both parts are quoted-printable");
+	ok(out.len > 4 && !strcmp(msg + out.len - 4, "--\r\n"), "the message ends with the closing boundary");
+	ok(all_crlf(msg, out.len), "every line of the message ends in CRLF");
+	struct buf part = {0};
+	ok(mime_part(msg, "text/plain", &part) == 0 && !strcmp(part.data, m.text),
+	   "the text part decodes back to the text");
+	part.len = 0;
+	ok(mime_part(msg, "text/html", &part) == 0 && !strcmp(part.data, m.html),
+	   "the HTML part decodes back to the HTML");
+
+	/* long lines, non-ASCII, '=' and trailing spaces in the body */
+	struct buf text = {0};
+	for (int i = 0; text.len < 500; i++)
+		buf_addf(&text, "Caf\xC3\xA9 %d = cr\xC3\xA8me br\xC3\xBBl\xC3\xA9" "e; ", i);
+	buf_adds(&text, "end with spaces  \nnext line\n");
+	x = m;
+	x.text = text.data;
+	x.html = text.data;
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0, "mail_build with a 500-char line succeeds");
+	msg = out.data;
+	const char *body = strstr(msg, "\r\n\r\n");
+	size_t longest = body ? longest_line(body) : 999;
+	ok(longest <= 78, "no body line is longer than 78 chars (longest %zu)", longest);
+	ok(all_crlf(msg, out.len), "lines of the long mail end in CRLF");
+	part.len = 0;
+	ok(mime_part(msg, "text/plain", &part) == 0 && !strcmp(part.data, text.data),
+	   "the long text part decodes back exactly (soft breaks, =3D, =20, UTF-8)");
+	part.len = 0;
+	ok(mime_part(msg, "text/html", &part) == 0 && !strcmp(part.data, text.data),
+	   "the long HTML part decodes back exactly");
+	buf_free(&text);
+
+	/* non-ASCII subject and From name: RFC 2047 */
+	const char *subj = "Votre panier vous attend \xE2\x80\x94 10 % de r\xC3\xA9" "duction";
+	x = m;
+	x.subject = subj;
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0, "mail_build with a UTF-8 subject succeeds");
+	ok(contains(out.data, "\r\nSubject: =?UTF-8?B?"), "a non-ASCII subject is RFC 2047 encoded");
+	part.len = 0;
+	ok(rfc2047_decode(header_of(out.data, "Subject"), &part) == 0 && !strcmp(part.data, subj),
+	   "the encoded subject decodes back to the original");
+	struct buf longsubj = {0};
+	for (int i = 0; i < 6; i++)
+		buf_adds(&longsubj, "\xC3\x89t\xC3\xA9 \xE2\x80\x94 d\xC3\xA9j\xC3\xA0 vu \xE2\x82\xAC ");
+	x.subject = longsubj.data;
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0, "mail_build with a long UTF-8 subject succeeds");
+	part.len = 0;
+	ok(rfc2047_decode(header_of(out.data, "Subject"), &part) == 0 &&
+		   !strcmp(part.data, longsubj.data),
+	   "a long encoded subject, folded, decodes back without a split character");
+	const char *hdrs_end = strstr(out.data, "\r\n\r\n");
+	char *hdrs = strndup(out.data, hdrs_end ? (size_t)(hdrs_end - out.data) : 0);
+	longest = longest_line(hdrs);
+	ok(longest <= 76, "header lines with encoded words are at most 76 chars "
+	   "(RFC 2047 section 2; longest %zu)", longest);
+	if (longest > 76)
+		diag("  headers:\n%s", hdrs);
+	free(hdrs);
+	buf_free(&longsubj);
+	x = m;
+	x.subject = "Price =?in?= euros";
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0 && contains(out.data, "Subject: =?UTF-8?B?"),
+	   "an ASCII subject containing =? is encoded too");
+	x = m;
+	x.from = "Maison D\xC3\xA9" "co <shop@example.com>";
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0 &&
+		   contains(out.data, "\r\n") && !strncmp(out.data, "From: =?UTF-8?B?", 16) &&
+		   contains(header_of(out.data, "From"), "?= <shop@example.com>"),
+	   "a non-ASCII From name is encoded, the address kept plain");
+	x = m;
+	x.from = "shop@example.com";
+	out.len = 0;
+	ok(mail_build(&x, &out, err, sizeof err) == 0 &&
+		   !strcmp(header_of(out.data, "From"), "shop@example.com"),
+	   "a bare From address is kept as it is");
+	buf_free(&part);
+	buf_free(&out);
+}
+
+/* ==== The flow engine: detect, claim, send, record ==================== */
 
 static void test_flow(void)
 {
@@ -1498,31 +2620,6 @@ static void test_flow(void)
 	world_close(&w);
 }
 
-/* One shopper's flow up to step 1, for the exit tests. */
-static int exit_world(struct world *w, const char *name)
-{
-	struct tick_summary s;
-	if (world_open(w, name) < 0)
-		return -1;
-	if (cart_event(w, "ann@example.com", "Ann", "a1", 1, T0) != 1 ||
-	    tick(w, T0 + HOUR, &s) < 0 || s.sent != 1) {
-		world_close(w);
-		return -1;
-	}
-	return 0;
-}
-
-/* After an exit: no more mail at +24 h and +72 h. */
-static void no_more_mail(struct world *w, const char *why)
-{
-	struct tick_summary s1, s2;
-	ok(tick(w, T0 + DAY, &s1) == 0 && s1.sent == 0 && tick(w, T0 + 3 * DAY, &s2) == 0 &&
-		   s2.sent == 0, "%s: steps 2 and 3 never sent", why);
-	is_int(outbox_count(w), 1, "... the outbox holds only step 1");
-	is_int(sq(w, "SELECT count(*) FROM enrollments WHERE status='exited' AND exit_reason='%s'", why), 1,
-	       "... the enrollment exited with the reason");
-}
-
 static void test_flow_exits(void)
 {
 	struct world w;
@@ -1643,37 +2740,6 @@ static void test_flow_exits(void)
 	}
 }
 
-/* ==== 8. Leases ========================================================= */
-
-struct claimer {
-	struct app *app;
-	rm_time now;
-	pthread_barrier_t *start;
-	int64_t got[256];
-	int n, err;
-};
-
-static void *claim_loop(void *arg)
-{
-	struct claimer *c = arg;
-	pthread_barrier_wait(c->start);
-	for (;;) {
-		int64_t ids[1];
-		int n = flow_claim(c->app, c->now, ids, 1);
-		if (n < 0) {
-			c->err = 1;
-			break;
-		}
-		if (n == 0)
-			break;
-		for (int i = 0; i < n && c->n < 256; i++)
-			c->got[c->n++] = ids[i];
-		/* a tick works between claims: let the other writer in */
-		nanosleep(&(struct timespec){0, 200 * 1000}, NULL);
-	}
-	return NULL;
-}
-
 static void test_leases(void)
 {
 	struct world w;
@@ -1778,6 +2844,299 @@ static void test_leases(void)
 	app_close(&app2);
 	world_close(&r);
 }
+
+static void test_holdout(void)
+{
+	struct world w;
+	struct tick_summary s;
+	char email[64], key[96];
+	if (!ok(world_open(&w, "holdout") == 0, "holdout: world opens"))
+		return;
+	db_scalar(w.app.db, "UPDATE flows SET holdout_pct = 10");
+	int want = 0;
+	for (int i = 0; i < 200; i++) {
+		snprintf(email, sizeof email, "h%d@example.com", i);
+		char cart[16];
+		snprintf(cart, sizeof cart, "h%d", i);
+		cart_event(&w, email, "H", cart, 1, T0);
+		snprintf(key, sizeof key, "holdout:1:%s", email);
+		want += rm_bucket(key) < 1000;
+	}
+	tick(&w, T0 + HOUR, &s);
+	is_int(s.enrolled, 200, "holdout: 200 carts enrolled");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE holdout = 1"), want,
+	       "holdout: exactly the contacts whose bucket is under 1000 are held out");
+	is_int(s.sent, 200 - want, "holdout: the others, and only they, got step 1");
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON e.id = "
+		  "m.enrollment_id WHERE e.holdout = 1"), 0, "holdout: no message row for the held out");
+	tick(&w, T0 + 4 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON e.id = "
+		  "m.enrollment_id WHERE e.holdout = 1"), 0, "holdout: still none after 4 days");
+	world_close(&w);
+}
+
+static void test_variants(void)
+{
+	struct world w;
+	struct tick_summary s;
+	char email[64], key[96], cart[16];
+	if (!ok(world_open(&w, "variants") == 0, "variants: world opens"))
+		return;
+	/* B of step 1 waits 2 h instead of 1 h */
+	db_scalar(w.app.db, "INSERT INTO step_variants (flow_id, position, delay_s, share) "
+		  "VALUES (1, 1, 7200, 50)");
+	int b = 0;
+	for (int i = 0; i < 100; i++) {
+		snprintf(email, sizeof email, "v%d@example.com", i);
+		snprintf(cart, sizeof cart, "v%d", i);
+		cart_event(&w, email, "V", cart, 1, T0);
+		snprintf(key, sizeof key, "ab:1:1:%s", email);
+		b += rm_bucket(key) < 5000;
+	}
+	ok(b > 30 && b < 70, "variants: about half the contacts fall in B (%d)", b);
+	tick(&w, T0 + HOUR, &s);
+	is_int(s.sent, 100 - b, "variants: at +1 h only A contacts get step 1");
+	tick(&w, T0 + 2 * HOUR, &s);
+	is_int(s.sent, b, "variants: at +2 h the B contacts get it (the variant's timing)");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE variant = 'B'"), b,
+	       "variants: their messages are recorded as variant B");
+	/* sticky: a second cart of a B contact later gets B again */
+	int sticky = 1;
+	for (int i = 0; i < 100 && sticky; i++) {
+		snprintf(key, sizeof key, "ab:1:1:v%d@example.com", i);
+		if (rm_bucket(key) >= 5000)
+			continue;
+		snprintf(email, sizeof email, "v%d@example.com", i);
+		cart_event(&w, email, "V", "second", 1, T0 + DAY);
+		tick(&w, T0 + DAY + 3 * HOUR, &s);
+		sticky = sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON "
+			    "e.id = m.enrollment_id JOIN carts c ON c.id = e.cart_id WHERE "
+			    "c.cart_key = 'second' AND m.variant = 'B'") == 1;
+		break;
+	}
+	ok(sticky, "variants: a contact's second cart gets the same variant");
+	world_close(&w);
+}
+
+static void test_winback(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "winback") == 0, "winback: world opens"))
+		return;
+	product(&w, "A", "lighting", T0);
+	product(&w, "B", "lighting", T0);
+	/* lapsed: last order 91 days ago; active: 89 days; no consent */
+	order_line(&w, "o1", "lapsed@example.com", "A", 40, T0 - 91 * DAY, T0);
+	order_line(&w, "o2", "recent@example.com", "A", 40, T0 - 89 * DAY, T0);
+	order_line(&w, "o3", "quiet@example.com", "A", 40, T0 - 200 * DAY, T0);
+	db_scalar(w.app.db, "UPDATE contacts SET consent = 0 WHERE email = 'quiet@example.com'");
+	tick(&w, T0, &s);
+	is_int(winback_sent(&w, "lapsed@example.com", 1), 1,
+	       "a customer 91 days without an order gets win-back step 1 at once");
+	is_int(winback_sent(&w, "recent@example.com", 0), 0, "89 days: not yet");
+	is_int(winback_sent(&w, "quiet@example.com", 0), 0, "no consent: never");
+	long long m = sq(&w, "SELECT max(id) FROM messages");
+	struct buf mail = {0}, dec = {0};
+	outbox_read(&w, m, &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
+	ok(contains(dec.data, "Product B") && !contains(dec.data, "Product A"),
+	   "step 1 recommends B (a best seller of their category), never what they own");
+	buf_free(&mail), buf_free(&dec);
+
+	/* the recent one lapses two days later, and orders before step 2 */
+	tick(&w, T0 + 2 * DAY, &s);
+	is_int(winback_sent(&w, "recent@example.com", 1), 1, "the other customer lapses at 90 days");
+	order_line(&w, "o4", "recent@example.com", "B", 40, T0 + 3 * DAY, T0 + 3 * DAY);
+	/* step 2 a week later: a loyalty code, minimum spend = average order */
+	tick(&w, T0 + 7 * DAY, &s);
+	is_int(winback_sent(&w, "lapsed@example.com", 2), 1, "step 2 at +7 days");
+	ok(sq(&w, "SELECT count(*) FROM discounts WHERE percent = 15 AND min_spend = 40") == 1,
+	   "a 15 %% code with the average order value (40) as its minimum");
+	tick(&w, T0 + 10 * DAY, &s);
+	is_int(winback_sent(&w, "recent@example.com", 2), 0, "an order ends the win-back before step 2");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email = 'recent@example.com' AND e.exit_reason = 'order'"), 1,
+	       "... exit reason 'order'");
+
+	/* last chance 2 days before the code expires (7 + 14 - 2 = 19 days) */
+	tick(&w, T0 + 19 * DAY, &s);
+	is_int(winback_sent(&w, "lapsed@example.com", 3), 0, "the VIP-only step is skipped for a regular customer");
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 'lapsed@example.com' AND m.step = 4 AND m.status = 'sent'"), 1,
+	       "last chance at +19 days");
+	m = sq(&w, "SELECT max(id) FROM messages");
+	outbox_read(&w, m, &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
+	char *code = sq_text(&w, "SELECT code FROM discounts");
+	ok(code && contains(dec.data, code), "the last chance repeats the step 2 code");
+	free(code);
+	buf_free(&mail), buf_free(&dec);
+
+	/* once per lapse: still no order, no second win-back */
+	tick(&w, T0 + 100 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email = 'lapsed@example.com'"), 1, "once per lapse: no second enrollment");
+	/* they order at +120 days and lapse again at +210: within the cool-down
+	 * (180 days after the first) nothing, then again */
+	order_line(&w, "o5", "lapsed@example.com", "B", 40, T0 + 120 * DAY, T0 + 120 * DAY);
+	tick(&w, T0 + 175 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email = 'lapsed@example.com'"), 1, "a lapse within the 180-day cool-down: nothing");
+	tick(&w, T0 + 215 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email = 'lapsed@example.com'"), 2, "after the cool-down, a new lapse: a new win-back");
+	world_close(&w);
+}
+
+static void test_post_purchase(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "post") == 0, "post-purchase: world opens"))
+		return;
+	is_int(sq(&w, "SELECT enabled FROM flows WHERE name = 'post_purchase'"), 0,
+	       "post-purchase is off by default");
+	db_scalar(w.app.db, "UPDATE flows SET enabled = 1 WHERE name = 'post_purchase'");
+	order_line(&w, "pp1", "buyer@example.com", "A", 25, T0, T0);
+	tick(&w, T0 + 30 * MIN, &s);
+	is_int(s.sent, 0, "nothing in the first hour");
+	tick(&w, T0 + HOUR, &s);
+	is_int(s.sent, 1, "the thank-you at +1 h");
+	long long m = sq(&w, "SELECT max(id) FROM messages");
+	struct buf mail = {0}, dec = {0};
+	outbox_read(&w, m, &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
+	ok(contains(dec.data, "pp1") && contains(dec.data, "\xE2\x82\xAC" "25.00"),
+	   "it shows the order and its total");
+	buf_free(&mail), buf_free(&dec);
+	tick(&w, T0 + 10 * DAY, &s);
+	tick(&w, T0 + 21 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'sent'"), 3,
+	       "review request at +10 days, cross-sell at +21 days");
+	is_int(sq(&w, "SELECT count(*) FROM discounts"), 0, "never a discount after a purchase");
+	order_line(&w, "old", "history@example.com", "A", 25, T0 - 30 * DAY, T0 + 21 * DAY);
+	tick(&w, T0 + 22 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE flow_id = 3"), 1,
+	       "an imported old order starts no post-purchase flow");
+	world_close(&w);
+}
+
+static void test_lifecycle(void)
+{
+	test_threshold();
+	test_winback();
+	test_segments();
+	test_recommendations();
+	test_post_purchase();
+}
+
+static void test_sending(void)
+{
+	struct world w;
+	struct tick_summary s;
+	struct report r;
+
+	/* a hook cart dated 10 days back: no burst of three steps */
+	if (!ok(world_open(&w, "stale") == 0, "stale: world opens"))
+		return;
+	is_int(w.cfg.max_lateness_hours, 24, "max_lateness_hours defaults to 24");
+	rm_time now = T0 + 30 * DAY;
+	cart_dated(&w, "old@example.com", "old1", now - 10 * DAY, now);
+	long sent = 0, stale = 0;
+	for (int i = 0; i < 3; i++) {
+		tick(&w, now + i * 60, &s);
+		sent += s.sent;
+		stale += s.stale;
+	}
+	is_int(sent, 0, "stale: a cart dated 10 days back gets nothing in three one-minute ticks");
+	is_int(stale, 3, "... its three steps are stale");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'skipped' AND error LIKE 'stale: %%'"),
+	       3, "... recorded (skipped, reason stale), not sent");
+	is_int(outbox_count(&w), 0, "... the outbox is empty");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE status = 'done'"), 1,
+	       "... the sequence is over");
+	memset(&r, 0, sizeof r);
+	int built = report_build(&w.app, now - DAY, now + DAY, &r);
+	ok(built == 0 && r.stale == 3, "... the report counts 3 stale steps (%ld)", r.stale);
+	struct buf j = {0};
+	report_json(&r, &j);
+	ok(j.data && strstr(j.data, "\"stale_steps\":3"), "... report JSON: stale_steps 3");
+	buf_free(&j);
+	world_close(&w);
+
+	/* late, but the next step keeps its own schedule */
+	if (!ok(world_open(&w, "stale2") == 0, "stale2: world opens"))
+		return;
+	cart_dated(&w, "late@example.com", "late1", T0, T0);
+	tick(&w, T0 + 26 * HOUR, &s);
+	ok(s.stale == 1 && s.sent == 1, "stale2: first tick 26 h after the cart: step 1 "
+	   "(half the 23 h to step 2 is its limit) stale, step 2 sent (stale %ld, sent %ld)",
+	   s.stale, s.sent);
+	is_int(sq(&w, "SELECT step FROM messages WHERE status = 'sent'"), 2, "... the one sent is step 2");
+	tick(&w, T0 + 72 * HOUR - 60, &s);
+	is_int(s.sent, 0, "... step 3 not before its own time");
+	tick(&w, T0 + 72 * HOUR + 60, &s);
+	is_int(s.sent, 1, "... step 3 sent at 72 h, on time");
+	world_close(&w);
+
+	/* a 30-day outage: month-old steps are not sent, a new cart is */
+	if (!ok(world_open(&w, "outage") == 0, "outage: world opens"))
+		return;
+	cart_dated(&w, "before@example.com", "before1", T0, T0);
+	tick(&w, T0 + HOUR + 60, &s);
+	is_int(s.sent, 1, "outage: step 1 sent before the outage");
+	cart_dated(&w, "during@example.com", "during1", T0 + 30 * DAY - 2 * HOUR,
+		   T0 + 30 * DAY - 2 * HOUR);
+	tick(&w, T0 + 30 * DAY, &s);
+	ok(s.sent == 1 && s.stale == 2, "outage: the first tick after 30 days: the "
+	   "month-old steps 2 and 3 stale, the new cart's reminder sent (sent %ld, stale %ld)",
+	   s.sent, s.stale);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 'before@example.com' AND m.status = 'sent'"), 1,
+	       "... the old shopper got only the reminder sent on time");
+	world_close(&w);
+
+	/* max_lateness_hours = 0: never stale */
+	if (!ok(world_open(&w, "nostale") == 0, "nostale: world opens"))
+		return;
+	w.cfg.max_lateness_hours = 0;
+	cart_dated(&w, "old@example.com", "old1", T0, T0 + 10 * DAY);
+	tick(&w, T0 + 10 * DAY, &s);
+	ok(s.sent == 1 && s.stale == 0, "max_lateness_hours = 0: a 10-day-old step is sent");
+	world_close(&w);
+
+	/* the "sending" state cannot be written (a full disk): nothing is sent */
+	if (!ok(world_open(&w, "full") == 0, "full: world opens"))
+		return;
+	cart_dated(&w, "a@example.com", "fa", T0, T0);
+	cart_dated(&w, "b@example.com", "fb", T0, T0);
+	db_scalar(w.app.db, "CREATE TRIGGER full_before BEFORE UPDATE OF attempts ON messages "
+		  "WHEN NEW.attempts > OLD.attempts BEGIN "
+		  "SELECT RAISE(ABORT, 'database or disk is full'); END");
+	ok(flow_tick(&w.app, T0 + HOUR + 60, &s) < 0,
+	   "full: the \"sending\" state cannot be written: the tick stops");
+	is_int(outbox_count(&w), 0, "... and nothing was sent");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE attempts = 0"), 2, "... nor counted");
+	db_scalar(w.app.db, "DROP TRIGGER full_before");
+	/* the outcome cannot be written: the tick stops after that message */
+	db_scalar(w.app.db, "CREATE TRIGGER full_after BEFORE UPDATE OF status ON messages "
+		  "WHEN NEW.status = 'sent' BEGIN "
+		  "SELECT RAISE(ABORT, 'database or disk is full'); END");
+	ok(flow_tick(&w.app, T0 + HOUR + 60 + 301, &s) < 0,
+	   "full: the outcome of a sent message cannot be written: the tick stops");
+	is_int(outbox_count(&w), 1, "... after that one message, not going on to the next");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'sending' AND attempts = 1 "
+		  "AND message_id IS NOT NULL"), 1,
+	       "... which is known to be in flight, with its Message-ID kept for the repeat");
+	db_scalar(w.app.db, "DROP TRIGGER full_after");
+	tick(&w, T0 + HOUR + 60 + 602, &s);
+	ok(s.sent == 2 && outbox_count(&w) == 2, "full: with room again both are sent, "
+	   "one file each (sent %ld)", s.sent);
+	world_close(&w);
+}
+
+/* ==== Tick runs ======================================================= */
 
 /* The tick's time budget and its recorded runs (POST /tick, /tick/<id>). */
 static void test_tick_runs(void)
@@ -1900,242 +3259,7 @@ static void test_tick_runs(void)
 	world_close(&w);
 }
 
-/* ==== 9. HTTP =========================================================== */
-
-/* cart_url with {cart} and {code} replaced (values here need no escaping). */
-static void expand_cart_url(const char *url, const char *cart, const char *code, struct buf *out)
-{
-	while (*url) {
-		if (!strncmp(url, "{cart}", 6))
-			buf_adds(out, cart), url += 6;
-		else if (!strncmp(url, "{code}", 6))
-			buf_adds(out, code), url += 6;
-		else
-			buf_add(out, url++, 1);
-	}
-}
-
-static void test_http(void)
-{
-	struct world w;
-	struct http_resp rs;
-	char sig[256], path[160], tok[TOK_MAXLEN + 1], bearer[128];
-	if (!ok(world_open(&w, "http") == 0, "http: world opens"))
-		return;
-	rm_time now = T0;
-
-	/* routes */
-	http(&w, "GET", "/health", NULL, NULL, NULL, now, &rs);
-	ok(rs.status == 200 && rs.body.data && !strcmp(rs.body.data, "ok\n"), "GET /health -> 200 ok");
-	http_resp_free(&rs);
-	http(&w, "GET", "/nope", NULL, NULL, NULL, now, &rs);
-	is_int(rs.status, 404, "GET /nope -> 404");
-	ok(contains(rs.content_type, "application/json") && contains(rs.body.data, "\"error\""),
-	   "... with a JSON body containing \"error\"");
-	http_resp_free(&rs);
-	http(&w, "GET", "/r/", NULL, NULL, NULL, now, &rs);
-	is_int(rs.status, 404, "GET /r/ (no token) -> 404");
-	http_resp_free(&rs);
-	http(&w, "GET", "/events", NULL, NULL, NULL, now, &rs);
-	is_int(rs.status, 405, "GET /events -> 405");
-	is_str(resp_header(&rs, "Allow"), "POST", "... with Allow: POST");
-	ok(contains(rs.body.data, "\"error\""), "... and a JSON error");
-	http_resp_free(&rs);
-	http(&w, "DELETE", "/u/abc", NULL, NULL, NULL, now, &rs);
-	is_int(rs.status, 405, "DELETE /u/... -> 405");
-	is_str(resp_header(&rs, "Allow"), "GET, HEAD, POST", "... with Allow: GET, HEAD, POST");
-	http_resp_free(&rs);
-
-	/* /events: signatures */
-	const char *ev = "{\"type\":\"cart\",\"email\":\"ann@example.com\",\"name\":\"Ann\",\"consent\":true,"
-			 "\"cart_id\":\"c-http\",\"items\":[{\"sku\":\"S1\",\"name\":\"Lamp\",\"price\":10}]}";
-	http(&w, "POST", "/events", ev, NULL, NULL, now, &rs);
-	is_int(rs.status, 401, "POST /events without a signature -> 401");
-	ok(contains(rs.body.data, "\"error\""), "... with a JSON error");
-	http_resp_free(&rs);
-	hook_sign("not-the-secret", now, ev, strlen(ev), sig, sizeof sig);
-	http(&w, "POST", "/events", ev, sig, NULL, now, &rs);
-	is_int(rs.status, 401, "POST /events signed with another secret -> 401");
-	http_resp_free(&rs);
-	hook_sign(w.cfg.hook_secret, now - 301, ev, strlen(ev), sig, sizeof sig);
-	http(&w, "POST", "/events", ev, sig, NULL, now, &rs);
-	is_int(rs.status, 401, "POST /events signed 301 s ago -> 401");
-	http_resp_free(&rs);
-	is_int(sq(&w, "SELECT count(*) FROM events"), 0, "no event stored by refused requests");
-	hook_sign(w.cfg.hook_secret, now, ev, strlen(ev), sig, sizeof sig);
-	struct http_req rq = {.method = "POST", .path = "/events", .content_type = "text/plain",
-			      .signature = sig, .body = ev, .body_len = strlen(ev)};
-	memset(&rs, 0, sizeof rs);
-	http_handle(&w.app, &rq, &rs, now);
-	is_int(rs.status, 415, "POST /events as text/plain -> 415");
-	http_resp_free(&rs);
-	rq.content_type = "application/json";
-	rq.body_too_large = 1;
-	memset(&rs, 0, sizeof rs);
-	http_handle(&w.app, &rq, &rs, now);
-	is_int(rs.status, 413, "POST /events with body_too_large -> 413");
-	http_resp_free(&rs);
-	http(&w, "POST", "/events", ev, sig, NULL, now, &rs);
-	is_int(rs.status, 202, "POST /events with a valid signature -> 202");
-	is_str(rs.body.data, "{\"accepted\":1,\"duplicates\":0}", "... answering what was accepted");
-	http_resp_free(&rs);
-	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key='c-http'"), 1, "... the cart is stored");
-	http(&w, "POST", "/collect", "{\"type\":\"order\",\"order_id\":\"o-x\",\"email\":\"ann@example.com\"}",
-	     NULL, NULL, now, &rs);
-	is_int(rs.status, 403, "POST /collect with an order -> 403");
-	http_resp_free(&rs);
-
-	/* /tick: bearer */
-	now = T0 + HOUR;
-	http(&w, "POST", "/tick", NULL, NULL, NULL, now, &rs);
-	is_int(rs.status, 401, "POST /tick without a bearer -> 401");
-	http_resp_free(&rs);
-	http(&w, "POST", "/tick", NULL, NULL, "Bearer wrong-token", now, &rs);
-	is_int(rs.status, 401, "POST /tick with a wrong bearer -> 401");
-	http_resp_free(&rs);
-	snprintf(bearer, sizeof bearer, "Bearer %s", w.cfg.tick_token);
-	http(&w, "POST", "/tick", NULL, NULL, bearer, now, &rs);
-	is_int(rs.status, 202, "POST /tick with the bearer -> 202 (run in the request here: no sender)");
-	ok(contains(rs.content_type, "application/json") && rs.body.data && rs.body.data[0] == '{' &&
-		   contains(rs.body.data, "\"sent\":1") && contains(rs.body.data, "\"now\":1795003600"),
-	   "... with a JSON summary: the cart's step 1 was sent (%s)", rs.body.data ? rs.body.data : "");
-	http_resp_free(&rs);
-
-	/* /r/ links */
-	long long m1 = sq(&w, "SELECT id FROM messages WHERE step=1");
-	ok(m1 > 0, "a message row to link to");
-	tok_sign(w.app.key, TOK_RECOVER, m1, now + 30 * DAY, tok, sizeof tok);
-	snprintf(path, sizeof path, "/r/%s", tok);
-	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
-	is_int(rs.status, 302, "GET /r/<valid> -> 302");
-	struct buf want = {0};
-	expand_cart_url(w.cfg.cart_url, "c-http", "", &want);
-	is_str(resp_header(&rs, "Location"), want.data, "... Location is cart_url with {cart} expanded");
-	buf_free(&want);
-	http_resp_free(&rs);
-	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind='click' AND message=%lld", m1), 1,
-	       "... the click is recorded");
-	unsigned char other[RM_KEYBYTES];
-	memset(other, 0x42, sizeof other);
-	tok_sign(other, TOK_RECOVER, m1, now + 30 * DAY, tok, sizeof tok);
-	snprintf(path, sizeof path, "/r/%s", tok);
-	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
-	is_int(rs.status, 400, "GET /r/<forged> -> 400");
-	ok(contains(rs.content_type, "text/html"), "... as a text/html page");
-	ok(contains(rs.body.data, "not one we sent"), "... saying the link is not ours");
-	http_resp_free(&rs);
-	tok_sign(w.app.key, TOK_RECOVER, m1, now - 1, tok, sizeof tok);
-	snprintf(path, sizeof path, "/r/%s", tok);
-	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
-	ok(rs.status == 400 && contains(rs.body.data, "expired"), "GET /r/<expired> -> 400, expired");
-	http_resp_free(&rs);
-	tok_sign(w.app.key, TOK_UNSUB, m1, now + DAY, tok, sizeof tok);
-	snprintf(path, sizeof path, "/r/%s", tok);
-	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
-	is_int(rs.status, 400, "GET /r/<unsubscribe token> -> 400");
-	http_resp_free(&rs);
-	tok_sign(w.app.key, TOK_RECOVER, 999999, now + DAY, tok, sizeof tok);
-	snprintf(path, sizeof path, "/r/%s", tok);
-	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
-	is_int(rs.status, 400, "GET /r/<token of a message we do not have> -> 400");
-	http_resp_free(&rs);
-	http(&w, "GET", "/r/%3Cscript%3E", NULL, NULL, NULL, now, &rs);
-	ok(rs.status == 400 && !contains(rs.body.data, "<script>"), "GET /r/<garbage> -> 400, nothing echoed");
-	http_resp_free(&rs);
-	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind='click'"), 1, "refused links record nothing");
-
-	/* the open pixel */
-	tok_sign(w.app.key, TOK_OPEN, m1, now + DAY, tok, sizeof tok);
-	snprintf(path, sizeof path, "/o/%s.gif", tok);
-	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
-	ok(rs.status == 200 && contains(rs.content_type, "image/gif") && rs.body.len > 6 &&
-		   !memcmp(rs.body.data, "GIF89a", 6), "GET /o/<token>.gif -> 200, a GIF");
-	http_resp_free(&rs);
-	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind='open' AND message=%lld", m1), 1,
-	       "... the open is recorded");
-	world_close(&w);
-}
-
-/* ==== main ============================================================== */
-
-static int find_templates(void)
-{
-	char from_file[PATH_MAX], probe[PATH_MAX + 32];
-	const char *slash = strrchr(__FILE__, '/');
-	snprintf(from_file, sizeof from_file, "%.*s../templates",
-		 slash ? (int)(slash - __FILE__ + 1) : 0, __FILE__);
-	const char *cands[] = {getenv("RM_TEMPLATES"), from_file, "templates"};
-	for (size_t i = 0; i < 3; i++) {
-		if (!cands[i] || !realpath(cands[i], templates))
-			continue;
-		snprintf(probe, sizeof probe, "%s/cart_reminder.txt", templates);
-		if (access(probe, R_OK) == 0)
-			return 0;
-	}
-	return -1;
-}
-
-/* Only our own REMARKET_* variables: none from the caller's environment. */
-static void clear_env(void)
-{
-	extern char **environ;
-	for (int again = 1; again;) {
-		again = 0;
-		for (char **e = environ; *e; e++) {
-			if (strncmp(*e, "REMARKET_", 9) != 0)
-				continue;
-			char name[128];
-			snprintf(name, sizeof name, "%.*s", (int)strcspn(*e, "="), *e);
-			unsetenv(name);
-			again = 1;
-			break;
-		}
-	}
-}
-
-static int setup(void)
-{
-	char path[PATH_MAX + 32];
-	unsigned char key[RM_KEYBYTES];
-	snprintf(tmpdir, sizeof tmpdir, "/tmp/rm-unit-XXXXXX");
-	if (!mkdtemp(tmpdir)) {
-		printf("Bail out! mkdtemp: %s\n", strerror(errno));
-		return -1;
-	}
-	if (find_templates() < 0) {
-		printf("Bail out! templates/ not found: set RM_TEMPLATES\n");
-		return -1;
-	}
-	clear_env();
-	for (int i = 0; i < RM_KEYBYTES; i++)
-		key[i] = (unsigned char)(i * 13 + 1);
-	snprintf(path, sizeof path, "%s/key", tmpdir);
-	if (write_file(path, key, sizeof key) < 0)
-		return -1;
-	setenv("REMARKET_KEY_FILE", path, 1);
-	snprintf(path, sizeof path, "%s/empty.conf", tmpdir);
-	write_file(path, "", 0);
-	setenv("REMARKET_CONFIG", path, 1); /* never ./remarket.conf */
-	setenv("REMARKET_TEMPLATES", templates, 1);
-	setenv("REMARKET_SMTP_URL", "", 1);
-	setenv("REMARKET_HOOK_SECRET", HOOK_SECRET, 1);
-	setenv("REMARKET_TICK_TOKEN", TICK_TOKEN, 1);
-	setenv("REMARKET_CART_URL", CART_URL, 1);
-	setenv("REMARKET_BASE_URL", BASE_URL, 1);
-	setenv("REMARKET_FROM", "Maison Demo <shop@example.com>", 1);
-	return 0;
-}
-
-
-/* ==== Measurement: holdouts, variants, attribution, the report ========== */
-
-static int near(double got, double want, double tol, const char *name)
-{
-	int r = ok(fabs(got - want) <= tol, "%s", name);
-	if (!r)
-		diag("got %.6f, want %.6f (+- %g)", got, want, tol);
-	return r;
-}
+/* ==== The report ====================================================== */
 
 static void test_stats(void)
 {
@@ -2168,130 +3292,6 @@ static void test_stats(void)
 	ok(l.too_small, "stat_lift: 4 conversions in all is too small to tell");
 	stat_lift(0, 0, 0, 0, &l);
 	ok(l.too_small && l.diff == 0 && l.lo == 0 && l.hi == 0, "stat_lift: empty groups give zeros");
-}
-
-static void test_holdout(void)
-{
-	struct world w;
-	struct tick_summary s;
-	char email[64], key[96];
-	if (!ok(world_open(&w, "holdout") == 0, "holdout: world opens"))
-		return;
-	db_scalar(w.app.db, "UPDATE flows SET holdout_pct = 10");
-	int want = 0;
-	for (int i = 0; i < 200; i++) {
-		snprintf(email, sizeof email, "h%d@example.com", i);
-		char cart[16];
-		snprintf(cart, sizeof cart, "h%d", i);
-		cart_event(&w, email, "H", cart, 1, T0);
-		snprintf(key, sizeof key, "holdout:1:%s", email);
-		want += rm_bucket(key) < 1000;
-	}
-	tick(&w, T0 + HOUR, &s);
-	is_int(s.enrolled, 200, "holdout: 200 carts enrolled");
-	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE holdout = 1"), want,
-	       "holdout: exactly the contacts whose bucket is under 1000 are held out");
-	is_int(s.sent, 200 - want, "holdout: the others, and only they, got step 1");
-	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON e.id = "
-		  "m.enrollment_id WHERE e.holdout = 1"), 0, "holdout: no message row for the held out");
-	tick(&w, T0 + 4 * DAY, &s);
-	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON e.id = "
-		  "m.enrollment_id WHERE e.holdout = 1"), 0, "holdout: still none after 4 days");
-	world_close(&w);
-}
-
-static void test_variants(void)
-{
-	struct world w;
-	struct tick_summary s;
-	char email[64], key[96], cart[16];
-	if (!ok(world_open(&w, "variants") == 0, "variants: world opens"))
-		return;
-	/* B of step 1 waits 2 h instead of 1 h */
-	db_scalar(w.app.db, "INSERT INTO step_variants (flow_id, position, delay_s, share) "
-		  "VALUES (1, 1, 7200, 50)");
-	int b = 0;
-	for (int i = 0; i < 100; i++) {
-		snprintf(email, sizeof email, "v%d@example.com", i);
-		snprintf(cart, sizeof cart, "v%d", i);
-		cart_event(&w, email, "V", cart, 1, T0);
-		snprintf(key, sizeof key, "ab:1:1:%s", email);
-		b += rm_bucket(key) < 5000;
-	}
-	ok(b > 30 && b < 70, "variants: about half the contacts fall in B (%d)", b);
-	tick(&w, T0 + HOUR, &s);
-	is_int(s.sent, 100 - b, "variants: at +1 h only A contacts get step 1");
-	tick(&w, T0 + 2 * HOUR, &s);
-	is_int(s.sent, b, "variants: at +2 h the B contacts get it (the variant's timing)");
-	is_int(sq(&w, "SELECT count(*) FROM messages WHERE variant = 'B'"), b,
-	       "variants: their messages are recorded as variant B");
-	/* sticky: a second cart of a B contact later gets B again */
-	int sticky = 1;
-	for (int i = 0; i < 100 && sticky; i++) {
-		snprintf(key, sizeof key, "ab:1:1:v%d@example.com", i);
-		if (rm_bucket(key) >= 5000)
-			continue;
-		snprintf(email, sizeof email, "v%d@example.com", i);
-		cart_event(&w, email, "V", "second", 1, T0 + DAY);
-		tick(&w, T0 + DAY + 3 * HOUR, &s);
-		sticky = sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON "
-			    "e.id = m.enrollment_id JOIN carts c ON c.id = e.cart_id WHERE "
-			    "c.cart_key = 'second' AND m.variant = 'B'") == 1;
-		break;
-	}
-	ok(sticky, "variants: a contact's second cart gets the same variant");
-	world_close(&w);
-}
-
-/* Clicks the recovery link of message ID at NOW. */
-static int click(struct world *w, long long id, rm_time now)
-{
-	char tok[TOK_MAXLEN + 1], path[128];
-	struct http_resp rs;
-	tok_sign(w->app.key, TOK_RECOVER, id, now + DAY, tok, sizeof tok);
-	snprintf(path, sizeof path, "/r/%s", tok);
-	http(w, "GET", path, NULL, NULL, NULL, now, &rs);
-	int st = rs.status;
-	http_resp_free(&rs);
-	return st;
-}
-
-static int order(struct world *w, const char *id, const char *email,
-		 const char *code, double total, rm_time now)
-{
-	char body[512];
-	struct ev_error err;
-	snprintf(body, sizeof body, "{\"type\":\"order\",\"order_id\":\"%s\","
-		 "\"email\":\"%s\",\"total\":%.2f,\"currency\":\"EUR\"%s%s%s}", id,
-		 email, total, code ? ",\"discount_code\":\"" : "", code ? code : "",
-		 code ? "\"" : "");
-	int rc = ingest(w, EV_HOOK, body, now, &err);
-	if (rc < 0)
-		diag("order %s: %d %s", id, rc, err.msg);
-	return rc;
-}
-
-static char *attribution(struct world *w, const char *order_id, long long *msg)
-{
-	char q[160];
-	snprintf(q, sizeof q, "SELECT coalesce(message, 0) FROM orders WHERE order_key = '%s'",
-		 order_id);
-	*msg = db_scalar(w->app.db, q);
-	snprintf(q, sizeof q, "SELECT coalesce(attribution, 'none') FROM orders "
-		 "WHERE order_key = '%s'", order_id);
-	return sq_text(w, q);
-}
-
-static void is_attr(struct world *w, const char *order_id, const char *how,
-		    long long msg, const char *name)
-{
-	long long got_msg;
-	char *got = attribution(w, order_id, &got_msg);
-	ok(got && !strcmp(got, how) && got_msg == msg, "%s", name);
-	if (!got || strcmp(got, how) || got_msg != msg)
-		diag("got %s to message %lld, want %s to %lld", got ? got : "(null)",
-		     got_msg, how, msg);
-	free(got);
 }
 
 static void test_attribution(void)
@@ -2505,461 +3505,147 @@ out:
 	free(r);
 }
 
-/* ==== Lifecycle: win-back, segments, recommendations, post-purchase ===== */
+/* ==== HTTP routes ===================================================== */
 
-static void set_cfg(char **slot, const char *v)
-{
-	free(*slot);
-	*slot = strdup(v);
-}
-
-/* An order of one line of SKU by EMAIL (consenting), at TS. */
-static int order_line(struct world *w, const char *id, const char *email,
-		      const char *sku, double price, rm_time ts, rm_time now)
-{
-	char body[512];
-	struct ev_error err;
-	snprintf(body, sizeof body, "{\"type\":\"order\",\"order_id\":\"%s\","
-		 "\"email\":\"%s\",\"consent\":true,\"total\":%.2f,\"ts\":%lld,"
-		 "\"items\":[{\"sku\":\"%s\",\"name\":\"%s\",\"price\":%.2f}]}",
-		 id, email, price, (long long)ts, sku, sku, price);
-	int rc = ingest(w, EV_CLI, body, now, &err);
-	if (rc < 0)
-		diag("order %s: %s", id, err.msg);
-	return rc;
-}
-
-static void product(struct world *w, const char *sku, const char *cat, rm_time now)
-{
-	char body[256];
-	struct ev_error err;
-	snprintf(body, sizeof body, "{\"type\":\"product\",\"sku\":\"%s\",\"name\":"
-		 "\"Product %s\",\"price\":10,\"category\":\"%s\",\"url\":"
-		 "\"https://shop.example/p/%s\"}", sku, sku, cat, sku);
-	ingest(w, EV_CLI, body, now, &err);
-}
-
-static void test_threshold(void)
+static void test_http(void)
 {
 	struct world w;
-	char why[200], id[32], email[64];
-	if (!ok(world_open(&w, "threshold") == 0, "threshold: world opens"))
+	struct http_resp rs;
+	char sig[256], path[160], tok[TOK_MAXLEN + 1], bearer[128];
+	if (!ok(world_open(&w, "http") == 0, "http: world opens"))
 		return;
-	long d = flow_lapse_days(&w.app, why, sizeof why);
-	is_int(d, 90, "lapse threshold: 90 days by default");
-	set_cfg(&w.cfg.winback_after, "auto");
-	d = flow_lapse_days(&w.app, why, sizeof why);
-	ok(d == 90 && contains(why, "only 0 repeat"), "auto with no repeat buyers: 90 (%s)", why);
-	/* 25 customers reorder after 120 days, 5 after 150: p90 = 150 */
-	for (int i = 0; i < 30; i++) {
-		snprintf(email, sizeof email, "t%d@example.com", i);
-		snprintf(id, sizeof id, "t%da", i);
-		order_line(&w, id, email, "A", 20, T0 - 400 * DAY, T0);
-		snprintf(id, sizeof id, "t%db", i);
-		order_line(&w, id, email, "A", 20, T0 - 400 * DAY + (i < 25 ? 120 : 150) * DAY, T0);
-	}
-	d = flow_lapse_days(&w.app, why, sizeof why);
-	ok(d == 150 && contains(why, "30 repeat purchases"),
-	   "auto: the 90th percentile of the gaps, 150 days (%s)", why);
-	/* a store whose customers come back within 30 days: raised to 60 */
-	for (int i = 0; i < 300; i++) {
-		snprintf(email, sizeof email, "f%d@example.com", i);
-		snprintf(id, sizeof id, "f%da", i);
-		order_line(&w, id, email, "A", 20, T0 - 100 * DAY, T0);
-		snprintf(id, sizeof id, "f%db", i);
-		order_line(&w, id, email, "A", 20, T0 - 70 * DAY, T0);
-	}
-	d = flow_lapse_days(&w.app, why, sizeof why);
-	ok(d == 60 && contains(why, "raised to the minimum of 60"),
-	   "auto: clamped to 60 days (%s)", why);
+	rm_time now = T0;
+
+	/* routes */
+	http(&w, "GET", "/health", NULL, NULL, NULL, now, &rs);
+	ok(rs.status == 200 && rs.body.data && !strcmp(rs.body.data, "ok\n"), "GET /health -> 200 ok");
+	http_resp_free(&rs);
+	http(&w, "GET", "/nope", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 404, "GET /nope -> 404");
+	ok(contains(rs.content_type, "application/json") && contains(rs.body.data, "\"error\""),
+	   "... with a JSON body containing \"error\"");
+	http_resp_free(&rs);
+	http(&w, "GET", "/r/", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 404, "GET /r/ (no token) -> 404");
+	http_resp_free(&rs);
+	http(&w, "GET", "/events", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 405, "GET /events -> 405");
+	is_str(resp_header(&rs, "Allow"), "POST", "... with Allow: POST");
+	ok(contains(rs.body.data, "\"error\""), "... and a JSON error");
+	http_resp_free(&rs);
+	http(&w, "DELETE", "/u/abc", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 405, "DELETE /u/... -> 405");
+	is_str(resp_header(&rs, "Allow"), "GET, HEAD, POST", "... with Allow: GET, HEAD, POST");
+	http_resp_free(&rs);
+
+	/* /events: signatures */
+	const char *ev = "{\"type\":\"cart\",\"email\":\"ann@example.com\",\"name\":\"Ann\",\"consent\":true,"
+			 "\"cart_id\":\"c-http\",\"items\":[{\"sku\":\"S1\",\"name\":\"Lamp\",\"price\":10}]}";
+	http(&w, "POST", "/events", ev, NULL, NULL, now, &rs);
+	is_int(rs.status, 401, "POST /events without a signature -> 401");
+	ok(contains(rs.body.data, "\"error\""), "... with a JSON error");
+	http_resp_free(&rs);
+	hook_sign("not-the-secret", now, ev, strlen(ev), sig, sizeof sig);
+	http(&w, "POST", "/events", ev, sig, NULL, now, &rs);
+	is_int(rs.status, 401, "POST /events signed with another secret -> 401");
+	http_resp_free(&rs);
+	hook_sign(w.cfg.hook_secret, now - 301, ev, strlen(ev), sig, sizeof sig);
+	http(&w, "POST", "/events", ev, sig, NULL, now, &rs);
+	is_int(rs.status, 401, "POST /events signed 301 s ago -> 401");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM events"), 0, "no event stored by refused requests");
+	hook_sign(w.cfg.hook_secret, now, ev, strlen(ev), sig, sizeof sig);
+	struct http_req rq = {.method = "POST", .path = "/events", .content_type = "text/plain",
+			      .signature = sig, .body = ev, .body_len = strlen(ev)};
+	memset(&rs, 0, sizeof rs);
+	http_handle(&w.app, &rq, &rs, now);
+	is_int(rs.status, 415, "POST /events as text/plain -> 415");
+	http_resp_free(&rs);
+	rq.content_type = "application/json";
+	rq.body_too_large = 1;
+	memset(&rs, 0, sizeof rs);
+	http_handle(&w.app, &rq, &rs, now);
+	is_int(rs.status, 413, "POST /events with body_too_large -> 413");
+	http_resp_free(&rs);
+	http(&w, "POST", "/events", ev, sig, NULL, now, &rs);
+	is_int(rs.status, 202, "POST /events with a valid signature -> 202");
+	is_str(rs.body.data, "{\"accepted\":1,\"duplicates\":0}", "... answering what was accepted");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key='c-http'"), 1, "... the cart is stored");
+	http(&w, "POST", "/collect", "{\"type\":\"order\",\"order_id\":\"o-x\",\"email\":\"ann@example.com\"}",
+	     NULL, NULL, now, &rs);
+	is_int(rs.status, 403, "POST /collect with an order -> 403");
+	http_resp_free(&rs);
+
+	/* /tick: bearer */
+	now = T0 + HOUR;
+	http(&w, "POST", "/tick", NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 401, "POST /tick without a bearer -> 401");
+	http_resp_free(&rs);
+	http(&w, "POST", "/tick", NULL, NULL, "Bearer wrong-token", now, &rs);
+	is_int(rs.status, 401, "POST /tick with a wrong bearer -> 401");
+	http_resp_free(&rs);
+	snprintf(bearer, sizeof bearer, "Bearer %s", w.cfg.tick_token);
+	http(&w, "POST", "/tick", NULL, NULL, bearer, now, &rs);
+	is_int(rs.status, 202, "POST /tick with the bearer -> 202 (run in the request here: no sender)");
+	ok(contains(rs.content_type, "application/json") && rs.body.data && rs.body.data[0] == '{' &&
+		   contains(rs.body.data, "\"sent\":1") && contains(rs.body.data, "\"now\":1795003600"),
+	   "... with a JSON summary: the cart's step 1 was sent (%s)", rs.body.data ? rs.body.data : "");
+	http_resp_free(&rs);
+
+	/* /r/ links */
+	long long m1 = sq(&w, "SELECT id FROM messages WHERE step=1");
+	ok(m1 > 0, "a message row to link to");
+	tok_sign(w.app.key, TOK_RECOVER, m1, now + 30 * DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 302, "GET /r/<valid> -> 302");
+	struct buf want = {0};
+	expand_cart_url(w.cfg.cart_url, "c-http", "", &want);
+	is_str(resp_header(&rs, "Location"), want.data, "... Location is cart_url with {cart} expanded");
+	buf_free(&want);
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind='click' AND message=%lld", m1), 1,
+	       "... the click is recorded");
+	unsigned char other[RM_KEYBYTES];
+	memset(other, 0x42, sizeof other);
+	tok_sign(other, TOK_RECOVER, m1, now + 30 * DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 400, "GET /r/<forged> -> 400");
+	ok(contains(rs.content_type, "text/html"), "... as a text/html page");
+	ok(contains(rs.body.data, "not one we sent"), "... saying the link is not ours");
+	http_resp_free(&rs);
+	tok_sign(w.app.key, TOK_RECOVER, m1, now - 1, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	ok(rs.status == 400 && contains(rs.body.data, "expired"), "GET /r/<expired> -> 400, expired");
+	http_resp_free(&rs);
+	tok_sign(w.app.key, TOK_UNSUB, m1, now + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 400, "GET /r/<unsubscribe token> -> 400");
+	http_resp_free(&rs);
+	tok_sign(w.app.key, TOK_RECOVER, 999999, now + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	is_int(rs.status, 400, "GET /r/<token of a message we do not have> -> 400");
+	http_resp_free(&rs);
+	http(&w, "GET", "/r/%3Cscript%3E", NULL, NULL, NULL, now, &rs);
+	ok(rs.status == 400 && !contains(rs.body.data, "<script>"), "GET /r/<garbage> -> 400, nothing echoed");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind='click'"), 1, "refused links record nothing");
+
+	/* the open pixel */
+	tok_sign(w.app.key, TOK_OPEN, m1, now + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/o/%s.gif", tok);
+	http(&w, "GET", path, NULL, NULL, NULL, now, &rs);
+	ok(rs.status == 200 && contains(rs.content_type, "image/gif") && rs.body.len > 6 &&
+		   !memcmp(rs.body.data, "GIF89a", 6), "GET /o/<token>.gif -> 200, a GIF");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind='open' AND message=%lld", m1), 1,
+	       "... the open is recorded");
 	world_close(&w);
-}
-
-static long long winback_sent(struct world *w, const char *email, int step)
-{
-	char q[300];
-	snprintf(q, sizeof q, "SELECT count(*) FROM messages m JOIN enrollments e ON "
-		 "e.id = m.enrollment_id JOIN contacts c ON c.id = m.contact_id WHERE "
-		 "e.flow_id = 2 AND m.status = 'sent' AND c.email = '%s'%s", email,
-		 step == 1 ? " AND m.step = 1" : step == 2 ? " AND m.step = 2" :
-		 step == 3 ? " AND m.step = 3" : "");
-	return db_scalar(w->app.db, q);
-}
-
-static void test_winback(void)
-{
-	struct world w;
-	struct tick_summary s;
-	if (!ok(world_open(&w, "winback") == 0, "winback: world opens"))
-		return;
-	product(&w, "A", "lighting", T0);
-	product(&w, "B", "lighting", T0);
-	/* lapsed: last order 91 days ago; active: 89 days; no consent */
-	order_line(&w, "o1", "lapsed@example.com", "A", 40, T0 - 91 * DAY, T0);
-	order_line(&w, "o2", "recent@example.com", "A", 40, T0 - 89 * DAY, T0);
-	order_line(&w, "o3", "quiet@example.com", "A", 40, T0 - 200 * DAY, T0);
-	db_scalar(w.app.db, "UPDATE contacts SET consent = 0 WHERE email = 'quiet@example.com'");
-	tick(&w, T0, &s);
-	is_int(winback_sent(&w, "lapsed@example.com", 1), 1,
-	       "a customer 91 days without an order gets win-back step 1 at once");
-	is_int(winback_sent(&w, "recent@example.com", 0), 0, "89 days: not yet");
-	is_int(winback_sent(&w, "quiet@example.com", 0), 0, "no consent: never");
-	long long m = sq(&w, "SELECT max(id) FROM messages");
-	struct buf mail = {0}, dec = {0};
-	outbox_read(&w, m, &mail);
-	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
-	ok(contains(dec.data, "Product B") && !contains(dec.data, "Product A"),
-	   "step 1 recommends B (a best seller of their category), never what they own");
-	buf_free(&mail), buf_free(&dec);
-
-	/* the recent one lapses two days later, and orders before step 2 */
-	tick(&w, T0 + 2 * DAY, &s);
-	is_int(winback_sent(&w, "recent@example.com", 1), 1, "the other customer lapses at 90 days");
-	order_line(&w, "o4", "recent@example.com", "B", 40, T0 + 3 * DAY, T0 + 3 * DAY);
-	/* step 2 a week later: a loyalty code, minimum spend = average order */
-	tick(&w, T0 + 7 * DAY, &s);
-	is_int(winback_sent(&w, "lapsed@example.com", 2), 1, "step 2 at +7 days");
-	ok(sq(&w, "SELECT count(*) FROM discounts WHERE percent = 15 AND min_spend = 40") == 1,
-	   "a 15 %% code with the average order value (40) as its minimum");
-	tick(&w, T0 + 10 * DAY, &s);
-	is_int(winback_sent(&w, "recent@example.com", 2), 0, "an order ends the win-back before step 2");
-	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
-		  "WHERE c.email = 'recent@example.com' AND e.exit_reason = 'order'"), 1,
-	       "... exit reason 'order'");
-
-	/* last chance 2 days before the code expires (7 + 14 - 2 = 19 days) */
-	tick(&w, T0 + 19 * DAY, &s);
-	is_int(winback_sent(&w, "lapsed@example.com", 3), 0, "the VIP-only step is skipped for a regular customer");
-	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
-		  "WHERE c.email = 'lapsed@example.com' AND m.step = 4 AND m.status = 'sent'"), 1,
-	       "last chance at +19 days");
-	m = sq(&w, "SELECT max(id) FROM messages");
-	outbox_read(&w, m, &mail);
-	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
-	char *code = sq_text(&w, "SELECT code FROM discounts");
-	ok(code && contains(dec.data, code), "the last chance repeats the step 2 code");
-	free(code);
-	buf_free(&mail), buf_free(&dec);
-
-	/* once per lapse: still no order, no second win-back */
-	tick(&w, T0 + 100 * DAY, &s);
-	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
-		  "WHERE c.email = 'lapsed@example.com'"), 1, "once per lapse: no second enrollment");
-	/* they order at +120 days and lapse again at +210: within the cool-down
-	 * (180 days after the first) nothing, then again */
-	order_line(&w, "o5", "lapsed@example.com", "B", 40, T0 + 120 * DAY, T0 + 120 * DAY);
-	tick(&w, T0 + 175 * DAY, &s);
-	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
-		  "WHERE c.email = 'lapsed@example.com'"), 1, "a lapse within the 180-day cool-down: nothing");
-	tick(&w, T0 + 215 * DAY, &s);
-	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
-		  "WHERE c.email = 'lapsed@example.com'"), 2, "after the cool-down, a new lapse: a new win-back");
-	world_close(&w);
-}
-
-static void test_segments(void)
-{
-	struct world w;
-	char id[32], email[64];
-	if (!ok(world_open(&w, "segments") == 0, "segments: world opens"))
-		return;
-	/* ten customers: i orders of 10*i each, the last i days ago * 10 */
-	for (int i = 1; i <= 10; i++) {
-		snprintf(email, sizeof email, "s%02d@example.com", i);
-		for (int k = 0; k < i; k++) {
-			snprintf(id, sizeof id, "s%d-%d", i, k);
-			order_line(&w, id, email, "A", 10.0 * i, T0 - (11 - i) * 5 * DAY - k * DAY, T0);
-		}
-	}
-	order_line(&w, "new1", "new@example.com", "A", 5, T0 - 2 * DAY, T0);
-	order_line(&w, "old1", "gone@example.com", "A", 5, T0 - 400 * DAY, T0);
-	order_line(&w, "old2", "gone@example.com", "A", 5, T0 - 300 * DAY, T0);
-	order_line(&w, "lap1", "lapsed@example.com", "A", 5, T0 - 100 * DAY, T0);
-	ok(flow_segments(&w.app, T0) == 0, "segments computed");
-	is_int(sq(&w, "SELECT count(*) FROM segments"), 13, "every customer with an order has a row");
-	is_int(sq(&w, "SELECT f FROM segments s JOIN contacts c ON c.id = s.contact_id "
-		  "WHERE c.email = 's10@example.com'"), 5, "the most frequent buyer: F = 5");
-	is_int(sq(&w, "SELECT r FROM segments s JOIN contacts c ON c.id = s.contact_id "
-		  "WHERE c.email = 'gone@example.com'"), 1, "the longest gone: R = 1");
-	char *seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
-			    "c.id = s.contact_id WHERE c.email = 's10@example.com'");
-	is_str(seg, "vip", "10 orders, the most money: vip");
-	free(seg);
-	seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
-		      "c.id = s.contact_id WHERE c.email = 'new@example.com'");
-	is_str(seg, "new", "one order 2 days ago: new");
-	free(seg);
-	seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
-		      "c.id = s.contact_id WHERE c.email = 'lapsed@example.com'");
-	is_str(seg, "lapsed", "100 days without an order: lapsed");
-	free(seg);
-	seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
-		      "c.id = s.contact_id WHERE c.email = 'gone@example.com'");
-	is_str(seg, "lost", "300 days: lost");
-	free(seg);
-
-	/* a VIP who lapses gets early access instead of the discount */
-	struct tick_summary t;
-	tick(&w, T0 + 40 * DAY, &t);   /* s10's last order was T0-5d-9d */
-	tick(&w, T0 + 120 * DAY, &t);
-	tick(&w, T0 + 127 * DAY, &t);
-	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
-		  "WHERE c.email = 's10@example.com' AND m.step = 3 AND m.status = 'sent'"), 1,
-	       "a lapsed VIP gets the early-access step");
-	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
-		  "WHERE c.email = 's10@example.com' AND m.step = 2 AND m.status = 'sent'"), 0,
-	       "... and not the discount");
-	world_close(&w);
-}
-
-/* enum segment and segment_names[] against the SQL that writes the
- * names: every name SEGMENTS_FILL writes is in the array, each of the
- * array's names is written for some customer, and the report counts by
- * the array's order. */
-static void test_segment_names(void)
-{
-	struct world w;
-	char id[32], email[64];
-	if (!ok(world_open(&w, "segnames") == 0, "segment names: world opens"))
-		return;
-	for (int i = 1; i <= 10; i++) { /* as test_segments: new to vip */
-		snprintf(email, sizeof email, "s%02d@example.com", i);
-		for (int k = 0; k < i; k++) {
-			snprintf(id, sizeof id, "s%d-%d", i, k);
-			order_line(&w, id, email, "A", 10.0 * i, T0 - (11 - i) * 5 * DAY - k * DAY, T0);
-		}
-	}
-	order_line(&w, "new1", "new@example.com", "A", 5, T0 - 2 * DAY, T0);
-	order_line(&w, "old1", "gone@example.com", "A", 5, T0 - 400 * DAY, T0);
-	order_line(&w, "old2", "gone@example.com", "A", 5, T0 - 300 * DAY, T0);
-	order_line(&w, "lap1", "lapsed@example.com", "A", 5, T0 - 100 * DAY, T0);
-	ok(flow_segments(&w.app, T0) == 0, "segment names: segments computed");
-	long long all = sq(&w, "SELECT count(*) FROM segments"), known = 0;
-	for (int i = 0; i < SEG__MAX; i++) {
-		long long n = sq(&w, "SELECT count(*) FROM segments WHERE segment = '%s'",
-				 segment_names[i]);
-		ok(n > 0, "the SQL writes segment_names[%d] '%s' (%lld customers)", i,
-		   segment_names[i], n);
-		known += n;
-	}
-	is_int(known, all, "every segment the SQL writes is one of segment_names[]");
-	struct report *r = calloc(1, sizeof *r);
-	if (r && report_build(&w.app, T0 - DAY, T0, r) == 0) {
-		for (int i = 0; i < SEG__MAX; i++) {
-			char name[64];
-			snprintf(name, sizeof name, "report: segments[%d] counts '%s'", i,
-				 segment_names[i]);
-			is_int(r->segments[i], sq(&w, "SELECT count(*) FROM segments "
-						    "WHERE segment = '%s'", segment_names[i]),
-			       name);
-		}
-	} else {
-		ok(0, "report_build over the segments world");
-	}
-	free(r);
-	world_close(&w);
-}
-
-/* Runs import_orders (ORDERS) or import_products on CSV; what it prints
- * on stdout and stderr goes to OUT and ERR. Returns its result. */
-static int csv_run(struct world *w, int orders, const char *csv, char *out,
-		   size_t outlen, char *err, size_t errlen)
-{
-	FILE *f = fmemopen((void *)csv, strlen(csv), "r");
-	FILE *co = tmpfile(), *ce = tmpfile();
-	int rc = -9, so = dup(1), se = dup(2);
-	if (f && co && ce && so >= 0 && se >= 0) {
-		fflush(stdout), fflush(stderr);
-		dup2(fileno(co), 1), dup2(fileno(ce), 2);
-		rc = orders ? import_orders(&w->app, f, T0) : import_products(&w->app, f, T0);
-		fflush(stdout), fflush(stderr);
-		dup2(so, 1), dup2(se, 2);
-	}
-	*out = *err = '\0';
-	if (co)
-		rewind(co), out[fread(out, 1, outlen - 1, co)] = '\0', fclose(co);
-	if (ce)
-		rewind(ce), err[fread(err, 1, errlen - 1, ce)] = '\0', fclose(ce);
-	if (so >= 0)
-		close(so);
-	if (se >= 0)
-		close(se);
-	if (f)
-		fclose(f);
-	return rc;
-}
-
-/* The importers' column tables: names in any order and case, each kind
- * converted as before, the header's must-have columns, the messages. */
-static void test_csv_columns(void)
-{
-	struct world w;
-	char out[256], err[1024];
-	if (!ok(world_open(&w, "csvcols") == 0, "csv columns: world opens"))
-		return;
-	is_int(csv_run(&w, 1, "email,sku,name\na@example.com,X,Y\n", out, sizeof out,
-		       err, sizeof err), 2, "orders: a header without order_id and date: 2");
-	is_str(err, "remarket import orders: the first line must name the columns: "
-	       "order_id,email,date,sku,name,price,qty[,currency,consent]\n",
-	       "... the message lists the columns, the optional ones in brackets");
-	is_int(csv_run(&w, 1, "order_id,date,email\n1,2024-01-15,a@example.com\n", out,
-		       sizeof out, err, sizeof err), 2, "orders: a header without sku: 2");
-	/* email, name, price, qty named but not present: the header passes */
-	is_int(csv_run(&w, 1, " SKU ,Consent,Date,ORDER_ID,qty,Price,Email,Currency,name\n"
-		       "K1,Yes,2024-01-15T10:00:00Z,o1,2,9.5,c1@example.com,USD,Kettle\n"
-		       "K2,no,1705312800,o2,,4,c2@example.com,,Cup\n"
-		       "K3,true,2024-01-15 10:00:00,o3,1,1,c3@example.com,,Pot\n"
-		       "K4,,2024-01-16,o4,1,abc,c4@example.com,,Pan\n",
-		       out, sizeof out, err, sizeof err), 1,
-	       "orders: columns in any order and case; a refused row makes 1");
-	is_str(out, "{\"imported\":2,\"refused\":2}\n", "... 2 imported, 2 refused");
-	ok(strstr(err, "line 4: date '2024-01-15 10:00:00' is not ISO 8601") != NULL,
-	   "... a date that is no time refuses its row, named (%s)", err);
-	ok(strstr(err, "order o4:") != NULL, "... a price that is no number is refused by "
-	   "ev_ingest (%s)", err);
-	is_int(sq(&w, "SELECT ts FROM orders WHERE order_key = 'o1'"), 1705312800,
-	       "time: ISO 8601 converted");
-	is_int(sq(&w, "SELECT ts FROM orders WHERE order_key = 'o2'"), 1705312800,
-	       "time: Unix seconds converted");
-	is_int(sq(&w, "SELECT round(total * 100) FROM orders WHERE order_key = 'o1'"), 1900,
-	       "number and int: 9.5 x 2 = 19");
-	is_int(sq(&w, "SELECT json_extract(items, '$[0].qty') FROM orders "
-		  "WHERE order_key = 'o2'"), 1, "int: an empty qty is 1");
-	is_int(sq(&w, "SELECT currency = 'USD' FROM orders WHERE order_key = 'o1'"), 1,
-	       "text: the currency as given");
-	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'c1@example.com'"), 1,
-	       "flag: Yes gives consent");
-	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'c2@example.com'"), 0,
-	       "flag: no does not");
-
-	is_int(csv_run(&w, 0, "Price,sku,name,review_rating,review_author,review_text,category\n"
-		       "12.5,P1,Lamp,4,Ann,Bright,lamps\n"
-		       "x,P2,Vase,,,,\n", out, sizeof out, err, sizeof err), 1,
-	       "products: columns in any order; a row with a bad price makes 1");
-	is_str(out, "{\"imported\":1,\"refused\":1}\n", "... 1 imported, 1 refused");
-	ok(strstr(err, "line 3:") != NULL, "... the refused line is named (%s)", err);
-	is_int(sq(&w, "SELECT round(price * 10) FROM products WHERE sku = 'P1'"), 125,
-	       "products: number converted");
-	is_int(sq(&w, "SELECT rating FROM reviews WHERE sku = 'P1'"), 4,
-	       "products: the review's rating an integer");
-	is_int(sq(&w, "SELECT category = 'lamps' FROM products WHERE sku = 'P1'"), 1,
-	       "products: text as given");
-	world_close(&w);
-}
-
-static void test_recommendations(void)
-{
-	struct world w;
-	char out[5][65];
-	if (!ok(world_open(&w, "reco") == 0, "reco: world opens"))
-		return;
-	const char *skus[] = {"A", "B", "C", "D", "E", "F"};
-	const char *cats[] = {"lamps", "lamps", "vases", "lamps", "rugs", "rugs"};
-	for (int i = 0; i < 6; i++)
-		product(&w, skus[i], cats[i], T0);
-	struct ev_error err;
-	/* x owns A; others bought A+B twice, A+C once; D sells best in lamps
-	 * among what x lacks after B; E sells best overall */
-	order_line(&w, "x1", "x@example.com", "A", 10, T0 - DAY, T0);
-	ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"p1\",\"email\":\"p@example.com\","
-	       "\"total\":20,\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":10},"
-	       "{\"sku\":\"B\",\"name\":\"B\",\"price\":10}]}", T0, &err);
-	ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"p2\",\"email\":\"q@example.com\","
-	       "\"total\":20,\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":10},"
-	       "{\"sku\":\"B\",\"name\":\"B\",\"price\":10}]}", T0, &err);
-	ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"p3\",\"email\":\"r@example.com\","
-	       "\"total\":20,\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":10},"
-	       "{\"sku\":\"C\",\"name\":\"C\",\"price\":10}]}", T0, &err);
-	for (int i = 0; i < 3; i++) {
-		char id[16];
-		snprintf(id, sizeof id, "d%d", i);
-		order_line(&w, id, "s@example.com", "D", 10, T0, T0);
-	}
-	for (int i = 0; i < 5; i++) {
-		char id[16];
-		snprintf(id, sizeof id, "e%d", i);
-		order_line(&w, id, "t@example.com", "E", 10, T0, T0);
-	}
-	long long x = sq(&w, "SELECT id FROM contacts WHERE email = 'x@example.com'");
-	int n = reco_for(&w.app, x, out, 5);
-	is_int(n, 5, "five recommendations for x");
-	ok(n >= 4 && !strcmp(out[0], "B") && !strcmp(out[1], "C") && !strcmp(out[2], "D") &&
-		   !strcmp(out[3], "E"),
-	   "order: bought together (B twice, C once), then the favourite category's "
-	   "best seller (D), then the store's (E)");
-	int owns = 0;
-	for (int i = 0; i < n; i++)
-		owns |= !strcmp(out[i], "A");
-	ok(!owns, "never what x already owns");
-	world_close(&w);
-}
-
-static void test_post_purchase(void)
-{
-	struct world w;
-	struct tick_summary s;
-	if (!ok(world_open(&w, "post") == 0, "post-purchase: world opens"))
-		return;
-	is_int(sq(&w, "SELECT enabled FROM flows WHERE name = 'post_purchase'"), 0,
-	       "post-purchase is off by default");
-	db_scalar(w.app.db, "UPDATE flows SET enabled = 1 WHERE name = 'post_purchase'");
-	order_line(&w, "pp1", "buyer@example.com", "A", 25, T0, T0);
-	tick(&w, T0 + 30 * MIN, &s);
-	is_int(s.sent, 0, "nothing in the first hour");
-	tick(&w, T0 + HOUR, &s);
-	is_int(s.sent, 1, "the thank-you at +1 h");
-	long long m = sq(&w, "SELECT max(id) FROM messages");
-	struct buf mail = {0}, dec = {0};
-	outbox_read(&w, m, &mail);
-	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
-	ok(contains(dec.data, "pp1") && contains(dec.data, "\xE2\x82\xAC" "25.00"),
-	   "it shows the order and its total");
-	buf_free(&mail), buf_free(&dec);
-	tick(&w, T0 + 10 * DAY, &s);
-	tick(&w, T0 + 21 * DAY, &s);
-	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'sent'"), 3,
-	       "review request at +10 days, cross-sell at +21 days");
-	is_int(sq(&w, "SELECT count(*) FROM discounts"), 0, "never a discount after a purchase");
-	order_line(&w, "old", "history@example.com", "A", 25, T0 - 30 * DAY, T0 + 21 * DAY);
-	tick(&w, T0 + 22 * DAY, &s);
-	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE flow_id = 3"), 1,
-	       "an imported old order starts no post-purchase flow");
-	world_close(&w);
-}
-
-static void test_lifecycle(void)
-{
-	test_threshold();
-	test_winback();
-	test_segments();
-	test_recommendations();
-	test_post_purchase();
-}
-
-/* ==== The browser side: CORS, rate limits, on-site, the visitor cookie == */
-
-static int browser_req(struct world *w, const char *method, const char *path,
-		       const char *origin, const char *ip, const char *cookie,
-		       const char *body, rm_time now, struct http_resp *rs)
-{
-	struct http_req rq = {0};
-	char p[256];
-	snprintf(p, sizeof p, "%s", path);
-	char *query = strchr(p, '?');
-	if (query)
-		*query++ = '\0';
-	rq.method = method;
-	rq.path = p;
-	rq.query = query;
-	rq.content_type = body ? "text/plain;charset=UTF-8" : NULL;
-	rq.origin = origin;
-	rq.remote_addr = ip;
-	rq.cookie = cookie;
-	rq.body = body;
-	rq.body_len = body ? strlen(body) : 0;
-	memset(rs, 0, sizeof *rs);
-	http_handle(&w->app, &rq, rs, now);
-	return rs->status;
 }
 
 static void test_browser_side(void)
@@ -3111,34 +3797,7 @@ static void test_browser_side(void)
 	world_close(&w);
 }
 
-/* ==== The FastCGI boundary: parameters, the report, client addresses ==== */
-
-/* One request through the front-ends' whole path (http_serve_cgi); ENV is
- * a NULL-terminated "NAME=value" list. Returns the status; the whole CGI
- * answer is left in OUT. */
-static int cgi_req(struct world *w, const char *const *env, const char *body,
-		   struct buf *out)
-{
-	out->len = 0;
-	http_serve_cgi(&w->app, env, body, body ? strlen(body) : 0, out);
-	buf_add(out, "", 0);
-	int status = 0;
-	if (sscanf(out->data, "Status: %d", &status) != 1)
-		status = -1;
-	return status;
-}
-
-/* The report link's subject, as remarket computes it (pins the format). */
-static int64_t report_subject_of(const char *tick_token)
-{
-	unsigned char h[8];
-	crypto_generichash(h, sizeof h, (const unsigned char *)"remarket report",
-			   15, (const unsigned char *)tick_token, strlen(tick_token));
-	uint64_t v = 0;
-	for (int i = 0; i < 8; i++)
-		v = (v << 8) | h[i];
-	return (int64_t)(v >> 1);
-}
+/* ==== FastCGI and CGI front-ends ====================================== */
 
 static void test_boundary(void)
 {
@@ -3441,346 +4100,7 @@ static void test_boundary(void)
 	world_close(&w);
 }
 
-/* A database of schema 4 (sql/001-004 from the repository) with a browser
- * cart and a backend's, brought forward by db_migrate: no row lost, the
- * browser's cart keeps skus only under its visitor-scoped key. */
-static void test_browser_migration(void)
-{
-	char db[PATH_MAX], path[PATH_MAX + 64], err[256] = "";
-	snprintf(db, sizeof db, "%s/mig4.db", tmpdir);
-	sqlite3 *h = NULL;
-	int ok4 = sqlite3_open(db, &h) == SQLITE_OK;
-	for (int v = 1; ok4 && v <= 4; v++) {
-		static const char *const names[] = {"", "001_init", "002_measure",
-						    "003_lifecycle", "004_fencing"};
-		struct buf sql = {0};
-		snprintf(path, sizeof path, "%s/../sql/%s.sql", templates, names[v]);
-		FILE *f = fopen(path, "rb");
-		char chunk[4096];
-		size_t n;
-		while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
-			buf_add(&sql, chunk, n);
-		if (f)
-			fclose(f);
-		ok4 = f && sql.data && sqlite3_exec(h, sql.data, NULL, NULL, NULL) == SQLITE_OK;
-		buf_free(&sql);
-	}
-	ok4 = ok4 && sqlite3_exec(h,
-		"INSERT INTO contacts (email, name, consent, created, updated) VALUES "
-		"('h@example.com', 'H', 1, 1, 1), ('b@example.com', '', 1, 1, 1);"
-		"INSERT INTO events (ts, received, source, type, body) VALUES "
-		"(1, 1, 'hook', 'cart', '{\"type\":\"cart\",\"email\":\"h@example.com\",\"cart_id\":\"hc\"}'),"
-		"(1, 1, 'browser', 'cart', '{\"type\":\"cart\",\"cart_id\":\"bc\"}');"
-		"INSERT INTO carts (cart_key, contact_id, visitor_id, items, item_count, updated) VALUES "
-		"('hc', 1, NULL, '[{\"sku\":\"A\",\"name\":\"Lamp\",\"price\":5}]', 1, 1),"
-		"('bc', 2, 'v-old', '[{\"sku\":\"A\",\"name\":\"SPAM\",\"price\":0.5,\"qty\":3}]', 1, 1);"
-		"PRAGMA user_version = 4;", NULL, NULL, NULL) == SQLITE_OK;
-	sqlite3_close(h);
-	if (!ok(ok4, "migration: a database of schema 4 is made from sql/001-004"))
-		return;
-	struct db *d = NULL;
-	ok(db_open(&d, db, err, sizeof err) == 0 && db_migrate(d, err, sizeof err) == 0,
-	   "migration: 006_browser applies (%s)", err);
-	is_int(db_scalar(d, "SELECT count(*) FROM contacts") * 10 +
-		       db_scalar(d, "SELECT count(*) FROM carts"), 22, "... no row lost");
-	is_int(db_scalar(d, "SELECT signed FROM contacts WHERE email = 'h@example.com'") * 10 +
-		       db_scalar(d, "SELECT signed FROM contacts WHERE email = 'b@example.com'"), 10,
-	       "... the address the backend named is signed, the browser's is not");
-	is_int(db_scalar(d, "SELECT count(*) FROM carts WHERE cart_key = 'bc/v-old' AND items = "
-			 "'[{\"sku\":\"A\",\"qty\":3}]'"), 1,
-	       "... the browser's cart keeps sku and qty, under bc/v-old");
-	is_int(db_scalar(d, "SELECT count(*) FROM carts WHERE cart_key = 'hc' AND items LIKE '%Lamp%'"),
-	       1, "... the backend's cart is untouched");
-	db_close(d);
-}
-
-/* ==== The browser is untrusted: it may name, never write ================ */
-
-/* The decoded subject, text and HTML of message row ID, in OUT. */
-static int mail_text(struct world *w, long long id, struct buf *out)
-{
-	struct buf raw = {0};
-	int rc = outbox_read(w, id, &raw);
-	if (rc == 0) {
-		rfc2047_decode(header_of(raw.data, "Subject"), out);
-		buf_adds(out, "\n");
-		rc = mime_part(raw.data, "text/plain", out) ||
-		     mime_part(raw.data, "text/html", out);
-	}
-	buf_free(&raw);
-	return rc;
-}
-
-static int collect(struct world *w, const char *cookie, const char *body,
-		   rm_time now)
-{
-	struct http_resp rs;
-	int st = browser_req(w, "POST", "/collect", NULL, "10.9.9.9", cookie, body,
-			     now, &rs);
-	if (st != 204)
-		diag("POST /collect %s: %d %s", body, st, rs.body.data ? rs.body.data : "");
-	http_resp_free(&rs);
-	return st;
-}
-
-static void test_browser_trust(void)
-{
-	struct world w;
-	struct tick_summary sum;
-	struct ev_error err;
-	struct http_resp rs;
-	if (!ok(world_open(&w, "trust") == 0, "trust: world opens"))
-		return;
-	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
-	product(&w, "LAMP-1", "lighting", T0 - DAY);
-
-	/* the attack of issue 8: an anonymous POST (no Origin, no cookie)
-	 * names an address with consent and a cart of free text */
-	const char *spam =
-		"[{\"type\":\"identify\",\"email\":\"victim@example.org\",\"name\":"
-		"\"Congratulations-you-won-visit-gift-claim.example\",\"consent\":true},"
-		"{\"type\":\"cart\",\"email\":\"victim@example.org\",\"visitor_id\":\"v-atk\","
-		"\"cart_id\":\"c-1\",\"total\":0.01,\"items\":[{\"sku\":\"LAMP-1\",\"name\":"
-		"\"WIN-A-PRIZE-at-gift-claim.example\",\"price\":0.01,\"qty\":2},"
-		"{\"sku\":\"NOPE-9\",\"name\":\"Claim at gift-claim.example\",\"price\":0}]}]";
-	is_int(collect(&w, NULL, spam, T0), 204, "trust: the anonymous identify + cart is recorded");
-	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'victim@example.org' "
-		  "AND name = '' AND signed = 0"), 1,
-	       "... the browser named an address, never a name (a browser-only contact)");
-	is_int(sq(&w, "SELECT count(*) FROM carts WHERE items LIKE '%%gift-claim%%' "
-		  "OR items LIKE '%%PRIZE%%'"), 0, "... no item text is kept from the browser");
-	tick(&w, T0 + HOUR + 60, &sum);
-	is_int(sum.sent, 1, "trust: +1 h, the reminder goes (a known sku)");
-	struct buf mail = {0};
-	long long mid = sq(&w, "SELECT max(id) FROM messages WHERE status = 'sent'");
-	ok(mail_text(&w, mid, &mail) == 0, "... its text decodes");
-	ok(!contains(mail.data, "gift-claim") && !contains(mail.data, "Congratulations") &&
-		   !contains(mail.data, "PRIZE"),
-	   "... and prints no word the browser typed (subject, text, HTML)");
-	ok(contains(mail.data, "Product LAMP-1") && !contains(mail.data, "NOPE-9"),
-	   "... the item's name is the catalog's; the unknown sku is not printed");
-	ok(contains(mail.data, "€20.00") && !contains(mail.data, "€0.01"),
-	   "... priced by the catalog (2 × 10.00 = 20.00), not by the browser");
-	if (!contains(mail.data, "€20.00"))
-		diag("%s", mail.data);
-	buf_free(&mail);
-
-	/* a cart of unknown skus only is never mailed */
-	collect(&w, NULL, "{\"type\":\"cart\",\"email\":\"x2@example.org\",\"visitor_id\":"
-		"\"v-x2\",\"items\":[{\"sku\":\"NOPE-1\",\"name\":\"Free money\",\"price\":1}]}",
-		T0);
-	collect(&w, NULL, "{\"type\":\"identify\",\"email\":\"x2@example.org\",\"consent\":true,"
-		"\"visitor_id\":\"v-x2\"}", T0);
-	tick(&w, T0 + 2 * HOUR, &sum);
-	is_int(sum.sent, 0, "trust: a cart with no known item is not mailed");
-	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = "
-		  "e.contact_id WHERE c.email = 'x2@example.org' AND e.exit_reason = "
-		  "'no known item'"), 1, "... its sequence ends saying why");
-
-	const char *cur = "{\"type\":\"cart\",\"visitor_id\":\"v-cur\",\"currency\":\"WIN\","
-			  "\"items\":[{\"sku\":\"LAMP-1\"}]}";
-	is_int(ev_ingest(&w.app, EV_BROWSER, cur, strlen(cur), NULL, T0, &err), -1,
-	       "trust: a browser's currency must be an ISO 4217 code (WIN is not)");
-	is_int(err.status, 400, "... 400");
-
-	/* names and consent: a browser never renames; withdraws only its own */
-	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"ann@example.com\","
-	       "\"name\":\"Ann Smith\",\"consent\":true}", T0, &err);
-	collect(&w, "rm_vid=v-stranger", "{\"type\":\"identify\",\"email\":\"ann@example.com\","
-		"\"name\":\"You won a prize\",\"consent\":false}", T0 + 60);
-	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'ann@example.com' "
-		  "AND name = 'Ann Smith' AND consent = 1"), 1,
-	       "trust: a browser can neither rename a known contact nor withdraw its consent");
-	collect(&w, "rm_vid=v-own", "{\"type\":\"identify\",\"email\":\"own@example.com\","
-		"\"consent\":true}", T0);
-	collect(&w, "rm_vid=v-other", "{\"type\":\"identify\",\"email\":\"own@example.com\","
-		"\"consent\":false}", T0 + 60);
-	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'own@example.com'"), 1,
-	       "... another visitor cannot withdraw the consent this one gave");
-	collect(&w, "rm_vid=v-own", "{\"type\":\"identify\",\"email\":\"own@example.com\","
-		"\"consent\":false}", T0 + 120);
-	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'own@example.com'"), 0,
-	       "... the visitor who ticked the box may untick it");
-
-	/* the pixel records views; it never identifies */
-	is_int(browser_req(&w, "GET", "/p.gif?type=identify&email=pix1%40example.org",
-			   NULL, "10.9.9.8", NULL, NULL, T0, &rs), 200, "trust: pixel identify: a GIF");
-	http_resp_free(&rs);
-	browser_req(&w, "GET", "/p.gif?type=view&sku=LAMP-1&email=pix2%40example.org&vid=v-pix",
-		    NULL, "10.9.9.8", NULL, NULL, T0, &rs);
-	http_resp_free(&rs);
-	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email LIKE 'pix%%'"), 0,
-	       "... neither an identify nor a view with an email makes a contact");
-	is_int(sq(&w, "SELECT count(*) FROM events WHERE source = 'pixel' AND type = 'view'"), 1,
-	       "... the view is recorded");
-	const char *pid = "{\"type\":\"identify\",\"email\":\"pix3@example.org\"}";
-	is_int(ev_ingest(&w.app, EV_PIXEL, pid, strlen(pid), NULL, T0, &err), -1,
-	       "... ev_ingest refuses an identify from the pixel");
-	is_int(err.status, 403, "... 403");
-
-	/* cart ids are the visitor's own: a guessed id first owns nothing */
-	collect(&w, "rm_vid=v-guess", "{\"type\":\"cart\",\"cart_id\":\"shop-9\",\"items\":"
-		"[{\"sku\":\"LAMP-1\",\"name\":\"Lamp\",\"price\":1,\"qty\":1}]}", T0);
-	cart_event(&w, "carol@example.com", "Carol", "shop-9", 1, T0 + 60);
-	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key = 'shop-9' AND visitor_id IS NULL "
-		  "AND item_count = 2"), 1,
-	       "trust: the backend's cart shop-9 is its own, not the guessing visitor's");
-	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key = 'shop-9/v-guess'"), 1,
-	       "... the browser's cart is kept apart as shop-9/v-guess");
-	tick(&w, T0 + 3 * HOUR, &sum);
-	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.9.9.7", "rm_vid=v-guess", NULL,
-			   T0 + 3 * HOUR, &rs), 204,
-	       "... and /onsite shows the guessing visitor nothing of Carol's cart");
-	http_resp_free(&rs);
-	ingest(&w, EV_HOOK, "{\"type\":\"order\",\"order_id\":\"o-shop-9\",\"cart_id\":\"shop-9\","
-	       "\"total\":10}", T0 + 4 * HOUR, &err);
-	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key LIKE 'shop-9%%' "
-		  "AND status = 'ordered'"), 2,
-	       "... an order for shop-9 ends the browser's copy too");
-	world_close(&w);
-
-	/* browser-only addresses: one sequence in 30 days, an hourly cap */
-	if (!ok(world_open(&w, "trust-cap") == 0, "trust: cap world opens"))
-		return;
-	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
-	w.cfg.browser_new_contacts_per_hour = 3;
-	product(&w, "LAMP-1", "lighting", T0 - DAY);
-	char body[400], cookie[40];
-	for (int i = 0; i < 5; i++) {
-		snprintf(body, sizeof body, "[{\"type\":\"identify\",\"email\":\"b%d@example.org\","
-			 "\"consent\":true},{\"type\":\"cart\",\"cart_id\":\"k%d\",\"items\":"
-			 "[{\"sku\":\"LAMP-1\"}]}]", i, i);
-		snprintf(cookie, sizeof cookie, "rm_vid=v-b%d", i);
-		collect(&w, cookie, body, T0 + i * 60);
-	}
-	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE held_at IS NOT NULL"), 2,
-	       "trust: past browser_new_contacts_per_hour (3), new browser-only contacts are held");
-	tick(&w, T0 + 2 * HOUR, &sum);
-	is_int(sum.sent, 3, "... the first 3 are mailed, the held 2 are recorded but not mailed");
-	struct report *r = calloc(1, sizeof *r);
-	report_build(&w.app, T0 - DAY, T0 + DAY, r);
-	is_int(r->browser_held, 2, "... the report counts them");
-	struct buf out = {0};
-	report_json(r, &out);
-	ok(contains(out.data, "\"browser_held\":2") &&
-		   contains(out.data, "not mailed: over browser_new_contacts_per_hour"),
-	   "... and warns in JSON");
-	out.len = 0;
-	report_html(r, "Shop", &out);
-	ok(contains(out.data, "<b>Warning:</b> 2 new browser-only contacts"),
-	   "... and in HTML");
-	buf_free(&out);
-	free(r);
-	/* the same browser-only address again within 30 days: no new sequence */
-	collect(&w, "rm_vid=v-b0", "{\"type\":\"cart\",\"cart_id\":\"k0b\",\"items\":"
-		"[{\"sku\":\"LAMP-1\"}]}", T0 + 5 * DAY);
-	tick(&w, T0 + 5 * DAY + 2 * HOUR, &sum);
-	is_int(sum.enrolled, 0, "trust: a browser-only address gets one sequence in 30 days");
-	collect(&w, "rm_vid=v-b0", "{\"type\":\"cart\",\"cart_id\":\"k0c\",\"items\":"
-		"[{\"sku\":\"LAMP-1\"}]}", T0 + 31 * DAY);
-	tick(&w, T0 + 31 * DAY + 2 * HOUR, &sum);
-	is_int(sum.enrolled, 1, "... and another one after 30 days");
-	/* a signed hook naming the address lifts both limits */
-	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"b4@example.org\"}", T0 + 32 * DAY, &err);
-	collect(&w, "rm_vid=v-b4", "{\"type\":\"cart\",\"cart_id\":\"k4b\",\"items\":"
-		"[{\"sku\":\"LAMP-1\"}]}", T0 + 32 * DAY);
-	tick(&w, T0 + 32 * DAY + 2 * HOUR, &sum);
-	is_int(sum.enrolled, 1, "... a held address named by a signed hook is mailed again");
-	world_close(&w);
-
-	/* browser_consent = confirm: a double opt-in first */
-	if (!ok(world_open(&w, "trust-confirm") == 0, "trust: confirm world opens"))
-		return;
-	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
-	set_cfg(&w.cfg.browser_consent, "confirm");
-	product(&w, "LAMP-1", "lighting", T0 - DAY);
-	collect(&w, "rm_vid=v-dbl", "[{\"type\":\"identify\",\"email\":\"dbl@example.org\","
-		"\"consent\":true},{\"type\":\"cart\",\"cart_id\":\"d1\",\"items\":"
-		"[{\"sku\":\"LAMP-1\"}]}]", T0);
-	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts "
-		  "WHERE email = 'dbl@example.org'"), 10,
-	       "confirm: the checkbox asks; there is no consent yet");
-	tick(&w, T0 + 2 * HOUR, &sum);
-	is_int(sq(&w, "SELECT count(*) FROM enrollments"), 0, "confirm: no sequence before the click");
-	long long cid = sq(&w, "SELECT id FROM contacts WHERE email = 'dbl@example.org'");
-	char path[PATH_MAX + 64];
-	snprintf(path, sizeof path, "%s/m-%05lld.eml", w.outbox, cid);
-	struct buf cm = {0};
-	FILE *f = fopen(path, "rb");
-	char chunk[4096];
-	size_t n;
-	while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
-		buf_add(&cm, chunk, n);
-	if (f)
-		fclose(f);
-	ok(f && cm.data && contains(cm.data, "To: dbl@example.org"),
-	   "confirm: the double opt-in mail went out (%s)", path);
-	struct buf ct = {0};
-	mime_part(cm.data ? cm.data : "", "text/plain", &ct);
-	const char *c = ct.data ? strstr(ct.data, "/c/") : NULL;
-	char tok[TOK_MAXLEN + 1] = "";
-	if (c)
-		snprintf(tok, sizeof tok, "%.*s", (int)strspn(c + 3,
-			 "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"), c + 3);
-	ok(*tok != '\0', "... with a signed confirm link");
-	tick(&w, T0 + 3 * HOUR, &sum);
-	is_int(outbox_count(&w), 1, "... sent once, not at every tick");
-	snprintf(path, sizeof path, "/c/%s", tok);
-	is_int(browser_req(&w, "GET", path, NULL, "10.9.9.6", NULL, NULL, T0 + 3 * HOUR, &rs), 200,
-	       "confirm: GET shows a page with a button");
-	ok(rs.body.data && contains(rs.body.data, "method=\"post\"") &&
-		   contains(rs.body.data, "Confirm"), "... offering to confirm");
-	http_resp_free(&rs);
-	is_int(sq(&w, "SELECT consent FROM contacts WHERE id = %lld", cid), 0,
-	       "... a GET (a link scanner) confirms nothing");
-	is_int(browser_req(&w, "GET", "/c/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", NULL,
-			   "10.9.9.6", NULL, NULL, T0 + 3 * HOUR, &rs), 400,
-	       "confirm: a forged link gets 400");
-	http_resp_free(&rs);
-	is_int(browser_req(&w, "POST", path, NULL, "10.9.9.6", NULL, "", T0 + 3 * HOUR, &rs), 200,
-	       "confirm: POST confirms");
-	http_resp_free(&rs);
-	is_int(sq(&w, "SELECT consent FROM contacts WHERE id = %lld AND confirmed_at = %lld",
-		  cid, (long long)(T0 + 3 * HOUR)), 1, "... consent is given, with its time");
-	tick(&w, T0 + 4 * HOUR, &sum);
-	is_int(sum.enrolled, 1, "confirm: the cart's sequence starts after the click");
-	/* a customer the backend knows, without consent: the box asks too */
-	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"known@example.org\","
-	       "\"consent\":false}", T0 + 4 * HOUR, &err);
-	collect(&w, "rm_vid=v-kn", "{\"type\":\"identify\",\"email\":\"known@example.org\","
-		"\"consent\":true}", T0 + 4 * HOUR);
-	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts "
-		  "WHERE email = 'known@example.org'"), 10,
-	       "confirm: a known customer's consent from a browser waits for the click too");
-	/* a one-click List-Unsubscribe POST declines */
-	collect(&w, "rm_vid=v-no", "{\"type\":\"identify\",\"email\":\"no@example.org\","
-		"\"consent\":true}", T0 + 4 * HOUR);
-	tick(&w, T0 + 4 * HOUR + 60, &sum);
-	long long nid = sq(&w, "SELECT id FROM contacts WHERE email = 'no@example.org'");
-	tok_sign(w.app.key, TOK_CONFIRM, nid, T0 + 30 * DAY, tok, sizeof tok);
-	snprintf(path, sizeof path, "/c/%s", tok);
-	browser_req(&w, "POST", path, NULL, "10.9.9.6", NULL, "List-Unsubscribe=One-Click",
-		    T0 + 5 * HOUR, &rs);
-	http_resp_free(&rs);
-	is_int(sq(&w, "SELECT consent_pending * 10 + consent FROM contacts WHERE id = %lld", nid),
-	       0, "confirm: the mail client's one-click unsubscribe declines");
-	/* a relay that is down: the confirmation waits for the next tick */
-	collect(&w, "rm_vid=v-rt", "{\"type\":\"identify\",\"email\":\"rt@example.org\","
-		"\"consent\":true}", T0 + 6 * HOUR);
-	set_cfg(&w.cfg.smtp_url, "smtp://127.0.0.1:1");
-	tick(&w, T0 + 6 * HOUR + 60, &sum);
-	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'rt@example.org' "
-		  "AND consent_pending = 1 AND confirm_sent_at IS NULL"), 1,
-	       "confirm: with the relay down the confirmation is not marked sent");
-	set_cfg(&w.cfg.smtp_url, "");
-	tick(&w, T0 + 6 * HOUR + 120, &sum);
-	is_int(sq(&w, "SELECT confirm_sent_at FROM contacts WHERE email = 'rt@example.org'"),
-	       T0 + 6 * HOUR + 120, "... and goes at the next tick");
-	buf_free(&cm);
-	buf_free(&ct);
-	world_close(&w);
-	test_browser_migration();
-}
+/* ==== Across sections: review and fuzz findings ======================= */
 
 static void test_review_fixes(void)
 {
@@ -3854,395 +4174,6 @@ static void test_review_fixes(void)
 	world_close(&w);
 }
 
-/* ==== Keys and single-use codes ========================================= */
-
-/* POST /discounts/validate with BODY at NOW: the status, the answer in OUT. */
-static int validate(struct world *w, const char *body, rm_time now, struct buf *out)
-{
-	struct http_resp rs;
-	http(w, "POST", "/discounts/validate", body, NULL, NULL, now, &rs);
-	int st = rs.status;
-	out->len = 0;
-	buf_adds(out, rs.body.data ? rs.body.data : "");
-	http_resp_free(&rs);
-	return st;
-}
-
-static void test_keyring(void)
-{
-	char ring_path[PATH_MAX + 32], bad_path[PATH_MAX + 32], tok[TOK_MAXLEN + 1];
-	unsigned char ring[2 * RM_KEYBYTES], other[RM_KEYBYTES];
-	const char *key_file = getenv("REMARKET_KEY_FILE");
-	char saved[PATH_MAX];
-	int64_t subj = 0;
-	struct world w;
-	snprintf(saved, sizeof saved, "%s", key_file ? key_file : "");
-	for (int i = 0; i < RM_KEYBYTES; i++) {
-		ring[i] = (unsigned char)(i * 13 + 1); /* setup()'s key: the old one */
-		ring[RM_KEYBYTES + i] = (unsigned char)(i * 7 + 3);
-		other[i] = (unsigned char)(i * 5 + 2);
-	}
-	snprintf(ring_path, sizeof ring_path, "%s/ring.key", tmpdir);
-	write_file(ring_path, ring, sizeof ring);
-	setenv("REMARKET_KEY_FILE", ring_path, 1);
-	if (ok(world_open(&w, "keyring") == 0, "keyring: a key file of two keys opens")) {
-		ok(!memcmp(w.app.key, ring + RM_KEYBYTES, RM_KEYBYTES) && w.app.nold == 1,
-		   "keyring: the last key of the file signs, the first is kept to verify");
-		tok_sign(ring, TOK_UNSUB, 42, T0 + DAY, tok, sizeof tok);
-		ok(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj) == TOK_OK && subj == 42,
-		   "keyring: a token of the old key verifies");
-		is_int(tok_verify(w.app.key, tok, TOK_UNSUB, T0, &subj), TOK_FORGED,
-		       "keyring: ... which the new key alone would call forged");
-		tok_sign(w.app.key, TOK_UNSUB, 43, T0 + DAY, tok, sizeof tok);
-		ok(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj) == TOK_OK && subj == 43,
-		   "keyring: a token of the new key verifies");
-		tok_sign(other, TOK_UNSUB, 44, T0 + DAY, tok, sizeof tok);
-		is_int(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj), TOK_FORGED,
-		       "keyring: a token of a key not in the ring is forged");
-		tok_sign(ring, TOK_UNSUB, 45, T0 - 1, tok, sizeof tok);
-		is_int(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj), TOK_EXPIRED,
-		       "keyring: an expired token of the old key is expired, not forged");
-		tok_sign(ring, TOK_RECOVER, 46, T0 + DAY, tok, sizeof tok);
-		is_int(app_tok_verify(&w.app, tok, TOK_UNSUB, T0, &subj), TOK_WRONG_KIND,
-		       "keyring: an old key's token of another kind is the wrong kind");
-		/* a link mailed before the rotation, opened after it */
-		struct tick_summary sum;
-		struct http_resp rs;
-		char path[128];
-		cart_event(&w, "ring@example.com", "Ring", "ring1", 1, T0);
-		tick(&w, T0 + HOUR, &sum);
-		long long m = sq(&w, "SELECT id FROM messages WHERE status = 'sent'");
-		tok_sign(ring, TOK_UNSUB, m, T0 + 400 * DAY, tok, sizeof tok);
-		snprintf(path, sizeof path, "/u/%s", tok);
-		http(&w, "GET", path, NULL, NULL, NULL, T0 + 2 * HOUR, &rs);
-		ok(m > 0 && rs.status == 200, "keyring: an unsubscribe link of the old key opens its page (%d)",
-		   rs.status);
-		http_resp_free(&rs);
-		tok_sign(ring, TOK_RECOVER, m, T0 + 30 * DAY, tok, sizeof tok);
-		snprintf(path, sizeof path, "/r/%s", tok);
-		http(&w, "GET", path, NULL, NULL, NULL, T0 + 2 * HOUR, &rs);
-		is_int(rs.status, 302, "keyring: a cart link of the old key restores the cart");
-		http_resp_free(&rs);
-		world_close(&w);
-	}
-	/* a key file that is not whole keys is refused, with the fix */
-	snprintf(bad_path, sizeof bad_path, "%s/bad.key", tmpdir);
-	write_file(bad_path, ring, RM_KEYBYTES + 1);
-	setenv("REMARKET_KEY_FILE", bad_path, 1);
-	struct config cfg;
-	struct app app;
-	char err[512] = "";
-	if (cfg_load(&cfg, NULL, err, sizeof err) == 0) {
-		ok(app_open(&app, &cfg, err, sizeof err) < 0 && contains(err, "32-byte keys") &&
-			   contains(err, "bad.key"),
-		   "keyring: a key file of 33 bytes is refused, naming the file (%s)", err);
-		cfg_free(&cfg);
-	}
-	setenv("REMARKET_KEY_FILE", saved, 1);
-}
-
-static void test_codes(void)
-{
-	struct world w;
-	struct tick_summary sum;
-	struct buf out = {0};
-	char body[256], q[256];
-	if (!ok(world_open(&w, "codes") == 0, "codes: world opens"))
-		return;
-	cart_event(&w, "ann@example.com", "Ann", "c-ann", 1, T0);
-	cart_event(&w, "cid@example.com", "Cid", "c-cid", 1, T0);
-	tick(&w, T0 + HOUR, &sum);
-	tick(&w, T0 + DAY, &sum);
-	tick(&w, T0 + 3 * DAY, &sum);
-	long long m3 = sq(&w, "SELECT m.id FROM messages m JOIN contacts c ON c.id = m.contact_id "
-			  "WHERE c.email = 'ann@example.com' AND m.step = 3");
-	char *code = sq_text(&w, "SELECT d.code FROM discounts d JOIN contacts c ON c.id = d.contact_id "
-			     "WHERE c.email = 'ann@example.com'");
-	char *code2 = sq_text(&w, "SELECT d.code FROM discounts d JOIN contacts c ON c.id = d.contact_id "
-			      "WHERE c.email = 'cid@example.com'");
-	if (!ok(code && code2 && m3 > 0, "codes: Ann and Cid each got a code in step 3")) {
-		free(code);
-		free(code2);
-		world_close(&w);
-		return;
-	}
-	rm_time now = T0 + 3 * DAY + HOUR;
-
-	/* the reservation */
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
-		 "\"cart_id\":\"cart-A\"}", code);
-	is_int(validate(&w, body, now, &out), 200, "validate reserve for cart A: 200");
-	snprintf(q, sizeof q, "\"reserved_until\":%lld", (long long)(now + 900));
-	ok(contains(out.data, "\"valid\":true") && contains(out.data, "\"reason\":\"ok\"") &&
-		   contains(out.data, q),
-	   "... valid, held for cart A for 15 minutes (%s)", out.data);
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"cart_id\":\"cart-B\"}", code);
-	validate(&w, body, now + 60, &out);
-	ok(contains(out.data, "\"valid\":false") && contains(out.data, "\"reason\":\"reserved\"") &&
-		   contains(out.data, q),
-	   "validate for cart B meanwhile: not valid, reserved, until when (%s)", out.data);
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
-		 "\"cart_id\":\"cart-B\"}", code);
-	validate(&w, body, now + 60, &out);
-	ok(contains(out.data, "\"valid\":false") && contains(out.data, "\"reason\":\"reserved\""),
-	   "cart B cannot take the hold of cart A (%s)", out.data);
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100}", code);
-	validate(&w, body, now + 60, &out);
-	ok(contains(out.data, "\"reason\":\"reserved\""),
-	   "validate without a cart while the code is held: reserved (%s)", out.data);
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"cart_id\":\"cart-A\"}", code);
-	validate(&w, body, now + 60, &out);
-	ok(contains(out.data, "\"valid\":true"), "validate for cart A itself: valid (%s)", out.data);
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
-		 "\"cart_id\":\"cart-B\"}", code);
-	validate(&w, body, now + 901, &out);
-	snprintf(q, sizeof q, "\"reserved_until\":%lld", (long long)(now + 901 + 900));
-	ok(contains(out.data, "\"valid\":true") && contains(out.data, q),
-	   "15 minutes later the hold has lapsed: cart B reserves it (%s)", out.data);
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true}", code);
-	is_int(validate(&w, body, now, &out), 400, "reserve without cart_id: 400");
-	ok(contains(out.data, "cart_id"), "... naming cart_id (%s)", out.data);
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":\"yes\","
-		 "\"cart_id\":\"c\"}", code);
-	is_int(validate(&w, body, now, &out), 400, "reserve that is not a boolean: 400");
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"cart_id\":7}", code);
-	is_int(validate(&w, body, now, &out), 400, "cart_id that is not text: 400");
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
-		 "\"cart_id\":\"a b\"}", code);
-	is_int(validate(&w, body, now, &out), 400, "cart_id with a space: 400");
-
-	/* the first order redeems the code and is attributed to its message */
-	is_int(order(&w, "o-1", "ann@example.com", code, 90, now + 1000), 1, "order o-1 with Ann's code");
-	is_attr(&w, "o-1", "code", m3, "... attributed to the message that carried the code");
-	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-1' AND code_status = 'redeemed'"),
-	       1, "... flagged redeemed");
-	/* a second order with the same code: stored, flagged, not attributed again */
-	is_int(order(&w, "o-2", "zed@example.com", code, 80, now + 2000), 1,
-	       "order o-2 with the same code is stored");
-	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-2' AND code_status = 'reused'"),
-	       1, "... flagged reused");
-	is_attr(&w, "o-2", "none", 0, "... and not attributed to the code's message again");
-	is_int(sq(&w, "SELECT count(*) FROM discounts WHERE order_key = 'o-1' AND redeemed_at = %lld",
-		  (long long)(now + 1000)), 1, "... the code stays redeemed by o-1");
-	is_int(sq(&w, "SELECT count(*) FROM orders WHERE message = %lld", m3), 1,
-	       "the code's message has one order");
-	/* the same order again (a hook retry) changes nothing */
-	order(&w, "o-1", "ann@example.com", code, 90, now + 3000);
-	is_int(sq(&w, "SELECT count(*) FROM orders WHERE code_status = 'redeemed'"), 1,
-	       "a repeated order event redeems nothing more");
-	snprintf(body, sizeof body, "{\"code\":\"%s\",\"total\":100,\"reserve\":true,"
-		 "\"cart_id\":\"cart-C\"}", code);
-	validate(&w, body, now + 4000, &out);
-	ok(contains(out.data, "already_used"), "a redeemed code cannot be reserved (%s)", out.data);
-
-	/* an expired code: stored, flagged, not redeemed, not attributed to it */
-	rm_time expires = sq(&w, "SELECT expires FROM discounts WHERE contact_id = "
-			     "(SELECT id FROM contacts WHERE email = 'cid@example.com')");
-	is_int(order(&w, "o-3", "yan@example.com", code2, 70, expires + 1), 1,
-	       "order o-3 with Cid's code after it expired is stored");
-	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-3' AND code_status = 'expired'"),
-	       1, "... flagged expired");
-	is_int(sq(&w, "SELECT count(*) FROM discounts WHERE redeemed_at IS NOT NULL"), 1,
-	       "... and the expired code is not marked redeemed");
-	is_attr(&w, "o-3", "none", 0, "... nor attributed to the code's message");
-	/* a code remarket never issued is the store's own affair */
-	is_int(order(&w, "o-4", "ann@example.com", "SUMMER10", 60, expires + 2), 1,
-	       "an order with a store's own code is stored");
-	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'o-4' AND code_status IS NULL"),
-	       1, "... not flagged");
-
-	struct report *r = calloc(1, sizeof *r);
-	if (r && report_build(&w.app, T0 - DAY, T0 + 30 * DAY, r) == 0) {
-		is_int(r->codes_redeemed, 1, "report: one code redeemed");
-		is_int(r->attributed, 1, "report: one order attributed (o-1), not three");
-		ok(r->codes_reused == 1 && r->codes_expired == 1,
-		   "report: one order with a reused code, one with an expired code");
-		struct buf j = {0}, h = {0};
-		report_json(r, &j);
-		report_html(r, "Test shop", &h);
-		ok(contains(j.data, "\"codes_flagged\":{\"reused\":1,\"expired\":1}"),
-		   "report JSON: codes_flagged");
-		ok(contains(h.data, "data-k=\"codes_flagged.reused\" data-v=\"1.0000\""),
-		   "report HTML: the reused codes card");
-		buf_free(&j);
-		buf_free(&h);
-	}
-	free(r);
-	buf_free(&out);
-	free(code);
-	free(code2);
-	world_close(&w);
-}
-
-/* Migration 009 on a database that already holds orders with codes: every
- * row stays, old orders are flagged by the same rules. The database is made
- * "before 009" by undoing 009's columns (009 is the last migration). */
-static void test_codes_migration(void)
-{
-	struct world w;
-	char err[512] = "";
-	if (!ok(world_open(&w, "codes-migration") == 0, "codes migration: world opens"))
-		return;
-	struct db *db = w.app.db;
-	int v = db_user_version(db);
-	db_scalar(db, "INSERT INTO discounts (code, percent, created, expires, redeemed_at, order_key) "
-		  "VALUES ('RM-AAAA-AAAA', 10, 0, 1000, 500, 'k1'), "
-		  "('RM-BBBB-BBBB', 10, 0, 1000, NULL, NULL)");
-	db_scalar(db, "INSERT INTO orders (order_key, total, discount_code, ts) VALUES "
-		  "('k1', 10, 'RM-AAAA-AAAA', 500), ('k2', 10, 'RM-AAAA-AAAA', 600), "
-		  "('k3', 10, 'RM-BBBB-BBBB', 2000), ('k4', 10, 'OWN-CODE', 700), ('k5', 10, NULL, 800)");
-	db_scalar(db, "DROP INDEX orders_code_status");
-	db_scalar(db, "ALTER TABLE orders DROP COLUMN code_status");
-	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_cart");
-	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_until");
-	char pragma[64];
-	snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v - 1);
-	db_scalar(db, pragma);
-	ok(db_migrate(db, err, sizeof err) == 0 && db_user_version(db) == v,
-	   "codes migration: 009 applies to a database with orders (%s)", err);
-	is_int(sq(&w, "SELECT count(*) FROM orders"), 5, "codes migration: no order lost");
-	is_int(sq(&w, "SELECT count(*) FROM discounts"), 2, "codes migration: no code lost");
-	is_int(sq(&w, "SELECT count(*) FROM orders WHERE (order_key = 'k1' AND code_status = 'redeemed') "
-		  "OR (order_key = 'k2' AND code_status = 'reused') "
-		  "OR (order_key = 'k3' AND code_status = 'expired') "
-		  "OR (order_key IN ('k4', 'k5') AND code_status IS NULL)"), 5,
-	       "codes migration: old orders flagged redeemed, reused, expired, or not at all");
-	world_close(&w);
-}
-
-static void test_keys_codes(void)
-{
-	test_keyring();
-	test_codes();
-	test_codes_migration();
-}
-
-
-/* ==== Sending: stale steps, the "sending" state (issue 8) ============== */
-
-/* A signed-hook cart of one consenting shopper, dated TS, arriving at NOW. */
-static int cart_dated(struct world *w, const char *email, const char *cart,
-		      rm_time ts, rm_time now)
-{
-	char json[512];
-	struct ev_error err;
-	snprintf(json, sizeof json, "{\"type\":\"cart\",\"email\":\"%s\",\"consent\":true,"
-		 "\"cart_id\":\"%s\",\"ts\":%lld,\"currency\":\"EUR\",\"items\":"
-		 "[{\"sku\":\"LAMP-1\",\"name\":\"Linen lamp\",\"price\":49.5}]}",
-		 email, cart, (long long)ts);
-	int rc = ingest(w, EV_HOOK, json, now, &err);
-	if (rc != 1)
-		diag("cart %s: %d %s", cart, rc, err.msg);
-	return rc;
-}
-
-static void test_sending(void)
-{
-	struct world w;
-	struct tick_summary s;
-	struct report r;
-
-	/* a hook cart dated 10 days back: no burst of three steps */
-	if (!ok(world_open(&w, "stale") == 0, "stale: world opens"))
-		return;
-	is_int(w.cfg.max_lateness_hours, 24, "max_lateness_hours defaults to 24");
-	rm_time now = T0 + 30 * DAY;
-	cart_dated(&w, "old@example.com", "old1", now - 10 * DAY, now);
-	long sent = 0, stale = 0;
-	for (int i = 0; i < 3; i++) {
-		tick(&w, now + i * 60, &s);
-		sent += s.sent;
-		stale += s.stale;
-	}
-	is_int(sent, 0, "stale: a cart dated 10 days back gets nothing in three one-minute ticks");
-	is_int(stale, 3, "... its three steps are stale");
-	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'skipped' AND error LIKE 'stale: %%'"),
-	       3, "... recorded (skipped, reason stale), not sent");
-	is_int(outbox_count(&w), 0, "... the outbox is empty");
-	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE status = 'done'"), 1,
-	       "... the sequence is over");
-	memset(&r, 0, sizeof r);
-	int built = report_build(&w.app, now - DAY, now + DAY, &r);
-	ok(built == 0 && r.stale == 3, "... the report counts 3 stale steps (%ld)", r.stale);
-	struct buf j = {0};
-	report_json(&r, &j);
-	ok(j.data && strstr(j.data, "\"stale_steps\":3"), "... report JSON: stale_steps 3");
-	buf_free(&j);
-	world_close(&w);
-
-	/* late, but the next step keeps its own schedule */
-	if (!ok(world_open(&w, "stale2") == 0, "stale2: world opens"))
-		return;
-	cart_dated(&w, "late@example.com", "late1", T0, T0);
-	tick(&w, T0 + 26 * HOUR, &s);
-	ok(s.stale == 1 && s.sent == 1, "stale2: first tick 26 h after the cart: step 1 "
-	   "(half the 23 h to step 2 is its limit) stale, step 2 sent (stale %ld, sent %ld)",
-	   s.stale, s.sent);
-	is_int(sq(&w, "SELECT step FROM messages WHERE status = 'sent'"), 2, "... the one sent is step 2");
-	tick(&w, T0 + 72 * HOUR - 60, &s);
-	is_int(s.sent, 0, "... step 3 not before its own time");
-	tick(&w, T0 + 72 * HOUR + 60, &s);
-	is_int(s.sent, 1, "... step 3 sent at 72 h, on time");
-	world_close(&w);
-
-	/* a 30-day outage: month-old steps are not sent, a new cart is */
-	if (!ok(world_open(&w, "outage") == 0, "outage: world opens"))
-		return;
-	cart_dated(&w, "before@example.com", "before1", T0, T0);
-	tick(&w, T0 + HOUR + 60, &s);
-	is_int(s.sent, 1, "outage: step 1 sent before the outage");
-	cart_dated(&w, "during@example.com", "during1", T0 + 30 * DAY - 2 * HOUR,
-		   T0 + 30 * DAY - 2 * HOUR);
-	tick(&w, T0 + 30 * DAY, &s);
-	ok(s.sent == 1 && s.stale == 2, "outage: the first tick after 30 days: the "
-	   "month-old steps 2 and 3 stale, the new cart's reminder sent (sent %ld, stale %ld)",
-	   s.sent, s.stale);
-	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
-		  "WHERE c.email = 'before@example.com' AND m.status = 'sent'"), 1,
-	       "... the old shopper got only the reminder sent on time");
-	world_close(&w);
-
-	/* max_lateness_hours = 0: never stale */
-	if (!ok(world_open(&w, "nostale") == 0, "nostale: world opens"))
-		return;
-	w.cfg.max_lateness_hours = 0;
-	cart_dated(&w, "old@example.com", "old1", T0, T0 + 10 * DAY);
-	tick(&w, T0 + 10 * DAY, &s);
-	ok(s.sent == 1 && s.stale == 0, "max_lateness_hours = 0: a 10-day-old step is sent");
-	world_close(&w);
-
-	/* the "sending" state cannot be written (a full disk): nothing is sent */
-	if (!ok(world_open(&w, "full") == 0, "full: world opens"))
-		return;
-	cart_dated(&w, "a@example.com", "fa", T0, T0);
-	cart_dated(&w, "b@example.com", "fb", T0, T0);
-	db_scalar(w.app.db, "CREATE TRIGGER full_before BEFORE UPDATE OF attempts ON messages "
-		  "WHEN NEW.attempts > OLD.attempts BEGIN "
-		  "SELECT RAISE(ABORT, 'database or disk is full'); END");
-	ok(flow_tick(&w.app, T0 + HOUR + 60, &s) < 0,
-	   "full: the \"sending\" state cannot be written: the tick stops");
-	is_int(outbox_count(&w), 0, "... and nothing was sent");
-	is_int(sq(&w, "SELECT count(*) FROM messages WHERE attempts = 0"), 2, "... nor counted");
-	db_scalar(w.app.db, "DROP TRIGGER full_before");
-	/* the outcome cannot be written: the tick stops after that message */
-	db_scalar(w.app.db, "CREATE TRIGGER full_after BEFORE UPDATE OF status ON messages "
-		  "WHEN NEW.status = 'sent' BEGIN "
-		  "SELECT RAISE(ABORT, 'database or disk is full'); END");
-	ok(flow_tick(&w.app, T0 + HOUR + 60 + 301, &s) < 0,
-	   "full: the outcome of a sent message cannot be written: the tick stops");
-	is_int(outbox_count(&w), 1, "... after that one message, not going on to the next");
-	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'sending' AND attempts = 1 "
-		  "AND message_id IS NOT NULL"), 1,
-	       "... which is known to be in flight, with its Message-ID kept for the repeat");
-	db_scalar(w.app.db, "DROP TRIGGER full_after");
-	tick(&w, T0 + HOUR + 60 + 602, &s);
-	ok(s.sent == 2 && outbox_count(&w) == 2, "full: with room again both are sent, "
-	   "one file each (sent %ld)", s.sent);
-	world_close(&w);
-}
-
-/* ==== Findings of the fuzz targets (tests/fuzz/) ========================= */
-
 static void test_fuzz_findings(void)
 {
 	struct world w;
@@ -4287,6 +4218,76 @@ static void test_fuzz_findings(void)
 	}
 	is_int(sq(&w, "SELECT count(*) FROM orders"), 0, "... and stores nothing");
 	world_close(&w);
+}
+
+/* ==== Main ============================================================ */
+
+static int find_templates(void)
+{
+	char from_file[PATH_MAX], probe[PATH_MAX + 32];
+	const char *slash = strrchr(__FILE__, '/');
+	snprintf(from_file, sizeof from_file, "%.*s../templates",
+		 slash ? (int)(slash - __FILE__ + 1) : 0, __FILE__);
+	const char *cands[] = {getenv("RM_TEMPLATES"), from_file, "templates"};
+	for (size_t i = 0; i < 3; i++) {
+		if (!cands[i] || !realpath(cands[i], templates))
+			continue;
+		snprintf(probe, sizeof probe, "%s/cart_reminder.txt", templates);
+		if (access(probe, R_OK) == 0)
+			return 0;
+	}
+	return -1;
+}
+
+/* Only our own REMARKET_* variables: none from the caller's environment. */
+static void clear_env(void)
+{
+	extern char **environ;
+	for (int again = 1; again;) {
+		again = 0;
+		for (char **e = environ; *e; e++) {
+			if (strncmp(*e, "REMARKET_", 9) != 0)
+				continue;
+			char name[128];
+			snprintf(name, sizeof name, "%.*s", (int)strcspn(*e, "="), *e);
+			unsetenv(name);
+			again = 1;
+			break;
+		}
+	}
+}
+
+static int setup(void)
+{
+	char path[PATH_MAX + 32];
+	unsigned char key[RM_KEYBYTES];
+	snprintf(tmpdir, sizeof tmpdir, "/tmp/rm-unit-XXXXXX");
+	if (!mkdtemp(tmpdir)) {
+		printf("Bail out! mkdtemp: %s\n", strerror(errno));
+		return -1;
+	}
+	if (find_templates() < 0) {
+		printf("Bail out! templates/ not found: set RM_TEMPLATES\n");
+		return -1;
+	}
+	clear_env();
+	for (int i = 0; i < RM_KEYBYTES; i++)
+		key[i] = (unsigned char)(i * 13 + 1);
+	snprintf(path, sizeof path, "%s/key", tmpdir);
+	if (write_file(path, key, sizeof key) < 0)
+		return -1;
+	setenv("REMARKET_KEY_FILE", path, 1);
+	snprintf(path, sizeof path, "%s/empty.conf", tmpdir);
+	write_file(path, "", 0);
+	setenv("REMARKET_CONFIG", path, 1); /* never ./remarket.conf */
+	setenv("REMARKET_TEMPLATES", templates, 1);
+	setenv("REMARKET_SMTP_URL", "", 1);
+	setenv("REMARKET_HOOK_SECRET", HOOK_SECRET, 1);
+	setenv("REMARKET_TICK_TOKEN", TICK_TOKEN, 1);
+	setenv("REMARKET_CART_URL", CART_URL, 1);
+	setenv("REMARKET_BASE_URL", BASE_URL, 1);
+	setenv("REMARKET_FROM", "Maison Demo <shop@example.com>", 1);
+	return 0;
 }
 
 int main(void)
