@@ -40,7 +40,7 @@ command -v sqlite3 >/dev/null || { echo "gen-db: sqlite3 not found (apt-get inst
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/remarket-gen.XXXXXX")
 trap 'rm -rf "$DIR"' EXIT
 KEY=${REMARKET_KEY_FILE:-$OUT.key}
-REMARKET_DB="$OUT" REMARKET_KEY_FILE="$KEY" "$RM" init >"$DIR/init.log" 2>&1 \
+REMARKET_DB="$OUT" REMARKET_KEY_FILE="$KEY" REMARKET_OUTBOX="$DIR/outbox" "$RM" init >"$DIR/init.log" 2>&1 \
     || { cat "$DIR/init.log" >&2; echo "gen-db: remarket init failed for $OUT" >&2; exit 1; }
 
 # the indexes of the two big tables, as the schema made them

@@ -183,7 +183,7 @@ load_carts() {
 }
 MSG_FILE=-
 if [ $BASE_ONLY = 0 ]; then
-    export REMARKET_KEY_FILE="$TMP/rm.key"
+    export REMARKET_KEY_FILE="$TMP/rm.key" REMARKET_OUTBOX="$TMP/outbox"
     export REMARKET_BASE_URL="http://127.0.0.1:$HTTP_PORT/rm"
     # wrk sends everything from one address: the per-address limit for
     # browser events (rate_ip_per_min) would answer 429 to nearly all of it.

@@ -7,7 +7,7 @@ set -eu
 want="build-essential pkg-config libfcgi-dev libsqlite3-dev libcurl4-openssl-dev libsodium-dev sqlite3 curl"
 case "${1:-build}" in
   test)  want="$want nginx-light postfix valgrind perl python3 apache2 lighttpd chromium chromium-driver fonts-dejavu-core" ;;
-  bench) want="$want nginx-light postfix wrk bc" ;;
+  bench) want="$want nginx-light postfix wrk bc python3 time" ;;
   shop)  want="$want nginx-light python3" ;;
 esac
 missing=""
