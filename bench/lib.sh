@@ -54,6 +54,7 @@ stop() {
         i=$((i + 1))
     done
     if alive "$1"; then
+        # shellcheck disable=SC2034 # read by the callers
         KILLED=1
         kill -9 "$1" 2>/dev/null || true
     fi

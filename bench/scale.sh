@@ -60,7 +60,7 @@ done
 export REMARKET_OUTBOX="$TMP/outbox" REMARKET_HOOK_SECRET="$SECRET"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
-nginx_start
+nginx_start ""
 HOOK_URL="http://127.0.0.1:$HTTP_PORT/rm/events"
 
 # secs CMD...: runs CMD (output to $OUT), sets SECS (wall) and RSS_MB (max
@@ -154,18 +154,18 @@ for S in $SIZES; do
     [ -n "$BASE_TICK" ] || BASE_TICK=$TICK2
 
     serve_start "$DB"
-    probe_start idle.$S
+    probe_start "idle.$S"
     t1=$(now)
     sleep 3
     t2=$(now)
-    probe_end idle.$S "$t1" "$t2"
-    I_N=$P_N I_50=$P_50 I_99=$P_99 I_MAX=$P_MAX I_STALL=$P_STALL
-    probe_start tick.$S
+    probe_end "idle.$S" "$t1" "$t2"
+    I_50=$P_50 I_99=$P_99 I_MAX=$P_MAX I_STALL=$P_STALL
+    probe_start "tick.$S"
     OUT="$TMP/tick3.$S.out"
     secs "$RM" tick --now $((T + 120))
     TICK3=$SECS
     sleep 0.5
-    probe_end tick.$S "$t1" "$t2"
+    probe_end "tick.$S" "$t1" "$t2"
     SERVE_RSS=$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$RM_PID/status")
     stop "$RM_PID" 30
     ROWS="$ROWS$S $GEN $TICK1 $TICK2 $(ratio "$TICK2" "$BASE_TICK") $TICK_RSS $SERVE_RSS $I_50 $I_99 $I_MAX $P_50 $P_99 $P_MAX $(ratio "$P_99" "$I_99") $P_N $TICK3 $I_STALL $P_STALL $P_ERR
