@@ -11,7 +11,7 @@ trap 'rm -rf "$TMP"' EXIT
 export REMARKET_DB="$TMP/big.db" REMARKET_KEY_FILE="$TMP/key" REMARKET_OUTBOX="$TMP/outbox"
 "$RM" init >/dev/null
 T0=1795000000
-sqlite3 "$REMARKET_DB" <<SQL
+sqlite3 "$REMARKET_DB" >/dev/null <<SQL
 PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF;
 BEGIN;
 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000000)

@@ -5,7 +5,14 @@
 #   A. events/s through nginx into POST /rm/collect, remarket vs a bare
 #      libfcgi responder (bench/bare.c) behind the same nginx config.
 #   B. emails/s from `remarket tick` into smtp-sink, vs a raw libcurl
-#      SMTP send loop (bench/smtp_loop.c) into the same sink.
+#      SMTP send loop (bench/smtp_loop.c) into the same sink, sending the
+#      bytes of one of remarket's own mails; the loop on 4 connections too.
+#   C. the same through a relay that takes 50 ms per message
+#      (bench/slow_relay.py): remarket vs the loop on 1 and on 4
+#      connections.
+# Then bench/report.sh (report and recommendations on big tables) and,
+# from `make bench`, bench/scale.sh (tick, hooks and import at 1 k / 100 k
+# [/ 1 M] customers).
 #
 # Usage: sh bench/run.sh [--baselines-only]
 # Tunables (environment): BENCH_N (emails, default 2000),
@@ -13,6 +20,8 @@
 #   BENCH_THREADS (FastCGI threads of both bare and remarket serve, via
 #   REMARKET_THREADS; default 4, remarket's own default),
 #   BENCH_REPS (runs of each email measurement, median taken; default 3),
+#   BENCH_SLOW_N (emails through the slow relay, default 100) and
+#   BENCH_SLOW_MS (its time per message, default 50),
 #   BENCH_KEEP=1 keeps the temp dir (logs, databases) for inspection,
 #   REMARKET=path of the binary (default ./remarket in the repo root).
 set -eu
@@ -26,130 +35,18 @@ WRK_C=${BENCH_WRK_CONNS:-32}
 WRK_S=${BENCH_WRK_SECS:-5}
 THREADS=${BENCH_THREADS:-4}
 REPS=${BENCH_REPS:-3}
+SLOW_N=${BENCH_SLOW_N:-100}
+SLOW_MS=${BENCH_SLOW_MS:-50}
 BASE_ONLY=0
 [ "${1:-}" = "--baselines-only" ] && BASE_ONLY=1
 
-PIDS=""
-TMP=""
-cleanup() {
-    rc=$?
-    set +e
-    for p in $PIDS; do
-        stop "$p" 20
-    done
-    if [ -n "$TMP" ] && [ -d "$TMP" ]; then
-        if [ "${BENCH_KEEP:-0}" = 1 ]; then
-            echo "bench: kept $TMP" >&2
-        else
-            rm -rf "$TMP"
-        fi
-    fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-die() {
-    echo "bench: FAILED: $*" >&2
-    exit 1
-}
-warn() {
-    echo "bench: WARNING: $*" >&2
-}
-need() {
-    command -v "$1" >/dev/null 2>&1 || [ -x "$1" ] || die "$1 not found (run scripts/deps.sh bench)"
-}
-# Start a command in the background and remember its pid for cleanup.
-bg() {
-    "$@" &
-    PIDS="$PIDS $!"
-    LASTPID=$!
-}
-# Stop one background process that we started: SIGTERM, then SIGKILL if it
-# is still there after $2 tenths of a second (default 30). Sets KILLED=1 if
-# SIGKILL was needed. (libfcgi servers finish their kept-alive nginx
-# connections before exiting on SIGTERM, which nginx closes only after its
-# 60 s upstream keepalive_timeout.)
-stop() {
-    KILLED=0
-    kill "$1" 2>/dev/null || true
-    i=0
-    while alive "$1" && [ $i -lt "${2:-30}" ]; do
-        sleep 0.1
-        i=$((i + 1))
-    done
-    if alive "$1"; then
-        KILLED=1
-        kill -9 "$1" 2>/dev/null || true
-    fi
-    wait "$1" 2>/dev/null || true
-    np=""
-    for p in $PIDS; do
-        [ "$p" = "$1" ] || np="$np $p"
-    done
-    PIDS=$np
-}
-alive() {
-    kill -0 "$1" 2>/dev/null
-}
-now() {
-    date +%s.%N
-}
-# A TCP port that nothing on this machine uses right now.
-free_port() {
-    p=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
-    p=$((20000 + p % 30000))
-    tries=0
-    while awk -v p="$(printf %04X "$p")" '
-            FNR > 1 { split($2, a, ":"); if (a[2] == p) f = 1 }
-            END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; do
-        p=$((p + 1))
-        tries=$((tries + 1))
-        [ $tries -lt 1000 ] || die "no free TCP port found"
-    done
-    echo "$p"
-}
-# Wait (up to ~5 s) until a TCP port listens on loopback, or the pid dies.
-wait_port() {
-    hex=$(printf %04X "$1")
-    i=0
-    while ! awk -v p="$hex" '
-            FNR > 1 && $4 == "0A" { split($2, a, ":"); if (a[2] == p) f = 1 }
-            END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; do
-        alive "$2" || return 1
-        i=$((i + 1))
-        [ $i -lt 100 ] || return 1
-        sleep 0.05
-    done
-    alive "$2"
-}
-# Wait (up to ~5 s) until a unix socket exists, or the pid dies.
-wait_sock() {
-    i=0
-    while [ ! -S "$1" ]; do
-        alive "$2" || return 1
-        i=$((i + 1))
-        [ $i -lt 100 ] || return 1
-        sleep 0.05
-    done
-    alive "$2"
-}
-fmt() {
-    awk -v x="$1" 'BEGIN { printf "%.1f", x }'
-}
-median() {
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
-        END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'
-}
+. bench/lib.sh
 
 need cc
 need nginx
 need wrk
 need curl
+need python3
 SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
 [ -x "$SINK" ] || die "smtp-sink not found (it comes with the postfix package)"
 if [ $BASE_ONLY = 0 ]; then
@@ -194,20 +91,7 @@ sink_count() {
 }
 
 # ---------------------------------------------------------------- nginx
-HTTP_PORT=$(free_port)
-[ "$HTTP_PORT" != "$SINK_PORT" ] || HTTP_PORT=$((HTTP_PORT + 1))
-mkdir -p "$TMP/nginx/tmp"
-sed -e "/TEST:/s|server unix:[^;]*;|server unix:$TMP/fcgi.sock;|" \
-    -e "/TEST:/s|listen [^;]*;|listen 127.0.0.1:$HTTP_PORT;|" \
-    nginx.conf.example >"$TMP/nginx.conf"
-if ! grep -q "unix:$TMP/fcgi.sock;" "$TMP/nginx.conf" || ! grep -q "listen 127.0.0.1:$HTTP_PORT;" "$TMP/nginx.conf"; then
-    die "nginx.conf.example: the two \"TEST:\" lines (server unix:...; listen ...;) were not found"
-fi
-nginx -t -q -p "$TMP/nginx" -c "$TMP/nginx.conf" 2>"$TMP/nginx-t.log" \
-    || { cat "$TMP/nginx-t.log" >&2; die "nginx -t rejects the config"; }
-bg nginx -p "$TMP/nginx" -c "$TMP/nginx.conf"
-NGINX_PID=$LASTPID
-wait_port "$HTTP_PORT" "$NGINX_PID" || { cat "$TMP/nginx/error.log" >&2 2>/dev/null; die "nginx did not start on 127.0.0.1:$HTTP_PORT"; }
+nginx_start "$SINK_PORT"
 URL="http://127.0.0.1:$HTTP_PORT/rm/collect"
 BODY='{"type":"view","visitor_id":"v-bench-0001","sku":"LAMP-1"}'
 
@@ -262,6 +146,63 @@ A_BASE=$RPS A_BASE_REQS=$REQS A_BASE_ERR=$NON2XX A_BASE_LAT="p50 $P50, p99 $P99"
 stop "$BARE_PID" 0
 rm -f "$TMP/fcgi.sock"
 
+# ---------------------------------------------------------------- events, one mail
+# make_events N DIR: N shoppers' identify and cart events (carts of T0) in
+# DIR/events.NNNNN.json; remarket event takes at most 1000 events per call
+# (EV_MAX_BATCH, the same cap as a POST body), so they go in files of 500
+# pairs.
+T0=$(date +%s)
+make_events() {
+    mkdir -p "$2"
+    awk -v n="$1" -v t0="$T0" -v dir="$2" 'BEGIN {
+        per = 500
+        for (i = 1; i <= n; i++) {
+            if ((i - 1) % per == 0) {
+                if (f != "") { print "]" > f; close(f) }
+                f = sprintf("%s/events.%05d.json", dir, (i - 1) / per)
+                print "[" > f
+            }
+            last = (i % per == 0 || i == n)
+            printf "{\"type\":\"identify\",\"email\":\"shopper%d@example.com\",\"name\":\"Shopper %d\",\"consent\":true,\"ts\":%d},\n", i, i, t0 > f
+            printf "{\"type\":\"cart\",\"email\":\"shopper%d@example.com\",\"cart_id\":\"c-%d\",\"currency\":\"EUR\",\"items\":[{\"sku\":\"LAMP-1\",\"name\":\"Rattan lamp\",\"price\":39.90,\"qty\":1,\"url\":\"https://shop.example/p/lamp\",\"image\":\"https://shop.example/img/lamp.jpg\"}],\"total\":39.90,\"ts\":%d}%s\n", i, i, t0, (last ? "" : ",") > f
+        }
+        if (f != "") { print "]" > f; close(f) }
+    }'
+}
+# load_carts DB DIR: a fresh database DB (holdout 0: every cart is
+# mailed, no control group in the bench) with the events of DIR.
+load_carts() {
+    REMARKET_DB="$1" "$RM" init >"$1.init.log" 2>&1 \
+        || { cat "$1.init.log" >&2; die "remarket init failed (REMARKET_DB=$1)"; }
+    REMARKET_DB="$1" "$RM" flows holdout abandoned_cart 0 >/dev/null \
+        || die "remarket flows holdout failed (REMARKET_DB=$1)"
+    for f in "$2"/events.*.json; do
+        REMARKET_DB="$1" "$RM" event --now "$T0" <"$f" >>"$1.event.log" 2>&1 \
+            || { tail -n 20 "$1.event.log" >&2; die "remarket event failed on $f"; }
+    done
+}
+MSG_FILE=-
+if [ $BASE_ONLY = 0 ]; then
+    export REMARKET_KEY_FILE="$TMP/rm.key" REMARKET_OUTBOX="$TMP/outbox"
+    export REMARKET_BASE_URL="http://127.0.0.1:$HTTP_PORT/rm"
+    # wrk sends everything from one address: the per-address limit for
+    # browser events (rate_ip_per_min) would answer 429 to nearly all of it.
+    export REMARKET_RATE_IP_PER_MIN=0 REMARKET_RATE_VISITOR_PER_MIN=0
+
+    make_events "$N" "$TMP"
+    # One of remarket's own mails, from an outbox (which holds exactly the
+    # bytes it gives SMTP): the baseline loop sends these same bytes.
+    make_events 1 "$TMP/one"
+    load_carts "$TMP/eml.db" "$TMP/one"
+    REMARKET_DB="$TMP/eml.db" REMARKET_OUTBOX="$TMP/outbox" "$RM" tick --now $((T0 + 3700)) >"$TMP/eml.out" 2>&1 \
+        || { cat "$TMP/eml.out" >&2; die "remarket tick into the outbox $TMP/outbox failed"; }
+    for f in "$TMP"/outbox/m*.eml; do
+        MSG_FILE=$f
+        break
+    done
+    [ -f "$MSG_FILE" ] || { cat "$TMP/eml.out" >&2; die "remarket tick wrote no mail into the outbox $TMP/outbox"; }
+fi
+
 # ---------------------------------------------------------------- B: raw libcurl
 # Each email figure is the median of REPS runs: a run takes only ~0.5-1 s,
 # so a single one is at the mercy of the scheduler.
@@ -270,7 +211,7 @@ B_BASE_SECS_ALL=""
 r=1
 while [ $r -le "$REPS" ]; do
     before=$(sink_count)
-    "$TMP/smtp_loop" "$SMTP_URL" "$N" >"$TMP/smtp_loop.$r.txt" 2>"$TMP/smtp_loop.$r.err" \
+    "$TMP/smtp_loop" "$SMTP_URL" "$N" "$MSG_FILE" >"$TMP/smtp_loop.$r.txt" 2>"$TMP/smtp_loop.$r.err" \
         || { cat "$TMP/smtp_loop.$r.err" >&2; die "smtp_loop could not send to $SMTP_URL"; }
     read -r _ secs rate <"$TMP/smtp_loop.$r.txt"
     B_BASE_ALL="$B_BASE_ALL $rate"
@@ -285,12 +226,6 @@ B_BASE=$(median $B_BASE_ALL)
 MSG_SIZE=$(sed -n 's/.*message size \([0-9]*\).*/\1/p' "$TMP/smtp_loop.1.err")
 
 if [ $BASE_ONLY = 0 ]; then
-    export REMARKET_KEY_FILE="$TMP/rm.key"
-    export REMARKET_BASE_URL="http://127.0.0.1:$HTTP_PORT/rm"
-    # wrk sends everything from one address: the per-address limit for
-    # browser events (rate_ip_per_min) would answer 429 to nearly all of it.
-    export REMARKET_RATE_IP_PER_MIN=0 REMARKET_RATE_VISITOR_PER_MIN=0
-
     # ------------------------------------------------------------ A: remarket
     REMARKET_DB="$TMP/rm.db" "$RM" init >"$TMP/init.log" 2>&1 \
         || { cat "$TMP/init.log" >&2; die "remarket init failed (REMARKET_DB=$TMP/rm.db)"; }
@@ -311,23 +246,6 @@ if [ $BASE_ONLY = 0 ]; then
     [ $KILLED = 0 ] || echo "bench: note: remarket serve did not exit within 3 s of SIGTERM; it was killed" >&2
 
     # ------------------------------------------------------------ B: remarket
-    T0=$(date +%s)
-    # remarket event takes at most 1000 events per call (EV_MAX_BATCH, the
-    # same cap as a POST body), so the 2N events go in files of 500 pairs.
-    awk -v n="$N" -v t0="$T0" -v dir="$TMP" 'BEGIN {
-        per = 500
-        for (i = 1; i <= n; i++) {
-            if ((i - 1) % per == 0) {
-                if (f != "") { print "]" > f; close(f) }
-                f = sprintf("%s/events.%05d.json", dir, (i - 1) / per)
-                print "[" > f
-            }
-            last = (i % per == 0 || i == n)
-            printf "{\"type\":\"identify\",\"email\":\"shopper%d@example.com\",\"name\":\"Shopper %d\",\"consent\":true,\"ts\":%d},\n", i, i, t0 > f
-            printf "{\"type\":\"cart\",\"email\":\"shopper%d@example.com\",\"cart_id\":\"c-%d\",\"currency\":\"EUR\",\"items\":[{\"sku\":\"LAMP-1\",\"name\":\"Rattan lamp\",\"price\":39.90,\"qty\":1,\"url\":\"https://shop.example/p/lamp\",\"image\":\"https://shop.example/img/lamp.jpg\"}],\"total\":39.90,\"ts\":%d}%s\n", i, i, t0, (last ? "" : ",") > f
-        }
-        if (f != "") { print "]" > f; close(f) }
-    }'
     B_RM_ALL=""
     B_RM_SECS_ALL=""
     SENT_ALL=""
@@ -337,16 +255,8 @@ if [ $BASE_ONLY = 0 ]; then
     while [ $r -le "$REPS" ]; do
         # A fresh database per run, loaded with the same N abandoned carts.
         export REMARKET_DB="$TMP/mail.$r.db"
-        "$RM" init >"$TMP/init-mail.$r.log" 2>&1 \
-            || { cat "$TMP/init-mail.$r.log" >&2; die "remarket init failed (REMARKET_DB=$REMARKET_DB)"; }
-        # every cart must be mailed: no 10 % control group in the bench
-        "$RM" flows holdout abandoned_cart 0 >/dev/null \
-            || die "remarket flows holdout failed (REMARKET_DB=$REMARKET_DB)"
         t1=$(now)
-        for f in "$TMP"/events.*.json; do
-            "$RM" event --now "$T0" <"$f" >>"$TMP/event.$r.log" 2>&1 \
-                || { tail -n 20 "$TMP/event.$r.log" >&2; die "remarket event failed on $f"; }
-        done
+        load_carts "$REMARKET_DB" "$TMP"
         t2=$(now)
         LOAD_ALL="$LOAD_ALL $(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3fs", b - a }')"
 
@@ -376,21 +286,76 @@ if [ $BASE_ONLY = 0 ]; then
     B_RM=$(median $B_RM_ALL)
 fi
 
+# ---------------------------------------------------------------- B: 4 connections
+# The loop on 4 connections into the same sink: the bar for parallel sending.
+"$TMP/smtp_loop" "$SMTP_URL" "$N" "$MSG_FILE" 4 >"$TMP/smtp_loop4.txt" 2>"$TMP/smtp_loop4.err" \
+    || { cat "$TMP/smtp_loop4.err" >&2; die "smtp_loop (4 connections) could not send to $SMTP_URL"; }
+read -r _ B_BASE4_SECS B_BASE4 <"$TMP/smtp_loop4.txt"
+
+# ---------------------------------------------------------------- C: slow relay
+# A relay that answers each message SLOW_MS after it arrived, on any number
+# of connections at once: one connection then carries at most 1000/SLOW_MS
+# mails a second, whatever the sender does; only more connections help.
+RELAY_PORT=$(free_port)
+bg python3 bench/slow_relay.py 127.0.0.1 "$RELAY_PORT" "$SLOW_MS" >"$TMP/relay.log" 2>&1
+RELAY_PID=$LASTPID
+wait_port "$RELAY_PORT" "$RELAY_PID" || { cat "$TMP/relay.log" >&2; die "bench/slow_relay.py did not start on 127.0.0.1:$RELAY_PORT"; }
+RELAY_URL="smtp://127.0.0.1:$RELAY_PORT"
+relay_count() {
+    grep -o 'mesg=[0-9]*' "$TMP/relay.log" | tail -n 1 | sed 's/mesg=//' | grep . || echo 0
+}
+for c in 1 4; do
+    before=$(relay_count)
+    "$TMP/smtp_loop" "$RELAY_URL" "$SLOW_N" "$MSG_FILE" $c >"$TMP/slow_loop$c.txt" 2>"$TMP/slow_loop$c.err" \
+        || { cat "$TMP/slow_loop$c.err" >&2; die "smtp_loop ($c connections) could not send to $RELAY_URL"; }
+    got=$(( $(relay_count) - before ))
+    [ "$got" = "$SLOW_N" ] || warn "smtp_loop ($c connections): the slow relay counted $got messages, expected $SLOW_N"
+done
+read -r _ C_BASE1_SECS C_BASE1 <"$TMP/slow_loop1.txt"
+read -r _ C_BASE4_SECS C_BASE4 <"$TMP/slow_loop4.txt"
+C_RM=0 C_RM_SECS=n/a C_RM_SENT=n/a
+if [ $BASE_ONLY = 0 ]; then
+    make_events "$SLOW_N" "$TMP/slow"
+    load_carts "$TMP/slow.db" "$TMP/slow"
+    before=$(relay_count)
+    t1=$(now)
+    REMARKET_DB="$TMP/slow.db" REMARKET_SMTP_URL="$RELAY_URL" "$RM" tick --now $((T0 + 3700)) >"$TMP/slow-tick.out" 2>"$TMP/slow-tick.err" \
+        || { cat "$TMP/slow-tick.out" >&2; tail -n 20 "$TMP/slow-tick.err" >&2; die "remarket tick into the slow relay failed"; }
+    t2=$(now)
+    C_RM_SECS=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3f", b - a }')
+    C_RM_SENT=$(tr -d ' \n\t' <"$TMP/slow-tick.out" | sed -n 's/.*"sent":\([0-9][0-9]*\).*/\1/p')
+    got=$(( $(relay_count) - before ))
+    [ "${C_RM_SENT:-}" = "$SLOW_N" ] || warn "remarket tick sent ${C_RM_SENT:-?} emails through the slow relay, expected $SLOW_N"
+    [ "$got" = "${C_RM_SENT:-}" ] || warn "remarket tick reports sent=${C_RM_SENT:-?} but the slow relay counted $got messages"
+    C_RM=$(awk -v n="${C_RM_SENT:-0}" -v s="$C_RM_SECS" 'BEGIN { if (s > 0) printf "%.1f", n / s; else print 0 }')
+fi
+stop "$RELAY_PID" 10
+
 # ---------------------------------------------------------------- report
 echo
 echo "remarket benchmark ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc 2>/dev/null || echo ?) CPUs)"
 echo "  A: wrk -t$WRK_T -c$WRK_C -d${WRK_S}s POST /rm/collect ($(printf %s "$BODY" | wc -c) byte JSON) through nginx ($(awk '/worker_processes/ { print $2 + 0 }' "$TMP/nginx.conf") workers, nginx.conf.example)"
 echo "     remarket serve with threads=$THREADS; baseline: bench/bare.c, libfcgi, $THREADS threads, 204 No Content"
 echo "  B: N=$N emails into smtp-sink on loopback, median of $REPS runs each"
-echo "     baseline: bench/smtp_loop.c, one libcurl easy handle reused, ${MSG_SIZE:-?}-byte message"
+echo "     baseline: bench/smtp_loop.c, one libcurl easy handle reused per connection, the same ${MSG_SIZE:-?}-byte message"
+echo "     ($([ "$MSG_FILE" = - ] && echo "a built-in message: --baselines-only" || echo "one of remarket's abandoned-cart mails, from its outbox"))"
+echo "  C: $SLOW_N emails through bench/slow_relay.py, ${SLOW_MS} ms per message, one run each"
 echo
 printf '%-32s %14s %14s %8s\n' benchmark baseline remarket ratio
 if [ $BASE_ONLY = 0 ]; then
     printf '%-32s %12s/s %12s/s %8s\n' "collect events/s via nginx" "$(fmt "$A_BASE")" "$(fmt "$A_RM")" "$(ratio "$A_RM" "$A_BASE")"
     printf '%-32s %12s/s %12s/s %8s\n' "emails/s into smtp-sink" "$(fmt "$B_BASE")" "$(fmt "$B_RM")" "$(ratio "$B_RM" "$B_BASE")"
+    printf '%-32s %12s/s %12s/s %8s\n' "  same, loop on 4 connections" "$(fmt "$B_BASE4")" "$(fmt "$B_RM")" "$(ratio "$B_RM" "$B_BASE4")"
+    printf '%-32s %12s/s %12s/s %8s\n' "emails/s, ${SLOW_MS} ms relay, 1 conn" "$(fmt "$C_BASE1")" "$(fmt "$C_RM")" "$(ratio "$C_RM" "$C_BASE1")"
+    printf '%-32s %12s/s %12s/s %8s\n' "emails/s, ${SLOW_MS} ms relay, 4 conns" "$(fmt "$C_BASE4")" "$(fmt "$C_RM")" "$(ratio "$C_RM" "$C_BASE4")"
+    echo "  (remarket sends on one connection: its figure is the same in both rows;"
+    echo "   with the slow relay the loop's 4 connections carry $(ratio "$C_BASE4" "$C_BASE1")x what 1 does; remarket has no second connection yet)"
 else
     printf '%-32s %12s/s %14s %8s\n' "collect events/s via nginx" "$(fmt "$A_BASE")" "(skipped)" "-"
     printf '%-32s %12s/s %14s %8s\n' "emails/s into smtp-sink" "$(fmt "$B_BASE")" "(skipped)" "-"
+    printf '%-32s %12s/s %14s %8s\n' "  same, loop on 4 connections" "$(fmt "$B_BASE4")" "(skipped)" "-"
+    printf '%-32s %12s/s %14s %8s\n' "emails/s, ${SLOW_MS} ms relay, 1 conn" "$(fmt "$C_BASE1")" "(skipped)" "-"
+    printf '%-32s %12s/s %14s %8s\n' "emails/s, ${SLOW_MS} ms relay, 4 conns" "$(fmt "$C_BASE4")" "(skipped)" "-"
 fi
 echo
 echo "raw figures:"
@@ -403,6 +368,10 @@ if [ $BASE_ONLY = 0 ]; then
     echo "  tick:       $N carts per run, runs took$B_RM_SECS_ALL (median $(fmt "$B_RM")/s); sent:$SENT_ALL; smtp-sink counted:$SINK_ALL"
     echo "  (setup, not compared: remarket event loaded $((2 * N)) events in$LOAD_ALL)"
 fi
+echo "  smtp_loop, 4 connections: $N messages into smtp-sink in ${B_BASE4_SECS}s"
+C_RM_RAW=""
+[ $BASE_ONLY = 1 ] || C_RM_RAW="; remarket tick ${C_RM_SECS}s, sent ${C_RM_SENT}"
+echo "  slow relay: loop $SLOW_N messages in ${C_BASE1_SECS}s (1 conn), ${C_BASE4_SECS}s (4 conns)$C_RM_RAW"
 if [ $BASE_ONLY = 1 ]; then
     echo
     echo "bench: --baselines-only: remarket was not measured"

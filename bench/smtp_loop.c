@@ -1,11 +1,18 @@
 /* smtp_loop.c: raw libcurl SMTP send loop, the baseline for
- * `remarket tick` in bench/run.sh. It sends COUNT copies of a prebuilt
- * ~3 KB multipart/alternative message through ONE reused easy handle
- * (so the SMTP connection is reused, as a well-written sender would).
- * Usage: smtp_loop SMTP_URL COUNT
+ * `remarket tick` in bench/run.sh. It sends COUNT copies of a message
+ * through CONNS connections (default 1), each one reused easy handle in
+ * its own thread (so each SMTP connection is kept open across messages,
+ * as a well-written sender would); the COUNT messages are shared out
+ * among them.
+ * The message is FILE, as it is (an .eml from remarket's outbox, which
+ * holds exactly the bytes remarket gives SMTP, so that "remarket vs loop"
+ * compares like with like), or a prebuilt ~3 KB multipart/alternative
+ * message when FILE is "-" or missing.
+ * Usage: smtp_loop SMTP_URL COUNT [FILE|- [CONNS]]
  * Prints: <count> <seconds> <msgs_per_sec>
  */
 #include <curl/curl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -102,48 +109,61 @@ static size_t build_message(char *msg, size_t cap)
     return len;
 }
 
-int main(int argc, char **argv)
+/* Reads the whole message FILE (up to cap bytes); its length, or 0. */
+static size_t read_message(const char *path, char *msg, size_t cap)
 {
-    static char msg[8192];
-    struct upload up;
-    CURL *c;
-    CURLcode rc;
-    long count, i;
-    double t0, secs;
+    FILE *f = fopen(path, "rb");
+    size_t n;
+    if (!f) {
+        perror(path);
+        return 0;
+    }
+    n = fread(msg, 1, cap, f);
+    if (n == cap || ferror(f)) {
+        fprintf(stderr, "smtp_loop: %s: unreadable or larger than %zu bytes\n", path, cap - 1);
+        n = 0;
+    }
+    fclose(f);
+    return n;
+}
+
+struct sender {
+    const char *url, *msg;
+    size_t len;
+    long first, count; /* recipients first .. first + count - 1 */
+    int failed;
+};
+
+/* One connection: its own easy handle, reused for each of its messages. */
+static void *send_loop(void *arg)
+{
+    struct sender *sd = arg;
+    struct upload up = {sd->msg, sd->len, 0};
     char rcpt[64];
+    CURL *c = curl_easy_init();
+    CURLcode rc;
+    long i;
 
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s SMTP_URL COUNT\n", argv[0]);
-        return 2;
-    }
-    count = atol(argv[2]);
-    if (count < 1) {
-        fprintf(stderr, "smtp_loop: COUNT must be >= 1\n");
-        return 2;
-    }
-    up.data = msg;
-    up.len = build_message(msg, sizeof msg);
-
-    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK || !(c = curl_easy_init())) {
+    if (!c) {
         fprintf(stderr, "smtp_loop: libcurl init failed\n");
-        return 1;
+        sd->failed = 1;
+        return NULL;
     }
-    curl_easy_setopt(c, CURLOPT_URL, argv[1]);
+    curl_easy_setopt(c, CURLOPT_URL, sd->url);
     curl_easy_setopt(c, CURLOPT_MAIL_FROM, "<shop@shop.example>");
     curl_easy_setopt(c, CURLOPT_READFUNCTION, read_cb);
     curl_easy_setopt(c, CURLOPT_READDATA, &up);
     curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(c, CURLOPT_TIMEOUT, 30L);
-
-    t0 = now();
-    for (i = 1; i <= count; i++) {
+    for (i = sd->first; i < sd->first + sd->count; i++) {
         struct curl_slist *to;
         snprintf(rcpt, sizeof rcpt, "<shopper%ld@example.com>", i);
         to = curl_slist_append(NULL, rcpt);
         if (!to) {
             fprintf(stderr, "smtp_loop: out of memory\n");
-            return 1;
+            sd->failed = 1;
+            break;
         }
         curl_easy_setopt(c, CURLOPT_MAIL_RCPT, to);
         up.pos = 0;
@@ -152,13 +172,70 @@ int main(int argc, char **argv)
         curl_slist_free_all(to);
         if (rc != CURLE_OK) {
             fprintf(stderr, "smtp_loop: message %ld: %s\n", i, curl_easy_strerror(rc));
-            return 1;
+            sd->failed = 1;
+            break;
         }
     }
-    secs = now() - t0;
     curl_easy_cleanup(c);
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    static char msg[1 << 20];
+    struct sender sd[64];
+    pthread_t th[64];
+    size_t len;
+    long count, conns = 1, i, first = 1;
+    double t0, secs;
+    int failed = 0;
+
+    if (argc < 3 || argc > 5) {
+        fprintf(stderr, "usage: %s SMTP_URL COUNT [FILE|- [CONNS]]\n", argv[0]);
+        return 2;
+    }
+    count = atol(argv[2]);
+    if (count < 1) {
+        fprintf(stderr, "smtp_loop: COUNT must be >= 1\n");
+        return 2;
+    }
+    if (argc == 5)
+        conns = atol(argv[4]);
+    if (conns < 1 || conns > 64 || conns > count) {
+        fprintf(stderr, "smtp_loop: CONNS must be 1-64 and at most COUNT\n");
+        return 2;
+    }
+    if (argc >= 4 && strcmp(argv[3], "-") != 0)
+        len = read_message(argv[3], msg, sizeof msg);
+    else
+        len = build_message(msg, sizeof msg);
+    if (len == 0)
+        return 1;
+
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        fprintf(stderr, "smtp_loop: libcurl init failed\n");
+        return 1;
+    }
+    for (i = 0; i < conns; i++) {
+        sd[i] = (struct sender){argv[1], msg, len, first, count / conns + (i < count % conns), 0};
+        first += sd[i].count;
+    }
+    t0 = now();
+    for (i = 0; i < conns; i++)
+        if (pthread_create(&th[i], NULL, send_loop, &sd[i]) != 0) {
+            fprintf(stderr, "smtp_loop: cannot start thread %ld\n", i + 1);
+            return 1;
+        }
+    for (i = 0; i < conns; i++) {
+        pthread_join(th[i], NULL);
+        failed |= sd[i].failed;
+    }
+    secs = now() - t0;
     curl_global_cleanup();
+    if (failed)
+        return 1;
     printf("%ld %.6f %.1f\n", count, secs, secs > 0 ? (double)count / secs : 0.0);
-    fprintf(stderr, "smtp_loop: message size %zu bytes\n", up.len);
+    fprintf(stderr, "smtp_loop: message size %zu bytes, %ld connection%s\n", len, conns,
+            conns > 1 ? "s" : "");
     return 0;
 }

@@ -10,6 +10,8 @@ case "${1:-build}" in
   bench) want="$want nginx-light postfix wrk bc" ;;
   shop)  want="$want nginx-light python3" ;;
 esac
+# the bench's hook probe and slow relay are python3; /usr/bin/time gives RSS
+[ "${1:-build}" != bench ] || want="$want python3 time"
 missing=""
 for p in $want; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
