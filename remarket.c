@@ -6662,14 +6662,19 @@ static void record(struct app *app, int64_t msg, const char *kind, rm_time now)
 	q_exec(app->db, q(app->db, ST_INTERACTION, "iti", msg, kind, (int64_t)now));
 }
 
-/* Joins this browser to the contact: its rm_vid cookie, or a new random
- * id (never one of the contact's other browsers), is linked as verified
- * and set for a year. */
+/* Joins this browser to the contact: its rm_vid cookie if that id is
+ * already the contact's, else a new random id (never one of the contact's
+ * other browsers), is linked as verified and set for a year. A link is a
+ * bearer token anyone can forward or make a browser follow: it never
+ * re-owns an id that is nobody's or someone else's. */
 static void visitor_cookie(struct app *app, const struct http_req *rq,
 			   int64_t contact, rm_time now, struct http_resp *rs)
 {
 	char vid[80];
 	cookie_vid(rq, vid, sizeof vid);
+	if (*vid && scalar_id(app->db, q(app->db, ST_VISITOR_CONTACT, "t",
+					 vid)) != contact)
+		*vid = '\0'; /* the old id stays as it was */
 	if (!*vid) { /* a new browser gets a new id, never someone else's */
 		unsigned char r[16];
 		randombytes_buf(r, sizeof r);

@@ -1889,6 +1889,55 @@ static void test_browser_trust(void)
 	test_browser_migration();
 }
 
+/* The review of issue 8, browser side: a link never re-owns a browser, a
+ * typed address never inherits a proof, holds and sequences stay bounded. */
+static void test_browser_review(void)
+{
+	struct world w;
+	struct tick_summary sum;
+	struct http_resp rs;
+	char tok[TOK_MAXLEN + 1], path[96];
+	if (!ok(world_open(&w, "review-browser") == 0, "review: world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+	cart_event(&w, "attacker@evil.example", "Eve", "acart", 1, T0);
+	cart_event(&w, "victim@example.org", "Vic", "shopcart-77", 1, T0);
+	tick(&w, T0 + HOUR + 60, &sum);
+	long long am = sq(&w, "SELECT max(m.id) FROM messages m JOIN contacts c ON "
+			  "c.id = m.contact_id WHERE c.email = 'attacker@evil.example'");
+	tok_sign(w.app.key, TOK_RECOVER, am, T0 + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+
+	/* H2: another site sends a shopper's browser to the attacker's link */
+	collect(&w, "rm_vid=v-shopper", "{\"type\":\"view\",\"sku\":\"LAMP-1\"}",
+		T0 + 2 * HOUR);
+	is_int(browser_req(&w, "GET", path, NULL, "10.9.8.1", "rm_vid=v-shopper", NULL,
+			   T0 + 2 * HOUR, &rs), 302, "H2: someone's link forced on a shopper's browser: 302");
+	const char *sc = resp_header(&rs, "Set-Cookie");
+	ok(sc && !strncmp(sc, "rm_vid=v", 8) && !contains(sc, "v-shopper"),
+	   "... the browser gets a fresh visitor id (%s)", sc ? sc : "no Set-Cookie");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM visitors WHERE vid = 'v-shopper' "
+		  "AND contact_id IS NULL AND verified = 0"), 1,
+	       "... its old id is joined to nobody, as before");
+	collect(&w, "rm_vid=v-shopper", "{\"type\":\"cart\",\"cart_id\":\"shop-991\","
+		"\"items\":[{\"sku\":\"LAMP-1\",\"qty\":2}]}", T0 + 2 * HOUR);
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key = 'shop-991/v-shopper' "
+		  "AND contact_id IS NULL"), 1,
+	       "... so the shopper's later cart is no one's (never mailed to the link's owner)");
+	/* the link's owner in a browser already theirs: the same id, proven */
+	collect(&w, "rm_vid=v-eve", "{\"type\":\"identify\",\"email\":"
+		"\"attacker@evil.example\"}", T0 + 2 * HOUR);
+	browser_req(&w, "GET", path, NULL, "10.9.8.2", "rm_vid=v-eve", NULL, T0 + 2 * HOUR, &rs);
+	sc = resp_header(&rs, "Set-Cookie");
+	ok(sc && !strncmp(sc, "rm_vid=v-eve;", 13),
+	   "H2: a browser joined to the link's own contact keeps its id (%s)", sc ? sc : "none");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT verified FROM visitors WHERE vid = 'v-eve'"), 1, "... and is proven");
+	world_close(&w);
+}
+
 /* ==== Discount codes ================================================== */
 
 static void test_codes(void)
@@ -4318,6 +4367,7 @@ int main(void)
 	test_browser_side();
 	test_boundary();
 	test_browser_trust();
+	test_browser_review();
 	test_review_fixes();
 	test_measurement();
 	test_report_numbers();
