@@ -756,7 +756,9 @@ void cfg_free(struct config *cfg)
 	X(VISITOR_UPSERT,                                                      \
 	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen) "     \
 	  "VALUES (?1, ?2, ?3, ?3) ON CONFLICT (vid) DO UPDATE SET "           \
-	  "contact_id = coalesce(?2, contact_id), last_seen = ?3")             \
+	  "contact_id = coalesce(?2, contact_id), last_seen = ?3, "            \
+	  "verified = CASE WHEN ?2 IS NOT contact_id AND ?2 IS NOT NULL "      \
+	  "THEN 0 ELSE verified END") /* a typed address proves nothing */     \
 	X(VISITOR_CARTS,                                                       \
 	  "UPDATE carts SET contact_id = ?2 "                                  \
 	  "WHERE visitor_id = ?1 AND contact_id IS NULL")                      \

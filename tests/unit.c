@@ -1896,7 +1896,7 @@ static void test_browser_review(void)
 	struct world w;
 	struct tick_summary sum;
 	struct http_resp rs;
-	char tok[TOK_MAXLEN + 1], path[96];
+	char tok[TOK_MAXLEN + 1], path[96], cookie[96];
 	if (!ok(world_open(&w, "review-browser") == 0, "review: world opens"))
 		return;
 	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
@@ -1935,6 +1935,25 @@ static void test_browser_review(void)
 	   "H2: a browser joined to the link's own contact keeps its id (%s)", sc ? sc : "none");
 	http_resp_free(&rs);
 	is_int(sq(&w, "SELECT verified FROM visitors WHERE vid = 'v-eve'"), 1, "... and is proven");
+
+	/* H1: a proven browser types another address: the proof does not move */
+	browser_req(&w, "GET", path, NULL, "10.9.8.3", NULL, NULL, T0 + 2 * HOUR, &rs);
+	sc = resp_header(&rs, "Set-Cookie");
+	snprintf(cookie, sizeof cookie, "%.*s", sc ? (int)strcspn(sc, ";") : 0, sc ? sc : "");
+	http_resp_free(&rs);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.9.8.3", cookie, NULL,
+			   T0 + 2 * HOUR, &rs), 200, "H1: the click's browser sees its contact's cart");
+	ok(rs.body.data && contains(rs.body.data, "acart"), "... the attacker's own");
+	http_resp_free(&rs);
+	collect(&w, cookie, "{\"type\":\"identify\",\"email\":\"victim@example.org\"}",
+		T0 + 2 * HOUR + 60);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.9.8.3", cookie, NULL,
+			   T0 + 2 * HOUR + 60, &rs), 204,
+	       "... after it types someone else's address, /onsite shows nobody's cart");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT verified FROM visitors v JOIN contacts c ON c.id = v.contact_id "
+		  "WHERE c.email = 'victim@example.org'"), 0,
+	       "... the browser is joined to the typed address unproven");
 	world_close(&w);
 }
 
