@@ -1011,11 +1011,13 @@ void cfg_free(struct config *cfg)
 	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
 	  "'sent',?4,'retry',?5,'failed',?6,'exited',?7,'skipped',?8,"         \
 	  "'stale',?9), json_object('stopped',?10))")                          \
-	/* double opt-in: the confirmation mails to send, and the click */    \
+	/* double opt-in: the confirmation mails to send (not to the held:    \
+	 * the hourly cap limits these mails too), and the click */          \
 	X(CONFIRM_DUE,                                                         \
 	  "SELECT id, email FROM contacts WHERE consent_pending = 1 "          \
 	  "AND confirm_sent_at IS NULL AND unsubscribed_at IS NULL "           \
-	  "AND suppressed_at IS NULL ORDER BY id LIMIT ?1")                    \
+	  "AND suppressed_at IS NULL AND (held_at IS NULL OR signed = 1) "     \
+	  "ORDER BY id LIMIT ?1")                                              \
 	X(CONFIRM_CLAIM,                                                       \
 	  "UPDATE contacts SET confirm_sent_at = ?2 WHERE id = ?1 "            \
 	  "AND consent_pending = 1 AND confirm_sent_at IS NULL")               \

@@ -1955,6 +1955,23 @@ static void test_browser_review(void)
 		  "WHERE c.email = 'victim@example.org'"), 0,
 	       "... the browser is joined to the typed address unproven");
 	world_close(&w);
+
+	/* H3: in confirm mode the hourly cap holds the confirmation mails too */
+	if (!ok(world_open(&w, "review-confirm") == 0, "review: confirm world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	w.cfg.browser_new_contacts_per_hour = 2;
+	set_cfg(&w.cfg.browser_consent, "confirm");
+	char body[200];
+	for (int i = 1; i <= 5; i++) {
+		snprintf(body, sizeof body, "{\"type\":\"identify\",\"email\":"
+			 "\"victim%d@example.org\",\"consent\":true}", i);
+		snprintf(cookie, sizeof cookie, "rm_vid=v-h3-%d", i);
+		collect(&w, cookie, body, T0 + i);
+	}
+	tick(&w, T0 + 60, &sum);
+	is_int(outbox_count(&w), 2, "H3: past the cap (2) the held get no confirmation mail");
+	world_close(&w);
 }
 
 /* ==== Discount codes ================================================== */
