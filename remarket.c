@@ -1057,7 +1057,9 @@ void cfg_free(struct config *cfg)
 	  "AND contact_id IN (SELECT id FROM contacts WHERE consent = 1 "      \
 	  "AND unsubscribed_at IS NULL AND suppressed_at IS NULL)")            \
 	/* a browser-only contact (never named by a signed hook): not held by \
-	 * the hourly cap, one cart a tick, one sequence in 30 days */        \
+	 * the hourly cap, one cart a tick, one sequence in 30 days; a cart   \
+	 * a browser made ("<cart_id>/<vid>", "v:<vid>") the same whoever it  \
+	 * names */                                                           \
 	X(ENROLL,                                                              \
 	  "INSERT INTO enrollments (flow_id, contact_id, cart_id, anchor, created, " \
 	  "holdout) SELECT f.id, c.contact_id, c.id, c.updated, ?1, "          \
@@ -1066,7 +1068,9 @@ void cfg_free(struct config *cfg)
 	  "JOIN contacts ct ON ct.id = c.contact_id "                          \
 	  "JOIN flows f ON f.trigger = 'cart_abandoned' AND f.enabled = 1 "    \
 	  "WHERE c.status = 'abandoned' AND c.abandoned_at = ?1 "              \
-	  "AND (ct.signed = 1 OR (ct.held_at IS NULL AND c.id = (SELECT "      \
+	  "AND ((ct.signed = 1 AND instr(c.cart_key, '/') = 0 "                \
+	  "AND c.cart_key NOT GLOB 'v:*') "                                    \
+	  "OR ((ct.held_at IS NULL OR ct.signed = 1) AND c.id = (SELECT "      \
 	  "max(c2.id) FROM carts c2 WHERE c2.contact_id = ct.id "              \
 	  "AND c2.status = 'abandoned' AND c2.abandoned_at = ?1) "             \
 	  "AND NOT EXISTS (SELECT 1 FROM enrollments x WHERE "                 \

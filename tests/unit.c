@@ -1972,6 +1972,33 @@ static void test_browser_review(void)
 	tick(&w, T0 + 60, &sum);
 	is_int(outbox_count(&w), 2, "H3: past the cap (2) the held get no confirmation mail");
 	world_close(&w);
+
+	/* M1: carts a browser made for a known customer: one sequence in 30 days */
+	if (!ok(world_open(&w, "review-seq") == 0, "review: sequence world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+	struct ev_error err;
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"known@example.org\","
+	       "\"consent\":true}", T0 - DAY, &err);
+	int enrolled = 0;
+	for (int i = 0; i < 4; i++) {
+		rm_time t = T0 + (i < 2 ? i : 2) * 3 * HOUR;
+		snprintf(body, sizeof body, "[{\"type\":\"identify\",\"email\":"
+			 "\"known@example.org\"},{\"type\":\"cart\",\"cart_id\":\"y%d\","
+			 "\"items\":[{\"sku\":\"LAMP-1\"}]}]", i);
+		snprintf(cookie, sizeof cookie, "rm_vid=v-m1-%d", i);
+		collect(&w, cookie, body, t);
+		if (i != 2) { /* the last two in the same tick */
+			tick(&w, t + 2 * HOUR, &sum);
+			enrolled += sum.enrolled;
+		}
+	}
+	is_int(enrolled, 1, "M1: browsers' carts for a known customer start one sequence, not 4");
+	cart_event(&w, "known@example.org", "Known", "shop-1", 1, T0 + 10 * HOUR);
+	tick(&w, T0 + 12 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "... the backend's own cart for them still starts its sequence");
+	world_close(&w);
 }
 
 /* ==== Discount codes ================================================== */
