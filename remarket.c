@@ -796,6 +796,11 @@ void cfg_free(struct config *cfg)
 	  "UPDATE carts SET status = 'ordered', ordered_at = ?2 "              \
 	  "WHERE cart_key >= ?1 || '/' AND cart_key < ?1 || '0' "              \
 	  "AND +status IN ('open', 'abandoned')") /* by key, not status */     \
+	/* a signed cart X supersedes the browsers' copies "X/<vid>" */       \
+	X(SCOPED_SUPERSEDE,                                                    \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = 'superseded' " \
+	  "WHERE status = 'active' AND cart_id IN (SELECT id FROM carts "      \
+	  "WHERE cart_key >= ?1 || '/' AND cart_key < ?1 || '0')")             \
 	X(CART_OWNER,                                                          \
 	  "SELECT count(*) FROM carts WHERE cart_key = ?1 "                    \
 	  "AND visitor_id IS NOT ?2")                                          \
@@ -1059,7 +1064,7 @@ void cfg_free(struct config *cfg)
 	/* a browser-only contact (never named by a signed hook): not held by \
 	 * the hourly cap, one cart a tick, one sequence in 30 days; a cart   \
 	 * a browser made ("<cart_id>/<vid>", "v:<vid>") the same whoever it  \
-	 * names */                                                           \
+	 * names, and never when the backend signed cart <cart_id> */         \
 	X(ENROLL,                                                              \
 	  "INSERT INTO enrollments (flow_id, contact_id, cart_id, anchor, created, " \
 	  "holdout) SELECT f.id, c.contact_id, c.id, c.updated, ?1, "          \
@@ -1068,6 +1073,8 @@ void cfg_free(struct config *cfg)
 	  "JOIN contacts ct ON ct.id = c.contact_id "                          \
 	  "JOIN flows f ON f.trigger = 'cart_abandoned' AND f.enabled = 1 "    \
 	  "WHERE c.status = 'abandoned' AND c.abandoned_at = ?1 "              \
+	  "AND NOT EXISTS (SELECT 1 FROM carts b WHERE instr(c.cart_key, '/') " \
+	  "AND b.cart_key = substr(c.cart_key, 1, instr(c.cart_key, '/') - 1)) " \
 	  "AND ((ct.signed = 1 AND instr(c.cart_key, '/') = 0 "                \
 	  "AND c.cart_key NOT GLOB 'v:*') "                                    \
 	  "OR ((ct.held_at IS NULL OR ct.signed = 1) AND c.id = (SELECT "      \
@@ -2875,6 +2882,10 @@ static int ev_cart(struct app *app, const struct event *e, const char *vid,
 		id = sqlite3_column_int64(s, 0);
 	sqlite3_reset(s);
 	if (!id)
+		return -1;
+	/* the backend's signed cart ends the browsers' copies of it */
+	if (!browser && e->cart_id &&
+	    q_exec(db, q(db, ST_SCOPED_SUPERSEDE, "t", e->cart_id)) < 0)
 		return -1;
 	if (e->nitems == 0) /* an emptied cart ends its sequence at once */
 		return q_exec(db, q(db, ST_EXIT_CART, "it", id, "empty"));

@@ -1998,6 +1998,34 @@ static void test_browser_review(void)
 	cart_event(&w, "known@example.org", "Known", "shop-1", 1, T0 + 10 * HOUR);
 	tick(&w, T0 + 12 * HOUR, &sum);
 	is_int(sum.enrolled, 1, "... the backend's own cart for them still starts its sequence");
+
+	/* M2: the snippet and the hook both report cart c-19: one sequence */
+	collect(&w, "rm_vid=v-ann", "{\"type\":\"cart\",\"email\":\"ann@example.com\","
+		"\"consent\":true,\"cart_id\":\"c-19\",\"items\":[{\"sku\":\"LAMP-1\"}]}",
+		T0 + 20 * HOUR);
+	cart_event(&w, "ann@example.com", "Ann", "c-19", 1, T0 + 20 * HOUR + 1800);
+	tick(&w, T0 + 21 * HOUR + 300, &sum);
+	enrolled = sum.enrolled;
+	tick(&w, T0 + 22 * HOUR, &sum);
+	is_int(enrolled + sum.enrolled, 1,
+	       "M2: a browser's cart and the backend's of the same id: one sequence");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN carts k ON k.id = e.cart_id "
+		  "WHERE k.cart_key = 'c-19'"), 1, "... the backend's (signed) cart's");
+	/* the browser's copy began its sequence first: the signed cart ends it */
+	collect(&w, "rm_vid=v-bob", "{\"type\":\"cart\",\"email\":\"bob@example.com\","
+		"\"consent\":true,\"cart_id\":\"c-20\",\"items\":[{\"sku\":\"LAMP-1\"}]}",
+		T0 + 20 * HOUR);
+	tick(&w, T0 + 23 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "M2: the browser's copy c-20/v-bob starts its sequence");
+	cart_event(&w, "bob@example.com", "Bob", "c-20", 1, T0 + 23 * HOUR + 10);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN carts k ON k.id = e.cart_id "
+		  "WHERE k.cart_key = 'c-20/v-bob' AND e.status = 'exited' "
+		  "AND e.exit_reason = 'superseded'"), 1,
+	       "... the backend's signed cart c-20 supersedes it");
+	tick(&w, T0 + 25 * HOUR, &sum);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN carts k ON k.id = e.cart_id "
+		  "WHERE k.cart_key LIKE 'c-20%%' AND e.status = 'active'"), 1,
+	       "... and only the signed cart's sequence runs");
 	world_close(&w);
 }
 
