@@ -751,7 +751,8 @@ void cfg_free(struct config *cfg)
 	  "consent_pending = CASE WHEN ?2 = 1 AND consent = 0 AND ?5 THEN 1 "  \
 	  "WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 "                           \
 	  "ELSE consent_pending END, consent_vid = CASE WHEN ?2 = 1 "          \
-	  "AND consent = 0 THEN ?3 ELSE consent_vid END WHERE id = ?1")        \
+	  "AND consent = 0 AND consent_pending = 0 THEN ?3 "                   \
+	  "ELSE consent_vid END WHERE id = ?1") /* a pending one is kept */    \
 	X(VISITOR_CONTACT, "SELECT contact_id FROM visitors WHERE vid = ?1")   \
 	X(VISITOR_UPSERT,                                                      \
 	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen) "     \
@@ -1291,8 +1292,10 @@ void cfg_free(struct config *cfg)
 	X(JSON_DISCOUNT_HELD,                                                  \
 	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
 	  "'min_spend', ?4, 'expires', ?5, 'reserved_until', ?6)")             \
+	/* consent confirmed by mail is no browser's: the mail's links end it */ \
 	X(CONFIRM_DONE,                                                        \
 	  "UPDATE contacts SET consent = 1, consent_pending = 0, "             \
+	  "consent_vid = NULL, "                                               \
 	  "confirmed_at = ?2, updated = ?2 WHERE id = ?1 AND consent_pending = 1") \
 	X(CONFIRM_DECLINE,                                                     \
 	  "UPDATE contacts SET consent_pending = 0, updated = ?2 "             \

@@ -1971,6 +1971,25 @@ static void test_browser_review(void)
 	}
 	tick(&w, T0 + 60, &sum);
 	is_int(outbox_count(&w), 2, "H3: past the cap (2) the held get no confirmation mail");
+
+	/* M6: a pending consent stays the checkbox of the browser that gave it */
+	const char *yes = "{\"type\":\"identify\",\"email\":\"m6@example.org\","
+			  "\"consent\":true}";
+	collect(&w, "rm_vid=v-m6-own", yes, T0 + 2 * HOUR);
+	collect(&w, "rm_vid=v-m6-atk", yes, T0 + 2 * HOUR + 10);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'm6@example.org' "
+		  "AND consent_vid = 'v-m6-own'"), 1,
+	       "M6: another browser ticking the box again does not take the pending consent over");
+	long long m6 = sq(&w, "SELECT id FROM contacts WHERE email = 'm6@example.org'");
+	tok_sign(w.app.key, TOK_CONFIRM, m6, T0 + 30 * DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/c/%s", tok);
+	is_int(browser_req(&w, "POST", path, NULL, "10.9.8.4", NULL, "", T0 + 3 * HOUR, &rs), 200,
+	       "... the owner confirms by mail");
+	http_resp_free(&rs);
+	collect(&w, "rm_vid=v-m6-atk", "{\"type\":\"identify\",\"email\":\"m6@example.org\","
+		"\"consent\":false}", T0 + 3 * HOUR + 10);
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE id = %lld", m6), 1,
+	       "... and the stranger's browser cannot withdraw it afterwards");
 	world_close(&w);
 
 	/* M1: carts a browser made for a known customer: one sequence in 30 days */
