@@ -741,6 +741,13 @@ void cfg_free(struct config *cfg)
 	X(BROWSER_RECENT,                                                      \
 	  "SELECT count(*) FROM (SELECT 1 FROM contacts WHERE signed = 0 "     \
 	  "AND created > ?1 - 3600 AND created <= ?1 LIMIT ?2)")               \
+	/* a held contact seen again an hour on is let in if the hour has     \
+	 * room; let in now, it takes a place under this hour's cap */        \
+	X(BROWSER_RELEASE,                                                     \
+	  "UPDATE contacts SET held_at = NULL, created = ?2 WHERE id = ?1 "    \
+	  "AND signed = 0 AND held_at <= ?2 - 3600 AND (SELECT count(*) "      \
+	  "FROM (SELECT 1 FROM contacts WHERE signed = 0 "                     \
+	  "AND created > ?2 - 3600 AND created <= ?2 LIMIT ?3)) < ?3")         \
 	X(CONTACT_NEW_BROWSER,                                                 \
 	  "INSERT INTO contacts (email, created, updated, held_at) "           \
 	  "VALUES (?1, ?2, ?2, ?3) RETURNING id")                              \
@@ -2774,7 +2781,7 @@ static long long db_scalar_stmt(sqlite3_stmt *s);
 
 /* The browser names an address and nothing else: it never writes a name;
  * a new address is "browser-only" (held, not mailed, past the store's
- * hourly cap); its checkbox gives consent (in confirm mode the consent
+ * hourly cap, until it comes back in an hour with room); its checkbox gives consent (in confirm mode the consent
  * waits for the double opt-in), and only the visitor whose checkbox gave
  * it may take it back. */
 static int64_t contact_from_browser(struct app *app, const struct event *e,
@@ -2782,8 +2789,11 @@ static int64_t contact_from_browser(struct app *app, const struct event *e,
 {
 	struct db *db = app->db;
 	int64_t id = scalar_id(db, q(db, ST_CONTACT_ID, "t", e->email));
+	long cap = app->cfg->browser_new_contacts_per_hour;
+	if (id && q_exec(db, q(db, ST_BROWSER_RELEASE, "iii", id, (int64_t)now,
+			       (int64_t)cap)) < 0)
+		return -1;
 	if (!id) {
-		long cap = app->cfg->browser_new_contacts_per_hour;
 		int held = db_scalar_stmt(q(db, ST_BROWSER_RECENT, "ii",
 					    (int64_t)now, (int64_t)cap)) >= cap;
 		sqlite3_stmt *s = q(db, ST_CONTACT_NEW_BROWSER, "tin", e->email,

@@ -2046,6 +2046,41 @@ static void test_browser_review(void)
 		  "WHERE k.cart_key LIKE 'c-20%%' AND e.status = 'active'"), 1,
 	       "... and only the signed cart's sequence runs");
 	world_close(&w);
+
+	/* M3: a hold ends when the shopper comes back an hour later, within the cap */
+	if (!ok(world_open(&w, "review-hold") == 0, "review: hold world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	w.cfg.browser_new_contacts_per_hour = 2;
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+	const char *shop = "[{\"type\":\"identify\",\"email\":\"real@example.org\","
+			   "\"consent\":true},{\"type\":\"cart\",\"cart_id\":\"r1\","
+			   "\"items\":[{\"sku\":\"LAMP-1\"}]}]";
+	collect(&w, NULL, "[{\"type\":\"identify\",\"email\":\"junk1@example.org\"},"
+		"{\"type\":\"identify\",\"email\":\"junk2@example.org\"}]", T0);
+	collect(&w, "rm_vid=v-real", shop, T0 + 10);
+	for (int i = 3; i <= 5; i++) {
+		snprintf(body, sizeof body, "{\"type\":\"identify\",\"email\":"
+			 "\"junk%d@example.org\"}", i);
+		collect(&w, NULL, body, T0 + 20);
+	}
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE held_at IS NOT NULL"), 4,
+	       "M3: junk exhausts the hour's cap (2); the real shopper and 3 more are held");
+	tick(&w, T0 + 2 * HOUR, &sum);
+	is_int(sum.enrolled, 0, "... the held shopper's cart is not mailed that hour");
+	collect(&w, "rm_vid=v-real", shop, T0 + 3 * HOUR);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'real@example.org' "
+		  "AND held_at IS NULL"), 1, "M3: seen again in a later hour with room: the hold ends");
+	tick(&w, T0 + 5 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "... and the shopper's cart starts its sequence");
+	for (int i = 3; i <= 5; i++) {
+		snprintf(body, sizeof body, "{\"type\":\"identify\",\"email\":"
+			 "\"junk%d@example.org\"}", i);
+		collect(&w, NULL, body, T0 + 3 * HOUR + 60);
+	}
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE held_at IS NOT NULL"), 2,
+	       "... a release takes a place under the cap: 1 more of 3 that come back, not all");
+	world_close(&w);
 }
 
 /* ==== Discount codes ================================================== */
