@@ -741,6 +741,13 @@ void cfg_free(struct config *cfg)
 	X(BROWSER_RECENT,                                                      \
 	  "SELECT count(*) FROM (SELECT 1 FROM contacts WHERE signed = 0 "     \
 	  "AND created > ?1 - 3600 AND created <= ?1 LIMIT ?2)")               \
+	/* a held contact seen again an hour on is let in if the hour has     \
+	 * room; let in now, it takes a place under this hour's cap */        \
+	X(BROWSER_RELEASE,                                                     \
+	  "UPDATE contacts SET held_at = NULL, created = ?2 WHERE id = ?1 "    \
+	  "AND signed = 0 AND held_at <= ?2 - 3600 AND (SELECT count(*) "      \
+	  "FROM (SELECT 1 FROM contacts WHERE signed = 0 "                     \
+	  "AND created > ?2 - 3600 AND created <= ?2 LIMIT ?3)) < ?3")         \
 	X(CONTACT_NEW_BROWSER,                                                 \
 	  "INSERT INTO contacts (email, created, updated, held_at) "           \
 	  "VALUES (?1, ?2, ?2, ?3) RETURNING id")                              \
@@ -751,12 +758,15 @@ void cfg_free(struct config *cfg)
 	  "consent_pending = CASE WHEN ?2 = 1 AND consent = 0 AND ?5 THEN 1 "  \
 	  "WHEN ?2 = 0 AND consent_vid = ?3 THEN 0 "                           \
 	  "ELSE consent_pending END, consent_vid = CASE WHEN ?2 = 1 "          \
-	  "AND consent = 0 THEN ?3 ELSE consent_vid END WHERE id = ?1")        \
+	  "AND consent = 0 AND consent_pending = 0 THEN ?3 "                   \
+	  "ELSE consent_vid END WHERE id = ?1") /* a pending one is kept */    \
 	X(VISITOR_CONTACT, "SELECT contact_id FROM visitors WHERE vid = ?1")   \
 	X(VISITOR_UPSERT,                                                      \
 	  "INSERT INTO visitors (vid, contact_id, first_seen, last_seen) "     \
 	  "VALUES (?1, ?2, ?3, ?3) ON CONFLICT (vid) DO UPDATE SET "           \
-	  "contact_id = coalesce(?2, contact_id), last_seen = ?3")             \
+	  "contact_id = coalesce(?2, contact_id), last_seen = ?3, "            \
+	  "verified = CASE WHEN ?2 IS NOT contact_id AND ?2 IS NOT NULL "      \
+	  "THEN 0 ELSE verified END") /* a typed address proves nothing */     \
 	X(VISITOR_CARTS,                                                       \
 	  "UPDATE carts SET contact_id = ?2 "                                  \
 	  "WHERE visitor_id = ?1 AND contact_id IS NULL")                      \
@@ -794,6 +804,11 @@ void cfg_free(struct config *cfg)
 	  "UPDATE carts SET status = 'ordered', ordered_at = ?2 "              \
 	  "WHERE cart_key >= ?1 || '/' AND cart_key < ?1 || '0' "              \
 	  "AND +status IN ('open', 'abandoned')") /* by key, not status */     \
+	/* a signed cart X supersedes the browsers' copies "X/<vid>" */       \
+	X(SCOPED_SUPERSEDE,                                                    \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = 'superseded' " \
+	  "WHERE status = 'active' AND cart_id IN (SELECT id FROM carts "      \
+	  "WHERE cart_key >= ?1 || '/' AND cart_key < ?1 || '0')")             \
 	X(CART_OWNER,                                                          \
 	  "SELECT count(*) FROM carts WHERE cart_key = ?1 "                    \
 	  "AND visitor_id IS NOT ?2")                                          \
@@ -1009,11 +1024,13 @@ void cfg_free(struct config *cfg)
 	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
 	  "'sent',?4,'retry',?5,'failed',?6,'exited',?7,'skipped',?8,"         \
 	  "'stale',?9), json_object('stopped',?10))")                          \
-	/* double opt-in: the confirmation mails to send, and the click */    \
+	/* double opt-in: the confirmation mails to send (not to the held:    \
+	 * the hourly cap limits these mails too), and the click */          \
 	X(CONFIRM_DUE,                                                         \
 	  "SELECT id, email FROM contacts WHERE consent_pending = 1 "          \
 	  "AND confirm_sent_at IS NULL AND unsubscribed_at IS NULL "           \
-	  "AND suppressed_at IS NULL ORDER BY id LIMIT ?1")                    \
+	  "AND suppressed_at IS NULL AND (held_at IS NULL OR signed = 1) "     \
+	  "ORDER BY id LIMIT ?1")                                              \
 	X(CONFIRM_CLAIM,                                                       \
 	  "UPDATE contacts SET confirm_sent_at = ?2 WHERE id = ?1 "            \
 	  "AND consent_pending = 1 AND confirm_sent_at IS NULL")               \
@@ -1053,7 +1070,9 @@ void cfg_free(struct config *cfg)
 	  "AND contact_id IN (SELECT id FROM contacts WHERE consent = 1 "      \
 	  "AND unsubscribed_at IS NULL AND suppressed_at IS NULL)")            \
 	/* a browser-only contact (never named by a signed hook): not held by \
-	 * the hourly cap, one cart a tick, one sequence in 30 days */        \
+	 * the hourly cap, one cart a tick, one sequence in 30 days; a cart   \
+	 * a browser made ("<cart_id>/<vid>", "v:<vid>") the same whoever it  \
+	 * names, and never when the backend signed cart <cart_id> */         \
 	X(ENROLL,                                                              \
 	  "INSERT INTO enrollments (flow_id, contact_id, cart_id, anchor, created, " \
 	  "holdout) SELECT f.id, c.contact_id, c.id, c.updated, ?1, "          \
@@ -1062,7 +1081,11 @@ void cfg_free(struct config *cfg)
 	  "JOIN contacts ct ON ct.id = c.contact_id "                          \
 	  "JOIN flows f ON f.trigger = 'cart_abandoned' AND f.enabled = 1 "    \
 	  "WHERE c.status = 'abandoned' AND c.abandoned_at = ?1 "              \
-	  "AND (ct.signed = 1 OR (ct.held_at IS NULL AND c.id = (SELECT "      \
+	  "AND NOT EXISTS (SELECT 1 FROM carts b WHERE instr(c.cart_key, '/') " \
+	  "AND b.cart_key = substr(c.cart_key, 1, instr(c.cart_key, '/') - 1)) " \
+	  "AND ((ct.signed = 1 AND instr(c.cart_key, '/') = 0 "                \
+	  "AND c.cart_key NOT GLOB 'v:*') "                                    \
+	  "OR ((ct.held_at IS NULL OR ct.signed = 1) AND c.id = (SELECT "      \
 	  "max(c2.id) FROM carts c2 WHERE c2.contact_id = ct.id "              \
 	  "AND c2.status = 'abandoned' AND c2.abandoned_at = ?1) "             \
 	  "AND NOT EXISTS (SELECT 1 FROM enrollments x WHERE "                 \
@@ -1276,8 +1299,10 @@ void cfg_free(struct config *cfg)
 	X(JSON_DISCOUNT_HELD,                                                  \
 	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
 	  "'min_spend', ?4, 'expires', ?5, 'reserved_until', ?6)")             \
+	/* consent confirmed by mail is no browser's: the mail's links end it */ \
 	X(CONFIRM_DONE,                                                        \
 	  "UPDATE contacts SET consent = 1, consent_pending = 0, "             \
+	  "consent_vid = NULL, "                                               \
 	  "confirmed_at = ?2, updated = ?2 WHERE id = ?1 AND consent_pending = 1") \
 	X(CONFIRM_DECLINE,                                                     \
 	  "UPDATE contacts SET consent_pending = 0, updated = ?2 "             \
@@ -2756,7 +2781,7 @@ static long long db_scalar_stmt(sqlite3_stmt *s);
 
 /* The browser names an address and nothing else: it never writes a name;
  * a new address is "browser-only" (held, not mailed, past the store's
- * hourly cap); its checkbox gives consent (in confirm mode the consent
+ * hourly cap, until it comes back in an hour with room); its checkbox gives consent (in confirm mode the consent
  * waits for the double opt-in), and only the visitor whose checkbox gave
  * it may take it back. */
 static int64_t contact_from_browser(struct app *app, const struct event *e,
@@ -2764,8 +2789,11 @@ static int64_t contact_from_browser(struct app *app, const struct event *e,
 {
 	struct db *db = app->db;
 	int64_t id = scalar_id(db, q(db, ST_CONTACT_ID, "t", e->email));
+	long cap = app->cfg->browser_new_contacts_per_hour;
+	if (id && q_exec(db, q(db, ST_BROWSER_RELEASE, "iii", id, (int64_t)now,
+			       (int64_t)cap)) < 0)
+		return -1;
 	if (!id) {
-		long cap = app->cfg->browser_new_contacts_per_hour;
 		int held = db_scalar_stmt(q(db, ST_BROWSER_RECENT, "ii",
 					    (int64_t)now, (int64_t)cap)) >= cap;
 		sqlite3_stmt *s = q(db, ST_CONTACT_NEW_BROWSER, "tin", e->email,
@@ -2867,6 +2895,10 @@ static int ev_cart(struct app *app, const struct event *e, const char *vid,
 		id = sqlite3_column_int64(s, 0);
 	sqlite3_reset(s);
 	if (!id)
+		return -1;
+	/* the backend's signed cart ends the browsers' copies of it */
+	if (!browser && e->cart_id &&
+	    q_exec(db, q(db, ST_SCOPED_SUPERSEDE, "t", e->cart_id)) < 0)
 		return -1;
 	if (e->nitems == 0) /* an emptied cart ends its sequence at once */
 		return q_exec(db, q(db, ST_EXIT_CART, "it", id, "empty"));
@@ -6662,14 +6694,19 @@ static void record(struct app *app, int64_t msg, const char *kind, rm_time now)
 	q_exec(app->db, q(app->db, ST_INTERACTION, "iti", msg, kind, (int64_t)now));
 }
 
-/* Joins this browser to the contact: its rm_vid cookie, or a new random
- * id (never one of the contact's other browsers), is linked as verified
- * and set for a year. */
+/* Joins this browser to the contact: its rm_vid cookie if that id is
+ * already the contact's, else a new random id (never one of the contact's
+ * other browsers), is linked as verified and set for a year. A link is a
+ * bearer token anyone can forward or make a browser follow: it never
+ * re-owns an id that is nobody's or someone else's. */
 static void visitor_cookie(struct app *app, const struct http_req *rq,
 			   int64_t contact, rm_time now, struct http_resp *rs)
 {
 	char vid[80];
 	cookie_vid(rq, vid, sizeof vid);
+	if (*vid && scalar_id(app->db, q(app->db, ST_VISITOR_CONTACT, "t",
+					 vid)) != contact)
+		*vid = '\0'; /* the old id stays as it was */
 	if (!*vid) { /* a new browser gets a new id, never someone else's */
 		unsigned char r[16];
 		randombytes_buf(r, sizeof r);

@@ -9,7 +9,8 @@
 # mail that text. Then: a cart of unknown skus is never mailed, a browser
 # cannot rename a known customer or withdraw their consent, the pixel
 # identifies nobody, and a guessed cart id owns nothing of the backend's
-# cart (nor shows it through /onsite).
+# cart (nor shows it through /onsite). A recovery link followed by a
+# browser that is not already its contact's gets that browser a fresh id.
 #
 # Signed events and the server's checks use real time; the flow engine's
 # clock is moved with `remarket tick --now T`.
@@ -76,6 +77,24 @@ unlike($mail->{text} // '', qr/0\.01/, '... not by the browser');
 is(sql("SELECT e.exit_reason FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
     . "WHERE c.email = 'other\@example.org'"), 'no known item',
     'the cart of unknown skus ends its sequence: no known item');
+
+# --- a link never joins a browser that is not already its contact's (review H2)
+my ($rlink) = ($mail->{text} // '') =~ m{(http://127\.0\.0\.1:$PORT/rm/r/[A-Za-z0-9_\-.~%]+)};
+ok($rlink, "the mail has a /rm/r/ link") or diag $mail->{text};
+$r = http('POST', '/rm/collect', $J->encode({ type => 'view', sku => 'LAMP-1' }),
+    { %$text, Cookie => 'rm_vid=v-shopper' });
+is($r->{status}, 204, "a shopper's browser (rm_vid=v-shopper) views a product");
+$r = http('GET', $rlink // '/rm/r/none', undef, { Cookie => 'rm_vid=v-shopper' });
+is($r->{status}, 302, "another site sends that browser to the victim's link -> 302");
+my $sc = $r->{headers}{'set-cookie'} // '';
+like($sc, qr/^rm_vid=v/, '... which sets a visitor id') or diag $sc;
+unlike($sc, qr/v-shopper/, '... a fresh one, not the browser\'s own');
+is(sql("SELECT coalesce(contact_id, 'none') || '|' || verified FROM visitors "
+    . "WHERE vid = 'v-shopper'"), 'none|0', 'the old id stays joined to nobody');
+$r = http('POST', '/rm/collect', $J->encode({ type => 'cart', cart_id => 'shop-991',
+    items => [ { sku => 'LAMP-1', qty => 2 } ] }), { %$text, Cookie => 'rm_vid=v-shopper' });
+is(sql("SELECT coalesce(contact_id, 'none') FROM carts WHERE cart_key = 'shop-991/v-shopper'"),
+    'none', "so the shopper's later cart is mailed to nobody");
 
 # --- a browser never renames, nor withdraws someone's consent --------------
 $r = post_event($J->encode({ type => 'identify', email => 'ann@example.com', name => 'Ann Smith',

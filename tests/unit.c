@@ -1889,6 +1889,200 @@ static void test_browser_trust(void)
 	test_browser_migration();
 }
 
+/* The review of issue 8, browser side: a link never re-owns a browser, a
+ * typed address never inherits a proof, holds and sequences stay bounded. */
+static void test_browser_review(void)
+{
+	struct world w;
+	struct tick_summary sum;
+	struct http_resp rs;
+	char tok[TOK_MAXLEN + 1], path[96], cookie[96];
+	if (!ok(world_open(&w, "review-browser") == 0, "review: world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+	cart_event(&w, "attacker@evil.example", "Eve", "acart", 1, T0);
+	cart_event(&w, "victim@example.org", "Vic", "shopcart-77", 1, T0);
+	tick(&w, T0 + HOUR + 60, &sum);
+	long long am = sq(&w, "SELECT max(m.id) FROM messages m JOIN contacts c ON "
+			  "c.id = m.contact_id WHERE c.email = 'attacker@evil.example'");
+	tok_sign(w.app.key, TOK_RECOVER, am, T0 + DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/r/%s", tok);
+
+	/* H2: another site sends a shopper's browser to the attacker's link */
+	collect(&w, "rm_vid=v-shopper", "{\"type\":\"view\",\"sku\":\"LAMP-1\"}",
+		T0 + 2 * HOUR);
+	is_int(browser_req(&w, "GET", path, NULL, "10.9.8.1", "rm_vid=v-shopper", NULL,
+			   T0 + 2 * HOUR, &rs), 302, "H2: someone's link forced on a shopper's browser: 302");
+	const char *sc = resp_header(&rs, "Set-Cookie");
+	ok(sc && !strncmp(sc, "rm_vid=v", 8) && !contains(sc, "v-shopper"),
+	   "... the browser gets a fresh visitor id (%s)", sc ? sc : "no Set-Cookie");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM visitors WHERE vid = 'v-shopper' "
+		  "AND contact_id IS NULL AND verified = 0"), 1,
+	       "... its old id is joined to nobody, as before");
+	collect(&w, "rm_vid=v-shopper", "{\"type\":\"cart\",\"cart_id\":\"shop-991\","
+		"\"items\":[{\"sku\":\"LAMP-1\",\"qty\":2}]}", T0 + 2 * HOUR);
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key = 'shop-991/v-shopper' "
+		  "AND contact_id IS NULL"), 1,
+	       "... so the shopper's later cart is no one's (never mailed to the link's owner)");
+	/* the link's owner in a browser already theirs: the same id, proven */
+	collect(&w, "rm_vid=v-eve", "{\"type\":\"identify\",\"email\":"
+		"\"attacker@evil.example\"}", T0 + 2 * HOUR);
+	browser_req(&w, "GET", path, NULL, "10.9.8.2", "rm_vid=v-eve", NULL, T0 + 2 * HOUR, &rs);
+	sc = resp_header(&rs, "Set-Cookie");
+	ok(sc && !strncmp(sc, "rm_vid=v-eve;", 13),
+	   "H2: a browser joined to the link's own contact keeps its id (%s)", sc ? sc : "none");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT verified FROM visitors WHERE vid = 'v-eve'"), 1, "... and is proven");
+
+	/* H1: a proven browser types another address: the proof does not move */
+	browser_req(&w, "GET", path, NULL, "10.9.8.3", NULL, NULL, T0 + 2 * HOUR, &rs);
+	sc = resp_header(&rs, "Set-Cookie");
+	snprintf(cookie, sizeof cookie, "%.*s", sc ? (int)strcspn(sc, ";") : 0, sc ? sc : "");
+	http_resp_free(&rs);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.9.8.3", cookie, NULL,
+			   T0 + 2 * HOUR, &rs), 200, "H1: the click's browser sees its contact's cart");
+	ok(rs.body.data && contains(rs.body.data, "acart"), "... the attacker's own");
+	http_resp_free(&rs);
+	collect(&w, cookie, "{\"type\":\"identify\",\"email\":\"victim@example.org\"}",
+		T0 + 2 * HOUR + 60);
+	is_int(browser_req(&w, "GET", "/onsite", NULL, "10.9.8.3", cookie, NULL,
+			   T0 + 2 * HOUR + 60, &rs), 204,
+	       "... after it types someone else's address, /onsite shows nobody's cart");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT verified FROM visitors v JOIN contacts c ON c.id = v.contact_id "
+		  "WHERE c.email = 'victim@example.org'"), 0,
+	       "... the browser is joined to the typed address unproven");
+	world_close(&w);
+
+	/* H3: in confirm mode the hourly cap holds the confirmation mails too */
+	if (!ok(world_open(&w, "review-confirm") == 0, "review: confirm world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	w.cfg.browser_new_contacts_per_hour = 2;
+	set_cfg(&w.cfg.browser_consent, "confirm");
+	char body[200];
+	for (int i = 1; i <= 5; i++) {
+		snprintf(body, sizeof body, "{\"type\":\"identify\",\"email\":"
+			 "\"victim%d@example.org\",\"consent\":true}", i);
+		snprintf(cookie, sizeof cookie, "rm_vid=v-h3-%d", i);
+		collect(&w, cookie, body, T0 + i);
+	}
+	tick(&w, T0 + 60, &sum);
+	is_int(outbox_count(&w), 2, "H3: past the cap (2) the held get no confirmation mail");
+
+	/* M6: a pending consent stays the checkbox of the browser that gave it */
+	const char *yes = "{\"type\":\"identify\",\"email\":\"m6@example.org\","
+			  "\"consent\":true}";
+	collect(&w, "rm_vid=v-m6-own", yes, T0 + 2 * HOUR);
+	collect(&w, "rm_vid=v-m6-atk", yes, T0 + 2 * HOUR + 10);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'm6@example.org' "
+		  "AND consent_vid = 'v-m6-own'"), 1,
+	       "M6: another browser ticking the box again does not take the pending consent over");
+	long long m6 = sq(&w, "SELECT id FROM contacts WHERE email = 'm6@example.org'");
+	tok_sign(w.app.key, TOK_CONFIRM, m6, T0 + 30 * DAY, tok, sizeof tok);
+	snprintf(path, sizeof path, "/c/%s", tok);
+	is_int(browser_req(&w, "POST", path, NULL, "10.9.8.4", NULL, "", T0 + 3 * HOUR, &rs), 200,
+	       "... the owner confirms by mail");
+	http_resp_free(&rs);
+	collect(&w, "rm_vid=v-m6-atk", "{\"type\":\"identify\",\"email\":\"m6@example.org\","
+		"\"consent\":false}", T0 + 3 * HOUR + 10);
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE id = %lld", m6), 1,
+	       "... and the stranger's browser cannot withdraw it afterwards");
+	world_close(&w);
+
+	/* M1: carts a browser made for a known customer: one sequence in 30 days */
+	if (!ok(world_open(&w, "review-seq") == 0, "review: sequence world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+	struct ev_error err;
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"known@example.org\","
+	       "\"consent\":true}", T0 - DAY, &err);
+	int enrolled = 0;
+	for (int i = 0; i < 4; i++) {
+		rm_time t = T0 + (i < 2 ? i : 2) * 3 * HOUR;
+		snprintf(body, sizeof body, "[{\"type\":\"identify\",\"email\":"
+			 "\"known@example.org\"},{\"type\":\"cart\",\"cart_id\":\"y%d\","
+			 "\"items\":[{\"sku\":\"LAMP-1\"}]}]", i);
+		snprintf(cookie, sizeof cookie, "rm_vid=v-m1-%d", i);
+		collect(&w, cookie, body, t);
+		if (i != 2) { /* the last two in the same tick */
+			tick(&w, t + 2 * HOUR, &sum);
+			enrolled += sum.enrolled;
+		}
+	}
+	is_int(enrolled, 1, "M1: browsers' carts for a known customer start one sequence, not 4");
+	cart_event(&w, "known@example.org", "Known", "shop-1", 1, T0 + 10 * HOUR);
+	tick(&w, T0 + 12 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "... the backend's own cart for them still starts its sequence");
+
+	/* M2: the snippet and the hook both report cart c-19: one sequence */
+	collect(&w, "rm_vid=v-ann", "{\"type\":\"cart\",\"email\":\"ann@example.com\","
+		"\"consent\":true,\"cart_id\":\"c-19\",\"items\":[{\"sku\":\"LAMP-1\"}]}",
+		T0 + 20 * HOUR);
+	cart_event(&w, "ann@example.com", "Ann", "c-19", 1, T0 + 20 * HOUR + 1800);
+	tick(&w, T0 + 21 * HOUR + 300, &sum);
+	enrolled = sum.enrolled;
+	tick(&w, T0 + 22 * HOUR, &sum);
+	is_int(enrolled + sum.enrolled, 1,
+	       "M2: a browser's cart and the backend's of the same id: one sequence");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN carts k ON k.id = e.cart_id "
+		  "WHERE k.cart_key = 'c-19'"), 1, "... the backend's (signed) cart's");
+	/* the browser's copy began its sequence first: the signed cart ends it */
+	collect(&w, "rm_vid=v-bob", "{\"type\":\"cart\",\"email\":\"bob@example.com\","
+		"\"consent\":true,\"cart_id\":\"c-20\",\"items\":[{\"sku\":\"LAMP-1\"}]}",
+		T0 + 20 * HOUR);
+	tick(&w, T0 + 23 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "M2: the browser's copy c-20/v-bob starts its sequence");
+	cart_event(&w, "bob@example.com", "Bob", "c-20", 1, T0 + 23 * HOUR + 10);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN carts k ON k.id = e.cart_id "
+		  "WHERE k.cart_key = 'c-20/v-bob' AND e.status = 'exited' "
+		  "AND e.exit_reason = 'superseded'"), 1,
+	       "... the backend's signed cart c-20 supersedes it");
+	tick(&w, T0 + 25 * HOUR, &sum);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN carts k ON k.id = e.cart_id "
+		  "WHERE k.cart_key LIKE 'c-20%%' AND e.status = 'active'"), 1,
+	       "... and only the signed cart's sequence runs");
+	world_close(&w);
+
+	/* M3: a hold ends when the shopper comes back an hour later, within the cap */
+	if (!ok(world_open(&w, "review-hold") == 0, "review: hold world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	w.cfg.browser_new_contacts_per_hour = 2;
+	product(&w, "LAMP-1", "lighting", T0 - DAY);
+	const char *shop = "[{\"type\":\"identify\",\"email\":\"real@example.org\","
+			   "\"consent\":true},{\"type\":\"cart\",\"cart_id\":\"r1\","
+			   "\"items\":[{\"sku\":\"LAMP-1\"}]}]";
+	collect(&w, NULL, "[{\"type\":\"identify\",\"email\":\"junk1@example.org\"},"
+		"{\"type\":\"identify\",\"email\":\"junk2@example.org\"}]", T0);
+	collect(&w, "rm_vid=v-real", shop, T0 + 10);
+	for (int i = 3; i <= 5; i++) {
+		snprintf(body, sizeof body, "{\"type\":\"identify\",\"email\":"
+			 "\"junk%d@example.org\"}", i);
+		collect(&w, NULL, body, T0 + 20);
+	}
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE held_at IS NOT NULL"), 4,
+	       "M3: junk exhausts the hour's cap (2); the real shopper and 3 more are held");
+	tick(&w, T0 + 2 * HOUR, &sum);
+	is_int(sum.enrolled, 0, "... the held shopper's cart is not mailed that hour");
+	collect(&w, "rm_vid=v-real", shop, T0 + 3 * HOUR);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'real@example.org' "
+		  "AND held_at IS NULL"), 1, "M3: seen again in a later hour with room: the hold ends");
+	tick(&w, T0 + 5 * HOUR, &sum);
+	is_int(sum.enrolled, 1, "... and the shopper's cart starts its sequence");
+	for (int i = 3; i <= 5; i++) {
+		snprintf(body, sizeof body, "{\"type\":\"identify\",\"email\":"
+			 "\"junk%d@example.org\"}", i);
+		collect(&w, NULL, body, T0 + 3 * HOUR + 60);
+	}
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE held_at IS NOT NULL"), 2,
+	       "... a release takes a place under the cap: 1 more of 3 that come back, not all");
+	world_close(&w);
+}
+
 /* ==== Discount codes ================================================== */
 
 static void test_codes(void)
@@ -4318,6 +4512,7 @@ int main(void)
 	test_browser_side();
 	test_boundary();
 	test_browser_trust();
+	test_browser_review();
 	test_review_fixes();
 	test_measurement();
 	test_report_numbers();
