@@ -3977,10 +3977,14 @@ out:
  * mail_send() hands a built message to the configured transport and says
  * whether it went out (SEND_OK), may go later (SEND_TEMP: a 4xx answer,
  * a refused connection, a time-out), never will to this recipient
- * (SEND_PERM: a 5xx to RCPT), the relay refuses us (SEND_CONFIG: a 5xx
- * to the greeting, EHLO, AUTH or MAIL FROM; login, TLS), or refused the
- * content (SEND_CONTENT: a 5xx at the end of DATA, which the tick reads
- * as this recipient's, or as everyone's when it repeats).
+ * (SEND_PERM: a 5xx to RCPT with 5.1.x or 5.2.x), the relay refuses us
+ * (SEND_CONFIG: a 5xx to the greeting, EHLO, AUTH or MAIL FROM, or to
+ * RCPT with 5.3.x, 5.5.x or 5.7.x; login, TLS), refused the recipient
+ * without saying why (SEND_RCPT: a 5xx to RCPT with no enhanced status
+ * code, which the tick reads as this recipient's, or as ours when it
+ * repeats), or refused the content (SEND_CONTENT: a 5xx at the end of
+ * DATA, which the tick reads as this recipient's, or as everyone's when
+ * it repeats).
  * The outbox is the embedded default: one file per message, named by the
  * message row, written atomically, so a repeated attempt replaces the
  * file instead of adding a second one.
@@ -4041,11 +4045,38 @@ static int smtp_debug(CURL *c, curl_infotype type, char *data, size_t n,
 	return 0;
 }
 
+/* The class of the enhanced status code (RFC 3463) of a reply line
+ * "550 5.1.1 ..." or "550-5.1.1 ...": the subject digit after "5.", or 0
+ * when the reply has none. */
+static int smtp_enhanced(const char *reply)
+{
+	const char *p = reply;
+	for (int k = 0; k < 3; k++, p++)
+		if (!isdigit((unsigned char)*p))
+			return 0;
+	if (*p != ' ' && *p != '-')
+		return 0;
+	p++;
+	if (p[0] != '5' || p[1] != '.' || !isdigit((unsigned char)p[2]))
+		return 0;
+	size_t k = 3;
+	while (isdigit((unsigned char)p[k]))
+		k++;
+	if (p[k] != '.' || !isdigit((unsigned char)p[k + 1]))
+		return 0;
+	return k == 3 ? p[2] : 0; /* the subject classes are one digit */
+}
+
 /* The outcome of a failed SMTP transaction, by where it failed: before
- * RCPT the relay refuses us (nobody's address is at fault); RCPT is about
- * this recipient; a 5xx to the content is decided by the tick (one
- * recipient, or the content for everyone: see flow_send). */
-static enum send_result smtp_classify(CURLcode rc, long code, const char *stage)
+ * RCPT the relay refuses us (nobody's address is at fault); at RCPT the
+ * enhanced code says whose: 5.1.x (bad mailbox) and 5.2.x (mailbox full
+ * or disabled) this recipient's, 5.3.x, 5.5.x and 5.7.x (policy: a
+ * blocked client, relay denied, a sender not allowed) ours, none or
+ * another is decided by the tick (see refusal_add); a 5xx to the content
+ * is decided by the tick (one recipient, or the content for everyone:
+ * see flow_send). REPLY is the relay's last reply line. */
+static enum send_result smtp_classify(CURLcode rc, long code, const char *stage,
+				      const char *reply)
 {
 	int perm = code >= 500 && code < 600;
 	if (rc == CURLE_LOGIN_DENIED || rc == CURLE_USE_SSL_FAILED ||
@@ -4054,8 +4085,11 @@ static enum send_result smtp_classify(CURLcode rc, long code, const char *stage)
 		return SEND_CONFIG;
 	if (!perm)
 		return SEND_TEMP; /* a 4xx, a refused connection, a time-out */
-	if (!strcmp(stage, "RCPT"))
-		return SEND_PERM;
+	if (!strcmp(stage, "RCPT")) {
+		int cls = smtp_enhanced(reply);
+		return cls == '1' || cls == '2' ? SEND_PERM :
+		       cls == '3' || cls == '5' || cls == '7' ? SEND_CONFIG : SEND_RCPT;
+	}
 	if (!strcmp(stage, "end of DATA"))
 		return SEND_CONTENT;
 	return SEND_CONFIG; /* greeting, EHLO/HELO, STARTTLS, AUTH, MAIL, DATA */
@@ -4120,7 +4154,7 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	curl_slist_free_all(rcpt);
 	if (rc == CURLE_OK)
 		return SEND_OK;
-	enum send_result r = smtp_classify(rc, code, tr.stage);
+	enum send_result r = smtp_classify(rc, code, tr.stage, tr.reply);
 	snprintf(err, errlen, "smtp_url %s: %s%s%s%s (at %s)%s", cfg->smtp_url,
 		 *cerr ? cerr : curl_easy_strerror(rc),
 		 *tr.reply ? ": \"" : "", tr.reply, *tr.reply ? "\"" : "",
@@ -4786,9 +4820,15 @@ static int msg_stale(const struct config *cfg, const struct msgrow *m,
  * ones wait for it, nobody is suppressed, the tick stops), or the tick
  * ends first (retried later like a 4xx).
  */
+/* A 5xx to RCPT without an enhanced code (SEND_RCPT) is held the same
+ * way, whatever its content: the relay accepting anyone next makes it
+ * the recipient's; REFUSALS_IN_A_ROW different recipients refused in a
+ * row make it ours (the messages wait, nobody is suppressed, the tick
+ * stops). */
 struct refusals {
 	struct msgrow held[REFUSALS_HELD];
 	char err[REFUSALS_HELD][512];
+	int rcpt[REFUSALS_HELD]; /* held for a refusal at RCPT */
 	int n;
 };
 
@@ -4807,46 +4847,94 @@ static int refusal_settle(struct app *app, struct refusals *rf, int k,
 	rf->n--;
 	memmove(&rf->held[k], &rf->held[k + 1], (size_t)(rf->n - k) * sizeof rf->held[0]);
 	memmove(rf->err[k], rf->err[k + 1], (size_t)(rf->n - k) * sizeof rf->err[0]);
+	memmove(&rf->rcpt[k], &rf->rcpt[k + 1], (size_t)(rf->n - k) * sizeof rf->rcpt[0]);
 	return rc;
 }
 
-/* Settles every held message like M's content (all of them if M is
- * NULL) as R. */
+/* Settles every held message like M's content, and every one held for
+ * a refusal at RCPT (all of them if M is NULL), as R. */
 static int refusals_settle(struct app *app, struct refusals *rf,
 			   const struct msgrow *m, enum send_result r,
 			   rm_time now, struct tick_summary *sum)
 {
 	int rc = 0;
 	for (int k = 0; k < rf->n;)
-		if (!m || same_content(&rf->held[k], m))
+		if (!m || rf->rcpt[k] || same_content(&rf->held[k], m))
 			rc |= refusal_settle(app, rf, k, r, now, sum);
 		else
 			k++;
 	return rc ? -1 : 0;
 }
 
-/* M's content was refused. Returns 0 (held), 1 (the row is complete:
- * the step is paused, stop the tick) or -1. */
+/* The held refusals at RCPT of REFUSALS_IN_A_ROW different recipients
+ * in a row: the relay refuses us. They wait with no attempt counted,
+ * nobody is suppressed, the tick stops. Returns 1 or -1. */
+static int refusals_ours(struct app *app, struct refusals *rf, int distinct,
+			 const char *err, rm_time now, struct tick_summary *sum)
+{
+	char why[sizeof sum->stopped];
+	const char *reply = strchr(err, '"'); /* the relay's own words */
+	snprintf(why, sizeof why, "the relay refused %d different recipients "
+		 "in a row at RCPT without an enhanced status code — the relay "
+		 "refuses us: check smtp_user, from, and whether the relay blocks "
+		 "this host; nobody was suppressed, nothing more is sent this "
+		 "tick (relay: %.100s)", distinct, reply ? reply : err);
+	struct db *db = app->db;
+	int rc = db_begin(db);
+	for (int k = 0; !rc && k < rf->n; k++)
+		if (rf->rcpt[k])
+			rc = msg_defer(app, &rf->held[k], now + 900, why, 1);
+	rc = rc || db_commit(db);
+	if (rc) {
+		db_rollback(db);
+		return -1;
+	}
+	for (int k = 0; k < rf->n;)
+		if (rf->rcpt[k]) {
+			sum->retry++;
+			rf->n--;
+			memmove(&rf->held[k], &rf->held[k + 1],
+				(size_t)(rf->n - k) * sizeof rf->held[0]);
+			memmove(rf->err[k], rf->err[k + 1],
+				(size_t)(rf->n - k) * sizeof rf->err[0]);
+			memmove(&rf->rcpt[k], &rf->rcpt[k + 1],
+				(size_t)(rf->n - k) * sizeof rf->rcpt[0]);
+		} else {
+			k++;
+		}
+	fprintf(stderr, "remarket: %s\n", why);
+	copy_str(sum->stopped, sizeof sum->stopped, why);
+	return 1;
+}
+
+/* M's content was refused (RCPT: M's recipient, without saying why).
+ * Returns 0 (held), 1 (the row is complete: the step is paused, or the
+ * relay refuses us; stop the tick) or -1. */
 static int refusal_add(struct app *app, struct refusals *rf,
-		       const struct msgrow *m, const char *err, rm_time now,
-		       struct tick_summary *sum)
+		       const struct msgrow *m, const char *err, int rcpt,
+		       rm_time now, struct tick_summary *sum)
 {
 	if (rf->n == REFUSALS_HELD && refusal_settle(app, rf, 0, SEND_TEMP, now, sum) < 0)
 		return -1;
 	rf->held[rf->n] = *m;
 	rf->held[rf->n].items = NULL;
 	copy_str(rf->err[rf->n], sizeof rf->err[0], err);
+	rf->rcpt[rf->n] = rcpt;
 	rf->n++;
 	int distinct = 0;
 	for (int k = 0; k < rf->n; k++) {
 		int seen = 0;
 		for (int j = 0; j < k; j++)
-			seen |= same_content(&rf->held[j], &rf->held[k]) &&
+			seen |= rf->rcpt[j] == rf->rcpt[k] &&
+				(rcpt || same_content(&rf->held[j], &rf->held[k])) &&
 				rf->held[j].contact == rf->held[k].contact;
-		distinct += !seen && same_content(&rf->held[k], m);
+		distinct += !seen && rf->rcpt[k] == rcpt &&
+			    (rcpt || same_content(&rf->held[k], m));
 	}
 	if (distinct < REFUSALS_IN_A_ROW)
 		return 0;
+	if (rcpt)
+		return refusals_ours(app, rf, distinct, err, now, sum);
 	char why[sizeof sum->stopped];
 	const char *reply = strchr(err, '"'); /* the relay's own words */
 	snprintf(why, sizeof why, "%s step %d paused: the relay refused its "
@@ -4859,7 +4947,7 @@ static int refusal_add(struct app *app, struct refusals *rf,
 		 q_exec(db, q(db, ST_STEP_PAUSE, "iiit", m->enrollment,
 			      (int64_t)m->step, (int64_t)now, why));
 	for (int k = 0; !rc && k < rf->n; k++)
-		if (same_content(&rf->held[k], m))
+		if (!rf->rcpt[k] && same_content(&rf->held[k], m))
 			rc = msg_defer(app, &rf->held[k], now, why, 1);
 	rc = rc || db_commit(db);
 	if (rc) {
@@ -4867,12 +4955,14 @@ static int refusal_add(struct app *app, struct refusals *rf,
 		return -1;
 	}
 	for (int k = 0; k < rf->n;)
-		if (same_content(&rf->held[k], m)) {
+		if (!rf->rcpt[k] && same_content(&rf->held[k], m)) {
 			rf->n--;
 			memmove(&rf->held[k], &rf->held[k + 1],
 				(size_t)(rf->n - k) * sizeof rf->held[0]);
 			memmove(rf->err[k], rf->err[k + 1],
 				(size_t)(rf->n - k) * sizeof rf->err[0]);
+			memmove(&rf->rcpt[k], &rf->rcpt[k + 1],
+				(size_t)(rf->n - k) * sizeof rf->rcpt[0]);
 		} else {
 			k++;
 		}
@@ -4947,9 +5037,9 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		rc = rc ? rc : 1;
 		goto out;
 	}
-	if (r == SEND_CONTENT) {
+	if (r == SEND_CONTENT || r == SEND_RCPT) {
 		fprintf(stderr, "remarket: message %lld: %s\n", (long long)id, err);
-		rc = refusal_add(app, rf, &m, err, now, sum);
+		rc = refusal_add(app, rf, &m, err, r == SEND_RCPT, now, sum);
 		goto out;
 	}
 	if (r != SEND_OK) { /* an address only with log_pii = yes */
@@ -4976,7 +5066,7 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 			"%s refused to record it — is the disk full? The tick "
 			"stops\n", (long long)id, app->cfg->db);
 	/* the relay took this content from someone: the held refusals of
-	 * the same step were about their recipients */
+	 * the same step, and those at RCPT, were about their recipients */
 	if (rc == 0 && r == SEND_OK)
 		rc = refusals_settle(app, rf, &m, SEND_PERM, now, sum);
 out:

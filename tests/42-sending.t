@@ -137,7 +137,8 @@ for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
 
 # ---- RCPT 5xx: that recipient only ----------------------------------------------
 {
-	my $relay = RMRelay->start(dir => "$tmp/relay-rcpt", fail => ['rcpt=550'], fail_for => '^s2@');
+	my $relay = RMRelay->start(dir => "$tmp/relay-rcpt", fail => ['rcpt=550 5.1.1 user unknown'],
+				   fail_for => '^s2@');
 	my $in = instance($relay->url);
 	carts($in, 3);
 	my (undef, $out) = rm($in, 'tick', '--now', $due);
@@ -146,6 +147,50 @@ for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
 	is(sql($in, "SELECT group_concat(email) FROM contacts WHERE suppressed_at IS NOT NULL"),
 	    's2@example.com', '... and only that address is suppressed');
 	$relay->stop;
+}
+
+# ---- RCPT 5xx by its enhanced status code (review H4) -----------------------------
+# 5.7.x, 5.3.x, 5.5.x are about us (a blocked client, relay denied, the sender
+# not authorised): nobody is suppressed and the tick stops; 5.1.x and 5.2.x are
+# about the recipient; no enhanced code: 3 different recipients refused in a row
+# with no acceptance in between are about us.
+for my $case (['554 5.7.1 Client host [127.0.0.1] blocked', 'a blocked client (5.7.1)'],
+	      ['554 5.7.1 <{rcpt}>: Relay access denied', 'relay access denied (5.7.1)'],
+	      ['550 5.3.0 system not accepting mail', 'a system refusal (5.3.0)'],
+	      ['553 5.5.1 sender address rejected', 'a protocol refusal (5.5.1)'],
+	      ['550 recipient rejected', 'no enhanced code, for everyone']) {
+	my ($line, $what) = @$case;
+	my $relay = RMRelay->start(dir => "$tmp/relay-rcpt-us", fail => ["rcpt=$line"]);
+	my $in = instance($relay->url);
+	carts($in, 5);
+	my ($rc, $out, $err) = rm($in, 'tick', '--now', $due);
+	is($rc, 0, "RCPT $what: the tick exits 0");
+	is(sql($in, $suppressed), 0, "RCPT $what: nobody is suppressed") or diag $out;
+	is(field($out, 'failed'), 0, "RCPT $what: nothing failed") or diag $out;
+	like($out, qr/"stopped":".*the relay refuses us/, "RCPT $what: the tick stops and says why")
+	    or diag $out;
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'queued' AND attempts = 0"), 5,
+	    "RCPT $what: all five wait, no attempt counted") or diag sql($in, "SELECT * FROM messages");
+	is(sql($in, "SELECT count(*) FROM enrollments WHERE status = 'active'"), 5,
+	    "RCPT $what: every sequence goes on");
+	$relay->stop;
+	system('rm', '-rf', "$tmp/relay-rcpt-us");
+}
+for my $case (['550 5.1.1 user unknown', 'user unknown (5.1.1)'],
+	      ['552 5.2.2 mailbox full', 'mailbox full (5.2.2)'],
+	      ['550 no such user', 'no enhanced code, one recipient']) {
+	my ($line, $what) = @$case;
+	my $relay = RMRelay->start(dir => "$tmp/relay-rcpt-them", fail => ["rcpt=$line"],
+				   fail_for => '^s2@');
+	my $in = instance($relay->url);
+	carts($in, 3);
+	my (undef, $out, $err) = rm($in, 'tick', '--now', $due);
+	is(field($out, 'sent'), 2, "RCPT $what for one recipient: the others are sent") or diag "$out $err";
+	is(field($out, 'failed'), 1, "RCPT $what: that one failed");
+	is(sql($in, "SELECT group_concat(email) FROM contacts WHERE suppressed_at IS NOT NULL"),
+	    's2@example.com', "RCPT $what: only that address is suppressed");
+	$relay->stop;
+	system('rm', '-rf', "$tmp/relay-rcpt-them");
 }
 
 # ---- 5xx at the end of DATA for one recipient: that recipient ---------------------
