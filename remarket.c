@@ -5130,8 +5130,11 @@ out:
 
 /* Sends the confirmation mails due. Each is marked sent before it goes:
  * a crash loses a confirmation (the shopper may ask again), never sends
- * one twice; a failure to render or send is unmarked for the next tick. */
-static int confirm_send(struct app *app, rm_time now)
+ * one twice; a failure to render or send is unmarked for the next tick.
+ * The tick's budget (real seconds since STARTED) is checked before each:
+ * the rest wait for the next tick. */
+static int confirm_send(struct app *app, rm_time now, time_t started,
+			struct tick_summary *sum)
 {
 	struct db *db = app->db;
 	for (int round = 0; round < TICK_MAX / TICK_BATCH; round++) {
@@ -5148,6 +5151,11 @@ static int confirm_send(struct app *app, rm_time now)
 		sqlite3_reset(s);
 		for (int i = 0; i < n; i++) {
 			char err[512] = "";
+			if (time(NULL) - started >= app->cfg->tick_budget_seconds) {
+				sum->budget_spent = 1;
+				free(emails);
+				return 0;
+			}
 			if (q_exec(db, q(db, ST_CONFIRM_CLAIM, "ii", ids[i],
 					 (int64_t)now)) < 0) {
 				free(emails);
@@ -5326,12 +5334,13 @@ static int flow_rounds(struct app *app, rm_time now, struct lease *l,
 int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 {
 	memset(sum, 0, sizeof *sum);
+	time_t started = time(NULL);
 	if (flow_detect(app, now, sum) < 0)
 		return -1;
 	if (!strcmp(app->cfg->browser_consent, "confirm") &&
-	    confirm_send(app, now) < 0)
+	    confirm_send(app, now, started, sum) < 0)
 		return -1;
-	struct lease l = {lease_owner_new(), time(NULL), time(NULL)};
+	struct lease l = {lease_owner_new(), started, time(NULL)};
 	struct refusals *rf = calloc(1, sizeof *rf);
 	if (!rf)
 		return -1;
