@@ -1334,10 +1334,12 @@ void cfg_free(struct config *cfg)
 	  "SELECT f.name, s.position, s.paused_at, s.paused_reason FROM steps s " \
 	  "JOIN flows f ON f.id = s.flow_id WHERE s.paused_at IS NOT NULL "    \
 	  "ORDER BY f.id, s.position")                                         \
-	/* mails whose links were signed with the key file's keys */         \
+	/* mails whose links were signed with the key file's keys: the      \
+	 * messages and the confirmation mails (browser_consent = confirm) */ \
 	X(KEY_SIGNED,                                                          \
-	  "SELECT count(*) FROM messages "                                     \
-	  "WHERE sent_at IS NOT NULL OR status = 'sending'")                   \
+	  "SELECT (SELECT count(*) FROM messages "                             \
+	  "WHERE sent_at IS NOT NULL OR status = 'sending') + "                \
+	  "(SELECT count(*) FROM contacts WHERE confirm_sent_at IS NOT NULL)") \
 	X(FLOWS_LIST,                                                          \
 	  "SELECT f.name, f.enabled, s.position, s.delay_s, s.template, "      \
 	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 172800), s.min_spend, " \
@@ -1684,10 +1686,12 @@ static int load_keys(const char *path, struct buf *b, char *err,
 	errno = 0;
 	int rc = read_file(path, b, RM_MAXKEYS * RM_KEYBYTES);
 	if (rc < 0 || b->len == 0 || b->len % RM_KEYBYTES) {
-		snprintf(err, errlen, "key_file %s: %s — run 'remarket init' or "
-			 "'remarket keygen > %s'", path,
+		snprintf(err, errlen, "key_file %s: %s — a new install: run "
+			 "'remarket init'; a key file lost or damaged: restore it "
+			 "from a backup (the links already mailed need it), or see "
+			 "'remarket init --new-key' to start over", path,
 			 rc < 0 && errno ? strerror(errno) :
-			 "must hold one or more 32-byte keys (at most 16)", path);
+			 "must hold one or more 32-byte keys (at most 16)");
 		if (b->data)
 			sodium_memzero(b->data, b->len);
 		buf_free(b);
@@ -7758,8 +7762,9 @@ static int cmd_init(struct app *app, struct config *cfg, rm_time now, int argc,
 	db_close(db);
 	if (access(cfg->key_file, F_OK) != 0 && signed_mails > 0 && !new_key) {
 		fprintf(stderr, "remarket init: key_file %s is missing, but db %s "
-			"holds %lld sent messages whose unsubscribe, cart and "
-			"discount links were signed with it. Restore the key file "
+			"holds %lld sent mails (messages and confirmation mails) "
+			"whose unsubscribe, cart, discount and confirm links were "
+			"signed with it. Restore the key file "
 			"from a backup (the links keep working), or run 'remarket "
 			"init --new-key' to make a new key, knowing that every link "
 			"already mailed stops working.\n", cfg->key_file, cfg->db,
