@@ -1094,6 +1094,13 @@ void cfg_free(struct config *cfg)
 	  "error = 'given up: the tick died ' || crashes || ' times while "    \
 	  "preparing it (does it crash the tick?)' WHERE status = 'sending' "  \
 	  "AND lease_until <= ?1 AND crashes >= ?2")                           \
+	/* ... and their sequences end (a sequence never waits on a message  \
+	 * that will not go) */                                               \
+	X(CLAIM_GIVE_UP_EXIT,                                                  \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = 'failed' "  \
+	  "WHERE status = 'active' AND EXISTS (SELECT 1 FROM messages m "      \
+	  "WHERE m.enrollment_id = enrollments.id AND m.step = "               \
+	  "enrollments.next_step AND m.status = 'failed')")                    \
 	/* no attempt is counted here: only for the message being sent; the  \
 	 * messages of a paused step wait */                                  \
 	X(CLAIM,                                                               \
@@ -3979,8 +3986,10 @@ out:
 /* ==== Transports: SMTP and outbox ===================================== */
 /*
  * mail_send() hands a built message to the configured transport and says
- * whether it went out (SEND_OK), may go later (SEND_TEMP: a 4xx answer,
- * a refused connection, a time-out), never will to this recipient
+ * whether it went out (SEND_OK), may go later (SEND_TEMP: a 4xx answer
+ * or a time-out after the greeting; SEND_DOWN: the relay unavailable, a
+ * refused connection, a time-out or a 4xx before or at its greeting,
+ * which stops the tick), never will to this recipient
  * (SEND_PERM: a 5xx to RCPT with 5.1.x or 5.2.x), the relay refuses us
  * (SEND_CONFIG: a 5xx to the greeting, EHLO, AUTH or MAIL FROM, or to
  * RCPT with 5.3.x, 5.5.x or 5.7.x; login, TLS), refused the recipient
@@ -4087,8 +4096,10 @@ static enum send_result smtp_classify(CURLcode rc, long code, const char *stage,
 	    rc == CURLE_SSL_CONNECT_ERROR || rc == CURLE_PEER_FAILED_VERIFICATION ||
 	    rc == CURLE_REMOTE_ACCESS_DENIED)
 		return SEND_CONFIG;
+	if (!perm && !strcmp(stage, "greeting"))
+		return SEND_DOWN; /* refused, a time-out, a 4xx: no relay to talk to */
 	if (!perm)
-		return SEND_TEMP; /* a 4xx, a refused connection, a time-out */
+		return SEND_TEMP; /* a 4xx, a time-out */
 	if (!strcmp(stage, "RCPT")) {
 		int cls = smtp_enhanced(reply);
 		return cls == '1' || cls == '2' ? SEND_PERM :
@@ -4167,6 +4178,9 @@ static enum send_result smtp_send(struct app *app, const char *to,
 				    "smtp_password, from and TLS, and whether "
 				    "the relay blocks this host; nothing more is "
 				    "sent this tick" :
+		 r == SEND_DOWN ? " — the relay is unavailable (is it running? "
+				  "smtp_url, smtp_connect_timeout, smtp_reply_timeout); "
+				  "no attempt counted, nothing more is sent this tick" :
 		 rc == CURLE_COULDNT_CONNECT ? " — is the relay running?" :
 		 rc == CURLE_OPERATION_TIMEDOUT ? " — the relay did not answer in "
 		 "time (smtp_connect_timeout, smtp_reply_timeout); tried again later" : "");
@@ -4754,14 +4768,17 @@ static int msg_record(struct app *app, const struct msgrow *m,
 				  (int64_t)now + wait, err, m->owner));
 		sum->retry++;
 	} else {
-		/* a 5xx, or too many temporary failures: never again */
+		/* a 5xx, or too many temporary failures: never again; a 5xx
+		 * ends the contact's sequences (bounce), the give-up this one
+		 * (failed): a sequence never waits on a message that will not go */
 		rc = db_begin(db) ||
 		     q_exec(db, q(db, ST_MESSAGE_END, "itti", m->id, "failed", err,
 				  m->owner)) ||
-		     (r == SEND_PERM &&
+		     (r == SEND_PERM ?
 		      (q_exec(db, q(db, ST_SUPPRESS, "iit", m->contact, (int64_t)now,
 				    err)) ||
-		       q_exec(db, q(db, ST_EXIT_CONTACT, "it", m->contact, "bounce")))) ||
+		       q_exec(db, q(db, ST_EXIT_CONTACT, "it", m->contact, "bounce"))) :
+		      q_exec(db, q(db, ST_ENROLL_EXIT, "it", m->enrollment, "failed"))) ||
 		     db_commit(db);
 		sum->failed++;
 	}
@@ -5033,10 +5050,10 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 	}
 	m.attempts++;
 	enum send_result r = mail_send(app, m.id, m.email, &msg, err, sizeof err);
-	if (r == SEND_CONFIG) {
+	if (r == SEND_CONFIG || r == SEND_DOWN) {
 		fprintf(stderr, "remarket: %s\n", err);
 		copy_str(sum->stopped, sizeof sum->stopped, err);
-		rc = msg_defer(app, &m, now + 900, err, 1);
+		rc = msg_defer(app, &m, now + (r == SEND_DOWN ? 300 : 900), err, 1);
 		sum->retry++;
 		rc = rc ? rc : 1;
 		goto out;
@@ -5229,7 +5246,9 @@ static int claim_as(struct app *app, rm_time now, int64_t owner, int64_t *ids,
 		    int limit)
 {
 	if (q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP, "ii", (int64_t)now,
-			      (int64_t)CRASH_MAX)) < 0)
+			      (int64_t)CRASH_MAX)) < 0 ||
+	    (sqlite3_changes(app->db->h) > 0 &&
+	     q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP_EXIT, "")) < 0))
 		return -1;
 	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iiii", (int64_t)now,
 			    (int64_t)app->cfg->lease_seconds, (int64_t)limit, owner);

@@ -135,6 +135,69 @@ for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
 	$relay->stop;
 }
 
+# ---- the relay unavailable (review M4): no attempt counted, the tick stops ---------
+# connection refused or a 4xx at the greeting: the messages wait with no
+# attempt counted; after a 26 h outage nothing failed, nothing is lost, and
+# nothing bursts (the step 26 h late is stale, the next one goes on time).
+for my $case (['refused', 'the connection refused'], ['greeting', 'a 421 at the greeting']) {
+	my ($kind, $what) = @$case;
+	my $down = $kind eq 'greeting' ? RMRelay->start(dir => "$tmp/relay-down-$kind",
+							 fail => ['greeting=421']) : undef;
+	my $down_url = $down ? $down->url : 'smtp://127.0.0.1:1';
+	my $in = instance($down_url);
+	carts($in, 5);
+	my ($out, $stale);
+	my @stops;
+	# step 1 is due at 1 h; from 12.5 h on (half the gap to step 2) it is
+	# stale, recorded without an attempt; step 2 is due at 24 h
+	for my $h (0, 1, 2, 3, 4, 6, 9, 14, 20, 26) {
+		(undef, $out) = rm($in, 'tick', '--now', $due + $h * 3600);
+		push @stops, $out =~ /"stopped":".*?relay is unavailable/ ? 1 : 0;
+		$stale += field($out, 'stale');
+	}
+	is("@stops", '1 1 1 1 1 1 1 0 0 1', "$what: every tick of a 26 h outage with a message due "
+	   . "stops at its first, saying the relay is unavailable") or diag $out;
+	is($stale, 5, "$what: step 1, 12.5 h late, is stale for all five, not sent in a burst later");
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'queued' AND attempts = 0 AND step = 2"), 5,
+	    "$what: after 26 h step 2 waits for all five, no attempt counted")
+	    or diag sql($in, "SELECT id, status, attempts, error FROM messages");
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'failed' OR attempts > 0"), 0,
+	   "$what: none failed, no attempt counted");
+	$down->stop if $down;
+	my $up = RMRelay->start(dir => "$tmp/relay-up-$kind");
+	my $now = $due + 27 * 3600;    # the relay back an hour later
+	($_, $out) = rm($in, { REMARKET_SMTP_URL => $up->url }, 'tick', '--now', $now);
+	is(field($out, 'sent') . '/' . field($out, 'failed'), '5/0',
+	    "$what: the relay back: step 2 sent to all five, none failed") or diag $out;
+	my %per;
+	$per{$_}++ for map { /^To:.*?([\w.]+\@example\.com)/mi ? $1 : () } $up->messages;
+	is(join(',', map { $per{$_} } sort keys %per), '1,1,1,1,1', "$what: nothing burst: one mail each");
+	(undef, $out) = rm($in, { REMARKET_SMTP_URL => $up->url }, 'tick', '--now', $T0 + 72 * 3600 + 60);
+	is(field($out, 'sent'), 5, "$what: step 3 goes on time: nothing lost") or diag $out;
+	is(sql($in, "SELECT count(*) FROM enrollments WHERE status = 'done'"), 5, "$what: every sequence is done");
+	$up->stop;
+}
+
+# ---- a message given up ends its sequence (review M4) ------------------------------
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-450", fail => ['rcpt=450 4.2.0 try later'],
+				   fail_for => '^s1@');
+	my $in = instance($relay->url);
+	carts($in, 2);
+	my $now = $due;
+	for my $k (1 .. 8) {    # 8 attempts of a 4xx at RCPT, each after its backoff
+		rm($in, 'tick', '--now', $now);
+		$now += (300 << ($k - 1)) + 1;
+	}
+	is(sql($in, "SELECT status || ' ' || attempts FROM messages WHERE contact_id = 1"), 'failed 8',
+	    'a 4xx at RCPT 8 times: given up after 8 attempts') or diag sql($in, "SELECT * FROM messages");
+	is(sql($in, "SELECT status || ' ' || exit_reason FROM enrollments WHERE contact_id = 1"), 'exited failed',
+	    '... and its sequence ends, reason failed');
+	is(sql($in, "SELECT status FROM enrollments WHERE contact_id = 2"), 'active', '... the other goes on');
+	is(sql($in, $suppressed), 0, '... nobody is suppressed');
+	$relay->stop;
+}
+
 # ---- RCPT 5xx: that recipient only ----------------------------------------------
 {
 	my $relay = RMRelay->start(dir => "$tmp/relay-rcpt", fail => ['rcpt=550 5.1.1 user unknown'],
@@ -313,6 +376,9 @@ for my $case (['550 5.1.1 user unknown', 'user unknown (5.1.1)'],
 	is(field($out, 'sent'), 2, '... the next tick gives it up and sends the other two') or diag $out;
 	like(sql($in, "SELECT status || ': ' || error FROM messages WHERE id = 1"),
 	    qr/^failed: given up: the tick died 5 times while preparing it/, '... saying why');
+	is(sql($in, "SELECT status || ' ' || exit_reason FROM enrollments WHERE id = "
+		. "(SELECT enrollment_id FROM messages WHERE id = 1)"), 'exited failed',
+	    '... and its sequence ends, reason failed (review M4)');
 	$relay->stop;
 }
 
