@@ -4110,6 +4110,39 @@ static enum send_result smtp_classify(CURLcode rc, long code, const char *stage,
 	return SEND_CONFIG; /* greeting, EHLO/HELO, STARTTLS, AUTH, MAIL, DATA */
 }
 
+/* Replaces every address in S (a relay's reply: "550 5.1.1
+ * <ann@example.com>: user unknown") by "<recipient>", in place: the
+ * reply reaches the log, the tick's "stopped" and messages.error, which
+ * name no address unless log_pii = yes. A word is an address when it
+ * holds an '@'; the brackets around it go with it. */
+static void redact_addrs(char *s, size_t n)
+{
+	static const char delim[] = " \t<>\"'(),;:[]";
+	char out[512];
+	size_t o = 0;
+	for (const char *p = s; *p && o + 1 < sizeof out;) {
+		size_t k = strcspn(p, delim);
+		if (!k) {
+			out[o++] = *p++;
+			continue;
+		}
+		if (memchr(p, '@', k)) {
+			if (o && out[o - 1] == '<')
+				o--;
+			p += k + (p[k] == '>');
+			int w = snprintf(out + o, sizeof out - o, "<recipient>");
+			o = w < 0 || (size_t)w >= sizeof out - o ? sizeof out - 1 : o + (size_t)w;
+		} else {
+			size_t m = k < sizeof out - 1 - o ? k : sizeof out - 1 - o;
+			memcpy(out + o, p, m);
+			o += m;
+			p += k;
+		}
+	}
+	out[o] = '\0';
+	copy_str(s, n, out);
+}
+
 /* smtp+starttls://host:587 means smtp:// with STARTTLS required. */
 static int smtp_url(const char *url, char *out, size_t n, int *starttls)
 {
@@ -4170,6 +4203,8 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	if (rc == CURLE_OK)
 		return SEND_OK;
 	enum send_result r = smtp_classify(rc, code, tr.stage, tr.reply);
+	if (strcmp(cfg->log_pii, "yes") != 0)
+		redact_addrs(tr.reply, sizeof tr.reply);
 	snprintf(err, errlen, "smtp_url %s: %s%s%s%s (at %s)%s", cfg->smtp_url,
 		 *cerr ? cerr : curl_easy_strerror(rc),
 		 *tr.reply ? ": \"" : "", tr.reply, *tr.reply ? "\"" : "",

@@ -256,6 +256,38 @@ for my $case (['550 5.1.1 user unknown', 'user unknown (5.1.1)'],
 	system('rm', '-rf', "$tmp/relay-rcpt-them");
 }
 
+# ---- the relay's reply names the address: not in the log unless log_pii = yes (L1) ---
+for my $pii ('', 'yes') {
+	my $what = $pii ? 'log_pii=yes' : 'log_pii unset';
+	for my $case (['rcpt=550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown', '^s2@', '5.1.1'],
+		      ['rcpt=554 5.7.1 <{rcpt}>: Relay access denied', undef, '5.7.1']) {
+		my ($fail, $for, $code) = @$case;
+		my $relay = RMRelay->start(dir => "$tmp/relay-pii", fail => [$fail],
+					   defined $for ? (fail_for => $for) : ());
+		my $in = instance($relay->url, $pii ? (REMARKET_LOG_PII => 'yes') : ());
+		carts($in, 3);
+		my (undef, $out, $err) = rm($in, 'tick', '--now', $due);
+		my $stored = join("\n", sql($in, "SELECT coalesce(error, '') FROM messages"),
+				  sql($in, "SELECT coalesce(suppress_reason, '') FROM contacts"),
+				  sql($in, "SELECT coalesce(summary, '') FROM ticks"));
+		like($err . $stored, qr/\Q$code\E/, "$what, RCPT $code naming the address: the reply is kept")
+		    or diag "$out\n$err\n$stored";
+		if ($pii) {
+			like($err, qr/s\d\@example\.com/, "$what, RCPT $code: the log names the address");
+		} else {
+			unlike($err . $out, qr/\@example\.com/,
+			       "$what, RCPT $code: neither the log nor the tick's JSON names an address")
+			    or diag "$out\n$err";
+			unlike($stored, qr/\@example\.com/,
+			       "$what, RCPT $code: nor messages.error, the suppression or the ticks table")
+			    or diag $stored;
+			like($err . $stored, qr/<recipient>/, "$what, RCPT $code: <recipient> in its place");
+		}
+		$relay->stop;
+		system('rm', '-rf', "$tmp/relay-pii");
+	}
+}
+
 # ---- 5xx at the end of DATA for one recipient: that recipient ---------------------
 {
 	my $relay = RMRelay->start(dir => "$tmp/relay-eod1", fail => ['eod=550'], fail_for => '^s2@');
