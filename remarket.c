@@ -5277,8 +5277,11 @@ int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 	return rc ? -1 : 0;
 }
 
+/* Claims up to LIMIT due messages for OWNER. SPENT is the real seconds
+ * the tick has run: the lease runs lease_seconds from the claim, not
+ * from the tick's (injected) start, as lease_keep renews it. */
 static int claim_as(struct app *app, rm_time now, int64_t owner, int64_t *ids,
-		    int limit)
+		    int limit, int64_t spent)
 {
 	if (q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP, "ii", (int64_t)now,
 			      (int64_t)CRASH_MAX)) < 0 ||
@@ -5286,7 +5289,8 @@ static int claim_as(struct app *app, rm_time now, int64_t owner, int64_t *ids,
 	     q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP_EXIT, "")) < 0))
 		return -1;
 	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iiii", (int64_t)now,
-			    (int64_t)app->cfg->lease_seconds, (int64_t)limit, owner);
+			    (int64_t)app->cfg->lease_seconds + (spent > 0 ? spent : 0),
+			    (int64_t)limit, owner);
 	int n = 0, rc;
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW)
 		if (n < limit)
@@ -5304,7 +5308,7 @@ static int64_t lease_owner_new(void)
 
 int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit)
 {
-	return claim_as(app, now, lease_owner_new(), ids, limit);
+	return claim_as(app, now, lease_owner_new(), ids, limit, 0);
 }
 
 static int flow_queue(struct app *app, rm_time now)
@@ -5367,7 +5371,8 @@ static int flow_rounds(struct app *app, rm_time now, struct lease *l,
 		for (;;) {
 			if (out_of_budget(app, l, sum))
 				return 0;
-			int n = claim_as(app, now, l->owner, ids, TICK_BATCH);
+			int n = claim_as(app, now, l->owner, ids, TICK_BATCH,
+					 (int64_t)(time(NULL) - l->started));
 			if (n < 0)
 				return -1;
 			if (n == 0)

@@ -388,6 +388,34 @@ for my $pii ('', 'yes') {
 }
 
 
+# ---- a lease runs from when it is taken, not from the tick's start (review L3) -----
+# Confirmation mails to a slow relay take the tick's first seconds; the
+# batch claimed after them is leased for lease_seconds from then (the tick
+# is killed right after the claim, so the leases stay as written).
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-lease", delay => ['eod=1']);
+	my $in = instance($relay->url, REMARKET_BROWSER_CONSENT => 'confirm');
+	carts($in, 2);
+	for my $i (1 .. 3) {
+		my $body = qq({"type":"identify","email":"cf$i\@example.org","consent":true});
+		my ($rc, $out) = rm($in, { GATEWAY_INTERFACE => 'CGI/1.1', REQUEST_METHOD => 'POST',
+			PATH_INFO => '/collect', CONTENT_LENGTH => length $body,
+			CONTENT_TYPE => 'application/json', REMOTE_ADDR => '10.0.0.1',
+			HTTP_COOKIE => "rm_vid=vLEASE000$i", REMARKET_NOW => $T0, _stdin => $body });
+		die "collect: $out" unless $out =~ /^Status: 204/m;
+	}
+	my $t = time;
+	my ($rc) = rm($in, { REMARKET_FAULT => 'crash_after_claim' }, 'tick', '--now', $due);
+	my $spent = int(time - $t);
+	is($rc, 70, 'lease: the tick dies right after its claim, after 3 confirmation mails');
+	cmp_ok($spent, '>=', 3, "... which took $spent s");
+	my $until = sql($in, "SELECT min(lease_until) FROM messages WHERE status = 'sending'");
+	cmp_ok($until, '>=', $due + 2 + 300,
+	       "lease: the claim after 2+ s of the tick is leased 300 s from then, not from its start")
+	    or diag sql($in, "SELECT id, status, lease_until FROM messages");
+	$relay->stop;
+}
+
 # ---- a message that kills the tick every time: given up, alone ------------------
 {
 	my $relay = RMRelay->start(dir => "$tmp/relay-poison");
