@@ -397,7 +397,10 @@ static int template_read(const char *path, struct buf *out)
 	return 0;
 }
 
-/* Writes a file atomically: a reader sees the old file or the new one. */
+/* Writes a file atomically: a reader sees the old file or the new one.
+ * The temporary file is made anew (no link followed); run as root, the
+ * new file keeps the old one's owner (keygen --rotate under sudo); the
+ * directory is synced after the rename. */
 static int write_file_atomic(const char *path, const char *data, size_t n,
 			     mode_t mode)
 {
@@ -405,10 +408,16 @@ static int write_file_atomic(const char *path, const char *data, size_t n,
 	if (snprintf(tmp, sizeof tmp, "%s.tmp%ld", path, (long)getpid()) >=
 	    (int)sizeof tmp)
 		return -1;
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode);
+	/* a new file of ours: never through a link planted at the guessable
+	 * name, never into a file someone else holds open */
+	unlink(tmp);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode);
 	if (fd < 0)
 		return -1;
-	if (fchmod(fd, mode) < 0) { /* the mode asked for, whatever the umask */
+	struct stat old;
+	int keep_owner = geteuid() == 0 && lstat(path, &old) == 0 && S_ISREG(old.st_mode);
+	if (fchmod(fd, mode) < 0 || /* the mode asked for, whatever the umask */
+	    (keep_owner && fchown(fd, old.st_uid, old.st_gid) < 0)) {
 		close(fd);
 		unlink(tmp);
 		return -1;
@@ -428,6 +437,17 @@ static int write_file_atomic(const char *path, const char *data, size_t n,
 	if (fsync(fd) < 0 || close(fd) < 0 || rename(tmp, path) < 0) {
 		unlink(tmp);
 		return -1;
+	}
+	/* the rename itself survives a power cut once its directory is synced */
+	char dir[PATH_MAX];
+	copy_str(dir, sizeof dir, path);
+	char *slash = strrchr(dir, '/');
+	if (slash)
+		*(slash == dir ? slash + 1 : slash) = '\0';
+	int dfd = open(slash ? dir : ".", O_RDONLY | O_DIRECTORY);
+	if (dfd >= 0) {
+		fsync(dfd);
+		close(dfd);
 	}
 	return 0;
 }

@@ -223,6 +223,18 @@ is($rc, 1, 'init with a lost key on a database that sent only confirmation mails
     or diag $err;
 ok(!-e $cw->{env}{REMARKET_KEY_FILE}, '... and makes no key');
 
+# ---- keygen --rotate as root keeps the key file's owner (review L4) ----
+SKIP: {
+	skip 'changing a file\'s owner needs root', 2 unless $> == 0;
+	my $ow = world(0022);
+	is((rm($ow, '', {}, 'init'))[0], 0, 'owner world: init');
+	my $nobody = getpwnam('nobody') // 65534;
+	chown $nobody, -1, $ow->{env}{REMARKET_KEY_FILE} or die "chown: $!";
+	rm($ow, '', {}, qw(keygen --rotate));
+	my @st = stat $ow->{env}{REMARKET_KEY_FILE};
+	is($st[4], $nobody, 'keygen --rotate run as root keeps the key file\'s owner');
+}
+
 # ---- logs: message ids, not addresses, unless log_pii = yes ----
 for my $pii ('no', 'yes') {
 	my $l = world(0022);

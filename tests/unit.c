@@ -3164,6 +3164,36 @@ static void test_review_sending(void)
 	tick(&w, T0 + 120, &s);
 	is_int(outbox_count(&w), 3, "M5: with a budget again the three go");
 	world_close(&w);
+
+	/* L4: a link planted at the outbox's temporary name is not followed */
+	if (!ok(world_open(&w, "rs-link") == 0, "review sending: link world opens"))
+		return;
+	cart_dated(&w, "ln@example.com", "ln1", T0, T0);
+	char victim[PATH_MAX], tmpname[PATH_MAX + 64], final[PATH_MAX + 64];
+	snprintf(victim, sizeof victim, "%s/rs-link-victim", tmpdir);
+	snprintf(tmpname, sizeof tmpname, "%s/m000001.eml.tmp%ld", w.outbox, (long)getpid());
+	snprintf(final, sizeof final, "%s/m000001.eml", w.outbox);
+	FILE *vf = fopen(victim, "w");
+	if (vf) {
+		fputs("victim", vf);
+		fclose(vf);
+	}
+	mkdir(w.outbox, 0700);
+	ok(symlink(victim, tmpname) == 0, "L4: a link planted at the outbox's temporary name");
+	tick(&w, T0 + HOUR + 60, &s);
+	is_int(s.sent, 1, "L4: the message is sent");
+	char vbuf[64] = "";
+	vf = fopen(victim, "r");
+	if (vf) {
+		if (!fgets(vbuf, sizeof vbuf, vf))
+			vbuf[0] = '\0';
+		fclose(vf);
+	}
+	is_str(vbuf, "victim", "L4: ... the file the link pointed to is untouched");
+	struct stat lst;
+	ok(lstat(final, &lst) == 0 && S_ISREG(lst.st_mode),
+	   "L4: ... and the message is a file of its own, not the link");
+	world_close(&w);
 }
 
 /* ==== Tick runs ======================================================= */
