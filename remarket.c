@@ -397,7 +397,10 @@ static int template_read(const char *path, struct buf *out)
 	return 0;
 }
 
-/* Writes a file atomically: a reader sees the old file or the new one. */
+/* Writes a file atomically: a reader sees the old file or the new one.
+ * The temporary file is made anew (no link followed); run as root, the
+ * new file keeps the old one's owner (keygen --rotate under sudo); the
+ * directory is synced after the rename. */
 static int write_file_atomic(const char *path, const char *data, size_t n,
 			     mode_t mode)
 {
@@ -405,10 +408,16 @@ static int write_file_atomic(const char *path, const char *data, size_t n,
 	if (snprintf(tmp, sizeof tmp, "%s.tmp%ld", path, (long)getpid()) >=
 	    (int)sizeof tmp)
 		return -1;
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode);
+	/* a new file of ours: never through a link planted at the guessable
+	 * name, never into a file someone else holds open */
+	unlink(tmp);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode);
 	if (fd < 0)
 		return -1;
-	if (fchmod(fd, mode) < 0) { /* the mode asked for, whatever the umask */
+	struct stat old;
+	int keep_owner = geteuid() == 0 && lstat(path, &old) == 0 && S_ISREG(old.st_mode);
+	if (fchmod(fd, mode) < 0 || /* the mode asked for, whatever the umask */
+	    (keep_owner && fchown(fd, old.st_uid, old.st_gid) < 0)) {
 		close(fd);
 		unlink(tmp);
 		return -1;
@@ -428,6 +437,17 @@ static int write_file_atomic(const char *path, const char *data, size_t n,
 	if (fsync(fd) < 0 || close(fd) < 0 || rename(tmp, path) < 0) {
 		unlink(tmp);
 		return -1;
+	}
+	/* the rename itself survives a power cut once its directory is synced */
+	char dir[PATH_MAX];
+	copy_str(dir, sizeof dir, path);
+	char *slash = strrchr(dir, '/');
+	if (slash)
+		*(slash == dir ? slash + 1 : slash) = '\0';
+	int dfd = open(slash ? dir : ".", O_RDONLY | O_DIRECTORY);
+	if (dfd >= 0) {
+		fsync(dfd);
+		close(dfd);
 	}
 	return 0;
 }
@@ -1117,6 +1137,13 @@ void cfg_free(struct config *cfg)
 	  "error = 'given up: the tick died ' || crashes || ' times while "    \
 	  "preparing it (does it crash the tick?)' WHERE status = 'sending' "  \
 	  "AND lease_until <= ?1 AND crashes >= ?2")                           \
+	/* ... and their sequences end (a sequence never waits on a message  \
+	 * that will not go) */                                               \
+	X(CLAIM_GIVE_UP_EXIT,                                                  \
+	  "UPDATE enrollments SET status = 'exited', exit_reason = 'failed' "  \
+	  "WHERE status = 'active' AND EXISTS (SELECT 1 FROM messages m "      \
+	  "WHERE m.enrollment_id = enrollments.id AND m.step = "               \
+	  "enrollments.next_step AND m.status = 'failed')")                    \
 	/* no attempt is counted here: only for the message being sent; the  \
 	 * messages of a paused step wait */                                  \
 	X(CLAIM,                                                               \
@@ -1359,10 +1386,12 @@ void cfg_free(struct config *cfg)
 	  "SELECT f.name, s.position, s.paused_at, s.paused_reason FROM steps s " \
 	  "JOIN flows f ON f.id = s.flow_id WHERE s.paused_at IS NOT NULL "    \
 	  "ORDER BY f.id, s.position")                                         \
-	/* mails whose links were signed with the key file's keys */         \
+	/* mails whose links were signed with the key file's keys: the      \
+	 * messages and the confirmation mails (browser_consent = confirm) */ \
 	X(KEY_SIGNED,                                                          \
-	  "SELECT count(*) FROM messages "                                     \
-	  "WHERE sent_at IS NOT NULL OR status = 'sending'")                   \
+	  "SELECT (SELECT count(*) FROM messages "                             \
+	  "WHERE sent_at IS NOT NULL OR status = 'sending') + "                \
+	  "(SELECT count(*) FROM contacts WHERE confirm_sent_at IS NOT NULL)") \
 	X(FLOWS_LIST,                                                          \
 	  "SELECT f.name, f.enabled, s.position, s.delay_s, s.template, "      \
 	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 172800), s.min_spend, " \
@@ -1709,10 +1738,12 @@ static int load_keys(const char *path, struct buf *b, char *err,
 	errno = 0;
 	int rc = read_file(path, b, RM_MAXKEYS * RM_KEYBYTES);
 	if (rc < 0 || b->len == 0 || b->len % RM_KEYBYTES) {
-		snprintf(err, errlen, "key_file %s: %s — run 'remarket init' or "
-			 "'remarket keygen > %s'", path,
+		snprintf(err, errlen, "key_file %s: %s — a new install: run "
+			 "'remarket init'; a key file lost or damaged: restore it "
+			 "from a backup (the links already mailed need it), or see "
+			 "'remarket init --new-key' to start over", path,
 			 rc < 0 && errno ? strerror(errno) :
-			 "must hold one or more 32-byte keys (at most 16)", path);
+			 "must hold one or more 32-byte keys (at most 16)");
 		if (b->data)
 			sodium_memzero(b->data, b->len);
 		buf_free(b);
@@ -4007,12 +4038,18 @@ out:
 /* ==== Transports: SMTP and outbox ===================================== */
 /*
  * mail_send() hands a built message to the configured transport and says
- * whether it went out (SEND_OK), may go later (SEND_TEMP: a 4xx answer,
- * a refused connection, a time-out), never will to this recipient
- * (SEND_PERM: a 5xx to RCPT), the relay refuses us (SEND_CONFIG: a 5xx
- * to the greeting, EHLO, AUTH or MAIL FROM; login, TLS), or refused the
- * content (SEND_CONTENT: a 5xx at the end of DATA, which the tick reads
- * as this recipient's, or as everyone's when it repeats).
+ * whether it went out (SEND_OK), may go later (SEND_TEMP: a 4xx answer
+ * or a time-out after the greeting; SEND_DOWN: the relay unavailable, a
+ * refused connection, a time-out or a 4xx before or at its greeting,
+ * which stops the tick), never will to this recipient
+ * (SEND_PERM: a 5xx to RCPT with 5.1.x or 5.2.x), the relay refuses us
+ * (SEND_CONFIG: a 5xx to the greeting, EHLO, AUTH or MAIL FROM, or to
+ * RCPT with 5.3.x, 5.5.x or 5.7.x; login, TLS), refused the recipient
+ * without saying why (SEND_RCPT: a 5xx to RCPT with no enhanced status
+ * code, which the tick reads as this recipient's, or as ours when it
+ * repeats), or refused the content (SEND_CONTENT: a 5xx at the end of
+ * DATA, which the tick reads as this recipient's, or as everyone's when
+ * it repeats).
  * The outbox is the embedded default: one file per message, named by the
  * message row, written atomically, so a repeated attempt replaces the
  * file instead of adding a second one.
@@ -4073,24 +4110,89 @@ static int smtp_debug(CURL *c, curl_infotype type, char *data, size_t n,
 	return 0;
 }
 
+/* The class of the enhanced status code (RFC 3463) of a reply line
+ * "550 5.1.1 ..." or "550-5.1.1 ...": the subject digit after "5.", or 0
+ * when the reply has none. */
+static int smtp_enhanced(const char *reply)
+{
+	const char *p = reply;
+	for (int k = 0; k < 3; k++, p++)
+		if (!isdigit((unsigned char)*p))
+			return 0;
+	if (*p != ' ' && *p != '-')
+		return 0;
+	p++;
+	if (p[0] != '5' || p[1] != '.' || !isdigit((unsigned char)p[2]))
+		return 0;
+	size_t k = 3;
+	while (isdigit((unsigned char)p[k]))
+		k++;
+	if (p[k] != '.' || !isdigit((unsigned char)p[k + 1]))
+		return 0;
+	return k == 3 ? p[2] : 0; /* the subject classes are one digit */
+}
+
 /* The outcome of a failed SMTP transaction, by where it failed: before
- * RCPT the relay refuses us (nobody's address is at fault); RCPT is about
- * this recipient; a 5xx to the content is decided by the tick (one
- * recipient, or the content for everyone: see flow_send). */
-static enum send_result smtp_classify(CURLcode rc, long code, const char *stage)
+ * RCPT the relay refuses us (nobody's address is at fault); at RCPT the
+ * enhanced code says whose: 5.1.x (bad mailbox) and 5.2.x (mailbox full
+ * or disabled) this recipient's, 5.3.x, 5.5.x and 5.7.x (policy: a
+ * blocked client, relay denied, a sender not allowed) ours, none or
+ * another is decided by the tick (see refusal_add); a 5xx to the content
+ * is decided by the tick (one recipient, or the content for everyone:
+ * see flow_send). REPLY is the relay's last reply line. */
+static enum send_result smtp_classify(CURLcode rc, long code, const char *stage,
+				      const char *reply)
 {
 	int perm = code >= 500 && code < 600;
 	if (rc == CURLE_LOGIN_DENIED || rc == CURLE_USE_SSL_FAILED ||
 	    rc == CURLE_SSL_CONNECT_ERROR || rc == CURLE_PEER_FAILED_VERIFICATION ||
 	    rc == CURLE_REMOTE_ACCESS_DENIED)
 		return SEND_CONFIG;
+	if (!perm && !strcmp(stage, "greeting"))
+		return SEND_DOWN; /* refused, a time-out, a 4xx: no relay to talk to */
 	if (!perm)
-		return SEND_TEMP; /* a 4xx, a refused connection, a time-out */
-	if (!strcmp(stage, "RCPT"))
-		return SEND_PERM;
+		return SEND_TEMP; /* a 4xx, a time-out */
+	if (!strcmp(stage, "RCPT")) {
+		int cls = smtp_enhanced(reply);
+		return cls == '1' || cls == '2' ? SEND_PERM :
+		       cls == '3' || cls == '5' || cls == '7' ? SEND_CONFIG : SEND_RCPT;
+	}
 	if (!strcmp(stage, "end of DATA"))
 		return SEND_CONTENT;
 	return SEND_CONFIG; /* greeting, EHLO/HELO, STARTTLS, AUTH, MAIL, DATA */
+}
+
+/* Replaces every address in S (a relay's reply: "550 5.1.1
+ * <ann@example.com>: user unknown") by "<recipient>", in place: the
+ * reply reaches the log, the tick's "stopped" and messages.error, which
+ * name no address unless log_pii = yes. A word is an address when it
+ * holds an '@'; the brackets around it go with it. */
+static void redact_addrs(char *s, size_t n)
+{
+	static const char delim[] = " \t<>\"'(),;:[]";
+	char out[512];
+	size_t o = 0;
+	for (const char *p = s; *p && o + 1 < sizeof out;) {
+		size_t k = strcspn(p, delim);
+		if (!k) {
+			out[o++] = *p++;
+			continue;
+		}
+		if (memchr(p, '@', k)) {
+			if (o && out[o - 1] == '<')
+				o--;
+			p += k + (p[k] == '>');
+			int w = snprintf(out + o, sizeof out - o, "<recipient>");
+			o = w < 0 || (size_t)w >= sizeof out - o ? sizeof out - 1 : o + (size_t)w;
+		} else {
+			size_t m = k < sizeof out - 1 - o ? k : sizeof out - 1 - o;
+			memcpy(out + o, p, m);
+			o += m;
+			p += k;
+		}
+	}
+	out[o] = '\0';
+	copy_str(s, n, out);
 }
 
 /* smtp+starttls://host:587 means smtp:// with STARTTLS required. */
@@ -4152,7 +4254,9 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	curl_slist_free_all(rcpt);
 	if (rc == CURLE_OK)
 		return SEND_OK;
-	enum send_result r = smtp_classify(rc, code, tr.stage);
+	enum send_result r = smtp_classify(rc, code, tr.stage, tr.reply);
+	if (strcmp(cfg->log_pii, "yes") != 0)
+		redact_addrs(tr.reply, sizeof tr.reply);
 	snprintf(err, errlen, "smtp_url %s: %s%s%s%s (at %s)%s", cfg->smtp_url,
 		 *cerr ? cerr : curl_easy_strerror(rc),
 		 *tr.reply ? ": \"" : "", tr.reply, *tr.reply ? "\"" : "",
@@ -4161,6 +4265,9 @@ static enum send_result smtp_send(struct app *app, const char *to,
 				    "smtp_password, from and TLS, and whether "
 				    "the relay blocks this host; nothing more is "
 				    "sent this tick" :
+		 r == SEND_DOWN ? " — the relay is unavailable (is it running? "
+				  "smtp_url, smtp_connect_timeout, smtp_reply_timeout); "
+				  "no attempt counted, nothing more is sent this tick" :
 		 rc == CURLE_COULDNT_CONNECT ? " — is the relay running?" :
 		 rc == CURLE_OPERATION_TIMEDOUT ? " — the relay did not answer in "
 		 "time (smtp_connect_timeout, smtp_reply_timeout); tried again later" : "");
@@ -4748,14 +4855,17 @@ static int msg_record(struct app *app, const struct msgrow *m,
 				  (int64_t)now + wait, err, m->owner));
 		sum->retry++;
 	} else {
-		/* a 5xx, or too many temporary failures: never again */
+		/* a 5xx, or too many temporary failures: never again; a 5xx
+		 * ends the contact's sequences (bounce), the give-up this one
+		 * (failed): a sequence never waits on a message that will not go */
 		rc = db_begin(db) ||
 		     q_exec(db, q(db, ST_MESSAGE_END, "itti", m->id, "failed", err,
 				  m->owner)) ||
-		     (r == SEND_PERM &&
+		     (r == SEND_PERM ?
 		      (q_exec(db, q(db, ST_SUPPRESS, "iit", m->contact, (int64_t)now,
 				    err)) ||
-		       q_exec(db, q(db, ST_EXIT_CONTACT, "it", m->contact, "bounce")))) ||
+		       q_exec(db, q(db, ST_EXIT_CONTACT, "it", m->contact, "bounce"))) :
+		      q_exec(db, q(db, ST_ENROLL_EXIT, "it", m->enrollment, "failed"))) ||
 		     db_commit(db);
 		sum->failed++;
 	}
@@ -4818,9 +4928,15 @@ static int msg_stale(const struct config *cfg, const struct msgrow *m,
  * ones wait for it, nobody is suppressed, the tick stops), or the tick
  * ends first (retried later like a 4xx).
  */
+/* A 5xx to RCPT without an enhanced code (SEND_RCPT) is held the same
+ * way, whatever its content: the relay accepting anyone next makes it
+ * the recipient's; REFUSALS_IN_A_ROW different recipients refused in a
+ * row make it ours (the messages wait, nobody is suppressed, the tick
+ * stops). */
 struct refusals {
 	struct msgrow held[REFUSALS_HELD];
 	char err[REFUSALS_HELD][512];
+	int rcpt[REFUSALS_HELD]; /* held for a refusal at RCPT */
 	int n;
 };
 
@@ -4839,46 +4955,94 @@ static int refusal_settle(struct app *app, struct refusals *rf, int k,
 	rf->n--;
 	memmove(&rf->held[k], &rf->held[k + 1], (size_t)(rf->n - k) * sizeof rf->held[0]);
 	memmove(rf->err[k], rf->err[k + 1], (size_t)(rf->n - k) * sizeof rf->err[0]);
+	memmove(&rf->rcpt[k], &rf->rcpt[k + 1], (size_t)(rf->n - k) * sizeof rf->rcpt[0]);
 	return rc;
 }
 
-/* Settles every held message like M's content (all of them if M is
- * NULL) as R. */
+/* Settles every held message like M's content, and every one held for
+ * a refusal at RCPT (all of them if M is NULL), as R. */
 static int refusals_settle(struct app *app, struct refusals *rf,
 			   const struct msgrow *m, enum send_result r,
 			   rm_time now, struct tick_summary *sum)
 {
 	int rc = 0;
 	for (int k = 0; k < rf->n;)
-		if (!m || same_content(&rf->held[k], m))
+		if (!m || rf->rcpt[k] || same_content(&rf->held[k], m))
 			rc |= refusal_settle(app, rf, k, r, now, sum);
 		else
 			k++;
 	return rc ? -1 : 0;
 }
 
-/* M's content was refused. Returns 0 (held), 1 (the row is complete:
- * the step is paused, stop the tick) or -1. */
+/* The held refusals at RCPT of REFUSALS_IN_A_ROW different recipients
+ * in a row: the relay refuses us. They wait with no attempt counted,
+ * nobody is suppressed, the tick stops. Returns 1 or -1. */
+static int refusals_ours(struct app *app, struct refusals *rf, int distinct,
+			 const char *err, rm_time now, struct tick_summary *sum)
+{
+	char why[sizeof sum->stopped];
+	const char *reply = strchr(err, '"'); /* the relay's own words */
+	snprintf(why, sizeof why, "the relay refused %d different recipients "
+		 "in a row at RCPT without an enhanced status code — the relay "
+		 "refuses us: check smtp_user, from, and whether the relay blocks "
+		 "this host; nobody was suppressed, nothing more is sent this "
+		 "tick (relay: %.100s)", distinct, reply ? reply : err);
+	struct db *db = app->db;
+	int rc = db_begin(db);
+	for (int k = 0; !rc && k < rf->n; k++)
+		if (rf->rcpt[k])
+			rc = msg_defer(app, &rf->held[k], now + 900, why, 1);
+	rc = rc || db_commit(db);
+	if (rc) {
+		db_rollback(db);
+		return -1;
+	}
+	for (int k = 0; k < rf->n;)
+		if (rf->rcpt[k]) {
+			sum->retry++;
+			rf->n--;
+			memmove(&rf->held[k], &rf->held[k + 1],
+				(size_t)(rf->n - k) * sizeof rf->held[0]);
+			memmove(rf->err[k], rf->err[k + 1],
+				(size_t)(rf->n - k) * sizeof rf->err[0]);
+			memmove(&rf->rcpt[k], &rf->rcpt[k + 1],
+				(size_t)(rf->n - k) * sizeof rf->rcpt[0]);
+		} else {
+			k++;
+		}
+	fprintf(stderr, "remarket: %s\n", why);
+	copy_str(sum->stopped, sizeof sum->stopped, why);
+	return 1;
+}
+
+/* M's content was refused (RCPT: M's recipient, without saying why).
+ * Returns 0 (held), 1 (the row is complete: the step is paused, or the
+ * relay refuses us; stop the tick) or -1. */
 static int refusal_add(struct app *app, struct refusals *rf,
-		       const struct msgrow *m, const char *err, rm_time now,
-		       struct tick_summary *sum)
+		       const struct msgrow *m, const char *err, int rcpt,
+		       rm_time now, struct tick_summary *sum)
 {
 	if (rf->n == REFUSALS_HELD && refusal_settle(app, rf, 0, SEND_TEMP, now, sum) < 0)
 		return -1;
 	rf->held[rf->n] = *m;
 	rf->held[rf->n].items = NULL;
 	copy_str(rf->err[rf->n], sizeof rf->err[0], err);
+	rf->rcpt[rf->n] = rcpt;
 	rf->n++;
 	int distinct = 0;
 	for (int k = 0; k < rf->n; k++) {
 		int seen = 0;
 		for (int j = 0; j < k; j++)
-			seen |= same_content(&rf->held[j], &rf->held[k]) &&
+			seen |= rf->rcpt[j] == rf->rcpt[k] &&
+				(rcpt || same_content(&rf->held[j], &rf->held[k])) &&
 				rf->held[j].contact == rf->held[k].contact;
-		distinct += !seen && same_content(&rf->held[k], m);
+		distinct += !seen && rf->rcpt[k] == rcpt &&
+			    (rcpt || same_content(&rf->held[k], m));
 	}
 	if (distinct < REFUSALS_IN_A_ROW)
 		return 0;
+	if (rcpt)
+		return refusals_ours(app, rf, distinct, err, now, sum);
 	char why[sizeof sum->stopped];
 	const char *reply = strchr(err, '"'); /* the relay's own words */
 	snprintf(why, sizeof why, "%s step %d paused: the relay refused its "
@@ -4891,7 +5055,7 @@ static int refusal_add(struct app *app, struct refusals *rf,
 		 q_exec(db, q(db, ST_STEP_PAUSE, "iiit", m->enrollment,
 			      (int64_t)m->step, (int64_t)now, why));
 	for (int k = 0; !rc && k < rf->n; k++)
-		if (same_content(&rf->held[k], m))
+		if (!rf->rcpt[k] && same_content(&rf->held[k], m))
 			rc = msg_defer(app, &rf->held[k], now, why, 1);
 	rc = rc || db_commit(db);
 	if (rc) {
@@ -4899,12 +5063,14 @@ static int refusal_add(struct app *app, struct refusals *rf,
 		return -1;
 	}
 	for (int k = 0; k < rf->n;)
-		if (same_content(&rf->held[k], m)) {
+		if (!rf->rcpt[k] && same_content(&rf->held[k], m)) {
 			rf->n--;
 			memmove(&rf->held[k], &rf->held[k + 1],
 				(size_t)(rf->n - k) * sizeof rf->held[0]);
 			memmove(rf->err[k], rf->err[k + 1],
 				(size_t)(rf->n - k) * sizeof rf->err[0]);
+			memmove(&rf->rcpt[k], &rf->rcpt[k + 1],
+				(size_t)(rf->n - k) * sizeof rf->rcpt[0]);
 		} else {
 			k++;
 		}
@@ -4971,17 +5137,17 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 	}
 	m.attempts++;
 	enum send_result r = mail_send(app, m.id, m.email, &msg, err, sizeof err);
-	if (r == SEND_CONFIG) {
+	if (r == SEND_CONFIG || r == SEND_DOWN) {
 		fprintf(stderr, "remarket: %s\n", err);
 		copy_str(sum->stopped, sizeof sum->stopped, err);
-		rc = msg_defer(app, &m, now + 900, err, 1);
+		rc = msg_defer(app, &m, now + (r == SEND_DOWN ? 300 : 900), err, 1);
 		sum->retry++;
 		rc = rc ? rc : 1;
 		goto out;
 	}
-	if (r == SEND_CONTENT) {
+	if (r == SEND_CONTENT || r == SEND_RCPT) {
 		fprintf(stderr, "remarket: message %lld: %s\n", (long long)id, err);
-		rc = refusal_add(app, rf, &m, err, now, sum);
+		rc = refusal_add(app, rf, &m, err, r == SEND_RCPT, now, sum);
 		goto out;
 	}
 	if (r != SEND_OK) { /* an address only with log_pii = yes */
@@ -5008,7 +5174,7 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 			"%s refused to record it — is the disk full? The tick "
 			"stops\n", (long long)id, app->cfg->db);
 	/* the relay took this content from someone: the held refusals of
-	 * the same step were about their recipients */
+	 * the same step, and those at RCPT, were about their recipients */
 	if (rc == 0 && r == SEND_OK)
 		rc = refusals_settle(app, rf, &m, SEND_PERM, now, sum);
 out:
@@ -5072,8 +5238,11 @@ out:
 
 /* Sends the confirmation mails due. Each is marked sent before it goes:
  * a crash loses a confirmation (the shopper may ask again), never sends
- * one twice; a failure to render or send is unmarked for the next tick. */
-static int confirm_send(struct app *app, rm_time now)
+ * one twice; a failure to render or send is unmarked for the next tick.
+ * The tick's budget (real seconds since STARTED) is checked before each:
+ * the rest wait for the next tick. */
+static int confirm_send(struct app *app, rm_time now, time_t started,
+			struct tick_summary *sum)
 {
 	struct db *db = app->db;
 	for (int round = 0; round < TICK_MAX / TICK_BATCH; round++) {
@@ -5090,6 +5259,11 @@ static int confirm_send(struct app *app, rm_time now)
 		sqlite3_reset(s);
 		for (int i = 0; i < n; i++) {
 			char err[512] = "";
+			if (time(NULL) - started >= app->cfg->tick_budget_seconds) {
+				sum->budget_spent = 1;
+				free(emails);
+				return 0;
+			}
 			if (q_exec(db, q(db, ST_CONFIRM_CLAIM, "ii", ids[i],
 					 (int64_t)now)) < 0) {
 				free(emails);
@@ -5155,14 +5329,20 @@ int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 	return rc ? -1 : 0;
 }
 
+/* Claims up to LIMIT due messages for OWNER. SPENT is the real seconds
+ * the tick has run: the lease runs lease_seconds from the claim, not
+ * from the tick's (injected) start, as lease_keep renews it. */
 static int claim_as(struct app *app, rm_time now, int64_t owner, int64_t *ids,
-		    int limit)
+		    int limit, int64_t spent)
 {
 	if (q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP, "ii", (int64_t)now,
-			      (int64_t)CRASH_MAX)) < 0)
+			      (int64_t)CRASH_MAX)) < 0 ||
+	    (sqlite3_changes(app->db->h) > 0 &&
+	     q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP_EXIT, "")) < 0))
 		return -1;
 	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iiii", (int64_t)now,
-			    (int64_t)app->cfg->lease_seconds, (int64_t)limit, owner);
+			    (int64_t)app->cfg->lease_seconds + (spent > 0 ? spent : 0),
+			    (int64_t)limit, owner);
 	int n = 0, rc;
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW)
 		if (n < limit)
@@ -5180,7 +5360,7 @@ static int64_t lease_owner_new(void)
 
 int flow_claim(struct app *app, rm_time now, int64_t *ids, int limit)
 {
-	return claim_as(app, now, lease_owner_new(), ids, limit);
+	return claim_as(app, now, lease_owner_new(), ids, limit, 0);
 }
 
 static int flow_queue(struct app *app, rm_time now)
@@ -5243,7 +5423,8 @@ static int flow_rounds(struct app *app, rm_time now, struct lease *l,
 		for (;;) {
 			if (out_of_budget(app, l, sum))
 				return 0;
-			int n = claim_as(app, now, l->owner, ids, TICK_BATCH);
+			int n = claim_as(app, now, l->owner, ids, TICK_BATCH,
+					 (int64_t)(time(NULL) - l->started));
 			if (n < 0)
 				return -1;
 			if (n == 0)
@@ -5268,12 +5449,13 @@ static int flow_rounds(struct app *app, rm_time now, struct lease *l,
 int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 {
 	memset(sum, 0, sizeof *sum);
+	time_t started = time(NULL);
 	if (flow_detect(app, now, sum) < 0)
 		return -1;
 	if (!strcmp(app->cfg->browser_consent, "confirm") &&
-	    confirm_send(app, now) < 0)
+	    confirm_send(app, now, started, sum) < 0)
 		return -1;
-	struct lease l = {lease_owner_new(), time(NULL), time(NULL)};
+	struct lease l = {lease_owner_new(), started, time(NULL)};
 	struct refusals *rf = calloc(1, sizeof *rf);
 	if (!rf)
 		return -1;
@@ -7696,8 +7878,9 @@ static int cmd_init(struct app *app, struct config *cfg, rm_time now, int argc,
 	db_close(db);
 	if (access(cfg->key_file, F_OK) != 0 && signed_mails > 0 && !new_key) {
 		fprintf(stderr, "remarket init: key_file %s is missing, but db %s "
-			"holds %lld sent messages whose unsubscribe, cart and "
-			"discount links were signed with it. Restore the key file "
+			"holds %lld sent mails (messages and confirmation mails) "
+			"whose unsubscribe, cart, discount and confirm links were "
+			"signed with it. Restore the key file "
 			"from a backup (the links keep working), or run 'remarket "
 			"init --new-key' to make a new key, knowing that every link "
 			"already mailed stops working.\n", cfg->key_file, cfg->db,

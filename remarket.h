@@ -235,11 +235,16 @@ int mail_build(const struct mail *m, struct buf *out, char *err,
 
 enum send_result {
 	SEND_OK = 0,
-	SEND_TEMP = 1,   /* try again later: 4xx, refused connection, time-out */
-	SEND_PERM = 2,   /* the recipient is refused (5xx to RCPT or the data) */
+	SEND_TEMP = 1,   /* try again later: a 4xx or a time-out after the greeting */
+	SEND_PERM = 2,   /* the recipient is refused (5xx to RCPT with 5.1.x or
+			  * 5.2.x, or to the data) */
 	SEND_CONFIG = 3, /* the relay refuses us (login, sender): stop the tick */
 	SEND_CONTENT = 4, /* a 5xx to the content: this recipient, or the
 			   * content/sender for all (the tick decides) */
+	SEND_RCPT = 5,   /* a 5xx to RCPT without an enhanced status code:
+			  * this recipient, or us (the tick decides) */
+	SEND_DOWN = 6,   /* the relay unavailable: connection refused, a time-out
+			  * or a 4xx before its greeting; stop the tick */
 };
 
 /* ==== The flow engine: detect, claim, send, record ==================== */

@@ -12,6 +12,8 @@ use Cwd qw(abs_path);
 use IO::Socket::INET;
 use POSIX ();
 use Time::HiRes qw(sleep);
+use lib dirname(abs_path($0)) . '/lib';
+use RMRelay;
 
 my $root = abs_path(dirname(abs_path($0)) . '/..');
 my $bin  = $ENV{REMARKET_BIN} || "$root/remarket";
@@ -242,9 +244,11 @@ my $due = $T0 + 3700;    # step 1 is due at +1 h
 }
 
 # ---- a hard (5xx) answer: failed, suppressed, sequence ended -----------------
+# (smtp_script.py answering 550 5.1.1 user unknown: smtp-sink's "500 5.3.0"
+# to RCPT is a refusal of us, since review H4, tested below)
 {
-	my $hard = start_sink("$tmp/sink-hard", '-f', 'RCPT');
-	my $in = instance(smtp => "smtp://127.0.0.1:$hard");
+	my $hard = RMRelay->start(dir => "$tmp/relay-hard", fail => ['rcpt=550 5.1.1 user unknown']);
+	my $in = instance(smtp => $hard->url);
 	carts($in, 1, $T0);
 	my (undef, $out) = rm($in->{env}, undef, 'tick', '--now', $due);
 	is(field($out, 'failed'), 1, 'a 5xx marks the message failed') or diag $out;
@@ -253,6 +257,18 @@ my $due = $T0 + 3700;    # step 1 is due at +1 h
 	(undef, $out) = rm($in->{env}, undef, 'tick', '--now', $T0 + 86400 + 100);
 	is(field($out, 'sent') + field($out, 'retry') + field($out, 'failed'), 0, 'nothing is tried again at +24 h')
 	    or diag $out;
+	$hard->stop;
+}
+
+# ---- smtp-sink's 500 5.3.0 to RCPT: the relay refuses us, nobody is suppressed --
+{
+	my $sys = start_sink("$tmp/sink-hard", '-f', 'RCPT');
+	my $in = instance(smtp => "smtp://127.0.0.1:$sys");
+	carts($in, 1, $T0);
+	my ($rc, $out, $err) = rm($in->{env}, undef, 'tick', '--now', $due);
+	is(field($out, 'failed'), 0, 'a 5.3.0 to RCPT fails nothing (review H4)') or diag $out;
+	is(sql($in, "SELECT count(*) FROM contacts WHERE suppressed_at IS NOT NULL"), 0, '... suppresses nobody');
+	like($err, qr/the relay refuses us/, '... and says the relay refuses us') or diag $err;
 }
 
 # ---- the relay refuses us (5xx to MAIL FROM): nobody is suppressed ----------

@@ -135,9 +135,73 @@ for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
 	$relay->stop;
 }
 
+# ---- the relay unavailable (review M4): no attempt counted, the tick stops ---------
+# connection refused or a 4xx at the greeting: the messages wait with no
+# attempt counted; after a 26 h outage nothing failed, nothing is lost, and
+# nothing bursts (the step 26 h late is stale, the next one goes on time).
+for my $case (['refused', 'the connection refused'], ['greeting', 'a 421 at the greeting']) {
+	my ($kind, $what) = @$case;
+	my $down = $kind eq 'greeting' ? RMRelay->start(dir => "$tmp/relay-down-$kind",
+							 fail => ['greeting=421']) : undef;
+	my $down_url = $down ? $down->url : 'smtp://127.0.0.1:1';
+	my $in = instance($down_url);
+	carts($in, 5);
+	my ($out, $stale);
+	my @stops;
+	# step 1 is due at 1 h; from 12.5 h on (half the gap to step 2) it is
+	# stale, recorded without an attempt; step 2 is due at 24 h
+	for my $h (0, 1, 2, 3, 4, 6, 9, 14, 20, 26) {
+		(undef, $out) = rm($in, 'tick', '--now', $due + $h * 3600);
+		push @stops, $out =~ /"stopped":".*?relay is unavailable/ ? 1 : 0;
+		$stale += field($out, 'stale');
+	}
+	is("@stops", '1 1 1 1 1 1 1 0 0 1', "$what: every tick of a 26 h outage with a message due "
+	   . "stops at its first, saying the relay is unavailable") or diag $out;
+	is($stale, 5, "$what: step 1, 12.5 h late, is stale for all five, not sent in a burst later");
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'queued' AND attempts = 0 AND step = 2"), 5,
+	    "$what: after 26 h step 2 waits for all five, no attempt counted")
+	    or diag sql($in, "SELECT id, status, attempts, error FROM messages");
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'failed' OR attempts > 0"), 0,
+	   "$what: none failed, no attempt counted");
+	$down->stop if $down;
+	my $up = RMRelay->start(dir => "$tmp/relay-up-$kind");
+	my $now = $due + 27 * 3600;    # the relay back an hour later
+	($_, $out) = rm($in, { REMARKET_SMTP_URL => $up->url }, 'tick', '--now', $now);
+	is(field($out, 'sent') . '/' . field($out, 'failed'), '5/0',
+	    "$what: the relay back: step 2 sent to all five, none failed") or diag $out;
+	my %per;
+	$per{$_}++ for map { /^To:.*?([\w.]+\@example\.com)/mi ? $1 : () } $up->messages;
+	is(join(',', map { $per{$_} } sort keys %per), '1,1,1,1,1', "$what: nothing burst: one mail each");
+	(undef, $out) = rm($in, { REMARKET_SMTP_URL => $up->url }, 'tick', '--now', $T0 + 72 * 3600 + 60);
+	is(field($out, 'sent'), 5, "$what: step 3 goes on time: nothing lost") or diag $out;
+	is(sql($in, "SELECT count(*) FROM enrollments WHERE status = 'done'"), 5, "$what: every sequence is done");
+	$up->stop;
+}
+
+# ---- a message given up ends its sequence (review M4) ------------------------------
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-450", fail => ['rcpt=450 4.2.0 try later'],
+				   fail_for => '^s1@');
+	my $in = instance($relay->url);
+	carts($in, 2);
+	my $now = $due;
+	for my $k (1 .. 8) {    # 8 attempts of a 4xx at RCPT, each after its backoff
+		rm($in, 'tick', '--now', $now);
+		$now += (300 << ($k - 1)) + 1;
+	}
+	is(sql($in, "SELECT status || ' ' || attempts FROM messages WHERE contact_id = 1"), 'failed 8',
+	    'a 4xx at RCPT 8 times: given up after 8 attempts') or diag sql($in, "SELECT * FROM messages");
+	is(sql($in, "SELECT status || ' ' || exit_reason FROM enrollments WHERE contact_id = 1"), 'exited failed',
+	    '... and its sequence ends, reason failed');
+	is(sql($in, "SELECT status FROM enrollments WHERE contact_id = 2"), 'active', '... the other goes on');
+	is(sql($in, $suppressed), 0, '... nobody is suppressed');
+	$relay->stop;
+}
+
 # ---- RCPT 5xx: that recipient only ----------------------------------------------
 {
-	my $relay = RMRelay->start(dir => "$tmp/relay-rcpt", fail => ['rcpt=550'], fail_for => '^s2@');
+	my $relay = RMRelay->start(dir => "$tmp/relay-rcpt", fail => ['rcpt=550 5.1.1 user unknown'],
+				   fail_for => '^s2@');
 	my $in = instance($relay->url);
 	carts($in, 3);
 	my (undef, $out) = rm($in, 'tick', '--now', $due);
@@ -146,6 +210,82 @@ for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
 	is(sql($in, "SELECT group_concat(email) FROM contacts WHERE suppressed_at IS NOT NULL"),
 	    's2@example.com', '... and only that address is suppressed');
 	$relay->stop;
+}
+
+# ---- RCPT 5xx by its enhanced status code (review H4) -----------------------------
+# 5.7.x, 5.3.x, 5.5.x are about us (a blocked client, relay denied, the sender
+# not authorised): nobody is suppressed and the tick stops; 5.1.x and 5.2.x are
+# about the recipient; no enhanced code: 3 different recipients refused in a row
+# with no acceptance in between are about us.
+for my $case (['554 5.7.1 Client host [127.0.0.1] blocked', 'a blocked client (5.7.1)'],
+	      ['554 5.7.1 <{rcpt}>: Relay access denied', 'relay access denied (5.7.1)'],
+	      ['550 5.3.0 system not accepting mail', 'a system refusal (5.3.0)'],
+	      ['553 5.5.1 sender address rejected', 'a protocol refusal (5.5.1)'],
+	      ['550 recipient rejected', 'no enhanced code, for everyone']) {
+	my ($line, $what) = @$case;
+	my $relay = RMRelay->start(dir => "$tmp/relay-rcpt-us", fail => ["rcpt=$line"]);
+	my $in = instance($relay->url);
+	carts($in, 5);
+	my ($rc, $out, $err) = rm($in, 'tick', '--now', $due);
+	is($rc, 0, "RCPT $what: the tick exits 0");
+	is(sql($in, $suppressed), 0, "RCPT $what: nobody is suppressed") or diag $out;
+	is(field($out, 'failed'), 0, "RCPT $what: nothing failed") or diag $out;
+	like($out, qr/"stopped":".*the relay refuses us/, "RCPT $what: the tick stops and says why")
+	    or diag $out;
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'queued' AND attempts = 0"), 5,
+	    "RCPT $what: all five wait, no attempt counted") or diag sql($in, "SELECT * FROM messages");
+	is(sql($in, "SELECT count(*) FROM enrollments WHERE status = 'active'"), 5,
+	    "RCPT $what: every sequence goes on");
+	$relay->stop;
+	system('rm', '-rf', "$tmp/relay-rcpt-us");
+}
+for my $case (['550 5.1.1 user unknown', 'user unknown (5.1.1)'],
+	      ['552 5.2.2 mailbox full', 'mailbox full (5.2.2)'],
+	      ['550 no such user', 'no enhanced code, one recipient']) {
+	my ($line, $what) = @$case;
+	my $relay = RMRelay->start(dir => "$tmp/relay-rcpt-them", fail => ["rcpt=$line"],
+				   fail_for => '^s2@');
+	my $in = instance($relay->url);
+	carts($in, 3);
+	my (undef, $out, $err) = rm($in, 'tick', '--now', $due);
+	is(field($out, 'sent'), 2, "RCPT $what for one recipient: the others are sent") or diag "$out $err";
+	is(field($out, 'failed'), 1, "RCPT $what: that one failed");
+	is(sql($in, "SELECT group_concat(email) FROM contacts WHERE suppressed_at IS NOT NULL"),
+	    's2@example.com', "RCPT $what: only that address is suppressed");
+	$relay->stop;
+	system('rm', '-rf', "$tmp/relay-rcpt-them");
+}
+
+# ---- the relay's reply names the address: not in the log unless log_pii = yes (L1) ---
+for my $pii ('', 'yes') {
+	my $what = $pii ? 'log_pii=yes' : 'log_pii unset';
+	for my $case (['rcpt=550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown', '^s2@', '5.1.1'],
+		      ['rcpt=554 5.7.1 <{rcpt}>: Relay access denied', undef, '5.7.1']) {
+		my ($fail, $for, $code) = @$case;
+		my $relay = RMRelay->start(dir => "$tmp/relay-pii", fail => [$fail],
+					   defined $for ? (fail_for => $for) : ());
+		my $in = instance($relay->url, $pii ? (REMARKET_LOG_PII => 'yes') : ());
+		carts($in, 3);
+		my (undef, $out, $err) = rm($in, 'tick', '--now', $due);
+		my $stored = join("\n", sql($in, "SELECT coalesce(error, '') FROM messages"),
+				  sql($in, "SELECT coalesce(suppress_reason, '') FROM contacts"),
+				  sql($in, "SELECT coalesce(summary, '') FROM ticks"));
+		like($err . $stored, qr/\Q$code\E/, "$what, RCPT $code naming the address: the reply is kept")
+		    or diag "$out\n$err\n$stored";
+		if ($pii) {
+			like($err, qr/s\d\@example\.com/, "$what, RCPT $code: the log names the address");
+		} else {
+			unlike($err . $out, qr/\@example\.com/,
+			       "$what, RCPT $code: neither the log nor the tick's JSON names an address")
+			    or diag "$out\n$err";
+			unlike($stored, qr/\@example\.com/,
+			       "$what, RCPT $code: nor messages.error, the suppression or the ticks table")
+			    or diag $stored;
+			like($err . $stored, qr/<recipient>/, "$what, RCPT $code: <recipient> in its place");
+		}
+		$relay->stop;
+		system('rm', '-rf', "$tmp/relay-pii");
+	}
 }
 
 # ---- 5xx at the end of DATA for one recipient: that recipient ---------------------
@@ -248,6 +388,34 @@ for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
 }
 
 
+# ---- a lease runs from when it is taken, not from the tick's start (review L3) -----
+# Confirmation mails to a slow relay take the tick's first seconds; the
+# batch claimed after them is leased for lease_seconds from then (the tick
+# is killed right after the claim, so the leases stay as written).
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-lease", delay => ['eod=1']);
+	my $in = instance($relay->url, REMARKET_BROWSER_CONSENT => 'confirm');
+	carts($in, 2);
+	for my $i (1 .. 3) {
+		my $body = qq({"type":"identify","email":"cf$i\@example.org","consent":true});
+		my ($rc, $out) = rm($in, { GATEWAY_INTERFACE => 'CGI/1.1', REQUEST_METHOD => 'POST',
+			PATH_INFO => '/collect', CONTENT_LENGTH => length $body,
+			CONTENT_TYPE => 'application/json', REMOTE_ADDR => '10.0.0.1',
+			HTTP_COOKIE => "rm_vid=vLEASE000$i", REMARKET_NOW => $T0, _stdin => $body });
+		die "collect: $out" unless $out =~ /^Status: 204/m;
+	}
+	my $t = time;
+	my ($rc) = rm($in, { REMARKET_FAULT => 'crash_after_claim' }, 'tick', '--now', $due);
+	my $spent = int(time - $t);
+	is($rc, 70, 'lease: the tick dies right after its claim, after 3 confirmation mails');
+	cmp_ok($spent, '>=', 3, "... which took $spent s");
+	my $until = sql($in, "SELECT min(lease_until) FROM messages WHERE status = 'sending'");
+	cmp_ok($until, '>=', $due + 2 + 300,
+	       "lease: the claim after 2+ s of the tick is leased 300 s from then, not from its start")
+	    or diag sql($in, "SELECT id, status, lease_until FROM messages");
+	$relay->stop;
+}
+
 # ---- a message that kills the tick every time: given up, alone ------------------
 {
 	my $relay = RMRelay->start(dir => "$tmp/relay-poison");
@@ -268,6 +436,9 @@ for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
 	is(field($out, 'sent'), 2, '... the next tick gives it up and sends the other two') or diag $out;
 	like(sql($in, "SELECT status || ': ' || error FROM messages WHERE id = 1"),
 	    qr/^failed: given up: the tick died 5 times while preparing it/, '... saying why');
+	is(sql($in, "SELECT status || ' ' || exit_reason FROM enrollments WHERE id = "
+		. "(SELECT enrollment_id FROM messages WHERE id = 1)"), 'exited failed',
+	    '... and its sequence ends, reason failed (review M4)');
 	$relay->stop;
 }
 

@@ -171,6 +171,11 @@ like($err, qr/none\.key/, '... naming the key file') or diag $err;
 
 # ---- a lost key: init refuses, --new-key is the explicit way out ----
 rename $w->{env}{REMARKET_KEY_FILE}, "$w->{tmp}/lost.key" or die;
+($rc, $out, $err) = rm($w, '', {}, 'tick', '--now', $T0 + 8 * $HOUR);
+is($rc, 1, 'tick with a lost key refuses (review L2)');
+like($err, qr/restore .*from .*backup/i, '... saying to restore the key file from a backup') or diag $err;
+like($err, qr/init --new-key/, '... naming init --new-key as the way to start over');
+unlike($err, qr/keygen >/, '... never telling to write a new key over it');
 ($rc, $out, $err) = rm($w, '', {}, 'init');
 is($rc, 1, 'init with a lost key on a database that has sent mail refuses');
 like($err, qr/missing/, '... saying the key file is missing');
@@ -199,6 +204,36 @@ is((rm($fresh, '', {}, 'init'))[0], 0, 'init on a fresh database makes a key');
 unlink $fresh->{env}{REMARKET_KEY_FILE};
 ($rc, $out, $err) = rm($fresh, '', {}, 'init');
 is($rc, 0, 'init with no key and no sent mail makes a key') or diag $err;
+
+# a database that sent only confirmation mails (browser_consent = confirm):
+# their links were signed too, so a lost key refuses as well (review L2)
+my $cw = world(0022);
+$cw->{env}{REMARKET_BROWSER_CONSENT} = 'confirm';
+is((rm($cw, '', {}, 'init'))[0], 0, 'confirm world: init');
+my $body = '{"type":"identify","email":"c1@example.org","consent":true}';
+($rc, $out) = rm($cw, $body, { GATEWAY_INTERFACE => 'CGI/1.1', REQUEST_METHOD => 'POST',
+	PATH_INFO => '/collect', CONTENT_LENGTH => length $body, CONTENT_TYPE => 'application/json',
+	REMOTE_ADDR => '10.0.0.1', HTTP_COOKIE => 'rm_vid=vCONFIRM0001', REMARKET_NOW => $T0 });
+like($out, qr/^Status: 204/m, 'confirm world: the checkbox is recorded') or diag $out;
+rm($cw, '', {}, qw(tick --now), $T0 + 60);
+is(scalar(() = glob("$cw->{env}{REMARKET_OUTBOX}/m-*.eml")), 1, '... one confirmation mail went out');
+unlink $cw->{env}{REMARKET_KEY_FILE};
+($rc, $out, $err) = rm($cw, '', {}, 'init');
+is($rc, 1, 'init with a lost key on a database that sent only confirmation mails refuses')
+    or diag $err;
+ok(!-e $cw->{env}{REMARKET_KEY_FILE}, '... and makes no key');
+
+# ---- keygen --rotate as root keeps the key file's owner (review L4) ----
+SKIP: {
+	skip 'changing a file\'s owner needs root', 2 unless $> == 0;
+	my $ow = world(0022);
+	is((rm($ow, '', {}, 'init'))[0], 0, 'owner world: init');
+	my $nobody = getpwnam('nobody') // 65534;
+	chown $nobody, -1, $ow->{env}{REMARKET_KEY_FILE} or die "chown: $!";
+	rm($ow, '', {}, qw(keygen --rotate));
+	my @st = stat $ow->{env}{REMARKET_KEY_FILE};
+	is($st[4], $nobody, 'keygen --rotate run as root keeps the key file\'s owner');
+}
 
 # ---- logs: message ids, not addresses, unless log_pii = yes ----
 for my $pii ('no', 'yes') {

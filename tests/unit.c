@@ -3330,6 +3330,66 @@ static void test_sending(void)
 	world_close(&w);
 }
 
+/* The review of issue 8, its sending side (M5, L2, M4). */
+static void test_review_sending(void)
+{
+	struct world w;
+	struct tick_summary s;
+
+	/* M5: confirmation mails keep to the tick's budget */
+	if (!ok(world_open(&w, "rs-confirm") == 0, "review sending: confirm world opens"))
+		return;
+	w.cfg.rate_ip_per_min = w.cfg.rate_visitor_per_min = 0;
+	set_cfg(&w.cfg.browser_consent, "confirm");
+	for (int i = 0; i < 3; i++) {
+		char cookie[32], body[160];
+		snprintf(cookie, sizeof cookie, "rm_vid=v-rsc%d", i);
+		snprintf(body, sizeof body, "{\"type\":\"identify\",\"email\":"
+			 "\"rsc%d@example.org\",\"consent\":true}", i);
+		collect(&w, cookie, body, T0);
+	}
+	w.cfg.tick_budget_seconds = 0;
+	ok(flow_tick(&w.app, T0 + 60, &s) == 0 && s.budget_spent == 1,
+	   "M5: budget 0: the tick says its budget was spent");
+	is_int(outbox_count(&w), 0, "M5: ... and sends no confirmation mail");
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE confirm_sent_at IS NULL "
+		  "AND consent_pending = 1"), 3, "M5: ... all three wait, unmarked");
+	w.cfg.tick_budget_seconds = 50;
+	tick(&w, T0 + 120, &s);
+	is_int(outbox_count(&w), 3, "M5: with a budget again the three go");
+	world_close(&w);
+
+	/* L4: a link planted at the outbox's temporary name is not followed */
+	if (!ok(world_open(&w, "rs-link") == 0, "review sending: link world opens"))
+		return;
+	cart_dated(&w, "ln@example.com", "ln1", T0, T0);
+	char victim[PATH_MAX], tmpname[PATH_MAX + 64], final[PATH_MAX + 64];
+	snprintf(victim, sizeof victim, "%s/rs-link-victim", tmpdir);
+	snprintf(tmpname, sizeof tmpname, "%s/m000001.eml.tmp%ld", w.outbox, (long)getpid());
+	snprintf(final, sizeof final, "%s/m000001.eml", w.outbox);
+	FILE *vf = fopen(victim, "w");
+	if (vf) {
+		fputs("victim", vf);
+		fclose(vf);
+	}
+	mkdir(w.outbox, 0700);
+	ok(symlink(victim, tmpname) == 0, "L4: a link planted at the outbox's temporary name");
+	tick(&w, T0 + HOUR + 60, &s);
+	is_int(s.sent, 1, "L4: the message is sent");
+	char vbuf[64] = "";
+	vf = fopen(victim, "r");
+	if (vf) {
+		if (!fgets(vbuf, sizeof vbuf, vf))
+			vbuf[0] = '\0';
+		fclose(vf);
+	}
+	is_str(vbuf, "victim", "L4: ... the file the link pointed to is untouched");
+	struct stat lst;
+	ok(lstat(final, &lst) == 0 && S_ISREG(lst.st_mode),
+	   "L4: ... and the message is a file of its own, not the link");
+	world_close(&w);
+}
+
 /* ==== Tick runs ======================================================= */
 
 /* The tick's time budget and its recorded runs (POST /tick, /tick/<id>). */
@@ -4521,6 +4581,7 @@ int main(void)
 	test_csv_columns();
 	test_keys_codes();
 	test_sending();
+	test_review_sending();
 	test_fuzz_findings();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)

@@ -11,6 +11,9 @@ DIR/m.<n> (n counts from 1).
 STAGE is one of: greeting, ehlo, auth, mail, rcpt, data (the DATA command),
 eod (the answer after the content: "end of DATA").
   --fail STAGE=CODE  answer CODE ("554", "421", ...) at that stage
+  --fail "STAGE=CODE TEXT"  answer that whole line instead ("550 5.1.1
+                     <{rcpt}>: user unknown", "554 no enhanced code");
+                     {rcpt} is the address of the last RCPT
   --fail-for REGEX   only for transactions whose RCPT address matches
                      (rcpt and eod failures)
   --delay STAGE=S    wait S seconds before answering at that stage; a
@@ -58,6 +61,10 @@ class Session(socketserver.StreamRequestHandler):
         if code and stage in ('rcpt', 'eod') and cfg.fail_for:
             if not any(re.search(cfg.fail_for, r) for r in self.rcpts):
                 code = None
+        if code and len(code) > 3:  # a whole line of the test's
+            self.send(code.replace(
+                '{rcpt}', self.rcpts[-1] if self.rcpts else ''))
+            return False
         if code:
             self.send('%s %s.%s.0 %s at %s (smtp_script)' % (
                 code, code[0], 7 if code[0] == '5' else 0,
