@@ -4946,16 +4946,22 @@ static int same_content(const struct msgrow *a, const struct msgrow *b)
 	       a->variant == b->variant;
 }
 
+/* Drops held message K from the list, keeping the others in order. */
+static void refusal_drop(struct refusals *rf, int k)
+{
+	rf->n--;
+	memmove(&rf->held[k], &rf->held[k + 1], (size_t)(rf->n - k) * sizeof rf->held[0]);
+	memmove(rf->err[k], rf->err[k + 1], (size_t)(rf->n - k) * sizeof rf->err[0]);
+	memmove(&rf->rcpt[k], &rf->rcpt[k + 1], (size_t)(rf->n - k) * sizeof rf->rcpt[0]);
+}
+
 /* Records held message K as R and drops it from the list. */
 static int refusal_settle(struct app *app, struct refusals *rf, int k,
 			  enum send_result r, rm_time now,
 			  struct tick_summary *sum)
 {
 	int rc = msg_record(app, &rf->held[k], r, rf->err[k], now, sum);
-	rf->n--;
-	memmove(&rf->held[k], &rf->held[k + 1], (size_t)(rf->n - k) * sizeof rf->held[0]);
-	memmove(rf->err[k], rf->err[k + 1], (size_t)(rf->n - k) * sizeof rf->err[0]);
-	memmove(&rf->rcpt[k], &rf->rcpt[k + 1], (size_t)(rf->n - k) * sizeof rf->rcpt[0]);
+	refusal_drop(rf, k);
 	return rc;
 }
 
@@ -5000,13 +5006,7 @@ static int refusals_ours(struct app *app, struct refusals *rf, int distinct,
 	for (int k = 0; k < rf->n;)
 		if (rf->rcpt[k]) {
 			sum->retry++;
-			rf->n--;
-			memmove(&rf->held[k], &rf->held[k + 1],
-				(size_t)(rf->n - k) * sizeof rf->held[0]);
-			memmove(rf->err[k], rf->err[k + 1],
-				(size_t)(rf->n - k) * sizeof rf->err[0]);
-			memmove(&rf->rcpt[k], &rf->rcpt[k + 1],
-				(size_t)(rf->n - k) * sizeof rf->rcpt[0]);
+			refusal_drop(rf, k);
 		} else {
 			k++;
 		}
@@ -5063,17 +5063,10 @@ static int refusal_add(struct app *app, struct refusals *rf,
 		return -1;
 	}
 	for (int k = 0; k < rf->n;)
-		if (!rf->rcpt[k] && same_content(&rf->held[k], m)) {
-			rf->n--;
-			memmove(&rf->held[k], &rf->held[k + 1],
-				(size_t)(rf->n - k) * sizeof rf->held[0]);
-			memmove(rf->err[k], rf->err[k + 1],
-				(size_t)(rf->n - k) * sizeof rf->err[0]);
-			memmove(&rf->rcpt[k], &rf->rcpt[k + 1],
-				(size_t)(rf->n - k) * sizeof rf->rcpt[0]);
-		} else {
+		if (!rf->rcpt[k] && same_content(&rf->held[k], m))
+			refusal_drop(rf, k);
+		else
 			k++;
-		}
 	fprintf(stderr, "remarket: %s\n", why);
 	copy_str(sum->stopped, sizeof sum->stopped, why);
 	return 1;
