@@ -62,7 +62,7 @@ sub spawn {
 		open STDIN, '<', "$base.in";
 		open STDOUT, '>', "$base.out";
 		open STDERR, '>', "$base.err";
-		exec $bin, @args;
+		{ exec $bin, @args }   # a block: perl knows the exit below is meant
 		POSIX::_exit(127);
 	}
 	return ($pid, $base);
