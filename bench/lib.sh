@@ -85,31 +85,30 @@ free_port() {
     done
     echo "$p"
 }
-# Wait (up to ~5 s) until a TCP port listens on loopback, or the pid dies.
-wait_port() {
-    hex=$(printf %04X "$1")
+# Wait (up to ~5 s) until the command "$@" after the pid succeeds, or the
+# pid dies.
+wait_for() {
+    pid=$1
+    shift
     i=0
-    while ! awk -v p="$hex" '
-            FNR > 1 && $4 == "0A" { split($2, a, ":"); if (a[2] == p) f = 1 }
-            END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; do
-        alive "$2" || return 1
+    while ! "$@"; do
+        alive "$pid" || return 1
         i=$((i + 1))
         [ $i -lt 100 ] || return 1
         sleep 0.05
     done
-    alive "$2"
+    alive "$pid"
 }
-# Wait (up to ~5 s) until a unix socket exists, or the pid dies.
-wait_sock() {
-    i=0
-    while [ ! -S "$1" ]; do
-        alive "$2" || return 1
-        i=$((i + 1))
-        [ $i -lt 100 ] || return 1
-        sleep 0.05
-    done
-    alive "$2"
+# True when a TCP port listens on loopback.
+port_listens() {
+    awk -v p="$(printf %04X "$1")" '
+        FNR > 1 && $4 == "0A" { split($2, a, ":"); if (a[2] == p) f = 1 }
+        END { exit !f }' /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
+# Wait until a TCP port listens on loopback (wait_port PORT PID) or a unix
+# socket exists (wait_sock PATH PID), or the pid dies.
+wait_port() { wait_for "$2" port_listens "$1"; }
+wait_sock() { wait_for "$2" test -S "$1"; }
 fmt() {
     awk -v x="$1" 'BEGIN { printf "%.1f", x }'
 }
