@@ -1012,17 +1012,21 @@ void cfg_free(struct config *cfg)
 	  "ORDER BY spent, contact_id LIMIT 1 OFFSET ?1")                      \
 	X(SEG_CUTS_SET,                                                        \
 	  "UPDATE segment_state SET cuts_at = ?1, cuts_stale = 0, customers = ?2, " \
-	  "lapse = ?3, lapse_why = ?4, cuts_key = ?5, "                        \
+	  "lapse = ?3, lapse_why = ?4, cuts_key = ?5, flows = CASE WHEN "      \
+	  "cuts_key IS ?5 AND lapse IS ?3 THEN flows END, "                    \
 	  "r1 = ?6, r1c = ?7, r2 = ?8, r2c = ?9, r3 = ?10, r3c = ?11, r4 = ?12, r4c = ?13, " \
 	  "f1 = ?14, f1c = ?15, f2 = ?16, f2c = ?17, f3 = ?18, f3c = ?19, f4 = ?20, f4c = ?21, " \
 	  "m1 = ?22, m1c = ?23, m2 = ?24, m2c = ?25, m3 = ?26, m3c = ?27, m4 = ?28, m4c = ?29 " \
 	  "WHERE id = 1")                                                      \
 	X(SEG_LAPSE_SET,                                                       \
-	  "UPDATE segment_state SET lapse = ?1, lapse_why = ?2 WHERE id = 1")  \
+	  "UPDATE segment_state SET lapse = ?1, lapse_why = ?2, flows = NULL " \
+	  "WHERE id = 1")                                                      \
 	X(SEG_FLOWS,                                                           \
 	  "SELECT coalesce(group_concat(id || ':' || enabled || ':' || "       \
 	  "holdout_pct, ','), '') FROM (SELECT id, enabled, holdout_pct FROM " \
 	  "flows WHERE trigger = 'customer_lapsed' ORDER BY id)")              \
+	/* flows is NULL from a change of the cuts or the threshold until     \
+	 * every customer has been marked dirty for it */                     \
 	X(SEG_FLOWS_SET, "UPDATE segment_state SET flows = ?1 WHERE id = 1")   \
 	/* crossed since PREV (?1) until NOW (?2): lost (?3 = 2 x lapse),     \
 	 * lapsed (?4), at risk of lapsing (?5), no longer new (30 days), a   \
@@ -3758,12 +3762,32 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 /* ==== Segments ======================================================== */
 /*
  * RFM segments (new, active, vip, at_risk, lapsed, lost), one name array
- * in enum segment's order. flow_segments recomputes every customer's
- * segment from their orders in one transaction (ST_SEGMENTS_FILL); the
- * win-back threshold comes from winback_after, or is learned from repeat
- * purchases (flow_lapse_days). A step targets "", a segment, or "!" and
- * one (segment_matches). Segments are derived data: they are rebuilt,
- * never edited.
+ * in enum segment's order. The win-back threshold comes from
+ * winback_after, or is learned from repeat purchases (flow_lapse_days). A
+ * step targets "", a segment, or "!" and one (segment_matches).
+ * Segments are derived data: the table always holds what the reference
+ * ST_SEGMENTS_FILL would write (flow_segments_full, kept for the tests).
+ *
+ * They are kept incrementally, because a tick must cost what changed,
+ * not what the store has ever sold (seg_update; the bookkeeping is
+ * segment_state, see sql/010_scale.sql). A segment is a function of the
+ * customer's aggregates (orders, spent, last order), the quintile cut
+ * points, the threshold and the clock, so it needs recomputing only for
+ * the customers in segment_dirty: those with orders past the watermark
+ * orders_seen, a future-dated order the clock has reached, consent given
+ * back (a trigger), or a time boundary crossed since the last update
+ * that found work (30 days for 'new'; at-risk, lapse and lost
+ * thresholds; a win-back cool-down ending): index ranges on
+ * segments.last_order and enrollments.created, empty on most ticks. The
+ * cut points, and with winback_after = auto the threshold, are computed
+ * outside any write transaction when the customers' orders changed; up
+ * to SEG_EXACT_MAX customers at once (the scores are exactly ntile's),
+ * above it once a day (scores may lag a day's orders). When a cut, the
+ * threshold or the win-back flows change, every customer becomes dirty.
+ * All writes go in chunks of about SEG_TXN_MS (struct pace), so the first
+ * tick on a big store, or a daily refresh, never holds the lock long.
+ * A tick with nothing changed reads a few index ranges and writes
+ * nothing.
  */
 
 /* A step's segment: "" (everyone), "vip" (only), "!vip" (all but). The
@@ -4089,9 +4113,10 @@ static int seg_update(struct app *app, rm_time now, int enroll,
 	struct segstate st;
 	seg_state(db, &st);
 	if (!st.have || (!st.now_null && now < st.now)) {
-		/* the first time, or the clock went back: count everyone again */
-		if (seg_write(db, q(db, ST_SEG_RESET, "i", (int64_t)now), 0, NULL) ||
-		    seg_mark_all(db))
+		/* the first time, or the clock went back: count everyone again
+		 * (the reset last: a crash before it comes back here) */
+		if (seg_mark_all(db) ||
+		    seg_write(db, q(db, ST_SEG_RESET, "i", (int64_t)now), 0, NULL))
 			return -1;
 		seg_state(db, &st);
 	}
@@ -4127,13 +4152,12 @@ static int seg_update(struct app *app, rm_time now, int enroll,
 	sqlite3_reset(s);
 	if (n < 0 || n >= (int)sizeof flows)
 		return -1;
-	if (enroll && strcmp(flows, st.flows)) {
-		moved = 1;
-		if (seg_write(db, q(db, ST_SEG_FLOWS_SET, "t", flows), 0, NULL))
-			return -1;
-	}
+	moved = moved || (enroll && strcmp(flows, st.flows));
 	if (moved) {
-		if (seg_mark_all(db))
+		/* flows is set once everyone is marked: until then (a crash) it
+		 * differs, and the next tick marks everyone again */
+		if (seg_mark_all(db) ||
+		    (enroll && seg_write(db, q(db, ST_SEG_FLOWS_SET, "t", flows), 0, NULL)))
 			return -1;
 	} else if (!st.now_null && now > st.now) {
 		int64_t cool = (int64_t)app->cfg->winback_cooldown_days * 86400;
@@ -5227,12 +5251,14 @@ out:
 /*
  * A tick runs in three short phases and never holds a write lock while it
  * talks to an SMTP server:
- *   1. detect (one transaction): idle carts of reachable contacts become
- *      abandoned and are enrolled; segments are recomputed, lapsed
- *      customers and new orders enrolled in their flows (the held-out
- *      share of each flow is marked and never messaged); every step now
- *      due gets its message row (UNIQUE per enrollment and step, so never
- *      two), with its A/B variant;
+ *   1. detect (short transactions, each idempotent): idle carts of
+ *      reachable contacts become abandoned and are enrolled; segments are
+ *      brought up to date incrementally and lapsed customers enrolled, in
+ *      chunks (see the Segments banner: a tick with nothing due costs
+ *      the same at 1 M customers as at 1 k); new orders enrolled in their
+ *      flows (the held-out share of each flow is marked and never
+ *      messaged); every step now due gets its message row (UNIQUE per
+ *      enrollment and step, so never two), with its A/B variant;
  *   2. claim: UPDATE ... RETURNING takes due messages with a lease, so an
  *      overlapping tick cannot take the same ones; a lease left by a
  *      crashed tick expires and the message is taken again, with the same
