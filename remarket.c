@@ -959,8 +959,12 @@ void cfg_free(struct config *cfg)
 	  "INSERT OR IGNORE INTO segment_dirty (contact_id) SELECT contact_id " \
 	  "FROM orders WHERE id > ?1 AND id <= ?2 AND contact_id IS NOT NULL") \
 	X(SEG_SEEN,                                                            \
-	  "UPDATE segment_state SET orders_seen = ?1, cuts_stale = 1 WHERE id = 1") \
-	X(SEG_STALE, "UPDATE segment_state SET cuts_stale = 1 WHERE id = 1")   \
+	  "UPDATE segment_state SET orders_seen = ?1, cuts_stale = cuts_stale + 1 " \
+	  "WHERE id = 1")                                                      \
+	/* cuts_stale counts changes, so a refresh forgets only those it saw  \
+	 * (an overlapping tick may add more meanwhile) */                    \
+	X(SEG_STALE,                                                           \
+	  "UPDATE segment_state SET cuts_stale = cuts_stale + 1 WHERE id = 1") \
 	X(SEG_NTH,                                                             \
 	  "SELECT max(contact_id) FROM (SELECT contact_id FROM segments "      \
 	  "WHERE contact_id > ?1 ORDER BY contact_id LIMIT ?2)")               \
@@ -1011,7 +1015,8 @@ void cfg_free(struct config *cfg)
 	  "SELECT spent, contact_id FROM segments "                            \
 	  "ORDER BY spent, contact_id LIMIT 1 OFFSET ?1")                      \
 	X(SEG_CUTS_SET,                                                        \
-	  "UPDATE segment_state SET cuts_at = ?1, cuts_stale = 0, customers = ?2, " \
+	  "UPDATE segment_state SET cuts_at = ?1, customers = ?2, "            \
+	  "cuts_stale = max(cuts_stale - ?30, 0), "                            \
 	  "lapse = ?3, lapse_why = ?4, cuts_key = ?5, flows = CASE WHEN "      \
 	  "cuts_key IS ?5 AND lapse IS ?3 THEN flows END, "                    \
 	  "r1 = ?6, r1c = ?7, r2 = ?8, r2c = ?9, r3 = ?10, r3c = ?11, r4 = ?12, r4c = ?13, " \
@@ -3890,7 +3895,8 @@ static void pace_end(struct pace *p)
 struct segstate {
 	int have;
 	int64_t orders_seen, now, lapse, cuts_at, customers, orders_max;
-	int now_null, lapse_null, cuts_null, stale;
+	int now_null, lapse_null, cuts_null;
+	int64_t stale; /* changes to the customers since the cuts */
 	char cuts_key[512], flows[512];
 };
 
@@ -3907,7 +3913,7 @@ static void seg_state(struct db *db, struct segstate *st)
 		st->lapse = sqlite3_column_int64(s, 2);
 		st->cuts_null = sqlite3_column_type(s, 3) == SQLITE_NULL;
 		st->cuts_at = sqlite3_column_int64(s, 3);
-		st->stale = sqlite3_column_int(s, 4);
+		st->stale = sqlite3_column_int64(s, 4);
 		st->customers = sqlite3_column_int64(s, 5);
 		copy_str(st->cuts_key, sizeof st->cuts_key, col_text(s, 6));
 		copy_str(st->flows, sizeof st->flows, col_text(s, 7));
@@ -4056,6 +4062,7 @@ static int seg_cuts(struct app *app, rm_time now, struct segstate *st,
 	for (int i = 0; i < 24; i++)
 		if (v[i])
 			sqlite3_bind_value(s, 6 + i, v[i]);
+	sqlite3_bind_int64(s, 30, st->stale);
 	if (db_begin(db) < 0)
 		goto out;
 	if (q_exec(db, s) || db_commit(db)) {

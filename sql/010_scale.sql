@@ -12,14 +12,16 @@
 -- up by index). lapse/lapse_why: the win-back threshold in seconds, cached
 -- (winback_after = auto learns it from every order). cuts_at: when the
 -- RFM quintile cut points were computed, over how many customers;
--- cuts_stale: customers' orders changed since; cuts_key: the cuts as
--- text, to tell whether a refresh moved them. r1..r4 (with r1c..r4c,
--- the contact id that breaks ties) are the first (last_order, contact_id) of quintiles 2-5, likewise f on
--- (orders, contact_id) and m on (spent, contact_id): a score is 1 plus
--- the cuts at or below the customer, which is what ntile(5) gives while
--- the customers are those the cuts were computed on. flows: what lapse
--- enrollment depended on (lapse flows, threshold, cool-down); when it
--- changes every customer is checked again.
+-- cuts_stale: how many changes to customers' orders since; cuts_key: the
+-- cuts as text, to tell whether a refresh moved them. r1..r4 (with
+-- r1c..r4c, the contact id that breaks ties) are the first (last_order,
+-- contact_id) of quintiles 2-5, likewise f on (orders, contact_id) and m
+-- on (spent, contact_id): a score is 1 plus the cuts at or below the
+-- customer, which is what ntile(5) gives while the customers are those
+-- the cuts were computed on. flows: what lapse enrollment depended on
+-- (lapse flows, threshold, cool-down), NULL from a change of the cuts or
+-- the threshold until everyone is marked dirty; when it changes every
+-- customer is checked again.
 CREATE TABLE IF NOT EXISTS segment_state (
   id          INTEGER PRIMARY KEY CHECK (id = 1),
   orders_seen INTEGER NOT NULL DEFAULT 0,
