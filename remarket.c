@@ -949,7 +949,9 @@ void cfg_free(struct config *cfg)
 	X(SEG_STATE,                                                           \
 	  "SELECT orders_seen, now, lapse, cuts_at, cuts_stale, customers, "   \
 	  "coalesce(cuts_key, ''), coalesce(flows, ''), "                      \
-	  "(SELECT coalesce(max(id), 0) FROM orders) FROM segment_state WHERE id = 1") \
+	  "(SELECT coalesce(max(id), 0) FROM orders), "                        \
+	  "coalesce(lapse_why GLOB 'winback_after = auto*', 0) "               \
+	  "FROM segment_state WHERE id = 1")                                   \
 	X(SEG_RESET,                                                           \
 	  "INSERT INTO segment_state (id, orders_seen, now) VALUES (1, 0, ?1) " \
 	  "ON CONFLICT (id) DO UPDATE SET orders_seen = 0, now = ?1, lapse = NULL, " \
@@ -3895,7 +3897,7 @@ static void pace_end(struct pace *p)
 struct segstate {
 	int have;
 	int64_t orders_seen, now, lapse, cuts_at, customers, orders_max;
-	int now_null, lapse_null, cuts_null;
+	int now_null, lapse_null, cuts_null, lapse_learned;
 	int64_t stale; /* changes to the customers since the cuts */
 	char cuts_key[512], flows[512];
 };
@@ -3918,6 +3920,7 @@ static void seg_state(struct db *db, struct segstate *st)
 		copy_str(st->cuts_key, sizeof st->cuts_key, col_text(s, 6));
 		copy_str(st->flows, sizeof st->flows, col_text(s, 7));
 		st->orders_max = sqlite3_column_int64(s, 8);
+		st->lapse_learned = sqlite3_column_int(s, 9);
 	}
 	sqlite3_reset(s);
 }
@@ -4133,9 +4136,11 @@ static int seg_update(struct app *app, rm_time now, int enroll,
 	int moved = 0;
 	int auto_lapse = !strcmp(app->cfg->winback_after, "auto");
 	int64_t lapse = st.lapse;
-	if (st.cuts_null || (st.stale && (st.customers <= SEG_EXACT_MAX ||
-					  now - st.cuts_at >= SEG_CUTS_EVERY ||
-					  now < st.cuts_at))) {
+	/* winback_after = auto since the threshold was cached: learn it now */
+	int unlearned = auto_lapse && !st.lapse_learned;
+	if (st.cuts_null || unlearned ||
+	    (st.stale && (st.customers <= SEG_EXACT_MAX ||
+			  now - st.cuts_at >= SEG_CUTS_EVERY || now < st.cuts_at))) {
 		char why[200];
 		lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
 		if (seg_cuts(app, now, &st, lapse, why, &moved))

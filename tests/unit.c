@@ -3242,8 +3242,8 @@ static long long data_version(sqlite3 *h)
 /* After every tick, incremental or not, the segments equal a recompute
  * from scratch (flow_segments_full, the old one-transaction fill), while
  * orders arrive, customers cross the 30-day, at-risk, lapse and lost
- * boundaries, a future-dated order comes due and the learned threshold
- * moves. */
+ * boundaries, a future-dated order comes due, winback_after changes to
+ * auto and the learned threshold moves. */
 static void test_segments_incremental(void)
 {
 	struct world w;
@@ -3251,7 +3251,7 @@ static void test_segments_incremental(void)
 	char id[32], email[64];
 	if (!ok(world_open(&w, "seg-incr") == 0, "incremental segments: world opens"))
 		return;
-	set_cfg(&w.cfg.winback_after, "auto");
+	set_cfg(&w.cfg.winback_after, "120"); /* then auto (60 days) from the 4th tick */
 	product(&w, "A", "lighting", T0);
 	for (int i = 0; i < 40; i++) {
 		snprintf(email, sizeof email, "c%02d@example.com", i);
@@ -3273,6 +3273,8 @@ static void test_segments_incremental(void)
 				  "SELECT 'ahead', id, 500, (SELECT max(ts) FROM orders) + 21 * 86400 "
 				  "FROM contacts WHERE email = 'c11@example.com'");
 		}
+		if (t == 3)
+			set_cfg(&w.cfg.winback_after, "auto");
 		if (t == 5) /* enough repeat purchases to move the learned threshold */
 			for (int i = 0; i < 30; i++) {
 				snprintf(id, sizeof id, "r%d", i);
