@@ -942,6 +942,143 @@ void cfg_free(struct config *cfg)
 	  "WHEN r <= 2 AND n >= 2 THEN 'at_risk' ELSE 'active' END FROM s")    \
 	X(SEGMENT_COUNTS,                                                      \
 	  "SELECT segment, count(*) FROM segments GROUP BY segment")          \
+	/* incremental segments (see the Segments banner): the bookkeeping   \
+	 * row, new orders and due future ones mark customers dirty, the     \
+	 * dirty are recounted, then rescored and checked for win-back in    \
+	 * chunks of contact ids (lo, hi] */                                 \
+	X(SEG_STATE,                                                           \
+	  "SELECT orders_seen, now, lapse, cuts_at, cuts_stale, customers, "   \
+	  "coalesce(cuts_key, ''), coalesce(flows, ''), "                      \
+	  "(SELECT coalesce(max(id), 0) FROM orders), "                        \
+	  "coalesce(lapse_why GLOB 'winback_after = auto*', 0) "               \
+	  "FROM segment_state WHERE id = 1")                                   \
+	X(SEG_RESET,                                                           \
+	  "INSERT INTO segment_state (id, orders_seen, now) VALUES (1, 0, ?1) " \
+	  "ON CONFLICT (id) DO UPDATE SET orders_seen = 0, now = ?1, lapse = NULL, " \
+	  "lapse_why = NULL, cuts_at = NULL, cuts_stale = 1, cuts_key = NULL, " \
+	  "flows = NULL")                                                      \
+	X(SEG_MARK_ORDERS,                                                     \
+	  "INSERT OR IGNORE INTO segment_dirty (contact_id) SELECT contact_id " \
+	  "FROM orders WHERE id > ?1 AND id <= ?2 AND contact_id IS NOT NULL") \
+	X(SEG_SEEN,                                                            \
+	  "UPDATE segment_state SET orders_seen = ?1, cuts_stale = cuts_stale + 1 " \
+	  "WHERE id = 1")                                                      \
+	/* cuts_stale counts changes, so a refresh forgets only those it saw  \
+	 * (an overlapping tick may add more meanwhile) */                    \
+	X(SEG_STALE,                                                           \
+	  "UPDATE segment_state SET cuts_stale = cuts_stale + 1 WHERE id = 1") \
+	X(SEG_NTH,                                                             \
+	  "SELECT max(contact_id) FROM (SELECT contact_id FROM segments "      \
+	  "WHERE contact_id > ?1 ORDER BY contact_id LIMIT ?2)")               \
+	X(SEG_MARK_RANGE,                                                      \
+	  "INSERT OR IGNORE INTO segment_dirty (contact_id) SELECT contact_id " \
+	  "FROM segments WHERE contact_id > ?1 AND contact_id <= ?2")          \
+	X(SEG_PENDING_ANY,                                                     \
+	  "SELECT EXISTS (SELECT 1 FROM segment_pending WHERE ts <= ?1)")      \
+	X(SEG_PENDING_MARK,                                                    \
+	  "INSERT OR IGNORE INTO segment_dirty (contact_id) SELECT contact_id " \
+	  "FROM segment_pending WHERE ts <= ?1")                               \
+	X(SEG_PENDING_DONE, "DELETE FROM segment_pending WHERE ts <= ?1")      \
+	X(SEG_DIRTY_NTH,                                                       \
+	  "SELECT max(contact_id) FROM (SELECT contact_id FROM segment_dirty " \
+	  "WHERE contact_id > ?1 ORDER BY contact_id LIMIT ?2)")               \
+	/* a dirty customer's orders up to now, counted as SEGMENTS_FILL     \
+	 * counts them; the scores come after (SEG_RESCORE) */               \
+	X(SEG_AGG,                                                             \
+	  "INSERT INTO segments (contact_id, r, f, m, orders, spent, last_order, " \
+	  "segment) SELECT contact_id, 0, 0, 0, count(*), total(total), max(ts), " \
+	  "'active' FROM orders WHERE contact_id IN (SELECT contact_id FROM "  \
+	  "segment_dirty WHERE contact_id > ?1 AND contact_id <= ?2) AND ts <= ?3 " \
+	  "GROUP BY contact_id ON CONFLICT (contact_id) DO UPDATE SET "        \
+	  "orders = excluded.orders, spent = excluded.spent, "                 \
+	  "last_order = excluded.last_order WHERE (orders, spent, last_order) " \
+	  "IS NOT (excluded.orders, excluded.spent, excluded.last_order)")     \
+	X(SEG_DROP,                                                            \
+	  "DELETE FROM segments WHERE contact_id IN (SELECT contact_id FROM "  \
+	  "segment_dirty WHERE contact_id > ?1 AND contact_id <= ?2) "         \
+	  "AND NOT EXISTS (SELECT 1 FROM orders o WHERE "                      \
+	  "o.contact_id = segments.contact_id AND o.ts <= ?3)")                \
+	X(SEG_PENDING_SET,                                                     \
+	  "INSERT INTO segment_pending (contact_id, ts) SELECT contact_id, min(ts) " \
+	  "FROM orders WHERE contact_id IN (SELECT contact_id FROM segment_dirty " \
+	  "WHERE contact_id > ?1 AND contact_id <= ?2) AND ts > ?3 "           \
+	  "GROUP BY contact_id ON CONFLICT (contact_id) DO UPDATE SET "        \
+	  "ts = excluded.ts WHERE ts IS NOT excluded.ts")                      \
+	/* the quintile cut points: the first customer of quintiles 2-5 by    \
+	 * each ntile order of SEGMENTS_FILL (an index walk, in a read) */    \
+	X(SEG_COUNT, "SELECT count(*) FROM segments")                          \
+	X(SEG_CUT_R,                                                           \
+	  "SELECT last_order, contact_id FROM segments "                       \
+	  "ORDER BY last_order, contact_id LIMIT 1 OFFSET ?1")                 \
+	X(SEG_CUT_F,                                                           \
+	  "SELECT orders, contact_id FROM segments "                           \
+	  "ORDER BY orders, contact_id LIMIT 1 OFFSET ?1")                     \
+	X(SEG_CUT_M,                                                           \
+	  "SELECT spent, contact_id FROM segments "                            \
+	  "ORDER BY spent, contact_id LIMIT 1 OFFSET ?1")                      \
+	X(SEG_CUTS_SET,                                                        \
+	  "UPDATE segment_state SET cuts_at = ?1, customers = ?2, "            \
+	  "cuts_stale = max(cuts_stale - ?30, 0), "                            \
+	  "lapse = ?3, lapse_why = ?4, cuts_key = ?5, flows = CASE WHEN "      \
+	  "cuts_key IS ?5 AND lapse IS ?3 THEN flows END, "                    \
+	  "r1 = ?6, r1c = ?7, r2 = ?8, r2c = ?9, r3 = ?10, r3c = ?11, r4 = ?12, r4c = ?13, " \
+	  "f1 = ?14, f1c = ?15, f2 = ?16, f2c = ?17, f3 = ?18, f3c = ?19, f4 = ?20, f4c = ?21, " \
+	  "m1 = ?22, m1c = ?23, m2 = ?24, m2c = ?25, m3 = ?26, m3c = ?27, m4 = ?28, m4c = ?29 " \
+	  "WHERE id = 1")                                                      \
+	X(SEG_LAPSE_SET,                                                       \
+	  "UPDATE segment_state SET lapse = ?1, lapse_why = ?2, flows = NULL " \
+	  "WHERE id = 1")                                                      \
+	X(SEG_FLOWS,                                                           \
+	  "SELECT coalesce(group_concat(id || ':' || enabled || ':' || "       \
+	  "holdout_pct, ','), '') FROM (SELECT id, enabled, holdout_pct FROM " \
+	  "flows WHERE trigger = 'customer_lapsed' ORDER BY id)")              \
+	/* flows is NULL from a change of the cuts or the threshold until     \
+	 * every customer has been marked dirty for it */                     \
+	X(SEG_FLOWS_SET, "UPDATE segment_state SET flows = ?1 WHERE id = 1")   \
+	/* crossed since PREV (?1) until NOW (?2): lost (?3 = 2 x lapse),     \
+	 * lapsed (?4), at risk of lapsing (?5), no longer new (30 days), a   \
+	 * win-back cool-down ended (?6) */                                   \
+	X(SEG_CROSSED,                                                         \
+	  "INSERT OR IGNORE INTO segment_dirty (contact_id) "                  \
+	  "SELECT contact_id FROM segments WHERE last_order > ?1 - ?3 AND last_order <= ?2 - ?3 " \
+	  "UNION ALL SELECT contact_id FROM segments WHERE last_order > ?1 - ?4 AND last_order <= ?2 - ?4 " \
+	  "UNION ALL SELECT contact_id FROM segments WHERE last_order > ?1 - ?5 AND last_order <= ?2 - ?5 " \
+	  "UNION ALL SELECT contact_id FROM segments WHERE last_order > ?1 - 2592000 " \
+	  "AND last_order <= ?2 - 2592000 AND +orders = 1 "                    \
+	  "UNION ALL SELECT e.contact_id FROM enrollments e WHERE e.created > ?1 - ?6 " \
+	  "AND e.created <= ?2 - ?6 AND e.flow_id IN (SELECT id FROM flows "   \
+	  "WHERE trigger = 'customer_lapsed')")                                \
+	/* the dirty of (?1, ?2] scored with the stored cut points at NOW ?3  \
+	 * and threshold ?4, as SEGMENTS_FILL would; only changes written */  \
+	X(SEG_RESCORE,                                                         \
+	  "WITH k AS (SELECT * FROM segment_state WHERE id = 1), "             \
+	  "s AS (SELECT g.contact_id, g.orders AS n, g.last_order AS last, "   \
+	  "1 + coalesce((g.last_order, g.contact_id) >= (k.r1, k.r1c), 0) "    \
+	  "+ coalesce((g.last_order, g.contact_id) >= (k.r2, k.r2c), 0) "      \
+	  "+ coalesce((g.last_order, g.contact_id) >= (k.r3, k.r3c), 0) "      \
+	  "+ coalesce((g.last_order, g.contact_id) >= (k.r4, k.r4c), 0) AS r, " \
+	  "1 + coalesce((g.orders, g.contact_id) >= (k.f1, k.f1c), 0) "        \
+	  "+ coalesce((g.orders, g.contact_id) >= (k.f2, k.f2c), 0) "          \
+	  "+ coalesce((g.orders, g.contact_id) >= (k.f3, k.f3c), 0) "          \
+	  "+ coalesce((g.orders, g.contact_id) >= (k.f4, k.f4c), 0) AS f, "    \
+	  "1 + coalesce((g.spent, g.contact_id) >= (k.m1, k.m1c), 0) "         \
+	  "+ coalesce((g.spent, g.contact_id) >= (k.m2, k.m2c), 0) "           \
+	  "+ coalesce((g.spent, g.contact_id) >= (k.m3, k.m3c), 0) "           \
+	  "+ coalesce((g.spent, g.contact_id) >= (k.m4, k.m4c), 0) AS m "      \
+	  "FROM segment_dirty d CROSS JOIN segments g "                         \
+	  "ON g.contact_id = d.contact_id CROSS JOIN k "                       \
+	  "WHERE d.contact_id > ?1 AND d.contact_id <= ?2), "                  \
+	  "n AS MATERIALIZED (SELECT contact_id, r, f, m, CASE "               \
+	  "WHEN last <= ?3 - 2 * ?4 THEN 'lost' WHEN last <= ?3 - ?4 THEN 'lapsed' " \
+	  "WHEN n = 1 AND last > ?3 - 30 * 86400 THEN 'new' "                  \
+	  "WHEN f = 5 AND m >= 4 THEN 'vip' "                                  \
+	  "WHEN r <= 2 AND n >= 2 THEN 'at_risk' ELSE 'active' END AS seg FROM s) " \
+	  "UPDATE segments SET r = n.r, f = n.f, m = n.m, segment = n.seg FROM n " \
+	  "WHERE segments.contact_id = n.contact_id AND (segments.r, segments.f, " \
+	  "segments.m, segments.segment) IS NOT (n.r, n.f, n.m, n.seg)")       \
+	X(SEG_DIRTY_DONE,                                                      \
+	  "DELETE FROM segment_dirty WHERE contact_id > ?1 AND contact_id <= ?2") \
+	X(SEG_NOW, "UPDATE segment_state SET now = ?1 WHERE id = 1 AND now IS NOT ?1") \
 	/* -- Recommendations -- */                                            \
 	/* recommendations: what customers who bought what this one bought    \
 	 * also bought; then best sellers of their favourite category; then   \
@@ -1061,7 +1198,9 @@ void cfg_free(struct config *cfg)
 	  "WHERE contact_id = ?1 AND status = 'active'")                       \
 	/* lapsed: no order for the threshold (two thirds of it for the at-   \
 	 * risk), consenting, and not enrolled since their last order nor     \
-	 * within the cool-down: once per lapse */                            \
+	 * within the cool-down: once per lapse. Only the dirty customers of  \
+	 * (?4, ?5]: the others' eligibility has not changed since they were  \
+	 * last looked at (see the Segments banner) */                        \
 	X(LAPSE_ENROLL,                                                        \
 	  "INSERT INTO enrollments (flow_id, contact_id, anchor, created, holdout) " \
 	  "SELECT f.id, c.id, ?1, ?1, rm_bucket('holdout:' || f.id || ':' || " \
@@ -1073,7 +1212,8 @@ void cfg_free(struct config *cfg)
 	  "WHEN sg.segment = 'at_risk' THEN ?2 * 2 / 3 ELSE ?2 END "           \
 	  "AND NOT EXISTS (SELECT 1 FROM enrollments e WHERE e.flow_id = f.id " \
 	  "AND e.contact_id = c.id AND (e.created >= sg.last_order "           \
-	  "OR e.created > ?1 - ?3))")                                          \
+	  "OR e.created > ?1 - ?3)) AND sg.contact_id IN (SELECT contact_id "  \
+	  "FROM segment_dirty WHERE contact_id > ?4 AND contact_id <= ?5)")    \
 	X(ORDER_ENROLL,                                                        \
 	  "INSERT INTO enrollments (flow_id, contact_id, order_id, anchor, "   \
 	  "created, holdout) SELECT f.id, o.contact_id, o.id, o.ts, ?1, "      \
@@ -1087,8 +1227,9 @@ void cfg_free(struct config *cfg)
 	X(ABANDON,                                                             \
 	  "UPDATE carts SET status = 'abandoned', abandoned_at = ?1 "          \
 	  "WHERE status = 'open' AND item_count > 0 AND updated <= ?2 "        \
-	  "AND contact_id IN (SELECT id FROM contacts WHERE consent = 1 "      \
-	  "AND unsubscribed_at IS NULL AND suppressed_at IS NULL)")            \
+	  "AND EXISTS (SELECT 1 FROM contacts WHERE id = carts.contact_id "    \
+	  "AND consent = 1 AND unsubscribed_at IS NULL "                       \
+	  "AND suppressed_at IS NULL)")                                        \
 	/* a browser-only contact (never named by a signed hook): not held by \
 	 * the hourly cap, one cart a tick, one sequence in 30 days; a cart   \
 	 * a browser made ("<cart_id>/<vid>", "v:<vid>") the same whoever it  \
@@ -3628,12 +3769,32 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 /* ==== Segments ======================================================== */
 /*
  * RFM segments (new, active, vip, at_risk, lapsed, lost), one name array
- * in enum segment's order. flow_segments recomputes every customer's
- * segment from their orders in one transaction (ST_SEGMENTS_FILL); the
- * win-back threshold comes from winback_after, or is learned from repeat
- * purchases (flow_lapse_days). A step targets "", a segment, or "!" and
- * one (segment_matches). Segments are derived data: they are rebuilt,
- * never edited.
+ * in enum segment's order. The win-back threshold comes from
+ * winback_after, or is learned from repeat purchases (flow_lapse_days). A
+ * step targets "", a segment, or "!" and one (segment_matches).
+ * Segments are derived data: the table always holds what the reference
+ * ST_SEGMENTS_FILL would write (flow_segments_full, kept for the tests).
+ *
+ * They are kept incrementally, because a tick must cost what changed,
+ * not what the store has ever sold (seg_update; the bookkeeping is
+ * segment_state, see sql/010_scale.sql). A segment is a function of the
+ * customer's aggregates (orders, spent, last order), the quintile cut
+ * points, the threshold and the clock, so it needs recomputing only for
+ * the customers in segment_dirty: those with orders past the watermark
+ * orders_seen, a future-dated order the clock has reached, consent given
+ * back (a trigger), or a time boundary crossed since the last update
+ * that found work (30 days for 'new'; at-risk, lapse and lost
+ * thresholds; a win-back cool-down ending): index ranges on
+ * segments.last_order and enrollments.created, empty on most ticks. The
+ * cut points, and with winback_after = auto the threshold, are computed
+ * outside any write transaction when the customers' orders changed; up
+ * to SEG_EXACT_MAX customers at once (the scores are exactly ntile's),
+ * above it once a day (scores may lag a day's orders). When a cut, the
+ * threshold or the win-back flows change, every customer becomes dirty.
+ * All writes go in chunks of about SEG_TXN_MS (struct pace), so the first
+ * tick on a big store, or a daily refresh, never holds the lock long.
+ * A tick with nothing changed reads a few index ranges and writes
+ * nothing.
  */
 
 /* A step's segment: "" (everyone), "vip" (only), "!vip" (all but). The
@@ -3676,25 +3837,352 @@ long flow_lapse_days(struct app *app, char *why, size_t whylen)
 	return clamped;
 }
 
-/* LAPSE: the threshold in seconds, found once by the caller (with
- * winback_after = auto it is a scan of every order). */
-static int segments_fill(struct app *app, rm_time now, int64_t lapse)
-{
-	return q_exec(app->db, q(app->db, ST_SEGMENTS_CLEAR, NULL)) ||
-	       q_exec(app->db, q(app->db, ST_SEGMENTS_FILL, "ii", (int64_t)now, lapse));
-}
-
-int flow_segments(struct app *app, rm_time now)
+/* The reference recomputation of every customer's segment, as each tick
+ * did before segments became incremental: one transaction, every order
+ * read (ST_SEGMENTS_FILL). Kept for the tests, which hold the incremental
+ * update to it; the bookkeeping (segment_state) is left as it is, since
+ * the result is the same. */
+int flow_segments_full(struct app *app, rm_time now)
 {
 	char why[200];
 	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
 	if (db_begin(app->db) < 0)
 		return -1;
-	if (segments_fill(app, now, lapse) || db_commit(app->db)) {
+	if (q_exec(app->db, q(app->db, ST_SEGMENTS_CLEAR, NULL)) ||
+	    q_exec(app->db, q(app->db, ST_SEGMENTS_FILL, "ii", (int64_t)now, lapse)) ||
+	    db_commit(app->db)) {
 		db_rollback(app->db);
 		return -1;
 	}
 	return 0;
+}
+
+#define SEG_EXACT_MAX 20000   /* up to this many customers, cuts stay exact */
+#define SEG_CUTS_EVERY 86400  /* above it, cuts are refreshed once a day */
+#define SEG_TXN_MS 10         /* what a chunk's write transaction aims at */
+
+/* The size of the next chunk (customers, or orders when marking), from
+ * how long the last one held the write lock: halved past SEG_TXN_MS,
+ * doubled well under it, so a transaction stays near SEG_TXN_MS whatever
+ * the machine and the cache. After a chunk that took a while, the tick
+ * rests as long as the chunk took: a hook waiting in SQLite's busy
+ * handler finds the lock free half of the time, not never. */
+struct pace {
+	int64_t n;
+	struct timespec t0;
+};
+
+static void pace_start(struct pace *p)
+{
+	if (p->n < 16)
+		p->n = 256;
+	clock_gettime(CLOCK_MONOTONIC, &p->t0);
+}
+
+static void pace_end(struct pace *p)
+{
+	struct timespec t1;
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	int64_t us = (int64_t)(t1.tv_sec - p->t0.tv_sec) * 1000000 +
+		     (t1.tv_nsec - p->t0.tv_nsec) / 1000;
+	if (us > SEG_TXN_MS * 1000 && p->n > 16)
+		p->n /= 2;
+	else if (us < SEG_TXN_MS * 300 && p->n < 65536)
+		p->n *= 2;
+	struct timespec rest = {0, (long)(us < 50000 ? us : 50000) * 1000};
+	if (us > 2000) /* a chunk of a large job, not a tick's few rows */
+		nanosleep(&rest, NULL);
+}
+
+struct segstate {
+	int have;
+	int64_t orders_seen, now, lapse, cuts_at, customers, orders_max;
+	int now_null, lapse_null, cuts_null, lapse_learned;
+	int64_t stale; /* changes to the customers since the cuts */
+	char cuts_key[512], flows[512];
+};
+
+static void seg_state(struct db *db, struct segstate *st)
+{
+	memset(st, 0, sizeof *st);
+	sqlite3_stmt *s = q(db, ST_SEG_STATE, NULL);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		st->have = 1;
+		st->orders_seen = sqlite3_column_int64(s, 0);
+		st->now_null = sqlite3_column_type(s, 1) == SQLITE_NULL;
+		st->now = sqlite3_column_int64(s, 1);
+		st->lapse_null = sqlite3_column_type(s, 2) == SQLITE_NULL;
+		st->lapse = sqlite3_column_int64(s, 2);
+		st->cuts_null = sqlite3_column_type(s, 3) == SQLITE_NULL;
+		st->cuts_at = sqlite3_column_int64(s, 3);
+		st->stale = sqlite3_column_int64(s, 4);
+		st->customers = sqlite3_column_int64(s, 5);
+		copy_str(st->cuts_key, sizeof st->cuts_key, col_text(s, 6));
+		copy_str(st->flows, sizeof st->flows, col_text(s, 7));
+		st->orders_max = sqlite3_column_int64(s, 8);
+		st->lapse_learned = sqlite3_column_int(s, 9);
+	}
+	sqlite3_reset(s);
+}
+
+/* Runs STMT(a, b), and SEG_STALE too if it changed rows, in a transaction
+ * of its own; *CHANGED gets the rows changed. */
+static int seg_write(struct db *db, sqlite3_stmt *s, int stale, long *changed)
+{
+	if (db_begin(db) < 0)
+		return -1;
+	int rc = q_exec(db, s);
+	long n = rc ? 0 : (long)sqlite3_changes(db->h);
+	rc = rc || (stale && n > 0 && q_exec(db, q(db, ST_SEG_STALE, NULL)));
+	if (rc || db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	if (changed)
+		*changed += n;
+	return 0;
+}
+
+/* Every customer with a row becomes dirty, a chunk at a time. */
+static int seg_mark_all(struct db *db)
+{
+	struct pace p = {0};
+	for (int64_t lo = 0;;) {
+		pace_start(&p);
+		sqlite3_stmt *s = q(db, ST_SEG_NTH, "ii", lo, p.n);
+		int row = sqlite3_step(s) == SQLITE_ROW &&
+			  sqlite3_column_type(s, 0) != SQLITE_NULL;
+		int64_t hi = row ? sqlite3_column_int64(s, 0) : 0;
+		sqlite3_reset(s);
+		if (!row)
+			return 0;
+		if (seg_write(db, q(db, ST_SEG_MARK_RANGE, "ii", lo, hi), 0, NULL))
+			return -1;
+		pace_end(&p);
+		lo = hi;
+	}
+}
+
+/* The next chunk of N dirty customers after LO: its last id in *HI, 0
+ * when none is left. */
+static int seg_dirty_next(struct db *db, int64_t lo, int64_t n, int64_t *hi)
+{
+	sqlite3_stmt *s = q(db, ST_SEG_DIRTY_NTH, "ii", lo, n);
+	int row = sqlite3_step(s) == SQLITE_ROW &&
+		  sqlite3_column_type(s, 0) != SQLITE_NULL;
+	*hi = row ? sqlite3_column_int64(s, 0) : 0;
+	sqlite3_reset(s);
+	return row;
+}
+
+/* New orders (past the watermark) and future orders now due make their
+ * customers dirty; the dirty are recounted from their orders. */
+static int seg_count_dirty(struct db *db, rm_time now, struct segstate *st)
+{
+	struct pace p = {0};
+	for (int64_t wm = st->orders_seen; wm < st->orders_max;) {
+		pace_start(&p);
+		int64_t to = st->orders_max - wm > 4 * p.n ? wm + 4 * p.n :
+							    st->orders_max;
+		if (db_begin(db) < 0)
+			return -1;
+		if (q_exec(db, q(db, ST_SEG_MARK_ORDERS, "ii", wm, to)) ||
+		    q_exec(db, q(db, ST_SEG_SEEN, "i", to)) || db_commit(db)) {
+			db_rollback(db);
+			return -1;
+		}
+		if (to < st->orders_max)
+			pace_end(&p);
+		wm = to;
+	}
+	if (db_scalar_stmt(q(db, ST_SEG_PENDING_ANY, "i", (int64_t)now)) == 1) {
+		if (db_begin(db) < 0)
+			return -1;
+		if (q_exec(db, q(db, ST_SEG_PENDING_MARK, "i", (int64_t)now)) ||
+		    q_exec(db, q(db, ST_SEG_PENDING_DONE, "i", (int64_t)now)) ||
+		    db_commit(db)) {
+			db_rollback(db);
+			return -1;
+		}
+	}
+	int64_t lo = 0, hi;
+	for (pace_start(&p); seg_dirty_next(db, lo, p.n, &hi); pace_start(&p)) {
+		long n = 0;
+		if (db_begin(db) < 0)
+			return -1;
+		int rc = q_exec(db, q(db, ST_SEG_AGG, "iii", lo, hi, (int64_t)now));
+		n += rc ? 0 : (long)sqlite3_changes(db->h);
+		rc = rc || q_exec(db, q(db, ST_SEG_DROP, "iii", lo, hi, (int64_t)now));
+		n += rc ? 0 : (long)sqlite3_changes(db->h);
+		rc = rc || q_exec(db, q(db, ST_SEG_PENDING_SET, "iii", lo, hi,
+					(int64_t)now));
+		rc = rc || (n > 0 && q_exec(db, q(db, ST_SEG_STALE, NULL)));
+		if (rc || db_commit(db)) {
+			db_rollback(db);
+			return -1;
+		}
+		pace_end(&p);
+		lo = hi;
+	}
+	return 0;
+}
+
+/* The quintile cut points and the threshold, computed outside any write
+ * transaction (index walks; with winback_after = auto a scan of every
+ * order), then stored. *MOVED: a cut or the threshold changed, so every
+ * customer is rescored. */
+static int seg_cuts(struct app *app, rm_time now, struct segstate *st,
+		    int64_t lapse, const char *why, int *moved)
+{
+	struct db *db = app->db;
+	const enum stmt_id cut[3] = {ST_SEG_CUT_R, ST_SEG_CUT_F, ST_SEG_CUT_M};
+	sqlite3_value *v[24] = {0};
+	struct buf key = {0};
+	int64_t n = db_scalar_stmt(q(db, ST_SEG_COUNT, NULL));
+	int64_t qn = n / 5, rmd = n % 5;
+	int rc = -1;
+	for (int d = 0; d < 3; d++)
+		for (int t = 1; t <= 4; t++) {
+			int64_t off = t * qn + (t < rmd ? t : rmd);
+			sqlite3_stmt *s = q(db, cut[d], "i", off);
+			int i = d * 8 + (t - 1) * 2;
+			if (sqlite3_step(s) == SQLITE_ROW) {
+				v[i] = sqlite3_value_dup(sqlite3_column_value(s, 0));
+				v[i + 1] = sqlite3_value_dup(sqlite3_column_value(s, 1));
+				buf_addf(&key, "%s,%s;", (const char *)sqlite3_column_text(s, 0),
+					 (const char *)sqlite3_column_text(s, 1));
+			} else {
+				buf_addf(&key, "-;");
+			}
+			sqlite3_reset(s);
+		}
+	if (buf_failed(&key))
+		goto out;
+	*moved = strcmp(key.data, st->cuts_key) != 0 || st->lapse_null ||
+		 st->lapse != lapse;
+	sqlite3_stmt *s = q(db, ST_SEG_CUTS_SET, "iiitt", (int64_t)now, n, lapse,
+			    why, key.data);
+	for (int i = 0; i < 24; i++)
+		if (v[i])
+			sqlite3_bind_value(s, 6 + i, v[i]);
+	sqlite3_bind_int64(s, 30, st->stale);
+	if (db_begin(db) < 0)
+		goto out;
+	if (q_exec(db, s) || db_commit(db)) {
+		db_rollback(db);
+		goto out;
+	}
+	rc = 0;
+out:
+	for (int i = 0; i < 24; i++)
+		sqlite3_value_free(v[i]);
+	buf_free(&key);
+	return rc;
+}
+
+/* The dirty customers, a chunk a transaction: rescored, and (for a
+ * tick: ENROLL) checked for win-back, then no longer dirty. Without
+ * ENROLL (remarket segments) they stay dirty for the next tick. */
+static int seg_rescore(struct app *app, rm_time now, int64_t lapse, int enroll,
+		       struct tick_summary *sum)
+{
+	struct db *db = app->db;
+	int64_t cool = (int64_t)app->cfg->winback_cooldown_days * 86400;
+	int64_t lo = 0, hi;
+	struct pace p = {0};
+	for (pace_start(&p); seg_dirty_next(db, lo, p.n, &hi); pace_start(&p)) {
+		if (db_begin(db) < 0)
+			return -1;
+		int rc = q_exec(db, q(db, ST_SEG_RESCORE, "iiii", lo, hi,
+				      (int64_t)now, lapse));
+		if (enroll) {
+			rc = rc || q_exec(db, q(db, ST_LAPSE_ENROLL, "iiiii",
+						(int64_t)now, lapse, cool, lo, hi));
+			if (!rc && sum)
+				sum->enrolled += sqlite3_changes(db->h);
+			rc = rc || q_exec(db, q(db, ST_SEG_DIRTY_DONE, "ii", lo, hi)) ||
+			     q_exec(db, q(db, ST_SEG_NOW, "i", (int64_t)now));
+		}
+		if (rc || db_commit(db)) {
+			db_rollback(db);
+			return -1;
+		}
+		pace_end(&p);
+		lo = hi;
+	}
+	return 0;
+}
+
+/* Brings the segments table up to NOW incrementally (the Segments
+ * banner says how); with ENROLL (the tick) lapsed customers are enrolled
+ * in win-back on the way. Every write is a short transaction. */
+static int seg_update(struct app *app, rm_time now, int enroll,
+		      struct tick_summary *sum)
+{
+	struct db *db = app->db;
+	struct segstate st;
+	seg_state(db, &st);
+	if (!st.have || (!st.now_null && now < st.now)) {
+		/* the first time, or the clock went back: count everyone again
+		 * (the reset last: a crash before it comes back here) */
+		if (seg_mark_all(db) ||
+		    seg_write(db, q(db, ST_SEG_RESET, "i", (int64_t)now), 0, NULL))
+			return -1;
+		seg_state(db, &st);
+	}
+	if (seg_count_dirty(db, now, &st))
+		return -1;
+	seg_state(db, &st);
+	int moved = 0;
+	int auto_lapse = !strcmp(app->cfg->winback_after, "auto");
+	int64_t lapse = st.lapse;
+	/* winback_after = auto since the threshold was cached: learn it now */
+	int unlearned = auto_lapse && !st.lapse_learned;
+	if (st.cuts_null || unlearned ||
+	    (st.stale && (st.customers <= SEG_EXACT_MAX ||
+			  now - st.cuts_at >= SEG_CUTS_EVERY || now < st.cuts_at))) {
+		char why[200];
+		lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
+		if (seg_cuts(app, now, &st, lapse, why, &moved))
+			return -1;
+	} else if (!auto_lapse || st.lapse_null) {
+		char why[200];
+		lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
+		if (st.lapse_null || lapse != st.lapse) {
+			moved = 1;
+			if (seg_write(db, q(db, ST_SEG_LAPSE_SET, "it", lapse, why),
+				      0, NULL))
+				return -1;
+		}
+	}
+	/* what win-back eligibility depends on besides the customer */
+	char flows[512];
+	sqlite3_stmt *s = q(db, ST_SEG_FLOWS, NULL);
+	int n = snprintf(flows, sizeof flows, "%s|%lld|%ld",
+			 sqlite3_step(s) == SQLITE_ROW ? col_text(s, 0) : "",
+			 (long long)lapse, (long)app->cfg->winback_cooldown_days);
+	sqlite3_reset(s);
+	if (n < 0 || n >= (int)sizeof flows)
+		return -1;
+	moved = moved || (enroll && strcmp(flows, st.flows));
+	if (moved) {
+		/* flows is set once everyone is marked: until then (a crash) it
+		 * differs, and the next tick marks everyone again */
+		if (seg_mark_all(db) ||
+		    (enroll && seg_write(db, q(db, ST_SEG_FLOWS_SET, "t", flows), 0, NULL)))
+			return -1;
+	} else if (!st.now_null && now > st.now) {
+		int64_t cool = (int64_t)app->cfg->winback_cooldown_days * 86400;
+		if (seg_write(db, q(db, ST_SEG_CROSSED, "iiiiii", st.now, (int64_t)now,
+				    2 * lapse, lapse, lapse * 2 / 3, cool), 0, NULL))
+			return -1;
+	}
+	return seg_rescore(app, now, lapse, enroll, sum);
+}
+
+int flow_segments(struct app *app, rm_time now)
+{
+	return seg_update(app, now, 0, NULL);
 }
 
 /* The one list of segment names, in enum segment's order; SEGMENTS_FILL
@@ -4775,12 +5263,14 @@ out:
 /*
  * A tick runs in three short phases and never holds a write lock while it
  * talks to an SMTP server:
- *   1. detect (one transaction): idle carts of reachable contacts become
- *      abandoned and are enrolled; segments are recomputed, lapsed
- *      customers and new orders enrolled in their flows (the held-out
- *      share of each flow is marked and never messaged); every step now
- *      due gets its message row (UNIQUE per enrollment and step, so never
- *      two), with its A/B variant;
+ *   1. detect (short transactions, each idempotent): idle carts of
+ *      reachable contacts become abandoned and are enrolled; segments are
+ *      brought up to date incrementally and lapsed customers enrolled, in
+ *      chunks (see the Segments banner: a tick with nothing due costs
+ *      the same at 1 M customers as at 1 k); new orders enrolled in their
+ *      flows (the held-out share of each flow is marked and never
+ *      messaged); every step now due gets its message row (UNIQUE per
+ *      enrollment and step, so never two), with its A/B variant;
  *   2. claim: UPDATE ... RETURNING takes due messages with a lease, so an
  *      overlapping tick cannot take the same ones; a lease left by a
  *      crashed tick expires and the message is taken again, with the same
@@ -5285,28 +5775,31 @@ static int confirm_send(struct app *app, rm_time now, time_t started,
 	return 0;
 }
 
-/* Lapsed customers and new orders become enrollments of their flows. */
-static int detect_lifecycle(struct app *app, rm_time now, int64_t lapse,
+/* Lapsed customers (with the segments, in chunks: seg_update) and new
+ * orders become enrollments of their flows. */
+static int detect_lifecycle(struct app *app, rm_time now,
 			    struct tick_summary *sum)
 {
 	struct db *db = app->db;
-	int64_t cool = (int64_t)app->cfg->winback_cooldown_days * 86400;
-	if (segments_fill(app, now, lapse) ||
-	    q_exec(db, q(db, ST_LAPSE_ENROLL, "iii", (int64_t)now, lapse, cool)))
+	if (seg_update(app, now, 1, sum) || db_begin(db) < 0)
 		return -1;
-	sum->enrolled += sqlite3_changes(db->h);
-	if (q_exec(db, q(db, ST_ORDER_ENROLL, "i", (int64_t)now)))
-		return -1;
-	sum->enrolled += sqlite3_changes(db->h);
-	return 0;
+	int rc = q_exec(db, q(db, ST_ORDER_ENROLL, "i", (int64_t)now));
+	sum->enrolled += rc ? 0 : sqlite3_changes(db->h);
+	rc = rc || q_exec(db, q(db, ST_QUEUE_DUE, "i", (int64_t)now));
+	rc = rc || db_commit(db);
+	if (rc)
+		db_rollback(db);
+	return rc ? -1 : 0;
 }
 
+/* Several short transactions, not one: carts; the segments and win-back
+ * in chunks; new orders and the steps now due. Each is idempotent (the
+ * UNIQUE keys of enrollments and messages, the dirty set kept until it
+ * is done), so an overlapping tick or a crash between two is harmless. */
 int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 {
 	struct db *db = app->db;
 	rm_time idle_before = now - app->cfg->idle_minutes * 60;
-	char why[200];
-	int64_t lapse = (int64_t)flow_lapse_days(app, why, sizeof why) * 86400;
 	if (db_begin(db) < 0)
 		return -1;
 	int rc = q_exec(db, q(db, ST_ABANDON, "ii", (int64_t)now,
@@ -5314,12 +5807,12 @@ int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 	sum->abandoned += rc ? 0 : sqlite3_changes(db->h);
 	rc = rc || q_exec(db, q(db, ST_ENROLL, "i", (int64_t)now));
 	sum->enrolled += rc ? 0 : sqlite3_changes(db->h);
-	rc = rc || detect_lifecycle(app, now, lapse, sum);
-	rc = rc || q_exec(db, q(db, ST_QUEUE_DUE, "i", (int64_t)now));
 	rc = rc || db_commit(db);
-	if (rc)
+	if (rc) {
 		db_rollback(db);
-	return rc ? -1 : 0;
+		return -1;
+	}
+	return detect_lifecycle(app, now, sum);
 }
 
 /* Claims up to LIMIT due messages for OWNER. SPENT is the real seconds

@@ -209,8 +209,13 @@ extern const char *const segment_names[SEG__MAX];
  * consecutive orders, clamped to 60-180 (90 with fewer than 20 gaps). WHY
  * says how the number was found. */
 long flow_lapse_days(struct app *app, char *why, size_t whylen);
-/* Recomputes every customer's RFM scores and segment (table segments). */
+/* Brings every customer's RFM scores and segment (table segments) up to
+ * NOW, incrementally: only customers whose orders changed or who crossed
+ * a time boundary are recomputed (the tick does the same, and enrolls). */
 int flow_segments(struct app *app, rm_time now);
+/* The reference: every segment recomputed from every order in one
+ * transaction, as SEGMENTS_FILL does. For tests. */
+int flow_segments_full(struct app *app, rm_time now);
 
 /* ==== Recommendations ================================================= */
 

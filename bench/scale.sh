@@ -141,6 +141,9 @@ for S in $SIZES; do
         GEN=$SECS
     fi
     export REMARKET_DB="$DB" REMARKET_KEY_FILE="$DB.key"
+    # a kept database may be of an older schema: bring it forward (not timed)
+    OUT="$TMP/init.$S.out"
+    secs "$RM" init
     OUT="$TMP/tick1.$S.out"
     secs "$RM" tick --now "$T"
     TICK1=$SECS

@@ -2240,7 +2240,7 @@ static void test_codes_migration(void)
 	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_cart");
 	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_until");
 	char pragma[64];
-	snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v - 1);
+	snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v - 2); /* 009, then 010 again */
 	db_scalar(db, pragma);
 	ok(db_migrate(db, err, sizeof err) == 0 && db_user_version(db) == v,
 	   "codes migration: 009 applies to a database with orders (%s)", err);
@@ -3213,6 +3213,156 @@ static void test_post_purchase(void)
 	tick(&w, T0 + 22 * DAY, &s);
 	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE flow_id = 3"), 1,
 	       "an imported old order starts no post-purchase flow");
+	world_close(&w);
+}
+
+/* ---- incremental segments (issue 10) ---- */
+
+/* The segments table as one text, to compare two ways of computing it. */
+static char *segments_text(struct world *w)
+{
+	return sq_text(w, "SELECT group_concat(x, ' ') FROM (SELECT contact_id || ':' "
+		       "|| r || f || m || ':' || orders || ':' || round(spent, 2) || ':' "
+		       "|| last_order || ':' || segment AS x FROM segments ORDER BY contact_id)");
+}
+
+/* What flow_detect committed, seen from another connection: PRAGMA
+ * data_version moves when another connection commits a change. */
+static long long data_version(sqlite3 *h)
+{
+	sqlite3_stmt *s = NULL;
+	long long v = -1;
+	if (sqlite3_prepare_v2(h, "PRAGMA data_version", -1, &s, NULL) == SQLITE_OK &&
+	    sqlite3_step(s) == SQLITE_ROW)
+		v = sqlite3_column_int64(s, 0);
+	sqlite3_finalize(s);
+	return v;
+}
+
+/* After every tick, incremental or not, the segments equal a recompute
+ * from scratch (flow_segments_full, the old one-transaction fill), while
+ * orders arrive, customers cross the 30-day, at-risk, lapse and lost
+ * boundaries, a future-dated order comes due, winback_after changes to
+ * auto and the learned threshold moves. */
+static void test_segments_incremental(void)
+{
+	struct world w;
+	struct tick_summary s;
+	char id[32], email[64];
+	if (!ok(world_open(&w, "seg-incr") == 0, "incremental segments: world opens"))
+		return;
+	set_cfg(&w.cfg.winback_after, "120"); /* then auto (60 days) from the 4th tick */
+	product(&w, "A", "lighting", T0);
+	for (int i = 0; i < 40; i++) {
+		snprintf(email, sizeof email, "c%02d@example.com", i);
+		for (int k = 0; k <= i % 5; k++) {
+			snprintf(id, sizeof id, "c%d-%d", i, k);
+			order_line(&w, id, email, "A", 10 + (i * 7) % 50,
+				   T0 - (i * 9 % 400) * DAY - k * (20 + i % 3) * DAY, T0);
+		}
+	}
+	const rm_time at[] = {T0, T0 + HOUR, T0 + DAY, T0 + 7 * DAY, T0 + 31 * DAY,
+			      T0 + 45 * DAY, T0 + 61 * DAY, T0 + 95 * DAY,
+			      T0 + 200 * DAY, T0 + 400 * DAY};
+	int same = 1;
+	for (size_t t = 0; t < sizeof at / sizeof at[0]; t++) {
+		if (t == 2) { /* two new orders, and one dated 3 weeks ahead */
+			order_line(&w, "n1", "c03@example.com", "A", 99, at[t] - HOUR, at[t]);
+			order_line(&w, "n2", "new@example.com", "A", 15, at[t] - HOUR, at[t]);
+			db_scalar(w.app.db, "INSERT INTO orders (order_key, contact_id, total, ts) "
+				  "SELECT 'ahead', id, 500, (SELECT max(ts) FROM orders) + 21 * 86400 "
+				  "FROM contacts WHERE email = 'c11@example.com'");
+		}
+		if (t == 3)
+			set_cfg(&w.cfg.winback_after, "auto");
+		if (t == 5) /* enough repeat purchases to move the learned threshold */
+			for (int i = 0; i < 30; i++) {
+				snprintf(id, sizeof id, "r%d", i);
+				snprintf(email, sizeof email, "c%02d@example.com", i);
+				order_line(&w, id, email, "A", 20, at[t] - 2 * HOUR, at[t]);
+			}
+		tick(&w, at[t], &s);
+		char *inc = segments_text(&w);
+		flow_segments_full(&w.app, at[t]);
+		char *full = segments_text(&w);
+		if (!inc || !full || strcmp(inc, full)) {
+			diag("tick at T0%+lld: incremental %s", (long long)(at[t] - T0),
+			     inc ? inc : "(null)");
+			diag("                 from scratch %s", full ? full : "(null)");
+			same = 0;
+		}
+		free(inc);
+		free(full);
+	}
+	ok(same, "incremental segments: after each of 10 ticks, equal to a recompute from scratch");
+	ok(sq(&w, "SELECT count(*) FROM segments WHERE contact_id = (SELECT id FROM "
+	       "contacts WHERE email = 'c11@example.com') AND spent >= 500") == 1,
+	   "incremental segments: an order dated ahead counts once the clock reaches it");
+	world_close(&w);
+}
+
+/* A customer crossing the lapse threshold between two ticks is enrolled
+ * once; a new order takes a lapsed customer out of 'lapsed' at the next
+ * tick; a tick on a store where nothing changed commits nothing. */
+static void test_lapse_incremental(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "lapse-incr") == 0, "incremental lapse: world opens"))
+		return;
+	product(&w, "A", "lighting", T0);
+	order_line(&w, "o1", "soon@example.com", "A", 40, T0 - 89 * DAY, T0);
+	order_line(&w, "o2", "gone@example.com", "A", 40, T0 - 100 * DAY, T0);
+	tick(&w, T0, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON "
+		  "c.id = e.contact_id WHERE c.email = 'soon@example.com'"), 0,
+	       "incremental lapse: 89 days, not enrolled");
+	tick(&w, T0 + DAY - 60, &s);
+	is_int(s.enrolled, 0, "incremental lapse: a minute before 90 days, still not");
+	tick(&w, T0 + DAY + 60, &s);
+	is_int(s.enrolled, 1, "incremental lapse: the tick after the threshold enrolls them");
+	tick(&w, T0 + DAY + 120, &s);
+	tick(&w, T0 + 2 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON "
+		  "c.id = e.contact_id WHERE c.email = 'soon@example.com'"), 1,
+	       "incremental lapse: enrolled exactly once over the next ticks");
+
+	char *seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
+			    "c.id = s.contact_id WHERE c.email = 'gone@example.com'");
+	is_str(seg, "lapsed", "incremental lapse: 100 days: lapsed");
+	free(seg);
+	order_line(&w, "o3", "gone@example.com", "A", 40, T0 + 2 * DAY + 30, T0 + 2 * DAY + 30);
+	tick(&w, T0 + 2 * DAY + 60, &s);
+	seg = sq_text(&w, "SELECT segment FROM segments s JOIN contacts c ON "
+		      "c.id = s.contact_id WHERE c.email = 'gone@example.com'");
+	ok(seg && strcmp(seg, "lapsed") != 0,
+	   "incremental lapse: a new order takes them out of 'lapsed' at the next tick (%s)",
+	   seg ? seg : "none");
+	free(seg);
+
+	/* nothing changed: the next tick's detection commits nothing */
+	tick(&w, T0 + 2 * DAY + 120, &s);
+	sqlite3 *h = NULL;
+	if (sqlite3_open_v2(w.cfg.db, &h, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK) {
+		long long before = data_version(h);
+		struct tick_summary d;
+		memset(&d, 0, sizeof d);
+		ok(flow_detect(&w.app, T0 + 2 * DAY + 180, &d) == 0 &&
+		   data_version(h) == before && before >= 0,
+		   "incremental lapse: a tick with nothing changed writes nothing");
+		/* a contact who gives consent is looked at by the next tick */
+		db_scalar(w.app.db, "UPDATE contacts SET consent = 0 WHERE email = 'gone@example.com'");
+		order_line(&w, "o4", "late@example.com", "A", 40, T0 - 120 * DAY, T0);
+		db_scalar(w.app.db, "UPDATE contacts SET consent = 0 WHERE email = 'late@example.com'");
+		tick(&w, T0 + 2 * DAY + 240, &s);
+		is_int(s.enrolled, 0, "incremental lapse: no consent, no win-back");
+		db_scalar(w.app.db, "UPDATE contacts SET consent = 1 WHERE email = 'late@example.com'");
+		tick(&w, T0 + 2 * DAY + 300, &s);
+		is_int(s.enrolled, 1, "incremental lapse: consent given later: enrolled at the next tick");
+	} else {
+		ok(0, "incremental lapse: a second connection opens");
+	}
+	sqlite3_close(h);
 	world_close(&w);
 }
 
@@ -4577,6 +4727,8 @@ int main(void)
 	test_measurement();
 	test_report_numbers();
 	test_lifecycle();
+	test_segments_incremental();
+	test_lapse_incremental();
 	test_segment_names();
 	test_csv_columns();
 	test_keys_codes();
