@@ -871,12 +871,26 @@ void cfg_free(struct config *cfg)
 	  "WHERE contact_id = ?1 AND status = 'active' AND created <= ?2 "     \
 	  "AND flow_id IN (SELECT id FROM flows "                              \
 	  "WHERE trigger IN ('cart_abandoned', 'customer_lapsed'))")           \
+	/* a new product's kind is ?8, else guessed; an update keeps it      \
+	 * unless ?8 says; RETURNING the kind before and after */              \
 	X(PRODUCT_UPSERT,                                                      \
-	  "INSERT INTO products (sku, name, price, url, image, category, updated) " \
-	  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (sku) DO UPDATE SET " \
+	  "INSERT INTO products (sku, name, price, url, image, category, updated, " \
+	  "kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, coalesce(?8, CASE WHEN "  \
+	  "rm_service(?1, ?2) THEN 'service' ELSE 'product' END)) "            \
+	  "ON CONFLICT (sku) DO UPDATE SET "                                   \
 	  "name = ?2, price = coalesce(?3, price), url = coalesce(?4, url), "  \
 	  "image = coalesce(?5, image), category = coalesce(?6, category), "   \
-	  "updated = ?7")                                                      \
+	  "updated = ?7, kind = coalesce(?8, kind)")                           \
+	X(PRODUCT_KIND_OF,                                                     \
+	  "SELECT coalesce((SELECT kind FROM products WHERE sku = ?1), 'product')") \
+	/* an order's service lines (postage, fees) not yet in the catalog    \
+	 * get a row there, so they are never counted as products */          \
+	X(ORDER_SERVICES,                                                      \
+	  "INSERT INTO products (sku, name, kind, updated) "                   \
+	  "SELECT json_extract(value, '$.sku'), "                              \
+	  "coalesce(json_extract(value, '$.name'), ''), 'service', ?2 "        \
+	  "FROM json_each(?1) WHERE rm_service(json_extract(value, '$.sku'), " \
+	  "json_extract(value, '$.name')) ON CONFLICT DO NOTHING")             \
 	X(REVIEW_INSERT,                                                       \
 	  "INSERT OR IGNORE INTO reviews (sku, author, rating, text, ts) "     \
 	  "VALUES (?1, ?2, ?3, ?4, ?5)")                                       \
@@ -916,7 +930,7 @@ void cfg_free(struct config *cfg)
 	  "SELECT json_patch('{}', json_object('type', 'product', 'sku', ?1, " \
 	  "'name', ?2, 'price', ?3, 'url', ?4, 'image', ?5, 'category', ?6, "  \
 	  "'review', CASE WHEN ?7 IS NOT NULL THEN json_object('author', ?7, " \
-	  "'rating', ?8, 'text', ?9) END))")                                   \
+	  "'rating', ?8, 'text', ?9) END, 'kind', ?10))")                      \
 	/* -- Segments -- */                                                   \
 	/* gaps between a customer's consecutive orders: count and the 90th  \
 	 * percentile, from which winback_after = auto is derived */          \
@@ -943,35 +957,101 @@ void cfg_free(struct config *cfg)
 	X(SEGMENT_COUNTS,                                                      \
 	  "SELECT segment, count(*) FROM segments GROUP BY segment")          \
 	/* -- Recommendations -- */                                            \
-	/* recommendations: what customers who bought what this one bought    \
-	 * also bought; then best sellers of their favourite category; then   \
-	 * of the store. Never what they own. */                              \
+	/* recommendations: products bought with what this one bought more   \
+	 * often than they are bought at all (lift > 1: P(b | a) > P(b)),     \
+	 * each pair seen in at least ?3 orders, from reco_pairs and the last \
+	 * 20 products they bought; then best sellers of their favourite      \
+	 * category; then of the store. Never what they own, never a service. \
+	 * The cost is their own lines and those products' partners, not the \
+	 * store's history. */                                                \
 	X(RECO_COOCCUR,                                                        \
-	  "WITH mine AS (SELECT DISTINCT sku FROM order_lines WHERE contact_id = ?1), " \
-	  "peers AS (SELECT DISTINCT l.order_id FROM order_lines l "           \
-	  "JOIN mine USING (sku) WHERE l.contact_id IS NOT ?1), "              \
-	  "co AS (SELECT l.sku, count(DISTINCT l.order_id) AS n "              \
-	  "FROM order_lines l JOIN peers USING (order_id) "                    \
-	  "WHERE l.sku NOT IN (SELECT sku FROM mine) GROUP BY l.sku) "         \
+	  "WITH mine AS (SELECT sku FROM order_lines WHERE contact_id = ?1 "   \
+	  "GROUP BY sku ORDER BY max(ts) DESC, sku LIMIT 20), "                \
+	  "n AS (SELECT max(orders, 1) AS n FROM reco_state), "                \
+	  "c AS (SELECT r.other AS sku, max(r.orders * n.n * 1.0 / "           \
+	  "(a.orders * b.orders)) AS lift, sum(r.orders) AS support "          \
+	  "FROM mine JOIN reco_pairs r ON r.sku = mine.sku "                   \
+	  "JOIN reco_items a ON a.sku = r.sku "                                \
+	  "JOIN reco_items b ON b.sku = r.other, n WHERE r.orders >= ?3 "      \
+	  "GROUP BY r.other) "                                                 \
 	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
-	  "coalesce(p.image, '') FROM co JOIN products p ON p.sku = co.sku "   \
-	  "ORDER BY co.n DESC, p.sku LIMIT ?2")                                \
+	  "coalesce(p.image, '') FROM c JOIN products p ON p.sku = c.sku "     \
+	  "WHERE c.lift > 1 AND p.kind = 'product' AND p.sku NOT IN "          \
+	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
+	  "ORDER BY c.lift DESC, c.support DESC, p.sku LIMIT ?2")              \
 	X(RECO_CATEGORY,                                                       \
-	  "WITH mine AS (SELECT DISTINCT sku FROM order_lines WHERE contact_id = ?1), " \
-	  "fav AS (SELECT p.category FROM order_lines l JOIN products p "       \
+	  "WITH fav AS (SELECT p.category FROM order_lines l JOIN products p " \
 	  "ON p.sku = l.sku WHERE l.contact_id = ?1 AND p.category IS NOT NULL " \
+	  "AND p.kind = 'product' "                                            \
 	  "GROUP BY p.category ORDER BY sum(l.qty) DESC, p.category LIMIT 1) " \
 	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
 	  "coalesce(p.image, '') FROM products p JOIN fav "                    \
-	  "ON p.category = fav.category WHERE p.sku NOT IN (SELECT sku FROM mine) " \
-	  "ORDER BY (SELECT total(qty) FROM order_lines l WHERE l.sku = p.sku) " \
-	  "DESC, p.sku LIMIT ?2")                                              \
+	  "ON p.category = fav.category LEFT JOIN reco_items i ON i.sku = p.sku " \
+	  "WHERE p.kind = 'product' AND p.sku NOT IN "                         \
+	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
+	  "ORDER BY coalesce(i.orders, 0) DESC, p.sku LIMIT ?2")               \
 	X(RECO_BEST,                                                           \
 	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
-	  "coalesce(p.image, '') FROM products p WHERE p.sku NOT IN "          \
-	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
-	  "ORDER BY (SELECT total(qty) FROM order_lines l WHERE l.sku = p.sku) " \
-	  "DESC, p.sku LIMIT ?2")                                              \
+	  "coalesce(p.image, '') FROM products p "                             \
+	  "LEFT JOIN reco_items i ON i.sku = p.sku WHERE p.kind = 'product' "  \
+	  "AND p.sku NOT IN (SELECT sku FROM order_lines WHERE contact_id = ?1) " \
+	  "ORDER BY coalesce(i.orders, 0) DESC, p.sku LIMIT ?2")               \
+	/* the item-to-item table, brought forward one chunk at a time: the   \
+	 * orders after last_order up to the one holding the ?2-th line after \
+	 * it; services never counted; pairs only in orders of at most 100    \
+	 * SKUs */                                                            \
+	X(RECO_STATE, "SELECT last_order, orders FROM reco_state")             \
+	X(RECO_BOUND,                                                          \
+	  "SELECT max(order_id) FROM (SELECT order_id FROM order_lines "       \
+	  "WHERE order_id > ?1 ORDER BY order_id LIMIT ?2)")                   \
+	X(RECO_ITEMS_ADD,                                                      \
+	  "INSERT INTO reco_items (sku, orders) SELECT sku, "                  \
+	  "count(DISTINCT order_id) FROM order_lines l WHERE order_id > ?1 "   \
+	  "AND order_id <= ?2 AND NOT EXISTS (SELECT 1 FROM products p "       \
+	  "WHERE p.sku = l.sku AND p.kind = 'service') GROUP BY sku "          \
+	  "ON CONFLICT (sku) DO UPDATE SET orders = orders + excluded.orders")  \
+	X(RECO_PAIRS_ADD,                                                      \
+	  "WITH o AS (SELECT order_id FROM order_lines WHERE order_id > ?1 "   \
+	  "AND order_id <= ?2 GROUP BY order_id "                              \
+	  "HAVING count(DISTINCT sku) <= 100), "                               \
+	  "l AS (SELECT DISTINCT x.order_id, x.sku FROM o "                    \
+	  "JOIN order_lines x ON x.order_id = o.order_id WHERE NOT EXISTS "    \
+	  "(SELECT 1 FROM products p WHERE p.sku = x.sku "                     \
+	  "AND p.kind = 'service')) "                                          \
+	  "INSERT INTO reco_pairs (sku, other, orders) SELECT a.sku, b.sku, "  \
+	  "count(*) FROM l a JOIN l b ON b.order_id = a.order_id "             \
+	  "AND b.sku <> a.sku GROUP BY a.sku, b.sku "                          \
+	  "ON CONFLICT (sku, other) DO UPDATE SET "                            \
+	  "orders = orders + excluded.orders")                                 \
+	X(RECO_STATE_SET,                                                      \
+	  "UPDATE reco_state SET last_order = ?2, orders = orders + "          \
+	  "(SELECT count(DISTINCT order_id) FROM order_lines "                 \
+	  "WHERE order_id > ?1 AND order_id <= ?2)")                           \
+	/* a product that became a service leaves the table; one that became  \
+	 * a product is counted over the orders already counted (?2) */       \
+	X(RECO_DROP_PARTNERS,                                                  \
+	  "DELETE FROM reco_pairs WHERE other = ?1 AND sku IN "                \
+	  "(SELECT other FROM reco_pairs WHERE sku = ?1)")                     \
+	X(RECO_DROP_PAIRS, "DELETE FROM reco_pairs WHERE sku = ?1")            \
+	X(RECO_DROP_ITEM, "DELETE FROM reco_items WHERE sku = ?1")             \
+	X(RECO_ITEM_COUNT,                                                     \
+	  "INSERT INTO reco_items (sku, orders) SELECT ?1, "                   \
+	  "count(DISTINCT order_id) FROM order_lines WHERE sku = ?1 "          \
+	  "AND order_id <= ?2 HAVING count(*) > 0")                            \
+	X(RECO_PAIRS_OF,                                                       \
+	  "WITH o AS (SELECT DISTINCT order_id FROM order_lines WHERE sku = ?1 " \
+	  "AND order_id <= ?2 AND (SELECT count(DISTINCT sku) FROM order_lines " \
+	  "x WHERE x.order_id = order_lines.order_id) <= 100) "                \
+	  "INSERT INTO reco_pairs (sku, other, orders) SELECT ?1, x.sku, "     \
+	  "count(DISTINCT x.order_id) FROM o JOIN order_lines x "              \
+	  "ON x.order_id = o.order_id WHERE x.sku <> ?1 AND NOT EXISTS "       \
+	  "(SELECT 1 FROM products p WHERE p.sku = x.sku "                     \
+	  "AND p.kind = 'service') GROUP BY x.sku")                            \
+	X(RECO_PAIRS_MIRROR,                                                   \
+	  "INSERT INTO reco_pairs (sku, other, orders) SELECT other, sku, "    \
+	  "orders FROM reco_pairs WHERE sku = ?1")                             \
+	X(PRODUCT_KIND_SET,                                                    \
+	  "UPDATE products SET kind = ?2 WHERE sku = ?1")                      \
 	/* -- The message context -- */                                        \
 	X(AOV, "SELECT coalesce(round(avg(total), 2), 0) FROM orders WHERE total > 0") \
 	X(ENROLLMENT_CODE,                                                     \
@@ -1589,8 +1669,46 @@ static void sql_bucket(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	sqlite3_result_int(ctx, rm_bucket(t ? (const char *)t : ""));
 }
 
+/* 1 if a catalog line looks like a service rather than a product: the
+ * SKUs stores use for postage, carriage, fees, bank charges and manual
+ * adjustments (POST, DOT, C2, M, CRUK, BANK CHARGES, AMAZONFEE), or a
+ * name with the word POSTAGE, CARRIAGE, FEE(S), CHARGES or ADJUST (whole
+ * words: not COFFEE). A guess: the operator corrects it with `remarket
+ * products kind`. */
+int rm_service(const char *sku, const char *name)
+{
+	static const char *const skus[] = {"POST", "DOT", "C2", "M", "CRUK",
+					   "BANK CHARGES", "AMAZONFEE"};
+	static const char *const words[] = {"POSTAGE", "CARRIAGE", "FEE", "FEES",
+					    "CHARGES", "ADJUST"};
+	for (size_t i = 0; sku && i < sizeof skus / sizeof skus[0]; i++)
+		if (!strcasecmp(sku, skus[i]))
+			return 1;
+	for (const char *p = name; p && *p;) {
+		while (*p && !isalnum((unsigned char)*p))
+			p++;
+		size_t n = 0;
+		while (isalnum((unsigned char)p[n]))
+			n++;
+		for (size_t i = 0; n && i < sizeof words / sizeof words[0]; i++)
+			if (strlen(words[i]) == n && !strncasecmp(p, words[i], n))
+				return 1;
+		p += n;
+	}
+	return 0;
+}
+
+static void sql_service(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	(void)argc;
+	const unsigned char *sku = sqlite3_value_text(argv[0]);
+	const unsigned char *name = sqlite3_value_text(argv[1]);
+	sqlite3_result_int(ctx, rm_service((const char *)sku, (const char *)name));
+}
+
 /* Opens one connection to the database at PATH (a new file made 0600, its
- * directory created): WAL, foreign keys, rm_bucket(), the busy timeout. */
+ * directory created): WAL, foreign keys, rm_bucket(), rm_service(), the
+ * busy timeout. */
 int db_open(struct db **out, const char *path, char *err, size_t errlen)
 {
 	struct db *db = calloc(1, sizeof *db);
@@ -1621,6 +1739,10 @@ int db_open(struct db **out, const char *path, char *err, size_t errlen)
 		rc = sqlite3_create_function(db->h, "rm_bucket", 1, SQLITE_UTF8 |
 					     SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS,
 					     NULL, sql_bucket, NULL, NULL);
+	if (rc == SQLITE_OK)
+		rc = sqlite3_create_function(db->h, "rm_service", 2, SQLITE_UTF8 |
+					     SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS,
+					     NULL, sql_service, NULL, NULL);
 	if (rc == SQLITE_OK)
 		rc = sqlite3_exec(db->h,
 				  "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
@@ -2362,6 +2484,7 @@ struct event {
 	char type[16];
 	char *email, *name, *cart_id, *currency, *visitor_id, *order_id;
 	char *code, *sku, *category, *url, *image, *items, *review, *text;
+	char *kind;      /* a product's: 'product' or 'service' */
 	int consent;     /* -1: not said */
 	int has_total, has_price;
 	double total, price;
@@ -2385,6 +2508,7 @@ static const struct efield {
 	{"discount_code", offsetof(struct event, code), FC_CODE, 32},
 	{"sku", offsetof(struct event, sku), FC_IDENT, 64},
 	{"category", offsetof(struct event, category), FC_TEXT, 64},
+	{"kind", offsetof(struct event, kind), FC_TEXT, 16},
 	{"url", offsetof(struct event, url), FC_URL, 2048},
 	{"image", offsetof(struct event, image), FC_URL, 2048},
 };
@@ -2769,6 +2893,8 @@ static int ev_require(const struct event *e, enum ev_source src,
 		return fail(err, 400, "order: needs email or cart_id");
 	if (!strcmp(t, "product") && (!e->sku || !e->name))
 		return fail(err, 400, "product: needs sku and name");
+	if (e->kind && strcmp(e->kind, "product") && strcmp(e->kind, "service"))
+		return fail(err, 400, "kind: 'product' or 'service'");
 	return 0;
 }
 
@@ -3031,7 +3157,9 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 	s = q(db, ST_ORDER_LINES, "init", order, (int64_t)e->ts, e->items ? e->items : "[]");
 	if (contact)
 		sqlite3_bind_int64(s, 2, contact);
-	if (q_exec(db, s) < 0)
+	if (q_exec(db, s) < 0 || q_exec(db, q(db, ST_ORDER_SERVICES, "ti",
+					      e->items ? e->items : "[]",
+					      (int64_t)e->ts)) < 0)
 		return -1;
 	s = q(db, ST_CART_ORDERED, "nni", (int64_t)e->ts);
 	if (cart)
@@ -3062,14 +3190,22 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 	return ev_attribute(app, e, contact, redeemed ? e->code : NULL);
 }
 
+static int reco_kind_changed(struct db *db, const char *sku, const char *was);
+
+/* A product event: the catalog row, its kind (guessed when new: a
+ * service's lines leave the recommendation counts) and its review. */
 static int ev_product(struct app *app, const struct event *e)
 {
 	struct db *db = app->db;
-	sqlite3_stmt *s = q(db, ST_PRODUCT_UPSERT, "ttnttti", e->sku, e->name,
-			    e->url, e->image, e->category, (int64_t)e->ts);
+	char was[16];
+	sqlite3_stmt *s = q(db, ST_PRODUCT_KIND_OF, "t", e->sku);
+	copy_str(was, sizeof was, sqlite3_step(s) == SQLITE_ROW ? col_text(s, 0) : "");
+	sqlite3_reset(s);
+	s = q(db, ST_PRODUCT_UPSERT, "ttntttit", e->sku, e->name, e->url,
+	      e->image, e->category, (int64_t)e->ts, e->kind);
 	if (e->has_price)
 		sqlite3_bind_double(s, 3, e->price);
-	if (q_exec(db, s) < 0)
+	if (q_exec(db, s) < 0 || reco_kind_changed(db, e->sku, was) < 0)
 		return -1;
 	if (!e->review)
 		return 0;
@@ -3433,6 +3569,7 @@ static const struct csv_column product_columns[] = {
 	{"review_author", CSV_TEXT, CSV_MAY, 7},
 	{"review_rating", CSV_INT, CSV_MAY, 8},
 	{"review_text", CSV_TEXT, CSV_MAY, 9},
+	{"kind", CSV_TEXT, CSV_MAY, 10}, /* product or service */
 };
 #define PRODUCT_COLUMNS (sizeof product_columns / sizeof product_columns[0])
 
@@ -3735,13 +3872,118 @@ static int segment_name_ok(const char *v)
 
 /* ==== Recommendations ================================================= */
 /*
- * Products a contact may like, in tiers of preference: what customers
- * who bought what they bought also bought, then best sellers of their
- * favourite category, then of the store; never one they own, never one
- * twice. reco_walk only reads; the message context turns its
- * rows into the {{#recommendations}} list, `remarket recommend` prints
- * them.
+ * Products a contact may like, in tiers of preference: products bought
+ * together with what they bought more often than they are bought at all
+ * (lift: P(b | a) / P(b) > 1, from a pair seen in at least
+ * RECO_MIN_SUPPORT orders, so one shared order is no evidence and "bought
+ * by everyone" is not "bought together"); then best sellers of their
+ * favourite category; then of the store. Never one they own, never a
+ * service (postage, fees: products.kind), never one twice.
+ * The counts live in reco_items / reco_pairs, which reco_refresh brings
+ * forward from a watermark (the last order id counted) in short
+ * transactions: the tick calls it, so a mail reads a few indexed rows
+ * and its cost does not grow with the store's history; there are no
+ * triggers on order writes. reco_walk only reads; the message context
+ * turns its rows into the {{#recommendations}} list, `remarket recommend`
+ * prints them.
  */
+
+#define RECO_MIN_SUPPORT 2
+/* a tick brings the table forward ~1,000 order lines a transaction, for
+ * at most 2 s (a big import is caught up over a few ticks) */
+#define RECO_CHUNK_LINES 1000
+#define RECO_TICK_MS 2000
+
+/* One chunk: the orders after the watermark up to the one holding its
+ * CHUNK-th line, counted in one transaction. Returns the rows written
+ * (at least 1), 0 when the table is already current, or -1. */
+static long reco_chunk(struct db *db, long chunk)
+{
+	long last = 0, orders = 0, bound = 0;
+	if (db_begin(db) < 0)
+		return -1;
+	q_row(q(db, ST_RECO_STATE, NULL), "ll", &last, &orders);
+	q_row(q(db, ST_RECO_BOUND, "ii", (int64_t)last, (int64_t)chunk), "l", &bound);
+	if (bound <= last) {
+		db_rollback(db);
+		return 0;
+	}
+	long lines = sqlite3_total_changes(db->h);
+	if (q_exec(db, q(db, ST_RECO_ITEMS_ADD, "ii", (int64_t)last, (int64_t)bound)) ||
+	    q_exec(db, q(db, ST_RECO_PAIRS_ADD, "ii", (int64_t)last, (int64_t)bound)) ||
+	    q_exec(db, q(db, ST_RECO_STATE_SET, "ii", (int64_t)last, (int64_t)bound)) ||
+	    db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	lines = sqlite3_total_changes(db->h) - lines;
+	return lines > 0 ? lines : 1;
+}
+
+long reco_refresh(struct app *app, long chunk, long budget_ms)
+{
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	long total = 0;
+	for (;;) {
+		long n = reco_chunk(app->db, chunk);
+		if (n < 0)
+			return -1;
+		if (n == 0)
+			return total;
+		total += n;
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		long ms = (t1.tv_sec - t0.tv_sec) * 1000 +
+			  (t1.tv_nsec - t0.tv_nsec) / 1000000;
+		if (budget_ms > 0 && ms >= budget_ms)
+			return total;
+	}
+}
+
+/* SKU is now of KIND: the table forgets it, or counts it over the orders
+ * already counted, as a full rebuild would. Inside the caller's
+ * transaction. */
+static int reco_kind_fix(struct db *db, const char *sku, const char *kind)
+{
+	long last = 0, orders = 0;
+	q_row(q(db, ST_RECO_STATE, NULL), "ll", &last, &orders);
+	if (q_exec(db, q(db, ST_RECO_DROP_PARTNERS, "t", sku)) ||
+	    q_exec(db, q(db, ST_RECO_DROP_PAIRS, "t", sku)) ||
+	    q_exec(db, q(db, ST_RECO_DROP_ITEM, "t", sku)))
+		return -1;
+	if (strcmp(kind, "product"))
+		return 0;
+	return q_exec(db, q(db, ST_RECO_ITEM_COUNT, "ti", sku, (int64_t)last)) ||
+	       q_exec(db, q(db, ST_RECO_PAIRS_OF, "ti", sku, (int64_t)last)) ||
+	       q_exec(db, q(db, ST_RECO_PAIRS_MIRROR, "t", sku)) ? -1 : 0;
+}
+
+/* After a product event: if SKU's kind is no longer WAS (a product not
+ * yet in the catalog counts as one), the table follows. */
+static int reco_kind_changed(struct db *db, const char *sku, const char *was)
+{
+	char now[16];
+	sqlite3_stmt *s = q(db, ST_PRODUCT_KIND_OF, "t", sku);
+	copy_str(now, sizeof now, sqlite3_step(s) == SQLITE_ROW ? col_text(s, 0) : "");
+	sqlite3_reset(s);
+	return strcmp(now, was) ? reco_kind_fix(db, sku, now) : 0;
+}
+
+int reco_set_kind(struct app *app, const char *sku, const char *kind)
+{
+	struct db *db = app->db;
+	if (strcmp(kind, "product") && strcmp(kind, "service"))
+		return -1;
+	if (db_begin(db) < 0)
+		return -1;
+	if (q_exec(db, q(db, ST_PRODUCT_KIND_SET, "tt", sku, kind)) ||
+	    sqlite3_changes(db->h) != 1 || reco_kind_fix(db, sku, kind) ||
+	    db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	return 0;
+}
 
 /* Runs the recommendation statements in order of preference until N
  * distinct products are found; calls add() for each, best first. */
@@ -3755,7 +3997,8 @@ static int reco_walk(struct app *app, int64_t contact, int n,
 	if (n > 16)
 		n = 16;
 	for (size_t t = 0; t < 3 && found < n; t++) {
-		sqlite3_stmt *s = q(app->db, tiers[t], "ii", contact, (int64_t)n + found);
+		sqlite3_stmt *s = q(app->db, tiers[t], t ? "ii" : "iii", contact,
+				    (int64_t)n + found, (int64_t)RECO_MIN_SUPPORT);
 		while (found < n && sqlite3_step(s) == SQLITE_ROW) {
 			int dup = 0;
 			for (int i = 0; i < found; i++)
@@ -4529,6 +4772,50 @@ static int mc_items(struct msgctx *mc, struct app *app, const char *name,
 	return rc ? rc : list_publish(mc, l, name);
 }
 
+/* 1 if template NAME (its .txt or .html, or a partial they include, four
+ * deep as tpl_partial allows) has a tag for VAR: {{VAR}}, {{#VAR}} or
+ * {{^VAR}}. The recommendation queries run only for such a template. A
+ * file that cannot be read counts as using it (rendering will say why). */
+static int mc_tpl_uses(const char *dir, const char *name, size_t n,
+		       const char *ext, const char *var, int depth)
+{
+	char path[PATH_MAX];
+	struct buf b = {0};
+	int w = snprintf(path, sizeof path, "%s/%.*s%s", dir, (int)n, name, ext);
+	if (w < 0 || (size_t)w >= sizeof path || template_read(path, &b) < 0) {
+		buf_free(&b);
+		return 1;
+	}
+	int uses = 0;
+	size_t vl = strlen(var);
+	for (const char *t = b.data; !uses && (t = strstr(t, "{{")); t += 2) {
+		const char *tag = t + 2, *end = strstr(tag, "}}");
+		if (!end)
+			break;
+		char kind = *tag;
+		if (strchr("#^/>", kind))
+			tag++;
+		size_t tl = (size_t)(end - tag);
+		int plain = tl > 0 && tl < 64;
+		for (size_t i = 0; plain && i < tl; i++)
+			plain = isalnum((unsigned char)tag[i]) || tag[i] == '_' ||
+				tag[i] == '-';
+		if (kind == '>' && depth < 4 && plain)
+			uses = mc_tpl_uses(dir, tag, tl, ext, var, depth + 1);
+		else if (kind != '/' && kind != '>')
+			uses = tl == vl && !memcmp(tag, var, vl);
+	}
+	buf_free(&b);
+	return uses;
+}
+
+static int mc_template_uses(struct app *app, const char *tpl, const char *var)
+{
+	const char *dir = app->cfg->templates;
+	return mc_tpl_uses(dir, tpl, strlen(tpl), ".txt", var, 0) ||
+	       mc_tpl_uses(dir, tpl, strlen(tpl), ".html", var, 0);
+}
+
 struct reco_list {
 	struct mlist *l;
 	const char *cur;
@@ -4675,7 +4962,8 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 			return -1;
 		snprintf(count, sizeof count, "%zu", mc->lists[mc->nlists - 1].n);
 		mc_set(mc, "item_count", count);
-	} else if (mc_recos(mc, app, m->contact, m->currency) < 0 ||
+	} else if ((mc_template_uses(app, m->tpl, "recommendations") &&
+		    mc_recos(mc, app, m->contact, m->currency) < 0) ||
 		   (m->order && mc_order(mc, app, m->order) < 0)) {
 		return -1;
 	}
@@ -5444,6 +5732,8 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 	memset(sum, 0, sizeof *sum);
 	time_t started = time(NULL);
 	if (flow_detect(app, now, sum) < 0)
+		return -1;
+	if (reco_refresh(app, RECO_CHUNK_LINES, RECO_TICK_MS) < 0)
 		return -1;
 	if (!strcmp(app->cfg->browser_consent, "confirm") &&
 	    confirm_send(app, now, started, sum) < 0)
@@ -7823,7 +8113,7 @@ static int serve_cgi(struct config *cfg)
  * The operator's commands, one row each in the command table below
  * (commands[]: name, whether it needs the app, arity, function, usage):
  * init, keygen, serve, tick, event, report, flows, import, recommend,
- * segments, help, version. The table also makes usage() and the man
+ * products, segments, help, version. The table also makes usage() and the man
  * page's SYNOPSIS (`remarket help --man`). A command that needs the
  * app opens its own, so every command, like every FastCGI thread, has
  * its own database connection.
@@ -8443,10 +8733,37 @@ static int cmd_recommend(struct app *app, struct config *cfg, rm_time now,
 	}
 	sqlite3_stmt *s = q(app->db, ST_CONTACT_ID, "t", argv[1]);
 	int64_t contact = scalar_id(app->db, s);
+	/* the item-to-item table as of now, as a tick would leave it */
+	if (reco_refresh(app, RECO_CHUNK_LINES, 0) < 0) {
+		fprintf(stderr, "remarket recommend: could not bring the "
+			"recommendation table up to date (see above)\n");
+		return 1;
+	}
 	int n = reco_for(app, contact, skus, argc > 2 ? atoi(argv[2]) : 3);
 	for (int i = 0; i < n; i++)
 		printf("%s\n", skus[i]);
 	return n < 0;
+}
+
+/* `remarket products kind SKU product|service`: corrects the catalog's
+ * guess; a service is never recommended nor counted as a product. */
+static int cmd_products(struct app *app, struct config *cfg, rm_time now,
+			int argc, char **argv)
+{
+	(void)cfg, (void)now;
+	if (argc != 4 || strcmp(argv[1], "kind") ||
+	    (strcmp(argv[3], "product") && strcmp(argv[3], "service"))) {
+		fprintf(stderr, "usage: remarket products kind SKU product|service\n");
+		return 2;
+	}
+	if (reco_set_kind(app, argv[2], argv[3]) < 0) {
+		fprintf(stderr, "remarket products: no product '%s' in the catalog "
+			"(import it first: remarket import products FILE.csv)\n",
+			argv[2]);
+		return 1;
+	}
+	printf("%s: %s\n", argv[2], argv[3]);
+	return 0;
 }
 
 static int cmd_segments(struct app *app, struct config *cfg, rm_time now,
@@ -8527,6 +8844,8 @@ static const struct command commands[] = {
 	 "RFM segments and the lapse threshold"},
 	{"recommend", CMD_APP, 1, -1, cmd_recommend, "EMAIL [N]",
 	 "the products win-back would recommend"},
+	{"products", CMD_APP, 3, 3, cmd_products, "kind SKU product|service",
+	 "mark a catalog line a product or a service\n(postage, fees: never recommended)"},
 	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv",
 	 "fill the catalog, load past orders"},
 	{"help", CMD_ALONE, 0, 1, cmd_help, "[--man]",

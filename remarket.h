@@ -90,6 +90,9 @@ int db_user_version(struct db *db);
 long long db_scalar(struct db *db, const char *sql);
 /* A stable bucket in [0, 10000) for a text (also SQL's rm_bucket()). */
 int rm_bucket(const char *text);
+/* 1 if a catalog line (SKU, name; either may be NULL) looks like postage,
+ * a fee or an adjustment rather than a product (SQL: rm_service). */
+int rm_service(const char *sku, const char *name);
 
 /* ==== The application object ========================================== */
 
@@ -217,6 +220,14 @@ int flow_segments(struct app *app, rm_time now);
 /* Up to N product skus to recommend to CONTACT, best first, in OUT
  * (each up to 64 bytes). Returns how many. */
 int reco_for(struct app *app, int64_t contact, char (*out)[65], int n);
+/* Brings the item-to-item table forward over the orders recorded since
+ * the last call, in transactions of about CHUNK order lines each, until
+ * it is current or BUDGET_MS of wall time have passed (0: no limit).
+ * Returns the rows it wrote (0: it was current), or -1. */
+long reco_refresh(struct app *app, long chunk, long budget_ms);
+/* Sets SKU's kind ('product' or 'service') and corrects the table;
+ * -1 if SKU is not in the catalog or KIND is neither. */
+int reco_set_kind(struct app *app, const char *sku, const char *kind);
 
 /* ==== Mail: rendering and RFC 5322 building =========================== */
 
