@@ -1316,6 +1316,18 @@ void cfg_free(struct config *cfg)
 	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'customer_lapsed' " \
 	  "AND m.status = 'sent' AND m.sent_at >= ?1 AND m.sent_at < ?2 "      \
 	  "GROUP BY m.contact_id) x")                                          \
+	/* its baseline: held-out win-back customers whose first mail would   \
+	 * have gone (anchor + the first step's delay) in the period, and     \
+	 * those who ordered within 30 days of it anyway */                   \
+	X(WINBACK_HELD,                                                        \
+	  "SELECT count(*), coalesce(sum(EXISTS (SELECT 1 FROM orders o "      \
+	  "WHERE o.contact_id = x.contact_id AND o.ts > x.first "              \
+	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT contact_id, "   \
+	  "min(due) AS first FROM (SELECT e.contact_id, e.anchor + coalesce(" \
+	  "(SELECT min(s.delay_s) FROM steps s WHERE s.flow_id = e.flow_id), 0) " \
+	  "AS due FROM enrollments e JOIN flows f ON f.id = e.flow_id "        \
+	  "WHERE f.trigger = 'customer_lapsed' AND e.holdout = 1) "            \
+	  "WHERE due >= ?1 AND due < ?2 GROUP BY contact_id) x")               \
 	X(REP_CURRENCY,                                                        \
 	  "SELECT currency FROM orders GROUP BY currency "                     \
 	  "ORDER BY count(*) DESC LIMIT 1")                                    \
@@ -1331,6 +1343,12 @@ void cfg_free(struct config *cfg)
 	  "FROM enrollments e JOIN flows f ON f.id = e.flow_id "               \
 	  "JOIN carts k ON k.id = e.cart_id WHERE f.trigger = 'cart_abandoned' " \
 	  "AND e.holdout = 0 AND e.created >= ?1 AND e.created < ?2")          \
+	X(REP_RECOVERED_HELD,                                                  \
+	  "SELECT count(*), coalesce(sum(k.status = 'ordered' AND "            \
+	  "k.ordered_at >= e.created AND k.ordered_at < e.created + ?3), 0) "  \
+	  "FROM enrollments e JOIN flows f ON f.id = e.flow_id "               \
+	  "JOIN carts k ON k.id = e.cart_id WHERE f.trigger = 'cart_abandoned' " \
+	  "AND e.holdout = 1 AND e.created >= ?1 AND e.created < ?2")          \
 	X(REP_RECOVERED_REVENUE,                                               \
 	  "SELECT total(o.total) FROM orders o JOIN messages m ON m.id = o.message " \
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
@@ -1366,10 +1384,16 @@ void cfg_free(struct config *cfg)
 	X(REP_BROWSER_HELD,                                                    \
 	  "SELECT count(*) FROM contacts WHERE held_at >= ?1 AND held_at < ?2 " \
 	  "AND +signed = 0")                                                   \
+	/* converted: a cart enrollment's cart was ordered; one without a     \
+	 * cart (win-back, post-purchase), its contact placed an order (not   \
+	 * the one it hangs on) -- within conversion_days (?4) of enrolling */ \
 	X(REP_FLOW_CONV,                                                       \
-	  "SELECT e.holdout, count(*), coalesce(sum(k.status = 'ordered' AND " \
-	  "k.ordered_at >= e.created AND k.ordered_at < e.created + ?4), 0) "  \
-	  "FROM enrollments e JOIN carts k ON k.id = e.cart_id "               \
+	  "SELECT e.holdout, count(*), coalesce(sum(CASE WHEN e.cart_id IS NOT NULL " \
+	  "THEN k.status = 'ordered' AND k.ordered_at >= e.created "           \
+	  "AND k.ordered_at < e.created + ?4 ELSE EXISTS (SELECT 1 FROM orders o " \
+	  "WHERE o.contact_id = e.contact_id AND o.ts >= e.created "           \
+	  "AND o.ts < e.created + ?4 AND o.id IS NOT e.order_id) END), 0) "    \
+	  "FROM enrollments e LEFT JOIN carts k ON k.id = e.cart_id "          \
 	  "WHERE e.flow_id = ?1 AND e.created >= ?2 AND e.created < ?3 "       \
 	  "GROUP BY e.holdout")                                                \
 	X(REP_STEPS,                                                           \
@@ -1379,8 +1403,11 @@ void cfg_free(struct config *cfg)
 	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i WHERE "           \
 	  "i.message = m.id AND i.kind IN ('click', 'discount'))), 0), "       \
 	  "coalesce(sum(o.n), 0), total(o.rev), "                              \
-	  "coalesce(sum(k.status = 'ordered' AND k.ordered_at >= m.sent_at "   \
-	  "AND k.ordered_at < m.sent_at + ?4), 0) "                            \
+	  "coalesce(sum(CASE WHEN e.cart_id IS NOT NULL THEN "                 \
+	  "k.status = 'ordered' AND k.ordered_at >= m.sent_at "                \
+	  "AND k.ordered_at < m.sent_at + ?4 ELSE EXISTS (SELECT 1 FROM orders x " \
+	  "WHERE x.contact_id = e.contact_id AND x.ts >= m.sent_at "           \
+	  "AND x.ts < m.sent_at + ?4 AND x.id IS NOT e.order_id) END), 0) "    \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
 	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
 	  "LEFT JOIN (SELECT message, count(*) AS n, total(total) AS rev "     \
@@ -4031,6 +4058,9 @@ static int reco_sku(void *arg, sqlite3_stmt *row)
 int reco_for(struct app *app, int64_t contact, char (*out)[65], int n)
 {
 	struct reco_out o = {out, 0};
+	/* the item-to-item table as of now, as a tick would leave it */
+	if (reco_refresh(app, RECO_CHUNK_LINES, 0) < 0)
+		return -1;
 	return reco_walk(app, contact, n, reco_sku, &o);
 }
 
@@ -4809,7 +4839,7 @@ static int mc_tpl_uses(const char *dir, const char *name, size_t n,
 	return uses;
 }
 
-static int mc_template_uses(struct app *app, const char *tpl, const char *var)
+int mc_template_uses(struct app *app, const char *tpl, const char *var)
 {
 	const char *dir = app->cfg->templates;
 	return mc_tpl_uses(dir, tpl, strlen(tpl), ".txt", var, 0) ||
@@ -5898,6 +5928,12 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
  * Recovered carts are enrollees, not held out, whose cart was ordered
  * within conversion_days; recovered revenue is the revenue of orders
  * attributed (click or code) to a message of the flow.
+ * Every rate beside a flow (recovered, reactivated within 30 days, a
+ * flow's conversion) is shown with the same rate of its held-out group
+ * and their difference with a 95 % interval (stat_lift); only that
+ * difference is called "caused by remarket": people come back without
+ * mail too. A flow without a cart (win-back, post-purchase) converts
+ * when its contact orders again, not by a cart.
  */
 
 void stat_lift(long x1, long n1, long x2, long n2, struct lift *out)
@@ -6022,6 +6058,10 @@ static void rep_lifecycle(struct app *app, struct report *r)
 	      "lll", &r->lapsed, &r->contacted, &r->reactivated);
 	r->reactivation_rate = r->contacted ? (double)r->reactivated /
 						      (double)r->contacted : 0;
+	q_row(q(app->db, ST_WINBACK_HELD, "ii", (int64_t)r->since, (int64_t)r->until),
+	      "ll", &r->held_contacted, &r->held_reactivated);
+	stat_lift(r->reactivated, r->contacted, r->held_reactivated,
+		  r->held_contacted, &r->reactivation_lift);
 	segment_counts(app, r->segments);
 }
 
@@ -6043,6 +6083,8 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	      &r->attributed, &r->influenced, &r->influenced_revenue);
 	q_row(q(db, ST_REP_RECOVERED, "iii", a, b, conv), "ll", &r->abandoned,
 	      &r->recovered);
+	q_row(q(db, ST_REP_RECOVERED_HELD, "iii", a, b, conv), "ll",
+	      &r->held_abandoned, &r->held_recovered);
 	q_row(q(db, ST_REP_RECOVERED_REVENUE, "ii", a, b), "d", &r->recovered_revenue);
 	q_row(q(db, ST_REP_MESSAGES, "ii", a, b), "lllll", &r->sent, &r->bounced,
 	      &r->opened, &r->clicked, &r->unsubscribed);
@@ -6052,6 +6094,8 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	q_row(q(db, ST_REP_CODE_FLAGS, "ii", a, b), "ll", &r->codes_reused,
 	      &r->codes_expired);
 	r->recovery_rate = r->abandoned ? (double)r->recovered / (double)r->abandoned : 0;
+	stat_lift(r->recovered, r->abandoned, r->held_recovered, r->held_abandoned,
+		  &r->recovery_lift);
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
 	q_row(q(db, ST_REP_BROWSER_HELD, "ii", a, b), "l", &r->browser_held);
 	rep_flows(app, r);
@@ -6071,6 +6115,10 @@ enum rep_kind {
 	RK_MONEY,
 	RK_PERCENT,   /* a rate shown as "12.3 %" */
 	RK_PERCENT2,  /* a small rate shown as "0.12 %" (per email) */
+	RK_POINTS,    /* a difference of rates: a fraction in JSON, shown as
+		       * "+1.2 points" */
+	RK_CI,        /* two doubles (lo, hi): [lo,hi] in JSON, shown as
+		       * "-1.0 to +3.4 points" */
 };
 
 /* Where a number appears besides report.json. */
@@ -6098,10 +6146,22 @@ struct rep_num {
 static const struct rep_num rep_nums[] = {
 	{"abandoned_carts", RN(abandoned), RK_COUNT, RW_TEXT, 0, NULL, 0,
 	 "abandoned carts    ", " (held out not counted)"},
-	{"recovered_carts", RN(recovered), RK_COUNT, RW_TEXT, 3,
+	{"recovered_carts", RN(recovered), RK_COUNT, RW_TEXT, 5,
 	 "carts recovered / abandoned", RN(abandoned), "recovered carts    ", " ("},
 	{"recovery_rate", RN(recovery_rate), RK_PERCENT, RW_TEXT, 2,
 	 "of abandoned carts recovered", 0, NULL, ")"},
+	{"holdout_recovered_carts", RN(held_recovered), RK_COUNT, RW_TEXT, 0,
+	 NULL, 0, "held-out carts     ", " ordered anyway of "},
+	{"holdout_abandoned_carts", RN(held_abandoned), RK_COUNT, RW_TEXT, 0,
+	 NULL, 0, NULL, " ("},
+	{"holdout_recovery_rate", RN(recovery_lift.p2), RK_PERCENT, RW_TEXT, 3,
+	 "of held-out carts ordered anyway", 0, NULL,
+	 "): caused by remarket "},
+	{"recovery_lift", RN(recovery_lift.diff), RK_POINTS, RW_TEXT, 4,
+	 "recovered carts caused by remarket (messaged &minus; held out)", 0,
+	 NULL, " (95 % interval "},
+	{"recovery_lift_ci95", RN(recovery_lift.lo), RK_CI, RW_TEXT, 0, NULL, 0,
+	 NULL, ")"},
 	{"recovered_revenue", RN(recovered_revenue), RK_MONEY, RW_TEXT, 1,
 	 "recovered revenue", 0, "recovered revenue  ", ""},
 	{"orders", RN(orders), RK_COUNT, RW_TEXT, 0, NULL, 0,
@@ -6113,13 +6173,13 @@ static const struct rep_num rep_nums[] = {
 	 " influenced)"},
 	{"influenced_revenue", RN(influenced_revenue), RK_MONEY, 0, 0, NULL, 0,
 	 NULL, NULL},
-	{"sent", RN(sent), RK_COUNT, RW_TEXT, 4, "emails sent", 0,
+	{"sent", RN(sent), RK_COUNT, RW_TEXT, 6, "emails sent", 0,
 	 "emails             ", " sent, "},
 	{"opened", RN(opened), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " opened, "},
 	{"clicked", RN(clicked), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " clicked, "},
 	{"unsubscribed", RN(unsubscribed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
 	 " unsubscribed, "},
-	{"unsubscribe_rate", RN(unsubscribe_rate), RK_PERCENT2, 0, 5,
+	{"unsubscribe_rate", RN(unsubscribe_rate), RK_PERCENT2, 0, 7,
 	 "unsubscribed per email", 0, NULL, NULL},
 	{"bounced", RN(bounced), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " bounced"},
 	{"stale_steps", RN(stale), RK_COUNT, RW_JSON_TAIL | RW_TEXT, 0, NULL, 0,
@@ -6128,10 +6188,10 @@ static const struct rep_num rep_nums[] = {
 	 "discount codes     ", " issued, "},
 	{"codes_redeemed", RN(codes_redeemed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
 	 " redeemed, cost "},
-	{"discount_cost", RN(discount_cost), RK_MONEY, RW_TEXT, 6,
+	{"discount_cost", RN(discount_cost), RK_MONEY, RW_TEXT, 8,
 	 "cost of discounts redeemed", 0, NULL, ""},
 	{"codes_flagged.reused", RN(codes_reused), RK_COUNT,
-	 RW_JSON_TAIL | RW_TEXT, 7, "orders with a code used before / expired",
+	 RW_JSON_TAIL | RW_TEXT, 9, "orders with a code used before / expired",
 	 RN(codes_expired), "flagged codes      ",
 	 " orders with a code used before, "},
 	{"codes_flagged.expired", RN(codes_expired), RK_COUNT,
@@ -6199,6 +6259,9 @@ static void rep_json_value(struct buf *b, enum rep_kind kind, const void *base,
 {
 	if (kind == RK_COUNT)
 		buf_addf(b, "%ld", rep_long(base, off));
+	else if (kind == RK_CI)
+		buf_addf(b, "[%.4f,%.4f]", rep_double(base, off),
+			 rep_double(base, off + sizeof(double)));
 	else
 		buf_addf(b, kind == RK_MONEY ? "%.2f" : "%.4f", rep_double(base, off));
 }
@@ -6227,6 +6290,12 @@ static void rep_shown(char *out, size_t n, enum rep_kind kind, const void *base,
 		w = snprintf(out, n, "%.2f", rep_double(base, off));
 	else if (kind == RK_PERCENT)
 		w = snprintf(out, n, "%.1f %%", 100 * rep_double(base, off));
+	else if (kind == RK_POINTS)
+		w = snprintf(out, n, "%+.1f points", 100 * rep_double(base, off));
+	else if (kind == RK_CI)
+		w = snprintf(out, n, "%+.1f to %+.1f points",
+			     100 * rep_double(base, off),
+			     100 * rep_double(base, off + sizeof(double)));
 	else
 		w = snprintf(out, n, "%.2f %%", 100 * rep_double(base, off));
 	if (w < 0 || (size_t)w >= n)
@@ -6343,9 +6412,14 @@ int report_json(const struct report *r, struct buf *out)
 	buf_addf(out, "]},\"winback\":{\"threshold_days\":%ld,\"threshold_source\":",
 		 r->lapse_days);
 	json_str(out, r->lapse_why);
+	const struct lift *wl = &r->reactivation_lift;
 	buf_addf(out, ",\"lapsed\":%ld,\"contacted\":%ld,\"reactivated_30d\":%ld,"
-		 "\"rate\":%.4f},\"segments\":{", r->lapsed, r->contacted,
-		 r->reactivated, r->reactivation_rate);
+		 "\"rate\":%.4f,\"held_out\":%ld,\"held_out_reactivated_30d\":%ld,"
+		 "\"held_out_rate\":%.4f,\"caused_by_remarket\":%.4f,"
+		 "\"caused_ci95\":[%.4f,%.4f],\"too_small\":%s},\"segments\":{",
+		 r->lapsed, r->contacted, r->reactivated, r->reactivation_rate,
+		 r->held_contacted, r->held_reactivated, wl->p2, wl->diff, wl->lo,
+		 wl->hi, wl->too_small ? "true" : "false");
 	for (int i = 0; i < SEG__MAX; i++)
 		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
 			 r->segments[i]);
@@ -6478,7 +6552,8 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 	snprintf(k, sizeof k, "flows.%d.holdout_conversion", idx);
 	snprintf(v, sizeof v, "%.1f %%", 100 * l->p2);
 	html_num(b, k, l->p2, v);
-	buf_addf(b, " of %ld held out (%d %%). Lift: ", f->held_out, f->holdout_pct);
+	buf_addf(b, " of %ld held out (%d %%) who got none. Caused by remarket: ",
+		 f->held_out, f->holdout_pct);
 	snprintf(k, sizeof k, "flows.%d.lift", idx);
 	snprintf(v, sizeof v, "%+.1f points", 100 * l->diff);
 	html_num(b, k, l->diff, v);
@@ -6507,7 +6582,22 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 	buf_adds(b, " ordered again within 30 days (");
 	snprintf(v, sizeof v, "%.1f %%", 100 * r->reactivation_rate);
 	html_num(b, "winback.rate", r->reactivation_rate, v);
-	buf_adds(b, ").</p></section><section><h2>Segments</h2><table><tr>");
+	buf_adds(b, "). Of ");
+	const struct lift *l = &r->reactivation_lift;
+	snprintf(v, sizeof v, "%ld", r->held_contacted);
+	html_num(b, "winback.held_out", (double)r->held_contacted, v);
+	buf_adds(b, " held out (sent nothing), ");
+	snprintf(v, sizeof v, "%ld", r->held_reactivated);
+	html_num(b, "winback.held_out_reactivated_30d", (double)r->held_reactivated, v);
+	buf_adds(b, " ordered again within 30 days anyway (");
+	snprintf(v, sizeof v, "%.1f %%", 100 * l->p2);
+	html_num(b, "winback.held_out_rate", l->p2, v);
+	buf_adds(b, ").</p><p class=verdict>Caused by remarket: ");
+	snprintf(v, sizeof v, "%+.1f points", 100 * l->diff);
+	html_num(b, "winback.caused_by_remarket", l->diff, v);
+	buf_addf(b, " (95 %% interval %+.1f to %+.1f). ", 100 * l->lo, 100 * l->hi);
+	html_escape(b, lift_verdict(l));
+	buf_adds(b, "</p></section><section><h2>Segments</h2><table><tr>");
 	for (int i = 0; i < SEG__MAX; i++)
 		buf_addf(b, "<th>%s</th>", segment_names[i]);
 	buf_adds(b, "</tr><tr>");
@@ -6604,17 +6694,24 @@ static void report_text(const struct report *r)
 		printf("%s%s", v, n->words);
 	}
 	printf("\n");
+	const struct lift *wl = &r->reactivation_lift;
 	printf("win-back           %ld lapsed (after %ld days: %s), %ld contacted, "
 	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
 	       r->lapse_why, r->contacted, r->reactivated, 100 * r->reactivation_rate);
+	printf("win-back held out  %ld, %ld ordered again within 30 days anyway "
+	       "(%.1f %%): caused by remarket %+.1f points (95 %% interval %+.1f "
+	       "to %+.1f)\n  %s\n", r->held_contacted, r->held_reactivated,
+	       100 * wl->p2, 100 * wl->diff, 100 * wl->lo, 100 * wl->hi,
+	       lift_verdict(wl));
 	printf("segments          ");
 	for (int i = 0; i < SEG__MAX; i++)
 		printf(" %s %ld", segment_names[i], r->segments[i]);
 	printf("\n");
 	for (int i = 0; i < r->nflows; i++) {
 		const struct flow_report *f = &r->flows[i];
-		printf("flow %s: %ld enrolled, %ld held out; conversion %.1f %% vs "
-		       "%.1f %%, lift %+.1f points (95 %% CI %+.1f to %+.1f)\n  %s\n",
+		printf("flow %s: %ld enrolled, %ld held out; converted %.1f %% "
+		       "messaged vs %.1f %% held out: caused by remarket %+.1f "
+		       "points (95 %% interval %+.1f to %+.1f)\n  %s\n",
 		       f->name, f->enrolled, f->held_out, 100 * f->lift.p1,
 		       100 * f->lift.p2, 100 * f->lift.diff, 100 * f->lift.lo,
 		       100 * f->lift.hi, lift_verdict(&f->lift));
@@ -8733,12 +8830,6 @@ static int cmd_recommend(struct app *app, struct config *cfg, rm_time now,
 	}
 	sqlite3_stmt *s = q(app->db, ST_CONTACT_ID, "t", argv[1]);
 	int64_t contact = scalar_id(app->db, s);
-	/* the item-to-item table as of now, as a tick would leave it */
-	if (reco_refresh(app, RECO_CHUNK_LINES, 0) < 0) {
-		fprintf(stderr, "remarket recommend: could not bring the "
-			"recommendation table up to date (see above)\n");
-		return 1;
-	}
 	int n = reco_for(app, contact, skus, argc > 2 ? atoi(argv[2]) : 3);
 	for (int i = 0; i < n; i++)
 		printf("%s\n", skus[i]);

@@ -218,7 +218,8 @@ int flow_segments(struct app *app, rm_time now);
 /* ==== Recommendations ================================================= */
 
 /* Up to N product skus to recommend to CONTACT, best first, in OUT
- * (each up to 64 bytes). Returns how many. */
+ * (each up to 64 bytes), after bringing the item-to-item table up to
+ * date. Returns how many, or -1. */
 int reco_for(struct app *app, int64_t contact, char (*out)[65], int n);
 /* Brings the item-to-item table forward over the orders recorded since
  * the last call, in transactions of about CHUNK order lines each, until
@@ -257,6 +258,12 @@ enum send_result {
 	SEND_DOWN = 6,   /* the relay unavailable: connection refused, a time-out
 			  * or a 4xx before its greeting; stop the tick */
 };
+
+/* ==== The message context ============================================= */
+
+/* 1 if template TPL (text or HTML, or a partial of theirs) shows VAR:
+ * the recommendation queries run only for a template that shows them. */
+int mc_template_uses(struct app *app, const char *tpl, const char *var);
 
 /* ==== The flow engine: detect, claim, send, record ==================== */
 
@@ -315,6 +322,10 @@ struct report {
 	double unsubscribe_rate, discount_cost;
 	long codes_reused, codes_expired; /* orders whose code was used before, or had expired */
 	long browser_held; /* new browser-only contacts past the hourly cap */
+	/* the held-out carts (abandoned in the period) and those ordered
+	 * anyway; recovery_lift: recovered, messaged against held out */
+	long held_abandoned, held_recovered;
+	struct lift recovery_lift;
 	struct flow_report flows[REPORT_FLOWS];
 	int nflows;
 	struct { char month[8]; long orders, attributed; double revenue; } months[REPORT_MONTHS];
@@ -322,6 +333,11 @@ struct report {
 	long lapse_days, lapsed, contacted, reactivated;
 	char lapse_why[200];
 	double reactivation_rate;  /* contacted who ordered within 30 days */
+	/* held-out win-back customers (their first mail would have gone in
+	 * the period) and those who ordered within 30 days of it anyway;
+	 * reactivation_lift: contacted against held out */
+	long held_contacted, held_reactivated;
+	struct lift reactivation_lift;
 	long segments[SEG__MAX];   /* customers per segment, by enum segment */
 	double daily[REPORT_DAYS]; /* attributed revenue by day, last day = until */
 	rm_time first_day;
