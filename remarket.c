@@ -3908,18 +3908,23 @@ static int segment_name_ok(const char *v)
  * service (postage, fees: products.kind), never one twice.
  * The counts live in reco_items / reco_pairs, which reco_refresh brings
  * forward from a watermark (the last order id counted) in short
- * transactions: the tick calls it, so a mail reads a few indexed rows
- * and its cost does not grow with the store's history; there are no
- * triggers on order writes. reco_walk only reads; the message context
+ * transactions, called before a mail that shows recommendations (a tick
+ * with none due does nothing) and by `remarket recommend`; a mail then
+ * reads a few indexed rows, and its cost does not grow with the store's
+ * history. There are no triggers on order writes. reco_walk only reads; the message context
  * turns its rows into the {{#recommendations}} list, `remarket recommend`
  * prints them.
  */
 
 #define RECO_MIN_SUPPORT 2
-/* a tick brings the table forward ~1,000 order lines a transaction, for
- * at most 2 s (a big import is caught up over a few ticks) */
-#define RECO_CHUNK_LINES 1000
-#define RECO_TICK_MS 2000
+/* the table is brought forward up to 500 order lines a transaction,
+ * fewer when that took over 25 ms (a hook waits at most that), for at
+ * most 250 ms a mail (the
+ * first mails after a big import catch it up; later ones find it current
+ * at the cost of two indexed reads) */
+#define RECO_CHUNK_LINES 500
+#define RECO_CHUNK_MS 25
+#define RECO_MAIL_MS 250
 
 /* One chunk: the orders after the watermark up to the one holding its
  * CHUNK-th line, counted in one transaction. Returns the rows written
@@ -3927,11 +3932,16 @@ static int segment_name_ok(const char *v)
 static long reco_chunk(struct db *db, long chunk)
 {
 	long last = 0, orders = 0, bound = 0;
+	/* nothing new (the common case): known without the write lock */
+	q_row(q(db, ST_RECO_STATE, NULL), "ll", &last, &orders);
+	q_row(q(db, ST_RECO_BOUND, "ii", (int64_t)last, (int64_t)1), "l", &bound);
+	if (bound <= last)
+		return 0;
 	if (db_begin(db) < 0)
 		return -1;
 	q_row(q(db, ST_RECO_STATE, NULL), "ll", &last, &orders);
 	q_row(q(db, ST_RECO_BOUND, "ii", (int64_t)last, (int64_t)chunk), "l", &bound);
-	if (bound <= last) {
+	if (bound <= last) { /* another process counted them meanwhile */
 		db_rollback(db);
 		return 0;
 	}
@@ -3951,9 +3961,11 @@ long reco_refresh(struct app *app, long chunk, long budget_ms)
 {
 	struct timespec t0, t1;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	long total = 0;
+	long total = 0, lines = chunk > 0 ? chunk : RECO_CHUNK_LINES;
 	for (;;) {
-		long n = reco_chunk(app->db, chunk);
+		struct timespec c0;
+		clock_gettime(CLOCK_MONOTONIC, &c0);
+		long n = reco_chunk(app->db, lines);
 		if (n < 0)
 			return -1;
 		if (n == 0)
@@ -3962,6 +3974,14 @@ long reco_refresh(struct app *app, long chunk, long budget_ms)
 		clock_gettime(CLOCK_MONOTONIC, &t1);
 		long ms = (t1.tv_sec - t0.tv_sec) * 1000 +
 			  (t1.tv_nsec - t0.tv_nsec) / 1000000;
+		long cms = (t1.tv_sec - c0.tv_sec) * 1000 +
+			   (t1.tv_nsec - c0.tv_nsec) / 1000000;
+		/* a transaction of about RECO_CHUNK_MS: fewer lines when orders
+		 * are long (pairs grow as the square of an order's lines) */
+		if (cms > RECO_CHUNK_MS && lines > 20)
+			lines /= 2;
+		else if (cms < RECO_CHUNK_MS / 3 && lines < chunk)
+			lines *= 2;
 		if (budget_ms > 0 && ms >= budget_ms)
 			return total;
 	}
@@ -4863,6 +4883,8 @@ static int mc_recos(struct msgctx *mc, struct app *app, int64_t contact,
 		    const char *cur)
 {
 	struct reco_list r = {mc_list(mc), cur};
+	if (reco_refresh(app, RECO_CHUNK_LINES, RECO_MAIL_MS) < 0)
+		return -1;
 	if (reco_walk(app, contact, 3, reco_item, &r) < 0)
 		return -1;
 	return list_publish(mc, r.l, "recommendations");
@@ -5762,8 +5784,6 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 	memset(sum, 0, sizeof *sum);
 	time_t started = time(NULL);
 	if (flow_detect(app, now, sum) < 0)
-		return -1;
-	if (reco_refresh(app, RECO_CHUNK_LINES, RECO_TICK_MS) < 0)
 		return -1;
 	if (!strcmp(app->cfg->browser_consent, "confirm") &&
 	    confirm_send(app, now, started, sum) < 0)
