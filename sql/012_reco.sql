@@ -22,9 +22,11 @@ INSERT INTO products (sku, name, kind, updated)
   SELECT sku, sku, 'service', 0 FROM s
   WHERE sku IS NOT NULL AND rm_service(sku, NULL) ON CONFLICT DO NOTHING;
 
--- The item-to-item table the recommendations read, written only by
--- reco_refresh (the tick, `remarket recommend`) from the order lines of
--- orders after reco_state.last_order, in short transactions. A row of
+-- The item-to-item table the recommendations read, written by
+-- reco_refresh (before a mail that shows recommendations, and by
+-- `remarket recommend`) from the order lines of orders after
+-- reco_state.last_order, in short transactions, and corrected for one SKU
+-- when its kind changes. A row of
 -- reco_items: how many orders hold that product; of reco_pairs: how many
 -- orders hold both (each pair twice, (a, b) and (b, a), so one index
 -- seek finds every partner of a product). Orders of more than 100
