@@ -871,12 +871,26 @@ void cfg_free(struct config *cfg)
 	  "WHERE contact_id = ?1 AND status = 'active' AND created <= ?2 "     \
 	  "AND flow_id IN (SELECT id FROM flows "                              \
 	  "WHERE trigger IN ('cart_abandoned', 'customer_lapsed'))")           \
+	/* a new product's kind is ?8, else guessed; an update keeps it      \
+	 * unless ?8 says; RETURNING the kind before and after */              \
 	X(PRODUCT_UPSERT,                                                      \
-	  "INSERT INTO products (sku, name, price, url, image, category, updated) " \
-	  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (sku) DO UPDATE SET " \
+	  "INSERT INTO products (sku, name, price, url, image, category, updated, " \
+	  "kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, coalesce(?8, CASE WHEN "  \
+	  "rm_service(?1, ?2) THEN 'service' ELSE 'product' END)) "            \
+	  "ON CONFLICT (sku) DO UPDATE SET "                                   \
 	  "name = ?2, price = coalesce(?3, price), url = coalesce(?4, url), "  \
 	  "image = coalesce(?5, image), category = coalesce(?6, category), "   \
-	  "updated = ?7")                                                      \
+	  "updated = ?7, kind = coalesce(?8, kind)")                           \
+	X(PRODUCT_KIND_OF,                                                     \
+	  "SELECT coalesce((SELECT kind FROM products WHERE sku = ?1), 'product')") \
+	/* an order's service lines (postage, fees) not yet in the catalog    \
+	 * get a row there, so they are never counted as products */          \
+	X(ORDER_SERVICES,                                                      \
+	  "INSERT INTO products (sku, name, kind, updated) "                   \
+	  "SELECT json_extract(value, '$.sku'), "                              \
+	  "coalesce(json_extract(value, '$.name'), ''), 'service', ?2 "        \
+	  "FROM json_each(?1) WHERE rm_service(json_extract(value, '$.sku'), " \
+	  "json_extract(value, '$.name')) ON CONFLICT DO NOTHING")             \
 	X(REVIEW_INSERT,                                                       \
 	  "INSERT OR IGNORE INTO reviews (sku, author, rating, text, ts) "     \
 	  "VALUES (?1, ?2, ?3, ?4, ?5)")                                       \
@@ -916,7 +930,7 @@ void cfg_free(struct config *cfg)
 	  "SELECT json_patch('{}', json_object('type', 'product', 'sku', ?1, " \
 	  "'name', ?2, 'price', ?3, 'url', ?4, 'image', ?5, 'category', ?6, "  \
 	  "'review', CASE WHEN ?7 IS NOT NULL THEN json_object('author', ?7, " \
-	  "'rating', ?8, 'text', ?9) END))")                                   \
+	  "'rating', ?8, 'text', ?9) END, 'kind', ?10))")                      \
 	/* -- Segments -- */                                                   \
 	/* gaps between a customer's consecutive orders: count and the 90th  \
 	 * percentile, from which winback_after = auto is derived */          \
@@ -1080,35 +1094,101 @@ void cfg_free(struct config *cfg)
 	  "DELETE FROM segment_dirty WHERE contact_id > ?1 AND contact_id <= ?2") \
 	X(SEG_NOW, "UPDATE segment_state SET now = ?1 WHERE id = 1 AND now IS NOT ?1") \
 	/* -- Recommendations -- */                                            \
-	/* recommendations: what customers who bought what this one bought    \
-	 * also bought; then best sellers of their favourite category; then   \
-	 * of the store. Never what they own. */                              \
+	/* recommendations: products bought with what this one bought more   \
+	 * often than they are bought at all (lift > 1: P(b | a) > P(b)),     \
+	 * each pair seen in at least ?3 orders, from reco_pairs and the last \
+	 * 20 products they bought; then best sellers of their favourite      \
+	 * category; then of the store. Never what they own, never a service. \
+	 * The cost is their own lines and those products' partners, not the \
+	 * store's history. */                                                \
 	X(RECO_COOCCUR,                                                        \
-	  "WITH mine AS (SELECT DISTINCT sku FROM order_lines WHERE contact_id = ?1), " \
-	  "peers AS (SELECT DISTINCT l.order_id FROM order_lines l "           \
-	  "JOIN mine USING (sku) WHERE l.contact_id IS NOT ?1), "              \
-	  "co AS (SELECT l.sku, count(DISTINCT l.order_id) AS n "              \
-	  "FROM order_lines l JOIN peers USING (order_id) "                    \
-	  "WHERE l.sku NOT IN (SELECT sku FROM mine) GROUP BY l.sku) "         \
+	  "WITH mine AS (SELECT sku FROM order_lines WHERE contact_id = ?1 "   \
+	  "GROUP BY sku ORDER BY max(ts) DESC, sku LIMIT 20), "                \
+	  "n AS (SELECT max(orders, 1) AS n FROM reco_state), "                \
+	  "c AS (SELECT r.other AS sku, max(r.orders * n.n * 1.0 / "           \
+	  "(a.orders * b.orders)) AS lift, sum(r.orders) AS support "          \
+	  "FROM mine JOIN reco_pairs r ON r.sku = mine.sku "                   \
+	  "JOIN reco_items a ON a.sku = r.sku "                                \
+	  "JOIN reco_items b ON b.sku = r.other, n WHERE r.orders >= ?3 "      \
+	  "GROUP BY r.other) "                                                 \
 	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
-	  "coalesce(p.image, '') FROM co JOIN products p ON p.sku = co.sku "   \
-	  "ORDER BY co.n DESC, p.sku LIMIT ?2")                                \
+	  "coalesce(p.image, '') FROM c JOIN products p ON p.sku = c.sku "     \
+	  "WHERE c.lift > 1 AND p.kind = 'product' AND p.sku NOT IN "          \
+	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
+	  "ORDER BY c.lift DESC, c.support DESC, p.sku LIMIT ?2")              \
 	X(RECO_CATEGORY,                                                       \
-	  "WITH mine AS (SELECT DISTINCT sku FROM order_lines WHERE contact_id = ?1), " \
-	  "fav AS (SELECT p.category FROM order_lines l JOIN products p "       \
+	  "WITH fav AS (SELECT p.category FROM order_lines l JOIN products p " \
 	  "ON p.sku = l.sku WHERE l.contact_id = ?1 AND p.category IS NOT NULL " \
+	  "AND p.kind = 'product' "                                            \
 	  "GROUP BY p.category ORDER BY sum(l.qty) DESC, p.category LIMIT 1) " \
 	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
 	  "coalesce(p.image, '') FROM products p JOIN fav "                    \
-	  "ON p.category = fav.category WHERE p.sku NOT IN (SELECT sku FROM mine) " \
-	  "ORDER BY (SELECT total(qty) FROM order_lines l WHERE l.sku = p.sku) " \
-	  "DESC, p.sku LIMIT ?2")                                              \
+	  "ON p.category = fav.category LEFT JOIN reco_items i ON i.sku = p.sku " \
+	  "WHERE p.kind = 'product' AND p.sku NOT IN "                         \
+	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
+	  "ORDER BY coalesce(i.orders, 0) DESC, p.sku LIMIT ?2")               \
 	X(RECO_BEST,                                                           \
 	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
-	  "coalesce(p.image, '') FROM products p WHERE p.sku NOT IN "          \
-	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
-	  "ORDER BY (SELECT total(qty) FROM order_lines l WHERE l.sku = p.sku) " \
-	  "DESC, p.sku LIMIT ?2")                                              \
+	  "coalesce(p.image, '') FROM products p "                             \
+	  "LEFT JOIN reco_items i ON i.sku = p.sku WHERE p.kind = 'product' "  \
+	  "AND p.sku NOT IN (SELECT sku FROM order_lines WHERE contact_id = ?1) " \
+	  "ORDER BY coalesce(i.orders, 0) DESC, p.sku LIMIT ?2")               \
+	/* the item-to-item table, brought forward one chunk at a time: the   \
+	 * orders after last_order up to the one holding the ?2-th line after \
+	 * it; services never counted; pairs only in orders of at most 100    \
+	 * SKUs */                                                            \
+	X(RECO_STATE, "SELECT last_order, orders FROM reco_state")             \
+	X(RECO_BOUND,                                                          \
+	  "SELECT max(order_id) FROM (SELECT order_id FROM order_lines "       \
+	  "WHERE order_id > ?1 ORDER BY order_id LIMIT ?2)")                   \
+	X(RECO_ITEMS_ADD,                                                      \
+	  "INSERT INTO reco_items (sku, orders) SELECT sku, "                  \
+	  "count(DISTINCT order_id) FROM order_lines l WHERE order_id > ?1 "   \
+	  "AND order_id <= ?2 AND NOT EXISTS (SELECT 1 FROM products p "       \
+	  "WHERE p.sku = l.sku AND p.kind = 'service') GROUP BY sku "          \
+	  "ON CONFLICT (sku) DO UPDATE SET orders = orders + excluded.orders")  \
+	X(RECO_PAIRS_ADD,                                                      \
+	  "WITH o AS (SELECT order_id FROM order_lines WHERE order_id > ?1 "   \
+	  "AND order_id <= ?2 GROUP BY order_id "                              \
+	  "HAVING count(DISTINCT sku) <= 100), "                               \
+	  "l AS (SELECT DISTINCT x.order_id, x.sku FROM o "                    \
+	  "JOIN order_lines x ON x.order_id = o.order_id WHERE NOT EXISTS "    \
+	  "(SELECT 1 FROM products p WHERE p.sku = x.sku "                     \
+	  "AND p.kind = 'service')) "                                          \
+	  "INSERT INTO reco_pairs (sku, other, orders) SELECT a.sku, b.sku, "  \
+	  "count(*) FROM l a JOIN l b ON b.order_id = a.order_id "             \
+	  "AND b.sku <> a.sku GROUP BY a.sku, b.sku "                          \
+	  "ON CONFLICT (sku, other) DO UPDATE SET "                            \
+	  "orders = orders + excluded.orders")                                 \
+	X(RECO_STATE_SET,                                                      \
+	  "UPDATE reco_state SET last_order = ?2, orders = orders + "          \
+	  "(SELECT count(DISTINCT order_id) FROM order_lines "                 \
+	  "WHERE order_id > ?1 AND order_id <= ?2)")                           \
+	/* a product that became a service leaves the table; one that became  \
+	 * a product is counted over the orders already counted (?2) */       \
+	X(RECO_DROP_PARTNERS,                                                  \
+	  "DELETE FROM reco_pairs WHERE other = ?1 AND sku IN "                \
+	  "(SELECT other FROM reco_pairs WHERE sku = ?1)")                     \
+	X(RECO_DROP_PAIRS, "DELETE FROM reco_pairs WHERE sku = ?1")            \
+	X(RECO_DROP_ITEM, "DELETE FROM reco_items WHERE sku = ?1")             \
+	X(RECO_ITEM_COUNT,                                                     \
+	  "INSERT INTO reco_items (sku, orders) SELECT ?1, "                   \
+	  "count(DISTINCT order_id) FROM order_lines WHERE sku = ?1 "          \
+	  "AND order_id <= ?2 HAVING count(*) > 0")                            \
+	X(RECO_PAIRS_OF,                                                       \
+	  "WITH o AS (SELECT DISTINCT order_id FROM order_lines WHERE sku = ?1 " \
+	  "AND order_id <= ?2 AND (SELECT count(DISTINCT sku) FROM order_lines " \
+	  "x WHERE x.order_id = order_lines.order_id) <= 100) "                \
+	  "INSERT INTO reco_pairs (sku, other, orders) SELECT ?1, x.sku, "     \
+	  "count(DISTINCT x.order_id) FROM o JOIN order_lines x "              \
+	  "ON x.order_id = o.order_id WHERE x.sku <> ?1 AND NOT EXISTS "       \
+	  "(SELECT 1 FROM products p WHERE p.sku = x.sku "                     \
+	  "AND p.kind = 'service') GROUP BY x.sku")                            \
+	X(RECO_PAIRS_MIRROR,                                                   \
+	  "INSERT INTO reco_pairs (sku, other, orders) SELECT other, sku, "    \
+	  "orders FROM reco_pairs WHERE sku = ?1")                             \
+	X(PRODUCT_KIND_SET,                                                    \
+	  "UPDATE products SET kind = ?2 WHERE sku = ?1")                      \
 	/* -- The message context -- */                                        \
 	X(AOV, "SELECT coalesce(round(avg(total), 2), 0) FROM orders WHERE total > 0") \
 	X(ENROLLMENT_CODE,                                                     \
@@ -1377,6 +1457,18 @@ void cfg_free(struct config *cfg)
 	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'customer_lapsed' " \
 	  "AND m.status = 'sent' AND m.sent_at >= ?1 AND m.sent_at < ?2 "      \
 	  "GROUP BY m.contact_id) x")                                          \
+	/* its baseline: held-out win-back customers whose first mail would   \
+	 * have gone (anchor + the first step's delay) in the period, and     \
+	 * those who ordered within 30 days of it anyway */                   \
+	X(WINBACK_HELD,                                                        \
+	  "SELECT count(*), coalesce(sum(EXISTS (SELECT 1 FROM orders o "      \
+	  "WHERE o.contact_id = x.contact_id AND o.ts > x.first "              \
+	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT contact_id, "   \
+	  "min(due) AS first FROM (SELECT e.contact_id, e.anchor + coalesce(" \
+	  "(SELECT min(s.delay_s) FROM steps s WHERE s.flow_id = e.flow_id), 0) " \
+	  "AS due FROM enrollments e JOIN flows f ON f.id = e.flow_id "        \
+	  "WHERE f.trigger = 'customer_lapsed' AND e.holdout = 1) "            \
+	  "WHERE due >= ?1 AND due < ?2 GROUP BY contact_id) x")               \
 	X(REP_CURRENCY,                                                        \
 	  "SELECT currency FROM orders GROUP BY currency "                     \
 	  "ORDER BY count(*) DESC LIMIT 1")                                    \
@@ -1392,6 +1484,12 @@ void cfg_free(struct config *cfg)
 	  "FROM enrollments e JOIN flows f ON f.id = e.flow_id "               \
 	  "JOIN carts k ON k.id = e.cart_id WHERE f.trigger = 'cart_abandoned' " \
 	  "AND e.holdout = 0 AND e.created >= ?1 AND e.created < ?2")          \
+	X(REP_RECOVERED_HELD,                                                  \
+	  "SELECT count(*), coalesce(sum(k.status = 'ordered' AND "            \
+	  "k.ordered_at >= e.created AND k.ordered_at < e.created + ?3), 0) "  \
+	  "FROM enrollments e JOIN flows f ON f.id = e.flow_id "               \
+	  "JOIN carts k ON k.id = e.cart_id WHERE f.trigger = 'cart_abandoned' " \
+	  "AND e.holdout = 1 AND e.created >= ?1 AND e.created < ?2")          \
 	X(REP_RECOVERED_REVENUE,                                               \
 	  "SELECT total(o.total) FROM orders o JOIN messages m ON m.id = o.message " \
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
@@ -1427,10 +1525,16 @@ void cfg_free(struct config *cfg)
 	X(REP_BROWSER_HELD,                                                    \
 	  "SELECT count(*) FROM contacts WHERE held_at >= ?1 AND held_at < ?2 " \
 	  "AND +signed = 0")                                                   \
+	/* converted: a cart enrollment's cart was ordered; one without a     \
+	 * cart (win-back, post-purchase), its contact placed an order (not   \
+	 * the one it hangs on) -- within conversion_days (?4) of enrolling */ \
 	X(REP_FLOW_CONV,                                                       \
-	  "SELECT e.holdout, count(*), coalesce(sum(k.status = 'ordered' AND " \
-	  "k.ordered_at >= e.created AND k.ordered_at < e.created + ?4), 0) "  \
-	  "FROM enrollments e JOIN carts k ON k.id = e.cart_id "               \
+	  "SELECT e.holdout, count(*), coalesce(sum(CASE WHEN e.cart_id IS NOT NULL " \
+	  "THEN k.status = 'ordered' AND k.ordered_at >= e.created "           \
+	  "AND k.ordered_at < e.created + ?4 ELSE EXISTS (SELECT 1 FROM orders o " \
+	  "WHERE o.contact_id = e.contact_id AND o.ts >= e.created "           \
+	  "AND o.ts < e.created + ?4 AND o.id IS NOT e.order_id) END), 0) "    \
+	  "FROM enrollments e LEFT JOIN carts k ON k.id = e.cart_id "          \
 	  "WHERE e.flow_id = ?1 AND e.created >= ?2 AND e.created < ?3 "       \
 	  "GROUP BY e.holdout")                                                \
 	X(REP_STEPS,                                                           \
@@ -1440,8 +1544,11 @@ void cfg_free(struct config *cfg)
 	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i WHERE "           \
 	  "i.message = m.id AND i.kind IN ('click', 'discount'))), 0), "       \
 	  "coalesce(sum(o.n), 0), total(o.rev), "                              \
-	  "coalesce(sum(k.status = 'ordered' AND k.ordered_at >= m.sent_at "   \
-	  "AND k.ordered_at < m.sent_at + ?4), 0) "                            \
+	  "coalesce(sum(CASE WHEN e.cart_id IS NOT NULL THEN "                 \
+	  "k.status = 'ordered' AND k.ordered_at >= m.sent_at "                \
+	  "AND k.ordered_at < m.sent_at + ?4 ELSE EXISTS (SELECT 1 FROM orders x " \
+	  "WHERE x.contact_id = e.contact_id AND x.ts >= m.sent_at "           \
+	  "AND x.ts < m.sent_at + ?4 AND x.id IS NOT e.order_id) END), 0) "    \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
 	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
 	  "LEFT JOIN (SELECT message, count(*) AS n, total(total) AS rev "     \
@@ -1730,8 +1837,46 @@ static void sql_bucket(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 	sqlite3_result_int(ctx, rm_bucket(t ? (const char *)t : ""));
 }
 
+/* 1 if a catalog line looks like a service rather than a product: the
+ * SKUs stores use for postage, carriage, fees, bank charges and manual
+ * adjustments (POST, DOT, C2, M, CRUK, BANK CHARGES, AMAZONFEE), or a
+ * name with the word POSTAGE, CARRIAGE, FEE(S), CHARGES or ADJUST (whole
+ * words: not COFFEE). A guess: the operator corrects it with `remarket
+ * products kind`. */
+int rm_service(const char *sku, const char *name)
+{
+	static const char *const skus[] = {"POST", "DOT", "C2", "M", "CRUK",
+					   "BANK CHARGES", "AMAZONFEE"};
+	static const char *const words[] = {"POSTAGE", "CARRIAGE", "FEE", "FEES",
+					    "CHARGES", "ADJUST"};
+	for (size_t i = 0; sku && i < sizeof skus / sizeof skus[0]; i++)
+		if (!strcasecmp(sku, skus[i]))
+			return 1;
+	for (const char *p = name; p && *p;) {
+		while (*p && !isalnum((unsigned char)*p))
+			p++;
+		size_t n = 0;
+		while (isalnum((unsigned char)p[n]))
+			n++;
+		for (size_t i = 0; n && i < sizeof words / sizeof words[0]; i++)
+			if (strlen(words[i]) == n && !strncasecmp(p, words[i], n))
+				return 1;
+		p += n;
+	}
+	return 0;
+}
+
+static void sql_service(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+	(void)argc;
+	const unsigned char *sku = sqlite3_value_text(argv[0]);
+	const unsigned char *name = sqlite3_value_text(argv[1]);
+	sqlite3_result_int(ctx, rm_service((const char *)sku, (const char *)name));
+}
+
 /* Opens one connection to the database at PATH (a new file made 0600, its
- * directory created): WAL, foreign keys, rm_bucket(), the busy timeout. */
+ * directory created): WAL, foreign keys, rm_bucket(), rm_service(), the
+ * busy timeout. */
 int db_open(struct db **out, const char *path, char *err, size_t errlen)
 {
 	struct db *db = calloc(1, sizeof *db);
@@ -1762,6 +1907,10 @@ int db_open(struct db **out, const char *path, char *err, size_t errlen)
 		rc = sqlite3_create_function(db->h, "rm_bucket", 1, SQLITE_UTF8 |
 					     SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS,
 					     NULL, sql_bucket, NULL, NULL);
+	if (rc == SQLITE_OK)
+		rc = sqlite3_create_function(db->h, "rm_service", 2, SQLITE_UTF8 |
+					     SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS,
+					     NULL, sql_service, NULL, NULL);
 	if (rc == SQLITE_OK)
 		rc = sqlite3_exec(db->h,
 				  "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
@@ -2503,6 +2652,7 @@ struct event {
 	char type[16];
 	char *email, *name, *cart_id, *currency, *visitor_id, *order_id;
 	char *code, *sku, *category, *url, *image, *items, *review, *text;
+	char *kind;      /* a product's: 'product' or 'service' */
 	int consent;     /* -1: not said */
 	int has_total, has_price;
 	double total, price;
@@ -2526,6 +2676,7 @@ static const struct efield {
 	{"discount_code", offsetof(struct event, code), FC_CODE, 32},
 	{"sku", offsetof(struct event, sku), FC_IDENT, 64},
 	{"category", offsetof(struct event, category), FC_TEXT, 64},
+	{"kind", offsetof(struct event, kind), FC_TEXT, 16},
 	{"url", offsetof(struct event, url), FC_URL, 2048},
 	{"image", offsetof(struct event, image), FC_URL, 2048},
 };
@@ -2910,6 +3061,8 @@ static int ev_require(const struct event *e, enum ev_source src,
 		return fail(err, 400, "order: needs email or cart_id");
 	if (!strcmp(t, "product") && (!e->sku || !e->name))
 		return fail(err, 400, "product: needs sku and name");
+	if (e->kind && strcmp(e->kind, "product") && strcmp(e->kind, "service"))
+		return fail(err, 400, "kind: 'product' or 'service'");
 	return 0;
 }
 
@@ -3172,7 +3325,9 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 	s = q(db, ST_ORDER_LINES, "init", order, (int64_t)e->ts, e->items ? e->items : "[]");
 	if (contact)
 		sqlite3_bind_int64(s, 2, contact);
-	if (q_exec(db, s) < 0)
+	if (q_exec(db, s) < 0 || q_exec(db, q(db, ST_ORDER_SERVICES, "ti",
+					      e->items ? e->items : "[]",
+					      (int64_t)e->ts)) < 0)
 		return -1;
 	s = q(db, ST_CART_ORDERED, "nni", (int64_t)e->ts);
 	if (cart)
@@ -3203,14 +3358,22 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 	return ev_attribute(app, e, contact, redeemed ? e->code : NULL);
 }
 
+static int reco_kind_changed(struct db *db, const char *sku, const char *was);
+
+/* A product event: the catalog row, its kind (guessed when new: a
+ * service's lines leave the recommendation counts) and its review. */
 static int ev_product(struct app *app, const struct event *e)
 {
 	struct db *db = app->db;
-	sqlite3_stmt *s = q(db, ST_PRODUCT_UPSERT, "ttnttti", e->sku, e->name,
-			    e->url, e->image, e->category, (int64_t)e->ts);
+	char was[16];
+	sqlite3_stmt *s = q(db, ST_PRODUCT_KIND_OF, "t", e->sku);
+	copy_str(was, sizeof was, sqlite3_step(s) == SQLITE_ROW ? col_text(s, 0) : "");
+	sqlite3_reset(s);
+	s = q(db, ST_PRODUCT_UPSERT, "ttntttit", e->sku, e->name, e->url,
+	      e->image, e->category, (int64_t)e->ts, e->kind);
 	if (e->has_price)
 		sqlite3_bind_double(s, 3, e->price);
-	if (q_exec(db, s) < 0)
+	if (q_exec(db, s) < 0 || reco_kind_changed(db, e->sku, was) < 0)
 		return -1;
 	if (!e->review)
 		return 0;
@@ -3574,6 +3737,7 @@ static const struct csv_column product_columns[] = {
 	{"review_author", CSV_TEXT, CSV_MAY, 7},
 	{"review_rating", CSV_INT, CSV_MAY, 8},
 	{"review_text", CSV_TEXT, CSV_MAY, 9},
+	{"kind", CSV_TEXT, CSV_MAY, 10}, /* product or service */
 };
 #define PRODUCT_COLUMNS (sizeof product_columns / sizeof product_columns[0])
 
@@ -4223,13 +4387,138 @@ static int segment_name_ok(const char *v)
 
 /* ==== Recommendations ================================================= */
 /*
- * Products a contact may like, in tiers of preference: what customers
- * who bought what they bought also bought, then best sellers of their
- * favourite category, then of the store; never one they own, never one
- * twice. reco_walk only reads; the message context turns its
- * rows into the {{#recommendations}} list, `remarket recommend` prints
- * them.
+ * Products a contact may like, in tiers of preference: products bought
+ * together with what they bought more often than they are bought at all
+ * (lift: P(b | a) / P(b) > 1, from a pair seen in at least
+ * RECO_MIN_SUPPORT orders, so one shared order is no evidence and "bought
+ * by everyone" is not "bought together"); then best sellers of their
+ * favourite category; then of the store. Never one they own, never a
+ * service (postage, fees: products.kind), never one twice.
+ * The counts live in reco_items / reco_pairs, which reco_refresh brings
+ * forward from a watermark (the last order id counted) in short
+ * transactions, called before a mail that shows recommendations (a tick
+ * with none due does nothing) and by `remarket recommend`; a mail then
+ * reads a few indexed rows, and its cost does not grow with the store's
+ * history. There are no triggers on order writes. reco_walk only reads; the message context
+ * turns its rows into the {{#recommendations}} list, `remarket recommend`
+ * prints them.
  */
+
+#define RECO_MIN_SUPPORT 2
+/* the table is brought forward up to 500 order lines a transaction,
+ * fewer when that took over 25 ms (a hook waits at most that), for at
+ * most 250 ms a mail (the
+ * first mails after a big import catch it up; later ones find it current
+ * at the cost of two indexed reads) */
+#define RECO_CHUNK_LINES 500
+#define RECO_CHUNK_MS 25
+#define RECO_MAIL_MS 250
+
+/* One chunk: the orders after the watermark up to the one holding its
+ * CHUNK-th line, counted in one transaction. Returns the rows written
+ * (at least 1), 0 when the table is already current, or -1. */
+static long reco_chunk(struct db *db, long chunk)
+{
+	long last = 0, orders = 0, bound = 0;
+	/* nothing new (the common case): known without the write lock */
+	q_row(q(db, ST_RECO_STATE, NULL), "ll", &last, &orders);
+	q_row(q(db, ST_RECO_BOUND, "ii", (int64_t)last, (int64_t)1), "l", &bound);
+	if (bound <= last)
+		return 0;
+	if (db_begin(db) < 0)
+		return -1;
+	q_row(q(db, ST_RECO_STATE, NULL), "ll", &last, &orders);
+	q_row(q(db, ST_RECO_BOUND, "ii", (int64_t)last, (int64_t)chunk), "l", &bound);
+	if (bound <= last) { /* another process counted them meanwhile */
+		db_rollback(db);
+		return 0;
+	}
+	long lines = sqlite3_total_changes(db->h);
+	if (q_exec(db, q(db, ST_RECO_ITEMS_ADD, "ii", (int64_t)last, (int64_t)bound)) ||
+	    q_exec(db, q(db, ST_RECO_PAIRS_ADD, "ii", (int64_t)last, (int64_t)bound)) ||
+	    q_exec(db, q(db, ST_RECO_STATE_SET, "ii", (int64_t)last, (int64_t)bound)) ||
+	    db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	lines = sqlite3_total_changes(db->h) - lines;
+	return lines > 0 ? lines : 1;
+}
+
+long reco_refresh(struct app *app, long chunk, long budget_ms)
+{
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	long total = 0, lines = chunk > 0 ? chunk : RECO_CHUNK_LINES;
+	for (;;) {
+		struct timespec c0;
+		clock_gettime(CLOCK_MONOTONIC, &c0);
+		long n = reco_chunk(app->db, lines);
+		if (n < 0)
+			return -1;
+		if (n == 0)
+			return total;
+		total += n;
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		long ms = (t1.tv_sec - t0.tv_sec) * 1000 +
+			  (t1.tv_nsec - t0.tv_nsec) / 1000000;
+		long cms = (t1.tv_sec - c0.tv_sec) * 1000 +
+			   (t1.tv_nsec - c0.tv_nsec) / 1000000;
+		/* a transaction of about RECO_CHUNK_MS: fewer lines when orders
+		 * are long (pairs grow as the square of an order's lines) */
+		if (cms > RECO_CHUNK_MS && lines > 20)
+			lines /= 2;
+		else if (cms < RECO_CHUNK_MS / 3 && lines < chunk)
+			lines *= 2;
+		if (budget_ms > 0 && ms >= budget_ms)
+			return total;
+	}
+}
+
+/* SKU is now of KIND: the table forgets it, or counts it over the orders
+ * already counted, as a full rebuild would. Inside the caller's
+ * transaction. */
+static int reco_kind_fix(struct db *db, const char *sku, const char *kind)
+{
+	long last = 0, orders = 0;
+	q_row(q(db, ST_RECO_STATE, NULL), "ll", &last, &orders);
+	if (q_exec(db, q(db, ST_RECO_DROP_PARTNERS, "t", sku)) ||
+	    q_exec(db, q(db, ST_RECO_DROP_PAIRS, "t", sku)) ||
+	    q_exec(db, q(db, ST_RECO_DROP_ITEM, "t", sku)))
+		return -1;
+	if (strcmp(kind, "product"))
+		return 0;
+	return q_exec(db, q(db, ST_RECO_ITEM_COUNT, "ti", sku, (int64_t)last)) ||
+	       q_exec(db, q(db, ST_RECO_PAIRS_OF, "ti", sku, (int64_t)last)) ||
+	       q_exec(db, q(db, ST_RECO_PAIRS_MIRROR, "t", sku)) ? -1 : 0;
+}
+
+/* After a product event: if SKU's kind is no longer WAS (a product not
+ * yet in the catalog counts as one), the table follows. */
+static int reco_kind_changed(struct db *db, const char *sku, const char *was)
+{
+	char now[16];
+	sqlite3_stmt *s = q(db, ST_PRODUCT_KIND_OF, "t", sku);
+	copy_str(now, sizeof now, sqlite3_step(s) == SQLITE_ROW ? col_text(s, 0) : "");
+	sqlite3_reset(s);
+	return strcmp(now, was) ? reco_kind_fix(db, sku, now) : 0;
+}
+
+int reco_set_kind(struct app *app, const char *sku, const char *kind)
+{
+	struct db *db = app->db;
+	if (strcmp(kind, "product") && strcmp(kind, "service"))
+		return -1;
+	if (db_begin(db) < 0)
+		return -1;
+	if (q_exec(db, q(db, ST_PRODUCT_KIND_SET, "tt", sku, kind)) ||
+	    sqlite3_changes(db->h) != 1 || reco_kind_fix(db, sku, kind) ||
+	    db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	return 0;
+}
 
 /* Runs the recommendation statements in order of preference until N
  * distinct products are found; calls add() for each, best first. */
@@ -4243,7 +4532,8 @@ static int reco_walk(struct app *app, int64_t contact, int n,
 	if (n > 16)
 		n = 16;
 	for (size_t t = 0; t < 3 && found < n; t++) {
-		sqlite3_stmt *s = q(app->db, tiers[t], "ii", contact, (int64_t)n + found);
+		sqlite3_stmt *s = q(app->db, tiers[t], t ? "ii" : "iii", contact,
+				    (int64_t)n + found, (int64_t)RECO_MIN_SUPPORT);
 		while (found < n && sqlite3_step(s) == SQLITE_ROW) {
 			int dup = 0;
 			for (int i = 0; i < found; i++)
@@ -4276,6 +4566,9 @@ static int reco_sku(void *arg, sqlite3_stmt *row)
 int reco_for(struct app *app, int64_t contact, char (*out)[65], int n)
 {
 	struct reco_out o = {out, 0};
+	/* the item-to-item table as of now, as a tick would leave it */
+	if (reco_refresh(app, RECO_CHUNK_LINES, 0) < 0)
+		return -1;
 	return reco_walk(app, contact, n, reco_sku, &o);
 }
 
@@ -5017,6 +5310,50 @@ static int mc_items(struct msgctx *mc, struct app *app, const char *name,
 	return rc ? rc : list_publish(mc, l, name);
 }
 
+/* 1 if template NAME (its .txt or .html, or a partial they include, four
+ * deep as tpl_partial allows) has a tag for VAR: {{VAR}}, {{#VAR}} or
+ * {{^VAR}}. The recommendation queries run only for such a template. A
+ * file that cannot be read counts as using it (rendering will say why). */
+static int mc_tpl_uses(const char *dir, const char *name, size_t n,
+		       const char *ext, const char *var, int depth)
+{
+	char path[PATH_MAX];
+	struct buf b = {0};
+	int w = snprintf(path, sizeof path, "%s/%.*s%s", dir, (int)n, name, ext);
+	if (w < 0 || (size_t)w >= sizeof path || template_read(path, &b) < 0) {
+		buf_free(&b);
+		return 1;
+	}
+	int uses = 0;
+	size_t vl = strlen(var);
+	for (const char *t = b.data; !uses && (t = strstr(t, "{{")); t += 2) {
+		const char *tag = t + 2, *end = strstr(tag, "}}");
+		if (!end)
+			break;
+		char kind = *tag;
+		if (strchr("#^/>", kind))
+			tag++;
+		size_t tl = (size_t)(end - tag);
+		int plain = tl > 0 && tl < 64;
+		for (size_t i = 0; plain && i < tl; i++)
+			plain = isalnum((unsigned char)tag[i]) || tag[i] == '_' ||
+				tag[i] == '-';
+		if (kind == '>' && depth < 4 && plain)
+			uses = mc_tpl_uses(dir, tag, tl, ext, var, depth + 1);
+		else if (kind != '/' && kind != '>')
+			uses = tl == vl && !memcmp(tag, var, vl);
+	}
+	buf_free(&b);
+	return uses;
+}
+
+int mc_template_uses(struct app *app, const char *tpl, const char *var)
+{
+	const char *dir = app->cfg->templates;
+	return mc_tpl_uses(dir, tpl, strlen(tpl), ".txt", var, 0) ||
+	       mc_tpl_uses(dir, tpl, strlen(tpl), ".html", var, 0);
+}
+
 struct reco_list {
 	struct mlist *l;
 	const char *cur;
@@ -5034,6 +5371,8 @@ static int mc_recos(struct msgctx *mc, struct app *app, int64_t contact,
 		    const char *cur)
 {
 	struct reco_list r = {mc_list(mc), cur};
+	if (reco_refresh(app, RECO_CHUNK_LINES, RECO_MAIL_MS) < 0)
+		return -1;
 	if (reco_walk(app, contact, 3, reco_item, &r) < 0)
 		return -1;
 	return list_publish(mc, r.l, "recommendations");
@@ -5163,7 +5502,8 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 			return -1;
 		snprintf(count, sizeof count, "%zu", mc->lists[mc->nlists - 1].n);
 		mc_set(mc, "item_count", count);
-	} else if (mc_recos(mc, app, m->contact, m->currency) < 0 ||
+	} else if ((mc_template_uses(app, m->tpl, "recommendations") &&
+		    mc_recos(mc, app, m->contact, m->currency) < 0) ||
 		   (m->order && mc_order(mc, app, m->order) < 0)) {
 		return -1;
 	}
@@ -6101,6 +6441,12 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
  * Recovered carts are enrollees, not held out, whose cart was ordered
  * within conversion_days; recovered revenue is the revenue of orders
  * attributed (click or code) to a message of the flow.
+ * Every rate beside a flow (recovered, reactivated within 30 days, a
+ * flow's conversion) is shown with the same rate of its held-out group
+ * and their difference with a 95 % interval (stat_lift); only that
+ * difference is called "caused by remarket": people come back without
+ * mail too. A flow without a cart (win-back, post-purchase) converts
+ * when its contact orders again, not by a cart.
  */
 
 void stat_lift(long x1, long n1, long x2, long n2, struct lift *out)
@@ -6225,6 +6571,10 @@ static void rep_lifecycle(struct app *app, struct report *r)
 	      "lll", &r->lapsed, &r->contacted, &r->reactivated);
 	r->reactivation_rate = r->contacted ? (double)r->reactivated /
 						      (double)r->contacted : 0;
+	q_row(q(app->db, ST_WINBACK_HELD, "ii", (int64_t)r->since, (int64_t)r->until),
+	      "ll", &r->held_contacted, &r->held_reactivated);
+	stat_lift(r->reactivated, r->contacted, r->held_reactivated,
+		  r->held_contacted, &r->reactivation_lift);
 	segment_counts(app, r->segments);
 }
 
@@ -6246,6 +6596,8 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	      &r->attributed, &r->influenced, &r->influenced_revenue);
 	q_row(q(db, ST_REP_RECOVERED, "iii", a, b, conv), "ll", &r->abandoned,
 	      &r->recovered);
+	q_row(q(db, ST_REP_RECOVERED_HELD, "iii", a, b, conv), "ll",
+	      &r->held_abandoned, &r->held_recovered);
 	q_row(q(db, ST_REP_RECOVERED_REVENUE, "ii", a, b), "d", &r->recovered_revenue);
 	q_row(q(db, ST_REP_MESSAGES, "ii", a, b), "lllll", &r->sent, &r->bounced,
 	      &r->opened, &r->clicked, &r->unsubscribed);
@@ -6255,6 +6607,8 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	q_row(q(db, ST_REP_CODE_FLAGS, "ii", a, b), "ll", &r->codes_reused,
 	      &r->codes_expired);
 	r->recovery_rate = r->abandoned ? (double)r->recovered / (double)r->abandoned : 0;
+	stat_lift(r->recovered, r->abandoned, r->held_recovered, r->held_abandoned,
+		  &r->recovery_lift);
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
 	q_row(q(db, ST_REP_BROWSER_HELD, "ii", a, b), "l", &r->browser_held);
 	rep_flows(app, r);
@@ -6274,6 +6628,10 @@ enum rep_kind {
 	RK_MONEY,
 	RK_PERCENT,   /* a rate shown as "12.3 %" */
 	RK_PERCENT2,  /* a small rate shown as "0.12 %" (per email) */
+	RK_POINTS,    /* a difference of rates: a fraction in JSON, shown as
+		       * "+1.2 points" */
+	RK_CI,        /* two doubles (lo, hi): [lo,hi] in JSON, shown as
+		       * "-1.0 to +3.4 points" */
 };
 
 /* Where a number appears besides report.json. */
@@ -6301,10 +6659,22 @@ struct rep_num {
 static const struct rep_num rep_nums[] = {
 	{"abandoned_carts", RN(abandoned), RK_COUNT, RW_TEXT, 0, NULL, 0,
 	 "abandoned carts    ", " (held out not counted)"},
-	{"recovered_carts", RN(recovered), RK_COUNT, RW_TEXT, 3,
+	{"recovered_carts", RN(recovered), RK_COUNT, RW_TEXT, 5,
 	 "carts recovered / abandoned", RN(abandoned), "recovered carts    ", " ("},
 	{"recovery_rate", RN(recovery_rate), RK_PERCENT, RW_TEXT, 2,
 	 "of abandoned carts recovered", 0, NULL, ")"},
+	{"holdout_recovered_carts", RN(held_recovered), RK_COUNT, RW_TEXT, 0,
+	 NULL, 0, "held-out carts     ", " ordered anyway of "},
+	{"holdout_abandoned_carts", RN(held_abandoned), RK_COUNT, RW_TEXT, 0,
+	 NULL, 0, NULL, " ("},
+	{"holdout_recovery_rate", RN(recovery_lift.p2), RK_PERCENT, RW_TEXT, 3,
+	 "of held-out carts ordered anyway", 0, NULL,
+	 "): caused by remarket "},
+	{"recovery_lift", RN(recovery_lift.diff), RK_POINTS, RW_TEXT, 4,
+	 "recovered carts caused by remarket (messaged &minus; held out)", 0,
+	 NULL, " (95 % interval "},
+	{"recovery_lift_ci95", RN(recovery_lift.lo), RK_CI, RW_TEXT, 0, NULL, 0,
+	 NULL, ")"},
 	{"recovered_revenue", RN(recovered_revenue), RK_MONEY, RW_TEXT, 1,
 	 "recovered revenue", 0, "recovered revenue  ", ""},
 	{"orders", RN(orders), RK_COUNT, RW_TEXT, 0, NULL, 0,
@@ -6316,13 +6686,13 @@ static const struct rep_num rep_nums[] = {
 	 " influenced)"},
 	{"influenced_revenue", RN(influenced_revenue), RK_MONEY, 0, 0, NULL, 0,
 	 NULL, NULL},
-	{"sent", RN(sent), RK_COUNT, RW_TEXT, 4, "emails sent", 0,
+	{"sent", RN(sent), RK_COUNT, RW_TEXT, 6, "emails sent", 0,
 	 "emails             ", " sent, "},
 	{"opened", RN(opened), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " opened, "},
 	{"clicked", RN(clicked), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " clicked, "},
 	{"unsubscribed", RN(unsubscribed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
 	 " unsubscribed, "},
-	{"unsubscribe_rate", RN(unsubscribe_rate), RK_PERCENT2, 0, 5,
+	{"unsubscribe_rate", RN(unsubscribe_rate), RK_PERCENT2, 0, 7,
 	 "unsubscribed per email", 0, NULL, NULL},
 	{"bounced", RN(bounced), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " bounced"},
 	{"stale_steps", RN(stale), RK_COUNT, RW_JSON_TAIL | RW_TEXT, 0, NULL, 0,
@@ -6331,10 +6701,10 @@ static const struct rep_num rep_nums[] = {
 	 "discount codes     ", " issued, "},
 	{"codes_redeemed", RN(codes_redeemed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
 	 " redeemed, cost "},
-	{"discount_cost", RN(discount_cost), RK_MONEY, RW_TEXT, 6,
+	{"discount_cost", RN(discount_cost), RK_MONEY, RW_TEXT, 8,
 	 "cost of discounts redeemed", 0, NULL, ""},
 	{"codes_flagged.reused", RN(codes_reused), RK_COUNT,
-	 RW_JSON_TAIL | RW_TEXT, 7, "orders with a code used before / expired",
+	 RW_JSON_TAIL | RW_TEXT, 9, "orders with a code used before / expired",
 	 RN(codes_expired), "flagged codes      ",
 	 " orders with a code used before, "},
 	{"codes_flagged.expired", RN(codes_expired), RK_COUNT,
@@ -6402,6 +6772,9 @@ static void rep_json_value(struct buf *b, enum rep_kind kind, const void *base,
 {
 	if (kind == RK_COUNT)
 		buf_addf(b, "%ld", rep_long(base, off));
+	else if (kind == RK_CI)
+		buf_addf(b, "[%.4f,%.4f]", rep_double(base, off),
+			 rep_double(base, off + sizeof(double)));
 	else
 		buf_addf(b, kind == RK_MONEY ? "%.2f" : "%.4f", rep_double(base, off));
 }
@@ -6430,6 +6803,12 @@ static void rep_shown(char *out, size_t n, enum rep_kind kind, const void *base,
 		w = snprintf(out, n, "%.2f", rep_double(base, off));
 	else if (kind == RK_PERCENT)
 		w = snprintf(out, n, "%.1f %%", 100 * rep_double(base, off));
+	else if (kind == RK_POINTS)
+		w = snprintf(out, n, "%+.1f points", 100 * rep_double(base, off));
+	else if (kind == RK_CI)
+		w = snprintf(out, n, "%+.1f to %+.1f points",
+			     100 * rep_double(base, off),
+			     100 * rep_double(base, off + sizeof(double)));
 	else
 		w = snprintf(out, n, "%.2f %%", 100 * rep_double(base, off));
 	if (w < 0 || (size_t)w >= n)
@@ -6546,9 +6925,14 @@ int report_json(const struct report *r, struct buf *out)
 	buf_addf(out, "]},\"winback\":{\"threshold_days\":%ld,\"threshold_source\":",
 		 r->lapse_days);
 	json_str(out, r->lapse_why);
+	const struct lift *wl = &r->reactivation_lift;
 	buf_addf(out, ",\"lapsed\":%ld,\"contacted\":%ld,\"reactivated_30d\":%ld,"
-		 "\"rate\":%.4f},\"segments\":{", r->lapsed, r->contacted,
-		 r->reactivated, r->reactivation_rate);
+		 "\"rate\":%.4f,\"held_out\":%ld,\"held_out_reactivated_30d\":%ld,"
+		 "\"held_out_rate\":%.4f,\"caused_by_remarket\":%.4f,"
+		 "\"caused_ci95\":[%.4f,%.4f],\"too_small\":%s},\"segments\":{",
+		 r->lapsed, r->contacted, r->reactivated, r->reactivation_rate,
+		 r->held_contacted, r->held_reactivated, wl->p2, wl->diff, wl->lo,
+		 wl->hi, wl->too_small ? "true" : "false");
 	for (int i = 0; i < SEG__MAX; i++)
 		buf_addf(out, "%s\"%s\":%ld", i ? "," : "", segment_names[i],
 			 r->segments[i]);
@@ -6681,7 +7065,8 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 	snprintf(k, sizeof k, "flows.%d.holdout_conversion", idx);
 	snprintf(v, sizeof v, "%.1f %%", 100 * l->p2);
 	html_num(b, k, l->p2, v);
-	buf_addf(b, " of %ld held out (%d %%). Lift: ", f->held_out, f->holdout_pct);
+	buf_addf(b, " of %ld held out (%d %%) who got none. Caused by remarket: ",
+		 f->held_out, f->holdout_pct);
 	snprintf(k, sizeof k, "flows.%d.lift", idx);
 	snprintf(v, sizeof v, "%+.1f points", 100 * l->diff);
 	html_num(b, k, l->diff, v);
@@ -6710,7 +7095,22 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 	buf_adds(b, " ordered again within 30 days (");
 	snprintf(v, sizeof v, "%.1f %%", 100 * r->reactivation_rate);
 	html_num(b, "winback.rate", r->reactivation_rate, v);
-	buf_adds(b, ").</p></section><section><h2>Segments</h2><table><tr>");
+	buf_adds(b, "). Of ");
+	const struct lift *l = &r->reactivation_lift;
+	snprintf(v, sizeof v, "%ld", r->held_contacted);
+	html_num(b, "winback.held_out", (double)r->held_contacted, v);
+	buf_adds(b, " held out (sent nothing), ");
+	snprintf(v, sizeof v, "%ld", r->held_reactivated);
+	html_num(b, "winback.held_out_reactivated_30d", (double)r->held_reactivated, v);
+	buf_adds(b, " ordered again within 30 days anyway (");
+	snprintf(v, sizeof v, "%.1f %%", 100 * l->p2);
+	html_num(b, "winback.held_out_rate", l->p2, v);
+	buf_adds(b, ").</p><p class=verdict>Caused by remarket: ");
+	snprintf(v, sizeof v, "%+.1f points", 100 * l->diff);
+	html_num(b, "winback.caused_by_remarket", l->diff, v);
+	buf_addf(b, " (95 %% interval %+.1f to %+.1f). ", 100 * l->lo, 100 * l->hi);
+	html_escape(b, lift_verdict(l));
+	buf_adds(b, "</p></section><section><h2>Segments</h2><table><tr>");
 	for (int i = 0; i < SEG__MAX; i++)
 		buf_addf(b, "<th>%s</th>", segment_names[i]);
 	buf_adds(b, "</tr><tr>");
@@ -6807,17 +7207,24 @@ static void report_text(const struct report *r)
 		printf("%s%s", v, n->words);
 	}
 	printf("\n");
+	const struct lift *wl = &r->reactivation_lift;
 	printf("win-back           %ld lapsed (after %ld days: %s), %ld contacted, "
 	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
 	       r->lapse_why, r->contacted, r->reactivated, 100 * r->reactivation_rate);
+	printf("win-back held out  %ld, %ld ordered again within 30 days anyway "
+	       "(%.1f %%): caused by remarket %+.1f points (95 %% interval %+.1f "
+	       "to %+.1f)\n  %s\n", r->held_contacted, r->held_reactivated,
+	       100 * wl->p2, 100 * wl->diff, 100 * wl->lo, 100 * wl->hi,
+	       lift_verdict(wl));
 	printf("segments          ");
 	for (int i = 0; i < SEG__MAX; i++)
 		printf(" %s %ld", segment_names[i], r->segments[i]);
 	printf("\n");
 	for (int i = 0; i < r->nflows; i++) {
 		const struct flow_report *f = &r->flows[i];
-		printf("flow %s: %ld enrolled, %ld held out; conversion %.1f %% vs "
-		       "%.1f %%, lift %+.1f points (95 %% CI %+.1f to %+.1f)\n  %s\n",
+		printf("flow %s: %ld enrolled, %ld held out; converted %.1f %% "
+		       "messaged vs %.1f %% held out: caused by remarket %+.1f "
+		       "points (95 %% interval %+.1f to %+.1f)\n  %s\n",
 		       f->name, f->enrolled, f->held_out, 100 * f->lift.p1,
 		       100 * f->lift.p2, 100 * f->lift.diff, 100 * f->lift.lo,
 		       100 * f->lift.hi, lift_verdict(&f->lift));
@@ -8316,7 +8723,7 @@ static int serve_cgi(struct config *cfg)
  * The operator's commands, one row each in the command table below
  * (commands[]: name, whether it needs the app, arity, function, usage):
  * init, keygen, serve, tick, event, report, flows, import, recommend,
- * segments, help, version. The table also makes usage() and the man
+ * products, segments, help, version. The table also makes usage() and the man
  * page's SYNOPSIS (`remarket help --man`). A command that needs the
  * app opens its own, so every command, like every FastCGI thread, has
  * its own database connection.
@@ -8942,6 +9349,27 @@ static int cmd_recommend(struct app *app, struct config *cfg, rm_time now,
 	return n < 0;
 }
 
+/* `remarket products kind SKU product|service`: corrects the catalog's
+ * guess; a service is never recommended nor counted as a product. */
+static int cmd_products(struct app *app, struct config *cfg, rm_time now,
+			int argc, char **argv)
+{
+	(void)cfg, (void)now;
+	if (argc != 4 || strcmp(argv[1], "kind") ||
+	    (strcmp(argv[3], "product") && strcmp(argv[3], "service"))) {
+		fprintf(stderr, "usage: remarket products kind SKU product|service\n");
+		return 2;
+	}
+	if (reco_set_kind(app, argv[2], argv[3]) < 0) {
+		fprintf(stderr, "remarket products: no product '%s' in the catalog "
+			"(import it first: remarket import products FILE.csv)\n",
+			argv[2]);
+		return 1;
+	}
+	printf("%s: %s\n", argv[2], argv[3]);
+	return 0;
+}
+
 static int cmd_segments(struct app *app, struct config *cfg, rm_time now,
 			int argc, char **argv)
 {
@@ -9020,6 +9448,8 @@ static const struct command commands[] = {
 	 "RFM segments and the lapse threshold"},
 	{"recommend", CMD_APP, 1, -1, cmd_recommend, "EMAIL [N]",
 	 "the products win-back would recommend"},
+	{"products", CMD_APP, 3, 3, cmd_products, "kind SKU product|service",
+	 "mark a catalog line a product or a service\n(postage, fees: never recommended)"},
 	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv",
 	 "fill the catalog, load past orders"},
 	{"help", CMD_ALONE, 0, 1, cmd_help, "[--man]",

@@ -90,6 +90,9 @@ int db_user_version(struct db *db);
 long long db_scalar(struct db *db, const char *sql);
 /* A stable bucket in [0, 10000) for a text (also SQL's rm_bucket()). */
 int rm_bucket(const char *text);
+/* 1 if a catalog line (SKU, name; either may be NULL) looks like postage,
+ * a fee or an adjustment rather than a product (SQL: rm_service). */
+int rm_service(const char *sku, const char *name);
 
 /* ==== The application object ========================================== */
 
@@ -220,8 +223,17 @@ int flow_segments_full(struct app *app, rm_time now);
 /* ==== Recommendations ================================================= */
 
 /* Up to N product skus to recommend to CONTACT, best first, in OUT
- * (each up to 64 bytes). Returns how many. */
+ * (each up to 64 bytes), after bringing the item-to-item table up to
+ * date. Returns how many, or -1. */
 int reco_for(struct app *app, int64_t contact, char (*out)[65], int n);
+/* Brings the item-to-item table forward over the orders recorded since
+ * the last call, in transactions of about CHUNK order lines each, until
+ * it is current or BUDGET_MS of wall time have passed (0: no limit).
+ * Returns the rows it wrote (0: it was current), or -1. */
+long reco_refresh(struct app *app, long chunk, long budget_ms);
+/* Sets SKU's kind ('product' or 'service') and corrects the table;
+ * -1 if SKU is not in the catalog or KIND is neither. */
+int reco_set_kind(struct app *app, const char *sku, const char *kind);
 
 /* ==== Mail: rendering and RFC 5322 building =========================== */
 
@@ -251,6 +263,12 @@ enum send_result {
 	SEND_DOWN = 6,   /* the relay unavailable: connection refused, a time-out
 			  * or a 4xx before its greeting; stop the tick */
 };
+
+/* ==== The message context ============================================= */
+
+/* 1 if template TPL (text or HTML, or a partial of theirs) shows VAR:
+ * the recommendation queries run only for a template that shows them. */
+int mc_template_uses(struct app *app, const char *tpl, const char *var);
 
 /* ==== The flow engine: detect, claim, send, record ==================== */
 
@@ -309,6 +327,10 @@ struct report {
 	double unsubscribe_rate, discount_cost;
 	long codes_reused, codes_expired; /* orders whose code was used before, or had expired */
 	long browser_held; /* new browser-only contacts past the hourly cap */
+	/* the held-out carts (abandoned in the period) and those ordered
+	 * anyway; recovery_lift: recovered, messaged against held out */
+	long held_abandoned, held_recovered;
+	struct lift recovery_lift;
 	struct flow_report flows[REPORT_FLOWS];
 	int nflows;
 	struct { char month[8]; long orders, attributed; double revenue; } months[REPORT_MONTHS];
@@ -316,6 +338,11 @@ struct report {
 	long lapse_days, lapsed, contacted, reactivated;
 	char lapse_why[200];
 	double reactivation_rate;  /* contacted who ordered within 30 days */
+	/* held-out win-back customers (their first mail would have gone in
+	 * the period) and those who ordered within 30 days of it anyway;
+	 * reactivation_lift: contacted against held out */
+	long held_contacted, held_reactivated;
+	struct lift reactivation_lift;
 	long segments[SEG__MAX];   /* customers per segment, by enum segment */
 	double daily[REPORT_DAYS]; /* attributed revenue by day, last day = until */
 	rm_time first_day;
