@@ -1481,7 +1481,6 @@ static void test_events(void)
 		{"\"identify\"", EV_HOOK, 400, "a string body"},
 		{"42", EV_HOOK, 400, "a number body"},
 		{"null", EV_HOOK, 400, "null"},
-		{"[]", EV_HOOK, 400, "an empty array"},
 		{"[1,2]", EV_HOOK, 400, "an array of numbers"},
 		{"{\"type\":\"teleport\"}", EV_HOOK, 400, "an unknown type"},
 		{"{\"email\":\"a@example.com\"}", EV_HOOK, 400, "no type"},
@@ -2220,7 +2219,8 @@ static void test_codes(void)
 
 /* Migration 009 on a database that already holds orders with codes: every
  * row stays, old orders are flagged by the same rules. The database is made
- * "before 009" by undoing 009's columns (009 is the last migration). */
+ * "before 009" by undoing 009's and 011's columns (011 is the last
+ * migration; 009 and 011 run again). */
 static void test_codes_migration(void)
 {
 	struct world w;
@@ -2239,8 +2239,11 @@ static void test_codes_migration(void)
 	db_scalar(db, "ALTER TABLE orders DROP COLUMN code_status");
 	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_cart");
 	db_scalar(db, "ALTER TABLE discounts DROP COLUMN reserved_until");
+	db_scalar(db, "ALTER TABLE carts DROP COLUMN generation");
+	db_scalar(db, "ALTER TABLE carts DROP COLUMN started");
+	db_scalar(db, "ALTER TABLE products DROP COLUMN brand");
 	char pragma[64];
-	snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v - 1);
+	snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v - 2);
 	db_scalar(db, pragma);
 	ok(db_migrate(db, err, sizeof err) == 0 && db_user_version(db) == v,
 	   "codes migration: 009 applies to a database with orders (%s)", err);
