@@ -2668,11 +2668,13 @@ static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
 		rc = ev_item_field(s, idx, &price, &qty, &seen, origin, err);
 	sqlite3_reset(s);
 	/* a browser's item needs only its sku (origin is set for browsers):
-	 * its name, price and links are never kept, the catalog's are used */
+	 * its name, price and links are never kept, the catalog's are used;
+	 * a signed one may lack a name (a catalog of brands and categories):
+	 * a mail then names it from the catalog */
 	if (rc == 0 && origin && !(seen & 1))
 		rc = fail(err, 400, "items[%zu]: needs sku", idx);
-	else if (rc == 0 && !origin && seen != 7)
-		rc = fail(err, 400, "items[%zu]: needs sku, name and price", idx);
+	else if (rc == 0 && !origin && (seen & 5) != 5)
+		rc = fail(err, 400, "items[%zu]: needs sku and price", idx);
 	if (rc == 0)
 		*sum += price * qty;
 	return rc;
