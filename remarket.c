@@ -4775,6 +4775,14 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 		   (m->order && mc_order(mc, app, m->order) < 0)) {
 		return -1;
 	}
+	/* the catalog's word for what the mail is about, for copy that fits
+	 * any store: the first category among the items (an order's before
+	 * its recommendations) */
+	const char *cat = "";
+	for (int k = mc->nlists - 1; k >= 0 && !*cat; k--)
+		for (size_t i = 0; i < mc->lists[k].n && !*cat; i++)
+			cat = mc->lists[k].items[i].category;
+	mc_set(mc, "category", cat);
 	mc_reason(mc, cfg, m->trigger);
 	mc->ctx = (struct tctx){mc->v, mc->n, NULL};
 	return 0;

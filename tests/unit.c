@@ -4870,6 +4870,56 @@ static void test_nameless_items(void)
 	world_close(&w);
 }
 
+/* The default templates fit any store: the store's name and tagline and
+ * the catalog's category, never the demo's home decor; the demo keeps its
+ * copy in demo/templates. */
+static void test_neutral_copy(void)
+{
+	struct world w;
+	struct tick_summary s;
+	struct buf dec = {0}, mail = {0};
+	char demo[PATH_MAX + 32];
+	if (!ok(world_open(&w, "neutral") == 0, "neutral copy: world opens"))
+		return;
+	set_cfg(&w.cfg.store_name, "Volt Electronics");
+	set_cfg(&w.cfg.store_tagline, "Screens and cables since 1999");
+	set_cfg(&w.cfg.postal_address, "Volt Electronics, 1 Volt Way, Lyon");
+	evf(&w, EV_HOOK, NULL, T0, "{\"type\":\"product\",\"sku\":\"TV-1\",\"name\":\"Acme 55 inch\","
+	    "\"brand\":\"Acme\",\"category\":\"televisions\",\"price\":300}");
+	evf(&w, EV_HOOK, NULL, T0, "{\"type\":\"cart\",\"email\":\"volt@example.com\",\"consent\":true,"
+	    "\"cart_id\":\"v1\",\"items\":[{\"sku\":\"TV-1\",\"name\":\"Acme 55 inch\",\"price\":300}]}");
+	evf(&w, EV_HOOK, NULL, T0, "{\"type\":\"cart\",\"email\":\"decor@example.com\",\"consent\":true,"
+	    "\"cart_id\":\"v2\",\"items\":[{\"sku\":\"TV-1\",\"name\":\"Acme 55 inch\",\"price\":300}]}");
+	/* the second cart's mail comes from the demo's own set */
+	db_scalar(w.app.db, "UPDATE carts SET updated = updated + 60 WHERE cart_key = 'v2'");
+	ok(tick(&w, T0 + HOUR, &s) == 0 && s.sent == 1, "the default reminder goes out");
+	long long m = sq(&w, "SELECT max(id) FROM messages");
+	outbox_read(&w, m, &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
+	ok(contains(dec.data, "shopping for televisions at Volt Electronics"),
+	   "default copy: the store's name and the catalog's category");
+	ok(contains(dec.data, "The Volt Electronics team\nScreens and cables since 1999\n"),
+	   "default copy: signed by the store, with its store_tagline");
+	ok(!contains(dec.data, "home") && !contains(dec.data, "pieces") && !contains(dec.data, "Maison"),
+	   "default copy: nothing of the demo's home decor");
+	buf_free(&dec);
+	mime_part(mail.data ? mail.data : "", "text/html", &dec);
+	ok(contains(dec.data, "Screens and cables since 1999</span>") &&
+		   contains(dec.data, "shopping for televisions at Volt Electronics"),
+	   "default HTML: the tagline under the name, the category in the copy");
+	buf_free(&dec), buf_free(&mail);
+	snprintf(demo, sizeof demo, "%s/../demo/templates", templates);
+	set_cfg(&w.cfg.templates, demo);
+	ok(tick(&w, T0 + HOUR + 60, &s) == 0 && s.sent == 1, "the demo set's reminder goes out");
+	m = sq(&w, "SELECT max(id) FROM messages");
+	outbox_read(&w, m, &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
+	ok(contains(dec.data, "a few things for your home"),
+	   "templates = demo/templates: the demo keeps its home-decor copy");
+	buf_free(&dec), buf_free(&mail);
+	world_close(&w);
+}
+
 static void test_carts_as_shops(void)
 {
 	test_cart_generations();
@@ -4877,6 +4927,7 @@ static void test_carts_as_shops(void)
 	test_orders_without_cart();
 	test_empty_batch();
 	test_nameless_items();
+	test_neutral_copy();
 }
 
 int main(void)
