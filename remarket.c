@@ -2399,6 +2399,9 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
  * are ignored; browser events can never place an order. The browser
  * names an address, skus and quantities, never anything a mail prints
  * (a name, an item's text or price): see contact_from_browser, ev_cart.
+ * A cart id lives on after its order: an item change with a later ts
+ * starts its next generation, a row of its own (ev_cart); an order goes
+ * to the generation its ts falls in. An empty batch is 0 events, no error.
  */
 
 #define EV_MAX_BATCH 1000
