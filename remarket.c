@@ -740,6 +740,13 @@ void cfg_free(struct config *cfg)
 	"CASE WHEN " p ".brand <> '' AND " p ".category <> '' THEN ' · ' "     \
 	"ELSE '' END || coalesce(" p ".category, ''), ''))"
 
+/* Message M is about an earlier generation of cart CART: its enrollment's
+ * cart is "<CART's key>#<n>" (no cart id holds a GLOB character). */
+#define GEN_EARLIER(m, cart)                                                   \
+	"EXISTS (SELECT 1 FROM enrollments ge JOIN carts gk ON gk.id = "      \
+	"ge.cart_id WHERE ge.id = " m ".enrollment_id AND gk.cart_key GLOB "  \
+	"(SELECT cart_key FROM carts WHERE id = " cart ") || '#*')"
+
 #define STATEMENTS(X)                                                          \
 	/* -- Storage: connection, migrations, named statements -- */          \
 	X(BEGIN, "BEGIN IMMEDIATE")                                            \
@@ -879,18 +886,22 @@ void cfg_free(struct config *cfg)
 	X(CART_CONTACT, "SELECT contact_id FROM carts WHERE id = ?1")          \
 	X(CONTACT_ID, "SELECT id FROM contacts WHERE email = ?1")              \
 	/* the last message the order redeemed the code of, or that the       \
-	 * contact clicked within the click window before ordering */         \
+	 * contact clicked within the click window before ordering; a click   \
+	 * or a view of a mail about an earlier generation of the order's     \
+	 * cart ?5 (its own order is that generation's) earns nothing */      \
 	X(ATTRIBUTE_CLICK,                                                     \
 	  "SELECT m.id, CASE WHEN m.id = (SELECT message FROM discounts "      \
 	  "WHERE code = ?3) THEN 'code' ELSE 'click' END FROM messages m "     \
 	  "WHERE m.status = 'sent' AND (m.id = (SELECT message FROM discounts " \
 	  "WHERE code = ?3) OR (m.contact_id = ?1 AND m.sent_at >= ?2 - ?4 "   \
 	  "AND EXISTS (SELECT 1 FROM interactions i WHERE i.message = m.id "   \
-	  "AND i.kind IN ('click', 'discount') AND i.ts BETWEEN ?2 - ?4 AND ?2))) " \
+	  "AND i.kind IN ('click', 'discount') AND i.ts BETWEEN ?2 - ?4 AND ?2) " \
+	  "AND NOT " GEN_EARLIER("m", "?5") ")) "                              \
 	  "ORDER BY m.sent_at DESC, m.id DESC LIMIT 1")                        \
 	X(ATTRIBUTE_VIEW,                                                      \
-	  "SELECT id FROM messages WHERE contact_id = ?1 AND status = 'sent' " \
-	  "AND sent_at BETWEEN ?2 - ?3 AND ?2 ORDER BY sent_at DESC, id DESC LIMIT 1") \
+	  "SELECT id FROM messages m WHERE contact_id = ?1 AND status = 'sent' " \
+	  "AND sent_at BETWEEN ?2 - ?3 AND ?2 AND NOT " GEN_EARLIER("m", "?4") \
+	  " ORDER BY sent_at DESC, id DESC LIMIT 1")                           \
 	X(ORDER_ATTRIBUTE,                                                     \
 	  "UPDATE orders SET message = ?2, attribution = ?3 WHERE order_key = ?1") \
 	X(ORDER_LINES,                                                         \
@@ -3020,7 +3031,7 @@ static int ev_cart(struct app *app, const struct event *e, const char *vid,
 
 static int64_t scalar_id(struct db *db, sqlite3_stmt *s);
 static int ev_attribute(struct app *app, const struct event *e, int64_t contact,
-			const char *code);
+			int64_t cart, const char *code);
 
 /* The generation of cart KEY that an order at TS belongs to. */
 static int64_t cart_of_order(struct db *db, const char *key, rm_time ts)
@@ -3050,25 +3061,27 @@ static int64_t scalar_id(struct db *db, sqlite3_stmt *s)
 
 /* Attributes a new order once, to the last qualifying message: one whose
  * code it redeemed or that was clicked within attribution_click_days;
- * else, as "influenced", the last one sent within attribution_view_hours. */
+ * else, as "influenced", the last one sent within attribution_view_hours.
+ * A mail about an earlier generation of CART had its own order: passed
+ * over (its code, redeemed here, still counts). */
 static int ev_attribute(struct app *app, const struct event *e, int64_t contact,
-			const char *code)
+			int64_t cart, const char *code)
 {
 	struct db *db = app->db;
 	int64_t click = app->cfg->attribution_click_days * 86400;
 	int64_t view = app->cfg->attribution_view_hours * 3600;
 	int64_t msg = 0;
 	char how[16] = "influenced";
-	sqlite3_stmt *s = q(db, ST_ATTRIBUTE_CLICK, "iiti", contact, (int64_t)e->ts,
-			    code ? code : "", click);
+	sqlite3_stmt *s = q(db, ST_ATTRIBUTE_CLICK, "iitii", contact, (int64_t)e->ts,
+			    code ? code : "", click, cart);
 	if (sqlite3_step(s) == SQLITE_ROW) {
 		msg = sqlite3_column_int64(s, 0);
 		copy_str(how, sizeof how, col_text(s, 1));
 	}
 	sqlite3_reset(s);
 	if (!msg && contact)
-		msg = scalar_id(db, q(db, ST_ATTRIBUTE_VIEW, "iii", contact,
-				      (int64_t)e->ts, view));
+		msg = scalar_id(db, q(db, ST_ATTRIBUTE_VIEW, "iiii", contact,
+				      (int64_t)e->ts, view, cart));
 	if (!msg)
 		return 0;
 	return q_exec(db, q(db, ST_ORDER_ATTRIBUTE, "tit", e->order_id, msg, how));
@@ -3142,7 +3155,7 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 		return -1;
 	if (!contact && cart)
 		contact = scalar_id(db, q(db, ST_CART_CONTACT, "i", cart));
-	return ev_attribute(app, e, contact, redeemed ? e->code : NULL);
+	return ev_attribute(app, e, contact, cart, redeemed ? e->code : NULL);
 }
 
 static int ev_product(struct app *app, const struct event *e)

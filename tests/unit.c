@@ -4700,11 +4700,23 @@ static void test_cart_generations(void)
 	is_int(sq(&w, "SELECT message FROM orders WHERE order_key = 'go1'"), m1,
 	       "order go1 stays attributed to generation 1's reminder");
 	is_attr(&w, "go2", "click", m2, "order go2 is attributed to generation 2's reminder (clicked)");
+	/* generation 3, ordered before any mail about it: the click on
+	 * generation 2's mail earned go2, not this order too */
+	evf(&w, EV_HOOK, NULL, T0 + 6 * HOUR, "{\"type\":\"cart\",\"cart_id\":\"g1\","
+	    "\"items\":" GEN_ITEMS1 "}");
+	is_int(sq(&w, "SELECT generation FROM carts WHERE cart_key = 'g1'"), 3,
+	       "another item change after go2: generation 3");
+	evf(&w, EV_HOOK, NULL, T0 + 6 * HOUR + 600, "{\"type\":\"order\",\"order_id\":\"go3\","
+	    "\"email\":\"gen@example.com\",\"cart_id\":\"g1\",\"total\":49.5,"
+	    "\"items\":" GEN_ITEMS1 "}");
+	is_attr(&w, "go3", "none", 0, "order go3 (generation 3, no mail of its own) is not "
+		"attributed to an earlier generation's mail");
 	struct report *r = calloc(1, sizeof *r);
 	if (r && report_build(&w.app, T0 - DAY, T0 + DAY, r) == 0) {
-		is_int(r->abandoned, 2, "report: two abandoned carts (one per generation)");
+		is_int(r->abandoned, 2, "report: two abandoned carts (one per generation mailed)");
 		is_int(r->recovered, 2, "report: both recovered");
-		is_int(r->orders, 3, "report: three orders (go1, go1b, go2)");
+		is_int(r->orders, 4, "report: four orders (go1, go1b, go2, go3)");
+		is_int(r->attributed, 1, "report: one attributed by a click (go2)");
 		is_int(r->orders_no_cart, 0, "report: none without a cart");
 	}
 	free(r);
