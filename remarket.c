@@ -740,6 +740,17 @@ void cfg_free(struct config *cfg)
 	"CASE WHEN " p ".brand <> '' AND " p ".category <> '' THEN ' · ' "     \
 	"ELSE '' END || coalesce(" p ".category, ''), ''))"
 
+/* JSON item arrays A and B differ in their (sku, qty) pairs. */
+#define ITEMS_DIFFER(a, b)                                                     \
+	"(EXISTS (SELECT json_extract(value, '$.sku'), "                       \
+	"coalesce(json_extract(value, '$.qty'), 1) FROM json_each(" a ") "    \
+	"EXCEPT SELECT json_extract(value, '$.sku'), "                        \
+	"coalesce(json_extract(value, '$.qty'), 1) FROM json_each(" b ")) "   \
+	"OR EXISTS (SELECT json_extract(value, '$.sku'), "                    \
+	"coalesce(json_extract(value, '$.qty'), 1) FROM json_each(" b ") "    \
+	"EXCEPT SELECT json_extract(value, '$.sku'), "                        \
+	"coalesce(json_extract(value, '$.qty'), 1) FROM json_each(" a ")))"
+
 /* Message M is about an earlier generation of cart CART: its enrollment's
  * cart is "<CART's key>#<n>" (no cart id holds a GLOB character). */
 #define GEN_EARLIER(m, cart)                                                   \
@@ -812,14 +823,7 @@ void cfg_free(struct config *cfg)
 	X(CART_NEXT_GEN,                                                       \
 	  "UPDATE carts SET cart_key = cart_key || '#' || generation "         \
 	  "WHERE cart_key = ?1 AND status = 'ordered' AND ordered_at < ?2 "    \
-	  "AND ?3 > 0 AND (EXISTS (SELECT json_extract(value, '$.sku'), "      \
-	  "coalesce(json_extract(value, '$.qty'), 1) FROM json_each(?4) "      \
-	  "EXCEPT SELECT json_extract(value, '$.sku'), "                       \
-	  "coalesce(json_extract(value, '$.qty'), 1) FROM json_each(carts.items)) " \
-	  "OR EXISTS (SELECT json_extract(value, '$.sku'), "                   \
-	  "coalesce(json_extract(value, '$.qty'), 1) FROM json_each(carts.items) " \
-	  "EXCEPT SELECT json_extract(value, '$.sku'), "                       \
-	  "coalesce(json_extract(value, '$.qty'), 1) FROM json_each(?4))) "    \
+	  "AND ?3 > 0 AND " ITEMS_DIFFER("?4", "carts.items") " "              \
 	  "RETURNING generation, contact_id, visitor_id")                      \
 	X(CART_GEN_SET,                                                        \
 	  "UPDATE carts SET generation = ?2 + 1, started = ?3, "               \
@@ -876,6 +880,23 @@ void cfg_free(struct config *cfg)
 	  "UPDATE carts SET status = 'ordered', ordered_at = ?3 "              \
 	  "WHERE (id = ?1 OR (?1 IS NULL AND contact_id = ?2 AND updated <= ?3)) " \
 	  "AND status IN ('open', 'abandoned')")                               \
+	/* a delayed order hook: the cart it just ordered had changed after  \
+	 * the order's ts to other items than the order's; those are the next \
+	 * generation (as if the hook had come in time): the ordered row      \
+	 * takes the order's items and moves to "<key>#<n>", a new row keeps  \
+	 * the cart as it stands */                                           \
+	X(CART_AFTER_ORDER,                                                    \
+	  "SELECT cart_key, items, total, item_count FROM carts WHERE id = ?1 " \
+	  "AND updated > ?2 AND item_count > 0 AND ?4 > 0 AND "                \
+	  ITEMS_DIFFER("?3", "carts.items"))                                   \
+	X(CART_ARCHIVE_AS,                                                     \
+	  "UPDATE carts SET cart_key = cart_key || '#' || generation, "        \
+	  "items = json(?2), item_count = ?3, total = ?4 WHERE id = ?1")       \
+	X(CART_GEN_COPY,                                                       \
+	  "INSERT INTO carts (cart_key, contact_id, visitor_id, currency, "    \
+	  "total, items, item_count, status, updated, generation, started) "   \
+	  "SELECT ?2, contact_id, visitor_id, currency, ?3, json(?4), ?5, "    \
+	  "'open', updated, generation + 1, updated FROM carts WHERE id = ?1") \
 	X(EXIT_CART,                                                           \
 	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
 	  "WHERE cart_id = ?1 AND status = 'active'")                          \
@@ -2411,8 +2432,9 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
  * names an address, skus and quantities, never anything a mail prints
  * (a name, an item's text or price): see contact_from_browser, ev_cart.
  * A cart id lives on after its order: an item change with a later ts
- * starts its next generation, a row of its own (ev_cart); an order goes
- * to the generation its ts falls in. An empty batch is 0 events, no error.
+ * starts its next generation, a row of its own (ev_cart; cart_split when
+ * the order hook comes late); an order goes to the generation its ts
+ * falls in. An empty batch is 0 events, no error.
  */
 
 #define EV_MAX_BATCH 1000
@@ -3107,6 +3129,38 @@ static int code_redeem(struct app *app, const struct event *e, int *redeemed)
 	return q_exec(db, q(db, ST_ORDER_CODE_STATUS, "tt", e->order_id, status));
 }
 
+/* After a delayed order hook ordered CART: items changed after the
+ * order's ts start the next generation (see CART_AFTER_ORDER). */
+static int cart_split(struct db *db, int64_t cart, const struct event *e)
+{
+	char key[160] = "";
+	struct buf items = {0};
+	double total = 0;
+	int64_t n = 0;
+	sqlite3_stmt *s = q(db, ST_CART_AFTER_ORDER, "iiti", cart, (int64_t)e->ts,
+			    e->items ? e->items : "[]", (int64_t)e->nitems);
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW) {
+		copy_str(key, sizeof key, col_text(s, 0));
+		buf_adds(&items, col_text(s, 1));
+		total = sqlite3_column_double(s, 2);
+		n = sqlite3_column_int64(s, 3);
+	}
+	sqlite3_reset(s);
+	if (rc == SQLITE_DONE)
+		return 0;
+	if (rc != SQLITE_ROW || buf_failed(&items) ||
+	    q_exec(db, q(db, ST_CART_ARCHIVE_AS, "itid", cart, e->items,
+			 (int64_t)e->nitems, e->total)) < 0 ||
+	    q_exec(db, q(db, ST_CART_GEN_COPY, "itdti", cart, key, total,
+			 items.data, n)) < 0)
+		rc = -1;
+	else
+		rc = 0;
+	buf_free(&items);
+	return rc;
+}
+
 /* Returns 1 when the order was already recorded (a webhook retry). */
 static int ev_order(struct app *app, const struct event *e, int64_t contact)
 {
@@ -3136,9 +3190,12 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 		sqlite3_bind_int64(s, 2, contact);
 	if (q_exec(db, s) < 0)
 		return -1;
+	int ordered_now = cart && sqlite3_changes(db->h) == 1;
 	/* a purchase ends every sequence of this person and this cart, and
 	 * of the browsers' own copies of the cart id */
 	if (cart && q_exec(db, q(db, ST_EXIT_CART, "it", cart, "order")) < 0)
+		return -1;
+	if (ordered_now && cart_split(db, cart, e) < 0)
 		return -1;
 	if (e->cart_id &&
 	    (q_exec(db, q(db, ST_SCOPED_EXIT, "t", e->cart_id)) < 0 ||

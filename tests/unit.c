@@ -4932,10 +4932,49 @@ static void test_neutral_copy(void)
 	world_close(&w);
 }
 
+/* A delayed order hook: the cart changed after the order's ts before the
+ * hook arrived; the change is the next generation all the same. */
+static void test_delayed_order(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "delayed-order") == 0, "delayed order: world opens"))
+		return;
+	evf(&w, EV_HOOK, NULL, T0, "{\"type\":\"cart\",\"email\":\"late@example.com\","
+	    "\"consent\":true,\"cart_id\":\"d1\",\"items\":" GEN_ITEMS1 "}");
+	evf(&w, EV_HOOK, NULL, T0, "{\"type\":\"cart\",\"email\":\"same@example.com\","
+	    "\"consent\":true,\"cart_id\":\"d2\",\"items\":" GEN_ITEMS1 "}");
+	evf(&w, EV_HOOK, NULL, T0 + 20 * MIN, "{\"type\":\"cart\",\"cart_id\":\"d1\","
+	    "\"items\":" GEN_ITEMS2 "}");
+	evf(&w, EV_HOOK, NULL, T0 + 20 * MIN, "{\"type\":\"cart\",\"cart_id\":\"d2\","
+	    "\"items\":" GEN_ITEMS1 "}");
+	long long d1 = sq(&w, "SELECT id FROM carts WHERE cart_key = 'd1'");
+	evf(&w, EV_HOOK, NULL, T0 + 25 * MIN, "{\"type\":\"order\",\"order_id\":\"do1\","
+	    "\"email\":\"late@example.com\",\"cart_id\":\"d1\",\"ts\":%lld,"
+	    "\"items\":" GEN_ITEMS1 "}", (long long)(T0 + 10 * MIN));
+	evf(&w, EV_HOOK, NULL, T0 + 25 * MIN, "{\"type\":\"order\",\"order_id\":\"do2\","
+	    "\"email\":\"same@example.com\",\"cart_id\":\"d2\",\"ts\":%lld,"
+	    "\"items\":" GEN_ITEMS1 "}", (long long)(T0 + 10 * MIN));
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE id = %lld AND cart_key = 'd1#1' AND "
+		  "status = 'ordered' AND item_count = 1", d1), 1,
+	       "a delayed order hook: the ordered generation keeps the order's items, as d1#1");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key = 'd1' AND status = 'open' "
+		  "AND generation = 2 AND item_count = 2 AND updated = %lld", (long long)(T0 + 20 * MIN)), 1,
+	       "... the change after the order's ts is generation 2, open, as it stands");
+	is_int(sq(&w, "SELECT cart_id FROM orders WHERE order_key = 'do1'"), d1,
+	       "... the order stays with generation 1");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key GLOB 'd2*'"), 1,
+	       "a delayed order hook over a cart that did not change: no generation");
+	ok(tick(&w, T0 + 80 * MIN, &s) == 0 && sum_is(&s, 1, 1, 1),
+	   "generation 2 is abandoned, enrolled and reminded an hour after its change");
+	world_close(&w);
+}
+
 static void test_carts_as_shops(void)
 {
 	test_cart_generations();
 	test_browser_generations();
+	test_delayed_order();
 	test_orders_without_cart();
 	test_empty_batch();
 	test_nameless_items();
