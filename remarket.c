@@ -500,6 +500,7 @@ static const struct cfg_key {
 	CFG_LONG(winback_cooldown_days, "180"),
 	CFG_STR(code_prefix, "RM"),
 	CFG_STR(store_name, ""),
+	CFG_STR(store_tagline, ""),
 	CFG_LONG(idle_minutes, "60"),
 	CFG_LONG(max_body, "65536"),
 	CFG_LONG(threads, "4"),
@@ -732,6 +733,31 @@ void cfg_free(struct config *cfg)
  * and busy_timeout makes a second writer wait instead of failing.
  */
 
+/* What a mail calls catalog product P: its name, else "Brand · category"
+ * (a catalog of brands and categories names no product), else NULL. */
+#define SQL_LABEL(p)                                                           \
+	"coalesce(nullif(" p ".name, ''), nullif(coalesce(" p ".brand, '') || " \
+	"CASE WHEN " p ".brand <> '' AND " p ".category <> '' THEN ' · ' "     \
+	"ELSE '' END || coalesce(" p ".category, ''), ''))"
+
+/* JSON item arrays A and B differ in their (sku, qty) pairs. */
+#define ITEMS_DIFFER(a, b)                                                     \
+	"(EXISTS (SELECT json_extract(value, '$.sku'), "                       \
+	"coalesce(json_extract(value, '$.qty'), 1) FROM json_each(" a ") "    \
+	"EXCEPT SELECT json_extract(value, '$.sku'), "                        \
+	"coalesce(json_extract(value, '$.qty'), 1) FROM json_each(" b ")) "   \
+	"OR EXISTS (SELECT json_extract(value, '$.sku'), "                    \
+	"coalesce(json_extract(value, '$.qty'), 1) FROM json_each(" b ") "    \
+	"EXCEPT SELECT json_extract(value, '$.sku'), "                        \
+	"coalesce(json_extract(value, '$.qty'), 1) FROM json_each(" a ")))"
+
+/* Message M is about an earlier generation of cart CART: its enrollment's
+ * cart is "<CART's key>#<n>" (no cart id holds a GLOB character). */
+#define GEN_EARLIER(m, cart)                                                   \
+	"EXISTS (SELECT 1 FROM enrollments ge JOIN carts gk ON gk.id = "      \
+	"ge.cart_id WHERE ge.id = " m ".enrollment_id AND gk.cart_key GLOB "  \
+	"(SELECT cart_key FROM carts WHERE id = " cart ") || '#*')"
+
 #define STATEMENTS(X)                                                          \
 	/* -- Storage: connection, migrations, named statements -- */          \
 	X(BEGIN, "BEGIN IMMEDIATE")                                            \
@@ -790,6 +816,19 @@ void cfg_free(struct config *cfg)
 	X(VISITOR_CARTS,                                                       \
 	  "UPDATE carts SET contact_id = ?2 "                                  \
 	  "WHERE visitor_id = ?1 AND contact_id IS NULL")                      \
+	/* an item change after the order, with a later ts, starts the next  \
+	 * generation of the cart id: the ordered one moves to "<key>#<n>"    \
+	 * (the same row, id, orders and enrollments) and CART_UPSERT makes   \
+	 * the new row; an equal item list (a resent cart) starts nothing */  \
+	X(CART_NEXT_GEN,                                                       \
+	  "UPDATE carts SET cart_key = cart_key || '#' || generation "         \
+	  "WHERE cart_key = ?1 AND status = 'ordered' AND ordered_at < ?2 "    \
+	  "AND ?3 > 0 AND " ITEMS_DIFFER("?4", "carts.items") " "              \
+	  "RETURNING generation, contact_id, visitor_id")                      \
+	X(CART_GEN_SET,                                                        \
+	  "UPDATE carts SET generation = ?2 + 1, started = ?3, "               \
+	  "contact_id = coalesce(contact_id, ?4), "                            \
+	  "visitor_id = coalesce(visitor_id, ?5) WHERE id = ?1")               \
 	X(CART_UPSERT,                                                         \
 	  "INSERT INTO carts (cart_key, contact_id, visitor_id, currency, total, " \
 	  "items, item_count, status, updated) VALUES (?1, ?2, ?3, ?4, ?5, "   \
@@ -805,7 +844,12 @@ void cfg_free(struct config *cfg)
 	  "UPDATE carts SET updated = ?2, contact_id = coalesce(?3, contact_id), " \
 	  "status = CASE WHEN status = 'abandoned' THEN 'open' ELSE status END " \
 	  "WHERE cart_key = ?1 AND status <> 'ordered'")                       \
-	X(CART_BY_KEY, "SELECT id FROM carts WHERE cart_key = ?1")             \
+	/* an order's cart: the generation its ts falls in (a late order of \
+	 * the generation before stays with that one) */                      \
+	X(CART_FOR_ORDER,                                                      \
+	  "SELECT coalesce((SELECT p.id FROM carts p WHERE c.started > ?2 "    \
+	  "AND p.cart_key = c.cart_key || '#' || (c.generation - 1)), c.id) "  \
+	  "FROM carts c WHERE c.cart_key = ?1")                                \
 	/* a browser's cart item: sku and qty only; the total from the       \
 	 * catalog's prices */                                                \
 	X(ITEMS_BARE,                                                          \
@@ -836,6 +880,23 @@ void cfg_free(struct config *cfg)
 	  "UPDATE carts SET status = 'ordered', ordered_at = ?3 "              \
 	  "WHERE (id = ?1 OR (?1 IS NULL AND contact_id = ?2 AND updated <= ?3)) " \
 	  "AND status IN ('open', 'abandoned')")                               \
+	/* a delayed order hook: the cart it just ordered had changed after  \
+	 * the order's ts to other items than the order's; those are the next \
+	 * generation (as if the hook had come in time): the ordered row      \
+	 * takes the order's items and moves to "<key>#<n>", a new row keeps  \
+	 * the cart as it stands */                                           \
+	X(CART_AFTER_ORDER,                                                    \
+	  "SELECT cart_key, items, total, item_count FROM carts WHERE id = ?1 " \
+	  "AND updated > ?2 AND item_count > 0 AND ?4 > 0 AND "                \
+	  ITEMS_DIFFER("?3", "carts.items"))                                   \
+	X(CART_ARCHIVE_AS,                                                     \
+	  "UPDATE carts SET cart_key = cart_key || '#' || generation, "        \
+	  "items = json(?2), item_count = ?3, total = ?4 WHERE id = ?1")       \
+	X(CART_GEN_COPY,                                                       \
+	  "INSERT INTO carts (cart_key, contact_id, visitor_id, currency, "    \
+	  "total, items, item_count, status, updated, generation, started) "   \
+	  "SELECT ?2, contact_id, visitor_id, currency, ?3, json(?4), ?5, "    \
+	  "'open', updated, generation + 1, updated FROM carts WHERE id = ?1") \
 	X(EXIT_CART,                                                           \
 	  "UPDATE enrollments SET status = 'exited', exit_reason = ?2 "        \
 	  "WHERE cart_id = ?1 AND status = 'active'")                          \
@@ -846,18 +907,22 @@ void cfg_free(struct config *cfg)
 	X(CART_CONTACT, "SELECT contact_id FROM carts WHERE id = ?1")          \
 	X(CONTACT_ID, "SELECT id FROM contacts WHERE email = ?1")              \
 	/* the last message the order redeemed the code of, or that the       \
-	 * contact clicked within the click window before ordering */         \
+	 * contact clicked within the click window before ordering; a click   \
+	 * or a view of a mail about an earlier generation of the order's     \
+	 * cart ?5 (its own order is that generation's) earns nothing */      \
 	X(ATTRIBUTE_CLICK,                                                     \
 	  "SELECT m.id, CASE WHEN m.id = (SELECT message FROM discounts "      \
 	  "WHERE code = ?3) THEN 'code' ELSE 'click' END FROM messages m "     \
 	  "WHERE m.status = 'sent' AND (m.id = (SELECT message FROM discounts " \
 	  "WHERE code = ?3) OR (m.contact_id = ?1 AND m.sent_at >= ?2 - ?4 "   \
 	  "AND EXISTS (SELECT 1 FROM interactions i WHERE i.message = m.id "   \
-	  "AND i.kind IN ('click', 'discount') AND i.ts BETWEEN ?2 - ?4 AND ?2))) " \
+	  "AND i.kind IN ('click', 'discount') AND i.ts BETWEEN ?2 - ?4 AND ?2) " \
+	  "AND NOT " GEN_EARLIER("m", "?5") ")) "                              \
 	  "ORDER BY m.sent_at DESC, m.id DESC LIMIT 1")                        \
 	X(ATTRIBUTE_VIEW,                                                      \
-	  "SELECT id FROM messages WHERE contact_id = ?1 AND status = 'sent' " \
-	  "AND sent_at BETWEEN ?2 - ?3 AND ?2 ORDER BY sent_at DESC, id DESC LIMIT 1") \
+	  "SELECT id FROM messages m WHERE contact_id = ?1 AND status = 'sent' " \
+	  "AND sent_at BETWEEN ?2 - ?3 AND ?2 AND NOT " GEN_EARLIER("m", "?4") \
+	  " ORDER BY sent_at DESC, id DESC LIMIT 1")                           \
 	X(ORDER_ATTRIBUTE,                                                     \
 	  "UPDATE orders SET message = ?2, attribution = ?3 WHERE order_key = ?1") \
 	X(ORDER_LINES,                                                         \
@@ -875,12 +940,14 @@ void cfg_free(struct config *cfg)
 	 * unless ?8 says; RETURNING the kind before and after */              \
 	X(PRODUCT_UPSERT,                                                      \
 	  "INSERT INTO products (sku, name, price, url, image, category, updated, " \
-	  "kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, coalesce(?8, CASE WHEN "  \
-	  "rm_service(?1, ?2) THEN 'service' ELSE 'product' END)) "            \
+	  "kind, brand) VALUES (?1, coalesce(?2, ''), ?3, ?4, ?5, ?6, ?7, "   \
+	  "coalesce(?8, CASE WHEN rm_service(?1, ?2) THEN 'service' "          \
+	  "ELSE 'product' END), ?9) "                                          \
 	  "ON CONFLICT (sku) DO UPDATE SET "                                   \
-	  "name = ?2, price = coalesce(?3, price), url = coalesce(?4, url), "  \
+	  "name = coalesce(?2, name), price = coalesce(?3, price), "           \
+	  "url = coalesce(?4, url), "                                          \
 	  "image = coalesce(?5, image), category = coalesce(?6, category), "   \
-	  "updated = ?7, kind = coalesce(?8, kind)")                           \
+	  "updated = ?7, kind = coalesce(?8, kind), brand = coalesce(?9, brand)") \
 	X(PRODUCT_KIND_OF,                                                     \
 	  "SELECT coalesce((SELECT kind FROM products WHERE sku = ?1), 'product')") \
 	/* an order's service lines (postage, fees) not yet in the catalog    \
@@ -929,6 +996,7 @@ void cfg_free(struct config *cfg)
 	X(IMP_PRODUCT,                                                         \
 	  "SELECT json_patch('{}', json_object('type', 'product', 'sku', ?1, " \
 	  "'name', ?2, 'price', ?3, 'url', ?4, 'image', ?5, 'category', ?6, "  \
+	  "'brand', ?11, "                                                     \
 	  "'review', CASE WHEN ?7 IS NOT NULL THEN json_object('author', ?7, " \
 	  "'rating', ?8, 'text', ?9) END, 'kind', ?10))")                      \
 	/* -- Segments -- */                                                   \
@@ -1111,8 +1179,9 @@ void cfg_free(struct config *cfg)
 	  "JOIN reco_items a ON a.sku = r.sku "                                \
 	  "JOIN reco_items b ON b.sku = r.other, n WHERE r.orders >= ?3 "      \
 	  "GROUP BY r.other) "                                                 \
-	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
-	  "coalesce(p.image, '') FROM c JOIN products p ON p.sku = c.sku "     \
+	  "SELECT p.sku, coalesce(" SQL_LABEL("p") ", ''), p.price, "          \
+	  "coalesce(p.url, ''), coalesce(p.image, ''), coalesce(p.brand, ''), " \
+	  "coalesce(p.category, '') FROM c JOIN products p ON p.sku = c.sku "     \
 	  "WHERE c.lift > 1 AND p.kind = 'product' AND p.sku NOT IN "          \
 	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
 	  "ORDER BY c.lift DESC, c.support DESC, p.sku LIMIT ?2")              \
@@ -1121,15 +1190,17 @@ void cfg_free(struct config *cfg)
 	  "ON p.sku = l.sku WHERE l.contact_id = ?1 AND p.category IS NOT NULL " \
 	  "AND p.kind = 'product' "                                            \
 	  "GROUP BY p.category ORDER BY sum(l.qty) DESC, p.category LIMIT 1) " \
-	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
-	  "coalesce(p.image, '') FROM products p JOIN fav "                    \
+	  "SELECT p.sku, coalesce(" SQL_LABEL("p") ", ''), p.price, "          \
+	  "coalesce(p.url, ''), coalesce(p.image, ''), coalesce(p.brand, ''), " \
+	  "coalesce(p.category, '') FROM products p JOIN fav "                    \
 	  "ON p.category = fav.category LEFT JOIN reco_items i ON i.sku = p.sku " \
 	  "WHERE p.kind = 'product' AND p.sku NOT IN "                         \
 	  "(SELECT sku FROM order_lines WHERE contact_id = ?1) "               \
 	  "ORDER BY coalesce(i.orders, 0) DESC, p.sku LIMIT ?2")               \
 	X(RECO_BEST,                                                           \
-	  "SELECT p.sku, p.name, p.price, coalesce(p.url, ''), "               \
-	  "coalesce(p.image, '') FROM products p "                             \
+	  "SELECT p.sku, coalesce(" SQL_LABEL("p") ", ''), p.price, "          \
+	  "coalesce(p.url, ''), coalesce(p.image, ''), coalesce(p.brand, ''), " \
+	  "coalesce(p.category, '') FROM products p "                             \
 	  "LEFT JOIN reco_items i ON i.sku = p.sku WHERE p.kind = 'product' "  \
 	  "AND p.sku NOT IN (SELECT sku FROM order_lines WHERE contact_id = ?1) " \
 	  "ORDER BY coalesce(i.orders, 0) DESC, p.sku LIMIT ?2")               \
@@ -1228,29 +1299,33 @@ void cfg_free(struct config *cfg)
 	  "UPDATE messages SET discount_code = ?2 WHERE id = ?1 "              \
 	  "AND discount_code IS NULL")                                         \
 	X(BEST_REVIEW,                                                         \
-	  "SELECT r.author, r.rating, r.text, p.name FROM reviews r "          \
+	  "SELECT r.author, r.rating, r.text, coalesce(" SQL_LABEL("p") ", '') " \
+	  "FROM reviews r "                                                    \
 	  "JOIN products p ON p.sku = r.sku WHERE r.sku IN "                   \
 	  "(SELECT json_extract(value, '$.sku') FROM json_each(?1)) "          \
 	  "ORDER BY r.rating DESC, length(r.text) DESC, r.id LIMIT 1")         \
 	/* what a mail prints of items: a signed hook's own words, else the  \
-	 * catalog's (a browser's items are sku and qty only); an item known  \
-	 * to neither is not printed */                                       \
+	 * catalog's (a browser's items are sku and qty only): its name, or   \
+	 * "Brand · category"; an item known to neither is not printed */     \
 	X(ITEMS_EACH,                                                          \
-	  "SELECT coalesce(json_extract(value,'$.name'), p.name), "            \
-	  "json_extract(value,'$.sku'), "                                      \
+	  "SELECT coalesce(nullif(json_extract(value,'$.name'), ''), "         \
+	  SQL_LABEL("p") "), json_extract(value,'$.sku'), "                    \
 	  "coalesce(json_extract(value,'$.qty'), 1), "                         \
 	  "coalesce(json_extract(value,'$.price'), p.price), "                 \
 	  "coalesce(json_extract(value,'$.url'), p.url, ''), "                 \
-	  "coalesce(json_extract(value,'$.image'), p.image, '') "              \
+	  "coalesce(json_extract(value,'$.image'), p.image, ''), "             \
+	  "coalesce(p.brand, ''), "                                            \
+	  "coalesce(json_extract(value,'$.category'), p.category, '') "        \
 	  "FROM json_each(?1) LEFT JOIN products p "                           \
 	  "ON p.sku = json_extract(value,'$.sku') "                            \
-	  "WHERE coalesce(json_extract(value,'$.name'), p.name, '') <> '' "    \
-	  "ORDER BY json_each.key")                                            \
+	  "WHERE coalesce(nullif(json_extract(value,'$.name'), ''), "          \
+	  SQL_LABEL("p") ") IS NOT NULL ORDER BY json_each.key")              \
 	/* printable items, items from a browser, and their catalog total */  \
 	X(ITEMS_TRUST,                                                         \
 	  "SELECT coalesce(sum(n <> ''), 0), coalesce(sum(bare), 0), "         \
 	  "total(CASE WHEN n <> '' THEN qty * price END) FROM (SELECT "        \
-	  "coalesce(json_extract(value,'$.name'), p.name, '') AS n, "          \
+	  "coalesce(nullif(json_extract(value,'$.name'), ''), "                \
+	  SQL_LABEL("p") ", '') AS n, "                                        \
 	  "json_extract(value,'$.name') IS NULL AS bare, "                     \
 	  "coalesce(json_extract(value,'$.qty'), 1) AS qty, "                  \
 	  "coalesce(json_extract(value,'$.price'), p.price, 0) AS price "      \
@@ -1478,6 +1553,9 @@ void cfg_free(struct config *cfg)
 	  "coalesce(sum(attribution = 'influenced'), 0), "                     \
 	  "total(CASE WHEN attribution = 'influenced' THEN total END) "        \
 	  "FROM orders WHERE ts >= ?1 AND ts < ?2")                            \
+	X(REP_ORDERS_NO_CART,                                                  \
+	  "SELECT count(*) FROM orders WHERE cart_id IS NULL "                 \
+	  "AND ts >= ?1 AND ts < ?2")                                          \
 	X(REP_RECOVERED,                                                       \
 	  "SELECT count(*), coalesce(sum(k.status = 'ordered' AND "            \
 	  "k.ordered_at >= e.created AND k.ordered_at < e.created + ?3), 0) "  \
@@ -2643,6 +2721,10 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
  * are ignored; browser events can never place an order. The browser
  * names an address, skus and quantities, never anything a mail prints
  * (a name, an item's text or price): see contact_from_browser, ev_cart.
+ * A cart id lives on after its order: an item change with a later ts
+ * starts its next generation, a row of its own (ev_cart; cart_split when
+ * the order hook comes late); an order goes to the generation its ts
+ * falls in. An empty batch is 0 events, no error.
  */
 
 #define EV_MAX_BATCH 1000
@@ -2653,6 +2735,7 @@ struct event {
 	char *email, *name, *cart_id, *currency, *visitor_id, *order_id;
 	char *code, *sku, *category, *url, *image, *items, *review, *text;
 	char *kind;      /* a product's: 'product' or 'service' */
+	char *brand;
 	int consent;     /* -1: not said */
 	int has_total, has_price;
 	double total, price;
@@ -2677,6 +2760,7 @@ static const struct efield {
 	{"sku", offsetof(struct event, sku), FC_IDENT, 64},
 	{"category", offsetof(struct event, category), FC_TEXT, 64},
 	{"kind", offsetof(struct event, kind), FC_TEXT, 16},
+	{"brand", offsetof(struct event, brand), FC_TEXT, 64},
 	{"url", offsetof(struct event, url), FC_URL, 2048},
 	{"image", offsetof(struct event, image), FC_URL, 2048},
 };
@@ -2912,11 +2996,13 @@ static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
 		rc = ev_item_field(s, idx, &price, &qty, &seen, origin, err);
 	sqlite3_reset(s);
 	/* a browser's item needs only its sku (origin is set for browsers):
-	 * its name, price and links are never kept, the catalog's are used */
+	 * its name, price and links are never kept, the catalog's are used;
+	 * a signed one may lack a name (a catalog of brands and categories):
+	 * a mail then names it from the catalog */
 	if (rc == 0 && origin && !(seen & 1))
 		rc = fail(err, 400, "items[%zu]: needs sku", idx);
-	else if (rc == 0 && !origin && seen != 7)
-		rc = fail(err, 400, "items[%zu]: needs sku, name and price", idx);
+	else if (rc == 0 && !origin && (seen & 5) != 5)
+		rc = fail(err, 400, "items[%zu]: needs sku and price", idx);
 	if (rc == 0)
 		*sum += price * qty;
 	return rc;
@@ -3059,8 +3145,11 @@ static int ev_require(const struct event *e, enum ev_source src,
 		return fail(err, 400, "order_id: required for order");
 	if (!strcmp(t, "order") && !e->email && !e->cart_id)
 		return fail(err, 400, "order: needs email or cart_id");
-	if (!strcmp(t, "product") && (!e->sku || !e->name))
-		return fail(err, 400, "product: needs sku and name");
+	/* a catalog of brands and categories may name no product */
+	if (!strcmp(t, "product") && (!e->sku || (!e->name && !e->brand &&
+						  !e->category)))
+		return fail(err, 400, "product: needs sku and a name (or a "
+			    "brand or category to name it by)");
 	if (e->kind && strcmp(e->kind, "product") && strcmp(e->kind, "service"))
 		return fail(err, 400, "kind: 'product' or 'service'");
 	return 0;
@@ -3209,10 +3298,26 @@ static int ev_cart(struct app *app, const struct event *e, const char *vid,
 		if (items != bare.data)
 			return -1;
 	}
+	/* an item change after the order (a later ts) starts the next
+	 * generation: the ordered one keeps its row under "<key>#<n>" */
+	int64_t gen = 0, gen_contact = 0;
+	char gen_vid[80] = "";
+	sqlite3_stmt *g = q(db, ST_CART_NEXT_GEN, "tiit", key, (int64_t)e->ts,
+			    (int64_t)e->nitems, items);
+	int grc = sqlite3_step(g);
+	if (grc == SQLITE_ROW) {
+		gen = sqlite3_column_int64(g, 0);
+		gen_contact = sqlite3_column_int64(g, 1);
+		copy_str(gen_vid, sizeof gen_vid, col_text(g, 2));
+		grc = SQLITE_DONE;
+	}
+	sqlite3_reset(g);
 	sqlite3_stmt *s = q(db, ST_CART_UPSERT, "tnttdtii", key, vid,
 			    e->currency ? e->currency : "EUR", total,
 			    items, (int64_t)e->nitems, (int64_t)e->ts);
 	buf_free(&bare); /* bound as a transient copy by q() */
+	if (grc != SQLITE_DONE)
+		return -1;
 	if (contact)
 		sqlite3_bind_int64(s, 2, contact);
 	int64_t id = 0;
@@ -3221,6 +3326,16 @@ static int ev_cart(struct app *app, const struct event *e, const char *vid,
 	sqlite3_reset(s);
 	if (!id)
 		return -1;
+	if (gen) { /* the new generation: who the cart was, since when */
+		sqlite3_stmt *n = q(db, ST_CART_GEN_SET, "iiinn", id, gen,
+				    (int64_t)e->ts);
+		if (gen_contact)
+			sqlite3_bind_int64(n, 4, gen_contact);
+		if (*gen_vid)
+			sqlite3_bind_text(n, 5, gen_vid, -1, SQLITE_TRANSIENT);
+		if (q_exec(db, n) < 0)
+			return -1;
+	}
 	/* the backend's signed cart ends the browsers' copies of it */
 	if (!browser && e->cart_id &&
 	    q_exec(db, q(db, ST_SCOPED_SUPERSEDE, "t", e->cart_id)) < 0)
@@ -3232,11 +3347,12 @@ static int ev_cart(struct app *app, const struct event *e, const char *vid,
 
 static int64_t scalar_id(struct db *db, sqlite3_stmt *s);
 static int ev_attribute(struct app *app, const struct event *e, int64_t contact,
-			const char *code);
+			int64_t cart, const char *code);
 
-static int64_t cart_id_of(struct db *db, const char *key)
+/* The generation of cart KEY that an order at TS belongs to. */
+static int64_t cart_of_order(struct db *db, const char *key, rm_time ts)
 {
-	return scalar_id(db, q(db, ST_CART_BY_KEY, "t", key));
+	return scalar_id(db, q(db, ST_CART_FOR_ORDER, "ti", key, (int64_t)ts));
 }
 
 /* The first column of a statement's first row, or -1. */
@@ -3261,25 +3377,27 @@ static int64_t scalar_id(struct db *db, sqlite3_stmt *s)
 
 /* Attributes a new order once, to the last qualifying message: one whose
  * code it redeemed or that was clicked within attribution_click_days;
- * else, as "influenced", the last one sent within attribution_view_hours. */
+ * else, as "influenced", the last one sent within attribution_view_hours.
+ * A mail about an earlier generation of CART had its own order: passed
+ * over (its code, redeemed here, still counts). */
 static int ev_attribute(struct app *app, const struct event *e, int64_t contact,
-			const char *code)
+			int64_t cart, const char *code)
 {
 	struct db *db = app->db;
 	int64_t click = app->cfg->attribution_click_days * 86400;
 	int64_t view = app->cfg->attribution_view_hours * 3600;
 	int64_t msg = 0;
 	char how[16] = "influenced";
-	sqlite3_stmt *s = q(db, ST_ATTRIBUTE_CLICK, "iiti", contact, (int64_t)e->ts,
-			    code ? code : "", click);
+	sqlite3_stmt *s = q(db, ST_ATTRIBUTE_CLICK, "iitii", contact, (int64_t)e->ts,
+			    code ? code : "", click, cart);
 	if (sqlite3_step(s) == SQLITE_ROW) {
 		msg = sqlite3_column_int64(s, 0);
 		copy_str(how, sizeof how, col_text(s, 1));
 	}
 	sqlite3_reset(s);
 	if (!msg && contact)
-		msg = scalar_id(db, q(db, ST_ATTRIBUTE_VIEW, "iii", contact,
-				      (int64_t)e->ts, view));
+		msg = scalar_id(db, q(db, ST_ATTRIBUTE_VIEW, "iiii", contact,
+				      (int64_t)e->ts, view, cart));
 	if (!msg)
 		return 0;
 	return q_exec(db, q(db, ST_ORDER_ATTRIBUTE, "tit", e->order_id, msg, how));
@@ -3305,11 +3423,43 @@ static int code_redeem(struct app *app, const struct event *e, int *redeemed)
 	return q_exec(db, q(db, ST_ORDER_CODE_STATUS, "tt", e->order_id, status));
 }
 
+/* After a delayed order hook ordered CART: items changed after the
+ * order's ts start the next generation (see CART_AFTER_ORDER). */
+static int cart_split(struct db *db, int64_t cart, const struct event *e)
+{
+	char key[160] = "";
+	struct buf items = {0};
+	double total = 0;
+	int64_t n = 0;
+	sqlite3_stmt *s = q(db, ST_CART_AFTER_ORDER, "iiti", cart, (int64_t)e->ts,
+			    e->items ? e->items : "[]", (int64_t)e->nitems);
+	int rc = sqlite3_step(s);
+	if (rc == SQLITE_ROW) {
+		copy_str(key, sizeof key, col_text(s, 0));
+		buf_adds(&items, col_text(s, 1));
+		total = sqlite3_column_double(s, 2);
+		n = sqlite3_column_int64(s, 3);
+	}
+	sqlite3_reset(s);
+	if (rc == SQLITE_DONE)
+		return 0;
+	if (rc != SQLITE_ROW || buf_failed(&items) ||
+	    q_exec(db, q(db, ST_CART_ARCHIVE_AS, "itid", cart, e->items,
+			 (int64_t)e->nitems, e->total)) < 0 ||
+	    q_exec(db, q(db, ST_CART_GEN_COPY, "itdti", cart, key, total,
+			 items.data, n)) < 0)
+		rc = -1;
+	else
+		rc = 0;
+	buf_free(&items);
+	return rc;
+}
+
 /* Returns 1 when the order was already recorded (a webhook retry). */
 static int ev_order(struct app *app, const struct event *e, int64_t contact)
 {
 	struct db *db = app->db;
-	int64_t cart = e->cart_id ? cart_id_of(db, e->cart_id) : 0;
+	int64_t cart = e->cart_id ? cart_of_order(db, e->cart_id, e->ts) : 0;
 	sqlite3_stmt *s = q(db, ST_ORDER_INSERT, "tnndttti", e->order_id,
 			    e->total, e->currency ? e->currency : "EUR",
 			    e->items ? e->items : "[]", e->code, (int64_t)e->ts);
@@ -3336,9 +3486,12 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 		sqlite3_bind_int64(s, 2, contact);
 	if (q_exec(db, s) < 0)
 		return -1;
+	int ordered_now = cart && sqlite3_changes(db->h) == 1;
 	/* a purchase ends every sequence of this person and this cart, and
 	 * of the browsers' own copies of the cart id */
 	if (cart && q_exec(db, q(db, ST_EXIT_CART, "it", cart, "order")) < 0)
+		return -1;
+	if (ordered_now && cart_split(db, cart, e) < 0)
 		return -1;
 	if (e->cart_id &&
 	    (q_exec(db, q(db, ST_SCOPED_EXIT, "t", e->cart_id)) < 0 ||
@@ -3355,7 +3508,7 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 		return -1;
 	if (!contact && cart)
 		contact = scalar_id(db, q(db, ST_CART_CONTACT, "i", cart));
-	return ev_attribute(app, e, contact, redeemed ? e->code : NULL);
+	return ev_attribute(app, e, contact, cart, redeemed ? e->code : NULL);
 }
 
 static int reco_kind_changed(struct db *db, const char *sku, const char *was);
@@ -3369,8 +3522,8 @@ static int ev_product(struct app *app, const struct event *e)
 	sqlite3_stmt *s = q(db, ST_PRODUCT_KIND_OF, "t", e->sku);
 	copy_str(was, sizeof was, sqlite3_step(s) == SQLITE_ROW ? col_text(s, 0) : "");
 	sqlite3_reset(s);
-	s = q(db, ST_PRODUCT_UPSERT, "ttntttit", e->sku, e->name, e->url,
-	      e->image, e->category, (int64_t)e->ts, e->kind);
+	s = q(db, ST_PRODUCT_UPSERT, "ttntttitt", e->sku, e->name, e->url,
+	      e->image, e->category, (int64_t)e->ts, e->kind, e->brand);
 	if (e->has_price)
 		sqlite3_bind_double(s, 3, e->price);
 	if (q_exec(db, s) < 0 || reco_kind_changed(db, e->sku, was) < 0)
@@ -3475,9 +3628,7 @@ static int ev_split(struct app *app, const char *json, size_t len,
 		else if (buf_adds(out, col_text(s, 0)) || buf_add(out, "", 1))
 			rc = fail(err, 500, "out of memory");
 	}
-	sqlite3_reset(s);
-	if (rc == 0 && *n == 0)
-		rc = fail(err, 400, "body: empty array");
+	sqlite3_reset(s); /* [] is a batch of nothing: accepted, 0 events */
 	return rc;
 }
 
@@ -3507,6 +3658,10 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	size_t max = src == EV_CLI ? SIZE_MAX :
 		     src == EV_BROWSER || src == EV_PIXEL ? EV_MAX_BROWSER : EV_MAX_BATCH;
 	int rc = ev_split(app, json, len, max, &objs, &n, err);
+	if (rc == 0 && n == 0) { /* a feeder's quiet ten minutes */
+		buf_free(&objs);
+		return 0;
+	}
 	if (rc == 0 && !(evs = calloc(n, sizeof *evs)))
 		rc = fail(err, 500, "out of memory");
 	const char *p = objs.data;
@@ -3738,6 +3893,7 @@ static const struct csv_column product_columns[] = {
 	{"review_rating", CSV_INT, CSV_MAY, 8},
 	{"review_text", CSV_TEXT, CSV_MAY, 9},
 	{"kind", CSV_TEXT, CSV_MAY, 10}, /* product or service */
+	{"brand", CSV_TEXT, CSV_MAY, 11},
 };
 #define PRODUCT_COLUMNS (sizeof product_columns / sizeof product_columns[0])
 
@@ -5206,9 +5362,9 @@ static const char *msg_exit_reason(const struct msgrow *m)
 #define MC_VARS 48
 #define MC_LISTS 3
 struct item_vars {
-	char *name, *sku, *url, *image;
+	char *name, *sku, *url, *image, *brand, *category;
 	char qty[16], price[32], line[32];
-	struct tvar v[7];
+	struct tvar v[9];
 };
 struct mlist { /* a list variable: items, order_items, recommendations */
 	struct item_vars *items;
@@ -5246,10 +5402,11 @@ static void mc_url(struct msgctx *mc, struct app *app, const char *name,
 	mc_set(mc, name, url);
 }
 
-/* Appends one element to list L; strings are copied. */
+/* Appends one element to list L; strings are copied. BC: its brand and
+ * category from the catalog ("" when unknown). */
 static int list_add(struct mlist *l, const char *name, const char *sku,
 		    int qty, double price, const char *url, const char *image,
-		    const char *cur)
+		    const char *const bc[2], const char *cur)
 {
 	struct item_vars *iv = realloc(l->items, (l->n + 1) * sizeof *iv);
 	if (!iv)
@@ -5261,27 +5418,32 @@ static int list_add(struct mlist *l, const char *name, const char *sku,
 	iv->sku = strdup(sku);
 	iv->url = strdup(url);
 	iv->image = strdup(image);
+	iv->brand = strdup(bc[0]);
+	iv->category = strdup(bc[1]);
 	snprintf(iv->qty, sizeof iv->qty, "%d", qty);
 	money(iv->price, sizeof iv->price, price, cur);
 	money(iv->line, sizeof iv->line, price * qty, cur);
-	return iv->name && iv->sku && iv->url && iv->image ? 0 : -1;
+	return iv->name && iv->sku && iv->url && iv->image && iv->brand &&
+	       iv->category ? 0 : -1;
 }
 
 /* Makes list L visible to templates as NAME. */
 static int list_publish(struct msgctx *mc, struct mlist *l, const char *name)
 {
 	static const char *const names[] = {"name", "sku", "url", "image", "qty",
-					    "price", "line_total"};
+					    "price", "line_total", "brand",
+					    "category"};
 	l->ctx = calloc(l->n ? l->n : 1, sizeof *l->ctx);
 	if (!l->ctx || mc->n >= MC_VARS)
 		return -1;
 	for (size_t i = 0; i < l->n; i++) {
 		struct item_vars *iv = &l->items[i];
 		const char *vals[] = {iv->name, iv->sku, iv->url, iv->image,
-				      iv->qty, iv->price, iv->line};
-		for (int k = 0; k < 7; k++)
+				      iv->qty, iv->price, iv->line, iv->brand,
+				      iv->category};
+		for (int k = 0; k < 9; k++)
 			iv->v[k] = (struct tvar){names[k], vals[k], NULL, 0};
-		l->ctx[i] = (struct tctx){iv->v, 7, NULL};
+		l->ctx[i] = (struct tctx){iv->v, 9, NULL};
 	}
 	mc->v[mc->n++] = (struct tvar){name, NULL, l->ctx, l->n};
 	return 0;
@@ -5302,10 +5464,12 @@ static int mc_items(struct msgctx *mc, struct app *app, const char *name,
 	sqlite3_stmt *s = q(app->db, ST_ITEMS_EACH, "t", items);
 	int rc = 0;
 	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW &&
-	       l->n < (size_t)app->cfg->max_items)
+	       l->n < (size_t)app->cfg->max_items) {
+		const char *bc[2] = {col_text(s, 6), col_text(s, 7)};
 		rc = list_add(l, col_text(s, 0), col_text(s, 1),
 			      sqlite3_column_int(s, 2), sqlite3_column_double(s, 3),
-			      col_text(s, 4), col_text(s, 5), cur);
+			      col_text(s, 4), col_text(s, 5), bc, cur);
+	}
 	sqlite3_reset(s);
 	return rc ? rc : list_publish(mc, l, name);
 }
@@ -5362,9 +5526,10 @@ struct reco_list {
 static int reco_item(void *arg, sqlite3_stmt *row)
 {
 	struct reco_list *r = arg;
+	const char *bc[2] = {col_text(row, 5), col_text(row, 6)};
 	return list_add(r->l, col_text(row, 1), col_text(row, 0), 1,
 			sqlite3_column_double(row, 2), col_text(row, 3),
-			col_text(row, 4), r->cur);
+			col_text(row, 4), bc, r->cur);
 }
 
 static int mc_recos(struct msgctx *mc, struct app *app, int64_t contact,
@@ -5426,6 +5591,8 @@ static void mc_free(struct msgctx *mc)
 			free(l->items[i].sku);
 			free(l->items[i].url);
 			free(l->items[i].image);
+			free(l->items[i].brand);
+			free(l->items[i].category);
 		}
 		free(l->items);
 		free(l->ctx);
@@ -5483,6 +5650,7 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 	gmtime_r(&t, &tm);
 	snprintf(year, sizeof year, "%d", tm.tm_year + 1900);
 	mc_set(mc, "store_name", cfg->store_name);
+	mc_set(mc, "store_tagline", cfg->store_tagline);
 	mc_set(mc, "store_url", cfg->store_url);
 	mc_set(mc, "postal_address", cfg->postal_address);
 	mc_set(mc, "name", m->name);
@@ -5507,6 +5675,14 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 		   (m->order && mc_order(mc, app, m->order) < 0)) {
 		return -1;
 	}
+	/* the catalog's word for what the mail is about, for copy that fits
+	 * any store: the first category among the items (an order's before
+	 * its recommendations) */
+	const char *cat = "";
+	for (int k = mc->nlists - 1; k >= 0 && !*cat; k--)
+		for (size_t i = 0; i < mc->lists[k].n && !*cat; i++)
+			cat = mc->lists[k].items[i].category;
+	mc_set(mc, "category", cat);
 	mc_reason(mc, cfg, m->trigger);
 	mc->ctx = (struct tctx){mc->v, mc->n, NULL};
 	return 0;
@@ -6594,6 +6770,7 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	int64_t a = since, b = until, conv = app->cfg->conversion_days * 86400;
 	q_row(q(db, ST_REP_ORDERS, "ii", a, b), "ldlld", &r->orders, &r->revenue,
 	      &r->attributed, &r->influenced, &r->influenced_revenue);
+	q_row(q(db, ST_REP_ORDERS_NO_CART, "ii", a, b), "l", &r->orders_no_cart);
 	q_row(q(db, ST_REP_RECOVERED, "iii", a, b, conv), "ll", &r->abandoned,
 	      &r->recovered);
 	q_row(q(db, ST_REP_RECOVERED_HELD, "iii", a, b, conv), "ll",
@@ -6686,6 +6863,8 @@ static const struct rep_num rep_nums[] = {
 	 " influenced)"},
 	{"influenced_revenue", RN(influenced_revenue), RK_MONEY, 0, 0, NULL, 0,
 	 NULL, NULL},
+	{"orders_without_cart", RN(orders_no_cart), RK_COUNT, RW_TEXT, 0, NULL, 0,
+	 "orders, no cart    ", " (placed without a cart: attributed by contact)"},
 	{"sent", RN(sent), RK_COUNT, RW_TEXT, 6, "emails sent", 0,
 	 "emails             ", " sent, "},
 	{"opened", RN(opened), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " opened, "},
@@ -7354,7 +7533,9 @@ static int cart_location(struct app *app, const char *cart, const char *code,
 			 struct buf *out)
 {
 	char shop[80]; /* a browser's "<cart_id>/<vid>": the shop knows cart_id */
-	snprintf(shop, sizeof shop, "%.*s", (int)strcspn(cart, "/"), cart);
+	/* and an ordered generation's "<cart_id>#<n>": the shop keeps one
+	 * cart per id, so an old mail's link restores the current cart */
+	snprintf(shop, sizeof shop, "%.*s", (int)strcspn(cart, "/#"), cart);
 	for (const char *p = app->cfg->cart_url; *p;) {
 		const char *val = NULL;
 		if (!strncmp(p, "{cart}", 6))

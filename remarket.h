@@ -49,6 +49,7 @@ struct config {
 	char *smtp_url, *smtp_user, *smtp_password, *outbox, *from;
 	char *tick_token, *hook_secret, *postal_address, *templates;
 	char *code_prefix, *store_name, *unsubscribe_mailto;
+	char *store_tagline; /* a few words under the store's name in mails */
 	char *store_origin; /* scheme://host[:port] allowed to call /collect */
 	char *static_dir;   /* remarket.js */
 	char *log_pii;      /* "yes": the log may name addresses; "no": ids only */
@@ -321,6 +322,7 @@ struct report {
 	rm_time since, until;
 	char currency[8];
 	long abandoned, recovered, orders, attributed, influenced;
+	long orders_no_cart; /* orders that named no cart remarket knew (counted, attributed by contact) */
 	double recovery_rate, revenue, recovered_revenue, influenced_revenue;
 	long sent, opened, clicked, unsubscribed, bounced, codes_issued, codes_redeemed;
 	long stale;                /* steps recorded stale: too late to send */

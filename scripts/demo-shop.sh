@@ -38,7 +38,7 @@ mkdir -p "$DIR/outbox" "$DIR/nginx/tmp" "$DIR/backend"
 SHOP="http://127.0.0.1:$PORT"
 export REMARKET_DB="$DIR/remarket.db" REMARKET_KEY_FILE="$DIR/remarket.key" \
 	REMARKET_OUTBOX="$DIR/outbox" REMARKET_SMTP_URL= \
-	REMARKET_TEMPLATES="$ROOT/templates" REMARKET_STATIC_DIR="$ROOT/static" \
+	REMARKET_TEMPLATES="$ROOT/demo/templates" REMARKET_STATIC_DIR="$ROOT/static" \
 	REMARKET_BASE_URL="$SHOP/rm" REMARKET_STORE_URL="$SHOP" \
 	REMARKET_CART_URL="$SHOP/cart?restore={cart}&code={code}" \
 	REMARKET_HOOK_SECRET="$HOOK" REMARKET_TICK_TOKEN="$TICK" \

@@ -9,7 +9,7 @@ RM=./remarket
 DIR=./var/demo
 rm -rf "$DIR"
 export REMARKET_DB="$DIR/remarket.db" REMARKET_KEY_FILE="$DIR/remarket.key" \
-       REMARKET_OUTBOX="$DIR/outbox" REMARKET_TEMPLATES=./templates REMARKET_SMTP_URL=
+       REMARKET_OUTBOX="$DIR/outbox" REMARKET_TEMPLATES=./demo/templates REMARKET_SMTP_URL=
 T0=$(date +%s)
 say() { printf '\n== %s\n' "$*"; }
 tick() { printf '%-28s ' "tick at $1:"; $RM tick --now "$2"; }

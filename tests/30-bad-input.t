@@ -227,6 +227,20 @@ is($r->{status}, 200, 'GET /p.gif with junk query -> 200');
 like($r->{headers}{'content-type'} // '', qr{^image/gif}, '... image/gif');
 is(sql('SELECT count(*) FROM contacts WHERE unsubscribed_at IS NOT NULL'), 0, 'nobody unsubscribed');
 
+# --- an empty batch: a feeder's quiet ten minutes is no error ----------------
+{
+    my $before = sql($COUNTS);
+    $r = post_event('[]');
+    is($r->{status}, 202, 'an empty batch [] at /events -> 202') or diag $r->{content};
+    like($r->{content}, qr/^\{"accepted":0\b/, '... {"accepted":0,...}');
+    $r = http('POST', '/rm/collect', '[]', $cjson);
+    is($r->{status}, 204, 'an empty batch [] at /collect -> 204 (its success)') or diag $r->{content};
+    my ($rc, $out, $err) = cli('event', { stdin => "[]\n" });
+    is($rc, 0, 'remarket event with [] on stdin exits 0') or diag $err;
+    like($out, qr/^\{"accepted":0\b/, '... and prints {"accepted":0,...}');
+    is(sql($COUNTS), $before, '... nothing is stored');
+}
+
 my @disagree;
 for my $c (@cases) {
     my ($name, $method, $path, $hdr, $body, $want, $o) = @$c;
