@@ -22,6 +22,8 @@ eod (the answer after the content: "end of DATA").
   --fill PATH        before the first eod answer, write PATH until the
                      file system is full (a disk filling under remarket)
 The chosen port is written to the port file once the server listens.
+The log (--log) gets "open N" as each connection opens, N the number
+open at once with it.
 """
 import argparse
 import os
@@ -87,6 +89,19 @@ class Session(socketserver.StreamRequestHandler):
             return True
 
     def handle(self):
+        # "open N": N connections open at once, this one included
+        cfg = self.server.cfg
+        with cfg.lock:
+            cfg.open += 1
+            n = cfg.open
+        log(cfg, 'open %d' % n)
+        try:
+            self.session()
+        finally:
+            with cfg.lock:
+                cfg.open -= 1
+
+    def session(self):
         self.rcpts = []
         self.mail = None
         if not self.reply('greeting', '220 smtp_script ready'):
@@ -194,7 +209,7 @@ def main():
     cfg = argparse.Namespace(
         dir=a.dir, log=a.log, fail=parse_pairs(a.fail, str),
         fail_for=a.fail_for, delay=parse_pairs(a.delay, float),
-        fill=a.fill, filled=False, n=0, lock=threading.Lock())
+        fill=a.fill, filled=False, n=0, open=0, lock=threading.Lock())
     srv = Relay(('127.0.0.1', 0), Session)
     srv.cfg = cfg
     tmp = a.port_file + '.tmp'
