@@ -383,18 +383,59 @@ static int read_file(const char *path, struct buf *out, size_t max)
 	return rc < 0 || buf_failed(out) ? -1 : 0;
 }
 
+/* A tick's sender thread keeps the template files it has read (the
+ * flow engine sets tpl_cache while it sends, and empties it after): each
+ * file is read once a tick, not once a mail, and an edit is seen by the
+ * next tick. NULL elsewhere: every read goes to the file. */
+#define TPL_CACHE_MAX 32
+struct tpl_cache {
+	struct { char *path; struct buf text; int missing; } f[TPL_CACHE_MAX];
+	int n;
+};
+static _Thread_local struct tpl_cache *tpl_cache;
+
+static void tpl_cache_free(struct tpl_cache *c)
+{
+	for (int i = 0; i < c->n; i++) {
+		free(c->f[i].path);
+		buf_free(&c->f[i].text);
+	}
+	c->n = 0;
+}
+
 /* A template file, its CRs dropped (an editor on Windows saves CRLF). */
 static int template_read(const char *path, struct buf *out)
 {
-	if (read_file(path, out, 1 << 20) < 0)
-		return -1;
-	size_t w = 0;
-	for (size_t r = 0; r < out->len; r++)
-		if (out->data[r] != '\r')
-			out->data[w++] = out->data[r];
-	out->len = w;
-	out->data[w] = '\0';
-	return 0;
+	struct tpl_cache *c = tpl_cache;
+	for (int i = 0; c && i < c->n; i++)
+		if (!strcmp(c->f[i].path, path)) {
+			if (c->f[i].missing)
+				return -1;
+			buf_add(out, c->f[i].text.data, c->f[i].text.len);
+			return buf_failed(out) ? -1 : 0;
+		}
+	size_t from = out->len;
+	int rc = read_file(path, out, 1 << 20);
+	if (rc == 0) {
+		size_t w = from;
+		for (size_t r = from; r < out->len; r++)
+			if (out->data[r] != '\r')
+				out->data[w++] = out->data[r];
+		out->len = w;
+		out->data[w] = '\0';
+	}
+	if (c && c->n < TPL_CACHE_MAX && (c->f[c->n].path = strdup(path))) {
+		c->f[c->n].missing = rc < 0;
+		if (rc == 0)
+			buf_add(&c->f[c->n].text, out->data + from, out->len - from);
+		if (buf_failed(&c->f[c->n].text)) {
+			free(c->f[c->n].path);
+			buf_free(&c->f[c->n].text);
+		} else {
+			c->n++;
+		}
+	}
+	return rc;
 }
 
 /* Writes a file atomically: a reader sees the old file or the new one.
@@ -5623,7 +5664,9 @@ static void *sender_loop(void *arg)
 	struct sender *s = arg;
 	struct sendpool *p = s->p;
 	int64_t id = s->first;
+	struct tpl_cache cache = {0};
 	s->first = 0;
+	tpl_cache = &cache; /* the templates are read once a round */
 	while (id || pool_next(s, &id) == 0) {
 		int rc = flow_send(s->app, id, p->now, p->l->owner, &s->sum, p->rf,
 				   p->prep);
@@ -5637,6 +5680,8 @@ static void *sender_loop(void *arg)
 			break;
 		}
 	}
+	tpl_cache = NULL;
+	tpl_cache_free(&cache);
 	return NULL;
 }
 
