@@ -214,16 +214,52 @@ my $suppressed = "SELECT count(*) FROM contacts WHERE suppressed_at IS NOT NULL"
 	$good->stop;
 }
 
-# ---- content refused for one recipient while the same content goes to others -----------
+# ---- a refusal still on its way when the row paused the step waits with the row --------
+# (s1 goes first and its relay answers 1 s late; s2..s4 are refused at once)
 {
-	my $relay = RMRelay->start(dir => "$tmp/relay-eod1", fail => ['eod=550'], fail_for => '^s2@',
-				   delay => ['eod=0.2']);
+	my $relay = RMRelay->start(dir => "$tmp/relay-late", fail => ['eod=554'], delay => ['eod=1'],
+				   delay_for => '^s1@');
 	my $in = instance($relay->url);
 	carts($in, 4);
 	my (undef, $out, $err) = rm($in, 'tick', '--now', $due);
-	is(field($out, 'sent'), 3, '4 connections, end of DATA 550 for one recipient: the others are sent')
+	like($out, qr/"stopped":"abandoned_cart step 1 paused/, 'late refusal: the step is paused') or diag $out;
+	is(field($out, 'retry'), 0, '... the one refused after the pause is no retry') or diag "$out\n$err";
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'queued' AND attempts = 0"), 4,
+	    '... all four wait, no attempt counted, the late one too')
+	    or diag sql($in, "SELECT id, status, attempts, error FROM messages");
+	like(sql($in, "SELECT error FROM messages WHERE id = 1"), qr/paused: the relay refused its content/,
+	     '... and it says why');
+	is(sql($in, $suppressed), 0, '... nobody is suppressed');
+	$relay->stop;
+}
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-late-rcpt", fail => ['rcpt=550 recipient rejected'],
+				   delay => ['rcpt=1'], delay_for => '^s1@');
+	my $in = instance($relay->url);
+	carts($in, 4);
+	my (undef, $out, $err) = rm($in, 'tick', '--now', $due);
+	like($out, qr/"stopped":".*the relay refuses us/, 'late RCPT refusal: the tick stops, the relay refuses us')
+	    or diag $out;
+	is(sql($in, "SELECT count(*) FROM messages WHERE status = 'queued' AND attempts = 0"), 4,
+	    '... all four wait, no attempt counted, the late one too')
+	    or diag sql($in, "SELECT id, status, attempts, error FROM messages");
+	is(sql($in, $suppressed), 0, '... nobody is suppressed');
+	$relay->stop;
+}
+
+# ---- content refused for one recipient while the same content goes to others -----------
+# (s2's refusal comes 0.5 s late, after the relay took the same step for
+# everyone else on the other connections: nothing is sent after it)
+{
+	my $relay = RMRelay->start(dir => "$tmp/relay-eod1", fail => ['eod=550'], fail_for => '^s2@',
+				   delay => ['eod=0.5'], delay_for => '^s2@');
+	my $in = instance($relay->url);
+	carts($in, 8);
+	my (undef, $out, $err) = rm($in, 'tick', '--now', $due);
+	is(field($out, 'sent'), 7, '4 connections, end of DATA 550 for one recipient: the others are sent')
 	    or diag "$out\n$err";
-	is(field($out, 'failed'), 1, '... that one failed: the relay took the same content meanwhile');
+	is(field($out, 'failed'), 1, '... that one failed: the relay took the same content meanwhile')
+	    or diag "$out\n$err";
 	is(sql($in, "SELECT group_concat(email) FROM contacts WHERE suppressed_at IS NOT NULL"),
 	    's2@example.com', '... only that address is suppressed');
 	is(sql($in, "SELECT count(*) FROM steps WHERE paused_at IS NOT NULL"), 0, '... no step is paused');
