@@ -4864,6 +4864,9 @@ out:
  *      send time, render, write the "sending" state (one attempt, for
  *      this message only), send, and record the outcome. A claim counts
  *      no attempt, so a tick killed mid-batch costs its batch nothing.
+ * Phases 2 and 3 run on smtp_connections senders at once, each with its
+ * own database connection and SMTP connection, under the same lease
+ * (see struct sendpool).
  */
 
 #define TICK_BATCH 50
