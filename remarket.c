@@ -5634,6 +5634,8 @@ static int pool_next(struct sender *s, int64_t *id)
 	struct sendpool *p = s->p;
 	int rc = 1;
 	pthread_mutex_lock(&p->lock);
+	/* each message done renews the lease of those still on their way */
+	lease_keep(s->app, p->now, p->l);
 	while (!p->stop) {
 		if (out_of_budget(s->app, p->l)) {
 			p->stop = p->budget = 1;
@@ -5641,7 +5643,6 @@ static int pool_next(struct sender *s, int64_t *id)
 		}
 		if (p->pos < p->n) {
 			*id = p->ids[p->pos++];
-			lease_keep(s->app, p->now, p->l);
 			rc = 0;
 			break;
 		}
@@ -5756,11 +5757,24 @@ static int send_round(struct sender *s, int ns, struct app *app, rm_time now,
 	s[0].first = id;
 	if (id)
 		sender_loop(&s[0]);
+	/* while the others finish their messages, keep the lease alive for
+	 * them (a relay may answer several connections one after another) */
 	for (int k = 1; k < ns; k++)
-		if (s[k].running) {
-			pthread_join(s[k].th, NULL);
-			s[k].running = 0;
-			sum_add(sum, &s[k].sum);
+		while (s[k].running) {
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_sec += 1;
+			int e = pthread_timedjoin_np(s[k].th, NULL, &ts);
+			if (e != ETIMEDOUT) {
+				if (e != 0)
+					pthread_join(s[k].th, NULL);
+				s[k].running = 0;
+				sum_add(sum, &s[k].sum);
+				break;
+			}
+			pthread_mutex_lock(&p.lock);
+			lease_keep(app, now, l);
+			pthread_mutex_unlock(&p.lock);
 		}
 	pthread_mutex_destroy(&p.lock);
 	pthread_rwlock_destroy(&prep);
