@@ -383,18 +383,59 @@ static int read_file(const char *path, struct buf *out, size_t max)
 	return rc < 0 || buf_failed(out) ? -1 : 0;
 }
 
+/* A tick's sender thread keeps the template files it has read (the
+ * flow engine sets tpl_cache while it sends, and empties it after): each
+ * file is read once a tick, not once a mail, and an edit is seen by the
+ * next tick. NULL elsewhere: every read goes to the file. */
+#define TPL_CACHE_MAX 32
+struct tpl_cache {
+	struct { char *path; struct buf text; int missing; } f[TPL_CACHE_MAX];
+	int n;
+};
+static _Thread_local struct tpl_cache *tpl_cache;
+
+static void tpl_cache_free(struct tpl_cache *c)
+{
+	for (int i = 0; i < c->n; i++) {
+		free(c->f[i].path);
+		buf_free(&c->f[i].text);
+	}
+	c->n = 0;
+}
+
 /* A template file, its CRs dropped (an editor on Windows saves CRLF). */
 static int template_read(const char *path, struct buf *out)
 {
-	if (read_file(path, out, 1 << 20) < 0)
-		return -1;
-	size_t w = 0;
-	for (size_t r = 0; r < out->len; r++)
-		if (out->data[r] != '\r')
-			out->data[w++] = out->data[r];
-	out->len = w;
-	out->data[w] = '\0';
-	return 0;
+	struct tpl_cache *c = tpl_cache;
+	for (int i = 0; c && i < c->n; i++)
+		if (!strcmp(c->f[i].path, path)) {
+			if (c->f[i].missing)
+				return -1;
+			buf_add(out, c->f[i].text.data, c->f[i].text.len);
+			return buf_failed(out) ? -1 : 0;
+		}
+	size_t from = out->len;
+	int rc = read_file(path, out, 1 << 20);
+	if (rc == 0) {
+		size_t w = from;
+		for (size_t r = from; r < out->len; r++)
+			if (out->data[r] != '\r')
+				out->data[w++] = out->data[r];
+		out->len = w;
+		out->data[w] = '\0';
+	}
+	if (c && c->n < TPL_CACHE_MAX && (c->f[c->n].path = strdup(path))) {
+		c->f[c->n].missing = rc < 0;
+		if (rc == 0)
+			buf_add(&c->f[c->n].text, out->data + from, out->len - from);
+		if (buf_failed(&c->f[c->n].text)) {
+			free(c->f[c->n].path);
+			buf_free(&c->f[c->n].text);
+		} else {
+			c->n++;
+		}
+	}
+	return rc;
 }
 
 /* Writes a file atomically: a reader sees the old file or the new one.
@@ -478,6 +519,7 @@ static const struct cfg_key {
 	CFG_STR(smtp_password, ""),
 	CFG_LONG(smtp_connect_timeout, "10"),
 	CFG_LONG(smtp_reply_timeout, "30"),
+	CFG_LONG(smtp_connections, "4"),
 	CFG_STR(outbox, "./var/outbox"),
 	CFG_STR(from, "Maison Demo <shop@example.com>"),
 	CFG_STR(tick_token, ""),
@@ -699,6 +741,12 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 		cfg->smtp_connect_timeout = 3600;
 	if (cfg->smtp_reply_timeout > 3600)
 		cfg->smtp_reply_timeout = 3600;
+	if (cfg->smtp_connections < 1 || cfg->smtp_connections > RM_MAX_CONNECTIONS) {
+		snprintf(err, errlen, "smtp_connections: %ld must be 1 to %d (the "
+			 "SMTP connections a tick sends on at once)",
+			 cfg->smtp_connections, RM_MAX_CONNECTIONS);
+		return -1;
+	}
 	if (strcmp(cfg->log_pii, "yes") != 0 && strcmp(cfg->log_pii, "no") != 0) {
 		snprintf(err, errlen, "log_pii: '%s' must be yes or no", cfg->log_pii);
 		return -1;
@@ -1455,6 +1503,8 @@ void cfg_free(struct config *cfg)
 	X(MESSAGE_START,                                                       \
 	  "UPDATE messages SET crashes = crashes + 1 WHERE id = ?1 "           \
 	  "AND lease_owner = ?2 AND status = 'sending'")                       \
+	/* a death of the tick while preparing it was counted */              \
+	X(MESSAGE_CRASHES, "SELECT crashes FROM messages WHERE id = ?1")       \
 	/* the durable "sending" state, written before the hand-over: one     \
 	 * attempt, and every byte the outcome needs, so that recording the   \
 	 * outcome only flips small numbers */                                \
@@ -1866,6 +1916,29 @@ static void db_rollback(struct db *db)
 	if (!sqlite3_get_autocommit(db->h))
 		q_exec(db, q(db, ST_ROLLBACK, NULL));
 	db_unlock(db);
+}
+
+/* Takes this process's write turn for writes outside a transaction of
+ * ours (a tick's sender threads would otherwise meet in SQLite's busy
+ * handler, which sleeps); nothing if the turn is held already. Returns
+ * 1 if it took it: give it back with db_unlock. */
+static int db_turn(struct db *db)
+{
+	if (db->in_turn)
+		return 0;
+	pthread_mutex_lock(&write_turn);
+	db->in_turn = 1;
+	return 1;
+}
+
+/* One write statement outside a transaction, in this process's turn. */
+static int q_write(struct db *db, sqlite3_stmt *s)
+{
+	int took = db_turn(db);
+	int rc = q_exec(db, s);
+	if (took)
+		db_unlock(db);
+	return rc;
 }
 
 /* Steps S once and reads its first row into pointers: fmt has one letter
@@ -5797,6 +5870,9 @@ out:
  *      send time, render, write the "sending" state (one attempt, for
  *      this message only), send, and record the outcome. A claim counts
  *      no attempt, so a tick killed mid-batch costs its batch nothing.
+ * Phases 2 and 3 run on smtp_connections senders at once, each with its
+ * own database connection and SMTP connection, under the same lease
+ * (see struct sendpool).
  */
 
 #define TICK_BATCH 50
@@ -5811,6 +5887,17 @@ static void fault(const char *where)
 	const char *f = getenv("REMARKET_FAULT");
 	if (f && strcmp(f, where) == 0)
 		_exit(70); /* fault injection for the crash tests */
+}
+
+/* The same for one message: WHERE, or "WHERE:ID" for message ID only. */
+static void fault_msg(const char *where, int64_t id)
+{
+	const char *f = getenv("REMARKET_FAULT");
+	size_t n = strlen(where);
+	if (f && !strncmp(f, where, n) && f[n] == ':' &&
+	    strtoll(f + n + 1, NULL, 10) == id)
+		_exit(70);
+	fault(where);
 }
 
 static int msg_exit(struct app *app, const struct msgrow *m, const char *why,
@@ -5857,8 +5944,8 @@ static int msg_record(struct app *app, const struct msgrow *m,
 		int64_t wait = 300LL << (m->attempts > 7 ? 7 : m->attempts - 1);
 		if (wait > 6 * 3600)
 			wait = 6 * 3600;
-		rc = q_exec(db, q(db, ST_MESSAGE_RETRY, "iiti", m->id,
-				  (int64_t)now + wait, err, m->owner));
+		rc = q_write(db, q(db, ST_MESSAGE_RETRY, "iiti", m->id,
+				   (int64_t)now + wait, err, m->owner));
 		sum->retry++;
 	} else {
 		/* a 5xx, or too many temporary failures: never again; a 5xx
@@ -5886,8 +5973,8 @@ static int msg_record(struct app *app, const struct msgrow *m,
 static int msg_defer(struct app *app, const struct msgrow *m, rm_time when,
 		     const char *why, int undo)
 {
-	return q_exec(app->db, q(app->db, ST_MESSAGE_DEFER, "iitii", m->id,
-				 (int64_t)when, why, m->owner, (int64_t)undo));
+	return q_write(app->db, q(app->db, ST_MESSAGE_DEFER, "iitii", m->id,
+				  (int64_t)when, why, m->owner, (int64_t)undo));
 }
 
 /* Writes ST_MESSAGE_START or ST_MESSAGE_ATTEMPT for M. Returns 0, 1 when
@@ -5897,7 +5984,7 @@ static int msg_mark(struct app *app, const struct msgrow *m, enum stmt_id id)
 	sqlite3_stmt *s = id == ST_MESSAGE_ATTEMPT ?
 		q(app->db, id, "iit", m->id, m->owner, m->message_id) :
 		q(app->db, id, "ii", m->id, m->owner);
-	if (q_exec(app->db, s) < 0)
+	if (q_write(app->db, s) < 0)
 		return -1;
 	return sqlite3_changes(app->db->h) == 1 ? 0 : 1;
 }
@@ -5939,11 +6026,27 @@ static int msg_stale(const struct config *cfg, const struct msgrow *m,
  * the recipient's; REFUSALS_IN_A_ROW different recipients refused in a
  * row make it ours (the messages wait, nobody is suppressed, the tick
  * stops). */
+/* With several connections (smtp_connections) "next" and "in a row"
+ * are in the order the relay answered: the list is shared by the tick's
+ * sender threads under LOCK, and an acceptance of the same content (at
+ * RCPT: of anyone) answered while a refused message was on its way
+ * settles that refusal as its recipient's, as one answered after it
+ * would. Once a row is complete, a refusal of the same kind still on its
+ * way when the tick stopped waits like the row's (nobody suppressed, no
+ * attempt counted). With one connection all of this is as before. */
+#define REFUSALS_OK 32 /* contents whose last acceptance is remembered */
 struct refusals {
 	struct msgrow held[REFUSALS_HELD];
 	char err[REFUSALS_HELD][512];
 	int rcpt[REFUSALS_HELD]; /* held for a refusal at RCPT */
 	int n;
+	pthread_mutex_t lock;
+	long seq;    /* acceptances so far: a message's send starts at one */
+	long ok_any; /* the seq of the last acceptance */
+	struct { char flow[64]; int step; char variant; long seq; } ok[REFUSALS_OK];
+	int nok;
+	struct msgrow paused; /* the content of a row complete (has_step 1) */
+	char paused_why[400], ours_why[400]; /* a row complete: why */
 };
 
 static int same_content(const struct msgrow *a, const struct msgrow *b)
@@ -6018,7 +6121,56 @@ static int refusals_ours(struct app *app, struct refusals *rf, int distinct,
 		}
 	fprintf(stderr, "remarket: %s\n", why);
 	copy_str(sum->stopped, sizeof sum->stopped, why);
+	copy_str(rf->ours_why, sizeof rf->ours_why, why);
 	return 1;
+}
+
+/* The relay accepted M (under rf->lock): remembered for the refusals
+ * of other connections that were on their way meanwhile. */
+static void refusal_accepted(struct refusals *rf, const struct msgrow *m)
+{
+	int k = 0;
+	rf->ok_any = ++rf->seq;
+	while (k < rf->nok && !(!strcmp(rf->ok[k].flow, m->flow) &&
+				rf->ok[k].step == m->step &&
+				rf->ok[k].variant == m->variant))
+		k++;
+	if (k == REFUSALS_OK) { /* forget the oldest */
+		memmove(&rf->ok[0], &rf->ok[1], (REFUSALS_OK - 1) * sizeof rf->ok[0]);
+		k = REFUSALS_OK - 1;
+	} else if (k == rf->nok) {
+		rf->nok++;
+	}
+	copy_str(rf->ok[k].flow, sizeof rf->ok[k].flow, m->flow);
+	rf->ok[k].step = m->step;
+	rf->ok[k].variant = m->variant;
+	rf->ok[k].seq = rf->seq;
+}
+
+/* A refusal of M (RCPT: at RCPT) whose send began at acceptance
+ * STARTED, decided without holding it (under rf->lock): the relay took
+ * the same content (RCPT: anyone's) meanwhile, so it is M's recipient's
+ * (recorded, returns 0); or a row of its kind is complete already, so it
+ * waits like the row's (returns 1: the tick stops). Otherwise -2: hold
+ * it (refusal_add). -1 on a database failure. */
+static int refusal_late(struct app *app, struct refusals *rf,
+			const struct msgrow *m, const char *err, int rcpt,
+			long started, rm_time now, struct tick_summary *sum)
+{
+	if (rcpt && *rf->ours_why) {
+		sum->retry++;
+		return msg_defer(app, m, now + 900, rf->ours_why, 1) ? -1 : 1;
+	}
+	if (!rcpt && *rf->paused_why && same_content(&rf->paused, m))
+		return msg_defer(app, m, now, rf->paused_why, 1) ? -1 : 1;
+	long ok = rcpt ? rf->ok_any : 0;
+	for (int k = 0; !rcpt && k < rf->nok; k++)
+		if (!strcmp(rf->ok[k].flow, m->flow) && rf->ok[k].step == m->step &&
+		    rf->ok[k].variant == m->variant)
+			ok = rf->ok[k].seq;
+	if (ok > started)
+		return msg_record(app, m, SEND_PERM, err, now, sum);
+	return -2;
 }
 
 /* M's content was refused (RCPT: M's recipient, without saying why).
@@ -6075,18 +6227,25 @@ static int refusal_add(struct app *app, struct refusals *rf,
 			k++;
 	fprintf(stderr, "remarket: %s\n", why);
 	copy_str(sum->stopped, sizeof sum->stopped, why);
+	rf->paused = *m;
+	rf->paused.items = NULL;
+	copy_str(rf->paused_why, sizeof rf->paused_why, why);
 	return 1;
 }
 
 /* Sends one claimed message. Returns 0, -1 on a database failure (the
  * tick stops), or 1 when the relay refuses us or a step was paused: the
- * tick should stop. */
+ * tick should stop. PREP: with several senders, their preparations
+ * (START to ATTEMPT) share it, and a message that was being prepared
+ * when a tick died is prepared alone (see CRASH_MAX); NULL with one. */
 static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
-		     struct tick_summary *sum, struct refusals *rf)
+		     struct tick_summary *sum, struct refusals *rf,
+		     pthread_rwlock_t *prep)
 {
 	struct msgrow m;
 	char err[512] = "", stale[200];
 	struct buf msg = {0};
+	pthread_rwlock_t *held = NULL;
 	if (msg_load(app, id, &m) < 0)
 		return -1;
 	m.owner = owner;
@@ -6110,12 +6269,22 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		goto out;
 	}
 	/* from here until the hand-over, a death of the tick is this
-	 * message's: CRASH_MAX of them and it is given up (ST_CLAIM_GIVE_UP) */
+	 * message's: CRASH_MAX of them and it is given up (ST_CLAIM_GIVE_UP).
+	 * Every message being prepared when the tick dies is charged: one
+	 * charged before is prepared alone, so that a message that kills the
+	 * tick every time is given up alone, as with one sender */
+	if (prep) {
+		held = prep;
+		if (db_scalar_stmt(q(app->db, ST_MESSAGE_CRASHES, "i", id)) > 0)
+			pthread_rwlock_wrlock(prep);
+		else
+			pthread_rwlock_rdlock(prep);
+	}
 	if ((rc = msg_mark(app, &m, ST_MESSAGE_START)) != 0) {
 		rc = rc < 0 ? -1 : 0;
 		goto out;
 	}
-	fault("crash_while_preparing");
+	fault_msg("crash_while_preparing", id);
 	if (msg_compose(app, &m, now, &msg, err, sizeof err) < 0) {
 		fprintf(stderr, "remarket: message %lld: %s (retried in 15 min)\n",
 			(long long)id, err);
@@ -6135,7 +6304,18 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		goto out;
 	}
 	m.attempts++;
+	if (held)
+		pthread_rwlock_unlock(held);
+	held = NULL;
+	pthread_mutex_lock(&rf->lock);
+	long started = rf->seq;
+	pthread_mutex_unlock(&rf->lock);
 	enum send_result r = mail_send(app, m.id, m.email, &msg, err, sizeof err);
+	if (r == SEND_OK) {
+		pthread_mutex_lock(&rf->lock);
+		refusal_accepted(rf, &m);
+		pthread_mutex_unlock(&rf->lock);
+	}
 	if (r == SEND_CONFIG || r == SEND_DOWN) {
 		fprintf(stderr, "remarket: %s\n", err);
 		copy_str(sum->stopped, sizeof sum->stopped, err);
@@ -6146,7 +6326,11 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 	}
 	if (r == SEND_CONTENT || r == SEND_RCPT) {
 		fprintf(stderr, "remarket: message %lld: %s\n", (long long)id, err);
-		rc = refusal_add(app, rf, &m, err, r == SEND_RCPT, now, sum);
+		pthread_mutex_lock(&rf->lock);
+		rc = refusal_late(app, rf, &m, err, r == SEND_RCPT, started, now, sum);
+		if (rc == -2)
+			rc = refusal_add(app, rf, &m, err, r == SEND_RCPT, now, sum);
+		pthread_mutex_unlock(&rf->lock);
 		goto out;
 	}
 	if (r != SEND_OK) { /* an address only with log_pii = yes */
@@ -6174,9 +6358,14 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 			"stops\n", (long long)id, app->cfg->db);
 	/* the relay took this content from someone: the held refusals of
 	 * the same step, and those at RCPT, were about their recipients */
-	if (rc == 0 && r == SEND_OK)
+	if (rc == 0 && r == SEND_OK) {
+		pthread_mutex_lock(&rf->lock);
 		rc = refusals_settle(app, rf, &m, SEND_PERM, now, sum);
+		pthread_mutex_unlock(&rf->lock);
+	}
 out:
+	if (held)
+		pthread_rwlock_unlock(held);
 	free(m.items);
 	buf_free(&msg);
 	return rc;
@@ -6337,19 +6526,22 @@ int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 static int claim_as(struct app *app, rm_time now, int64_t owner, int64_t *ids,
 		    int limit, int64_t spent)
 {
+	int took = db_turn(app->db), n = 0, rc = SQLITE_ERROR;
 	if (q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP, "ii", (int64_t)now,
 			      (int64_t)CRASH_MAX)) < 0 ||
 	    (sqlite3_changes(app->db->h) > 0 &&
 	     q_exec(app->db, q(app->db, ST_CLAIM_GIVE_UP_EXIT, "")) < 0))
-		return -1;
+		goto out;
 	sqlite3_stmt *s = q(app->db, ST_CLAIM, "iiii", (int64_t)now,
 			    (int64_t)app->cfg->lease_seconds + (spent > 0 ? spent : 0),
 			    (int64_t)limit, owner);
-	int n = 0, rc;
 	while ((rc = sqlite3_step(s)) == SQLITE_ROW)
 		if (n < limit)
 			ids[n++] = sqlite3_column_int64(s, 0);
 	sqlite3_reset(s);
+out:
+	if (took)
+		db_unlock(app->db);
 	return rc == SQLITE_DONE ? n : -1;
 }
 
@@ -6391,61 +6583,249 @@ static void lease_keep(struct app *app, rm_time now, struct lease *l)
 	if (real - l->renewed < app->cfg->lease_seconds / 3)
 		return;
 	rm_time tick_now = now + (rm_time)(real - l->started);
-	q_exec(app->db, q(app->db, ST_LEASE_RENEW, "ii", l->owner,
-			  (int64_t)(tick_now + app->cfg->lease_seconds)));
+	q_write(app->db, q(app->db, ST_LEASE_RENEW, "ii", l->owner,
+			   (int64_t)(tick_now + app->cfg->lease_seconds)));
 	l->renewed = real;
 }
 
-/* The tick's time budget (real seconds since it started) is spent: the
- * messages it claimed and has not tried go back, untouched, for the next
- * tick. */
-static int out_of_budget(struct app *app, const struct lease *l,
-		       struct tick_summary *sum)
+/* The tick's time budget (real seconds since it started) is spent. */
+static int out_of_budget(struct app *app, const struct lease *l)
 {
-	if (time(NULL) - l->started < app->cfg->tick_budget_seconds)
-		return 0;
-	q_exec(app->db, q(app->db, ST_LEASE_RELEASE, "i", l->owner));
-	sum->budget_spent = 1;
-	return 1;
+	return time(NULL) - l->started >= app->cfg->tick_budget_seconds;
 }
 
-/* The claim-and-send loop of one tick: batches of leased messages until
+/*
+ * Sending on several SMTP connections at once (smtp_connections; one
+ * with the outbox). Each sender is a thread with its own database
+ * connection and its own curl handle, so its connection to the relay
+ * stays open across messages; sender 0 is the tick's own thread and app.
+ * They share one claim-and-send loop (struct sendpool, under its lock):
+ * whichever sender runs out of messages claims the next batch with the
+ * tick's lease, so each claimed message is sent by exactly one of them,
+ * and an overlapping tick is kept away by the lease as before. Each
+ * counts into a summary of its own, added to the tick's once the round
+ * is over (each message exactly once); the held refusals are shared
+ * (struct refusals). A send that stops the tick (the relay refuses us or
+ * is unavailable, a step paused, a database failure) or the budget spent
+ * stops every sender after the message it is on; the messages claimed
+ * and not tried are given back only once all have stopped, never under
+ * one still sending.
+ */
+struct sendpool {
+	pthread_mutex_t lock;
+	rm_time now;
+	struct lease *l;
+	struct refusals *rf;
+	pthread_rwlock_t *prep; /* the preparations (flow_send), or NULL */
+	int64_t ids[TICK_BATCH];
+	int n, pos;
+	int empty;  /* a claim found nothing due */
+	int stop;   /* a sender stopped the tick, or the budget is spent */
+	int budget; /* the budget is spent */
+	int rc;     /* -1 (database) or 1 (stop) from a sender, else 0 */
+	long claimed;
+};
+
+struct sender {
+	struct sendpool *p;
+	struct app *app;
+	struct app own; /* a sender thread's: its connection and curl handle */
+	struct tick_summary sum;
+	pthread_t th;
+	int open, running;
+	int64_t first; /* a message taken for it before it started, or 0 */
+};
+
+/* The next message for sender S in *ID: 0, or 1 when there is none (no
+ * more due, the tick stops, the budget is spent). */
+static int pool_next(struct sender *s, int64_t *id)
+{
+	struct sendpool *p = s->p;
+	int rc = 1;
+	pthread_mutex_lock(&p->lock);
+	/* each message done renews the lease of those still on their way */
+	lease_keep(s->app, p->now, p->l);
+	while (!p->stop) {
+		if (out_of_budget(s->app, p->l)) {
+			p->stop = p->budget = 1;
+			break;
+		}
+		if (p->pos < p->n) {
+			*id = p->ids[p->pos++];
+			rc = 0;
+			break;
+		}
+		if (p->empty)
+			break;
+		int n = claim_as(s->app, p->now, p->l->owner, p->ids, TICK_BATCH,
+				 (int64_t)(time(NULL) - p->l->started));
+		if (n < 0)
+			p->rc = -1, p->stop = 1;
+		p->empty = n == 0;
+		p->n = n > 0 ? n : 0;
+		p->pos = 0;
+		p->claimed += p->n;
+		if (n > 0)
+			fault("crash_after_claim");
+	}
+	pthread_mutex_unlock(&p->lock);
+	return rc;
+}
+
+static void *sender_loop(void *arg)
+{
+	struct sender *s = arg;
+	struct sendpool *p = s->p;
+	int64_t id = s->first;
+	struct tpl_cache cache = {0};
+	s->first = 0;
+	tpl_cache = &cache; /* the templates are read once a round */
+	while (id || pool_next(s, &id) == 0) {
+		int rc = flow_send(s->app, id, p->now, p->l->owner, &s->sum, p->rf,
+				   p->prep);
+		id = 0;
+		if (rc != 0) {
+			pthread_mutex_lock(&p->lock);
+			if (p->rc >= 0)
+				p->rc = rc;
+			p->stop = 1;
+			pthread_mutex_unlock(&p->lock);
+			break;
+		}
+	}
+	tpl_cache = NULL;
+	tpl_cache_free(&cache);
+	return NULL;
+}
+
+/* Opens sender S's own connection and curl handle, with the tick's keys. */
+static int sender_open(struct sender *s, struct app *app)
+{
+	char err[256];
+	struct app *o = &s->own;
+	memset(o, 0, sizeof *o);
+	o->cfg = app->cfg;
+	memcpy(o->key, app->key, sizeof o->key);
+	memcpy(o->old_keys, app->old_keys, sizeof o->old_keys);
+	o->nold = app->nold;
+	if (db_open(&o->db, app->cfg->db, err, sizeof err) < 0 ||
+	    !(o->curl = curl_easy_init())) {
+		fprintf(stderr, "remarket: a second SMTP connection: %s; sending "
+			"on fewer (smtp_connections)\n",
+			o->db ? "libcurl cannot create a handle" : err);
+		app_close(o);
+		return -1;
+	}
+	s->app = o;
+	s->open = 1;
+	return 0;
+}
+
+/* Adds a sender's counts to the tick's, and empties them. */
+static void sum_add(struct tick_summary *to, struct tick_summary *from)
+{
+	to->abandoned += from->abandoned, to->enrolled += from->enrolled;
+	to->sent += from->sent, to->retry += from->retry;
+	to->failed += from->failed, to->exited += from->exited;
+	to->skipped += from->skipped, to->stale += from->stale;
+	if (!*to->stopped)
+		copy_str(to->stopped, sizeof to->stopped, from->stopped);
+	memset(from, 0, sizeof *from);
+}
+
+/* One round of claiming and sending on up to NS senders (S[0] the tick's
+ * own thread), until nothing is due, the budget is spent or a send stops
+ * the tick. The others are opened and started once a claim found more
+ * than one message. Returns 0, 1 (stop) or -1. */
+static int send_round(struct sender *s, int ns, struct app *app, rm_time now,
+		      struct lease *l, struct tick_summary *sum,
+		      struct refusals *rf, long *claimed)
+{
+	pthread_rwlock_t prep;
+	pthread_rwlockattr_t attr;
+	pthread_rwlockattr_init(&attr); /* one prepared alone waits for no crowd */
+	pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+	pthread_rwlock_init(&prep, &attr);
+	pthread_rwlockattr_destroy(&attr);
+	struct sendpool p = {.now = now, .l = l, .rf = rf, .prep = ns > 1 ? &prep : NULL};
+	pthread_mutex_init(&p.lock, NULL);
+	s[0].p = &p;
+	s[0].app = app;
+	int64_t id = 0;
+	if (pool_next(&s[0], &id) == 0 && p.n > 1) {
+		for (int k = 1; k < ns; k++) {
+			if (!s[k].open && sender_open(&s[k], app) < 0)
+				break;
+			s[k].p = &p;
+			s[k].running = pthread_create(&s[k].th, NULL, sender_loop,
+						      &s[k]) == 0;
+			if (!s[k].running)
+				break;
+		}
+	}
+	s[0].first = id;
+	if (id)
+		sender_loop(&s[0]);
+	/* while the others finish their messages, keep the lease alive for
+	 * them (a relay may answer several connections one after another) */
+	for (int k = 1; k < ns; k++)
+		while (s[k].running) {
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_sec += 1;
+			int e = pthread_timedjoin_np(s[k].th, NULL, &ts);
+			if (e != ETIMEDOUT) {
+				if (e != 0)
+					pthread_join(s[k].th, NULL);
+				s[k].running = 0;
+				sum_add(sum, &s[k].sum);
+				break;
+			}
+			pthread_mutex_lock(&p.lock);
+			lease_keep(app, now, l);
+			pthread_mutex_unlock(&p.lock);
+		}
+	pthread_mutex_destroy(&p.lock);
+	pthread_rwlock_destroy(&prep);
+	*claimed += p.claimed;
+	if (p.budget) { /* what was claimed and not tried goes back */
+		q_write(app->db, q(app->db, ST_LEASE_RELEASE, "i", l->owner));
+		sum->budget_spent = 1;
+	}
+	return p.rc;
+}
+
+/* The claim-and-send loop of one tick: rounds of leased messages until
  * none is due, the budget is spent or a send stops the tick. */
 static int flow_rounds(struct app *app, rm_time now, struct lease *l,
 		       struct tick_summary *sum, struct refusals *rf)
 {
-	int64_t ids[TICK_BATCH];
-	int total = 0;
+	int ns = *app->cfg->smtp_url ? (int)app->cfg->smtp_connections : 1;
+	struct sender *s = calloc((size_t)ns, sizeof *s);
+	if (!s)
+		return -1;
+	int rc = 0;
+	long total = 0;
 	/* a step skipped for its segment (or stale) makes the next one due
 	 * at once: queue again, a few rounds at most */
 	for (int round = 0; round < 4 && total < TICK_MAX; round++) {
 		long skipped = sum->skipped + sum->stale;
-		if (round > 0 && flow_queue(app, now) < 0)
-			return -1;
-		for (;;) {
-			if (out_of_budget(app, l, sum))
-				return 0;
-			int n = claim_as(app, now, l->owner, ids, TICK_BATCH,
-					 (int64_t)(time(NULL) - l->started));
-			if (n < 0)
-				return -1;
-			if (n == 0)
-				break;
-			fault("crash_after_claim");
-			for (int i = 0; i < n; i++) {
-				if (out_of_budget(app, l, sum))
-					return 0;
-				lease_keep(app, now, l);
-				int rc = flow_send(app, ids[i], now, l->owner, sum, rf);
-				if (rc != 0)
-					return rc;
-			}
-			total += n;
+		if (round > 0 && flow_queue(app, now) < 0) {
+			rc = -1;
+			break;
 		}
-		if (sum->skipped + sum->stale == skipped)
+		s[0].sum = *sum;
+		rc = send_round(s, ns, app, now, l, &s[0].sum, rf, &total);
+		*sum = s[0].sum;
+		if (rc != 0 || sum->budget_spent ||
+		    sum->skipped + sum->stale == skipped)
 			break;
 	}
-	return 0;
+	for (int k = 1; k < ns; k++)
+		if (s[k].open)
+			app_close(&s[k].own);
+	free(s);
+	return rc;
 }
 
 int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
@@ -6461,14 +6841,16 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 	struct refusals *rf = calloc(1, sizeof *rf);
 	if (!rf)
 		return -1;
+	pthread_mutex_init(&rf->lock, NULL);
 	int rc = flow_rounds(app, now, &l, sum, rf);
 	/* refusals not settled by the end: like a 4xx, tried again later */
 	if (refusals_settle(app, rf, NULL, SEND_TEMP, now, sum) < 0)
 		rc = -1;
+	pthread_mutex_destroy(&rf->lock);
 	free(rf);
 	if (rc > 0) { /* the relay refuses us, or a step was paused: give the
 		       * rest back */
-		q_exec(app->db, q(app->db, ST_LEASE_RELEASE, "i", l.owner));
+		q_write(app->db, q(app->db, ST_LEASE_RELEASE, "i", l.owner));
 		return 0;
 	}
 	return rc;

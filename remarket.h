@@ -44,6 +44,7 @@ void buf_free(struct buf *b);   /* empty, error cleared, memory freed */
 
 /* ==== Configuration =================================================== */
 
+#define RM_MAX_CONNECTIONS 16 /* smtp_connections at most */
 struct config {
 	char *db, *key_file, *base_url, *store_url, *cart_url;
 	char *smtp_url, *smtp_user, *smtp_password, *outbox, *from;
@@ -60,6 +61,7 @@ struct config {
 	long lease_seconds; /* how long a claimed message stays claimed */
 	long smtp_connect_timeout; /* seconds to connect to the relay */
 	long smtp_reply_timeout;   /* seconds to wait for each relay reply */
+	long smtp_connections;     /* a tick sends on this many at once, 1..16 */
 	long tick_budget_seconds;  /* a tick stops claiming after this */
 	long max_items;     /* items per cart */
 	long rate_ip_per_min, rate_visitor_per_min; /* browser events */

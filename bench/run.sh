@@ -6,10 +6,13 @@
 #      libfcgi responder (bench/bare.c) behind the same nginx config.
 #   B. emails/s from `remarket tick` into smtp-sink, vs a raw libcurl
 #      SMTP send loop (bench/smtp_loop.c) into the same sink, sending the
-#      bytes of one of remarket's own mails; the loop on 4 connections too.
+#      bytes of one of remarket's own mails: remarket with
+#      smtp_connections = 1 against the loop on 1 connection, and with 4
+#      against the loop on 4.
 #   C. the same through a relay that takes 50 ms per message
-#      (bench/slow_relay.py): remarket vs the loop on 1 and on 4
-#      connections.
+#      (bench/slow_relay.py, which also records the Message-IDs):
+#      remarket and the loop on 1 and on 4 connections, and remarket's
+#      4-connection figure over its 1-connection one.
 # Then bench/report.sh (report and recommendations on big tables) and,
 # from `make bench`, bench/scale.sh (tick, hooks and import at 1 k / 100 k
 # [/ 1 M] customers).
@@ -23,6 +26,7 @@
 #   BENCH_SLOW_N (emails through the slow relay, default 100) and
 #   BENCH_SLOW_MS (its time per message, default 50),
 #   BENCH_KEEP=1 keeps the temp dir (logs, databases) for inspection,
+#   BENCH_NO_REPORT=1 skips bench/report.sh at the end,
 #   REMARKET=path of the binary (default ./remarket in the repo root).
 set -eu
 
@@ -246,51 +250,71 @@ if [ $BASE_ONLY = 0 ]; then
     [ $KILLED = 0 ] || echo "bench: note: remarket serve did not exit within 3 s of SIGTERM; it was killed" >&2
 
     # ------------------------------------------------------------ B: remarket
-    B_RM_ALL=""
-    B_RM_SECS_ALL=""
-    SENT_ALL=""
-    SINK_ALL=""
-    LOAD_ALL=""
-    r=1
-    while [ $r -le "$REPS" ]; do
-        # A fresh database per run, loaded with the same N abandoned carts.
-        export REMARKET_DB="$TMP/mail.$r.db"
-        t1=$(now)
-        load_carts "$REMARKET_DB" "$TMP"
-        t2=$(now)
-        LOAD_ALL="$LOAD_ALL $(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3fs", b - a }')"
+    # run_b CONNS: REPS ticks with smtp_connections = CONNS, each on a fresh
+    # database loaded with the same N abandoned carts; sets B_RM (median
+    # mails/s) and the raw figures B_RM_SECS_ALL, SENT_ALL, SINK_ALL.
+    run_b() {
+        B_RM_ALL=""
+        B_RM_SECS_ALL=""
+        SENT_ALL=""
+        SINK_ALL=""
+        r=1
+        while [ $r -le "$REPS" ]; do
+            # A fresh database per run, loaded with the same N abandoned carts.
+            export REMARKET_DB="$TMP/mail.$1.$r.db"
+            t1=$(now)
+            load_carts "$REMARKET_DB" "$TMP"
+            t2=$(now)
+            LOAD_ALL="$LOAD_ALL $(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3fs", b - a }')"
 
-        before=$(sink_count)
-        t1=$(now)
-        REMARKET_SMTP_URL="$SMTP_URL" "$RM" tick --now $((T0 + 3700)) >"$TMP/tick.$r.out" 2>"$TMP/tick.$r.err" \
-            || { cat "$TMP/tick.$r.out" >&2; tail -n 20 "$TMP/tick.$r.err" >&2; die "remarket tick failed"; }
-        t2=$(now)
-        secs=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.6f", b - a }')
-        sent=$(tr -d ' \n\t' <"$TMP/tick.$r.out" | sed -n 's/.*"sent":\([0-9][0-9]*\).*/\1/p')
-        sleep 0.1
-        got=$(( $(sink_count) - before ))
-        if [ -z "$sent" ]; then
-            warn "remarket tick printed no \"sent\" count: $(head -c 300 "$TMP/tick.$r.out")"
-            sent=$got
-        elif [ "$sent" != "$N" ]; then
-            warn "remarket tick sent $sent emails, expected $N; summary: $(head -c 300 "$TMP/tick.$r.out")"
-        fi
-        [ "$got" = "$sent" ] || warn "remarket tick reports sent=$sent but smtp-sink counted $got messages"
-        B_RM_ALL="$B_RM_ALL $(awk -v n="$sent" -v s="$secs" 'BEGIN { if (s > 0) printf "%.1f", n / s; else print 0 }')"
-        B_RM_SECS_ALL="$B_RM_SECS_ALL ${secs}s"
-        SENT_ALL="$SENT_ALL $sent"
-        SINK_ALL="$SINK_ALL $got"
-        r=$((r + 1))
-    done
-    # shellcheck disable=SC2086
-    B_RM=$(median $B_RM_ALL)
+            before=$(sink_count)
+            t1=$(now)
+            REMARKET_SMTP_URL="$SMTP_URL" REMARKET_SMTP_CONNECTIONS="$1" "$RM" tick --now $((T0 + 3700)) >"$TMP/tick.$1.$r.out" 2>"$TMP/tick.$1.$r.err" \
+                || { cat "$TMP/tick.$1.$r.out" >&2; tail -n 20 "$TMP/tick.$1.$r.err" >&2; die "remarket tick failed"; }
+            t2=$(now)
+            secs=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.6f", b - a }')
+            sent=$(tr -d ' \n\t' <"$TMP/tick.$1.$r.out" | sed -n 's/.*"sent":\([0-9][0-9]*\).*/\1/p')
+            sleep 0.1
+            got=$(( $(sink_count) - before ))
+            if [ -z "$sent" ]; then
+                warn "remarket tick printed no \"sent\" count: $(head -c 300 "$TMP/tick.$1.$r.out")"
+                sent=$got
+            elif [ "$sent" != "$N" ]; then
+                warn "remarket tick ($1 connections) sent $sent emails, expected $N; summary: $(head -c 300 "$TMP/tick.$1.$r.out")"
+            fi
+            [ "$got" = "$sent" ] || warn "remarket tick ($1 connections) reports sent=$sent but smtp-sink counted $got messages"
+            B_RM_ALL="$B_RM_ALL $(awk -v n="$sent" -v s="$secs" 'BEGIN { if (s > 0) printf "%.1f", n / s; else print 0 }')"
+            B_RM_SECS_ALL="$B_RM_SECS_ALL ${secs}s"
+            SENT_ALL="$SENT_ALL $sent"
+            SINK_ALL="$SINK_ALL $got"
+            r=$((r + 1))
+        done
+        # shellcheck disable=SC2086
+        B_RM=$(median $B_RM_ALL)
+    }
+    LOAD_ALL=""
+    run_b 1
+    B_RM1=$B_RM B_RM1_SECS_ALL=$B_RM_SECS_ALL SENT1_ALL=$SENT_ALL SINK1_ALL=$SINK_ALL
+    run_b 4
+    B_RM4=$B_RM B_RM4_SECS_ALL=$B_RM_SECS_ALL SENT4_ALL=$SENT_ALL SINK4_ALL=$SINK_ALL
 fi
 
 # ---------------------------------------------------------------- B: 4 connections
-# The loop on 4 connections into the same sink: the bar for parallel sending.
-"$TMP/smtp_loop" "$SMTP_URL" "$N" "$MSG_FILE" 4 >"$TMP/smtp_loop4.txt" 2>"$TMP/smtp_loop4.err" \
-    || { cat "$TMP/smtp_loop4.err" >&2; die "smtp_loop (4 connections) could not send to $SMTP_URL"; }
-read -r _ B_BASE4_SECS B_BASE4 <"$TMP/smtp_loop4.txt"
+# The loop on 4 connections into the same sink: the bar for parallel
+# sending (median of REPS runs, as remarket's).
+B_BASE4_ALL=""
+B_BASE4_SECS_ALL=""
+r=1
+while [ $r -le "$REPS" ]; do
+    "$TMP/smtp_loop" "$SMTP_URL" "$N" "$MSG_FILE" 4 >"$TMP/smtp_loop4.$r.txt" 2>"$TMP/smtp_loop4.$r.err" \
+        || { cat "$TMP/smtp_loop4.$r.err" >&2; die "smtp_loop (4 connections) could not send to $SMTP_URL"; }
+    read -r _ secs rate <"$TMP/smtp_loop4.$r.txt"
+    B_BASE4_ALL="$B_BASE4_ALL $rate"
+    B_BASE4_SECS_ALL="$B_BASE4_SECS_ALL ${secs}s"
+    r=$((r + 1))
+done
+# shellcheck disable=SC2086
+B_BASE4=$(median $B_BASE4_ALL)
 
 # ---------------------------------------------------------------- C: slow relay
 # A relay that answers each message SLOW_MS after it arrived, on any number
@@ -313,21 +337,35 @@ for c in 1 4; do
 done
 read -r _ C_BASE1_SECS C_BASE1 <"$TMP/slow_loop1.txt"
 read -r _ C_BASE4_SECS C_BASE4 <"$TMP/slow_loop4.txt"
-C_RM=0 C_RM_SECS=n/a C_RM_SENT=n/a
-if [ $BASE_ONLY = 0 ]; then
-    make_events "$SLOW_N" "$TMP/slow"
-    load_carts "$TMP/slow.db" "$TMP/slow"
+# run_c CONNS: one tick with smtp_connections = CONNS through the slow
+# relay, on a fresh database of SLOW_N carts; sets C_RM (mails/s), C_RM_SECS
+# and C_RM_SENT, and checks the relay's count and that the Message-IDs it
+# got are distinct.
+run_c() {
+    load_carts "$TMP/slow.$1.db" "$TMP/slow"
     before=$(relay_count)
+    lines=$(wc -l <"$TMP/relay.log")
     t1=$(now)
-    REMARKET_DB="$TMP/slow.db" REMARKET_SMTP_URL="$RELAY_URL" "$RM" tick --now $((T0 + 3700)) >"$TMP/slow-tick.out" 2>"$TMP/slow-tick.err" \
-        || { cat "$TMP/slow-tick.out" >&2; tail -n 20 "$TMP/slow-tick.err" >&2; die "remarket tick into the slow relay failed"; }
+    REMARKET_DB="$TMP/slow.$1.db" REMARKET_SMTP_URL="$RELAY_URL" REMARKET_SMTP_CONNECTIONS="$1" "$RM" tick --now $((T0 + 3700)) >"$TMP/slow-tick.$1.out" 2>"$TMP/slow-tick.$1.err" \
+        || { cat "$TMP/slow-tick.$1.out" >&2; tail -n 20 "$TMP/slow-tick.$1.err" >&2; die "remarket tick into the slow relay failed"; }
     t2=$(now)
     C_RM_SECS=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3f", b - a }')
-    C_RM_SENT=$(tr -d ' \n\t' <"$TMP/slow-tick.out" | sed -n 's/.*"sent":\([0-9][0-9]*\).*/\1/p')
+    C_RM_SENT=$(tr -d ' \n\t' <"$TMP/slow-tick.$1.out" | sed -n 's/.*"sent":\([0-9][0-9]*\).*/\1/p')
     got=$(( $(relay_count) - before ))
-    [ "${C_RM_SENT:-}" = "$SLOW_N" ] || warn "remarket tick sent ${C_RM_SENT:-?} emails through the slow relay, expected $SLOW_N"
-    [ "$got" = "${C_RM_SENT:-}" ] || warn "remarket tick reports sent=${C_RM_SENT:-?} but the slow relay counted $got messages"
+    ids=$(tail -n +"$((lines + 1))" "$TMP/relay.log" | grep -o 'id=[^ ]*' | sort | uniq | wc -l)
+    [ "${C_RM_SENT:-}" = "$SLOW_N" ] || warn "remarket tick ($1 connections) sent ${C_RM_SENT:-?} emails through the slow relay, expected $SLOW_N"
+    [ "$got" = "${C_RM_SENT:-}" ] || warn "remarket tick ($1 connections) reports sent=${C_RM_SENT:-?} but the slow relay counted $got messages"
+    [ "$ids" = "$got" ] || warn "remarket tick ($1 connections): the slow relay got $got messages but $ids distinct Message-IDs"
+    C_RM_IDS=$ids
     C_RM=$(awk -v n="${C_RM_SENT:-0}" -v s="$C_RM_SECS" 'BEGIN { if (s > 0) printf "%.1f", n / s; else print 0 }')
+}
+C_RM1=0 C_RM4=0 C_RM1_SECS=n/a C_RM4_SECS=n/a C_RM1_SENT=n/a C_RM4_SENT=n/a C_RM1_IDS=n/a C_RM4_IDS=n/a
+if [ $BASE_ONLY = 0 ]; then
+    make_events "$SLOW_N" "$TMP/slow"
+    run_c 1
+    C_RM1=$C_RM C_RM1_SECS=$C_RM_SECS C_RM1_SENT=$C_RM_SENT C_RM1_IDS=$C_RM_IDS
+    run_c 4
+    C_RM4=$C_RM C_RM4_SECS=$C_RM_SECS C_RM4_SENT=$C_RM_SENT C_RM4_IDS=$C_RM_IDS
 fi
 stop "$RELAY_PID" 10
 
@@ -344,12 +382,12 @@ echo
 printf '%-32s %14s %14s %8s\n' benchmark baseline remarket ratio
 if [ $BASE_ONLY = 0 ]; then
     printf '%-32s %12s/s %12s/s %8s\n' "collect events/s via nginx" "$(fmt "$A_BASE")" "$(fmt "$A_RM")" "$(ratio "$A_RM" "$A_BASE")"
-    printf '%-32s %12s/s %12s/s %8s\n' "emails/s into smtp-sink" "$(fmt "$B_BASE")" "$(fmt "$B_RM")" "$(ratio "$B_RM" "$B_BASE")"
-    printf '%-32s %12s/s %12s/s %8s\n' "  same, loop on 4 connections" "$(fmt "$B_BASE4")" "$(fmt "$B_RM")" "$(ratio "$B_RM" "$B_BASE4")"
-    printf '%-32s %12s/s %12s/s %8s\n' "emails/s, ${SLOW_MS} ms relay, 1 conn" "$(fmt "$C_BASE1")" "$(fmt "$C_RM")" "$(ratio "$C_RM" "$C_BASE1")"
-    printf '%-32s %12s/s %12s/s %8s\n' "emails/s, ${SLOW_MS} ms relay, 4 conns" "$(fmt "$C_BASE4")" "$(fmt "$C_RM")" "$(ratio "$C_RM" "$C_BASE4")"
-    echo "  (remarket sends on one connection: its figure is the same in both rows;"
-    echo "   with the slow relay the loop's 4 connections carry $(ratio "$C_BASE4" "$C_BASE1")x what 1 does; remarket has no second connection yet)"
+    printf '%-32s %12s/s %12s/s %8s\n' "emails/s into smtp-sink, 1 conn" "$(fmt "$B_BASE")" "$(fmt "$B_RM1")" "$(ratio "$B_RM1" "$B_BASE")"
+    printf '%-32s %12s/s %12s/s %8s\n' "emails/s into smtp-sink, 4 conns" "$(fmt "$B_BASE4")" "$(fmt "$B_RM4")" "$(ratio "$B_RM4" "$B_BASE4")"
+    printf '%-32s %12s/s %12s/s %8s\n' "emails/s, ${SLOW_MS} ms relay, 1 conn" "$(fmt "$C_BASE1")" "$(fmt "$C_RM1")" "$(ratio "$C_RM1" "$C_BASE1")"
+    printf '%-32s %12s/s %12s/s %8s\n' "emails/s, ${SLOW_MS} ms relay, 4 conns" "$(fmt "$C_BASE4")" "$(fmt "$C_RM4")" "$(ratio "$C_RM4" "$C_BASE4")"
+    echo "  (remarket with smtp_connections = 1 and 4 against the loop on as many;"
+    echo "   with the slow relay 4 connections carry $(ratio "$C_RM4" "$C_RM1")x what 1 does for remarket (goal 3.5), $(ratio "$C_BASE4" "$C_BASE1")x for the loop)"
 else
     printf '%-32s %12s/s %14s %8s\n' "collect events/s via nginx" "$(fmt "$A_BASE")" "(skipped)" "-"
     printf '%-32s %12s/s %14s %8s\n' "emails/s into smtp-sink" "$(fmt "$B_BASE")" "(skipped)" "-"
@@ -365,18 +403,19 @@ if [ $BASE_ONLY = 0 ]; then
 fi
 echo "  smtp_loop:  $N messages per run, runs took$B_BASE_SECS_ALL (median $(fmt "$B_BASE")/s)"
 if [ $BASE_ONLY = 0 ]; then
-    echo "  tick:       $N carts per run, runs took$B_RM_SECS_ALL (median $(fmt "$B_RM")/s); sent:$SENT_ALL; smtp-sink counted:$SINK_ALL"
+    echo "  tick, 1 connection:  $N carts per run, runs took$B_RM1_SECS_ALL (median $(fmt "$B_RM1")/s); sent:$SENT1_ALL; smtp-sink counted:$SINK1_ALL"
+    echo "  tick, 4 connections: $N carts per run, runs took$B_RM4_SECS_ALL (median $(fmt "$B_RM4")/s); sent:$SENT4_ALL; smtp-sink counted:$SINK4_ALL"
     echo "  (setup, not compared: remarket event loaded $((2 * N)) events in$LOAD_ALL)"
 fi
-echo "  smtp_loop, 4 connections: $N messages into smtp-sink in ${B_BASE4_SECS}s"
+echo "  smtp_loop, 4 connections: $N messages into smtp-sink, runs took$B_BASE4_SECS_ALL (median $(fmt "$B_BASE4")/s)"
 C_RM_RAW=""
-[ $BASE_ONLY = 1 ] || C_RM_RAW="; remarket tick ${C_RM_SECS}s, sent ${C_RM_SENT}"
+[ $BASE_ONLY = 1 ] || C_RM_RAW="; remarket tick ${C_RM1_SECS}s (1 conn), ${C_RM4_SECS}s (4 conns), sent ${C_RM1_SENT} and ${C_RM4_SENT}, distinct Message-IDs at the relay ${C_RM1_IDS} and ${C_RM4_IDS}"
 echo "  slow relay: loop $SLOW_N messages in ${C_BASE1_SECS}s (1 conn), ${C_BASE4_SECS}s (4 conns)$C_RM_RAW"
 if [ $BASE_ONLY = 1 ]; then
     echo
     echo "bench: --baselines-only: remarket was not measured"
 fi
-if [ $BASE_ONLY = 0 ]; then
+if [ $BASE_ONLY = 0 ] && [ "${BENCH_NO_REPORT:-0}" != 1 ]; then
     echo
     REMARKET="$RM" sh "$(dirname "$0")/report.sh"
 fi

@@ -9,9 +9,10 @@ once (asyncio), so several senders' connections are not serialised here.
 
   slow_relay.py HOST PORT DELAY_MS
 
-Prints "mesg=N" (the running count of accepted messages) after each one,
-as smtp-sink -c does, so bench/run.sh counts both the same way. Stops on
-SIGTERM or SIGINT.
+Prints "mesg=N id=MESSAGE-ID" (the running count of accepted messages,
+and the Message-ID of this one) after each one: bench/run.sh counts them
+as it counts smtp-sink -c's, and checks that no Message-ID came twice.
+Stops on SIGTERM or SIGINT.
 """
 import asyncio
 import signal
@@ -34,16 +35,19 @@ async def session(reader, writer, delay):
             elif verb == b"DATA":
                 writer.write(b"354 go ahead\r\n")
                 await writer.drain()
+                mid = b"-"
                 while True:
                     d = await reader.readline()
                     if not d or d == b".\r\n" or d == b".\n":
                         break
+                    if mid == b"-" and d[:11].lower() == b"message-id:":
+                        mid = d[11:].strip() or b"-"
                 if not d:
                     break
                 await asyncio.sleep(delay)
                 count += 1
                 writer.write(b"250 queued\r\n")
-                sys.stdout.write("mesg=%d\n" % count)
+                sys.stdout.write("mesg=%d id=%s\n" % (count, mid.decode("latin-1")))
                 sys.stdout.flush()
             elif verb == b"QUIT":
                 writer.write(b"221 bye\r\n")

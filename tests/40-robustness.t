@@ -204,10 +204,13 @@ my $due = $T0 + 3700;    # step 1 is due at +1 h
 }
 
 # ---- a crash after SMTP accepted, before recording ------------------------
+# (one connection: one message in flight; on several, each one in flight
+# at the crash is repeated the same way)
 {
 	my $sd = "$tmp/sink-crash2";
 	my $port = start_sink($sd);
 	my $in = instance(smtp => "smtp://127.0.0.1:$port");
+	$in->{env}{REMARKET_SMTP_CONNECTIONS} = 1;
 	carts($in, 3, $T0);
 	my ($rc) = rm({ %{ $in->{env} }, REMARKET_FAULT => 'crash_after_send' }, undef, 'tick', '--now', $due);
 	is($rc, 70, 'the tick crashed after the SMTP server accepted a message');

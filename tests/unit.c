@@ -3709,6 +3709,35 @@ static void test_sending(void)
 }
 
 /* The review of issue 8, its sending side (M5, L2, M4). */
+/* smtp_connections: 4 by default, 1 to 16, anything else refused with
+ * the key's name and range (issue 10: parallel sending) */
+static void test_send_connections(void)
+{
+	struct config cfg;
+	char err[512] = "";
+	unsetenv("REMARKET_SMTP_CONNECTIONS");
+	if (cfg_load(&cfg, NULL, err, sizeof err) == 0) {
+		is_int(cfg.smtp_connections, 4, "smtp_connections: 4 by default");
+		cfg_free(&cfg);
+	}
+	const char *bad[] = {"0", "17"};
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		setenv("REMARKET_SMTP_CONNECTIONS", bad[i], 1);
+		err[0] = '\0';
+		int rc = cfg_load(&cfg, NULL, err, sizeof err);
+		ok(rc < 0 && contains(err, "smtp_connections") && contains(err, "1 to 16"),
+		   "smtp_connections = %s is refused, naming the range (%s)", bad[i], err);
+		if (rc == 0)
+			cfg_free(&cfg);
+	}
+	setenv("REMARKET_SMTP_CONNECTIONS", "16", 1);
+	if (cfg_load(&cfg, NULL, err, sizeof err) == 0) {
+		is_int(cfg.smtp_connections, 16, "smtp_connections = 16 is taken");
+		cfg_free(&cfg);
+	}
+	unsetenv("REMARKET_SMTP_CONNECTIONS");
+}
+
 static void test_review_sending(void)
 {
 	struct world w;
@@ -5397,6 +5426,7 @@ int main(void)
 	test_keys_codes();
 	test_sending();
 	test_review_sending();
+	test_send_connections();
 	test_fuzz_findings();
 	test_carts_as_shops();
 	int rc = done_testing();

@@ -6,6 +6,7 @@ package RMRelay;
 #
 #   my $r = RMRelay->start(dir => $dir, fail => ['greeting=554'],
 #                          fail_for => 's2@', delay => ['eod=0.2'],
+#                          delay_for => 's1@',
 #                          fill => $path);
 #   $r->{port}; $r->messages; $r->waits; $r->stop;
 #
@@ -35,6 +36,7 @@ sub start {
     push @cmd, '--fail', $_ for @{ $o{fail} || [] };
     push @cmd, '--delay', $_ for @{ $o{delay} || [] };
     push @cmd, '--fail-for', $o{fail_for} if defined $o{fail_for};
+    push @cmd, '--delay-for', $o{delay_for} if defined $o{delay_for};
     push @cmd, '--fill', $o{fill} if defined $o{fill};
     my $pid = fork // die "RMRelay: fork: $!";
     if (!$pid) {

@@ -19,9 +19,13 @@ eod (the answer after the content: "end of DATA").
   --delay STAGE=S    wait S seconds before answering at that stage; a
                      message whose client is gone when the eod answer is
                      due is not kept (the relay never said it took it)
+  --delay-for REGEX  only for transactions whose RCPT address matches
+                     (rcpt and eod delays)
   --fill PATH        before the first eod answer, write PATH until the
                      file system is full (a disk filling under remarket)
 The chosen port is written to the port file once the server listens.
+The log (--log) gets "open N" as each connection opens, N the number
+open at once with it.
 """
 import argparse
 import os
@@ -52,9 +56,17 @@ class Relay(socketserver.ThreadingTCPServer):
 
 
 class Session(socketserver.StreamRequestHandler):
-    def reply(self, stage, default, wait=True):
+    def delay(self, stage):
         cfg = self.server.cfg
         d = cfg.delay.get(stage)
+        if d and stage in ('rcpt', 'eod') and cfg.delay_for:
+            if not any(re.search(cfg.delay_for, r) for r in self.rcpts):
+                d = None
+        return d
+
+    def reply(self, stage, default, wait=True):
+        cfg = self.server.cfg
+        d = self.delay(stage)
         if d and wait:
             time.sleep(d)
         code = cfg.fail.get(stage)
@@ -87,6 +99,19 @@ class Session(socketserver.StreamRequestHandler):
             return True
 
     def handle(self):
+        # "open N": N connections open at once, this one included
+        cfg = self.server.cfg
+        with cfg.lock:
+            cfg.open += 1
+            n = cfg.open
+        log(cfg, 'open %d' % n)
+        try:
+            self.session()
+        finally:
+            with cfg.lock:
+                cfg.open -= 1
+
+    def session(self):
         self.rcpts = []
         self.mail = None
         if not self.reply('greeting', '220 smtp_script ready'):
@@ -142,7 +167,7 @@ class Session(socketserver.StreamRequestHandler):
         if cfg.fill and not cfg.filled:
             cfg.filled = True
             fill(cfg.fill)
-        d = cfg.delay.get('eod')
+        d = self.delay('eod')
         if d:
             log(cfg, 'wait')  # a test may kill the client now
             time.sleep(d)
@@ -188,13 +213,15 @@ def main():
     ap.add_argument('--log')
     ap.add_argument('--fail', action='append')
     ap.add_argument('--fail-for')
+    ap.add_argument('--delay-for')
     ap.add_argument('--delay', action='append')
     ap.add_argument('--fill')
     a = ap.parse_args()
     cfg = argparse.Namespace(
         dir=a.dir, log=a.log, fail=parse_pairs(a.fail, str),
         fail_for=a.fail_for, delay=parse_pairs(a.delay, float),
-        fill=a.fill, filled=False, n=0, lock=threading.Lock())
+        delay_for=a.delay_for,
+        fill=a.fill, filled=False, n=0, open=0, lock=threading.Lock())
     srv = Relay(('127.0.0.1', 0), Session)
     srv.cfg = cfg
     tmp = a.port_file + '.tmp'
