@@ -196,6 +196,10 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
  * refused, 2 if the orders header lacks order_id, date or sku. */
 int import_products(struct app *app, FILE *f, rm_time now);
 int import_orders(struct app *app, FILE *f, rm_time now);
+/* If set, called after each write transaction of import_orders commits,
+ * with the orders imported so far: the store's database is free then
+ * (tests post a hook there). */
+extern void (*import_committed)(struct app *app, long orders);
 
 /* ==== Segments ======================================================== */
 
