@@ -191,7 +191,8 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 /* ==== Catalog and order imports (CSV) ================================= */
 
 /* The CSV importers (`remarket import products|orders`): the first record
- * names the columns, each row goes through ev_ingest as EV_CLI. Print the
+ * names the columns, each row is validated and recorded as an EV_CLI event
+ * (orders in transactions of at most 500 orders or 10 ms). Print the
  * counts on stdout, up to 20 refusals on stderr. Return 0, 1 if a row was
  * refused, 2 if the orders header lacks order_id, date or sku. */
 int import_products(struct app *app, FILE *f, rm_time now);
