@@ -2460,7 +2460,7 @@ static void test_import_batches(void)
 			 "B%d,c%d@example.com,%d,T%d,Other,1,2\n", i, i % 97,
 			 1705300000 + i, i % 13, i, i % 97, 1705300000 + i, i % 7);
 	struct app other;
-	char oerr[256];
+	char oerr[256] = "";
 	if (ok(app_open(&other, &a.cfg, oerr, sizeof oerr) == 0,
 	       "a second connection, as a hook's (%s)", oerr)) {
 		imp_seen = (struct imp_seen){0};
