@@ -197,11 +197,16 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 /* ==== Catalog and order imports (CSV) ================================= */
 
 /* The CSV importers (`remarket import products|orders`): the first record
- * names the columns, each row goes through ev_ingest as EV_CLI. Print the
+ * names the columns, each row is validated and recorded as an EV_CLI event
+ * (orders in transactions of at most 500 orders or 10 ms). Print the
  * counts on stdout, up to 20 refusals on stderr. Return 0, 1 if a row was
  * refused, 2 if the orders header lacks order_id, date or sku. */
 int import_products(struct app *app, FILE *f, rm_time now);
 int import_orders(struct app *app, FILE *f, rm_time now);
+/* If set, called after each write transaction of import_orders commits,
+ * with the orders imported so far: the store's database is free then
+ * (tests post a hook there). */
+extern void (*import_committed)(struct app *app, long orders);
 
 /* ==== Segments ======================================================== */
 

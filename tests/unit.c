@@ -2331,6 +2331,175 @@ static void test_csv_columns(void)
 	world_close(&w);
 }
 
+/* Every row an order makes, as one text: two stores compared by it hold
+ * the same orders, lines, events and contacts. */
+static char *imp_rows(struct world *w)
+{
+	return sq_text(w, "SELECT (SELECT group_concat(r, '|') FROM (SELECT "
+		       "quote(order_key) || quote(contact_id) || quote(cart_id) || "
+		       "quote(total) || quote(currency) || quote(items) || "
+		       "quote(discount_code) || quote(ts) || quote(message) || "
+		       "quote(attribution) || quote(code_status) AS r FROM orders "
+		       "ORDER BY id)) || '#' || (SELECT group_concat(r, '|') FROM "
+		       "(SELECT quote(order_id) || quote(contact_id) || quote(sku) || "
+		       "quote(qty) || quote(price) || quote(ts) AS r FROM order_lines "
+		       "ORDER BY rowid)) || '#' || (SELECT group_concat(r, '|') FROM "
+		       "(SELECT quote(ts) || quote(received) || quote(source) || "
+		       "quote(type) || quote(body) AS r FROM events ORDER BY id)) "
+		       "|| '#' || (SELECT group_concat(r, '|') FROM (SELECT "
+		       "quote(email) || quote(name) || quote(consent) || quote(created) "
+		       "|| quote(updated) || quote(signed) AS r FROM contacts ORDER BY id))");
+}
+
+/* What the import_committed hook saw: how often it was called, and the
+ * hook event a test posted through a second connection at the first. */
+struct imp_seen {
+	int calls, hook_rc;
+	long orders_then;
+	struct app *other;
+};
+static struct imp_seen imp_seen;
+
+static void imp_on_commit(struct app *app, long orders)
+{
+	(void)app;
+	if (imp_seen.calls++ == 0 && imp_seen.other) {
+		struct ev_error err;
+		static const char cart[] =
+			"{\"type\":\"cart\",\"cart_id\":\"during-import\","
+			"\"email\":\"hook@example.com\",\"items\":[{\"sku\":\"A\","
+			"\"name\":\"Lamp\",\"price\":10,\"qty\":1}]}";
+		imp_seen.orders_then = orders;
+		imp_seen.hook_rc = ev_ingest(imp_seen.other, EV_HOOK, cart,
+					     strlen(cart), NULL, T0, &err);
+	}
+}
+
+/* import_orders' direct path: the rows it makes are the rows the same
+ * orders make through ev_ingest; a re-import changes nothing; a big
+ * import commits in several transactions, and a hook posted between two
+ * of them is recorded at once, the import going on after it. */
+static void test_import_batches(void)
+{
+	struct world a, b;
+	char out[256], err[2048];
+	if (!ok(world_open(&a, "impdirect") == 0, "import: world opens"))
+		return;
+	if (!ok(world_open(&b, "impevents") == 0, "import: second world opens")) {
+		world_close(&a);
+		return;
+	}
+	static const char csv[] =
+		"order_id,email,date,sku,name,price,qty,currency,consent\n"
+		"d1,ann@example.com,2024-01-15T10:00:00Z,K1,\"Kettle, steel\",9.5,2,USD,yes\n"
+		"d1,ann@example.com,2024-01-15T10:00:00Z,K2,Cup,4,,USD,\n"
+		"d2,bob@example.com,1705400000,K1,\"Kettle \"\"Duo\"\"\",12.25,1,,no\n"
+		"d3,ann@example.com,1705300000,K3,Pot,0,3,,\n";
+	imp_seen = (struct imp_seen){0};
+	import_committed = imp_on_commit;
+	is_int(csv_run(&a, 1, csv, out, sizeof out, err, sizeof err), 0,
+	       "import: three orders");
+	is_str(out, "{\"imported\":3,\"refused\":0}\n", "... all imported");
+	ok(imp_seen.calls >= 1, "... by the direct path (%d commits)", imp_seen.calls);
+	/* the same orders as events, as SQLite renders the import's numbers */
+	static const char evs[] =
+		"[{\"type\":\"order\",\"order_id\":\"d3\",\"email\":\"ann@example.com\","
+		"\"ts\":1705300000,\"currency\":\"EUR\",\"total\":0.0,\"items\":[{\"sku\":"
+		"\"K3\",\"name\":\"Pot\",\"price\":0.0,\"qty\":3}]},"
+		"{\"type\":\"order\",\"order_id\":\"d1\",\"email\":\"ann@example.com\","
+		"\"ts\":1705312800,\"currency\":\"USD\",\"consent\":true,\"total\":23.0,"
+		"\"items\":[{\"sku\":\"K1\",\"name\":\"Kettle, steel\",\"price\":9.5,"
+		"\"qty\":2},{\"sku\":\"K2\",\"name\":\"Cup\",\"price\":4.0,\"qty\":1}]},"
+		"{\"type\":\"order\",\"order_id\":\"d2\",\"email\":\"bob@example.com\","
+		"\"ts\":1705400000,\"currency\":\"EUR\",\"consent\":false,\"total\":12.25,"
+		"\"items\":[{\"sku\":\"K1\",\"name\":\"Kettle \\\"Duo\\\"\",\"price\":12.25,"
+		"\"qty\":1}]}]";
+	struct ev_error e;
+	char *ra = imp_rows(&a), *rb = NULL;
+	/* one event at a time, as the import ingests them */
+	const char *p = evs + 1;
+	for (int i = 0; i < 3; i++) {
+		const char *q = strstr(p, "]},{");
+		size_t n = q ? (size_t)(q - p) + 2 : strlen(p) - 1;
+		char one[1024];
+		snprintf(one, sizeof one, "%.*s", (int)n, p);
+		ok(ev_ingest(&b.app, EV_CLI, one, strlen(one), NULL, T0, &e) == 1,
+		   "events: order %d of 3 recorded (%s)", i + 1, e.msg);
+		p = q ? q + 3 : p + n;
+	}
+	rb = imp_rows(&b);
+	ok(ra && rb && !strcmp(ra, rb), "the import's rows are the events' rows");
+	if (ra && rb && strcmp(ra, rb))
+		diag("import: %s\nevents: %s", ra, rb);
+	free(rb);
+
+	is_int(csv_run(&a, 1, csv, out, sizeof out, err, sizeof err), 0,
+	       "re-import: exit 0");
+	is_str(out, "{\"imported\":3,\"refused\":0}\n", "... the same counts");
+	rb = imp_rows(&a);
+	ok(ra && rb && !strcmp(ra, rb), "... and not a row changed");
+	free(ra), free(rb);
+
+	/* refusals the direct path must leave to ev_ingest */
+	a.cfg.max_items = 2;
+	is_int(csv_run(&a, 1, "order_id,email,date,sku,name,price,qty\n"
+		       "f1,fut@example.com,1795086400,K1,Kettle,1,1\n"
+		       "m1,many@example.com,1705300000,K1,Kettle,1,1\n"
+		       "m1,many@example.com,1705300000,K2,Cup,1,1\n"
+		       "m1,many@example.com,1705300000,K3,Pot,1,1\n"
+		       "t1,big@example.com,1705300000,K1,Kettle,9000000,200\n"
+		       "g1,,1705300000,K1,Kettle,1,1\n"
+		       "ok1,fine@example.com,1705300000,K1,Kettle,1,1\n",
+		       out, sizeof out, err, sizeof err), 1, "doubtful orders: exit 1");
+	is_str(out, "{\"imported\":1,\"refused\":4}\n", "... one in, four refused");
+	ok(strstr(err, "order f1: ts: must be between 0 and") != NULL,
+	   "... a date in the future, by ev_ingest (%s)", err);
+	ok(strstr(err, "order m1: items: at most 2 items") != NULL,
+	   "... more items than max_items");
+	ok(strstr(err, "order t1: total: must be between") != NULL,
+	   "... a total past 1e9");
+	ok(strstr(err, "order g1: order: needs email or cart_id") != NULL,
+	   "... no email");
+	a.cfg.max_items = 100;
+
+	/* 1200 orders: several transactions; a hook between two of them */
+	struct buf big = {0};
+	buf_adds(&big, "order_id,email,date,sku,name,price,qty\n");
+	for (int i = 0; i < 1200; i++)
+		buf_addf(&big, "B%d,c%d@example.com,%d,S%d,Item,2.5,1\n"
+			 "B%d,c%d@example.com,%d,T%d,Other,1,2\n", i, i % 97,
+			 1705300000 + i, i % 13, i, i % 97, 1705300000 + i, i % 7);
+	struct app other;
+	char oerr[256] = "";
+	if (ok(app_open(&other, &a.cfg, oerr, sizeof oerr) == 0,
+	       "a second connection, as a hook's (%s)", oerr)) {
+		imp_seen = (struct imp_seen){0};
+		imp_seen.other = &other;
+		is_int(csv_run(&a, 1, big.data ? big.data : "", out, sizeof out, err, sizeof err), 0,
+		       "big import: exit 0");
+		is_str(out, "{\"imported\":1200,\"refused\":0}\n", "... 1200 orders");
+		ok(imp_seen.calls >= 3, "... in %d transactions (at most 500 orders each)",
+		   imp_seen.calls);
+		is_int(imp_seen.hook_rc, 1, "a hook posted after the first one was "
+		       "recorded at once, the database free");
+		ok(imp_seen.orders_then > 0 && imp_seen.orders_then < 1200,
+		   "... while the import was under way (%ld of 1200 orders in)",
+		   imp_seen.orders_then);
+		is_int(sq(&a, "SELECT count(*) FROM carts WHERE cart_key = 'during-import'"),
+		       1, "the hook's cart is there");
+		is_int(sq(&a, "SELECT count(*) FROM orders WHERE order_key LIKE 'B%%'"), 1200,
+		       "... and every order of the import");
+		is_int(sq(&a, "SELECT count(*) FROM order_lines WHERE order_id IN "
+			  "(SELECT id FROM orders WHERE order_key LIKE 'B%%')"), 2400,
+		       "... with its lines");
+		app_close(&other);
+	}
+	import_committed = NULL;
+	buf_free(&big);
+	world_close(&b);
+	world_close(&a);
+}
+
 /* ==== Segments ======================================================== */
 
 static void test_threshold(void)
@@ -5423,6 +5592,7 @@ int main(void)
 	test_reco_report();
 	test_segment_names();
 	test_csv_columns();
+	test_import_batches();
 	test_keys_codes();
 	test_sending();
 	test_review_sending();
