@@ -3162,6 +3162,7 @@ struct ev_job {
 	int rc;       /* 0, or -1 with err filled in */
 	int accepted; /* events stored (repeated orders are not) */
 	int done;     /* set by the writer once rc is final */
+	pthread_cond_t *wake; /* the waiting worker's, signalled when done */
 	struct ev_job *next;
 };
 
@@ -3302,7 +3303,7 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 			copy_str(err->msg, sizeof err->msg, msg);
 		}
 	}
-	struct ev_job job = {evs, n, src, visitor, now, err, 0, 0, 0, NULL};
+	struct ev_job job = {evs, n, src, visitor, now, err, 0, 0, 0, NULL, NULL};
 	struct ev_job *one = &job;
 	if (rc == 0 && (!ev_handoff || ev_handoff(&job) < 0))
 		ev_store(app, &one, 1);
@@ -7371,7 +7372,9 @@ void http_handle(struct app *app, const struct http_req *req,
  * read up to max_body; anything longer is drained and answered 413, so a
  * kept-alive FastCGI connection stays in step. Neither runs a tick on a
  * request: POST /tick hands its run to the background sender (FastCGI)
- * or to a child detached once the answer is out (CGI).
+ * or to a child detached once the answer is out (CGI). In FastCGI mode
+ * one writer thread stores the events of every request (group commit,
+ * see "The writer" below); a CGI request stores its own.
  */
 
 struct io {
@@ -7705,14 +7708,14 @@ void http_serve_cgi(struct app *app, const char *const *env, const char *body,
 
 static struct {
 	pthread_mutex_t lock;
-	pthread_cond_t wake, done;
+	pthread_cond_t wake;
 	struct ev_job *head, **tail;
 	int state; /* 0 not running, 1 running, 2 draining before a stop */
 	long queued, storing, requests, batches;
 	pthread_t th;
 	struct app app;
 } writer = {.lock = PTHREAD_MUTEX_INITIALIZER,
-	    .wake = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
+	    .wake = PTHREAD_COND_INITIALIZER};
 
 static int writer_take(struct ev_job *job)
 {
@@ -7721,14 +7724,19 @@ static int writer_take(struct ev_job *job)
 		pthread_mutex_unlock(&writer.lock);
 		return -1;
 	}
+	/* a condition of its own: the writer wakes only the workers whose
+	 * requests it stored, not every worker waiting */
+	pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+	job->wake = &wake;
 	job->next = NULL;
 	*writer.tail = job;
 	writer.tail = &job->next;
 	writer.queued++;
 	pthread_cond_signal(&writer.wake);
 	while (!job->done)
-		pthread_cond_wait(&writer.done, &writer.lock);
+		pthread_cond_wait(&wake, &writer.lock);
 	pthread_mutex_unlock(&writer.lock);
+	pthread_cond_destroy(&wake);
 	return 0;
 }
 
@@ -7756,12 +7764,13 @@ static void *writer_main(void *arg)
 		pthread_mutex_unlock(&writer.lock);
 		ev_store(&writer.app, batch, k);
 		pthread_mutex_lock(&writer.lock);
-		for (size_t i = 0; i < k; i++)
+		for (size_t i = 0; i < k; i++) {
 			batch[i]->done = 1;
+			pthread_cond_signal(batch[i]->wake);
+		}
 		writer.storing = 0;
 		writer.requests += (long)k;
 		writer.batches++;
-		pthread_cond_broadcast(&writer.done);
 	}
 	pthread_mutex_unlock(&writer.lock);
 	return NULL;
@@ -7843,7 +7852,7 @@ struct worker {
  * is flushed and the connection closed at once (FCGX_Detach: close
  * without the wait). A kept-alive connection stays open as before.
  */
-static void finish(FCGX_Request *r)
+static void fcgi_finish(FCGX_Request *r)
 {
 	char rest[512];
 	while (FCGX_GetStr(rest, (int)sizeof rest, r->in) > 0)
@@ -7876,7 +7885,7 @@ static void *worker_main(void *arg)
 		if (rc < 0)
 			break;
 		serve_one(&app, &io);
-		finish(&r);
+		fcgi_finish(&r);
 		pthread_mutex_lock(&inflight.lock);
 		if (--inflight.busy == 0)
 			pthread_cond_broadcast(&inflight.idle);
