@@ -394,4 +394,20 @@ void http_resp_free(struct http_resp *rs);
 void http_serve_cgi(struct app *app, const char *const *env, const char *body,
 		    size_t len, struct buf *out);
 
+/* Group commit (`remarket serve` starts it): a writer thread with its own
+ * connection to cfg->db stores the events of every ev_ingest of this
+ * process, several requests in one transaction; each ev_ingest returns
+ * once its events are committed (or with its own error). ev_writer_stop
+ * stores what is queued, then ends the thread; ev_ingest then stores its
+ * events itself again. Stats count since the process started. */
+int ev_writer_start(struct config *cfg, char *err, size_t errlen);
+void ev_writer_stop(void);
+struct ev_writer_stats {
+	long queued;   /* requests waiting for the writer now */
+	long storing;  /* requests in the batch it is storing now */
+	long requests; /* requests stored by the writer */
+	long batches;  /* transactions (commits) it took for them */
+};
+void ev_writer_stats(struct ev_writer_stats *st);
+
 #endif

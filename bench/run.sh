@@ -2,8 +2,11 @@
 # bench/run.sh: measure remarket against baselines measured in the same run
 # on the same machine, and print the results as ratios (see bench/README.md).
 #
-#   A. events/s through nginx into POST /rm/collect, remarket vs a bare
-#      libfcgi responder (bench/bare.c) behind the same nginx config.
+#   A. events/s through nginx into POST /rm/collect and into signed
+#      POST /rm/events (a one-event cart batch), remarket vs a bare
+#      libfcgi responder (bench/bare.c) behind the same nginx config,
+#      the median of BENCH_REPS runs each; after each remarket run the
+#      events in its database are counted against the 2xx answers.
 #   B. emails/s from `remarket tick` into smtp-sink, vs a raw libcurl
 #      SMTP send loop (bench/smtp_loop.c) into the same sink, sending the
 #      bytes of one of remarket's own mails: remarket with
@@ -25,6 +28,7 @@
 #   BENCH_REPS (runs of each email measurement, median taken; default 3),
 #   BENCH_SLOW_N (emails through the slow relay, default 100) and
 #   BENCH_SLOW_MS (its time per message, default 50),
+#   BENCH_PARTS (default ABC: the parts to run; A alone: BENCH_PARTS=A),
 #   BENCH_KEEP=1 keeps the temp dir (logs, databases) for inspection,
 #   BENCH_NO_REPORT=1 skips bench/report.sh at the end,
 #   REMARKET=path of the binary (default ./remarket in the repo root).
@@ -41,8 +45,10 @@ THREADS=${BENCH_THREADS:-4}
 REPS=${BENCH_REPS:-3}
 SLOW_N=${BENCH_SLOW_N:-100}
 SLOW_MS=${BENCH_SLOW_MS:-50}
+PARTS=${BENCH_PARTS:-ABC}
 BASE_ONLY=0
 [ "${1:-}" = "--baselines-only" ] && BASE_ONLY=1
+part() { case $PARTS in *"$1"*) return 0 ;; esac; return 1; }
 
 . bench/lib.sh
 
@@ -96,21 +102,42 @@ sink_count() {
 
 # ---------------------------------------------------------------- nginx
 nginx_start "$SINK_PORT"
-URL="http://127.0.0.1:$HTTP_PORT/rm/collect"
+BASE_URL="http://127.0.0.1:$HTTP_PORT/rm"
 BODY='{"type":"view","visitor_id":"v-bench-0001","sku":"LAMP-1"}'
+# A signed hook: a one-event cart batch, signed as bench/events_probe.py
+# and the tests do (HMAC-SHA256 of "<t>.<body>" with the hook secret).
+HOOK_SECRET=bench-hook-secret
+HOOK_BODY='[{"type":"cart","email":"bench@example.com","cart_id":"bench-1","currency":"EUR","items":[{"sku":"P1","name":"Product 1","price":6,"qty":1}],"total":6}]'
 
-cat >"$TMP/post.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '$BODY'
-EOF
+# post_lua KIND: the wrk script (and PROBE_* for curl) of a kind of
+# request: collect, or events (signed now: the signature is good for 5
+# minutes, so it is made again before each run).
+post_lua() {
+    if [ "$1" = collect ]; then
+        URL="$BASE_URL/collect" PBODY=$BODY PSIG=""
+    else
+        URL="$BASE_URL/events" PBODY=$HOOK_BODY
+        PSIG=$(python3 -c 'import hmac, hashlib, sys, time
+t = str(int(time.time()))
+m = hmac.new(sys.argv[1].encode(), t.encode() + b"." + sys.argv[2].encode(), hashlib.sha256)
+print("t=%s,v1=%s" % (t, m.hexdigest()))' "$HOOK_SECRET" "$HOOK_BODY")
+    fi
+    {
+        echo 'wrk.method = "POST"'
+        echo 'wrk.headers["Content-Type"] = "application/json"'
+        [ -z "$PSIG" ] || echo "wrk.headers[\"X-Remarket-Signature\"] = \"$PSIG\""
+        echo "wrk.body = '$PBODY'"
+    } >"$TMP/post.lua"
+}
 
 # One request with curl first, so that a broken setup is reported clearly.
+# $1 = label, $2 = the status expected.
 probe() {
     code=$(curl -s -o "$TMP/probe.body" -w '%{http_code}' -m 5 \
-        -H 'Content-Type: application/json' --data-binary "$BODY" "$URL" || true)
-    if [ "$code" != 204 ]; then
-        warn "$1: POST /rm/collect answered HTTP '$code' (expected 204); body:"
+        -H 'Content-Type: application/json' ${PSIG:+-H "X-Remarket-Signature: $PSIG"} \
+        --data-binary "$PBODY" "$URL" || true)
+    if [ "$code" != "$2" ]; then
+        warn "$1: POST $URL answered HTTP '$code' (expected $2); body:"
         head -c 500 "$TMP/probe.body" >&2 2>/dev/null || true
         echo >&2
         echo "--- nginx error.log (tail)" >&2
@@ -118,9 +145,11 @@ probe() {
         return 1
     fi
 }
-# Runs wrk; sets RPS and prints warnings for errors. $1 = label
+# Runs wrk (a warm-up, then the measured run); sets RPS, REQS, P50, P99,
+# NON2XX, and OK2XX (the 2xx answers of both runs), and prints warnings
+# for errors. $1 = label
 run_wrk() {
-    wrk -t1 -c4 -d1s -s "$TMP/post.lua" "$URL" >/dev/null 2>&1 || true  # warm-up
+    wrk -t1 -c4 -d1s -s "$TMP/post.lua" "$URL" >"$TMP/wrk-$1.warm.txt" 2>&1 || true
     wrk --latency -t"$WRK_T" -c"$WRK_C" -d"${WRK_S}s" -s "$TMP/post.lua" "$URL" >"$TMP/wrk-$1.txt" 2>&1 \
         || { cat "$TMP/wrk-$1.txt" >&2; die "wrk failed against $1"; }
     RPS=$(awk '/^Requests\/sec:/ { print $2 }' "$TMP/wrk-$1.txt")
@@ -137,19 +166,97 @@ run_wrk() {
         warn "$1: wrk reports$(echo "$SOCKERR" | sed 's/^ *Socket errors://')"
     fi
     : "${NON2XX:=0}"
+    OK2XX=$(awk '/requests in/ { n += $1 } /Non-2xx or 3xx responses:/ { n -= $NF }
+        END { print n + 0 }' "$TMP/wrk-$1.warm.txt" "$TMP/wrk-$1.txt")
+}
+# count_check LABEL DB: the events in DB against the 2xx answers of the
+# probe and both wrk runs. wrk stops with up to one request per
+# connection in flight, which remarket may have stored after wrk stopped
+# reading: more events than answers, by at most that, is not a loss.
+count_check() {
+    stored=$(python3 -c 'import sqlite3, sys
+print(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM events").fetchone()[0])' "$2" 2>/dev/null || echo "?")
+    answered=$((OK2XX + 1))
+    inflight=$((WRK_C + 4))
+    CHECK="$stored events stored, $answered answered 2xx"
+    if [ "$stored" = "?" ] || [ "$stored" -lt "$answered" ]; then
+        warn "$1: $stored events in the database, but $answered requests were answered 2xx: events answered as stored are missing"
+    elif [ "$stored" -gt $((answered + inflight)) ]; then
+        warn "$1: $stored events in the database, $answered answered 2xx: more than the $inflight requests wrk can leave unread"
+    fi
 }
 
-# ---------------------------------------------------------------- A: bare
-rm -f "$TMP/fcgi.sock"
-bg "$TMP/bare" "$TMP/fcgi.sock" "$THREADS"
-BARE_PID=$LASTPID
-wait_sock "$TMP/fcgi.sock" "$BARE_PID" || die "bare FastCGI responder did not start"
-probe bare || die "nginx -> bare responder does not work"
-run_wrk bare
-A_BASE=$RPS A_BASE_REQS=$REQS A_BASE_ERR=$NON2XX A_BASE_LAT="p50 $P50, p99 $P99"
-stop "$BARE_PID" 0
-rm -f "$TMP/fcgi.sock"
+# ---------------------------------------------------------------- A: ingest
+# Each figure is the median of REPS runs, bare and remarket taking turns
+# (collect, then events), so that a change in the machine's load falls on
+# both. Each remarket run starts on a fresh database.
+A_BASE_ALL="" A_RM_ALL="" E_BASE_ALL="" E_RM_ALL="" A_RM_RAW="" E_RM_RAW="" A_BASE_RAW="" E_BASE_RAW=""
+a_bare() { # $1 = collect | events
+    rm -f "$TMP/fcgi.sock"
+    bg "$TMP/bare" "$TMP/fcgi.sock" "$THREADS"
+    BARE_PID=$LASTPID
+    wait_sock "$TMP/fcgi.sock" "$BARE_PID" || die "bare FastCGI responder did not start"
+    post_lua "$1"
+    probe "bare $1" 204 || die "nginx -> bare responder does not work"
+    run_wrk "bare-$1.$r"
+    stop "$BARE_PID" 0
+    rm -f "$TMP/fcgi.sock"
+}
+a_remarket() { # $1 = collect | events, $2 = the status expected
+    db="$TMP/a-$1.$r.db"
+    REMARKET_DB="$db" REMARKET_KEY_FILE="$TMP/a.key" "$RM" init >"$TMP/a-init.log" 2>&1 \
+        || { cat "$TMP/a-init.log" >&2; die "remarket init failed (REMARKET_DB=$db)"; }
+    # wrk sends everything from one address: the per-address limit for
+    # browser events (rate_ip_per_min) would answer 429 to nearly all of it.
+    (REMARKET_DB="$db" REMARKET_KEY_FILE="$TMP/a.key" REMARKET_THREADS="$THREADS" \
+        REMARKET_HOOK_SECRET="$HOOK_SECRET" REMARKET_RATE_IP_PER_MIN=0 \
+        REMARKET_RATE_VISITOR_PER_MIN=0 exec "$RM" serve "$TMP/fcgi.sock") >"$TMP/serve-$1.$r.log" 2>&1 &
+    PIDS="$PIDS $!"
+    RM_PID=$!
+    wait_sock "$TMP/fcgi.sock" "$RM_PID" \
+        || { cat "$TMP/serve-$1.$r.log" >&2; die "remarket serve did not create $TMP/fcgi.sock"; }
+    post_lua "$1"
+    if probe "remarket $1" "$2"; then
+        run_wrk "remarket-$1.$r"
+    else
+        warn "skipping the remarket $1 benchmark"
+        RPS=0 REQS=0 NON2XX=n/a P50=n/a P99=n/a OK2XX=-1
+    fi
+    alive "$RM_PID" || { cat "$TMP/serve-$1.$r.log" >&2; die "remarket serve died during the benchmark"; }
+    stop "$RM_PID" 30
+    [ $KILLED = 0 ] || echo "bench: note: remarket serve did not exit within 3 s of SIGTERM; it was killed" >&2
+    CHECK=""
+    [ "$OK2XX" -lt 0 ] || count_check "remarket $1 run $r" "$db"
+    COMMITS=$(sed -n 's/.*ingest stored \([0-9]*\) requests in \([0-9]*\) commits.*/\1 requests in \2 commits/p' "$TMP/serve-$1.$r.log")
+    rm -f "$TMP/fcgi.sock" "$db" "$db-wal" "$db-shm"
+}
+if part A; then
+    r=1
+    while [ $r -le "$REPS" ]; do
+        a_bare collect
+        A_BASE_ALL="$A_BASE_ALL $RPS" A_BASE_RAW="$A_BASE_RAW $REQS/$NON2XX"
+        if [ $BASE_ONLY = 0 ]; then
+            a_remarket collect 204
+            A_RM_ALL="$A_RM_ALL $RPS"
+            A_RM_RAW="$A_RM_RAW
+    run $r: $REQS requests, p50 $P50, p99 $P99, non-2xx $NON2XX; $CHECK; ${COMMITS:-no commit count}"
+        fi
+        a_bare events
+        E_BASE_ALL="$E_BASE_ALL $RPS" E_BASE_RAW="$E_BASE_RAW $REQS/$NON2XX"
+        if [ $BASE_ONLY = 0 ]; then
+            a_remarket events 202
+            E_RM_ALL="$E_RM_ALL $RPS"
+            E_RM_RAW="$E_RM_RAW
+    run $r: $REQS requests, p50 $P50, p99 $P99, non-2xx $NON2XX; $CHECK; ${COMMITS:-no commit count}"
+        fi
+        r=$((r + 1))
+    done
+    # shellcheck disable=SC2086
+    A_BASE=$(median $A_BASE_ALL) A_RM=$(median ${A_RM_ALL:-0}) E_BASE=$(median $E_BASE_ALL) E_RM=$(median ${E_RM_ALL:-0})
+fi
 
+# Parts B and C (sending) share their setup; BENCH_PARTS=A skips them all.
+if part B || part C; then
 # ---------------------------------------------------------------- events, one mail
 # make_events N DIR: N shoppers' identify and cart events (carts of T0) in
 # DIR/events.NNNNN.json; remarket event takes at most 1000 events per call
@@ -230,25 +337,6 @@ B_BASE=$(median $B_BASE_ALL)
 MSG_SIZE=$(sed -n 's/.*message size \([0-9]*\).*/\1/p' "$TMP/smtp_loop.1.err")
 
 if [ $BASE_ONLY = 0 ]; then
-    # ------------------------------------------------------------ A: remarket
-    REMARKET_DB="$TMP/rm.db" "$RM" init >"$TMP/init.log" 2>&1 \
-        || { cat "$TMP/init.log" >&2; die "remarket init failed (REMARKET_DB=$TMP/rm.db)"; }
-    (REMARKET_DB="$TMP/rm.db" REMARKET_THREADS="$THREADS" exec "$RM" serve "$TMP/fcgi.sock") >"$TMP/serve.log" 2>&1 &
-    PIDS="$PIDS $!"
-    RM_PID=$!
-    wait_sock "$TMP/fcgi.sock" "$RM_PID" \
-        || { cat "$TMP/serve.log" >&2; die "remarket serve did not create $TMP/fcgi.sock"; }
-    if probe remarket; then
-        run_wrk remarket
-        A_RM=$RPS A_RM_REQS=$REQS A_RM_ERR=$NON2XX A_RM_LAT="p50 $P50, p99 $P99"
-    else
-        warn "skipping the remarket collect benchmark"
-        A_RM=0 A_RM_REQS=0 A_RM_ERR=n/a A_RM_LAT=n/a
-    fi
-    alive "$RM_PID" || { cat "$TMP/serve.log" >&2; die "remarket serve died during the benchmark"; }
-    stop "$RM_PID" 30
-    [ $KILLED = 0 ] || echo "bench: note: remarket serve did not exit within 3 s of SIGTERM; it was killed" >&2
-
     # ------------------------------------------------------------ B: remarket
     # run_b CONNS: REPS ticks with smtp_connections = CONNS, each on a fresh
     # database loaded with the same N abandoned carts; sets B_RM (median
@@ -368,20 +456,36 @@ if [ $BASE_ONLY = 0 ]; then
     C_RM4=$C_RM C_RM4_SECS=$C_RM_SECS C_RM4_SENT=$C_RM_SENT C_RM4_IDS=$C_RM_IDS
 fi
 stop "$RELAY_PID" 10
+fi # parts B and C
 
 # ---------------------------------------------------------------- report
 echo
 echo "remarket benchmark ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc 2>/dev/null || echo ?) CPUs)"
-echo "  A: wrk -t$WRK_T -c$WRK_C -d${WRK_S}s POST /rm/collect ($(printf %s "$BODY" | wc -c) byte JSON) through nginx ($(awk '/worker_processes/ { print $2 + 0 }' "$TMP/nginx.conf") workers, nginx.conf.example)"
-echo "     remarket serve with threads=$THREADS; baseline: bench/bare.c, libfcgi, $THREADS threads, 204 No Content"
+if part A; then
+echo "  A: wrk -t$WRK_T -c$WRK_C -d${WRK_S}s through nginx ($(awk '/worker_processes/ { print $2 + 0 }' "$TMP/nginx.conf") workers, nginx.conf.example), median of $REPS runs each:"
+echo "     POST /rm/collect ($(printf %s "$BODY" | wc -c) byte JSON), signed POST /rm/events (a $(printf %s "$HOOK_BODY" | wc -c) byte one-event cart batch)"
+echo "     remarket serve with threads=$THREADS; baseline: bench/bare.c, libfcgi, $THREADS threads, 204 No Content, the same requests"
+fi
+if part B || part C; then
 echo "  B: N=$N emails into smtp-sink on loopback, median of $REPS runs each"
 echo "     baseline: bench/smtp_loop.c, one libcurl easy handle reused per connection, the same ${MSG_SIZE:-?}-byte message"
 echo "     ($([ "$MSG_FILE" = - ] && echo "a built-in message: --baselines-only" || echo "one of remarket's abandoned-cart mails, from its outbox"))"
 echo "  C: $SLOW_N emails through bench/slow_relay.py, ${SLOW_MS} ms per message, one run each"
+fi
 echo
 printf '%-32s %14s %14s %8s\n' benchmark baseline remarket ratio
-if [ $BASE_ONLY = 0 ]; then
-    printf '%-32s %12s/s %12s/s %8s\n' "collect events/s via nginx" "$(fmt "$A_BASE")" "$(fmt "$A_RM")" "$(ratio "$A_RM" "$A_BASE")"
+if part A; then
+    if [ $BASE_ONLY = 0 ]; then
+        printf '%-32s %12s/s %12s/s %8s\n' "collect events/s via nginx" "$(fmt "$A_BASE")" "$(fmt "$A_RM")" "$(ratio "$A_RM" "$A_BASE")"
+        printf '%-32s %12s/s %12s/s %8s\n' "signed /events via nginx" "$(fmt "$E_BASE")" "$(fmt "$E_RM")" "$(ratio "$E_RM" "$E_BASE")"
+    else
+        printf '%-32s %12s/s %14s %8s\n' "collect events/s via nginx" "$(fmt "$A_BASE")" "(skipped)" "-"
+        printf '%-32s %12s/s %14s %8s\n' "signed /events via nginx" "$(fmt "$E_BASE")" "(skipped)" "-"
+    fi
+fi
+if ! part B && ! part C; then
+    :
+elif [ $BASE_ONLY = 0 ]; then
     printf '%-32s %12s/s %12s/s %8s\n' "emails/s into smtp-sink, 1 conn" "$(fmt "$B_BASE")" "$(fmt "$B_RM1")" "$(ratio "$B_RM1" "$B_BASE")"
     printf '%-32s %12s/s %12s/s %8s\n' "emails/s into smtp-sink, 4 conns" "$(fmt "$B_BASE4")" "$(fmt "$B_RM4")" "$(ratio "$B_RM4" "$B_BASE4")"
     printf '%-32s %12s/s %12s/s %8s\n' "emails/s, ${SLOW_MS} ms relay, 1 conn" "$(fmt "$C_BASE1")" "$(fmt "$C_RM1")" "$(ratio "$C_RM1" "$C_BASE1")"
@@ -389,7 +493,6 @@ if [ $BASE_ONLY = 0 ]; then
     echo "  (remarket with smtp_connections = 1 and 4 against the loop on as many;"
     echo "   with the slow relay 4 connections carry $(ratio "$C_RM4" "$C_RM1")x what 1 does for remarket (goal 3.5), $(ratio "$C_BASE4" "$C_BASE1")x for the loop)"
 else
-    printf '%-32s %12s/s %14s %8s\n' "collect events/s via nginx" "$(fmt "$A_BASE")" "(skipped)" "-"
     printf '%-32s %12s/s %14s %8s\n' "emails/s into smtp-sink" "$(fmt "$B_BASE")" "(skipped)" "-"
     printf '%-32s %12s/s %14s %8s\n' "  same, loop on 4 connections" "$(fmt "$B_BASE4")" "(skipped)" "-"
     printf '%-32s %12s/s %14s %8s\n' "emails/s, ${SLOW_MS} ms relay, 1 conn" "$(fmt "$C_BASE1")" "(skipped)" "-"
@@ -397,10 +500,15 @@ else
 fi
 echo
 echo "raw figures:"
-echo "  bare:       $A_BASE_REQS requests in ${WRK_S}s, $A_BASE req/s, latency $A_BASE_LAT, non-2xx: $A_BASE_ERR"
-if [ $BASE_ONLY = 0 ]; then
-    echo "  remarket:   $A_RM_REQS requests in ${WRK_S}s, $A_RM req/s, latency $A_RM_LAT, non-2xx: $A_RM_ERR"
+if part A; then
+    echo "  bare, collect (requests/non-2xx per run):$A_BASE_RAW; req/s:$A_BASE_ALL"
+    echo "  bare, events (requests/non-2xx per run):$E_BASE_RAW; req/s:$E_BASE_ALL"
+    if [ $BASE_ONLY = 0 ]; then
+        echo "  remarket, collect (req/s:$A_RM_ALL):$A_RM_RAW"
+        echo "  remarket, signed events (req/s:$E_RM_ALL):$E_RM_RAW"
+    fi
 fi
+if part B || part C; then
 echo "  smtp_loop:  $N messages per run, runs took$B_BASE_SECS_ALL (median $(fmt "$B_BASE")/s)"
 if [ $BASE_ONLY = 0 ]; then
     echo "  tick, 1 connection:  $N carts per run, runs took$B_RM1_SECS_ALL (median $(fmt "$B_RM1")/s); sent:$SENT1_ALL; smtp-sink counted:$SINK1_ALL"
@@ -411,11 +519,12 @@ echo "  smtp_loop, 4 connections: $N messages into smtp-sink, runs took$B_BASE4_
 C_RM_RAW=""
 [ $BASE_ONLY = 1 ] || C_RM_RAW="; remarket tick ${C_RM1_SECS}s (1 conn), ${C_RM4_SECS}s (4 conns), sent ${C_RM1_SENT} and ${C_RM4_SENT}, distinct Message-IDs at the relay ${C_RM1_IDS} and ${C_RM4_IDS}"
 echo "  slow relay: loop $SLOW_N messages in ${C_BASE1_SECS}s (1 conn), ${C_BASE4_SECS}s (4 conns)$C_RM_RAW"
+fi
 if [ $BASE_ONLY = 1 ]; then
     echo
     echo "bench: --baselines-only: remarket was not measured"
 fi
-if [ $BASE_ONLY = 0 ] && [ "${BENCH_NO_REPORT:-0}" != 1 ]; then
+if [ $BASE_ONLY = 0 ] && [ "${BENCH_NO_REPORT:-0}" != 1 ] && { part B || part C; }; then
     echo
     REMARKET="$RM" sh "$(dirname "$0")/report.sh"
 fi

@@ -1579,6 +1579,151 @@ static void test_events(void)
 /* A database of schema 4 (sql/001-004 from the repository) with a browser
  * cart and a backend's, brought forward by db_migrate: no row lost, the
  * browser's cart keeps skus only under its visitor-scoped key. */
+/* ---- group commit (issue 10) ---- */
+
+struct gc_req {
+	struct app app;
+	const char *json;
+	enum ev_source src;
+	const char *visitor;
+	int rc;
+	struct ev_error err;
+};
+
+static void *gc_post(void *arg)
+{
+	struct gc_req *r = arg;
+	r->rc = ev_ingest(&r->app, r->src, r->json, strlen(r->json), r->visitor,
+			  T0, &r->err);
+	return NULL;
+}
+
+/* Concurrent requests while another connection holds the database: the
+ * writer takes the first, waits for the lock, and finds all the others
+ * queued behind it; they must be committed as one batch, each answered
+ * for itself. Without group commit each request is its own commit. */
+static void test_group_commit(void)
+{
+	enum { N = 12 }; /* N - 2 good hook requests, one refused at apply
+			  * time (403) and one refused by validation (400) */
+	struct world w;
+	struct gc_req r[N];
+	pthread_t th[N];
+	char err[512] = "", json[N][200];
+	struct ev_writer_stats st0, st;
+	sqlite3 *h = NULL;
+	if (!ok(world_open(&w, "group") == 0, "group commit: world opens"))
+		return;
+	cart_event(&w, "shop@example.com", "Shop", "backend-1", 1, T0);
+	long long ev0 = sq(&w, "SELECT count(*) FROM events");
+	ev_writer_stats(&st0);
+	if (!ok(ev_writer_start(&w.cfg, err, sizeof err) == 0, "the event writer starts")) {
+		diag("  %s", err);
+		world_close(&w);
+		return;
+	}
+	ok(ev_writer_start(&w.cfg, err, sizeof err) < 0 && contains(err, "already running"),
+	   "... once");
+	/* one request alone is committed at once: no waiting for company */
+	const char *one = "{\"type\":\"cart\",\"email\":\"alone@example.com\",\"cart_id\":\"alone\","
+			  "\"currency\":\"EUR\",\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":1,"
+			  "\"qty\":1}],\"total\":1}";
+	struct ev_error e1;
+	is_int(ingest(&w, EV_HOOK, one, T0, &e1), 1, "a request alone is stored through the writer");
+	ev_writer_stats(&st);
+	is_int(st.requests - st0.requests, 1, "... by the writer");
+	is_int(st.batches - st0.batches, 1, "... in its own commit");
+	is_int(sq(&w, "SELECT count(*) FROM events"), ev0 + 1, "... and is in the database when answered");
+	st0 = st;
+
+	/* hold the write lock from a connection of our own */
+	if (!ok(sqlite3_open(w.cfg.db, &h) == SQLITE_OK &&
+		sqlite3_exec(h, "BEGIN IMMEDIATE", NULL, NULL, NULL) == SQLITE_OK,
+		"another connection holds the database")) {
+		sqlite3_close(h);
+		ev_writer_stop();
+		world_close(&w);
+		return;
+	}
+	int started = 0;
+	for (int i = 0; i < N; i++) {
+		r[i] = (struct gc_req){.src = EV_HOOK};
+		if (i < N - 2)
+			snprintf(json[i], sizeof json[i], "{\"type\":\"cart\",\"email\":"
+				 "\"g%d@example.com\",\"cart_id\":\"g-%d\",\"currency\":\"EUR\","
+				 "\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":1,\"qty\":1}],"
+				 "\"total\":1}", i, i);
+		else if (i == N - 2) { /* a view, then a cart the browser may not touch */
+			snprintf(json[i], sizeof json[i], "[{\"type\":\"view\",\"sku\":\"A\"},"
+				 "{\"type\":\"cart\",\"cart_id\":\"backend-1\",\"items\":[]}]");
+			r[i].src = EV_BROWSER;
+			r[i].visitor = "v-evil";
+		} else
+			snprintf(json[i], sizeof json[i], "{\"type\":\"cart\",\"email\":\"bad\"}");
+		r[i].json = json[i];
+		if (app_open(&r[i].app, &w.cfg, err, sizeof err) < 0) {
+			diag("  app_open: %s", err);
+			break;
+		}
+		if (pthread_create(&th[i], NULL, gc_post, &r[i]) != 0) {
+			app_close(&r[i].app);
+			break;
+		}
+		started++;
+	}
+	is_int(started, N, "12 requests are posted at once");
+	/* the writer holds the first and waits for the lock (busy_timeout);
+	 * the other N - 2 that pass validation queue up behind it */
+	for (int i = 0; i < 5000; i++) {
+		ev_writer_stats(&st);
+		if (st.queued + st.storing >= N - 1)
+			break;
+		struct timespec ms = {0, 1000000};
+		nanosleep(&ms, NULL);
+	}
+	is_int(st.queued + st.storing, N - 1,
+	       "... the writer holds the first (maybe two) and the other valid ones wait in its queue");
+	ok(st.queued > 0, "... some of them queued");
+	ok(sqlite3_exec(h, "COMMIT", NULL, NULL, NULL) == SQLITE_OK, "the other connection lets go");
+	sqlite3_close(h);
+	for (int i = 0; i < started; i++) {
+		pthread_join(th[i], NULL);
+		app_close(&r[i].app);
+	}
+	int stored = 0;
+	for (int i = 0; i < N - 2; i++)
+		stored += r[i].rc == 1;
+	is_int(stored, N - 2, "every good request is answered as stored (1 event each)");
+	is_int(r[N - 2].rc, -1, "the request with an event the browser may not send is refused");
+	is_int(r[N - 2].err.status, 403, "... with its own 403");
+	ok(contains(r[N - 2].err.msg, "not this visitor's"), "... and its own message");
+	is_int(r[N - 1].rc, -1, "the invalid request is refused");
+	is_int(r[N - 1].err.status, 400, "... 400, by validation, before it reaches the writer");
+	ev_writer_stats(&st);
+	is_int(st.requests - st0.requests, N - 1, "the writer stored the 11 requests that reached it");
+	is_int(st.batches - st0.batches, 2,
+	       "... in 2 commits: the first, and the ones that waited, together (group commit)");
+	if (st.batches - st0.batches != 2)
+		diag("  %ld commits", st.batches - st0.batches);
+	is_int(sq(&w, "SELECT count(*) FROM events"), ev0 + 1 + N - 2,
+	       "every event answered as stored is in the database, and no other");
+	is_int(sq(&w, "SELECT count(*) FROM events WHERE type = 'view'"), 0,
+	       "... the refused request's first event was rolled back with it (its savepoint)");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE cart_key LIKE 'g-%%'"), N - 2,
+	       "... and the others' carts are there");
+	is_int(sq(&w, "SELECT item_count FROM carts WHERE cart_key = 'backend-1'"), 2,
+	       "... the backend's cart is intact");
+
+	/* stopped, ev_ingest stores its events itself again */
+	ev_writer_stop();
+	const char *after = "{\"type\":\"cart\",\"email\":\"after@example.com\",\"cart_id\":\"after\","
+			    "\"currency\":\"EUR\",\"items\":[],\"total\":0}";
+	is_int(ingest(&w, EV_HOOK, after, T0, &e1), 1, "after ev_writer_stop a request is stored directly");
+	ev_writer_stats(&st0);
+	is_int(st0.requests, st.requests, "... not through the writer");
+	world_close(&w);
+}
+
 static void test_browser_migration(void)
 {
 	char db[PATH_MAX], path[PATH_MAX + 64], err[256] = "";
@@ -5574,6 +5719,7 @@ int main(void)
 	test_templates();
 	test_mail();
 	test_events();
+	test_group_commit();
 	test_flow();
 	test_flow_exits();
 	test_leases();
