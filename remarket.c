@@ -1049,7 +1049,9 @@ void cfg_free(struct config *cfg)
 	  "INSERT INTO temp.imp_o (order_id) SELECT order_id FROM temp.imp "   \
 	  "GROUP BY order_id ORDER BY min(ts), min(n)")                        \
 	/* order number ?1: its id, its order event (the lines in file       \
-	 * order), and the event's fields as values for the direct path */    \
+	 * order), and the event's fields as values for the direct path; an   \
+	 * empty column is left out of its item, as an event leaves it out    \
+	 * (a line without a name is taken, as /events takes it) */           \
 	X(IMP_ORDER,                                                           \
 	  "SELECT id, json_patch('{}', json_object('type', 'order', "          \
 	  "'order_id', id, 'email', email, 'ts', ts, 'currency', currency, "   \
@@ -1061,8 +1063,9 @@ void cfg_free(struct config *cfg)
 	  "coalesce(min(i.currency), 'EUR') AS currency, "                     \
 	  "max(i.consent) AS consent, "                                        \
 	  "round(total(i.price * i.qty), 2) AS total, "                        \
-	  "json_group_array(json_object('sku', i.sku, 'name', i.name, "        \
-	  "'price', i.price, 'qty', i.qty)) AS items, count(*) AS lines, "     \
+	  "json_group_array(json_patch('{}', json_object('sku', i.sku, "       \
+	  "'name', i.name, 'price', i.price, 'qty', i.qty))) AS items, "       \
+	  "count(*) AS lines, "                                                \
 	  "min(i.plain) AS plain FROM temp.imp_o o JOIN temp.imp i "           \
 	  "ON i.order_id IS o.order_id WHERE o.seq = ?1)")                     \
 	X(IMP_CLEAR, "DELETE FROM temp.imp")                                   \
@@ -4150,7 +4153,7 @@ static int imp_line_plain(const int *at, const char **row, int n)
 	if (!id || !check_field(FC_IDENT, id, 64) ||
 	    (email && !check_field(FC_EMAIL, email, 254)) ||
 	    (cur && !check_field(FC_CURRENCY, cur, 3)) ||
-	    !sku || !val_ident(sku, 64) || !name || !val_text(name, 200) || !price)
+	    !sku || !val_ident(sku, 64) || (name && !val_text(name, 200)) || !price)
 		return 0;
 	char *end;
 	double d = strtod(price, &end); /* as bind_num converts it */

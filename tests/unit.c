@@ -2500,6 +2500,39 @@ static void test_import_batches(void)
 	world_close(&a);
 }
 
+/* Review: an order line without a name (a catalog of brands and
+ * categories) is accepted by /events when the name is left out; the CSV
+ * import must accept the same line with its name column empty, by the
+ * direct path and by ev_ingest alike, and record the same order. */
+static void test_review_import(void)
+{
+	struct world w;
+	char out[256], err[2048];
+	if (!ok(world_open(&w, "rv-import") == 0, "review import: world opens"))
+		return;
+	struct ev_error e;
+	const char *ev = "{\"type\":\"order\",\"order_id\":\"ev1\","
+		"\"email\":\"ann@example.com\",\"ts\":1705300000,\"items\":"
+		"[{\"sku\":\"N1\",\"price\":5}]}";
+	ok(ev_ingest(&w.app, EV_CLI, ev, strlen(ev), NULL, T0, &e) >= 0,
+	   "review import: /events takes an order line without a name");
+	static const char csv[] =
+		"order_id,email,date,sku,name,price,qty\n"
+		"n1,ann@example.com,1705300000,N1,,5,1\n"          /* direct path */
+		"n2,bob@example.com,1705300000,N1,,5,1\n"
+		"n2,bob@example.com,1705300000,N2,Cup,abc,1\n";   /* in doubt: ev_ingest */
+	csv_run(&w, 1, csv, out, sizeof out, err, sizeof err);
+	ok(contains(out, "\"imported\":1,"),
+	   "review import: a nameless line is imported as /events takes it (%s%s)",
+	   out, err);
+	ok(contains(err, "order n2") && contains(err, "price") && !contains(err, "name"),
+	   "review import: an order in doubt is refused for its price, not for the "
+	   "missing name (%s)", err);
+	is_int(sq(&w, "SELECT count(*) FROM order_lines WHERE sku = 'N1'"), 2,
+	       "review import: the nameless lines are recorded");
+	world_close(&w);
+}
+
 /* ==== Segments ======================================================== */
 
 static void test_threshold(void)
@@ -5593,6 +5626,7 @@ int main(void)
 	test_segment_names();
 	test_csv_columns();
 	test_import_batches();
+	test_review_import();
 	test_keys_codes();
 	test_sending();
 	test_review_sending();
