@@ -1601,16 +1601,23 @@ void cfg_free(struct config *cfg)
 	  "CASE WHEN json_extract(?4, '$.error') IS NOT NULL THEN 'failed' "   \
 	  "ELSE ?2 END, 'now', ?3), coalesce(?4, '{}'))")                      \
 	/* -- The report -- */                                                 \
+	/* win-back: the lapsed, and the customers whose first mail of a      \
+	 * win-back (its first step sent, not a later one) went in the        \
+	 * period, as WINBACK_HELD counts its baseline, and those who ordered \
+	 * within 30 days of it */                                            \
 	X(WINBACK_REPORT,                                                      \
 	  "SELECT (SELECT count(*) FROM segments WHERE segment IN ('lapsed', 'lost')), " \
 	  "count(*), coalesce(sum(EXISTS (SELECT 1 FROM orders o "             \
 	  "WHERE o.contact_id = x.contact_id AND o.ts > x.first "              \
-	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT m.contact_id, " \
+	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT contact_id, "   \
+	  "min(first) AS first FROM (SELECT m.contact_id, "                    \
 	  "min(m.sent_at) AS first FROM messages m "                           \
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
 	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'customer_lapsed' " \
-	  "AND m.status = 'sent' AND m.sent_at >= ?1 AND m.sent_at < ?2 "      \
-	  "GROUP BY m.contact_id) x")                                          \
+	  "AND m.status = 'sent' AND m.enrollment_id IN (SELECT enrollment_id " \
+	  "FROM messages WHERE status = 'sent' AND sent_at >= ?1 "             \
+	  "AND sent_at < ?2) GROUP BY m.enrollment_id) "                       \
+	  "WHERE first >= ?1 AND first < ?2 GROUP BY contact_id) x")           \
 	/* its baseline: held-out win-back customers whose first mail would   \
 	 * have gone (anchor + the first step's delay) in the period, and     \
 	 * those who ordered within 30 days of it anyway */                   \

@@ -2935,6 +2935,45 @@ static void test_winback_report(void)
 	world_close(&w);
 }
 
+/* Review: the win-back report counts a customer in the period of their
+ * first win-back mail, as its held-out baseline counts a held-out one in
+ * the period their first mail would have gone: a later step's mail (the
+ * offer a week on) in the period does not make them "contacted" there. */
+static void test_review_winback_period(void)
+{
+	struct world w;
+	struct tick_summary s;
+	struct report *r = calloc(1, sizeof *r);
+	if (!ok(r && world_open(&w, "rv-wb-period") == 0, "review win-back period: world opens")) {
+		free(r);
+		return;
+	}
+	db_scalar(w.app.db, "UPDATE flows SET holdout_pct = 50 WHERE name = 'winback'");
+	product(&w, "A", "home", T0 - 200 * DAY);
+	for (int i = 0; i < 20; i++) {
+		char id[16], em[32];
+		snprintf(id, sizeof id, "v%d", i);
+		snprintf(em, sizeof em, "v%d@example.com", i);
+		order_line(&w, id, em, "A", 40, T0 - 100 * DAY, T0 - 100 * DAY);
+	}
+	tick(&w, T0, &s);
+	tick(&w, T0 + 8 * DAY, &s);
+	ok(sq(&w, "SELECT count(*) FROM messages WHERE status = 'sent' AND step = 2") > 0,
+	   "review win-back period: the offer (step 2) went a week after the first mail");
+	report_build(&w.app, T0 + 2 * DAY, T0 + 40 * DAY, r);
+	ok(r->contacted == 0 && r->held_contacted == 0,
+	   "review win-back period: nobody's first win-back mail (nor its baseline) "
+	   "fell in a period that began after it (contacted %ld, held out %ld)",
+	   r->contacted, r->held_contacted);
+	report_build(&w.app, T0 - DAY, T0 + 40 * DAY, r);
+	ok(r->contacted > 0 && r->held_contacted > 0 &&
+	   r->contacted + r->held_contacted == 20,
+	   "review win-back period: the period of the first mails counts all 20 "
+	   "(%ld contacted, %ld held out)", r->contacted, r->held_contacted);
+	free(r);
+	world_close(&w);
+}
+
 /* ==== Mail: rendering and RFC 5322 building =========================== */
 
 static void test_mail(void)
@@ -5623,6 +5662,7 @@ int main(void)
 	test_segments_incremental();
 	test_lapse_incremental();
 	test_reco_report();
+	test_review_winback_period();
 	test_segment_names();
 	test_csv_columns();
 	test_import_batches();
