@@ -1054,7 +1054,9 @@ void cfg_free(struct config *cfg)
 	  "INSERT INTO temp.imp_o (order_id) SELECT order_id FROM temp.imp "   \
 	  "GROUP BY order_id ORDER BY min(ts), min(n)")                        \
 	/* order number ?1: its id, its order event (the lines in file       \
-	 * order), and the event's fields as values for the direct path */    \
+	 * order), and the event's fields as values for the direct path; an   \
+	 * empty column is left out of its item, as an event leaves it out    \
+	 * (a line without a name is taken, as /events takes it) */           \
 	X(IMP_ORDER,                                                           \
 	  "SELECT id, json_patch('{}', json_object('type', 'order', "          \
 	  "'order_id', id, 'email', email, 'ts', ts, 'currency', currency, "   \
@@ -1066,8 +1068,9 @@ void cfg_free(struct config *cfg)
 	  "coalesce(min(i.currency), 'EUR') AS currency, "                     \
 	  "max(i.consent) AS consent, "                                        \
 	  "round(total(i.price * i.qty), 2) AS total, "                        \
-	  "json_group_array(json_object('sku', i.sku, 'name', i.name, "        \
-	  "'price', i.price, 'qty', i.qty)) AS items, count(*) AS lines, "     \
+	  "json_group_array(json_patch('{}', json_object('sku', i.sku, "       \
+	  "'name', i.name, 'price', i.price, 'qty', i.qty))) AS items, "       \
+	  "count(*) AS lines, "                                                \
 	  "min(i.plain) AS plain FROM temp.imp_o o JOIN temp.imp i "           \
 	  "ON i.order_id IS o.order_id WHERE o.seq = ?1)")                     \
 	X(IMP_CLEAR, "DELETE FROM temp.imp")                                   \
@@ -1603,16 +1606,23 @@ void cfg_free(struct config *cfg)
 	  "CASE WHEN json_extract(?4, '$.error') IS NOT NULL THEN 'failed' "   \
 	  "ELSE ?2 END, 'now', ?3), coalesce(?4, '{}'))")                      \
 	/* -- The report -- */                                                 \
+	/* win-back: the lapsed, and the customers whose first mail of a      \
+	 * win-back (its first step sent, not a later one) went in the        \
+	 * period, as WINBACK_HELD counts its baseline, and those who ordered \
+	 * within 30 days of it */                                            \
 	X(WINBACK_REPORT,                                                      \
 	  "SELECT (SELECT count(*) FROM segments WHERE segment IN ('lapsed', 'lost')), " \
 	  "count(*), coalesce(sum(EXISTS (SELECT 1 FROM orders o "             \
 	  "WHERE o.contact_id = x.contact_id AND o.ts > x.first "              \
-	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT m.contact_id, " \
+	  "AND o.ts <= x.first + 30 * 86400)), 0) FROM (SELECT contact_id, "   \
+	  "min(first) AS first FROM (SELECT m.contact_id, "                    \
 	  "min(m.sent_at) AS first FROM messages m "                           \
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
 	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'customer_lapsed' " \
-	  "AND m.status = 'sent' AND m.sent_at >= ?1 AND m.sent_at < ?2 "      \
-	  "GROUP BY m.contact_id) x")                                          \
+	  "AND m.status = 'sent' AND m.enrollment_id IN (SELECT enrollment_id " \
+	  "FROM messages WHERE status = 'sent' AND sent_at >= ?1 "             \
+	  "AND sent_at < ?2) GROUP BY m.enrollment_id) "                       \
+	  "WHERE first >= ?1 AND first < ?2 GROUP BY contact_id) x")           \
 	/* its baseline: held-out win-back customers whose first mail would   \
 	 * have gone (anchor + the first step's delay) in the period, and     \
 	 * those who ordered within 30 days of it anyway */                   \
@@ -4230,7 +4240,7 @@ static int imp_line_plain(const int *at, const char **row, int n)
 	if (!id || !check_field(FC_IDENT, id, 64) ||
 	    (email && !check_field(FC_EMAIL, email, 254)) ||
 	    (cur && !check_field(FC_CURRENCY, cur, 3)) ||
-	    !sku || !val_ident(sku, 64) || !name || !val_text(name, 200) || !price)
+	    !sku || !val_ident(sku, 64) || (name && !val_text(name, 200)) || !price)
 		return 0;
 	char *end;
 	double d = strtod(price, &end); /* as bind_num converts it */
