@@ -6091,8 +6091,13 @@ static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
 	*code_expires = 0;
 	if (m->pct > 0 && !*m->code) {
 		double min = m->min_spend; /* -1: the store's average order */
+		if (min < 0 && (!app->aov_at || now < app->aov_at ||
+				now - app->aov_at >= 3600)) {
+			q_row(q(db, ST_AOV, NULL), "d", &app->aov);
+			app->aov_at = now;
+		}
 		if (min < 0)
-			q_row(q(db, ST_AOV, NULL), "d", &min);
+			min = app->aov;
 		if (code_issue(app, m->id, m->contact, m->pct, min, now + m->valid,
 			       now, m->code, sizeof m->code) ||
 		    q_exec(db, q(db, ST_MESSAGE_SET_CODE, "it", m->id, m->code)))

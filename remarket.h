@@ -110,6 +110,11 @@ struct app {
 	 * links mailed before `remarket keygen --rotate` keep working */
 	unsigned char old_keys[RM_MAXKEYS - 1][RM_KEYBYTES];
 	int nold;
+	/* the store's average order (ST_AOV reads every order): kept for an
+	 * hour of the clock, so a win-back offer costs one read a tick, not
+	 * one a mail */
+	double aov;
+	int64_t aov_at;
 };
 int app_open(struct app *app, struct config *cfg, char *err, size_t errlen);
 void app_close(struct app *app);

@@ -3755,6 +3755,8 @@ static void test_winback(void)
 	is_int(winback_sent(&w, "lapsed@example.com", 2), 1, "step 2 at +7 days");
 	ok(sq(&w, "SELECT count(*) FROM discounts WHERE percent = 15 AND min_spend = 40") == 1,
 	   "a 15 %% code with the average order value (40) as its minimum");
+	ok(w.app.aov_at == T0 + 7 * DAY && w.app.aov == 40,
+	   "the average order is read once and kept for the hour (not per mail)");
 	tick(&w, T0 + 10 * DAY, &s);
 	is_int(winback_sent(&w, "recent@example.com", 2), 0, "an order ends the win-back before step 2");
 	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
