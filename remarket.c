@@ -4002,7 +4002,7 @@ static const char *code_check(struct app *app, const char *code, double total,
 
 /* ==== Catalog and order imports (CSV) ================================= */
 /*
- * `remarket import products|orders FILE`: RFC 4180 records (quoted
+ * `remarket import products|orders FILE [--rejects R]`: RFC 4180 records (quoted
  * fields, doubled quotes, CRLF or LF, newlines inside quotes). Neither
  * SQLite's library nor the others here parse CSV, so this small reader
  * is ours. The first record names the columns, checked against one
@@ -10780,7 +10780,7 @@ static const struct command commands[] = {
 	 "the products win-back would recommend"},
 	{"products", CMD_APP, 3, 3, cmd_products, "kind SKU product|service",
 	 "mark a catalog line a product or a service\n(postage, fees: never recommended)"},
-	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv",
+	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv [--rejects REJECTS.csv]",
 	 "fill the catalog, load past orders"},
 	{"help", CMD_ALONE, 0, 1, cmd_help, "[--man]",
 	 "this list; --man: the man page's SYNOPSIS"},
