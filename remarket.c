@@ -10632,18 +10632,19 @@ static int cmd_import(struct app *app, struct config *cfg, rm_time now,
 {
 	(void)cfg;
 	FILE *rej = NULL;
-	if (argc == 5 && !strcmp(argv[1], "orders") &&
-	    !strcmp(argv[3], "--rejects")) {
-		if (!(rej = fopen(argv[4], "w"))) {
-			fprintf(stderr, "remarket import: %s: %s\n", argv[4],
-				strerror(errno));
-			return 1;
-		}
-	} else if (argc != 3 || (strcmp(argv[1], "products") &&
-				  strcmp(argv[1], "orders"))) {
+	const char *rejname = NULL;
+	for (int i = 3; i + 1 < argc; i++) /* --now and the like go by */
+		if (!strcmp(argv[i], "--rejects"))
+			rejname = argv[i + 1];
+	if (argc < 3 || (strcmp(argv[1], "products") && strcmp(argv[1], "orders")) ||
+	    (rejname && strcmp(argv[1], "orders"))) {
 		fprintf(stderr, "usage: remarket import products|orders FILE.csv "
 			"[--rejects REJECTS.csv]\n");
 		return 2;
+	}
+	if (rejname && !(rej = fopen(rejname, "w"))) {
+		fprintf(stderr, "remarket import: %s: %s\n", rejname, strerror(errno));
+		return 1;
 	}
 	FILE *f = fopen(argv[2], "r");
 	if (!f) {
@@ -10656,7 +10657,7 @@ static int cmd_import(struct app *app, struct config *cfg, rm_time now,
 				    : import_orders_rejects(app, f, now, rej);
 	fclose(f);
 	if (rej && fclose(rej) != 0) {
-		fprintf(stderr, "remarket import: %s: %s\n", argv[4], strerror(errno));
+		fprintf(stderr, "remarket import: %s: %s\n", rejname, strerror(errno));
 		rc = 1;
 	}
 	return rc;
