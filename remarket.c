@@ -183,8 +183,9 @@ static int copy_str(char *dst, size_t n, const char *src)
  * from outside is checked against it, so sums of times never overflow. */
 #define RM_TIME_MAX ((rm_time)253402300799LL)
 
-/* Unix seconds, ISO 8601 (UTC) or +N[smhd]/-N[smhd] from BASE; -1 when
- * S is none of them or falls outside 1970..9999. */
+/* Unix seconds, ISO 8601 (UTC, or with fractions of a second and a
+ * Z or +hh:mm offset, as exports write it) or +N[smhd]/-N[smhd] from
+ * BASE; -1 when S is none of them or falls outside 1970..9999. */
 static rm_time parse_time(const char *s, rm_time base)
 {
 	char *end;
@@ -219,10 +220,25 @@ static rm_time parse_time(const char *s, rm_time base)
 		memset(&tm, 0, sizeof tm);
 		end = strptime(s, "%Y-%m-%d", &tm);
 	}
+	long off = 0; /* seconds east of UTC */
+	if (end && *end == '.' && isdigit((unsigned char)end[1]))
+		for (end++; isdigit((unsigned char)*end); end++)
+			; /* fractions of a second: the second is enough */
+	if (end && (*end == '+' || *end == '-') && isdigit((unsigned char)end[1]) &&
+	    isdigit((unsigned char)end[2]) && end[3] == ':' &&
+	    isdigit((unsigned char)end[4]) && isdigit((unsigned char)end[5]) &&
+	    !end[6]) {
+		long h = (end[1] - '0') * 10 + (end[2] - '0');
+		long m = (end[4] - '0') * 10 + (end[5] - '0');
+		if (h > 23 || m > 59)
+			return -1;
+		off = (h * 3600 + m * 60) * (*end == '-' ? -1 : 1);
+		end += 6;
+	}
 	if (!end || (*end && strcmp(end, "Z") != 0) || tm.tm_year < 70 ||
 	    tm.tm_year > 9999 - 1900)
 		return -1;
-	rm_time t = (rm_time)timegm(&tm);
+	rm_time t = (rm_time)timegm(&tm) - off;
 	return t >= 0 && t <= RM_TIME_MAX ? t : -1;
 }
 
@@ -552,6 +568,9 @@ static const struct cfg_key {
 	CFG_LONG(lease_seconds, "300"),
 	CFG_LONG(tick_budget_seconds, "50"),
 	CFG_LONG(max_items, "100"),
+	CFG_LONG(max_qty, "1000"),
+	CFG_LONG(import_max_qty, "100000"),
+	CFG_LONG(import_max_items, "1000"),
 };
 #define NKEYS (sizeof cfg_keys / sizeof cfg_keys[0])
 
@@ -1032,7 +1051,7 @@ void cfg_free(struct config *cfg)
 	  "CREATE TEMP TABLE IF NOT EXISTS imp (n INTEGER PRIMARY KEY, "       \
 	  "order_id TEXT, email TEXT, ts INTEGER, sku TEXT, name TEXT, "       \
 	  "price REAL, qty INTEGER, currency TEXT, consent INTEGER, "           \
-	  "plain INTEGER)") /* plain: see imp_line_plain */                    \
+	  "plain INTEGER, customer_id TEXT)") /* plain: see imp_line_plain */  \
 	/* the lines go to the temp database only: no lock on the store's */  \
 	X(IMP_BEGIN, "BEGIN")                                                  \
 	/* 8 MiB of page cache (2 by default) for the import's connection:  \
@@ -1041,8 +1060,8 @@ void cfg_free(struct config *cfg)
 	X(IMP_CACHE, "PRAGMA cache_size = -8192")                              \
 	X(IMP_INSERT,                                                          \
 	  "INSERT INTO temp.imp (order_id, email, ts, sku, name, price, qty, " \
-	  "currency, consent, plain) VALUES (?1, ?2, ?3, ?4, ?5, ?6, "         \
-	  "coalesce(?7, 1), ?8, ?9, ?10)")                                     \
+	  "currency, consent, plain, customer_id) VALUES (?1, ?2, ?3, ?4, ?5, " \
+	  "?6, coalesce(?7, 1), ?8, ?9, ?10, ?11)")                            \
 	X(IMP_INDEX,                                                           \
 	  "CREATE INDEX IF NOT EXISTS temp.imp_order ON imp (order_id, n)")    \
 	/* the orders in the order they are ingested: by date, then as the   \
@@ -1059,12 +1078,14 @@ void cfg_free(struct config *cfg)
 	 * (a line without a name is taken, as /events takes it) */           \
 	X(IMP_ORDER,                                                           \
 	  "SELECT id, json_patch('{}', json_object('type', 'order', "          \
-	  "'order_id', id, 'email', email, 'ts', ts, 'currency', currency, "   \
+	  "'order_id', id, 'email', email, 'customer_id', customer_id, "       \
+	  "'ts', ts, 'currency', currency, "                                   \
 	  "'consent', CASE WHEN consent IS NULL THEN NULL WHEN consent "       \
 	  "THEN json('true') ELSE json('false') END, 'total', total, "         \
 	  "'items', json(items))), email, ts, currency, consent, total, "      \
-	  "items, lines, plain FROM (SELECT o.order_id AS id, "                \
-	  "min(i.email) AS email, min(i.ts) AS ts, "                           \
+	  "items, lines, plain, customer_id FROM (SELECT o.order_id AS id, "   \
+	  "min(i.email) AS email, min(i.customer_id) AS customer_id, "         \
+	  "min(i.ts) AS ts, "                                                  \
 	  "coalesce(min(i.currency), 'EUR') AS currency, "                     \
 	  "max(i.consent) AS consent, "                                        \
 	  "round(total(i.price * i.qty), 2) AS total, "                        \
@@ -1073,6 +1094,11 @@ void cfg_free(struct config *cfg)
 	  "count(*) AS lines, "                                                \
 	  "min(i.plain) AS plain FROM temp.imp_o o JOIN temp.imp i "           \
 	  "ON i.order_id IS o.order_id WHERE o.seq = ?1)")                     \
+	/* the lines of order ?1 as the file had them, for --rejects */       \
+	X(IMP_ORDER_LINES,                                                     \
+	  "SELECT i.order_id, i.sku, i.name, i.qty, i.price, i.ts, "           \
+	  "i.customer_id FROM temp.imp_o o JOIN temp.imp i "                   \
+	  "ON i.order_id IS o.order_id WHERE o.seq = ?1 ORDER BY i.n")         \
 	X(IMP_CLEAR, "DELETE FROM temp.imp")                                   \
 	X(IMP_LIST_CLEAR, "DELETE FROM temp.imp_o")                            \
 	X(IMP_PRODUCT,                                                         \
@@ -2354,6 +2380,13 @@ int val_text(const char *s, size_t maxlen)
 	return 1;
 }
 
+/* A SKU as stores write them ("BANK CHARGES", "85123A"): 1 to 64
+ * printable characters, no control character (val_text). */
+int val_sku(const char *s)
+{
+	return *s && val_text(s, 64);
+}
+
 int val_ident(const char *s, size_t maxlen)
 {
 	size_t n = strlen(s);
@@ -2850,6 +2883,7 @@ struct event {
 	char *code, *sku, *category, *url, *image, *items, *review, *text;
 	char *kind;      /* a product's: 'product' or 'service' */
 	char *brand;
+	char *customer_id; /* the store's own customer number, kept as said */
 	int consent;     /* -1: not said */
 	int has_total, has_price;
 	double total, price;
@@ -2857,7 +2891,7 @@ struct event {
 	long nitems;
 };
 
-enum fcheck { FC_TYPE, FC_EMAIL, FC_TEXT, FC_IDENT, FC_URL, FC_CURRENCY, FC_CODE };
+enum fcheck { FC_TYPE, FC_EMAIL, FC_TEXT, FC_IDENT, FC_SKU, FC_URL, FC_CURRENCY, FC_CODE };
 static const struct efield {
 	const char *key;
 	size_t off;
@@ -2870,8 +2904,9 @@ static const struct efield {
 	{"currency", offsetof(struct event, currency), FC_CURRENCY, 3},
 	{"visitor_id", offsetof(struct event, visitor_id), FC_IDENT, 64},
 	{"order_id", offsetof(struct event, order_id), FC_IDENT, 64},
+	{"customer_id", offsetof(struct event, customer_id), FC_IDENT, 64},
 	{"discount_code", offsetof(struct event, code), FC_CODE, 32},
-	{"sku", offsetof(struct event, sku), FC_IDENT, 64},
+	{"sku", offsetof(struct event, sku), FC_SKU, 64},
 	{"category", offsetof(struct event, category), FC_TEXT, 64},
 	{"kind", offsetof(struct event, kind), FC_TEXT, 16},
 	{"brand", offsetof(struct event, brand), FC_TEXT, 64},
@@ -2897,6 +2932,7 @@ static int check_field(enum fcheck c, const char *v, size_t maxlen)
 	case FC_EMAIL: return val_email(v);
 	case FC_TEXT: return val_text(v, maxlen);
 	case FC_IDENT: return val_ident(v, maxlen);
+	case FC_SKU: return val_sku(v);
 	case FC_URL: return val_url(v);
 	case FC_CURRENCY:
 		return strlen(v) == 3 && isupper((unsigned char)v[0]) &&
@@ -2913,6 +2949,7 @@ static const char *check_hint(enum fcheck c)
 	case FC_EMAIL: return "must be an email address like ann@example.com";
 	case FC_TEXT: return "must be text without control characters (no CR/LF)";
 	case FC_IDENT: return "must be 1-64 characters of A-Z a-z 0-9 . _ : -";
+	case FC_SKU: return "must be 1-64 printable characters (no CR/LF)";
 	case FC_URL: return "must be an http(s) URL";
 	case FC_CURRENCY: return "must be a 3-letter currency code like EUR";
 	case FC_CODE: return "must be a discount code like RM-7QK2-X9PD";
@@ -3061,7 +3098,7 @@ static int on_origin(const char *url, const char *origin)
  * its validator; records what was seen, the price and the quantity. */
 static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 			 double *qty, unsigned *seen, const char *origin,
-			 struct ev_error *err)
+			 long qty_cap, struct ev_error *err)
 {
 	const char *k = col_text(s, 0), *jt = col_text(s, 1);
 	const char *atom = col_text(s, 2);
@@ -3072,7 +3109,7 @@ static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 	if (has_nul(s, 0) || has_nul(s, 2))
 		return fail(err, 400, "%s: contains a NUL character", key);
 	if (strcmp(k, "sku") == 0) {
-		ok = text && val_ident(atom, 64);
+		ok = text && val_sku(atom);
 		*seen |= 1;
 	} else if (strcmp(k, "name") == 0) {
 		ok = text && val_text(atom, max = 200) && *atom;
@@ -3090,7 +3127,7 @@ static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 		*seen |= 4;
 		return ev_number(s, key, jt, 0, 1e7, 0, price, err);
 	} else if (strcmp(k, "qty") == 0) {
-		return ev_number(s, key, jt, 1, 1000, 1, qty, err);
+		return ev_number(s, key, jt, 1, (double)qty_cap, 1, qty, err);
 	}
 	if (!ok && max && text && val_utf8(atom, strlen(atom)) &&
 	    utf8_chars(atom, strlen(atom)) > max)
@@ -3100,14 +3137,15 @@ static int ev_item_field(sqlite3_stmt *s, size_t idx, double *price,
 
 /* Checks every field of one item object with OBJECT_EACH. */
 static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
-		   const char *origin, struct ev_error *err)
+		   const char *origin, long qty_cap, struct ev_error *err)
 {
 	sqlite3_stmt *s = q(db, ST_OBJECT_EACH, "t", obj);
 	double price = 0, qty = 1;
 	unsigned seen = 0;
 	int rc = 0;
 	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW)
-		rc = ev_item_field(s, idx, &price, &qty, &seen, origin, err);
+		rc = ev_item_field(s, idx, &price, &qty, &seen, origin, qty_cap,
+				   err);
 	sqlite3_reset(s);
 	/* a browser's item needs only its sku (origin is set for browsers):
 	 * its name, price and links are never kept, the catalog's are used;
@@ -3122,6 +3160,12 @@ static int ev_item(struct db *db, const char *obj, size_t idx, double *sum,
 	return rc;
 }
 
+/* While import_orders runs, a line's quantity may reach import_max_qty
+ * (a wholesale order) rather than max_qty, and an order may have
+ * import_max_items lines rather than max_items: set by import_orders only,
+ * read by ev_items; 0 otherwise. */
+static long imp_qty_cap;
+
 /* Checks every element of E's items array (count, shape, each field) and
  * totals the items when the event gave no total. */
 static int ev_items(struct app *app, struct event *e, const char *origin,
@@ -3134,9 +3178,10 @@ static int ev_items(struct app *app, struct event *e, const char *origin,
 	/* copy the elements out first: ev_item needs OBJECT_EACH for each */
 	struct buf all = {0};
 	while (rc == 0 && sqlite3_step(s) == SQLITE_ROW) {
-		if (++n > (size_t)app->cfg->max_items) {
-			rc = fail(err, 400, "items: at most %ld items",
-				  app->cfg->max_items);
+		long most = imp_qty_cap ? app->cfg->import_max_items :
+				app->cfg->max_items;
+		if (++n > (size_t)most) {
+			rc = fail(err, 400, "items: at most %ld items", most);
 			break;
 		}
 		if (strcmp(col_text(s, 1), "object") != 0) {
@@ -3150,7 +3195,8 @@ static int ev_items(struct app *app, struct event *e, const char *origin,
 	for (size_t i = 0, off = 0; rc == 0 && i < n; i++) {
 		const char *item = all.data + off;
 		off += strlen(item) + 1;
-		rc = ev_item(app->db, item, i, &sum, origin, err);
+		rc = ev_item(app->db, item, i, &sum, origin,
+			     imp_qty_cap ? imp_qty_cap : app->cfg->max_qty, err);
 	}
 	buf_free(&all);
 	e->nitems = (long)n;
@@ -3257,8 +3303,8 @@ static int ev_require(const struct event *e, enum ev_source src,
 		return fail(err, 400, "cart_id: required for checkout");
 	if (!strcmp(t, "order") && !e->order_id)
 		return fail(err, 400, "order_id: required for order");
-	if (!strcmp(t, "order") && !e->email && !e->cart_id)
-		return fail(err, 400, "order: needs email or cart_id");
+	/* an order with neither email nor cart_id is a guest's: recorded
+	 * without a contact (no flow), it still counts for the products */
 	/* a catalog of brands and categories may name no product */
 	if (!strcmp(t, "product") && (!e->sku || (!e->name && !e->brand &&
 						  !e->category)))
@@ -3956,7 +4002,7 @@ static const char *code_check(struct app *app, const char *code, double total,
 
 /* ==== Catalog and order imports (CSV) ================================= */
 /*
- * `remarket import products|orders FILE`: RFC 4180 records (quoted
+ * `remarket import products|orders FILE [--rejects R]`: RFC 4180 records (quoted
  * fields, doubled quotes, CRLF or LF, newlines inside quotes). Neither
  * SQLite's library nor the others here parse CSV, so this small reader
  * is ours. The first record names the columns, checked against one
@@ -4073,33 +4119,38 @@ struct csv_column {
 	enum csv_kind kind;
 	enum csv_need need;
 	int param; /* ?N of the import statement */
+	const char *alias; /* the name a common export gives it, or NULL */
 };
 
 static const struct csv_column product_columns[] = {
-	{"sku", CSV_IDENT, CSV_WANT, 1},
-	{"name", CSV_TEXT, CSV_WANT, 2},
-	{"price", CSV_NUMBER, CSV_WANT, 3},
-	{"url", CSV_TEXT, CSV_WANT, 4},
-	{"image", CSV_TEXT, CSV_WANT, 5},
-	{"category", CSV_TEXT, CSV_WANT, 6},
-	{"review_author", CSV_TEXT, CSV_MAY, 7},
-	{"review_rating", CSV_INT, CSV_MAY, 8},
-	{"review_text", CSV_TEXT, CSV_MAY, 9},
-	{"kind", CSV_TEXT, CSV_MAY, 10}, /* product or service */
-	{"brand", CSV_TEXT, CSV_MAY, 11},
+	{"sku", CSV_IDENT, CSV_WANT, 1, NULL},
+	{"name", CSV_TEXT, CSV_WANT, 2, NULL},
+	{"price", CSV_NUMBER, CSV_WANT, 3, NULL},
+	{"url", CSV_TEXT, CSV_WANT, 4, NULL},
+	{"image", CSV_TEXT, CSV_WANT, 5, NULL},
+	{"category", CSV_TEXT, CSV_WANT, 6, NULL},
+	{"review_author", CSV_TEXT, CSV_MAY, 7, NULL},
+	{"review_rating", CSV_INT, CSV_MAY, 8, NULL},
+	{"review_text", CSV_TEXT, CSV_MAY, 9, NULL},
+	{"kind", CSV_TEXT, CSV_MAY, 10, NULL}, /* product or service */
+	{"brand", CSV_TEXT, CSV_MAY, 11, NULL},
 };
 #define PRODUCT_COLUMNS (sizeof product_columns / sizeof product_columns[0])
 
+/* The aliases are the columns of the usual "online retail" export
+ * (InvoiceNo, StockCode, Description, Quantity, InvoiceDate, UnitPrice,
+ * CustomerID, Country; Country is not used). */
 static const struct csv_column order_columns[] = {
-	{"order_id", CSV_IDENT, CSV_MUST, 1},
-	{"email", CSV_TEXT, CSV_WANT, 2},
-	{"date", CSV_TIME, CSV_MUST, 3},
-	{"sku", CSV_IDENT, CSV_MUST, 4},
-	{"name", CSV_TEXT, CSV_WANT, 5},
-	{"price", CSV_NUMBER, CSV_WANT, 6},
-	{"qty", CSV_INT, CSV_WANT, 7},
-	{"currency", CSV_TEXT, CSV_MAY, 8},
-	{"consent", CSV_FLAG, CSV_MAY, 9},
+	{"order_id", CSV_IDENT, CSV_MUST, 1, "InvoiceNo"},
+	{"email", CSV_TEXT, CSV_WANT, 2, NULL},
+	{"date", CSV_TIME, CSV_MUST, 3, "InvoiceDate"},
+	{"sku", CSV_IDENT, CSV_MUST, 4, "StockCode"},
+	{"name", CSV_TEXT, CSV_WANT, 5, "Description"},
+	{"price", CSV_NUMBER, CSV_WANT, 6, "UnitPrice"},
+	{"qty", CSV_INT, CSV_WANT, 7, "Quantity"},
+	{"currency", CSV_TEXT, CSV_MAY, 8, NULL},
+	{"consent", CSV_FLAG, CSV_MAY, 9, NULL},
+	{"customer_id", CSV_IDENT, CSV_MAY, 11, "CustomerID"},
 };
 #define ORDER_COLUMNS (sizeof order_columns / sizeof order_columns[0])
 
@@ -4111,6 +4162,8 @@ static int csv_header(const struct csv_column *cols, size_t ncols,
 	int rc = 0;
 	for (size_t i = 0; i < ncols; i++) {
 		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i].name) : -1;
+		if (at[i] < 0 && nh > 0 && cols[i].alias)
+			at[i] = csv_col(hdr, nh, cols[i].alias);
 		if (at[i] < 0 && cols[i].need == CSV_MUST)
 			rc = -1;
 	}
@@ -4227,20 +4280,22 @@ int import_products(struct app *app, FILE *f, rm_time now)
  * what an order event may carry must be made here too (a line that says 0
  * loses nothing: its order goes through ev_ingest, which says what is
  * wrong). */
-static int imp_line_plain(const int *at, const char **row, int n)
+static int imp_line_plain(const int *at, const char **row, int n,
+			  long qty_cap)
 {
 	const char *id = csv_val(row, n, at[0]), *email = csv_val(row, n, at[1]);
 	const char *sku = csv_val(row, n, at[3]), *name = csv_val(row, n, at[4]);
 	const char *price = csv_val(row, n, at[5]), *qty = csv_val(row, n, at[6]);
-	const char *cur = csv_val(row, n, at[7]);
-	const char *text[] = {id, email, sku, name, cur};
+	const char *cur = csv_val(row, n, at[7]), *cid = csv_val(row, n, at[9]);
+	const char *text[] = {id, email, sku, name, cur, cid};
 	for (size_t i = 0; i < sizeof text / sizeof text[0]; i++)
 		if (text[i] && !val_utf8(text[i], strlen(text[i])))
 			return 0; /* ev_ingest: "body: not valid UTF-8 text" */
 	if (!id || !check_field(FC_IDENT, id, 64) ||
 	    (email && !check_field(FC_EMAIL, email, 254)) ||
 	    (cur && !check_field(FC_CURRENCY, cur, 3)) ||
-	    !sku || !val_ident(sku, 64) || (name && !val_text(name, 200)) || !price)
+	    (cid && !check_field(FC_IDENT, cid, 64)) ||
+	    !sku || !val_sku(sku) || (name && !val_text(name, 200)) || !price)
 		return 0;
 	char *end;
 	double d = strtod(price, &end); /* as bind_num converts it */
@@ -4248,7 +4303,7 @@ static int imp_line_plain(const int *at, const char **row, int n)
 		return 0;
 	if (qty) { /* a missing qty is 1; bind_num keeps the whole part */
 		d = strtod(qty, &end);
-		if (*end || !isfinite(d) || d < 1 || d >= 1001)
+		if (*end || !isfinite(d) || d < 1 || d >= (double)qty_cap + 1)
 			return 0;
 	}
 	return 1;
@@ -4276,6 +4331,95 @@ static int64_t mono_us(void)
 	return (int64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
 }
 
+/* What import_orders refused, by reason (the first IMP_REASONS reasons;
+ * the rest under "other"): lines, orders and their revenue, and every
+ * refused line written to REJECTS (CSV) when set. */
+#define IMP_REASONS 24
+struct imp_refusals {
+	FILE *rejects;
+	size_t n;
+	struct {
+		char why[160], last[65]; /* LAST: the order last counted */
+		long lines, orders;
+		double revenue;
+	} r[IMP_REASONS];
+};
+
+/* Set by import_orders while it runs (imp_one_slow reads it, through the
+ * batch retries), NULL otherwise. */
+static struct imp_refusals *imp_rf;
+
+static void csv_put(FILE *f, const char *v, int last)
+{
+	if (v && v[strcspn(v, ",\"\r\n")]) {
+		fputc('"', f);
+		for (; *v; v++) {
+			if (*v == '"')
+				fputc('"', f);
+			fputc(*v, f);
+		}
+		fputc('"', f);
+	} else if (v) {
+		fputs(v, f);
+	}
+	fputc(last ? '\n' : ',', f);
+}
+
+/* Counts one refused line of order ID (its revenue QTY x PRICE) under
+ * WHY, and writes it to the rejects file. */
+static void imp_refuse(struct imp_refusals *rf, const char *why,
+		       const char *id, const char *sku, const char *name,
+		       const char *qty, const char *price, const char *date,
+		       const char *cid)
+{
+	size_t i = 0;
+	while (i < rf->n && strcmp(rf->r[i].why, why) &&
+	       strcmp(rf->r[i].why, "other"))
+		i++;
+	if (i == rf->n) {
+		if (rf->n == IMP_REASONS)
+			i = rf->n - 1; /* full: the last slot became "other" */
+		else {
+			i = rf->n++;
+			copy_str(rf->r[i].why, sizeof rf->r[i].why,
+				 rf->n == IMP_REASONS ? "other" : why);
+		}
+	}
+	rf->r[i].lines++;
+	if (!id || strcmp(rf->r[i].last, id)) {
+		rf->r[i].orders++;
+		copy_str(rf->r[i].last, sizeof rf->r[i].last, id ? id : "");
+	}
+	if (qty && price)
+		rf->r[i].revenue += strtod(qty, NULL) * strtod(price, NULL);
+	if (!rf->rejects)
+		return;
+	const char *v[] = {id, sku, name, qty, price, date, cid};
+	for (size_t k = 0; k < sizeof v / sizeof v[0]; k++)
+		csv_put(rf->rejects, v[k], 0);
+	csv_put(rf->rejects, why, 1);
+}
+
+/* Every line of order number SEQ, refused with WHY. */
+static void imp_refuse_order(struct app *app, int64_t seq, const char *why)
+{
+	if (!imp_rf)
+		return;
+	sqlite3_stmt *s = q(app->db, ST_IMP_ORDER_LINES, "i", seq);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		char date[32] = "";
+		time_t t = (time_t)sqlite3_column_int64(s, 5);
+		struct tm tm;
+		if (gmtime_r(&t, &tm))
+			strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", &tm);
+		const char *cid = sqlite3_column_type(s, 6) == SQLITE_NULL ? NULL :
+				  col_text(s, 6);
+		imp_refuse(imp_rf, why, col_text(s, 0), col_text(s, 1),
+			   col_text(s, 2), col_text(s, 3), col_text(s, 4), date, cid);
+	}
+	sqlite3_reset(s);
+}
+
 /* Order number SEQ through ev_ingest, in a transaction of its own, as
  * any event: the path for an order in doubt, and the retry of a batch
  * that failed. Returns 0, or 1 past the last order. */
@@ -4296,7 +4440,14 @@ static int imp_one_slow(struct app *app, int64_t seq, rm_time now,
 			fprintf(stderr, "remarket import: %s: out of memory\n", what);
 		return 0;
 	}
-	import_one(app, what, tmp->data, now, ok, bad);
+	struct ev_error err;
+	if (ev_ingest(app, EV_CLI, tmp->data, tmp->len, NULL, now, &err) >= 0) {
+		(*ok)++;
+		return 0;
+	}
+	if (++*bad <= 20)
+		fprintf(stderr, "remarket import: %s: %s\n", what, err.msg);
+	imp_refuse_order(app, seq, err.msg);
 	return 0;
 }
 
@@ -4330,10 +4481,11 @@ static void imp_batch_end(struct app *app, struct imp_batch *b, int64_t last,
  * copied into ARENA (the row is reset before the order is applied). */
 static int imp_event(sqlite3_stmt *s, struct buf *arena, struct event *e)
 {
-	static const int cols[] = {0, 2, 4, 7, 1}; /* id email currency items text */
-	size_t off[5];
+	/* id email currency items text customer_id */
+	static const int cols[] = {0, 2, 4, 7, 1, 10};
+	size_t off[6];
 	buf_reset(arena);
-	for (size_t i = 0; i < 5; i++) {
+	for (size_t i = 0; i < 6; i++) {
 		off[i] = arena->len;
 		buf_adds(arena, col_text(s, cols[i]));
 		buf_add(arena, "", 1);
@@ -4343,7 +4495,11 @@ static int imp_event(sqlite3_stmt *s, struct buf *arena, struct event *e)
 	memset(e, 0, sizeof *e);
 	copy_str(e->type, sizeof e->type, "order");
 	e->order_id = arena->data + off[0];
-	e->email = arena->data + off[1];
+	/* no email: a guest's order, no contact (ev_contact) */
+	e->email = sqlite3_column_type(s, 2) == SQLITE_NULL ? NULL :
+		   arena->data + off[1];
+	e->customer_id = sqlite3_column_type(s, 10) == SQLITE_NULL ? NULL :
+			 arena->data + off[5];
 	e->currency = arena->data + off[2];
 	e->items = arena->data + off[3];
 	e->text = arena->data + off[4];
@@ -4371,6 +4527,32 @@ static int imp_event(sqlite3_stmt *s, struct buf *arena, struct event *e)
  * re-import changes nothing: an order already recorded is a duplicate. */
 int import_orders(struct app *app, FILE *f, rm_time now)
 {
+	return import_orders_rejects(app, f, now, NULL);
+}
+
+/* A line refused before its order is built: a cancellation (for now),
+ * a quantity past import_max_qty, a date that is none. The rest of its
+ * order is imported; the summary and REJECTS say what was left out. */
+static const char *imp_line_refused(const int *at, const char **row, int n,
+				    long cap, char *why, size_t whylen)
+{
+	const char *id = csv_val(row, n, at[0]), *qty = csv_val(row, n, at[6]);
+	double d = qty ? strtod(qty, NULL) : 1;
+	if ((id && (*id == 'C' || *id == 'c') && isdigit((unsigned char)id[1])) ||
+	    d < 0)
+		return "cancellation (not imported yet)";
+	if (d > (double)cap) {
+		snprintf(why, whylen, "qty: more than import_max_qty (%ld)", cap);
+		return why;
+	}
+	return NULL;
+}
+
+/* import_orders, writing every refused line with its reason to REJECTS
+ * (CSV) when it is not NULL, and a summary by reason to stderr. */
+int import_orders_rejects(struct app *app, FILE *f, rm_time now,
+			  FILE *rejects)
+{
 	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
 	struct buf hb = {0}, rb = {0};
 	int nh = csv_record(f, &hb, hdr), at[ORDER_COLUMNS];
@@ -4383,7 +4565,14 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 		return 2;
 	}
 	struct db *db = app->db;
-	long ok = 0, bad = 0, line = 1;
+	long ok = 0, bad = 0, line = 1, cap = app->cfg->import_max_qty;
+	static struct imp_refusals rf;
+	memset(&rf, 0, sizeof rf);
+	rf.rejects = rejects;
+	if (rejects)
+		fputs("order_id,sku,name,qty,price,date,customer_id,reason\n", rejects);
+	imp_rf = &rf;
+	imp_qty_cap = cap;
 	q_exec(db, q(db, ST_IMP_CACHE, NULL));
 	q_exec(db, q(db, ST_IMP_CREATE, NULL));
 	q_exec(db, q(db, ST_IMP_CLEAR, NULL));
@@ -4394,10 +4583,26 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 				"unclosed quote, a NUL byte or too many fields)\n", line + 1);
 			q_exec(db, q(db, ST_ROLLBACK, NULL));
 			buf_free(&hb), buf_free(&rb);
+			imp_rf = NULL, imp_qty_cap = 0;
 			return 1;
 		}
 		if (n == 1 && !*row[0])
 			continue; /* a blank line */
+		if (at[4] >= 0 && at[4] < n) { /* "RED " as exports pad names */
+			char *nm = (char *)row[at[4]];
+			for (size_t l = strlen(nm); l && nm[l - 1] == ' '; l--)
+				nm[l - 1] = '\0';
+		}
+		char whyb[64];
+		const char *why = imp_line_refused(at, row, n, cap, whyb, sizeof whyb);
+		if (why) {
+			bad++;
+			imp_refuse(&rf, why, csv_val(row, n, at[0]),
+				   csv_val(row, n, at[3]), csv_val(row, n, at[4]),
+				   csv_val(row, n, at[6]), csv_val(row, n, at[5]),
+				   csv_val(row, n, at[2]), csv_val(row, n, at[9]));
+			continue;
+		}
 		sqlite3_stmt *s = q(db, ST_IMP_INSERT, NULL);
 		size_t c;
 		if (csv_bind(s, order_columns, ORDER_COLUMNS, at, row, n, now, &c) < 0) {
@@ -4407,9 +4612,13 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
 					"seconds\n", line + 1, order_columns[c].name,
 					v ? v : "");
+			imp_refuse(&rf, "date: not ISO 8601 or Unix seconds",
+				   csv_val(row, n, at[0]), csv_val(row, n, at[3]),
+				   csv_val(row, n, at[4]), csv_val(row, n, at[6]),
+				   csv_val(row, n, at[5]), v, csv_val(row, n, at[9]));
 			continue;
 		}
-		sqlite3_bind_int(s, 10, imp_line_plain(at, row, n));
+		sqlite3_bind_int(s, 10, imp_line_plain(at, row, n, cap));
 		q_exec(db, s);
 	}
 	q_exec(db, q(db, ST_IMP_INDEX, NULL));
@@ -4428,8 +4637,7 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 		}
 		struct event e;
 		int direct = sqlite3_column_int(s, 9) == 1 &&
-			     sqlite3_column_int64(s, 8) <= app->cfg->max_items &&
-			     sqlite3_column_type(s, 2) != SQLITE_NULL &&
+			     sqlite3_column_int64(s, 8) <= app->cfg->import_max_items &&
 			     sqlite3_column_int64(s, 3) <= (int64_t)now + 300 &&
 			     sqlite3_column_double(s, 6) <= 1e9 &&
 			     imp_event(s, &arena, &e) == 0;
@@ -4461,6 +4669,12 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 	imp_batch_end(app, &b, seq - 1, now, &tmp, &ok, &bad);
 	q_exec(db, q(db, ST_IMP_CLEAR, NULL));
 	q_exec(db, q(db, ST_IMP_LIST_CLEAR, NULL));
+	imp_rf = NULL, imp_qty_cap = 0;
+	for (size_t i = 0; i < rf.n; i++)
+		fprintf(stderr, "remarket import: refused: %ld line%s, %ld order%s, "
+			"revenue %.2f: %s\n", rf.r[i].lines,
+			rf.r[i].lines == 1 ? "" : "s", rf.r[i].orders,
+			rf.r[i].orders == 1 ? "" : "s", rf.r[i].revenue, rf.r[i].why);
 	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
 	buf_free(&hb), buf_free(&rb), buf_free(&arena), buf_free(&tmp);
 	return bad ? 1 : 0;
@@ -10417,18 +10631,35 @@ static int cmd_import(struct app *app, struct config *cfg, rm_time now,
 		      int argc, char **argv)
 {
 	(void)cfg;
-	if (argc < 3 || (strcmp(argv[1], "products") && strcmp(argv[1], "orders"))) {
-		fprintf(stderr, "usage: remarket import products|orders FILE.csv\n");
+	FILE *rej = NULL;
+	const char *rejname = NULL;
+	for (int i = 3; i + 1 < argc; i++) /* --now and the like go by */
+		if (!strcmp(argv[i], "--rejects"))
+			rejname = argv[i + 1];
+	if (argc < 3 || (strcmp(argv[1], "products") && strcmp(argv[1], "orders")) ||
+	    (rejname && strcmp(argv[1], "orders"))) {
+		fprintf(stderr, "usage: remarket import products|orders FILE.csv "
+			"[--rejects REJECTS.csv]\n");
 		return 2;
+	}
+	if (rejname && !(rej = fopen(rejname, "w"))) {
+		fprintf(stderr, "remarket import: %s: %s\n", rejname, strerror(errno));
+		return 1;
 	}
 	FILE *f = fopen(argv[2], "r");
 	if (!f) {
 		fprintf(stderr, "remarket import: %s: %s\n", argv[2], strerror(errno));
+		if (rej)
+			fclose(rej);
 		return 1;
 	}
 	int rc = argv[1][0] == 'p' ? import_products(app, f, now)
-				    : import_orders(app, f, now);
+				    : import_orders_rejects(app, f, now, rej);
 	fclose(f);
+	if (rej && fclose(rej) != 0) {
+		fprintf(stderr, "remarket import: %s: %s\n", rejname, strerror(errno));
+		rc = 1;
+	}
 	return rc;
 }
 
@@ -10550,7 +10781,7 @@ static const struct command commands[] = {
 	 "the products win-back would recommend"},
 	{"products", CMD_APP, 3, 3, cmd_products, "kind SKU product|service",
 	 "mark a catalog line a product or a service\n(postage, fees: never recommended)"},
-	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv",
+	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv [--rejects REJECTS.csv]",
 	 "fill the catalog, load past orders"},
 	{"help", CMD_ALONE, 0, 1, cmd_help, "[--man]",
 	 "this list; --man: the man page's SYNOPSIS"},

@@ -64,6 +64,9 @@ struct config {
 	long smtp_connections;     /* a tick sends on this many at once, 1..16 */
 	long tick_budget_seconds;  /* a tick stops claiming after this */
 	long max_items;     /* items per cart */
+	long max_qty;       /* units per line of an event */
+	long import_max_qty; /* units per line of an imported order */
+	long import_max_items; /* lines of an imported order */
 	long rate_ip_per_min, rate_visitor_per_min; /* browser events */
 	char *trusted_proxies; /* addresses/CIDRs whose X-Forwarded-For counts */
 	char *socket_group;    /* group of the 0660 FastCGI socket */
@@ -126,6 +129,7 @@ int val_email(const char *s);                /* 1 if a plausible address */
 int val_text(const char *s, size_t maxlen);  /* 1 if no control chars and at
 					      * most maxlen characters */
 int val_ident(const char *s, size_t maxlen); /* [A-Za-z0-9._:-]+ */
+int val_sku(const char *s); /* 1-64 printable characters */
 int val_url(const char *s);                  /* 1 if http(s) URL */
 
 /* ==== Signed tokens and hook signatures =============================== */
@@ -208,6 +212,8 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
  * refused, 2 if the orders header lacks order_id, date or sku. */
 int import_products(struct app *app, FILE *f, rm_time now);
 int import_orders(struct app *app, FILE *f, rm_time now);
+int import_orders_rejects(struct app *app, FILE *f, rm_time now,
+			  FILE *rejects);
 /* If set, called after each write transaction of import_orders commits,
  * with the orders imported so far: the store's database is free then
  * (tests post a hook there). */

@@ -68,7 +68,7 @@ is($rc, 2, 'serve without ADDR: exit 2');
 is($err, "usage: remarket serve ADDR\n", '... with its usage line');
 ($rc, $out, $err) = rm('import', 'products');
 is($rc, 2, 'import without a file: exit 2');
-is($err, "usage: remarket import products|orders FILE.csv\n", '... with its usage line');
+is($err, "usage: remarket import products|orders FILE.csv [--rejects REJECTS.csv]\n", '... with its usage line');
 ($rc, $out, $err) = rm('keygen', '--rotate', 'extra');
 is($rc, 2, 'keygen with two words: exit 2');
 is($err, "usage: remarket keygen [--rotate]\n", '... with its usage line');

@@ -109,6 +109,18 @@ is($rc, 1, 'an import with a refused row exits 1');
 like($out, qr/"imported":1,"refused":1/, 'the good order is in, the undated one is not');
 like($err, qr/line 3: date '2024-01-15 10:00:00' is not ISO 8601/, 'the bad line is named');
 is(sql("SELECT count(*) FROM orders WHERE order_key = 'X-1'"), 0, 'no order was dated "now"');
+# issue 14: the refusals by reason, and every refused line in --rejects
+($rc, $out, $err) = rm('', {}, qw(import orders), "$tmp/bad.csv",
+		       '--rejects', "$tmp/rejects.csv", '--now', $T0);
+is($rc, 1, 'again with --rejects: exit 1');
+like($err, qr/refused: 1 line, 1 order, revenue 10\.00: date: not ISO 8601/,
+     '... the summary names the reason, lines, orders and revenue');
+open my $rj, '<', "$tmp/rejects.csv" or die "rejects: $!";
+my @rej = <$rj>;
+close $rj;
+is_deeply(\@rej, ["order_id,sku,name,qty,price,date,customer_id,reason\n",
+		  "X-1,LAMP-1,Lamp,1,10,2024-01-15 10:00:00,,date: not ISO 8601 or Unix seconds\n"],
+	  '... and the rejects file holds the refused line and why');
 
 ($rc, $out) = rm('', {}, 'segments', '--now', $T0);
 like($out, qr/lapsed after 90 days/, 'segments: the default 90-day threshold');
