@@ -544,6 +544,7 @@ static const struct cfg_key {
 	CFG_STR(code_prefix, "RM"),
 	CFG_STR(store_name, ""),
 	CFG_STR(store_tagline, ""),
+	CFG_STR(currency, ""),
 	CFG_LONG(idle_minutes, "60"),
 	CFG_LONG(max_body, "65536"),
 	CFG_LONG(threads, "4"),
@@ -554,6 +555,8 @@ static const struct cfg_key {
 	CFG_LONG(max_items, "100"),
 };
 #define NKEYS (sizeof cfg_keys / sizeof cfg_keys[0])
+
+static int iso_currency(const char *cur); /* in Validators */
 
 static int cfg_set(struct config *cfg, const struct cfg_key *k, const char *v,
 		   char *err, size_t errlen)
@@ -750,6 +753,11 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 	}
 	if (strcmp(cfg->log_pii, "yes") != 0 && strcmp(cfg->log_pii, "no") != 0) {
 		snprintf(err, errlen, "log_pii: '%s' must be yes or no", cfg->log_pii);
+		return -1;
+	}
+	if (*cfg->currency && !iso_currency(cfg->currency)) {
+		snprintf(err, errlen, "currency: '%s' is not an ISO 4217 code (want "
+			 "e.g. EUR, GBP, USD, or nothing)", cfg->currency);
 		return -1;
 	}
 	return 0;
@@ -5696,6 +5704,16 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	m->due = sqlite3_column_int64(s, 28);
 	m->next_gap = sqlite3_column_int64(s, 29);
 	sqlite3_reset(s);
+	/* a mail with no cart (win-back, post-purchase) prints its amounts in
+	 * the order's currency when it is about one, else the store's */
+	if (!*m->currency && m->order) {
+		sqlite3_stmt *o = q(app->db, ST_ORDER_OF, "i", m->order);
+		if (sqlite3_step(o) == SQLITE_ROW)
+			copy_str(m->currency, sizeof m->currency, col_text(o, 3));
+		sqlite3_reset(o);
+	}
+	if (!*m->currency)
+		copy_str(m->currency, sizeof m->currency, app->cfg->currency);
 	if (m->items && *m->cart_key) { /* a browser's cart is priced now */
 		sqlite3_stmt *t = q(app->db, ST_ITEMS_TRUST, "t", m->items);
 		if (sqlite3_step(t) == SQLITE_ROW) {

@@ -51,6 +51,7 @@ struct config {
 	char *tick_token, *hook_secret, *postal_address, *templates;
 	char *code_prefix, *store_name, *unsubscribe_mailto;
 	char *store_tagline; /* a few words under the store's name in mails */
+	char *currency; /* ISO 4217; mails with no cart or order use it ("": none) */
 	char *store_origin; /* scheme://host[:port] allowed to call /collect */
 	char *static_dir;   /* remarket.js */
 	char *log_pii;      /* "yes": the log may name addresses; "no": ids only */

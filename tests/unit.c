@@ -3826,6 +3826,62 @@ static void test_post_purchase(void)
 	world_close(&w);
 }
 
+/* ---- issue 14: the store's currency where no cart has one ---- */
+
+/* The text part of the last message sent to EMAIL, in OUT. */
+static void last_text(struct world *w, const char *email, struct buf *out)
+{
+	struct buf mail = {0};
+	outbox_read(w, sq(w, "SELECT max(m.id) FROM messages m JOIN contacts c ON "
+			  "c.id = m.contact_id WHERE m.status = 'sent' AND c.email = '%s'",
+			  email), &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", out);
+	buf_free(&mail);
+}
+
+static void test_store_currency(void)
+{
+	struct world w;
+	struct tick_summary s;
+	struct ev_error err;
+	struct buf dec = {0};
+	setenv("REMARKET_CURRENCY", "GBP", 1);
+	int opened = world_open(&w, "currency");
+	unsetenv("REMARKET_CURRENCY");
+	if (!ok(opened == 0, "currency: world opens"))
+		return;
+	product(&w, "A", "lighting", T0);
+	product(&w, "B", "lighting", T0);
+	order_line(&w, "c1", "lapsed@example.com", "A", 40, T0 - 91 * DAY, T0);
+	tick(&w, T0, &s);
+	tick(&w, T0 + 7 * DAY, &s);
+	is_int(winback_sent(&w, "lapsed@example.com", 2), 1, "currency: win-back step 2 sent");
+	last_text(&w, "lapsed@example.com", &dec);
+	ok(contains(dec.data, "On orders of \xC2\xA3" "40.00 or more"),
+	   "a win-back offer (no cart, no order) prints its minimum in the store's currency");
+	buf_free(&dec);
+
+	/* post-purchase: the order's currency (USD), not the store's */
+	db_scalar(w.app.db, "UPDATE flows SET enabled = 1 WHERE name = 'post_purchase'");
+	int rc = ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"u1\",\"email\":"
+		  "\"buyer@example.com\",\"consent\":true,\"currency\":\"USD\","
+		  "\"total\":30,\"ts\":1800000000,\"items\":[{\"sku\":\"A\","
+		  "\"name\":\"A\",\"price\":30}]}", 1800000000, &err);
+	if (!ok(rc >= 0, "currency: a USD order is stored"))
+		diag("%s", err.msg);
+	tick(&w, 1800000000 + HOUR, &s);
+	tick(&w, 1800000000 + 10 * DAY, &s);
+	tick(&w, 1800000000 + 21 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = "
+		  "m.contact_id WHERE c.email = 'buyer@example.com' AND m.step = 3 "
+		  "AND m.status = 'sent'"), 1, "currency: the cross-sell is sent");
+	last_text(&w, "buyer@example.com", &dec);
+	ok(contains(dec.data, "$10.00") && !contains(dec.data, "\xC2\xA3"),
+	   "a post-purchase cross-sell prints its amounts in the order's currency");
+	buf_free(&dec);
+	world_close(&w);
+}
+
 /* ---- incremental segments (issue 10) ---- */
 
 /* The segments table as one text, to compare two ways of computing it. */
@@ -5807,6 +5863,7 @@ int main(void)
 	test_measurement();
 	test_report_numbers();
 	test_lifecycle();
+	test_store_currency();
 	test_segments_incremental();
 	test_lapse_incremental();
 	test_reco_report();
