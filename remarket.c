@@ -3838,11 +3838,17 @@ static int ev_split(struct app *app, const char *json, size_t len,
 	return rc;
 }
 
+static void json_str(struct buf *b, const char *s); /* in The report */
+
 /* The door for facts: checks the whole body, then stores every event and
- * its state changes in one transaction (or nothing). */
-int ev_ingest(struct app *app, enum ev_source src, const char *json,
-	      size_t len, const char *visitor, rm_time now,
-	      struct ev_error *err)
+ * its state changes in one transaction (or nothing). With REFUSED (a
+ * batch sent with ?partial=1), an event that fails validation is left
+ * out instead of refusing the batch, and REFUSED gets its index and
+ * reason; this is decided here, before the hand-off, so the writer only
+ * ever sees good events. */
+static int ev_ingest_batch(struct app *app, enum ev_source src,
+			   const char *json, size_t len, const char *visitor,
+			   rm_time now, struct ev_error *err, struct buf *refused)
 {
 	err->status = err->duplicates = 0;
 	err->msg[0] = '\0';
@@ -3871,14 +3877,34 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	if (rc == 0 && !(evs = calloc(n, sizeof *evs)))
 		rc = fail(err, 500, "out of memory");
 	const char *p = objs.data;
-	for (size_t i = 0; rc == 0 && i < n; i++, p += strlen(p) + 1) {
-		rc = ev_parse(app, p, src, visitor, now, &evs[i], err);
+	size_t good = 0, all = n;
+	if (refused)
+		buf_adds(refused, "[");
+	for (size_t i = 0; rc == 0 && i < all; i++, p += strlen(p) + 1) {
+		rc = ev_parse(app, p, src, visitor, now, &evs[good], err);
+		if (rc < 0 && refused && err->status >= 400 && err->status < 500) {
+			buf_addf(refused, "%s{\"index\":%zu,\"error\":",
+				 refused->len > 1 ? "," : "", i);
+			json_str(refused, err->msg);
+			buf_adds(refused, "}");
+			ev_free(&evs[good]);
+			err->status = 0;
+			err->msg[0] = '\0';
+			rc = 0;
+			continue;
+		}
 		if (rc < 0 && n > 1) { /* say which event of the batch */
 			char msg[sizeof err->msg];
 			snprintf(msg, sizeof msg, "[%zu].%s", i, err->msg);
 			copy_str(err->msg, sizeof err->msg, msg);
 		}
+		good++;
 	}
+	if (refused)
+		buf_adds(refused, "]");
+	if (rc == 0 && refused && buf_failed(refused))
+		rc = fail(err, 500, "out of memory");
+	n = rc == 0 ? good : n;
 	struct ev_job job = {evs, n, src, visitor, now, err, 0, 0, 0, NULL, NULL};
 	struct ev_job *one = &job;
 	if (rc == 0 && (!ev_handoff || ev_handoff(&job) < 0))
@@ -3892,6 +3918,20 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	buf_free(&objs);
 	err->duplicates = rc < 0 ? 0 : (int)(n - (size_t)accepted);
 	return rc < 0 ? -1 : accepted;
+}
+
+int ev_ingest(struct app *app, enum ev_source src, const char *json,
+	      size_t len, const char *visitor, rm_time now,
+	      struct ev_error *err)
+{
+	return ev_ingest_batch(app, src, json, len, visitor, now, err, NULL);
+}
+
+int ev_ingest_partial(struct app *app, enum ev_source src, const char *json,
+		      size_t len, const char *visitor, rm_time now,
+		      struct ev_error *err, struct buf *refused)
+{
+	return ev_ingest_batch(app, src, json, len, visitor, now, err, refused);
 }
 
 /* ==== Discount codes ================================================== */
@@ -8331,6 +8371,8 @@ static void ingest_answer(struct app *app, struct http_resp *rs, int n,
 			     (int64_t)err->duplicates), &rs->body);
 }
 
+static char *query_param(const char *query, const char *name);
+
 static void route_events(struct app *app, const struct http_req *rq,
 			 struct http_resp *rs, const char *arg, rm_time now)
 {
@@ -8348,11 +8390,30 @@ static void route_events(struct app *app, const struct http_req *rq,
 	if (hook_verify(app->cfg->hook_secret, rq->signature, rq->body,
 			rq->body_len, now, &why) < 0)
 		return resp_json_error(app, rs, 401, why);
-	int n = ev_ingest(app, EV_HOOK, rq->body, rq->body_len, NULL, now, &err);
-	ingest_answer(app, rs, n, &err, 202);
+	char *partial = query_param(rq->query, "partial");
+	int bad = partial && strcmp(partial, "1") && strcmp(partial, "0");
+	int part = partial && !strcmp(partial, "1");
+	free(partial);
+	if (bad)
+		return resp_json_error(app, rs, 400, "partial: must be 1 (store "
+				       "the good events of a batch) or 0");
+	if (!part) {
+		int n = ev_ingest(app, EV_HOOK, rq->body, rq->body_len, NULL, now, &err);
+		return ingest_answer(app, rs, n, &err, 202);
+	}
+	struct buf refused = {0};
+	int n = ev_ingest_partial(app, EV_HOOK, rq->body, rq->body_len, NULL, now,
+				  &err, &refused);
+	if (n < 0) {
+		buf_free(&refused);
+		return resp_json_error(app, rs, err.status, err.msg);
+	}
+	rs->status = 202;
+	rs->content_type = "application/json";
+	buf_addf(&rs->body, "{\"accepted\":%d,\"duplicates\":%d,\"refused\":%s}",
+		 n, err.duplicates, buf_str(&refused));
+	buf_free(&refused);
 }
-
-static char *query_param(const char *query, const char *name);
 
 /* ---- browser-facing: CORS and rate limits ---- */
 /*
@@ -10100,13 +10161,25 @@ static int cmd_event(struct app *app, struct config *cfg, rm_time now, int argc,
 		return 1;
 	}
 	struct ev_error err;
-	int rc = ev_ingest(app, EV_CLI, buf_str(&in), in.len, NULL, now, &err);
+	struct buf refused = {0};
+	int partial = 0;
+	for (int i = 1; i < argc; i++)
+		partial |= !strcmp(argv[i], "--partial");
+	int rc = partial ? ev_ingest_partial(app, EV_CLI, buf_str(&in), in.len,
+					     NULL, now, &err, &refused) :
+			   ev_ingest(app, EV_CLI, buf_str(&in), in.len, NULL, now, &err);
 	buf_free(&in);
 	if (rc < 0) {
+		buf_free(&refused);
 		fprintf(stderr, "remarket event: %s\n", err.msg);
 		return 1;
 	}
-	printf("{\"accepted\":%d,\"duplicates\":%d}\n", rc, err.duplicates);
+	if (partial)
+		printf("{\"accepted\":%d,\"duplicates\":%d,\"refused\":%s}\n", rc,
+		       err.duplicates, buf_str(&refused));
+	else
+		printf("{\"accepted\":%d,\"duplicates\":%d}\n", rc, err.duplicates);
+	buf_free(&refused);
 	return 0;
 }
 
@@ -10552,7 +10625,7 @@ static const struct command commands[] = {
 	 "FastCGI on a unix socket path or host:port"},
 	{"tick", CMD_APP, 0, -1, cmd_tick, "[--now T]",
 	 "run one tick, print a JSON summary"},
-	{"event", CMD_APP, 0, -1, cmd_event, "[--now T]",
+	{"event", CMD_APP, 0, -1, cmd_event, "[--now T] [--partial]",
 	 "record JSON event(s) read on stdin"},
 	{"report", CMD_APP, 0, -1, cmd_report, "[--json] [--since D]",
 	 "results since D (default -30d)"},

@@ -199,6 +199,13 @@ struct ev_error {
 int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	      size_t len, const char *visitor, rm_time now,
 	      struct ev_error *err);
+/* As ev_ingest, but the events of a batch that fail validation are left
+ * out instead of refusing the whole batch (POST /events?partial=1):
+ * REFUSED gets a JSON array of {"index":I,"error":"..."}, "[]" if none.
+ * Returns the events accepted, or -1 (the body, or storing, failed). */
+int ev_ingest_partial(struct app *app, enum ev_source src, const char *json,
+		      size_t len, const char *visitor, rm_time now,
+		      struct ev_error *err, struct buf *refused);
 
 /* ==== Catalog and order imports (CSV) ================================= */
 

@@ -3826,6 +3826,33 @@ static void test_post_purchase(void)
 	world_close(&w);
 }
 
+/* ---- issue 14: ?partial=1 stores a batch's good events ---- */
+
+static void test_partial_events(void)
+{
+	struct world w;
+	struct ev_error err;
+	struct buf refused = {0};
+	if (!ok(world_open(&w, "partial") == 0, "partial: world opens"))
+		return;
+	const char *batch = "[{\"type\":\"product\",\"sku\":\"A\",\"name\":\"A\","
+			    "\"price\":1},{\"type\":\"product\",\"sku\":\"B\"},"
+			    "{\"type\":\"product\",\"sku\":\"C\",\"name\":\"C\","
+			    "\"price\":1}]";
+	is_int(ingest(&w, EV_CLI, batch, T0, &err), -1,
+	       "partial: by default one bad event refuses the batch");
+	is_int(sq(&w, "SELECT count(*) FROM products"), 0, "... storing nothing");
+	int n = ev_ingest_partial(&w.app, EV_CLI, batch, strlen(batch), NULL, T0,
+				  &err, &refused);
+	is_int(n, 2, "partial: the two good events are stored");
+	is_int(sq(&w, "SELECT count(*) FROM products"), 2, "... in the catalog");
+	ok(refused.data && !strncmp(refused.data, "[{\"index\":1,\"error\":\"", 21) &&
+	   !contains(refused.data, "index\":0") && !contains(refused.data, "index\":2"),
+	   "partial: the bad one is listed by its index with its reason");
+	buf_free(&refused);
+	world_close(&w);
+}
+
 /* ---- issue 14: the store's currency where no cart has one ---- */
 
 /* The text part of the last message sent to EMAIL, in OUT. */
@@ -5849,6 +5876,7 @@ int main(void)
 	test_templates();
 	test_mail();
 	test_events();
+	test_partial_events();
 	test_group_commit();
 	test_flow();
 	test_flow_exits();
