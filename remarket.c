@@ -965,6 +965,19 @@ void cfg_free(struct config *cfg)
 	  "INSERT INTO orders (order_key, contact_id, cart_id, total, currency, " \
 	  "items, discount_code, ts) VALUES (?1, ?2, ?3, ?4, ?5, json(?6), ?7, ?8) " \
 	  "ON CONFLICT (order_key) DO NOTHING")                                \
+	/* a refund: once per refund_key (?1), never past the order's total;  \
+	 * its customer's segment is counted again (SEG_AGG) */              \
+	X(REFUND_ORDER, "SELECT id FROM orders WHERE order_key = ?1")          \
+	X(REFUND_INSERT,                                                       \
+	  "INSERT INTO refunds (refund_key, order_id, amount, ts) "            \
+	  "SELECT ?1, id, max(0, min(?3, total - refunded)), ?4 FROM orders "  \
+	  "WHERE id = ?2 ON CONFLICT (refund_key) DO NOTHING")                 \
+	X(REFUND_APPLY,                                                        \
+	  "UPDATE orders SET refunded = refunded + (SELECT amount FROM refunds " \
+	  "WHERE id = ?2) WHERE id = ?1")                                      \
+	X(REFUND_DIRTY,                                                        \
+	  "INSERT OR IGNORE INTO segment_dirty (contact_id) SELECT contact_id " \
+	  "FROM orders WHERE id = ?1 AND contact_id IS NOT NULL")              \
 	X(CART_CONTACT, "SELECT contact_id FROM carts WHERE id = ?1")          \
 	X(CONTACT_ID, "SELECT id FROM contacts WHERE email = ?1")              \
 	/* the last message the order redeemed the code of, or that the       \
@@ -1102,7 +1115,7 @@ void cfg_free(struct config *cfg)
 	X(SEGMENTS_FILL,                                                       \
 	  "INSERT INTO segments (contact_id, r, f, m, orders, spent, "         \
 	  "last_order, segment) WITH c AS (SELECT contact_id, count(*) AS n, " \
-	  "total(total) AS spent, max(ts) AS last FROM orders "                \
+	  "total(total - refunded) AS spent, max(ts) AS last FROM orders "                \
 	  "WHERE contact_id IS NOT NULL AND ts <= ?1 GROUP BY contact_id), "   \
 	  "s AS (SELECT *, ntile(5) OVER (ORDER BY last, contact_id) AS r, "   \
 	  "ntile(5) OVER (ORDER BY n, contact_id) AS f, "                      \
@@ -1158,7 +1171,8 @@ void cfg_free(struct config *cfg)
 	 * counts them; the scores come after (SEG_RESCORE) */               \
 	X(SEG_AGG,                                                             \
 	  "INSERT INTO segments (contact_id, r, f, m, orders, spent, last_order, " \
-	  "segment) SELECT contact_id, 0, 0, 0, count(*), total(total), max(ts), " \
+	  "segment) SELECT contact_id, 0, 0, 0, count(*), total(total - refunded), " \
+	  "max(ts), " \
 	  "'active' FROM orders WHERE contact_id IN (SELECT contact_id FROM "  \
 	  "segment_dirty WHERE contact_id > ?1 AND contact_id <= ?2) AND ts <= ?3 " \
 	  "GROUP BY contact_id ON CONFLICT (contact_id) DO UPDATE SET "        \
@@ -1647,10 +1661,10 @@ void cfg_free(struct config *cfg)
 	  "SELECT currency FROM orders GROUP BY currency "                     \
 	  "ORDER BY count(*) DESC LIMIT 1")                                    \
 	X(REP_ORDERS,                                                          \
-	  "SELECT count(*), total(total), "                                    \
+	  "SELECT count(*), total(total - refunded), "                         \
 	  "coalesce(sum(attribution IN ('click', 'code')), 0), "               \
 	  "coalesce(sum(attribution = 'influenced'), 0), "                     \
-	  "total(CASE WHEN attribution = 'influenced' THEN total END) "        \
+	  "total(CASE WHEN attribution = 'influenced' THEN total - refunded END) " \
 	  "FROM orders WHERE ts >= ?1 AND ts < ?2")                            \
 	X(REP_ORDERS_NO_CART,                                                  \
 	  "SELECT count(*) FROM orders WHERE cart_id IS NULL "                 \
@@ -1668,7 +1682,8 @@ void cfg_free(struct config *cfg)
 	  "JOIN carts k ON k.id = e.cart_id WHERE f.trigger = 'cart_abandoned' " \
 	  "AND e.holdout = 1 AND e.created >= ?1 AND e.created < ?2")          \
 	X(REP_RECOVERED_REVENUE,                                               \
-	  "SELECT total(o.total) FROM orders o JOIN messages m ON m.id = o.message " \
+	  "SELECT total(o.total - o.refunded) FROM orders o JOIN messages m "  \
+	  "ON m.id = o.message " \
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
 	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'cart_abandoned' " \
 	  "AND o.attribution IN ('click', 'code') AND o.ts >= ?1 AND o.ts < ?2") \
@@ -1728,7 +1743,7 @@ void cfg_free(struct config *cfg)
 	  "AND x.ts < m.sent_at + ?4 AND x.id IS NOT e.order_id) END), 0) "    \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
 	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
-	  "LEFT JOIN (SELECT message, count(*) AS n, total(total) AS rev "     \
+	  "LEFT JOIN (SELECT message, count(*) AS n, total(total - refunded) AS rev " \
 	  "FROM orders WHERE attribution IN ('click', 'code') GROUP BY message) o " \
 	  "ON o.message = m.id WHERE e.flow_id = ?1 AND m.status = 'sent' "    \
 	  "AND m.sent_at >= ?2 AND m.sent_at < ?3 "                            \
@@ -1736,11 +1751,11 @@ void cfg_free(struct config *cfg)
 	X(REP_MONTHS,                                                          \
 	  "SELECT strftime('%Y-%m', ts, 'unixepoch'), count(*), "              \
 	  "coalesce(sum(attribution IN ('click', 'code')), 0), "               \
-	  "total(CASE WHEN attribution IN ('click', 'code') THEN total END) "  \
-	  "FROM orders WHERE ts >= ?1 AND ts < ?2 GROUP BY 1 ORDER BY 1 DESC " \
+	  "total(CASE WHEN attribution IN ('click', 'code') THEN total - refunded " \
+	  "END) FROM orders WHERE ts >= ?1 AND ts < ?2 GROUP BY 1 ORDER BY 1 DESC " \
 	  "LIMIT 24")                                                          \
 	X(REP_DAILY,                                                           \
-	  "SELECT (ts - ?1) / 86400, total(total) FROM orders "                \
+	  "SELECT (ts - ?1) / 86400, total(total - refunded) FROM orders "     \
 	  "WHERE attribution IN ('click', 'code') AND ts >= ?1 AND ts < ?2 "   \
 	  "GROUP BY 1")                                                        \
 	/* -- HTTP routes -- */                                                \
@@ -2855,12 +2870,13 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
 struct event {
 	char type[16];
 	char *email, *name, *cart_id, *currency, *visitor_id, *order_id;
+	char *refund_id; /* a refund's own id: the same refund sent twice counts once */
 	char *code, *sku, *category, *url, *image, *items, *review, *text;
 	char *kind;      /* a product's: 'product' or 'service' */
 	char *brand;
 	int consent;     /* -1: not said */
-	int has_total, has_price;
-	double total, price;
+	int has_total, has_price, has_amount;
+	double total, price, amount; /* amount: a refund's */
 	rm_time ts;
 	long nitems;
 };
@@ -2878,6 +2894,7 @@ static const struct efield {
 	{"currency", offsetof(struct event, currency), FC_CURRENCY, 3},
 	{"visitor_id", offsetof(struct event, visitor_id), FC_IDENT, 64},
 	{"order_id", offsetof(struct event, order_id), FC_IDENT, 64},
+	{"refund_id", offsetof(struct event, refund_id), FC_IDENT, 64},
 	{"discount_code", offsetof(struct event, code), FC_CODE, 32},
 	{"sku", offsetof(struct event, sku), FC_IDENT, 64},
 	{"category", offsetof(struct event, category), FC_TEXT, 64},
@@ -3027,6 +3044,12 @@ static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 		if (strcmp(jt, "true") && strcmp(jt, "false"))
 			return fail(err, 400, "consent: must be true or false");
 		e->consent = strcmp(jt, "true") == 0;
+		return 0;
+	}
+	if (strcmp(key, "amount") == 0) {
+		if (ev_number(s, key, jt, 0, 1e9, 0, &d, err))
+			return -1;
+		e->amount = d, e->has_amount = 1;
 		return 0;
 	}
 	if (strcmp(key, "total") == 0 || strcmp(key, "price") == 0) {
@@ -3226,7 +3249,7 @@ static const struct {
 	int browser;
 } ev_types[] = {
 	{"identify", 1}, {"cart", 1},  {"view", 1},
-	{"checkout", 0}, {"order", 0}, {"product", 0},
+	{"checkout", 0}, {"order", 0}, {"product", 0}, {"refund", 0},
 };
 
 /* After the fields: the event type is known and allowed from SRC, and the
@@ -3267,6 +3290,9 @@ static int ev_require(const struct event *e, enum ev_source src,
 		return fail(err, 400, "order_id: required for order");
 	if (!strcmp(t, "order") && !e->email && !e->cart_id)
 		return fail(err, 400, "order: needs email or cart_id");
+	if (!strcmp(t, "refund") && (!e->order_id || !e->has_amount))
+		return fail(err, 400, "refund: needs order_id (of an order sent "
+			    "before) and amount (what was refunded, > 0)");
 	/* a catalog of brands and categories may name no product */
 	if (!strcmp(t, "product") && (!e->sku || (!e->name && !e->brand &&
 						  !e->category)))
@@ -3633,6 +3659,32 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 	return ev_attribute(app, e, contact, cart, redeemed ? e->code : NULL);
 }
 
+/* A refund or cancellation: takes AMOUNT off the order's revenue (never
+ * below 0), once per refund (refund_id, or order_id@ts:amount), and marks
+ * its customer for SEG_AGG: an update of an old order moves no orders
+ * watermark. 1: the same refund again; -3: no such order. */
+static int ev_refund(struct app *app, const struct event *e)
+{
+	struct db *db = app->db;
+	int64_t order = scalar_id(db, q(db, ST_REFUND_ORDER, "t", e->order_id));
+	if (order <= 0)
+		return order < 0 ? -1 : -3;
+	char key[160];
+	if (e->refund_id)
+		copy_str(key, sizeof key, e->refund_id);
+	else if (snprintf(key, sizeof key, "%s@%lld:%.2f", e->order_id,
+			  (long long)e->ts, e->amount) >= (int)sizeof key)
+		return -1;
+	if (q_exec(db, q(db, ST_REFUND_INSERT, "tidi", key, order, e->amount,
+			 (int64_t)e->ts)) < 0)
+		return -1;
+	if (sqlite3_changes(db->h) == 0)
+		return 1;
+	int64_t refund = sqlite3_last_insert_rowid(db->h);
+	return q_exec(db, q(db, ST_REFUND_APPLY, "ii", order, refund)) < 0 ||
+	       q_exec(db, q(db, ST_REFUND_DIRTY, "i", order)) < 0 ? -1 : 0;
+}
+
 static int reco_kind_changed(struct db *db, const char *sku, const char *was);
 
 /* A product event: the catalog row, its kind (guessed when new: a
@@ -3705,12 +3757,14 @@ static int ev_apply(struct app *app, const struct event *e, enum ev_source src,
 		rc = ev_order(app, e, contact);
 	else if (rc == 0 && !strcmp(e->type, "product"))
 		rc = ev_product(app, e);
+	else if (rc == 0 && !strcmp(e->type, "refund"))
+		rc = ev_refund(app, e);
 	if (rc == 1) {
 		*dup = 1;
 		return 0;
 	}
 	if (rc < 0)
-		return -1;
+		return rc == -3 ? -3 : -1; /* -3: a refund of no order */
 	return q_exec(app->db, q(app->db, ST_EVENT_INSERT, "iitt" "t",
 				 (int64_t)e->ts, (int64_t)now, src_name[src],
 				 e->type, e->text));
@@ -3758,6 +3812,9 @@ static void ev_store_one(struct app *app, struct ev_job *job)
 			      job->now, &dup);
 		if (rc == -2)
 			fail(job->err, 403, "cart_id: that cart is not this visitor's");
+		else if (rc == -3)
+			fail(job->err, 400, "order_id: a refund of an order remarket "
+			     "has not recorded (send the order first)");
 		else if (rc < 0)
 			fail(job->err, 500, "database error while recording the event");
 		job->accepted += !dup;

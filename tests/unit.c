@@ -2380,7 +2380,9 @@ static void test_codes_migration(void)
 	db_scalar(db, "INSERT INTO orders (order_key, total, discount_code, ts) VALUES "
 		  "('k1', 10, 'RM-AAAA-AAAA', 500), ('k2', 10, 'RM-AAAA-AAAA', 600), "
 		  "('k3', 10, 'RM-BBBB-BBBB', 2000), ('k4', 10, 'OWN-CODE', 700), ('k5', 10, NULL, 800)");
-	/* 012 (after 009) is undone too, so that 009 onwards runs again */
+	/* 014 and 012 (after 009) are undone too, so that 009 onwards runs again */
+	db_scalar(db, "DROP TABLE refunds");
+	db_scalar(db, "ALTER TABLE orders DROP COLUMN refunded");
 	db_scalar(db, "DROP TABLE reco_items");
 	db_scalar(db, "DROP TABLE reco_pairs");
 	db_scalar(db, "DROP TABLE reco_state");
@@ -3823,6 +3825,57 @@ static void test_post_purchase(void)
 	tick(&w, T0 + 22 * DAY, &s);
 	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE flow_id = 3"), 1,
 	       "an imported old order starts no post-purchase flow");
+	world_close(&w);
+}
+
+/* ---- issue 14: refunds reduce revenue and spent ---- */
+
+static char *segments_text(struct world *w);
+
+static void test_refunds(void)
+{
+	struct world w;
+	struct tick_summary s;
+	struct ev_error err;
+	if (!ok(world_open(&w, "refunds") == 0, "refunds: world opens"))
+		return;
+	order_line(&w, "r1", "ann@example.com", "A", 100, T0 - 2 * DAY, T0);
+	order_line(&w, "r2", "ann@example.com", "A", 50, T0 - DAY, T0);
+	tick(&w, T0, &s);
+	is_int(sq(&w, "SELECT round(spent) FROM segments"), 150, "refunds: spent before");
+	const char *rf = "{\"type\":\"refund\",\"order_id\":\"r1\",\"amount\":30,"
+			 "\"ts\":1795000100}";
+	is_int(ingest(&w, EV_HOOK, rf, T0 + 200, &err), 1, "refunds: a refund event is accepted");
+	is_int(ingest(&w, EV_HOOK, rf, T0 + 200, &err), 0, "refunds: the same refund again counts once");
+	is_int(err.duplicates, 1, "... as a duplicate");
+	is_int(sq(&w, "SELECT round(refunded) FROM orders WHERE order_key = 'r1'"), 30,
+	       "refunds: the order's refunded amount");
+	is_int(sq(&w, "SELECT count(*) FROM segment_dirty"), 1,
+	       "refunds: the customer is marked for a recount");
+	tick(&w, T0 + 300, &s);
+	is_int(sq(&w, "SELECT round(spent) FROM segments"), 120,
+	       "refunds: the segments' spent is the net amount after the next tick");
+	char *a = segments_text(&w);
+	flow_segments_full(&w.app, T0 + 300);
+	char *b = segments_text(&w);
+	ok(a && b && !strcmp(a, b), "refunds: incremental segments equal a recompute");
+	free(a), free(b);
+	/* more than is left of the order: capped at its total */
+	const char *all = "{\"type\":\"refund\",\"order_id\":\"r2\",\"amount\":80,"
+			  "\"refund_id\":\"ret-7\",\"ts\":1795000200}";
+	is_int(ingest(&w, EV_HOOK, all, T0 + 300, &err), 1, "refunds: a whole cancellation");
+	is_int(sq(&w, "SELECT round(refunded) FROM orders WHERE order_key = 'r2'"), 50,
+	       "refunds: never more than the order's total");
+	struct report *r = calloc(1, sizeof *r);
+	if (r && report_build(&w.app, T0 - 3 * DAY, T0 + DAY, r) == 0)
+		ok(r->revenue > 69.99 && r->revenue < 70.01,
+		   "refunds: the report's revenue is net of refunds (150 - 30 - 50)");
+	free(r);
+	is_int(ingest(&w, EV_HOOK, "{\"type\":\"refund\",\"order_id\":\"nope\","
+		      "\"amount\":1}", T0, &err), -1, "refunds: of an unknown order: refused");
+	if (!ok(err.status == 400 && contains(err.msg, "order_id"), "... 400 naming order_id"))
+		diag("%d %s", err.status, err.msg);
+	is_int(ingest(&w, EV_BROWSER, rf, T0, &err), -1, "refunds: never from a browser");
 	world_close(&w);
 }
 
@@ -5892,6 +5945,7 @@ int main(void)
 	test_report_numbers();
 	test_lifecycle();
 	test_store_currency();
+	test_refunds();
 	test_segments_incremental();
 	test_lapse_incremental();
 	test_reco_report();
