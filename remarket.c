@@ -975,6 +975,13 @@ void cfg_free(struct config *cfg)
 	X(REFUND_APPLY,                                                        \
 	  "UPDATE orders SET refunded = refunded + (SELECT amount FROM refunds " \
 	  "WHERE id = ?2) WHERE id = ?1")                                      \
+	/* an imported cancellation's order: the customer's latest order up  \
+	 * to its date with a line of that SKU */                            \
+	X(REFUND_MATCH,                                                        \
+	  "SELECT o.order_key FROM contacts c JOIN order_lines l "             \
+	  "ON l.contact_id = c.id JOIN orders o ON o.id = l.order_id "         \
+	  "WHERE c.email = ?1 AND l.sku = ?2 AND l.ts <= ?3 "                  \
+	  "ORDER BY l.ts DESC LIMIT 1")                                        \
 	X(REFUND_DIRTY,                                                        \
 	  "INSERT OR IGNORE INTO segment_dirty (contact_id) SELECT contact_id " \
 	  "FROM orders WHERE id = ?1 AND contact_id IS NOT NULL")              \
@@ -4361,6 +4368,85 @@ static int imp_line_plain(const int *at, const char **row, int n)
 
 void (*import_committed)(struct app *app, long orders);
 
+/* The cancellation lines of an order import ('C' invoices: a negative
+ * qty), kept aside and applied after the orders as refunds. */
+struct imp_cancel {
+	char id[72], email[256], sku[72];
+	double amount;
+	rm_time ts;
+};
+struct imp_cancels {
+	struct imp_cancel *v;
+	size_t n, cap;
+};
+
+/* 1 if the row is a cancellation line (a negative qty): kept in C for
+ * imp_cancellations, not imported as an order line; else 0. */
+static int imp_cancellation(const int *at, const char **row, int n,
+			    rm_time now, struct imp_cancels *c)
+{
+	const char *qty = csv_val(row, n, at[6]), *price = csv_val(row, n, at[5]);
+	const char *date = csv_val(row, n, at[2]);
+	char *end;
+	double q = qty ? strtod(qty, &end) : 0;
+	if (!qty || *end || !(q < 0))
+		return 0;
+	if (c->n == c->cap) {
+		size_t cap = c->cap ? 2 * c->cap : 64;
+		struct imp_cancel *v = realloc(c->v, cap * sizeof *v);
+		if (!v)
+			return 0; /* refused as an order line, as before */
+		c->v = v, c->cap = cap;
+	}
+	struct imp_cancel *x = &c->v[c->n++];
+	copy_str(x->id, sizeof x->id, csv_val(row, n, at[0]) ? csv_val(row, n, at[0]) : "");
+	copy_str(x->email, sizeof x->email, csv_val(row, n, at[1]) ? csv_val(row, n, at[1]) : "");
+	copy_str(x->sku, sizeof x->sku, csv_val(row, n, at[3]) ? csv_val(row, n, at[3]) : "");
+	double p = price ? strtod(price, &end) : 0;
+	x->amount = isfinite(p) && isfinite(q) ? fabs(p * q) : 0;
+	x->ts = date ? parse_time(date, now) : now;
+	return 1;
+}
+
+/* Applies the cancellation lines as refunds of the customer's order of
+ * that SKU (ev_refund: once per line, so a re-import changes nothing);
+ * a line with no such order is counted, and said. */
+static void imp_cancellations(struct app *app, struct imp_cancels *c,
+			      rm_time now)
+{
+	long refunds = 0, orphans = 0;
+	for (size_t i = 0; i < c->n; i++) {
+		struct imp_cancel *x = &c->v[i];
+		char order[72] = "", rid[160];
+		sqlite3_stmt *s = q(app->db, ST_REFUND_MATCH, "tti", x->email,
+				    x->sku, (int64_t)(x->ts < 0 ? now : x->ts));
+		if (sqlite3_step(s) == SQLITE_ROW)
+			copy_str(order, sizeof order, col_text(s, 0));
+		sqlite3_reset(s);
+		snprintf(rid, sizeof rid, "%s:%s", x->id, x->sku);
+		struct event e = {0};
+		copy_str(e.type, sizeof e.type, "refund");
+		e.order_id = order, e.refund_id = rid;
+		e.amount = x->amount, e.has_amount = 1;
+		e.ts = x->ts < 0 ? now : x->ts;
+		if (!*order || db_begin(app->db) < 0) {
+			orphans++;
+			continue;
+		}
+		int rc = ev_refund(app, &e);
+		if (rc < 0 || db_commit(app->db) < 0) {
+			db_rollback(app->db);
+			orphans++;
+		} else {
+			refunds += rc == 0;
+		}
+	}
+	if (c->n)
+		fprintf(stderr, "remarket import: %zu cancellation lines: %ld "
+			"refunds of their orders, %ld cancellation: no matching "
+			"order\n", c->n, refunds, orphans);
+}
+
 /* A write transaction of import_orders: its first order's number, the
  * orders it imported, when it began (monotonic microseconds). */
 struct imp_batch {
@@ -4489,6 +4575,7 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 	}
 	struct db *db = app->db;
 	long ok = 0, bad = 0, line = 1;
+	struct imp_cancels cancels = {0};
 	q_exec(db, q(db, ST_IMP_CACHE, NULL));
 	q_exec(db, q(db, ST_IMP_CREATE, NULL));
 	q_exec(db, q(db, ST_IMP_CLEAR, NULL));
@@ -4499,10 +4586,13 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 				"unclosed quote, a NUL byte or too many fields)\n", line + 1);
 			q_exec(db, q(db, ST_ROLLBACK, NULL));
 			buf_free(&hb), buf_free(&rb);
+			free(cancels.v);
 			return 1;
 		}
 		if (n == 1 && !*row[0])
 			continue; /* a blank line */
+		if (imp_cancellation(at, row, n, now, &cancels))
+			continue; /* a refund, once the orders are in */
 		sqlite3_stmt *s = q(db, ST_IMP_INSERT, NULL);
 		size_t c;
 		if (csv_bind(s, order_columns, ORDER_COLUMNS, at, row, n, now, &c) < 0) {
@@ -4566,6 +4656,8 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 	imp_batch_end(app, &b, seq - 1, now, &tmp, &ok, &bad);
 	q_exec(db, q(db, ST_IMP_CLEAR, NULL));
 	q_exec(db, q(db, ST_IMP_LIST_CLEAR, NULL));
+	imp_cancellations(app, &cancels, now);
+	free(cancels.v);
 	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
 	buf_free(&hb), buf_free(&rb), buf_free(&arena), buf_free(&tmp);
 	return bad ? 1 : 0;
@@ -4586,8 +4678,8 @@ int import_orders(struct app *app, FILE *f, rm_time now)
  * customer's aggregates (orders, spent, last order), the quintile cut
  * points, the threshold and the clock, so it needs recomputing only for
  * the customers in segment_dirty: those with orders past the watermark
- * orders_seen, a future-dated order the clock has reached, consent given
- * back (a trigger), or a time boundary crossed since the last update
+ * orders_seen, a future-dated order the clock has reached, a refund of
+ * an old order (ev_refund), consent given back (a trigger), or a time boundary crossed since the last update
  * that found work (30 days for 'new'; at-risk, lapse and lost
  * thresholds; a win-back cool-down ending): index ranges on
  * segments.last_order and enrollments.created, empty on most ticks. The

@@ -3876,6 +3876,25 @@ static void test_refunds(void)
 	if (!ok(err.status == 400 && contains(err.msg, "order_id"), "... 400 naming order_id"))
 		diag("%d %s", err.status, err.msg);
 	is_int(ingest(&w, EV_BROWSER, rf, T0, &err), -1, "refunds: never from a browser");
+
+	/* an import's 'C' invoice: a refund of the customer's order of that SKU */
+	char out[512], errs[2048];
+	const char *csv = "order_id,email,date,sku,name,price,qty\n"
+			  "536365,bob@example.com,2026-11-01T10:00:00Z,LAMP,Lamp,10,3\n"
+			  "536365,bob@example.com,2026-11-01T10:00:00Z,CUP,Cup,5,2\n"
+			  "C536391,bob@example.com,2026-11-02T10:00:00Z,LAMP,Lamp,10,-2\n"
+			  "C536392,eve@example.com,2026-11-02T10:00:00Z,CUP,Cup,5,-1\n";
+	int rc = csv_run(&w, 1, csv, out, sizeof out, errs, sizeof errs);
+	is_int(rc, 0, "refunds: an import with cancellation lines refuses nothing");
+	is_str(out, "{\"imported\":1,\"refused\":0}\n", "... the order is imported");
+	is_int(sq(&w, "SELECT round(refunded) FROM orders WHERE order_key = '536365'"), 20,
+	       "refunds: the C invoice's line refunds 2 x 10 of the order");
+	ok(contains(errs, "2 cancellation lines: 1 refunds of their orders, 1 "
+		    "cancellation: no matching order"),
+	   "refunds: the unmatched cancellation is counted and said");
+	csv_run(&w, 1, csv, out, sizeof out, errs, sizeof errs);
+	is_int(sq(&w, "SELECT round(refunded) FROM orders WHERE order_key = '536365'"), 20,
+	       "refunds: a re-import refunds nothing twice");
 	world_close(&w);
 }
 
