@@ -2861,8 +2861,11 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
  * (UTF-8, JSON shape via SQLite's JSON1, every field through a named
  * validator), then, in one transaction, stores each event as it arrived
  * and brings contacts, visitors, carts, orders and the catalog up to
- * date. A body with one bad event stores nothing at all. Unknown fields
- * are ignored; browser events can never place an order. The browser
+ * date. A body with one bad event stores nothing at all (unless it is
+ * sent with ?partial=1: ev_ingest_partial leaves the bad ones out and
+ * lists them). A refund takes its amount off an order (ev_refund).
+ * Unknown fields are ignored; browser events can never place an order
+ * (nor refund one). The browser
  * names an address, skus and quantities, never anything a mail prints
  * (a name, an item's text or price): see contact_from_browser, ev_cart.
  * A cart id lives on after its order: an item change with a later ts
@@ -4678,8 +4681,8 @@ int import_orders(struct app *app, FILE *f, rm_time now)
  * customer's aggregates (orders, spent, last order), the quintile cut
  * points, the threshold and the clock, so it needs recomputing only for
  * the customers in segment_dirty: those with orders past the watermark
- * orders_seen, a future-dated order the clock has reached, a refund of
- * an old order (ev_refund), consent given back (a trigger), or a time boundary crossed since the last update
+ * orders_seen, a future-dated order the clock has reached, a refund
+ * (ev_refund), consent given back (a trigger), or a time boundary crossed since the last update
  * that found work (30 days for 'new'; at-risk, lapse and lost
  * thresholds; a win-back cool-down ending): index ranges on
  * segments.last_order and enrollments.created, empty on most ticks. The
