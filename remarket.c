@@ -560,6 +560,7 @@ static const struct cfg_key {
 	CFG_STR(code_prefix, "RM"),
 	CFG_STR(store_name, ""),
 	CFG_STR(store_tagline, ""),
+	CFG_STR(currency, ""),
 	CFG_LONG(idle_minutes, "60"),
 	CFG_LONG(max_body, "65536"),
 	CFG_LONG(threads, "4"),
@@ -573,6 +574,8 @@ static const struct cfg_key {
 	CFG_LONG(import_max_items, "1000"),
 };
 #define NKEYS (sizeof cfg_keys / sizeof cfg_keys[0])
+
+static int iso_currency(const char *cur); /* in Validators */
 
 static int cfg_set(struct config *cfg, const struct cfg_key *k, const char *v,
 		   char *err, size_t errlen)
@@ -769,6 +772,11 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 	}
 	if (strcmp(cfg->log_pii, "yes") != 0 && strcmp(cfg->log_pii, "no") != 0) {
 		snprintf(err, errlen, "log_pii: '%s' must be yes or no", cfg->log_pii);
+		return -1;
+	}
+	if (*cfg->currency && !iso_currency(cfg->currency)) {
+		snprintf(err, errlen, "currency: '%s' is not an ISO 4217 code (want "
+			 "e.g. EUR, GBP, USD, or nothing)", cfg->currency);
 		return -1;
 	}
 	return 0;
@@ -976,6 +984,26 @@ void cfg_free(struct config *cfg)
 	  "INSERT INTO orders (order_key, contact_id, cart_id, total, currency, " \
 	  "items, discount_code, ts) VALUES (?1, ?2, ?3, ?4, ?5, json(?6), ?7, ?8) " \
 	  "ON CONFLICT (order_key) DO NOTHING")                                \
+	/* a refund: once per refund_key (?1), never past the order's total;  \
+	 * its customer's segment is counted again (SEG_AGG) */              \
+	X(REFUND_ORDER, "SELECT id FROM orders WHERE order_key = ?1")          \
+	X(REFUND_INSERT,                                                       \
+	  "INSERT INTO refunds (refund_key, order_id, amount, ts) "            \
+	  "SELECT ?1, id, max(0, min(?3, total - refunded)), ?4 FROM orders "  \
+	  "WHERE id = ?2 ON CONFLICT (refund_key) DO NOTHING")                 \
+	X(REFUND_APPLY,                                                        \
+	  "UPDATE orders SET refunded = refunded + (SELECT amount FROM refunds " \
+	  "WHERE id = ?2) WHERE id = ?1")                                      \
+	/* an imported cancellation's order: the customer's latest order up  \
+	 * to its date with a line of that SKU */                            \
+	X(REFUND_MATCH,                                                        \
+	  "SELECT o.order_key FROM contacts c JOIN order_lines l "             \
+	  "ON l.contact_id = c.id JOIN orders o ON o.id = l.order_id "         \
+	  "WHERE c.email = ?1 AND l.sku = ?2 AND l.ts <= ?3 "                  \
+	  "ORDER BY l.ts DESC LIMIT 1")                                        \
+	X(REFUND_DIRTY,                                                        \
+	  "INSERT OR IGNORE INTO segment_dirty (contact_id) SELECT contact_id " \
+	  "FROM orders WHERE id = ?1 AND contact_id IS NOT NULL")              \
 	X(CART_CONTACT, "SELECT contact_id FROM carts WHERE id = ?1")          \
 	X(CONTACT_ID, "SELECT id FROM contacts WHERE email = ?1")              \
 	/* the last message the order redeemed the code of, or that the       \
@@ -1120,7 +1148,7 @@ void cfg_free(struct config *cfg)
 	X(SEGMENTS_FILL,                                                       \
 	  "INSERT INTO segments (contact_id, r, f, m, orders, spent, "         \
 	  "last_order, segment) WITH c AS (SELECT contact_id, count(*) AS n, " \
-	  "total(total) AS spent, max(ts) AS last FROM orders "                \
+	  "total(total - refunded) AS spent, max(ts) AS last FROM orders "                \
 	  "WHERE contact_id IS NOT NULL AND ts <= ?1 GROUP BY contact_id), "   \
 	  "s AS (SELECT *, ntile(5) OVER (ORDER BY last, contact_id) AS r, "   \
 	  "ntile(5) OVER (ORDER BY n, contact_id) AS f, "                      \
@@ -1176,7 +1204,8 @@ void cfg_free(struct config *cfg)
 	 * counts them; the scores come after (SEG_RESCORE) */               \
 	X(SEG_AGG,                                                             \
 	  "INSERT INTO segments (contact_id, r, f, m, orders, spent, last_order, " \
-	  "segment) SELECT contact_id, 0, 0, 0, count(*), total(total), max(ts), " \
+	  "segment) SELECT contact_id, 0, 0, 0, count(*), total(total - refunded), " \
+	  "max(ts), " \
 	  "'active' FROM orders WHERE contact_id IN (SELECT contact_id FROM "  \
 	  "segment_dirty WHERE contact_id > ?1 AND contact_id <= ?2) AND ts <= ?3 " \
 	  "GROUP BY contact_id ON CONFLICT (contact_id) DO UPDATE SET "        \
@@ -1665,10 +1694,10 @@ void cfg_free(struct config *cfg)
 	  "SELECT currency FROM orders GROUP BY currency "                     \
 	  "ORDER BY count(*) DESC LIMIT 1")                                    \
 	X(REP_ORDERS,                                                          \
-	  "SELECT count(*), total(total), "                                    \
+	  "SELECT count(*), total(total - refunded), "                         \
 	  "coalesce(sum(attribution IN ('click', 'code')), 0), "               \
 	  "coalesce(sum(attribution = 'influenced'), 0), "                     \
-	  "total(CASE WHEN attribution = 'influenced' THEN total END) "        \
+	  "total(CASE WHEN attribution = 'influenced' THEN total - refunded END) " \
 	  "FROM orders WHERE ts >= ?1 AND ts < ?2")                            \
 	X(REP_ORDERS_NO_CART,                                                  \
 	  "SELECT count(*) FROM orders WHERE cart_id IS NULL "                 \
@@ -1686,7 +1715,8 @@ void cfg_free(struct config *cfg)
 	  "JOIN carts k ON k.id = e.cart_id WHERE f.trigger = 'cart_abandoned' " \
 	  "AND e.holdout = 1 AND e.created >= ?1 AND e.created < ?2")          \
 	X(REP_RECOVERED_REVENUE,                                               \
-	  "SELECT total(o.total) FROM orders o JOIN messages m ON m.id = o.message " \
+	  "SELECT total(o.total - o.refunded) FROM orders o JOIN messages m "  \
+	  "ON m.id = o.message " \
 	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
 	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'cart_abandoned' " \
 	  "AND o.attribution IN ('click', 'code') AND o.ts >= ?1 AND o.ts < ?2") \
@@ -1746,7 +1776,7 @@ void cfg_free(struct config *cfg)
 	  "AND x.ts < m.sent_at + ?4 AND x.id IS NOT e.order_id) END), 0) "    \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
 	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
-	  "LEFT JOIN (SELECT message, count(*) AS n, total(total) AS rev "     \
+	  "LEFT JOIN (SELECT message, count(*) AS n, total(total - refunded) AS rev " \
 	  "FROM orders WHERE attribution IN ('click', 'code') GROUP BY message) o " \
 	  "ON o.message = m.id WHERE e.flow_id = ?1 AND m.status = 'sent' "    \
 	  "AND m.sent_at >= ?2 AND m.sent_at < ?3 "                            \
@@ -1754,11 +1784,11 @@ void cfg_free(struct config *cfg)
 	X(REP_MONTHS,                                                          \
 	  "SELECT strftime('%Y-%m', ts, 'unixepoch'), count(*), "              \
 	  "coalesce(sum(attribution IN ('click', 'code')), 0), "               \
-	  "total(CASE WHEN attribution IN ('click', 'code') THEN total END) "  \
-	  "FROM orders WHERE ts >= ?1 AND ts < ?2 GROUP BY 1 ORDER BY 1 DESC " \
+	  "total(CASE WHEN attribution IN ('click', 'code') THEN total - refunded " \
+	  "END) FROM orders WHERE ts >= ?1 AND ts < ?2 GROUP BY 1 ORDER BY 1 DESC " \
 	  "LIMIT 24")                                                          \
 	X(REP_DAILY,                                                           \
-	  "SELECT (ts - ?1) / 86400, total(total) FROM orders "                \
+	  "SELECT (ts - ?1) / 86400, total(total - refunded) FROM orders "     \
 	  "WHERE attribution IN ('click', 'code') AND ts >= ?1 AND ts < ?2 "   \
 	  "GROUP BY 1")                                                        \
 	/* -- HTTP routes -- */                                                \
@@ -2864,8 +2894,11 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
  * (UTF-8, JSON shape via SQLite's JSON1, every field through a named
  * validator), then, in one transaction, stores each event as it arrived
  * and brings contacts, visitors, carts, orders and the catalog up to
- * date. A body with one bad event stores nothing at all. Unknown fields
- * are ignored; browser events can never place an order. The browser
+ * date. A body with one bad event stores nothing at all (unless it is
+ * sent with ?partial=1: ev_ingest_partial leaves the bad ones out and
+ * lists them). A refund takes its amount off an order (ev_refund).
+ * Unknown fields are ignored; browser events can never place an order
+ * (nor refund one). The browser
  * names an address, skus and quantities, never anything a mail prints
  * (a name, an item's text or price): see contact_from_browser, ev_cart.
  * A cart id lives on after its order: an item change with a later ts
@@ -2880,13 +2913,14 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
 struct event {
 	char type[16];
 	char *email, *name, *cart_id, *currency, *visitor_id, *order_id;
+	char *refund_id; /* a refund's own id: the same refund sent twice counts once */
 	char *code, *sku, *category, *url, *image, *items, *review, *text;
 	char *kind;      /* a product's: 'product' or 'service' */
 	char *brand;
 	char *customer_id; /* the store's own customer number, kept as said */
 	int consent;     /* -1: not said */
-	int has_total, has_price;
-	double total, price;
+	int has_total, has_price, has_amount;
+	double total, price, amount; /* amount: a refund's */
 	rm_time ts;
 	long nitems;
 };
@@ -2905,6 +2939,7 @@ static const struct efield {
 	{"visitor_id", offsetof(struct event, visitor_id), FC_IDENT, 64},
 	{"order_id", offsetof(struct event, order_id), FC_IDENT, 64},
 	{"customer_id", offsetof(struct event, customer_id), FC_IDENT, 64},
+	{"refund_id", offsetof(struct event, refund_id), FC_IDENT, 64},
 	{"discount_code", offsetof(struct event, code), FC_CODE, 32},
 	{"sku", offsetof(struct event, sku), FC_SKU, 64},
 	{"category", offsetof(struct event, category), FC_TEXT, 64},
@@ -3056,6 +3091,12 @@ static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 		if (strcmp(jt, "true") && strcmp(jt, "false"))
 			return fail(err, 400, "consent: must be true or false");
 		e->consent = strcmp(jt, "true") == 0;
+		return 0;
+	}
+	if (strcmp(key, "amount") == 0) {
+		if (ev_number(s, key, jt, 0, 1e9, 0, &d, err))
+			return -1;
+		e->amount = d, e->has_amount = 1;
 		return 0;
 	}
 	if (strcmp(key, "total") == 0 || strcmp(key, "price") == 0) {
@@ -3264,7 +3305,7 @@ static const struct {
 	int browser;
 } ev_types[] = {
 	{"identify", 1}, {"cart", 1},  {"view", 1},
-	{"checkout", 0}, {"order", 0}, {"product", 0},
+	{"checkout", 0}, {"order", 0}, {"product", 0}, {"refund", 0},
 };
 
 /* After the fields: the event type is known and allowed from SRC, and the
@@ -3305,6 +3346,9 @@ static int ev_require(const struct event *e, enum ev_source src,
 		return fail(err, 400, "order_id: required for order");
 	/* an order with neither email nor cart_id is a guest's: recorded
 	 * without a contact (no flow), it still counts for the products */
+	if (!strcmp(t, "refund") && (!e->order_id || !e->has_amount))
+		return fail(err, 400, "refund: needs order_id (of an order sent "
+			    "before) and amount (what was refunded, > 0)");
 	/* a catalog of brands and categories may name no product */
 	if (!strcmp(t, "product") && (!e->sku || (!e->name && !e->brand &&
 						  !e->category)))
@@ -3671,6 +3715,32 @@ static int ev_order(struct app *app, const struct event *e, int64_t contact)
 	return ev_attribute(app, e, contact, cart, redeemed ? e->code : NULL);
 }
 
+/* A refund or cancellation: takes AMOUNT off the order's revenue (never
+ * below 0), once per refund (refund_id, or order_id@ts:amount), and marks
+ * its customer for SEG_AGG: an update of an old order moves no orders
+ * watermark. 1: the same refund again; -3: no such order. */
+static int ev_refund(struct app *app, const struct event *e)
+{
+	struct db *db = app->db;
+	int64_t order = scalar_id(db, q(db, ST_REFUND_ORDER, "t", e->order_id));
+	if (order <= 0)
+		return order < 0 ? -1 : -3;
+	char key[160];
+	if (e->refund_id)
+		copy_str(key, sizeof key, e->refund_id);
+	else if (snprintf(key, sizeof key, "%s@%lld:%.2f", e->order_id,
+			  (long long)e->ts, e->amount) >= (int)sizeof key)
+		return -1;
+	if (q_exec(db, q(db, ST_REFUND_INSERT, "tidi", key, order, e->amount,
+			 (int64_t)e->ts)) < 0)
+		return -1;
+	if (sqlite3_changes(db->h) == 0)
+		return 1;
+	int64_t refund = sqlite3_last_insert_rowid(db->h);
+	return q_exec(db, q(db, ST_REFUND_APPLY, "ii", order, refund)) < 0 ||
+	       q_exec(db, q(db, ST_REFUND_DIRTY, "i", order)) < 0 ? -1 : 0;
+}
+
 static int reco_kind_changed(struct db *db, const char *sku, const char *was);
 
 /* A product event: the catalog row, its kind (guessed when new: a
@@ -3743,12 +3813,14 @@ static int ev_apply(struct app *app, const struct event *e, enum ev_source src,
 		rc = ev_order(app, e, contact);
 	else if (rc == 0 && !strcmp(e->type, "product"))
 		rc = ev_product(app, e);
+	else if (rc == 0 && !strcmp(e->type, "refund"))
+		rc = ev_refund(app, e);
 	if (rc == 1) {
 		*dup = 1;
 		return 0;
 	}
 	if (rc < 0)
-		return -1;
+		return rc == -3 ? -3 : -1; /* -3: a refund of no order */
 	return q_exec(app->db, q(app->db, ST_EVENT_INSERT, "iitt" "t",
 				 (int64_t)e->ts, (int64_t)now, src_name[src],
 				 e->type, e->text));
@@ -3796,6 +3868,9 @@ static void ev_store_one(struct app *app, struct ev_job *job)
 			      job->now, &dup);
 		if (rc == -2)
 			fail(job->err, 403, "cart_id: that cart is not this visitor's");
+		else if (rc == -3)
+			fail(job->err, 400, "order_id: a refund of an order remarket "
+			     "has not recorded (send the order first)");
 		else if (rc < 0)
 			fail(job->err, 500, "database error while recording the event");
 		job->accepted += !dup;
@@ -3876,11 +3951,17 @@ static int ev_split(struct app *app, const char *json, size_t len,
 	return rc;
 }
 
+static void json_str(struct buf *b, const char *s); /* in The report */
+
 /* The door for facts: checks the whole body, then stores every event and
- * its state changes in one transaction (or nothing). */
-int ev_ingest(struct app *app, enum ev_source src, const char *json,
-	      size_t len, const char *visitor, rm_time now,
-	      struct ev_error *err)
+ * its state changes in one transaction (or nothing). With REFUSED (a
+ * batch sent with ?partial=1), an event that fails validation is left
+ * out instead of refusing the batch, and REFUSED gets its index and
+ * reason; this is decided here, before the hand-off, so the writer only
+ * ever sees good events. */
+static int ev_ingest_batch(struct app *app, enum ev_source src,
+			   const char *json, size_t len, const char *visitor,
+			   rm_time now, struct ev_error *err, struct buf *refused)
 {
 	err->status = err->duplicates = 0;
 	err->msg[0] = '\0';
@@ -3909,14 +3990,34 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	if (rc == 0 && !(evs = calloc(n, sizeof *evs)))
 		rc = fail(err, 500, "out of memory");
 	const char *p = objs.data;
-	for (size_t i = 0; rc == 0 && i < n; i++, p += strlen(p) + 1) {
-		rc = ev_parse(app, p, src, visitor, now, &evs[i], err);
+	size_t good = 0, all = n;
+	if (refused)
+		buf_adds(refused, "[");
+	for (size_t i = 0; rc == 0 && i < all; i++, p += strlen(p) + 1) {
+		rc = ev_parse(app, p, src, visitor, now, &evs[good], err);
+		if (rc < 0 && refused && err->status >= 400 && err->status < 500) {
+			buf_addf(refused, "%s{\"index\":%zu,\"error\":",
+				 refused->len > 1 ? "," : "", i);
+			json_str(refused, err->msg);
+			buf_adds(refused, "}");
+			ev_free(&evs[good]);
+			err->status = 0;
+			err->msg[0] = '\0';
+			rc = 0;
+			continue;
+		}
 		if (rc < 0 && n > 1) { /* say which event of the batch */
 			char msg[sizeof err->msg];
 			snprintf(msg, sizeof msg, "[%zu].%s", i, err->msg);
 			copy_str(err->msg, sizeof err->msg, msg);
 		}
+		good++;
 	}
+	if (refused)
+		buf_adds(refused, "]");
+	if (rc == 0 && refused && buf_failed(refused))
+		rc = fail(err, 500, "out of memory");
+	n = rc == 0 ? good : n;
 	struct ev_job job = {evs, n, src, visitor, now, err, 0, 0, 0, NULL, NULL};
 	struct ev_job *one = &job;
 	if (rc == 0 && (!ev_handoff || ev_handoff(&job) < 0))
@@ -3930,6 +4031,20 @@ int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	buf_free(&objs);
 	err->duplicates = rc < 0 ? 0 : (int)(n - (size_t)accepted);
 	return rc < 0 ? -1 : accepted;
+}
+
+int ev_ingest(struct app *app, enum ev_source src, const char *json,
+	      size_t len, const char *visitor, rm_time now,
+	      struct ev_error *err)
+{
+	return ev_ingest_batch(app, src, json, len, visitor, now, err, NULL);
+}
+
+int ev_ingest_partial(struct app *app, enum ev_source src, const char *json,
+		      size_t len, const char *visitor, rm_time now,
+		      struct ev_error *err, struct buf *refused)
+{
+	return ev_ingest_batch(app, src, json, len, visitor, now, err, refused);
 }
 
 /* ==== Discount codes ================================================== */
@@ -4311,6 +4426,89 @@ static int imp_line_plain(const int *at, const char **row, int n,
 
 void (*import_committed)(struct app *app, long orders);
 
+/* The cancellation lines of an order import ('C' invoices: a negative
+ * qty), kept aside and applied after the orders as refunds. */
+struct imp_cancel {
+	char id[72], email[256], sku[72];
+	double amount;
+	rm_time ts;
+	int orphan; /* no order of that customer and SKU to refund */
+};
+struct imp_cancels {
+	struct imp_cancel *v;
+	size_t n, cap;
+};
+
+/* 1 if the row is a cancellation line (a negative qty): kept in C for
+ * imp_cancellations, not imported as an order line; else 0. */
+static int imp_cancellation(const int *at, const char **row, int n,
+			    rm_time now, struct imp_cancels *c)
+{
+	const char *qty = csv_val(row, n, at[6]), *price = csv_val(row, n, at[5]);
+	const char *date = csv_val(row, n, at[2]);
+	char *end;
+	double q = qty ? strtod(qty, &end) : 0;
+	if (!qty || *end || !(q < 0))
+		return 0;
+	if (c->n == c->cap) {
+		size_t cap = c->cap ? 2 * c->cap : 64;
+		struct imp_cancel *v = realloc(c->v, cap * sizeof *v);
+		if (!v)
+			return 0; /* refused as an order line, as before */
+		c->v = v, c->cap = cap;
+	}
+	struct imp_cancel *x = &c->v[c->n++];
+	x->orphan = 0;
+	copy_str(x->id, sizeof x->id, csv_val(row, n, at[0]) ? csv_val(row, n, at[0]) : "");
+	copy_str(x->email, sizeof x->email, csv_val(row, n, at[1]) ? csv_val(row, n, at[1]) : "");
+	copy_str(x->sku, sizeof x->sku, csv_val(row, n, at[3]) ? csv_val(row, n, at[3]) : "");
+	double p = price ? strtod(price, &end) : 0;
+	x->amount = isfinite(p) && isfinite(q) ? fabs(p * q) : 0;
+	x->ts = date ? parse_time(date, now) : now;
+	return 1;
+}
+
+/* Applies the cancellation lines as refunds of the customer's order of
+ * that SKU (ev_refund: once per line, so a re-import changes nothing);
+ * a line with no such order is counted, and said. */
+static void imp_cancellations(struct app *app, struct imp_cancels *c,
+			      rm_time now)
+{
+	long refunds = 0, orphans = 0;
+	for (size_t i = 0; i < c->n; i++) {
+		struct imp_cancel *x = &c->v[i];
+		char order[72] = "", rid[160];
+		sqlite3_stmt *s = q(app->db, ST_REFUND_MATCH, "tti", x->email,
+				    x->sku, (int64_t)(x->ts < 0 ? now : x->ts));
+		if (sqlite3_step(s) == SQLITE_ROW)
+			copy_str(order, sizeof order, col_text(s, 0));
+		sqlite3_reset(s);
+		snprintf(rid, sizeof rid, "%s:%s", x->id, x->sku);
+		struct event e = {0};
+		copy_str(e.type, sizeof e.type, "refund");
+		e.order_id = order, e.refund_id = rid;
+		e.amount = x->amount, e.has_amount = 1;
+		e.ts = x->ts < 0 ? now : x->ts;
+		if (!*order || db_begin(app->db) < 0) {
+			orphans++;
+			x->orphan = 1;
+			continue;
+		}
+		int rc = ev_refund(app, &e);
+		if (rc < 0 || db_commit(app->db) < 0) {
+			db_rollback(app->db);
+			orphans++;
+			x->orphan = 1;
+		} else {
+			refunds += rc == 0;
+		}
+	}
+	if (c->n)
+		fprintf(stderr, "remarket import: %zu cancellation lines: %ld "
+			"refunds of their orders, %ld cancellation: no matching "
+			"order\n", c->n, refunds, orphans);
+}
+
 /* A write transaction of import_orders: its first order's number, the
  * orders it imported, when it began (monotonic microseconds). */
 struct imp_batch {
@@ -4573,6 +4771,7 @@ int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 		fputs("order_id,sku,name,qty,price,date,customer_id,reason\n", rejects);
 	imp_rf = &rf;
 	imp_qty_cap = cap;
+	struct imp_cancels cancels = {0};
 	q_exec(db, q(db, ST_IMP_CACHE, NULL));
 	q_exec(db, q(db, ST_IMP_CREATE, NULL));
 	q_exec(db, q(db, ST_IMP_CLEAR, NULL));
@@ -4584,6 +4783,7 @@ int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 			q_exec(db, q(db, ST_ROLLBACK, NULL));
 			buf_free(&hb), buf_free(&rb);
 			imp_rf = NULL, imp_qty_cap = 0;
+			free(cancels.v);
 			return 1;
 		}
 		if (n == 1 && !*row[0])
@@ -4593,6 +4793,8 @@ int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 			for (size_t l = strlen(nm); l && nm[l - 1] == ' '; l--)
 				nm[l - 1] = '\0';
 		}
+		if (imp_cancellation(at, row, n, now, &cancels))
+			continue; /* a refund, once the orders are in */
 		char whyb[64];
 		const char *why = imp_line_refused(at, row, n, cap, whyb, sizeof whyb);
 		if (why) {
@@ -4669,6 +4871,20 @@ int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 	imp_batch_end(app, &b, seq - 1, now, &tmp, &ok, &bad);
 	q_exec(db, q(db, ST_IMP_CLEAR, NULL));
 	q_exec(db, q(db, ST_IMP_LIST_CLEAR, NULL));
+	imp_cancellations(app, &cancels, now);
+	/* a cancellation that refunds nothing is a refused line like any
+	 * other: counted, summed by reason and written to --rejects */
+	for (size_t i = 0; i < cancels.n; i++) {
+		const struct imp_cancel *x = &cancels.v[i];
+		char amt[32];
+		if (!x->orphan)
+			continue;
+		snprintf(amt, sizeof amt, "%.2f", x->amount);
+		imp_refuse(&rf, "cancellation: no matching order", x->id, x->sku,
+			   "", "-1", amt, "", "");
+		bad++;
+	}
+	free(cancels.v);
 	imp_rf = NULL, imp_qty_cap = 0;
 	for (size_t i = 0; i < rf.n; i++)
 		fprintf(stderr, "remarket import: refused: %ld line%s, %ld order%s, "
@@ -4695,8 +4911,8 @@ int import_orders_rejects(struct app *app, FILE *f, rm_time now,
  * customer's aggregates (orders, spent, last order), the quintile cut
  * points, the threshold and the clock, so it needs recomputing only for
  * the customers in segment_dirty: those with orders past the watermark
- * orders_seen, a future-dated order the clock has reached, consent given
- * back (a trigger), or a time boundary crossed since the last update
+ * orders_seen, a future-dated order the clock has reached, a refund
+ * (ev_refund), consent given back (a trigger), or a time boundary crossed since the last update
  * that found work (30 days for 'new'; at-risk, lapse and lost
  * thresholds; a win-back cool-down ending): index ranges on
  * segments.last_order and enrollments.created, empty on most ticks. The
@@ -5910,6 +6126,16 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	m->due = sqlite3_column_int64(s, 28);
 	m->next_gap = sqlite3_column_int64(s, 29);
 	sqlite3_reset(s);
+	/* a mail with no cart (win-back, post-purchase) prints its amounts in
+	 * the order's currency when it is about one, else the store's */
+	if (!*m->currency && m->order) {
+		sqlite3_stmt *o = q(app->db, ST_ORDER_OF, "i", m->order);
+		if (sqlite3_step(o) == SQLITE_ROW)
+			copy_str(m->currency, sizeof m->currency, col_text(o, 3));
+		sqlite3_reset(o);
+	}
+	if (!*m->currency)
+		copy_str(m->currency, sizeof m->currency, app->cfg->currency);
 	if (m->items && *m->cart_key) { /* a browser's cart is priced now */
 		sqlite3_stmt *t = q(app->db, ST_ITEMS_TRUST, "t", m->items);
 		if (sqlite3_step(t) == SQLITE_ROW) {
@@ -8527,6 +8753,8 @@ static void ingest_answer(struct app *app, struct http_resp *rs, int n,
 			     (int64_t)err->duplicates), &rs->body);
 }
 
+static char *query_param(const char *query, const char *name);
+
 static void route_events(struct app *app, const struct http_req *rq,
 			 struct http_resp *rs, const char *arg, rm_time now)
 {
@@ -8544,11 +8772,30 @@ static void route_events(struct app *app, const struct http_req *rq,
 	if (hook_verify(app->cfg->hook_secret, rq->signature, rq->body,
 			rq->body_len, now, &why) < 0)
 		return resp_json_error(app, rs, 401, why);
-	int n = ev_ingest(app, EV_HOOK, rq->body, rq->body_len, NULL, now, &err);
-	ingest_answer(app, rs, n, &err, 202);
+	char *partial = query_param(rq->query, "partial");
+	int bad = partial && strcmp(partial, "1") && strcmp(partial, "0");
+	int part = partial && !strcmp(partial, "1");
+	free(partial);
+	if (bad)
+		return resp_json_error(app, rs, 400, "partial: must be 1 (store "
+				       "the good events of a batch) or 0");
+	if (!part) {
+		int n = ev_ingest(app, EV_HOOK, rq->body, rq->body_len, NULL, now, &err);
+		return ingest_answer(app, rs, n, &err, 202);
+	}
+	struct buf refused = {0};
+	int n = ev_ingest_partial(app, EV_HOOK, rq->body, rq->body_len, NULL, now,
+				  &err, &refused);
+	if (n < 0) {
+		buf_free(&refused);
+		return resp_json_error(app, rs, err.status, err.msg);
+	}
+	rs->status = 202;
+	rs->content_type = "application/json";
+	buf_addf(&rs->body, "{\"accepted\":%d,\"duplicates\":%d,\"refused\":%s}",
+		 n, err.duplicates, buf_str(&refused));
+	buf_free(&refused);
 }
-
-static char *query_param(const char *query, const char *name);
 
 /* ---- browser-facing: CORS and rate limits ---- */
 /*
@@ -10296,13 +10543,25 @@ static int cmd_event(struct app *app, struct config *cfg, rm_time now, int argc,
 		return 1;
 	}
 	struct ev_error err;
-	int rc = ev_ingest(app, EV_CLI, buf_str(&in), in.len, NULL, now, &err);
+	struct buf refused = {0};
+	int partial = 0;
+	for (int i = 1; i < argc; i++)
+		partial |= !strcmp(argv[i], "--partial");
+	int rc = partial ? ev_ingest_partial(app, EV_CLI, buf_str(&in), in.len,
+					     NULL, now, &err, &refused) :
+			   ev_ingest(app, EV_CLI, buf_str(&in), in.len, NULL, now, &err);
 	buf_free(&in);
 	if (rc < 0) {
+		buf_free(&refused);
 		fprintf(stderr, "remarket event: %s\n", err.msg);
 		return 1;
 	}
-	printf("{\"accepted\":%d,\"duplicates\":%d}\n", rc, err.duplicates);
+	if (partial)
+		printf("{\"accepted\":%d,\"duplicates\":%d,\"refused\":%s}\n", rc,
+		       err.duplicates, buf_str(&refused));
+	else
+		printf("{\"accepted\":%d,\"duplicates\":%d}\n", rc, err.duplicates);
+	buf_free(&refused);
 	return 0;
 }
 
@@ -10765,7 +11024,7 @@ static const struct command commands[] = {
 	 "FastCGI on a unix socket path or host:port"},
 	{"tick", CMD_APP, 0, -1, cmd_tick, "[--now T]",
 	 "run one tick, print a JSON summary"},
-	{"event", CMD_APP, 0, -1, cmd_event, "[--now T]",
+	{"event", CMD_APP, 0, -1, cmd_event, "[--now T] [--partial]",
 	 "record JSON event(s) read on stdin"},
 	{"report", CMD_APP, 0, -1, cmd_report, "[--json] [--since D]",
 	 "results since D (default -30d)"},

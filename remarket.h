@@ -51,6 +51,7 @@ struct config {
 	char *tick_token, *hook_secret, *postal_address, *templates;
 	char *code_prefix, *store_name, *unsubscribe_mailto;
 	char *store_tagline; /* a few words under the store's name in mails */
+	char *currency; /* ISO 4217; mails with no cart or order use it ("": none) */
 	char *store_origin; /* scheme://host[:port] allowed to call /collect */
 	char *static_dir;   /* remarket.js */
 	char *log_pii;      /* "yes": the log may name addresses; "no": ids only */
@@ -202,6 +203,13 @@ struct ev_error {
 int ev_ingest(struct app *app, enum ev_source src, const char *json,
 	      size_t len, const char *visitor, rm_time now,
 	      struct ev_error *err);
+/* As ev_ingest, but the events of a batch that fail validation are left
+ * out instead of refusing the whole batch (POST /events?partial=1):
+ * REFUSED gets a JSON array of {"index":I,"error":"..."}, "[]" if none.
+ * Returns the events accepted, or -1 (the body, or storing, failed). */
+int ev_ingest_partial(struct app *app, enum ev_source src, const char *json,
+		      size_t len, const char *visitor, rm_time now,
+		      struct ev_error *err, struct buf *refused);
 
 /* ==== Catalog and order imports (CSV) ================================= */
 

@@ -2380,7 +2380,9 @@ static void test_codes_migration(void)
 	db_scalar(db, "INSERT INTO orders (order_key, total, discount_code, ts) VALUES "
 		  "('k1', 10, 'RM-AAAA-AAAA', 500), ('k2', 10, 'RM-AAAA-AAAA', 600), "
 		  "('k3', 10, 'RM-BBBB-BBBB', 2000), ('k4', 10, 'OWN-CODE', 700), ('k5', 10, NULL, 800)");
-	/* 012 (after 009) is undone too, so that 009 onwards runs again */
+	/* 014 and 012 (after 009) are undone too, so that 009 onwards runs again */
+	db_scalar(db, "DROP TABLE refunds");
+	db_scalar(db, "ALTER TABLE orders DROP COLUMN refunded");
 	db_scalar(db, "DROP TABLE reco_items");
 	db_scalar(db, "DROP TABLE reco_pairs");
 	db_scalar(db, "DROP TABLE reco_state");
@@ -2558,7 +2560,7 @@ static void test_import_retail(void)
 		fclose(f);
 	if (r)
 		fclose(r);
-	is_int(rc, 1, "retail import: exit 1 (cancellations are refused for now)");
+	is_int(rc, 1, "retail import: exit 1 (cancellations of nothing are refused)");
 	is_str(out, "{\"imported\":230,\"refused\":69}\n",
 	       "... 230 orders in, the 69 cancellation lines refused");
 	is_int(db_scalar(w.app.db, "SELECT count(*) FROM orders"), 230,
@@ -2587,8 +2589,10 @@ static void test_import_retail(void)
 	is_int(db_scalar(w.app.db, "SELECT ts FROM orders WHERE order_key = "
 			 "'536370'"), 1291193100,
 	       "... its date 2010-12-01T08:45:00.000Z");
+	/* no email column, so no customer's order to refund: each
+	 * cancellation line is refused, with its reason */
 	ok(strstr(err, "remarket import: refused: 69 lines, 43 orders, revenue "
-		  "-1627.75: cancellation (not imported yet)\n") != NULL,
+		  "-1627.75: cancellation: no matching order\n") != NULL,
 	   "... the summary by reason (%s)", err);
 	char *txt = NULL;
 	FILE *rf = fopen(rej, "r");
@@ -2604,7 +2608,7 @@ static void test_import_retail(void)
 	for (char *p = txt; p && (p = strchr(p, '\n')); p++)
 		lines++;
 	is_int(lines, 70, "... and one row per refused line");
-	ok(txt && strstr(txt, ",cancellation (not imported yet)\n") != NULL,
+	ok(txt && strstr(txt, ",cancellation: no matching order\n") != NULL,
 	   "... each with its reason");
 	free(txt);
 
@@ -3953,6 +3957,160 @@ static void test_post_purchase(void)
 	tick(&w, T0 + 22 * DAY, &s);
 	is_int(sq(&w, "SELECT count(*) FROM enrollments WHERE flow_id = 3"), 1,
 	       "an imported old order starts no post-purchase flow");
+	world_close(&w);
+}
+
+/* ---- issue 14: refunds reduce revenue and spent ---- */
+
+static char *segments_text(struct world *w);
+
+static void test_refunds(void)
+{
+	struct world w;
+	struct tick_summary s;
+	struct ev_error err;
+	if (!ok(world_open(&w, "refunds") == 0, "refunds: world opens"))
+		return;
+	order_line(&w, "r1", "ann@example.com", "A", 100, T0 - 2 * DAY, T0);
+	order_line(&w, "r2", "ann@example.com", "A", 50, T0 - DAY, T0);
+	tick(&w, T0, &s);
+	is_int(sq(&w, "SELECT round(spent) FROM segments"), 150, "refunds: spent before");
+	const char *rf = "{\"type\":\"refund\",\"order_id\":\"r1\",\"amount\":30,"
+			 "\"ts\":1795000100}";
+	is_int(ingest(&w, EV_HOOK, rf, T0 + 200, &err), 1, "refunds: a refund event is accepted");
+	is_int(ingest(&w, EV_HOOK, rf, T0 + 200, &err), 0, "refunds: the same refund again counts once");
+	is_int(err.duplicates, 1, "... as a duplicate");
+	is_int(sq(&w, "SELECT round(refunded) FROM orders WHERE order_key = 'r1'"), 30,
+	       "refunds: the order's refunded amount");
+	is_int(sq(&w, "SELECT count(*) FROM segment_dirty"), 1,
+	       "refunds: the customer is marked for a recount");
+	tick(&w, T0 + 300, &s);
+	is_int(sq(&w, "SELECT round(spent) FROM segments"), 120,
+	       "refunds: the segments' spent is the net amount after the next tick");
+	char *a = segments_text(&w);
+	flow_segments_full(&w.app, T0 + 300);
+	char *b = segments_text(&w);
+	ok(a && b && !strcmp(a, b), "refunds: incremental segments equal a recompute");
+	free(a), free(b);
+	/* more than is left of the order: capped at its total */
+	const char *all = "{\"type\":\"refund\",\"order_id\":\"r2\",\"amount\":80,"
+			  "\"refund_id\":\"ret-7\",\"ts\":1795000200}";
+	is_int(ingest(&w, EV_HOOK, all, T0 + 300, &err), 1, "refunds: a whole cancellation");
+	is_int(sq(&w, "SELECT round(refunded) FROM orders WHERE order_key = 'r2'"), 50,
+	       "refunds: never more than the order's total");
+	struct report *r = calloc(1, sizeof *r);
+	if (r && report_build(&w.app, T0 - 3 * DAY, T0 + DAY, r) == 0)
+		ok(r->revenue > 69.99 && r->revenue < 70.01,
+		   "refunds: the report's revenue is net of refunds (150 - 30 - 50)");
+	free(r);
+	is_int(ingest(&w, EV_HOOK, "{\"type\":\"refund\",\"order_id\":\"nope\","
+		      "\"amount\":1}", T0, &err), -1, "refunds: of an unknown order: refused");
+	if (!ok(err.status == 400 && contains(err.msg, "order_id"), "... 400 naming order_id"))
+		diag("%d %s", err.status, err.msg);
+	is_int(ingest(&w, EV_BROWSER, rf, T0, &err), -1, "refunds: never from a browser");
+
+	/* an import's 'C' invoice: a refund of the customer's order of that SKU */
+	char out[512], errs[2048];
+	const char *csv = "order_id,email,date,sku,name,price,qty\n"
+			  "536365,bob@example.com,2026-11-01T10:00:00Z,LAMP,Lamp,10,3\n"
+			  "536365,bob@example.com,2026-11-01T10:00:00Z,CUP,Cup,5,2\n"
+			  "C536391,bob@example.com,2026-11-02T10:00:00Z,LAMP,Lamp,10,-2\n"
+			  "C536392,eve@example.com,2026-11-02T10:00:00Z,CUP,Cup,5,-1\n";
+	int rc = csv_run(&w, 1, csv, out, sizeof out, errs, sizeof errs);
+	is_int(rc, 1, "refunds: an import with an unmatched cancellation line exits 1");
+	is_str(out, "{\"imported\":1,\"refused\":1}\n",
+	       "... the order is imported, the cancellation of nothing refused");
+	is_int(sq(&w, "SELECT round(refunded) FROM orders WHERE order_key = '536365'"), 20,
+	       "refunds: the C invoice's line refunds 2 x 10 of the order");
+	ok(contains(errs, "2 cancellation lines: 1 refunds of their orders, 1 "
+		    "cancellation: no matching order"),
+	   "refunds: the unmatched cancellation is counted and said");
+	csv_run(&w, 1, csv, out, sizeof out, errs, sizeof errs);
+	is_int(sq(&w, "SELECT round(refunded) FROM orders WHERE order_key = '536365'"), 20,
+	       "refunds: a re-import refunds nothing twice");
+	world_close(&w);
+}
+
+/* ---- issue 14: ?partial=1 stores a batch's good events ---- */
+
+static void test_partial_events(void)
+{
+	struct world w;
+	struct ev_error err;
+	struct buf refused = {0};
+	if (!ok(world_open(&w, "partial") == 0, "partial: world opens"))
+		return;
+	const char *batch = "[{\"type\":\"product\",\"sku\":\"A\",\"name\":\"A\","
+			    "\"price\":1},{\"type\":\"product\",\"sku\":\"B\"},"
+			    "{\"type\":\"product\",\"sku\":\"C\",\"name\":\"C\","
+			    "\"price\":1}]";
+	is_int(ingest(&w, EV_CLI, batch, T0, &err), -1,
+	       "partial: by default one bad event refuses the batch");
+	is_int(sq(&w, "SELECT count(*) FROM products"), 0, "... storing nothing");
+	int n = ev_ingest_partial(&w.app, EV_CLI, batch, strlen(batch), NULL, T0,
+				  &err, &refused);
+	is_int(n, 2, "partial: the two good events are stored");
+	is_int(sq(&w, "SELECT count(*) FROM products"), 2, "... in the catalog");
+	ok(refused.data && !strncmp(refused.data, "[{\"index\":1,\"error\":\"", 21) &&
+	   !contains(refused.data, "index\":0") && !contains(refused.data, "index\":2"),
+	   "partial: the bad one is listed by its index with its reason");
+	buf_free(&refused);
+	world_close(&w);
+}
+
+/* ---- issue 14: the store's currency where no cart has one ---- */
+
+/* The text part of the last message sent to EMAIL, in OUT. */
+static void last_text(struct world *w, const char *email, struct buf *out)
+{
+	struct buf mail = {0};
+	outbox_read(w, sq(w, "SELECT max(m.id) FROM messages m JOIN contacts c ON "
+			  "c.id = m.contact_id WHERE m.status = 'sent' AND c.email = '%s'",
+			  email), &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", out);
+	buf_free(&mail);
+}
+
+static void test_store_currency(void)
+{
+	struct world w;
+	struct tick_summary s;
+	struct ev_error err;
+	struct buf dec = {0};
+	setenv("REMARKET_CURRENCY", "GBP", 1);
+	int opened = world_open(&w, "currency");
+	unsetenv("REMARKET_CURRENCY");
+	if (!ok(opened == 0, "currency: world opens"))
+		return;
+	product(&w, "A", "lighting", T0);
+	product(&w, "B", "lighting", T0);
+	order_line(&w, "c1", "lapsed@example.com", "A", 40, T0 - 91 * DAY, T0);
+	tick(&w, T0, &s);
+	tick(&w, T0 + 7 * DAY, &s);
+	is_int(winback_sent(&w, "lapsed@example.com", 2), 1, "currency: win-back step 2 sent");
+	last_text(&w, "lapsed@example.com", &dec);
+	ok(contains(dec.data, "On orders of \xC2\xA3" "40.00 or more"),
+	   "a win-back offer (no cart, no order) prints its minimum in the store's currency");
+	buf_free(&dec);
+
+	/* post-purchase: the order's currency (USD), not the store's */
+	db_scalar(w.app.db, "UPDATE flows SET enabled = 1 WHERE name = 'post_purchase'");
+	int rc = ingest(&w, EV_CLI, "{\"type\":\"order\",\"order_id\":\"u1\",\"email\":"
+		  "\"buyer@example.com\",\"consent\":true,\"currency\":\"USD\","
+		  "\"total\":30,\"ts\":1800000000,\"items\":[{\"sku\":\"A\","
+		  "\"name\":\"A\",\"price\":30}]}", 1800000000, &err);
+	if (!ok(rc >= 0, "currency: a USD order is stored"))
+		diag("%s", err.msg);
+	tick(&w, 1800000000 + HOUR, &s);
+	tick(&w, 1800000000 + 10 * DAY, &s);
+	tick(&w, 1800000000 + 21 * DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = "
+		  "m.contact_id WHERE c.email = 'buyer@example.com' AND m.step = 3 "
+		  "AND m.status = 'sent'"), 1, "currency: the cross-sell is sent");
+	last_text(&w, "buyer@example.com", &dec);
+	ok(contains(dec.data, "$10.00") && !contains(dec.data, "\xC2\xA3"),
+	   "a post-purchase cross-sell prints its amounts in the order's currency");
+	buf_free(&dec);
 	world_close(&w);
 }
 
@@ -5923,6 +6081,7 @@ int main(void)
 	test_templates();
 	test_mail();
 	test_events();
+	test_partial_events();
 	test_group_commit();
 	test_flow();
 	test_flow_exits();
@@ -5937,6 +6096,8 @@ int main(void)
 	test_measurement();
 	test_report_numbers();
 	test_lifecycle();
+	test_store_currency();
+	test_refunds();
 	test_segments_incremental();
 	test_lapse_incremental();
 	test_reco_report();
