@@ -75,6 +75,8 @@ struct config {
 	long conversion_days;        /* an enrollee who orders within this */
 	char *winback_after;         /* days without an order, or "auto" */
 	long winback_cooldown_days;  /* no second win-back within this */
+	char *winback_max_idle_days; /* idle longer: no win-back; "auto" = 2x */
+	long winback_daily_max;      /* win-back enrollments a rolling 24 h */
 };
 /* Loads defaults, then FILE (NULL: $REMARKET_CONFIG, else ./remarket.conf
  * if it exists), then REMARKET_<KEY> variables. */
@@ -289,6 +291,7 @@ struct tick_summary {
 	long abandoned, enrolled, sent, retry, failed, exited, skipped;
 	int budget_spent; /* the budget ran out: the rest waits for the next tick */
 	long stale;        /* steps too late to send: recorded, not sent */
+	long winback_waiting; /* lapsed held back by winback_daily_max */
 	char stopped[400]; /* why the tick stopped early, or "" */
 };
 /* Marks idle carts abandoned and enrolls them. */
