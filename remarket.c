@@ -1359,6 +1359,20 @@ void cfg_free(struct config *cfg)
 	  "UPDATE products SET kind = ?2 WHERE sku = ?1")                      \
 	/* -- The message context -- */                                        \
 	X(AOV, "SELECT coalesce(round(avg(total), 2), 0) FROM orders WHERE total > 0") \
+	/* the median order of contact ?1 (NULL: none), by orders_contact;  \
+	 * of two middle orders their mean */                                 \
+	X(MEDIAN_CONTACT,                                                      \
+	  "WITH t AS (SELECT total FROM orders WHERE contact_id = ?1 AND total > 0), " \
+	  "n AS (SELECT count(*) AS c FROM t) SELECT avg(total) FROM (SELECT " \
+	  "total FROM t ORDER BY total LIMIT 2 - (SELECT c FROM n) % 2 "       \
+	  "OFFSET max(((SELECT c FROM n) - 1) / 2, 0))")                      \
+	/* the store's median order (0: none); a sort of every order, read  \
+	 * at most hourly (app->aov) */                                       \
+	X(MEDIAN_STORE,                                                        \
+	  "WITH n AS (SELECT count(*) AS c FROM orders WHERE total > 0) "      \
+	  "SELECT coalesce(avg(total), 0) FROM (SELECT total FROM orders "     \
+	  "WHERE total > 0 ORDER BY total LIMIT 2 - (SELECT c FROM n) % 2 "    \
+	  "OFFSET max(((SELECT c FROM n) - 1) / 2, 0))")                      \
 	X(ENROLLMENT_CODE,                                                     \
 	  "SELECT discount_code FROM messages WHERE enrollment_id = ?1 "       \
 	  "AND discount_code IS NOT NULL ORDER BY step DESC LIMIT 1")          \
@@ -6158,6 +6172,18 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 	return 0;
 }
 
+/* A minimum spend as a person would write it, never above V (so a
+ * customer's own typical order stays within reach): below 20 a whole
+ * number, below 100 a multiple of 5, below 1000 of 10, then of 50
+ * (40 -> 40, 47.5 -> 45, 303 -> 300, 461 -> 460, 1234 -> 1200). */
+double min_spend_nice(double v)
+{
+	double step = v < 20 ? 1 : v < 100 ? 5 : v < 1000 ? 10 : 50;
+	if (v < 1)
+		return v > 0 ? v : 0;
+	return floor(v / step + 1e-9) * step;
+}
+
 /* Fixes the Message-ID and the discount code at the first attempt, so
  * every later attempt sends the same message. */
 static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
@@ -6180,14 +6206,23 @@ static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
 	}
 	*code_expires = 0;
 	if (m->pct > 0 && !*m->code) {
-		double min = m->min_spend; /* -1: the store's average order */
+		/* -1: the customer's median order, else the store's (kept
+		 * for the hour), as a price a person writes (min_spend_nice) */
+		double min = m->min_spend;
 		if (min < 0 && (!app->aov_at || now < app->aov_at ||
 				now - app->aov_at >= 3600)) {
-			q_row(q(db, ST_AOV, NULL), "d", &app->aov);
+			q_row(q(db, ST_MEDIAN_STORE, NULL), "d", &app->aov);
 			app->aov_at = now;
 		}
-		if (min < 0)
-			min = app->aov;
+		if (min < 0) {
+			double own = -1;
+			sqlite3_stmt *s = q(db, ST_MEDIAN_CONTACT, "i", m->contact);
+			if (sqlite3_step(s) == SQLITE_ROW &&
+			    sqlite3_column_type(s, 0) != SQLITE_NULL)
+				own = sqlite3_column_double(s, 0);
+			sqlite3_reset(s);
+			min = min_spend_nice(own > 0 ? own : app->aov);
+		}
 		if (code_issue(app, m->id, m->contact, m->pct, min, now + m->valid,
 			       now, m->code, sizeof m->code) ||
 		    q_exec(db, q(db, ST_MESSAGE_SET_CODE, "it", m->id, m->code)))
@@ -10312,7 +10347,8 @@ static int flows_list(struct app *app)
 			printf("  %d%% off, valid %s, min spend ", sqlite3_column_int(s, 5),
 			       v + 1);
 			if (min < 0)
-				printf("the average order");
+				printf("the customer's median order (else the "
+				       "store's), rounded down to a round price");
 			else
 				printf("%.2f", min);
 		}

@@ -284,6 +284,9 @@ enum send_result {
 /* 1 if template TPL (text or HTML, or a partial of theirs) shows VAR:
  * the recommendation queries run only for a template that shows them. */
 int mc_template_uses(struct app *app, const char *tpl, const char *var);
+/* A loyalty code's minimum spend from a median order V: rounded down
+ * to a price a person would write (the rule is in remarket.c). */
+double min_spend_nice(double v);
 
 /* ==== The flow engine: detect, claim, send, record ==================== */
 

@@ -4029,6 +4029,37 @@ static void test_winback_ramp(void)
 		  "WHERE c.email = 'old@example.com'"), 1,
 	       "winback ramp: winback_max_idle_days = 0: no limit");
 	world_close(&w);
+
+	/* the minimum spend: a median, rounded down to a round price */
+	static const struct { double v, want; } nice[] = {
+		{40, 40}, {0.5, 0.5}, {7.4, 7}, {19.99, 19}, {47.5, 45}, {99, 95},
+		{100, 100}, {303, 300}, {461.2, 460}, {999.99, 990}, {1234, 1200},
+	};
+	for (size_t i = 0; i < sizeof nice / sizeof *nice; i++)
+		ok(min_spend_nice(nice[i].v) == nice[i].want,
+		   "min spend: %.2f is written %.2f (%.2f)", nice[i].v, nice[i].want,
+		   min_spend_nice(nice[i].v));
+	if (!ok(world_open(&w, "winback-median") == 0, "min spend: world opens"))
+		return;
+	product(&w, "A", "lighting", T0);
+	/* the store: mean 146.17, median 80; "big" ordered 120, 137, 500 */
+	order_line(&w, "m1", "small@example.com", "A", 40, T0 - 100 * DAY, T0);
+	order_line(&w, "m2", "other@example.com", "A", 40, T0 - 10 * DAY, T0);
+	order_line(&w, "m3", "more@example.com", "A", 40, T0 - 10 * DAY, T0);
+	order_line(&w, "m4", "big@example.com", "A", 120, T0 - 130 * DAY, T0);
+	order_line(&w, "m5", "big@example.com", "A", 137, T0 - 120 * DAY, T0);
+	order_line(&w, "m6", "big@example.com", "A", 500, T0 - 100 * DAY, T0);
+	tick(&w, T0, &s);
+	tick(&w, T0 + 7 * DAY, &s);
+	is_int(sq(&w, "SELECT min_spend FROM discounts d JOIN contacts c ON c.id = d.contact_id "
+		  "WHERE c.email = 'big@example.com'"), 130,
+	       "min spend: the customer's own median (137) rounded down (130), not the mean");
+	is_int(sq(&w, "SELECT min_spend FROM discounts d JOIN contacts c ON c.id = d.contact_id "
+		  "WHERE c.email = 'small@example.com'"), 40,
+	       "min spend: a one-order customer: their order (40)");
+	ok(w.app.aov == 80, "min spend: the store's median (80) is cached, not the mean (%.2f)",
+	   w.app.aov);
+	world_close(&w);
 }
 
 static void test_reco_report(void)
