@@ -557,6 +557,8 @@ static const struct cfg_key {
 	CFG_LONG(conversion_days, "7"),
 	CFG_STR(winback_after, "90"),
 	CFG_LONG(winback_cooldown_days, "180"),
+	CFG_STR(winback_max_idle_days, "auto"),
+	CFG_LONG(winback_daily_max, "500"),
 	CFG_STR(code_prefix, "RM"),
 	CFG_STR(store_name, ""),
 	CFG_STR(store_tagline, ""),
@@ -833,6 +835,19 @@ void cfg_free(struct config *cfg)
 	"EXISTS (SELECT 1 FROM enrollments ge JOIN carts gk ON gk.id = "      \
 	"ge.cart_id WHERE ge.id = " m ".enrollment_id AND gk.cart_key GLOB "  \
 	"(SELECT cart_key FROM carts WHERE id = " cart ") || '#*')"
+
+/* A win-back's eligibility, shared by LAPSE_ENROLL and the waiting list
+ * (LAPSE_WAIT_*): lapsed (no order for the threshold ?2, two thirds of it
+ * for the at-risk), idle no longer than ?6 (0: no limit), consenting, and
+ * not enrolled since the last order nor within the cool-down ?3. */
+#define LAPSE_ELIGIBLE                                                         \
+	"c.consent = 1 AND c.unsubscribed_at IS NULL "                         \
+	"AND c.suppressed_at IS NULL AND sg.last_order <= ?1 - CASE "          \
+	"WHEN sg.segment = 'at_risk' THEN ?2 * 2 / 3 ELSE ?2 END "             \
+	"AND (?6 = 0 OR sg.last_order > ?1 - ?6) "                             \
+	"AND NOT EXISTS (SELECT 1 FROM enrollments e WHERE e.flow_id = f.id "   \
+	"AND e.contact_id = c.id AND (e.created >= sg.last_order "             \
+	"OR e.created > ?1 - ?3))"
 
 #define STATEMENTS(X)                                                          \
 	/* -- Storage: connection, migrations, named statements -- */          \
@@ -1399,6 +1414,20 @@ void cfg_free(struct config *cfg)
 	  "UPDATE products SET kind = ?2 WHERE sku = ?1")                      \
 	/* -- The message context -- */                                        \
 	X(AOV, "SELECT coalesce(round(avg(total), 2), 0) FROM orders WHERE total > 0") \
+	/* the median order of contact ?1 (NULL: none), by orders_contact;  \
+	 * of two middle orders their mean */                                 \
+	X(MEDIAN_CONTACT,                                                      \
+	  "WITH t AS (SELECT total FROM orders WHERE contact_id = ?1 AND total > 0), " \
+	  "n AS (SELECT count(*) AS c FROM t) SELECT avg(total) FROM (SELECT " \
+	  "total FROM t ORDER BY total LIMIT 2 - (SELECT c FROM n) % 2 "       \
+	  "OFFSET max(((SELECT c FROM n) - 1) / 2, 0))")                      \
+	/* the store's median order (0: none); a sort of every order, read  \
+	 * at most hourly (app->aov) */                                       \
+	X(MEDIAN_STORE,                                                        \
+	  "WITH n AS (SELECT count(*) AS c FROM orders WHERE total > 0) "      \
+	  "SELECT coalesce(avg(total), 0) FROM (SELECT total FROM orders "     \
+	  "WHERE total > 0 ORDER BY total LIMIT 2 - (SELECT c FROM n) % 2 "    \
+	  "OFFSET max(((SELECT c FROM n) - 1) / 2, 0))")                      \
 	X(ENROLLMENT_CODE,                                                     \
 	  "SELECT discount_code FROM messages WHERE enrollment_id = ?1 "       \
 	  "AND discount_code IS NOT NULL ORDER BY step DESC LIMIT 1")          \
@@ -1472,7 +1501,7 @@ void cfg_free(struct config *cfg)
 	X(JSON_TICK,                                                           \
 	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
 	  "'sent',?4,'retry',?5,'failed',?6,'exited',?7,'skipped',?8,"         \
-	  "'stale',?9), json_object('stopped',?10))")                          \
+	  "'stale',?9,'winback_waiting',?11), json_object('stopped',?10))")                          \
 	/* double opt-in: the confirmation mails to send (not to the held:    \
 	 * the hourly cap limits these mails too), and the click */          \
 	X(CONFIRM_DUE,                                                         \
@@ -1493,19 +1522,43 @@ void cfg_free(struct config *cfg)
 	 * within the cool-down: once per lapse. Only the dirty customers of  \
 	 * (?4, ?5]: the others' eligibility has not changed since they were  \
 	 * last looked at (see the Segments banner) */                        \
+	/* the eligibility of a win-back: ?1 now, ?2 threshold, ?3 cool-down, \
+	 * ?6 max idle (0: none); sg, c, f the customer's segment, contact,   \
+	 * flow. Written once, used to find the lapsed and to enroll them    \
+	 * from winback_waiting (still eligible then) */                     \
 	X(LAPSE_ENROLL,                                                        \
-	  "INSERT INTO enrollments (flow_id, contact_id, anchor, created, holdout) " \
-	  "SELECT f.id, c.id, ?1, ?1, rm_bucket('holdout:' || f.id || ':' || " \
-	  "lower(c.email)) < f.holdout_pct * 100 FROM segments sg "            \
+	  "INSERT OR IGNORE INTO winback_waiting (flow_id, contact_id, last_order) " \
+	  "SELECT f.id, c.id, sg.last_order FROM segments sg "                 \
 	  "JOIN contacts c ON c.id = sg.contact_id "                           \
 	  "JOIN flows f ON f.trigger = 'customer_lapsed' AND f.enabled = 1 "   \
-	  "WHERE c.consent = 1 AND c.unsubscribed_at IS NULL "                 \
-	  "AND c.suppressed_at IS NULL AND sg.last_order <= ?1 - CASE "        \
-	  "WHEN sg.segment = 'at_risk' THEN ?2 * 2 / 3 ELSE ?2 END "           \
-	  "AND NOT EXISTS (SELECT 1 FROM enrollments e WHERE e.flow_id = f.id " \
-	  "AND e.contact_id = c.id AND (e.created >= sg.last_order "           \
-	  "OR e.created > ?1 - ?3)) AND sg.contact_id IN (SELECT contact_id "  \
+	  "WHERE " LAPSE_ELIGIBLE " AND sg.contact_id IN (SELECT contact_id "  \
 	  "FROM segment_dirty WHERE contact_id > ?4 AND contact_id <= ?5)")    \
+	/* the waiting, most recently lapsed first, up to ?7 (the daily cap's \
+	 * rest); ?4, ?5 unused */                                            \
+	X(LAPSE_WAIT_ENROLL,                                                   \
+	  "INSERT INTO enrollments (flow_id, contact_id, anchor, created, holdout) " \
+	  "SELECT f.id, c.id, ?1, ?1, rm_bucket('holdout:' || f.id || ':' || " \
+	  "lower(c.email)) < f.holdout_pct * 100 FROM winback_waiting w "      \
+	  "JOIN segments sg ON sg.contact_id = w.contact_id "                  \
+	  "JOIN contacts c ON c.id = w.contact_id "                            \
+	  "JOIN flows f ON f.id = w.flow_id AND f.trigger = 'customer_lapsed' " \
+	  "AND f.enabled = 1 WHERE " LAPSE_ELIGIBLE " AND ?4 IS ?5 "           \
+	  "ORDER BY w.last_order DESC, w.contact_id LIMIT ?7")                 \
+	/* the waiting no longer eligible (just enrolled, ordered again, ...) \
+	 * leave; ?4, ?5, ?7 unused */                                        \
+	X(LAPSE_WAIT_PRUNE,                                                    \
+	  "DELETE FROM winback_waiting WHERE (flow_id, contact_id) NOT IN "    \
+	  "(SELECT f.id, c.id FROM winback_waiting w "                         \
+	  "JOIN segments sg ON sg.contact_id = w.contact_id "                  \
+	  "JOIN contacts c ON c.id = w.contact_id "                            \
+	  "JOIN flows f ON f.id = w.flow_id AND f.trigger = 'customer_lapsed' " \
+	  "AND f.enabled = 1 WHERE " LAPSE_ELIGIBLE " AND ?4 IS ?5 AND ?7 IS ?7)") \
+	X(LAPSE_WAITING, "SELECT count(*) FROM winback_waiting")               \
+	X(LAPSE_ANY_WAITING, "SELECT EXISTS (SELECT 1 FROM winback_waiting)")  \
+	/* win-back enrollments in the 24 h before ?1 (the daily cap) */      \
+	X(LAPSE_TODAY,                                                         \
+	  "SELECT count(*) FROM enrollments WHERE flow_id IN (SELECT id FROM " \
+	  "flows WHERE trigger = 'customer_lapsed') AND created > ?1 - 86400") \
 	X(ORDER_ENROLL,                                                        \
 	  "INSERT INTO enrollments (flow_id, contact_id, order_id, anchor, "   \
 	  "created, holdout) SELECT f.id, o.contact_id, o.id, o.ts, ?1, "      \
@@ -5211,13 +5264,28 @@ out:
 }
 
 /* The dirty customers, a chunk a transaction: rescored, and (for a
- * tick: ENROLL) checked for win-back, then no longer dirty. Without
+ * tick: ENROLL) checked for win-back (the lapsed join winback_waiting),
+ * then no longer dirty. Without
  * ENROLL (remarket segments) they stay dirty for the next tick. */
-static int seg_rescore(struct app *app, rm_time now, int64_t lapse, int enroll,
-		       struct tick_summary *sum)
+/* winback_max_idle_days in seconds for threshold LAPSE (seconds): "auto"
+ * (or not a number) is twice the threshold, 0 no limit. Customers idle
+ * longer are not mailed by the normal win-back (years-old customers of
+ * an imported history). */
+static int64_t winback_max_idle(struct app *app, int64_t lapse)
+{
+	const char *v = app->cfg->winback_max_idle_days;
+	char *end;
+	long d = strtol(v, &end, 10);
+	if (end == v || *end || d < 0)
+		return 2 * lapse;
+	return (int64_t)d * 86400;
+}
+
+static int seg_rescore(struct app *app, rm_time now, int64_t lapse, int enroll)
 {
 	struct db *db = app->db;
 	int64_t cool = (int64_t)app->cfg->winback_cooldown_days * 86400;
+	int64_t idle = winback_max_idle(app, lapse);
 	int64_t lo = 0, hi;
 	struct pace p = {0};
 	for (pace_start(&p); seg_dirty_next(db, lo, p.n, &hi); pace_start(&p)) {
@@ -5226,10 +5294,9 @@ static int seg_rescore(struct app *app, rm_time now, int64_t lapse, int enroll,
 		int rc = q_exec(db, q(db, ST_SEG_RESCORE, "iiii", lo, hi,
 				      (int64_t)now, lapse));
 		if (enroll) {
-			rc = rc || q_exec(db, q(db, ST_LAPSE_ENROLL, "iiiii",
-						(int64_t)now, lapse, cool, lo, hi));
-			if (!rc && sum)
-				sum->enrolled += sqlite3_changes(db->h);
+			/* the lapsed wait; lapse_drain enrolls them */
+			rc = rc || q_exec(db, q(db, ST_LAPSE_ENROLL, "iiiiii",
+						(int64_t)now, lapse, cool, lo, hi, idle));
 			rc = rc || q_exec(db, q(db, ST_SEG_DIRTY_DONE, "ii", lo, hi)) ||
 			     q_exec(db, q(db, ST_SEG_NOW, "i", (int64_t)now));
 		}
@@ -5240,6 +5307,40 @@ static int seg_rescore(struct app *app, rm_time now, int64_t lapse, int enroll,
 		pace_end(&p);
 		lo = hi;
 	}
+	return 0;
+}
+
+/* Enrolls the waiting lapsed (winback_waiting), most recently lapsed
+ * first, up to winback_daily_max win-back enrollments in the 24 h before
+ * NOW; the rest wait for a later tick, and leave the list only when
+ * enrolled or no longer eligible. Nothing waiting: one index read. */
+static int lapse_drain(struct app *app, rm_time now, int64_t lapse,
+		       struct tick_summary *sum)
+{
+	struct db *db = app->db;
+	if (db_scalar_stmt(q(db, ST_LAPSE_ANY_WAITING, NULL)) != 1)
+		return 0;
+	int64_t cool = (int64_t)app->cfg->winback_cooldown_days * 86400;
+	int64_t idle = winback_max_idle(app, lapse);
+	int64_t room = (int64_t)app->cfg->winback_daily_max -
+		       db_scalar_stmt(q(db, ST_LAPSE_TODAY, "i", (int64_t)now));
+	if (db_begin(db) < 0)
+		return -1;
+	int rc = 0;
+	if (room > 0) {
+		rc = q_exec(db, q(db, ST_LAPSE_WAIT_ENROLL, "iiiiiii", (int64_t)now,
+				  lapse, cool, (int64_t)0, (int64_t)0, idle, room));
+		if (!rc && sum)
+			sum->enrolled += sqlite3_changes(db->h);
+	}
+	rc = rc || q_exec(db, q(db, ST_LAPSE_WAIT_PRUNE, "iiiiiii", (int64_t)now,
+				lapse, cool, (int64_t)0, (int64_t)0, idle, (int64_t)0));
+	if (rc || db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	if (sum)
+		sum->winback_waiting = db_scalar_stmt(q(db, ST_LAPSE_WAITING, NULL));
 	return 0;
 }
 
@@ -5288,9 +5389,10 @@ static int seg_update(struct app *app, rm_time now, int enroll,
 	/* what win-back eligibility depends on besides the customer */
 	char flows[512];
 	sqlite3_stmt *s = q(db, ST_SEG_FLOWS, NULL);
-	int n = snprintf(flows, sizeof flows, "%s|%lld|%ld",
+	int n = snprintf(flows, sizeof flows, "%s|%lld|%ld|%lld",
 			 sqlite3_step(s) == SQLITE_ROW ? col_text(s, 0) : "",
-			 (long long)lapse, (long)app->cfg->winback_cooldown_days);
+			 (long long)lapse, (long)app->cfg->winback_cooldown_days,
+			 (long long)winback_max_idle(app, lapse));
 	sqlite3_reset(s);
 	if (n < 0 || n >= (int)sizeof flows)
 		return -1;
@@ -5307,7 +5409,9 @@ static int seg_update(struct app *app, rm_time now, int enroll,
 				    2 * lapse, lapse, lapse * 2 / 3, cool), 0, NULL))
 			return -1;
 	}
-	return seg_rescore(app, now, lapse, enroll, sum);
+	if (seg_rescore(app, now, lapse, enroll))
+		return -1;
+	return enroll ? lapse_drain(app, now, lapse, sum) : 0;
 }
 
 int flow_segments(struct app *app, rm_time now)
@@ -6508,6 +6612,18 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 	return 0;
 }
 
+/* A minimum spend as a person would write it, never above V (so a
+ * customer's own typical order stays within reach): below 20 a whole
+ * number, below 100 a multiple of 5, below 1000 of 10, then of 50
+ * (40 -> 40, 47.5 -> 45, 303 -> 300, 461 -> 460, 1234 -> 1200). */
+double min_spend_nice(double v)
+{
+	double step = v < 20 ? 1 : v < 100 ? 5 : v < 1000 ? 10 : 50;
+	if (v < 1)
+		return v > 0 ? v : 0;
+	return floor(v / step + 1e-9) * step;
+}
+
 /* Fixes the Message-ID and the discount code at the first attempt, so
  * every later attempt sends the same message. */
 static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
@@ -6530,14 +6646,23 @@ static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
 	}
 	*code_expires = 0;
 	if (m->pct > 0 && !*m->code) {
-		double min = m->min_spend; /* -1: the store's average order */
+		/* -1: the customer's median order, else the store's (kept
+		 * for the hour), as a price a person writes (min_spend_nice) */
+		double min = m->min_spend;
 		if (min < 0 && (!app->aov_at || now < app->aov_at ||
 				now - app->aov_at >= 3600)) {
-			q_row(q(db, ST_AOV, NULL), "d", &app->aov);
+			q_row(q(db, ST_MEDIAN_STORE, NULL), "d", &app->aov);
 			app->aov_at = now;
 		}
-		if (min < 0)
-			min = app->aov;
+		if (min < 0) {
+			double own = -1;
+			sqlite3_stmt *s = q(db, ST_MEDIAN_CONTACT, "i", m->contact);
+			if (sqlite3_step(s) == SQLITE_ROW &&
+			    sqlite3_column_type(s, 0) != SQLITE_NULL)
+				own = sqlite3_column_double(s, 0);
+			sqlite3_reset(s);
+			min = min_spend_nice(own > 0 ? own : app->aov);
+		}
 		if (code_issue(app, m->id, m->contact, m->pct, min, now + m->valid,
 			       now, m->code, sizeof m->code) ||
 		    q_exec(db, q(db, ST_MESSAGE_SET_CODE, "it", m->id, m->code)))
@@ -7611,12 +7736,13 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
 	      struct buf *out)
 {
-	return json_from(app->db, q(app->db, ST_JSON_TICK, "iiiiiiiiit",
+	return json_from(app->db, q(app->db, ST_JSON_TICK, "iiiiiiiiiti",
 				    (int64_t)now, (int64_t)s->abandoned,
 				    (int64_t)s->enrolled, (int64_t)s->sent,
 				    (int64_t)s->retry, (int64_t)s->failed,
 				    (int64_t)s->exited, (int64_t)s->skipped,
-				    (int64_t)s->stale, *s->stopped ? s->stopped : NULL),
+				    (int64_t)s->stale, *s->stopped ? s->stopped : NULL,
+				    (int64_t)s->winback_waiting),
 			 out);
 }
 
@@ -10694,7 +10820,8 @@ static int flows_list(struct app *app)
 			printf("  %d%% off, valid %s, min spend ", sqlite3_column_int(s, 5),
 			       v + 1);
 			if (min < 0)
-				printf("the average order");
+				printf("the customer's median order (else the "
+				       "store's), rounded down to a round price");
 			else
 				printf("%.2f", min);
 		}

@@ -79,6 +79,8 @@ struct config {
 	long conversion_days;        /* an enrollee who orders within this */
 	char *winback_after;         /* days without an order, or "auto" */
 	long winback_cooldown_days;  /* no second win-back within this */
+	char *winback_max_idle_days; /* idle longer: no win-back; "auto" = 2x */
+	long winback_daily_max;      /* win-back enrollments a rolling 24 h */
 };
 /* Loads defaults, then FILE (NULL: $REMARKET_CONFIG, else ./remarket.conf
  * if it exists), then REMARKET_<KEY> variables. */
@@ -296,6 +298,9 @@ enum send_result {
 /* 1 if template TPL (text or HTML, or a partial of theirs) shows VAR:
  * the recommendation queries run only for a template that shows them. */
 int mc_template_uses(struct app *app, const char *tpl, const char *var);
+/* A loyalty code's minimum spend from a median order V: rounded down
+ * to a price a person would write (the rule is in remarket.c). */
+double min_spend_nice(double v);
 
 /* ==== The flow engine: detect, claim, send, record ==================== */
 
@@ -303,6 +308,7 @@ struct tick_summary {
 	long abandoned, enrolled, sent, retry, failed, exited, skipped;
 	int budget_spent; /* the budget ran out: the rest waits for the next tick */
 	long stale;        /* steps too late to send: recorded, not sent */
+	long winback_waiting; /* lapsed held back by winback_daily_max */
 	char stopped[400]; /* why the tick stopped early, or "" */
 };
 /* Marks idle carts abandoned and enrolls them. */

@@ -3550,7 +3550,7 @@ static void test_flow(void)
 				  .failed = 5, .exited = 6, .skipped = 7};
 	ok(tick_json(&w.app, &s, T0, &j) == 0 &&
 		   !strcmp(j.data, "{\"now\":1795000000,\"abandoned\":1,\"enrolled\":2,\"sent\":3,"
-			   "\"retry\":4,\"failed\":5,\"exited\":6,\"skipped\":7,\"stale\":0}"),
+			   "\"retry\":4,\"failed\":5,\"exited\":6,\"skipped\":7,\"stale\":0,\"winback_waiting\":0}"),
 	   "tick_json reports every counter");
 	buf_free(&j);
 	world_close(&w);
@@ -4261,6 +4261,92 @@ static void test_lapse_incremental(void)
 		ok(0, "incremental lapse: a second connection opens");
 	}
 	sqlite3_close(h);
+	world_close(&w);
+}
+
+/* issue 14: the first campaign after an import is ramped (a daily cap,
+ * most recently lapsed first, nobody lost) and skips the long lost */
+static void test_winback_ramp(void)
+{
+	struct world w;
+	struct tick_summary s;
+	char id[32], email[64];
+	if (!ok(world_open(&w, "winback-ramp") == 0, "winback ramp: world opens"))
+		return;
+	product(&w, "A", "lighting", T0);
+	/* 510 lapsed, customer i lapsed i minutes before customer 0 */
+	for (int i = 0; i < 510; i++) {
+		snprintf(id, sizeof id, "r%d", i);
+		snprintf(email, sizeof email, "c%d@example.com", i);
+		order_line(&w, id, email, "A", 40, T0 - 91 * DAY - i * 60, T0);
+	}
+	/* idle 200 days: past the default max (2 x 90 days) */
+	order_line(&w, "old", "old@example.com", "A", 40, T0 - 200 * DAY, T0);
+	memset(&s, 0, sizeof s);
+	ok(flow_detect(&w.app, T0, &s) == 0, "winback ramp: detection runs");
+	is_int(s.enrolled, 500, "winback ramp: the first tick enrolls winback_daily_max (500)");
+	is_int(s.winback_waiting, 10, "winback ramp: the 10 others wait (tick summary)");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email IN ('c0@example.com', 'c499@example.com')"), 2,
+	       "winback ramp: the most recently lapsed first");
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email IN ('c500@example.com', 'c509@example.com', 'old@example.com')"), 0,
+	       "winback ramp: the longest lapsed wait, the long lost are not enrolled");
+	memset(&s, 0, sizeof s);
+	flow_detect(&w.app, T0 + 12 * 3600, &s);
+	ok(s.enrolled == 0 && s.winback_waiting == 10,
+	   "winback ramp: within 24 h nothing more (%ld enrolled, %ld waiting)",
+	   s.enrolled, s.winback_waiting);
+	/* one of the waiting orders again: no win-back for them */
+	order_line(&w, "back", "c509@example.com", "A", 40, T0 + 13 * 3600, T0 + 13 * 3600);
+	memset(&s, 0, sizeof s);
+	flow_detect(&w.app, T0 + DAY + 60, &s);
+	ok(s.enrolled == 9 && s.winback_waiting == 0,
+	   "winback ramp: the next day the rest (9) are enrolled, the one who came back is not "
+	   "(%ld enrolled, %ld waiting)", s.enrolled, s.winback_waiting);
+	is_int(sq(&w, "SELECT count(DISTINCT contact_id) FROM enrollments WHERE flow_id = 2"), 509,
+	       "winback ramp: nobody lost, nobody twice");
+	memset(&s, 0, sizeof s);
+	flow_detect(&w.app, T0 + DAY + 120, &s);
+	is_int(s.enrolled, 0, "winback ramp: then nothing waits");
+	/* 0: no limit; the long lost are enrolled at the next tick */
+	set_cfg(&w.cfg.winback_max_idle_days, "0");
+	memset(&s, 0, sizeof s);
+	flow_detect(&w.app, T0 + DAY + 180, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON c.id = e.contact_id "
+		  "WHERE c.email = 'old@example.com'"), 1,
+	       "winback ramp: winback_max_idle_days = 0: no limit");
+	world_close(&w);
+
+	/* the minimum spend: a median, rounded down to a round price */
+	static const struct { double v, want; } nice[] = {
+		{40, 40}, {0.5, 0.5}, {7.4, 7}, {19.99, 19}, {47.5, 45}, {99, 95},
+		{100, 100}, {303, 300}, {461.2, 460}, {999.99, 990}, {1234, 1200},
+	};
+	for (size_t i = 0; i < sizeof nice / sizeof *nice; i++)
+		ok(min_spend_nice(nice[i].v) == nice[i].want,
+		   "min spend: %.2f is written %.2f (%.2f)", nice[i].v, nice[i].want,
+		   min_spend_nice(nice[i].v));
+	if (!ok(world_open(&w, "winback-median") == 0, "min spend: world opens"))
+		return;
+	product(&w, "A", "lighting", T0);
+	/* the store: mean 146.17, median 80; "big" ordered 120, 137, 500 */
+	order_line(&w, "m1", "small@example.com", "A", 40, T0 - 100 * DAY, T0);
+	order_line(&w, "m2", "other@example.com", "A", 40, T0 - 10 * DAY, T0);
+	order_line(&w, "m3", "more@example.com", "A", 40, T0 - 10 * DAY, T0);
+	order_line(&w, "m4", "big@example.com", "A", 120, T0 - 130 * DAY, T0);
+	order_line(&w, "m5", "big@example.com", "A", 137, T0 - 120 * DAY, T0);
+	order_line(&w, "m6", "big@example.com", "A", 500, T0 - 100 * DAY, T0);
+	tick(&w, T0, &s);
+	tick(&w, T0 + 7 * DAY, &s);
+	is_int(sq(&w, "SELECT min_spend FROM discounts d JOIN contacts c ON c.id = d.contact_id "
+		  "WHERE c.email = 'big@example.com'"), 130,
+	       "min spend: the customer's own median (137) rounded down (130), not the mean");
+	is_int(sq(&w, "SELECT min_spend FROM discounts d JOIN contacts c ON c.id = d.contact_id "
+		  "WHERE c.email = 'small@example.com'"), 40,
+	       "min spend: a one-order customer: their order (40)");
+	ok(w.app.aov == 80, "min spend: the store's median (80) is cached, not the mean (%.2f)",
+	   w.app.aov);
 	world_close(&w);
 }
 
@@ -6100,6 +6186,7 @@ int main(void)
 	test_refunds();
 	test_segments_incremental();
 	test_lapse_incremental();
+	test_winback_ramp();
 	test_reco_report();
 	test_review_winback_period();
 	test_segment_names();
