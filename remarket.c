@@ -549,6 +549,7 @@ static const struct cfg_key {
 	CFG_LONG(threads, "4"),
 	CFG_STR(socket_group, ""),
 	CFG_LONG(max_lateness_hours, "24"),
+	CFG_LONG(retention_days, "0"),
 	CFG_LONG(lease_seconds, "300"),
 	CFG_LONG(tick_budget_seconds, "50"),
 	CFG_LONG(max_items, "100"),
@@ -1824,6 +1825,9 @@ void cfg_free(struct config *cfg)
 	  "consent = 0, consent_vid = NULL, consent_pending = 0, "             \
 	  "suppressed_at = coalesce(suppressed_at, ?2), "                      \
 	  "suppress_reason = 'forgotten', updated = ?2 WHERE id = ?1")         \
+	X(EVENTS_EXPIRE,                                                       \
+	  "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id " \
+	  "LIMIT ?2) AND received < ?1")                                       \
 	X(FORGET_EVENTS,                                                       \
 	  "UPDATE events SET body = '{}' "                                     \
 	  "WHERE instr(lower(body), lower(?1)) > 0")                           \
@@ -7368,9 +7372,36 @@ static int tick_end(struct app *app, int64_t id, const struct tick_summary *sum,
 }
 
 /* Runs tick ID (made by tick_begin) and records its end. */
+/* retention_days: the raw events (the only copy of their bodies; nothing
+ * reads them back) older than that go, oldest first, in chunks of 500 rows
+ * taken from the start of the rowid (an index range, never a scan), each
+ * its own short write; at most 20 chunks a tick, the rest next tick.
+ * Errors only delay it: the tick goes on. */
+static void events_expire(struct app *app, rm_time now)
+{
+	long days = app->cfg->retention_days;
+	struct db *db = app->db;
+	for (int i = 0; days > 0 && i < 20; i++) {
+		if (db_begin(db) ||
+		    q_exec(db, q(db, ST_EVENTS_EXPIRE, "ii",
+				 (int64_t)now - (int64_t)days * 86400, (int64_t)500))) {
+			db_rollback(db);
+			return;
+		}
+		int n = sqlite3_changes(db->h);
+		if (db_commit(db)) {
+			db_rollback(db);
+			return;
+		}
+		if (n < 500)
+			return;
+	}
+}
+
 static int tick_run(struct app *app, int64_t id, rm_time now, struct buf *out)
 {
 	struct tick_summary sum;
+	events_expire(app, now);
 	if (flow_tick(app, now, &sum) < 0) {
 		tick_end(app, id, NULL, now, "tick failed: database busy or broken, "
 			 "see the server log", out);

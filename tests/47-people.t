@@ -149,4 +149,17 @@ is(sql("SELECT suppress_reason FROM contacts WHERE email = 'eve\@example.com'"),
 is(tick($T0 + 100000 + 3700), 0, '... nothing is sent to her');
 is(sql("SELECT count(*) FROM segments s JOIN contacts c ON c.id = s.contact_id "
 	. "WHERE c.email LIKE '#forgotten%'"), 0, 'forgotten contacts are in no segment');
+
+# retention_days: the tick deletes the raw events older than that
+my $events = sql("SELECT count(*) FROM events");
+($rc, $out, $err) = rm('', 'tick', '--now', $T0 + 100000 + 3800);
+is(sql("SELECT count(*) FROM events"), $events, 'retention_days 0 (default): every event kept');
+{
+	local $env{REMARKET_RETENTION_DAYS} = 1;
+	($rc, $out, $err) = rm('', 'tick', '--now', $T0 + 100000 + 3900);
+	is($rc, 0, 'a tick with retention_days = 1') or diag($err);
+}
+is(sql("SELECT count(*) FROM events WHERE received < $T0 + 100000 + 3900 - 86400"), 0,
+	'... deleted the events older than a day');
+is(sql("SELECT count(*) FROM events"), 1, '... and kept the newer one');
 done_testing();
