@@ -3424,15 +3424,18 @@ static int64_t contact_from_browser(struct app *app, const struct event *e,
 }
 
 /* HEX: the keyed hash `remarket forget` keeps of an address (lower-cased:
- * addresses match without case, as contacts.email does). */
-static void forgotten_hash(const struct app *app, const char *email,
+ * addresses match without case, as contacts.email does), by key K of the
+ * ring (0: the newest, which forget uses; 1..nold: the older ones, so a
+ * hash made before `keygen --rotate` is still found). */
+static void forgotten_hash(const struct app *app, const char *email, int k,
 			   char hex[2 * 32 + 1])
 {
 	unsigned char low[320], h[32];
 	size_t n = 0;
 	for (; email[n] && n < sizeof low; n++)
 		low[n] = (unsigned char)tolower((unsigned char)email[n]);
-	crypto_generichash(h, sizeof h, low, n, app->key, sizeof app->key);
+	crypto_generichash(h, sizeof h, low, n,
+			   k ? app->old_keys[k - 1] : app->key, RM_KEYBYTES);
 	sodium_bin2hex(hex, 2 * 32 + 1, h, sizeof h);
 }
 
@@ -3443,9 +3446,14 @@ static int forgotten_suppress(struct app *app, int64_t id, const char *email,
 			      rm_time now)
 {
 	char hex[2 * 32 + 1];
-	forgotten_hash(app, email, hex);
 	struct db *db = app->db;
-	if (!id || db_scalar_stmt(q(db, ST_FORGOTTEN_HAS, "t", hex)) != 1)
+	int k = 0;
+	for (; id && k <= app->nold; k++) {
+		forgotten_hash(app, email, k, hex);
+		if (db_scalar_stmt(q(db, ST_FORGOTTEN_HAS, "t", hex)) == 1)
+			break;
+	}
+	if (!id || k > app->nold)
 		return 0;
 	return q_exec(db, q(db, ST_SUPPRESS, "iit", id, (int64_t)now,
 			    "forgotten")) ||
@@ -10676,15 +10684,18 @@ static int cmd_suppress(struct app *app, struct config *cfg, rm_time now,
 	int64_t id;
 	if (person_id(app, argv[0], argv[2], &id))
 		return 1;
-	char hex[2 * 32 + 1];
-	forgotten_hash(app, argv[2], hex);
 	/* remove is the explicit act that lifts a forgotten address too */
-	int rc = db_begin(db) ||
+	int rc = db_begin(db);
+	for (int k = 0; !add && !rc && k <= app->nold; k++) {
+		char hex[2 * 32 + 1];
+		forgotten_hash(app, argv[2], k, hex);
+		rc = q_exec(db, q(db, ST_FORGOTTEN_DEL, "t", hex));
+	}
+	rc = rc ||
 		 (add ? q_exec(db, q(db, ST_SUPPRESS, "iit", id, (int64_t)now,
 				     "manual")) ||
 			q_exec(db, q(db, ST_EXIT_CONTACT, "it", id, "suppressed"))
-		      : q_exec(db, q(db, ST_UNSUPPRESS, "i", id)) ||
-			q_exec(db, q(db, ST_FORGOTTEN_DEL, "t", hex))) ||
+		      : q_exec(db, q(db, ST_UNSUPPRESS, "i", id))) ||
 		 db_commit(db);
 	if (rc) {
 		db_rollback(db);
@@ -10710,7 +10721,7 @@ static int cmd_forget(struct app *app, struct config *cfg, rm_time now,
 		return 1;
 	struct db *db = app->db;
 	char hex[2 * 32 + 1];
-	forgotten_hash(app, argv[1], hex);
+	forgotten_hash(app, argv[1], 0, hex);
 	struct buf files = {0};
 	int rc = db_begin(db) ||
 		 q_exec(db, q(db, ST_FORGET_EVENTS, "t", argv[1])) ||
