@@ -568,6 +568,7 @@ static const struct cfg_key {
 	CFG_LONG(threads, "4"),
 	CFG_STR(socket_group, ""),
 	CFG_LONG(max_lateness_hours, "24"),
+	CFG_LONG(retention_days, "0"),
 	CFG_LONG(lease_seconds, "300"),
 	CFG_LONG(tick_budget_seconds, "50"),
 	CFG_LONG(max_items, "100"),
@@ -874,6 +875,9 @@ void cfg_free(struct config *cfg)
 	  "consent_vid = CASE WHEN ?3 IS NULL THEN consent_vid END, "          \
 	  "consent_pending = CASE WHEN ?3 IS NULL THEN consent_pending ELSE 0 END " \
 	  "RETURNING id")                                                      \
+	/* an address `remarket forget` erased (see sql/016_people.sql) */    \
+	X(FORGOTTEN_HAS, "SELECT 1 FROM forgotten WHERE hash = ?1")           \
+	X(FORGOTTEN_DEL, "DELETE FROM forgotten WHERE hash = ?1")             \
 	/* the browser's door to contacts: an address, never a name; new      \
 	 * browser-only contacts past the hourly cap are held (not mailed);   \
 	 * consent given by a checkbox, taken back only by the same visitor;  \
@@ -1873,6 +1877,80 @@ void cfg_free(struct config *cfg)
 	X(UNSUBSCRIBE,                                                         \
 	  "UPDATE contacts SET unsubscribed_at = ?2 "                          \
 	  "WHERE id = ?1 AND unsubscribed_at IS NULL")                         \
+	/* people (remarket contact/export/suppress/forget): one person's   \
+	 * rows as one JSON document; ?2 = 1 adds the events' bodies. Events \
+	 * name an address in their body only, so finding them reads the     \
+	 * events (one person, on the operator's request: not a tick's path) */ \
+	X(PERSON_JSON,                                                         \
+	  "SELECT json_object('email', c.email, 'name', c.name, "              \
+	  "'consent', c.consent, 'signed', c.signed, "                         \
+	  "'consent_pending', c.consent_pending, 'consent_vid', c.consent_vid, " \
+	  "'confirm_sent_at', c.confirm_sent_at, 'confirmed_at', c.confirmed_at, " \
+	  "'unsubscribed_at', c.unsubscribed_at, 'suppressed_at', c.suppressed_at, " \
+	  "'suppress_reason', c.suppress_reason, 'held_at', c.held_at, "       \
+	  "'created', c.created, 'updated', c.updated, "                       \
+	  "'visitors', (SELECT json_group_array(json_object('vid', vid, "      \
+	  "'first_seen', first_seen, 'last_seen', last_seen)) FROM visitors "  \
+	  "WHERE contact_id = c.id), "                                         \
+	  "'events', (SELECT json_group_array(json_object('id', id, 'type', type, " \
+	  "'ts', ts, 'source', source, 'body', CASE WHEN ?2 THEN json(body) END)) " \
+	  "FROM events WHERE instr(lower(body), lower(c.email)) > 0), "        \
+	  "'carts', (SELECT json_group_array(json_object('cart', cart_key, "   \
+	  "'status', status, 'total', total, 'currency', currency, "           \
+	  "'items', json(items), 'updated', updated, 'abandoned_at', abandoned_at, " \
+	  "'ordered_at', ordered_at)) FROM carts WHERE contact_id = c.id), "   \
+	  "'orders', (SELECT json_group_array(json_object('order', order_key, " \
+	  "'total', total, 'currency', currency, 'items', json(items), "       \
+	  "'discount_code', discount_code, 'ts', ts)) FROM orders "            \
+	  "WHERE contact_id = c.id), "                                         \
+	  "'messages', (SELECT json_group_array(json_object('id', m.id, "      \
+	  "'flow', f.name, 'step', m.step, 'variant', m.variant, "             \
+	  "'status', m.status, 'created', m.created, 'sent_at', m.sent_at, "   \
+	  "'discount_code', m.discount_code, 'error', m.error, "               \
+	  "'interactions', (SELECT json_group_array(json_object('kind', i.kind, " \
+	  "'ts', i.ts)) FROM interactions i WHERE i.message = m.id))) "        \
+	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
+	  "JOIN flows f ON f.id = e.flow_id WHERE m.contact_id = c.id), "      \
+	  "'discounts', (SELECT json_group_array(json_object('code', code, "   \
+	  "'percent', percent, 'expires', expires, 'redeemed_at', redeemed_at)) " \
+	  "FROM discounts WHERE contact_id = c.id)) "                          \
+	  "FROM contacts c WHERE c.email = ?1")                                \
+	/* the readable form of PERSON_JSON: one "path  value" line a leaf */ \
+	X(PERSON_LINES,                                                        \
+	  "SELECT substr(fullkey, 3), coalesce(atom, 'null') FROM json_tree(?1) " \
+	  "WHERE type NOT IN ('object', 'array')")                             \
+	X(UNSUPPRESS,                                                          \
+	  "UPDATE contacts SET suppressed_at = NULL, suppress_reason = NULL "  \
+	  "WHERE id = ?1")                                                     \
+	X(SUPPRESSED_LIST,                                                     \
+	  "SELECT email, suppressed_at, coalesce(suppress_reason, '') "        \
+	  "FROM contacts WHERE suppressed_at IS NOT NULL "                     \
+	  "AND email NOT LIKE '#%' ORDER BY suppressed_at, id")                \
+	/* forget: the contact row keeps its id (orders, messages and the     \
+	 * report's counts point at it) and loses everything personal; its    \
+	 * address becomes '#forgotten-ID', which no valid address matches */ \
+	X(FORGET_CONTACT,                                                      \
+	  "UPDATE contacts SET email = '#forgotten-' || id, name = '', "       \
+	  "consent = 0, consent_vid = NULL, consent_pending = 0, "             \
+	  "suppressed_at = coalesce(suppressed_at, ?2), "                      \
+	  "suppress_reason = 'forgotten', updated = ?2 WHERE id = ?1")         \
+	X(EVENTS_EXPIRE,                                                       \
+	  "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id " \
+	  "LIMIT ?2) AND received < ?1")                                       \
+	X(FORGET_EVENTS,                                                       \
+	  "UPDATE events SET body = '{}' "                                     \
+	  "WHERE instr(lower(body), lower(?1)) > 0")                           \
+	X(FORGET_VISITORS, "DELETE FROM visitors WHERE contact_id = ?1")     \
+	X(FORGET_CARTS,                                                        \
+	  "UPDATE carts SET visitor_id = NULL WHERE contact_id = ?1")          \
+	X(FORGET_MESSAGES,                                                     \
+	  "UPDATE messages SET error = NULL WHERE contact_id = ?1 "            \
+	  "RETURNING id")                                                      \
+	X(FORGET_SEGMENTS, "DELETE FROM segments WHERE contact_id = ?1")     \
+	X(FORGET_PENDING, "DELETE FROM segment_pending WHERE contact_id = ?1") \
+	X(FORGET_DIRTY, "DELETE FROM segment_dirty WHERE contact_id = ?1")   \
+	X(FORGOTTEN_ADD,                                                       \
+	  "INSERT OR IGNORE INTO forgotten (hash, ts) VALUES (?1, ?2)")        \
 	X(MESSAGE_TARGET,                                                      \
 	  "SELECT m.contact_id, k.cart_key, coalesce(m.discount_code, "        \
 	  "(SELECT x.discount_code FROM messages x WHERE x.enrollment_id = "   \
@@ -3488,6 +3566,43 @@ static int64_t contact_from_browser(struct app *app, const struct event *e,
 	return q_exec(db, s) < 0 ? -1 : id;
 }
 
+/* HEX: the keyed hash `remarket forget` keeps of an address (lower-cased:
+ * addresses match without case, as contacts.email does), by key K of the
+ * ring (0: the newest, which forget uses; 1..nold: the older ones, so a
+ * hash made before `keygen --rotate` is still found). */
+static void forgotten_hash(const struct app *app, const char *email, int k,
+			   char hex[2 * 32 + 1])
+{
+	unsigned char low[320], h[32];
+	size_t n = 0;
+	for (; email[n] && n < sizeof low; n++)
+		low[n] = (unsigned char)tolower((unsigned char)email[n]);
+	crypto_generichash(h, sizeof h, low, n,
+			   k ? app->old_keys[k - 1] : app->key, RM_KEYBYTES);
+	sodium_bin2hex(hex, 2 * 32 + 1, h, sizeof h);
+}
+
+/* A contact whose address was forgotten and comes back (an import, a hook)
+ * starts suppressed ('forgotten'), whatever consent the event carries:
+ * only `remarket suppress remove EMAIL` lifts it. 0, or -1 on error. */
+static int forgotten_suppress(struct app *app, int64_t id, const char *email,
+			      rm_time now)
+{
+	char hex[2 * 32 + 1];
+	struct db *db = app->db;
+	int k = 0;
+	for (; id && k <= app->nold; k++) {
+		forgotten_hash(app, email, k, hex);
+		if (db_scalar_stmt(q(db, ST_FORGOTTEN_HAS, "t", hex)) == 1)
+			break;
+	}
+	if (!id || k > app->nold)
+		return 0;
+	return q_exec(db, q(db, ST_SUPPRESS, "iit", id, (int64_t)now,
+			    "forgotten")) ||
+	       q_exec(db, q(db, ST_EXIT_CONTACT, "it", id, "forgotten")) ? -1 : 0;
+}
+
 /* The contact an event names (upserted from a signed event, limited from a
  * browser) and its visitor linked; the contact id, 0 if none, -1 on error. */
 static int64_t ev_contact(struct app *app, const struct event *e,
@@ -3508,7 +3623,10 @@ static int64_t ev_contact(struct app *app, const struct event *e,
 		sqlite3_reset(s);
 		if (!id)
 			return -1;
-	} else if (vid) {
+	}
+	if (e->email && forgotten_suppress(app, id, e->email, now) < 0)
+		return -1;
+	if (!e->email && vid) {
 		sqlite3_stmt *s = q(db, ST_VISITOR_CONTACT, "t", vid);
 		if (sqlite3_step(s) == SQLITE_ROW)
 			id = sqlite3_column_int64(s, 0);
@@ -7828,9 +7946,36 @@ static int tick_end(struct app *app, int64_t id, const struct tick_summary *sum,
 }
 
 /* Runs tick ID (made by tick_begin) and records its end. */
+/* retention_days: the raw events (the only copy of their bodies; nothing
+ * reads them back) older than that go, oldest first, in chunks of 500 rows
+ * taken from the start of the rowid (an index range, never a scan), each
+ * its own short write; at most 20 chunks a tick, the rest next tick.
+ * Errors only delay it: the tick goes on. */
+static void events_expire(struct app *app, rm_time now)
+{
+	long days = app->cfg->retention_days;
+	struct db *db = app->db;
+	for (int i = 0; days > 0 && i < 20; i++) {
+		if (db_begin(db) ||
+		    q_exec(db, q(db, ST_EVENTS_EXPIRE, "ii",
+				 (int64_t)now - (int64_t)days * 86400, (int64_t)500))) {
+			db_rollback(db);
+			return;
+		}
+		int n = sqlite3_changes(db->h);
+		if (db_commit(db)) {
+			db_rollback(db);
+			return;
+		}
+		if (n < 500)
+			return;
+	}
+}
+
 static int tick_run(struct app *app, int64_t id, rm_time now, struct buf *out)
 {
 	struct tick_summary sum;
+	events_expire(app, now);
 	if (flow_tick(app, now, &sum) < 0) {
 		tick_end(app, id, NULL, now, "tick failed: database busy or broken, "
 			 "see the server log", out);
@@ -11066,6 +11211,170 @@ static int cmd_recommend(struct app *app, struct config *cfg, rm_time now,
 	return n < 0;
 }
 
+static int cmd_usage(const char *name);
+
+/* People and personal data. `contact` and `export` print one person's rows
+ * (PERSON_JSON; export adds the events' bodies); `unsubscribe` does what
+ * the mail's link does; `suppress` stops or allows mail to an address;
+ * `forget` erases a person (see cmd_forget). */
+static int person_id(struct app *app, const char *cmd, const char *email,
+		     int64_t *id)
+{
+	*id = val_email(email) ? scalar_id(app->db, q(app->db, ST_CONTACT_ID, "t",
+						      email)) : 0;
+	if (!*id)
+		fprintf(stderr, "remarket %s: no contact '%s' (an address seen in "
+			"an event or an import)\n", cmd, email);
+	return *id ? 0 : 1;
+}
+
+static int cmd_contact(struct app *app, struct config *cfg, rm_time now,
+		       int argc, char **argv)
+{
+	(void)cfg, (void)now;
+	int export = !strcmp(argv[0], "export");
+	int json = export || (argc == 3 && !strcmp(argv[1], "--json"));
+	const char *email = argv[argc - 1];
+	if ((argc == 3 && !json) || (export && argc != 2))
+		return cmd_usage(argv[0]);
+	int64_t id;
+	if (person_id(app, argv[0], email, &id))
+		return 1;
+	struct db *db = app->db;
+	sqlite3_stmt *s = q(db, ST_PERSON_JSON, "ti", email, (int64_t)export);
+	if (sqlite3_step(s) != SQLITE_ROW) {
+		sqlite3_reset(s);
+		fprintf(stderr, "remarket %s: %s\n", argv[0], sqlite3_errmsg(db->h));
+		return 1;
+	}
+	if (json) {
+		printf("%s\n", (const char *)sqlite3_column_text(s, 0));
+		sqlite3_reset(s);
+		return 0;
+	}
+	sqlite3_stmt *l = q(db, ST_PERSON_LINES, "t",
+			    (const char *)sqlite3_column_text(s, 0));
+	sqlite3_reset(s);
+	while (sqlite3_step(l) == SQLITE_ROW)
+		printf("%-28s %s\n", (const char *)sqlite3_column_text(l, 0),
+		       (const char *)sqlite3_column_text(l, 1));
+	sqlite3_reset(l);
+	return 0;
+}
+
+static int cmd_unsubscribe(struct app *app, struct config *cfg, rm_time now,
+			   int argc, char **argv)
+{
+	(void)cfg, (void)argc;
+	int64_t id;
+	if (person_id(app, argv[0], argv[1], &id))
+		return 1;
+	struct db *db = app->db;
+	if (db_begin(db) ||
+	    q_exec(db, q(db, ST_UNSUBSCRIBE, "ii", id, (int64_t)now)) ||
+	    q_exec(db, q(db, ST_EXIT_CONTACT, "it", id, "unsubscribe")) ||
+	    db_commit(db)) {
+		db_rollback(db);
+		return 1;
+	}
+	printf("%s: unsubscribed\n", argv[1]);
+	return 0;
+}
+
+static int cmd_suppress(struct app *app, struct config *cfg, rm_time now,
+			int argc, char **argv)
+{
+	(void)cfg;
+	struct db *db = app->db;
+	if (argc == 2 && !strcmp(argv[1], "list")) {
+		sqlite3_stmt *s = q(db, ST_SUPPRESSED_LIST, NULL);
+		while (sqlite3_step(s) == SQLITE_ROW)
+			printf("%s\t%lld\t%s\n", (const char *)sqlite3_column_text(s, 0),
+			       (long long)sqlite3_column_int64(s, 1),
+			       (const char *)sqlite3_column_text(s, 2));
+		sqlite3_reset(s);
+		return 0;
+	}
+	int add = argc == 3 && !strcmp(argv[1], "add");
+	if (!add && !(argc == 3 && !strcmp(argv[1], "remove")))
+		return cmd_usage(argv[0]);
+	int64_t id;
+	if (person_id(app, argv[0], argv[2], &id))
+		return 1;
+	/* remove is the explicit act that lifts a forgotten address too */
+	int rc = db_begin(db);
+	for (int k = 0; !add && !rc && k <= app->nold; k++) {
+		char hex[2 * 32 + 1];
+		forgotten_hash(app, argv[2], k, hex);
+		rc = q_exec(db, q(db, ST_FORGOTTEN_DEL, "t", hex));
+	}
+	rc = rc ||
+		 (add ? q_exec(db, q(db, ST_SUPPRESS, "iit", id, (int64_t)now,
+				     "manual")) ||
+			q_exec(db, q(db, ST_EXIT_CONTACT, "it", id, "suppressed"))
+		      : q_exec(db, q(db, ST_UNSUPPRESS, "i", id))) ||
+		 db_commit(db);
+	if (rc) {
+		db_rollback(db);
+		return 1;
+	}
+	printf("%s: %s\n", argv[2], add ? "suppressed" : "no longer suppressed");
+	return 0;
+}
+
+/* `remarket forget EMAIL`: in one transaction the contact row keeps its id
+ * (orders and messages point at it, so the report's counts and revenue stay
+ * right) and loses its address, name and consent; events naming the
+ * address lose their bodies; its visitors (cookies) go; carts lose their
+ * browser; messages their errors; it leaves the segments; the outbox files
+ * of its messages are deleted; and the keyed hash of the address is kept
+ * (see forgotten_suppress). */
+static int cmd_forget(struct app *app, struct config *cfg, rm_time now,
+		      int argc, char **argv)
+{
+	(void)argc;
+	int64_t id;
+	if (person_id(app, argv[0], argv[1], &id))
+		return 1;
+	struct db *db = app->db;
+	char hex[2 * 32 + 1];
+	forgotten_hash(app, argv[1], 0, hex);
+	struct buf files = {0};
+	int rc = db_begin(db) ||
+		 q_exec(db, q(db, ST_FORGET_EVENTS, "t", argv[1])) ||
+		 q_exec(db, q(db, ST_FORGET_VISITORS, "i", id)) ||
+		 q_exec(db, q(db, ST_FORGET_CARTS, "i", id)) ||
+		 q_exec(db, q(db, ST_EXIT_CONTACT, "it", id, "forgotten")) ||
+		 q_exec(db, q(db, ST_FORGET_SEGMENTS, "i", id)) ||
+		 q_exec(db, q(db, ST_FORGET_PENDING, "i", id)) ||
+		 q_exec(db, q(db, ST_FORGET_DIRTY, "i", id)) ||
+		 q_exec(db, q(db, ST_FORGET_CONTACT, "ii", id, (int64_t)now)) ||
+		 q_exec(db, q(db, ST_FORGOTTEN_ADD, "ti", hex, (int64_t)now));
+	if (!rc) {
+		sqlite3_stmt *s = q(db, ST_FORGET_MESSAGES, "i", id);
+		while (sqlite3_step(s) == SQLITE_ROW)
+			buf_addf(&files, "%s/m%06lld.eml", cfg->outbox,
+				 (long long)sqlite3_column_int64(s, 0)),
+				buf_add(&files, "", 1);
+		rc = sqlite3_reset(s) != SQLITE_OK || buf_failed(&files) ||
+		     db_commit(db);
+	}
+	if (rc) {
+		db_rollback(db);
+		buf_free(&files);
+		fprintf(stderr, "remarket forget: nothing was changed\n");
+		return 1;
+	}
+	/* after the commit: a file left by a crash here is named by no row */
+	for (size_t at = 0; at < files.len; at += strlen(files.data + at) + 1)
+		if (unlink(files.data + at) < 0 && errno != ENOENT)
+			fprintf(stderr, "remarket forget: %s: %s\n", files.data + at,
+				strerror(errno));
+	buf_free(&files);
+	printf("%s: forgotten\n", argv[1]);
+	return 0;
+}
+
 /* `remarket products kind SKU product|service`: corrects the catalog's
  * guess; a service is never recommended nor counted as a product. */
 static int cmd_products(struct app *app, struct config *cfg, rm_time now,
@@ -11169,6 +11478,16 @@ static const struct command commands[] = {
 	 "mark a catalog line a product or a service\n(postage, fees: never recommended)"},
 	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv [--rejects REJECTS.csv]",
 	 "fill the catalog, load past orders"},
+	{"contact", CMD_APP, 1, 2, cmd_contact, "[--json] EMAIL",
+	 "everything known of a person and sent to them"},
+	{"unsubscribe", CMD_APP, 1, 1, cmd_unsubscribe, "EMAIL",
+	 "as the mail's link: every flow stops"},
+	{"suppress", CMD_APP, 1, 2, cmd_suppress, "add|remove EMAIL | list",
+	 "stop (or allow again) all mail to an address"},
+	{"export", CMD_APP, 1, 1, cmd_contact, "EMAIL",
+	 "a person's data as JSON (GDPR access)"},
+	{"forget", CMD_APP, 1, 1, cmd_forget, "EMAIL",
+	 "erase a person (GDPR); keeps a keyed hash\nso they are never mailed again"},
 	{"help", CMD_ALONE, 0, 1, cmd_help, "[--man]",
 	 "this list; --man: the man page's SYNOPSIS"},
 	{"version", CMD_ALONE, 0, 0, cmd_version, "", "print the version"},

@@ -59,6 +59,7 @@ struct config {
 	long max_body;      /* bytes; larger request bodies get 413 */
 	long threads;       /* FastCGI worker threads */
 	long max_lateness_hours; /* a step later than this is stale (0: never) */
+	long retention_days; /* raw events older than this go (0: kept) */
 	long lease_seconds; /* how long a claimed message stays claimed */
 	long smtp_connect_timeout; /* seconds to connect to the relay */
 	long smtp_reply_timeout;   /* seconds to wait for each relay reply */
