@@ -1417,7 +1417,6 @@ void cfg_free(struct config *cfg)
 	X(PRODUCT_KIND_SET,                                                    \
 	  "UPDATE products SET kind = ?2 WHERE sku = ?1")                      \
 	/* -- The message context -- */                                        \
-	X(AOV, "SELECT coalesce(round(avg(total), 2), 0) FROM orders WHERE total > 0") \
 	/* the median order of contact ?1 (NULL: none), by orders_contact;  \
 	 * of two middle orders their mean */                                 \
 	X(MEDIAN_CONTACT,                                                      \
@@ -1426,7 +1425,7 @@ void cfg_free(struct config *cfg)
 	  "total FROM t ORDER BY total LIMIT 2 - (SELECT c FROM n) % 2 "       \
 	  "OFFSET max(((SELECT c FROM n) - 1) / 2, 0))")                      \
 	/* the store's median order (0: none); a sort of every order, read  \
-	 * at most hourly (app->aov) */                                       \
+	 * at most hourly (app->store_median) */                            \
 	X(MEDIAN_STORE,                                                        \
 	  "WITH n AS (SELECT count(*) AS c FROM orders WHERE total > 0) "      \
 	  "SELECT coalesce(avg(total), 0) FROM (SELECT total FROM orders "     \
@@ -4899,17 +4898,17 @@ int import_orders(struct app *app, FILE *f, rm_time now)
 	return import_orders_rejects(app, f, now, NULL);
 }
 
-/* A line refused before its order is built: a cancellation (for now),
- * a quantity past import_max_qty, a date that is none. The rest of its
- * order is imported; the summary and REJECTS say what was left out. */
+/* A line refused before its order is built: a cancellation invoice whose
+ * line is not one (a negative qty is a refund: imp_cancellation took it
+ * before), a quantity past import_max_qty. The rest of its order is
+ * imported; the summary and REJECTS say what was left out. */
 static const char *imp_line_refused(const int *at, const char **row, int n,
 				    long cap, char *why, size_t whylen)
 {
 	const char *id = csv_val(row, n, at[0]), *qty = csv_val(row, n, at[6]);
 	double d = qty ? strtod(qty, NULL) : 1;
-	if ((id && (*id == 'C' || *id == 'c') && isdigit((unsigned char)id[1])) ||
-	    d < 0)
-		return "cancellation (not imported yet)";
+	if (id && (*id == 'C' || *id == 'c') && isdigit((unsigned char)id[1]))
+		return "cancellation: a C invoice line with a positive quantity";
 	if (d > (double)cap) {
 		snprintf(why, whylen, "qty: more than import_max_qty (%ld)", cap);
 		return why;
@@ -6742,6 +6741,25 @@ double min_spend_nice(double v)
 	return floor(v / step + 1e-9) * step;
 }
 
+/* CONTACT's median order, else the store's: the store's is a sort of
+ * every order, so it is read only for a customer with none, and kept for
+ * an hour of the clock. */
+double median_order(struct app *app, int64_t contact, rm_time now)
+{
+	double own = -1;
+	sqlite3_stmt *s = q(app->db, ST_MEDIAN_CONTACT, "i", contact);
+	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL)
+		own = sqlite3_column_double(s, 0);
+	sqlite3_reset(s);
+	if (own > 0)
+		return own;
+	if (!app->median_at || now < app->median_at || now - app->median_at >= 3600) {
+		q_row(q(app->db, ST_MEDIAN_STORE, NULL), "d", &app->store_median);
+		app->median_at = now;
+	}
+	return app->store_median;
+}
+
 /* Fixes the Message-ID and the discount code at the first attempt, so
  * every later attempt sends the same message. */
 static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
@@ -6764,23 +6782,11 @@ static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
 	}
 	*code_expires = 0;
 	if (m->pct > 0 && !*m->code) {
-		/* -1: the customer's median order, else the store's (kept
-		 * for the hour), as a price a person writes (min_spend_nice) */
+		/* -1: the customer's median order, else the store's, as a
+		 * price a person writes */
 		double min = m->min_spend;
-		if (min < 0 && (!app->aov_at || now < app->aov_at ||
-				now - app->aov_at >= 3600)) {
-			q_row(q(db, ST_MEDIAN_STORE, NULL), "d", &app->aov);
-			app->aov_at = now;
-		}
-		if (min < 0) {
-			double own = -1;
-			sqlite3_stmt *s = q(db, ST_MEDIAN_CONTACT, "i", m->contact);
-			if (sqlite3_step(s) == SQLITE_ROW &&
-			    sqlite3_column_type(s, 0) != SQLITE_NULL)
-				own = sqlite3_column_double(s, 0);
-			sqlite3_reset(s);
-			min = min_spend_nice(own > 0 ? own : app->aov);
-		}
+		if (min < 0)
+			min = min_spend_nice(median_order(app, m->contact, now));
 		if (code_issue(app, m->id, m->contact, m->pct, min, now + m->valid,
 			       now, m->code, sizeof m->code) ||
 		    q_exec(db, q(db, ST_MESSAGE_SET_CODE, "it", m->id, m->code)))
@@ -8535,6 +8541,13 @@ static void html_num(struct buf *b, const char *key, double v, const char *shown
 	buf_adds(b, "</span>");
 }
 
+static void html_count(struct buf *b, const char *key, long n)
+{
+	char v[24];
+	snprintf(v, sizeof v, "%ld", n);
+	html_num(b, key, (double)n, v);
+}
+
 static void html_card(struct buf *b, const char *label, const char *key,
 		      double v, const char *shown)
 {
@@ -8665,27 +8678,22 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 {
 	char k[48], v[48];
 	buf_adds(b, "<section><h2>Win-back</h2><p>");
-	snprintf(v, sizeof v, "%ld", r->lapsed);
-	html_num(b, "winback.lapsed", (double)r->lapsed, v);
+	html_count(b, "winback.lapsed", r->lapsed);
 	buf_addf(b, " customers are lapsed or lost (no order for %ld days: ",
 		 r->lapse_days);
 	html_escape(b, r->lapse_why);
 	buf_adds(b, "). ");
-	snprintf(v, sizeof v, "%ld", r->contacted);
-	html_num(b, "winback.contacted", (double)r->contacted, v);
+	html_count(b, "winback.contacted", r->contacted);
 	buf_adds(b, " were contacted in this period; ");
-	snprintf(v, sizeof v, "%ld", r->reactivated);
-	html_num(b, "winback.reactivated_30d", (double)r->reactivated, v);
+	html_count(b, "winback.reactivated_30d", r->reactivated);
 	buf_adds(b, " ordered again within 30 days (");
 	snprintf(v, sizeof v, "%.1f %%", 100 * r->reactivation_rate);
 	html_num(b, "winback.rate", r->reactivation_rate, v);
 	buf_adds(b, "). Of ");
 	const struct lift *l = &r->reactivation_lift;
-	snprintf(v, sizeof v, "%ld", r->held_contacted);
-	html_num(b, "winback.held_out", (double)r->held_contacted, v);
+	html_count(b, "winback.held_out", r->held_contacted);
 	buf_adds(b, " held out (sent nothing), ");
-	snprintf(v, sizeof v, "%ld", r->held_reactivated);
-	html_num(b, "winback.held_out_reactivated_30d", (double)r->held_reactivated, v);
+	html_count(b, "winback.held_out_reactivated_30d", r->held_reactivated);
 	buf_adds(b, " ordered again within 30 days anyway (");
 	snprintf(v, sizeof v, "%.1f %%", 100 * l->p2);
 	html_num(b, "winback.held_out_rate", l->p2, v);
@@ -8700,9 +8708,8 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 	buf_adds(b, "</tr><tr>");
 	for (int i = 0; i < SEG__MAX; i++) {
 		snprintf(k, sizeof k, "segments.%s", segment_names[i]);
-		snprintf(v, sizeof v, "%ld", r->segments[i]);
 		buf_adds(b, "<td>");
-		html_num(b, k, (double)r->segments[i], v);
+		html_count(b, k, r->segments[i]);
 		buf_adds(b, "</td>");
 	}
 	buf_adds(b, "</tr></table><p class=legend>RFM: recency, frequency and "

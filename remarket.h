@@ -117,11 +117,11 @@ struct app {
 	 * links mailed before `remarket keygen --rotate` keep working */
 	unsigned char old_keys[RM_MAXKEYS - 1][RM_KEYBYTES];
 	int nold;
-	/* the store's average order (ST_AOV reads every order): kept for an
+	/* the store's median order (a sort of every order): kept for an
 	 * hour of the clock, so a win-back offer costs one read a tick, not
 	 * one a mail */
-	double aov;
-	int64_t aov_at;
+	double store_median;
+	int64_t median_at;
 };
 int app_open(struct app *app, struct config *cfg, char *err, size_t errlen);
 void app_close(struct app *app);
@@ -302,6 +302,9 @@ int mc_template_uses(struct app *app, const char *tpl, const char *var);
 /* A loyalty code's minimum spend from a median order V: rounded down
  * to a price a person would write (the rule is in remarket.c). */
 double min_spend_nice(double v);
+/* CONTACT's median order, else the store's (read at most once an hour of
+ * NOW, kept in app->store_median). */
+double median_order(struct app *app, int64_t contact, rm_time now);
 
 /* ==== The flow engine: detect, claim, send, record ==================== */
 
