@@ -4,7 +4,8 @@
 # a temporary directory, as CI's checkout has them):
 #   - remarket.conf.example names every key of the cfg_keys table in
 #     remarket.c, once, and each commented "#key = value" shows the real
-#     default (so the example cannot drift from the code);
+#     default (so the example cannot drift from the code), and the
+#     README's Configuration table has a row for each;
 #   - `make PREFIX=/usr` builds a binary that looks for its files in
 #     /usr/share/remarket; `make install PREFIX=/usr DESTDIR=...` does not
 #     rebuild it and installs the binary, templates, migrations,
@@ -75,6 +76,12 @@ is("@missing", '', 'remarket.conf.example names every key of cfg_keys');
 is("@unknown", '', 'remarket.conf.example names no key remarket.c does not know');
 is("@dup", '', 'remarket.conf.example names each key once');
 is(join('; ', @wrong_default), '', 'each "#key = value" line shows the default of remarket.c');
+
+# The README's table under "Configuration" has a row for each key too.
+my ($section) = slurp("$root/README.md") =~ /^## Configuration\n(.*?)^## /ms;
+my @rows = grep { /^\|/ } split /\n/, $section // '';
+my @no_row = grep { my $k = $_; !grep { /^\|[^|]*`\Q$k\E`/ } @rows } sort keys %default;
+is("@no_row", '', 'README.md: the Configuration table has a row for every key');
 
 # ---- a clean checkout ---------------------------------------------------------
 
