@@ -4,6 +4,9 @@ PREFIX   ?= /usr/local
 BINDIR   ?= $(PREFIX)/bin
 SHAREDIR ?= $(PREFIX)/share/remarket
 MANDIR   ?= $(PREFIX)/share/man
+DOCDIR   ?= $(PREFIX)/share/doc/remarket
+# systemd reads units from /usr/local/lib/systemd/system and /usr/lib/...
+UNITDIR  ?= $(PREFIX)/lib/systemd/system
 CC       ?= cc
 CFLAGS   ?= -O2 -g
 PKGS      = fcgi sqlite3 libcurl libsodium
@@ -15,14 +18,19 @@ LIBS      = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lsqlit
 SAN       = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 MIGRATIONS = $(sort $(wildcard sql/[0-9]*.sql))
 
-.PHONY: all check check-run unit demo demo-shop bench install clean deps fuzz fuzz-build
+.PHONY: all check check-run unit demo demo-shop bench install clean deps fuzz fuzz-build FORCE
 
 all: remarket
 
 sql_migrations.h: $(MIGRATIONS) scripts/embed-sql.sh
 	sh scripts/embed-sql.sh $(MIGRATIONS) > $@.tmp && mv $@.tmp $@
 
-remarket: remarket.c remarket.h sql_migrations.h
+# The binary carries SHAREDIR: the stamp changes (and remarket is rebuilt)
+# when it does, so `make; make install PREFIX=/usr` installs a /usr binary.
+build/prefix.stamp: FORCE
+	@mkdir -p build; echo '$(SHAREDIR)' | cmp -s - $@ || echo '$(SHAREDIR)' > $@
+
+remarket: remarket.c remarket.h sql_migrations.h build/prefix.stamp
 	$(CC) $(CFLAGS) $(RM_CFLAGS) -o $@ remarket.c $(LIBS)
 
 # Sanitized program and unit tests for `make check`; a plain unit test
@@ -79,7 +87,7 @@ check-run: remarket build/san/remarket build/san/unit build/plain/unit fuzz-buil
 	UNIT_BIN=$(CURDIR)/build/san/unit \
 	VALGRIND_UNIT=$(CURDIR)/build/plain/unit \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
-	prove -v tests/
+	sh -c 'prove --state=save tests/ || { prove -v --state=failed; exit 1; }'
 
 unit: build/san/unit
 	./build/san/unit
@@ -111,8 +119,12 @@ install: remarket
 	install -m 0644 sql/*.sql $(DESTDIR)$(SHAREDIR)/sql/
 	install -m 0644 static/remarket.js $(DESTDIR)$(SHAREDIR)/static/
 	install -m 0644 nginx.conf.example $(DESTDIR)$(SHAREDIR)/
-	install -d $(DESTDIR)$(MANDIR)/man8
+	install -d $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR) $(DESTDIR)$(UNITDIR)
 	install -m 0644 remarket.8 $(DESTDIR)$(MANDIR)/man8/remarket.8
+	install -m 0644 README.md *.conf.example $(DESTDIR)$(DOCDIR)/
+	for u in remarket.service remarket-tick.service remarket-tick.timer; do \
+		sed 's#/usr/local/bin/#$(BINDIR)/#; s#/usr/local/share/doc/remarket#$(DOCDIR)#' \
+			systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u; done
 
 clean:
 	rm -rf remarket build sql_migrations.h

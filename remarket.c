@@ -9645,15 +9645,19 @@ static int64_t report_subject(const struct config *cfg)
 /* The operator's pages: with the tick token as a bearer token or as the
  * password of HTTP Basic auth (so a browser asks for it), or with a
  * report link (?t=, from `remarket report --link`). Never by address: a
- * tunnel or a TLS terminator on this host makes every client loopback. */
+ * tunnel or a TLS terminator on this host makes every client loopback.
+ * A request with ?t= is judged by the link alone: the web server examples
+ * let any ?t= through from outside, and that must not open the door to
+ * guesses of the tick token. */
 static int operator_ok(struct app *app, const struct http_req *rq, rm_time now)
 {
 	char *t = query_param(rq->query, "t");
 	int64_t subject = 0;
 	int st = t ? app_tok_verify(app, t, TOK_REPORT, now, &subject) : TOK_MALFORMED;
-	free(t);
-	if (st == TOK_OK && subject == report_subject(app->cfg))
-		return 1;
+	if (t) {
+		free(t);
+		return st == TOK_OK && subject == report_subject(app->cfg);
+	}
 	if (bearer_ok(rq, app->cfg->tick_token))
 		return 1;
 	const char *a = rq->authorization;

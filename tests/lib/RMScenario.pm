@@ -22,6 +22,7 @@ use Exporter 'import';
 use Test::More;
 use JSON::PP ();
 use Time::HiRes ();
+use HTTP::Tiny ();
 use RMTest qw(:DEFAULT http_port $TICK_TOKEN);
 
 our @EXPORT = qw(server_scenario rel tick_at wait_tick cart_event item shopper check_mail
@@ -272,7 +273,45 @@ sub server_scenario {
         isnt(contact_sql('unsubscribed_at', 'ann@example.com'), '',
             'contacts.unsubscribed_at is set for ann');
     }
+    report_gate($server);
     stop();
+}
+
+# The example's deny-by-default /rm/report: from another address (here
+# 127.0.0.2, which is not this machine's 127.0.0.1 or ::1 as far as the web
+# server's rule goes) only a report link gets through, whatever the token
+# or the spelling of the path; from 127.0.0.1 the tick_token still works.
+sub report_gate {
+    my ($server) = @_;
+    my $other = sub {
+        my ($path, $hdr) = @_;
+        my $ua = HTTP::Tiny->new(max_redirect => 0, timeout => 20, keep_alive => 0,
+            local_address => '127.0.0.2');
+        my $r = $ua->request('GET', "http://127.0.0.1:$PORT$path", { headers => $hdr || {} });
+        return { status => $r->{status}, content => $r->{content} // '' };
+    };
+    my $bearer = { Authorization => "Bearer $TICK_TOKEN" };
+    is($other->('/rm/health')->{status}, 200, "$server: 127.0.0.2 reaches /rm/health");
+    for my $path ('/rm/report', '/rm/report.json', '/rm//report', '/rm/%72eport.json',
+        '/rm/./report', '/rm/report?x=t=1', '/rm/report.json?T=1') {
+        my $r = $other->($path, $bearer);
+        is($r->{status}, 403, "$server: GET $path from 127.0.0.2 with the tick_token -> 403")
+            or diag "body: " . substr($r->{content}, 0, 300);
+    }
+    my ($rc, $link) = cli('report', '--link');
+    chomp $link;
+    my ($q) = $link =~ m{(\?t=[A-Za-z0-9_-]+)\z};
+    ok($q, 'remarket report --link prints a link') or diag $link;
+    my $r = $other->("/rm/report$q");
+    is($r->{status}, 200, "$server: the report link opens the report from 127.0.0.2")
+        or diag "body: " . substr($r->{content}, 0, 300);
+    like($r->{content}, qr/<html/i, '... an HTML page');
+    is($other->("/rm/report.json$q")->{status}, 200, '... and report.json');
+    is($other->('/rm/report.json?t=forged', $bearer)->{status}, 401,
+        "$server: a forged ?t= with the tick_token from 127.0.0.2 -> 401 (judged by the link)");
+    is(http('GET', '/rm/report.json', undef, $bearer)->{status}, 200,
+        "$server: from 127.0.0.1 the tick_token opens report.json");
+    is(http('GET', '/rm/report.json')->{status}, 401, '... and without it -> 401');
 }
 
 # An error answer from remarket: the status, JSON, {"error": "..."}.
