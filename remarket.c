@@ -7136,11 +7136,12 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 
 /* A minimum spend as a person would write it, never above V (so a
  * customer's own typical order stays within reach): below 20 a whole
- * number, below 100 a multiple of 5, below 1000 of 10, then of 50
- * (40 -> 40, 47.5 -> 45, 303 -> 300, 461 -> 460, 1234 -> 1200). */
+ * number, below 100 a multiple of 5, below 1000 of 10, below 10000 of
+ * 50, then of 500, for currencies of large numbers (40 -> 40, 47.5 -> 45,
+ * 303 -> 300, 461 -> 460, 1234 -> 1200, 12345 -> 12000). */
 double min_spend_nice(double v)
 {
-	double step = v < 20 ? 1 : v < 100 ? 5 : v < 1000 ? 10 : 50;
+	double step = v < 20 ? 1 : v < 100 ? 5 : v < 1000 ? 10 : v < 10000 ? 50 : 500;
 	if (v < 1)
 		return v > 0 ? v : 0;
 	return floor(v / step + 1e-9) * step;
