@@ -746,6 +746,9 @@ int cfg_timezone(const char *name)
 		 "/usr/share/zoneinfo", name);
 	if (strcmp(name, "UTC") != 0 && access(path, R_OK) != 0)
 		return -1;
+	const char *now = getenv("TZ");
+	if (now && !strcmp(now, name))
+		return 0; /* unchanged: no setenv under a running thread */
 	/* process-wide: set before threads start, read by localtime_r */
 	if (setenv("TZ", name, 1) < 0)
 		return -1;
@@ -2718,6 +2721,8 @@ int val_url(const char *s)
  * 128-bit keyed BLAKE2b (crypto_generichash) over the first 17 bytes.
  * The MAC is checked before anything in the token is believed, in
  * constant time. Tokens hold no personal data: the subject is a row id.
+ * A tracked link's token (kind l) also puts its target URL under the MAC
+ * (tok_sign_for), so the link cannot be pointed anywhere else.
  * The app signs with the newest key of its key ring and verifies with
  * each (app_tok_verify, at the end of this section), so a rotation
  * breaks no link. Server hooks use HMAC-SHA256 over "<t>.<body>" as the
@@ -5895,7 +5900,10 @@ int reco_for(struct app *app, int64_t contact, char (*out)[65], int n)
  * curl_mime cannot write a message to a file, which is why the MIME
  * layout (multipart/alternative, quoted-printable parts) is built here;
  * it is small and covered by tests that parse it with a real MIME parser.
- * Header values are checked for CR and LF before anything is written.
+ * Header values are checked for CR and LF before anything is written;
+ * display names are quoted or encoded, never written bare. Money and
+ * dates are written by a small table of locales (not setlocale, which is
+ * process-wide) in the one time zone of the process (cfg_timezone).
  */
 
 /* ---- money and dates as the store's locale writes them ----
