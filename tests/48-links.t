@@ -66,6 +66,8 @@ sub sql {
 	return $v;
 }
 
+sub slurp { local (@ARGV, $/) = @_; return <> // '' }
+
 sub mails {
 	opendir my $d, $env{REMARKET_OUTBOX} or return ();
 	return map { "$env{REMARKET_OUTBOX}/$_" } sort grep { /\.eml$/ } readdir $d;
@@ -185,5 +187,27 @@ $html = $m->{'text/html'} // '';
 like($html, qr{/rm/l/[A-Za-z0-9_-]+\?u=https%3A%2F%2Fshop\.example%2Fp%2Fmug"}, '... its product link is tracked');
 like($html, qr/22,00\x{a0}\x{20ac}/, '... its total in fr_FR: 22,00 €');
 unlike($html, qr{href="https://shop\.example(?!/rm/)[/"]}, '... no plain store link is left');
+
+# win-back: a lapsed customer with a comma and an accent in her name; the
+# offer's minimum spend as a person writes it, its expiry in Paris time
+rm('', {}, qw(flows holdout winback 0));
+$order = '{"type":"order","order_id":"o3","email":"emile@example.com","name":"Émile, Jr.",'
+	. '"consent":true,"currency":"EUR","total":97.18,"ts":' . ($T0 - 100 * 86400) . ','
+	. '"items":[{"sku":"MUG-1","name":"Tasse","price":97.18,"url":"https://shop.example/p/mug"}]}';
+($rc, $out, $err) = rm($order, {}, qw(event --now), $T0 + 5 * $HOUR);
+is($rc, 0, "Émile's order of 100 days ago") or diag $err;
+rm('', {}, qw(tick --now), $T0 + 6 * $HOUR);
+($rc, $out, $err) = rm('', {}, qw(tick --now), $T0 + 6 * $HOUR + 7 * 86400 + 60);
+my @offer = grep { my $t = slurp($_); $t =~ /^Subject: .*% off/m && $t =~ /^To: .*<emile\@example\.com>/m } mails();
+is(scalar @offer, 1, 'the win-back offer is sent') or diag "$out $err";
+$m = parse_mail($offer[0] // '');
+is_deeply($m->{defects}, [], '... and parses with no defect');
+is_deeply($m->{To}, [['Émile, Jr.', 'emile@example.com']], '... To: the name with its comma and accent');
+$text = $m->{'text/plain'} // '';
+like($text, qr/On orders of 95\x{a0}\x{20ac} or more/, '... the minimum spend 97.18 is written 95 €');
+# sent at 2026-11-25 17:07:40 UTC, valid 14 days: 18:07 in Paris
+like($text, qr/Valid until mercredi 9 décembre, 18:07\./, '... the expiry in Paris time, in French');
+unlike($text, qr/UTC|  /, '... no "UTC", no double space');
+like($m->{'text/html'} // '', qr{/rm/l/[A-Za-z0-9_-]+\?u=https%3A%2F%2Fshop\.example"}, '... its store link is tracked');
 
 done_testing();
