@@ -563,6 +563,9 @@ static const struct cfg_key {
 	CFG_STR(store_name, ""),
 	CFG_STR(store_tagline, ""),
 	CFG_STR(currency, ""),
+	CFG_STR(locale, "en"),
+	CFG_STR(timezone, "UTC"),
+	CFG_STR(reply_to, ""),
 	CFG_LONG(idle_minutes, "60"),
 	CFG_LONG(max_body, "65536"),
 	CFG_LONG(threads, "4"),
@@ -579,6 +582,7 @@ static const struct cfg_key {
 #define NKEYS (sizeof cfg_keys / sizeof cfg_keys[0])
 
 static int iso_currency(const char *cur); /* in Validators */
+static int is_ascii(const char *s); /* in Mail */
 
 static int cfg_set(struct config *cfg, const struct cfg_key *k, const char *v,
 		   char *err, size_t errlen)
@@ -662,25 +666,94 @@ static int cfg_read_file(struct config *cfg, const char *path, char *err,
 	return rc;
 }
 
+/* Unquotes a display name in place: "\"Maison Demo, Paris\"" gives
+ * Maison Demo, Paris (a backslash keeps the character after it). */
+static void mailbox_unquote(char *s)
+{
+	size_t n = strlen(s);
+	if (n < 2 || s[0] != '"' || s[n - 1] != '"')
+		return;
+	char *o = s;
+	for (const char *p = s + 1; p < s + n - 1; p++) {
+		if (*p == '\\' && p + 1 < s + n - 1)
+			p++;
+		*o++ = *p;
+	}
+	*o = '\0';
+}
+
+int cfg_mailbox(const char *mb, char *name, size_t nlen, char *addr,
+		size_t alen)
+{
+	char tmp[512];
+	if (copy_str(tmp, sizeof tmp, mb) < 0)
+		return -1;
+	char *lt = strrchr(tmp, '<'), *gt = lt ? strchr(lt, '>') : NULL;
+	const char *a = tmp;
+	if (lt && gt) {
+		*lt = '\0';
+		*gt = '\0';
+		a = lt + 1;
+	}
+	if (copy_str(addr, alen, a) < 0)
+		return -1;
+	char *t = trim(addr);
+	memmove(addr, t, strlen(t) + 1);
+	char *nm = lt && gt ? trim(tmp) : tmp + strlen(tmp);
+	mailbox_unquote(nm);
+	return copy_str(name, nlen, nm) < 0 || !*addr ? -1 : 0;
+}
+
 /* "Maison Demo <shop@example.com>" gives "Maison Demo". */
 static void cfg_derive_store_name(struct config *cfg)
 {
 	if (cfg->store_name && *cfg->store_name)
 		return;
-	char name[256];
-	copy_str(name, sizeof name, cfg->from);
-	char *lt = strchr(name, '<');
-	if (lt)
-		*lt = '\0';
-	char *n = trim(name);
-	if (*n == '"') {
-		n++;
-		char *q = strchr(n, '"');
-		if (q)
-			*q = '\0';
-	}
+	char name[256] = "", addr[256];
+	cfg_mailbox(cfg->from, name, sizeof name, addr, sizeof addr);
 	free(cfg->store_name);
-	cfg->store_name = strdup(*n ? n : "our store");
+	cfg->store_name = strdup(*name ? name : "our store");
+}
+
+/* A mailbox key (from, reply_to): a plain ASCII address (the Message-ID
+ * is made of its domain; SMTPUTF8 is not spoken) and a printable name. */
+static int cfg_check_mailbox(const char *key, const char *v, char *err,
+			     size_t errlen)
+{
+	char name[256], addr[256];
+	if (cfg_mailbox(v, name, sizeof name, addr, sizeof addr) < 0 ||
+	    !is_ascii(addr) || !val_email(addr) ||
+	    !val_utf8(name, strlen(name)) || !val_text(name, 200)) {
+		snprintf(err, errlen, "%s: '%s' is not a mailbox with an ASCII "
+			 "address (want e.g. Maison Demo <shop@example.com>)",
+			 key, v);
+		return -1;
+	}
+	return 0;
+}
+
+int cfg_timezone(const char *name)
+{
+	char path[PATH_MAX];
+	const char *dir = getenv("TZDIR");
+	size_t n = strlen(name);
+	if (!n || n > 64 || name[0] == '/' || strstr(name, ".."))
+		return -1;
+	for (const char *p = name; *p; p++)
+		if (!isalnum((unsigned char)*p) && !strchr("/_+-", *p))
+			return -1;
+	snprintf(path, sizeof path, "%s/%s", dir && *dir ? dir :
+		 "/usr/share/zoneinfo", name);
+	if (strcmp(name, "UTC") != 0 && access(path, R_OK) != 0)
+		return -1;
+	const char *now = getenv("TZ");
+	if (now && !strcmp(now, name))
+		return 0; /* unchanged: no setenv under a running thread */
+	/* process-wide: set before threads start, read by localtime_r */
+	if (setenv("TZ", name, 1) < 0)
+		return -1;
+	tzset();
+	return 0;
 }
 
 /* "https://shop.example/some/path" gives the origin "https://shop.example". */
@@ -702,6 +775,28 @@ static void cfg_derive_origin(struct config *cfg)
 	curl_free(host);
 	curl_free(port);
 	curl_url_cleanup(u);
+}
+
+/* The keys of what a mail says and how: from, reply_to, locale, timezone. */
+static int cfg_check_mail(struct config *cfg, char *err, size_t errlen)
+{
+	if (cfg_check_mailbox("from", cfg->from, err, errlen) < 0 ||
+	    (*cfg->reply_to &&
+	     cfg_check_mailbox("reply_to", cfg->reply_to, err, errlen) < 0))
+		return -1;
+	if (!mail_locale_known(cfg->locale)) {
+		snprintf(err, errlen, "locale: '%s' is not one remarket writes (want "
+			 "e.g. en, en_GB, en_US, fr_FR, de_DE, es_ES, it_IT, "
+			 "nl_NL; README, Configuration)", cfg->locale);
+		return -1;
+	}
+	if (cfg_timezone(cfg->timezone) < 0) {
+		snprintf(err, errlen, "timezone: '%s' is not a zone of the system's "
+			 "tz database (want e.g. Europe/Paris, America/New_York, "
+			 "UTC; is tzdata installed?)", cfg->timezone);
+		return -1;
+	}
+	return 0;
 }
 
 /* The whole configuration: defaults, then the file, then REMARKET_<KEY>
@@ -782,7 +877,7 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 			 "e.g. EUR, GBP, USD, or nothing)", cfg->currency);
 		return -1;
 	}
-	return 0;
+	return cfg_check_mail(cfg, err, errlen);
 }
 
 /* On failure nothing is left allocated. */
@@ -2626,6 +2721,8 @@ int val_url(const char *s)
  * 128-bit keyed BLAKE2b (crypto_generichash) over the first 17 bytes.
  * The MAC is checked before anything in the token is believed, in
  * constant time. Tokens hold no personal data: the subject is a row id.
+ * A tracked link's token (kind l) also puts its target URL under the MAC
+ * (tok_sign_for), so the link cannot be pointed anywhere else.
  * The app signs with the newest key of its key ring and verifies with
  * each (app_tok_verify, at the end of this section), so a rotation
  * breaks no link. Server hooks use HMAC-SHA256 over "<t>.<body>" as the
@@ -2649,15 +2746,30 @@ static uint64_t get_be64(const unsigned char *p)
 	return v;
 }
 
-int tok_sign(const unsigned char key[RM_KEYBYTES], char kind, int64_t subject,
-	     rm_time expires, char *out, size_t outlen)
+/* The MAC of a token's payload and of BOUND, data the link carries
+ * beside the token (a tracked link's target). With no BOUND it is the
+ * one-shot keyed BLAKE2b of the payload, as tokens always were. */
+static void tok_mac(const unsigned char key[RM_KEYBYTES],
+		    const unsigned char *raw, const char *bound, size_t n,
+		    unsigned char mac[TOK_MACLEN])
+{
+	crypto_generichash_state st;
+	crypto_generichash_init(&st, key, RM_KEYBYTES, TOK_MACLEN);
+	crypto_generichash_update(&st, raw, TOK_PAYLOAD);
+	if (bound && n)
+		crypto_generichash_update(&st, (const unsigned char *)bound, n);
+	crypto_generichash_final(&st, mac, TOK_MACLEN);
+}
+
+int tok_sign_for(const unsigned char key[RM_KEYBYTES], char kind,
+		 int64_t subject, rm_time expires, const char *bound, size_t n,
+		 char *out, size_t outlen)
 {
 	unsigned char raw[TOK_PAYLOAD + TOK_MACLEN];
 	raw[0] = (unsigned char)kind;
 	put_be64(raw + 1, (uint64_t)subject);
 	put_be64(raw + 9, (uint64_t)expires);
-	crypto_generichash(raw + TOK_PAYLOAD, TOK_MACLEN, raw, TOK_PAYLOAD,
-			   key, RM_KEYBYTES);
+	tok_mac(key, raw, bound, n, raw + TOK_PAYLOAD);
 	size_t need = sodium_base64_ENCODED_LEN(sizeof raw,
 			sodium_base64_VARIANT_URLSAFE_NO_PADDING);
 	if (outlen < need)
@@ -2667,8 +2779,15 @@ int tok_sign(const unsigned char key[RM_KEYBYTES], char kind, int64_t subject,
 	return 0;
 }
 
-int tok_verify(const unsigned char key[RM_KEYBYTES], const char *tok,
-	       char kind, rm_time now, int64_t *subject)
+int tok_sign(const unsigned char key[RM_KEYBYTES], char kind, int64_t subject,
+	     rm_time expires, char *out, size_t outlen)
+{
+	return tok_sign_for(key, kind, subject, expires, NULL, 0, out, outlen);
+}
+
+int tok_verify_for(const unsigned char key[RM_KEYBYTES], const char *tok,
+		   char kind, const char *bound, size_t n, rm_time now,
+		   int64_t *subject)
 {
 	unsigned char raw[TOK_PAYLOAD + TOK_MACLEN], mac[TOK_MACLEN];
 	size_t len = 0;
@@ -2677,7 +2796,7 @@ int tok_verify(const unsigned char key[RM_KEYBYTES], const char *tok,
 			      NULL, sodium_base64_VARIANT_URLSAFE_NO_PADDING) ||
 	    len != sizeof raw)
 		return TOK_MALFORMED;
-	crypto_generichash(mac, TOK_MACLEN, raw, TOK_PAYLOAD, key, RM_KEYBYTES);
+	tok_mac(key, raw, bound, n, mac);
 	if (sodium_memcmp(mac, raw + TOK_PAYLOAD, TOK_MACLEN) != 0)
 		return TOK_FORGED;
 	if (raw[0] != (unsigned char)kind)
@@ -2686,6 +2805,12 @@ int tok_verify(const unsigned char key[RM_KEYBYTES], const char *tok,
 		return TOK_EXPIRED;
 	*subject = (int64_t)get_be64(raw + 1);
 	return TOK_OK;
+}
+
+int tok_verify(const unsigned char key[RM_KEYBYTES], const char *tok,
+	       char kind, rm_time now, int64_t *subject)
+{
+	return tok_verify_for(key, tok, kind, NULL, 0, now, subject);
 }
 
 const char *tok_strerror(int status)
@@ -2768,13 +2893,21 @@ int hook_verify(const char *secret, const char *header, const char *body,
 	return 0;
 }
 
+int app_tok_verify_for(const struct app *app, const char *tok, char kind,
+		       const char *bound, rm_time now, int64_t *subject)
+{
+	size_t n = bound ? strlen(bound) : 0;
+	int st = tok_verify_for(app->key, tok, kind, bound, n, now, subject);
+	for (int i = 0; st == TOK_FORGED && i < app->nold; i++)
+		st = tok_verify_for(app->old_keys[i], tok, kind, bound, n, now,
+				    subject);
+	return st;
+}
+
 int app_tok_verify(const struct app *app, const char *tok, char kind,
 		   rm_time now, int64_t *subject)
 {
-	int st = tok_verify(app->key, tok, kind, now, subject);
-	for (int i = 0; st == TOK_FORGED && i < app->nold; i++)
-		st = tok_verify(app->old_keys[i], tok, kind, now, subject);
-	return st;
+	return app_tok_verify_for(app, tok, kind, NULL, now, subject);
 }
 
 /* ==== Templates ======================================================= */
@@ -5767,19 +5900,191 @@ int reco_for(struct app *app, int64_t contact, char (*out)[65], int n)
  * curl_mime cannot write a message to a file, which is why the MIME
  * layout (multipart/alternative, quoted-printable parts) is built here;
  * it is small and covered by tests that parse it with a real MIME parser.
- * Header values are checked for CR and LF before anything is written.
+ * Header values are checked for CR and LF before anything is written;
+ * display names are quoted or encoded, never written bare. Money and
+ * dates are written by a small table of locales (not setlocale, which is
+ * process-wide) in the one time zone of the process (cfg_timezone).
  */
 
-static void money(char *out, size_t n, double v, const char *cur)
+/* ---- money and dates as the store's locale writes them ----
+ * A small table, not setlocale(3): the locale is process-wide and not
+ * thread-safe, the host may lack the store's locale, and a mail needs
+ * only a decimal mark, a grouping mark, where the symbol goes and the
+ * names of days and months. */
+
+struct mail_lang {
+	const char *days[7], *months[12];
+};
+static const struct mail_lang lang_en = {
+	{"Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday",
+	 "Saturday"},
+	{"January", "February", "March", "April", "May", "June", "July",
+	 "August", "September", "October", "November", "December"}};
+static const struct mail_lang lang_fr = {
+	{"dimanche", "lundi", "mardi", "mercredi", "jeudi", "vendredi",
+	 "samedi"},
+	{"janvier", "février", "mars", "avril", "mai", "juin", "juillet",
+	 "août", "septembre", "octobre", "novembre", "décembre"}};
+static const struct mail_lang lang_de = {
+	{"Sonntag", "Montag", "Dienstag", "Mittwoch", "Donnerstag", "Freitag",
+	 "Samstag"},
+	{"Januar", "Februar", "März", "April", "Mai", "Juni", "Juli", "August",
+	 "September", "Oktober", "November", "Dezember"}};
+static const struct mail_lang lang_es = {
+	{"domingo", "lunes", "martes", "miércoles", "jueves", "viernes",
+	 "sábado"},
+	{"enero", "febrero", "marzo", "abril", "mayo", "junio", "julio",
+	 "agosto", "septiembre", "octubre", "noviembre", "diciembre"}};
+static const struct mail_lang lang_it = {
+	{"domenica", "lunedì", "martedì", "mercoledì", "giovedì", "venerdì",
+	 "sabato"},
+	{"gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio",
+	 "agosto", "settembre", "ottobre", "novembre", "dicembre"}};
+static const struct mail_lang lang_nl = {
+	{"zondag", "maandag", "dinsdag", "woensdag", "donderdag", "vrijdag",
+	 "zaterdag"},
+	{"januari", "februari", "maart", "april", "mei", "juni", "juli",
+	 "augustus", "september", "oktober", "november", "december"}};
+static const struct mail_lang lang_pt = {
+	{"domingo", "segunda-feira", "terça-feira", "quarta-feira",
+	 "quinta-feira", "sexta-feira", "sábado"},
+	{"janeiro", "fevereiro", "março", "abril", "maio", "junho", "julho",
+	 "agosto", "setembro", "outubro", "novembro", "dezembro"}};
+
+#define NBSP "\xc2\xa0"   /* U+00A0: "22,00 €" never breaks */
+#define NNBSP "\xe2\x80\xaf" /* U+202F: French digit groups */
+enum sym_pos { SYM_BEFORE, SYM_BEFORE_SPACE, SYM_AFTER };
+static const struct mail_locale {
+	const char *name, *dec, *group;
+	enum sym_pos sym;
+	const struct mail_lang *lang;
+	/* W weekday, D day, M month, H 14:00, h 2:00 PM; the rest as is */
+	const char *date;
+} mail_locales[] = {
+	{"en", ".", ",", SYM_BEFORE, &lang_en, "W D M, H"},
+	{"en_GB", ".", ",", SYM_BEFORE, &lang_en, "W D M, H"},
+	{"en_IE", ".", ",", SYM_BEFORE, &lang_en, "W D M, H"},
+	{"en_AU", ".", ",", SYM_BEFORE, &lang_en, "W D M, h"},
+	{"en_CA", ".", ",", SYM_BEFORE, &lang_en, "W, M D, h"},
+	{"en_US", ".", ",", SYM_BEFORE, &lang_en, "W, M D, h"},
+	{"fr", ",", NNBSP, SYM_AFTER, &lang_fr, "W D M, H"},
+	{"fr_FR", ",", NNBSP, SYM_AFTER, &lang_fr, "W D M, H"},
+	{"fr_BE", ",", NNBSP, SYM_AFTER, &lang_fr, "W D M, H"},
+	{"fr_CA", ",", NBSP, SYM_AFTER, &lang_fr, "W D M, H"},
+	{"fr_CH", ",", NNBSP, SYM_AFTER, &lang_fr, "W D M, H"},
+	{"de", ",", ".", SYM_AFTER, &lang_de, "W, D. M, H"},
+	{"de_DE", ",", ".", SYM_AFTER, &lang_de, "W, D. M, H"},
+	{"de_AT", ",", NBSP, SYM_BEFORE_SPACE, &lang_de, "W, D. M, H"},
+	{"de_CH", ".", "’", SYM_BEFORE_SPACE, &lang_de, "W, D. M, H"},
+	{"es", ",", ".", SYM_AFTER, &lang_es, "W, D de M, H"},
+	{"es_ES", ",", ".", SYM_AFTER, &lang_es, "W, D de M, H"},
+	{"it", ",", ".", SYM_AFTER, &lang_it, "W D M, H"},
+	{"it_IT", ",", ".", SYM_AFTER, &lang_it, "W D M, H"},
+	{"nl", ",", ".", SYM_BEFORE_SPACE, &lang_nl, "W D M, H"},
+	{"nl_NL", ",", ".", SYM_BEFORE_SPACE, &lang_nl, "W D M, H"},
+	{"nl_BE", ",", ".", SYM_AFTER, &lang_nl, "W D M, H"},
+	{"pt", ",", NBSP, SYM_AFTER, &lang_pt, "W, D de M, H"},
+	{"pt_PT", ",", NBSP, SYM_AFTER, &lang_pt, "W, D de M, H"},
+	{"pt_BR", ",", ".", SYM_BEFORE_SPACE, &lang_pt, "W, D de M, H"},
+};
+
+static const struct mail_locale *mail_locale(const char *name)
 {
-	if (!strcmp(cur, "EUR"))
-		snprintf(out, n, "€%.2f", v);
-	else if (!strcmp(cur, "USD"))
-		snprintf(out, n, "$%.2f", v);
-	else if (!strcmp(cur, "GBP"))
-		snprintf(out, n, "£%.2f", v);
+	for (size_t i = 0; i < sizeof mail_locales / sizeof mail_locales[0]; i++)
+		if (name && !strcmp(mail_locales[i].name, name))
+			return &mail_locales[i];
+	return &mail_locales[0]; /* cfg_load refuses a name not above */
+}
+
+int mail_locale_known(const char *locale)
+{
+	return locale && (mail_locale(locale) != &mail_locales[0] ||
+			  !strcmp(locale, "en"));
+}
+
+/* The symbol a shopper knows for CUR and its decimals; else the code. */
+static const char *currency_symbol(const char *cur, int *decimals)
+{
+	static const char *const sym[][2] = {
+		{"EUR", "€"}, {"GBP", "£"}, {"USD", "$"}, {"JPY", "¥"},
+		{"CHF", "CHF"}, {"SEK", "kr"}, {"NOK", "kr"}, {"DKK", "kr."},
+		{"PLN", "zł"}, {"CZK", "Kč"}, {"CAD", "CA$"}, {"AUD", "A$"},
+		{"NZD", "NZ$"}, {"BRL", "R$"}, {"INR", "₹"}, {"KRW", "₩"}};
+	*decimals = !strcmp(cur, "JPY") || !strcmp(cur, "KRW") ? 0 : 2;
+	for (size_t i = 0; i < sizeof sym / sizeof sym[0]; i++)
+		if (!strcmp(sym[i][0], cur))
+			return sym[i][1];
+	return cur;
+}
+
+/* The digits of |V| with LOC's marks: 1234.5 -> "1,234.50". */
+static void money_digits(struct buf *b, double v, int decimals,
+			 const struct mail_locale *loc)
+{
+	char num[64];
+	snprintf(num, sizeof num, "%.*f", decimals, fabs(v));
+	size_t whole = strcspn(num, ".");
+	for (size_t i = 0; i < whole; i++) {
+		if (i && (whole - i) % 3 == 0)
+			buf_adds(b, loc->group);
+		buf_add(b, num + i, 1);
+	}
+	if (num[whole])
+		buf_addf(b, "%s%s", loc->dec, num + whole + 1);
+}
+
+void mail_money(char *out, size_t n, double v, const char *cur,
+		const char *locale, int whole)
+{
+	const struct mail_locale *loc = mail_locale(locale);
+	int decimals = 2;
+	const char *sym = cur && *cur ? currency_symbol(cur, &decimals) : "";
+	if (whole && fabs(v - round(v)) < 0.005)
+		decimals = 0;
+	struct buf b = {0}, d = {0};
+	money_digits(&d, v, decimals, loc);
+	/* a symbol of letters ("CHF", "kr") is spaced even where "£" is not */
+	int letters = *sym && isalpha((unsigned char)sym[0]);
+	const char *neg = v < 0 && round(v * 100) != 0 ? "-" : "";
+	if (!*sym)
+		buf_addf(&b, "%s%s", neg, buf_str(&d));
+	else if (loc->sym == SYM_AFTER)
+		buf_addf(&b, "%s%s" NBSP "%s", neg, buf_str(&d), sym);
 	else
-		snprintf(out, n, "%.2f %s", v, cur);
+		buf_addf(&b, "%s%s%s%s", neg, sym, loc->sym == SYM_BEFORE_SPACE ||
+			 letters ? NBSP : "", buf_str(&d));
+	copy_str(out, n, buf_failed(&b) ? "" : buf_str(&b));
+	buf_free(&b);
+	buf_free(&d);
+}
+
+void mail_date(char *out, size_t n, rm_time t, const char *locale)
+{
+	const struct mail_locale *loc = mail_locale(locale);
+	struct tm tm;
+	time_t tt = (time_t)t;
+	struct buf b = {0};
+	if (!localtime_r(&tt, &tm)) {
+		copy_str(out, n, "");
+		return;
+	}
+	for (const char *p = loc->date; *p; p++) {
+		if (*p == 'W')
+			buf_adds(&b, loc->lang->days[tm.tm_wday]);
+		else if (*p == 'D')
+			buf_addf(&b, "%d", tm.tm_mday);
+		else if (*p == 'M')
+			buf_adds(&b, loc->lang->months[tm.tm_mon]);
+		else if (*p == 'H')
+			buf_addf(&b, "%02d:%02d", tm.tm_hour, tm.tm_min);
+		else if (*p == 'h')
+			buf_addf(&b, "%d:%02d" NBSP "%s", (tm.tm_hour + 11) % 12 + 1,
+				 tm.tm_min, tm.tm_hour < 12 ? "AM" : "PM");
+		else
+			buf_add(&b, p, 1);
+	}
+	copy_str(out, n, buf_failed(&b) ? "" : buf_str(&b));
+	buf_free(&b);
 }
 
 /* Quoted-printable (RFC 2045): lines of at most 76 characters, soft
@@ -5870,20 +6175,44 @@ static void addr_spec(const char *from, char *out, size_t n)
 	}
 }
 
-static int hdr_from(struct buf *out, const char *from)
+/* 1 if NAME can stand in a header as it is: atext and spaces only (RFC
+ * 5322 3.2.3); a comma, a dot, a quote or '<' would change the address
+ * list a reader sees, so such a name is quoted. */
+static int name_is_atoms(const char *name)
 {
-	char addr[256], name[256];
-	addr_spec(from, addr, sizeof addr);
-	copy_str(name, sizeof name, from);
-	char *lt = strrchr(name, '<');
-	if (!lt)
-		return buf_addf(out, "From: %s\r\n", addr);
-	*lt = '\0';
-	char *nm = trim(name);
-	buf_adds(out, "From: ");
-	hdr_encode(out, nm);
-	buf_addf(out, " <%s>\r\n", addr);
+	for (const char *p = name; *p; p++)
+		if (!isalnum((unsigned char)*p) && !strchr(" !#$%&'*+-/=?^_`{|}~", *p))
+			return 0;
+	return 1;
+}
+
+int mail_mailbox(struct buf *out, const char *name, const char *addr)
+{
+	if (!name || !*name)
+		return buf_adds(out, addr);
+	if (!is_ascii(name) || strstr(name, "=?")) {
+		hdr_encode(out, name);
+	} else if (name_is_atoms(name)) {
+		buf_adds(out, name);
+	} else { /* quoted-string: a quote and a backslash are escaped */
+		buf_adds(out, "\"");
+		for (const char *p = name; *p; p++)
+			buf_addf(out, "%s%c", *p == '"' || *p == '\\' ? "\\" : "", *p);
+		buf_adds(out, "\"");
+	}
+	buf_addf(out, " <%s>", addr);
 	return buf_failed(out) ? -1 : 0;
+}
+
+/* "Header: NAME <addr>\r\n" from a config mailbox ("from", "reply_to"). */
+static int hdr_mailbox(struct buf *out, const char *header, const char *mb)
+{
+	char name[256] = "", addr[256] = "";
+	if (cfg_mailbox(mb, name, sizeof name, addr, sizeof addr) < 0)
+		return buf_addf(out, "%s: %s\r\n", header, mb); /* as given */
+	buf_addf(out, "%s: ", header);
+	mail_mailbox(out, name, addr);
+	return buf_adds(out, "\r\n");
 }
 
 /* Builds the RFC 5322 message of M (headers checked for CR/LF, text and
@@ -5891,9 +6220,12 @@ static int hdr_from(struct buf *out, const char *from)
 int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 {
 	const char *vals[] = {m->from, m->to, m->subject, m->message_id,
-			      m->list_unsub, m->feedback_id ? m->feedback_id : ""};
+			      m->list_unsub, m->feedback_id ? m->feedback_id : "",
+			      m->to_name ? m->to_name : "",
+			      m->reply_to ? m->reply_to : ""};
 	const char *names[] = {"From", "To", "Subject", "Message-ID",
-			       "List-Unsubscribe", "Feedback-ID"};
+			       "List-Unsubscribe", "Feedback-ID", "To",
+			       "Reply-To"};
 	for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++)
 		if (!vals[i] || has_crlf(vals[i])) {
 			snprintf(err, errlen, "header %s: %s", names[i],
@@ -5920,14 +6252,20 @@ int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 	sodium_bin2hex(rnd, sizeof rnd, r, sizeof r);
 	/* "=_" can never occur in quoted-printable text */
 	snprintf(boundary, sizeof boundary, "=_rm_%s", rnd);
-	hdr_from(out, m->from);
-	buf_addf(out, "To: %s\r\nSubject: ", m->to);
+	hdr_mailbox(out, "From", m->from);
+	if (m->reply_to && *m->reply_to)
+		hdr_mailbox(out, "Reply-To", m->reply_to);
+	buf_adds(out, "To: ");
+	mail_mailbox(out, m->to_name, m->to);
+	buf_adds(out, "\r\nSubject: ");
 	hdr_encode(out, m->subject);
 	buf_addf(out, "\r\nDate: %s\r\nMessage-ID: %s\r\n"
 		 "MIME-Version: 1.0\r\n"
 		 "List-Unsubscribe: %s\r\n"
 		 "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
 		 "%s"
+		 /* RFC 3834: an auto-responder must not answer it */
+		 "Auto-Submitted: auto-generated\r\n"
 		 "Content-Type: multipart/alternative; boundary=\"%s\"\r\n"
 		 "\r\n"
 		 "This is a multi-part message in MIME format.\r\n"
@@ -6404,7 +6742,7 @@ static const char *msg_exit_reason(const struct msgrow *m)
 #define MC_LISTS 3
 struct item_vars {
 	char *name, *sku, *url, *image, *brand, *category;
-	char qty[16], price[32], line[32];
+	char qty[16], price[48], line[48];
 	struct tvar v[9];
 };
 struct mlist { /* a list variable: items, order_items, recommendations */
@@ -6443,11 +6781,54 @@ static void mc_url(struct msgctx *mc, struct app *app, const char *name,
 	mc_set(mc, name, url);
 }
 
+/* The host of URL if it is http(s), else NULL (free with curl_free). */
+static char *url_web_host(const char *url)
+{
+	CURLU *u = curl_url();
+	char *scheme = NULL, *host = NULL;
+	if (!u || curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+	    (strcmp(scheme, "http") && strcmp(scheme, "https")) ||
+	    curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK) {
+		curl_free(host);
+		host = NULL;
+	}
+	curl_free(scheme);
+	curl_url_cleanup(u);
+	return host;
+}
+
+int link_on_store(const struct config *cfg, const char *url)
+{
+	char *want = url_web_host(cfg->store_url), *got = url_web_host(url);
+	int ok = want && got && !strcasecmp(want, got);
+	curl_free(want);
+	curl_free(got);
+	return ok;
+}
+
+int mc_link(struct app *app, int64_t msg, const char *target,
+	    rm_time expires, struct buf *out)
+{
+	char tok[TOK_MAXLEN + 1];
+	if (!*target || !link_on_store(app->cfg, target))
+		return buf_adds(out, target) < 0 ? -1 : 0; /* /l/ would refuse it */
+	char *esc = curl_easy_escape(NULL, target, 0);
+	if (!esc || tok_sign_for(app->key, TOK_LINK, msg, expires, target,
+				 strlen(target), tok, sizeof tok) < 0) {
+		curl_free(esc);
+		return -1;
+	}
+	buf_addf(out, "%s/l/%s?u=%s", app->cfg->base_url, tok, esc);
+	curl_free(esc);
+	return buf_failed(out) ? -1 : 1;
+}
+
 /* Appends one element to list L; strings are copied. BC: its brand and
  * category from the catalog ("" when unknown). */
 static int list_add(struct mlist *l, const char *name, const char *sku,
 		    int qty, double price, const char *url, const char *image,
-		    const char *const bc[2], const char *cur)
+		    const char *const bc[2], const char *cur, const char *locale)
 {
 	struct item_vars *iv = realloc(l->items, (l->n + 1) * sizeof *iv);
 	if (!iv)
@@ -6462,8 +6843,8 @@ static int list_add(struct mlist *l, const char *name, const char *sku,
 	iv->brand = strdup(bc[0]);
 	iv->category = strdup(bc[1]);
 	snprintf(iv->qty, sizeof iv->qty, "%d", qty);
-	money(iv->price, sizeof iv->price, price, cur);
-	money(iv->line, sizeof iv->line, price * qty, cur);
+	mail_money(iv->price, sizeof iv->price, price, cur, locale, 0);
+	mail_money(iv->line, sizeof iv->line, price * qty, cur, locale, 0);
 	return iv->name && iv->sku && iv->url && iv->image && iv->brand &&
 	       iv->category ? 0 : -1;
 }
@@ -6509,7 +6890,8 @@ static int mc_items(struct msgctx *mc, struct app *app, const char *name,
 		const char *bc[2] = {col_text(s, 6), col_text(s, 7)};
 		rc = list_add(l, col_text(s, 0), col_text(s, 1),
 			      sqlite3_column_int(s, 2), sqlite3_column_double(s, 3),
-			      col_text(s, 4), col_text(s, 5), bc, cur);
+			      col_text(s, 4), col_text(s, 5), bc, cur,
+			      app->cfg->locale);
 	}
 	sqlite3_reset(s);
 	return rc ? rc : list_publish(mc, l, name);
@@ -6561,7 +6943,7 @@ int mc_template_uses(struct app *app, const char *tpl, const char *var)
 
 struct reco_list {
 	struct mlist *l;
-	const char *cur;
+	const char *cur, *locale;
 };
 
 static int reco_item(void *arg, sqlite3_stmt *row)
@@ -6570,13 +6952,13 @@ static int reco_item(void *arg, sqlite3_stmt *row)
 	const char *bc[2] = {col_text(row, 5), col_text(row, 6)};
 	return list_add(r->l, col_text(row, 1), col_text(row, 0), 1,
 			sqlite3_column_double(row, 2), col_text(row, 3),
-			col_text(row, 4), bc, r->cur);
+			col_text(row, 4), bc, r->cur, r->locale);
 }
 
 static int mc_recos(struct msgctx *mc, struct app *app, int64_t contact,
 		    const char *cur)
 {
-	struct reco_list r = {mc_list(mc), cur};
+	struct reco_list r = {mc_list(mc), cur, app->cfg->locale};
 	if (reco_refresh(app, RECO_CHUNK_LINES, RECO_MAIL_MS) < 0)
 		return -1;
 	if (reco_walk(app, contact, 3, reco_item, &r) < 0)
@@ -6605,14 +6987,13 @@ static void mc_discount(struct msgctx *mc, struct app *app,
 			const struct msgrow *m, rm_time expires)
 {
 	char pct[16], when[80];
-	struct tm tm;
-	time_t t = (time_t)expires;
-	gmtime_r(&t, &tm);
-	strftime(when, sizeof when, "%A %e %B %Y, %H:%M UTC", &tm);
+	/* in the store's time zone and words: "Sunday 6 December, 14:00" */
+	mail_date(when, sizeof when, expires, app->cfg->locale);
 	snprintf(pct, sizeof pct, "%d", m->pct);
-	char min[40] = "";
-	if (m->min_spend > 0)
-		money(min, sizeof min, m->min_spend, m->currency);
+	char min[48] = "";
+	if (m->min_spend > 0) /* "£95", as min_spend_nice rounds it */
+		mail_money(min, sizeof min, m->min_spend, m->currency,
+			   app->cfg->locale, 1);
 	mc_set(mc, "discount_code", m->code);
 	mc_set(mc, "discount_percent", pct);
 	mc_set(mc, "discount_min_spend", min);
@@ -6656,7 +7037,8 @@ static void mc_reason(struct msgctx *mc, const struct config *cfg,
  * order_total. */
 static int mc_order(struct msgctx *mc, struct app *app, int64_t order)
 {
-	char key[80] = "", cur[8] = "EUR", total[40];
+	char key[80] = "", cur[8], total[48];
+	copy_str(cur, sizeof cur, app->cfg->currency);
 	struct buf items = {0};
 	double sum = 0;
 	sqlite3_stmt *s = q(app->db, ST_ORDER_OF, "i", order);
@@ -6667,12 +7049,42 @@ static int mc_order(struct msgctx *mc, struct app *app, int64_t order)
 		copy_str(cur, sizeof cur, col_text(s, 3));
 	}
 	sqlite3_reset(s);
-	money(total, sizeof total, sum, cur);
+	mail_money(total, sizeof total, sum, cur, app->cfg->locale, 0);
 	mc_set(mc, "order_id", key);
 	mc_set(mc, "order_total", total);
 	int rc = buf_failed(&items) ? -1 :
 		 mc_items(mc, app, "order_items", items.data ? items.data : "[]", cur);
 	buf_free(&items);
+	return rc;
+}
+
+/* Every store and product link of message M through /l/, so that its
+ * clicks count and attribute orders as the recovery link's do: store_url
+ * and each list's url (store_home keeps the plain address, for text). */
+static int mc_track(struct msgctx *mc, struct app *app, const struct msgrow *m,
+		    rm_time now)
+{
+	rm_time until = now + 400 * 86400;
+	struct buf b = {0};
+	int rc = mc_link(app, m->id, app->cfg->store_url, until, &b) < 0 ? -1 : 0;
+	if (rc == 0)
+		mc_set(mc, "store_url", buf_str(&b));
+	mc_set(mc, "store_home", app->cfg->store_url);
+	for (int k = 0; rc == 0 && k < mc->nlists; k++)
+		for (size_t i = 0; rc == 0 && i < mc->lists[k].n; i++) {
+			struct item_vars *iv = &mc->lists[k].items[i];
+			buf_reset(&b);
+			char *u = NULL;
+			if (mc_link(app, m->id, iv->url, until, &b) < 0 ||
+			    !(u = strdup(buf_str(&b)))) {
+				rc = -1;
+				break;
+			}
+			free(iv->url);
+			iv->url = u;
+			iv->v[2].value = u; /* list_publish set it: "url" */
+		}
+	buf_free(&b);
 	return rc;
 }
 
@@ -6682,17 +7094,16 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 		    rm_time now, rm_time code_expires)
 {
 	struct config *cfg = app->cfg;
-	char first[128], total[40], count[16], year[8];
+	char first[128], total[48], count[16], year[8];
 	copy_str(first, sizeof first, m->name);
 	first[strcspn(first, " ")] = '\0';
-	money(total, sizeof total, m->total, m->currency);
+	mail_money(total, sizeof total, m->total, m->currency, cfg->locale, 0);
 	struct tm tm;
 	time_t t = (time_t)now;
-	gmtime_r(&t, &tm);
+	localtime_r(&t, &tm);
 	snprintf(year, sizeof year, "%d", tm.tm_year + 1900);
 	mc_set(mc, "store_name", cfg->store_name);
 	mc_set(mc, "store_tagline", cfg->store_tagline);
-	mc_set(mc, "store_url", cfg->store_url);
 	mc_set(mc, "postal_address", cfg->postal_address);
 	mc_set(mc, "name", m->name);
 	mc_set(mc, "first_name", first);
@@ -6725,17 +7136,20 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 			cat = mc->lists[k].items[i].category;
 	mc_set(mc, "category", cat);
 	mc_reason(mc, cfg, m->trigger);
+	if (mc_track(mc, app, m, now) < 0)
+		return -1;
 	mc->ctx = (struct tctx){mc->v, mc->n, NULL};
 	return 0;
 }
 
 /* A minimum spend as a person would write it, never above V (so a
  * customer's own typical order stays within reach): below 20 a whole
- * number, below 100 a multiple of 5, below 1000 of 10, then of 50
- * (40 -> 40, 47.5 -> 45, 303 -> 300, 461 -> 460, 1234 -> 1200). */
+ * number, below 100 a multiple of 5, below 1000 of 10, below 10000 of
+ * 50, then of 500, for currencies of large numbers (40 -> 40, 47.5 -> 45,
+ * 303 -> 300, 461 -> 460, 1234 -> 1200, 12345 -> 12000). */
 double min_spend_nice(double v)
 {
-	double step = v < 20 ? 1 : v < 100 ? 5 : v < 1000 ? 10 : 50;
+	double step = v < 20 ? 1 : v < 100 ? 5 : v < 1000 ? 10 : v < 10000 ? 50 : 500;
 	if (v < 1)
 		return v > 0 ? v : 0;
 	return floor(v / step + 1e-9) * step;
@@ -6839,7 +7253,8 @@ static int msg_compose(struct app *app, struct msgrow *m, rm_time now,
 	snprintf(fbl, sizeof fbl, "%s:%d%c:remarket", m->flow, m->step,
 		 m->variant ? m->variant : 'A');
 	struct mail mail = {app->cfg->from, m->email, subject.data, m->message_id,
-			    unsub, text.data, html.data, now, fbl};
+			    unsub, text.data, html.data, now, fbl, m->name,
+			    app->cfg->reply_to};
 	rc = mail_build(&mail, out, err, errlen);
 out:
 	mc_free(&mc);
@@ -7410,7 +7825,8 @@ static int confirm_mail(struct app *app, int64_t contact, const char *email,
 	if (mail_render(app, "confirm", &ctx, &subject, &text, &html, err, errlen))
 		goto out;
 	struct mail m = {app->cfg->from, email, subject.data, mid, unsub,
-			 text.data, html.data, now, "confirm:remarket"};
+			 text.data, html.data, now, "confirm:remarket", NULL,
+			 app->cfg->reply_to};
 	if (mail_build(&m, &msg, err, errlen))
 		goto out;
 	/* the outbox names it m-NNNNN.eml (minus the contact id), apart from
@@ -9383,6 +9799,19 @@ static void record(struct app *app, int64_t msg, const char *kind, rm_time now)
 	q_exec(app->db, q(app->db, ST_INTERACTION, "iti", msg, kind, (int64_t)now));
 }
 
+/* Adds the query of cart_url (LOC, its {cart} and {code} filled in) to
+ * the link's target U, so the page it opens restores the cart too. */
+static void link_restore(CURLU *u, const char *loc)
+{
+	CURLU *c = curl_url();
+	char *query = NULL;
+	if (c && curl_url_set(c, CURLUPART_URL, loc, 0) == CURLUE_OK &&
+	    curl_url_get(c, CURLUPART_QUERY, &query, 0) == CURLUE_OK && *query)
+		curl_url_set(u, CURLUPART_QUERY, query, CURLU_APPENDQUERY);
+	curl_free(query);
+	curl_url_cleanup(c);
+}
+
 /* Joins this browser to the contact: its rm_vid cookie if that id is
  * already the contact's, else a new random id (never one of the contact's
  * other browsers), is linked as verified and set for a year. A link is a
@@ -9444,6 +9873,58 @@ static void route_discount(struct app *app, const struct http_req *rq,
 			   struct http_resp *rs, const char *tok, rm_time now)
 {
 	cart_link(app, rq, rs, tok, TOK_DISCOUNT, now);
+}
+
+/* A tracked store or product link of a mail: /l/<token>?u=<target>. The
+ * token's MAC covers the target, and the target must be on store_url's
+ * host, so the route redirects nowhere else. A valid one records a click
+ * (which attributes orders as /r/'s does) and joins this browser to the
+ * contact; in a cart mail it also carries cart_url's query (restore=...)
+ * to the page, so the shop restores the cart there. An expired link
+ * still leads to the shop, recording nothing. */
+static void route_link(struct app *app, const struct http_req *rq,
+		       struct http_resp *rs, const char *tok, rm_time now)
+{
+	int64_t msg = 0, contact = 0;
+	char cart[80] = "";
+	char *target = query_param(rq->query, "u");
+	int st = target ? app_tok_verify_for(app, tok, TOK_LINK, target, now, &msg)
+			: TOK_MALFORMED;
+	if ((st != TOK_OK && st != TOK_EXPIRED) || !link_on_store(app->cfg, target)) {
+		resp_page(app, rs, 403, "This link does not work",
+			  st == TOK_OK || st == TOK_EXPIRED ?
+			  "This link does not lead to our shop." : tok_strerror(st),
+			  NULL, NULL);
+		free(target);
+		return;
+	}
+	CURLU *u = curl_url();
+	char *loc = NULL;
+	struct buf restore = {0};
+	if (st == TOK_OK) {
+		sqlite3_stmt *s = q(app->db, ST_MESSAGE_TARGET, "i", msg);
+		int found = sqlite3_step(s) == SQLITE_ROW;
+		if (found) {
+			contact = sqlite3_column_int64(s, 0);
+			copy_str(cart, sizeof cart, col_text(s, 1));
+		}
+		sqlite3_reset(s);
+		if (found) {
+			record(app, msg, "click", now);
+			visitor_cookie(app, rq, contact, now, rs);
+		}
+	}
+	if (u && curl_url_set(u, CURLUPART_URL, target, 0) == CURLUE_OK &&
+	    *cart && cart_location(app, cart, "", &restore) == 0)
+		link_restore(u, buf_str(&restore));
+	if (u && curl_url_get(u, CURLUPART_URL, &loc, 0) == CURLUE_OK)
+		resp_redirect(rs, loc);
+	else
+		resp_redirect(rs, target);
+	curl_free(loc);
+	curl_url_cleanup(u);
+	buf_free(&restore);
+	free(target);
 }
 
 static void route_unsub(struct app *app, const struct http_req *rq,
@@ -9739,6 +10220,7 @@ static const struct route {
 	{"/u/", 1, "GET HEAD POST", route_unsub},
 	{"/d/", 1, "GET HEAD", route_discount},
 	{"/c/", 1, "GET HEAD POST", route_confirm},
+	{"/l/", 1, "GET HEAD", route_link},
 	{"/o/", 1, "GET HEAD", route_open},
 	{"/discounts/validate", 0, "POST", route_validate},
 	{"/report", 0, "GET HEAD", route_report},

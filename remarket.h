@@ -52,6 +52,9 @@ struct config {
 	char *code_prefix, *store_name, *unsubscribe_mailto;
 	char *store_tagline; /* a few words under the store's name in mails */
 	char *currency; /* ISO 4217; mails with no cart or order use it ("": none) */
+	char *locale;   /* how mails write money and dates: "en_GB", "fr_FR" */
+	char *timezone; /* IANA name mails' dates are in ("Europe/Paris") */
+	char *reply_to; /* optional Reply-To mailbox, written like from */
 	char *store_origin; /* scheme://host[:port] allowed to call /collect */
 	char *static_dir;   /* remarket.js */
 	char *log_pii;      /* "yes": the log may name addresses; "no": ids only */
@@ -87,6 +90,15 @@ struct config {
  * if it exists), then REMARKET_<KEY> variables. */
 int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen);
 void cfg_free(struct config *cfg);
+/* Splits a mailbox ("Name <addr>", "\"Name, X\" <addr>" or "addr") into
+ * its display name (quotes and escapes removed) and address; -1 if one
+ * does not fit or there is no address. */
+int cfg_mailbox(const char *mb, char *name, size_t nlen, char *addr,
+		size_t alen);
+/* Makes NAME (an IANA zone of the system's tz database, or "UTC") the
+ * process's time zone: cfg_load calls it before any thread starts, so
+ * one process writes one store's dates. -1 if the zone is not known. */
+int cfg_timezone(const char *name);
 
 /* ==== Storage: connection, migrations, named statements =============== */
 
@@ -145,6 +157,8 @@ enum tok_kind {
 	TOK_OPEN = 'o',
 	TOK_REPORT = 'p', /* the operator's report link; subject: report_subject */
 	TOK_CONFIRM = 'c', /* double opt-in: subject is the contact id */
+	TOK_LINK = 'l', /* a tracked store link: subject is the message id,
+			 * the MAC also covers the target URL */
 };
 enum tok_status {
 	TOK_OK = 0,
@@ -159,9 +173,19 @@ int tok_sign(const unsigned char key[RM_KEYBYTES], char kind, int64_t subject,
 int tok_verify(const unsigned char key[RM_KEYBYTES], const char *tok,
 	       char kind, rm_time now, int64_t *subject);
 const char *tok_strerror(int status);
+/* As tok_sign/tok_verify, with BOUND (n bytes, may be NULL) under the MAC
+ * too but not in the token: a tracked link binds its target URL. */
+int tok_sign_for(const unsigned char key[RM_KEYBYTES], char kind,
+		 int64_t subject, rm_time expires, const char *bound, size_t n,
+		 char *out, size_t outlen);
+int tok_verify_for(const unsigned char key[RM_KEYBYTES], const char *tok,
+		   char kind, const char *bound, size_t n, rm_time now,
+		   int64_t *subject);
 /* tok_verify with each key of the ring, newest first. */
 int app_tok_verify(const struct app *app, const char *tok, char kind,
 		   rm_time now, int64_t *subject);
+int app_tok_verify_for(const struct app *app, const char *tok, char kind,
+		       const char *bound, rm_time now, int64_t *subject);
 
 /* Server hook signature "t=<unix>,v1=<hex>" over "<t>.<body>". */
 int hook_verify(const char *secret, const char *header, const char *body,
@@ -272,11 +296,26 @@ struct mail {
 	const char *text, *html;
 	rm_time date;
 	const char *feedback_id; /* optional: "flow:step:remarket" */
+	const char *to_name;     /* optional: the contact's name in To */
+	const char *reply_to;    /* optional: "Name <addr>" for Reply-To */
 };
 /* Builds the complete RFC 5322 message; -1 if a header would carry CR/LF
  * or OUT failed (out of memory), with the reason in err. */
 int mail_build(const struct mail *m, struct buf *out, char *err,
 	       size_t errlen);
+/* Appends "NAME <addr>" as a header's value: a name with specials as an
+ * RFC 5322 quoted-string, a non-ASCII one as RFC 2047 encoded-words, no
+ * name as the bare address. -1 if OUT failed. */
+int mail_mailbox(struct buf *out, const char *name, const char *addr);
+/* 1 if LOCALE is in the table of locales mails can write. */
+int mail_locale_known(const char *locale);
+/* Money V in currency CUR ("" none) as LOCALE writes it ("£22.00",
+ * "22,00 €" with a no-break space); WHOLE: no decimals if V is whole. */
+void mail_money(char *out, size_t n, double v, const char *cur,
+		const char *locale, int whole);
+/* Time T in the process's time zone (cfg_timezone) as LOCALE writes a
+ * day and hour: "Sunday 6 December, 14:00". */
+void mail_date(char *out, size_t n, rm_time t, const char *locale);
 
 /* ==== Transports: SMTP and outbox ===================================== */
 
@@ -305,6 +344,14 @@ double min_spend_nice(double v);
 /* CONTACT's median order, else the store's (read at most once an hour of
  * NOW, kept in app->store_median). */
 double median_order(struct app *app, int64_t contact, rm_time now);
+
+/* A tracked link to TARGET for message MSG (/l/<token>?u=<target>, valid
+ * until EXPIRES) in OUT: 1 if it was made, 0 if TARGET is not on
+ * store_url's host (OUT gets TARGET as it is), -1 on failure. */
+int mc_link(struct app *app, int64_t msg, const char *target,
+	    rm_time expires, struct buf *out);
+/* 1 if URL is http(s) on store_url's host (the only place /l/ goes). */
+int link_on_store(const struct config *cfg, const char *url);
 
 /* ==== The flow engine: detect, claim, send, record ==================== */
 

@@ -28,7 +28,7 @@ tick "+1 h (step 1: reminder)" $((T0 + 3700))
 
 say "bruno clicks his recovery link and buys; chloe unsubscribes"
 # The shopper's click: the binary answers GET /r/<token> as a CGI program.
-link() { grep -l "^To: $1@example.com" "$DIR"/outbox/*.eml | head -n 1; }
+link() { grep -lE "^To: (.* <)?$1@example.com" "$DIR"/outbox/*.eml | head -n 1; }
 rtoken=$(tr -d '\r' < "$(link bruno)" | sed -n 's#.*/rm/r/\([A-Za-z0-9_-]*\).*#\1#p' | head -n 1)
 GATEWAY_INTERFACE=CGI/1.1 REQUEST_METHOD=GET PATH_INFO="/r/$rtoken" REMARKET_NOW=$((T0 + 7000)) \
 	$RM | sed -n 's/^Location: /  recovery link redirects to: /p'

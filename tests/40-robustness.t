@@ -199,7 +199,7 @@ my $due = $T0 + 3700;    # step 1 is due at +1 h
 	is(field($out, 'sent'), 3, 'the next tick after the lease sends all three') or diag $out;
 	@files = glob("$in->{env}{REMARKET_OUTBOX}/*.eml");
 	is(scalar @files, 3, 'the outbox holds three messages, not four: the retry replaced the file');
-	my %to = map { (slurp($_) =~ /^To: (\S+)/m)[0] => 1 } @files;
+	my %to = map { (slurp($_) =~ /^To:.*?<?([^\s<>]+\@[^\s<>]+)>?\r?$/m)[0] => 1 } @files;
 	is(scalar keys %to, 3, 'one message per shopper');
 }
 

@@ -3440,7 +3440,7 @@ static void test_flow(void)
 	struct buf mail = {0}, dec = {0};
 	ok(outbox_read(&w, m1, &mail) == 0, "the outbox file is named after message %lld", m1);
 	const char *msg = mail.data ? mail.data : "";
-	is_str(header_of(msg, "To"), "ann@example.com", "step 1 mail: To");
+	is_str(header_of(msg, "To"), "Ann Smith <ann@example.com>", "step 1 mail: To, with the contact's name");
 	is_str(header_of(msg, "Subject"), "Ann, you left something in your cart", "step 1 mail: Subject from the template");
 	is_str(header_of(msg, "Date"), "Wed, 18 Nov 2026 12:06:40 +0000", "step 1 mail: Date is the injected now");
 	char *mid = sq_text(&w, "SELECT message_id FROM messages WHERE step=1");
@@ -4090,8 +4090,9 @@ static void test_store_currency(void)
 	tick(&w, T0 + 7 * DAY, &s);
 	is_int(winback_sent(&w, "lapsed@example.com", 2), 1, "currency: win-back step 2 sent");
 	last_text(&w, "lapsed@example.com", &dec);
-	ok(contains(dec.data, "On orders of \xC2\xA3" "40.00 or more"),
-	   "a win-back offer (no cart, no order) prints its minimum in the store's currency");
+	ok(contains(dec.data, "On orders of \xC2\xA3" "40 or more"),
+	   "a win-back offer (no cart, no order) prints its minimum in the store's currency, "
+	   "as a person writes it");
 	buf_free(&dec);
 
 	/* post-purchase: the order's currency (USD), not the store's */
@@ -4112,6 +4113,337 @@ static void test_store_currency(void)
 	ok(contains(dec.data, "$10.00") && !contains(dec.data, "\xC2\xA3"),
 	   "a post-purchase cross-sell prints its amounts in the order's currency");
 	buf_free(&dec);
+	world_close(&w);
+}
+
+/* ---- issue 12: mail a strict inbox accepts ---- */
+
+/* "NAME <addr>" as mail_mailbox writes it. */
+static const char *mailbox_of(const char *name, const char *addr)
+{
+	static char out[300];
+	struct buf b = {0};
+	mail_mailbox(&b, name, addr);
+	snprintf(out, sizeof out, "%s", b.data ? b.data : "");
+	buf_free(&b);
+	return out;
+}
+
+static void test_mail_names(void)
+{
+	char err[256];
+	is_str(mailbox_of("Maison Demo, Paris", "shop@example.com"),
+	       "\"Maison Demo, Paris\" <shop@example.com>",
+	       "a display name with a comma is quoted (one mailbox, not two)");
+	is_str(mailbox_of("Say \"hi\"", "a@example.com"),
+	       "\"Say \\\"hi\\\"\" <a@example.com>", "... a quote is escaped");
+	is_str(mailbox_of("Back\\slash", "a@example.com"),
+	       "\"Back\\\\slash\" <a@example.com>", "... a backslash is escaped");
+	is_str(mailbox_of("J. Smith", "a@example.com"), "\"J. Smith\" <a@example.com>",
+	       "... a dot is quoted");
+	is_str(mailbox_of("Ann Smith", "a@example.com"), "Ann Smith <a@example.com>",
+	       "... a name of atoms is written as it is");
+	is_str(mailbox_of("Zoë Müller", "a@example.com"),
+	       "=?UTF-8?B?Wm/DqyBNw7xsbGVy?= <a@example.com>",
+	       "... a non-ASCII name is an RFC 2047 encoded-word");
+	is_str(mailbox_of("=?UTF-8?B?eA==?=", "a@example.com"),
+	       "=?UTF-8?B?PT9VVEYtOD9CP2VBPT0/PQ==?= <a@example.com>",
+	       "... a name that looks encoded is encoded, not decoded by readers");
+	is_str(mailbox_of("", "a@example.com"), "a@example.com", "... no name: the address");
+
+	struct buf out = {0};
+	struct mail m = {
+		.from = "Maison Demo, Paris <shop@example.com>",
+		.to = "zoe@example.com", .to_name = "Zoë Müller, Lyon",
+		.subject = "Hi", .message_id = "<rm.1.abc@example.com>",
+		.list_unsub = "<https://shop.example.com/rm/u/T>",
+		.text = "Hi\n", .html = "<p>Hi</p>\n", .date = T0,
+		.reply_to = "\"Help, Maison Demo\" <help@example.com>",
+	};
+	ok(mail_build(&m, &out, err, sizeof err) == 0, "mail_build: a comma store name");
+	const char *msg = out.data ? out.data : "";
+	is_str(header_of(msg, "From"), "\"Maison Demo, Paris\" <shop@example.com>",
+	       "From: the store name is quoted");
+	is_str(header_of(msg, "Reply-To"), "\"Help, Maison Demo\" <help@example.com>",
+	       "Reply-To: reply_to, quoted like From");
+	ok(contains(header_of(msg, "To"), "?= <zoe@example.com>") &&
+	   contains(header_of(msg, "To"), "=?UTF-8?B?"),
+	   "To: the contact's non-ASCII name encoded (%s)", header_of(msg, "To"));
+	is_str(header_of(msg, "Auto-Submitted"), "auto-generated",
+	       "Auto-Submitted: auto-generated (RFC 3834)");
+	static const char *bad[] = {"Eve\r\nBcc: x@evil.example", "Eve\nBcc: x@evil.example"};
+	for (size_t i = 0; i < 2; i++) {
+		struct mail x = m;
+		x.to_name = bad[i];
+		buf_reset(&out);
+		ok(mail_build(&x, &out, err, sizeof err) < 0 && out.len == 0,
+		   "a contact name with CR/LF is refused in To (%s)", vis(bad[i]));
+		x = m;
+		x.reply_to = bad[i];
+		buf_reset(&out);
+		ok(mail_build(&x, &out, err, sizeof err) < 0 && out.len == 0,
+		   "a reply_to with CR/LF is refused");
+	}
+	m.reply_to = NULL;
+	m.to_name = "";
+	buf_reset(&out);
+	mail_build(&m, &out, err, sizeof err);
+	ok(!contains(out.data, "Reply-To:") &&
+	   is_str(header_of(out.data, "To"), "zoe@example.com", "To: no name, the address"),
+	   "no reply_to: no Reply-To header");
+	buf_free(&out);
+
+	/* the keys: a non-ASCII from address would make an invalid Message-ID */
+	static const struct { const char *var, *val, *want; } keys[] = {
+		{"REMARKET_FROM", "Shop <shöp@example.com>", "from: "},
+		{"REMARKET_FROM", "Shop <shop@exämple.com>", "from: "},
+		{"REMARKET_FROM", "Shop", "from: "},
+		{"REMARKET_REPLY_TO", "Help <not an address>", "reply_to: "},
+		{"REMARKET_LOCALE", "xx_YY", "locale: 'xx_YY'"},
+		{"REMARKET_TIMEZONE", "Mars/Olympus_Mons", "timezone: "},
+		{"REMARKET_TIMEZONE", "../../etc/passwd", "timezone: "},
+	};
+	struct config cfg;
+	for (size_t i = 0; i < sizeof keys / sizeof *keys; i++) {
+		setenv(keys[i].var, keys[i].val, 1);
+		err[0] = '\0';
+		int rc = cfg_load(&cfg, NULL, err, sizeof err);
+		unsetenv(keys[i].var);
+		if (rc == 0)
+			cfg_free(&cfg);
+		ok(rc < 0 && contains(err, keys[i].want), "config %s = '%s' refused (%s)",
+		   keys[i].var, keys[i].val, err);
+	}
+	setenv("REMARKET_FROM", "\"Maison Demo, Paris\" <shop@example.com>", 1);
+	setenv("REMARKET_TIMEZONE", "Europe/Paris", 1);
+	int rc = cfg_load(&cfg, NULL, err, sizeof err);
+	unsetenv("REMARKET_FROM");
+	unsetenv("REMARKET_TIMEZONE");
+	if (ok(rc == 0, "a quoted from and a timezone load (%s)", rc ? err : "")) {
+		is_str(cfg.store_name, "Maison Demo, Paris", "... the store name is unquoted");
+		cfg_free(&cfg);
+	}
+	cfg_timezone("UTC");
+}
+
+static void test_money_dates(void)
+{
+	static const struct {
+		double v; const char *cur, *loc; int whole; const char *want;
+	} mon[] = {
+		{22, "GBP", "en_GB", 0, "£22.00"},
+		{22, "EUR", "fr_FR", 0, "22,00\u00a0€"},
+		{22, "EUR", "de_DE", 0, "22,00\u00a0€"},
+		{1234.5, "EUR", "de_DE", 0, "1.234,50\u00a0€"},
+		{1234.5, "EUR", "fr_FR", 0, "1\u202f234,50\u00a0€"},
+		{1234567.891, "USD", "en_US", 0, "$1,234,567.89"},
+		{22, "EUR", "nl_NL", 0, "€\u00a022,00"},
+		{22, "CHF", "en", 0, "CHF\u00a022.00"},
+		{22, "CHF", "de_CH", 0, "CHF\u00a022.00"},
+		{1234.4, "JPY", "en", 0, "¥1,234"},
+		{22, "XAF", "en", 0, "XAF\u00a022.00"},
+		{22, "", "en", 0, "22.00"},
+		{95, "GBP", "en_GB", 1, "£95"},
+		{95.5, "GBP", "en_GB", 1, "£95.50"},
+		{95, "EUR", "fr_FR", 1, "95\u00a0€"},
+		{-3.5, "EUR", "es_ES", 0, "-3,50\u00a0€"},
+		{0.004, "EUR", "en", 0, "€0.00"},
+	};
+	for (size_t i = 0; i < sizeof mon / sizeof *mon; i++) {
+		char got[64], name[120];
+		mail_money(got, sizeof got, mon[i].v, mon[i].cur, mon[i].loc, mon[i].whole);
+		snprintf(name, sizeof name, "money: %g %s in %s%s is %s", mon[i].v,
+			 mon[i].cur, mon[i].loc, mon[i].whole ? " (whole)" : "", mon[i].want);
+		is_str(got, mon[i].want, name);
+	}
+	ok(mail_locale_known("en") && mail_locale_known("fr_FR") &&
+	   !mail_locale_known("fr_XX") && !mail_locale_known(""),
+	   "the locales known are the table's");
+
+	/* 2026-12-06 13:00 UTC, a Sunday */
+	static const struct { const char *tz, *loc, *want; } dates[] = {
+		{"Europe/Paris", "en_GB", "Sunday 6 December, 14:00"},
+		{"Europe/Paris", "fr_FR", "dimanche 6 décembre, 14:00"},
+		{"Europe/Berlin", "de_DE", "Sonntag, 6. Dezember, 14:00"},
+		{"America/New_York", "en_US", "Sunday, December 6, 8:00\u00a0AM"},
+		{"UTC", "en", "Sunday 6 December, 13:00"},
+		{"Asia/Tokyo", "en", "Sunday 6 December, 22:00"},
+		{"Pacific/Auckland", "en", "Monday 7 December, 02:00"},
+	};
+	for (size_t i = 0; i < sizeof dates / sizeof *dates; i++) {
+		char got[80], name[160];
+		if (!ok(cfg_timezone(dates[i].tz) == 0, "timezone %s is known", dates[i].tz))
+			continue;
+		mail_date(got, sizeof got, 1796562000, dates[i].loc);
+		snprintf(name, sizeof name, "date: %s in %s is %s", dates[i].tz,
+			 dates[i].loc, dates[i].want);
+		is_str(got, dates[i].want, name);
+	}
+	/* summer time: 2026-07-01 12:00 UTC is 14:00 in Paris */
+	cfg_timezone("Europe/Paris");
+	char got[80];
+	mail_date(got, sizeof got, 1782907200, "en");
+	is_str(got, "Wednesday 1 July, 14:00", "date: summer time in Paris");
+	ok(cfg_timezone("Nowhere/Land") < 0 && cfg_timezone("/etc/passwd") < 0 &&
+	   cfg_timezone("") < 0, "unknown or path-like zones are refused");
+	cfg_timezone("UTC");
+}
+
+/* The /l/ link of KIND ("l") in TEXT that leads to TARGET, split into its
+ * token and its query: 0 if found. */
+static int find_link(const char *text, const char *target, char *tok,
+		     size_t toklen, char *query, size_t qlen)
+{
+	char *esc = curl_easy_escape(NULL, target, 0);
+	for (const char *p = text; esc && (p = strstr(p, "/rm/l/")); p += 6) {
+		size_t n = strcspn(p + 6, "?");
+		const char *qs = p + 6 + n;
+		size_t m = strcspn(qs, " \r\n\"<>");
+		if (*qs == '?' && !strncmp(qs + 1, "u=", 2) &&
+		    !strncmp(qs + 3, esc, strlen(esc)) && m == strlen(esc) + 3 &&
+		    n < toklen && m < qlen) {
+			snprintf(tok, toklen, "%.*s", (int)n, p + 6);
+			snprintf(query, qlen, "%.*s", (int)m - 1, qs + 1);
+			curl_free(esc);
+			return 0;
+		}
+	}
+	curl_free(esc);
+	return -1;
+}
+
+static void link_get(struct world *w, const char *tok, const char *query,
+		     rm_time now, struct http_resp *rs)
+{
+	char path[200];
+	struct http_req rq = {0};
+	snprintf(path, sizeof path, "/l/%s", tok);
+	rq.method = "GET";
+	rq.path = path;
+	rq.query = query;
+	rq.remote_addr = "127.0.0.1";
+	memset(rs, 0, sizeof *rs);
+	http_handle(&w->app, &rq, rs, now);
+}
+
+static void test_tracked_links(void)
+{
+	/* tokens bound to a target */
+	unsigned char key[RM_KEYBYTES];
+	memset(key, 7, sizeof key);
+	char t1[TOK_MAXLEN + 1], t0[TOK_MAXLEN + 1];
+	int64_t subj = 0;
+	const char *url = "https://shop.example.com/p/lamp";
+	tok_sign_for(key, TOK_LINK, 42, T0 + DAY, url, strlen(url), t1, sizeof t1);
+	ok(tok_verify_for(key, t1, TOK_LINK, url, strlen(url), T0, &subj) == TOK_OK &&
+	   subj == 42, "a link token verifies with its target");
+	const char *other = "https://shop.example.com/p/rug";
+	is_int(tok_verify_for(key, t1, TOK_LINK, other, strlen(other), T0, &subj),
+	       TOK_FORGED, "... and is forged with another target");
+	is_int(tok_verify(key, t1, TOK_LINK, T0, &subj), TOK_FORGED,
+	       "... and without its target");
+	/* a token made the old way (a one-shot MAC of the payload) verifies */
+	unsigned char raw[33];
+	raw[0] = TOK_UNSUB;
+	for (int i = 0; i < 8; i++) {
+		raw[1 + i] = (unsigned char)((uint64_t)9 >> (56 - 8 * i));
+		raw[9 + i] = (unsigned char)((uint64_t)(T0 + DAY) >> (56 - 8 * i));
+	}
+	crypto_generichash(raw + 17, 16, raw, 17, key, sizeof key);
+	sodium_bin2base64(t0, sizeof t0, raw, sizeof raw,
+			  sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+	ok(tok_verify(key, t0, TOK_UNSUB, T0, &subj) == TOK_OK && subj == 9,
+	   "a token signed before link tokens existed still verifies");
+
+	/* a world whose store is shop.example.com, with a comma in its name */
+	setenv("REMARKET_STORE_URL", "https://shop.example.com", 1);
+	setenv("REMARKET_BASE_URL", "https://shop.example.com/rm", 1);
+	setenv("REMARKET_CART_URL", "https://shop.example.com/cart?restore={cart}&code={code}", 1);
+	setenv("REMARKET_FROM", "Maison Demo, Paris <shop@example.com>", 1);
+	struct world w;
+	int opened = world_open(&w, "links");
+	unsetenv("REMARKET_STORE_URL");
+	unsetenv("REMARKET_BASE_URL");
+	unsetenv("REMARKET_CART_URL");
+	unsetenv("REMARKET_FROM");
+	if (!ok(opened == 0, "links: world opens"))
+		return;
+	struct tick_summary s;
+	cart_event(&w, "zoe@example.com", "Zoë Müller", "z1", 1, T0);
+	tick(&w, T0 + HOUR, &s);
+	long long mid = sq(&w, "SELECT max(id) FROM messages WHERE status = 'sent'");
+	struct buf mail = {0}, html = {0};
+	outbox_read(&w, mid, &mail);
+	const char *msg = mail.data ? mail.data : "";
+	is_str(header_of(msg, "From"), "\"Maison Demo, Paris\" <shop@example.com>",
+	       "links: the cart mail's From is one mailbox");
+	mime_part(msg, "text/html", &html);
+	char tok[80], query[300], store_tok[80], store_q[300];
+	ok(find_link(html.data, "https://shop.example.com/p/lamp", tok, sizeof tok,
+		     query, sizeof query) == 0,
+	   "links: the cart mail's product link goes through /l/");
+	ok(find_link(html.data, "https://shop.example.com", store_tok, sizeof store_tok,
+		     store_q, sizeof store_q) == 0,
+	   "links: its store link too");
+	ok(!contains(html.data, "href=\"https://shop.example.com/p/lamp\""),
+	   "links: no plain product link is left");
+
+	struct http_resp rs;
+	long long clicks = sq(&w, "SELECT count(*) FROM interactions WHERE kind = 'click'");
+	link_get(&w, tok, query, T0 + 2 * HOUR, &rs);
+	is_int(rs.status, 302, "links: a product link redirects");
+	is_str(resp_header(&rs, "Location"),
+	       "https://shop.example.com/p/lamp?restore=z1&code=",
+	       "... to the product, restoring the cart");
+	ok(contains(resp_header(&rs, "Set-Cookie"), "rm_vid="),
+	   "... and joins this browser to the contact");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind = 'click' AND "
+		  "message = %lld", mid), clicks + 1, "... and records a click on the message");
+
+	/* forged, altered, off the store's host, expired */
+	char bad[80];
+	snprintf(bad, sizeof bad, "%s", tok);
+	bad[5] = bad[5] == 'A' ? 'B' : 'A';
+	link_get(&w, bad, query, T0 + 2 * HOUR, &rs);
+	is_int(rs.status, 403, "links: a forged token is refused (403)");
+	ok(rs.headers.data == NULL || !contains(rs.headers.data, "Location:"),
+	   "... and redirects nowhere");
+	http_resp_free(&rs);
+	link_get(&w, tok, "u=https%3A%2F%2Fshop.example.com%2Fp%2Frug", T0 + 2 * HOUR, &rs);
+	is_int(rs.status, 403, "links: a token with another target is refused");
+	http_resp_free(&rs);
+	link_get(&w, tok, "", T0 + 2 * HOUR, &rs);
+	is_int(rs.status, 403, "links: a token without its target is refused");
+	http_resp_free(&rs);
+	const char *evil = "https://evil.example/phish";
+	char etok[TOK_MAXLEN + 1], eq[200];
+	tok_sign_for(w.app.key, TOK_LINK, mid, T0 + DAY, evil, strlen(evil), etok, sizeof etok);
+	snprintf(eq, sizeof eq, "u=https%%3A%%2F%%2Fevil.example%%2Fphish");
+	link_get(&w, etok, eq, T0 + 2 * HOUR, &rs);
+	is_int(rs.status, 403, "links: even a signed target off store_url's host is refused");
+	http_resp_free(&rs);
+	ok(mc_link(&w.app, mid, evil, T0 + DAY, &html) == 0,
+	   "links: mc_link leaves an off-host URL plain");
+	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind = 'click'"),
+	       clicks + 1, "links: none of these recorded a click");
+	link_get(&w, tok, query, T0 + 500 * DAY, &rs);
+	is_int(rs.status, 302, "links: an expired link still leads to the shop");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM interactions WHERE kind = 'click'"),
+	       clicks + 1, "... recording nothing");
+
+	/* the click attributes an order, as a recovery link's does */
+	struct ev_error err;
+	ingest(&w, EV_HOOK, "{\"type\":\"order\",\"order_id\":\"oz1\",\"email\":"
+	       "\"zoe@example.com\",\"cart_id\":\"z1\",\"currency\":\"EUR\",\"total\":"
+	       "99,\"items\":[{\"sku\":\"LAMP-1\",\"name\":\"Linen lamp\",\"price\":"
+	       "49.5,\"qty\":2}]}", T0 + 3 * HOUR, &err);
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'oz1' AND "
+		  "attribution = 'click' AND message = %lld", mid), 1,
+	       "links: the order after a product click is attributed to it");
+	buf_free(&mail);
+	buf_free(&html);
 	world_close(&w);
 }
 
@@ -4323,6 +4655,7 @@ static void test_winback_ramp(void)
 	static const struct { double v, want; } nice[] = {
 		{40, 40}, {0.5, 0.5}, {7.4, 7}, {19.99, 19}, {47.5, 45}, {99, 95},
 		{100, 100}, {303, 300}, {461.2, 460}, {999.99, 990}, {1234, 1200},
+		{97.18, 95}, {12345, 12000},
 	};
 	for (size_t i = 0; i < sizeof nice / sizeof *nice; i++)
 		ok(min_spend_nice(nice[i].v) == nice[i].want,
@@ -5623,7 +5956,7 @@ static void test_fuzz_findings(void)
 	fid[sizeof fid - 1] = '\0';
 	struct mail m = {"Shop <shop@example.com>", "a@example.com", "Hi",
 			 "<1.u@example.com>", "<https://shop.example.com/rm/u/x>",
-			 "text", "<p>html</p>", T0, fid};
+			 "text", "<p>html</p>", T0, fid, NULL, NULL};
 	int rc = mail_build(&m, &out, err, sizeof err);
 	ok(rc == -1 && strstr(err, "Feedback-ID"),
 	   "fuzz: mail_build refuses a Feedback-ID it cannot fit (%s)", vis(err));
@@ -6186,6 +6519,9 @@ int main(void)
 	test_report_numbers();
 	test_lifecycle();
 	test_store_currency();
+	test_mail_names();
+	test_money_dates();
+	test_tracked_links();
 	test_refunds();
 	test_segments_incremental();
 	test_lapse_incremental();

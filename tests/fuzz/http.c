@@ -18,7 +18,9 @@
  * present, empty, repeated or odd (a line without '=' names nothing).
  * Placeholders make valid credentials, so inputs get past the checks:
  * ${tok:K:N} a token of kind K (r, u, d, o) for subject N valid for a day,
- * ${xtok:K:N} the same but expired, ${sig} the hook signature of the final
+ * ${xtok:K:N} the same but expired, ${ltok:N:URL} a tracked link's token
+ * (kind l) for message N bound to URL (give it, URL-escaped, as u= in
+ * QUERY_STRING), ${sig} the hook signature of the final
  * body at the fixed clock, ${len} the final body's length. The tick token
  * is FZ_TICK_TOKEN ("Bearer tick-fuzz-token"; Basic Zjp0aWNrLWZ1enotdG9rZW4=).
  *
@@ -43,10 +45,17 @@ static void expand(struct buf *out, const char *s, size_t n,
 	for (size_t i = 0; i < n;) {
 		const char *p = s + i;
 		size_t left = n - i;
-		char tok[TOK_MAXLEN + 8], kind;
+		char tok[TOK_MAXLEN + 8], kind, url[256];
 		long long subj;
 		int used = 0, exp = 0;
-		if (left > 6 && !strncmp(p, "${", 2) &&
+		if (left > 7 && !strncmp(p, "${ltok:", 7) &&
+		    sscanf(p, "${ltok:%lld:%255[^}]}%n", &subj, url, &used) == 2 &&
+		    used > 0 && (size_t)used <= left) {
+			if (tok_sign_for(fz_key, TOK_LINK, subj, FZ_NOW + 86400, url,
+					 strlen(url), tok, sizeof tok) == 0)
+				buf_adds(out, tok);
+			i += (size_t)used;
+		} else if (left > 6 && !strncmp(p, "${", 2) &&
 		    (sscanf(p, "${tok:%c:%lld}%n", &kind, &subj, &used) == 2 ||
 		     (exp = sscanf(p, "${xtok:%c:%lld}%n", &kind, &subj, &used)) == 2) &&
 		    used > 0 && (size_t)used <= left) {

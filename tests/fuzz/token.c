@@ -8,6 +8,8 @@
  * for a subject and expiry taken from the input's first 16 bytes verifies
  * to that subject (or is expired, exactly when the expiry has passed), and
  * the input's own signature verifies, with the body changed it does not.
+ * A tracked link's token (kind l) bound to the body verifies with it and
+ * is forged with one byte less; line 1 is also checked as one.
  *
  * Checks: no crash or undefined behaviour; statuses are from the enum; a
  * token the fuzzer made up is never accepted (it would need the key).
@@ -54,6 +56,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t len)
 				abort();
 		}
 	}
+	int64_t lsubj = 0;
+	int lst = tok_verify_for(fz_key, in, TOK_LINK, body, blen, FZ_NOW, &lsubj);
+	if (lst > TOK_OK || lst < TOK_WRONG_KIND)
+		abort();
 	const char *why = NULL;
 	int hv = hook_verify(FZ_HOOK_SECRET, hdr, body, blen, FZ_NOW, &why);
 	if (hv < 0 && (!why || !*why))
@@ -72,6 +78,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t len)
 			abort();
 		if (tok_verify(fz_key, tok, kind == TOK_OPEN ? TOK_UNSUB : TOK_OPEN,
 			       FZ_NOW, &got) != TOK_WRONG_KIND)
+			abort();
+		char ltok[TOK_MAXLEN + 1];
+		if (tok_sign_for(fz_key, TOK_LINK, subj, exp, body, blen, ltok,
+				 sizeof ltok) < 0)
+			abort();
+		st = tok_verify_for(fz_key, ltok, TOK_LINK, body, blen, FZ_NOW, &got);
+		if (exp < FZ_NOW ? st != TOK_EXPIRED : (st != TOK_OK || got != subj))
+			abort();
+		if (blen && tok_verify_for(fz_key, ltok, TOK_LINK, body, blen - 1,
+					   FZ_NOW, &got) != TOK_FORGED)
 			abort();
 		tok[data[16] % strlen(tok)] ^= 1; /* one character off: refused */
 		st = tok_verify(fz_key, tok, kind, FZ_NOW, &got);
