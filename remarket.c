@@ -8281,8 +8281,12 @@ static int mime_header(const struct mime_part *p, const char *name,
 			for (const char *le = eol ? eol : end; v < le; v++) {
 				while (!o && v < le && (*v == ' ' || *v == '\t'))
 					v++;
-				if (v < le && *v != '\r' && *v && o + 1 < outlen)
-					out[o++] = *v == '\t' ? ' ' : *v;
+				/* a NUL or a bare CR never joins two pieces into
+				 * one word: each stands for a character */
+				if (v < le && o + 1 < outlen &&
+				    !(*v == '\r' && v + 1 == le))
+					out[o++] = *v == '\t' || *v == '\r' ? ' ' :
+						   *v ? *v : '?';
 			}
 			if (next >= end || (*next != ' ' && *next != '\t'))
 				break;
@@ -10038,6 +10042,8 @@ static void fb_route_apply(struct app *app, struct http_resp *rs,
 	}
 	sqlite3_reset(s);
 	for (int i = 0; !bad && i < n; i++) {
+		if (evs[i].kind == FB_NONE)
+			continue; /* a delivery, an open: not ours to act on */
 		int rc = fb_apply(app, &evs[i], now, why, sizeof why);
 		if (rc < 0)
 			bad = 503;
@@ -10057,6 +10063,8 @@ static void route_feedback(struct app *app, const struct http_req *rq,
 {
 	struct config *cfg = app->cfg;
 	const char *why;
+	if (*arg == '/')
+		arg = ""; /* the exact route passes its path */
 	if (*arg && strcmp(arg, "mailgun") && strcmp(arg, "postmark"))
 		return resp_json_error(app, rs, 404, "no such endpoint (feedback, "
 				       "feedback/mailgun, feedback/postmark)");
