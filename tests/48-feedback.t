@@ -49,6 +49,10 @@ sub postfix_start {
 	my $d = tempdir('rm-postfix-XXXXXX', TMPDIR => 1, CLEANUP => 1);
 	mkdir "$d/$_" for qw(etc queue data);
 	chmod 0755, $d;
+	# pipe(8) runs it as nobody: a copy where nobody may run it, wherever
+	# the source tree is
+	system('cp', $bin, "$d/remarket") == 0 or die "cp $bin: $!";
+	chmod 0755, "$d/remarket";
 	my $postfix_uid = getpwnam('postfix');
 	chown $postfix_uid, -1, "$d/data" if defined $postfix_uid;
 	spit("$d/etc/main.cf", <<"EOF");
@@ -103,7 +107,7 @@ local unix - n n - - local
 anvil unix - - n - 1 anvil
 scache unix - - n - 1 scache
 postlog unix-dgram n - n - 1 postlogd
-remarket unix - n n - - pipe flags=Rq user=nobody argv=$bin -c $d/remarket.conf feedback \${recipient}
+remarket unix - n n - - pipe flags=Rq user=nobody argv=$d/remarket -c $d/remarket.conf feedback \${recipient}
 EOF
 	my $t = time;
 	my $out = `postfix -c '$d/etc' start 2>&1`;
