@@ -52,7 +52,7 @@ build/plain/unit: tests/unit.c tests/tap.h remarket.c remarket.h sql_migrations.
 # build/fuzz/corpus/NAME/ and crashes as build/fuzz/crash-NAME-*.
 FUZZ_CC      ?= $(shell command -v clang-14 || command -v clang || echo clang)
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS  = ingest http template token csv
+FUZZ_TARGETS  = ingest http template token csv feedback
 FUZZ_SAN      = -g -O1 -fno-omit-frame-pointer -fno-sanitize-recover=all
 FUZZ_CFLAGS   = $(RM_CFLAGS) -Wno-unknown-warning-option -DRM_NO_MAIN -I. \
                 -DFZ_TEMPLATES='"$(CURDIR)/templates"'

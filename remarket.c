@@ -30,11 +30,12 @@
  *  15. The message context
  *  16. The flow engine: detect, claim, send, record
  *  17. Tick runs
- *  18. The report
- *  19. HTTP routes
- *  20. FastCGI and CGI front-ends
- *  21. Command line
- *  22. Main
+ *  18. Feedback: bounces, complaints, unsubscribes by mail
+ *  19. The report
+ *  20. HTTP routes
+ *  21. FastCGI and CGI front-ends
+ *  22. Command line
+ *  23. Main
  */
 #define _GNU_SOURCE
 #include "remarket.h"
@@ -544,6 +545,9 @@ static const struct cfg_key {
 	CFG_STR(postal_address, "Maison Demo, 1 Example Street, 75001 Paris, France"),
 	CFG_STR(templates, "./templates"),
 	CFG_STR(unsubscribe_mailto, ""),
+	CFG_STR(bounce_address, ""),
+	CFG_STR(mailgun_signing_key, ""),
+	CFG_STR(postmark_webhook_auth, ""),
 	CFG_STR(store_origin, ""),
 	CFG_STR(static_dir, "./static"),
 	CFG_STR(log_pii, "no"),
@@ -870,6 +874,15 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 	}
 	if (strcmp(cfg->log_pii, "yes") != 0 && strcmp(cfg->log_pii, "no") != 0) {
 		snprintf(err, errlen, "log_pii: '%s' must be yes or no", cfg->log_pii);
+		return -1;
+	}
+	/* bounces+<tag>@domain is made from it: one '@', no '+' of its own */
+	if (*cfg->bounce_address && (!val_email(cfg->bounce_address) ||
+				     strchr(cfg->bounce_address, '+'))) {
+		snprintf(err, errlen, "bounce_address: '%s' must be a plain address "
+			 "without '+' (e.g. bounces@shop.example): each message's "
+			 "envelope sender is bounces+<tag>@shop.example",
+			 cfg->bounce_address);
 		return -1;
 	}
 	if (*cfg->currency && !iso_currency(cfg->currency)) {
@@ -1811,6 +1824,42 @@ void cfg_free(struct config *cfg)
 	  "SELECT json_patch(json_object('tick', ?1, 'state', "               \
 	  "CASE WHEN json_extract(?4, '$.error') IS NOT NULL THEN 'failed' "   \
 	  "ELSE ?2 END, 'now', ?3), coalesce(?4, '{}'))")                      \
+	/* -- Feedback: bounces, complaints, unsubscribes by mail -- */        \
+	X(FB_MESSAGE, "SELECT id, contact_id FROM messages WHERE id = ?1")     \
+	X(FB_MESSAGE_ID,                                                       \
+	  "SELECT id, contact_id FROM messages WHERE message_id = ?1")         \
+	/* an address alone (a signed webhook): the contact, and the last     \
+	 * message it was sent, which the report counts the event against */ \
+	X(FB_CONTACT,                                                          \
+	  "SELECT c.id, coalesce((SELECT m.id FROM messages m WHERE "          \
+	  "m.contact_id = c.id AND m.status = 'sent' ORDER BY m.sent_at DESC " \
+	  "LIMIT 1), 0) FROM contacts c WHERE c.email = ?1")                   \
+	X(FB_RECORD,                                                           \
+	  "INSERT OR IGNORE INTO feedback (message, contact_id, kind, status, " \
+	  "source, ts) VALUES (nullif(?1, 0), ?2, ?3, ?4, ?5, ?6)")            \
+	X(FB_SOFT_COUNT,                                                       \
+	  "SELECT count(*) FROM feedback WHERE contact_id = ?1 "               \
+	  "AND kind = 'soft' AND ts > ?2")                                     \
+	/* message ?1's step: its sends since ?2 and how many of them drew a  \
+	 * complaint (both variants: the step is paused as a whole) */       \
+	X(FB_STEP_RATE,                                                        \
+	  "SELECT x.enrollment_id, x.step, count(*), coalesce(sum(EXISTS "     \
+	  "(SELECT 1 FROM feedback f WHERE f.message = m.id "                  \
+	  "AND f.kind = 'complaint')), 0) FROM messages x "                    \
+	  "JOIN enrollments xe ON xe.id = x.enrollment_id "                    \
+	  "JOIN enrollments e ON e.flow_id = xe.flow_id "                      \
+	  "JOIN messages m ON m.enrollment_id = e.id AND m.step = x.step "     \
+	  "WHERE x.id = ?1 AND m.status = 'sent' AND m.sent_at >= ?2")         \
+	/* the steps whose complaints passed 0.1 % of their sends since ?1 */ \
+	X(FB_WARNINGS,                                                         \
+	  "SELECT f.name, m.step, count(*) AS n, coalesce(sum(EXISTS "         \
+	  "(SELECT 1 FROM feedback k WHERE k.message = m.id "                  \
+	  "AND k.kind = 'complaint')), 0) AS c, s.paused_at IS NOT NULL "      \
+	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
+	  "JOIN flows f ON f.id = e.flow_id JOIN steps s ON s.flow_id = "      \
+	  "e.flow_id AND s.position = m.step WHERE m.status = 'sent' "         \
+	  "AND m.sent_at >= ?1 GROUP BY e.flow_id, m.step "                    \
+	  "HAVING c * 1000 > n ORDER BY e.flow_id, m.step")                    \
 	/* -- The report -- */                                                 \
 	/* win-back: the lapsed, and the customers whose first mail of a      \
 	 * win-back (its first step sent, not a later one) went in the        \
@@ -1924,7 +1973,11 @@ void cfg_free(struct config *cfg)
 	  "k.status = 'ordered' AND k.ordered_at >= m.sent_at "                \
 	  "AND k.ordered_at < m.sent_at + ?4 ELSE EXISTS (SELECT 1 FROM orders x " \
 	  "WHERE x.contact_id = e.contact_id AND x.ts >= m.sent_at "           \
-	  "AND x.ts < m.sent_at + ?4 AND x.id IS NOT e.order_id) END), 0) "    \
+	  "AND x.ts < m.sent_at + ?4 AND x.id IS NOT e.order_id) END), 0), "   \
+	  "coalesce(sum(EXISTS (SELECT 1 FROM feedback f WHERE f.message = m.id " \
+	  "AND f.kind IN ('hard', 'soft'))), 0), "                             \
+	  "coalesce(sum(EXISTS (SELECT 1 FROM feedback f WHERE f.message = m.id " \
+	  "AND f.kind = 'complaint')), 0) "                                    \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
 	  "LEFT JOIN carts k ON k.id = e.cart_id "                             \
 	  "LEFT JOIN (SELECT message, count(*) AS n, total(total - refunded) AS rev " \
@@ -1943,6 +1996,46 @@ void cfg_free(struct config *cfg)
 	  "WHERE attribution IN ('click', 'code') AND ts >= ?1 AND ts < ?2 "   \
 	  "GROUP BY 1")                                                        \
 	/* -- HTTP routes -- */                                                \
+	/* POST /feedback: the events of a body, each as (type, email,       \
+	 * message_id, status[, signature fields]); FB_JSON_OK first, as     \
+	 * json_type fails on a body that is not JSON */                     \
+	X(FB_JSON_OK,                                                          \
+	  "SELECT CASE WHEN json_valid(?1) THEN json_type(?1) "                \
+	  "IN ('object', 'array') ELSE 0 END")                                 \
+	X(FB_JSON_REMARKET,                                                    \
+	  "SELECT coalesce(json_extract(value, '$.type'), ''), "               \
+	  "coalesce(json_extract(value, '$.email'), ''), "                     \
+	  "coalesce(json_extract(value, '$.message_id'), ''), "                \
+	  "coalesce(json_extract(value, '$.status'), ''), json_type(value) "   \
+	  "FROM json_each(CASE json_type(?1) WHEN 'array' THEN ?1 "            \
+	  "ELSE json_array(json(?1)) END)")                                    \
+	/* Mailgun's event webhook: failed (permanent or temporary),         \
+	 * complained, unsubscribed; the rest is not ours to act on */       \
+	X(FB_JSON_MAILGUN,                                                     \
+	  "SELECT CASE json_extract(?1, '$.\"event-data\".event') "            \
+	  "WHEN 'failed' THEN CASE json_extract(?1, '$.\"event-data\".severity') " \
+	  "WHEN 'permanent' THEN 'hard_bounce' ELSE 'soft_bounce' END "        \
+	  "WHEN 'complained' THEN 'complaint' "                                \
+	  "WHEN 'unsubscribed' THEN 'unsubscribe' ELSE '' END, "               \
+	  "coalesce(json_extract(?1, '$.\"event-data\".recipient'), ''), "     \
+	  "coalesce(json_extract(?1, '$.\"event-data\".message.headers.\"message-id\"'), ''), " \
+	  "coalesce(json_extract(?1, '$.\"event-data\".\"delivery-status\".code'), " \
+	  "json_extract(?1, '$.\"event-data\".severity'), ''), 'object', "     \
+	  "coalesce(json_extract(?1, '$.signature.timestamp'), ''), "          \
+	  "coalesce(json_extract(?1, '$.signature.token'), ''), "              \
+	  "coalesce(json_extract(?1, '$.signature.signature'), '')")           \
+	/* Postmark's bounce and spam complaint webhooks */                   \
+	X(FB_JSON_POSTMARK,                                                    \
+	  "SELECT CASE WHEN json_extract(?1, '$.RecordType') = 'SpamComplaint' " \
+	  "OR json_extract(?1, '$.Type') = 'SpamComplaint' THEN 'complaint' "  \
+	  "WHEN json_extract(?1, '$.RecordType') = 'Bounce' THEN "             \
+	  "CASE json_extract(?1, '$.Type') WHEN 'HardBounce' THEN 'hard_bounce' " \
+	  "WHEN 'BadEmailAddress' THEN 'hard_bounce' "                         \
+	  "WHEN 'ManuallyDeactivated' THEN 'hard_bounce' "                     \
+	  "WHEN 'SoftBounce' THEN 'soft_bounce' WHEN 'Transient' THEN 'soft_bounce' " \
+	  "WHEN 'DnsError' THEN 'soft_bounce' WHEN 'Unsubscribe' THEN 'unsubscribe' " \
+	  "ELSE '' END ELSE '' END, coalesce(json_extract(?1, '$.Email'), ''), " \
+	  "'', coalesce(json_extract(?1, '$.Type'), ''), 'object'")            \
 	X(JSON_ACCEPTED, "SELECT json_object('accepted', ?1, 'duplicates', ?2)") \
 	X(JSON_DISCOUNT,                                                       \
 	  "SELECT json_object('valid', json(?1), 'percent', ?2, 'reason', ?3, " \
@@ -6510,20 +6603,108 @@ static int smtp_url(const char *url, char *out, size_t n, int *starttls)
 	return copy_str(out, n, url);
 }
 
+/* ---- the envelope sender: VERP ---- */
+/*
+ * With bounce_address set, each message leaves with its own envelope
+ * sender, bounces+<tag>@domain, where the tag is the message's row id and
+ * a MAC of it (libsodium crypto_auth, keyed by the key ring, cut to 8
+ * bytes): "bounces+42.9f86d081884c7d65@shop.example". A bounce comes back
+ * to that address, so it names its message without any parsing of the
+ * bounce's text, and nobody can make one up for a message of their
+ * choosing. Hex, not base64: relays may change the case of a local part.
+ * Without bounce_address the envelope sender is the from address, as
+ * before: an address nobody set up to receive bounces would only lose
+ * them (and relays that verify senders would refuse it).
+ */
+#define VERP_MACBYTES 8
+
+static void verp_mac(const unsigned char key[RM_KEYBYTES], int64_t id,
+		     unsigned char mac[VERP_MACBYTES])
+{
+	unsigned char in[13], full[crypto_auth_BYTES];
+	memcpy(in, "verp:", 5);
+	for (int i = 0; i < 8; i++)
+		in[5 + i] = (unsigned char)((uint64_t)id >> (56 - 8 * i));
+	crypto_auth(full, in, sizeof in, key);
+	memcpy(mac, full, VERP_MACBYTES);
+}
+
+int verp_sender(const struct app *app, int64_t message, char *out, size_t n)
+{
+	char addr[256], hex[2 * VERP_MACBYTES + 1];
+	unsigned char mac[VERP_MACBYTES];
+	const char *ba = app->cfg->bounce_address;
+	if (!*ba || message <= 0) {
+		addr_spec(app->cfg->from, addr, sizeof addr);
+		return copy_str(out, n, addr);
+	}
+	const char *at = strrchr(ba, '@');
+	verp_mac(app->key, message, mac);
+	sodium_bin2hex(hex, sizeof hex, mac, sizeof mac);
+	int w = snprintf(out, n, "%.*s+%lld.%s%s", (int)(at - ba), ba,
+			 (long long)message, hex, at);
+	return w < 0 || (size_t)w >= n ? -1 : 0;
+}
+
+/* The message of a tag "<id>.<hex>", checked with each key of the ring;
+ * -1 if it is malformed or forged. */
+static int verp_tag_check(const struct app *app, const char *tag, size_t len,
+			  int64_t *message)
+{
+	char t[64], *end;
+	unsigned char got[VERP_MACBYTES], mac[VERP_MACBYTES];
+	size_t n = 0;
+	if (len >= sizeof t || !len || !isdigit((unsigned char)tag[0]))
+		return -1;
+	memcpy(t, tag, len);
+	t[len] = '\0';
+	errno = 0;
+	long long id = strtoll(t, &end, 10);
+	if (errno || id <= 0 || *end != '.' ||
+	    sodium_hex2bin(got, sizeof got, end + 1, strlen(end + 1), NULL, &n,
+			   NULL) || n != sizeof got || strlen(end + 1) != 2 * n)
+		return -1;
+	for (int k = -1; k < app->nold; k++) {
+		verp_mac(k < 0 ? app->key : app->old_keys[k], id, mac);
+		if (sodium_memcmp(got, mac, sizeof mac) == 0) {
+			*message = id;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+int verp_parse(const struct app *app, const char *addr, int64_t *message)
+{
+	char a[320];
+	const char *ba = app->cfg->bounce_address;
+	const char *bat = strrchr(ba, '@');
+	if (!*ba || !addr || copy_str(a, sizeof a, addr) < 0)
+		return -1;
+	addr_spec(addr, a, sizeof a);
+	char *at = strrchr(a, '@'), *plus = strchr(a, '+');
+	size_t local = (size_t)(bat - ba);
+	if (!at || !plus || plus > at || (size_t)(plus - a) != local ||
+	    strncasecmp(a, ba, local) || strcasecmp(at, bat))
+		return -1;
+	return verp_tag_check(app, plus + 1, (size_t)(at - plus - 1), message);
+}
+
 /* Sends one built message to TO over the configured SMTP relay with
- * libcurl and classifies the outcome as a send_result. */
-static enum send_result smtp_send(struct app *app, const char *to,
-				  const struct buf *msg, char *err, size_t errlen)
+ * libcurl, with the envelope sender FROM, and classifies the outcome as
+ * a send_result. */
+static enum send_result smtp_send(struct app *app, const char *from,
+				  const char *to, const struct buf *msg,
+				  char *err, size_t errlen)
 {
 	struct config *cfg = app->cfg;
 	CURL *c = app->curl;
-	char url[1024], from[256];
+	char url[1024];
 	int starttls;
 	if (smtp_url(cfg->smtp_url, url, sizeof url, &starttls) < 0) {
 		snprintf(err, errlen, "smtp_url: too long");
 		return SEND_TEMP;
 	}
-	addr_spec(cfg->from, from, sizeof from);
 	struct curl_slist *rcpt = curl_slist_append(NULL, to);
 	struct upload up = {msg->data, msg->len, 0};
 	char cerr[CURL_ERROR_SIZE] = "";
@@ -6603,9 +6784,14 @@ static enum send_result mail_send(struct app *app, int64_t id, const char *to,
 		snprintf(err, errlen, "out of memory building the message");
 		return SEND_TEMP;
 	}
-	if (*app->cfg->smtp_url)
-		return smtp_send(app, to, msg, err, errlen);
-	return outbox_write(app, id, msg, err, errlen);
+	char from[320];
+	if (!*app->cfg->smtp_url)
+		return outbox_write(app, id, msg, err, errlen);
+	if (verp_sender(app, id, from, sizeof from) < 0) {
+		snprintf(err, errlen, "bounce_address: too long for an envelope sender");
+		return SEND_CONFIG;
+	}
+	return smtp_send(app, from, to, msg, err, errlen);
 }
 
 /* ==== The message context ============================================= */
@@ -8434,6 +8620,650 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
 	return rc;
 }
 
+/* ==== Feedback: bounces, complaints, unsubscribes by mail ============= */
+/*
+ * What comes back after a message left: a delivery status notification
+ * (RFC 3464), a spam complaint (an ARF report, RFC 5965), a mail to
+ * unsubscribe_mailto, or the same events from a sending service's
+ * webhook (POST /feedback, in HTTP routes). fb_mail_parse reads one mail
+ * into a struct fb_event; fb_apply finds the message and acts: a hard
+ * bounce (5.x.x) suppresses, a third soft bounce (4.x.x) within 14 days
+ * suppresses, a complaint unsubscribes, suppresses, is counted and pauses
+ * its step once complaints pass 0.3 % of the step's sends in 7 days; a
+ * mailed unsubscribe unsubscribes. Each is recorded once per message
+ * (table feedback), so a report delivered twice counts once.
+ *
+ * No dependency of ours reads MIME (curl_mime only writes it), so the
+ * reader here is the least those reports need, and strict: a header
+ * block, one level of multipart by its boundary, 7bit/8bit or base64
+ * parts, and the field groups of message/delivery-status and
+ * message/feedback-report. It never allocates but for a base64 part,
+ * never reads past the length it is given, and is fuzzed
+ * (tests/fuzz/feedback.c).
+ * Trust: a mail anyone can send suppresses only the message it proves,
+ * by its VERP tag (signed) or by a Message-ID of ours (seen only by its
+ * recipient); an address alone in such a mail never suppresses anybody.
+ * A mailed unsubscribe goes by its From, as every mailto unsubscribe
+ * does, and can only unsubscribe. Webhooks are signed: their address is
+ * enough.
+ */
+
+#define FB_SOFT_LIMIT 3           /* soft bounces ... */
+#define FB_SOFT_WINDOW (14 * 86400) /* ... within this suppress */
+#define FB_RATE_WINDOW (7 * 86400)  /* complaint rates count these sends */
+
+struct mime_part {
+	const char *head, *body; /* not NUL-terminated */
+	size_t headlen, bodylen;
+};
+
+/* Splits S into its header block and its body at the first empty line;
+ * without one it is all header. */
+static void mime_split(const char *s, size_t n, struct mime_part *p)
+{
+	*p = (struct mime_part){s, s + n, n, 0};
+	for (size_t ls = 0; ls < n;) {
+		const char *nl = memchr(s + ls, '\n', n - ls);
+		size_t le = nl ? (size_t)(nl - s) : n, len = le - ls;
+		if (len && s[le - 1] == '\r')
+			len--;
+		if (!len) {
+			p->headlen = ls;
+			p->body = nl ? nl + 1 : s + n;
+			p->bodylen = n - (size_t)(p->body - s);
+			return;
+		}
+		ls = le + 1;
+	}
+}
+
+/* The unfolded value of the first header NAME of P, trimmed, cut to fit
+ * OUT; 1 if there is one, else 0 and "". */
+static int mime_header(const struct mime_part *p, const char *name,
+		       char *out, size_t outlen)
+{
+	size_t nl = strlen(name), o = 0;
+	const char *s = p->head, *end = p->head + p->headlen;
+	out[0] = '\0';
+	while (s < end) {
+		const char *eol = memchr(s, '\n', (size_t)(end - s));
+		const char *next = eol ? eol + 1 : end;
+		if ((size_t)(end - s) <= nl || strncasecmp(s, name, nl) ||
+		    s[nl] != ':') {
+			s = next;
+			continue;
+		}
+		for (const char *v = s + nl + 1;;) {
+			for (const char *le = eol ? eol : end; v < le; v++) {
+				while (!o && v < le && (*v == ' ' || *v == '\t'))
+					v++;
+				/* a NUL or a bare CR never joins two pieces into
+				 * one word: each stands for a character */
+				if (v < le && o + 1 < outlen &&
+				    !(*v == '\r' && v + 1 == le))
+					out[o++] = *v == '\t' || *v == '\r' ? ' ' :
+						   *v ? *v : '?';
+			}
+			if (next >= end || (*next != ' ' && *next != '\t'))
+				break;
+			v = next; /* a folded line goes on */
+			eol = memchr(v, '\n', (size_t)(end - v));
+			next = eol ? eol + 1 : end;
+		}
+		while (o && (out[o - 1] == ' '))
+			o--;
+		out[o] = '\0';
+		return 1;
+	}
+	return 0;
+}
+
+/* The media type of a Content-Type value, lower case ("" if none). */
+static void mime_type(const char *v, char *out, size_t n)
+{
+	size_t o = 0;
+	for (; *v && *v != ';' && *v != ' ' && o + 1 < n; v++)
+		out[o++] = (char)tolower((unsigned char)*v);
+	out[o] = '\0';
+}
+
+/* Parameter NAME of a Content-Type value (token or quoted-string);
+ * 1 if found non-empty and it fits OUT. */
+static int mime_param(const char *v, const char *name, char *out, size_t n)
+{
+	size_t nl = strlen(name);
+	int quoted = 0;
+	for (const char *p = v; *p; p++) {
+		if (*p == '"')
+			quoted = !quoted;
+		else if (*p == '\\' && quoted && p[1])
+			p++;
+		if (quoted || *p != ';')
+			continue;
+		const char *k = p + 1;
+		while (*k == ' ' || *k == '\t')
+			k++;
+		if (strncasecmp(k, name, nl) || k[nl] != '=')
+			continue;
+		size_t o = 0;
+		const char *q = k + nl + 1;
+		if (*q == '"') {
+			for (q++; *q && *q != '"'; q++) {
+				if (*q == '\\' && q[1])
+					q++;
+				if (o + 1 >= n)
+					return 0;
+				out[o++] = *q;
+			}
+			if (*q != '"')
+				return 0;
+		} else {
+			for (; *q && *q != ';' && *q != ' ' && *q != '\t'; q++) {
+				if (o + 1 >= n)
+					return 0;
+				out[o++] = *q;
+			}
+		}
+		out[o] = '\0';
+		return o > 0;
+	}
+	return 0;
+}
+
+/* 1 if S[a..b) is only transport padding (blanks, a CR). */
+static int mime_blank(const char *s, size_t a, size_t b)
+{
+	for (; a < b; a++)
+		if (s[a] != ' ' && s[a] != '\t' && s[a] != '\r')
+			return 0;
+	return 1;
+}
+
+/* The body parts of a multipart body S, up to MAX: what lies between the
+ * "--BOUNDARY" lines (the CRLF before a delimiter belongs to it). A mail
+ * cut before its closing delimiter keeps its last part as it is. */
+static int mime_parts(const char *s, size_t n, const char *boundary,
+		      struct mime_part *parts, int max)
+{
+	size_t bl = strlen(boundary);
+	const char *start = NULL;
+	int np = 0;
+	for (size_t ls = 0; ls < n;) {
+		const char *nl = memchr(s + ls, '\n', n - ls);
+		size_t le = nl ? (size_t)(nl - s) : n;
+		if (le - ls >= 2 + bl && s[ls] == '-' && s[ls + 1] == '-' &&
+		    !memcmp(s + ls + 2, boundary, bl)) {
+			size_t r = ls + 2 + bl;
+			int close = le - r >= 2 && s[r] == '-' && s[r + 1] == '-';
+			if (mime_blank(s, r + (close ? 2 : 0), le)) {
+				if (start && np < max) {
+					size_t a = (size_t)(start - s), e = ls;
+					if (e > a && s[e - 1] == '\n')
+						e--;
+					if (e > a && s[e - 1] == '\r')
+						e--;
+					mime_split(start, e - a, &parts[np++]);
+				}
+				if (close)
+					return np;
+				start = nl ? nl + 1 : s + n;
+			}
+		}
+		ls = le + 1;
+	}
+	if (start && np < max)
+		mime_split(start, n - (size_t)(start - s), &parts[np++]);
+	return np;
+}
+
+/* P's body as sent: base64 decoded into DEC, else as it is (7bit, 8bit,
+ * binary; quoted-printable is left as it is: the fields read here are
+ * ASCII). -1 if the base64 is broken. */
+static int mime_body(const struct mime_part *p, struct buf *dec,
+		     const char **b, size_t *n)
+{
+	char cte[32];
+	*b = p->body;
+	*n = p->bodylen;
+	mime_header(p, "Content-Transfer-Encoding", cte, sizeof cte);
+	if (strcasecmp(cte, "base64"))
+		return 0;
+	buf_reset(dec);
+	size_t got = 0;
+	if (buf_reserve(dec, p->bodylen) < 0 ||
+	    sodium_base642bin((unsigned char *)dec->data, p->bodylen + 1,
+			      p->body, p->bodylen, " \t\r\n", &got, NULL,
+			      sodium_base64_VARIANT_ORIGINAL) < 0)
+		return -1;
+	dec->len = got;
+	dec->data[got] = '\0';
+	*b = dec->data;
+	*n = got;
+	return 0;
+}
+
+/* The field groups of a message/delivery-status or feedback-report
+ * body: runs of header lines between empty lines, up to MAX. */
+static int mime_groups(const char *s, size_t n, struct mime_part *g, int max)
+{
+	int ng = 0;
+	while (n && ng < max) {
+		struct mime_part p;
+		mime_split(s, n, &p);
+		if (p.headlen)
+			g[ng++] = p;
+		if (p.bodylen >= n)
+			break; /* nothing was consumed: cannot happen, but never loop */
+		s = p.body;
+		n = p.bodylen;
+	}
+	return ng;
+}
+
+/* The part of type TYPE (or ALT) among PARTS, or NULL. */
+static const struct mime_part *mime_find(const struct mime_part *parts,
+					 int np, const char *type,
+					 const char *alt)
+{
+	char ct[256], mt[128];
+	for (int i = 0; i < np; i++) {
+		mime_header(&parts[i], "Content-Type", ct, sizeof ct);
+		mime_type(ct, mt, sizeof mt);
+		if (!strcmp(mt, type) || (alt && !strcmp(mt, alt)))
+			return &parts[i];
+	}
+	return NULL;
+}
+
+/* "rfc822; a@b" (a DSN's or an ARF's address field) -> "a@b"; "<m@x>" ->
+ * the address. */
+static void fb_addr(const char *v, char *out, size_t n)
+{
+	const char *semi = strchr(v, ';');
+	char tmp[320];
+	copy_str(tmp, sizeof tmp, semi ? semi + 1 : v);
+	addr_spec(trim(tmp), out, n);
+	char *t = trim(out);
+	memmove(out, t, strlen(t) + 1);
+}
+
+/* A Message-ID's <...>, angle brackets included ("" if none). */
+static void fb_msgid(const char *v, char *out, size_t n)
+{
+	const char *lt = strchr(v, '<'), *gt = lt ? strchr(lt, '>') : NULL;
+	out[0] = '\0';
+	if (lt && gt && (size_t)(gt - lt + 1) < n) {
+		memcpy(out, lt, (size_t)(gt - lt + 1));
+		out[gt - lt + 1] = '\0';
+	}
+}
+
+/* 1 if S is an RFC 3463 status code, class.subject.detail. */
+static int fb_status_ok(const char *s)
+{
+	if (!strchr("245", s[0]) || !s[0] || s[1] != '.')
+		return 0;
+	size_t a = strspn(s + 2, "0123456789");
+	if (a < 1 || a > 3 || s[2 + a] != '.')
+		return 0;
+	size_t b = strspn(s + 3 + a, "0123456789");
+	return b >= 1 && b <= 3 && !s[3 + a + b];
+}
+
+/* Takes the VERP tag of ADDR if it proves a message and none is known. */
+static void fb_verp(const struct app *app, const char *addr,
+		    struct fb_event *ev)
+{
+	int64_t id;
+	if (!ev->message && *addr && verp_parse(app, addr, &id) == 0)
+		ev->message = id;
+}
+
+/* The Message-ID (and Return-Path's VERP tag) of the returned message or
+ * headers of a report. */
+static void fb_returned(const struct app *app, const struct mime_part *ret,
+			struct buf *dec, struct fb_event *ev)
+{
+	const char *b;
+	size_t n;
+	char v[512];
+	struct mime_part orig;
+	if (!ret || mime_body(ret, dec, &b, &n) < 0)
+		return;
+	mime_split(b, n, &orig);
+	if (mime_header(&orig, "Message-ID", v, sizeof v))
+		fb_msgid(v, ev->message_id, sizeof ev->message_id);
+	if (mime_header(&orig, "Return-Path", v, sizeof v))
+		fb_verp(app, v, ev);
+}
+
+/* A DSN: the first recipient group that failed. */
+static void fb_dsn(const struct mime_part *ds, struct buf *dec,
+		   struct fb_event *ev, char *why, size_t whylen)
+{
+	struct mime_part g[16];
+	char action[64], status[64], rcpt[320];
+	const char *b;
+	size_t n;
+	if (mime_body(ds, dec, &b, &n) < 0) {
+		snprintf(why, whylen, "the delivery status is broken base64");
+		return;
+	}
+	int ng = mime_groups(b, n, g, 16);
+	snprintf(why, whylen, "the delivery status names no recipient");
+	for (int i = 1; i < ng; i++) { /* group 0 is the per-message fields */
+		if (!mime_header(&g[i], "Action", action, sizeof action))
+			continue;
+		mime_header(&g[i], "Status", status, sizeof status);
+		char *st = trim(status);
+		st[strcspn(st, " (")] = '\0';
+		if (strcasecmp(action, "failed")) {
+			snprintf(why, whylen, "a DSN with Action: %.40s, not failed "
+				 "(a delay warning or a delivery notice)", action);
+			continue;
+		}
+		if (!fb_status_ok(st) || st[0] == '2') {
+			snprintf(why, whylen, "a failed DSN without a 4.x.x or 5.x.x "
+				 "Status");
+			continue;
+		}
+		if (mime_header(&g[i], "Final-Recipient", rcpt, sizeof rcpt) ||
+		    mime_header(&g[i], "Original-Recipient", rcpt, sizeof rcpt))
+			fb_addr(rcpt, ev->email, sizeof ev->email);
+		copy_str(ev->status, sizeof ev->status, st);
+		ev->kind = st[0] == '5' ? FB_HARD : FB_SOFT;
+		return;
+	}
+}
+
+/* An ARF report: abuse and fraud are complaints; not-spam, virus,
+ * auth-failure and the rest are not. */
+static void fb_arf(const struct app *app, const struct mime_part *fr,
+		   struct buf *dec, struct fb_event *ev, char *why,
+		   size_t whylen)
+{
+	struct mime_part g;
+	char type[64], v[320];
+	const char *b;
+	size_t n;
+	if (mime_body(fr, dec, &b, &n) < 0) {
+		snprintf(why, whylen, "the feedback report is broken base64");
+		return;
+	}
+	mime_split(b, n, &g);
+	if (!mime_header(&g, "Feedback-Type", type, sizeof type)) {
+		snprintf(why, whylen, "a feedback report without Feedback-Type");
+		return;
+	}
+	if (strcasecmp(type, "abuse") && strcasecmp(type, "fraud")) {
+		snprintf(why, whylen, "Feedback-Type: %.40s is not a complaint", type);
+		return;
+	}
+	if (mime_header(&g, "Original-Mail-From", v, sizeof v))
+		fb_verp(app, v, ev);
+	if (mime_header(&g, "Original-Rcpt-To", v, sizeof v))
+		fb_addr(v, ev->email, sizeof ev->email);
+	copy_str(ev->status, sizeof ev->status, type);
+	for (char *c = ev->status; *c; c++)
+		*c = (char)tolower((unsigned char)*c);
+	ev->kind = FB_COMPLAINT;
+}
+
+/* 1 if ADDR is unsubscribe_mailto's address, with or without a +tag. */
+static int fb_is_mailto(const struct app *app, const char *addr)
+{
+	char a[320], want[320];
+	if (!*app->cfg->unsubscribe_mailto || !*addr)
+		return 0;
+	addr_spec(addr, a, sizeof a);
+	addr_spec(app->cfg->unsubscribe_mailto, want, sizeof want);
+	char *at = strrchr(a, '@'), *wat = strrchr(want, '@');
+	if (!at || !wat || strcasecmp(at, wat))
+		return 0;
+	size_t local = (size_t)(at - a), wl = (size_t)(wat - want);
+	char *plus = memchr(a, '+', local);
+	if (plus)
+		local = (size_t)(plus - a);
+	return local == wl && !strncasecmp(a, want, wl);
+}
+
+/* A mail to unsubscribe_mailto: its sender unsubscribes. Automatic mail
+ * (an out-of-office reply, a bounce of its own) does not. */
+static void fb_mailto(const struct mime_part *top, struct fb_event *ev,
+		      char *why, size_t whylen)
+{
+	char v[320];
+	if (mime_header(top, "Auto-Submitted", v, sizeof v) &&
+	    strcasecmp(v, "no")) {
+		snprintf(why, whylen, "an automatic reply (Auto-Submitted: %.40s) "
+			 "to unsubscribe_mailto", v);
+		return;
+	}
+	mime_header(top, "From", v, sizeof v);
+	fb_addr(v, ev->email, sizeof ev->email);
+	if (!val_email(ev->email)) {
+		snprintf(why, whylen, "a mail to unsubscribe_mailto without a "
+			 "From address");
+		return;
+	}
+	ev->by_email = 1;
+	copy_str(ev->status, sizeof ev->status, "mailto");
+	ev->kind = FB_UNSUB;
+}
+
+enum fb_kind fb_mail_parse(const struct app *app, const char *mail,
+			   size_t len, const char *rcpt, struct fb_event *ev,
+			   char *why, size_t whylen)
+{
+	static const char *const to_hdrs[] = {"Delivered-To", "X-Original-To",
+					      "To"};
+	struct mime_part top, parts[8] = {{0}};
+	struct buf dec = {0};
+	char ct[512], type[128], report[64], boundary[128], v[320];
+	memset(ev, 0, sizeof *ev);
+	ev->source = "mail";
+	snprintf(why, whylen, "not a delivery status notification, a feedback "
+		 "report or a mail to unsubscribe_mailto");
+	mime_split(mail, len, &top);
+	fb_verp(app, rcpt ? rcpt : "", ev);
+	for (size_t i = 0; i < sizeof to_hdrs / sizeof to_hdrs[0]; i++)
+		if (mime_header(&top, to_hdrs[i], v, sizeof v))
+			fb_verp(app, v, ev);
+	mime_header(&top, "Content-Type", ct, sizeof ct);
+	mime_type(ct, type, sizeof type);
+	if (!strcmp(type, "multipart/report") &&
+	    mime_param(ct, "report-type", report, sizeof report) &&
+	    mime_param(ct, "boundary", boundary, sizeof boundary)) {
+		int np = mime_parts(top.body, top.bodylen, boundary, parts, 8);
+		const struct mime_part *ret = mime_find(parts, np, "message/rfc822",
+							"text/rfc822-headers");
+		if (!ret)
+			ret = mime_find(parts, np, "message/global",
+					"message/global-headers");
+		const struct mime_part *ds = mime_find(
+			parts, np, "message/delivery-status",
+			"message/global-delivery-status");
+		const struct mime_part *fr = mime_find(parts, np,
+						       "message/feedback-report", NULL);
+		if (!strcasecmp(report, "delivery-status") && ds)
+			fb_dsn(ds, &dec, ev, why, whylen);
+		else if (!strcasecmp(report, "feedback-report") && fr)
+			fb_arf(app, fr, &dec, ev, why, whylen);
+		else
+			snprintf(why, whylen, "a report of type %.40s without its "
+				 "status part", report);
+		if (ev->kind != FB_NONE)
+			fb_returned(app, ret, &dec, ev);
+	} else {
+		int to_us = rcpt && *rcpt ? fb_is_mailto(app, rcpt) : 0;
+		for (size_t i = 0; !to_us && !(rcpt && *rcpt) &&
+				   i < sizeof to_hdrs / sizeof to_hdrs[0]; i++)
+			to_us = mime_header(&top, to_hdrs[i], v, sizeof v) &&
+				fb_is_mailto(app, v);
+		if (to_us)
+			fb_mailto(&top, ev, why, whylen);
+	}
+	buf_free(&dec);
+	return ev->kind;
+}
+
+/* The message and contact EV is about: its VERP tag, our Message-ID, or
+ * (where the source may name one by address) the contact and its last
+ * message. 0 if found, 1 if not (WHY says), -1 on a database error. */
+static int fb_find(struct app *app, const struct fb_event *ev, int64_t *msg,
+		   int64_t *contact, char *why, size_t whylen)
+{
+	struct db *db = app->db;
+	long m = 0, c = 0;
+	if (ev->message &&
+	    q_row(q(db, ST_FB_MESSAGE, "i", ev->message), "ll", &m, &c)) {
+	} else if (*ev->message_id &&
+		   q_row(q(db, ST_FB_MESSAGE_ID, "t", ev->message_id), "ll", &m, &c)) {
+	} else if (ev->by_email && *ev->email &&
+		   q_row(q(db, ST_FB_CONTACT, "t", ev->email), "ll", &c, &m)) {
+	} else {
+		snprintf(why, whylen, "%s", ev->by_email ?
+			 "no contact has that address" :
+			 "it names no message of ours (no VERP tag that verifies, "
+			 "no Message-ID of ours); an address alone is not trusted");
+		return 1;
+	}
+	*msg = m;
+	*contact = c;
+	return 0;
+}
+
+/* After a complaint: pauses the step of message MSG once its complaints
+ * pass 0.3 % of its sends of the last 7 days. */
+static int fb_step_check(struct app *app, int64_t msg, rm_time now,
+			 char *what, size_t whatlen)
+{
+	struct db *db = app->db;
+	sqlite3_stmt *s = q(db, ST_FB_STEP_RATE, "ii", msg,
+			    (int64_t)(now - FB_RATE_WINDOW));
+	int64_t enr = 0, sends = 0, compl = 0;
+	int step = 0;
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		enr = sqlite3_column_int64(s, 0);
+		step = sqlite3_column_int(s, 1);
+		sends = sqlite3_column_int64(s, 2);
+		compl = sqlite3_column_int64(s, 3);
+	}
+	sqlite3_reset(s);
+	if (!sends || compl * 1000 <= sends * 3)
+		return 0;
+	char reason[160];
+	snprintf(reason, sizeof reason, "complaints: %lld of %lld sends in 7 "
+		 "days (%.2f %%, over 0.3 %%)", (long long)compl,
+		 (long long)sends, 100.0 * (double)compl / (double)sends);
+	size_t k = strlen(what);
+	snprintf(what + k, whatlen - k, "; step %d paused (%s)", step, reason);
+	return q_exec(db, q(db, ST_STEP_PAUSE, "iiit", enr, (int64_t)step,
+			    (int64_t)now, reason));
+}
+
+/* What EV does to contact C (message M), inside fb_apply's transaction. */
+static int fb_act(struct app *app, const struct fb_event *ev, int64_t m,
+		  int64_t c, rm_time now, char *what, size_t whatlen)
+{
+	struct db *db = app->db;
+	char reason[80];
+	long soft = 0;
+	switch (ev->kind) {
+	case FB_HARD:
+		snprintf(reason, sizeof reason, "bounce %s", ev->status);
+		snprintf(what, whatlen, "hard bounce %s: contact %lld suppressed",
+			 ev->status, (long long)c);
+		return q_exec(db, q(db, ST_SUPPRESS, "iit", c, (int64_t)now, reason)) ||
+		       q_exec(db, q(db, ST_EXIT_CONTACT, "it", c, "bounce"));
+	case FB_SOFT:
+		q_row(q(db, ST_FB_SOFT_COUNT, "ii", c,
+			(int64_t)(now - FB_SOFT_WINDOW)), "l", &soft);
+		snprintf(what, whatlen, "soft bounce %s: contact %lld has %ld in "
+			 "14 days%s", ev->status, (long long)c, soft,
+			 soft >= FB_SOFT_LIMIT ? ": suppressed" : "");
+		if (soft < FB_SOFT_LIMIT)
+			return 0;
+		snprintf(reason, sizeof reason, "%ld soft bounces in 14 days (last %s)",
+			 soft, ev->status);
+		return q_exec(db, q(db, ST_SUPPRESS, "iit", c, (int64_t)now, reason)) ||
+		       q_exec(db, q(db, ST_EXIT_CONTACT, "it", c, "bounce"));
+	case FB_COMPLAINT:
+		snprintf(what, whatlen, "complaint (%s): contact %lld unsubscribed "
+			 "and suppressed", ev->status, (long long)c);
+		return q_exec(db, q(db, ST_UNSUBSCRIBE, "ii", c, (int64_t)now)) ||
+		       q_exec(db, q(db, ST_SUPPRESS, "iit", c, (int64_t)now,
+				    "complaint")) ||
+		       q_exec(db, q(db, ST_EXIT_CONTACT, "it", c, "complaint")) ||
+		       (m && fb_step_check(app, m, now, what, whatlen));
+	case FB_UNSUB:
+		snprintf(what, whatlen, "unsubscribe by %s: contact %lld "
+			 "unsubscribed", ev->status, (long long)c);
+		return q_exec(db, q(db, ST_UNSUBSCRIBE, "ii", c, (int64_t)now)) ||
+		       q_exec(db, q(db, ST_EXIT_CONTACT, "it", c, "unsubscribe")) ||
+		       (m && q_exec(db, q(db, ST_INTERACTION, "iti", m,
+					  "unsubscribe", (int64_t)now)));
+	case FB_NONE:
+		break;
+	}
+	return 0;
+}
+
+int fb_apply(struct app *app, const struct fb_event *ev, rm_time now,
+	     char *what, size_t whatlen)
+{
+	static const char *const kinds[] = {"", "hard", "soft", "complaint",
+					    "unsubscribe"};
+	struct db *db = app->db;
+	int64_t m = 0, c = 0;
+	if (ev->kind == FB_NONE) {
+		snprintf(what, whatlen, "nothing to do");
+		return 1;
+	}
+	int found = fb_find(app, ev, &m, &c, what, whatlen);
+	if (found)
+		return found;
+	if (db_begin(db) ||
+	    q_exec(db, q(db, ST_FB_RECORD, "iittti", m, c, kinds[ev->kind],
+			 ev->status, ev->source, (int64_t)now)))
+		goto fail;
+	if (m && sqlite3_changes(db->h) == 0) {
+		snprintf(what, whatlen, "already recorded for message %lld",
+			 (long long)m);
+		return db_commit(db) ? (db_rollback(db), -1) : 1;
+	}
+	if (fb_act(app, ev, m, c, now, what, whatlen) || db_commit(db))
+		goto fail;
+	if (m) {
+		size_t k = strlen(what);
+		snprintf(what + k, whatlen - k, " (message %lld)", (long long)m);
+	}
+	return 0;
+fail:
+	db_rollback(db);
+	snprintf(what, whatlen, "database busy or broken");
+	return -1;
+}
+
+int feedback_complaint_warnings(struct app *app, rm_time now, struct buf *out)
+{
+	sqlite3_stmt *s = q(app->db, ST_FB_WARNINGS, "i",
+			    (int64_t)(now - FB_RATE_WINDOW));
+	int n = 0;
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		double sends = sqlite3_column_double(s, 2);
+		double compl = sqlite3_column_double(s, 3);
+		buf_addf(out, "flow %s step %d: %.0f complaints of %.0f sends in 7 "
+			 "days (%.2f %%, warning over 0.1 %%, paused over 0.3 %%)%s\n",
+			 col_text(s, 0), sqlite3_column_int(s, 1), compl, sends,
+			 100 * compl / sends,
+			 sqlite3_column_int(s, 4) ? ": paused" : "");
+		n++;
+	}
+	sqlite3_reset(s);
+	return buf_failed(out) ? -1 : n;
+}
+
 /* ==== The report ====================================================== */
 /*
  * report_build fills one struct report from indexed queries (never from
@@ -8494,8 +9324,18 @@ static void rep_steps(struct app *app, int64_t flow, const struct report *r,
 		st->orders = sqlite3_column_int64(s, 5);
 		st->revenue = sqlite3_column_double(s, 6);
 		st->converted = sqlite3_column_int64(s, 7);
+		st->bounced = sqlite3_column_int64(s, 8);
+		st->complained = sqlite3_column_int64(s, 9);
+		st->bounce_rate = st->sent ? (double)st->bounced / (double)st->sent : 0;
+		st->complaint_rate = st->sent ? (double)st->complained /
+						(double)st->sent : 0;
+		f->sent += st->sent;
+		f->bounced += st->bounced;
+		f->complained += st->complained;
 	}
 	sqlite3_reset(s);
+	f->bounce_rate = f->sent ? (double)f->bounced / (double)f->sent : 0;
+	f->complaint_rate = f->sent ? (double)f->complained / (double)f->sent : 0;
 	/* a B row is compared with the A row of the same step just before it */
 	for (int i = 1; i < f->nsteps; i++) {
 		struct step_report *a = &f->steps[i - 1], *b = &f->steps[i];
@@ -8738,6 +9578,11 @@ static const struct rep_row_num rep_flow_nums[] = {
 	{"holdout_converted", RF(held_converted), RK_COUNT, 0},
 	{"conversion", RF(lift.p1), RK_PERCENT, 0},
 	{"holdout_conversion", RF(lift.p2), RK_PERCENT, 0},
+	{"sent", RF(sent), RK_COUNT, 0},
+	{"bounced", RF(bounced), RK_COUNT, 0},
+	{"complained", RF(complained), RK_COUNT, 0},
+	{"bounce_rate", RF(bounce_rate), RK_PERCENT2, 0},
+	{"complaint_rate", RF(complaint_rate), RK_PERCENT2, 0},
 };
 #undef RF
 
@@ -8749,6 +9594,10 @@ static const struct rep_row_num rep_step_nums[] = {
 	{"orders", RS(orders), RK_COUNT, 1},
 	{"revenue", RS(revenue), RK_MONEY, 1},
 	{"converted", RS(converted), RK_COUNT, 0},
+	{"bounced", RS(bounced), RK_COUNT, 0},
+	{"complained", RS(complained), RK_COUNT, 0},
+	{"bounce_rate", RS(bounce_rate), RK_PERCENT2, 1},
+	{"complaint_rate", RS(complaint_rate), RK_PERCENT2, 1},
 };
 #undef RS
 
@@ -9032,7 +9881,8 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 	buf_adds(b, "<section><h2>Flow: ");
 	html_escape(b, f->name);
 	buf_addf(b, "</h2><table><tr><th>Step</th><th>Sent</th><th>Opened</th>"
-		 "<th>Clicked</th><th>Orders</th><th>Revenue</th><th>Funnel</th></tr>");
+		 "<th>Clicked</th><th>Orders</th><th>Revenue</th><th>Bounced</th>"
+		 "<th>Complaints</th><th>Funnel</th></tr>");
 	for (int i = 0; i < f->nsteps; i++) {
 		const struct step_report *s = &f->steps[i];
 		double pc = s->sent ? 100.0 * (double)s->clicked / (double)s->sent : 0;
@@ -9489,6 +10339,205 @@ static void route_events(struct app *app, const struct http_req *rq,
 	buf_addf(&rs->body, "{\"accepted\":%d,\"duplicates\":%d,\"refused\":%s}",
 		 n, err.duplicates, buf_str(&refused));
 	buf_free(&refused);
+}
+
+/* ---- POST /feedback: bounces and complaints from sending services ---- */
+/*
+ * The same events as `remarket feedback`, from a webhook: /feedback in
+ * remarket's own format, signed as /events (X-Remarket-Signature), and
+ * the native webhooks of Mailgun (/feedback/mailgun, HMAC-SHA256 of
+ * timestamp and token with mailgun_signing_key) and Postmark
+ * (/feedback/postmark, Basic auth with postmark_webhook_auth). A signed
+ * webhook may name the contact by address alone. Missing credentials
+ * answer 401, wrong ones 403; events of other kinds (a delivery, an
+ * open) are answered 200 and left alone, so the service does not retry.
+ */
+
+/* One row of an FB_JSON_* statement (type, email, message_id, status,
+ * JSON type) as an event; -1 with WHY if it is not a valid one. */
+static int fb_from_row(sqlite3_stmt *s, const char *source, int strict,
+		       struct fb_event *ev, char *why, size_t whylen)
+{
+	static const char *const types[] = {"", "hard_bounce", "soft_bounce",
+					    "complaint", "unsubscribe"};
+	const char *type = col_text(s, 0), *email = col_text(s, 1);
+	const char *mid = col_text(s, 2), *status = col_text(s, 3);
+	memset(ev, 0, sizeof *ev);
+	ev->source = source;
+	ev->by_email = 1;
+	if (strcmp(col_text(s, 4), "object")) {
+		snprintf(why, whylen, "each event must be an object");
+		return -1;
+	}
+	for (int k = 1; k < 5; k++)
+		if (!strcmp(type, types[k]))
+			ev->kind = (enum fb_kind)k;
+	if (strict && ev->kind == FB_NONE) {
+		snprintf(why, whylen, "type: must be hard_bounce, soft_bounce, "
+			 "complaint or unsubscribe");
+		return -1;
+	}
+	if (ev->kind == FB_NONE)
+		return 0;
+	if ((*email && !val_email(email)) || strlen(email) >= sizeof ev->email) {
+		snprintf(why, whylen, "email: not an address");
+		return -1;
+	}
+	if (!val_text(mid, 250) || !val_text(status, sizeof ev->status - 1)) {
+		snprintf(why, whylen, "message_id, status: too long or not text");
+		return -1;
+	}
+	if (!*email && !*mid) {
+		snprintf(why, whylen, "an event needs email or message_id");
+		return -1;
+	}
+	copy_str(ev->email, sizeof ev->email, email);
+	copy_str(ev->status, sizeof ev->status, status);
+	if (*mid) /* Mailgun gives it without its angle brackets */
+		snprintf(ev->message_id, sizeof ev->message_id, "%s%s%s",
+			 *mid == '<' ? "" : "<", mid, *mid == '<' ? "" : ">");
+	return 0;
+}
+
+/* Mailgun signs hex(HMAC-SHA256(signing key, timestamp || token)). */
+static int fb_mailgun_ok(const char *key, const char *ts, const char *token,
+			 const char *sig)
+{
+	unsigned char mac[crypto_auth_hmacsha256_BYTES], got[sizeof mac];
+	crypto_auth_hmacsha256_state st;
+	size_t n = 0;
+	crypto_auth_hmacsha256_init(&st, (const unsigned char *)key, strlen(key));
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)ts, strlen(ts));
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)token,
+				      strlen(token));
+	crypto_auth_hmacsha256_final(&st, mac);
+	return !sodium_hex2bin(got, sizeof got, sig, strlen(sig), NULL, &n, NULL) &&
+	       n == sizeof got && strlen(sig) == 2 * n &&
+	       sodium_memcmp(got, mac, sizeof mac) == 0;
+}
+
+/* Postmark: "Authorization: Basic base64(user:password)" against
+ * postmark_webhook_auth. 0 ok, 401 missing, 403 wrong. */
+static int fb_postmark_auth(const char *want, const char *auth)
+{
+	unsigned char got[512];
+	size_t n = 0;
+	if (!auth || strncasecmp(auth, "Basic ", 6))
+		return 401;
+	if (sodium_base642bin(got, sizeof got, auth + 6, strlen(auth + 6), " ",
+			      &n, NULL, sodium_base64_VARIANT_ORIGINAL) < 0)
+		return 401;
+	return n == strlen(want) && sodium_memcmp(got, want, n) == 0 ? 0 : 403;
+}
+
+/* Reads every event of the body with statement ID, then applies them:
+ * nothing is applied when one is invalid (400). */
+static void fb_route_apply(struct app *app, struct http_resp *rs,
+			   enum stmt_id id, const char *body, size_t len,
+			   const char *source, rm_time now)
+{
+	struct fb_event *evs = NULL;
+	char why[300];
+	int n = 0, applied = 0, left = 0, bad = 0;
+	sqlite3_stmt *s = q(app->db, id, "b", body, (int)len);
+	while (!bad && sqlite3_step(s) == SQLITE_ROW) {
+		struct fb_event *more = realloc(evs, (size_t)(n + 1) * sizeof *evs);
+		if (!more) {
+			bad = 500;
+			break;
+		}
+		evs = more;
+		if (fb_from_row(s, source, id == ST_FB_JSON_REMARKET, &evs[n], why,
+				sizeof why) < 0) {
+			char msg[360];
+			snprintf(msg, sizeof msg, "events[%d]: %s", n, why);
+			copy_str(why, sizeof why, msg);
+			bad = 400;
+		}
+		n++;
+	}
+	sqlite3_reset(s);
+	for (int i = 0; !bad && i < n; i++) {
+		if (evs[i].kind == FB_NONE)
+			continue; /* a delivery, an open: not ours to act on */
+		int rc = fb_apply(app, &evs[i], now, why, sizeof why);
+		if (rc < 0)
+			bad = 503;
+		*(rc == 0 ? &applied : &left) += rc >= 0;
+	}
+	free(evs);
+	if (bad)
+		return resp_json_error(app, rs, bad, bad == 400 ? why : "database "
+				       "busy or out of memory: try again later");
+	rs->status = 200;
+	rs->content_type = "application/json";
+	buf_addf(&rs->body, "{\"applied\":%d,\"left_alone\":%d}", applied, left);
+}
+
+static void route_feedback(struct app *app, const struct http_req *rq,
+			   struct http_resp *rs, const char *arg, rm_time now)
+{
+	struct config *cfg = app->cfg;
+	const char *why;
+	if (*arg == '/')
+		arg = ""; /* the exact route passes its path */
+	if (*arg && strcmp(arg, "mailgun") && strcmp(arg, "postmark"))
+		return resp_json_error(app, rs, 404, "no such endpoint (feedback, "
+				       "feedback/mailgun, feedback/postmark)");
+	if (rq->body_too_large)
+		return resp_json_error(app, rs, 413, "body: too large");
+	if (!content_type_is(rq, "application/json"))
+		return resp_json_error(app, rs, 415, "Content-Type must be "
+				       "application/json");
+	const char *body = rq->body ? rq->body : "";
+	long okjson = 0;
+	q_row(q(app->db, ST_FB_JSON_OK, "b", body, (int)rq->body_len), "l", &okjson);
+	if (!*arg) {
+		if (!*cfg->hook_secret)
+			return resp_json_error(app, rs, 401, "hook_secret is not set "
+					       "on the server: signed feedback is refused");
+		if (hook_verify(cfg->hook_secret, rq->signature, body, rq->body_len,
+				now, &why) < 0)
+			return resp_json_error(app, rs, 401, why);
+		if (!okjson)
+			return resp_json_error(app, rs, 400, "body: want a JSON object "
+					       "or array of objects");
+		return fb_route_apply(app, rs, ST_FB_JSON_REMARKET, body,
+				      rq->body_len, "remarket", now);
+	}
+	if (!strcmp(arg, "postmark")) {
+		int st = *cfg->postmark_webhook_auth ?
+			 fb_postmark_auth(cfg->postmark_webhook_auth, rq->authorization) : 401;
+		if (st == 401)
+			buf_adds(&rs->headers, "WWW-Authenticate: Basic realm=\"remarket\"\r\n");
+		if (st)
+			return resp_json_error(app, rs, st, *cfg->postmark_webhook_auth ?
+					       "Basic auth: missing or wrong (postmark_webhook_auth)" :
+					       "postmark_webhook_auth is not set on the server");
+		if (!okjson)
+			return resp_json_error(app, rs, 400, "body: want a JSON object");
+		return fb_route_apply(app, rs, ST_FB_JSON_POSTMARK, body,
+				      rq->body_len, "postmark", now);
+	}
+	if (!*cfg->mailgun_signing_key)
+		return resp_json_error(app, rs, 401, "mailgun_signing_key is not set "
+				       "on the server");
+	if (!okjson)
+		return resp_json_error(app, rs, 400, "body: want a JSON object");
+	sqlite3_stmt *s = q(app->db, ST_FB_JSON_MAILGUN, "b", body, (int)rq->body_len);
+	int st = 401;
+	if (sqlite3_step(s) == SQLITE_ROW && *col_text(s, 5) && *col_text(s, 6) &&
+	    *col_text(s, 7))
+		st = fb_mailgun_ok(cfg->mailgun_signing_key, col_text(s, 5),
+				   col_text(s, 6), col_text(s, 7)) ? 0 : 403;
+	sqlite3_reset(s);
+	if (st)
+		return resp_json_error(app, rs, st, st == 401 ? "signature: missing "
+				       "(want signature.timestamp, token, signature)" :
+				       "signature: does not match (check "
+				       "mailgun_signing_key)");
+	fb_route_apply(app, rs, ST_FB_JSON_MAILGUN, body, rq->body_len, "mailgun",
+		       now);
 }
 
 /* ---- browser-facing: CORS and rate limits ---- */
@@ -10210,6 +11259,8 @@ static const struct route {
 } routes[] = {
 	{"/health", 0, "GET HEAD", route_health},
 	{"/events", 0, "POST", route_events},
+	{"/feedback", 0, "POST", route_feedback},
+	{"/feedback/", 1, "POST", route_feedback},
 	{"/collect", 0, "POST OPTIONS", route_collect},
 	{"/onsite", 0, "GET HEAD OPTIONS", route_onsite},
 	{"/remarket.js", 0, "GET HEAD", route_script},
@@ -11774,6 +12825,55 @@ static int cmd_unsubscribe(struct app *app, struct config *cfg, rm_time now,
 	return 0;
 }
 
+/* The largest mail `remarket feedback` reads: the report's parts come
+ * first, so a longer mail loses only the tail of the returned message. */
+#define FB_MAX_MAIL (4 << 20)
+
+/* One mail on stdin: a bounce, a complaint or a mailed unsubscribe. Its
+ * exit codes are a mail delivery agent's: 0 done or left alone (a line
+ * says which), 75 (EX_TEMPFAIL) when it could not be stored, so that
+ * Postfix or fetchmail keeps the mail and tries again. */
+static int cmd_feedback(struct app *app, struct config *cfg, rm_time now,
+			int argc, char **argv)
+{
+	(void)cfg;
+	const char *rcpt = getenv("RECIPIENT"); /* Postfix local(8) sets it */
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--now"))
+			i++;
+		else
+			rcpt = argv[i];
+	}
+	struct buf mail = {0};
+	char chunk[65536], why[400];
+	size_t n;
+	while ((n = fread(chunk, 1, sizeof chunk, stdin)) > 0) /* read it all */
+		if (mail.len < FB_MAX_MAIL)
+			buf_add(&mail, chunk, n < FB_MAX_MAIL - mail.len ? n :
+					      FB_MAX_MAIL - mail.len);
+	if (ferror(stdin) || buf_failed(&mail)) {
+		fprintf(stderr, "remarket feedback: could not read the mail on "
+			"stdin; try again later\n");
+		buf_free(&mail);
+		return 75;
+	}
+	struct fb_event ev;
+	fb_mail_parse(app, mail.data ? mail.data : "", mail.len, rcpt, &ev, why,
+		      sizeof why);
+	buf_free(&mail);
+	if (ev.kind == FB_NONE) {
+		printf("remarket feedback: left alone: %s\n", why);
+		return 0;
+	}
+	int rc = fb_apply(app, &ev, now, why, sizeof why);
+	if (rc < 0) {
+		fprintf(stderr, "remarket feedback: %s; try again later\n", why);
+		return 75;
+	}
+	printf("remarket feedback: %s%s\n", rc ? "left alone: " : "", why);
+	return 0;
+}
+
 static int cmd_suppress(struct app *app, struct config *cfg, rm_time now,
 			int argc, char **argv)
 {
@@ -11977,6 +13077,8 @@ static const struct command commands[] = {
 	 "as the mail's link: every flow stops"},
 	{"suppress", CMD_APP, 1, 2, cmd_suppress, "add|remove EMAIL | list",
 	 "stop (or allow again) all mail to an address"},
+	{"feedback", CMD_APP, 0, 3, cmd_feedback, "[--now T] [RECIPIENT] < MAIL",
+	 "act on a bounce, a spam complaint or a\nmailed unsubscribe"},
 	{"export", CMD_APP, 1, 1, cmd_contact, "EMAIL",
 	 "a person's data as JSON (GDPR access)"},
 	{"forget", CMD_APP, 1, 1, cmd_forget, "EMAIL",

@@ -51,6 +51,10 @@ struct config {
 	char *tick_token, *hook_secret, *postal_address, *templates;
 	char *code_prefix, *store_name, *unsubscribe_mailto;
 	char *store_tagline; /* a few words under the store's name in mails */
+	char *bounce_address; /* envelope sender, tagged per message (VERP);
+			       * "": the from address, untagged */
+	char *mailgun_signing_key;   /* POST /feedback/mailgun ("": refused) */
+	char *postmark_webhook_auth; /* "user:password" of /feedback/postmark */
 	char *currency; /* ISO 4217; mails with no cart or order use it ("": none) */
 	char *locale;   /* how mails write money and dates: "en_GB", "fr_FR" */
 	char *timezone; /* IANA name mails' dates are in ("Europe/Paris") */
@@ -333,6 +337,16 @@ enum send_result {
 			  * or a 4xx before its greeting; stop the tick */
 };
 
+/* The envelope sender (MAIL FROM) of message MESSAGE: with bounce_address
+ * "bounces@d", "bounces+<id>.<mac>@d" (VERP, the tag signed by the key
+ * ring); without it (or for MESSAGE <= 0) the from address. -1 if OUT is
+ * too small. */
+int verp_sender(const struct app *app, int64_t message, char *out, size_t n);
+/* 0 and the message if ADDR ("<a@d>" or "a@d") is bounce_address with a
+ * tag that verifies under a key of the ring; -1 otherwise (forged,
+ * malformed, another address, or no bounce_address). */
+int verp_parse(const struct app *app, const char *addr, int64_t *message);
+
 /* ==== The message context ============================================= */
 
 /* 1 if template TPL (text or HTML, or a partial of theirs) shows VAR:
@@ -371,6 +385,37 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum);
 int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
 	      struct buf *out);
 
+/* ==== Feedback: bounces, complaints, unsubscribes by mail ============= */
+
+enum fb_kind { FB_NONE, FB_HARD, FB_SOFT, FB_COMPLAINT, FB_UNSUB };
+/* One bounce, complaint or unsubscribe that came back after a message. */
+struct fb_event {
+	enum fb_kind kind;
+	int64_t message;      /* messages.id proven by a VERP tag, or 0 */
+	char message_id[256]; /* "<...>": a Message-ID the report names */
+	char email[256];      /* the recipient (a mailed unsubscribe: From) */
+	char status[32];      /* "5.1.1", "abuse", "mailto", a provider's word */
+	int by_email;         /* the address alone may name the contact */
+	const char *source;   /* "mail", "remarket", "mailgun", "postmark" */
+};
+/* Reads one mail (a DSN, an ARF report, a mail to unsubscribe_mailto)
+ * into EV; RCPT is its envelope recipient, or NULL. Returns EV's kind;
+ * FB_NONE with the reason in WHY when the mail is none of those or asks
+ * for nothing (a delay warning, a not-spam report). */
+enum fb_kind fb_mail_parse(const struct app *app, const char *mail,
+			   size_t len, const char *rcpt, struct fb_event *ev,
+			   char *why, size_t whylen);
+/* Acts on EV at NOW (suppress, unsubscribe, count, pause the step) and
+ * records it once per message. 0: done, WHAT says what; 1: left alone,
+ * WHAT says why (no message or contact of ours, already recorded); -1:
+ * the database failed (try again later). */
+int fb_apply(struct app *app, const struct fb_event *ev, rm_time now,
+	     char *what, size_t whatlen);
+/* For `remarket status`: appends one line to OUT for each step whose
+ * complaints passed 0.1 % of its sends in the 7 days before NOW (over
+ * 0.3 % it is paused, and the line says so). Returns how many, or -1. */
+int feedback_complaint_warnings(struct app *app, rm_time now, struct buf *out);
+
 /* ==== The report ====================================================== */
 
 /* Difference of two conversion rates, treated (x1 of n1) minus control
@@ -392,12 +437,18 @@ struct step_report {
 	long sent, opened, clicked, orders, converted;
 	double revenue;
 	struct lift ab;           /* on a 'B' row: B against A */
+	/* of the sent: those that bounced or drew a complaint later
+	 * (`remarket feedback`, POST /feedback), and their share of sent */
+	long bounced, complained;
+	double bounce_rate, complaint_rate;
 };
 struct flow_report {
 	char name[64];
 	int holdout_pct;
 	long enrolled, held_out, converted, held_converted;
 	struct lift lift;         /* messaged against held out */
+	long sent, bounced, complained; /* the steps' sums */
+	double bounce_rate, complaint_rate;
 	struct step_report steps[REPORT_STEPS];
 	int nsteps;
 };

@@ -16,7 +16,7 @@ my $dir = $ENV{FUZZ_BIN_DIR} || "build/fuzz";
 $dir = "$root/$dir" unless $dir =~ m{^/};
 $ENV{RM_TEMPLATES} ||= "$root/templates";
 
-my @targets = qw(ingest http template token csv);
+my @targets = qw(ingest http template token csv feedback);
 print "1..", scalar(@targets), "\n";
 my $n = 0;
 for my $t (@targets) {

@@ -130,8 +130,10 @@ my @lines = (
 	    (map { $_ // -1 } @$cj{qw(codes_issued codes_redeemed discount_cost)}), $cj->{currency} // ''),
 	sprintf('flagged codes      %d orders with a code used before, %d with an expired code (not attributed to it)',
 	    map { $_ // -1 } @{ $cj->{codes_flagged} || {} }{qw(reused expired)}),
-	map { sprintf('  step %d%s  sent %d  opened %d  clicked %d  orders %d  revenue %.2f',
-	    $_->{position}, $_->{variant} eq 'B' ? 'B' : ' ', @$_{qw(sent opened clicked orders revenue)}) }
+	map { sprintf('  step %d%s  sent %d  opened %d  clicked %d  orders %d  revenue %.2f'
+	    . '  bounce_rate %.2f %%  complaint_rate %.2f %%',
+	    $_->{position}, $_->{variant} eq 'B' ? 'B' : ' ', @$_{qw(sent opened clicked orders revenue)},
+	    100 * ($_->{bounce_rate} // -1), 100 * ($_->{complaint_rate} // -1)) }
 	    map { @{ $_->{steps} } } @{ $cj->{flows} || [] },
 );
 my @missing = grep { index($text, "$_\n") < 0 } @lines;
@@ -175,8 +177,8 @@ for my $f (@{ $j->{flows} }) {
 	$steps += @{ $f->{steps} };
 	$bees += grep { $_->{variant} eq 'B' } @{ $f->{steps} };
 }
-is($n, 9 + 8 + 6 + 3 * @{ $j->{flows} } + 5 * $steps + $bees,
-    'every number on the page carries its value (9 headline, 8 win-back, 6 segments, 3 a flow, 5 a step, 1 a B variant)');
+is($n, 9 + 8 + 6 + 3 * @{ $j->{flows} } + 7 * $steps + $bees,
+    'every number on the page carries its value (9 headline, 8 win-back, 6 segments, 3 a flow, 7 a step (with bounce and complaint rates), 1 a B variant)');
 is($bad, 0, 'each equals the number in report.json');
 
 mkdir "$root/tests/artifacts";

@@ -2387,6 +2387,8 @@ static void test_codes_migration(void)
 	db_scalar(db, "DROP TABLE reco_pairs");
 	db_scalar(db, "DROP TABLE reco_state");
 	db_scalar(db, "DROP TABLE forgotten"); /* 016, replayed too */
+	db_scalar(db, "DROP TABLE feedback"); /* 020 */
+	db_scalar(db, "DROP INDEX messages_message_id");
 	db_scalar(db, "ALTER TABLE products DROP COLUMN kind");
 	db_scalar(db, "DROP INDEX orders_code_status");
 	db_scalar(db, "ALTER TABLE orders DROP COLUMN code_status");
@@ -5018,6 +5020,381 @@ static void test_tick_runs(void)
 	world_close(&w);
 }
 
+/* ==== Feedback: bounces, complaints, unsubscribes by mail ============= */
+
+/* A DSN as Postfix writes one (folded Content-Type, a text part, the
+ * status, the returned message) to TO about the message MSGID; B64: the
+ * delivery status part in base64. */
+static void fb_dsn_mail(struct buf *b, const char *to, const char *action,
+			const char *status, const char *msgid, int b64)
+{
+	char ds[600], enc[900];
+	snprintf(ds, sizeof ds, "Reporting-MTA: dns; mx.example.net\r\n"
+		 "Arrival-Date: Tue,  1 Dec 2026 10:27:39 +0000 (UTC)\r\n\r\n"
+		 "Final-Recipient: rfc822; someone@example.net\r\n"
+		 "Original-Recipient: rfc822;someone@example.net\r\n"
+		 "Action: %s\r\nStatus: %s\r\n"
+		 "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n", action, status);
+	if (b64)
+		sodium_bin2base64(enc, sizeof enc, (const unsigned char *)ds,
+				  strlen(ds), sodium_base64_VARIANT_ORIGINAL);
+	buf_reset(b);
+	buf_addf(b, "From: Mail Delivery System <MAILER-DAEMON@mx.example.net>\r\n"
+		 "Subject: Undelivered Mail Returned to Sender\r\n"
+		 "To: %s\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
+		 "Content-Type: multipart/report; report-type=delivery-status;\r\n"
+		 "\tboundary=\"B1.17/mx.example.net\"\r\n\r\n"
+		 "This is a MIME-encapsulated message.\r\n\r\n"
+		 "--B1.17/mx.example.net\r\nContent-Type: text/plain\r\n\r\n"
+		 "I'm sorry to have to inform you...\r\n\r\n"
+		 "--B1.17/mx.example.net\r\nContent-Type: message/delivery-status\r\n"
+		 "%s\r\n%s\r\n"
+		 "--B1.17/mx.example.net\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+		 "From: Maison Demo <shop@example.com>\r\nMessage-ID: %s\r\n"
+		 "Subject: Your cart\r\n\r\n--B1.17/mx.example.net--\r\n",
+		 to, b64 ? "Content-Transfer-Encoding: base64\r\n" : "",
+		 b64 ? enc : ds, msgid);
+}
+
+/* An ARF report (RFC 5965's example, with our addresses). */
+static void fb_arf_mail(struct buf *b, const char *type, const char *mailfrom,
+			const char *msgid)
+{
+	buf_reset(b);
+	buf_addf(b, "From: <abusedesk@example.net>\r\nTo: <fbl@shop.example>\r\n"
+		 "Subject: FW: Your cart\r\nMIME-Version: 1.0\r\n"
+		 "Content-Type: multipart/report; report-type=feedback-report;\r\n"
+		 "     boundary=\"part1_13d.2e68ed54_boundary\"\r\n\r\n"
+		 "--part1_13d.2e68ed54_boundary\r\n"
+		 "Content-Type: text/plain; charset=\"US-ASCII\"\r\n\r\n"
+		 "This is an email abuse report.\r\n\r\n"
+		 "--part1_13d.2e68ed54_boundary\r\n"
+		 "Content-Type: message/feedback-report\r\n\r\n"
+		 "Feedback-Type: %s\r\nUser-Agent: SomeGenerator/1.0\r\nVersion: 1\r\n"
+		 "Original-Mail-From: <%s>\r\nOriginal-Rcpt-To: <someone@example.net>\r\n"
+		 "Arrival-Date: Thu, 8 Mar 2005 14:00:00 EDT\r\n\r\n"
+		 "--part1_13d.2e68ed54_boundary\r\nContent-Type: message/rfc822\r\n"
+		 "Content-Disposition: inline\r\n\r\n"
+		 "From: Maison Demo <shop@example.com>\r\nMessage-ID: %s\r\n"
+		 "Subject: Your cart\r\n\r\nHello\r\n"
+		 "--part1_13d.2e68ed54_boundary--\r\n", type, mailfrom, msgid);
+}
+
+static enum fb_kind fb_run(struct world *w, const struct buf *mail,
+			   const char *rcpt, rm_time now, int *applied,
+			   char *what, size_t n)
+{
+	struct fb_event ev;
+	enum fb_kind k = fb_mail_parse(&w->app, mail->data, mail->len, rcpt, &ev,
+				       what, n);
+	*applied = k == FB_NONE ? -9 : fb_apply(&w->app, &ev, now, what, n);
+	return k;
+}
+
+static void test_feedback_verp(struct world *w)
+{
+	char s[320], t[320];
+	int64_t id = 0;
+	set_cfg(&w->cfg.bounce_address, "");
+	ok(verp_sender(&w->app, 42, s, sizeof s) == 0 &&
+	   !strcmp(s, "shop@example.com"), "verp: without bounce_address the "
+	   "envelope sender is the from address (%s)", s);
+	set_cfg(&w->cfg.bounce_address, "bounces@shop.example");
+	ok(verp_sender(&w->app, 42, s, sizeof s) == 0 &&
+	   !strncmp(s, "bounces+42.", 11) && strlen(s) == 11 + 16 + 13 &&
+	   contains(s, "@shop.example"), "verp: bounces+42.<16 hex>@shop.example (%s)", s);
+	ok(verp_parse(&w->app, s, &id) == 0 && id == 42, "verp: the tag gives its message");
+	for (size_t i = 0; i < strlen(s); i++)
+		t[i] = (char)toupper((unsigned char)s[i]);
+	t[strlen(s)] = '\0';
+	id = 0;
+	ok(verp_parse(&w->app, t, &id) == 0 && id == 42,
+	   "verp: a relay that upper-cases the address changes nothing");
+	snprintf(t, sizeof t, "Bounces <%s>", s);
+	ok(verp_parse(&w->app, t, &id) == 0, "verp: in angle brackets too");
+	snprintf(t, sizeof t, "%s", s);
+	t[20] = t[20] == 'a' ? 'b' : 'a';
+	ok(verp_parse(&w->app, t, &id) < 0, "verp: a forged tag is refused");
+	snprintf(t, sizeof t, "bounces+43.%s", s + 11);
+	ok(verp_parse(&w->app, t, &id) < 0, "verp: another message's id with this MAC is refused");
+	snprintf(t, sizeof t, "%.*s@other.example", (int)(strchr(s, '@') - s), s);
+	ok(verp_parse(&w->app, t, &id) < 0, "verp: another domain is refused");
+	ok(verp_parse(&w->app, "bounces+42@shop.example", &id) < 0 &&
+	   verp_parse(&w->app, "bounces@shop.example", &id) < 0 &&
+	   verp_parse(&w->app, "", &id) < 0, "verp: no tag, or a tag without MAC, is refused");
+	ok(verp_sender(&w->app, -3, s, sizeof s) == 0 && !strcmp(s, "shop@example.com"),
+	   "verp: a mail that is no message row (a confirmation) is not tagged");
+}
+
+static void test_feedback(void)
+{
+	struct world w;
+	struct tick_summary sum = {0};
+	struct buf m = {0};
+	char what[400], vs[320], mid[256];
+	int applied;
+	if (!ok(world_open(&w, "feedback") == 0, "feedback: world opens"))
+		return;
+	test_feedback_verp(&w);
+	/* four carts abandoned; the first step goes to each: messages 1-4 */
+	const char *who[] = {"ann@example.net", "bob@example.net", "cy@example.net",
+			     "dee@example.net"};
+	for (int i = 0; i < 4; i++) {
+		char cart[16];
+		snprintf(cart, sizeof cart, "fb%d", i);
+		cart_event(&w, who[i], "Shopper", cart, 1, T0);
+	}
+	tick(&w, T0 + 2 * HOUR, &sum);
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'sent'"), 4,
+	       "feedback: four first steps sent");
+	long long ann = sq(&w, "SELECT id FROM messages WHERE contact_id = "
+			   "(SELECT id FROM contacts WHERE email = 'ann@example.net')");
+
+	/* a hard bounce to the VERP address */
+	verp_sender(&w.app, ann, vs, sizeof vs);
+	fb_dsn_mail(&m, vs, "failed", "5.1.1", "<unknown@mx>", 0);
+	is_int(fb_run(&w, &m, NULL, T0 + 3 * HOUR, &applied, what, sizeof what),
+	       FB_HARD, "dsn: Action failed, Status 5.1.1 is a hard bounce");
+	is_int(applied, 0, "dsn: applied by its VERP tag");
+	ok(contains(what, "hard bounce 5.1.1") && contains(what, "suppressed"),
+	   "dsn: says what it did");
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'ann@example.net' "
+		  "AND suppressed_at IS NOT NULL AND suppress_reason = 'bounce 5.1.1'"), 1,
+	       "dsn: the contact is suppressed, with the status as the reason");
+	fb_run(&w, &m, NULL, T0 + 4 * HOUR, &applied, what, sizeof what);
+	is_int(applied, 1, "dsn: the same bounce again is left alone");
+	is_int(sq(&w, "SELECT count(*) FROM feedback"), 1, "dsn: and counted once");
+	/* the envelope recipient given on the command line counts too */
+	fb_dsn_mail(&m, "postmaster@shop.example", "failed", "5.1.1", "<x@y>", 1);
+	struct fb_event ev;
+	is_int(fb_mail_parse(&w.app, m.data, m.len, vs, &ev, what, sizeof what),
+	       FB_HARD, "dsn: a base64 delivery-status part is read");
+	is_int(ev.message, ann, "dsn: the recipient argument's VERP tag names the message");
+	is_str(ev.email, "someone@example.net", "dsn: Final-Recipient is read");
+
+	/* a forged tag, no Message-ID of ours: nobody is suppressed */
+	char forged[320];
+	long long bob = ann + 1;
+	verp_sender(&w.app, bob, forged, sizeof forged);
+	forged[strlen("bounces+") + 3] ^= 1;
+	fb_dsn_mail(&m, forged, "failed", "5.1.1", "<not-ours@example.net>", 0);
+	fb_run(&w, &m, NULL, T0 + 3 * HOUR, &applied, what, sizeof what);
+	is_int(applied, 1, "dsn: a forged tag is left alone");
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE suppressed_at IS NOT NULL"), 1,
+	       "dsn: ... and nobody else is suppressed");
+
+	/* soft bounces by our Message-ID: the third in 14 days suppresses */
+	char *bmid = sq_text(&w, "SELECT message_id FROM messages WHERE contact_id = "
+			     "(SELECT id FROM contacts WHERE email = 'bob@example.net')");
+	snprintf(mid, sizeof mid, "%s", bmid ? bmid : "");
+	free(bmid);
+	fb_dsn_mail(&m, "bounces@shop.example", "delayed", "4.4.1", mid, 0);
+	is_int(fb_run(&w, &m, NULL, T0 + 3 * HOUR, &applied, what, sizeof what),
+	       FB_NONE, "dsn: a delay warning is not a bounce");
+	ok(contains(what, "delayed"), "dsn: ... and says so");
+	fb_dsn_mail(&m, "bounces@shop.example", "failed", "4.2.2", mid, 0);
+	is_int(fb_run(&w, &m, NULL, T0 + 3 * HOUR, &applied, what, sizeof what),
+	       FB_SOFT, "dsn: failed with 4.2.2 is a soft bounce");
+	is_int(applied, 0, "dsn: found by our Message-ID in the returned headers");
+	/* steps 2 and 3 go out too, then soft bounces of those by their tags */
+	tick(&w, T0 + 26 * HOUR, &sum);
+	tick(&w, T0 + 74 * HOUR, &sum);
+	struct fb_event soft = {.kind = FB_SOFT, .source = "mail"};
+	snprintf(soft.status, sizeof soft.status, "4.2.2");
+	soft.message = sq(&w, "SELECT m.id FROM messages m JOIN contacts c ON c.id = "
+			  "m.contact_id WHERE c.email = 'bob@example.net' AND m.step = 2");
+	fb_apply(&w.app, &soft, T0 + 2 * DAY, what, sizeof what);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'bob@example.net' "
+		  "AND suppressed_at IS NULL"), 1, "soft: two soft bounces do not suppress");
+	soft.message = sq(&w, "SELECT m.id FROM messages m JOIN contacts c ON c.id = "
+			  "m.contact_id WHERE c.email = 'bob@example.net' AND m.step = 3");
+	fb_apply(&w.app, &soft, T0 + 13 * DAY, what, sizeof what);
+	ok(contains(what, "has 3 in 14 days: suppressed"),
+	   "soft: the third within 14 days suppresses (%s)", what);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'bob@example.net' "
+		  "AND suppress_reason = '3 soft bounces in 14 days (last 4.2.2)'"), 1,
+	       "soft: the reason says so");
+	for (int step = 1; step <= 3; step++) {
+		soft.message = sq(&w, "SELECT m.id FROM messages m JOIN contacts c ON "
+				  "c.id = m.contact_id WHERE c.email = 'dee@example.net' "
+				  "AND m.step = %d", step);
+		fb_apply(&w.app, &soft, T0 + (step == 1 ? 3 * HOUR : (14 + step) * DAY),
+			 what, sizeof what);
+	}
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'dee@example.net' "
+		  "AND suppressed_at IS NULL"), 1,
+	       "soft: three, the first 16 days before the third, do not suppress");
+	is_int(sq(&w, "SELECT count(*) FROM feedback WHERE kind = 'soft'"), 6,
+	       "soft: each recorded");
+
+	/* a complaint (ARF) with the VERP tag in Original-Mail-From */
+	long long cy = sq(&w, "SELECT id FROM messages WHERE contact_id = "
+			  "(SELECT id FROM contacts WHERE email = 'cy@example.net')");
+	verp_sender(&w.app, cy, vs, sizeof vs);
+	fb_arf_mail(&m, "not-spam", vs, "<x@y>");
+	is_int(fb_run(&w, &m, NULL, T0 + 3 * HOUR, &applied, what, sizeof what),
+	       FB_NONE, "arf: not-spam is not a complaint");
+	fb_arf_mail(&m, "abuse", vs, "<x@y>");
+	is_int(fb_run(&w, &m, NULL, T0 + 3 * HOUR, &applied, what, sizeof what),
+	       FB_COMPLAINT, "arf: Feedback-Type abuse is a complaint");
+	is_int(applied, 0, "arf: applied");
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'cy@example.net' "
+		  "AND unsubscribed_at IS NOT NULL AND suppress_reason = 'complaint'"), 1,
+	       "arf: the contact is unsubscribed and suppressed");
+	ok(contains(what, "step 1 paused"), "arf: 1 complaint of 4 sends pauses the step");
+	is_int(sq(&w, "SELECT count(*) FROM steps WHERE paused_at IS NOT NULL "
+		  "AND paused_reason LIKE 'complaints: 1 of 4 sends%%'"), 1,
+	       "arf: the step is paused, the reason names the rate");
+	struct buf warn = {0};
+	is_int(feedback_complaint_warnings(&w.app, T0 + 3 * HOUR, &warn), 1,
+	       "warnings: one step over 0.1 %");
+	ok(contains(warn.data, "step 1: 1 complaints of 4 sends") &&
+	   contains(warn.data, "paused"), "warnings: names the step (%s)", vis(warn.data));
+	buf_reset(&warn);
+	is_int(feedback_complaint_warnings(&w.app, T0 + 9 * DAY, &warn), 0,
+	       "warnings: none once the sends are older than 7 days");
+	buf_free(&warn);
+
+	/* the report: per step bounced and complained, of the sent */
+	struct report *r = calloc(1, sizeof *r);
+	if (r && report_build(&w.app, T0 - DAY, T0 + DAY, r) == 0 && r->nflows > 0) {
+		const struct flow_report *f = &r->flows[0];
+		is_int(f->steps[0].bounced, 3, "report: step 1 bounced 3 (ann hard, bob and dee soft)");
+		is_int(f->steps[0].complained, 1, "report: step 1 complained 1");
+		ok(fabs(f->steps[0].complaint_rate - 0.25) < 1e-9 &&
+		   fabs(f->complaint_rate - 0.25) < 1e-9,
+		   "report: complaint rate 1 of 4 for the step and the flow");
+		struct buf j = {0};
+		report_json(r, &j);
+		ok(contains(j.data, "\"complaint_rate\":0.2500") &&
+		   contains(j.data, "\"bounce_rate\":0.7500"), "report: in the JSON");
+		buf_free(&j);
+	} else {
+		ok(0, "report: builds");
+	}
+	free(r);
+
+	/* a mail to unsubscribe_mailto */
+	set_cfg(&w.cfg.unsubscribe_mailto, "unsubscribe@shop.example");
+	buf_reset(&m);
+	buf_adds(&m, "From: Dee <DEE@example.net>\r\nTo: unsubscribe@shop.example\r\n"
+		 "Subject: unsubscribe\r\n\r\n");
+	is_int(fb_run(&w, &m, NULL, T0 + 3 * HOUR, &applied, what, sizeof what),
+	       FB_UNSUB, "mailto: a mail to unsubscribe_mailto unsubscribes");
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'dee@example.net' "
+		  "AND unsubscribed_at IS NOT NULL AND suppressed_at IS NULL"), 1,
+	       "mailto: its From is unsubscribed, not suppressed");
+	buf_reset(&m);
+	buf_adds(&m, "From: ann@example.net\r\nTo: unsubscribe@shop.example\r\n"
+		 "Auto-Submitted: auto-replied\r\nSubject: Out of office\r\n\r\n");
+	is_int(fb_run(&w, &m, NULL, T0 + 3 * HOUR, &applied, what, sizeof what),
+	       FB_NONE, "mailto: an automatic reply is left alone");
+	buf_reset(&m);
+	buf_adds(&m, "From: ann@example.net\r\nTo: someone@shop.example\r\n\r\nhi\r\n");
+	is_int(fb_run(&w, &m, NULL, T0, &applied, what, sizeof what), FB_NONE,
+	       "other mail is left alone");
+	ok(contains(what, "not a delivery status notification"), "... saying why");
+	buf_free(&m);
+	world_close(&w);
+}
+
+/* POST /feedback: remarket's signed format, Mailgun, Postmark. */
+static void test_feedback_http(void)
+{
+	struct world w;
+	struct tick_summary sum = {0};
+	struct http_resp rs;
+	char sig[200], body[1200];
+	if (!ok(world_open(&w, "feedback-http") == 0, "feedback http: world opens"))
+		return;
+	cart_event(&w, "eve@example.net", "Eve", "h1", 1, T0);
+	cart_event(&w, "fay@example.net", "Fay", "h2", 1, T0);
+	cart_event(&w, "gus@example.net", "Gus", "h3", 1, T0);
+	tick(&w, T0 + 2 * HOUR, &sum);
+	const char *rb = "[{\"type\":\"hard_bounce\",\"email\":\"eve@example.net\","
+			 "\"status\":\"5.1.1\"}]";
+	hook_sign(HOOK_SECRET, T0, rb, strlen(rb), sig, sizeof sig);
+	http(&w, "POST", "/feedback", rb, "t=1,v1=00", NULL, T0, &rs);
+	is_int(rs.status, 401, "feedback http: a forged signature is 401");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM feedback"), 0, "... and changes nothing");
+	http(&w, "POST", "/feedback", rb, sig, NULL, T0, &rs);
+	is_int(rs.status, 200, "feedback http: remarket's signed format is 200");
+	is_str(rs.body.data, "{\"applied\":1,\"left_alone\":0}", "... one applied");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'eve@example.net' "
+		  "AND suppressed_at IS NOT NULL"), 1, "... eve is suppressed");
+	is_int(sq(&w, "SELECT count(*) FROM feedback WHERE source = 'remarket' "
+		  "AND message IS NOT NULL"), 1, "... counted against her last message");
+	const char *bad = "{\"type\":\"bounced\",\"email\":\"eve@example.net\"}";
+	hook_sign(HOOK_SECRET, T0, bad, strlen(bad), sig, sizeof sig);
+	http(&w, "POST", "/feedback", bad, sig, NULL, T0, &rs);
+	is_int(rs.status, 400, "feedback http: an unknown type is 400");
+	ok(contains(rs.body.data, "events[0]: type"), "... naming it");
+	http_resp_free(&rs);
+
+	/* Mailgun: HMAC-SHA256(signing key, timestamp token) */
+	set_cfg(&w.cfg.mailgun_signing_key, "key-mailgun-test");
+	char *fmid = sq_text(&w, "SELECT message_id FROM messages WHERE contact_id = "
+			     "(SELECT id FROM contacts WHERE email = 'fay@example.net')");
+	unsigned char mac[crypto_auth_hmacsha256_BYTES];
+	char hex[2 * sizeof mac + 1];
+	crypto_auth_hmacsha256_state st;
+	crypto_auth_hmacsha256_init(&st, (const unsigned char *)"key-mailgun-test", 16);
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)"1795000000tok123", 16);
+	crypto_auth_hmacsha256_final(&st, mac);
+	sodium_bin2hex(hex, sizeof hex, mac, sizeof mac);
+	/* Mailgun gives the Message-ID without its angle brackets */
+	snprintf(body, sizeof body, "{\"signature\":{\"timestamp\":\"1795000000\","
+		 "\"token\":\"tok123\",\"signature\":\"%s\"},\"event-data\":{\"event\":"
+		 "\"complained\",\"recipient\":\"fay@example.net\",\"message\":"
+		 "{\"headers\":{\"message-id\":\"%.*s\"}}}}", hex,
+		 fmid ? (int)strlen(fmid) - 2 : 0, fmid ? fmid + 1 : "");
+	free(fmid);
+	http(&w, "POST", "/feedback/mailgun", body, NULL, NULL, T0, &rs);
+	is_int(rs.status, 200, "mailgun: a signed complaint is 200");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM feedback f JOIN messages m ON m.id = f.message "
+		  "JOIN contacts c ON c.id = m.contact_id WHERE c.email = 'fay@example.net' "
+		  "AND f.kind = 'complaint' AND f.source = 'mailgun'"), 1,
+	       "mailgun: counted against her message, found by Message-ID");
+	char *p = strstr(body, hex);
+	p[0] = p[0] == '0' ? '1' : '0';
+	http(&w, "POST", "/feedback/mailgun", body, NULL, NULL, T0, &rs);
+	is_int(rs.status, 403, "mailgun: a forged signature is 403");
+	http_resp_free(&rs);
+	http(&w, "POST", "/feedback/mailgun", "{\"event-data\":{}}", NULL, NULL, T0, &rs);
+	is_int(rs.status, 401, "mailgun: no signature is 401");
+	http_resp_free(&rs);
+
+	/* Postmark: Basic auth */
+	set_cfg(&w.cfg.postmark_webhook_auth, "pm:s3cret");
+	const char *pb = "{\"RecordType\":\"Bounce\",\"Type\":\"SoftBounce\","
+			 "\"TypeCode\":4096,\"Email\":\"gus@example.net\"}";
+	http(&w, "POST", "/feedback/postmark", pb, NULL, NULL, T0, &rs);
+	is_int(rs.status, 401, "postmark: no credentials is 401");
+	ok(contains(resp_header(&rs, "WWW-Authenticate"), "Basic"), "... asking for Basic");
+	http_resp_free(&rs);
+	http(&w, "POST", "/feedback/postmark", pb, NULL, "Basic cG06d3Jvbmc=", T0, &rs);
+	is_int(rs.status, 403, "postmark: a wrong password is 403");
+	http_resp_free(&rs);
+	http(&w, "POST", "/feedback/postmark", pb, NULL, "Basic cG06czNjcmV0", T0, &rs);
+	is_int(rs.status, 200, "postmark: the right one is 200");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT count(*) FROM feedback WHERE kind = 'soft' "
+		  "AND source = 'postmark' AND status = 'SoftBounce'"), 1,
+	       "postmark: a SoftBounce is a soft bounce");
+	http(&w, "POST", "/feedback/postmark", "{\"RecordType\":\"Delivery\","
+	     "\"Email\":\"gus@example.net\"}", NULL, "Basic cG06czNjcmV0", T0, &rs);
+	is_int(rs.status, 200, "postmark: another event is 200 (no retries)");
+	is_str(rs.body.data, "{\"applied\":0,\"left_alone\":0}", "... and nothing applied");
+	http_resp_free(&rs);
+	http(&w, "POST", "/feedback/sendgrid", "{}", NULL, NULL, T0, &rs);
+	is_int(rs.status, 404, "feedback http: an unknown service is 404");
+	http_resp_free(&rs);
+	world_close(&w);
+}
+
 /* ==== The report ====================================================== */
 
 static void test_stats(void)
@@ -5216,9 +5593,13 @@ static void test_report_numbers(void)
 		"\"codes_flagged\":{\"reused\":114,\"expired\":115}",
 		"\"holdout_pct\":0,\"enrolled\":40,\"holdout\":10,\"converted\":8,"
 		"\"holdout_converted\":1,\"conversion\":0.2000,"
-		"\"holdout_conversion\":0.1000,\"lift\":0.1000,",
+		"\"holdout_conversion\":0.1000,\"sent\":0,\"bounced\":0,"
+		"\"complained\":0,\"bounce_rate\":0.0000,\"complaint_rate\":0.0000,"
+		"\"lift\":0.1000,",
 		"{\"position\":1,\"variant\":\"A\",\"sent\":31,\"opened\":32,"
-		"\"clicked\":33,\"orders\":34,\"revenue\":12.50,\"converted\":35}",
+		"\"clicked\":33,\"orders\":34,\"revenue\":12.50,\"converted\":35,"
+		"\"bounced\":0,\"complained\":0,\"bounce_rate\":0.0000,"
+		"\"complaint_rate\":0.0000}",
 	};
 	int bad = 0;
 	for (size_t i = 0; i < sizeof json / sizeof json[0]; i++)
@@ -6539,6 +6920,8 @@ int main(void)
 	test_send_connections();
 	test_fuzz_findings();
 	test_carts_as_shops();
+	test_feedback();
+	test_feedback_http();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
 		diag("could not remove %s", tmpdir);

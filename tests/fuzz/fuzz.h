@@ -134,7 +134,7 @@ static void fz_open(void)
 
 /* The tables that inputs write; flows and steps stay as migrated. */
 static const char *const fz_tables[] = {
-	"interactions", "discounts", "messages", "enrollments", "order_lines",
+	"feedback", "interactions", "discounts", "messages", "enrollments", "order_lines",
 	"segments", "reviews", "products", "orders", "carts", "visitors",
 	"contacts", "events"};
 #define FZ_NTABLES (sizeof fz_tables / sizeof fz_tables[0])
