@@ -2082,6 +2082,14 @@ void cfg_free(struct config *cfg)
 	  "WHERE flow_id = (SELECT id FROM flows WHERE name = :flow) "         \
 	  "AND position = :step")                                              \
 	X(FLOW_ENABLE, "UPDATE flows SET enabled = ?2 WHERE name = ?1")        \
+	/* a step's template and discount, or (?3 = 1) its B variant's */     \
+	X(STEP_OFFER,                                                          \
+	  "SELECT CASE WHEN ?3 THEN coalesce(v.template, s.template) "         \
+	  "ELSE s.template END, CASE WHEN ?3 THEN coalesce(v.discount_pct, "   \
+	  "s.discount_pct, 0) ELSE coalesce(s.discount_pct, 0) END "           \
+	  "FROM steps s JOIN flows f ON f.id = s.flow_id LEFT JOIN "           \
+	  "step_variants v ON v.flow_id = s.flow_id AND v.position = s.position " \
+	  "WHERE f.name = ?1 AND s.position = ?2")                             \
 	X(FLOW_HOLDOUT, "UPDATE flows SET holdout_pct = ?2 WHERE name = ?1")   \
 	X(VARIANT_SET, /* named parameters, as STEP_SET */                   \
 	  "INSERT INTO step_variants (flow_id, position, template, delay_s, "  \
@@ -6350,15 +6358,18 @@ static int smtp_url(const char *url, char *out, size_t n, int *starttls)
 static void smtp_url_shown(const char *url, char *out, size_t n)
 {
 	CURLU *u = curl_url();
-	char *shown = NULL;
-	if (u && curl_url_set(u, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME) ==
-			 CURLUE_OK &&
-	    curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) == CURLUE_OK &&
-	    curl_url_get(u, CURLUPART_URL, &shown, 0) == CURLUE_OK)
+	char *shown = NULL, *pw = NULL;
+	int parsed = u && curl_url_set(u, CURLUPART_URL, url,
+				       CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK;
+	if (parsed && curl_url_get(u, CURLUPART_PASSWORD, &pw, 0) != CURLUE_OK)
+		copy_str(out, n, url); /* no password: as the operator wrote it */
+	else if (parsed && curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) == CURLUE_OK &&
+		 curl_url_get(u, CURLUPART_URL, &shown, 0) == CURLUE_OK)
 		copy_str(out, n, shown);
 	else
 		copy_str(out, n, strchr(url, '@') ? "(smtp_url: not shown, it does "
 			 "not parse)" : url);
+	curl_free(pw);
 	curl_free(shown);
 	curl_url_cleanup(u);
 }
@@ -6687,6 +6698,10 @@ static void mc_set(struct msgctx *mc, const char *name, const char *value)
 	mc->v[mc->n++] = (struct tvar){name, v, NULL, 0};
 }
 
+/* How long a mail's cart link works: `flows set` refuses a step later
+ * than this after its trigger, whose earlier mails' links are dead. */
+#define RECOVER_LINK_DAYS 30
+
 static void mc_url(struct msgctx *mc, struct app *app, const char *name,
 		   char kind, int64_t subject, rm_time expires, const char *ext)
 {
@@ -6954,7 +6969,8 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 	mc_set(mc, "year", year);
 	if (*m->cart_key)
 		mc_set(mc, "total", total);
-	mc_url(mc, app, "recovery_url", TOK_RECOVER, m->id, now + 30 * 86400, "");
+	mc_url(mc, app, "recovery_url", TOK_RECOVER, m->id,
+	       now + RECOVER_LINK_DAYS * 86400, "");
 	mc_url(mc, app, "unsubscribe_url", TOK_UNSUB, m->id, now + 400 * 86400, "");
 	mc_url(mc, app, "open_url", TOK_OPEN, m->id, now + 400 * 86400, ".gif");
 	if (*m->code)
@@ -11940,6 +11956,49 @@ static int bind_setting(sqlite3_stmt *s, const struct setting *st, const char *v
 	return -1;
 }
 
+/* The checks of a `flows set` value beyond its form: a template that
+ * is there and parses, a delay within the links' life. 0, or 1 with the
+ * reason said. */
+static int setting_refused(struct app *app, const char *what,
+			   const struct setting *st, const char *v)
+{
+	if (st->kind == SET_TEMPLATE && val_ident(v, 64)) {
+		struct check_out o;
+		memset(&o, 0, sizeof o);
+		check_template(app->cfg->templates, v, "flows set", &o);
+		for (int i = 0; i < o.lines.n; i++)
+			fprintf(stderr, "remarket flows %s: template=%s: %s\n", what,
+				v, o.lines.line[i]);
+		return o.lines.n > 0;
+	}
+	char plus[64];
+	snprintf(plus, sizeof plus, "+%s", v);
+	rm_time t = parse_time(plus, 0);
+	if (st->kind == SET_DELAY && t > (rm_time)RECOVER_LINK_DAYS * 86400) {
+		fprintf(stderr, "remarket flows %s: delay=%s: longer than the "
+			"links live (%d days): the sequence's earlier mails would "
+			"hold dead links by then\n", what, v, RECOVER_LINK_DAYS);
+		return 1;
+	}
+	return 0;
+}
+
+/* After a change: a step with a discount whose template never shows
+ * the code is said (a warning: the link may still apply it). */
+static void discount_shown(struct app *app, const char *what, const char *flow,
+			   int step, int variant)
+{
+	sqlite3_stmt *s = q(app->db, ST_STEP_OFFER, "tii", flow, (int64_t)step,
+			    (int64_t)variant);
+	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_int(s, 1) > 0 &&
+	    !mc_template_uses(app, col_text(s, 0), "discount_code"))
+		fprintf(stderr, "remarket flows %s: warning: %s step %d gives %d %% "
+			"off, but template %s shows no {{discount_code}}: the "
+			"shopper never sees the code\n", what, flow, step,
+			sqlite3_column_int(s, 1), col_text(s, 0));
+	sqlite3_reset(s);
+}
+
 /* Binds FLOW and STEP, then each key=value; runs the statement, which
  * must change one row. */
 static int flows_apply(struct app *app, enum stmt_id id, const char *what,
@@ -11949,6 +12008,14 @@ static int flows_apply(struct app *app, enum stmt_id id, const char *what,
 	if (argc < 3) {
 		fprintf(stderr, "usage: remarket flows %s FLOW STEP %s\n", what, help);
 		return 2;
+	}
+	for (int i = 2; i < argc; i++) { /* before anything is bound */
+		const char *eq = strchr(argv[i], '=');
+		for (size_t k = 0; eq && k < nset; k++)
+			if (strlen(set[k].key) == (size_t)(eq - argv[i]) &&
+			    !strncmp(argv[i], set[k].key, (size_t)(eq - argv[i])) &&
+			    setting_refused(app, what, &set[k], eq + 1))
+				return 1;
 	}
 	sqlite3_stmt *s = q(app->db, id, NULL);
 	sqlite3_bind_text(s, param_index(s, "flow"), argv[0], -1,
@@ -11973,6 +12040,7 @@ static int flows_apply(struct app *app, enum stmt_id id, const char *what,
 			argv[1], argv[0]);
 		return 1;
 	}
+	discount_shown(app, what, argv[0], atoi(argv[1]), id == ST_VARIANT_SET);
 	return flows_list(app);
 }
 
