@@ -30,11 +30,12 @@
  *  15. The message context
  *  16. The flow engine: detect, claim, send, record
  *  17. Tick runs
- *  18. The report
- *  19. HTTP routes
- *  20. FastCGI and CGI front-ends
- *  21. Command line
- *  22. Main
+ *  18. Checks before sending and status
+ *  19. The report
+ *  20. HTTP routes
+ *  21. FastCGI and CGI front-ends
+ *  22. Command line
+ *  23. Main
  */
 #define _GNU_SOURCE
 #include "remarket.h"
@@ -11445,7 +11446,7 @@ static int serve_cgi(struct config *cfg)
  * The operator's commands, one row each in the command table below
  * (commands[]: name, whether it needs the app, arity, function, usage):
  * init, keygen, serve, tick, event, report, flows, import, recommend,
- * products, segments, help, version. The table also makes usage() and the man
+ * products, segments, status, help, version. The table also makes usage() and the man
  * page's SYNOPSIS (`remarket help --man`). A command that needs the
  * app opens its own, so every command, like every FastCGI thread, has
  * its own database connection.

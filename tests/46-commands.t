@@ -34,7 +34,7 @@ sub names { my %s = map { $_ => 1 } @_; join ' ', sort keys %s }
 my ($rc, $out, $err) = rm('help');
 is($rc, 0, 'help exits 0');
 my @table = $out =~ /^  ([a-z][a-z-]*)/mg;
-is(names(@table), names(qw(init keygen serve tick event report flows segments
+is(names(@table), names(qw(init keygen serve tick event report flows segments status
 	recommend products import contact unsubscribe suppress export forget
 	help version)), 'help lists every command of the table')
 	or diag($out);
