@@ -31,11 +31,12 @@
  *  16. The flow engine: detect, claim, send, record
  *  17. Tick runs
  *  18. Feedback: bounces, complaints, unsubscribes by mail
- *  19. The report
- *  20. HTTP routes
- *  21. FastCGI and CGI front-ends
- *  22. Command line
- *  23. Main
+ *  19. Checks before sending and status
+ *  20. The report
+ *  21. HTTP routes
+ *  22. FastCGI and CGI front-ends
+ *  23. Command line
+ *  24. Main
  */
 #define _GNU_SOURCE
 #include "remarket.h"
@@ -563,6 +564,7 @@ static const struct cfg_key {
 	CFG_LONG(winback_cooldown_days, "180"),
 	CFG_STR(winback_max_idle_days, "auto"),
 	CFG_LONG(winback_daily_max, "500"),
+	CFG_STR(allow_insecure_links, "no"),
 	CFG_STR(code_prefix, "RM"),
 	CFG_STR(store_name, ""),
 	CFG_STR(store_tagline, ""),
@@ -883,6 +885,12 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 			 "without '+' (e.g. bounces@shop.example): each message's "
 			 "envelope sender is bounces+<tag>@shop.example",
 			 cfg->bounce_address);
+		return -1;
+	}
+	if (strcmp(cfg->allow_insecure_links, "yes") &&
+	    strcmp(cfg->allow_insecure_links, "no")) {
+		snprintf(err, errlen, "allow_insecure_links: '%s' must be yes or no",
+			 cfg->allow_insecure_links);
 		return -1;
 	}
 	if (*cfg->currency && !iso_currency(cfg->currency)) {
@@ -1611,8 +1619,16 @@ void cfg_free(struct config *cfg)
 	/* -- The flow engine: detect, claim, send, record -- */               \
 	X(JSON_TICK,                                                           \
 	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
-	  "'sent',?4,'retry',?5,'failed',?6,'exited',?7,'skipped',?8,"         \
-	  "'stale',?9,'winback_waiting',?11), json_object('stopped',?10))")                          \
+	  "'held_out',?12,'sent',?4,'retry',?5,'failed',?6,'exited',?7,"       \
+	  "'skipped',?8,'stale',?9,'winback_waiting',?11,"                     \
+	  "'problems',json(?13)), json_object('stopped',?10,"                  \
+	  "'problems_more',nullif(?14,0)))")                                   \
+	/* appends the text ?2 to the JSON array ?1 */                        \
+	X(JSON_ARRAY_ADD, "SELECT json_insert(?1, '$[#]', ?2)")                \
+	/* the enrollments after id ?1 held out: a tick's held_out */          \
+	X(ENROLL_LAST, "SELECT coalesce(max(id), 0) FROM enrollments")         \
+	X(ENROLL_HELD_SINCE,                                                   \
+	  "SELECT count(*) FROM enrollments WHERE id > ?1 AND holdout = 1")    \
 	/* double opt-in: the confirmation mails to send (not to the held:    \
 	 * the hourly cap limits these mails too), and the click */          \
 	X(CONFIRM_DUE,                                                         \
@@ -1806,6 +1822,7 @@ void cfg_free(struct config *cfg)
 	  "WHERE id = ?1 AND suppressed_at IS NULL")                           \
 	/* -- Tick runs -- */                                                  \
 	X(JSON_ERROR, "SELECT json_object('error', ?1)")                       \
+	X(JSON_PATCH, "SELECT json_patch(?1, ?2)")                             \
 	X(TICK_OPEN,                                                           \
 	  "SELECT id, pid, started_real FROM ticks "                           \
 	  "WHERE finished_real IS NULL ORDER BY id DESC LIMIT 8")              \
@@ -1860,6 +1877,60 @@ void cfg_free(struct config *cfg)
 	  "e.flow_id AND s.position = m.step WHERE m.status = 'sent' "         \
 	  "AND m.sent_at >= ?1 GROUP BY e.flow_id, m.step "                    \
 	  "HAVING c * 1000 > n ORDER BY e.flow_id, m.step")                    \
+	/* -- Checks before sending and status -- */                          \
+	/* the templates of the enabled steps and their B variants, each with \
+	 * the steps that send it */                                         \
+	X(CHECK_TEMPLATES,                                                     \
+	  "SELECT t, group_concat(w, ', ') FROM (SELECT s.template AS t, "     \
+	  "f.name || ' step ' || s.position AS w FROM steps s JOIN flows f "   \
+	  "ON f.id = s.flow_id WHERE f.enabled = 1 UNION ALL SELECT "          \
+	  "v.template, f.name || ' step ' || v.position || ' (B)' "            \
+	  "FROM step_variants v JOIN flows f ON f.id = v.flow_id "             \
+	  "WHERE f.enabled = 1 AND v.template IS NOT NULL) GROUP BY t ORDER BY t") \
+	/* the last tick's state ?1 (JSON_TICK_STATE): id, state, sent,       \
+	 * retry, problems, started (real), the first problem */              \
+	X(CHECK_TICK,                                                          \
+	  "SELECT json_extract(?1, '$.tick'), json_extract(?1, '$.state'), "   \
+	  "coalesce(json_extract(?1, '$.sent'), 0), "                          \
+	  "coalesce(json_extract(?1, '$.retry'), 0), "                         \
+	  "coalesce(json_array_length(?1, '$.problems'), 0) + "                \
+	  "(json_extract(?1, '$.error') IS NOT NULL), (SELECT started_real "   \
+	  "FROM ticks WHERE id = json_extract(?1, '$.tick')), "                \
+	  "coalesce(json_extract(?1, '$.problems[0]'), "                       \
+	  "json_extract(?1, '$.error'), '')")                                  \
+	/* due at ?1 and not sent: queued rows (an index range), and steps    \
+	 * due whose row a tick has not made yet (no tick ran) */             \
+	X(CHECK_BACKLOG,                                                       \
+	  "SELECT q.n + w.n, max(q.late, w.late), q.retrying, json_object("    \
+	  "'due', q.n + w.n, 'queued', q.n, 'not_queued', w.n, 'retrying', "   \
+	  "q.retrying, 'oldest_due', nullif(?1 - max(q.late, w.late), ?1)) "   \
+	  "FROM (SELECT count(*) AS n, coalesce(?1 - min(next_try), 0) AS late, " \
+	  "coalesce(sum(attempts > 0), 0) AS retrying FROM messages "          \
+	  "WHERE status = 'queued' AND next_try <= ?1) q, (SELECT count(*) AS n, " \
+	  "coalesce(?1 - min(e.anchor + s.delay_s), 0) AS late "               \
+	  "FROM enrollments e JOIN steps s ON s.flow_id = e.flow_id "          \
+	  "AND s.position = e.next_step LEFT JOIN carts c ON c.id = e.cart_id " \
+	  "WHERE e.status = 'active' AND e.holdout = 0 "                       \
+	  "AND e.anchor + s.delay_s <= ?1 "                                    \
+	  "AND (e.cart_id IS NULL OR c.status = 'abandoned') "                 \
+	  "AND NOT EXISTS (SELECT 1 FROM messages m WHERE "                    \
+	  "m.enrollment_id = e.id AND m.step = e.next_step)) w")               \
+	/* failed messages since ?1, by reason */                             \
+	X(CHECK_FAILURES,                                                      \
+	  "SELECT coalesce(substr(error, 1, 160), '(no reason recorded)') AS r, " \
+	  "count(*) FROM messages WHERE status = 'failed' AND created >= ?1 "  \
+	  "GROUP BY r ORDER BY 2 DESC, 1 LIMIT 8")                             \
+	X(CHECK_FAILURES_JSON,                                                 \
+	  "SELECT json_group_object(r, n) FROM (SELECT coalesce(substr(error, " \
+	  "1, 160), '(no reason recorded)') AS r, count(*) AS n FROM messages " \
+	  "WHERE status = 'failed' AND created >= ?1 GROUP BY r "              \
+	  "ORDER BY 2 DESC, 1 LIMIT 8)")                                       \
+	X(CHECK_JSON_ADD,                                                      \
+	  "SELECT json_insert(?1, '$[#]', json_object('name', ?2, 'level', ?3, " \
+	  "'message', ?4, 'problems', json(?5), 'data', json(?6)))")           \
+	X(CHECK_JSON,                                                          \
+	  "SELECT json_object('status', ?1, 'exit', ?2, 'now', ?3, "           \
+	  "'version', '" RM_VERSION "', 'checks', json(?4))")                  \
 	/* -- The report -- */                                                 \
 	/* win-back: the lapsed, and the customers whose first mail of a      \
 	 * win-back (its first step sent, not a later one) went in the        \
@@ -2200,6 +2271,14 @@ void cfg_free(struct config *cfg)
 	  "WHERE flow_id = (SELECT id FROM flows WHERE name = :flow) "         \
 	  "AND position = :step")                                              \
 	X(FLOW_ENABLE, "UPDATE flows SET enabled = ?2 WHERE name = ?1")        \
+	/* a step's template and discount, or (?3 = 1) its B variant's */     \
+	X(STEP_OFFER,                                                          \
+	  "SELECT CASE WHEN ?3 THEN coalesce(v.template, s.template) "         \
+	  "ELSE s.template END, CASE WHEN ?3 THEN coalesce(v.discount_pct, "   \
+	  "s.discount_pct, 0) ELSE coalesce(s.discount_pct, 0) END "           \
+	  "FROM steps s JOIN flows f ON f.id = s.flow_id LEFT JOIN "           \
+	  "step_variants v ON v.flow_id = s.flow_id AND v.position = s.position " \
+	  "WHERE f.name = ?1 AND s.position = ?2")                             \
 	X(FLOW_HOLDOUT, "UPDATE flows SET holdout_pct = ?2 WHERE name = ?1")   \
 	X(VARIANT_SET, /* named parameters, as STEP_SET */                   \
 	  "INSERT INTO step_variants (flow_id, position, template, delay_s, "  \
@@ -3049,7 +3128,40 @@ struct tpl_run {
 	char *err;
 	size_t errlen;
 	int depth;
+	const char *file; /* the file being rendered, for messages, or NULL */
+	const char *text; /* its start: a message's line is counted from it */
 };
+
+/* The line of P in the text that starts at TEXT, from 1. */
+static int tpl_line(const char *text, const char *p)
+{
+	int line = 1;
+	for (; text < p; text++)
+		line += *text == '\n';
+	return line;
+}
+
+/* An error at P of the text TEXT, said the way compilers say it:
+ * "templates/cart_reminder.html:12: '{{#first_name}}' is never closed"
+ * (FILE NULL: "line 12: ..."), so that an owner finds the spot. */
+static void tpl_error(char *err, size_t errlen, const char *file,
+		      const char *text, const char *p, const char *fmt, ...)
+	__attribute__((format(printf, 6, 7)));
+static void tpl_error(char *err, size_t errlen, const char *file,
+		      const char *text, const char *p, const char *fmt, ...)
+{
+	char what[300];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(what, sizeof what, fmt, ap);
+	va_end(ap);
+	if (file)
+		snprintf(err, errlen, "%s:%d: %s", file, tpl_line(text, p), what);
+	else
+		snprintf(err, errlen, "line %d: %s", tpl_line(text, p), what);
+}
+
+static int tpl_check(const char *s, const char *file, char *err, size_t errlen);
 
 static int tpl_block(struct tpl_run *r, const char *s, const char *end,
 		     const struct tctx *ctx);
@@ -3106,8 +3218,13 @@ static int tpl_partial(struct tpl_run *r, const char *name, size_t n,
 		buf_free(&b);
 		return -1;
 	}
+	const char *file = r->file, *text = r->text;
+	int rc = tpl_check(buf_str(&b), path, r->err, r->errlen);
 	r->depth++;
-	int rc = tpl_block(r, b.data, b.data + b.len, ctx);
+	r->file = path, r->text = buf_str(&b);
+	if (rc == 0)
+		rc = tpl_block(r, b.data, b.data + b.len, ctx);
+	r->file = file, r->text = text;
 	r->depth--;
 	buf_free(&b);
 	return rc;
@@ -3147,7 +3264,8 @@ static int tpl_block(struct tpl_run *r, const char *s, const char *end,
 			return -1;
 		const char *close = strstr(open + 2, "}}");
 		if (!close || close >= end) {
-			snprintf(r->err, r->errlen, "unclosed '{{'");
+			tpl_error(r->err, r->errlen, r->file, r->text, open,
+				  "unclosed '{{'");
 			return -1;
 		}
 		const char *tag = open + 2;
@@ -3156,8 +3274,8 @@ static int tpl_block(struct tpl_run *r, const char *s, const char *end,
 		size_t n = (size_t)(close - name);
 		s = close + 2;
 		if (kind == '/') {
-			snprintf(r->err, r->errlen, "'{{/%.*s}}' closes nothing",
-				 (int)n, name);
+			tpl_error(r->err, r->errlen, r->file, r->text, open,
+				  "'{{/%.*s}}' closes nothing", (int)n, name);
 			return -1;
 		}
 		if (kind == '>') {
@@ -3168,8 +3286,9 @@ static int tpl_block(struct tpl_run *r, const char *s, const char *end,
 		if (kind == '#' || kind == '^') {
 			const char *after, *body_end = tpl_close(s, end, name, n, &after);
 			if (!body_end) {
-				snprintf(r->err, r->errlen, "'{{%c%.*s}}' is never closed",
-					 kind, (int)n, name);
+				tpl_error(r->err, r->errlen, r->file, r->text, open,
+					  "'{{%c%.*s}}' is never closed", kind,
+					  (int)n, name);
 				return -1;
 			}
 			if (tpl_section(r, kind, name, n, s, body_end, ctx) < 0)
@@ -3188,15 +3307,16 @@ static int tpl_block(struct tpl_run *r, const char *s, const char *end,
 
 /* Checks that every tag of the whole template is closed and every section
  * closed in order, before rendering: a broken tag inside a section that
- * this shopper's data skips must fail for every shopper, not some. */
-static int tpl_check(const char *s, char *err, size_t errlen)
+ * this shopper's data skips must fail for every shopper, not some. FILE
+ * names the template in the message (NULL: the line alone). */
+static int tpl_check(const char *s, const char *file, char *err, size_t errlen)
 {
-	const char *stack[16];
+	const char *text = s, *stack[16];
 	size_t lens[16], depth = 0;
 	for (const char *open; (open = strstr(s, "{{"));) {
 		const char *close = strstr(open + 2, "}}");
 		if (!close) {
-			snprintf(err, errlen, "unclosed '{{'");
+			tpl_error(err, errlen, file, text, open, "unclosed '{{'");
 			return -1;
 		}
 		char kind = open[2];
@@ -3205,34 +3325,39 @@ static int tpl_check(const char *s, char *err, size_t errlen)
 		s = close + 2;
 		if (kind == '#' || kind == '^') {
 			if (depth == 16) {
-				snprintf(err, errlen, "sections nested too deep");
+				tpl_error(err, errlen, file, text, open,
+					  "sections nested too deep");
 				return -1;
 			}
-			stack[depth] = name, lens[depth++] = n;
+			stack[depth] = open, lens[depth++] = n;
 		} else if (kind == '/') {
 			if (!depth || lens[depth - 1] != n ||
-			    memcmp(stack[depth - 1], name, n) != 0) {
-				snprintf(err, errlen, "'{{/%.*s}}' closes no open section",
-					 (int)n, name);
+			    memcmp(stack[depth - 1] + 3, name, n) != 0) {
+				tpl_error(err, errlen, file, text, open,
+					  "'{{/%.*s}}' closes no open section",
+					  (int)n, name);
 				return -1;
 			}
 			depth--;
 		}
 	}
 	if (depth) {
-		snprintf(err, errlen, "'{{%.*s}}' is never closed", (int)lens[depth - 1],
-			 stack[depth - 1]);
+		const char *open = stack[depth - 1];
+		tpl_error(err, errlen, file, text, open, "'{{%.*s}}' is never closed",
+			  (int)lens[depth - 1] + 1, open + 2);
 		return -1;
 	}
 	return 0;
 }
 
-int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
-	       const char *dir, const char *ext, struct buf *out, char *err,
-	       size_t errlen)
+/* As tpl_render, FILE naming the template in an error message. */
+static int tpl_render_file(const char *tpl, const char *file,
+			   const struct tctx *ctx, enum tpl_mode mode,
+			   const char *dir, const char *ext, struct buf *out,
+			   char *err, size_t errlen)
 {
-	struct tpl_run r = {mode, dir, ext, out, err, errlen, 0};
-	if (tpl_check(tpl, err, errlen) < 0)
+	struct tpl_run r = {mode, dir, ext, out, err, errlen, 0, file, tpl};
+	if (tpl_check(tpl, file, err, errlen) < 0)
 		return -1;
 	int rc = tpl_block(&r, tpl, tpl + strlen(tpl), ctx);
 	if (rc == 0 && !out->data)
@@ -3242,6 +3367,61 @@ int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
 		return -1;
 	}
 	return rc;
+}
+
+/* Checks template file PATH and, four deep, the partials it names (read
+ * from DIR with extension EXT) without rendering: every tag closed, every
+ * partial there. For the checks before sending (init, serve, tick,
+ * status) and `flows set`; the error names the file and the line. */
+static int tpl_lint(const char *path, const char *dir, const char *ext,
+		    int depth, char *err, size_t errlen)
+{
+	struct buf b = {0};
+	errno = 0;
+	if (template_read(path, &b) < 0) {
+		snprintf(err, errlen, "%s: %s", path, errno ? strerror(errno) :
+			 "cannot read it");
+		buf_free(&b);
+		return -1;
+	}
+	const char *text = buf_str(&b);
+	int rc = tpl_check(text, path, err, errlen);
+	for (const char *t = text; rc == 0 && (t = strstr(t, "{{>")); t += 3) {
+		const char *name = t + 3, *end = strstr(name, "}}");
+		size_t n = end ? (size_t)(end - name) : 0;
+		char nm[64], sub[PATH_MAX];
+		if (n >= sizeof nm || depth >= 4) {
+			tpl_error(err, errlen, path, text, t, "partial not allowed "
+				  "(a name longer than 63 bytes, or nested more "
+				  "than four deep)");
+			rc = -1;
+			break;
+		}
+		memcpy(nm, name, n);
+		nm[n] = '\0';
+		int w = snprintf(sub, sizeof sub, "%s/%s%s", dir, nm, ext);
+		if (!val_ident(nm, 63) || strchr(nm, '.') || w < 0 ||
+		    (size_t)w >= sizeof sub) {
+			tpl_error(err, errlen, path, text, t, "partial '%s' not "
+				  "allowed", nm);
+			rc = -1;
+		} else if (access(sub, R_OK) != 0) {
+			tpl_error(err, errlen, path, text, t, "partial %s: %s", sub,
+				  strerror(errno));
+			rc = -1;
+		} else {
+			rc = tpl_lint(sub, dir, ext, depth + 1, err, errlen);
+		}
+	}
+	buf_free(&b);
+	return rc;
+}
+
+int tpl_render(const char *tpl, const struct tctx *ctx, enum tpl_mode mode,
+	       const char *dir, const char *ext, struct buf *out, char *err,
+	       size_t errlen)
+{
+	return tpl_render_file(tpl, NULL, ctx, mode, dir, ext, out, err, errlen);
 }
 
 /* ==== Events: validation and state (contacts, carts, orders) ========== */
@@ -6398,7 +6578,8 @@ static int mail_render(struct app *app, const char *name,
 			 "check the templates key", dir, name);
 		goto out;
 	}
-	if (tpl_render(tpl.data, ctx, TPL_TEXT, dir, ".txt", &txt, err, errlen))
+	if (tpl_render_file(tpl.data, path, ctx, TPL_TEXT, dir, ".txt", &txt, err,
+			    errlen))
 		goto out;
 	const char *body = strstr(txt.data, "\n\n");
 	if (strncmp(txt.data, "Subject:", 8) != 0 || !body) {
@@ -6421,7 +6602,8 @@ static int mail_render(struct app *app, const char *name,
 		snprintf(err, errlen, "template %s: cannot read it", path);
 		goto out;
 	}
-	rc = tpl_render(tpl.data, ctx, TPL_HTML, dir, ".html", html, err, errlen);
+	rc = tpl_render_file(tpl.data, path, ctx, TPL_HTML, dir, ".html", html,
+			     err, errlen);
 	if (rc == 0 && !(val_utf8(subject->data, subject->len) &&
 			 val_utf8(text->data, text->len) &&
 			 val_utf8(html->data, html->len))) {
@@ -6690,6 +6872,104 @@ int verp_parse(const struct app *app, const char *addr, int64_t *message)
 	return verp_tag_check(app, plus + 1, (size_t)(at - plus - 1), message);
 }
 
+/* smtp_url as it may be shown (the log, the tick's JSON, status): its
+ * password, if it holds one (smtp://user:secret@host), left out. */
+static void smtp_url_shown(const char *url, char *out, size_t n)
+{
+	CURLU *u = curl_url();
+	char *shown = NULL, *pw = NULL;
+	int parsed = u && curl_url_set(u, CURLUPART_URL, url,
+				       CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK;
+	if (parsed && curl_url_get(u, CURLUPART_PASSWORD, &pw, 0) != CURLUE_OK)
+		copy_str(out, n, url); /* no password: as the operator wrote it */
+	else if (parsed && curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) == CURLUE_OK &&
+		 curl_url_get(u, CURLUPART_URL, &shown, 0) == CURLUE_OK)
+		copy_str(out, n, shown);
+	else
+		copy_str(out, n, strchr(url, '@') ? "(smtp_url: not shown, it does "
+			 "not parse)" : url);
+	curl_free(pw);
+	curl_free(shown);
+	curl_url_cleanup(u);
+}
+
+/* libcurl hands the answer to NOOP here: nothing in it is needed. */
+static size_t discard(char *p, size_t size, size_t nmemb, void *arg)
+{
+	(void)p, (void)arg;
+	return size * nmemb;
+}
+
+/* The options every conversation with the relay shares: the URL, TLS,
+ * login, the time-outs, the trace. */
+static void smtp_setup(CURL *c, const struct config *cfg, const char *url,
+		       int starttls, char *cerr, struct smtp_trace *tr)
+{
+	curl_easy_reset(c);
+	curl_easy_setopt(c, CURLOPT_URL, url);
+	curl_easy_setopt(c, CURLOPT_ERRORBUFFER, cerr);
+	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, cfg->smtp_connect_timeout);
+	curl_easy_setopt(c, CURLOPT_SERVER_RESPONSE_TIMEOUT, cfg->smtp_reply_timeout);
+	curl_easy_setopt(c, CURLOPT_TIMEOUT, cfg->smtp_connect_timeout +
+					     8 * cfg->smtp_reply_timeout);
+	curl_easy_setopt(c, CURLOPT_DEBUGFUNCTION, smtp_debug);
+	curl_easy_setopt(c, CURLOPT_DEBUGDATA, tr);
+	curl_easy_setopt(c, CURLOPT_VERBOSE, 1L);
+	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+	if (starttls)
+		curl_easy_setopt(c, CURLOPT_USE_SSL, (long)CURLUSESSL_ALL);
+	if (*cfg->smtp_user) {
+		curl_easy_setopt(c, CURLOPT_USERNAME, cfg->smtp_user);
+		curl_easy_setopt(c, CURLOPT_PASSWORD, cfg->smtp_password);
+	}
+}
+
+/* Whether the relay would take mail from us, sending none: connect, the
+ * greeting, EHLO, STARTTLS and AUTH as a real send does them (the same
+ * options), then NOOP instead of MAIL FROM, then QUIT. Not CONNECT_ONLY
+ * and a hand-written EHLO: libcurl's own conversation checks the TLS and
+ * the login too, which are what a wrong configuration gets wrong. Returns
+ * SEND_OK, or SEND_DOWN / SEND_CONFIG / SEND_TEMP with the reason. */
+static enum send_result smtp_probe(struct app *app, char *err, size_t errlen)
+{
+	struct config *cfg = app->cfg;
+	char url[1024], shown[1024], cerr[CURL_ERROR_SIZE] = "";
+	int starttls;
+	struct smtp_trace tr = {"greeting", "", 0};
+	if (smtp_url(cfg->smtp_url, url, sizeof url, &starttls) < 0) {
+		snprintf(err, errlen, "smtp_url: too long");
+		return SEND_CONFIG;
+	}
+	smtp_url_shown(cfg->smtp_url, shown, sizeof shown);
+	CURL *c = app->curl;
+	smtp_setup(c, cfg, url, starttls, cerr, &tr);
+	curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, "NOOP");
+	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, discard);
+	CURLcode rc = curl_easy_perform(c);
+	long code = 0;
+	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
+	curl_easy_reset(c); /* nothing of the probe is left for a send */
+	if (rc == CURLE_OK) {
+		snprintf(err, errlen, "%s answers (EHLO%s%s, no mail sent)", shown,
+			 starttls ? ", STARTTLS" : "", *cfg->smtp_user ? ", AUTH" : "");
+		return SEND_OK;
+	}
+	enum send_result r = smtp_classify(rc, code, tr.stage, tr.reply);
+	if (r == SEND_TEMP && !strcmp(tr.stage, "greeting"))
+		r = SEND_DOWN;
+	snprintf(err, errlen, "%s: %s%s%s%s (at %s) — %s", shown,
+		 *cerr ? cerr : curl_easy_strerror(rc),
+		 *tr.reply ? ": \"" : "", tr.reply, *tr.reply ? "\"" : "",
+		 tr.stage,
+		 r == SEND_CONFIG ? "the relay refuses us: check smtp_user, "
+				    "smtp_password and TLS, and whether the relay "
+				    "blocks this host" :
+		 rc == CURLE_COULDNT_CONNECT ? "is the relay running? (smtp_url)" :
+		 "the relay is unavailable or slow (smtp_url, "
+		 "smtp_connect_timeout, smtp_reply_timeout)");
+	return r == SEND_OK ? SEND_TEMP : r;
+}
+
 /* Sends one built message to TO over the configured SMTP relay with
  * libcurl, with the envelope sender FROM, and classifies the outcome as
  * a send_result. */
@@ -6709,32 +6989,16 @@ static enum send_result smtp_send(struct app *app, const char *from,
 	struct upload up = {msg->data, msg->len, 0};
 	char cerr[CURL_ERROR_SIZE] = "";
 	struct smtp_trace tr = {"greeting", "", 0};
-	curl_easy_reset(c);
-	curl_easy_setopt(c, CURLOPT_URL, url);
+	/* a stalled relay costs at most smtp_reply_timeout per stage:
+	 * connecting, then each reply (greeting, EHLO, MAIL, RCPT, DATA, end
+	 * of data); the whole conversation is capped as a last resort */
+	smtp_setup(c, cfg, url, starttls, cerr, &tr);
 	curl_easy_setopt(c, CURLOPT_MAIL_FROM, from);
 	curl_easy_setopt(c, CURLOPT_MAIL_RCPT, rcpt);
 	curl_easy_setopt(c, CURLOPT_READFUNCTION, upload_read);
 	curl_easy_setopt(c, CURLOPT_READDATA, &up);
 	curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
 	curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, (curl_off_t)msg->len);
-	curl_easy_setopt(c, CURLOPT_ERRORBUFFER, cerr);
-	/* a stalled relay costs at most this per stage: connecting, then
-	 * each reply (greeting, EHLO, MAIL, RCPT, DATA, end of data); the
-	 * whole conversation is capped as a last resort */
-	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, cfg->smtp_connect_timeout);
-	curl_easy_setopt(c, CURLOPT_SERVER_RESPONSE_TIMEOUT, cfg->smtp_reply_timeout);
-	curl_easy_setopt(c, CURLOPT_TIMEOUT, cfg->smtp_connect_timeout +
-					     8 * cfg->smtp_reply_timeout);
-	curl_easy_setopt(c, CURLOPT_DEBUGFUNCTION, smtp_debug);
-	curl_easy_setopt(c, CURLOPT_DEBUGDATA, &tr);
-	curl_easy_setopt(c, CURLOPT_VERBOSE, 1L);
-	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-	if (starttls)
-		curl_easy_setopt(c, CURLOPT_USE_SSL, (long)CURLUSESSL_ALL);
-	if (*cfg->smtp_user) {
-		curl_easy_setopt(c, CURLOPT_USERNAME, cfg->smtp_user);
-		curl_easy_setopt(c, CURLOPT_PASSWORD, cfg->smtp_password);
-	}
 	CURLcode rc = curl_easy_perform(c);
 	long code = 0;
 	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
@@ -6744,7 +7008,9 @@ static enum send_result smtp_send(struct app *app, const char *from,
 	enum send_result r = smtp_classify(rc, code, tr.stage, tr.reply);
 	if (strcmp(cfg->log_pii, "yes") != 0)
 		redact_addrs(tr.reply, sizeof tr.reply);
-	snprintf(err, errlen, "smtp_url %s: %s%s%s%s (at %s)%s", cfg->smtp_url,
+	char shown[1024];
+	smtp_url_shown(cfg->smtp_url, shown, sizeof shown);
+	snprintf(err, errlen, "smtp_url %s: %s%s%s%s (at %s)%s", shown,
 		 *cerr ? cerr : curl_easy_strerror(rc),
 		 *tr.reply ? ": \"" : "", tr.reply, *tr.reply ? "\"" : "",
 		 tr.stage,
@@ -6956,6 +7222,10 @@ static void mc_set(struct msgctx *mc, const char *name, const char *value)
 	mc->owned[mc->nowned++] = v;
 	mc->v[mc->n++] = (struct tvar){name, v, NULL, 0};
 }
+
+/* How long a mail's cart link works: `flows set` refuses a step later
+ * than this after its trigger, whose earlier mails' links are dead. */
+#define RECOVER_LINK_DAYS 30
 
 static void mc_url(struct msgctx *mc, struct app *app, const char *name,
 		   char kind, int64_t subject, rm_time expires, const char *ext)
@@ -7297,7 +7567,8 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 	mc_set(mc, "year", year);
 	if (*m->cart_key)
 		mc_set(mc, "total", total);
-	mc_url(mc, app, "recovery_url", TOK_RECOVER, m->id, now + 30 * 86400, "");
+	mc_url(mc, app, "recovery_url", TOK_RECOVER, m->id,
+	       now + RECOVER_LINK_DAYS * 86400, "");
 	mc_url(mc, app, "unsubscribe_url", TOK_UNSUB, m->id, now + 400 * 86400, "");
 	mc_url(mc, app, "open_url", TOK_OPEN, m->id, now + 400 * 86400, ".gif");
 	if (*m->code)
@@ -7890,6 +8161,8 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 	if (msg_compose(app, &m, now, &msg, err, sizeof err) < 0) {
 		fprintf(stderr, "remarket: message %lld: %s (retried in 15 min)\n",
 			(long long)id, err);
+		problem_add(&sum->problems, "%s (%s step %d: its messages wait, "
+			    "retried every 15 min)", err, m.flow, m.step);
 		rc = msg_defer(app, &m, now + 900, err, 0);
 		sum->retry++;
 		goto out;
@@ -7897,11 +8170,16 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 	/* the durable "sending" state: if it cannot be written (a full
 	 * disk), nothing is sent, since the outcome could not be either */
 	if ((rc = msg_mark(app, &m, ST_MESSAGE_ATTEMPT)) != 0) {
-		if (rc < 0)
+		if (rc < 0) {
 			fprintf(stderr, "remarket: message %lld: not sent: the database "
 				"%s cannot be written (%s) — is the disk full? The "
 				"tick stops; the message goes once it can be written\n",
 				(long long)id, app->cfg->db, sqlite3_errmsg(app->db->h));
+			problem_add(&sum->problems, "db %s cannot be written (%s) — "
+				    "is the disk full? Nothing more is sent until "
+				    "it can be", app->cfg->db,
+				    sqlite3_errmsg(app->db->h));
+		}
 		rc = rc < 0 ? -1 : 0;
 		goto out;
 	}
@@ -7921,6 +8199,7 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 	if (r == SEND_CONFIG || r == SEND_DOWN) {
 		fprintf(stderr, "remarket: %s\n", err);
 		copy_str(sum->stopped, sizeof sum->stopped, err);
+		problem_add(&sum->problems, "%s", err);
 		rc = msg_defer(app, &m, now + (r == SEND_DOWN ? 300 : 900), err, 1);
 		sum->retry++;
 		rc = rc ? rc : 1;
@@ -7939,6 +8218,8 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		int pii = !strcmp(app->cfg->log_pii, "yes");
 		fprintf(stderr, "remarket: message %lld%s%s: %s\n", (long long)id,
 			pii ? " to " : "", pii ? m.email : "", err);
+		if (!*app->cfg->smtp_url) /* the outbox: a disk, not a person */
+			problem_add(&sum->problems, "%s", err);
 	}
 	else
 		fault("crash_after_send");
@@ -7954,10 +8235,14 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		nanosleep(&(struct timespec){0, 100000000L << i}, NULL);
 		rc = msg_record(app, &m, r, err, now, sum);
 	}
-	if (rc < 0 && r == SEND_OK)
+	if (rc < 0 && r == SEND_OK) {
 		fprintf(stderr, "remarket: message %lld was sent, but the database "
 			"%s refused to record it — is the disk full? The tick "
 			"stops\n", (long long)id, app->cfg->db);
+		problem_add(&sum->problems, "db %s: message %lld was sent but "
+			    "could not be recorded — is the disk full?",
+			    app->cfg->db, (long long)id);
+	}
 	/* the relay took this content from someone: the held refusals of
 	 * the same step, and those at RCPT, were about their recipients */
 	if (rc == 0 && r == SEND_OK) {
@@ -8108,6 +8393,9 @@ int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 {
 	struct db *db = app->db;
 	rm_time idle_before = now - app->cfg->idle_minutes * 60;
+	/* the enrollments made below are those after this id: how many of
+	 * them are held out is read at the end (an index range) */
+	int64_t last = db_scalar_stmt(q(db, ST_ENROLL_LAST, NULL));
 	if (db_begin(db) < 0)
 		return -1;
 	int rc = q_exec(db, q(db, ST_ABANDON, "ii", (int64_t)now,
@@ -8120,7 +8408,10 @@ int flow_detect(struct app *app, rm_time now, struct tick_summary *sum)
 		db_rollback(db);
 		return -1;
 	}
-	return detect_lifecycle(app, now, sum);
+	if (detect_lifecycle(app, now, sum) < 0)
+		return -1;
+	sum->held_out += db_scalar_stmt(q(db, ST_ENROLL_HELD_SINCE, "i", last));
+	return 0;
 }
 
 /* Claims up to LIMIT due messages for OWNER. SPENT is the real seconds
@@ -8324,6 +8615,23 @@ static int sender_open(struct sender *s, struct app *app)
 	return 0;
 }
 
+void problem_add(struct problems *p, const char *fmt, ...)
+{
+	char line[sizeof p->line[0]];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	for (int i = 0; i < p->n; i++)
+		if (!strcmp(p->line[i], line))
+			return;
+	if (p->n == RM_PROBLEMS) {
+		p->more++;
+		return;
+	}
+	copy_str(p->line[p->n++], sizeof p->line[0], line);
+}
+
 /* Adds a sender's counts to the tick's, and empties them. */
 static void sum_add(struct tick_summary *to, struct tick_summary *from)
 {
@@ -8333,6 +8641,9 @@ static void sum_add(struct tick_summary *to, struct tick_summary *from)
 	to->skipped += from->skipped, to->stale += from->stale;
 	if (!*to->stopped)
 		copy_str(to->stopped, sizeof to->stopped, from->stopped);
+	for (int i = 0; i < from->problems.n; i++)
+		problem_add(&to->problems, "%s", from->problems.line[i]);
+	to->problems.more += from->problems.more;
 	memset(from, 0, sizeof *from);
 }
 
@@ -8451,6 +8762,8 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 		rc = -1;
 	pthread_mutex_destroy(&rf->lock);
 	free(rf);
+	if (*sum->stopped) /* a step paused, the relay refusing us */
+		problem_add(&sum->problems, "%s", sum->stopped);
 	if (rc > 0) { /* the relay refuses us, or a step was paused: give the
 		       * rest back */
 		q_write(app->db, q(app->db, ST_LEASE_RELEASE, "i", l.owner));
@@ -8459,17 +8772,42 @@ int flow_tick(struct app *app, rm_time now, struct tick_summary *sum)
 	return rc;
 }
 
+/* The lines of P as a JSON array of strings, appended to OUT. */
+static int problems_json(struct db *db, const struct problems *p,
+			 struct buf *out)
+{
+	struct buf a = {0};
+	buf_adds(&a, "[]");
+	for (int i = 0; i < p->n && !buf_failed(&a); i++) {
+		sqlite3_stmt *s = q(db, ST_JSON_ARRAY_ADD, "tt", buf_str(&a),
+				    p->line[i]);
+		buf_reset(&a);
+		json_from(db, s, &a);
+	}
+	int rc = buf_failed(&a) ? -1 : buf_adds(out, buf_str(&a));
+	buf_free(&a);
+	return rc;
+}
+
 int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
 	      struct buf *out)
 {
-	return json_from(app->db, q(app->db, ST_JSON_TICK, "iiiiiiiiiti",
-				    (int64_t)now, (int64_t)s->abandoned,
-				    (int64_t)s->enrolled, (int64_t)s->sent,
-				    (int64_t)s->retry, (int64_t)s->failed,
-				    (int64_t)s->exited, (int64_t)s->skipped,
-				    (int64_t)s->stale, *s->stopped ? s->stopped : NULL,
-				    (int64_t)s->winback_waiting),
-			 out);
+	struct buf pj = {0};
+	int rc = problems_json(app->db, &s->problems, &pj);
+	if (rc == 0)
+		rc = json_from(app->db, q(app->db, ST_JSON_TICK, "iiiiiiiiitiiti",
+					  (int64_t)now, (int64_t)s->abandoned,
+					  (int64_t)s->enrolled, (int64_t)s->sent,
+					  (int64_t)s->retry, (int64_t)s->failed,
+					  (int64_t)s->exited, (int64_t)s->skipped,
+					  (int64_t)s->stale,
+					  *s->stopped ? s->stopped : NULL,
+					  (int64_t)s->winback_waiting,
+					  (int64_t)s->held_out, buf_str(&pj),
+					  (int64_t)s->problems.more),
+			       out);
+	buf_free(&pj);
+	return rc;
 }
 
 /* ==== Tick runs ======================================================= */
@@ -8535,13 +8873,25 @@ static int tick_begin(struct app *app, rm_time now, const char *source,
 }
 
 /* Records how run ID ended: the summary (with its id and budget_spent),
- * or {"error": WHY}. The summary as recorded is appended to OUT. */
+ * with "error": WHY if the tick failed (SUM NULL: the error alone). The
+ * summary as recorded is appended to OUT. */
 static int tick_end(struct app *app, int64_t id, const struct tick_summary *sum,
 		    rm_time now, const char *why, struct buf *out)
 {
-	struct buf js = {0};
-	int rc = why ? json_from(app->db, q(app->db, ST_JSON_ERROR, "t", why), &js)
-		     : tick_json(app, sum, now, &js);
+	struct buf js = {0}, e = {0};
+	int rc = why ? json_from(app->db, q(app->db, ST_JSON_ERROR, "t", why), &e)
+		     : 0;
+	if (rc == 0 && sum)
+		rc = tick_json(app, sum, now, &js);
+	if (rc == 0 && why && sum) { /* what the tick did before it failed */
+		sqlite3_stmt *s = q(app->db, ST_JSON_PATCH, "tt", buf_str(&js),
+				    buf_str(&e));
+		buf_reset(&js);
+		rc = json_from(app->db, s, &js);
+	} else if (rc == 0 && why) {
+		rc = buf_adds(&js, buf_str(&e));
+	}
+	buf_free(&e);
 	sqlite3_stmt *s = q(app->db, ST_TICK_FINISH, "iitt", id,
 			    (int64_t)time(NULL), rc ? "{}" : buf_str(&js),
 			    sum && sum->budget_spent ? "true" : "false");
@@ -8580,16 +8930,34 @@ static void events_expire(struct app *app, rm_time now)
 	}
 }
 
+/* Returns 0, 1 when something kept mail from going (the summary's
+ * problems: the checks before sending refused, a template failed, the
+ * relay refused us or was down, a disk could not be written), or -1. */
 static int tick_run(struct app *app, int64_t id, rm_time now, struct buf *out)
 {
 	struct tick_summary sum;
+	memset(&sum, 0, sizeof sum);
+	/* a tick that would send wrong mail (a broken template, the demo
+	 * sender, links a shopper cannot open) sends none and says why */
+	if (check_run(app, now, CHECK_TICK, NULL, &sum.problems, NULL) ==
+	    CHECK_STOP) {
+		copy_str(sum.stopped, sizeof sum.stopped, "the checks before "
+			 "sending failed: nothing was sent (see problems, and "
+			 "remarket status)");
+		for (int i = 0; i < sum.problems.n; i++)
+			fprintf(stderr, "remarket: tick refused: %s\n",
+				sum.problems.line[i]);
+		return tick_end(app, id, &sum, now, NULL, out) < 0 ? -1 : 1;
+	}
 	events_expire(app, now);
 	if (flow_tick(app, now, &sum) < 0) {
-		tick_end(app, id, NULL, now, "tick failed: database busy or broken, "
+		tick_end(app, id, &sum, now, "tick failed: database busy or broken, "
 			 "see the server log", out);
 		return -1;
 	}
-	return tick_end(app, id, &sum, now, NULL, out);
+	if (tick_end(app, id, &sum, now, NULL, out) < 0)
+		return -1;
+	return sum.problems.n ? 1 : 0;
 }
 
 /* {"tick": id, "state": "running" | "finished" | "failed" | "lost", ...}
@@ -9262,6 +9630,506 @@ int feedback_complaint_warnings(struct app *app, rm_time now, struct buf *out)
 	}
 	sqlite3_reset(s);
 	return buf_failed(out) ? -1 : n;
+}
+
+/* ==== Checks before sending and status ================================ */
+/*
+ * One table of checks (checks[] below), each a function that looks at
+ * one thing and says ok, warn or stop, with one line and, for the JSON
+ * form, its numbers. `remarket status` and GET /rm/health (for the
+ * operator) run them all; init and serve run those marked CHECK_START
+ * and refuse to start on a stop; a tick runs those marked CHECK_TICK
+ * and sends nothing on a stop, its summary listing each problem. This
+ * section reads and never writes: the key is never printed, smtp_url
+ * only without its password, and a check that needs the database or
+ * the key says "not checked" when it is missing. A new check is one
+ * function and one row.
+ */
+
+/* The sample sender and address of a new install: real mail must not
+ * go out under them (a stranger's shop, a fake postal address). */
+#define DEMO_MARK "Maison Demo"
+
+struct check_out {
+	enum check_level level;
+	char msg[400];         /* one line: what was found */
+	struct problems lines; /* a line each (a template's error, a step) */
+	struct buf data;       /* a JSON value for the JSON form, or empty */
+};
+struct check_ctx {
+	struct app *app;
+	rm_time now;
+	int when;  /* the CHECK_* bit of who runs the checks */
+	int db_ok; /* app->db is there at this binary's schema */
+};
+typedef void check_fn(const struct check_ctx *c, struct check_out *o);
+
+static void check_say(struct check_out *o, enum check_level level,
+		      const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void check_say(struct check_out *o, enum check_level level,
+		      const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(o->msg, sizeof o->msg, fmt, ap);
+	va_end(ap);
+	if (level > o->level)
+		o->level = level;
+}
+
+static void check_key(const struct check_ctx *c, struct check_out *o)
+{
+	struct buf b = {0};
+	char err[512];
+	if (load_keys(c->app->cfg->key_file, &b, err, sizeof err) < 0) {
+		check_say(o, CHECK_STOP, "%s", err);
+		return;
+	}
+	size_t n = b.len / RM_KEYBYTES;
+	sodium_memzero(b.data, b.len);
+	buf_free(&b);
+	check_say(o, CHECK_OK, "key_file %s: %zu key%s (not shown)",
+		  c->app->cfg->key_file, n, n == 1 ? "" : "s");
+}
+
+static void check_db(const struct check_ctx *c, struct check_out *o)
+{
+	const char *path = c->app->cfg->db;
+	int want = (int)(sizeof migrations / sizeof migrations[0]);
+	if (!c->app->db)
+		check_say(o, CHECK_STOP, "db %s: cannot open it (not there? run "
+			  "'remarket init')", path);
+	else if (!c->db_ok)
+		check_say(o, CHECK_STOP, "db %s is at schema %d, this remarket "
+			  "needs %d: run 'remarket init'", path,
+			  db_user_version(c->app->db), want);
+	else
+		check_say(o, CHECK_OK, "db %s at schema %d", path, want);
+}
+
+/* Template NAME's two files and their partials; a line a problem. */
+static void check_template(const char *dir, const char *name, const char *used,
+			   struct check_out *o)
+{
+	static const char *const ext[] = {".txt", ".html"};
+	for (int i = 0; i < 2; i++) {
+		char path[PATH_MAX], err[400];
+		struct buf b = {0};
+		int w = snprintf(path, sizeof path, "%s/%s%s", dir, name, ext[i]);
+		if (!val_ident(name, 64) || w < 0 || (size_t)w >= sizeof path)
+			problem_add(&o->lines, "template '%s' (%s): not a template "
+				    "name", name, used);
+		else if (tpl_lint(path, dir, ext[i], 0, err, sizeof err) < 0)
+			problem_add(&o->lines, "%s (%s)", err, used);
+		else if (i == 0 && (template_read(path, &b) < 0 ||
+				    strncmp(buf_str(&b), "Subject:", 8) ||
+				    !strstr(buf_str(&b), "\n\n")))
+			problem_add(&o->lines, "%s:1: must start with 'Subject: "
+				    "...' and a blank line (%s)", path, used);
+		buf_free(&b);
+	}
+}
+
+/* Every template an enabled step (or its B variant) sends, with the
+ * partials they name, and the confirmation mail's under double opt-in. */
+static void check_templates(const struct check_ctx *c, struct check_out *o)
+{
+	const struct config *cfg = c->app->cfg;
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database at this "
+			  "schema (the flows name the templates)");
+		return;
+	}
+	int n = 0, bad = 0;
+	long before = 0;
+	sqlite3_stmt *s = q(c->app->db, ST_CHECK_TEMPLATES, NULL);
+	for (int confirm = 0; confirm < 2; confirm++) {
+		while (!confirm && sqlite3_step(s) == SQLITE_ROW) {
+			check_template(cfg->templates, col_text(s, 0),
+				       col_text(s, 1), o);
+			n++;
+			bad += o->lines.n + o->lines.more > before;
+			before = o->lines.n + o->lines.more;
+		}
+		if (confirm && !strcmp(cfg->browser_consent, "confirm")) {
+			check_template(cfg->templates, "confirm", "browser_consent "
+				       "= confirm", o);
+			n++;
+			bad += o->lines.n + o->lines.more > before;
+		}
+	}
+	sqlite3_reset(s);
+	if (bad)
+		check_say(o, CHECK_STOP, "%d template%s of %d cannot be used "
+			  "(templates = %s): nothing is sent until fixed", bad,
+			  bad == 1 ? "" : "s", n, cfg->templates);
+	else
+		check_say(o, CHECK_OK, "the %d templates of the enabled steps and "
+			  "their partials parse (%s)", n, cfg->templates);
+}
+
+/* The storefront's script, which `remarket serve` hands out. */
+static void check_static(const struct check_ctx *c, struct check_out *o)
+{
+	char path[PATH_MAX];
+	struct buf b = {0};
+	snprintf(path, sizeof path, "%s/remarket.js", c->app->cfg->static_dir);
+	errno = 0;
+	int rc = read_file(path, &b, 1 << 20);
+	if (rc < 0 || b.len == 0 || !val_utf8(b.data, b.len))
+		check_say(o, CHECK_STOP, "%s: %s — set static_dir to the folder "
+			  "of remarket.js (make install puts it in %s/static)",
+			  path, rc < 0 && errno ? strerror(errno) : rc < 0 ?
+			  "cannot read it" : b.len == 0 ? "empty" :
+			  "not UTF-8 text", RM_SHAREDIR);
+	else
+		check_say(o, CHECK_OK, "%s (%zu bytes)", path, b.len);
+	buf_free(&b);
+}
+
+/* The relay answers (status only: a tick finds out by sending), or the
+ * outbox can be written. */
+static void check_relay(const struct check_ctx *c, struct check_out *o)
+{
+	const struct config *cfg = c->app->cfg;
+	char msg[700];
+	if (!*cfg->smtp_url) {
+		if (access(cfg->outbox, F_OK) == 0 && access(cfg->outbox, W_OK) != 0)
+			check_say(o, CHECK_STOP, "no relay (smtp_url empty): mail "
+				  "goes to outbox %s, which cannot be written: %s",
+				  cfg->outbox, strerror(errno));
+		else
+			check_say(o, CHECK_OK, "no relay (smtp_url empty): mail goes "
+				  "to outbox %s, nobody receives it", cfg->outbox);
+		return;
+	}
+	if (!(c->when & CHECK_STATUS) || !c->app->curl) {
+		smtp_url_shown(cfg->smtp_url, msg, sizeof msg);
+		check_say(o, CHECK_OK, "%s (not probed)", msg);
+		return;
+	}
+	enum send_result r = smtp_probe(c->app, msg, sizeof msg);
+	check_say(o, r == SEND_OK ? CHECK_OK : CHECK_STOP, "%s", msg);
+}
+
+/* 1 if URL's host is this machine: no shopper can open such a link. */
+static int host_loopback(const char *host)
+{
+	char h[256];
+	size_t n = strlen(host);
+	if (n >= sizeof h)
+		return 0;
+	copy_str(h, sizeof h, host[0] == '[' ? host + 1 : host); /* [::1] */
+	if (h[0] && h[strlen(h) - 1] == ']')
+		h[strlen(h) - 1] = '\0';
+	size_t k = strlen(h);
+	struct ipaddr a;
+	if (!strcasecmp(h, "localhost") ||
+	    (k > 10 && !strcasecmp(h + k - 10, ".localhost")))
+		return 1;
+	return ip_parse(h, &a) == 0 &&
+	       ip_in_list("127.0.0.0/8 ::1 0.0.0.0 ::", &a, NULL, NULL) == 1;
+}
+
+/* Why URL (config key KEY) cannot go in a real mail, or NULL. */
+static const char *link_unfit(const char *url, char *why, size_t n,
+			      const char *key)
+{
+	CURLU *u = curl_url();
+	char *scheme = NULL, *host = NULL;
+	int ok = u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+		 curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+		 curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK;
+	const char *r = NULL;
+	if (!ok)
+		snprintf(why, n, "%s %s: not a URL", key, url), r = why;
+	else if (strcmp(scheme, "https") != 0)
+		snprintf(why, n, "%s %s: not https", key, url), r = why;
+	else if (host_loopback(host))
+		snprintf(why, n, "%s %s: points at this machine (%s)", key, url,
+			 host), r = why;
+	curl_free(scheme);
+	curl_free(host);
+	curl_url_cleanup(u);
+	return r;
+}
+
+/* With a real relay the links must open for a shopper: https, not this
+ * machine (allow_insecure_links = yes: for tests and staging). */
+static void check_links(const struct check_ctx *c, struct check_out *o)
+{
+	const struct config *cfg = c->app->cfg;
+	const char *keys[] = {"base_url", "cart_url"};
+	const char *urls[] = {cfg->base_url, cfg->cart_url};
+	char why[600];
+	if (!*cfg->smtp_url) {
+		check_say(o, CHECK_OK, "mail goes to the outbox: links not checked");
+		return;
+	}
+	int allowed = !strcmp(cfg->allow_insecure_links, "yes");
+	for (int i = 0; i < 2; i++)
+		if (link_unfit(urls[i], why, sizeof why, keys[i]))
+			problem_add(&o->lines, "%s", why);
+	if (!o->lines.n)
+		check_say(o, CHECK_OK, "base_url and cart_url are https links to "
+			  "a public host");
+	else if (allowed)
+		check_say(o, CHECK_WARN, "links a shopper may not open go to a "
+			  "real relay (allow_insecure_links = yes)");
+	else
+		check_say(o, CHECK_STOP, "mail to a real relay must carry https "
+			  "links a shopper can open: fix base_url / cart_url, or "
+			  "set allow_insecure_links = yes (tests, staging)");
+}
+
+/* Real mail under the sample shop's name and address: refused. */
+static void check_sender(const struct check_ctx *c, struct check_out *o)
+{
+	const struct config *cfg = c->app->cfg;
+	if (!*cfg->smtp_url) {
+		check_say(o, CHECK_OK, "mail goes to the outbox: sender not checked");
+		return;
+	}
+	if (strstr(cfg->from, DEMO_MARK))
+		problem_add(&o->lines, "from is the demo's (%s): set your store's "
+			    "sender", cfg->from);
+	if (strstr(cfg->postal_address, DEMO_MARK))
+		problem_add(&o->lines, "postal_address is the demo's (%s): set "
+			    "your store's postal address (marketing mail must "
+			    "carry it)", cfg->postal_address);
+	if (o->lines.n)
+		check_say(o, CHECK_STOP, "no real mail under the sample shop's "
+			  "name or address: set from and postal_address");
+	else
+		check_say(o, CHECK_OK, "from %s", cfg->from);
+}
+
+/* The last tick run: when, how it ended, what it sent. */
+static void check_last_tick(const struct check_ctx *c, struct check_out *o)
+{
+	struct app *app = c->app;
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database");
+		return;
+	}
+	if (tick_state_json(app, 0, &o->data) < 0) {
+		buf_reset(&o->data);
+		check_say(o, CHECK_WARN, "no tick has run yet: run 'remarket tick' "
+			  "from cron every minute (or POST /rm/tick)");
+		return;
+	}
+	sqlite3_stmt *s = q(app->db, ST_CHECK_TICK, "t", buf_str(&o->data));
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		int64_t ago = (int64_t)time(NULL) - sqlite3_column_int64(s, 5);
+		const char *state = col_text(s, 1);
+		long nprob = (long)sqlite3_column_int64(s, 4);
+		int bad = strcmp(state, "finished") && strcmp(state, "running");
+		check_say(o, bad || nprob || ago > 3600 ? CHECK_WARN : CHECK_OK,
+			  "tick %lld %s %lld min ago: sent %lld, retry %lld%s%s%s",
+			  (long long)sqlite3_column_int64(s, 0), state,
+			  (long long)(ago / 60), (long long)sqlite3_column_int64(s, 2),
+			  (long long)sqlite3_column_int64(s, 3),
+			  nprob ? "; problems: " : "", nprob ? col_text(s, 6) : "",
+			  ago > 3600 ? " — is the tick's cron job running?" : "");
+	}
+	sqlite3_reset(s);
+}
+
+/* Messages due now and not sent: a tick that falls behind, or none. */
+static void check_backlog(const struct check_ctx *c, struct check_out *o)
+{
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database");
+		return;
+	}
+	sqlite3_stmt *s = q(c->app->db, ST_CHECK_BACKLOG, "i", (int64_t)c->now);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		long due = (long)sqlite3_column_int64(s, 0);
+		int64_t late = sqlite3_column_int64(s, 1);
+		buf_adds(&o->data, col_text(s, 3));
+		check_say(o, due && late > 3600 ? CHECK_WARN : CHECK_OK,
+			  "%ld message%s due (%lld retrying)%s", due,
+			  due == 1 ? "" : "s", (long long)sqlite3_column_int64(s, 2),
+			  due && late > 3600 ? ", the oldest due over an hour ago: "
+			  "ticks do not keep up or do not run" : "");
+	}
+	sqlite3_reset(s);
+}
+
+/* Failed messages of the last 7 days, by their reason. */
+static void check_failures(const struct check_ctx *c, struct check_out *o)
+{
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database");
+		return;
+	}
+	long total = 0;
+	sqlite3_stmt *s = q(c->app->db, ST_CHECK_FAILURES, "i",
+			    (int64_t)c->now - 7 * 86400);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		total += (long)sqlite3_column_int64(s, 1);
+		problem_add(&o->lines, "%lld × %s",
+			    (long long)sqlite3_column_int64(s, 1), col_text(s, 0));
+	}
+	sqlite3_reset(s);
+	json_from(c->app->db, q(c->app->db, ST_CHECK_FAILURES_JSON, "i",
+				(int64_t)c->now - 7 * 86400), &o->data);
+	check_say(o, CHECK_OK, "%ld message%s failed in 7 days%s", total,
+		  total == 1 ? "" : "s", total ? ", by reason:" : "");
+}
+
+/* Steps paused because the relay refused their content. */
+static void check_paused(const struct check_ctx *c, struct check_out *o)
+{
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database");
+		return;
+	}
+	sqlite3_stmt *s = q(c->app->db, ST_STEPS_PAUSED, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW)
+		problem_add(&o->lines, "%s step %lld: %s", col_text(s, 0),
+			    (long long)sqlite3_column_int64(s, 1), col_text(s, 3));
+	sqlite3_reset(s);
+	if (o->lines.n)
+		check_say(o, CHECK_WARN, "%d step%s paused, their messages wait "
+			  "(remarket flows resume FLOW STEP):", o->lines.n,
+			  o->lines.n == 1 ? "" : "s");
+	else
+		check_say(o, CHECK_OK, "no step paused");
+}
+
+/* New browser-only contacts past browser_new_contacts_per_hour. */
+static void check_browser_cap(const struct check_ctx *c, struct check_out *o)
+{
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database");
+		return;
+	}
+	long held = (long)db_scalar_stmt(q(c->app->db, ST_REP_BROWSER_HELD, "ii",
+					   (int64_t)c->now - 86400,
+					   (int64_t)c->now + 1));
+	buf_addf(&o->data, "%ld", held);
+	check_say(o, held ? CHECK_WARN : CHECK_OK, "%ld new browser-only "
+		  "contact%s in 24 h past the cap of %ld an hour (recorded, not "
+		  "mailed)%s", held, held == 1 ? "" : "s",
+		  c->app->cfg->browser_new_contacts_per_hour,
+		  held ? ": a bot, or raise browser_new_contacts_per_hour" : "");
+}
+
+/* Lapsed customers waiting for room under winback_daily_max. */
+static void check_winback_waiting(const struct check_ctx *c, struct check_out *o)
+{
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database");
+		return;
+	}
+	long n = (long)db_scalar_stmt(q(c->app->db, ST_LAPSE_WAITING, NULL));
+	buf_addf(&o->data, "%ld", n);
+	check_say(o, CHECK_OK, "%ld lapsed customer%s wait%s for the daily cap "
+		  "(winback_daily_max = %ld)", n, n == 1 ? "" : "s",
+		  n == 1 ? "s" : "", c->app->cfg->winback_daily_max);
+}
+
+static const struct check {
+	const char *name;
+	int when; /* CHECK_* bits: who runs it */
+	check_fn *fn;
+} checks[] = {
+	{"key", CHECK_STATUS, check_key},
+	{"database", CHECK_STATUS, check_db},
+	{"templates", CHECK_START | CHECK_TICK | CHECK_STATUS, check_templates},
+	{"static", CHECK_START | CHECK_TICK | CHECK_STATUS, check_static},
+	{"relay", CHECK_TICK | CHECK_STATUS, check_relay},
+	{"links", CHECK_TICK | CHECK_STATUS, check_links},
+	{"sender", CHECK_TICK | CHECK_STATUS, check_sender},
+	{"last_tick", CHECK_STATUS, check_last_tick},
+	{"backlog", CHECK_STATUS, check_backlog},
+	{"failures", CHECK_STATUS, check_failures},
+	{"paused", CHECK_STATUS, check_paused},
+	{"browser_cap", CHECK_STATUS, check_browser_cap},
+	{"winback_waiting", CHECK_STATUS, check_winback_waiting},
+};
+
+static const char *const level_names[] = {"ok", "warn", "stop"};
+
+/* One check's result appended to the JSON array ARR and to TEXT. */
+static int check_report(struct db *db, const char *name,
+			const struct check_out *o, struct buf *arr,
+			struct buf *text)
+{
+	if (text) {
+		buf_addf(text, "%-5s %-16s %s\n", o->level == CHECK_STOP ? "STOP" :
+			 level_names[o->level], name, o->msg);
+		for (int i = 0; i < o->lines.n; i++)
+			buf_addf(text, "%23s%s\n", "", o->lines.line[i]);
+		if (o->lines.more)
+			buf_addf(text, "%23s(and %ld more)\n", "", o->lines.more);
+	}
+	if (!arr)
+		return 0;
+	struct buf pj = {0};
+	int rc = problems_json(db, &o->lines, &pj);
+	if (rc == 0) {
+		sqlite3_stmt *s = q(db, ST_CHECK_JSON_ADD, "tttttt", buf_str(arr),
+				    name, level_names[o->level], o->msg,
+				    buf_str(&pj), o->data.len ? buf_str(&o->data)
+							      : NULL);
+		buf_reset(arr);
+		rc = json_from(db, s, arr);
+	}
+	buf_free(&pj);
+	return rc;
+}
+
+int check_run(struct app *app, rm_time now, int when, struct buf *json,
+	      struct problems *problems, struct buf *text)
+{
+	struct check_ctx c = {app, now, when, 0};
+	struct db *jdb = app->db, *own = NULL;
+	char err[256];
+	int want = (int)(sizeof migrations / sizeof migrations[0]);
+	c.db_ok = app->db && db_user_version(app->db) == want;
+	/* the JSON is made by SQLite: without the store, in memory */
+	if (!jdb && json && db_open(&own, ":memory:", err, sizeof err) < 0)
+		return -1;
+	if (!jdb)
+		jdb = own;
+	struct buf arr = {0};
+	buf_adds(&arr, "[]");
+	int worst = CHECK_OK, rc = 0;
+	for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++) {
+		if (!(checks[i].when & when))
+			continue;
+		struct check_out o;
+		memset(&o, 0, sizeof o);
+		checks[i].fn(&c, &o);
+		if ((int)o.level > worst)
+			worst = (int)o.level;
+		if (o.level == CHECK_STOP && problems) {
+			if (!o.lines.n)
+				problem_add(problems, "%s", o.msg);
+			for (int k = 0; k < o.lines.n; k++)
+				problem_add(problems, "%s", o.lines.line[k]);
+		}
+		rc |= check_report(jdb, checks[i].name, &o, json ? &arr : NULL,
+				   text);
+		buf_free(&o.data);
+	}
+	if (json && rc == 0)
+		rc = json_from(jdb, q(jdb, ST_CHECK_JSON, "tiit", level_names[worst],
+				      (int64_t)(worst == CHECK_STOP ? 1 :
+						worst == CHECK_WARN ? 3 : 0),
+				      (int64_t)now, buf_str(&arr)), json);
+	if (text)
+		buf_addf(text, "%s\n", worst == CHECK_STOP ? "result: a problem "
+			 "stops sending (exit 1)" : worst == CHECK_WARN ?
+			 "result: sending works; warnings above (exit 3)" :
+			 "result: all good (exit 0)");
+	buf_free(&arr);
+	db_close(own);
+	if (rc || (json && buf_failed(json)) || (text && buf_failed(text)))
+		return -1;
+	return worst;
 }
 
 /* ==== The report ====================================================== */
@@ -10273,13 +11141,29 @@ static void cookie_vid(const struct http_req *rq, char *out, size_t n)
 typedef void route_fn(struct app *, const struct http_req *,
 		      struct http_resp *, const char *, rm_time);
 
+static int operator_ok(struct app *app, const struct http_req *rq, rm_time now);
+
+/* GET /health: "ok" to anyone (the process answers: a load balancer's
+ * liveness probe); to the operator (the tick token or a report link, as
+ * /report) the checks of `remarket status --json`, 503 when one stops
+ * sending. */
 static void route_health(struct app *app, const struct http_req *rq,
 			 struct http_resp *rs, const char *arg, rm_time now)
 {
-	(void)app, (void)rq, (void)arg, (void)now;
-	rs->status = 200;
-	rs->content_type = "text/plain; charset=utf-8";
-	buf_adds(&rs->body, "ok\n");
+	(void)arg;
+	if (!operator_ok(app, rq, now)) {
+		rs->status = 200;
+		rs->content_type = "text/plain; charset=utf-8";
+		buf_adds(&rs->body, "ok\n");
+		return;
+	}
+	int level = check_run(app, now, CHECK_STATUS, &rs->body, NULL, NULL);
+	if (level < 0)
+		return resp_json_error(app, rs, 500, "status failed");
+	rs->status = level == CHECK_STOP ? 503 : 200;
+	rs->content_type = "application/json";
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n"
+		 "Referrer-Policy: no-referrer\r\n");
 }
 
 static void ingest_answer(struct app *app, struct http_resp *rs, int n,
@@ -12099,7 +12983,7 @@ static int serve_cgi(struct config *cfg)
  * The operator's commands, one row each in the command table below
  * (commands[]: name, whether it needs the app, arity, function, usage):
  * init, keygen, serve, tick, event, report, flows, import, recommend,
- * products, segments, help, version. The table also makes usage() and the man
+ * products, segments, status, help, version. The table also makes usage() and the man
  * page's SYNOPSIS (`remarket help --man`). A command that needs the
  * app opens its own, so every command, like every FastCGI thread, has
  * its own database connection.
@@ -12118,6 +13002,29 @@ static void init_private_files(const struct config *cfg)
 	}
 	if (access(cfg->key_file, F_OK) == 0)
 		(void)chmod(cfg->key_file, 0600);
+}
+
+/* The checks before starting (CHECK_START: the templates of the enabled
+ * steps, remarket.js) on DB: -1, each problem said on stderr, when one
+ * stops sending. */
+static int refuse_to_start(const char *cmd, struct config *cfg, struct db *db)
+{
+	struct app a;
+	struct problems p;
+	memset(&a, 0, sizeof a);
+	memset(&p, 0, sizeof p);
+	a.cfg = cfg;
+	a.db = db;
+	if (check_run(&a, clock_now(), CHECK_START, NULL, &p, NULL) != CHECK_STOP)
+		return 0;
+	for (int i = 0; i < p.n; i++)
+		fprintf(stderr, "remarket %s: %s\n", cmd, p.line[i]);
+	if (p.more)
+		fprintf(stderr, "remarket %s: (and %ld more)\n", cmd, p.more);
+	fprintf(stderr, "remarket %s: refused to start: fix the above (the "
+		"templates and static_dir keys say where the files are; "
+		"'remarket status' checks everything)\n", cmd);
+	return -1;
 }
 
 /* `remarket init`: creates or migrates the database and makes the key file,
@@ -12144,6 +13051,10 @@ static int cmd_init(struct app *app, struct config *cfg, rm_time now, int argc,
 	}
 	int v = db_user_version(db);
 	long long signed_mails = db_scalar_stmt(q(db, ST_KEY_SIGNED, ""));
+	if (refuse_to_start("init", cfg, db) < 0) {
+		db_close(db);
+		return 1;
+	}
 	db_close(db);
 	if (access(cfg->key_file, F_OK) != 0 && signed_mails > 0 && !new_key) {
 		fprintf(stderr, "remarket init: key_file %s is missing, but db %s "
@@ -12281,7 +13192,10 @@ static int cmd_serve(struct app *app, struct config *cfg, rm_time now, int argc,
 		fprintf(stderr, "remarket serve: %s\n", err);
 		return 1;
 	}
+	int refused = refuse_to_start("serve", cfg, probe.db);
 	app_close(&probe);
+	if (refused)
+		return 1;
 	if (FCGX_Init() != 0) {
 		fprintf(stderr, "remarket serve: FCGX_Init failed\n");
 		return 1;
@@ -12332,14 +13246,13 @@ static int cmd_tick(struct app *app, struct config *cfg, rm_time now, int argc,
 		fprintf(stderr, "remarket tick: failed (database busy or broken)\n");
 		return 1;
 	}
-	if (tick_run(app, id, now, &out) < 0) {
+	int rc = tick_run(app, id, now, &out);
+	if (out.len) /* the summary, with its problems, even when it failed */
+		printf("%s\n", buf_str(&out));
+	if (rc < 0)
 		fprintf(stderr, "remarket tick: failed (database busy or broken)\n");
-		buf_free(&out);
-		return 1;
-	}
-	printf("%s\n", buf_str(&out));
 	buf_free(&out);
-	return 0;
+	return rc == 0 ? 0 : 1;
 }
 
 static int cmd_event(struct app *app, struct config *cfg, rm_time now, int argc,
@@ -12581,6 +13494,49 @@ static int bind_setting(sqlite3_stmt *s, const struct setting *st, const char *v
 	return -1;
 }
 
+/* The checks of a `flows set` value beyond its form: a template that
+ * is there and parses, a delay within the links' life. 0, or 1 with the
+ * reason said. */
+static int setting_refused(struct app *app, const char *what,
+			   const struct setting *st, const char *v)
+{
+	if (st->kind == SET_TEMPLATE && val_ident(v, 64)) {
+		struct check_out o;
+		memset(&o, 0, sizeof o);
+		check_template(app->cfg->templates, v, "flows set", &o);
+		for (int i = 0; i < o.lines.n; i++)
+			fprintf(stderr, "remarket flows %s: template=%s: %s\n", what,
+				v, o.lines.line[i]);
+		return o.lines.n > 0;
+	}
+	char plus[64];
+	snprintf(plus, sizeof plus, "+%s", v);
+	rm_time t = parse_time(plus, 0);
+	if (st->kind == SET_DELAY && t > (rm_time)RECOVER_LINK_DAYS * 86400) {
+		fprintf(stderr, "remarket flows %s: delay=%s: longer than the "
+			"links live (%d days): the sequence's earlier mails would "
+			"hold dead links by then\n", what, v, RECOVER_LINK_DAYS);
+		return 1;
+	}
+	return 0;
+}
+
+/* After a change: a step with a discount whose template never shows
+ * the code is said (a warning: the link may still apply it). */
+static void discount_shown(struct app *app, const char *what, const char *flow,
+			   int step, int variant)
+{
+	sqlite3_stmt *s = q(app->db, ST_STEP_OFFER, "tii", flow, (int64_t)step,
+			    (int64_t)variant);
+	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_int(s, 1) > 0 &&
+	    !mc_template_uses(app, col_text(s, 0), "discount_code"))
+		fprintf(stderr, "remarket flows %s: warning: %s step %d gives %d %% "
+			"off, but template %s shows no {{discount_code}}: the "
+			"shopper never sees the code\n", what, flow, step,
+			sqlite3_column_int(s, 1), col_text(s, 0));
+	sqlite3_reset(s);
+}
+
 /* Binds FLOW and STEP, then each key=value; runs the statement, which
  * must change one row. */
 static int flows_apply(struct app *app, enum stmt_id id, const char *what,
@@ -12590,6 +13546,14 @@ static int flows_apply(struct app *app, enum stmt_id id, const char *what,
 	if (argc < 3) {
 		fprintf(stderr, "usage: remarket flows %s FLOW STEP %s\n", what, help);
 		return 2;
+	}
+	for (int i = 2; i < argc; i++) { /* before anything is bound */
+		const char *eq = strchr(argv[i], '=');
+		for (size_t k = 0; eq && k < nset; k++)
+			if (strlen(set[k].key) == (size_t)(eq - argv[i]) &&
+			    !strncmp(argv[i], set[k].key, (size_t)(eq - argv[i])) &&
+			    setting_refused(app, what, &set[k], eq + 1))
+				return 1;
 	}
 	sqlite3_stmt *s = q(app->db, id, NULL);
 	sqlite3_bind_text(s, param_index(s, "flow"), argv[0], -1,
@@ -12614,6 +13578,7 @@ static int flows_apply(struct app *app, enum stmt_id id, const char *what,
 			argv[1], argv[0]);
 		return 1;
 	}
+	discount_shown(app, what, argv[0], atoi(argv[1]), id == ST_VARIANT_SET);
 	return flows_list(app);
 }
 
@@ -13008,6 +13973,46 @@ static int cmd_segments(struct app *app, struct config *cfg, rm_time now,
 	return 0;
 }
 
+/* `remarket status [--json]`: every check (see "Checks before sending
+ * and status"). Reads only; works without the key (it says so) and
+ * without a database. Exit 0 all good, 1 a problem stops sending, 3
+ * warnings only (sending works), 2 a wrong command line. */
+static int cmd_status(struct app *unused, struct config *cfg, rm_time now,
+		      int argc, char **argv)
+{
+	(void)unused, (void)now;
+	int json = 0;
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--json"))
+			json = 1;
+		else if (!strcmp(argv[i], "--now") && i + 1 < argc)
+			i++;
+		else
+			return cmd_usage("status");
+	}
+	now = now_arg(argc, argv);
+	if (now < 0)
+		return cmd_usage("status");
+	struct app app;
+	char err[512];
+	memset(&app, 0, sizeof app);
+	app.cfg = cfg;
+	if (access(cfg->db, F_OK) == 0 && db_open(&app.db, cfg->db, err,
+						  sizeof err) < 0)
+		fprintf(stderr, "remarket status: %s\n", err);
+	app.curl = curl_easy_init();
+	struct buf out = {0};
+	int level = check_run(&app, now, CHECK_STATUS, json ? &out : NULL, NULL,
+			      json ? NULL : &out);
+	if (level >= 0)
+		printf("%s%s", buf_str(&out), json ? "\n" : "");
+	else
+		fprintf(stderr, "remarket status: out of memory\n");
+	buf_free(&out);
+	app_close(&app);
+	return level < 0 || level == CHECK_STOP ? 1 : level == CHECK_WARN ? 3 : 0;
+}
+
 static int cmd_help(struct app *app, struct config *cfg, rm_time now, int argc,
 		    char **argv);
 static int cmd_version(struct app *app, struct config *cfg, rm_time now,
@@ -13065,6 +14070,8 @@ static const struct command commands[] = {
 	 "list the flows, or change one"},
 	{"segments", CMD_APP, 0, -1, cmd_segments, "[--now T]",
 	 "RFM segments and the lapse threshold"},
+	{"status", CMD_ALONE, 0, 3, cmd_status, "[--json] [--now T]",
+	 "is everything ready to send? (exit 0 ok,\n1 a problem stops sending, 3 warnings)"},
 	{"recommend", CMD_APP, 1, -1, cmd_recommend, "EMAIL [N]",
 	 "the products win-back would recommend"},
 	{"products", CMD_APP, 3, 3, cmd_products, "kind SKU product|service",

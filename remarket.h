@@ -89,6 +89,8 @@ struct config {
 	long winback_cooldown_days;  /* no second win-back within this */
 	char *winback_max_idle_days; /* idle longer: no win-back; "auto" = 2x */
 	long winback_daily_max;      /* win-back enrollments a rolling 24 h */
+	char *allow_insecure_links;  /* "yes": http:// or loopback links may
+				      * go to a real relay (tests, staging) */
 };
 /* Loads defaults, then FILE (NULL: $REMARKET_CONFIG, else ./remarket.conf
  * if it exists), then REMARKET_<KEY> variables. */
@@ -369,12 +371,27 @@ int link_on_store(const struct config *cfg, const char *url);
 
 /* ==== The flow engine: detect, claim, send, record ==================== */
 
+/* What kept mail from going, one line each ("templates/x.html:12: ...",
+ * the relay's refusal, a disk that cannot be written), each said once;
+ * past RM_PROBLEMS lines only counted (more). */
+#define RM_PROBLEMS 8
+struct problems {
+	char line[RM_PROBLEMS][400];
+	int n;
+	long more;
+};
+/* Adds a line to P unless it is there already. */
+void problem_add(struct problems *p, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
 struct tick_summary {
 	long abandoned, enrolled, sent, retry, failed, exited, skipped;
 	int budget_spent; /* the budget ran out: the rest waits for the next tick */
 	long stale;        /* steps too late to send: recorded, not sent */
 	long winback_waiting; /* lapsed held back by winback_daily_max */
+	long held_out;     /* of the enrolled: the holdout, never messaged */
 	char stopped[400]; /* why the tick stopped early, or "" */
+	struct problems problems; /* a tick with any exits non-zero */
 };
 /* Marks idle carts abandoned and enrolls them. */
 int flow_detect(struct app *app, rm_time now, struct tick_summary *sum);
@@ -415,6 +432,23 @@ int fb_apply(struct app *app, const struct fb_event *ev, rm_time now,
  * complaints passed 0.1 % of its sends in the 7 days before NOW (over
  * 0.3 % it is paused, and the line says so). Returns how many, or -1. */
 int feedback_complaint_warnings(struct app *app, rm_time now, struct buf *out);
+/* ==== Checks before sending and status ================================ */
+
+/* What `remarket status` and GET /rm/health (for the operator) show, and
+ * what init, serve and a tick check before they start: one table of
+ * checks (remarket.c), each with a level. */
+enum check_level { CHECK_OK = 0, CHECK_WARN = 1, CHECK_STOP = 2 };
+#define CHECK_START 1  /* init and serve refuse to start on a STOP */
+#define CHECK_TICK 2   /* a tick refuses to send on a STOP */
+#define CHECK_STATUS 4 /* remarket status, GET /rm/health */
+/* Runs the checks of WHEN (a CHECK_* bit). APP->db may be NULL (no
+ * database yet) and APP's key absent: checks that need them say so.
+ * Appends {"status":"ok|warn|stop","exit":N,"checks":[...]} to JSON
+ * (NULL: not made), the STOP lines to PROBLEMS (NULL: not kept), and
+ * the operator's text to TEXT (NULL: not made). Returns the worst level,
+ * or -1 (out of memory). */
+int check_run(struct app *app, rm_time now, int when, struct buf *json,
+	      struct problems *problems, struct buf *text);
 
 /* ==== The report ====================================================== */
 

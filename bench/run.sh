@@ -299,6 +299,11 @@ if [ $BASE_ONLY = 0 ]; then
     # wrk sends everything from one address: the per-address limit for
     # browser events (rate_ip_per_min) would answer 429 to nearly all of it.
     export REMARKET_RATE_IP_PER_MIN=0 REMARKET_RATE_VISITOR_PER_MIN=0
+    # the ticks send to a loopback sink: a real relay for remarket, so
+    # the demo sender and http links would be refused (remarket status)
+    export REMARKET_FROM="Bench Shop <shop@bench.example>"
+    export REMARKET_POSTAL_ADDRESS="1 Bench Road, 75000 Paris"
+    export REMARKET_ALLOW_INSECURE_LINKS=yes
 
     make_events "$N" "$TMP"
     # One of remarket's own mails, from an outbox (which holds exactly the

@@ -113,7 +113,8 @@ subtest 'scenario 4: SMTP down, retried, sent once; steps 2 and 3' => sub {
 
     my $closed = free_port();
     my $j = tick_at($T0 + 3700, env => { REMARKET_SMTP_URL => "smtp://127.0.0.1:$closed" },
-        what => 'SMTP refused');
+        what => 'SMTP refused', rc => 1);
+    like($j->{problems}[0] // '', qr/relay is unavailable/, "the tick's problems say the relay is down");
     is($j->{sent}, 0, 'nothing sent while SMTP is down') or diag $J->encode($j);
     is($j->{retry}, 1, 'summary retry 1');
     is($j->{failed}, 0, 'summary failed 0');

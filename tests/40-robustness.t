@@ -76,7 +76,10 @@ sub instance {
 	mkdir $d;
 	my $env = {
 		REMARKET_DB => "$d/rm.db", REMARKET_KEY_FILE => "$d/rm.key",
-		REMARKET_OUTBOX => "$d/outbox", REMARKET_TEMPLATES => "$root/templates",
+		REMARKET_OUTBOX => "$d/outbox", REMARKET_TEMPLATES => "$root/templates", REMARKET_STATIC_DIR => "$root/static",
+		# a real relay: a sender, an address and (loopback) links allowed
+		REMARKET_FROM => "Maison Test <shop\@example.com>", REMARKET_POSTAL_ADDRESS => "1 Test Street, 75000 Paris",
+		REMARKET_ALLOW_INSECURE_LINKS => "yes",
 		REMARKET_SMTP_URL => $o{smtp} // '', REMARKET_FAULT => '',
 	};
 	my ($rc) = rm($env, undef, 'init');
@@ -280,7 +283,8 @@ my $due = $T0 + 3700;    # step 1 is due at +1 h
 	my $in = instance(smtp => "smtp://127.0.0.1:$bad");
 	carts($in, 3, $T0);
 	my ($rc, $out, $err) = rm($in->{env}, undef, 'tick', '--now', $due);
-	is($rc, 0, 'a tick whose relay refuses the sender exits 0');
+	is($rc, 1, 'a tick whose relay refuses the sender exits 1 (it could not send)');
+	like($out, qr/"problems":\[".*the relay refuses us/, '... its JSON lists the problem') or diag $out;
 	like($err, qr/the relay refuses us: check smtp_user, smtp_password, from/, 'and says what to check');
 	is(field($out, 'failed'), 0, 'nothing is marked failed') or diag $out;
 	is(sql($in, "SELECT count(*) FROM contacts WHERE suppressed_at IS NOT NULL"), 0,

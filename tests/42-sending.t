@@ -37,7 +37,10 @@ sub instance {
 	mkdir $d;
 	my $in = { dir => $d, env => {
 		REMARKET_DB => "$d/rm.db", REMARKET_KEY_FILE => "$d/rm.key",
-		REMARKET_OUTBOX => "$d/outbox", REMARKET_TEMPLATES => "$root/templates",
+		REMARKET_OUTBOX => "$d/outbox", REMARKET_TEMPLATES => "$root/templates", REMARKET_STATIC_DIR => "$root/static",
+		# a real relay: a sender, an address and (loopback) links allowed
+		REMARKET_FROM => "Maison Test <shop\@example.com>", REMARKET_POSTAL_ADDRESS => "1 Test Street, 75000 Paris",
+		REMARKET_ALLOW_INSECURE_LINKS => "yes",
 		REMARKET_SMTP_URL => $url, %env } };
 	my ($rc, undef, $err) = rm($in, 'init');
 	die "init failed: $err" if $rc;
@@ -122,7 +125,9 @@ for my $case (['greeting', '554', 'a blocklisted IP: 554 at the greeting'],
 	my $in = instance($relay->url, %env);
 	carts($in, 3);
 	my ($rc, $out, $err) = rm($in, 'tick', '--now', $due);
-	is($rc, 0, "$what: the tick exits 0");
+	is($rc, 1, "$what: the tick exits 1 (it could not send)");
+	like($out, qr/"problems":\[".*the relay refuses us/, "$what: the tick's problems say why")
+	    or diag $out;
 	like($err, qr/the relay refuses us/, "$what: the log says the relay refuses us")
 	    or diag $err;
 	is(sql($in, $suppressed), 0, "$what: nobody is suppressed");
@@ -227,7 +232,7 @@ for my $case (['554 5.7.1 Client host [127.0.0.1] blocked', 'a blocked client (5
 	my $in = instance($relay->url);
 	carts($in, 5);
 	my ($rc, $out, $err) = rm($in, 'tick', '--now', $due);
-	is($rc, 0, "RCPT $what: the tick exits 0");
+	is($rc, 1, "RCPT $what: the tick exits 1 (it could not send)");
 	is(sql($in, $suppressed), 0, "RCPT $what: nobody is suppressed") or diag $out;
 	is(field($out, 'failed'), 0, "RCPT $what: nothing failed") or diag $out;
 	like($out, qr/"stopped":".*the relay refuses us/, "RCPT $what: the tick stops and says why")
@@ -321,7 +326,7 @@ for my $pii ('', 'yes') {
 	my $in = instance($relay->url);
 	carts($in, 6);
 	my ($rc, $out, $err) = rm($in, 'tick', '--now', $due);
-	is($rc, 0, 'content refused for everyone: the tick exits 0');
+	is($rc, 1, 'content refused for everyone: the tick exits 1 (a step paused)');
 	is(field($out, 'sent') + field($out, 'failed'), 0, '... nothing sent, nothing failed') or diag $out;
 	like($out, qr/"stopped":"abandoned_cart step 1 paused: the relay refused its content for 3 different recipients/,
 	    '... the tick stopped after three recipients in a row and says so') or diag $out;

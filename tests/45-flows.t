@@ -14,7 +14,7 @@ my $bin = $ENV{REMARKET_BIN} || "$root/remarket";
 BAIL_OUT("$bin not built: run make check") unless -x $bin;
 my $tmp = tempdir(CLEANUP => 1);
 my %env = (REMARKET_DB => "$tmp/rm.db", REMARKET_KEY_FILE => "$tmp/rm.key",
-	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates",
+	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates", REMARKET_STATIC_DIR => "$root/static",
 	REMARKET_SMTP_URL => '');
 
 sub rm {

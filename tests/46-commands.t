@@ -17,7 +17,7 @@ my $bin = $ENV{REMARKET_BIN} || "$root/remarket";
 BAIL_OUT("$bin not built: run make check") unless -x $bin;
 my $tmp = tempdir(CLEANUP => 1);
 my %env = (REMARKET_DB => "$tmp/rm.db", REMARKET_KEY_FILE => "$tmp/rm.key",
-	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates",
+	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates", REMARKET_STATIC_DIR => "$root/static",
 	REMARKET_SMTP_URL => '', REMARKET_CONFIG => '/dev/null');
 
 sub rm {
@@ -34,7 +34,7 @@ sub names { my %s = map { $_ => 1 } @_; join ' ', sort keys %s }
 my ($rc, $out, $err) = rm('help');
 is($rc, 0, 'help exits 0');
 my @table = $out =~ /^  ([a-z][a-z-]*)/mg;
-is(names(@table), names(qw(init keygen serve tick event report flows segments
+is(names(@table), names(qw(init keygen serve tick event report flows segments status
 	recommend products import contact unsubscribe suppress feedback export forget
 	help version)), 'help lists every command of the table')
 	or diag($out);

@@ -19,7 +19,7 @@ my $bin = $ENV{REMARKET_BIN} || "$root/remarket";
 plan skip_all => "$bin not built: run make" unless -x $bin;
 my $tmp = tempdir(CLEANUP => 1);
 my %env = (REMARKET_DB => "$tmp/rm.db", REMARKET_KEY_FILE => "$tmp/rm.key",
-	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates",
+	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates", REMARKET_STATIC_DIR => "$root/static",
 	REMARKET_SMTP_URL => '', REMARKET_CONFIG => '/dev/null',
 	REMARKET_BASE_URL => 'http://127.0.0.1:9/rm',
 	REMARKET_STORE_URL => 'http://127.0.0.1:9',

@@ -210,8 +210,9 @@ like($cj->{tick} // '', qr/^\d+\z/, '... its run is recorded too');
         cli('tick', '--now', $due + 2500, { env => { REMARKET_SMTP_URL => "smtp://127.0.0.1:$port",
             REMARKET_SMTP_REPLY_TIMEOUT => 30, REMARKET_TICK_BUDGET_SECONDS => 1 }, timeout => 60 }) };
     $cj = decode_json_or_undef($out) || {};
-    ok($rc == 0 && ($cj->{retry} // 0) >= 1, 'remarket tick meets a relay it cannot connect to')
+    ok($rc == 1 && ($cj->{retry} // 0) >= 1, 'remarket tick meets a relay it cannot connect to (exit 1)')
         or diag "$rc $out $err";
+    like($cj->{problems}[0] // '', qr/relay is unavailable/, '... its problems say so') or diag $out;
     ok($secs < 1 + 2 + 3, sprintf('... and gives up after the 1 s connect time-out (%.1f s)', $secs));
     close $_ for grep { defined } @fill;
     close $l;

@@ -22,7 +22,7 @@ my $tmp = tempdir(CLEANUP => 1);
 my $T0 = 1795000000;
 my %env = (
 	REMARKET_DB => "$tmp/rm.db", REMARKET_KEY_FILE => "$tmp/rm.key",
-	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates",
+	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates", REMARKET_STATIC_DIR => "$root/static",
 	REMARKET_SMTP_URL => '', REMARKET_FROM => 'Maison Test <shop@example.com>',
 );
 

@@ -21,7 +21,7 @@ my $DAY = 86400;
 my $T0 = 1795000000;
 my %env = (
 	REMARKET_DB => "$tmp/rm.db", REMARKET_KEY_FILE => "$tmp/rm.key",
-	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates",
+	REMARKET_OUTBOX => "$tmp/outbox", REMARKET_TEMPLATES => "$root/templates", REMARKET_STATIC_DIR => "$root/static",
 	REMARKET_SMTP_URL => '', REMARKET_FROM => 'Maison Test <shop@example.com>',
 	REMARKET_CONFIG => '/dev/null',
 );

@@ -27,7 +27,7 @@ sub world {
 		tmp => $tmp, umask => $umask,
 		env => {
 			REMARKET_DB => "$tmp/var/rm.db", REMARKET_KEY_FILE => "$tmp/keys/rm.key",
-			REMARKET_OUTBOX => "$tmp/spool/outbox", REMARKET_TEMPLATES => "$root/templates",
+			REMARKET_OUTBOX => "$tmp/spool/outbox", REMARKET_TEMPLATES => "$root/templates", REMARKET_STATIC_DIR => "$root/static",
 			REMARKET_SMTP_URL => '', REMARKET_FROM => 'Maison Test <shop@example.com>',
 			REMARKET_CONFIG => '/dev/null', REMARKET_BASE_URL => 'https://shop.example/rm',
 		},

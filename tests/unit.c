@@ -3550,11 +3550,16 @@ static void test_flow(void)
 	/* tick_json */
 	struct buf j = {0};
 	s = (struct tick_summary){.abandoned = 1, .enrolled = 2, .sent = 3, .retry = 4,
-				  .failed = 5, .exited = 6, .skipped = 7};
+				  .failed = 5, .exited = 6, .skipped = 7, .held_out = 8};
+	problem_add(&s.problems, "templates/x.html:%d: '{{#a}}' is never closed", 3);
+	problem_add(&s.problems, "templates/x.html:%d: '{{#a}}' is never closed", 3);
 	ok(tick_json(&w.app, &s, T0, &j) == 0 &&
-		   !strcmp(j.data, "{\"now\":1795000000,\"abandoned\":1,\"enrolled\":2,\"sent\":3,"
-			   "\"retry\":4,\"failed\":5,\"exited\":6,\"skipped\":7,\"stale\":0,\"winback_waiting\":0}"),
-	   "tick_json reports every counter");
+		   !strcmp(j.data, "{\"now\":1795000000,\"abandoned\":1,\"enrolled\":2,"
+			   "\"held_out\":8,\"sent\":3,"
+			   "\"retry\":4,\"failed\":5,\"exited\":6,\"skipped\":7,\"stale\":0,"
+			   "\"winback_waiting\":0,\"problems\":[\"templates/x.html:3: '{{#a}}' "
+			   "is never closed\"]}"),
+	   "tick_json reports every counter, the held-out and each problem once");
 	buf_free(&j);
 	world_close(&w);
 }
@@ -6360,6 +6365,115 @@ static void test_fuzz_findings(void)
 	world_close(&w);
 }
 
+/* The checks before sending (check_run) and the template parser's lines:
+ * a broken template named by file and line, a missing partial, the
+ * links and the sender a real relay refuses, no password shown. */
+static void test_status(void)
+{
+	struct world w;
+	char err[300], dir[PATH_MAX], path[PATH_MAX + 32], stat_dir[PATH_MAX + 16];
+	struct buf out = {0}, json = {0}, text = {0};
+	struct tvar v[] = {{"x", "1", NULL, 0}};
+	struct tctx ctx = {v, 1, NULL};
+	is_int(render("a\nb\n{{#x}}c", &ctx, TPL_TEXT, NULL, NULL, &out, err, sizeof err),
+	       -1, "a section never closed is refused");
+	is_str(err, "line 3: '{{#x}}' is never closed", "... naming its line and its tag");
+	render("{{#x}}\n{{/y}}", &ctx, TPL_TEXT, NULL, NULL, &out, err, sizeof err);
+	is_str(err, "line 2: '{{/y}}' closes no open section", "a stray close: its line");
+	buf_free(&out);
+	if (world_open(&w, "status") < 0) {
+		ok(0, "status world");
+		return;
+	}
+	snprintf(stat_dir, sizeof stat_dir, "%s/../static", templates);
+	set_cfg(&w.cfg.static_dir, stat_dir);
+	struct problems p = {0};
+	int level = check_run(&w.app, T0, CHECK_STATUS, &json, &p, &text);
+	is_int(level, CHECK_WARN, "status of a new install: warnings only (no tick yet)");
+	ok(strstr(buf_str_or(&json), "{\"name\":\"templates\",\"level\":\"ok\"") &&
+	   strstr(buf_str_or(&json), "\"status\":\"warn\",\"exit\":3"),
+	   "... its JSON says the templates are ok and exit 3");
+	ok(strstr(buf_str_or(&text), "warn  last_tick") != NULL, "... its text names the warning");
+	is_int(p.n, 0, "... and no problem stops sending");
+
+	/* one enabled step, its template broken in both parts */
+	snprintf(dir, sizeof dir, "%s/tpl-broken", tmpdir);
+	mkdir(dir, 0700);
+	snprintf(path, sizeof path, "%s/cart_reminder.txt", dir);
+	const char *txt = "Subject: Hi\n\nHello\n{{>foot}}\n", *html = "<p>\n\n{{#first_name}}\n";
+	write_file(path, txt, strlen(txt));
+	snprintf(path, sizeof path, "%s/cart_reminder.html", dir);
+	write_file(path, html, strlen(html));
+	set_cfg(&w.cfg.templates, dir);
+	db_scalar(w.app.db, "UPDATE flows SET enabled = (name = 'abandoned_cart')");
+	db_scalar(w.app.db, "DELETE FROM steps WHERE flow_id = 1 AND position > 1");
+	memset(&p, 0, sizeof p);
+	is_int(check_run(&w.app, T0, CHECK_TICK, NULL, &p, NULL), CHECK_STOP,
+	       "a broken template stops a tick");
+	char want[PATH_MAX + 200];
+	snprintf(want, sizeof want, "%s/cart_reminder.html:3: '{{#first_name}}' is never "
+		 "closed (abandoned_cart step 1)", dir);
+	int found = 0;
+	for (int i = 0; i < p.n; i++)
+		found |= !strcmp(p.line[i], want);
+	ok(found, "... the problem names the file and the line");
+	snprintf(want, sizeof want, "%s/cart_reminder.txt:4: partial %s/foot.txt", dir, dir);
+	found = 0;
+	for (int i = 0; i < p.n; i++)
+		found |= !strncmp(p.line[i], want, strlen(want));
+	ok(found, "... and the missing partial, where it is named");
+	if (!found)
+		for (int i = 0; i < p.n; i++)
+			diag("%s", p.line[i]);
+	set_cfg(&w.cfg.templates, templates);
+
+	/* a real relay: https links a shopper can open, a real sender */
+	set_cfg(&w.cfg.smtp_url, "smtp://127.0.0.1:1");
+	set_cfg(&w.cfg.base_url, "http://127.0.0.1:8080/rm");
+	memset(&p, 0, sizeof p);
+	is_int(check_run(&w.app, T0, CHECK_TICK, NULL, &p, NULL), CHECK_STOP,
+	       "a real relay with http links and the demo sender: refused");
+	buf_reset(&text);
+	for (int i = 0; i < p.n; i++)
+		buf_addf(&text, "%s\n", p.line[i]);
+	ok(strstr(buf_str_or(&text), "base_url http://127.0.0.1:8080/rm: not https") &&
+	   strstr(buf_str_or(&text), "from is the demo's") &&
+	   strstr(buf_str_or(&text), "postal_address is the demo's"),
+	   "... naming base_url, from and postal_address");
+	set_cfg(&w.cfg.from, "Shop <shop@shop.example>");
+	set_cfg(&w.cfg.postal_address, "2 Real Road, Lyon");
+	set_cfg(&w.cfg.base_url, "https://localhost/rm");
+	set_cfg(&w.cfg.cart_url, "https://[::1]/cart?restore={cart}");
+	memset(&p, 0, sizeof p);
+	is_int(check_run(&w.app, T0, CHECK_TICK, NULL, &p, NULL), CHECK_STOP,
+	       "https links to this machine: refused");
+	is_int(p.n, 2, "... both (localhost, [::1])");
+	set_cfg(&w.cfg.allow_insecure_links, "yes");
+	is_int(check_run(&w.app, T0, CHECK_TICK, NULL, NULL, NULL), CHECK_WARN,
+	       "... a warning with allow_insecure_links = yes");
+	set_cfg(&w.cfg.allow_insecure_links, "no");
+	set_cfg(&w.cfg.base_url, "https://shop.example/rm");
+	set_cfg(&w.cfg.cart_url, "https://shop.example/cart?restore={cart}&code={code}");
+	is_int(check_run(&w.app, T0, CHECK_TICK, NULL, NULL, NULL), CHECK_OK,
+	       "https links to a public host and a real sender: ok");
+
+	/* status probes the relay (none on port 1) and never shows a password */
+	set_cfg(&w.cfg.smtp_url, "smtp://shop:topsecret@127.0.0.1:1");
+	buf_reset(&json);
+	buf_reset(&text);
+	is_int(check_run(&w.app, T0, CHECK_STATUS, &json, NULL, &text), CHECK_STOP,
+	       "status: a relay that does not answer stops sending");
+	ok(strstr(buf_str_or(&json), "{\"name\":\"relay\",\"level\":\"stop\"") != NULL,
+	   "... the relay check says stop");
+	ok(!strstr(buf_str_or(&json), "topsecret") && !strstr(buf_str_or(&text), "topsecret"),
+	   "... and the password of smtp_url is never shown");
+	ok(strstr(buf_str_or(&text), "smtp://shop@127.0.0.1:1") != NULL,
+	   "... the relay named without it");
+	buf_free(&json);
+	buf_free(&text);
+	world_close(&w);
+}
+
 /* ==== Main ============================================================ */
 
 static int find_templates(void)
@@ -6922,6 +7036,7 @@ int main(void)
 	test_carts_as_shops();
 	test_feedback();
 	test_feedback_http();
+	test_status();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
 		diag("could not remove %s", tmpdir);

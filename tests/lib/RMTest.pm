@@ -352,6 +352,9 @@ sub start {
         REMARKET_HOOK_SECRET    => $HOOK_SECRET,
         REMARKET_POSTAL_ADDRESS => '1 Test Street, 75000 Paris',
         REMARKET_TEMPLATES      => "$ROOT/templates",
+        REMARKET_STATIC_DIR     => "$ROOT/static",
+        # a real relay (smtp-sink) with loopback links: tests only
+        REMARKET_ALLOW_INSECURE_LINKS => 'yes',
         %{ $o{env} || {} },
     );
     make_path("$tmp/outbox");
