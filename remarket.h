@@ -51,6 +51,8 @@ struct config {
 	char *tick_token, *hook_secret, *postal_address, *templates;
 	char *code_prefix, *store_name, *unsubscribe_mailto;
 	char *store_tagline; /* a few words under the store's name in mails */
+	char *logo_url;    /* the store's logo atop every mail ("": its name) */
+	char *brand_color; /* #rrggbb: buttons and the mails' top rule */
 	char *currency; /* ISO 4217; mails with no cart or order use it ("": none) */
 	char *store_origin; /* scheme://host[:port] allowed to call /collect */
 	char *static_dir;   /* remarket.js */
