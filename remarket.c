@@ -9822,7 +9822,9 @@ static void route_open(struct app *app, const struct http_req *rq,
 		char *dot = strstr(tok, ".gif");
 		if (dot)
 			*dot = '\0';
-		if (app_tok_verify(app, tok, TOK_OPEN, now, &msg) == TOK_OK)
+		/* message 0: a preview or test mail, recorded nowhere */
+		if (app_tok_verify(app, tok, TOK_OPEN, now, &msg) == TOK_OK &&
+		    msg > 0)
 			record(app, msg, "open", now);
 	}
 	resp_gif(rs);
