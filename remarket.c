@@ -6974,8 +6974,6 @@ static int msg_compose(struct app *app, struct msgrow *m, rm_time now,
  * message and change nothing when followed; a discount shows a code
  * that is visibly not one.
  */
-#define PREVIEW_CODE "SAMPLE-NOT-A-CODE"
-
 /* The step that sends M->tpl: its trigger, flow, position and discount. */
 static void preview_step(struct app *app, struct msgrow *m)
 {
@@ -7714,6 +7712,34 @@ static int confirm_mail(struct app *app, int64_t contact, const char *email,
 	buf_free(&text);
 	buf_free(&html);
 	buf_free(&msg);
+	return rc;
+}
+
+/* `remarket preview` and `send-test`: template TPL for the contact of
+ * EMAIL (NULL: a sample) built into MSG, its parts into TEXT and HTML,
+ * addressed to TO (NULL: the contact), through the tick's own code:
+ * msg_build (see "previews" in The message context), or confirm_build
+ * for the double opt-in mail. Nothing is written to the database. */
+int mail_preview(struct app *app, const char *tpl, const char *trigger,
+		 const char *email, const char *to, rm_time now,
+		 const char *prefix, struct buf *text, struct buf *html,
+		 struct buf *msg, char *err, size_t errlen)
+{
+	if (!strcmp(tpl, "confirm")) {
+		const char *addr = to ? to : email ? email : "sample@example.com";
+		return confirm_build(app, 0, addr, now, prefix, text, html, msg,
+				     err, errlen);
+	}
+	struct msgrow m;
+	rm_time code_expires;
+	int rc = msg_preview_load(app, tpl, trigger, email, now, &m,
+				  &code_expires, err, errlen);
+	if (rc == 0 && to)
+		copy_str(m.email, sizeof m.email, to);
+	if (rc == 0)
+		rc = msg_build(app, &m, now, code_expires, prefix, text, html, msg,
+			       err, errlen);
+	free(m.items);
 	return rc;
 }
 
@@ -11539,34 +11565,6 @@ static int preview_args(int argc, char **argv, int first, int out_ok,
 	return 0;
 }
 
-/* Builds template TPL for the contact of O->email (or a sample) into MSG
- * and its parts into TEXT and HTML, addressed to TO (NULL: the contact),
- * through the tick's own code: msg_build, or confirm_build for the
- * double opt-in mail. */
-static int preview_build(struct app *app, const char *tpl,
-			 const struct preview_opts *o, const char *to,
-			 rm_time now, const char *prefix, struct buf *text,
-			 struct buf *html, struct buf *msg, char *err,
-			 size_t errlen)
-{
-	if (!strcmp(tpl, "confirm")) {
-		const char *addr = to ? to : o->email ? o->email : "sample@example.com";
-		return confirm_build(app, 0, addr, now, prefix, text, html, msg,
-				     err, errlen);
-	}
-	struct msgrow m;
-	rm_time code_expires;
-	int rc = msg_preview_load(app, tpl, o->trigger, o->email, now, &m,
-				  &code_expires, err, errlen);
-	if (rc == 0 && to)
-		copy_str(m.email, sizeof m.email, to);
-	if (rc == 0)
-		rc = msg_build(app, &m, now, code_expires, prefix, text, html, msg,
-			       err, errlen);
-	free(m.items);
-	return rc;
-}
-
 /* Writes DIR/NAME.EXT (0600; the directory 0700: a preview may hold a
  * real person's cart). */
 static int preview_write(const char *dir, const char *name, const char *ext,
@@ -11599,8 +11597,8 @@ static int cmd_preview(struct app *app, struct config *cfg, rm_time now,
 	struct buf text = {0}, html = {0}, msg = {0};
 	char err[512];
 	rc = 1;
-	if (preview_build(app, tpl, &o, NULL, now, "", &text, &html, &msg, err,
-			  sizeof err) < 0)
+	if (mail_preview(app, tpl, o.trigger, o.email, NULL, now, "", &text,
+			 &html, &msg, err, sizeof err) < 0)
 		fprintf(stderr, "remarket preview: %s\n", err);
 	else if (preview_write(o.out, tpl, "eml", &msg) == 0 &&
 		 preview_write(o.out, tpl, "html", &html) == 0) {
@@ -11656,8 +11654,8 @@ static int cmd_send_test(struct app *app, struct config *cfg, rm_time now,
 	struct buf text = {0}, html = {0}, built = {0}, msg = {0};
 	char err[1024];
 	rc = 1;
-	if (preview_build(app, tpl, &o, to, now, "[TEST] ", &text, &html, &built,
-			  err, sizeof err) < 0) {
+	if (mail_preview(app, tpl, o.trigger, o.email, to, now, "[TEST] ", &text,
+			 &html, &built, err, sizeof err) < 0) {
 		fprintf(stderr, "remarket send-test: %s\n", err);
 		goto out;
 	}

@@ -298,6 +298,18 @@ enum send_result {
 
 /* ==== The message context ============================================= */
 
+/* Template TPL rendered and built as the tick would for the contact of
+ * EMAIL (their latest cart or order; NULL: a sample contact), addressed
+ * to TO (NULL: the contact), PREFIX before the subject ("[TEST] " or "").
+ * TRIGGER (NULL: the trigger of the step that sends TPL) says which kind
+ * of mail it is. Writes nothing: no message, attempt or code; links are
+ * signed for message 0 and a discount shows PREVIEW_CODE. */
+#define PREVIEW_CODE "SAMPLE-NOT-A-CODE"
+int mail_preview(struct app *app, const char *tpl, const char *trigger,
+		 const char *email, const char *to, rm_time now,
+		 const char *prefix, struct buf *text, struct buf *html,
+		 struct buf *msg, char *err, size_t errlen);
+
 /* 1 if template TPL (text or HTML, or a partial of theirs) shows VAR:
  * the recommendation queries run only for a template that shows them. */
 int mc_template_uses(struct app *app, const char *tpl, const char *var);
