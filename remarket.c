@@ -7015,7 +7015,7 @@ static int preview_contact(struct app *app, const char *email,
 
 /* What the mail is about, as the trigger wants: the contact's latest cart
  * or order, or two catalog products for a sample contact. */
-static int preview_subject(struct app *app, struct msgrow *m, char *err,
+static int preview_about(struct app *app, struct msgrow *m, char *err,
 			   size_t errlen)
 {
 	int cart = !strcmp(m->trigger, "cart_abandoned");
@@ -7101,7 +7101,7 @@ static int msg_preview_load(struct app *app, const char *tpl,
 	if (!*m->flow)
 		copy_str(m->flow, sizeof m->flow, "preview");
 	if (preview_contact(app, email, m, err, errlen) < 0 ||
-	    preview_subject(app, m, err, errlen) < 0)
+	    preview_about(app, m, err, errlen) < 0)
 		return -1;
 	unsigned char r[8];
 	char hex[17], dom[256];
