@@ -7065,7 +7065,8 @@ static int preview_about(struct app *app, struct msgrow *m, char *err,
 		s = q(app->db, ST_ITEMS_TRUST, "t", m->items); /* as msg_load */
 		if (sqlite3_step(s) == SQLITE_ROW) {
 			m->printable = sqlite3_column_int(s, 0);
-			if (sqlite3_column_int(s, 1) > 0 || m->order < 0)
+			/* a sample's total is its items' */
+			if (sqlite3_column_int(s, 1) > 0 || !m->contact)
 				m->total = sqlite3_column_double(s, 2);
 		}
 		sqlite3_reset(s);

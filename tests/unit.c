@@ -5654,16 +5654,19 @@ static void test_preview(void)
 	char err[512] = "";
 	struct config c;
 	setenv("REMARKET_BRAND_COLOR", "green", 1);
-	ok(cfg_load(&c, NULL, err, sizeof err) < 0 && strstr(err, "brand_color"),
-	   "brand_color 'green' is refused at load (%s)", vis(err));
+	int rc = cfg_load(&c, NULL, err, sizeof err);
+	ok(rc < 0 && strstr(err, "brand_color"), "brand_color 'green' is refused at load (%s)",
+	   vis(err));
 	setenv("REMARKET_BRAND_COLOR", "#12345g", 1);
 	ok(cfg_load(&c, NULL, err, sizeof err) < 0, "brand_color '#12345g' is refused");
 	setenv("REMARKET_BRAND_COLOR", "#AbCdEf", 1);
 	setenv("REMARKET_LOGO_URL", "javascript:alert(1)", 1);
-	ok(cfg_load(&c, NULL, err, sizeof err) < 0 && strstr(err, "logo_url"),
-	   "logo_url 'javascript:' is refused (%s)", vis(err));
+	rc = cfg_load(&c, NULL, err, sizeof err);
+	ok(rc < 0 && strstr(err, "logo_url"), "logo_url 'javascript:' is refused (%s)", vis(err));
 	setenv("REMARKET_LOGO_URL", "https://shop.example.com/logo.png", 1);
-	if (ok(cfg_load(&c, NULL, err, sizeof err) == 0, "#AbCdEf and an https logo load (%s)", vis(err))) {
+	err[0] = '\0';
+	rc = cfg_load(&c, NULL, err, sizeof err);
+	if (ok(rc == 0, "#AbCdEf and an https logo load (%s)", vis(err))) {
 		is_str(c.brand_color, "#AbCdEf", "... brand_color kept");
 		cfg_free(&c);
 	}
@@ -5675,7 +5678,8 @@ static void test_preview(void)
 			     "(SELECT count(*) FROM discounts)";
 	long long before = sq(&w, "%s", counts);
 	struct buf text = {0}, html = {0}, msg = {0};
-	int rc = mail_preview(&w.app, "cart_incentive", NULL, "zoe@example.com", NULL,
+	err[0] = '\0';
+	rc = mail_preview(&w.app, "cart_incentive", NULL, "zoe@example.com", NULL,
 			      T0 + DAY, "", &text, &html, &msg, err, sizeof err);
 	if (ok(rc == 0, "preview of cart_incentive for a real contact (%s)", vis(err))) {
 		ok(contains(text.data, "Hi Zoë,"), "... for that contact, by name");
@@ -5690,6 +5694,7 @@ static void test_preview(void)
 	}
 	is_int(sq(&w, "%s", counts), before, "a preview writes no message, enrollment or code");
 	buf_reset(&text), buf_reset(&html), buf_reset(&msg);
+	err[0] = '\0';
 	rc = mail_preview(&w.app, "winback_offer", NULL, NULL, "me@example.org", T0 + DAY,
 			  "[TEST] ", &text, &html, &msg, err, sizeof err);
 	ok(rc == 0 && !strcmp(header_of(msg.data, "Subject"),
@@ -5698,6 +5703,13 @@ static void test_preview(void)
 	is_str(header_of(msg.data, "To"), "me@example.org", "... to the test address");
 	ok(contains(html.data, "<title>A thank-you from"), "... not before the <title>");
 	ok(contains(text.data, "Hi Sample,"), "... for a sample contact without --email");
+	buf_reset(&text), buf_reset(&html), buf_reset(&msg);
+	err[0] = '\0';
+	rc = mail_preview(&w.app, "cart_reminder", NULL, NULL, NULL, T0, "", &text, &html,
+			  &msg, err, sizeof err);
+	ok(rc == 0 && contains(text.data, "Sample product") &&
+	   contains(text.data, "Total: \xE2\x82\xAC" "88.00"),
+	   "a sample cart (empty catalog): made-up items, and their total (%s)", vis(err));
 	char tok[TOK_MAXLEN + 1] = "";
 	const char *u = strstr(html.data ? html.data : "", BASE_URL "/u/");
 	int64_t subject = -1;
@@ -5710,17 +5722,21 @@ static void test_preview(void)
 	ok(app_tok_verify(&w.app, tok, TOK_UNSUB, T0 + DAY, &subject) == TOK_OK && subject == 0,
 	   "its links are signed for message 0 (no message): following them changes nothing");
 	buf_reset(&text), buf_reset(&html), buf_reset(&msg);
+	err[0] = '\0';
 	rc = mail_preview(&w.app, "order_thanks", NULL, "zoe@example.com", NULL, T0 + DAY, "",
 			  &text, &html, &msg, err, sizeof err);
 	ok(rc == -1 && strstr(err, "no order"), "a contact without an order: post-purchase "
 	   "preview refused, saying so (%s)", vis(err));
+	err[0] = '\0';
 	rc = mail_preview(&w.app, "order_thanks", NULL, NULL, NULL, T0 + DAY, "",
 			  &text, &html, &msg, err, sizeof err);
 	ok(rc == 0 && contains(text.data, "Order SAMPLE-1001"), "a sample order otherwise (%s)",
 	   vis(err));
+	err[0] = '\0';
 	rc = mail_preview(&w.app, "cart_reminder", NULL, "nobody@example.com", NULL, T0, "",
 			  &text, &html, &msg, err, sizeof err);
 	ok(rc == -1 && strstr(err, "no contact"), "an unknown --email is refused (%s)", vis(err));
+	err[0] = '\0';
 	rc = mail_preview(&w.app, "footer", NULL, NULL, NULL, T0, "", &text, &html, &msg,
 			  err, sizeof err);
 	ok(rc == -1 && strstr(err, "--trigger"), "a template no step sends needs --trigger (%s)",
