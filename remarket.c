@@ -568,6 +568,8 @@ static const struct cfg_key {
 	CFG_STR(code_prefix, "RM"),
 	CFG_STR(store_name, ""),
 	CFG_STR(store_tagline, ""),
+	CFG_STR(logo_url, ""),
+	CFG_STR(brand_color, "#3d5a4a"),
 	CFG_STR(currency, ""),
 	CFG_STR(locale, "en"),
 	CFG_STR(timezone, "UTC"),
@@ -805,6 +807,31 @@ static int cfg_check_mail(struct config *cfg, char *err, size_t errlen)
 	return 0;
 }
 
+/* 1 if S is a colour as every mail client reads it: #rrggbb. */
+static int cfg_hex_color(const char *s)
+{
+	if (strlen(s) != 7 || s[0] != '#')
+		return 0;
+	for (int i = 1; i < 7; i++)
+		if (!isxdigit((unsigned char)s[i]))
+			return 0;
+	return 1;
+}
+
+/* 1 if S is an absolute http or https URL (curl_url parses it). */
+static int cfg_web_url(const char *s)
+{
+	CURLU *u = curl_url();
+	char *scheme = NULL;
+	int ok = u && !strpbrk(s, " \t\r\n\"<>") &&
+		 curl_url_set(u, CURLUPART_URL, s, 0) == CURLUE_OK &&
+		 curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+		 (!strcmp(scheme, "http") || !strcmp(scheme, "https"));
+	curl_free(scheme);
+	curl_url_cleanup(u);
+	return ok;
+}
+
 /* The whole configuration: defaults, then the file, then REMARKET_<KEY>
  * variables, then the derived values and the checks across keys. */
 static int cfg_load_all(struct config *cfg, const char *file, char *err,
@@ -891,6 +918,17 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 	    strcmp(cfg->allow_insecure_links, "no")) {
 		snprintf(err, errlen, "allow_insecure_links: '%s' must be yes or no",
 			 cfg->allow_insecure_links);
+		return -1;
+	}
+	if (!cfg_hex_color(cfg->brand_color)) {
+		snprintf(err, errlen, "brand_color: '%s' is not a colour as #rrggbb "
+			 "(e.g. #3d5a4a)", cfg->brand_color);
+		return -1;
+	}
+	if (*cfg->logo_url && !cfg_web_url(cfg->logo_url)) {
+		snprintf(err, errlen, "logo_url: '%s' is not an http(s) URL (want "
+			 "e.g. https://shop.example/logo.png, or nothing)",
+			 cfg->logo_url);
 		return -1;
 	}
 	if (*cfg->currency && !iso_currency(cfg->currency)) {
@@ -1616,6 +1654,34 @@ void cfg_free(struct config *cfg)
 	  "coalesce(json_extract(value,'$.price'), p.price, 0) AS price "      \
 	  "FROM json_each(?1) LEFT JOIN products p "                           \
 	  "ON p.sku = json_extract(value,'$.sku'))")                           \
+	/* remarket preview: the step that sends template ?1 (enabled flows  \
+	 * first) and the discount its mail shows: its own, else the one an  \
+	 * earlier step of its flow issued (a reminder of that code) */      \
+	X(PREVIEW_STEP,                                                        \
+	  "WITH t AS (SELECT flow_id, position FROM steps WHERE template = ?1 " \
+	  "UNION SELECT flow_id, position FROM step_variants "                 \
+	  "WHERE template = ?1) SELECT f.trigger, f.name, t.position, "        \
+	  "coalesce(d.discount_pct, 0), coalesce(d.discount_valid, 0), "       \
+	  "coalesce(d.min_spend, 0) FROM t JOIN flows f ON f.id = t.flow_id "  \
+	  "LEFT JOIN steps d ON d.flow_id = t.flow_id AND d.discount_pct > 0 " \
+	  "AND d.position <= t.position ORDER BY f.enabled DESC, t.flow_id, "  \
+	  "t.position, d.position DESC LIMIT 1")                               \
+	X(PREVIEW_CONTACT, "SELECT id, email, name FROM contacts WHERE email = ?1") \
+	/* a contact's latest cart and latest order, as a preview shows them */ \
+	X(PREVIEW_CART,                                                        \
+	  "SELECT cart_key, items, total, currency FROM carts "                \
+	  "WHERE contact_id = ?1 AND status <> 'empty' "                       \
+	  "ORDER BY updated DESC, id DESC LIMIT 1")                            \
+	X(PREVIEW_ORDER,                                                       \
+	  "SELECT id, currency FROM orders WHERE contact_id = ?1 "             \
+	  "ORDER BY ts DESC, id DESC LIMIT 1")                                 \
+	/* a sample contact's cart or order: two products of the catalog    \
+	 * (ITEMS_EACH prints their catalog names and prices) */              \
+	X(PREVIEW_SAMPLE_ITEMS,                                                \
+	  "SELECT json_group_array(json_object('sku', sku, 'qty', 1)) FROM "   \
+	  "(SELECT sku FROM products p WHERE kind = 'product' AND price > 0 "  \
+	  "AND " SQL_LABEL("p") " IS NOT NULL ORDER BY updated DESC, sku "     \
+	  "LIMIT 2)")                                                          \
 	/* -- The flow engine: detect, claim, send, record -- */               \
 	X(JSON_TICK,                                                           \
 	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
@@ -6561,7 +6627,8 @@ int mail_build(const struct mail *m, struct buf *out, char *err, size_t errlen)
 }
 
 /* Reads templates/NAME.txt ("Subject: ..." line, blank line, body) and
- * templates/NAME.html, and renders both with the same context. */
+ * templates/NAME.html, and renders both with the same context (the HTML
+ * with the rendered subject as {{subject}} too). */
 static int mail_render(struct app *app, const char *name,
 		       const struct tctx *ctx, struct buf *subject,
 		       struct buf *text, struct buf *html, char *err,
@@ -6602,7 +6669,11 @@ static int mail_render(struct app *app, const char *name,
 		snprintf(err, errlen, "template %s: cannot read it", path);
 		goto out;
 	}
-	rc = tpl_render_file(tpl.data, path, ctx, TPL_HTML, dir, ".html", html,
+	/* the subject is written once, in the .txt; the HTML shows it as
+	 * {{subject}} (its <title>) */
+	struct tvar sv = {"subject", subject->data, NULL, 0};
+	struct tctx hctx = {&sv, 1, ctx};
+	rc = tpl_render_file(tpl.data, path, &hctx, TPL_HTML, dir, ".html", html,
 			     err, errlen);
 	if (rc == 0 && !(val_utf8(subject->data, subject->len) &&
 			 val_utf8(text->data, text->len) &&
@@ -7490,15 +7561,22 @@ static void mc_reason(struct msgctx *mc, const struct config *cfg,
 }
 
 /* The order a post-purchase message is about: order_id, order_items,
- * order_total. */
-static int mc_order(struct msgctx *mc, struct app *app, int64_t order)
+ * order_total. A preview's sample order (m->order < 0) is m's items,
+ * total and currency. */
+static int mc_order(struct msgctx *mc, struct app *app, const struct msgrow *m)
 {
 	char key[80] = "", cur[8], total[48];
 	copy_str(cur, sizeof cur, app->cfg->currency);
 	struct buf items = {0};
 	double sum = 0;
-	sqlite3_stmt *s = q(app->db, ST_ORDER_OF, "i", order);
-	if (sqlite3_step(s) == SQLITE_ROW) {
+	if (m->order < 0) {
+		copy_str(key, sizeof key, "SAMPLE-1001");
+		buf_adds(&items, m->items);
+		sum = m->total;
+		copy_str(cur, sizeof cur, m->currency);
+	}
+	sqlite3_stmt *s = q(app->db, ST_ORDER_OF, "i", m->order);
+	if (m->order > 0 && sqlite3_step(s) == SQLITE_ROW) {
 		copy_str(key, sizeof key, col_text(s, 0));
 		buf_adds(&items, col_text(s, 1));
 		sum = sqlite3_column_double(s, 2);
@@ -7560,6 +7638,8 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 	snprintf(year, sizeof year, "%d", tm.tm_year + 1900);
 	mc_set(mc, "store_name", cfg->store_name);
 	mc_set(mc, "store_tagline", cfg->store_tagline);
+	mc_set(mc, "logo_url", cfg->logo_url);
+	mc_set(mc, "brand_color", cfg->brand_color);
 	mc_set(mc, "postal_address", cfg->postal_address);
 	mc_set(mc, "name", m->name);
 	mc_set(mc, "first_name", first);
@@ -7581,7 +7661,7 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 		mc_set(mc, "item_count", count);
 	} else if ((mc_template_uses(app, m->tpl, "recommendations") &&
 		    mc_recos(mc, app, m->contact, m->currency) < 0) ||
-		   (m->order && mc_order(mc, app, m->order) < 0)) {
+		   (m->order && mc_order(mc, app, m) < 0)) {
 		return -1;
 	}
 	/* the catalog's word for what the mail is about, for copy that fits
@@ -7675,26 +7755,44 @@ static int msg_prepare(struct app *app, struct msgrow *m, rm_time now,
 	return 0;
 }
 
-/* Renders and builds message M (subject, text, HTML) into OUT; fails with a
- * message in ERR when a template is missing or broken. */
-static int msg_compose(struct app *app, struct msgrow *m, rm_time now,
-		       struct buf *out, char *err, size_t errlen)
+/* Puts PREFIX ("[TEST] ") before a rendered SUBJECT: the mail's subject
+ * only, not the <title> the HTML already shows. */
+static void subject_mark(struct buf *subject, const char *prefix)
 {
-	rm_time code_expires;
-	struct msgctx mc = {0};
-	struct buf subject = {0}, text = {0}, html = {0};
-	int rc = -1;
-	if (msg_prepare(app, m, now, &code_expires) < 0) {
-		snprintf(err, errlen, "database error preparing message %lld",
-			 (long long)m->id);
-		goto out;
+	if (!*prefix)
+		return;
+	struct buf marked = {0};
+	buf_adds(&marked, prefix);
+	buf_adds(&marked, subject->data ? subject->data : "");
+	if (buf_failed(&marked)) { /* mail_build then refuses the subject */
+		buf_free(&marked);
+		buf_free(subject);
+		return;
 	}
+	buf_free(subject);
+	*subject = marked;
+}
+
+/* Renders template m->tpl for message M (its code and Message-ID already
+ * fixed) and builds it into OUT: the one path from a message to its
+ * bytes, for the tick and for `remarket preview` and `send-test` alike.
+ * SUBJECT_PREFIX goes before the subject ("[TEST] " for a test, else "");
+ * TEXT and HTML receive the rendered parts. */
+static int msg_build(struct app *app, const struct msgrow *m, rm_time now,
+		     rm_time code_expires, const char *subject_prefix,
+		     struct buf *text, struct buf *html, struct buf *out,
+		     char *err, size_t errlen)
+{
+	struct msgctx mc = {0};
+	struct buf subject = {0};
+	int rc = -1;
 	if (mc_build(&mc, app, m, now, code_expires) < 0) {
 		snprintf(err, errlen, "out of memory");
 		goto out;
 	}
-	if (mail_render(app, m->tpl, &mc.ctx, &subject, &text, &html, err, errlen))
+	if (mail_render(app, m->tpl, &mc.ctx, &subject, text, html, err, errlen))
 		goto out;
+	subject_mark(&subject, subject_prefix);
 	char unsub[1300];
 	const char *u = NULL;
 	for (size_t i = 0; i < mc.n; i++)
@@ -7710,15 +7808,189 @@ static int msg_compose(struct app *app, struct msgrow *m, rm_time now,
 	snprintf(fbl, sizeof fbl, "%s:%d%c:remarket", m->flow, m->step,
 		 m->variant ? m->variant : 'A');
 	struct mail mail = {app->cfg->from, m->email, subject.data, m->message_id,
-			    unsub, text.data, html.data, now, fbl, m->name,
+			    unsub, text->data, html->data, now, fbl, m->name,
 			    app->cfg->reply_to};
 	rc = mail_build(&mail, out, err, errlen);
 out:
 	mc_free(&mc);
 	buf_free(&subject);
+	return rc;
+}
+
+/* Renders and builds message M (subject, text, HTML) into OUT; fails with a
+ * message in ERR when a template is missing or broken. */
+static int msg_compose(struct app *app, struct msgrow *m, rm_time now,
+		       struct buf *out, char *err, size_t errlen)
+{
+	rm_time code_expires;
+	struct buf text = {0}, html = {0};
+	int rc = -1;
+	if (msg_prepare(app, m, now, &code_expires) < 0)
+		snprintf(err, errlen, "database error preparing message %lld",
+			 (long long)m->id);
+	else
+		rc = msg_build(app, m, now, code_expires, "", &text, &html, out,
+			       err, errlen);
 	buf_free(&text);
 	buf_free(&html);
 	return rc;
+}
+
+/* ---- previews: a message that is never recorded ---- */
+/*
+ * `remarket preview` and `remarket send-test` render a template through
+ * msg_build, as the tick does, for a real contact (their latest cart or
+ * order, their recommendations) or a sample one. The row is made in
+ * memory: no message, enrollment, attempt or code is written. Its id is
+ * 0, so its signed links (unsubscribe, cart, discount, open) name no
+ * message and change nothing when followed; a discount shows a code
+ * that is visibly not one.
+ */
+/* The step that sends M->tpl: its trigger, flow, position and discount. */
+static void preview_step(struct app *app, struct msgrow *m)
+{
+	sqlite3_stmt *s = q(app->db, ST_PREVIEW_STEP, "t", m->tpl);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		copy_str(m->trigger, sizeof m->trigger, col_text(s, 0));
+		copy_str(m->flow, sizeof m->flow, col_text(s, 1));
+		m->step = sqlite3_column_int(s, 2);
+		m->pct = sqlite3_column_int(s, 3);
+		m->valid = (long)sqlite3_column_int64(s, 4);
+		m->min_spend = sqlite3_column_double(s, 5);
+	}
+	sqlite3_reset(s);
+}
+
+/* The contact of EMAIL into M, or a sample one when EMAIL is NULL. */
+static int preview_contact(struct app *app, const char *email,
+			   struct msgrow *m, char *err, size_t errlen)
+{
+	if (!email) {
+		copy_str(m->email, sizeof m->email, "sample@example.com");
+		copy_str(m->name, sizeof m->name, "Sample Customer");
+		return 0;
+	}
+	sqlite3_stmt *s = q(app->db, ST_PREVIEW_CONTACT, "t", email);
+	int found = sqlite3_step(s) == SQLITE_ROW;
+	if (found) {
+		m->contact = sqlite3_column_int64(s, 0);
+		copy_str(m->email, sizeof m->email, col_text(s, 1));
+		copy_str(m->name, sizeof m->name, col_text(s, 2));
+	}
+	sqlite3_reset(s);
+	if (!found)
+		snprintf(err, errlen, "no contact '%s' (an address seen in an "
+			 "event or an import); leave out --email for a sample",
+			 email);
+	return found ? 0 : -1;
+}
+
+/* What the mail is about, as the trigger wants: the contact's latest cart
+ * or order, or two catalog products for a sample contact. */
+static int preview_about(struct app *app, struct msgrow *m, char *err,
+			   size_t errlen)
+{
+	int cart = !strcmp(m->trigger, "cart_abandoned");
+	int order = !strcmp(m->trigger, "order_placed");
+	sqlite3_stmt *s;
+	if (m->contact && cart) {
+		s = q(app->db, ST_PREVIEW_CART, "i", m->contact);
+		if (sqlite3_step(s) == SQLITE_ROW) {
+			copy_str(m->cart_key, sizeof m->cart_key, col_text(s, 0));
+			m->items = strdup(col_text(s, 1));
+			m->total = sqlite3_column_double(s, 2);
+			copy_str(m->currency, sizeof m->currency, col_text(s, 3));
+		}
+		sqlite3_reset(s);
+	} else if (m->contact && order) {
+		s = q(app->db, ST_PREVIEW_ORDER, "i", m->contact);
+		if (sqlite3_step(s) == SQLITE_ROW) {
+			m->order = sqlite3_column_int64(s, 0);
+			copy_str(m->currency, sizeof m->currency, col_text(s, 1));
+		}
+		sqlite3_reset(s);
+	} else if (cart || order) { /* a sample: the catalog, else made up */
+		s = q(app->db, ST_PREVIEW_SAMPLE_ITEMS, NULL);
+		const char *j = sqlite3_step(s) == SQLITE_ROW ? col_text(s, 0) : "[]";
+		m->items = strdup(strcmp(j, "[]") ? j :
+			"[{\"sku\":\"SAMPLE-1\",\"name\":\"Sample product\","
+			"\"qty\":2,\"price\":24.5},{\"sku\":\"SAMPLE-2\","
+			"\"name\":\"Another sample product\",\"qty\":1,"
+			"\"price\":39}]");
+		sqlite3_reset(s);
+		if (cart)
+			copy_str(m->cart_key, sizeof m->cart_key, "sample-cart");
+		else
+			m->order = -1; /* mc_order: m's items are the order */
+	}
+	if ((cart && !*m->cart_key) || (order && !m->order)) {
+		snprintf(err, errlen, "%s has no %s to show; leave out --email "
+			 "for a sample", m->email, cart ? "cart" : "order");
+		return -1;
+	}
+	if (!*m->currency)
+		copy_str(m->currency, sizeof m->currency,
+			 *app->cfg->currency ? app->cfg->currency : "EUR");
+	if (!m->items)
+		m->items = strdup("[]");
+	if (m->items && (m->cart_key[0] || m->order < 0)) {
+		s = q(app->db, ST_ITEMS_TRUST, "t", m->items); /* as msg_load */
+		if (sqlite3_step(s) == SQLITE_ROW) {
+			m->printable = sqlite3_column_int(s, 0);
+			/* a sample's total is its items' */
+			if (sqlite3_column_int(s, 1) > 0 || !m->contact)
+				m->total = sqlite3_column_double(s, 2);
+		}
+		sqlite3_reset(s);
+	}
+	if (!m->items)
+		snprintf(err, errlen, "out of memory");
+	return m->items ? 0 : -1;
+}
+
+/* Fills M (m->items to free) for a preview of template TPL for the contact
+ * of EMAIL (NULL: a sample), as the step that sends TPL would; TRIGGER
+ * (NULL: the step's) says which kind of mail a template of no step is. */
+static int msg_preview_load(struct app *app, const char *tpl,
+			    const char *trigger, const char *email, rm_time now,
+			    struct msgrow *m, rm_time *code_expires, char *err,
+			    size_t errlen)
+{
+	memset(m, 0, sizeof *m);
+	*code_expires = 0;
+	copy_str(m->tpl, sizeof m->tpl, tpl);
+	m->variant = 'A';
+	preview_step(app, m);
+	if (trigger)
+		copy_str(m->trigger, sizeof m->trigger, trigger);
+	if (strcmp(m->trigger, "cart_abandoned") &&
+	    strcmp(m->trigger, "customer_lapsed") &&
+	    strcmp(m->trigger, "order_placed")) {
+		snprintf(err, errlen, "%s: %s; say which mail it is with --trigger "
+			 "cart_abandoned, customer_lapsed or order_placed", tpl,
+			 *m->trigger ? "not a trigger" : "no flow step sends it");
+		return -1;
+	}
+	if (!*m->flow)
+		copy_str(m->flow, sizeof m->flow, "preview");
+	if (preview_contact(app, email, m, err, errlen) < 0 ||
+	    preview_about(app, m, err, errlen) < 0)
+		return -1;
+	unsigned char r[8];
+	char hex[17], dom[256];
+	randombytes_buf(r, sizeof r);
+	sodium_bin2hex(hex, sizeof hex, r, sizeof r);
+	addr_spec(app->cfg->from, dom, sizeof dom);
+	char *at = strchr(dom, '@');
+	snprintf(m->message_id, sizeof m->message_id, "<rm.preview.%s@%s>", hex,
+		 at ? at + 1 : "localhost");
+	if (m->pct > 0) { /* the terms msg_prepare would give the code */
+		copy_str(m->code, sizeof m->code, PREVIEW_CODE);
+		*code_expires = now + (m->valid > 0 ? m->valid : 48 * 3600);
+		if (m->min_spend < 0)
+			m->min_spend = min_spend_nice(median_order(app, m->contact, now));
+	}
+	return 0;
 }
 
 /* ==== The flow engine: detect, claim, send, record ==================== */
@@ -8259,9 +8531,12 @@ out:
 }
 
 /* browser_consent = confirm: the double opt-in mail of one contact, with
- * a signed link (30 days) to the confirm page. */
-static int confirm_mail(struct app *app, int64_t contact, const char *email,
-			rm_time now, char *err, size_t errlen)
+ * a signed link (30 days) to the confirm page, built into MSG (its text
+ * and HTML parts into TEXT and HTML). SUBJECT_PREFIX: as msg_build. */
+static int confirm_build(struct app *app, int64_t contact, const char *email,
+			 rm_time now, const char *subject_prefix,
+			 struct buf *text, struct buf *html, struct buf *msg,
+			 char *err, size_t errlen)
 {
 	char url[1200], tok[TOK_MAXLEN + 1], year[8], mid[200], dom[256];
 	struct tm tm;
@@ -8278,13 +8553,15 @@ static int confirm_mail(struct app *app, int64_t contact, const char *email,
 	struct tvar v[] = {
 		{"store_name", app->cfg->store_name, NULL, 0},
 		{"store_url", app->cfg->store_url, NULL, 0},
+		{"logo_url", app->cfg->logo_url, NULL, 0},
+		{"brand_color", app->cfg->brand_color, NULL, 0},
 		{"postal_address", app->cfg->postal_address, NULL, 0},
 		{"email", email, NULL, 0},
 		{"year", year, NULL, 0},
 		{"confirm_url", url, NULL, 0},
 	};
 	struct tctx ctx = {v, sizeof v / sizeof v[0], NULL};
-	struct buf subject = {0}, text = {0}, html = {0}, msg = {0};
+	struct buf subject = {0};
 	addr_spec(app->cfg->from, dom, sizeof dom);
 	char *at = strchr(dom, '@');
 	snprintf(mid, sizeof mid, "<rm.confirm.%lld.%lld@%s>", (long long)contact,
@@ -8293,22 +8570,64 @@ static int confirm_mail(struct app *app, int64_t contact, const char *email,
 	char unsub[1300];
 	snprintf(unsub, sizeof unsub, "<%s>", url);
 	int rc = -1;
-	if (mail_render(app, "confirm", &ctx, &subject, &text, &html, err, errlen))
+	if (mail_render(app, "confirm", &ctx, &subject, text, html, err, errlen))
 		goto out;
+	subject_mark(&subject, subject_prefix);
 	struct mail m = {app->cfg->from, email, subject.data, mid, unsub,
-			 text.data, html.data, now, "confirm:remarket", NULL,
+			 text->data, html->data, now, "confirm:remarket", NULL,
 			 app->cfg->reply_to};
-	if (mail_build(&m, &msg, err, errlen))
-		goto out;
-	/* the outbox names it m-NNNNN.eml (minus the contact id), apart from
-	 * the messages' mNNNNNN.eml; a refused address is not tried again */
-	enum send_result r = mail_send(app, -contact, email, &msg, err, errlen);
-	rc = r == SEND_OK ? 0 : r == SEND_PERM ? -2 : -1;
+	rc = mail_build(&m, msg, err, errlen);
 out:
 	buf_free(&subject);
+	return rc;
+}
+
+/* Builds and sends the confirmation mail of CONTACT. */
+static int confirm_mail(struct app *app, int64_t contact, const char *email,
+			rm_time now, char *err, size_t errlen)
+{
+	struct buf text = {0}, html = {0}, msg = {0};
+	int rc = -1;
+	if (confirm_build(app, contact, email, now, "", &text, &html, &msg, err,
+			  errlen) == 0) {
+		/* the outbox names it m-NNNNN.eml (minus the contact id), apart
+		 * from the messages' mNNNNNN.eml; a refused address is not
+		 * tried again */
+		enum send_result r = mail_send(app, -contact, email, &msg, err,
+					       errlen);
+		rc = r == SEND_OK ? 0 : r == SEND_PERM ? -2 : -1;
+	}
 	buf_free(&text);
 	buf_free(&html);
 	buf_free(&msg);
+	return rc;
+}
+
+/* `remarket preview` and `send-test`: template TPL for the contact of
+ * EMAIL (NULL: a sample) built into MSG, its parts into TEXT and HTML,
+ * addressed to TO (NULL: the contact), through the tick's own code:
+ * msg_build (see "previews" in The message context), or confirm_build
+ * for the double opt-in mail. Nothing is written to the database. */
+int mail_preview(struct app *app, const char *tpl, const char *trigger,
+		 const char *email, const char *to, rm_time now,
+		 const char *prefix, struct buf *text, struct buf *html,
+		 struct buf *msg, char *err, size_t errlen)
+{
+	if (!strcmp(tpl, "confirm")) {
+		const char *addr = to ? to : email ? email : "sample@example.com";
+		return confirm_build(app, 0, addr, now, prefix, text, html, msg,
+				     err, errlen);
+	}
+	struct msgrow m;
+	rm_time code_expires;
+	int rc = msg_preview_load(app, tpl, trigger, email, now, &m,
+				  &code_expires, err, errlen);
+	if (rc == 0 && to)
+		copy_str(m.email, sizeof m.email, to);
+	if (rc == 0)
+		rc = msg_build(app, &m, now, code_expires, prefix, text, html, msg,
+			       err, errlen);
+	free(m.items);
 	return rc;
 }
 
@@ -11944,7 +12263,9 @@ static void route_open(struct app *app, const struct http_req *rq,
 		char *dot = strstr(tok, ".gif");
 		if (dot)
 			*dot = '\0';
-		if (app_tok_verify(app, tok, TOK_OPEN, now, &msg) == TOK_OK)
+		/* message 0: a preview or test mail, recorded nowhere */
+		if (app_tok_verify(app, tok, TOK_OPEN, now, &msg) == TOK_OK &&
+		    msg > 0)
 			record(app, msg, "open", now);
 	}
 	resp_gif(rs);
@@ -13722,6 +14043,148 @@ static int cmd_recommend(struct app *app, struct config *cfg, rm_time now,
 
 static int cmd_usage(const char *name);
 
+/* ---- preview and send-test: a template as a person will see it ---- */
+
+/* The options of preview and send-test after their fixed words: --email
+ * ADDR, --trigger T, --out DIR (preview only) and --now T (read by
+ * cmd_run). 0, or the exit code of a wrong command line. */
+struct preview_opts {
+	const char *email, *trigger, *out;
+};
+static int preview_args(int argc, char **argv, int first, int out_ok,
+			struct preview_opts *o)
+{
+	for (int i = first; i < argc; i += 2) {
+		const char *a = argv[i];
+		const char **slot = !strcmp(a, "--email") ? &o->email :
+				    !strcmp(a, "--trigger") ? &o->trigger :
+				    !strcmp(a, "--out") && out_ok ? &o->out : NULL;
+		if (!strcmp(a, "--now") && i + 1 < argc)
+			continue;
+		if (!slot || i + 1 >= argc)
+			return cmd_usage(argv[0]);
+		*slot = argv[i + 1];
+	}
+	return 0;
+}
+
+/* Writes DIR/NAME.EXT (0600; the directory 0700: a preview may hold a
+ * real person's cart). */
+static int preview_write(const char *dir, const char *name, const char *ext,
+			 const struct buf *b)
+{
+	char path[PATH_MAX];
+	int n = snprintf(path, sizeof path, "%s/%s.%s", dir, name, ext);
+	if (n < 0 || (size_t)n >= sizeof path || mkdir_p(dir, 0700) < 0 ||
+	    write_file_atomic(path, b->data, b->len, 0600) < 0) {
+		fprintf(stderr, "remarket preview: %s/%s.%s: %s\n", dir, name, ext,
+			n < 0 || (size_t)n >= sizeof path ? "path too long" :
+			strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* remarket preview TEMPLATE [--email ADDR] [--trigger T] [--out DIR]:
+ * DIR/TEMPLATE.eml (the whole message) and DIR/TEMPLATE.html (its HTML
+ * part, to open in a browser); the text part on stdout. */
+static int cmd_preview(struct app *app, struct config *cfg, rm_time now,
+		       int argc, char **argv)
+{
+	(void)cfg;
+	struct preview_opts o = {NULL, NULL, "./remarket-preview"};
+	int rc = preview_args(argc, argv, 2, 1, &o);
+	if (rc)
+		return rc;
+	const char *tpl = argv[1];
+	struct buf text = {0}, html = {0}, msg = {0};
+	char err[512];
+	rc = 1;
+	if (mail_preview(app, tpl, o.trigger, o.email, NULL, now, "", &text,
+			 &html, &msg, err, sizeof err) < 0)
+		fprintf(stderr, "remarket preview: %s\n", err);
+	else if (preview_write(o.out, tpl, "eml", &msg) == 0 &&
+		 preview_write(o.out, tpl, "html", &html) == 0) {
+		fputs(text.data, stdout);
+		fprintf(stderr, "remarket preview: %s/%s.eml and %s/%s.html "
+			"(for %s)\n", o.out, tpl, o.out, tpl,
+			o.email ? o.email : "a sample contact");
+		rc = 0;
+	}
+	buf_free(&text);
+	buf_free(&html);
+	buf_free(&msg);
+	return rc;
+}
+
+/* Hands a test mail to the relay, or writes it to the outbox as
+ * test-TEMPLATE-NOW.eml (never mNNNNNN.eml: no message has its number). */
+static int send_test_deliver(struct app *app, const char *tpl, const char *to,
+			     rm_time now, const struct buf *msg, char *err,
+			     size_t errlen)
+{
+	char from[320];
+	if (*app->cfg->smtp_url) /* a test has no message: the from address */
+		return verp_sender(app, 0, from, sizeof from) == 0 &&
+		       smtp_send(app, from, to, msg, err, errlen) == SEND_OK ? 0 : -1;
+	char path[PATH_MAX];
+	int n = snprintf(path, sizeof path, "%s/test-%s-%lld.eml",
+			 app->cfg->outbox, tpl, (long long)now);
+	if (n < 0 || (size_t)n >= sizeof path || mkdir_p(app->cfg->outbox, 0700) < 0 ||
+	    write_file_atomic(path, msg->data, msg->len, 0600) < 0) {
+		snprintf(err, errlen, "outbox %s: %s", app->cfg->outbox,
+			 n < 0 || (size_t)n >= sizeof path ? "path too long" :
+			 strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* remarket send-test TEMPLATE ADDR [--email CONTACT] [--trigger T]: one
+ * mail through the relay (or the outbox), "[TEST] " before its subject
+ * and X-Remarket-Test: yes among its headers, recorded nowhere. */
+static int cmd_send_test(struct app *app, struct config *cfg, rm_time now,
+			 int argc, char **argv)
+{
+	struct preview_opts o = {NULL, NULL, NULL};
+	int rc = preview_args(argc, argv, 3, 0, &o);
+	if (rc)
+		return rc;
+	const char *tpl = argv[1], *to = argv[2];
+	if (!val_email(to)) {
+		fprintf(stderr, "remarket send-test: '%s' is not an email address\n",
+			to);
+		return 2;
+	}
+	struct buf text = {0}, html = {0}, built = {0}, msg = {0};
+	char err[1024];
+	rc = 1;
+	if (mail_preview(app, tpl, o.trigger, o.email, to, now, "[TEST] ", &text,
+			 &html, &built, err, sizeof err) < 0) {
+		fprintf(stderr, "remarket send-test: %s\n", err);
+		goto out;
+	}
+	/* a header of its own, before mail_build's: filters can sort tests */
+	buf_adds(&msg, "X-Remarket-Test: yes\r\n");
+	buf_add(&msg, built.data, built.len);
+	if (buf_failed(&msg))
+		fprintf(stderr, "remarket send-test: out of memory\n");
+	else if (send_test_deliver(app, tpl, to, now, &msg, err, sizeof err) < 0)
+		fprintf(stderr, "remarket send-test: %s\n", err);
+	else {
+		printf("remarket: test of %s sent to %s %s %s\n", tpl, to,
+		       *cfg->smtp_url ? "through" : "into the outbox",
+		       *cfg->smtp_url ? "the relay" : cfg->outbox);
+		rc = 0;
+	}
+out:
+	buf_free(&text);
+	buf_free(&html);
+	buf_free(&built);
+	buf_free(&msg);
+	return rc;
+}
+
 /* People and personal data. `contact` and `export` print one person's rows
  * (PERSON_JSON; export adds the events' bodies); `unsubscribe` does what
  * the mail's link does; `suppress` stops or allows mail to an address;
@@ -14076,6 +14539,13 @@ static const struct command commands[] = {
 	 "the products win-back would recommend"},
 	{"products", CMD_APP, 3, 3, cmd_products, "kind SKU product|service",
 	 "mark a catalog line a product or a service\n(postage, fees: never recommended)"},
+	{"preview", CMD_APP, 1, -1, cmd_preview,
+	 "TEMPLATE [--email ADDR] [--trigger T] [--out DIR]",
+	 "render a mail as the tick would (for ADDR's\ncart or order, or a sample) into DIR\n"
+	 "(./remarket-preview): .eml, .html; text on stdout"},
+	{"send-test", CMD_APP, 2, -1, cmd_send_test,
+	 "TEMPLATE ADDR [--email CONTACT] [--trigger T]",
+	 "send one \"[TEST]\" mail to ADDR, recorded nowhere"},
 	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv [--rejects REJECTS.csv]",
 	 "fill the catalog, load past orders"},
 	{"contact", CMD_APP, 1, 2, cmd_contact, "[--json] EMAIL",

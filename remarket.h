@@ -55,6 +55,8 @@ struct config {
 			       * "": the from address, untagged */
 	char *mailgun_signing_key;   /* POST /feedback/mailgun ("": refused) */
 	char *postmark_webhook_auth; /* "user:password" of /feedback/postmark */
+	char *logo_url;    /* the store's logo atop every mail ("": its name) */
+	char *brand_color; /* #rrggbb: buttons and the mails' top rule */
 	char *currency; /* ISO 4217; mails with no cart or order use it ("": none) */
 	char *locale;   /* how mails write money and dates: "en_GB", "fr_FR" */
 	char *timezone; /* IANA name mails' dates are in ("Europe/Paris") */
@@ -350,6 +352,18 @@ int verp_sender(const struct app *app, int64_t message, char *out, size_t n);
 int verp_parse(const struct app *app, const char *addr, int64_t *message);
 
 /* ==== The message context ============================================= */
+
+/* Template TPL rendered and built as the tick would for the contact of
+ * EMAIL (their latest cart or order; NULL: a sample contact), addressed
+ * to TO (NULL: the contact), PREFIX before the subject ("[TEST] " or "").
+ * TRIGGER (NULL: the trigger of the step that sends TPL) says which kind
+ * of mail it is. Writes nothing: no message, attempt or code; links are
+ * signed for message 0 and a discount shows PREVIEW_CODE. */
+#define PREVIEW_CODE "SAMPLE-NOT-A-CODE"
+int mail_preview(struct app *app, const char *tpl, const char *trigger,
+		 const char *email, const char *to, rm_time now,
+		 const char *prefix, struct buf *text, struct buf *html,
+		 struct buf *msg, char *err, size_t errlen);
 
 /* 1 if template TPL (text or HTML, or a partial of theirs) shows VAR:
  * the recommendation queries run only for a template that shows them. */

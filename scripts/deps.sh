@@ -6,10 +6,13 @@
 set -eu
 want="build-essential pkg-config libfcgi-dev libsqlite3-dev libcurl4-openssl-dev libsodium-dev sqlite3 curl"
 case "${1:-build}" in
-  test)  want="$want clang-14 libclang-rt-14-dev nginx-light postfix valgrind perl python3 apache2 lighttpd chromium chromium-driver fonts-dejavu-core" ;;
+  test)  want="$want clang-14 libclang-rt-14-dev nginx-light postfix valgrind perl python3 apache2 lighttpd chromium chromium-driver fonts-dejavu-core tidy" ;;
   bench) want="$want nginx-light postfix wrk bc" ;;
   shop)  want="$want nginx-light python3" ;;
 esac
+# tidy validates the rendered mails (tests/48-templates.t); SpamAssassin is
+# left out (some 40 packages and a perl upgrade): that test scores mails
+# when REMARKET_SPAMASSASSIN names one, or spamassassin is on PATH
 # the bench's hook probe and slow relay are python3; /usr/bin/time gives RSS
 [ "${1:-build}" != bench ] || want="$want python3 time"
 missing=""

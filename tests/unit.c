@@ -4224,7 +4224,7 @@ static void test_mail_names(void)
 	setenv("REMARKET_FROM", "\"Maison Demo, Paris\" <shop@example.com>", 1);
 	setenv("REMARKET_TIMEZONE", "Europe/Paris", 1);
 	int rc = cfg_load(&cfg, NULL, err, sizeof err);
-	unsetenv("REMARKET_FROM");
+	setenv("REMARKET_FROM", "Maison Demo <shop@example.com>", 1); /* main()'s */
 	unsetenv("REMARKET_TIMEZONE");
 	if (ok(rc == 0, "a quoted from and a timezone load (%s)", rc ? err : "")) {
 		is_str(cfg.store_name, "Maison Demo, Paris", "... the store name is unquoted");
@@ -4369,10 +4369,11 @@ static void test_tracked_links(void)
 	setenv("REMARKET_FROM", "Maison Demo, Paris <shop@example.com>", 1);
 	struct world w;
 	int opened = world_open(&w, "links");
+	/* back to main()'s settings, which later tests read */
 	unsetenv("REMARKET_STORE_URL");
-	unsetenv("REMARKET_BASE_URL");
-	unsetenv("REMARKET_CART_URL");
-	unsetenv("REMARKET_FROM");
+	setenv("REMARKET_BASE_URL", BASE_URL, 1);
+	setenv("REMARKET_CART_URL", CART_URL, 1);
+	setenv("REMARKET_FROM", "Maison Demo <shop@example.com>", 1);
 	if (!ok(opened == 0, "links: world opens"))
 		return;
 	struct tick_summary s;
@@ -6474,6 +6475,111 @@ static void test_status(void)
 	world_close(&w);
 }
 
+/* remarket preview / send-test (mail_preview) and the store's look in
+ * every mail: brand_color and logo_url, checked at config load. */
+static void test_preview(void)
+{
+	struct world w;
+	char err[512] = "";
+	struct config c;
+	setenv("REMARKET_BRAND_COLOR", "green", 1);
+	int rc = cfg_load(&c, NULL, err, sizeof err);
+	ok(rc < 0 && strstr(err, "brand_color"), "brand_color 'green' is refused at load (%s)",
+	   vis(err));
+	setenv("REMARKET_BRAND_COLOR", "#12345g", 1);
+	ok(cfg_load(&c, NULL, err, sizeof err) < 0, "brand_color '#12345g' is refused");
+	setenv("REMARKET_BRAND_COLOR", "#AbCdEf", 1);
+	setenv("REMARKET_LOGO_URL", "javascript:alert(1)", 1);
+	rc = cfg_load(&c, NULL, err, sizeof err);
+	ok(rc < 0 && strstr(err, "logo_url"), "logo_url 'javascript:' is refused (%s)", vis(err));
+	setenv("REMARKET_LOGO_URL", "https://shop.example.com/logo.png", 1);
+	err[0] = '\0';
+	rc = cfg_load(&c, NULL, err, sizeof err);
+	if (ok(rc == 0, "#AbCdEf and an https logo load (%s)", vis(err))) {
+		is_str(c.brand_color, "#AbCdEf", "... brand_color kept");
+		cfg_free(&c);
+	}
+	if (!ok(world_open(&w, "preview") == 0, "preview: world opens"))
+		goto env;
+	cart_event(&w, "zoe@example.com", "Zoë Ångström", "z1", 1, T0);
+	const char *counts = "SELECT (SELECT count(*) FROM messages) * 1000000 + "
+			     "(SELECT count(*) FROM enrollments) * 1000 + "
+			     "(SELECT count(*) FROM discounts)";
+	long long before = sq(&w, "%s", counts);
+	struct buf text = {0}, html = {0}, msg = {0};
+	err[0] = '\0';
+	rc = mail_preview(&w.app, "cart_incentive", NULL, "zoe@example.com", NULL,
+			      T0 + DAY, "", &text, &html, &msg, err, sizeof err);
+	if (ok(rc == 0, "preview of cart_incentive for a real contact (%s)", vis(err))) {
+		ok(contains(text.data, "Hi Zoë,"), "... for that contact, by name");
+		ok(contains(text.data, "Wool rug") && contains(text.data, "Linen lamp"),
+		   "... with their cart's items");
+		ok(contains(text.data, PREVIEW_CODE), "... the discount is a visibly fake code");
+		ok(contains(html.data, "<title>Your cart, now 10% off</title>"),
+		   "the subject is written once: the .txt's, shown as the HTML's <title>");
+		ok(contains(html.data, "#AbCdEf") && contains(html.data, "logo.png\" width=\"200\" height=\"50\""),
+		   "... brand_color and logo_url reach the HTML");
+		is_str(header_of(msg.data, "To"), "=?UTF-8?B?Wm/DqyDDhW5nc3Ryw7Zt?= <zoe@example.com>",
+	       "... addressed to the contact, by name");
+	}
+	is_int(sq(&w, "%s", counts), before, "a preview writes no message, enrollment or code");
+	buf_reset(&text), buf_reset(&html), buf_reset(&msg);
+	err[0] = '\0';
+	rc = mail_preview(&w.app, "winback_offer", NULL, NULL, "me@example.org", T0 + DAY,
+			  "[TEST] ", &text, &html, &msg, err, sizeof err);
+	ok(rc == 0 && !strcmp(header_of(msg.data, "Subject"),
+			      "[TEST] A thank-you from Maison Demo: 15% off your next order"),
+	   "send-test's mail: '[TEST] ' before the subject (%s)", vis(err));
+	is_str(header_of(msg.data, "To"), "Sample Customer <me@example.org>",
+	       "... to the test address (with the sample's name, as a contact sees it)");
+	ok(contains(html.data, "<title>A thank-you from"), "... not before the <title>");
+	ok(contains(text.data, "Hi Sample,"), "... for a sample contact without --email");
+	buf_reset(&text), buf_reset(&html), buf_reset(&msg);
+	err[0] = '\0';
+	rc = mail_preview(&w.app, "cart_reminder", NULL, NULL, NULL, T0, "", &text, &html,
+			  &msg, err, sizeof err);
+	ok(rc == 0 && contains(text.data, "Sample product") &&
+	   contains(text.data, "Total: \xE2\x82\xAC" "88.00"),
+	   "a sample cart (empty catalog): made-up items, and their total (%s)", vis(err));
+	char tok[TOK_MAXLEN + 1] = "";
+	const char *u = strstr(html.data ? html.data : "", BASE_URL "/u/");
+	int64_t subject = -1;
+	for (size_t i = 0; u && i < TOK_MAXLEN; i++) {
+		char ch = u[strlen(BASE_URL "/u/") + i];
+		if (!isalnum((unsigned char)ch) && ch != '-' && ch != '_')
+			break;
+		tok[i] = ch, tok[i + 1] = '\0';
+	}
+	ok(app_tok_verify(&w.app, tok, TOK_UNSUB, T0 + DAY, &subject) == TOK_OK && subject == 0,
+	   "its links are signed for message 0 (no message): following them changes nothing");
+	buf_reset(&text), buf_reset(&html), buf_reset(&msg);
+	err[0] = '\0';
+	rc = mail_preview(&w.app, "order_thanks", NULL, "zoe@example.com", NULL, T0 + DAY, "",
+			  &text, &html, &msg, err, sizeof err);
+	ok(rc == -1 && strstr(err, "no order"), "a contact without an order: post-purchase "
+	   "preview refused, saying so (%s)", vis(err));
+	err[0] = '\0';
+	rc = mail_preview(&w.app, "order_thanks", NULL, NULL, NULL, T0 + DAY, "",
+			  &text, &html, &msg, err, sizeof err);
+	ok(rc == 0 && contains(text.data, "Order SAMPLE-1001"), "a sample order otherwise (%s)",
+	   vis(err));
+	err[0] = '\0';
+	rc = mail_preview(&w.app, "cart_reminder", NULL, "nobody@example.com", NULL, T0, "",
+			  &text, &html, &msg, err, sizeof err);
+	ok(rc == -1 && strstr(err, "no contact"), "an unknown --email is refused (%s)", vis(err));
+	err[0] = '\0';
+	rc = mail_preview(&w.app, "footer", NULL, NULL, NULL, T0, "", &text, &html, &msg,
+			  err, sizeof err);
+	ok(rc == -1 && strstr(err, "--trigger"), "a template no step sends needs --trigger (%s)",
+	   vis(err));
+	buf_free(&text), buf_free(&html), buf_free(&msg);
+	is_int(sq(&w, "%s", counts), before, "... and still nothing was written");
+	world_close(&w);
+env:
+	unsetenv("REMARKET_BRAND_COLOR");
+	unsetenv("REMARKET_LOGO_URL");
+}
+
 /* ==== Main ============================================================ */
 
 static int find_templates(void)
@@ -7033,6 +7139,7 @@ int main(void)
 	test_review_sending();
 	test_send_connections();
 	test_fuzz_findings();
+	test_preview();
 	test_carts_as_shops();
 	test_feedback();
 	test_feedback_http();
