@@ -704,6 +704,25 @@ static void cfg_derive_origin(struct config *cfg)
 	curl_url_cleanup(u);
 }
 
+/* smtp_url may carry the relay's password (smtp://user:pw@host): no
+ * message, log line, tick summary or stored error may print it, so every
+ * one that names the URL prints this instead. curl_url parses it as
+ * libcurl will; the user name stays, it helps and is no secret. */
+void url_shown(const char *url, char *out, size_t n)
+{
+	CURLU *u = curl_url();
+	char *shown = NULL;
+	unsigned flags = CURLU_NON_SUPPORT_SCHEME;
+	if (u && curl_url_set(u, CURLUPART_URL, url, flags) == CURLUE_OK &&
+	    curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_URL, &shown, 0) == CURLUE_OK)
+		copy_str(out, n, shown);
+	else
+		copy_str(out, n, "(smtp_url: not a URL)");
+	curl_free(shown);
+	curl_url_cleanup(u);
+}
+
 /* The whole configuration: defaults, then the file, then REMARKET_<KEY>
  * variables, then the derived values and the checks across keys. */
 static int cfg_load_all(struct config *cfg, const char *file, char *err,
@@ -2437,12 +2456,23 @@ static int load_key(struct app *app, const char *path, char *err,
 	return 0;
 }
 
-int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
+/* As app_open; with KEYLESS set, a key ring that cannot be read is no
+ * error: the app is opened for a command that signs nothing (`flows`,
+ * `report`, `contact`...), which an operator without the key may run.
+ * app->nokey says so, and its signing key is random: a token made with it
+ * by mistake would verify nowhere. */
+int app_open_keyless(struct app *app, struct config *cfg, int keyless,
+		     char *err, size_t errlen)
 {
 	memset(app, 0, sizeof *app);
 	app->cfg = cfg;
-	if (load_key(app, cfg->key_file, err, errlen) < 0 ||
-	    db_open(&app->db, cfg->db, err, errlen) < 0)
+	if (load_key(app, cfg->key_file, err, errlen) < 0) {
+		if (!keyless)
+			return -1;
+		app->nokey = 1;
+		randombytes_buf(app->key, sizeof app->key);
+	}
+	if (db_open(&app->db, cfg->db, err, errlen) < 0)
 		return -1;
 	int have = db_user_version(app->db);
 	int want = (int)(sizeof migrations / sizeof migrations[0]);
@@ -2459,6 +2489,11 @@ int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
 		return -1;
 	}
 	return 0;
+}
+
+int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
+{
+	return app_open_keyless(app, cfg, 0, err, errlen);
 }
 
 void app_close(struct app *app)
@@ -6225,7 +6260,9 @@ static enum send_result smtp_send(struct app *app, const char *to,
 	enum send_result r = smtp_classify(rc, code, tr.stage, tr.reply);
 	if (strcmp(cfg->log_pii, "yes") != 0)
 		redact_addrs(tr.reply, sizeof tr.reply);
-	snprintf(err, errlen, "smtp_url %s: %s%s%s%s (at %s)%s", cfg->smtp_url,
+	char shown[512];
+	url_shown(cfg->smtp_url, shown, sizeof shown);
+	snprintf(err, errlen, "smtp_url %s: %s%s%s%s (at %s)%s", shown,
 		 *cerr ? cerr : curl_easy_strerror(rc),
 		 *tr.reply ? ": \"" : "", tr.reply, *tr.reply ? "\"" : "",
 		 tr.stage,
@@ -10568,6 +10605,8 @@ static int serve_cgi(struct config *cfg)
  * its own database connection.
  */
 
+static int cmd_usage(const char *name);
+
 /* Makes the operator's files private, whatever the umask they were made
  * under: the database and its -wal and -shm, the key file. */
 static void init_private_files(const struct config *cfg)
@@ -10643,8 +10682,10 @@ static int cmd_init(struct app *app, struct config *cfg, rm_time now, int argc,
 			strerror(errno));
 		return 1;
 	}
+	char shown[512];
+	url_shown(cfg->smtp_url, shown, sizeof shown);
 	printf("remarket: database %s at schema %d; mail goes to %s\n", cfg->db, v,
-	       *cfg->smtp_url ? cfg->smtp_url : cfg->outbox);
+	       *cfg->smtp_url ? shown : cfg->outbox);
 	return 0;
 }
 
@@ -10862,6 +10903,12 @@ static int report_link(struct app *app, rm_time now, int argc, char **argv)
 		fprintf(stderr, "remarket report --link: --days: want 1 to 366\n");
 		return 2;
 	}
+	if (app->nokey) { /* the one form of report that signs */
+		fprintf(stderr, "remarket report --link: the link is signed with "
+			"the key in key_file %s, which cannot be read: run this as "
+			"the user remarket runs as\n", app->cfg->key_file);
+		return 1;
+	}
 	if (tok_sign(app->key, TOK_REPORT, report_subject(app->cfg),
 		     now + days * 86400, tok, sizeof tok) < 0)
 		return 1;
@@ -10875,10 +10922,14 @@ static int cmd_report(struct app *app, struct config *cfg, rm_time now,
 		      int argc, char **argv)
 {
 	(void)cfg;
+	int link = 0, json = 0, rc = 0;
 	for (int i = 1; i < argc; i++)
-		if (!strcmp(argv[i], "--link"))
-			return report_link(app, now, argc, argv);
+		link |= !strcmp(argv[i], "--link"), json |= !strcmp(argv[i], "--json");
 	const char *a = arg_value(argc, argv, "--since");
+	if (link ? json || a : arg_value(argc, argv, "--days") != NULL)
+		return cmd_usage(argv[0]); /* the options of the other form */
+	if (link)
+		return report_link(app, now, argc, argv);
 	rm_time since = a ? parse_time(a, now) : now - 30 * 86400;
 	if (since < 0 || since > now) {
 		fprintf(stderr, "remarket report: --since: want 2026-11-01, Unix "
@@ -10891,9 +10942,6 @@ static int cmd_report(struct app *app, struct config *cfg, rm_time now,
 		free(r);
 		return 1;
 	}
-	int json = 0, rc = 0;
-	for (int i = 1; i < argc; i++)
-		json |= !strcmp(argv[i], "--json");
 	if (json && report_json(r, &out) < 0) {
 		fprintf(stderr, "remarket: out of memory writing the report\n");
 		rc = 1;
@@ -11126,8 +11174,9 @@ static int cmd_flows(struct app *app, struct config *cfg, rm_time now, int argc,
 	if (!strcmp(argv[0], "variant"))
 		return flows_variant(app, argc - 1, argv + 1);
 	if (!strcmp(argv[0], "holdout") && argc == 3) {
-		int pct = atoi(argv[2]);
-		if (pct < 0 || pct > 50 ||
+		char *end;
+		long pct = strtol(argv[2], &end, 10);
+		if (!isdigit((unsigned char)*argv[2]) || *end || pct > 50 ||
 		    q_exec(app->db, q(app->db, ST_FLOW_HOLDOUT, "ti", argv[1],
 				      (int64_t)pct)) < 0 ||
 		    sqlite3_changes(app->db->h) != 1) {
@@ -11205,20 +11254,18 @@ static int cmd_recommend(struct app *app, struct config *cfg, rm_time now,
 			 int argc, char **argv)
 {
 	(void)cfg, (void)now;
-	char skus[16][65];
-	if (argc < 2 || !val_email(argv[1])) {
-		fprintf(stderr, "usage: remarket recommend EMAIL [N]\n");
-		return 2;
-	}
+	char skus[16][65], *end = NULL;
+	long want = argc > 2 ? strtol(argv[2], &end, 10) : 3;
+	if (argc < 2 || !val_email(argv[1]) || (end && *end) || want < 1 ||
+	    want > 16)
+		return cmd_usage(argv[0]);
 	sqlite3_stmt *s = q(app->db, ST_CONTACT_ID, "t", argv[1]);
 	int64_t contact = scalar_id(app->db, s);
-	int n = reco_for(app, contact, skus, argc > 2 ? atoi(argv[2]) : 3);
+	int n = reco_for(app, contact, skus, (int)want);
 	for (int i = 0; i < n; i++)
 		printf("%s\n", skus[i]);
 	return n < 0;
 }
-
-static int cmd_usage(const char *name);
 
 /* People and personal data. `contact` and `export` print one person's rows
  * (PERSON_JSON; export adds the events' bodies); `unsubscribe` does what
@@ -11239,11 +11286,11 @@ static int cmd_contact(struct app *app, struct config *cfg, rm_time now,
 		       int argc, char **argv)
 {
 	(void)cfg, (void)now;
+	/* cmd_run put the address first, the options after it */
 	int export = !strcmp(argv[0], "export");
-	int json = export || (argc == 3 && !strcmp(argv[1], "--json"));
-	const char *email = argv[argc - 1];
-	if ((argc == 3 && !json) || (export && argc != 2))
-		return cmd_usage(argv[0]);
+	int json = export || (argc == 3 && !strcmp(argv[2], "--json"));
+	const char *email = argv[1];
+	(void)argc;
 	int64_t id;
 	if (person_id(app, argv[0], email, &id))
 		return 1;
@@ -11438,65 +11485,79 @@ static int cmd_version(struct app *app, struct config *cfg, rm_time now,
  * rows, one per form; the first row of a name dispatches. A row without
  * an args string is an alias, left out of the usage.
  *
- * Every cmd_* has the same signature. argv[0] is the command's name;
- * app is NULL when the row does not need it, and now is the --now of
- * the command line (or the real clock) when it does.
+ * The usage line is also the list of options: each "--word" in the args
+ * of a command's rows is one, and takes a value when the usage gives it
+ * one ("[--since D]", not "[--json]"); --now T is every command's that
+ * opens the app. cmd_run refuses any other word that starts with '-',
+ * counts the rest against min_args and max_args, and answers --help.
+ *
+ * Every cmd_* has the same signature. argv[0] is the command's name,
+ * then the words that are no option, in their order, then the options
+ * with their values, less --now; app is NULL when the row does not need
+ * it, and now is the --now of the command line (or the real clock) when
+ * it does.
  */
 typedef int cmd_fn(struct app *app, struct config *cfg, rm_time now, int argc,
 		   char **argv);
 enum cmd_needs {
 	CMD_ALONE, /* the config only: init, keygen, serve, help, version */
 	CMD_APP,   /* the key ring and the database, opened before it runs */
+	CMD_READ,  /* the database, and the key ring if it can be read: a
+		    * command that signs nothing works without the key */
 };
 struct command {
 	const char *name;
 	enum cmd_needs needs;
-	int min_args, max_args; /* words after the name; max -1: any */
+	int min_args, max_args; /* words after the name, less the options and
+				 * their values; max -1: any */
 	cmd_fn *fn;
 	const char *args;       /* usage: what follows the name ("\n" wraps) */
 	const char *help;       /* usage: what it does ("\n" wraps) */
 };
 
 static const struct command commands[] = {
-	{"init", CMD_ALONE, 0, 1, cmd_init, "[--new-key]",
+	{"init", CMD_ALONE, 0, 0, cmd_init, "[--new-key]",
 	 "create or migrate the database, make the key"},
-	{"keygen", CMD_ALONE, 0, 1, cmd_keygen, "[--rotate]",
+	{"keygen", CMD_ALONE, 0, 0, cmd_keygen, "[--rotate]",
 	 "print a new 32-byte key (raw) on stdout, or\n"
 	 "add one to key_file (old links stay valid)"},
 	{"serve", CMD_ALONE, 1, 1, cmd_serve, "ADDR",
 	 "FastCGI on a unix socket path or host:port"},
-	{"tick", CMD_APP, 0, -1, cmd_tick, "[--now T]",
+	{"tick", CMD_APP, 0, 0, cmd_tick, "[--now T]",
 	 "run one tick, print a JSON summary"},
-	{"event", CMD_APP, 0, -1, cmd_event, "[--now T] [--partial]",
+	{"event", CMD_APP, 0, 0, cmd_event, "[--now T] [--partial]",
 	 "record JSON event(s) read on stdin"},
-	{"report", CMD_APP, 0, -1, cmd_report, "[--json] [--since D]",
+	{"report", CMD_READ, 0, 0, cmd_report, "[--json] [--since D]",
 	 "results since D (default -30d)"},
-	{"report", CMD_APP, 0, -1, cmd_report, "--link [--days N]",
-	 "a URL that opens the report in a\nbrowser for N days (default 7)"},
-	{"flows", CMD_APP, 0, -1, cmd_flows,
+	{"report", CMD_READ, 0, 0, cmd_report, "--link [--days N]",
+	 "a URL that opens the report in a\nbrowser for N days (default 7;\n"
+	 "signed: needs the key)"},
+	{"flows", CMD_READ, 0, -1, cmd_flows,
 	 "[set F N k=v | enable F | disable F | holdout F PCT |\n"
 	 "variant F N k=v | variant F N off | resume F N]",
 	 "list the flows, or change one"},
-	{"segments", CMD_APP, 0, -1, cmd_segments, "[--now T]",
+	{"segments", CMD_READ, 0, 0, cmd_segments, "[--now T]",
 	 "RFM segments and the lapse threshold"},
-	{"recommend", CMD_APP, 1, -1, cmd_recommend, "EMAIL [N]",
-	 "the products win-back would recommend"},
+	{"recommend", CMD_READ, 1, 2, cmd_recommend, "EMAIL [N]",
+	 "the products win-back would recommend\n(N: 1 to 16, default 3)"},
 	{"products", CMD_APP, 3, 3, cmd_products, "kind SKU product|service",
 	 "mark a catalog line a product or a service\n(postage, fees: never recommended)"},
-	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv [--rejects REJECTS.csv]",
-	 "fill the catalog, load past orders"},
-	{"contact", CMD_APP, 1, 2, cmd_contact, "[--json] EMAIL",
+	{"import", CMD_APP, 2, 2, cmd_import,
+	 "products|orders FILE.csv [--rejects REJECTS.csv]\n[--dry-run]",
+	 "fill the catalog, load past orders;\n"
+	 "--dry-run: say what would be imported"},
+	{"contact", CMD_READ, 1, 1, cmd_contact, "[--json] EMAIL",
 	 "everything known of a person and sent to them"},
 	{"unsubscribe", CMD_APP, 1, 1, cmd_unsubscribe, "EMAIL",
 	 "as the mail's link: every flow stops"},
 	{"suppress", CMD_APP, 1, 2, cmd_suppress, "add|remove EMAIL | list",
 	 "stop (or allow again) all mail to an address"},
-	{"export", CMD_APP, 1, 1, cmd_contact, "EMAIL",
+	{"export", CMD_READ, 1, 1, cmd_contact, "EMAIL",
 	 "a person's data as JSON (GDPR access)"},
 	{"forget", CMD_APP, 1, 1, cmd_forget, "EMAIL",
 	 "erase a person (GDPR); keeps a keyed hash\nso they are never mailed again"},
-	{"help", CMD_ALONE, 0, 1, cmd_help, "[--man]",
-	 "this list; --man: the man page's SYNOPSIS"},
+	{"help", CMD_ALONE, 0, 1, cmd_help, "[COMMAND | --man]",
+	 "this list, or one command's; --man: the man\npage's SYNOPSIS"},
 	{"version", CMD_ALONE, 0, 0, cmd_version, "", "print the version"},
 	{"--help", CMD_ALONE, 0, -1, cmd_help, NULL, NULL},
 	{"--version", CMD_ALONE, 0, -1, cmd_version, NULL, NULL},
@@ -11587,14 +11648,49 @@ static void man_synopsis(void)
 	       "(as a CGI program or on a FastCGI listening socket)\n");
 }
 
+static const struct command *cmd_find(const char *name);
+
+/* `remarket help CMD`, `remarket CMD --help`: the command's usage lines
+ * and what each form does, and what it needs, on stdout. */
+static void cmd_describe(const struct command *c)
+{
+	const char *needs = "";
+	for (size_t i = 0; i < NCOMMANDS; i++) {
+		const struct command *r = &commands[i];
+		if (strcmp(r->name, c->name) || !r->args)
+			continue;
+		int w = printf("usage: remarket %s%s", r->name, *r->args ? " " : "");
+		print_wrapped(stdout, r->args, w);
+		printf("\n  ");
+		print_wrapped(stdout, r->help, 2);
+		putchar('\n');
+	}
+	if (c->needs == CMD_APP)
+		needs = "Opens the database and needs the key (key_file).\n";
+	else if (c->needs == CMD_READ)
+		needs = "Opens the database; works without the key (key_file).\n";
+	printf("%s", needs);
+	if (c->needs != CMD_ALONE)
+		printf("--now T runs it at time T: Unix seconds, "
+		       "2026-11-24T10:00:00Z, or +90m/+2h/+3d from now.\n");
+}
+
 static int cmd_help(struct app *app, struct config *cfg, rm_time now, int argc,
 		    char **argv)
 {
 	(void)app, (void)cfg, (void)now;
-	if (argc == 2 && !strcmp(argv[1], "--man"))
+	const struct command *c = argc == 2 ? cmd_find(argv[1]) : NULL;
+	if (argc == 2 && !strcmp(argv[1], "--man")) {
 		man_synopsis();
-	else
+	} else if (argc == 2 && (!c || !c->args)) {
+		fprintf(stderr, "remarket: unknown command '%s' (see remarket "
+			"help)\n", argv[1]);
+		return 2;
+	} else if (c) {
+		cmd_describe(c);
+	} else {
 		usage(stdout);
+	}
 	return 0;
 }
 
@@ -11614,29 +11710,122 @@ static const struct command *cmd_find(const char *name)
 	return NULL;
 }
 
-/* Checks the arity, opens the app if the command needs it, runs it. */
+/* 1 if WORD is an option of USAGE (a row's args): "--since" of
+ * "[--json] [--since D]"; *VALUE is 1 if the usage gives it a value (a
+ * word after it that opens no bracket and is no option nor '|'). */
+static int usage_opt(const char *usage, const char *word, int *value)
+{
+	static const char sep[] = " \n[]|";
+	size_t n = strlen(word);
+	for (const char *p = usage; *p;) {
+		size_t k = strcspn(p, sep);
+		if (k == n && !strncmp(p, word, n)) {
+			const char *v = p + k;
+			while (*v == ' ' || *v == '\n')
+				v++;
+			*value = p[k] == ' ' && *v && !strchr("[]|-", *v);
+			return 1;
+		}
+		p += k ? k : 1;
+	}
+	return 0;
+}
+
+/* 1 if WORD is one of command C's options (any of its rows'); *VALUE
+ * says whether it takes one. --now is every app command's. */
+static int cmd_opt(const struct command *c, const char *word, int *value)
+{
+	*value = 1;
+	if (c->needs != CMD_ALONE && !strcmp(word, "--now"))
+		return 1;
+	if (strncmp(word, "--", 2) || !word[2])
+		return 0;
+	for (size_t i = 0; i < NCOMMANDS; i++)
+		if (!strcmp(commands[i].name, c->name) && commands[i].args &&
+		    usage_opt(commands[i].args, word, value))
+			return 1;
+	return 0;
+}
+
+/* Checks the words after C's name against its options and arity (see
+ * struct command) and puts them in AV for the command: its name, the
+ * other words in their order, then the options with their values, less
+ * --now (the caller has read it). Returns 0, or 2 with the usage said. */
+static int cmd_words(const struct command *c, int argc, char **argv, char **av,
+		     int *avc)
+{
+	int words = 0, n = 1;
+	av[0] = argv[0];
+	for (int i = 1; i < argc; i++) { /* the words that are no option */
+		int value;
+		if (argv[i][0] != '-' || !argv[i][1]) {
+			av[n++] = argv[i], words++;
+		} else if (!cmd_opt(c, argv[i], &value)) {
+			fprintf(stderr, "remarket %s: unknown option '%s'\n", c->name,
+				argv[i]);
+			return cmd_usage(c->name);
+		} else if (value && ++i == argc) {
+			fprintf(stderr, "remarket %s: %s needs a value\n", c->name,
+				argv[i - 1]);
+			return cmd_usage(c->name);
+		}
+	}
+	for (int i = 1; i < argc; i++) { /* then the options */
+		int value;
+		if (argv[i][0] != '-' || !argv[i][1] || !cmd_opt(c, argv[i], &value))
+			continue;
+		if (strcmp(argv[i], "--now"))
+			av[n++] = argv[i];
+		if (value && strcmp(argv[i++], "--now"))
+			av[n++] = argv[i];
+	}
+	if (words < c->min_args || (c->max_args >= 0 && words > c->max_args))
+		return cmd_usage(c->name);
+	av[n] = NULL;
+	*avc = n;
+	return 0;
+}
+
+/* Answers --help, checks the words, opens the app if the command needs
+ * it (CMD_READ: without the key if it cannot be read), runs it. */
 static int cmd_run(const struct command *c, struct config *cfg, int argc,
 		   char **argv)
 {
-	int words = argc - 1;
-	if (words < c->min_args || (c->max_args >= 0 && words > c->max_args))
-		return cmd_usage(c->name);
-	if (c->needs == CMD_ALONE)
-		return c->fn(NULL, cfg, 0, argc, argv);
-	struct app app;
-	char err[512];
-	if (app_open(&app, cfg, err, sizeof err) < 0) {
-		fprintf(stderr, "remarket %s: %s\n", argv[0], err);
+	for (int i = 1; i < argc; i++)
+		if (!strcmp(argv[i], "--help")) {
+			cmd_describe(c);
+			return 0;
+		}
+	rm_time now = now_arg(argc, argv);
+	char **av = malloc(((size_t)argc + 1) * sizeof *av);
+	int avc, rc = 2;
+	if (!av) {
+		fprintf(stderr, "remarket: out of memory\n");
 		return 1;
 	}
-	rm_time now = now_arg(argc, argv);
-	int rc = 2;
+	if (cmd_words(c, argc, argv, av, &avc)) {
+		free(av);
+		return 2;
+	}
+	if (c->needs == CMD_ALONE) {
+		rc = c->fn(NULL, cfg, 0, avc, av);
+		free(av);
+		return rc;
+	}
+	struct app app;
+	char err[512];
+	if (app_open_keyless(&app, cfg, c->needs == CMD_READ, err, sizeof err) < 0) {
+		fprintf(stderr, "remarket %s: %s\n", argv[0], err);
+		free(av);
+		return 1;
+	}
 	if (now < 0)
 		fprintf(stderr, "remarket: --now: want Unix seconds, ISO 8601 or "
 			"+N[smhd]\n");
 	else
-		rc = c->fn(&app, cfg, now, argc, argv);
+		rc = c->fn(&app, cfg, now, avc, av);
 	app_close(&app);
+	free(av);
 	return rc;
 }
 
@@ -11670,8 +11859,8 @@ static int run(int argc, char **argv)
 	else if (!cmd)
 		usage(stderr), rc = 2;
 	else if (!c)
-		fprintf(stderr, "remarket: no command '%s'; the commands are:\n",
-			cmd), usage(stderr), rc = 2;
+		fprintf(stderr, "remarket: unknown command '%s' (see remarket "
+			"help)\n", cmd), rc = 2;
 	else
 		rc = cmd_run(c, &cfg, argc - 1, argv + 1);
 	cfg_free(&cfg);

@@ -87,6 +87,10 @@ struct config {
  * if it exists), then REMARKET_<KEY> variables. */
 int cfg_load(struct config *cfg, const char *file, char *err, size_t errlen);
 void cfg_free(struct config *cfg);
+/* URL without its password ("smtp://user:pw@relay" gives
+ * "smtp://user@relay"), for every message that names smtp_url; a URL
+ * curl cannot parse is shown as "(smtp_url: not a URL)", never raw. */
+void url_shown(const char *url, char *out, size_t n);
 
 /* ==== Storage: connection, migrations, named statements =============== */
 
@@ -122,8 +126,13 @@ struct app {
 	 * one a mail */
 	double store_median;
 	int64_t median_at;
+	int nokey; /* opened without the key ring (app_open_keyless) */
 };
 int app_open(struct app *app, struct config *cfg, char *err, size_t errlen);
+/* As app_open; with KEYLESS, an unreadable key ring leaves app->nokey set
+ * (and a random key that verifies nothing) instead of failing. */
+int app_open_keyless(struct app *app, struct config *cfg, int keyless,
+		     char *err, size_t errlen);
 void app_close(struct app *app);
 
 /* ==== Validators ====================================================== */
