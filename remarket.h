@@ -226,14 +226,23 @@ int ev_ingest_partial(struct app *app, enum ev_source src, const char *json,
 /* ==== Catalog and order imports (CSV) ================================= */
 
 /* The CSV importers (`remarket import products|orders`): the first record
- * names the columns, each row is validated and recorded as an EV_CLI event
- * (orders in transactions of at most 500 orders or 10 ms). Print the
- * counts on stdout, up to 20 refusals on stderr. Return 0, 1 if a row was
- * refused, 2 if the orders header lacks order_id, date or sku. */
+ * names the columns (separated by ',', ';' or tabs, after a UTF-8 byte
+ * order mark or not), each row is validated and recorded as an EV_CLI
+ * event (orders in transactions of at most 500 orders or 10 ms). Print
+ * the counts on stdout, up to 20 refusals on stderr (with the line of
+ * the file and the CSV's column) and a summary by reason. Return 0, or 1
+ * if a row was refused or the header is missing or lacks a required
+ * column (nothing is imported then). */
 int import_products(struct app *app, FILE *f, rm_time now);
 int import_orders(struct app *app, FILE *f, rm_time now);
 int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 			  FILE *rejects);
+/* The same for ORDERS (1) or products (0), with NAME (the file's, for
+ * messages; NULL: "CSV"), REJECTS (orders only) and DRY_RUN: every line
+ * checked as the import would, nothing written, the counts printed as
+ * {"dry_run":true,"would_import":N,"refused":M}. */
+int import_file(struct app *app, int orders, FILE *f, rm_time now,
+		const char *name, FILE *rejects, int dry_run);
 /* If set, called after each write transaction of import_orders commits,
  * with the orders imported so far: the store's database is free then
  * (tests post a hook there). */
