@@ -2532,6 +2532,133 @@ static void imp_on_commit(struct app *app, long orders)
 	}
 }
 
+/* Files as people have them (issue 11): Excel's "CSV UTF-8" (a byte
+ * order mark), ';' and tab separators, a header required, a stray quote
+ * that swallows nothing, import_file's --dry-run writing nothing. */
+static void test_csv_files(void)
+{
+	struct world w;
+	char out[256], err[2048];
+	if (!ok(world_open(&w, "csvfiles") == 0, "csv files: world opens"))
+		return;
+	is_int(csv_run(&w, 1, "\xEF\xBB\xBForder_id;email;date;sku;name;price;qty\r\n"
+		       "b1;bom@example.com;2026-06-20T10:00:00+02:00;K1;Kettle;\"9,5\";1\r\n"
+		       "b2;bom@example.com;2026-06-21;K2;\"Cup; big\";4;2\r\n",
+		       out, sizeof out, err, sizeof err), 1,
+	       "BOM and ';': read (a decimal comma is no number: refused)");
+	is_str(out, "{\"imported\":1,\"refused\":1}\n", "... one in, one refused");
+	ok(strstr(err, "CSV line 2: price: must be a number (order b1)") != NULL,
+	   "... the refusal names the line and the column (%s)", err);
+	is_int(sq(&w, "SELECT count(*) FROM orders, json_each(items) WHERE "
+		  "value ->> 'name' = 'Cup; big'"), 1,
+	       "... a quoted ';' is text; the BOM is not in the first column's name");
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'bom@example.com'"), 1,
+	       "... the contact made");
+
+	is_int(csv_run(&w, 1, "order_id\temail\tdate\tsku\tname\tprice\tqty\n"
+		       "t1\ttab@example.com\t2026-06-20T10:00:00+02:00\tK1\tKettle, red\t3\t1\n",
+		       out, sizeof out, err, sizeof err), 0, "tab-separated: exit 0");
+	is_int(sq(&w, "SELECT ts FROM orders WHERE order_key = 't1'"), 1781942400,
+	       "... its date with an offset read as UTC (08:00Z)");
+	is_int(sq(&w, "SELECT count(*) FROM orders, json_each(items) WHERE "
+		  "value ->> 'name' = 'Kettle, red'"), 1,
+	       "... a ',' inside a tab-separated field is text");
+
+	is_int(csv_run(&w, 1, "n1,nohdr@example.com,2026-06-20,K1,Kettle,1,1\n",
+		       out, sizeof out, err, sizeof err), 1,
+	       "a file without its header: exit 1, not 0");
+	ok(strstr(err, "line 1 names none of the columns") != NULL,
+	   "... said (%s)", err);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'nohdr@example.com'"),
+	       0, "... and nothing imported");
+	is_int(csv_run(&w, 0, "P9,Lamp,12\n", out, sizeof out, err, sizeof err), 1,
+	       "products without a header: exit 1");
+	is_int(csv_run(&w, 0, "name,price\nLamp,12\n", out, sizeof out, err, sizeof err), 1,
+	       "products without a sku column: exit 1");
+	ok(strstr(err, "missing column 'sku'\n") != NULL, "... named (%s)", err);
+	is_int(csv_run(&w, 0, "", out, sizeof out, err, sizeof err), 1,
+	       "an empty file: exit 1");
+
+	/* a stray quote on line 3: lines 4 and 5 are still read */
+	is_int(csv_run(&w, 1, "order_id,email,date,sku,name,price,qty\n"
+		       "q1,q@example.com,2026-06-20,K1,Kettle,1,1\n"
+		       "q2,q@example.com,2026-06-20,K1,\"Kettle,1,1\n"
+		       "q3,q@example.com,2026-06-20,K1,\"Cup \"\"big\"\"\",2,1\n"
+		       "q4,q@example.com,2026-06-20,K1,\"two\nlines\",2,1\n"
+		       "q5,q@example.com,2026-06-20,K1,Pot,2,1\n",
+		       out, sizeof out, err, sizeof err), 1, "a stray quote: exit 1");
+	is_str(out, "{\"imported\":3,\"refused\":2}\n",
+	       "... its line refused, the others read");
+	ok(strstr(err, "CSV line 3: a quote (\") opened on this line is never closed")
+	   != NULL, "... the line where the quote opened named (%s)", err);
+	is_int(sq(&w, "SELECT count(*) FROM orders, json_each(items) WHERE "
+		  "value ->> 'name' IN ('Cup \"big\"', 'Pot')"), 2,
+	       "... doubled quotes read as one, the line after a field on two "
+	       "lines read");
+	ok(strstr(err, "CSV line 5: name: invalid value (order q4)") != NULL,
+	   "... a field on two lines is one record, named by its first line "
+	   "(a name may not hold a newline) (%s)", err);
+	is_int(csv_run(&w, 1, "order_id,email,date,sku,name,price,qty\n"
+		       "u1,u@example.com,2026-06-20,K1,Kettle,1,1\n"
+		       "u2,u@example.com,2026-06-20,K1,\"Kettle,1,1\n",
+		       out, sizeof out, err, sizeof err), 1,
+	       "a quote never closed on the last line");
+	ok(strstr(err, "CSV line 3: a quote") != NULL, "... named (%s)", err);
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'u1'"), 1,
+	       "... the line before it imported");
+
+	/* more columns than the 16 of before: a shop's export has ~70 */
+	struct buf wide = {0};
+	for (int i = 0; i < 60; i++)
+		buf_addf(&wide, "extra%d,", i);
+	buf_adds(&wide, "order_id,email,date,sku,name,price,qty\n");
+	for (int i = 0; i < 60; i++)
+		buf_adds(&wide, "x,");
+	buf_adds(&wide, "wide1,wide@example.com,2026-06-20,K1,Kettle,1,1\n");
+	is_int(csv_run(&w, 1, wide.data, out, sizeof out, err, sizeof err), 0,
+	       "67 columns: exit 0");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'wide1'"), 1,
+	       "... imported");
+	buf_free(&wide);
+
+	/* --dry-run: the counts and refusals of an import, nothing written */
+	long long before = sq(&w, "SELECT (SELECT count(*) FROM orders) * 1000 + "
+			      "(SELECT count(*) FROM contacts)");
+	static char dry[] = "order_id,email,date,sku,name,price,qty\n"
+			    "d1,dry@example.com,2026-06-20,K1,Kettle,1,1\n"
+			    "d2,dry2@example.com,2026-06-20,K1,Kettle,x,1\n"
+			    "d3,dry3@example.com,2026-06-20,K1,Kettle,1,0\n";
+	FILE *f = fmemopen(dry, sizeof dry - 1, "r");
+	FILE *co = tmpfile(), *ce = tmpfile();
+	int so = dup(1), se = dup(2), rc = -9;
+	if (f && co && ce) {
+		fflush(stdout), fflush(stderr);
+		dup2(fileno(co), 1), dup2(fileno(ce), 2);
+		rc = import_file(&w.app, 1, f, T0, "dry.csv", NULL, 1);
+		fflush(stdout), fflush(stderr);
+		dup2(so, 1), dup2(se, 2);
+		rewind(co), out[fread(out, 1, sizeof out - 1, co)] = '\0';
+		rewind(ce), err[fread(err, 1, sizeof err - 1, ce)] = '\0';
+	}
+	close(so), close(se);
+	if (f)
+		fclose(f);
+	if (co)
+		fclose(co);
+	if (ce)
+		fclose(ce);
+	is_int(rc, 1, "dry run: exit 1, as the import would");
+	is_str(out, "{\"dry_run\":true,\"would_import\":1,\"refused\":2}\n",
+	       "... what would be imported");
+	ok(strstr(err, "dry.csv line 3: price: must be a number (order d2)") &&
+	   strstr(err, "dry.csv line 4: qty: must be between 1 and") &&
+	   strstr(err, "refused: 1 line, 1 order, revenue 0.00: qty: must be"),
+	   "... each refusal and the summary by reason (%s)", err);
+	is_int(sq(&w, "SELECT (SELECT count(*) FROM orders) * 1000 + "
+		  "(SELECT count(*) FROM contacts)"), before, "... and nothing written");
+	world_close(&w);
+}
+
 /* import_orders' direct path: the rows it makes are the rows the same
  * orders make through ev_ingest; a re-import changes nothing; a big
  * import commits in several transactions, and a hook posted between two
@@ -6205,6 +6332,7 @@ int main(void)
 	test_review_winback_period();
 	test_segment_names();
 	test_csv_columns();
+	test_csv_files();
 	test_import_batches();
 	test_import_retail();
 	test_review_import();
