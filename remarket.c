@@ -2468,7 +2468,9 @@ int app_open_keyless(struct app *app, struct config *cfg, int keyless,
 	memset(app, 0, sizeof *app);
 	app->cfg = cfg;
 	if (load_key(app, cfg->key_file, err, errlen) < 0) {
-		if (!keyless)
+		/* no key and no database: a new install, which the key's
+		 * message tells to run init (opening would make the file) */
+		if (!keyless || access(cfg->db, F_OK) != 0)
 			return -1;
 		app->nokey = 1;
 		randombytes_buf(app->key, sizeof app->key);

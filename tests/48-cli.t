@@ -103,6 +103,10 @@ ok($rc == 2 && $err =~ /--since needs a value/, 'an option without its value: ex
 ok(!-e "$tmp/rm.db", '... and none of these opened the database');
 
 # ---- failures: exit 1 ----
+($rc, $out, $err) = rm('flows');
+ok($rc == 1 && $err =~ /run 'remarket init'/,
+	'flows (no key needed) before init: exit 1, saying to run init') or diag $err;
+ok(!-e "$tmp/rm.db", '... without making an empty database');
 ($rc, $out, $err) = rm('tick');
 is($rc, 1, 'tick before init: exit 1 (a failure, not a usage error)');
 like($err, qr/key_file .*run 'remarket init'/, '... naming the key file and the fix');
