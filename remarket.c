@@ -12146,7 +12146,7 @@ static int cmd_run(const struct command *c, struct config *cfg, int argc,
 		}
 	rm_time now = now_arg(argc, argv);
 	char **av = malloc(((size_t)argc + 1) * sizeof *av);
-	int avc, rc = 2;
+	int avc = 0, rc = 2;
 	if (!av) {
 		fprintf(stderr, "remarket: out of memory\n");
 		return 1;
