@@ -4352,11 +4352,16 @@ static const char *code_check(struct app *app, const char *code, double total,
 
 /* ==== Catalog and order imports (CSV) ================================= */
 /*
- * `remarket import products|orders FILE [--rejects R]`: RFC 4180 records (quoted
- * fields, doubled quotes, CRLF or LF, newlines inside quotes). Neither
+ * `remarket import products|orders FILE [--rejects R] [--dry-run]`: RFC
+ * 4180 records (quoted fields, doubled quotes, CRLF or LF, newlines
+ * inside quotes), separated by ',', ';' or tabs as the header line is,
+ * after a UTF-8 byte order mark or not (what Excel saves). Neither
  * SQLite's library nor the others here parse CSV, so this small reader
- * is ours. The first record names the columns, checked against one
- * {name, kind, need, param} table per import; each row becomes an event
+ * is ours. The first record must name the columns, checked against one
+ * {name, kind, need, param} table per import; a file without it imports
+ * nothing. A refusal is said with the file's line and the column as
+ * the header names it, never as the JSON path of the event the line
+ * became (csv_reason). Each row becomes an event
  * built by SQLite's json_object and goes through ev_ingest, the same
  * validation as every other door. One shortcut, for speed: an order whose
  * every line passes imp_line_plain (the same validators, applied to the
@@ -10951,10 +10956,14 @@ static int serve_cgi(struct config *cfg)
  * The operator's commands, one row each in the command table below
  * (commands[]: name, whether it needs the app, arity, function, usage):
  * init, keygen, serve, tick, event, report, flows, import, recommend,
- * products, segments, help, version. The table also makes usage() and the man
+ * products, segments, help, version. The table also makes usage(), `help
+ * CMD` and `CMD --help`, the options each command takes, and the man
  * page's SYNOPSIS (`remarket help --man`). A command that needs the
  * app opens its own, so every command, like every FastCGI thread, has
- * its own database connection.
+ * its own database connection; one that signs nothing (CMD_READ) opens
+ * it without the key when the key cannot be read. Exit codes: 0, 1 for a
+ * failure, 2 for a usage error (remarket.8, EXIT STATUS). No output
+ * prints smtp_url's password (url_shown).
  */
 
 static int cmd_usage(const char *name);
