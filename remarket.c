@@ -715,9 +715,12 @@ void url_shown(const char *url, char *out, size_t n)
 	unsigned flags = CURLU_NON_SUPPORT_SCHEME;
 	if (u && curl_url_set(u, CURLUPART_URL, url, flags) == CURLUE_OK &&
 	    curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) == CURLUE_OK &&
-	    curl_url_get(u, CURLUPART_URL, &shown, 0) == CURLUE_OK)
+	    curl_url_get(u, CURLUPART_URL, &shown, 0) == CURLUE_OK) {
+		size_t k = strlen(shown), l = strlen(url);
+		if (k && shown[k - 1] == '/' && l && url[l - 1] != '/')
+			shown[k - 1] = '\0'; /* the path curl adds, not the operator */
 		copy_str(out, n, shown);
-	else
+	} else
 		copy_str(out, n, "(smtp_url: not a URL)");
 	curl_free(shown);
 	curl_url_cleanup(u);

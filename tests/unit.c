@@ -4641,6 +4641,26 @@ static void test_send_connections(void)
 	unsetenv("REMARKET_SMTP_CONNECTIONS");
 }
 
+/* url_shown: smtp_url without its password, for every message (issue 11) */
+static void test_url_shown(void)
+{
+	static const char *const cases[][2] = {
+		{"smtp://shop:s3cret@relay.example:587", "smtp://shop@relay.example:587"},
+		{"smtps://shop:p%40ss@relay.example", "smtps://shop@relay.example"},
+		{"smtp+starttls://u:pw@127.0.0.1:2525", "smtp+starttls://u@127.0.0.1:2525"},
+		{"smtp://127.0.0.1:25", "smtp://127.0.0.1:25"},
+		{"smtp://relay.example/", "smtp://relay.example/"},
+		{"smtp://a:b@", "(smtp_url: not a URL)"},
+		{"not a url with:pw@", "(smtp_url: not a URL)"},
+	};
+	char out[256];
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		url_shown(cases[i][0], out, sizeof out);
+		ok(!strcmp(out, cases[i][1]), "url_shown(%s) is %s (%s)", cases[i][0],
+		   cases[i][1], out);
+	}
+}
+
 static void test_review_sending(void)
 {
 	struct world w;
@@ -6340,6 +6360,7 @@ int main(void)
 	test_sending();
 	test_review_sending();
 	test_send_connections();
+	test_url_shown();
 	test_fuzz_findings();
 	test_carts_as_shops();
 	int rc = done_testing();
