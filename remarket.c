@@ -832,6 +832,28 @@ static int cfg_web_url(const char *s)
 	return ok;
 }
 
+/* smtp_url may carry the relay's password (smtp://user:pw@host): no
+ * message, log line, tick summary or stored error may print it, so every
+ * one that names the URL prints this instead. curl_url parses it as
+ * libcurl will; the user name stays, it helps and is no secret. */
+void url_shown(const char *url, char *out, size_t n)
+{
+	CURLU *u = curl_url();
+	char *shown = NULL;
+	unsigned flags = CURLU_NON_SUPPORT_SCHEME;
+	if (u && curl_url_set(u, CURLUPART_URL, url, flags) == CURLUE_OK &&
+	    curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_URL, &shown, 0) == CURLUE_OK) {
+		size_t k = strlen(shown), l = strlen(url);
+		if (k && shown[k - 1] == '/' && l && url[l - 1] != '/')
+			shown[k - 1] = '\0'; /* the path curl adds, not the operator */
+		copy_str(out, n, shown);
+	} else
+		copy_str(out, n, "(smtp_url: not a URL)");
+	curl_free(shown);
+	curl_url_cleanup(u);
+}
+
 /* The whole configuration: defaults, then the file, then REMARKET_<KEY>
  * variables, then the derived values and the checks across keys. */
 static int cfg_load_all(struct config *cfg, const char *file, char *err,
@@ -1252,7 +1274,8 @@ void cfg_free(struct config *cfg)
 	  "CREATE TEMP TABLE IF NOT EXISTS imp (n INTEGER PRIMARY KEY, "       \
 	  "order_id TEXT, email TEXT, ts INTEGER, sku TEXT, name TEXT, "       \
 	  "price REAL, qty INTEGER, currency TEXT, consent INTEGER, "           \
-	  "plain INTEGER, customer_id TEXT)") /* plain: see imp_line_plain */  \
+	  "plain INTEGER, customer_id TEXT, line INTEGER)")                    \
+	/* plain: see imp_line_plain; line: the file's, for messages */        \
 	/* the lines go to the temp database only: no lock on the store's */  \
 	X(IMP_BEGIN, "BEGIN")                                                  \
 	/* 8 MiB of page cache (2 by default) for the import's connection:  \
@@ -1261,8 +1284,8 @@ void cfg_free(struct config *cfg)
 	X(IMP_CACHE, "PRAGMA cache_size = -8192")                              \
 	X(IMP_INSERT,                                                          \
 	  "INSERT INTO temp.imp (order_id, email, ts, sku, name, price, qty, " \
-	  "currency, consent, plain, customer_id) VALUES (?1, ?2, ?3, ?4, ?5, " \
-	  "?6, coalesce(?7, 1), ?8, ?9, ?10, ?11)")                            \
+	  "currency, consent, plain, customer_id, line) VALUES (?1, ?2, ?3, "  \
+	  "?4, ?5, ?6, coalesce(?7, 1), ?8, ?9, ?10, ?11, ?12)")               \
 	X(IMP_INDEX,                                                           \
 	  "CREATE INDEX IF NOT EXISTS temp.imp_order ON imp (order_id, n)")    \
 	/* the orders in the order they are ingested: by date, then as the   \
@@ -1298,7 +1321,7 @@ void cfg_free(struct config *cfg)
 	/* the lines of order ?1 as the file had them, for --rejects */       \
 	X(IMP_ORDER_LINES,                                                     \
 	  "SELECT i.order_id, i.sku, i.name, i.qty, i.price, i.ts, "           \
-	  "i.customer_id FROM temp.imp_o o JOIN temp.imp i "                   \
+	  "i.customer_id, i.line FROM temp.imp_o o JOIN temp.imp i "           \
 	  "ON i.order_id IS o.order_id WHERE o.seq = ?1 ORDER BY i.n")         \
 	X(IMP_CLEAR, "DELETE FROM temp.imp")                                   \
 	X(IMP_LIST_CLEAR, "DELETE FROM temp.imp_o")                            \
@@ -2770,12 +2793,25 @@ static int load_key(struct app *app, const char *path, char *err,
 	return 0;
 }
 
-int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
+/* As app_open; with KEYLESS set, a key ring that cannot be read is no
+ * error: the app is opened for a command that signs nothing (`flows`,
+ * `report`, `contact`...), which an operator without the key may run.
+ * app->nokey says so, and its signing key is random: a token made with it
+ * by mistake would verify nowhere. */
+int app_open_keyless(struct app *app, struct config *cfg, int keyless,
+		     char *err, size_t errlen)
 {
 	memset(app, 0, sizeof *app);
 	app->cfg = cfg;
-	if (load_key(app, cfg->key_file, err, errlen) < 0 ||
-	    db_open(&app->db, cfg->db, err, errlen) < 0)
+	if (load_key(app, cfg->key_file, err, errlen) < 0) {
+		/* no key and no database: a new install, which the key's
+		 * message tells to run init (opening would make the file) */
+		if (!keyless || access(cfg->db, F_OK) != 0)
+			return -1;
+		app->nokey = 1;
+		randombytes_buf(app->key, sizeof app->key);
+	}
+	if (db_open(&app->db, cfg->db, err, errlen) < 0)
 		return -1;
 	int have = db_user_version(app->db);
 	int want = (int)(sizeof migrations / sizeof migrations[0]);
@@ -2792,6 +2828,11 @@ int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
 		return -1;
 	}
 	return 0;
+}
+
+int app_open(struct app *app, struct config *cfg, char *err, size_t errlen)
+{
+	return app_open_keyless(app, cfg, 0, err, errlen);
 }
 
 void app_close(struct app *app)
@@ -4689,6 +4730,33 @@ int ev_ingest_partial(struct app *app, enum ev_source src, const char *json,
 	return ev_ingest_batch(app, src, json, len, visitor, now, err, refused);
 }
 
+/* The checks of ev_ingest for the operator's JSON, storing nothing: 0 if
+ * it would be accepted, else -1 with ERR filled in. `import --dry-run`
+ * asks it; what only storing can refuse (a full disk) it cannot foresee. */
+static int ev_check(struct app *app, const char *json, size_t len, rm_time now,
+		    struct ev_error *err)
+{
+	err->status = err->duplicates = 0;
+	err->msg[0] = '\0';
+	if (len == 0)
+		return fail(err, 400, "body: empty");
+	if (!val_utf8(json, len) || memchr(json, '\0', len))
+		return fail(err, 400, "body: not valid UTF-8 text");
+	if (has_nul_escape(json, len))
+		return fail(err, 400, "body: \\u0000 (NUL) is not allowed in text");
+	struct buf objs = {0};
+	size_t n = 0;
+	int rc = ev_split(app, json, len, SIZE_MAX, &objs, &n, err);
+	const char *p = objs.data;
+	for (size_t i = 0; rc == 0 && i < n; i++, p += strlen(p) + 1) {
+		struct event e;
+		rc = ev_parse(app, p, EV_CLI, NULL, now, &e, err);
+		ev_free(&e);
+	}
+	buf_free(&objs);
+	return rc < 0 ? -1 : 0;
+}
+
 /* ==== Discount codes ================================================== */
 /*
  * Codes are PREFIX-XXXX-XXXX from an alphabet without look-alikes (no 0,
@@ -4759,11 +4827,16 @@ static const char *code_check(struct app *app, const char *code, double total,
 
 /* ==== Catalog and order imports (CSV) ================================= */
 /*
- * `remarket import products|orders FILE [--rejects R]`: RFC 4180 records (quoted
- * fields, doubled quotes, CRLF or LF, newlines inside quotes). Neither
+ * `remarket import products|orders FILE [--rejects R] [--dry-run]`: RFC
+ * 4180 records (quoted fields, doubled quotes, CRLF or LF, newlines
+ * inside quotes), separated by ',', ';' or tabs as the header line is,
+ * after a UTF-8 byte order mark or not (what Excel saves). Neither
  * SQLite's library nor the others here parse CSV, so this small reader
- * is ours. The first record names the columns, checked against one
- * {name, kind, need, param} table per import; each row becomes an event
+ * is ours. The first record must name the columns, checked against one
+ * {name, kind, need, param} table per import; a file without it imports
+ * nothing. A refusal is said with the file's line and the column as
+ * the header names it, never as the JSON path of the event the line
+ * became (csv_reason). Each row becomes an event
  * built by SQLite's json_object and goes through ev_ingest, the same
  * validation as every other door. One shortcut, for speed: an order whose
  * every line passes imp_line_plain (the same validators, applied to the
@@ -4773,56 +4846,151 @@ static const char *code_check(struct app *app, const char *code, double total,
  * the importer itself writes its scratch tables in the temp database.
  */
 
-#define CSV_FIELDS 16
+#define CSV_FIELDS 256 /* a shop's export may have seventy columns */
+
+/* A CSV file as it is read: the separator its header line uses, and the
+ * line each record begins on, for messages. */
+struct csv {
+	FILE *f;
+	int sep;           /* ',', ';' or '\t' */
+	long line;         /* the line the last record began on (1: the header) */
+	long next;         /* the line the next record begins on */
+	const char *error; /* why csv_record returned -1 */
+};
 
 /* Reads one record; fields point into B. Returns the field count, 0 at
- * the end of the file, -1 on an unclosed quote or too many fields. */
-static int csv_record(FILE *f, struct buf *b, const char **fields)
+ * the end of the file, -1 for a record that is no CSV (c->error says why:
+ * a quote never closed, a NUL byte, too many fields). Reading goes on
+ * after it: after the record, or, for a quote never closed (or one that
+ * spans lines only to close inside a field), on the line after the one
+ * it opened on (c->line), so that one stray quote does not swallow the
+ * rest of the file (a file that cannot seek, a pipe, stops there). */
+static int csv_record(struct csv *c, struct buf *b, const char **fields)
 {
 	size_t starts[CSV_FIELDS];
-	int n = 0, c, quoted = 0, any = 0;
+	int n = 0, ch, quoted = 0, any = 0;
+	long qline = 0, resume = -1; /* where a quote opened; the line after */
+	const char *bad = NULL;
+	c->error = NULL;
+	c->line = c->next;
 	buf_reset(b);
 	starts[n++] = 0;
-	while ((c = fgetc(f)) != EOF) {
+	while ((ch = getc(c->f)) != EOF) {
 		any = 1;
-		if (quoted) {
-			if (c == '\0')
-				return -1;
-			if (c == '"') {
-				int d = fgetc(f);
+		if (ch == '\0') {
+			bad = "a NUL byte"; /* it would cut the field short unseen */
+		} else if (quoted) { /* all is text, up to the closing quote */
+			if (ch == '"') {
+				int d = getc(c->f);
+				/* a quote that spans lines and ends inside a
+				 * field closes nothing: it paired with a stray
+				 * quote lines below */
+				if (d != '"' && d != EOF && d != c->sep && d != '\n' &&
+				    d != '\r' && resume >= 0)
+					break;
 				if (d != '"') {
 					quoted = 0;
 					if (d != EOF)
-						ungetc(d, f);
+						ungetc(d, c->f);
 					continue;
 				}
+			} else if (ch == '\n') {
+				c->next++;
+				if (resume < 0)
+					resume = ftell(c->f);
 			}
-			buf_add(b, &(char){(char)c}, 1);
-		} else if (c == '"') {
-			quoted = 1;
-		} else if (c == ',') {
-			if (n == CSV_FIELDS)
-				return -1;
+		} else if (ch == '"') {
+			quoted = 1, qline = c->next, resume = -1;
+			continue;
+		} else if (ch == c->sep) {
+			if (n == CSV_FIELDS) {
+				bad = "more than 256 fields";
+				continue;
+			}
 			buf_add(b, "", 1);
 			starts[n++] = b->len;
-		} else if (c == '\n') {
+			continue;
+		} else if (ch == '\n') {
+			c->next++;
 			break;
-		} else if (c == '\0') {
-			return -1; /* a NUL would cut the field short unseen */
-		} else if (c != '\r') {
-			buf_add(b, &(char){(char)c}, 1);
+		} else if (ch == '\r') {
+			continue;
 		}
+		buf_add(b, &(char){(char)ch}, 1);
 	}
-	if (quoted)
+	if (quoted) {
+		c->line = qline;
+		c->error = "a quote (\") opened on this line is never closed";
+		if (resume >= 0 && fseek(c->f, resume, SEEK_SET) == 0)
+			c->next = qline + 1;
 		return -1;
+	}
 	if (!any)
 		return 0;
 	buf_add(b, "", 1);
-	if (buf_failed(b))
-		return -1; /* no field may point into a buffer that lost bytes */
+	if (!bad && buf_failed(b))
+		bad = "out of memory"; /* no field may point into a buffer that lost bytes */
+	if (bad) {
+		c->error = bad;
+		return -1;
+	}
 	for (int i = 0; i < n; i++)
 		fields[i] = b->data + starts[i];
 	return n;
+}
+
+/* The separator of a header line: the most frequent of ',', ';' and tab
+ * outside quotes (Excel writes ';' where the decimal mark is a comma),
+ * ',' when it has none. */
+static int csv_sep(const char *line, size_t len)
+{
+	static const char seps[] = ",;\t";
+	size_t count[3] = {0, 0, 0};
+	int quoted = 0;
+	for (size_t i = 0; i < len && line[i] != '\n'; i++) {
+		const char *at = strchr(seps, line[i]);
+		if (line[i] == '"')
+			quoted = !quoted;
+		else if (!quoted && line[i] && at)
+			count[at - seps]++;
+	}
+	int best = 0;
+	for (int k = 1; k < 3; k++)
+		if (count[k] > count[best])
+			best = k;
+	return seps[best];
+}
+
+/* Starts reading F: skips a UTF-8 byte order mark (Excel's "CSV UTF-8"
+ * begins with one), takes the separator from the header line and reads
+ * the header into HB and HDR. Returns its field count, 0 for an empty
+ * file, -1 (c->error) for a header that is no CSV. */
+static int csv_open(struct csv *c, FILE *f, struct buf *hb, const char **hdr)
+{
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t len = getline(&line, &cap, f);
+	*c = (struct csv){f, ',', 1, 1, NULL};
+	if (len <= 0) {
+		free(line);
+		return 0;
+	}
+	size_t bom = len >= 3 && !memcmp(line, "\xEF\xBB\xBF", 3) ? 3 : 0;
+	c->sep = csv_sep(line + bom, (size_t)len - bom);
+	/* the header is read from its own line: a file read from a pipe
+	 * cannot be read twice */
+	FILE *h = len > (ssize_t)bom ? fmemopen(line + bom, (size_t)len - bom, "r")
+				     : NULL;
+	int nh = 0;
+	if (h) {
+		c->f = h;
+		nh = csv_record(c, hb, hdr);
+		fclose(h);
+		c->f = f;
+	}
+	free(line);
+	c->line = 1, c->next = 2;
+	return nh;
 }
 
 /* The index of column NAME in the header, or -1. */
@@ -4880,7 +5048,7 @@ struct csv_column {
 };
 
 static const struct csv_column product_columns[] = {
-	{"sku", CSV_IDENT, CSV_WANT, 1, NULL},
+	{"sku", CSV_IDENT, CSV_MUST, 1, NULL},
 	{"name", CSV_TEXT, CSV_WANT, 2, NULL},
 	{"price", CSV_NUMBER, CSV_WANT, 3, NULL},
 	{"url", CSV_TEXT, CSV_WANT, 4, NULL},
@@ -4911,22 +5079,6 @@ static const struct csv_column order_columns[] = {
 };
 #define ORDER_COLUMNS (sizeof order_columns / sizeof order_columns[0])
 
-/* Finds each column in the header: AT[i] is its field, or -1. Returns 0,
- * or -1 if a CSV_MUST column is missing. */
-static int csv_header(const struct csv_column *cols, size_t ncols,
-		      const char **hdr, int nh, int *at)
-{
-	int rc = 0;
-	for (size_t i = 0; i < ncols; i++) {
-		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i].name) : -1;
-		if (at[i] < 0 && nh > 0 && cols[i].alias)
-			at[i] = csv_col(hdr, nh, cols[i].alias);
-		if (at[i] < 0 && cols[i].need == CSV_MUST)
-			rc = -1;
-	}
-	return rc;
-}
-
 /* "a,b,c[,d,e]": the columns a header names, the optional in brackets. */
 static void csv_synopsis(const struct csv_column *cols, size_t ncols,
 			 struct buf *out)
@@ -4942,6 +5094,110 @@ static void csv_synopsis(const struct csv_column *cols, size_t ncols,
 			buf_addf(out, "%s%s", opt++ ? "," : "[,", cols[i].name);
 	if (opt)
 		buf_adds(out, "]");
+}
+
+/* What an import is told: the file's name for its messages (NULL: "CSV"),
+ * where refused order lines go, whether it only checks. */
+struct import_opts {
+	const char *name;
+	FILE *rejects;
+	int dry_run;
+};
+
+static const char *imp_name(const struct import_opts *o)
+{
+	return o && o->name ? o->name : "CSV";
+}
+
+/* Finds each column in the header: AT[i] is its field, or -1. Returns 0;
+ * or says what is wrong, with the columns the first line must name, and
+ * returns -1: an empty file, a header that is no CSV, one that names
+ * none of the columns (a file without its header: its first line of data
+ * must not be taken for one), a CSV_MUST column missing. */
+static int csv_header(const struct csv_column *cols, size_t ncols,
+		      const struct csv *c, const char **hdr, int nh, int *at,
+		      const char *file)
+{
+	int found = 0, rc = 0;
+	for (size_t i = 0; i < ncols; i++) {
+		at[i] = nh > 0 ? csv_col(hdr, nh, cols[i].name) : -1;
+		if (at[i] < 0 && nh > 0 && cols[i].alias)
+			at[i] = csv_col(hdr, nh, cols[i].alias);
+		found += at[i] >= 0;
+	}
+	if (nh < 0)
+		fprintf(stderr, "remarket import: %s line 1: %s\n", file, c->error);
+	else if (nh == 0)
+		fprintf(stderr, "remarket import: %s: empty\n", file);
+	else if (!found)
+		fprintf(stderr, "remarket import: %s: line 1 names none of the "
+			"columns: a file without its header line?\n", file);
+	for (size_t i = 0; found && i < ncols; i++)
+		if (at[i] < 0 && cols[i].need == CSV_MUST) {
+			fprintf(stderr, "remarket import: %s: missing column '%s'%s%s%s\n",
+				file, cols[i].name, cols[i].alias ? " (or its alias '" : "",
+				cols[i].alias ? cols[i].alias : "",
+				cols[i].alias ? "')" : "");
+			rc = -1;
+		}
+	if (found && !rc)
+		return 0;
+	struct buf syn = {0};
+	csv_synopsis(cols, ncols, &syn);
+	fprintf(stderr, "remarket import: %s: the first line must name the "
+		"columns, separated by ',', ';' or tabs: %s\n", file, buf_str(&syn));
+	buf_free(&syn);
+	return -1;
+}
+
+/* An event's refusal in the words of the CSV: "items[2].qty: must be..."
+ * becomes "Quantity: must be..." (the header's name of the column) with
+ * *ITEM = 2, the line of the order it is about (-1: the order, its first
+ * line); "ts" is the date column, "review" the review_ ones, "items"
+ * and "total" the order's. */
+static void csv_reason(const char *msg, const struct csv_column *cols,
+		       size_t ncols, const char **hdr, const int *at, char *out,
+		       size_t n, long *item)
+{
+	const char *rest = msg;
+	char *end;
+	*item = -1;
+	if (!strncmp(msg, "items[", 6) && isdigit((unsigned char)msg[6])) {
+		long k = strtol(msg + 6, &end, 10);
+		if (*end == ']' && (end[1] == '.' || end[1] == ':')) {
+			*item = k;
+			rest = end + 1 + (end[1] == '.');
+			if (*rest == ':') { /* "items[0]: needs sku and price" */
+				copy_str(out, n, rest + 1 + (rest[1] == ' '));
+				return;
+			}
+		}
+	}
+	size_t k = strcspn(rest, ":");
+	const char *key = !strncmp(rest, "ts", k) && k == 2 ? "date" : NULL;
+	if (!strncmp(rest, "body", k) && k == 4 && strstr(rest, "UTF-8")) {
+		copy_str(out, n, "not UTF-8 text: save the file as \"CSV UTF-8\"");
+		return;
+	}
+	static const char *const whole[][2] = { /* no one column's */
+		{"review", "review_author, review_rating, review_text"},
+		{"items", "the order's lines"},
+		{"total", "the order's total (price x qty)"},
+	};
+	for (size_t i = 0; i < sizeof whole / sizeof whole[0]; i++)
+		if (strlen(whole[i][0]) == k && !strncmp(rest, whole[i][0], k)) {
+			snprintf(out, n, "%s%s", whole[i][1], rest + k);
+			return;
+		}
+	for (size_t i = 0; i < ncols; i++)
+		if (key ? !strcmp(cols[i].name, key) :
+			  strlen(cols[i].name) == k && !strncmp(cols[i].name, rest, k)) {
+			char col[64];
+			copy_str(col, sizeof col, at[i] >= 0 ? hdr[at[i]] : cols[i].name);
+			snprintf(out, n, "%s%s", trim(col), rest + k);
+			return;
+		}
+	copy_str(out, n, rest);
 }
 
 /* Binds one row's values to S by the table. Returns -1 before binding
@@ -4986,48 +5242,176 @@ static int csv_bind(sqlite3_stmt *s, const struct csv_column *cols,
 	return 0;
 }
 
-/* Sends one built event through ev_ingest; prints why it was refused. */
-static int import_one(struct app *app, const char *what, const char *json,
-		      rm_time now, long *ok, long *bad)
+/* What an import refused, by reason (the first IMP_REASONS reasons;
+ * the rest under "other"): lines, orders and their revenue, and every
+ * refused order line written to REJECTS (CSV) when set. */
+#define IMP_REASONS 24
+struct imp_refusals {
+	FILE *rejects;
+	/* what imp_one_slow needs to say a refusal in the CSV's words */
+	const char *file, **hdr;
+	const int *at;
+	int dry_run;
+	size_t n;
+	struct {
+		char why[160], last[65]; /* LAST: the order last counted */
+		long lines, orders;
+		double revenue;
+	} r[IMP_REASONS];
+};
+
+/* Set by import_orders while it runs (imp_one_slow reads it, through the
+ * batch retries), NULL otherwise. */
+static struct imp_refusals *imp_rf;
+
+static void csv_put(FILE *f, const char *v, int last)
+{
+	if (v && v[strcspn(v, ",\"\r\n")]) {
+		fputc('"', f);
+		for (; *v; v++) {
+			if (*v == '"')
+				fputc('"', f);
+			fputc(*v, f);
+		}
+		fputc('"', f);
+	} else if (v) {
+		fputs(v, f);
+	}
+	fputc(last ? '\n' : ',', f);
+}
+
+/* Counts one refused line of order ID (its revenue QTY x PRICE) under
+ * WHY, and writes it to the rejects file. */
+static void imp_refuse(struct imp_refusals *rf, const char *why,
+		       const char *id, const char *sku, const char *name,
+		       const char *qty, const char *price, const char *date,
+		       const char *cid)
+{
+	size_t i = 0;
+	while (i < rf->n && strcmp(rf->r[i].why, why) &&
+	       strcmp(rf->r[i].why, "other"))
+		i++;
+	if (i == rf->n) {
+		if (rf->n == IMP_REASONS)
+			i = rf->n - 1; /* full: the last slot became "other" */
+		else {
+			i = rf->n++;
+			copy_str(rf->r[i].why, sizeof rf->r[i].why,
+				 rf->n == IMP_REASONS ? "other" : why);
+		}
+	}
+	rf->r[i].lines++;
+	if (!id || strcmp(rf->r[i].last, id)) {
+		rf->r[i].orders++;
+		copy_str(rf->r[i].last, sizeof rf->r[i].last, id ? id : "");
+	}
+	if (qty && price)
+		rf->r[i].revenue += strtod(qty, NULL) * strtod(price, NULL);
+	if (!rf->rejects)
+		return;
+	const char *v[] = {id, sku, name, qty, price, date, cid};
+	for (size_t k = 0; k < sizeof v / sizeof v[0]; k++)
+		csv_put(rf->rejects, v[k], 0);
+	csv_put(rf->rejects, why, 1);
+}
+
+/* The refusals by reason, on stderr: for orders with the orders and
+ * revenue they cost. */
+static void imp_summary(const struct imp_refusals *rf, int orders)
+{
+	for (size_t i = 0; i < rf->n; i++)
+		if (orders)
+			fprintf(stderr, "remarket import: refused: %ld line%s, %ld "
+				"order%s, revenue %.2f: %s\n", rf->r[i].lines,
+				rf->r[i].lines == 1 ? "" : "s", rf->r[i].orders,
+				rf->r[i].orders == 1 ? "" : "s", rf->r[i].revenue,
+				rf->r[i].why);
+		else
+			fprintf(stderr, "remarket import: refused: %ld line%s: %s\n",
+				rf->r[i].lines, rf->r[i].lines == 1 ? "" : "s",
+				rf->r[i].why);
+}
+
+/* The counts on stdout: what was imported, or would be (--dry-run). */
+static void imp_counts(const struct import_opts *o, long ok, long bad)
+{
+	if (o->dry_run)
+		printf("{\"dry_run\":true,\"would_import\":%ld,\"refused\":%ld}\n",
+		       ok, bad);
+	else
+		printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
+}
+
+/* One product row, as an event through ev_ingest (only its checks, for a
+ * dry run); 0, or -1 with why it was refused, in the CSV's words, in WHY. */
+static int import_product(struct app *app, const struct import_opts *o,
+			  const char **hdr, const int *at, const char **row,
+			  int n, rm_time now, struct buf *ev, char *why,
+			  size_t whylen)
 {
 	struct ev_error err;
-	if (ev_ingest(app, EV_CLI, json, strlen(json), NULL, now, &err) >= 0) {
-		(*ok)++;
-		return 0;
+	size_t badcol;
+	long item;
+	sqlite3_stmt *s = q(app->db, ST_IMP_PRODUCT, NULL);
+	csv_bind(s, product_columns, PRODUCT_COLUMNS, at, row, n, now,
+		 &badcol); /* no time column: never refuses */
+	buf_reset(ev);
+	if (json_from(app->db, s, ev) < 0) {
+		copy_str(why, whylen, "out of memory");
+		return -1;
 	}
-	if (++*bad <= 20)
-		fprintf(stderr, "remarket import: %s: %s\n", what, err.msg);
+	int rc = o->dry_run ? ev_check(app, ev->data, ev->len, now, &err) :
+			      ev_ingest(app, EV_CLI, ev->data, ev->len, NULL, now, &err);
+	if (rc >= 0)
+		return 0;
+	csv_reason(err.msg, product_columns, PRODUCT_COLUMNS, hdr, at, why,
+		   whylen, &item);
 	return -1;
+}
+
+static int import_products_csv(struct app *app, FILE *f, rm_time now,
+			       const struct import_opts *o)
+{
+	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS], *file = imp_name(o);
+	struct buf hb = {0}, rb = {0}, ev = {0};
+	struct csv c;
+	int nh = csv_open(&c, f, &hb, hdr), at[PRODUCT_COLUMNS];
+	if (csv_header(product_columns, PRODUCT_COLUMNS, &c, hdr, nh, at, file) < 0) {
+		buf_free(&hb);
+		return 1;
+	}
+	struct imp_refusals *rf = calloc(1, sizeof *rf);
+	long ok = 0, bad = 0;
+	for (int n; rf && (n = csv_record(&c, &rb, row)) != 0;) {
+		char why[160];
+		if (n == 1 && !*row[0])
+			continue; /* a blank line */
+		if (n > 0 && import_product(app, o, hdr, at, row, n, now, &ev, why,
+					    sizeof why) == 0) {
+			ok++;
+			continue;
+		}
+		if (n < 0)
+			copy_str(why, sizeof why, c.error);
+		if (++bad <= 20)
+			fprintf(stderr, "remarket import: %s line %ld: %s\n", file,
+				c.line, why);
+		imp_refuse(rf, why, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+	}
+	if (rf)
+		imp_summary(rf, 0);
+	else
+		fprintf(stderr, "remarket import: out of memory\n"), bad++;
+	imp_counts(o, ok, bad);
+	free(rf);
+	buf_free(&hb), buf_free(&rb), buf_free(&ev);
+	return bad ? 1 : 0;
 }
 
 int import_products(struct app *app, FILE *f, rm_time now)
 {
-	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
-	struct buf hb = {0}, rb = {0}, ev = {0};
-	int nh = csv_record(f, &hb, hdr), at[PRODUCT_COLUMNS];
-	size_t badcol;
-	csv_header(product_columns, PRODUCT_COLUMNS, hdr, nh, at);
-	long ok = 0, bad = 0, line = 1;
-	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
-		char what[32];
-		snprintf(what, sizeof what, "line %ld", line + 1);
-		if (n == 1 && !*row[0])
-			continue; /* a blank line */
-		if (n < 0) {
-			fprintf(stderr, "remarket import: %s: bad CSV\n", what);
-			bad++;
-			break;
-		}
-		sqlite3_stmt *s = q(app->db, ST_IMP_PRODUCT, NULL);
-		csv_bind(s, product_columns, PRODUCT_COLUMNS, at, row, n, now,
-			 &badcol); /* no time column: never refuses */
-		buf_reset(&ev);
-		if (json_from(app->db, s, &ev) == 0)
-			import_one(app, what, ev.data, now, &ok, &bad);
-	}
-	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
-	buf_free(&hb), buf_free(&rb), buf_free(&ev);
-	return bad ? 1 : 0;
+	struct import_opts o = {NULL, NULL, 0};
+	return import_products_csv(app, f, now, &o);
 }
 
 /* 1 when every value of an order line certainly passes ev_parse's checks
@@ -5171,75 +5555,6 @@ static int64_t mono_us(void)
 	return (int64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
 }
 
-/* What import_orders refused, by reason (the first IMP_REASONS reasons;
- * the rest under "other"): lines, orders and their revenue, and every
- * refused line written to REJECTS (CSV) when set. */
-#define IMP_REASONS 24
-struct imp_refusals {
-	FILE *rejects;
-	size_t n;
-	struct {
-		char why[160], last[65]; /* LAST: the order last counted */
-		long lines, orders;
-		double revenue;
-	} r[IMP_REASONS];
-};
-
-/* Set by import_orders while it runs (imp_one_slow reads it, through the
- * batch retries), NULL otherwise. */
-static struct imp_refusals *imp_rf;
-
-static void csv_put(FILE *f, const char *v, int last)
-{
-	if (v && v[strcspn(v, ",\"\r\n")]) {
-		fputc('"', f);
-		for (; *v; v++) {
-			if (*v == '"')
-				fputc('"', f);
-			fputc(*v, f);
-		}
-		fputc('"', f);
-	} else if (v) {
-		fputs(v, f);
-	}
-	fputc(last ? '\n' : ',', f);
-}
-
-/* Counts one refused line of order ID (its revenue QTY x PRICE) under
- * WHY, and writes it to the rejects file. */
-static void imp_refuse(struct imp_refusals *rf, const char *why,
-		       const char *id, const char *sku, const char *name,
-		       const char *qty, const char *price, const char *date,
-		       const char *cid)
-{
-	size_t i = 0;
-	while (i < rf->n && strcmp(rf->r[i].why, why) &&
-	       strcmp(rf->r[i].why, "other"))
-		i++;
-	if (i == rf->n) {
-		if (rf->n == IMP_REASONS)
-			i = rf->n - 1; /* full: the last slot became "other" */
-		else {
-			i = rf->n++;
-			copy_str(rf->r[i].why, sizeof rf->r[i].why,
-				 rf->n == IMP_REASONS ? "other" : why);
-		}
-	}
-	rf->r[i].lines++;
-	if (!id || strcmp(rf->r[i].last, id)) {
-		rf->r[i].orders++;
-		copy_str(rf->r[i].last, sizeof rf->r[i].last, id ? id : "");
-	}
-	if (qty && price)
-		rf->r[i].revenue += strtod(qty, NULL) * strtod(price, NULL);
-	if (!rf->rejects)
-		return;
-	const char *v[] = {id, sku, name, qty, price, date, cid};
-	for (size_t k = 0; k < sizeof v / sizeof v[0]; k++)
-		csv_put(rf->rejects, v[k], 0);
-	csv_put(rf->rejects, why, 1);
-}
-
 /* Every line of order number SEQ, refused with WHY. */
 static void imp_refuse_order(struct app *app, int64_t seq, const char *why)
 {
@@ -5258,6 +5573,21 @@ static void imp_refuse_order(struct app *app, int64_t seq, const char *why)
 			   col_text(s, 2), col_text(s, 3), col_text(s, 4), date, cid);
 	}
 	sqlite3_reset(s);
+}
+
+/* The file's line of line ITEM (0: the first) of order number SEQ, or of
+ * its first line if ITEM < 0. */
+static long imp_order_line(struct app *app, int64_t seq, long item)
+{
+	sqlite3_stmt *s = q(app->db, ST_IMP_ORDER_LINES, "i", seq);
+	long line = 0;
+	for (long k = 0; sqlite3_step(s) == SQLITE_ROW; k++)
+		if (k == (item < 0 ? 0 : item)) {
+			line = (long)sqlite3_column_int64(s, 7);
+			break;
+		}
+	sqlite3_reset(s);
+	return line;
 }
 
 /* Order number SEQ through ev_ingest, in a transaction of its own, as
@@ -5281,13 +5611,24 @@ static int imp_one_slow(struct app *app, int64_t seq, rm_time now,
 		return 0;
 	}
 	struct ev_error err;
-	if (ev_ingest(app, EV_CLI, tmp->data, tmp->len, NULL, now, &err) >= 0) {
+	int dry = imp_rf && imp_rf->dry_run;
+	if ((dry ? ev_check(app, tmp->data, tmp->len, now, &err) :
+		   ev_ingest(app, EV_CLI, tmp->data, tmp->len, NULL, now, &err)) >= 0) {
 		(*ok)++;
 		return 0;
 	}
+	char why[sizeof err.msg];
+	long item = -1;
+	if (imp_rf) /* "items[1].qty" is the column qty of the order's 2nd line */
+		csv_reason(err.msg, order_columns, ORDER_COLUMNS, imp_rf->hdr,
+			   imp_rf->at, why, sizeof why, &item);
+	else
+		copy_str(why, sizeof why, err.msg);
 	if (++*bad <= 20)
-		fprintf(stderr, "remarket import: %s: %s\n", what, err.msg);
-	imp_refuse_order(app, seq, err.msg);
+		fprintf(stderr, "remarket import: %s line %ld: %s (%s)\n",
+			imp_rf ? imp_rf->file : "CSV", imp_order_line(app, seq, item),
+			why, what);
+	imp_refuse_order(app, seq, why);
 	return 0;
 }
 
@@ -5365,9 +5706,12 @@ static int imp_event(sqlite3_stmt *s, struct buf *arena, struct event *e)
  * Any other order goes through ev_ingest on its own, so its refusal
  * reads as it always did. A
  * re-import changes nothing: an order already recorded is a duplicate. */
+static int import_orders_csv(struct app *app, FILE *f, rm_time now,
+			     const struct import_opts *o);
 int import_orders(struct app *app, FILE *f, rm_time now)
 {
-	return import_orders_rejects(app, f, now, NULL);
+	struct import_opts o = {NULL, NULL, 0};
+	return import_orders_csv(app, f, now, &o);
 }
 
 /* A line refused before its order is built: a cancellation invoice whose
@@ -5388,45 +5732,38 @@ static const char *imp_line_refused(const int *at, const char **row, int n,
 	return NULL;
 }
 
-/* import_orders, writing every refused line with its reason to REJECTS
- * (CSV) when it is not NULL, and a summary by reason to stderr. */
-int import_orders_rejects(struct app *app, FILE *f, rm_time now,
-			  FILE *rejects)
+/* Counts one line of the file refused before its order is built (WHY),
+ * and says it with its line, for the first 20. */
+static void imp_refuse_line(struct imp_refusals *rf, const struct csv *c,
+			    const char *why, const char *say, const int *at,
+			    const char **row, int n, long *bad)
 {
-	const char *hdr[CSV_FIELDS], *row[CSV_FIELDS];
-	struct buf hb = {0}, rb = {0};
-	int nh = csv_record(f, &hb, hdr), at[ORDER_COLUMNS];
-	if (csv_header(order_columns, ORDER_COLUMNS, hdr, nh, at) < 0) {
-		struct buf syn = {0};
-		csv_synopsis(order_columns, ORDER_COLUMNS, &syn);
-		fprintf(stderr, "remarket import orders: the first line must name the "
-			"columns: %s\n", buf_str(&syn));
-		buf_free(&syn), buf_free(&hb);
-		return 2;
-	}
+	if (++*bad <= 20 && say)
+		fprintf(stderr, "remarket import: %s line %ld: %s\n", rf->file,
+			c->line, say);
+	imp_refuse(rf, why, csv_val(row, n, at[0]), csv_val(row, n, at[3]),
+		   csv_val(row, n, at[4]), csv_val(row, n, at[6]),
+		   csv_val(row, n, at[5]), csv_val(row, n, at[2]),
+		   csv_val(row, n, at[9]));
+}
+
+/* Reads the order lines of the file into temp.imp (with their line
+ * numbers), in one transaction of the temp database; cancellation lines
+ * go to CANCELS, and the lines refused here (no CSV, a bad date, a
+ * C invoice line or a quantity past the cap) to RF. */
+static void imp_read_lines(struct app *app, struct csv *c, const int *at,
+			   rm_time now, struct imp_cancels *cancels,
+			   struct imp_refusals *rf, long *bad)
+{
+	const char *row[CSV_FIELDS];
+	struct buf rb = {0};
 	struct db *db = app->db;
-	long ok = 0, bad = 0, line = 1, cap = app->cfg->import_max_qty;
-	static struct imp_refusals rf;
-	memset(&rf, 0, sizeof rf);
-	rf.rejects = rejects;
-	if (rejects)
-		fputs("order_id,sku,name,qty,price,date,customer_id,reason\n", rejects);
-	imp_rf = &rf;
-	imp_qty_cap = cap;
-	struct imp_cancels cancels = {0};
-	q_exec(db, q(db, ST_IMP_CACHE, NULL));
-	q_exec(db, q(db, ST_IMP_CREATE, NULL));
-	q_exec(db, q(db, ST_IMP_CLEAR, NULL));
+	long cap = app->cfg->import_max_qty;
 	q_exec(db, q(db, ST_IMP_BEGIN, NULL)); /* one transaction of temp rows */
-	for (int n; (n = csv_record(f, &rb, row)) != 0; line++) {
-		if (n < 0) {
-			fprintf(stderr, "remarket import: line %ld: bad CSV (an "
-				"unclosed quote, a NUL byte or too many fields)\n", line + 1);
-			q_exec(db, q(db, ST_ROLLBACK, NULL));
-			buf_free(&hb), buf_free(&rb);
-			imp_rf = NULL, imp_qty_cap = 0;
-			free(cancels.v);
-			return 1;
+	for (int n; (n = csv_record(c, &rb, row)) != 0;) {
+		if (n < 0) { /* a line that is no CSV: its own, the rest goes on */
+			imp_refuse_line(rf, c, c->error, c->error, at, row, 0, bad);
+			continue;
 		}
 		if (n == 1 && !*row[0])
 			continue; /* a blank line */
@@ -5435,34 +5772,27 @@ int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 			for (size_t l = strlen(nm); l && nm[l - 1] == ' '; l--)
 				nm[l - 1] = '\0';
 		}
-		if (imp_cancellation(at, row, n, now, &cancels))
+		if (imp_cancellation(at, row, n, now, cancels))
 			continue; /* a refund, once the orders are in */
-		char whyb[64];
+		char whyb[64], say[200];
 		const char *why = imp_line_refused(at, row, n, cap, whyb, sizeof whyb);
 		if (why) {
-			bad++;
-			imp_refuse(&rf, why, csv_val(row, n, at[0]),
-				   csv_val(row, n, at[3]), csv_val(row, n, at[4]),
-				   csv_val(row, n, at[6]), csv_val(row, n, at[5]),
-				   csv_val(row, n, at[2]), csv_val(row, n, at[9]));
+			imp_refuse_line(rf, c, why, NULL, at, row, n, bad);
 			continue;
 		}
 		sqlite3_stmt *s = q(db, ST_IMP_INSERT, NULL);
-		size_t c;
-		if (csv_bind(s, order_columns, ORDER_COLUMNS, at, row, n, now, &c) < 0) {
-			const char *v = csv_val(row, n, at[c]);
-			if (++bad <= 20)
-				fprintf(stderr, "remarket import: line %ld: %s '%s' is "
-					"not ISO 8601 (2024-01-15T10:00:00Z) or Unix "
-					"seconds\n", line + 1, order_columns[c].name,
-					v ? v : "");
-			imp_refuse(&rf, "date: not ISO 8601 or Unix seconds",
-				   csv_val(row, n, at[0]), csv_val(row, n, at[3]),
-				   csv_val(row, n, at[4]), csv_val(row, n, at[6]),
-				   csv_val(row, n, at[5]), v, csv_val(row, n, at[9]));
+		size_t k;
+		if (csv_bind(s, order_columns, ORDER_COLUMNS, at, row, n, now, &k) < 0) {
+			const char *v = csv_val(row, n, at[k]);
+			snprintf(say, sizeof say, "%s: '%.40s' is not ISO 8601 "
+				 "(2026-06-20T10:00:00Z, 2026-06-20T10:00:00+02:00) or "
+				 "Unix seconds", rf->hdr[at[k] >= 0 ? at[k] : 0], v ? v : "");
+			imp_refuse_line(rf, c, "date: not ISO 8601 or Unix seconds",
+					at[k] >= 0 ? say : "no date", at, row, n, bad);
 			continue;
 		}
 		sqlite3_bind_int(s, 10, imp_line_plain(at, row, n, cap));
+		sqlite3_bind_int64(s, 12, c->line);
 		q_exec(db, s);
 	}
 	q_exec(db, q(db, ST_IMP_INDEX, NULL));
@@ -5470,6 +5800,17 @@ int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 	q_exec(db, q(db, ST_IMP_LIST_CLEAR, NULL));
 	q_exec(db, q(db, ST_IMP_LIST, NULL));
 	q_exec(db, q(db, ST_COMMIT, NULL));
+	buf_free(&rb);
+}
+
+/* Ingests the orders of temp.imp, by date: the direct path in batches,
+ * the others one by one (see import_orders). A dry run applies nothing:
+ * an order of the direct path passes every check; the others are
+ * checked by ev_check. */
+static void imp_apply(struct app *app, rm_time now, int dry_run, long *ok,
+		      long *bad)
+{
+	struct db *db = app->db;
 	struct buf arena = {0}, tmp = {0};
 	struct imp_batch b = {0};
 	int64_t seq = 1;
@@ -5486,6 +5827,10 @@ int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 			     sqlite3_column_double(s, 6) <= 1e9 &&
 			     imp_event(s, &arena, &e) == 0;
 		sqlite3_reset(s);
+		if (direct && dry_run) {
+			(*ok)++;
+			continue;
+		}
 		if (direct && !b.open) {
 			if (db_begin(db) == 0)
 				b = (struct imp_batch){1, seq, 0, mono_us()};
@@ -5496,24 +5841,62 @@ int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 		if (direct && ev_apply(app, &e, EV_CLI, NULL, now, &dup) < 0) {
 			db_rollback(db); /* this batch again, the slow way */
 			b.open = 0;
-			ok -= b.ok;
+			*ok -= b.ok;
 			for (int64_t k = b.first; k <= seq; k++)
-				imp_one_slow(app, k, now, &tmp, &ok, &bad);
+				imp_one_slow(app, k, now, &tmp, ok, bad);
 			continue;
 		}
 		if (!direct) {
-			imp_batch_end(app, &b, seq - 1, now, &tmp, &ok, &bad);
-			imp_one_slow(app, seq, now, &tmp, &ok, &bad);
+			imp_batch_end(app, &b, seq - 1, now, &tmp, ok, bad);
+			imp_one_slow(app, seq, now, &tmp, ok, bad);
 			continue;
 		}
-		ok++, b.ok++;
+		(*ok)++, b.ok++;
 		if (b.ok >= IMP_BATCH_ORDERS || mono_us() - b.began >= IMP_BATCH_US)
-			imp_batch_end(app, &b, seq, now, &tmp, &ok, &bad);
+			imp_batch_end(app, &b, seq, now, &tmp, ok, bad);
 	}
-	imp_batch_end(app, &b, seq - 1, now, &tmp, &ok, &bad);
+	imp_batch_end(app, &b, seq - 1, now, &tmp, ok, bad);
 	q_exec(db, q(db, ST_IMP_CLEAR, NULL));
 	q_exec(db, q(db, ST_IMP_LIST_CLEAR, NULL));
-	imp_cancellations(app, &cancels, now);
+	buf_free(&arena), buf_free(&tmp);
+}
+
+/* import_orders with O: the file's name for messages, every refused line
+ * with its reason to O->rejects (CSV) when set, a dry run; a summary by
+ * reason to stderr. */
+static int import_orders_csv(struct app *app, FILE *f, rm_time now,
+			     const struct import_opts *o)
+{
+	const char *hdr[CSV_FIELDS];
+	struct buf hb = {0};
+	struct csv c;
+	int nh = csv_open(&c, f, &hb, hdr), at[ORDER_COLUMNS];
+	if (csv_header(order_columns, ORDER_COLUMNS, &c, hdr, nh, at,
+		       imp_name(o)) < 0) {
+		buf_free(&hb);
+		return 1;
+	}
+	long ok = 0, bad = 0;
+	static struct imp_refusals rf;
+	memset(&rf, 0, sizeof rf);
+	rf.rejects = o->rejects;
+	rf.file = imp_name(o), rf.hdr = hdr, rf.at = at, rf.dry_run = o->dry_run;
+	if (o->rejects)
+		fputs("order_id,sku,name,qty,price,date,customer_id,reason\n",
+		      o->rejects);
+	imp_rf = &rf;
+	imp_qty_cap = app->cfg->import_max_qty;
+	struct imp_cancels cancels = {0};
+	q_exec(app->db, q(app->db, ST_IMP_CACHE, NULL));
+	q_exec(app->db, q(app->db, ST_IMP_CREATE, NULL));
+	q_exec(app->db, q(app->db, ST_IMP_CLEAR, NULL));
+	imp_read_lines(app, &c, at, now, &cancels, &rf, &bad);
+	imp_apply(app, now, o->dry_run, &ok, &bad);
+	if (o->dry_run && cancels.n) /* their orders are not in: nothing to match */
+		fprintf(stderr, "remarket import: %zu cancellation lines: refunds "
+			"of their orders, matched when imported\n", cancels.n);
+	else
+		imp_cancellations(app, &cancels, now);
 	/* a cancellation that refunds nothing is a refused line like any
 	 * other: counted, summed by reason and written to --rejects */
 	for (size_t i = 0; i < cancels.n; i++) {
@@ -5528,14 +5911,26 @@ int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 	}
 	free(cancels.v);
 	imp_rf = NULL, imp_qty_cap = 0;
-	for (size_t i = 0; i < rf.n; i++)
-		fprintf(stderr, "remarket import: refused: %ld line%s, %ld order%s, "
-			"revenue %.2f: %s\n", rf.r[i].lines,
-			rf.r[i].lines == 1 ? "" : "s", rf.r[i].orders,
-			rf.r[i].orders == 1 ? "" : "s", rf.r[i].revenue, rf.r[i].why);
-	printf("{\"imported\":%ld,\"refused\":%ld}\n", ok, bad);
-	buf_free(&hb), buf_free(&rb), buf_free(&arena), buf_free(&tmp);
+	imp_summary(&rf, 1);
+	imp_counts(o, ok, bad);
+	buf_free(&hb);
 	return bad ? 1 : 0;
+}
+
+int import_orders_rejects(struct app *app, FILE *f, rm_time now,
+			  FILE *rejects)
+{
+	struct import_opts o = {NULL, rejects, 0};
+	return import_orders_csv(app, f, now, &o);
+}
+
+/* `remarket import products|orders FILE`, as the command line gives it. */
+int import_file(struct app *app, int orders, FILE *f, rm_time now,
+		const char *name, FILE *rejects, int dry_run)
+{
+	struct import_opts o = {name, rejects, dry_run};
+	return orders ? import_orders_csv(app, f, now, &o)
+		      : import_products_csv(app, f, now, &o);
 }
 
 /* ==== Segments ======================================================== */
@@ -6943,27 +7338,6 @@ int verp_parse(const struct app *app, const char *addr, int64_t *message)
 	return verp_tag_check(app, plus + 1, (size_t)(at - plus - 1), message);
 }
 
-/* smtp_url as it may be shown (the log, the tick's JSON, status): its
- * password, if it holds one (smtp://user:secret@host), left out. */
-static void smtp_url_shown(const char *url, char *out, size_t n)
-{
-	CURLU *u = curl_url();
-	char *shown = NULL, *pw = NULL;
-	int parsed = u && curl_url_set(u, CURLUPART_URL, url,
-				       CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK;
-	if (parsed && curl_url_get(u, CURLUPART_PASSWORD, &pw, 0) != CURLUE_OK)
-		copy_str(out, n, url); /* no password: as the operator wrote it */
-	else if (parsed && curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) == CURLUE_OK &&
-		 curl_url_get(u, CURLUPART_URL, &shown, 0) == CURLUE_OK)
-		copy_str(out, n, shown);
-	else
-		copy_str(out, n, strchr(url, '@') ? "(smtp_url: not shown, it does "
-			 "not parse)" : url);
-	curl_free(pw);
-	curl_free(shown);
-	curl_url_cleanup(u);
-}
-
 /* libcurl hands the answer to NOOP here: nothing in it is needed. */
 static size_t discard(char *p, size_t size, size_t nmemb, void *arg)
 {
@@ -7011,7 +7385,7 @@ static enum send_result smtp_probe(struct app *app, char *err, size_t errlen)
 		snprintf(err, errlen, "smtp_url: too long");
 		return SEND_CONFIG;
 	}
-	smtp_url_shown(cfg->smtp_url, shown, sizeof shown);
+	url_shown(cfg->smtp_url, shown, sizeof shown);
 	CURL *c = app->curl;
 	smtp_setup(c, cfg, url, starttls, cerr, &tr);
 	curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, "NOOP");
@@ -7079,8 +7453,8 @@ static enum send_result smtp_send(struct app *app, const char *from,
 	enum send_result r = smtp_classify(rc, code, tr.stage, tr.reply);
 	if (strcmp(cfg->log_pii, "yes") != 0)
 		redact_addrs(tr.reply, sizeof tr.reply);
-	char shown[1024];
-	smtp_url_shown(cfg->smtp_url, shown, sizeof shown);
+	char shown[512];
+	url_shown(cfg->smtp_url, shown, sizeof shown);
 	snprintf(err, errlen, "smtp_url %s: %s%s%s%s (at %s)%s", shown,
 		 *cerr ? cerr : curl_easy_strerror(rc),
 		 *tr.reply ? ": \"" : "", tr.reply, *tr.reply ? "\"" : "",
@@ -10123,7 +10497,7 @@ static void check_relay(const struct check_ctx *c, struct check_out *o)
 		return;
 	}
 	if (!(c->when & CHECK_STATUS) || !c->app->curl) {
-		smtp_url_shown(cfg->smtp_url, msg, sizeof msg);
+		url_shown(cfg->smtp_url, msg, sizeof msg);
 		check_say(o, CHECK_OK, "%s (not probed)", msg);
 		return;
 	}
@@ -13304,11 +13678,18 @@ static int serve_cgi(struct config *cfg)
  * The operator's commands, one row each in the command table below
  * (commands[]: name, whether it needs the app, arity, function, usage):
  * init, keygen, serve, tick, event, report, flows, import, recommend,
- * products, segments, status, help, version. The table also makes usage() and the man
+ * products, segments, status, preview, send-test, feedback, help,
+ * version. The table also makes usage(), `help CMD` and `CMD --help`,
+ * the options each command takes, and the man
  * page's SYNOPSIS (`remarket help --man`). A command that needs the
  * app opens its own, so every command, like every FastCGI thread, has
- * its own database connection.
+ * its own database connection; one that signs nothing (CMD_READ) opens
+ * it without the key when the key cannot be read. Exit codes: 0, 1 for a
+ * failure, 2 for a usage error (remarket.8, EXIT STATUS). No output
+ * prints smtp_url's password (url_shown).
  */
+
+static int cmd_usage(const char *name);
 
 /* Makes the operator's files private, whatever the umask they were made
  * under: the database and its -wal and -shm, the key file. */
@@ -13412,8 +13793,10 @@ static int cmd_init(struct app *app, struct config *cfg, rm_time now, int argc,
 			strerror(errno));
 		return 1;
 	}
+	char shown[512];
+	url_shown(cfg->smtp_url, shown, sizeof shown);
 	printf("remarket: database %s at schema %d; mail goes to %s\n", cfg->db, v,
-	       *cfg->smtp_url ? cfg->smtp_url : cfg->outbox);
+	       *cfg->smtp_url ? shown : cfg->outbox);
 	return 0;
 }
 
@@ -13633,6 +14016,12 @@ static int report_link(struct app *app, rm_time now, int argc, char **argv)
 		fprintf(stderr, "remarket report --link: --days: want 1 to 366\n");
 		return 2;
 	}
+	if (app->nokey) { /* the one form of report that signs */
+		fprintf(stderr, "remarket report --link: the link is signed with "
+			"the key in key_file %s, which cannot be read: run this as "
+			"the user remarket runs as\n", app->cfg->key_file);
+		return 1;
+	}
 	if (tok_sign(app->key, TOK_REPORT, report_subject(app->cfg),
 		     now + days * 86400, tok, sizeof tok) < 0)
 		return 1;
@@ -13646,10 +14035,14 @@ static int cmd_report(struct app *app, struct config *cfg, rm_time now,
 		      int argc, char **argv)
 {
 	(void)cfg;
+	int link = 0, json = 0, rc = 0;
 	for (int i = 1; i < argc; i++)
-		if (!strcmp(argv[i], "--link"))
-			return report_link(app, now, argc, argv);
+		link |= !strcmp(argv[i], "--link"), json |= !strcmp(argv[i], "--json");
 	const char *a = arg_value(argc, argv, "--since");
+	if (link ? json || a : arg_value(argc, argv, "--days") != NULL)
+		return cmd_usage(argv[0]); /* the options of the other form */
+	if (link)
+		return report_link(app, now, argc, argv);
 	rm_time since = a ? parse_time(a, now) : now - 30 * 86400;
 	if (since < 0 || since > now) {
 		fprintf(stderr, "remarket report: --since: want 2026-11-01, Unix "
@@ -13662,9 +14055,6 @@ static int cmd_report(struct app *app, struct config *cfg, rm_time now,
 		free(r);
 		return 1;
 	}
-	int json = 0, rc = 0;
-	for (int i = 1; i < argc; i++)
-		json |= !strcmp(argv[i], "--json");
 	if (json && report_json(r, &out) < 0) {
 		fprintf(stderr, "remarket: out of memory writing the report\n");
 		rc = 1;
@@ -13949,8 +14339,9 @@ static int cmd_flows(struct app *app, struct config *cfg, rm_time now, int argc,
 	if (!strcmp(argv[0], "variant"))
 		return flows_variant(app, argc - 1, argv + 1);
 	if (!strcmp(argv[0], "holdout") && argc == 3) {
-		int pct = atoi(argv[2]);
-		if (pct < 0 || pct > 50 ||
+		char *end;
+		long pct = strtol(argv[2], &end, 10);
+		if (!isdigit((unsigned char)*argv[2]) || *end || pct > 50 ||
 		    q_exec(app->db, q(app->db, ST_FLOW_HOLDOUT, "ti", argv[1],
 				      (int64_t)pct)) < 0 ||
 		    sqlite3_changes(app->db->h) != 1) {
@@ -13993,16 +14384,13 @@ static int cmd_import(struct app *app, struct config *cfg, rm_time now,
 {
 	(void)cfg;
 	FILE *rej = NULL;
-	const char *rejname = NULL;
-	for (int i = 3; i + 1 < argc; i++) /* --now and the like go by */
-		if (!strcmp(argv[i], "--rejects"))
-			rejname = argv[i + 1];
+	const char *rejname = arg_value(argc, argv, "--rejects");
+	int dry = 0;
+	for (int i = 3; i < argc; i++) /* cmd_run put the options after */
+		dry |= !strcmp(argv[i], "--dry-run");
 	if (argc < 3 || (strcmp(argv[1], "products") && strcmp(argv[1], "orders")) ||
-	    (rejname && strcmp(argv[1], "orders"))) {
-		fprintf(stderr, "usage: remarket import products|orders FILE.csv "
-			"[--rejects REJECTS.csv]\n");
-		return 2;
-	}
+	    (rejname && strcmp(argv[1], "orders")))
+		return cmd_usage(argv[0]);
 	if (rejname && !(rej = fopen(rejname, "w"))) {
 		fprintf(stderr, "remarket import: %s: %s\n", rejname, strerror(errno));
 		return 1;
@@ -14014,8 +14402,7 @@ static int cmd_import(struct app *app, struct config *cfg, rm_time now,
 			fclose(rej);
 		return 1;
 	}
-	int rc = argv[1][0] == 'p' ? import_products(app, f, now)
-				    : import_orders_rejects(app, f, now, rej);
+	int rc = import_file(app, argv[1][0] == 'o', f, now, argv[2], rej, dry);
 	fclose(f);
 	if (rej && fclose(rej) != 0) {
 		fprintf(stderr, "remarket import: %s: %s\n", rejname, strerror(errno));
@@ -14028,20 +14415,18 @@ static int cmd_recommend(struct app *app, struct config *cfg, rm_time now,
 			 int argc, char **argv)
 {
 	(void)cfg, (void)now;
-	char skus[16][65];
-	if (argc < 2 || !val_email(argv[1])) {
-		fprintf(stderr, "usage: remarket recommend EMAIL [N]\n");
-		return 2;
-	}
+	char skus[16][65], *end = NULL;
+	long want = argc > 2 ? strtol(argv[2], &end, 10) : 3;
+	if (argc < 2 || !val_email(argv[1]) || (end && *end) || want < 1 ||
+	    want > 16)
+		return cmd_usage(argv[0]);
 	sqlite3_stmt *s = q(app->db, ST_CONTACT_ID, "t", argv[1]);
 	int64_t contact = scalar_id(app->db, s);
-	int n = reco_for(app, contact, skus, argc > 2 ? atoi(argv[2]) : 3);
+	int n = reco_for(app, contact, skus, (int)want);
 	for (int i = 0; i < n; i++)
 		printf("%s\n", skus[i]);
 	return n < 0;
 }
-
-static int cmd_usage(const char *name);
 
 /* ---- preview and send-test: a template as a person will see it ---- */
 
@@ -14204,11 +14589,11 @@ static int cmd_contact(struct app *app, struct config *cfg, rm_time now,
 		       int argc, char **argv)
 {
 	(void)cfg, (void)now;
+	/* cmd_run put the address first, the options after it */
 	int export = !strcmp(argv[0], "export");
-	int json = export || (argc == 3 && !strcmp(argv[1], "--json"));
-	const char *email = argv[argc - 1];
-	if ((argc == 3 && !json) || (export && argc != 2))
-		return cmd_usage(argv[0]);
+	int json = export || (argc == 3 && !strcmp(argv[2], "--json"));
+	const char *email = argv[1];
+	(void)argc;
 	int64_t id;
 	if (person_id(app, argv[0], email, &id))
 		return 1;
@@ -14443,19 +14828,14 @@ static int cmd_segments(struct app *app, struct config *cfg, rm_time now,
 static int cmd_status(struct app *unused, struct config *cfg, rm_time now,
 		      int argc, char **argv)
 {
-	(void)unused, (void)now;
+	(void)unused;
 	int json = 0;
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--json"))
 			json = 1;
-		else if (!strcmp(argv[i], "--now") && i + 1 < argc)
-			i++;
 		else
 			return cmd_usage("status");
 	}
-	now = now_arg(argc, argv);
-	if (now < 0)
-		return cmd_usage("status");
 	struct app app;
 	char err[512];
 	memset(&app, 0, sizeof app);
@@ -14492,76 +14872,90 @@ static int cmd_version(struct app *app, struct config *cfg, rm_time now,
  * rows, one per form; the first row of a name dispatches. A row without
  * an args string is an alias, left out of the usage.
  *
- * Every cmd_* has the same signature. argv[0] is the command's name;
- * app is NULL when the row does not need it, and now is the --now of
- * the command line (or the real clock) when it does.
+ * The usage line is also the list of options: each "--word" in the args
+ * of a command's rows is one, and takes a value when the usage gives it
+ * one ("[--since D]", not "[--json]"); --now T is every command's that
+ * opens the app. cmd_run refuses any other word that starts with '-',
+ * counts the rest against min_args and max_args, and answers --help.
+ *
+ * Every cmd_* has the same signature. argv[0] is the command's name,
+ * then the words that are no option, in their order, then the options
+ * with their values, less --now; app is NULL when the row does not need
+ * it, and now is the --now of the command line (or the real clock) when
+ * it does.
  */
 typedef int cmd_fn(struct app *app, struct config *cfg, rm_time now, int argc,
 		   char **argv);
 enum cmd_needs {
 	CMD_ALONE, /* the config only: init, keygen, serve, help, version */
 	CMD_APP,   /* the key ring and the database, opened before it runs */
+	CMD_READ,  /* the database, and the key ring if it can be read: a
+		    * command that signs nothing works without the key */
 };
 struct command {
 	const char *name;
 	enum cmd_needs needs;
-	int min_args, max_args; /* words after the name; max -1: any */
+	int min_args, max_args; /* words after the name, less the options and
+				 * their values; max -1: any */
 	cmd_fn *fn;
 	const char *args;       /* usage: what follows the name ("\n" wraps) */
 	const char *help;       /* usage: what it does ("\n" wraps) */
 };
 
 static const struct command commands[] = {
-	{"init", CMD_ALONE, 0, 1, cmd_init, "[--new-key]",
+	{"init", CMD_ALONE, 0, 0, cmd_init, "[--new-key]",
 	 "create or migrate the database, make the key"},
-	{"keygen", CMD_ALONE, 0, 1, cmd_keygen, "[--rotate]",
+	{"keygen", CMD_ALONE, 0, 0, cmd_keygen, "[--rotate]",
 	 "print a new 32-byte key (raw) on stdout, or\n"
 	 "add one to key_file (old links stay valid)"},
 	{"serve", CMD_ALONE, 1, 1, cmd_serve, "ADDR",
 	 "FastCGI on a unix socket path or host:port"},
-	{"tick", CMD_APP, 0, -1, cmd_tick, "[--now T]",
+	{"tick", CMD_APP, 0, 0, cmd_tick, "[--now T]",
 	 "run one tick, print a JSON summary"},
-	{"event", CMD_APP, 0, -1, cmd_event, "[--now T] [--partial]",
+	{"event", CMD_APP, 0, 0, cmd_event, "[--now T] [--partial]",
 	 "record JSON event(s) read on stdin"},
-	{"report", CMD_APP, 0, -1, cmd_report, "[--json] [--since D]",
+	{"report", CMD_READ, 0, 0, cmd_report, "[--json] [--since D]",
 	 "results since D (default -30d)"},
-	{"report", CMD_APP, 0, -1, cmd_report, "--link [--days N]",
-	 "a URL that opens the report in a\nbrowser for N days (default 7)"},
-	{"flows", CMD_APP, 0, -1, cmd_flows,
+	{"report", CMD_READ, 0, 0, cmd_report, "--link [--days N]",
+	 "a URL that opens the report in a\nbrowser for N days (default 7;\n"
+	 "signed: needs the key)"},
+	{"flows", CMD_READ, 0, -1, cmd_flows,
 	 "[set F N k=v | enable F | disable F | holdout F PCT |\n"
 	 "variant F N k=v | variant F N off | resume F N]",
 	 "list the flows, or change one"},
-	{"segments", CMD_APP, 0, -1, cmd_segments, "[--now T]",
+	{"segments", CMD_READ, 0, 0, cmd_segments, "[--now T]",
 	 "RFM segments and the lapse threshold"},
-	{"status", CMD_ALONE, 0, 3, cmd_status, "[--json] [--now T]",
+	{"status", CMD_ALONE, 0, 0, cmd_status, "[--json] [--now T]",
 	 "is everything ready to send? (exit 0 ok,\n1 a problem stops sending, 3 warnings)"},
-	{"recommend", CMD_APP, 1, -1, cmd_recommend, "EMAIL [N]",
-	 "the products win-back would recommend"},
+	{"recommend", CMD_READ, 1, 2, cmd_recommend, "EMAIL [N]",
+	 "the products win-back would recommend\n(N: 1 to 16, default 3)"},
 	{"products", CMD_APP, 3, 3, cmd_products, "kind SKU product|service",
 	 "mark a catalog line a product or a service\n(postage, fees: never recommended)"},
-	{"preview", CMD_APP, 1, -1, cmd_preview,
+	{"preview", CMD_APP, 1, 1, cmd_preview,
 	 "TEMPLATE [--email ADDR] [--trigger T] [--out DIR]",
 	 "render a mail as the tick would (for ADDR's\ncart or order, or a sample) into DIR\n"
 	 "(./remarket-preview): .eml, .html; text on stdout"},
-	{"send-test", CMD_APP, 2, -1, cmd_send_test,
+	{"send-test", CMD_APP, 2, 2, cmd_send_test,
 	 "TEMPLATE ADDR [--email CONTACT] [--trigger T]",
 	 "send one \"[TEST]\" mail to ADDR, recorded nowhere"},
-	{"import", CMD_APP, 2, -1, cmd_import, "products|orders FILE.csv [--rejects REJECTS.csv]",
-	 "fill the catalog, load past orders"},
-	{"contact", CMD_APP, 1, 2, cmd_contact, "[--json] EMAIL",
+	{"import", CMD_APP, 2, 2, cmd_import,
+	 "products|orders FILE.csv [--rejects REJECTS.csv]\n[--dry-run]",
+	 "fill the catalog, load past orders;\n"
+	 "--dry-run: say what would be imported"},
+	{"contact", CMD_READ, 1, 1, cmd_contact, "[--json] EMAIL",
 	 "everything known of a person and sent to them"},
 	{"unsubscribe", CMD_APP, 1, 1, cmd_unsubscribe, "EMAIL",
 	 "as the mail's link: every flow stops"},
 	{"suppress", CMD_APP, 1, 2, cmd_suppress, "add|remove EMAIL | list",
 	 "stop (or allow again) all mail to an address"},
-	{"feedback", CMD_APP, 0, 3, cmd_feedback, "[--now T] [RECIPIENT] < MAIL",
+	{"feedback", CMD_APP, 0, 1, cmd_feedback, "[--now T] [RECIPIENT] < MAIL",
 	 "act on a bounce, a spam complaint or a\nmailed unsubscribe"},
-	{"export", CMD_APP, 1, 1, cmd_contact, "EMAIL",
+	{"export", CMD_READ, 1, 1, cmd_contact, "EMAIL",
 	 "a person's data as JSON (GDPR access)"},
 	{"forget", CMD_APP, 1, 1, cmd_forget, "EMAIL",
 	 "erase a person (GDPR); keeps a keyed hash\nso they are never mailed again"},
-	{"help", CMD_ALONE, 0, 1, cmd_help, "[--man]",
-	 "this list; --man: the man page's SYNOPSIS"},
+	{"help", CMD_ALONE, 0, 1, cmd_help, "[COMMAND | --man]",
+	 "this list, or one command's; --man: the man\npage's SYNOPSIS"},
 	{"version", CMD_ALONE, 0, 0, cmd_version, "", "print the version"},
 	{"--help", CMD_ALONE, 0, -1, cmd_help, NULL, NULL},
 	{"--version", CMD_ALONE, 0, -1, cmd_version, NULL, NULL},
@@ -14652,14 +15046,49 @@ static void man_synopsis(void)
 	       "(as a CGI program or on a FastCGI listening socket)\n");
 }
 
+static const struct command *cmd_find(const char *name);
+
+/* `remarket help CMD`, `remarket CMD --help`: the command's usage lines
+ * and what each form does, and what it needs, on stdout. */
+static void cmd_describe(const struct command *c)
+{
+	const char *needs = "";
+	for (size_t i = 0; i < NCOMMANDS; i++) {
+		const struct command *r = &commands[i];
+		if (strcmp(r->name, c->name) || !r->args)
+			continue;
+		int w = printf("usage: remarket %s%s", r->name, *r->args ? " " : "");
+		print_wrapped(stdout, r->args, w);
+		printf("\n  ");
+		print_wrapped(stdout, r->help, 2);
+		putchar('\n');
+	}
+	if (c->needs == CMD_APP)
+		needs = "Opens the database and needs the key (key_file).\n";
+	else if (c->needs == CMD_READ)
+		needs = "Opens the database; works without the key (key_file).\n";
+	printf("%s", needs);
+	if (c->needs != CMD_ALONE)
+		printf("--now T runs it at time T: Unix seconds, "
+		       "2026-11-24T10:00:00Z, or +90m/+2h/+3d from now.\n");
+}
+
 static int cmd_help(struct app *app, struct config *cfg, rm_time now, int argc,
 		    char **argv)
 {
 	(void)app, (void)cfg, (void)now;
-	if (argc == 2 && !strcmp(argv[1], "--man"))
+	const struct command *c = argc == 2 ? cmd_find(argv[1]) : NULL;
+	if (argc == 2 && !strcmp(argv[1], "--man")) {
 		man_synopsis();
-	else
+	} else if (argc == 2 && (!c || !c->args)) {
+		fprintf(stderr, "remarket: unknown command '%s' (see remarket "
+			"help)\n", argv[1]);
+		return 2;
+	} else if (c) {
+		cmd_describe(c);
+	} else {
 		usage(stdout);
+	}
 	return 0;
 }
 
@@ -14679,29 +15108,126 @@ static const struct command *cmd_find(const char *name)
 	return NULL;
 }
 
-/* Checks the arity, opens the app if the command needs it, runs it. */
+/* 1 if WORD is an option of USAGE (a row's args): "--since" of
+ * "[--json] [--since D]"; *VALUE is 1 if the usage gives it a value (a
+ * word after it that opens no bracket and is no option nor '|'). */
+static int usage_opt(const char *usage, const char *word, int *value)
+{
+	static const char sep[] = " \n[]|";
+	size_t n = strlen(word);
+	for (const char *p = usage; *p;) {
+		size_t k = strcspn(p, sep);
+		if (k == n && !strncmp(p, word, n)) {
+			const char *v = p + k;
+			while (*v == ' ' || *v == '\n')
+				v++;
+			*value = p[k] == ' ' && *v && !strchr("[]|-", *v);
+			return 1;
+		}
+		p += k ? k : 1;
+	}
+	return 0;
+}
+
+/* 1 if WORD is one of command C's options (any of its rows'); *VALUE
+ * says whether it takes one. --now is every app command's. */
+static int cmd_opt(const struct command *c, const char *word, int *value)
+{
+	*value = 1;
+	if (c->needs != CMD_ALONE && !strcmp(word, "--now"))
+		return 1;
+	if (strncmp(word, "--", 2) || !word[2])
+		return 0;
+	for (size_t i = 0; i < NCOMMANDS; i++)
+		if (!strcmp(commands[i].name, c->name) && commands[i].args &&
+		    usage_opt(commands[i].args, word, value))
+			return 1;
+	return 0;
+}
+
+/* Checks the words after C's name against its options and arity (see
+ * struct command) and puts them in AV for the command: its name, the
+ * other words in their order, then the options with their values, less
+ * --now (the caller has read it). Returns 0, or 2 with the usage said. */
+static int cmd_words(const struct command *c, int argc, char **argv, char **av,
+		     int *avc)
+{
+	int words = 0, n = 1;
+	av[0] = argv[0];
+	for (int i = 1; i < argc; i++) { /* the words that are no option */
+		int value;
+		if (argv[i][0] != '-' || !argv[i][1]) {
+			av[n++] = argv[i], words++;
+		} else if (!cmd_opt(c, argv[i], &value)) {
+			fprintf(stderr, "remarket %s: unknown option '%s'\n", c->name,
+				argv[i]);
+			return cmd_usage(c->name);
+		} else if (value && ++i == argc) {
+			fprintf(stderr, "remarket %s: %s needs a value\n", c->name,
+				argv[i - 1]);
+			return cmd_usage(c->name);
+		}
+	}
+	for (int i = 1; i < argc; i++) { /* then the options */
+		int value;
+		if (argv[i][0] != '-' || !argv[i][1] || !cmd_opt(c, argv[i], &value))
+			continue;
+		if (strcmp(argv[i], "--now"))
+			av[n++] = argv[i];
+		if (value && strcmp(argv[i++], "--now"))
+			av[n++] = argv[i];
+	}
+	if (words < c->min_args || (c->max_args >= 0 && words > c->max_args))
+		return cmd_usage(c->name);
+	av[n] = NULL;
+	*avc = n;
+	return 0;
+}
+
+/* Answers --help, checks the words, opens the app if the command needs
+ * it (CMD_READ: without the key if it cannot be read), runs it. */
 static int cmd_run(const struct command *c, struct config *cfg, int argc,
 		   char **argv)
 {
-	int words = argc - 1;
-	if (words < c->min_args || (c->max_args >= 0 && words > c->max_args))
-		return cmd_usage(c->name);
-	if (c->needs == CMD_ALONE)
-		return c->fn(NULL, cfg, 0, argc, argv);
-	struct app app;
-	char err[512];
-	if (app_open(&app, cfg, err, sizeof err) < 0) {
-		fprintf(stderr, "remarket %s: %s\n", argv[0], err);
+	for (int i = 1; i < argc; i++)
+		if (!strcmp(argv[i], "--help")) {
+			cmd_describe(c);
+			return 0;
+		}
+	rm_time now = now_arg(argc, argv);
+	char **av = malloc(((size_t)argc + 1) * sizeof *av);
+	int avc = 0, rc = 2;
+	if (!av) {
+		fprintf(stderr, "remarket: out of memory\n");
 		return 1;
 	}
-	rm_time now = now_arg(argc, argv);
-	int rc = 2;
+	if (cmd_words(c, argc, argv, av, &avc)) {
+		free(av);
+		return 2;
+	}
+	if (c->needs == CMD_ALONE) { /* status reads --now; the rest ignore it */
+		if (now < 0)
+			fprintf(stderr, "remarket: --now: want Unix seconds, ISO 8601 "
+				"or +N[smhd]\n");
+		else
+			rc = c->fn(NULL, cfg, now, avc, av);
+		free(av);
+		return rc;
+	}
+	struct app app;
+	char err[512];
+	if (app_open_keyless(&app, cfg, c->needs == CMD_READ, err, sizeof err) < 0) {
+		fprintf(stderr, "remarket %s: %s\n", argv[0], err);
+		free(av);
+		return 1;
+	}
 	if (now < 0)
 		fprintf(stderr, "remarket: --now: want Unix seconds, ISO 8601 or "
 			"+N[smhd]\n");
 	else
-		rc = c->fn(&app, cfg, now, argc, argv);
+		rc = c->fn(&app, cfg, now, avc, av);
 	app_close(&app);
+	free(av);
 	return rc;
 }
 
@@ -14735,8 +15261,8 @@ static int run(int argc, char **argv)
 	else if (!cmd)
 		usage(stderr), rc = 2;
 	else if (!c)
-		fprintf(stderr, "remarket: no command '%s'; the commands are:\n",
-			cmd), usage(stderr), rc = 2;
+		fprintf(stderr, "remarket: unknown command '%s' (see remarket "
+			"help)\n", cmd), rc = 2;
 	else
 		rc = cmd_run(c, &cfg, argc - 1, argv + 1);
 	cfg_free(&cfg);

@@ -107,6 +107,10 @@ int cfg_mailbox(const char *mb, char *name, size_t nlen, char *addr,
  * process's time zone: cfg_load calls it before any thread starts, so
  * one process writes one store's dates. -1 if the zone is not known. */
 int cfg_timezone(const char *name);
+/* URL without its password ("smtp://user:pw@relay" gives
+ * "smtp://user@relay"), for every message that names smtp_url; a URL
+ * curl cannot parse is shown as "(smtp_url: not a URL)", never raw. */
+void url_shown(const char *url, char *out, size_t n);
 
 /* ==== Storage: connection, migrations, named statements =============== */
 
@@ -142,8 +146,13 @@ struct app {
 	 * one a mail */
 	double store_median;
 	int64_t median_at;
+	int nokey; /* opened without the key ring (app_open_keyless) */
 };
 int app_open(struct app *app, struct config *cfg, char *err, size_t errlen);
+/* As app_open; with KEYLESS, an unreadable key ring leaves app->nokey set
+ * (and a random key that verifies nothing) instead of failing. */
+int app_open_keyless(struct app *app, struct config *cfg, int keyless,
+		     char *err, size_t errlen);
 void app_close(struct app *app);
 
 /* ==== Validators ====================================================== */
@@ -249,14 +258,23 @@ int ev_ingest_partial(struct app *app, enum ev_source src, const char *json,
 /* ==== Catalog and order imports (CSV) ================================= */
 
 /* The CSV importers (`remarket import products|orders`): the first record
- * names the columns, each row is validated and recorded as an EV_CLI event
- * (orders in transactions of at most 500 orders or 10 ms). Print the
- * counts on stdout, up to 20 refusals on stderr. Return 0, 1 if a row was
- * refused, 2 if the orders header lacks order_id, date or sku. */
+ * names the columns (separated by ',', ';' or tabs, after a UTF-8 byte
+ * order mark or not), each row is validated and recorded as an EV_CLI
+ * event (orders in transactions of at most 500 orders or 10 ms). Print
+ * the counts on stdout, up to 20 refusals on stderr (with the line of
+ * the file and the CSV's column) and a summary by reason. Return 0, or 1
+ * if a row was refused or the header is missing or lacks a required
+ * column (nothing is imported then). */
 int import_products(struct app *app, FILE *f, rm_time now);
 int import_orders(struct app *app, FILE *f, rm_time now);
 int import_orders_rejects(struct app *app, FILE *f, rm_time now,
 			  FILE *rejects);
+/* The same for ORDERS (1) or products (0), with NAME (the file's, for
+ * messages; NULL: "CSV"), REJECTS (orders only) and DRY_RUN: every line
+ * checked as the import would, nothing written, the counts printed as
+ * {"dry_run":true,"would_import":N,"refused":M}. */
+int import_file(struct app *app, int orders, FILE *f, rm_time now,
+		const char *name, FILE *rejects, int dry_run);
 /* If set, called after each write transaction of import_orders commits,
  * with the orders imported so far: the store's database is free then
  * (tests post a hook there). */

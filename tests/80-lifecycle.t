@@ -107,7 +107,7 @@ close $bf;
 ($rc, $out, $err) = rm('', {}, qw(import orders), "$tmp/bad.csv", '--now', $T0);
 is($rc, 1, 'an import with a refused row exits 1');
 like($out, qr/"imported":1,"refused":1/, 'the good order is in, the undated one is not');
-like($err, qr/line 3: date '2024-01-15 10:00:00' is not ISO 8601/, 'the bad line is named');
+like($err, qr/bad\.csv line 3: date: '2024-01-15 10:00:00' is not ISO 8601/, 'the bad line is named');
 is(sql("SELECT count(*) FROM orders WHERE order_key = 'X-1'"), 0, 'no order was dated "now"');
 # issue 14: the refusals by reason, and every refused line in --rejects
 ($rc, $out, $err) = rm('', {}, qw(import orders), "$tmp/bad.csv",
