@@ -242,7 +242,24 @@ static rm_time parse_time(const char *s, rm_time base)
 	return t >= 0 && t <= RM_TIME_MAX ? t : -1;
 }
 
-/* Where "now" comes from: the real clock, or $REMARKET_NOW. Everything
+/* Seconds the demo's clock is ahead of the real one: a whole number in
+ * the file $REMARKET_CLOCK_FILE (demo/backend.py writes it when its +1 h
+ * buttons move time), read at each call so a running `remarket serve`
+ * follows; 0 without the variable or a readable number. */
+static rm_time clock_offset(void)
+{
+	const char *path = getenv("REMARKET_CLOCK_FILE");
+	char line[32], *end;
+	FILE *f = path && *path ? fopen(path, "r") : NULL;
+	if (!f)
+		return 0;
+	long long off = fgets(line, sizeof line, f) ? strtoll(line, &end, 10) : 0;
+	fclose(f);
+	return off > 0 && off <= 10LL * 366 * 86400 ? (rm_time)off : 0;
+}
+
+/* Where "now" comes from: the real clock, or $REMARKET_NOW, or the real
+ * clock moved by the demo's clock file (clock_offset). Everything
  * that decides about the data takes "now" as an argument; besides this,
  * the real clock is read only by the tick's own bookkeeping: flow_tick,
  * lease_keep and out_of_budget measure elapsed seconds, and tick runs
@@ -253,7 +270,7 @@ static rm_time clock_now(void)
 	rm_time real = (rm_time)time(NULL);
 	const char *o = getenv("REMARKET_NOW");
 	rm_time t = o ? parse_time(o, real) : -1;
-	return t >= 0 ? t : real;
+	return t >= 0 ? t : real + clock_offset();
 }
 
 /* An IPv4 or IPv6 address; "::ffff:1.2.3.4" is the IPv4 1.2.3.4. */
@@ -1771,16 +1788,18 @@ void cfg_free(struct config *cfg)
 	  "FROM enrollments e JOIN flows f ON f.id = e.flow_id "               \
 	  "JOIN carts k ON k.id = e.cart_id WHERE f.trigger = 'cart_abandoned' " \
 	  "AND e.holdout = 1 AND e.created >= ?1 AND e.created < ?2")          \
-	/* the revenue of the carts REP_RECOVERED counts as recovered: the    \
-	 * orders naming the cart, placed within conversion_days (?3) */      \
+	/* the revenue of the carts REP_RECOVERED counts as recovered: each   \
+	 * order that ordered one (naming it, or naming no cart: then it      \
+	 * ordered its contact's carts at its ts, CART_ORDERED), once */      \
 	X(REP_RECOVERED_REVENUE,                                               \
-	  "SELECT total(o.total - o.refunded) FROM enrollments e "             \
-	  "JOIN flows f ON f.id = e.flow_id JOIN carts k ON k.id = e.cart_id " \
-	  "JOIN orders o ON o.cart_id = k.id WHERE f.trigger = 'cart_abandoned' " \
+	  "SELECT total(total - refunded) FROM orders WHERE id IN (SELECT o.id " \
+	  "FROM enrollments e JOIN flows f ON f.id = e.flow_id "               \
+	  "JOIN carts k ON k.id = e.cart_id JOIN orders o ON o.cart_id = k.id " \
+	  "OR (o.cart_id IS NULL AND o.contact_id = k.contact_id "             \
+	  "AND o.ts = k.ordered_at) WHERE f.trigger = 'cart_abandoned' "       \
 	  "AND e.holdout = 0 AND e.created >= ?1 AND e.created < ?2 "          \
 	  "AND k.status = 'ordered' AND k.ordered_at >= e.created "            \
-	  "AND k.ordered_at < e.created + ?3 AND o.ts >= e.created "           \
-	  "AND o.ts < e.created + ?3")                                         \
+	  "AND k.ordered_at < e.created + ?3)")                                \
 	X(REP_MESSAGES,                                                        \
 	  "SELECT coalesce(sum(m.status = 'sent'), 0), "                       \
 	  "coalesce(sum(m.status = 'failed'), 0), "                            \
@@ -1868,16 +1887,17 @@ void cfg_free(struct config *cfg)
 	  "SELECT k.cart_key, k.contact_id, coalesce(c.email, ''), "           \
 	  "coalesce(c.name, ''), k.total, k.currency, k.abandoned_at, "        \
 	  "e.id, e.flow_id, e.holdout, coalesce(e.status, ''), "               \
-	  "(SELECT count(*) FROM orders o WHERE o.cart_id = k.id), "           \
-	  "(SELECT total(o.total - o.refunded) FROM orders o "                 \
-	  "WHERE o.cart_id = k.id), k.ordered_at, "                            \
-	  "(SELECT attribution FROM orders o WHERE o.cart_id = k.id "          \
-	  "ORDER BY o.ts DESC LIMIT 1) "                                       \
-	  "FROM carts k LEFT JOIN contacts c ON c.id = k.contact_id "          \
+	  "count(o.id), total(o.total - o.refunded), k.ordered_at, "           \
+	  "max(o.attribution) "                                                \
+	  "FROM (SELECT * FROM carts WHERE abandoned_at IS NOT NULL "          \
+	  "ORDER BY abandoned_at DESC, id DESC LIMIT ?1 OFFSET ?2) k "         \
+	  "LEFT JOIN contacts c ON c.id = k.contact_id "                       \
 	  "LEFT JOIN enrollments e ON e.id = (SELECT min(x.id) FROM "          \
 	  "enrollments x WHERE x.cart_id = k.id) "                             \
-	  "WHERE k.abandoned_at IS NOT NULL "                                  \
-	  "ORDER BY k.abandoned_at DESC, k.id DESC LIMIT ?1 OFFSET ?2")        \
+	  "LEFT JOIN orders o ON k.status = 'ordered' AND (o.cart_id = k.id "  \
+	  "OR (o.cart_id IS NULL AND o.contact_id = k.contact_id "             \
+	  "AND o.ts = k.ordered_at)) "                                         \
+	  "GROUP BY k.id ORDER BY k.abandoned_at DESC, k.id DESC")             \
 	X(ACT_MESSAGES,                                                        \
 	  "SELECT m.step, m.variant, m.status, EXISTS (SELECT 1 FROM "         \
 	  "interactions i WHERE i.message = m.id AND i.kind = 'open'), "       \
