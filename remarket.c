@@ -8515,6 +8515,9 @@ static const struct rep_row_num rep_flow_nums[] = {
 	{"holdout_converted", RF(held_converted), RK_COUNT, 0},
 	{"conversion", RF(lift.p1), RK_PERCENT, 0},
 	{"holdout_conversion", RF(lift.p2), RK_PERCENT, 0},
+};
+/* ... and, after the lift, what it is worth and when its verdict is known */
+static const struct rep_row_num rep_flow_worth[] = {
 	{"incremental_revenue", RF(incr.value), RK_MONEY, 0},
 	{"incremental_revenue_ci95", RF(incr.lo), RK_MONEY_CI, 0},
 	{"verdict_more_enrollments", RF(more_needed), RK_COUNT, 0},
@@ -8673,18 +8676,20 @@ static void json_flow(struct buf *b, const struct flow_report *f)
 {
 	buf_adds(b, "{\"name\":");
 	json_str(b, f->name);
-	buf_addf(b, ",\"enabled\":%s,\"holdout_pct\":%d", f->enabled ? "true" : "false",
-		 f->holdout_pct);
+	buf_addf(b, ",\"holdout_pct\":%d", f->holdout_pct);
 	json_row(b, rep_flow_nums, sizeof rep_flow_nums / sizeof rep_flow_nums[0], f);
 	buf_adds(b, ",");
 	json_lift(b, &f->lift);
+	json_row(b, rep_flow_worth, sizeof rep_flow_worth / sizeof rep_flow_worth[0], f);
+	buf_addf(b, ",\"enabled\":%s", f->enabled ? "true" : "false");
 	buf_adds(b, ",\"steps\":[");
 	for (int i = 0; i < f->nsteps; i++) {
 		const struct step_report *s = &f->steps[i];
-		buf_addf(b, "%s{\"position\":%d,\"variant\":\"%c\",\"name\":", i ? "," : "",
+		buf_addf(b, "%s{\"position\":%d,\"variant\":\"%c\"", i ? "," : "",
 			 s->position, s->variant);
-		json_str(b, s->name);
 		json_row(b, rep_step_nums, sizeof rep_step_nums / sizeof rep_step_nums[0], s);
+		buf_adds(b, ",\"name\":");
+		json_str(b, s->name);
 		if (s->variant == 'B') {
 			buf_adds(b, ",\"versus_a\":{");
 			json_lift(b, &s->ab);
