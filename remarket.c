@@ -9419,13 +9419,15 @@ static void contact_value(struct buf *b, const char *path, const char *v)
 					   "_seen", "expires"};
 	html_escape(b, v);
 	size_t n = strlen(path);
+	if (n && path[n - 1] == '"') /* json_tree quotes a key with a '_' */
+		n--;
 	char *end;
 	long long t = strtoll(v, &end, 10);
 	if (*end || end == v || t <= 0)
 		return;
 	for (size_t i = 0; i < sizeof ends / sizeof ends[0]; i++) {
 		size_t m = strlen(ends[i]);
-		if (n >= m && !strcmp(path + n - m, ends[i])) {
+		if (n >= m && !strncmp(path + n - m, ends[i], m)) {
 			buf_adds(b, " <span class=note>");
 			html_date(b, t, "%Y-%m-%d %H:%M UTC");
 			buf_adds(b, "</span>");
