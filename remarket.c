@@ -8446,7 +8446,7 @@ static const struct rep_num rep_nums[] = {
 	{"recovered_revenue", RN(recovered_revenue), RK_MONEY, RW_TEXT, 1,
 	 "recovered revenue", 0, "recovered revenue  ", "", RD_UP},
 	{"incremental_revenue", RN(incr.value), RK_MONEY, RW_TEXT, 2,
-	 "incremental revenue: caused by remarket", 0, "incremental revenue",
+	 "incremental revenue: caused by remarket", 0, "incremental revenue ",
 	 " (95 % interval ", RD_LIFT},
 	{"incremental_revenue_ci95", RN(incr.lo), RK_MONEY_CI, RW_TEXT, 0, NULL,
 	 0, NULL, "; recovery lift x abandoned carts messaged x average order ", RD_NONE},
@@ -9207,6 +9207,22 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	return report_page(r, store, NULL, b);
 }
 
+/* The page's html_eta, as an indented line of text. */
+static void text_eta(long more, double days)
+{
+	if (more < 0)
+		printf("  No estimate yet of when it will be known: that needs a "
+		       "held-out group and a difference between the groups.\n");
+	else if (more > 0 && days < 0)
+		printf("  If the difference stays as it is, about %ld more "
+		       "enrollments will tell (none came in this period, so no "
+		       "date).\n", more);
+	else if (more > 0)
+		printf("  If the difference stays as it is, about %ld more "
+		       "enrollments will tell: about %.0f days at this period's "
+		       "rate.\n", more, days);
+}
+
 /* `remarket report`: the same numbers as the page, as lines of text. */
 static void report_text(const struct report *r)
 {
@@ -9225,7 +9241,8 @@ static void report_text(const struct report *r)
 		rep_shown(v, sizeof v, n->kind, r, n->off, r->currency);
 		printf("%s%s", v, n->words);
 	}
-	printf("\n");
+	printf("\nrecovery verdict   %s\n", lift_verdict(&r->recovery_lift));
+	text_eta(r->more_needed, r->days_needed);
 	const struct lift *wl = &r->reactivation_lift;
 	printf("win-back           %ld lapsed (after %ld days: %s), %ld contacted, "
 	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
@@ -9247,6 +9264,9 @@ static void report_text(const struct report *r)
 		       f->name, f->enrolled, f->held_out, 100 * f->lift.p1,
 		       100 * f->lift.p2, 100 * f->lift.diff, 100 * f->lift.lo,
 		       100 * f->lift.hi, lift_verdict(&f->lift));
+		printf("  incremental revenue %.2f %s (95 %% interval %.2f to %.2f)\n",
+		       f->incr.value, r->currency, f->incr.lo, f->incr.hi);
+		text_eta(f->more_needed, f->days_needed);
 		for (int j = 0; j < f->nsteps; j++) {
 			const struct step_report *s = &f->steps[j];
 			printf("  step %d%s", s->position, s->variant == 'B' ? "B" : " ");
