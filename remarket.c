@@ -8397,7 +8397,8 @@ enum rep_kind {
 /* Which way is good, for a card's colour: more is better (green when
  * above zero), less is better (never green: amber when above zero), a
  * lift (green when its whole interval, the two doubles after it in a
- * struct lift, is above zero, red when below), or neither. */
+ * struct lift or struct incremental, is above zero, red when below), or
+ * neither (a number rep_dirs does not name). */
 enum rep_dir { RD_NONE, RD_UP, RD_DOWN, RD_LIFT };
 
 /* Where a number appears besides report.json. */
@@ -8419,82 +8420,92 @@ struct rep_num {
 	const char *label;
 	size_t of;
 	const char *line, *words;
-	enum rep_dir dir;
 };
 
 #define RN(f) offsetof(struct report, f)
 static const struct rep_num rep_nums[] = {
 	{"abandoned_carts", RN(abandoned), RK_COUNT, RW_TEXT, 0, NULL, 0,
-	 "abandoned carts    ", " (held out not counted)", RD_NONE},
+	 "abandoned carts    ", " (held out not counted)"},
 	{"recovered_carts", RN(recovered), RK_COUNT, RW_TEXT, 7,
-	 "carts recovered / abandoned", RN(abandoned), "recovered carts    ", " (",
-	 RD_UP},
+	 "carts recovered / abandoned", RN(abandoned), "recovered carts    ", " ("},
 	{"recovery_rate", RN(recovery_rate), RK_PERCENT, RW_TEXT, 4,
-	 "of abandoned carts recovered", 0, NULL, ")", RD_UP},
+	 "of abandoned carts recovered", 0, NULL, ")"},
 	{"holdout_recovered_carts", RN(held_recovered), RK_COUNT, RW_TEXT, 0,
-	 NULL, 0, "held-out carts     ", " ordered anyway of ", RD_NONE},
+	 NULL, 0, "held-out carts     ", " ordered anyway of "},
 	{"holdout_abandoned_carts", RN(held_abandoned), RK_COUNT, RW_TEXT, 0,
-	 NULL, 0, NULL, " (", RD_NONE},
+	 NULL, 0, NULL, " ("},
 	{"holdout_recovery_rate", RN(recovery_lift.p2), RK_PERCENT, RW_TEXT, 5,
 	 "of held-out carts ordered anyway", 0, NULL,
-	 "): caused by remarket ", RD_NONE},
+	 "): caused by remarket "},
 	{"recovery_lift", RN(recovery_lift.diff), RK_POINTS, RW_TEXT, 6,
 	 "recovered carts caused by remarket (messaged &minus; held out)", 0,
-	 NULL, " (95 % interval ", RD_LIFT},
+	 NULL, " (95 % interval "},
 	{"recovery_lift_ci95", RN(recovery_lift.lo), RK_CI, RW_TEXT, 0, NULL, 0,
-	 NULL, ")", RD_NONE},
+	 NULL, ")"},
 	{"recovered_revenue", RN(recovered_revenue), RK_MONEY, RW_TEXT, 1,
-	 "recovered revenue", 0, "recovered revenue  ", "", RD_UP},
+	 "recovered revenue", 0, "recovered revenue  ", ""},
 	{"incremental_revenue", RN(incr.value), RK_MONEY, RW_TEXT, 2,
 	 "incremental revenue: caused by remarket", 0, "incremental revenue ",
-	 " (95 % interval ", RD_LIFT},
+	 " (95 % interval "},
 	{"incremental_revenue_ci95", RN(incr.lo), RK_MONEY_CI, RW_TEXT, 0, NULL,
-	 0, NULL, "; recovery lift x abandoned carts messaged x average order ", RD_NONE},
-	{"average_order", RN(aov), RK_MONEY, RW_TEXT, 0, NULL, 0, NULL, ")", RD_NONE},
+	 0, NULL, "; recovery lift x abandoned carts messaged x average order "},
+	{"average_order", RN(aov), RK_MONEY, RW_TEXT, 0, NULL, 0, NULL, ")"},
 	{"attributed_revenue", RN(attributed_revenue), RK_MONEY, RW_TEXT, 3,
 	 "attributed revenue (a click or a code, every flow)", 0,
-	 "attributed revenue ", "", RD_UP},
+	 "attributed revenue ", ""},
 	{"verdict_more_enrollments", RN(more_needed), RK_COUNT, RW_JSON_TAIL, 0,
-	 NULL, 0, NULL, NULL, RD_NONE},
+	 NULL, 0, NULL, NULL},
 	{"verdict_days", RN(days_needed), RK_DAYS, RW_JSON_TAIL, 0, NULL, 0, NULL,
-	 NULL, RD_NONE},
+	 NULL},
 	{"orders", RN(orders), RK_COUNT, RW_TEXT, 0, NULL, 0,
-	 "orders             ", " (", RD_NONE},
-	{"revenue", RN(revenue), RK_MONEY, 0, 0, NULL, 0, NULL, NULL, RD_NONE},
+	 "orders             ", " ("},
+	{"revenue", RN(revenue), RK_MONEY, 0, 0, NULL, 0, NULL, NULL},
 	{"attributed_orders", RN(attributed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
-	 " attributed, ", RD_NONE},
+	 " attributed, "},
 	{"influenced_orders", RN(influenced), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
-	 " influenced)", RD_NONE},
+	 " influenced)"},
 	{"influenced_revenue", RN(influenced_revenue), RK_MONEY, 0, 0, NULL, 0,
-	 NULL, NULL, RD_NONE},
+	 NULL, NULL},
 	{"orders_without_cart", RN(orders_no_cart), RK_COUNT, RW_TEXT, 0, NULL, 0,
-	 "orders, no cart    ", " (placed without a cart: attributed by contact)", RD_NONE},
+	 "orders, no cart    ", " (placed without a cart: attributed by contact)"},
 	{"sent", RN(sent), RK_COUNT, RW_TEXT, 8, "emails sent", 0,
-	 "emails             ", " sent, ", RD_NONE},
-	{"opened", RN(opened), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " opened, ", RD_NONE},
-	{"clicked", RN(clicked), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " clicked, ", RD_NONE},
+	 "emails             ", " sent, "},
+	{"opened", RN(opened), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " opened, "},
+	{"clicked", RN(clicked), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " clicked, "},
 	{"unsubscribed", RN(unsubscribed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
-	 " unsubscribed, ", RD_NONE},
+	 " unsubscribed, "},
 	{"unsubscribe_rate", RN(unsubscribe_rate), RK_PERCENT2, 0, 9,
-	 "unsubscribed per email", 0, NULL, NULL, RD_DOWN},
-	{"bounced", RN(bounced), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " bounced", RD_NONE},
+	 "unsubscribed per email", 0, NULL, NULL},
+	{"bounced", RN(bounced), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " bounced"},
 	{"stale_steps", RN(stale), RK_COUNT, RW_JSON_TAIL | RW_TEXT, 0, NULL, 0,
-	 "stale steps        ", " (too late to send: recorded, not sent)", RD_NONE},
+	 "stale steps        ", " (too late to send: recorded, not sent)"},
 	{"codes_issued", RN(codes_issued), RK_COUNT, RW_TEXT, 0, NULL, 0,
-	 "discount codes     ", " issued, ", RD_NONE},
+	 "discount codes     ", " issued, "},
 	{"codes_redeemed", RN(codes_redeemed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
-	 " redeemed, cost ", RD_NONE},
+	 " redeemed, cost "},
 	{"discount_cost", RN(discount_cost), RK_MONEY, RW_TEXT, 10,
-	 "cost of discounts redeemed", 0, NULL, "", RD_DOWN},
+	 "cost of discounts redeemed", 0, NULL, ""},
 	{"codes_flagged.reused", RN(codes_reused), RK_COUNT,
 	 RW_JSON_TAIL | RW_TEXT, 11, "orders with a code used before / expired",
 	 RN(codes_expired), "flagged codes      ",
-	 " orders with a code used before, ", RD_DOWN},
+	 " orders with a code used before, "},
 	{"codes_flagged.expired", RN(codes_expired), RK_COUNT,
 	 RW_JSON_TAIL | RW_TEXT, 0, NULL, 0, NULL,
-	 " with an expired code (not attributed to it)", RD_NONE},
+	 " with an expired code (not attributed to it)"},
 };
 #undef RN
+
+/* The cards' directions, by key (a new card without one stays plain). */
+static const struct {
+	const char *key;
+	enum rep_dir dir;
+} rep_dirs[] = {
+	{"recovered_revenue", RD_UP}, {"incremental_revenue", RD_LIFT},
+	{"attributed_revenue", RD_UP}, {"recovery_rate", RD_UP},
+	{"recovery_lift", RD_LIFT}, {"recovered_carts", RD_UP},
+	{"unsubscribe_rate", RD_DOWN}, {"discount_cost", RD_DOWN},
+	{"codes_flagged.reused", RD_DOWN},
+};
 
 /* One number of a flow or of a step's row: in the JSON always; on the
  * page's step table and in the text's step line where shown is set (the
@@ -8814,12 +8825,16 @@ static void html_card(struct buf *b, const char *label, const char *key,
  * the carts' recovery lift, so "too few to tell" keeps them flat. */
 static const char *card_tone(const struct rep_num *n, const struct report *r)
 {
+	enum rep_dir dir = RD_NONE;
+	for (size_t i = 0; i < sizeof rep_dirs / sizeof rep_dirs[0]; i++)
+		if (!strcmp(rep_dirs[i].key, n->key))
+			dir = rep_dirs[i].dir;
 	double v = rep_value(n->kind, r, n->off);
-	if (n->dir == RD_UP)
+	if (dir == RD_UP)
 		return v > 0 ? "good" : "flat";
-	if (n->dir == RD_DOWN)
+	if (dir == RD_DOWN)
 		return v > 0 ? "watch" : "flat";
-	if (n->dir != RD_LIFT || r->recovery_lift.too_small)
+	if (dir != RD_LIFT || r->recovery_lift.too_small)
 		return "flat";
 	double lo = rep_double(r, n->off + sizeof(double)),
 	       hi = rep_double(r, n->off + 2 * sizeof(double));
