@@ -1793,12 +1793,12 @@ void cfg_free(struct config *cfg)
 	 * ordered its contact's carts at its ts, CART_ORDERED), once */      \
 	X(REP_RECOVERED_REVENUE,                                               \
 	  "SELECT total(total - refunded) FROM orders WHERE id IN (SELECT o.id " \
-	  "FROM enrollments e JOIN flows f ON f.id = e.flow_id "               \
+	  "FROM flows f JOIN enrollments e ON e.flow_id = f.id "               \
 	  "JOIN carts k ON k.id = e.cart_id JOIN orders o ON o.cart_id = k.id " \
 	  "OR (o.cart_id IS NULL AND o.contact_id = k.contact_id "             \
 	  "AND o.ts = k.ordered_at) WHERE f.trigger = 'cart_abandoned' "       \
 	  "AND e.holdout = 0 AND e.created >= ?1 AND e.created < ?2 "          \
-	  "AND k.status = 'ordered' AND k.ordered_at >= e.created "            \
+	  "AND +k.status = 'ordered' AND k.ordered_at >= e.created "           \
 	  "AND k.ordered_at < e.created + ?3)")                                \
 	X(REP_MESSAGES,                                                        \
 	  "SELECT coalesce(sum(m.status = 'sent'), 0), "                       \
@@ -1893,7 +1893,8 @@ void cfg_free(struct config *cfg)
 	  "ORDER BY abandoned_at DESC, id DESC LIMIT ?1 OFFSET ?2) k "         \
 	  "LEFT JOIN contacts c ON c.id = k.contact_id "                       \
 	  "LEFT JOIN enrollments e ON e.id = (SELECT min(x.id) FROM "          \
-	  "enrollments x WHERE x.cart_id = k.id) "                             \
+	  "enrollments x WHERE x.flow_id IN (SELECT id FROM flows "            \
+	  "WHERE trigger = 'cart_abandoned') AND x.cart_id = k.id) "           \
 	  "LEFT JOIN orders o ON k.status = 'ordered' AND (o.cart_id = k.id "  \
 	  "OR (o.cart_id IS NULL AND o.contact_id = k.contact_id "             \
 	  "AND o.ts = k.ordered_at)) "                                         \

@@ -2388,7 +2388,6 @@ static void test_codes_migration(void)
 	db_scalar(db, "DROP TABLE reco_state");
 	db_scalar(db, "DROP TABLE forgotten"); /* 016, replayed too */
 	db_scalar(db, "DROP INDEX orders_cart"); /* 019, replayed too */
-	db_scalar(db, "DROP INDEX enrollments_cart");
 	db_scalar(db, "ALTER TABLE products DROP COLUMN kind");
 	db_scalar(db, "DROP INDEX orders_code_status");
 	db_scalar(db, "ALTER TABLE orders DROP COLUMN code_status");
