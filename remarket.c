@@ -1826,6 +1826,13 @@ void cfg_free(struct config *cfg)
 	  "SELECT coalesce(sum(code_status = 'reused'), 0), "                  \
 	  "coalesce(sum(code_status = 'expired'), 0) FROM orders "             \
 	  "WHERE code_status IS NOT NULL AND ts >= ?1 AND ts < ?2")            \
+	/* the first enrollment of the period: a flow's (?1), or of every     \
+	 * cart flow (?1 NULL); enrollments per day count from there */       \
+	X(REP_FIRST_ENROLLED,                                                  \
+	  "SELECT min(e.created) FROM flows f JOIN enrollments e "             \
+	  "ON e.flow_id = f.id WHERE (f.id = ?1 OR (?1 IS NULL "               \
+	  "AND f.trigger = 'cart_abandoned')) AND e.created >= ?2 "            \
+	  "AND e.created < ?3")                                                \
 	X(REP_FLOWS,                                                           \
 	  "SELECT id, name, holdout_pct, enabled FROM flows ORDER BY id")      \
 	/* a step's name: its template (variant B's own, if it has one) and   \
@@ -8237,10 +8244,21 @@ static void rep_steps(struct app *app, int64_t flow, const struct report *r,
 	}
 }
 
-/* N enrollments of the report's period as a rate per day. */
-static double rep_per_day(const struct report *r, long n)
+/* N enrollments of the report's period as a rate per day, counted from
+ * the first of them (FLOW's, or every cart flow's when FLOW is 0), so a
+ * flow started last week is not diluted over a month. */
+static double rep_per_day(struct app *app, const struct report *r, int64_t flow,
+			  long n)
 {
-	double days = (double)(r->until - r->since) / 86400;
+	sqlite3_stmt *s = q(app->db, ST_REP_FIRST_ENROLLED, "nii", (int64_t)r->since,
+			    (int64_t)r->until);
+	if (flow)
+		sqlite3_bind_int64(s, 1, flow);
+	rm_time first = r->since;
+	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL)
+		first = (rm_time)sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	double days = (double)(r->until - (first > r->since ? first : r->since)) / 86400;
 	return (double)n / (days > 1 ? days : 1);
 }
 
@@ -8273,7 +8291,8 @@ static void rep_flows(struct app *app, struct report *r)
 		stat_incremental(&f->lift, f->enrolled, r->aov, &f->incr);
 		f->more_needed = stat_more_needed(&f->lift, f->enrolled, f->held_out);
 		f->days_needed = stat_days_needed(f->more_needed,
-						  rep_per_day(r, f->enrolled + f->held_out));
+						  rep_per_day(app, r, ids[i],
+							      f->enrolled + f->held_out));
 		rep_steps(app, ids[i], r, f);
 	}
 }
@@ -8365,7 +8384,7 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	stat_incremental(&r->recovery_lift, r->abandoned, r->aov, &r->incr);
 	r->more_needed = stat_more_needed(&r->recovery_lift, r->abandoned,
 					  r->held_abandoned);
-	r->days_needed = stat_days_needed(r->more_needed, rep_per_day(r,
+	r->days_needed = stat_days_needed(r->more_needed, rep_per_day(app, r, 0,
 					  r->abandoned + r->held_abandoned));
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
 	q_row(q(db, ST_REP_BROWSER_HELD, "ii", a, b), "l", &r->browser_held);
