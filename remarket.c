@@ -244,7 +244,24 @@ static rm_time parse_time(const char *s, rm_time base)
 	return t >= 0 && t <= RM_TIME_MAX ? t : -1;
 }
 
-/* Where "now" comes from: the real clock, or $REMARKET_NOW. Everything
+/* Seconds the demo's clock is ahead of the real one: a whole number in
+ * the file $REMARKET_CLOCK_FILE (demo/backend.py writes it when its +1 h
+ * buttons move time), read at each call so a running `remarket serve`
+ * follows; 0 without the variable or a readable number. */
+static rm_time clock_offset(void)
+{
+	const char *path = getenv("REMARKET_CLOCK_FILE");
+	char line[32], *end;
+	FILE *f = path && *path ? fopen(path, "r") : NULL;
+	if (!f)
+		return 0;
+	long long off = fgets(line, sizeof line, f) ? strtoll(line, &end, 10) : 0;
+	fclose(f);
+	return off > 0 && off <= 10LL * 366 * 86400 ? (rm_time)off : 0;
+}
+
+/* Where "now" comes from: the real clock, or $REMARKET_NOW, or the real
+ * clock moved by the demo's clock file (clock_offset). Everything
  * that decides about the data takes "now" as an argument; besides this,
  * the real clock is read only by the tick's own bookkeeping: flow_tick,
  * lease_keep and out_of_budget measure elapsed seconds, and tick runs
@@ -255,7 +272,7 @@ static rm_time clock_now(void)
 	rm_time real = (rm_time)time(NULL);
 	const char *o = getenv("REMARKET_NOW");
 	rm_time t = o ? parse_time(o, real) : -1;
-	return t >= 0 ? t : real;
+	return t >= 0 ? t : real + clock_offset();
 }
 
 /* An IPv4 or IPv6 address; "::ffff:1.2.3.4" is the IPv4 1.2.3.4. */
@@ -2057,8 +2074,9 @@ void cfg_free(struct config *cfg)
 	  "SELECT count(*), total(total - refunded), "                         \
 	  "coalesce(sum(attribution IN ('click', 'code')), 0), "               \
 	  "coalesce(sum(attribution = 'influenced'), 0), "                     \
-	  "total(CASE WHEN attribution = 'influenced' THEN total - refunded END) " \
-	  "FROM orders WHERE ts >= ?1 AND ts < ?2")                            \
+	  "total(CASE WHEN attribution = 'influenced' THEN total - refunded END), " \
+	  "total(CASE WHEN attribution IN ('click', 'code') "                  \
+	  "THEN total - refunded END) FROM orders WHERE ts >= ?1 AND ts < ?2") \
 	X(REP_ORDERS_NO_CART,                                                  \
 	  "SELECT count(*) FROM orders WHERE cart_id IS NULL "                 \
 	  "AND ts >= ?1 AND ts < ?2")                                          \
@@ -2074,12 +2092,18 @@ void cfg_free(struct config *cfg)
 	  "FROM enrollments e JOIN flows f ON f.id = e.flow_id "               \
 	  "JOIN carts k ON k.id = e.cart_id WHERE f.trigger = 'cart_abandoned' " \
 	  "AND e.holdout = 1 AND e.created >= ?1 AND e.created < ?2")          \
+	/* the revenue of the carts REP_RECOVERED counts as recovered: each   \
+	 * order that ordered one (naming it, or naming no cart: then it      \
+	 * ordered its contact's carts at its ts, CART_ORDERED), once */      \
 	X(REP_RECOVERED_REVENUE,                                               \
-	  "SELECT total(o.total - o.refunded) FROM orders o JOIN messages m "  \
-	  "ON m.id = o.message " \
-	  "JOIN enrollments e ON e.id = m.enrollment_id "                      \
-	  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'cart_abandoned' " \
-	  "AND o.attribution IN ('click', 'code') AND o.ts >= ?1 AND o.ts < ?2") \
+	  "SELECT total(total - refunded) FROM orders WHERE id IN (SELECT o.id " \
+	  "FROM flows f JOIN enrollments e ON e.flow_id = f.id "               \
+	  "JOIN carts k ON k.id = e.cart_id JOIN orders o ON o.cart_id = k.id " \
+	  "OR (o.cart_id IS NULL AND o.contact_id = k.contact_id "             \
+	  "AND o.ts = k.ordered_at) WHERE f.trigger = 'cart_abandoned' "       \
+	  "AND e.holdout = 0 AND e.created >= ?1 AND e.created < ?2 "          \
+	  "AND +k.status = 'ordered' AND k.ordered_at >= e.created "           \
+	  "AND k.ordered_at < e.created + ?3)")                                \
 	X(REP_MESSAGES,                                                        \
 	  "SELECT coalesce(sum(m.status = 'sent'), 0), "                       \
 	  "coalesce(sum(m.status = 'failed'), 0), "                            \
@@ -2106,7 +2130,22 @@ void cfg_free(struct config *cfg)
 	  "SELECT coalesce(sum(code_status = 'reused'), 0), "                  \
 	  "coalesce(sum(code_status = 'expired'), 0) FROM orders "             \
 	  "WHERE code_status IS NOT NULL AND ts >= ?1 AND ts < ?2")            \
-	X(REP_FLOWS, "SELECT id, name, holdout_pct FROM flows ORDER BY id")     \
+	/* the first enrollment of the period: a flow's (?1), or of every     \
+	 * cart flow (?1 NULL); enrollments per day count from there */       \
+	X(REP_FIRST_ENROLLED,                                                  \
+	  "SELECT min(e.created) FROM flows f JOIN enrollments e "             \
+	  "ON e.flow_id = f.id WHERE (f.id = ?1 OR (?1 IS NULL "               \
+	  "AND f.trigger = 'cart_abandoned')) AND e.created >= ?2 "            \
+	  "AND e.created < ?3")                                                \
+	X(REP_FLOWS,                                                           \
+	  "SELECT id, name, holdout_pct, enabled FROM flows ORDER BY id")      \
+	/* a step's name: its template (variant B's own, if it has one) and   \
+	 * delay, as the flow defines them now */                             \
+	X(REP_STEP_NAME,                                                       \
+	  "SELECT coalesce(CASE WHEN ?3 = 'B' THEN v.template END, s.template), " \
+	  "coalesce(CASE WHEN ?3 = 'B' THEN v.delay_s END, s.delay_s) "        \
+	  "FROM steps s LEFT JOIN step_variants v ON v.flow_id = s.flow_id "   \
+	  "AND v.position = s.position WHERE s.flow_id = ?1 AND s.position = ?2") \
 	X(REP_BROWSER_HELD,                                                    \
 	  "SELECT count(*) FROM contacts WHERE held_at >= ?1 AND held_at < ?2 " \
 	  "AND +signed = 0")                                                   \
@@ -2155,6 +2194,33 @@ void cfg_free(struct config *cfg)
 	  "SELECT (ts - ?1) / 86400, total(total - refunded) FROM orders "     \
 	  "WHERE attribution IN ('click', 'code') AND ts >= ?1 AND ts < ?2 "   \
 	  "GROUP BY 1")                                                        \
+	/* the activity list: abandoned carts, newest first, a page at a time, \
+	 * each with its person, its cart flow enrollment and its orders */   \
+	X(ACT_COUNT,                                                           \
+	  "SELECT count(*) FROM carts WHERE abandoned_at IS NOT NULL")         \
+	X(ACT_CARTS,                                                           \
+	  "SELECT k.cart_key, k.contact_id, coalesce(c.email, ''), "           \
+	  "coalesce(c.name, ''), k.total, k.currency, k.abandoned_at, "        \
+	  "e.id, e.flow_id, e.holdout, coalesce(e.status, ''), "               \
+	  "count(o.id), total(o.total - o.refunded), k.ordered_at, "           \
+	  "max(o.attribution) "                                                \
+	  "FROM (SELECT * FROM carts WHERE abandoned_at IS NOT NULL "          \
+	  "ORDER BY abandoned_at DESC, id DESC LIMIT ?1 OFFSET ?2) k "         \
+	  "LEFT JOIN contacts c ON c.id = k.contact_id "                       \
+	  "LEFT JOIN enrollments e ON e.id = (SELECT min(x.id) FROM "          \
+	  "enrollments x WHERE x.flow_id IN (SELECT id FROM flows "            \
+	  "WHERE trigger = 'cart_abandoned') AND x.cart_id = k.id) "           \
+	  "LEFT JOIN orders o ON k.status = 'ordered' AND (o.cart_id = k.id "  \
+	  "OR (o.cart_id IS NULL AND o.contact_id = k.contact_id "             \
+	  "AND o.ts = k.ordered_at)) "                                         \
+	  "GROUP BY k.id ORDER BY k.abandoned_at DESC, k.id DESC")             \
+	X(ACT_MESSAGES,                                                        \
+	  "SELECT m.step, m.variant, m.status, EXISTS (SELECT 1 FROM "         \
+	  "interactions i WHERE i.message = m.id AND i.kind = 'open'), "       \
+	  "EXISTS (SELECT 1 FROM interactions i WHERE i.message = m.id "       \
+	  "AND i.kind IN ('click', 'discount')) FROM messages m "              \
+	  "WHERE m.enrollment_id = ?1 ORDER BY m.step")                        \
+	X(CONTACT_EMAIL, "SELECT email FROM contacts WHERE id = ?1")           \
 	/* -- HTTP routes -- */                                                \
 	/* POST /feedback: the events of a body, each as (type, email,       \
 	 * message_id, status[, signature fields]); FB_JSON_OK first, as     \
@@ -10832,9 +10898,17 @@ int check_run(struct app *app, rm_time now, int when, struct buf *json,
  * report_text (`remarket report`) render that same struct from one
  * description of its numbers (rep_nums, rep_flow_nums, rep_step_nums:
  * key, field, kind, label, where shown), so they cannot disagree.
- * Recovered carts are enrollees, not held out, whose cart was ordered
- * within conversion_days; recovered revenue is the revenue of orders
- * attributed (click or code) to a message of the flow.
+ * One definition of "recovered", used by the page, the JSON, the text and
+ * the README: a cart is recovered when it was enrolled in a cart flow, not
+ * held out, and ordered within conversion_days of enrolling (whether or
+ * not a mail was clicked: the held-out carts are counted the same way, so
+ * the two compare); recovered revenue is what those carts' orders brought.
+ * Attributed revenue is another number, named so: orders attributed (a
+ * click or a code) to a message of any flow. Incremental revenue is the
+ * part remarket caused: the lift over the held out x the carts messaged x
+ * the period's average order, with the lift's 95 % interval carried
+ * through (stat_incremental); stat_more_needed says when the verdict will
+ * be known at the current effect and enrollment rate.
  * Every rate beside a flow (recovered, reactivated within 30 days, a
  * flow's conversion) is shown with the same rate of its held-out group
  * and their difference with a 95 % interval (stat_lift); only that
@@ -10857,6 +10931,44 @@ void stat_lift(long x1, long n1, long x2, long n2, struct lift *out)
 	out->too_small = n1 < 30 || n2 < 30 || x1 + x2 < 5;
 }
 
+void stat_incremental(const struct lift *l, long messaged, double aov,
+		      struct incremental *out)
+{
+	double k = (double)messaged * aov;
+	out->value = l->diff * k;
+	out->lo = l->lo * k;
+	out->hi = l->hi * k;
+}
+
+/* With the current rates p1, p2 and the held-out share h kept, the
+ * interval's half width at N enrollments is 1.96 sqrt(v / N), v =
+ * p1(1-p1)/(1-h) + p2(1-p2)/h: it excludes zero once N > 1.96^2 v / diff^2.
+ * stat_lift's floor (30 a group, 5 conversions) is a second bound. */
+long stat_more_needed(const struct lift *l, long n1, long n2)
+{
+	if (n1 <= 0 || n2 <= 0 || l->diff == 0)
+		return -1;
+	if (!l->too_small && (l->lo > 0 || l->hi < 0))
+		return 0;
+	double n = (double)n1 + (double)n2, h = (double)n2 / n;
+	double v = l->p1 * (1 - l->p1) / (1 - h) + l->p2 * (1 - l->p2) / h;
+	double need = 1.959964 * 1.959964 * v / (l->diff * l->diff);
+	double conv = (1 - h) * l->p1 + h * l->p2; /* > 0: diff != 0 */
+	need = fmax(need, fmax(30 / h, 30 / (1 - h)));
+	need = fmax(need, 5 / conv);
+	if (!(need < 1e12))
+		return -1;
+	double more = ceil(need) - n;
+	return more >= 1 ? (long)more : 1;
+}
+
+double stat_days_needed(long more, double per_day)
+{
+	if (more < 0 || (more > 0 && !(per_day > 0)))
+		return -1;
+	return more ? (double)more / per_day : 0;
+}
+
 static const char *lift_verdict(const struct lift *l)
 {
 	if (l->too_small)
@@ -10867,6 +10979,47 @@ static const char *lift_verdict(const struct lift *l)
 	if (l->hi < 0)
 		return "It does worse: the whole 95 % interval is below zero.";
 	return "No clear difference yet: the 95 % interval includes zero.";
+}
+
+/* "+1 h", "+3 d", "+30 min", "at once": a step's delay as its name says it. */
+static void delay_words(char *out, size_t n, int64_t d)
+{
+	int w;
+	if (d <= 0)
+		w = snprintf(out, n, "at once");
+	else if (d % 86400 == 0 && d >= 7 * 86400)
+		w = snprintf(out, n, "+%lld d", (long long)(d / 86400));
+	else if (d % 3600 == 0)
+		w = snprintf(out, n, "+%lld h", (long long)(d / 3600));
+	else
+		w = snprintf(out, n, "+%lld min", (long long)((d + 59) / 60));
+	if (w < 0 || (size_t)w >= n)
+		out[0] = '\0';
+}
+
+/* A step's name for people: "Cart reminder · +1 h", from its template
+ * (underscores as spaces, the first letter capital) and its delay; a step
+ * the flow no longer has is "Step N". */
+static void step_name(struct app *app, int64_t flow, int pos, char variant,
+		      char *out, size_t n)
+{
+	char v[2] = {variant, '\0'}, delay[32];
+	sqlite3_stmt *s = q(app->db, ST_REP_STEP_NAME, "iit", flow, (int64_t)pos, v);
+	int w;
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		delay_words(delay, sizeof delay, sqlite3_column_int64(s, 1));
+		w = snprintf(out, n, "%s \xc2\xb7 %s", col_text(s, 0), delay);
+		for (char *p = out; *p && p < out + n; p++)
+			if (*p == '_')
+				*p = ' ';
+		if (w > 0)
+			out[0] = (char)toupper((unsigned char)out[0]);
+	} else {
+		w = snprintf(out, n, "Step %d", pos);
+	}
+	sqlite3_reset(s);
+	if (w < 0 || (size_t)w >= n)
+		snprintf(out, n, "Step %d", pos);
 }
 
 static void rep_steps(struct app *app, int64_t flow, const struct report *r,
@@ -10897,12 +11050,33 @@ static void rep_steps(struct app *app, int64_t flow, const struct report *r,
 	sqlite3_reset(s);
 	f->bounce_rate = f->sent ? (double)f->bounced / (double)f->sent : 0;
 	f->complaint_rate = f->sent ? (double)f->complained / (double)f->sent : 0;
+	for (int i = 0; i < f->nsteps; i++)
+		step_name(app, flow, f->steps[i].position, f->steps[i].variant,
+			  f->steps[i].name, sizeof f->steps[i].name);
 	/* a B row is compared with the A row of the same step just before it */
 	for (int i = 1; i < f->nsteps; i++) {
 		struct step_report *a = &f->steps[i - 1], *b = &f->steps[i];
 		if (b->variant == 'B' && a->position == b->position)
 			stat_lift(b->converted, b->sent, a->converted, a->sent, &b->ab);
 	}
+}
+
+/* N enrollments of the report's period as a rate per day, counted from
+ * the first of them (FLOW's, or every cart flow's when FLOW is 0), so a
+ * flow started last week is not diluted over a month. */
+static double rep_per_day(struct app *app, const struct report *r, int64_t flow,
+			  long n)
+{
+	sqlite3_stmt *s = q(app->db, ST_REP_FIRST_ENROLLED, "nii", (int64_t)r->since,
+			    (int64_t)r->until);
+	if (flow)
+		sqlite3_bind_int64(s, 1, flow);
+	rm_time first = r->since;
+	if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL)
+		first = (rm_time)sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	double days = (double)(r->until - (first > r->since ? first : r->since)) / 86400;
+	return (double)n / (days > 1 ? days : 1);
 }
 
 static void rep_flows(struct app *app, struct report *r)
@@ -10915,6 +11089,7 @@ static void rep_flows(struct app *app, struct report *r)
 		ids[r->nflows++] = sqlite3_column_int64(s, 0);
 		copy_str(f->name, sizeof f->name, col_text(s, 1));
 		f->holdout_pct = sqlite3_column_int(s, 2);
+		f->enabled = sqlite3_column_int(s, 3);
 	}
 	sqlite3_reset(s);
 	for (int i = 0; i < r->nflows; i++) {
@@ -10930,6 +11105,11 @@ static void rep_flows(struct app *app, struct report *r)
 		sqlite3_reset(s);
 		stat_lift(f->converted, f->enrolled, f->held_converted, f->held_out,
 			  &f->lift);
+		stat_incremental(&f->lift, f->enrolled, r->aov, &f->incr);
+		f->more_needed = stat_more_needed(&f->lift, f->enrolled, f->held_out);
+		f->days_needed = stat_days_needed(f->more_needed,
+						  rep_per_day(app, r, ids[i],
+							      f->enrolled + f->held_out));
 		rep_steps(app, ids[i], r, f);
 	}
 }
@@ -10990,20 +11170,24 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	memset(r, 0, sizeof *r);
 	r->since = since;
 	r->until = until;
+	r->conversion_days = app->cfg->conversion_days;
 	copy_str(r->currency, sizeof r->currency, "EUR");
 	sqlite3_stmt *s = q(db, ST_REP_CURRENCY, NULL);
 	if (sqlite3_step(s) == SQLITE_ROW)
 		copy_str(r->currency, sizeof r->currency, col_text(s, 0));
 	sqlite3_reset(s);
 	int64_t a = since, b = until, conv = app->cfg->conversion_days * 86400;
-	q_row(q(db, ST_REP_ORDERS, "ii", a, b), "ldlld", &r->orders, &r->revenue,
-	      &r->attributed, &r->influenced, &r->influenced_revenue);
+	q_row(q(db, ST_REP_ORDERS, "ii", a, b), "ldlldd", &r->orders, &r->revenue,
+	      &r->attributed, &r->influenced, &r->influenced_revenue,
+	      &r->attributed_revenue);
+	r->aov = r->orders ? r->revenue / (double)r->orders : 0;
 	q_row(q(db, ST_REP_ORDERS_NO_CART, "ii", a, b), "l", &r->orders_no_cart);
 	q_row(q(db, ST_REP_RECOVERED, "iii", a, b, conv), "ll", &r->abandoned,
 	      &r->recovered);
 	q_row(q(db, ST_REP_RECOVERED_HELD, "iii", a, b, conv), "ll",
 	      &r->held_abandoned, &r->held_recovered);
-	q_row(q(db, ST_REP_RECOVERED_REVENUE, "ii", a, b), "d", &r->recovered_revenue);
+	q_row(q(db, ST_REP_RECOVERED_REVENUE, "iii", a, b, conv), "d",
+	      &r->recovered_revenue);
 	q_row(q(db, ST_REP_MESSAGES, "ii", a, b), "lllll", &r->sent, &r->bounced,
 	      &r->opened, &r->clicked, &r->unsubscribed);
 	q_row(q(db, ST_REP_STALE, "ii", a, b), "l", &r->stale);
@@ -11014,6 +11198,11 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	r->recovery_rate = r->abandoned ? (double)r->recovered / (double)r->abandoned : 0;
 	stat_lift(r->recovered, r->abandoned, r->held_recovered, r->held_abandoned,
 		  &r->recovery_lift);
+	stat_incremental(&r->recovery_lift, r->abandoned, r->aov, &r->incr);
+	r->more_needed = stat_more_needed(&r->recovery_lift, r->abandoned,
+					  r->held_abandoned);
+	r->days_needed = stat_days_needed(r->more_needed, rep_per_day(app, r, 0,
+					  r->abandoned + r->held_abandoned));
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
 	q_row(q(db, ST_REP_BROWSER_HELD, "ii", a, b), "l", &r->browser_held);
 	rep_flows(app, r);
@@ -11037,7 +11226,17 @@ enum rep_kind {
 		       * "+1.2 points" */
 	RK_CI,        /* two doubles (lo, hi): [lo,hi] in JSON, shown as
 		       * "-1.0 to +3.4 points" */
+	RK_MONEY_CI,  /* two amounts (lo, hi): [lo,hi] in JSON, shown as
+		       * "-12.00 to 340.00 EUR" */
+	RK_DAYS,      /* a double, 1 decimal in JSON, shown as "12 days" */
 };
+
+/* Which way is good, for a card's colour: more is better (green when
+ * above zero), less is better (never green: amber when above zero), a
+ * lift (green when its whole interval, the two doubles after it in a
+ * struct lift or struct incremental, is above zero, red when below), or
+ * neither (a number rep_dirs does not name). */
+enum rep_dir { RD_NONE, RD_UP, RD_DOWN, RD_LIFT };
 
 /* Where a number appears besides report.json. */
 enum { RW_JSON_TAIL = 1, /* in the JSON after the segments, not up front */
@@ -11064,24 +11263,37 @@ struct rep_num {
 static const struct rep_num rep_nums[] = {
 	{"abandoned_carts", RN(abandoned), RK_COUNT, RW_TEXT, 0, NULL, 0,
 	 "abandoned carts    ", " (held out not counted)"},
-	{"recovered_carts", RN(recovered), RK_COUNT, RW_TEXT, 5,
+	{"recovered_carts", RN(recovered), RK_COUNT, RW_TEXT, 7,
 	 "carts recovered / abandoned", RN(abandoned), "recovered carts    ", " ("},
-	{"recovery_rate", RN(recovery_rate), RK_PERCENT, RW_TEXT, 2,
+	{"recovery_rate", RN(recovery_rate), RK_PERCENT, RW_TEXT, 4,
 	 "of abandoned carts recovered", 0, NULL, ")"},
 	{"holdout_recovered_carts", RN(held_recovered), RK_COUNT, RW_TEXT, 0,
 	 NULL, 0, "held-out carts     ", " ordered anyway of "},
 	{"holdout_abandoned_carts", RN(held_abandoned), RK_COUNT, RW_TEXT, 0,
 	 NULL, 0, NULL, " ("},
-	{"holdout_recovery_rate", RN(recovery_lift.p2), RK_PERCENT, RW_TEXT, 3,
+	{"holdout_recovery_rate", RN(recovery_lift.p2), RK_PERCENT, RW_TEXT, 5,
 	 "of held-out carts ordered anyway", 0, NULL,
 	 "): caused by remarket "},
-	{"recovery_lift", RN(recovery_lift.diff), RK_POINTS, RW_TEXT, 4,
+	{"recovery_lift", RN(recovery_lift.diff), RK_POINTS, RW_TEXT, 6,
 	 "recovered carts caused by remarket (messaged &minus; held out)", 0,
 	 NULL, " (95 % interval "},
 	{"recovery_lift_ci95", RN(recovery_lift.lo), RK_CI, RW_TEXT, 0, NULL, 0,
 	 NULL, ")"},
 	{"recovered_revenue", RN(recovered_revenue), RK_MONEY, RW_TEXT, 1,
 	 "recovered revenue", 0, "recovered revenue  ", ""},
+	{"incremental_revenue", RN(incr.value), RK_MONEY, RW_TEXT, 2,
+	 "incremental revenue: caused by remarket", 0, "incremental revenue ",
+	 " (95 % interval "},
+	{"incremental_revenue_ci95", RN(incr.lo), RK_MONEY_CI, RW_TEXT, 0, NULL,
+	 0, NULL, "; recovery lift x abandoned carts messaged x average order "},
+	{"average_order", RN(aov), RK_MONEY, RW_TEXT, 0, NULL, 0, NULL, ")"},
+	{"attributed_revenue", RN(attributed_revenue), RK_MONEY, RW_TEXT, 3,
+	 "attributed revenue (a click or a code, every flow)", 0,
+	 "attributed revenue ", ""},
+	{"verdict_more_enrollments", RN(more_needed), RK_COUNT, RW_JSON_TAIL, 0,
+	 NULL, 0, NULL, NULL},
+	{"verdict_days", RN(days_needed), RK_DAYS, RW_JSON_TAIL, 0, NULL, 0, NULL,
+	 NULL},
 	{"orders", RN(orders), RK_COUNT, RW_TEXT, 0, NULL, 0,
 	 "orders             ", " ("},
 	{"revenue", RN(revenue), RK_MONEY, 0, 0, NULL, 0, NULL, NULL},
@@ -11093,13 +11305,13 @@ static const struct rep_num rep_nums[] = {
 	 NULL, NULL},
 	{"orders_without_cart", RN(orders_no_cart), RK_COUNT, RW_TEXT, 0, NULL, 0,
 	 "orders, no cart    ", " (placed without a cart: attributed by contact)"},
-	{"sent", RN(sent), RK_COUNT, RW_TEXT, 6, "emails sent", 0,
+	{"sent", RN(sent), RK_COUNT, RW_TEXT, 8, "emails sent", 0,
 	 "emails             ", " sent, "},
 	{"opened", RN(opened), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " opened, "},
 	{"clicked", RN(clicked), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " clicked, "},
 	{"unsubscribed", RN(unsubscribed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
 	 " unsubscribed, "},
-	{"unsubscribe_rate", RN(unsubscribe_rate), RK_PERCENT2, 0, 7,
+	{"unsubscribe_rate", RN(unsubscribe_rate), RK_PERCENT2, 0, 9,
 	 "unsubscribed per email", 0, NULL, NULL},
 	{"bounced", RN(bounced), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " bounced"},
 	{"stale_steps", RN(stale), RK_COUNT, RW_JSON_TAIL | RW_TEXT, 0, NULL, 0,
@@ -11108,10 +11320,10 @@ static const struct rep_num rep_nums[] = {
 	 "discount codes     ", " issued, "},
 	{"codes_redeemed", RN(codes_redeemed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,
 	 " redeemed, cost "},
-	{"discount_cost", RN(discount_cost), RK_MONEY, RW_TEXT, 8,
+	{"discount_cost", RN(discount_cost), RK_MONEY, RW_TEXT, 10,
 	 "cost of discounts redeemed", 0, NULL, ""},
 	{"codes_flagged.reused", RN(codes_reused), RK_COUNT,
-	 RW_JSON_TAIL | RW_TEXT, 9, "orders with a code used before / expired",
+	 RW_JSON_TAIL | RW_TEXT, 11, "orders with a code used before / expired",
 	 RN(codes_expired), "flagged codes      ",
 	 " orders with a code used before, "},
 	{"codes_flagged.expired", RN(codes_expired), RK_COUNT,
@@ -11119,6 +11331,18 @@ static const struct rep_num rep_nums[] = {
 	 " with an expired code (not attributed to it)"},
 };
 #undef RN
+
+/* The cards' directions, by key (a new card without one stays plain). */
+static const struct {
+	const char *key;
+	enum rep_dir dir;
+} rep_dirs[] = {
+	{"recovered_revenue", RD_UP}, {"incremental_revenue", RD_LIFT},
+	{"attributed_revenue", RD_UP}, {"recovery_rate", RD_UP},
+	{"recovery_lift", RD_LIFT}, {"recovered_carts", RD_UP},
+	{"unsubscribe_rate", RD_DOWN}, {"discount_cost", RD_DOWN},
+	{"codes_flagged.reused", RD_DOWN},
+};
 
 /* One number of a flow or of a step's row: in the JSON always; on the
  * page's step table and in the text's step line where shown is set (the
@@ -11144,6 +11368,13 @@ static const struct rep_row_num rep_flow_nums[] = {
 	{"complained", RF(complained), RK_COUNT, 0},
 	{"bounce_rate", RF(bounce_rate), RK_PERCENT2, 0},
 	{"complaint_rate", RF(complaint_rate), RK_PERCENT2, 0},
+};
+/* ... and, after the lift, what it is worth and when its verdict is known */
+static const struct rep_row_num rep_flow_worth[] = {
+	{"incremental_revenue", RF(incr.value), RK_MONEY, 0},
+	{"incremental_revenue_ci95", RF(incr.lo), RK_MONEY_CI, 0},
+	{"verdict_more_enrollments", RF(more_needed), RK_COUNT, 0},
+	{"verdict_days", RF(days_needed), RK_DAYS, 0},
 };
 #undef RF
 
@@ -11176,10 +11407,16 @@ static double rep_double(const void *base, size_t off)
 	return v;
 }
 
-/* The number at off in base, as a double (for data-v). */
+/* The number at off in base, as a double (for data-v), rounded as the
+ * JSON writes it. */
 static double rep_value(enum rep_kind kind, const void *base, size_t off)
 {
-	return kind == RK_COUNT ? (double)rep_long(base, off) : rep_double(base, off);
+	if (kind == RK_COUNT)
+		return (double)rep_long(base, off);
+	double v = rep_double(base, off);
+	if (kind == RK_MONEY || kind == RK_MONEY_CI)
+		return round(v * 100) / 100;
+	return kind == RK_DAYS ? round(v * 10) / 10 : v;
 }
 
 /* The number as JSON writes it. */
@@ -11188,11 +11425,12 @@ static void rep_json_value(struct buf *b, enum rep_kind kind, const void *base,
 {
 	if (kind == RK_COUNT)
 		buf_addf(b, "%ld", rep_long(base, off));
-	else if (kind == RK_CI)
-		buf_addf(b, "[%.4f,%.4f]", rep_double(base, off),
-			 rep_double(base, off + sizeof(double)));
+	else if (kind == RK_CI || kind == RK_MONEY_CI)
+		buf_addf(b, kind == RK_CI ? "[%.4f,%.4f]" : "[%.2f,%.2f]",
+			 rep_double(base, off), rep_double(base, off + sizeof(double)));
 	else
-		buf_addf(b, kind == RK_MONEY ? "%.2f" : "%.4f", rep_double(base, off));
+		buf_addf(b, kind == RK_MONEY ? "%.2f" : kind == RK_DAYS ? "%.1f" : "%.4f",
+			 rep_double(base, off));
 }
 
 /* The n numbers of a row as JSON members, each after a comma. */
@@ -11225,6 +11463,12 @@ static void rep_shown(char *out, size_t n, enum rep_kind kind, const void *base,
 		w = snprintf(out, n, "%+.1f to %+.1f points",
 			     100 * rep_double(base, off),
 			     100 * rep_double(base, off + sizeof(double)));
+	else if (kind == RK_MONEY_CI)
+		w = snprintf(out, n, "%.2f to %.2f%s%s", rep_double(base, off),
+			     rep_double(base, off + sizeof(double)), cur ? " " : "",
+			     cur ? cur : "");
+	else if (kind == RK_DAYS)
+		w = snprintf(out, n, "%.0f days", rep_double(base, off));
 	else
 		w = snprintf(out, n, "%.2f %%", 100 * rep_double(base, off));
 	if (w < 0 || (size_t)w >= n)
@@ -11293,12 +11537,16 @@ static void json_flow(struct buf *b, const struct flow_report *f)
 	json_row(b, rep_flow_nums, sizeof rep_flow_nums / sizeof rep_flow_nums[0], f);
 	buf_adds(b, ",");
 	json_lift(b, &f->lift);
+	json_row(b, rep_flow_worth, sizeof rep_flow_worth / sizeof rep_flow_worth[0], f);
+	buf_addf(b, ",\"enabled\":%s", f->enabled ? "true" : "false");
 	buf_adds(b, ",\"steps\":[");
 	for (int i = 0; i < f->nsteps; i++) {
 		const struct step_report *s = &f->steps[i];
 		buf_addf(b, "%s{\"position\":%d,\"variant\":\"%c\"", i ? "," : "",
 			 s->position, s->variant);
 		json_row(b, rep_step_nums, sizeof rep_step_nums / sizeof rep_step_nums[0], s);
+		buf_adds(b, ",\"name\":");
+		json_str(b, s->name);
 		if (s->variant == 'B') {
 			buf_adds(b, ",\"versus_a\":{");
 			json_lift(b, &s->ab);
@@ -11374,12 +11622,69 @@ static void html_count(struct buf *b, const char *key, long n)
 	html_num(b, key, (double)n, v);
 }
 
-static void html_card(struct buf *b, const char *label, const char *key,
-		      double v, const char *shown)
+/* An amount with its currency (none if cur is NULL). */
+static void html_money(struct buf *b, const char *key, double v, const char *cur)
 {
-	buf_adds(b, "<div class=card><div class=big>");
+	char shown[64];
+	int w = snprintf(shown, sizeof shown, "%.2f%s%s", v, cur ? " " : "",
+			 cur ? cur : "");
+	html_num(b, key, round(v * 100) / 100,
+		 w > 0 && (size_t)w < sizeof shown ? shown : "");
+}
+
+/* When the verdict will be known (stat_more_needed, stat_days_needed),
+ * as a sentence after the verdict; nothing once it is known. */
+static void html_eta(struct buf *b, const char *kmore, const char *kdays,
+		     long more, double days)
+{
+	char v[32];
+	if (more == 0)
+		return;
+	if (more < 0) {
+		buf_adds(b, " No estimate yet of when it will be known: that needs "
+			 "a held-out group and a difference between the groups.");
+		return;
+	}
+	buf_adds(b, " If the difference stays as it is, about ");
+	html_count(b, kmore, more);
+	buf_adds(b, " more enrollments will tell");
+	if (days < 0) {
+		buf_adds(b, " (none came in this period, so no date).");
+		return;
+	}
+	snprintf(v, sizeof v, "%.0f days", days);
+	buf_adds(b, ": about ");
+	html_num(b, kdays, round(days * 10) / 10, v);
+	buf_adds(b, " at this period's rate.");
+}
+
+static void html_card(struct buf *b, const char *label, const char *key,
+		      double v, const char *shown, const char *tone)
+{
+	buf_addf(b, "<div class=card><div class=\"big %s\">", tone);
 	html_num(b, key, v, shown);
 	buf_addf(b, "</div><div class=label>%s</div></div>", label);
+}
+
+/* A card's colour class by its number's direction (enum rep_dir): good
+ * (green), watch (amber), bad (red) or flat. Both lifts on the cards are
+ * the carts' recovery lift, so "too few to tell" keeps them flat. */
+static const char *card_tone(const struct rep_num *n, const struct report *r)
+{
+	enum rep_dir dir = RD_NONE;
+	for (size_t i = 0; i < sizeof rep_dirs / sizeof rep_dirs[0]; i++)
+		if (!strcmp(rep_dirs[i].key, n->key))
+			dir = rep_dirs[i].dir;
+	double v = rep_value(n->kind, r, n->off);
+	if (dir == RD_UP)
+		return v > 0 ? "good" : "flat";
+	if (dir == RD_DOWN)
+		return v > 0 ? "watch" : "flat";
+	if (dir != RD_LIFT || r->recovery_lift.too_small)
+		return "flat";
+	double lo = rep_double(r, n->off + sizeof(double)),
+	       hi = rep_double(r, n->off + 2 * sizeof(double));
+	return lo > 0 ? "good" : hi < 0 ? "bad" : "flat";
 }
 
 /* The cards, in their places: each a rep_nums number with a label. */
@@ -11402,7 +11707,8 @@ static void html_cards(struct buf *b, const struct report *r)
 		} else {
 			rep_shown(v, sizeof v, n->kind, r, n->off, r->currency);
 		}
-		html_card(b, n->label, n->key, rep_value(n->kind, r, n->off), v);
+		html_card(b, n->label, n->key, rep_value(n->kind, r, n->off), v,
+			  card_tone(n, r));
 	}
 }
 
@@ -11428,9 +11734,25 @@ static void html_chart(struct buf *b, const struct report *r)
 			 "fill=\"#2f6f4f\"><title>%s: %.2f</title></rect>", i * bw,
 			 h - bh, bw > 2 ? bw - 1 : bw, bh, day, r->daily[i]);
 	}
-	buf_addf(b, "<text x=0 y=%d font-size=11>%d days</text>"
-		 "<text x=%d y=%d font-size=11 text-anchor=end>max %.2f %s/day</text>"
-		 "</svg>", h + 16, r->ndays, w, h + 16, max, r->currency);
+	/* the axis: the first, middle and last day under their bars */
+	static const char *const anchor[] = {"start", "middle", "end"};
+	int at[] = {0, (r->ndays - 1) / 2, r->ndays - 1};
+	for (int j = 0; j < 3 && r->ndays > 0; j++) {
+		if (j && at[j] == at[j - 1])
+			continue;
+		char day[16];
+		time_t t = (time_t)(r->first_day + (rm_time)at[j] * 86400);
+		struct tm tm;
+		gmtime_r(&t, &tm);
+		strftime(day, sizeof day, "%Y-%m-%d", &tm);
+		double x = j == 0 ? 0 : j == 2 ? w : (at[j] + 0.5) * bw;
+		buf_addf(b, "<line x1=\"%.1f\" y1=%d x2=\"%.1f\" y2=%d stroke=\"#999\"/>"
+			 "<text x=\"%.1f\" y=%d font-size=11 text-anchor=%s "
+			 "class=day>%s</text>", (at[j] + 0.5) * bw, h, (at[j] + 0.5) * bw,
+			 h + 4, x, h + 16, anchor[j], day);
+	}
+	buf_addf(b, "<text x=%d y=11 font-size=11 text-anchor=end>max %.2f %s/day"
+		 "</text></svg>", w, max, r->currency);
 }
 
 /* One flow's section of the HTML report: its steps, variants, holdout and
@@ -11448,7 +11770,10 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 		const struct step_report *s = &f->steps[i];
 		double pc = s->sent ? 100.0 * (double)s->clicked / (double)s->sent : 0;
 		double po = s->sent ? 100.0 * (double)s->opened / (double)s->sent : 0;
-		buf_addf(b, "<tr><td>%d%s</td>", s->position, s->variant == 'B' ? " (B)" : "");
+		buf_addf(b, "<tr><td title=\"step %d%s\">", s->position,
+			 s->variant == 'B' ? ", variant B" : "");
+		html_escape(b, s->name);
+		buf_adds(b, s->variant == 'B' ? " (B)</td>" : "</td>");
 		for (size_t j = 0; j < sizeof rep_step_nums / sizeof rep_step_nums[0]; j++) {
 			const struct rep_row_num *n = &rep_step_nums[j];
 			if (!n->shown)
@@ -11467,8 +11792,10 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 		const struct step_report *s = &f->steps[i];
 		if (s->variant != 'B')
 			continue;
-		buf_addf(b, "<p>Step %d, variant B against A: %.1f %% against %.1f %% "
-			 "converted, ", s->position, 100 * s->ab.p1, 100 * s->ab.p2);
+		buf_adds(b, "<p>");
+		html_escape(b, s->name);
+		buf_addf(b, ", variant B against A: %.1f %% against %.1f %% "
+			 "converted, ", 100 * s->ab.p1, 100 * s->ab.p2);
 		snprintf(k, sizeof k, "flows.%d.steps.%d.versus_a.lift", idx, i);
 		snprintf(v, sizeof v, "%+.1f points", 100 * s->ab.diff);
 		html_num(b, k, s->ab.diff, v);
@@ -11494,10 +11821,56 @@ static void html_flow(struct buf *b, const struct flow_report *f, int idx,
 	snprintf(k, sizeof k, "flows.%d.lift", idx);
 	snprintf(v, sizeof v, "%+.1f points", 100 * l->diff);
 	html_num(b, k, l->diff, v);
-	buf_addf(b, " (95 %% interval %+.1f to %+.1f).</p><p class=verdict>",
-		 100 * l->lo, 100 * l->hi);
+	buf_addf(b, " (95 %% interval %+.1f to %+.1f): ", 100 * l->lo, 100 * l->hi);
+	snprintf(k, sizeof k, "flows.%d.incremental_revenue", idx);
+	html_money(b, k, f->incr.value, cur);
+	buf_adds(b, " of incremental revenue (95 % interval ");
+	snprintf(k, sizeof k, "flows.%d.incremental_revenue_ci95.0", idx);
+	html_money(b, k, f->incr.lo, NULL);
+	buf_adds(b, " to ");
+	snprintf(k, sizeof k, "flows.%d.incremental_revenue_ci95.1", idx);
+	html_money(b, k, f->incr.hi, cur);
+	buf_adds(b, ").</p><p class=verdict>");
 	html_escape(b, lift_verdict(l));
+	snprintf(k, sizeof k, "flows.%d.verdict_more_enrollments", idx);
+	snprintf(v, sizeof v, "flows.%d.verdict_days", idx);
+	html_eta(b, k, v, f->more_needed, f->days_needed);
 	buf_adds(b, "</p></div></section>");
+}
+
+/* Flows the page shows open: enabled, with enrollments or sends in the
+ * period. The others are folded into one line. */
+static int flow_active(const struct flow_report *f)
+{
+	return f->enabled && (f->enrolled + f->held_out > 0 || f->nsteps > 0);
+}
+
+static void html_flows(struct buf *b, const struct report *r)
+{
+	int folded = 0;
+	for (int i = 0; i < r->nflows; i++) {
+		if (flow_active(&r->flows[i]))
+			html_flow(b, &r->flows[i], i, r->currency);
+		else
+			folded++;
+	}
+	if (!folded)
+		return;
+	buf_addf(b, "<details class=folded><summary>%d flow%s without activity "
+		 "in this period or disabled: ", folded, folded == 1 ? "" : "s");
+	for (int i = 0, n = 0; i < r->nflows; i++) {
+		const struct flow_report *f = &r->flows[i];
+		if (flow_active(f))
+			continue;
+		buf_adds(b, n++ ? ", " : "");
+		html_escape(b, f->name);
+		buf_adds(b, f->enabled ? "" : " (disabled)");
+	}
+	buf_adds(b, "</summary>");
+	for (int i = 0; i < r->nflows; i++)
+		if (!flow_active(&r->flows[i]))
+			html_flow(b, &r->flows[i], i, r->currency);
+	buf_adds(b, "</details>");
 }
 
 /* The win-back and segments sections of the HTML report. */
@@ -11546,8 +11919,101 @@ static void html_lifecycle(struct buf *b, const struct report *r)
 		 "</p></section>");
 }
 
-/* The whole HTML report page: cards, chart, flows, win-back, months. */
-int report_html(const struct report *r, const char *store, struct buf *b)
+/* "Is it real?": the one definition of recovered, the incremental revenue
+ * with its interval and how it is computed, the verdict and when it will
+ * be known. */
+static void html_real(struct buf *b, const struct report *r)
+{
+	const struct lift *l = &r->recovery_lift;
+	char v[64];
+	buf_addf(b, "<section class=real><h2>How much did this make, and is it "
+		 "real?</h2><p>A cart is <b>recovered</b> when it was ordered within "
+		 "%ld days of entering a cart flow. Of ", r->conversion_days);
+	html_count(b, "abandoned_carts", r->abandoned);
+	buf_adds(b, " abandoned carts that were messaged, ");
+	html_count(b, "recovered_carts", r->recovered);
+	buf_adds(b, " were recovered, bringing ");
+	html_money(b, "recovered_revenue", r->recovered_revenue, r->currency);
+	buf_adds(b, ". Of ");
+	html_count(b, "holdout_abandoned_carts", r->held_abandoned);
+	buf_adds(b, " held out (sent nothing), ");
+	html_count(b, "holdout_recovered_carts", r->held_recovered);
+	buf_adds(b, " were ordered anyway.</p><p>Caused by remarket: ");
+	snprintf(v, sizeof v, "%+.1f points", 100 * l->diff);
+	html_num(b, "recovery_lift", l->diff, v);
+	buf_addf(b, " (95 %% interval %+.1f to %+.1f) &times; %ld carts messaged "
+		 "&times; an average order of ", 100 * l->lo, 100 * l->hi, r->abandoned);
+	html_money(b, "average_order", r->aov, r->currency);
+	buf_adds(b, " = <b>");
+	html_money(b, "incremental_revenue", r->incr.value, r->currency);
+	buf_adds(b, "</b> of incremental revenue (95 % interval ");
+	html_money(b, "incremental_revenue_ci95.0", r->incr.lo, NULL);
+	buf_adds(b, " to ");
+	html_money(b, "incremental_revenue_ci95.1", r->incr.hi, r->currency);
+	buf_adds(b, "). Attributed revenue, orders after a click or with a code "
+		 "from any flow, is ");
+	html_money(b, "attributed_revenue", r->attributed_revenue, r->currency);
+	buf_adds(b, ": it counts orders that would have come anyway.</p>"
+		 "<p class=verdict>");
+	html_escape(b, lift_verdict(l));
+	html_eta(b, "verdict_more_enrollments", "verdict_days", r->more_needed,
+		 r->days_needed);
+	buf_adds(b, "</p></section>");
+}
+
+/* The date range form: since and until as dates, the report link's token
+ * kept (tok, already checked: letters, digits, - and _), so the page
+ * reloads with the same access. */
+static void html_range(struct buf *b, const struct report *r, const char *tok)
+{
+	char since[16], until[16];
+	struct tm tm;
+	time_t t = (time_t)r->since;
+	gmtime_r(&t, &tm);
+	strftime(since, sizeof since, "%Y-%m-%d", &tm);
+	t = (time_t)(r->until > r->since ? r->until - 1 : r->until);
+	gmtime_r(&t, &tm);
+	strftime(until, sizeof until, "%Y-%m-%d", &tm);
+	buf_addf(b, "<form class=range method=get action=report>"
+		 "<label>From <input type=date name=since value=%s></label> "
+		 "<label>to <input type=date name=until value=%s></label> ", since, until);
+	if (tok && *tok) {
+		buf_adds(b, "<input type=hidden name=t value=\"");
+		html_escape(b, tok);
+		buf_adds(b, "\">");
+	}
+	buf_adds(b, "<button>Show</button> <a href=\"report/carts");
+	if (tok && *tok) {
+		buf_adds(b, "?t=");
+		html_escape(b, tok);
+	}
+	buf_adds(b, "\">Abandoned carts, one by one &rarr;</a></form>");
+}
+
+/* The page's style, shared by the report, the activity list and the
+ * contact page. */
+static const char report_css[] =
+	"body{font:15px/1.45 system-ui,sans-serif;margin:0;background:#f6f4ef;color:#222}"
+	"main{max-width:820px;margin:auto;padding:20px}h1{font-size:22px}"
+	".cards{display:flex;flex-wrap:wrap;gap:10px}.card{background:#fff;"
+	"border-radius:8px;padding:12px 16px;flex:1 1 150px}.big{font-size:24px;"
+	"font-weight:600;color:#333}.big.good{color:#2f6f4f}.big.watch{color:#a15c00}"
+	".big.bad{color:#b3261e}.label{color:#666;font-size:13px}"
+	"section{background:#fff;border-radius:8px;padding:12px 16px;margin:14px 0}"
+	"table{border-collapse:collapse;width:100%}td,th{padding:4px 6px;"
+	"text-align:right;border-bottom:1px solid #eee}td:first-child,"
+	"th:first-child{text-align:left}.bar{position:relative;height:10px;"
+	"background:#eee;min-width:80px}.bar i,.bar b{position:absolute;left:0;"
+	"top:0;bottom:0}.bar i{background:#b9d3c4}.bar b{background:#2f6f4f}"
+	".chart{width:100%;height:auto}.legend,.note{color:#666;font-size:13px}"
+	".verdict{font-weight:600}.range{margin:8px 0}.range a{margin-left:12px}"
+	"details.folded{margin:14px 0;color:#555}details.folded summary{cursor:pointer}"
+	"td.l,th.l{text-align:left}.held{color:#666;font-style:italic}";
+
+/* The report page with the report link's token (or NULL) carried by its
+ * form and links. */
+static int report_page(const struct report *r, const char *store,
+		       const char *tok, struct buf *b)
 {
 	char since[32], until[32];
 	struct tm tm;
@@ -11557,25 +12023,15 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	t = (time_t)r->until;
 	gmtime_r(&t, &tm);
 	strftime(until, sizeof until, "%Y-%m-%d %H:%M UTC", &tm);
-	buf_adds(b, "<!doctype html><html lang=en><head><meta charset=utf-8>"
+	buf_addf(b, "<!doctype html><html lang=en><head><meta charset=utf-8>"
 		 "<meta name=viewport content=\"width=device-width,initial-scale=1\">"
-		 "<title>remarket report</title><style>"
-		 "body{font:15px/1.45 system-ui,sans-serif;margin:0;background:#f6f4ef;color:#222}"
-		 "main{max-width:820px;margin:auto;padding:20px}h1{font-size:22px}"
-		 ".cards{display:flex;flex-wrap:wrap;gap:10px}.card{background:#fff;"
-		 "border-radius:8px;padding:12px 16px;flex:1 1 150px}.big{font-size:24px;"
-		 "font-weight:600;color:#2f6f4f}.label{color:#666;font-size:13px}"
-		 "section{background:#fff;border-radius:8px;padding:12px 16px;margin:14px 0}"
-		 "table{border-collapse:collapse;width:100%}td,th{padding:4px 6px;"
-		 "text-align:right;border-bottom:1px solid #eee}td:first-child,"
-		 "th:first-child{text-align:left}.bar{position:relative;height:10px;"
-		 "background:#eee;min-width:80px}.bar i,.bar b{position:absolute;left:0;"
-		 "top:0;bottom:0}.bar i{background:#b9d3c4}.bar b{background:#2f6f4f}"
-		 ".chart{width:100%;height:auto}.legend,.note{color:#666;font-size:13px}"
-		 ".verdict{font-weight:600}</style></head><body><main><h1>");
+		 "<title>remarket report</title><style>%s</style></head><body><main>"
+		 "<h1>", report_css);
 	html_escape(b, store);
-	buf_addf(b, ": what remarket earned</h1><p class=note>From %s to %s.</p>"
-		 "<div class=cards>", since, until);
+	buf_addf(b, ": what remarket earned</h1><p class=note>From %s to %s.</p>",
+		 since, until);
+	html_range(b, r, tok);
+	buf_adds(b, "<div class=cards>");
 	if (r->browser_held) /* a warning above the cards, before any number */
 		buf_addf(b, "</div><p class=warning role=alert><b>Warning:</b> %ld "
 			 "new browser-only contacts were recorded but not mailed: "
@@ -11583,7 +12039,9 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 			 "allows (a bot typing addresses, or raise the limit).</p>"
 			 "<div class=cards>", r->browser_held);
 	html_cards(b, r);
-	buf_adds(b, "</div><section><h2>Recovered revenue by day</h2>");
+	buf_adds(b, "</div>");
+	html_real(b, r);
+	buf_adds(b, "<section><h2>Attributed revenue by day</h2>");
 	html_chart(b, r);
 	buf_addf(b, "<p class=note>%ld orders in all; %ld attributed to a click or a "
 		 "code, %ld more influenced (sent within the view window, no click)."
@@ -11592,8 +12050,7 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 		buf_addf(b, "<p class=note>%ld steps were too late to send (more than "
 			 "max_lateness_hours after they were due) and were skipped as "
 			 "stale.</p>", r->stale);
-	for (int i = 0; i < r->nflows; i++)
-		html_flow(b, &r->flows[i], i, r->currency);
+	html_flows(b, r);
 	html_lifecycle(b, r);
 	buf_adds(b, "<section><h2>Orders per month</h2><table><tr><th>Month</th>"
 		 "<th>Orders</th><th>Attributed</th><th>Revenue</th></tr>");
@@ -11604,6 +12061,28 @@ int report_html(const struct report *r, const char *store, struct buf *b)
 	buf_adds(b, "</table></section><p class=note>Same numbers as JSON: "
 		 "report.json.</p></main></body></html>\n");
 	return buf_failed(b) ? -1 : 0;
+}
+
+/* The whole HTML report page: cards, chart, flows, win-back, months. */
+int report_html(const struct report *r, const char *store, struct buf *b)
+{
+	return report_page(r, store, NULL, b);
+}
+
+/* The page's html_eta, as an indented line of text. */
+static void text_eta(long more, double days)
+{
+	if (more < 0)
+		printf("  No estimate yet of when it will be known: that needs a "
+		       "held-out group and a difference between the groups.\n");
+	else if (more > 0 && days < 0)
+		printf("  If the difference stays as it is, about %ld more "
+		       "enrollments will tell (none came in this period, so no "
+		       "date).\n", more);
+	else if (more > 0)
+		printf("  If the difference stays as it is, about %ld more "
+		       "enrollments will tell: about %.0f days at this period's "
+		       "rate.\n", more, days);
 }
 
 /* `remarket report`: the same numbers as the page, as lines of text. */
@@ -11624,7 +12103,8 @@ static void report_text(const struct report *r)
 		rep_shown(v, sizeof v, n->kind, r, n->off, r->currency);
 		printf("%s%s", v, n->words);
 	}
-	printf("\n");
+	printf("\nrecovery verdict   %s\n", lift_verdict(&r->recovery_lift));
+	text_eta(r->more_needed, r->days_needed);
 	const struct lift *wl = &r->reactivation_lift;
 	printf("win-back           %ld lapsed (after %ld days: %s), %ld contacted, "
 	       "%ld reactivated within 30 days (%.1f %%)\n", r->lapsed, r->lapse_days,
@@ -11646,6 +12126,9 @@ static void report_text(const struct report *r)
 		       f->name, f->enrolled, f->held_out, 100 * f->lift.p1,
 		       100 * f->lift.p2, 100 * f->lift.diff, 100 * f->lift.lo,
 		       100 * f->lift.hi, lift_verdict(&f->lift));
+		printf("  incremental revenue %.2f %s (95 %% interval %.2f to %.2f)\n",
+		       f->incr.value, r->currency, f->incr.lo, f->incr.hi);
+		text_eta(f->more_needed, f->days_needed);
 		for (int j = 0; j < f->nsteps; j++) {
 			const struct step_report *s = &f->steps[j];
 			printf("  step %d%s", s->position, s->variant == 'B' ? "B" : " ");
@@ -11660,6 +12143,229 @@ static void report_text(const struct report *r)
 			printf("\n");
 		}
 	}
+}
+
+/* ---- the activity list and the contact page behind it ---- */
+/*
+ * Like a shop's "abandoned checkouts": every abandoned cart, newest first,
+ * ACT_PAGE a page, with its person, value, what was sent (each step by
+ * name, with opened and clicked), and what was ordered. A person links to
+ * the contact page: what `remarket contact` prints, as a table. Both are
+ * the operator's (the routes check), and carry the report link's token
+ * TOK (letters, digits, - and _; or NULL) in their links.
+ */
+#define ACT_PAGE 50
+
+static void html_date(struct buf *b, int64_t t, const char *fmt)
+{
+	char s[40];
+	time_t tt = (time_t)t;
+	struct tm tm;
+	if (!gmtime_r(&tt, &tm) || !strftime(s, sizeof s, fmt, &tm))
+		s[0] = '\0';
+	html_escape(b, s);
+}
+
+/* The head of an operator's page, with the style of the report. */
+static void html_head(struct buf *b, const char *title)
+{
+	buf_addf(b, "<!doctype html><html lang=en><head><meta charset=utf-8>"
+		 "<meta name=viewport content=\"width=device-width,initial-scale=1\">"
+		 "<title>%s</title><style>%s</style></head><body><main>", title,
+		 report_css);
+}
+
+/* "?t=TOK" or "&t=TOK" after a link's path, when there is a token. */
+static void html_tok(struct buf *b, const char *tok, int first)
+{
+	if (!tok || !*tok)
+		return;
+	buf_adds(b, first ? "?t=" : "&amp;t=");
+	html_escape(b, tok);
+}
+
+/* What an enrollment's messages did: each step by name, how far it got. */
+static void act_messages(struct app *app, int64_t enrollment, int64_t flow,
+			 struct buf *b)
+{
+	char name[80];
+	int n = 0;
+	sqlite3_stmt *s = q(app->db, ST_ACT_MESSAGES, "i", enrollment);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		const char *st = col_text(s, 2);
+		step_name(app, flow, sqlite3_column_int(s, 0), col_text(s, 1)[0], name,
+			  sizeof name);
+		buf_adds(b, n++ ? "<br>" : "");
+		html_escape(b, name);
+		if (strcmp(st, "sent")) {
+			buf_adds(b, " <span class=held>(");
+			html_escape(b, !strcmp(st, "queued") ? "waiting" : st);
+			buf_adds(b, ")</span>");
+		} else if (sqlite3_column_int(s, 4)) {
+			buf_adds(b, " &middot; <b>clicked</b>");
+		} else if (sqlite3_column_int(s, 3)) {
+			buf_adds(b, " &middot; opened");
+		}
+	}
+	sqlite3_reset(s);
+	if (!n)
+		buf_adds(b, "&mdash;");
+}
+
+/* One abandoned cart's row. */
+static void act_row(struct app *app, sqlite3_stmt *s, const char *tok,
+		    struct buf *b)
+{
+	int64_t contact = sqlite3_column_int64(s, 1);
+	buf_adds(b, "<tr><td class=l>");
+	html_date(b, sqlite3_column_int64(s, 6), "%Y-%m-%d %H:%M");
+	buf_adds(b, "</td><td class=l>");
+	if (contact) {
+		buf_addf(b, "<a href=\"contact?c=%lld", (long long)contact);
+		html_tok(b, tok, 0);
+		buf_adds(b, "\">");
+		html_escape(b, *col_text(s, 3) ? col_text(s, 3) : col_text(s, 2));
+		buf_adds(b, "</a><br><span class=note>");
+		html_escape(b, col_text(s, 2));
+		buf_adds(b, "</span>");
+	} else {
+		buf_adds(b, "<span class=held>anonymous</span>");
+	}
+	buf_addf(b, "</td><td>%.2f ", sqlite3_column_double(s, 4));
+	html_escape(b, col_text(s, 5));
+	buf_adds(b, "</td><td class=l>");
+	if (sqlite3_column_type(s, 7) == SQLITE_NULL)
+		buf_adds(b, "<span class=held>not enrolled</span>");
+	else if (sqlite3_column_int(s, 9))
+		buf_adds(b, "<span class=held>held out: sent nothing</span>");
+	else
+		act_messages(app, sqlite3_column_int64(s, 7), sqlite3_column_int64(s, 8),
+			     b);
+	buf_adds(b, "</td><td class=l>");
+	if (sqlite3_column_int64(s, 11) > 0) {
+		buf_addf(b, "%.2f ", sqlite3_column_double(s, 12));
+		html_escape(b, col_text(s, 5));
+		buf_adds(b, "<br><span class=note>");
+		html_date(b, sqlite3_column_int64(s, 13), "%Y-%m-%d %H:%M");
+		const char *how = col_text(s, 14);
+		buf_adds(b, !strcmp(how, "click") ? ", after a click"
+			 : !strcmp(how, "code") ? ", with a code"
+			 : !strcmp(how, "influenced") ? ", after a mail, no click"
+			 : "");
+		buf_adds(b, "</span>");
+	} else {
+		buf_adds(b, "&mdash;");
+	}
+	buf_adds(b, "</td></tr>");
+}
+
+/* The activity list, page PAGE (from 1). */
+static int activity_html(struct app *app, long page, const char *tok,
+			 struct buf *b)
+{
+	long total = 0;
+	q_row(q(app->db, ST_ACT_COUNT, NULL), "l", &total);
+	long pages = total ? (total + ACT_PAGE - 1) / ACT_PAGE : 1;
+	html_head(b, "Abandoned carts &middot; remarket");
+	buf_adds(b, "<h1>Abandoned carts</h1><p class=note><a href=\"../report");
+	html_tok(b, tok, 1);
+	buf_addf(b, "\">&larr; the report</a> &middot; %ld carts, newest first, "
+		 "page %ld of %ld.</p><section><table><tr><th class=l>Abandoned"
+		 "</th><th class=l>Person</th><th>Value</th><th class=l>Sent</th>"
+		 "<th class=l>Ordered</th></tr>", total, page, pages);
+	sqlite3_stmt *s = q(app->db, ST_ACT_CARTS, "ii", (int64_t)ACT_PAGE,
+			    (int64_t)(page - 1) * ACT_PAGE);
+	while (sqlite3_step(s) == SQLITE_ROW)
+		act_row(app, s, tok, b);
+	sqlite3_reset(s);
+	buf_adds(b, "</table></section><p class=note>");
+	if (page > 1) {
+		buf_addf(b, "<a rel=prev href=\"carts?page=%ld", page - 1);
+		html_tok(b, tok, 0);
+		buf_adds(b, "\">&larr; newer</a> ");
+	}
+	if (page < pages) {
+		buf_addf(b, "<a rel=next href=\"carts?page=%ld", page + 1);
+		html_tok(b, tok, 0);
+		buf_adds(b, "\">older &rarr;</a>");
+	}
+	buf_adds(b, "</p></main></body></html>\n");
+	return buf_failed(b) ? -1 : 0;
+}
+
+/* A value of `remarket contact` as a person reads it: a time (a key
+ * ending in ts, _at, created, updated, _seen or expires) gets its date. */
+static void contact_value(struct buf *b, const char *path, const char *v)
+{
+	static const char *const ends[] = {"ts", "_at", "created", "updated",
+					   "_seen", "expires"};
+	html_escape(b, v);
+	size_t n = strlen(path);
+	if (n && path[n - 1] == '"') /* json_tree quotes a key with a '_' */
+		n--;
+	char *end;
+	long long t = strtoll(v, &end, 10);
+	if (*end || end == v || t <= 0)
+		return;
+	for (size_t i = 0; i < sizeof ends / sizeof ends[0]; i++) {
+		size_t m = strlen(ends[i]);
+		if (n >= m && !strncmp(path + n - m, ends[i], m)) {
+			buf_adds(b, " <span class=note>");
+			html_date(b, t, "%Y-%m-%d %H:%M UTC");
+			buf_adds(b, "</span>");
+			return;
+		}
+	}
+}
+
+/* The contact page: `remarket contact` (PERSON_JSON read by PERSON_LINES)
+ * as a table, a heading row for each part (carts, orders, messages...).
+ * Returns 1 when there is no such contact. */
+static int contact_html(struct app *app, int64_t id, const char *tok,
+			struct buf *b)
+{
+	struct db *db = app->db;
+	char *email = NULL;
+	sqlite3_stmt *s = q(db, ST_CONTACT_EMAIL, "i", id);
+	if (sqlite3_step(s) == SQLITE_ROW)
+		email = strdup(col_text(s, 0));
+	sqlite3_reset(s);
+	if (!email)
+		return 1;
+	s = q(db, ST_PERSON_JSON, "ti", email, (int64_t)0);
+	char *json = sqlite3_step(s) == SQLITE_ROW ? strdup(col_text(s, 0)) : NULL;
+	sqlite3_reset(s);
+	html_head(b, "Contact &middot; remarket");
+	buf_adds(b, "<h1>");
+	html_escape(b, email);
+	buf_adds(b, "</h1><p class=note><a href=\"carts");
+	html_tok(b, tok, 1);
+	buf_adds(b, "\">&larr; abandoned carts</a> &middot; what <code>remarket "
+		 "contact</code> prints, as a table.</p><section><table>");
+	char part[32] = "";
+	s = q(db, ST_PERSON_LINES, "t", json ? json : "{}");
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		const char *path = col_text(s, 0);
+		size_t n = strcspn(path, ".[");
+		if (path[n] && n < sizeof part &&
+		    (strlen(part) != n || strncmp(part, path, n))) {
+			memcpy(part, path, n);
+			part[n] = '\0';
+			buf_adds(b, "<tr><th class=l colspan=2>");
+			html_escape(b, part);
+			buf_adds(b, "</th></tr>");
+		}
+		buf_adds(b, "<tr><td class=l>");
+		html_escape(b, path);
+		buf_adds(b, "</td><td class=l>");
+		contact_value(b, path, col_text(s, 1));
+		buf_adds(b, "</td></tr>");
+	}
+	sqlite3_reset(s);
+	buf_adds(b, "</table></section></main></body></html>\n");
+	free(json);
+	free(email);
+	return buf_failed(b) ? -1 : 0;
 }
 
 /* ==== HTTP routes ===================================================== */
@@ -12785,16 +13491,103 @@ static int operator_ok(struct app *app, const struct http_req *rq, rm_time now)
 	       sodium_memcmp(pw + 1, app->cfg->tick_token, len) == 0;
 }
 
-/* ?since=&until= (dates, Unix seconds or -30d); default: the last 30 days. */
+/* ?since=&until= (dates, Unix seconds or -30d); default: the last 30 days.
+ * An until given as a date includes that day. */
 static int report_window(const struct http_req *rq, rm_time now, rm_time *since,
 			 rm_time *until)
 {
 	char *a = query_param(rq->query, "since"), *b = query_param(rq->query, "until");
 	*until = b ? parse_time(b, now) : now;
+	if (b && *until >= 0 && strlen(b) == 10 && b[4] == '-' && b[7] == '-')
+		/* a date (the page's form sends dates): the whole day */
+		*until += 86400;
 	*since = a ? parse_time(a, *until) : *until - 30 * 86400;
 	free(a);
 	free(b);
 	return *since < 0 || *until < 0 || *since > *until ? -1 : 0;
+}
+
+/* The operator's pages answer 401 without the token or a report link
+ * (and ask the browser for it, as Basic auth). */
+static int operator_refused(struct app *app, const struct http_req *rq,
+			    struct http_resp *rs, rm_time now)
+{
+	if (operator_ok(app, rq, now))
+		return 0;
+	resp_json_error(app, rs, 401, "the report needs the tick_token "
+			"(Authorization: Bearer, or as the Basic password) "
+			"or a link from 'remarket report --link'");
+	buf_adds(&rs->headers, "WWW-Authenticate: Basic realm=\"remarket\"\r\n");
+	return 1;
+}
+
+/* The report link's token of the query, for the page's own links: only
+ * when it is made of a token's letters (operator_ok has checked it). */
+static void operator_tok(const struct http_req *rq, char *out, size_t n)
+{
+	char *t = query_param(rq->query, "t");
+	out[0] = '\0';
+	if (t && strlen(t) < n && strlen(t) <= TOK_MAXLEN &&
+	    strspn(t, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+		   "0123456789-_") == strlen(t))
+		copy_str(out, n, t);
+	free(t);
+}
+
+/* A whole number from 1 to max in the query, or def when it is absent;
+ * -1 when it is there and not such a number. */
+static long query_count(const struct http_req *rq, const char *name, long def,
+			long max)
+{
+	char *v = query_param(rq->query, name), *end;
+	if (!v)
+		return def;
+	long n = *v >= '0' && *v <= '9' ? strtol(v, &end, 10) : -1;
+	if (n >= 0 && *end)
+		n = -1;
+	free(v);
+	return n >= 1 && n <= max ? n : -1;
+}
+
+/* GET /report/carts?page=N: the activity list (abandoned carts). */
+static void route_report_carts(struct app *app, const struct http_req *rq,
+			       struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg;
+	char tok[TOK_MAXLEN + 1];
+	if (operator_refused(app, rq, rs, now))
+		return;
+	long page = query_count(rq, "page", 1, 1000000);
+	if (page < 0)
+		return resp_json_error(app, rs, 400, "page: want a page number from 1");
+	operator_tok(rq, tok, sizeof tok);
+	rs->status = 200;
+	rs->content_type = "text/html; charset=utf-8";
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n"
+		 "Referrer-Policy: no-referrer\r\n");
+	activity_html(app, page, tok, &rs->body);
+}
+
+/* GET /report/contact?c=ID: one person, as `remarket contact` shows them. */
+static void route_report_contact(struct app *app, const struct http_req *rq,
+				 struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg;
+	char tok[TOK_MAXLEN + 1];
+	if (operator_refused(app, rq, rs, now))
+		return;
+	long id = query_count(rq, "c", -1, LONG_MAX);
+	if (id < 0)
+		return resp_json_error(app, rs, 400, "c: want a contact's number");
+	operator_tok(rq, tok, sizeof tok);
+	rs->status = 200;
+	rs->content_type = "text/html; charset=utf-8";
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n"
+		 "Referrer-Policy: no-referrer\r\n");
+	if (contact_html(app, id, tok, &rs->body) == 1) {
+		buf_reset(&rs->headers);
+		resp_json_error(app, rs, 404, "no such contact");
+	}
 }
 
 /* GET /report and /report.json for the operator (tick_token required). */
@@ -12802,13 +13595,10 @@ static void route_report(struct app *app, const struct http_req *rq,
 			 struct http_resp *rs, const char *arg, rm_time now)
 {
 	int json = !strcmp(arg, "/report.json"); /* exact routes get the path */
-	if (!operator_ok(app, rq, now)) {
-		resp_json_error(app, rs, 401, "the report needs the tick_token "
-				"(Authorization: Bearer, or as the Basic password) "
-				"or a link from 'remarket report --link'");
-		buf_adds(&rs->headers, "WWW-Authenticate: Basic realm=\"remarket\"\r\n");
+	char tok[TOK_MAXLEN + 1];
+	if (operator_refused(app, rq, rs, now))
 		return;
-	}
+	operator_tok(rq, tok, sizeof tok);
 	rm_time since, until;
 	if (report_window(rq, now, &since, &until) < 0)
 		return resp_json_error(app, rs, 400, "since/until: want 2026-11-01, "
@@ -12826,7 +13616,7 @@ static void route_report(struct app *app, const struct http_req *rq,
 	if (json)
 		report_json(r, &rs->body);
 	else
-		report_html(r, app->cfg->store_name, &rs->body);
+		report_page(r, app->cfg->store_name, tok, &rs->body);
 	free(r);
 }
 
@@ -12855,6 +13645,8 @@ static const struct route {
 	{"/discounts/validate", 0, "POST", route_validate},
 	{"/report", 0, "GET HEAD", route_report},
 	{"/report.json", 0, "GET HEAD", route_report},
+	{"/report/carts", 0, "GET HEAD", route_report_carts},
+	{"/report/contact", 0, "GET HEAD", route_report_contact},
 };
 
 static int method_allowed(const char *methods, const char *m)

@@ -492,6 +492,23 @@ struct lift {
 	int too_small;
 };
 void stat_lift(long x1, long n1, long x2, long n2, struct lift *out);
+/* What a lift is worth: diff x N messaged x AOV, with its 95 % interval
+ * (lo and hi of the lift, times the same N x AOV; the order value is
+ * taken as known). */
+struct incremental {
+	double value, lo, hi;
+};
+void stat_incremental(const struct lift *l, long messaged, double aov,
+		      struct incremental *out);
+/* When the verdict will be known at the current effect: how many more
+ * enrollments (messaged and held out together, in today's proportion)
+ * until the 95 % interval of L, over N1 messaged and N2 held out, excludes
+ * zero and the groups are big enough (stat_lift's too_small); 0 when it
+ * already does, -1 when no estimate can be made (no holdout, or no
+ * difference seen yet). */
+long stat_more_needed(const struct lift *l, long n1, long n2);
+/* Days for MORE enrollments at PER_DAY a day; -1 when unknown. */
+double stat_days_needed(long more, double per_day);
 
 #define REPORT_FLOWS 8
 #define REPORT_STEPS 16
@@ -507,23 +524,34 @@ struct step_report {
 	 * (`remarket feedback`, POST /feedback), and their share of sent */
 	long bounced, complained;
 	double bounce_rate, complaint_rate;
+	char name[80];            /* "Cart reminder · +1 h": template and delay */
 };
 struct flow_report {
 	char name[64];
-	int holdout_pct;
+	int holdout_pct, enabled;
 	long enrolled, held_out, converted, held_converted;
 	struct lift lift;         /* messaged against held out */
 	long sent, bounced, complained; /* the steps' sums */
 	double bounce_rate, complaint_rate;
+	struct incremental incr;  /* lift x enrolled x the period's average order */
+	long more_needed;         /* stat_more_needed of lift */
+	double days_needed;       /* at this flow's enrollments per day */
 	struct step_report steps[REPORT_STEPS];
 	int nsteps;
 };
 struct report {
 	rm_time since, until;
+	long conversion_days;      /* the window of "recovered" (config) */
 	char currency[8];
 	long abandoned, recovered, orders, attributed, influenced;
 	long orders_no_cart; /* orders that named no cart remarket knew (counted, attributed by contact) */
 	double recovery_rate, revenue, recovered_revenue, influenced_revenue;
+	double attributed_revenue; /* orders attributed (click or code) to any message */
+	double aov;                /* revenue / orders: the period's average order */
+	/* recovery_lift x abandoned (messaged) x aov, with its interval */
+	struct incremental incr;
+	long more_needed;          /* enrollments until recovery_lift's verdict */
+	double days_needed;        /* at the period's cart enrollments per day */
 	long sent, opened, clicked, unsubscribed, bounced, codes_issued, codes_redeemed;
 	long stale;                /* steps recorded stale: too late to send */
 	double unsubscribe_rate, discount_cost;

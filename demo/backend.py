@@ -15,6 +15,13 @@ Routes (JSON in and out; nginx proxies /api/ here):
   GET  /api/outbox        -> {messages:[{file,to,subject,date,html,text}]}
   GET  /api/clock         -> {offset, now}
   POST /api/clock?advance=N -> {offset, now, tick}; runs `remarket tick --now`
+  GET  /api/report-link   -> {url}: `remarket report --link` (the operator's
+                          report, on the demo clock)
+
+One clock: with REMARKET_CLOCK_FILE set (scripts/demo-shop.sh sets it for
+`remarket serve` too), the offset is written there, so remarket's pages,
+links and report run on the demo clock; events are then signed and dated
+by it. Without it, only the ticks this backend runs move ahead.
 
 Python 3 standard library only; binds 127.0.0.1. Every remarket process it
 runs gets this process's environment (REMARKET_DB, REMARKET_OUTBOX, ...).
@@ -61,6 +68,21 @@ class Store:
         self.data.setdefault("carts", {})
         self.data.setdefault("orders", {})
         self.data.setdefault("clock_offset", 0)
+        self.clock_file = os.environ.get("REMARKET_CLOCK_FILE") or None
+        self.write_clock()
+
+    def write_clock(self):
+        """Tells remarket (serve and every command) the demo clock's offset."""
+        if not self.clock_file:
+            return
+        tmp = self.clock_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("%d\n" % self.data["clock_offset"])
+        os.replace(tmp, self.clock_file)
+
+    def now(self):
+        """The shop's time: the demo clock when remarket shares it."""
+        return int(time.time()) + (self.data["clock_offset"] if self.clock_file else 0)
 
     def save(self):
         """Writes the state; the caller holds the lock."""
@@ -73,15 +95,16 @@ class Store:
 class Remarket:
     """Signed events to remarket's /events, and the tick command."""
 
-    def __init__(self, url, secret, binary):
+    def __init__(self, url, secret, binary, clock=time.time):
         self.url = url.rstrip("/")
         self.secret = secret.encode()
         self.binary = binary
+        self.clock = clock
 
     def send(self, event):
         """Posts one signed event; returns remarket's status (0: unreachable)."""
         body = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
-        t = str(int(time.time()))
+        t = str(int(self.clock()))
         sig = hmac.new(self.secret, t.encode() + b"." + body, hashlib.sha256).hexdigest()
         req = urllib.request.Request(
             self.url + "/events", data=body, method="POST",
@@ -228,6 +251,11 @@ def make_handler(store, rm, catalog, outbox):
                 with store.lock:
                     off = store.data["clock_offset"]
                 return self.reply(200, {"offset": off, "now": int(time.time()) + off})
+            if path == "/api/report-link":
+                rc, out, err = rm.run(["report", "--link"])
+                if rc != 0:
+                    return self.fail(500, (err or out).strip()[:300])
+                return self.reply(200, {"url": out.strip()})
             if path == "/api/health":
                 return self.reply(200, {"ok": True})
             self.fail(404, "no such route")
@@ -261,7 +289,7 @@ def make_handler(store, rm, catalog, outbox):
                     cid = "c-" + secrets.token_hex(6)
                     cart = store.data["carts"].setdefault(cid, {"cart_id": cid})
                 cart.update(cart_id=cid, status="open", currency=currency, items=items,
-                            total=cart_total(items), updated=int(time.time()))
+                            total=cart_total(items), updated=store.now())
                 if vid:
                     cart["visitor_id"] = vid
                 email_addr = cart.get("email")
@@ -301,7 +329,7 @@ def make_handler(store, rm, catalog, outbox):
                 cart = store.data["carts"][cid]
                 cart.update(status="ordered", email=addr)
                 store.data["orders"][ev["order_id"]] = dict(ev, name=name[:100],
-                                                            ts=int(time.time()))
+                                                            ts=store.now())
                 store.save()
             status = rm.send(ev)
             self.reply(200, {"order_id": ev["order_id"], "total": ev["total"],
@@ -318,6 +346,7 @@ def make_handler(store, rm, catalog, outbox):
                 store.data["clock_offset"] += advance
                 off = store.data["clock_offset"]
                 store.save()
+                store.write_clock()
             now = int(time.time()) + off
             rc, out, err = rm.run(["tick", "--now", str(now)])
             try:
@@ -389,10 +418,10 @@ def main():
     a = ap.parse_args()
     if not a.hook_secret:
         ap.error("--hook-secret (or REMARKET_HOOK_SECRET) is required")
-    rm = Remarket(a.remarket_url, a.hook_secret, a.remarket_bin)
+    store = Store(a.state)
+    rm = Remarket(a.remarket_url, a.hook_secret, a.remarket_bin, clock=store.now)
     catalog = load_catalog(a.catalog)
     seed_products(rm, catalog)
-    store = Store(a.state)
     srv = ThreadingHTTPServer(("127.0.0.1", a.port), make_handler(store, rm, catalog, a.outbox))
     srv.daemon_threads = True
     log("listening on http://127.0.0.1:%d" % a.port)

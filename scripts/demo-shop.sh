@@ -43,6 +43,10 @@ export REMARKET_DB="$DIR/remarket.db" REMARKET_KEY_FILE="$DIR/remarket.key" \
 	REMARKET_CART_URL="$SHOP/cart?restore={cart}&code={code}" \
 	REMARKET_HOOK_SECRET="$HOOK" REMARKET_TICK_TOKEN="$TICK" \
 	REMARKET_FROM="Maison Demo <shop@example.com>"
+# One clock for the shop, remarket's pages and links, and the report: the
+# backend writes the demo clock's offset here when the outbox's +1 h /
+# +24 h / +72 h buttons move it, and remarket reads it at every request.
+export REMARKET_CLOCK_FILE="$DIR/backend/clock"
 
 pids=""
 cleanup() {
@@ -94,6 +98,7 @@ cat <<EOF
     shop            $SHOP/
     cart            $SHOP/cart
     outbox viewer   $SHOP/outbox
+    report          $("$RM" report --link)
 
   Add something to the cart, type an email on the cart page and tick the
   consent box, then leave. In the outbox viewer, "Advance clock +1 h" lets

@@ -172,13 +172,19 @@ while ($dom =~ /data-k="([^"]+)" data-v="([^"]+)"/g) {
 		diag("page $k = $v, JSON " . ($want // 'missing'));
 	}
 }
-my ($steps, $bees) = (0, 0);
+# "when will it be known" shows the enrollments needed, and their days
+# when there is a rate to count them with
+sub eta { my ($x) = @_; my $m = $x->{verdict_more_enrollments} > 0; $m + ($m && $x->{verdict_days} >= 0) }
+my ($steps, $bees, $etas) = (0, 0, eta($j));
 for my $f (@{ $j->{flows} }) {
 	$steps += @{ $f->{steps} };
 	$bees += grep { $_->{variant} eq 'B' } @{ $f->{steps} };
+	$etas += eta($f);
 }
-is($n, 9 + 8 + 6 + 3 * @{ $j->{flows} } + 7 * $steps + $bees,
-    'every number on the page carries its value (9 headline, 8 win-back, 6 segments, 3 a flow, 7 a step (with bounce and complaint rates), 1 a B variant)');
+is($n, 11 + 11 + 8 + 6 + 6 * @{ $j->{flows} } + 7 * $steps + $bees + $etas,
+    'every number on the page carries its value (11 cards, 11 in "is it real?", '
+    . '8 win-back, 6 segments, 6 a flow, 7 a step (with bounce and complaint rates), '
+    . '1 a B variant, 1-2 a verdict\'s estimate)');
 is($bad, 0, 'each equals the number in report.json');
 
 mkdir "$root/tests/artifacts";
