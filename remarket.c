@@ -3132,6 +3132,7 @@ struct event {
 	double total, price, amount; /* amount: a refund's */
 	rm_time ts;
 	long nitems;
+	size_t at; /* its index in the request's array */
 };
 
 enum fcheck { FC_TYPE, FC_EMAIL, FC_TEXT, FC_IDENT, FC_SKU, FC_URL, FC_CURRENCY, FC_CODE };
@@ -4097,11 +4098,44 @@ struct ev_job {
 	int done;     /* set by the writer once rc is final */
 	pthread_cond_t *wake; /* the waiting worker's, signalled when done */
 	struct ev_job *next;
+	struct buf *refused; /* ?partial=1: a refund of no order is listed
+			      * here and left out, not the whole request */
+	int left_out; /* such refunds */
 };
 
 /* Set by `remarket serve`: waits until the writer has stored JOB (0), or
  * -1 when there is no writer (then the caller stores it itself). */
 static int (*ev_handoff)(struct ev_job *job);
+
+static void json_str(struct buf *b, const char *s); /* in The report */
+
+#define EV_NO_ORDER "order_id: a refund of an order remarket has not " \
+	"recorded (send the order first)"
+
+/* Applies event E of JOB. In a partial request, a refund of an order
+ * not recorded is undone alone (its own savepoint: its contact too) and
+ * listed in job->refused: 1. Else ev_apply's result. */
+static int ev_store_event(struct app *app, struct ev_job *job,
+			  const struct event *e, int *dup)
+{
+	struct db *db = app->db;
+	int alone = job->refused && !strcmp(e->type, "refund");
+	if (alone && q_exec(db, q(db, ST_SAVEPOINT, NULL)) < 0)
+		return -1;
+	int rc = ev_apply(app, e, job->src, job->visitor, job->now, dup);
+	if (!alone)
+		return rc;
+	if ((rc == -3 && q_exec(db, q(db, ST_ROLLBACK_TO, NULL)) < 0) ||
+	    q_exec(db, q(db, ST_RELEASE, NULL)) < 0)
+		return -1;
+	if (rc != -3)
+		return rc;
+	struct buf *r = job->refused;
+	buf_addf(r, "%s{\"index\":%zu,\"error\":", r->len > 1 ? "," : "", e->at);
+	json_str(r, EV_NO_ORDER);
+	buf_adds(r, "}");
+	return 1;
+}
 
 /* Applies one request's events inside the open transaction, in a
  * savepoint; on failure only this request's events are undone. */
@@ -4113,13 +4147,16 @@ static void ev_store_one(struct app *app, struct ev_job *job)
 		fail(job->err, 500, "database error while recording the event");
 	for (size_t i = 0; rc == 0 && i < job->n; i++) {
 		int dup;
-		rc = ev_apply(app, &job->evs[i], job->src, job->visitor,
-			      job->now, &dup);
+		rc = ev_store_event(app, job, &job->evs[i], &dup);
+		if (rc == 1) { /* refused alone (partial) */
+			rc = 0;
+			job->left_out++;
+			continue;
+		}
 		if (rc == -2)
 			fail(job->err, 403, "cart_id: that cart is not this visitor's");
 		else if (rc == -3)
-			fail(job->err, 400, "order_id: a refund of an order remarket "
-			     "has not recorded (send the order first)");
+			fail(job->err, 400, EV_NO_ORDER);
 		else if (rc < 0)
 			fail(job->err, 500, "database error while recording the event");
 		job->accepted += !dup;
@@ -4143,7 +4180,7 @@ static void ev_store(struct app *app, struct ev_job *const *jobs, size_t k)
 	int status = 503;
 	const char *msg = "database busy, try again";
 	for (size_t i = 0; i < k; i++)
-		jobs[i]->rc = jobs[i]->accepted = 0;
+		jobs[i]->rc = jobs[i]->accepted = jobs[i]->left_out = 0;
 	if (db_begin(app->db) == 0) {
 		status = 500;
 		msg = "database error while recording the event";
@@ -4200,7 +4237,6 @@ static int ev_split(struct app *app, const char *json, size_t len,
 	return rc;
 }
 
-static void json_str(struct buf *b, const char *s); /* in The report */
 
 /* The door for facts: checks the whole body, then stores every event and
  * its state changes in one transaction (or nothing). With REFUSED (a
@@ -4255,6 +4291,7 @@ static int ev_ingest_batch(struct app *app, enum ev_source src,
 			rc = 0;
 			continue;
 		}
+		evs[good].at = i;
 		if (rc < 0 && n > 1) { /* say which event of the batch */
 			char msg[sizeof err->msg];
 			snprintf(msg, sizeof msg, "[%zu].%s", i, err->msg);
@@ -4262,23 +4299,25 @@ static int ev_ingest_batch(struct app *app, enum ev_source src,
 		}
 		good++;
 	}
-	if (refused)
-		buf_adds(refused, "]");
-	if (rc == 0 && refused && buf_failed(refused))
-		rc = fail(err, 500, "out of memory");
 	n = rc == 0 ? good : n;
-	struct ev_job job = {evs, n, src, visitor, now, err, 0, 0, 0, NULL, NULL};
+	struct ev_job job = {evs, n, src, visitor, now, err, 0, 0, 0, NULL, NULL,
+			     refused, 0};
 	struct ev_job *one = &job;
 	if (rc == 0 && (!ev_handoff || ev_handoff(&job) < 0))
 		ev_store(app, &one, 1);
 	int accepted = job.accepted;
 	if (rc == 0)
 		rc = job.rc;
+	if (refused)
+		buf_adds(refused, "]");
+	if (rc == 0 && refused && buf_failed(refused))
+		rc = fail(err, 500, "out of memory");
 	for (size_t i = 0; evs && i < n; i++)
 		ev_free(&evs[i]);
 	free(evs);
 	buf_free(&objs);
-	err->duplicates = rc < 0 ? 0 : (int)(n - (size_t)accepted);
+	err->duplicates = rc < 0 ? 0 : (int)(n - (size_t)accepted -
+					     (size_t)job.left_out);
 	return rc < 0 ? -1 : accepted;
 }
 

@@ -4056,6 +4056,29 @@ static void test_partial_events(void)
 	   !contains(refused.data, "index\":0") && !contains(refused.data, "index\":2"),
 	   "partial: the bad one is listed by its index with its reason");
 	buf_free(&refused);
+	/* a refund of an order not recorded is known only when it is stored:
+	 * refused alone too, its own writes (a contact) undone */
+	const char *refunds = "[{\"type\":\"order\",\"order_id\":\"o1\","
+		"\"email\":\"a@example.com\",\"total\":40,\"items\":[{\"sku\":"
+		"\"A\",\"name\":\"A\",\"price\":40}]},"
+		"{\"type\":\"refund\",\"order_id\":\"nope\",\"amount\":5,"
+		"\"email\":\"ghost@example.com\"},"
+		"{\"type\":\"refund\",\"order_id\":\"o1\",\"amount\":10}]";
+	is_int(ingest(&w, EV_CLI, refunds, T0, &err), -1,
+	       "partial: by default a refund of no order refuses the batch");
+	is_int(sq(&w, "SELECT count(*) FROM orders"), 0, "... storing nothing");
+	n = ev_ingest_partial(&w.app, EV_CLI, refunds, strlen(refunds), NULL, T0,
+			      &err, &refused);
+	is_int(n, 2, "partial: the order and its refund are stored");
+	is_int(err.duplicates, 0, "... none counted a duplicate");
+	ok(refused.data && !strncmp(refused.data, "[{\"index\":1,\"error\":"
+	   "\"order_id: a refund of an order", 48) && !contains(refused.data, "index\":2"),
+	   "partial: the refund of no order is listed alone (%s)", refused.data);
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'ghost@example.com'"), 0,
+	       "... and its contact undone");
+	ok(sq(&w, "SELECT refunded FROM orders WHERE order_key = 'o1'") == 10,
+	   "... the other refund applied");
+	buf_free(&refused);
 	world_close(&w);
 }
 
