@@ -2653,6 +2653,40 @@ static void test_import_retail(void)
 		      "\"price\":1,\"qty\":1001}]}", T0, &e), 1,
 	       "event: with max_qty = 2000 it passes; a guest's order");
 	w.cfg.max_qty = 1000;
+	/* the choice for an order with a customer_id and no email: a
+	 * guest's. No contact (no address to mail), so no flow and no
+	 * segment; its lines count in the product statistics; a later
+	 * order of the same customer_id with an email is not tied to it
+	 * (a customer_id is the store's word, not proof of who ordered) */
+	db_scalar(w.app.db, "UPDATE flows SET enabled = 1");
+	long long contacts = sq(&w, "SELECT count(*) FROM contacts");
+	is_int(ingest(&w, EV_HOOK, "{\"type\":\"order\",\"order_id\":\"g1\","
+		      "\"customer_id\":\"C-99\",\"ts\":1700000000,\"items\":[{\"sku\":"
+		      "\"G1\",\"name\":\"Glass\",\"price\":3},{\"sku\":\"G2\","
+		      "\"name\":\"Jug\",\"price\":5}]}", T0, &e), 1,
+	       "guest: an order with a customer_id and no email is stored");
+	is_int(sq(&w, "SELECT count(*) FROM contacts") - contacts, 0,
+	       "guest: ... with no contact");
+	is_int(sq(&w, "SELECT count(*) FROM orders WHERE order_key = 'g1' AND "
+		  "contact_id IS NULL"), 1, "guest: ... the order is nobody's");
+	reco_refresh(&w.app, 1000, 0);
+	is_int(sq(&w, "SELECT orders FROM reco_items WHERE sku = 'G1'") +
+	       sq(&w, "SELECT orders FROM reco_pairs WHERE sku = 'G1' AND other = 'G2'"), 2,
+	       "guest: ... its lines count in the product statistics");
+	struct tick_summary ts;
+	memset(&ts, 0, sizeof ts);
+	flow_detect(&w.app, T0 + 3600, &ts);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN orders o ON "
+		  "o.id = e.order_id WHERE o.order_key = 'g1'"), 0,
+	       "guest: ... no flow (post-purchase enabled)");
+	ingest(&w, EV_HOOK, "{\"type\":\"order\",\"order_id\":\"g2\","
+	       "\"customer_id\":\"C-99\",\"email\":\"gus@example.com\","
+	       "\"items\":[{\"sku\":\"G1\",\"name\":\"Glass\",\"price\":3}]}",
+	       T0, &e);
+	is_int(sq(&w, "SELECT count(*) FROM orders o JOIN contacts c ON "
+		  "c.id = o.contact_id WHERE c.email = 'gus@example.com'"), 1,
+	       "guest: a later order with an email is theirs alone, the guest "
+	       "order stays a guest's");
 	world_close(&w);
 }
 
