@@ -4360,17 +4360,41 @@ static void test_backtest(void)
 	order_line(&w, "c1", "c@example.com", "A", 40, day0 - 95 * DAY, now);
 	order_line(&w, "c2", "c@example.com", "A", 40, day0 + 25 * DAY, now);
 	order_line(&w, "z1", "z@example.com", "A", 40, day0 + 60 * DAY, now);
+	/* d's cart, idle from day 2 (+5 h), ordered on day 4: abandoned on
+	 * day 3's tick, its first reminder (+1 h) counted, the second
+	 * (+24 h) not: the order came first */
+	char cart[400];
+	struct ev_error e;
+	snprintf(cart, sizeof cart, "{\"type\":\"cart\",\"email\":\"d@example.com\","
+		 "\"consent\":true,\"cart_id\":\"k1\",\"total\":40,\"ts\":%lld,"
+		 "\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":40}]}",
+		 (long long)(day0 + 2 * DAY + 5 * 3600));
+	ingest(&w, EV_HOOK, cart, now, &e);
+	snprintf(cart, sizeof cart, "{\"type\":\"order\",\"email\":\"d@example.com\","
+		 "\"order_id\":\"d1\",\"cart_id\":\"k1\",\"total\":40,\"ts\":%lld,"
+		 "\"items\":[{\"sku\":\"A\",\"name\":\"A\",\"price\":40}]}",
+		 (long long)(day0 + 4 * DAY));
+	ingest(&w, EV_HOOK, cart, now, &e);
 	int rc = backtest_run(&w.app, day0, day0 + 20 * DAY, &r, err, sizeof err);
 	if (!ok(rc == 0, "backtest: runs (%s)", err)) {
 		world_close(&w);
 		return;
 	}
 	is_int(r.days, 21, "backtest: a tick a day, both ends included");
-	is_int(r.orders, 1, "backtest: the one order of those days re-applied (a's)");
-	const struct bt_flow *f = NULL;
-	for (int i = 0; i < r.nflows; i++)
+	is_int(r.orders, 2, "backtest: the orders of those days re-applied (a's, d's)");
+	const struct bt_flow *f = NULL, *k = NULL;
+	for (int i = 0; i < r.nflows; i++) {
 		if (!strcmp(r.flows[i].name, "winback"))
 			f = &r.flows[i];
+		if (!strcmp(r.flows[i].name, "abandoned_cart"))
+			k = &r.flows[i];
+	}
+	if (ok(k != NULL, "backtest: the cart flow is reported")) {
+		is_int(k->enrolled, 1, "backtest: d's cart enrolled");
+		is_int(k->mails, 1, "backtest: one reminder, the next one after the order");
+		is_int(k->back, 1, "backtest: d ordered within conversion_days");
+		is_int(k->window_days, 7, "backtest: a cart's window is conversion_days");
+	}
 	if (ok(f != NULL, "backtest: the win-back flow is reported")) {
 		is_int(f->enrolled, 3, "backtest: a and c enrolled on day 0, b on day 10");
 		is_int(f->held_out, 0, "backtest: nobody held out (holdout 0)");
@@ -4402,7 +4426,9 @@ static void test_backtest(void)
 	ok(ma == 1, "backtest: day 17: b's second mail (%ld)", ma);
 	is_int(sq(&w, "SELECT count(*) FROM enrollments") + sq(&w, "SELECT count(*) FROM messages"),
 	       0, "backtest: the store's database has no enrollment nor message");
-	is_int(sq(&w, "SELECT count(*) FROM orders"), 6, "backtest: ... and all its orders");
+	is_int(sq(&w, "SELECT count(*) FROM orders"), 7, "backtest: ... and all its orders");
+	is_int(sq(&w, "SELECT count(*) FROM carts WHERE status = 'ordered'"), 1,
+	       "backtest: ... its cart as it was");
 	ok(access(w.outbox, F_OK) != 0, "backtest: nothing written to the outbox");
 	struct buf j = {0};
 	ok(backtest_json(&r, &j) == 0 && strstr(j.data, "\"came_back_complete\":2,"
