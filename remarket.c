@@ -8159,7 +8159,8 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
  * baseline a holdout will be compared with. The copy is removed.
  * Carts replay from their last state: an abandoned cart (or one ordered
  * after FROM) is open again, and is abandoned idle_minutes after its last
- * change unless its order comes first.
+ * change unless its order comes first. Contacts are as they are now: an
+ * unsubscribe or a bounce counts from FROM on.
  */
 
 #define BT_AFTER_DAYS 30 /* orders re-applied after TO: the last windows */
