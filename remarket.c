@@ -32,11 +32,12 @@
  *  17. Tick runs
  *  18. Feedback: bounces, complaints, unsubscribes by mail
  *  19. Checks before sending and status
- *  20. The report
- *  21. HTTP routes
- *  22. FastCGI and CGI front-ends
- *  23. Command line
- *  24. Main
+ *  20. Backtest
+ *  21. The report
+ *  22. HTTP routes
+ *  23. FastCGI and CGI front-ends
+ *  24. Command line
+ *  25. Main
  */
 #define _GNU_SOURCE
 #include "remarket.h"
@@ -2037,6 +2038,84 @@ void cfg_free(struct config *cfg)
 	X(CHECK_JSON,                                                          \
 	  "SELECT json_object('status', ?1, 'exit', ?2, 'now', ?3, "           \
 	  "'version', '" RM_VERSION "', 'checks', json(?4))")                  \
+	/* -- Backtest -- */                                                   \
+	/* the copy (a new file; VACUUM INTO writes a consistent snapshot    \
+	 * without holding the store's write lock) */                       \
+	X(BT_COPY, "VACUUM INTO ?1")                                           \
+	X(BT_FAST, "PRAGMA synchronous = OFF")                                 \
+	X(BT_MMAP, "PRAGMA mmap_size = 1073741824")                            \
+	X(BT_JOURNAL, "PRAGMA journal_mode = MEMORY")                          \
+	/* on the copy, in one transaction: no flow has run yet, and the     \
+	 * orders after FROM (?1) are gone, to come back on their day; a     \
+	 * cart that was abandoned, or ordered after FROM, is open again */  \
+	X(BT_CLEAR_ORDER_MSG, "UPDATE orders SET message = NULL WHERE message IS NOT NULL") \
+	X(BT_CLEAR_INTERACTIONS, "DELETE FROM interactions")                   \
+	X(BT_CLEAR_DISCOUNTS, "DELETE FROM discounts")                         \
+	X(BT_CLEAR_MESSAGES, "DELETE FROM messages")                           \
+	X(BT_CLEAR_WAITING, "DELETE FROM winback_waiting")                     \
+	X(BT_CLEAR_ENROLLMENTS, "DELETE FROM enrollments")                     \
+	X(BT_CLEAR_REFUNDS,                                                    \
+	  "DELETE FROM refunds WHERE ts > ?1 OR order_id IN "                  \
+	  "(SELECT id FROM orders WHERE ts > ?1)")                             \
+	X(BT_REFUNDED,                                                         \
+	  "UPDATE orders SET refunded = (SELECT total(amount) FROM refunds r " \
+	  "WHERE r.order_id = orders.id) WHERE refunded <> 0")                 \
+	X(BT_CLEAR_LINES,                                                      \
+	  "DELETE FROM order_lines WHERE order_id IN "                         \
+	  "(SELECT id FROM orders WHERE ts > ?1)")                             \
+	X(BT_CLEAR_ORDERS, "DELETE FROM orders WHERE ts > ?1")                 \
+	X(BT_CARTS_OPEN,                                                       \
+	  "UPDATE carts SET status = 'open', abandoned_at = NULL, "            \
+	  "ordered_at = NULL WHERE status = 'abandoned' "                      \
+	  "OR (status = 'ordered' AND ordered_at > ?1)")                       \
+	X(BT_CLEAR_SEGMENTS, "DELETE FROM segments")                           \
+	X(BT_CLEAR_DIRTY, "DELETE FROM segment_dirty")                         \
+	X(BT_CLEAR_PENDING, "DELETE FROM segment_pending")                     \
+	X(BT_CLEAR_SEGSTATE, "DELETE FROM segment_state")                      \
+	/* read from the store's database: the orders and refunds of        \
+	 * (?1, ?2], in time order, as the replay applies them */           \
+	X(BT_ORDERS_IN,                                                        \
+	  "SELECT o.order_key, c.email, k.cart_key, o.total, o.currency, "     \
+	  "o.items, o.discount_code, o.ts, json_array_length(o.items) "        \
+	  "FROM orders o LEFT JOIN contacts c ON c.id = o.contact_id "         \
+	  "LEFT JOIN carts k ON k.id = o.cart_id "                             \
+	  "WHERE o.ts > ?1 AND o.ts <= ?2 ORDER BY o.ts, o.id")                \
+	X(BT_REFUNDS_IN,                                                       \
+	  "SELECT r.refund_key, o.order_key, r.amount, r.ts FROM refunds r "   \
+	  "JOIN orders o ON o.id = r.order_id "                                \
+	  "WHERE r.ts > ?1 AND r.ts <= ?2 ORDER BY r.ts, r.id")                \
+	X(BT_HISTORY_END, "SELECT coalesce(max(ts), 0) FROM orders")           \
+	/* per flow on the copy: enrolled, of them held out, first and last  \
+	 * enrollment, mails that would have gone, enrollments whose window  \
+	 * (?1: 30 days for a win-back, else conversion_days) ended by the   \
+	 * history's end ?2, of those who ordered within it with no mail,    \
+	 * and who ordered within it at all */                               \
+	X(BT_FLOWS,                                                            \
+	  "WITH w AS (SELECT e.id, e.flow_id, e.contact_id, e.holdout, "       \
+	  "e.created, e.created + CASE WHEN f.trigger = 'customer_lapsed' "    \
+	  "THEN 30 * 86400 ELSE ?1 END AS until FROM enrollments e "           \
+	  "JOIN flows f ON f.id = e.flow_id), r AS (SELECT w.*, EXISTS "       \
+	  "(SELECT 1 FROM orders o WHERE o.contact_id = w.contact_id "         \
+	  "AND o.ts > w.created AND o.ts <= w.until) AS back FROM w) "         \
+	  "SELECT f.name, f.trigger, count(r.id), total(r.holdout), "          \
+	  "coalesce(date(min(r.created), 'unixepoch'), ''), "                  \
+	  "coalesce(date(max(r.created), 'unixepoch'), ''), "                  \
+	  "(SELECT count(*) FROM messages m JOIN enrollments x "               \
+	  "ON x.id = m.enrollment_id WHERE x.flow_id = f.id "                  \
+	  "AND m.status = 'sent'), total(r.until <= ?2), "                     \
+	  "total(r.until <= ?2 AND r.back), total(r.back), "                   \
+	  "CASE WHEN f.trigger = 'customer_lapsed' THEN 30 ELSE ?1 / 86400 END " \
+	  "FROM flows f LEFT JOIN r ON r.flow_id = f.id "                      \
+	  "WHERE f.enabled = 1 OR r.id IS NOT NULL GROUP BY f.id ORDER BY f.id") \
+	/* per flow and day: enrollments, and mails by when they were due */  \
+	X(BT_DAYS,                                                             \
+	  "SELECT f.name, date(t, 'unixepoch') AS d, "                         \
+	  "date(t, 'unixepoch', 'weekday 0', '-6 days'), sum(enr), sum(mail) " \
+	  "FROM (SELECT flow_id, created AS t, 1 AS enr, 0 AS mail "           \
+	  "FROM enrollments UNION ALL SELECT e.flow_id, m.next_try, 0, 1 "     \
+	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
+	  "WHERE m.status = 'sent') JOIN flows f ON f.id = flow_id "           \
+	  "GROUP BY f.id, d ORDER BY f.id, d")                                 \
 	/* -- The report -- */                                                 \
 	/* win-back: the lapsed, and the customers whose first mail of a      \
 	 * win-back (its first step sent, not a later one) went in the        \
@@ -3632,6 +3711,7 @@ struct event {
 	double total, price, amount; /* amount: a refund's */
 	rm_time ts;
 	long nitems;
+	size_t at; /* its index in the request's array */
 };
 
 enum fcheck { FC_TYPE, FC_EMAIL, FC_TEXT, FC_IDENT, FC_SKU, FC_URL, FC_CURRENCY, FC_CODE };
@@ -4597,11 +4677,44 @@ struct ev_job {
 	int done;     /* set by the writer once rc is final */
 	pthread_cond_t *wake; /* the waiting worker's, signalled when done */
 	struct ev_job *next;
+	struct buf *refused; /* ?partial=1: a refund of no order is listed
+			      * here and left out, not the whole request */
+	int left_out; /* such refunds */
 };
 
 /* Set by `remarket serve`: waits until the writer has stored JOB (0), or
  * -1 when there is no writer (then the caller stores it itself). */
 static int (*ev_handoff)(struct ev_job *job);
+
+static void json_str(struct buf *b, const char *s); /* in The report */
+
+#define EV_NO_ORDER "order_id: a refund of an order remarket has not " \
+	"recorded (send the order first)"
+
+/* Applies event E of JOB. In a partial request, a refund of an order
+ * not recorded is undone alone (its own savepoint: its contact too) and
+ * listed in job->refused: 1. Else ev_apply's result. */
+static int ev_store_event(struct app *app, struct ev_job *job,
+			  const struct event *e, int *dup)
+{
+	struct db *db = app->db;
+	int alone = job->refused && !strcmp(e->type, "refund");
+	if (alone && q_exec(db, q(db, ST_SAVEPOINT, NULL)) < 0)
+		return -1;
+	int rc = ev_apply(app, e, job->src, job->visitor, job->now, dup);
+	if (!alone)
+		return rc;
+	if ((rc == -3 && q_exec(db, q(db, ST_ROLLBACK_TO, NULL)) < 0) ||
+	    q_exec(db, q(db, ST_RELEASE, NULL)) < 0)
+		return -1;
+	if (rc != -3)
+		return rc;
+	struct buf *r = job->refused;
+	buf_addf(r, "%s{\"index\":%zu,\"error\":", r->len > 1 ? "," : "", e->at);
+	json_str(r, EV_NO_ORDER);
+	buf_adds(r, "}");
+	return 1;
+}
 
 /* Applies one request's events inside the open transaction, in a
  * savepoint; on failure only this request's events are undone. */
@@ -4613,13 +4726,16 @@ static void ev_store_one(struct app *app, struct ev_job *job)
 		fail(job->err, 500, "database error while recording the event");
 	for (size_t i = 0; rc == 0 && i < job->n; i++) {
 		int dup;
-		rc = ev_apply(app, &job->evs[i], job->src, job->visitor,
-			      job->now, &dup);
+		rc = ev_store_event(app, job, &job->evs[i], &dup);
+		if (rc == 1) { /* refused alone (partial) */
+			rc = 0;
+			job->left_out++;
+			continue;
+		}
 		if (rc == -2)
 			fail(job->err, 403, "cart_id: that cart is not this visitor's");
 		else if (rc == -3)
-			fail(job->err, 400, "order_id: a refund of an order remarket "
-			     "has not recorded (send the order first)");
+			fail(job->err, 400, EV_NO_ORDER);
 		else if (rc < 0)
 			fail(job->err, 500, "database error while recording the event");
 		job->accepted += !dup;
@@ -4643,7 +4759,7 @@ static void ev_store(struct app *app, struct ev_job *const *jobs, size_t k)
 	int status = 503;
 	const char *msg = "database busy, try again";
 	for (size_t i = 0; i < k; i++)
-		jobs[i]->rc = jobs[i]->accepted = 0;
+		jobs[i]->rc = jobs[i]->accepted = jobs[i]->left_out = 0;
 	if (db_begin(app->db) == 0) {
 		status = 500;
 		msg = "database error while recording the event";
@@ -4700,7 +4816,6 @@ static int ev_split(struct app *app, const char *json, size_t len,
 	return rc;
 }
 
-static void json_str(struct buf *b, const char *s); /* in The report */
 
 /* The door for facts: checks the whole body, then stores every event and
  * its state changes in one transaction (or nothing). With REFUSED (a
@@ -4755,6 +4870,7 @@ static int ev_ingest_batch(struct app *app, enum ev_source src,
 			rc = 0;
 			continue;
 		}
+		evs[good].at = i;
 		if (rc < 0 && n > 1) { /* say which event of the batch */
 			char msg[sizeof err->msg];
 			snprintf(msg, sizeof msg, "[%zu].%s", i, err->msg);
@@ -4762,23 +4878,25 @@ static int ev_ingest_batch(struct app *app, enum ev_source src,
 		}
 		good++;
 	}
-	if (refused)
-		buf_adds(refused, "]");
-	if (rc == 0 && refused && buf_failed(refused))
-		rc = fail(err, 500, "out of memory");
 	n = rc == 0 ? good : n;
-	struct ev_job job = {evs, n, src, visitor, now, err, 0, 0, 0, NULL, NULL};
+	struct ev_job job = {evs, n, src, visitor, now, err, 0, 0, 0, NULL, NULL,
+			     refused, 0};
 	struct ev_job *one = &job;
 	if (rc == 0 && (!ev_handoff || ev_handoff(&job) < 0))
 		ev_store(app, &one, 1);
 	int accepted = job.accepted;
 	if (rc == 0)
 		rc = job.rc;
+	if (refused)
+		buf_adds(refused, "]");
+	if (rc == 0 && refused && buf_failed(refused))
+		rc = fail(err, 500, "out of memory");
 	for (size_t i = 0; evs && i < n; i++)
 		ev_free(&evs[i]);
 	free(evs);
 	buf_free(&objs);
-	err->duplicates = rc < 0 ? 0 : (int)(n - (size_t)accepted);
+	err->duplicates = rc < 0 ? 0 : (int)(n - (size_t)accepted -
+					     (size_t)job.left_out);
 	return rc < 0 ? -1 : accepted;
 }
 
@@ -8853,6 +8971,10 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		rc = msg_exit(app, &m, why, sum);
 		goto out;
 	}
+	if (app->cfg->dry_run) { /* a backtest: it would have gone now */
+		rc = msg_record(app, &m, SEND_OK, "", now, sum);
+		goto out;
+	}
 	/* from here until the hand-over, a death of the tick is this
 	 * message's: CRASH_MAX of them and it is given up (ST_CLAIM_GIVE_UP).
 	 * Every message being prepared when the tick dies is charged: one
@@ -10889,6 +11011,421 @@ int check_run(struct app *app, rm_time now, int when, struct buf *json,
 	if (rc || (json && buf_failed(json)) || (text && buf_failed(text)))
 		return -1;
 	return worst;
+}
+
+/* ==== Backtest ======================================================== */
+/*
+ * `remarket backtest --from D --to D [--json]`: what the flows would have
+ * done over the store's own history, with nothing sent. The store's
+ * database is copied (VACUUM INTO a new temporary file: a snapshot,
+ * taken without the write lock) and only read from then on. On the copy
+ * no flow has run yet and the orders after FROM are taken out (bt_reset).
+ * Then the clock walks from FROM to TO, one tick a day: each day's orders
+ * and refunds come back from the store's database through ev_apply, as
+ * the importer applies them, and flow_tick runs with cfg->dry_run, so
+ * detection, enrollment, the daily cap, holdouts, exits and
+ * segment-targeted steps are the tick's own code; only a due message is
+ * recorded as sent instead of being rendered and sent. After TO the
+ * orders of 30 more days come back (no tick), and every enrollee who
+ * ordered within the flow's window (30 days for a win-back, else
+ * conversion_days) came back on their own, since nothing was sent: the
+ * baseline a holdout will be compared with. The copy is removed.
+ * Carts replay from their last state: an abandoned cart (or one ordered
+ * after FROM) is open again, and is abandoned idle_minutes after its last
+ * change unless its order comes first. Contacts are as they are now: an
+ * unsubscribe or a bounce counts from FROM on.
+ */
+
+#define BT_AFTER_DAYS 30 /* orders re-applied after TO: the last windows */
+
+/* Copies the store's database into a new temporary file PATH (0600). */
+static int bt_copy(struct app *app, char *path, size_t n, char *err,
+		   size_t errlen)
+{
+	const char *dir = getenv("TMPDIR");
+	int k = snprintf(path, n, "%s/remarket-backtest-XXXXXX",
+			 dir && *dir ? dir : "/tmp");
+	if (k < 0 || (size_t)k >= n) {
+		snprintf(err, errlen, "TMPDIR: the path is too long");
+		return -1;
+	}
+	int fd = mkstemp(path);
+	if (fd < 0) {
+		snprintf(err, errlen, "%s: %s (set TMPDIR to a writable directory)",
+			 path, strerror(errno));
+		return -1;
+	}
+	close(fd);
+	if (q_exec(app->db, q(app->db, ST_BT_COPY, "t", path)) < 0) {
+		snprintf(err, errlen, "cannot copy db %s to %s: %s (is there room "
+			 "in TMPDIR?)", app->cfg->db, path, sqlite3_errmsg(app->db->h));
+		unlink(path);
+		return -1;
+	}
+	return 0;
+}
+
+static void bt_unlink(const char *path)
+{
+	static const char *const sfx[] = {"", "-wal", "-shm", "-journal"};
+	char p[PATH_MAX];
+	for (size_t i = 0; i < sizeof sfx / sizeof sfx[0]; i++)
+		if (snprintf(p, sizeof p, "%s%s", path, sfx[i]) < (int)sizeof p)
+			unlink(p);
+}
+
+/* The copy as of FROM, before any flow: no enrollment, message or code;
+ * no order (nor refund) after FROM; segments counted again by the first
+ * tick. In the order the foreign keys want. */
+static int bt_reset(struct db *db, rm_time from)
+{
+	static const struct { enum stmt_id id; int dated; } steps[] = {
+		{ST_BT_CLEAR_ORDER_MSG, 0}, {ST_BT_CLEAR_INTERACTIONS, 0},
+		{ST_BT_CLEAR_DISCOUNTS, 0}, {ST_BT_CLEAR_MESSAGES, 0},
+		{ST_BT_CLEAR_WAITING, 0},   {ST_BT_CLEAR_ENROLLMENTS, 0},
+		{ST_BT_CLEAR_REFUNDS, 1},   {ST_BT_REFUNDED, 0},
+		{ST_BT_CLEAR_LINES, 1},     {ST_BT_CLEAR_ORDERS, 1},
+		{ST_BT_CARTS_OPEN, 1},      {ST_BT_CLEAR_SEGMENTS, 0},
+		{ST_BT_CLEAR_DIRTY, 0},     {ST_BT_CLEAR_PENDING, 0},
+		{ST_BT_CLEAR_SEGSTATE, 0},
+	};
+	/* a throwaway file with one connection: a crash loses nothing
+	 * worth an fsync, pages are read through a mapping, not a read()
+	 * each, and written once at commit (no WAL to copy them from) */
+	if (q_exec(db, q(db, ST_BT_FAST, NULL)) < 0 ||
+	    q_exec(db, q(db, ST_BT_MMAP, NULL)) < 0 ||
+	    q_exec(db, q(db, ST_BT_JOURNAL, NULL)) < 0 || db_begin(db) < 0)
+		return -1;
+	int rc = 0;
+	for (size_t i = 0; rc == 0 && i < sizeof steps / sizeof steps[0]; i++)
+		rc = q_exec(db, steps[i].dated ?
+				q(db, steps[i].id, "i", (int64_t)from) :
+				q(db, steps[i].id, NULL));
+	if (rc || db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	return 0;
+}
+
+static char *col_or_null(sqlite3_stmt *s, int i)
+{
+	return sqlite3_column_type(s, i) == SQLITE_NULL ? NULL :
+	       (char *)sqlite3_column_text(s, i);
+}
+
+/* The orders, then the refunds, of (A, B] in the store's database LIVE,
+ * applied to the copy by ev_apply, as the importer applies them. */
+static int bt_apply(struct app *live, struct app *bt, rm_time a, rm_time b,
+		    struct backtest *r)
+{
+	static char text[] = "{\"backtest\":true}";
+	struct db *db = bt->db;
+	int rc = 0, st, dup;
+	if (db_begin(db) < 0)
+		return -1;
+	sqlite3_stmt *s = q(live->db, ST_BT_ORDERS_IN, "ii", (int64_t)a, (int64_t)b);
+	while (rc == 0 && (st = sqlite3_step(s)) == SQLITE_ROW) {
+		struct event e;
+		memset(&e, 0, sizeof e);
+		copy_str(e.type, sizeof e.type, "order");
+		e.order_id = col_or_null(s, 0);
+		e.email = col_or_null(s, 1); /* NULL: a guest's */
+		e.cart_id = col_or_null(s, 2);
+		e.total = sqlite3_column_double(s, 3);
+		e.has_total = 1;
+		e.currency = col_or_null(s, 4);
+		e.items = col_or_null(s, 5);
+		e.code = col_or_null(s, 6);
+		e.ts = sqlite3_column_int64(s, 7);
+		e.nitems = (long)sqlite3_column_int64(s, 8);
+		e.consent = -1; /* as the contact is */
+		e.text = text;
+		rc = ev_apply(bt, &e, EV_CLI, NULL, e.ts, &dup) < 0 ? -1 : 0;
+		r->orders += !dup;
+	}
+	if (rc == 0 && st != SQLITE_DONE)
+		rc = -1;
+	sqlite3_reset(s);
+	s = q(live->db, ST_BT_REFUNDS_IN, "ii", (int64_t)a, (int64_t)b);
+	while (rc == 0 && (st = sqlite3_step(s)) == SQLITE_ROW) {
+		struct event e;
+		memset(&e, 0, sizeof e);
+		copy_str(e.type, sizeof e.type, "refund");
+		e.refund_id = col_or_null(s, 0);
+		e.order_id = col_or_null(s, 1);
+		e.amount = sqlite3_column_double(s, 2);
+		e.has_amount = 1;
+		e.ts = sqlite3_column_int64(s, 3);
+		e.consent = -1;
+		e.text = text;
+		int k = ev_apply(bt, &e, EV_CLI, NULL, e.ts, &dup);
+		rc = k == -1 ? -1 : 0; /* -3: its order is not in the copy */
+		r->refunds += k == 0 && !dup;
+	}
+	if (rc == 0 && st != SQLITE_DONE)
+		rc = -1;
+	sqlite3_reset(s);
+	if (rc || db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	return 0;
+}
+
+static int bt_flow_index(const struct backtest *r, const char *name)
+{
+	for (int i = 0; i < r->nflows; i++)
+		if (!strcmp(r->flows[i].name, name))
+			return i;
+	return -1;
+}
+
+/* The results, read from the copy: per flow, then per flow and day.
+ * END is where the history ends (a window past it is not complete). */
+static int bt_results(struct app *bt, rm_time end, struct backtest *r)
+{
+	struct db *db = bt->db;
+	sqlite3_stmt *s = q(db, ST_BT_FLOWS, "ii",
+			    (int64_t)bt->cfg->conversion_days * 86400, (int64_t)end);
+	while (sqlite3_step(s) == SQLITE_ROW &&
+	       r->nflows < (int)(sizeof r->flows / sizeof r->flows[0])) {
+		struct bt_flow *f = &r->flows[r->nflows++];
+		copy_str(f->name, sizeof f->name, col_text(s, 0));
+		copy_str(f->trigger, sizeof f->trigger, col_text(s, 1));
+		f->enrolled = (long)sqlite3_column_int64(s, 2);
+		f->held_out = (long)sqlite3_column_int64(s, 3);
+		copy_str(f->first, sizeof f->first, col_text(s, 4));
+		copy_str(f->last, sizeof f->last, col_text(s, 5));
+		f->mails = (long)sqlite3_column_int64(s, 6);
+		f->complete = (long)sqlite3_column_int64(s, 7);
+		f->back_complete = (long)sqlite3_column_int64(s, 8);
+		f->back = (long)sqlite3_column_int64(s, 9);
+		f->window_days = (long)sqlite3_column_int64(s, 10);
+	}
+	sqlite3_reset(s);
+	s = q(db, ST_BT_DAYS, NULL);
+	int rc;
+	while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+		int k = bt_flow_index(r, col_text(s, 0));
+		if (k < 0)
+			continue;
+		struct bt_day *d = realloc(r->per_day, (r->ndays + 1) * sizeof *d);
+		if (!d)
+			break;
+		r->per_day = d;
+		d += r->ndays++;
+		d->flow = k;
+		copy_str(d->date, sizeof d->date, col_text(s, 1));
+		copy_str(d->week, sizeof d->week, col_text(s, 2));
+		d->enrolled = (long)sqlite3_column_int64(s, 3);
+		d->mails = (long)sqlite3_column_int64(s, 4);
+		struct bt_flow *f = &r->flows[k];
+		if (d->mails > f->peak_mails) {
+			f->peak_mails = d->mails;
+			copy_str(f->peak_day, sizeof f->peak_day, d->date);
+		}
+	}
+	sqlite3_reset(s);
+	return rc == SQLITE_DONE ? 0 : -1;
+}
+
+/* The replay on the open copy BT: a tick a day from FROM to TO, the
+ * orders of each day applied before its tick, then those of the 30
+ * days after TO. */
+static int bt_replay(struct app *app, struct app *bt, struct backtest *r)
+{
+	struct tick_summary sum;
+	for (rm_time prev = r->from, t = r->from;;) {
+		if (bt_apply(app, bt, prev, t, r) < 0 || flow_tick(bt, t, &sum) < 0)
+			return -1;
+		r->days++;
+		if (t >= r->to)
+			break;
+		prev = t;
+		t = r->to - t > 86400 ? t + 86400 : r->to;
+	}
+	r->lapse_days = flow_lapse_days(bt, r->lapse_why, sizeof r->lapse_why);
+	long after = bt->cfg->conversion_days > BT_AFTER_DAYS ?
+		     bt->cfg->conversion_days : BT_AFTER_DAYS;
+	long orders = r->orders, refunds = r->refunds;
+	rm_time end = r->to + after * 86400;
+	if (bt_apply(app, bt, r->to, end, r) < 0)
+		return -1;
+	r->orders = orders, r->refunds = refunds; /* counted: the replayed */
+	rm_time last = db_scalar_stmt(q(app->db, ST_BT_HISTORY_END, NULL));
+	return bt_results(bt, last < end ? last : end, r);
+}
+
+int backtest_run(struct app *app, rm_time from, rm_time to,
+		 struct backtest *r, char *err, size_t errlen)
+{
+	static char empty[] = "", checkbox[] = "checkbox";
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	memset(r, 0, sizeof *r);
+	r->from = from, r->to = to;
+	if (from < 0 || to < from) {
+		snprintf(err, errlen, "--from must not be after --to");
+		return -1;
+	}
+	char path[PATH_MAX];
+	if (bt_copy(app, path, sizeof path, err, errlen) < 0)
+		return -1;
+	/* the copy's settings: the store's, but nothing leaves the machine
+	 * and a step due between two daily ticks is not stale */
+	struct config cfg = *app->cfg;
+	cfg.db = path;
+	cfg.smtp_url = empty;
+	cfg.browser_consent = checkbox;
+	cfg.dry_run = 1;
+	cfg.max_lateness_hours = 0;
+	cfg.tick_budget_seconds = LONG_MAX / 4;
+	struct app bt;
+	int rc = -1;
+	if (app_open(&bt, &cfg, err, errlen) < 0)
+		goto out;
+	if (bt_reset(bt.db, from) < 0 || bt_replay(app, &bt, r) < 0)
+		snprintf(err, errlen, "the replay failed on the copy %s: %s", path,
+			 sqlite3_errmsg(bt.db->h));
+	else
+		rc = 0;
+	app_close(&bt);
+out:
+	bt_unlink(path);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	r->seconds = (double)(t1.tv_sec - t0.tv_sec) +
+		     (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	return rc;
+}
+
+void backtest_free(struct backtest *r)
+{
+	free(r->per_day);
+	r->per_day = NULL;
+	r->ndays = 0;
+}
+
+static void bt_date(rm_time t, char out[11])
+{
+	time_t tt = (time_t)t;
+	struct tm tm;
+	if (!gmtime_r(&tt, &tm) || !strftime(out, 11, "%Y-%m-%d", &tm))
+		copy_str(out, 11, "?");
+}
+
+/* What the flow enrolls, in words. */
+static const char *bt_noun(const char *trigger)
+{
+	return !strcmp(trigger, "cart_abandoned") ? "carts" :
+	       !strcmp(trigger, "order_placed") ? "orders" : "customers";
+}
+
+int backtest_json(const struct backtest *r, struct buf *out)
+{
+	char from[11], to[11];
+	bt_date(r->from, from);
+	bt_date(r->to, to);
+	buf_addf(out, "{\"from\":\"%s\",\"to\":\"%s\",\"days\":%ld,\"orders\":%ld,"
+		 "\"refunds\":%ld,\"seconds\":%.3f,\"lapse_days\":%ld,\"lapse_why\":",
+		 from, to, r->days, r->orders, r->refunds, r->seconds, r->lapse_days);
+	json_str(out, r->lapse_why);
+	buf_adds(out, ",\"flows\":[");
+	for (int i = 0; i < r->nflows; i++) {
+		const struct bt_flow *f = &r->flows[i];
+		buf_adds(out, i ? ",{\"name\":" : "{\"name\":");
+		json_str(out, f->name);
+		buf_adds(out, ",\"trigger\":");
+		json_str(out, f->trigger);
+		buf_addf(out, ",\"enrolled\":%ld,\"held_out\":%ld,\"first\":",
+			 f->enrolled, f->held_out);
+		if (*f->first)
+			buf_addf(out, "\"%s\",\"last\":\"%s\"", f->first, f->last);
+		else
+			buf_adds(out, "null,\"last\":null");
+		buf_addf(out, ",\"mails\":%ld,\"peak_day\":", f->mails);
+		if (*f->peak_day)
+			buf_addf(out, "\"%s\"", f->peak_day);
+		else
+			buf_adds(out, "null");
+		buf_addf(out, ",\"peak_mails\":%ld,\"window_days\":%ld,"
+			 "\"complete\":%ld,\"came_back\":%ld,"
+			 "\"came_back_complete\":%ld,\"organic_rate\":",
+			 f->peak_mails, f->window_days, f->complete, f->back,
+			 f->back_complete);
+		if (f->complete)
+			buf_addf(out, "%.4f", (double)f->back_complete / f->complete);
+		else
+			buf_adds(out, "null");
+		buf_adds(out, ",\"per_day\":[");
+		int n = 0;
+		for (size_t k = 0; k < r->ndays; k++)
+			if (r->per_day[k].flow == i)
+				buf_addf(out, "%s{\"date\":\"%s\",\"enrolled\":%ld,"
+					 "\"mails\":%ld}", n++ ? "," : "",
+					 r->per_day[k].date, r->per_day[k].enrolled,
+					 r->per_day[k].mails);
+		buf_adds(out, "]}");
+	}
+	buf_adds(out, "]}\n");
+	return buf_failed(out) ? -1 : 0;
+}
+
+/* Flow I's mails per week (Monday's date), from the days in order. */
+static void bt_weeks(const struct backtest *r, int i, struct buf *out)
+{
+	const char *wk = NULL;
+	long mails = 0;
+	int n = 0;
+	for (size_t k = 0; k <= r->ndays; k++) {
+		const struct bt_day *d = k < r->ndays ? &r->per_day[k] : NULL;
+		if (d && d->flow != i)
+			continue;
+		if (wk && (!d || strcmp(d->week, wk))) {
+			buf_addf(out, "%s%s %ld", n++ % 6 ? ", " : "\n    ", wk, mails);
+			mails = 0;
+		}
+		if (!d)
+			break;
+		wk = d->week;
+		mails += d->mails;
+	}
+	buf_adds(out, "\n");
+}
+
+int backtest_text(const struct backtest *r, struct buf *out)
+{
+	char from[11], to[11];
+	bt_date(r->from, from);
+	bt_date(r->to, to);
+	buf_addf(out, "backtest %s to %s: %ld ticks, one a day, nothing sent "
+		 "(%.1f s)\n%ld orders and %ld refunds re-applied on their day; "
+		 "lapsed after %ld days (%s)\n", from, to, r->days, r->seconds,
+		 r->orders, r->refunds, r->lapse_days, r->lapse_why);
+	for (int i = 0; i < r->nflows; i++) {
+		const struct bt_flow *f = &r->flows[i];
+		const char *noun = bt_noun(f->trigger);
+		if (!f->enrolled) {
+			buf_addf(out, "%s: no %s enrolled\n", f->name, noun);
+			continue;
+		}
+		buf_addf(out, "%s: %ld %s enrolled from %s to %s, %ld of them held "
+			 "out (no mail)\n", f->name, f->enrolled, noun, f->first,
+			 f->last, f->held_out);
+		buf_addf(out, "  %ld mails would have gone", f->mails);
+		if (f->peak_mails)
+			buf_addf(out, "; peak day %s: %ld", f->peak_day, f->peak_mails);
+		buf_addf(out, "\n  ordered within %ld days with no mail (the "
+			 "baseline): %ld of the %ld whose %ld days ended in the "
+			 "history", f->window_days, f->back_complete, f->complete,
+			 f->window_days);
+		if (f->complete)
+			buf_addf(out, " (%.1f %%)", 100.0 * f->back_complete / f->complete);
+		buf_addf(out, "; %ld of all %ld\n  mails a week (from Monday):",
+			 f->back, f->enrolled);
+		bt_weeks(r, i, out);
+	}
+	return buf_failed(out) ? -1 : 0;
 }
 
 /* ==== The report ====================================================== */
@@ -14470,10 +15007,9 @@ static int serve_cgi(struct config *cfg)
  * The operator's commands, one row each in the command table below
  * (commands[]: name, whether it needs the app, arity, function, usage):
  * init, keygen, serve, tick, event, report, flows, import, recommend,
- * products, segments, status, preview, send-test, feedback, help,
- * version. The table also makes usage(), `help CMD` and `CMD --help`,
- * the options each command takes, and the man
- * page's SYNOPSIS (`remarket help --man`). A command that needs the
+ * products, segments, status, backtest, preview, send-test, feedback,
+ * help, version. The table also makes usage(), `help CMD` and `CMD
+ * --help`, the options each command takes, and the man
  * app opens its own, so every command, like every FastCGI thread, has
  * its own database connection; one that signs nothing (CMD_READ) opens
  * it without the key when the key cannot be read. Exit codes: 0, 1 for a
@@ -15648,6 +16184,61 @@ static int cmd_status(struct app *unused, struct config *cfg, rm_time now,
 	return level < 0 || level == CHECK_STOP ? 1 : level == CHECK_WARN ? 3 : 0;
 }
 
+/* `remarket backtest --from D [--to D] [--json]`: the flows over the
+ * store's own history, nothing sent (see the Backtest banner). */
+static int cmd_backtest(struct app *app, struct config *cfg, rm_time now,
+			int argc, char **argv)
+{
+	(void)cfg;
+	rm_time from = -1, to = now;
+	int json = 0;
+	for (int i = 1; i < argc; i++) {
+		int val = i + 1 < argc;
+		if (!strcmp(argv[i], "--json")) {
+			json = 1;
+		} else if (!strcmp(argv[i], "--from") && val) {
+			from = parse_time(argv[++i], now);
+			if (from < 0)
+				goto bad_time;
+		} else if (!strcmp(argv[i], "--to") && val) {
+			to = parse_time(argv[++i], now);
+			if (to < 0)
+				goto bad_time;
+		} else if (!strcmp(argv[i], "--now") && val) {
+			i++; /* taken by cmd_run */
+		} else {
+			return cmd_usage(argv[0]);
+		}
+	}
+	if (from < 0)
+		return cmd_usage(argv[0]);
+	if (to < from || to - from > 3660LL * 86400) {
+		fprintf(stderr, "remarket backtest: --from must come before --to, "
+			"at most 10 years before it\n");
+		return 2;
+	}
+	struct backtest r;
+	struct buf out = {0};
+	char err[600];
+	int rc = 0;
+	if (backtest_run(app, from, to, &r, err, sizeof err) < 0) {
+		fprintf(stderr, "remarket backtest: %s\n", err);
+		rc = 1;
+	} else if ((json ? backtest_json(&r, &out) : backtest_text(&r, &out)) < 0) {
+		fprintf(stderr, "remarket backtest: out of memory\n");
+		rc = 1;
+	} else {
+		fputs(out.data, stdout);
+	}
+	buf_free(&out);
+	backtest_free(&r);
+	return rc;
+bad_time:
+	fprintf(stderr, "remarket backtest: want a date (2011-06-01), Unix "
+		"seconds or -90d\n");
+	return 2;
+}
+
 static int cmd_help(struct app *app, struct config *cfg, rm_time now, int argc,
 		    char **argv);
 static int cmd_version(struct app *app, struct config *cfg, rm_time now,
@@ -15719,6 +16310,9 @@ static const struct command commands[] = {
 	 "RFM segments and the lapse threshold"},
 	{"status", CMD_ALONE, 0, 0, cmd_status, "[--json] [--now T]",
 	 "is everything ready to send? (exit 0 ok,\n1 a problem stops sending, 3 warnings)"},
+	{"backtest", CMD_APP, 0, 0, cmd_backtest,
+	 "--from D [--to D] [--json]",
+	 "what the flows would have done over the\nimported history (nothing sent)"},
 	{"recommend", CMD_READ, 1, 2, cmd_recommend, "EMAIL [N]",
 	 "the products win-back would recommend\n(N: 1 to 16, default 3)"},
 	{"products", CMD_APP, 3, 3, cmd_products, "kind SKU product|service",

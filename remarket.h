@@ -93,6 +93,8 @@ struct config {
 	long winback_daily_max;      /* win-back enrollments a rolling 24 h */
 	char *allow_insecure_links;  /* "yes": http:// or loopback links may
 				      * go to a real relay (tests, staging) */
+	int dry_run; /* set by backtest, never read from a file: a due
+		      * message is recorded as sent, not composed nor sent */
 };
 /* Loads defaults, then FILE (NULL: $REMARKET_CONFIG, else ./remarket.conf
  * if it exists), then REMARKET_<KEY> variables. */
@@ -481,6 +483,45 @@ enum check_level { CHECK_OK = 0, CHECK_WARN = 1, CHECK_STOP = 2 };
  * or -1 (out of memory). */
 int check_run(struct app *app, rm_time now, int when, struct buf *json,
 	      struct problems *problems, struct buf *text);
+/* ==== Backtest ======================================================== */
+
+/* What one flow would have done over the replayed history. */
+struct bt_flow {
+	char name[64], trigger[20];
+	char first[11], last[11]; /* first and last enrollment, YYYY-MM-DD */
+	long enrolled, held_out, mails;
+	long window_days; /* a return counts within this of the enrollment */
+	long complete;    /* enrollments whose window ended in the history */
+	long back_complete; /* of those, who ordered within it: organic */
+	long back;        /* who ordered within it, of all the enrolled */
+	char peak_day[11];
+	long peak_mails;
+};
+/* Per flow and day: enrolled, and mails by the day they were due. */
+struct bt_day {
+	int flow; /* index into flows[] */
+	char date[11], week[11]; /* the day, the Monday of its week */
+	long enrolled, mails;
+};
+struct backtest {
+	rm_time from, to;
+	long days, orders, refunds, lapse_days;
+	char lapse_why[200];
+	double seconds; /* wall time of the whole run */
+	struct bt_flow flows[16];
+	int nflows;
+	struct bt_day *per_day;
+	size_t ndays;
+};
+/* Replays the flows over the store's history from FROM to TO (one tick
+ * a day, nothing sent) on a temporary copy of the database (in $TMPDIR,
+ * else /tmp; removed after) and fills BT. Only reads the store's
+ * database. -1 with the reason in ERR. */
+int backtest_run(struct app *app, rm_time from, rm_time to,
+		 struct backtest *bt, char *err, size_t errlen);
+void backtest_free(struct backtest *bt);
+int backtest_json(const struct backtest *bt, struct buf *out);
+int backtest_text(const struct backtest *bt, struct buf *out);
 
 /* ==== The report ====================================================== */
 

@@ -16,6 +16,15 @@
 #      (bench/slow_relay.py, which also records the Message-IDs):
 #      remarket and the loop on 1 and on 4 connections, and remarket's
 #      4-connection figure over its 1-connection one.
+#   D. a win-back tick on a UCI-sized history (BENCH_UCI_CSV, else
+#      bench/uci_like.py: 540 594 lines): imported, segments and the
+#      item-to-item table brought up to date, the clock moved to when
+#      win-back is due for every lapsed customer (winback_daily_max and
+#      winback_max_idle_days lifted, holdout 0), one tick into the
+#      outbox. Mails/s against two baselines on the same mails: a loop
+#      writing them as the outbox does (open, write, fsync, rename;
+#      python3) and the smtp_loop of part B (1 connection, into
+#      smtp-sink).
 # Then bench/report.sh (report and recommendations on big tables) and,
 # from `make bench`, bench/scale.sh (tick, hooks and import at 1 k / 100 k
 # [/ 1 M] customers).
@@ -28,7 +37,10 @@
 #   BENCH_REPS (runs of each email measurement, median taken; default 3),
 #   BENCH_SLOW_N (emails through the slow relay, default 100) and
 #   BENCH_SLOW_MS (its time per message, default 50),
-#   BENCH_PARTS (default ABC: the parts to run; A alone: BENCH_PARTS=A),
+#   BENCH_PARTS (default ABCD: the parts to run; A alone: BENCH_PARTS=A),
+#   BENCH_UCI_CSV (part D's history: an order CSV with email and consent
+#   columns, e.g. the UCI Online Retail export given them; default
+#   bench/uci_like.py's), BENCH_WINBACK_NOW (part D's clock, 2012-03-15),
 #   BENCH_KEEP=1 keeps the temp dir (logs, databases) for inspection,
 #   BENCH_NO_REPORT=1 skips bench/report.sh at the end,
 #   REMARKET=path of the binary (default ./remarket in the repo root).
@@ -45,7 +57,7 @@ THREADS=${BENCH_THREADS:-4}
 REPS=${BENCH_REPS:-3}
 SLOW_N=${BENCH_SLOW_N:-100}
 SLOW_MS=${BENCH_SLOW_MS:-50}
-PARTS=${BENCH_PARTS:-ABC}
+PARTS=${BENCH_PARTS:-ABCD}
 BASE_ONLY=0
 [ "${1:-}" = "--baselines-only" ] && BASE_ONLY=1
 part() { case $PARTS in *"$1"*) return 0 ;; esac; return 1; }
@@ -57,6 +69,7 @@ need nginx
 need wrk
 need curl
 need python3
+part D && need sqlite3
 SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
 [ -x "$SINK" ] || die "smtp-sink not found (it comes with the postfix package)"
 if [ $BASE_ONLY = 0 ]; then
@@ -463,6 +476,72 @@ fi
 stop "$RELAY_PID" 10
 fi # parts B and C
 
+# ---------------------------------------------------------------- D: win-back
+# A win-back tick on a history the size of UCI Online Retail's (issue 14:
+# "a 1,400-mail win-back tick on this history should take seconds").
+if part D && [ $BASE_ONLY = 0 ]; then
+    D_CSV=${BENCH_UCI_CSV:-$TMP/uci.csv}
+    [ -n "${BENCH_UCI_CSV:-}" ] || python3 bench/uci_like.py >"$D_CSV" \
+        || die "bench/uci_like.py failed"
+    D_LINES=$(($(wc -l <"$D_CSV") - 1))
+    D_NOW=${BENCH_WINBACK_NOW:-2012-03-15}
+    D_BOX="$TMP/winback-outbox"
+    d_rm() {
+        REMARKET_DB="$TMP/winback.db" REMARKET_KEY_FILE="$TMP/winback.key" \
+        REMARKET_OUTBOX="$D_BOX" REMARKET_SMTP_URL= \
+        REMARKET_WINBACK_DAILY_MAX=1000000 REMARKET_WINBACK_MAX_IDLE_DAYS=0 \
+            "$RM" "$@"
+    }
+    d_rm init >"$TMP/winback.log" 2>&1 || { cat "$TMP/winback.log" >&2; die "remarket init (part D) failed"; }
+    d_rm flows holdout winback 0 >>"$TMP/winback.log" 2>&1 || die "remarket flows holdout winback 0 failed"
+    t1=$(now)
+    d_rm import orders "$D_CSV" --now "$D_NOW" >>"$TMP/winback.log" 2>&1 || warn "import (part D): $(tail -n 3 "$TMP/winback.log")"
+    t2=$(now)
+    D_IMPORT=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.1f", b - a }')
+    # what earlier ticks would have kept current: segments (without
+    # enrolling) and the item-to-item table
+    d_rm segments --now "$D_NOW" >>"$TMP/winback.log" 2>&1 || die "remarket segments (part D) failed"
+    D_ANY=$(sqlite3 "$TMP/winback.db" "SELECT email FROM contacts ORDER BY id LIMIT 1")
+    d_rm recommend "$D_ANY" >>"$TMP/winback.log" 2>&1 || die "remarket recommend (part D) failed"
+    t1=$(now)
+    d_rm tick --now "$D_NOW" >"$TMP/winback-tick.out" 2>"$TMP/winback-tick.err" \
+        || { tail -n 20 "$TMP/winback-tick.err" >&2; die "the win-back tick (part D) failed"; }
+    t2=$(now)
+    D_SECS=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3f", b - a }')
+    D_SENT=$(tr -d ' \n\t' <"$TMP/winback-tick.out" | sed -n 's/.*"sent":\([0-9][0-9]*\).*/\1/p')
+    D_FILES=$(find "$D_BOX" -name 'm*.eml' | wc -l)
+    [ "${D_SENT:-x}" = "$D_FILES" ] || warn "win-back tick: sent=${D_SENT:-?} but $D_FILES mails in the outbox"
+    D_RM=$(awk -v n="${D_SENT:-0}" -v s="$D_SECS" 'BEGIN { if (s > 0) printf "%.1f", n / s; else print 0 }')
+    # the baselines, on the same mails: written as the outbox does, and
+    # sent by the raw SMTP loop (one win-back mail, D_SENT times)
+    D_BASE_OUT=$(python3 - "$D_BOX" "$TMP/outbox-loop" <<'PY'
+import os, sys, time
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst, exist_ok=True)
+mails = [open(os.path.join(src, f), 'rb').read() for f in sorted(os.listdir(src)) if f.endswith('.eml')]
+t = time.monotonic()
+for i, m in enumerate(mails):
+    path = os.path.join(dst, 'm%06d.eml' % i)
+    tmp = path + '.tmp'
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.write(fd, m)
+    os.fsync(fd)
+    os.close(fd)
+    os.rename(tmp, path)
+s = time.monotonic() - t
+print('%.1f' % (len(mails) / s if s > 0 else 0))
+PY
+) || die "the outbox baseline loop failed"
+    D_MSG=$(find "$D_BOX" -name 'm*.eml' | sort | head -n 1)
+    D_BASE_SMTP=0
+    if [ -n "$D_MSG" ] && [ "${D_SENT:-0}" -gt 0 ]; then
+        "$TMP/smtp_loop" "$SMTP_URL" "$D_SENT" "$D_MSG" >"$TMP/smtp_loop_d.txt" 2>"$TMP/smtp_loop_d.err" \
+            || { cat "$TMP/smtp_loop_d.err" >&2; die "smtp_loop (part D) could not send to $SMTP_URL"; }
+        read -r _ _ D_BASE_SMTP <"$TMP/smtp_loop_d.txt"
+    fi
+    D_WAITING=$(tr -d ' \n\t' <"$TMP/winback-tick.out" | sed -n 's/.*"winback_waiting":\([0-9][0-9]*\).*/\1/p')
+fi
+
 # ---------------------------------------------------------------- report
 echo
 echo "remarket benchmark ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc 2>/dev/null || echo ?) CPUs)"
@@ -476,6 +555,11 @@ echo "  B: N=$N emails into smtp-sink on loopback, median of $REPS runs each"
 echo "     baseline: bench/smtp_loop.c, one libcurl easy handle reused per connection, the same ${MSG_SIZE:-?}-byte message"
 echo "     ($([ "$MSG_FILE" = - ] && echo "a built-in message: --baselines-only" || echo "one of remarket's abandoned-cart mails, from its outbox"))"
 echo "  C: $SLOW_N emails through bench/slow_relay.py, ${SLOW_MS} ms per message, one run each"
+fi
+if part D && [ $BASE_ONLY = 0 ]; then
+echo "  D: one win-back tick into the outbox on a $D_LINES-line history ($([ -n "${BENCH_UCI_CSV:-}" ] && echo "$BENCH_UCI_CSV" || echo bench/uci_like.py)) at $D_NOW"
+echo "     baselines: the same mails written as the outbox writes them (python3: open, write, fsync, rename),"
+echo "     and one of them sent as many times by smtp_loop (1 connection, into smtp-sink)"
 fi
 echo
 printf '%-32s %14s %14s %8s\n' benchmark baseline remarket ratio
@@ -503,6 +587,10 @@ else
     printf '%-32s %12s/s %14s %8s\n' "emails/s, ${SLOW_MS} ms relay, 1 conn" "$(fmt "$C_BASE1")" "(skipped)" "-"
     printf '%-32s %12s/s %14s %8s\n' "emails/s, ${SLOW_MS} ms relay, 4 conns" "$(fmt "$C_BASE4")" "(skipped)" "-"
 fi
+if part D && [ $BASE_ONLY = 0 ]; then
+    printf '%-32s %12s/s %12s/s %8s\n' "win-back mails/s, outbox" "$(fmt "$D_BASE_OUT")" "$(fmt "$D_RM")" "$(ratio "$D_RM" "$D_BASE_OUT")"
+    printf '%-32s %12s/s %12s/s %8s\n' "  same, vs SMTP loop 1 conn" "$(fmt "$D_BASE_SMTP")" "$(fmt "$D_RM")" "$(ratio "$D_RM" "$D_BASE_SMTP")"
+fi
 echo
 echo "raw figures:"
 if part A; then
@@ -524,6 +612,9 @@ echo "  smtp_loop, 4 connections: $N messages into smtp-sink, runs took$B_BASE4_
 C_RM_RAW=""
 [ $BASE_ONLY = 1 ] || C_RM_RAW="; remarket tick ${C_RM1_SECS}s (1 conn), ${C_RM4_SECS}s (4 conns), sent ${C_RM1_SENT} and ${C_RM4_SENT}, distinct Message-IDs at the relay ${C_RM1_IDS} and ${C_RM4_IDS}"
 echo "  slow relay: loop $SLOW_N messages in ${C_BASE1_SECS}s (1 conn), ${C_BASE4_SECS}s (4 conns)$C_RM_RAW"
+fi
+if part D && [ $BASE_ONLY = 0 ]; then
+    echo "  win-back tick: ${D_SENT:-?} mails (outbox: $D_FILES, still waiting: ${D_WAITING:-?}) in ${D_SECS}s; the import of $D_LINES lines took ${D_IMPORT}s (not compared)"
 fi
 if [ $BASE_ONLY = 1 ]; then
     echo

@@ -51,5 +51,14 @@ is($rc, 0, 'remarket event --partial exits 0');
 $a = eval { $J->decode($out) } || {};
 is($a->{accepted}, 1, '... stores the good event');
 is_deeply([ map { $_->{index} } @{ $a->{refused} || [] } ], [1], '... lists the bad one');
+
+# a refund of an order remarket has not recorded: refused alone
+$r = post_event($J->encode([ { type => 'refund', order_id => 'none', amount => 5, ts => $now },
+    ord_ev('p6', 'e@example.com') ]), path => '/rm/events?partial=1');
+is($r->{status}, 202, 'partial=1 with a refund of no order: 202');
+$a = eval { $J->decode($r->{content}) } || {};
+is($a->{accepted}, 1, '... the order beside it is stored');
+is_deeply([ map { $_->{index} } @{ $a->{refused} || [] } ], [0], '... the refund is listed');
+like($a->{refused}[0]{error} // '', qr/^order_id: a refund of an order/, '... with the reason');
 stop();
 done_testing();

@@ -35,7 +35,7 @@ my ($rc, $out, $err) = rm('help');
 is($rc, 0, 'help exits 0');
 my @table = $out =~ /^  ([a-z][a-z-]*)/mg;
 is(names(@table), names(qw(init keygen serve tick event report flows segments status
-	recommend products preview send-test import contact unsubscribe suppress
+	backtest recommend products preview send-test import contact unsubscribe suppress
 	feedback export forget
 	help version)), 'help lists every command of the table')
 	or diag($out);
