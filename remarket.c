@@ -10911,6 +10911,35 @@ static void check_winback_waiting(const struct check_ctx *c, struct check_out *o
 		  n == 1 ? "s" : "", c->app->cfg->winback_daily_max);
 }
 
+/* Steps whose spam complaints passed 0.1 % of their sends in 7 days (the
+ * Gmail and Yahoo line is 0.3 %, where the step pauses itself). */
+static void check_complaints(const struct check_ctx *c, struct check_out *o)
+{
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database");
+		return;
+	}
+	struct buf b = {0};
+	int n = feedback_complaint_warnings(c->app, c->now, &b);
+	for (char *line = b.data, *nl; n > 0 && line && *line; line = nl + 1) {
+		if (!(nl = strchr(line, '\n')))
+			break;
+		*nl = '\0';
+		problem_add(&o->lines, "%s", line);
+	}
+	buf_free(&b);
+	buf_addf(&o->data, "%d", n < 0 ? 0 : n);
+	if (n < 0)
+		check_say(o, CHECK_WARN, "not checked: the database failed");
+	else if (n)
+		check_say(o, CHECK_WARN, "%d step%s drew spam complaints over 0.1 %% "
+			  "of their sends in 7 days (see the report):", n,
+			  n == 1 ? "" : "s");
+	else
+		check_say(o, CHECK_OK, "spam complaints under 0.1 %% of every "
+			  "step's sends in 7 days");
+}
+
 static const struct check {
 	const char *name;
 	int when; /* CHECK_* bits: who runs it */
@@ -10929,6 +10958,7 @@ static const struct check {
 	{"paused", CHECK_STATUS, check_paused},
 	{"browser_cap", CHECK_STATUS, check_browser_cap},
 	{"winback_waiting", CHECK_STATUS, check_winback_waiting},
+	{"complaints", CHECK_STATUS, check_complaints},
 };
 
 static const char *const level_names[] = {"ok", "warn", "stop"};

@@ -5595,6 +5595,19 @@ static void test_feedback(void)
 	buf_reset(&warn);
 	is_int(feedback_complaint_warnings(&w.app, T0 + 9 * DAY, &warn), 0,
 	       "warnings: none once the sends are older than 7 days");
+	buf_reset(&warn);
+	struct buf stext = {0};
+	check_run(&w.app, T0 + 3 * HOUR, CHECK_STATUS, &warn, NULL, &stext);
+	ok(contains(warn.data, "{\"name\":\"complaints\",\"level\":\"warn\"") &&
+	   contains(stext.data, "1 step drew spam complaints over 0.1 %") &&
+	   contains(stext.data, "step 1: 1 complaints of 4 sends"),
+	   "status: the complaints check warns and names the step (%s)", vis(stext.data));
+	buf_reset(&warn);
+	buf_reset(&stext);
+	check_run(&w.app, T0 + 9 * DAY, CHECK_STATUS, &warn, NULL, &stext);
+	ok(contains(warn.data, "{\"name\":\"complaints\",\"level\":\"ok\""),
+	   "status: ... and is ok once the sends are older than 7 days");
+	buf_free(&stext);
 	buf_free(&warn);
 
 	/* the report: per step bounced and complained, of the sent */
