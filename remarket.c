@@ -248,12 +248,20 @@ static rm_time parse_time(const char *s, rm_time base)
 /* Seconds the demo's clock is ahead of the real one: a whole number in
  * the file $REMARKET_CLOCK_FILE (demo/backend.py writes it when its +1 h
  * buttons move time), read at each call so a running `remarket serve`
- * follows; 0 without the variable or a readable number. */
+ * follows; 0 without the variable or a readable number, or when the file
+ * is not this user's own or group or others may write it. */
 static rm_time clock_offset(void)
 {
 	const char *path = getenv("REMARKET_CLOCK_FILE");
 	char line[32], *end;
 	FILE *f = path && *path ? fopen(path, "r") : NULL;
+	struct stat st;
+	/* a file others may write would let them move every deadline */
+	if (f && (fstat(fileno(f), &st) != 0 || (st.st_mode & 022) ||
+		  st.st_uid != geteuid())) {
+		fclose(f);
+		f = NULL;
+	}
 	if (!f)
 		return 0;
 	long long off = fgets(line, sizeof line, f) ? strtoll(line, &end, 10) : 0;
@@ -1974,6 +1982,9 @@ void cfg_free(struct config *cfg)
 	  "JOIN enrollments e ON e.flow_id = xe.flow_id "                      \
 	  "JOIN messages m ON m.enrollment_id = e.id AND m.step = x.step "     \
 	  "WHERE x.id = ?1 AND m.status = 'sent' AND m.sent_at >= ?2")         \
+	X(FB_TOKEN_PURGE, "DELETE FROM webhook_tokens WHERE ts < ?1")        \
+	X(FB_TOKEN_SEEN,                                                       \
+	  "INSERT OR IGNORE INTO webhook_tokens (token, ts) VALUES (?1, ?2)")  \
 	/* the steps whose complaints passed 0.1 % of their sends since ?1 */ \
 	X(FB_WARNINGS,                                                         \
 	  "SELECT f.name, m.step, count(*) AS n, coalesce(sum(EXISTS "         \
@@ -5083,7 +5094,9 @@ static int csv_record(struct csv *c, struct buf *b, const char **fields)
 				if (resume < 0)
 					resume = ftell(c->f);
 			}
-		} else if (ch == '"') {
+		} else if (ch == '"' && b->len == starts[n - 1]) {
+			/* only a field's first character opens a quote (RFC
+			 * 4180); one inside a field is text: TV 55" screen */
 			quoted = 1, qline = c->next, resume = -1;
 			continue;
 		} else if (ch == c->sep) {
@@ -7866,18 +7879,26 @@ static void mc_url(struct msgctx *mc, struct app *app, const char *name,
 	mc_set(mc, name, url);
 }
 
-/* The host of URL if it is http(s), else NULL (free with curl_free). */
+/* The host of URL if it is http(s), else NULL (free with curl_free).
+ * A URL that browsers and libcurl could read apart is refused: a
+ * backslash (a browser's '/': "https://evil\\@shop/" is evil's there and
+ * shop's here), a space or a control character, or a user name. */
 static char *url_web_host(const char *url)
 {
+	for (const char *c = url; *c; c++)
+		if (*c == '\\' || (unsigned char)*c <= ' ' || *c == 0x7f)
+			return NULL;
 	CURLU *u = curl_url();
-	char *scheme = NULL, *host = NULL;
+	char *scheme = NULL, *host = NULL, *user = NULL;
 	if (!u || curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_USER, &user, 0) == CURLUE_OK ||
 	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
 	    (strcmp(scheme, "http") && strcmp(scheme, "https")) ||
 	    curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK) {
 		curl_free(host);
 		host = NULL;
 	}
+	curl_free(user);
 	curl_free(scheme);
 	curl_url_cleanup(u);
 	return host;
@@ -9900,6 +9921,7 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
 #define FB_SOFT_LIMIT 3           /* soft bounces ... */
 #define FB_SOFT_WINDOW (14 * 86400) /* ... within this suppress */
 #define FB_RATE_WINDOW (7 * 86400)  /* complaint rates count these sends */
+#define FB_WEBHOOK_FRESH 300      /* a Mailgun signature is this fresh */
 
 struct mime_part {
 	const char *head, *body; /* not NUL-terminated */
@@ -13376,16 +13398,34 @@ static void route_feedback(struct app *app, const struct http_req *rq,
 		return resp_json_error(app, rs, 400, "body: want a JSON object");
 	sqlite3_stmt *s = q(app->db, ST_FB_JSON_MAILGUN, "b", body, (int)rq->body_len);
 	int st = 401;
+	char token[256] = "";
+	long long ts = 0;
 	if (sqlite3_step(s) == SQLITE_ROW && *col_text(s, 5) && *col_text(s, 6) &&
-	    *col_text(s, 7))
+	    *col_text(s, 7)) {
 		st = fb_mailgun_ok(cfg->mailgun_signing_key, col_text(s, 5),
 				   col_text(s, 6), col_text(s, 7)) ? 0 : 403;
+		ts = strtoll(col_text(s, 5), NULL, 10);
+		copy_str(token, sizeof token, col_text(s, 6));
+	}
 	sqlite3_reset(s);
 	if (st)
 		return resp_json_error(app, rs, st, st == 401 ? "signature: missing "
 				       "(want signature.timestamp, token, signature)" :
 				       "signature: does not match (check "
 				       "mailgun_signing_key)");
+	/* the signature covers timestamp and token, not the event: a signed
+	 * pair is taken once, and only while it is fresh, so that one seen
+	 * in a log cannot carry events of someone else's choosing */
+	if (ts < now - FB_WEBHOOK_FRESH || ts > now + FB_WEBHOOK_FRESH)
+		return resp_json_error(app, rs, 403, "signature: timestamp more than "
+				       "5 minutes from now (a replay, or a clock "
+				       "that is wrong)");
+	q_write(app->db, q(app->db, ST_FB_TOKEN_PURGE, "i",
+			   (int64_t)(now - 2 * FB_WEBHOOK_FRESH)));
+	if (q_write(app->db, q(app->db, ST_FB_TOKEN_SEEN, "ti", token, (int64_t)ts)) ||
+	    sqlite3_changes(app->db->h) == 0)
+		return resp_json_error(app, rs, 403, "signature: this token was "
+				       "used before (a replay)");
 	fb_route_apply(app, rs, ST_FB_JSON_MAILGUN, body, rq->body_len, "mailgun",
 		       now);
 }

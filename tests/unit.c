@@ -2388,6 +2388,7 @@ static void test_codes_migration(void)
 	db_scalar(db, "DROP TABLE reco_state");
 	db_scalar(db, "DROP TABLE forgotten"); /* 016, replayed too */
 	db_scalar(db, "DROP TABLE feedback"); /* 020 */
+	db_scalar(db, "DROP TABLE webhook_tokens");
 	db_scalar(db, "DROP INDEX messages_message_id");
 	db_scalar(db, "DROP INDEX orders_cart"); /* 019, replayed too */
 	db_scalar(db, "ALTER TABLE products DROP COLUMN kind");
@@ -2581,6 +2582,19 @@ static void test_csv_files(void)
 	ok(strstr(err, "missing column 'sku'\n") != NULL, "... named (%s)", err);
 	is_int(csv_run(&w, 0, "", out, sizeof out, err, sizeof err), 1,
 	       "an empty file: exit 1");
+
+	/* inch marks: a quote inside a field is text, so two of them on two
+	 * lines never pair up and swallow what lies between (RFC 4180) */
+	is_int(csv_run(&w, 1, "order_id,email,date,sku,name,price,qty\n"
+		       "i1,a@example.com,2026-06-20,T5,TV 55\" screen,100,1\n"
+		       "i2,b@example.com,2026-06-20,T6,TV 65\",200,1\n"
+		       "i3,c@example.com,2026-06-20,K1,Kettle,3,1\n",
+		       out, sizeof out, err, sizeof err), 0,
+	       "two inch marks on two lines: exit 0");
+	is_str(out, "{\"imported\":3,\"refused\":0}\n", "... every line imported");
+	is_int(sq(&w, "SELECT count(*) FROM orders, json_each(items) WHERE "
+		  "value ->> 'name' IN ('TV 55\" screen', 'TV 65\"')"), 2,
+	       "... each name with its inch mark");
 
 	/* a stray quote on line 3: lines 4 and 5 are still read */
 	is_int(csv_run(&w, 1, "order_id,email,date,sku,name,price,qty\n"
@@ -4531,6 +4545,22 @@ static void link_get(struct world *w, const char *tok, const char *query,
 
 static void test_tracked_links(void)
 {
+	/* only the store's host, as browsers read it too */
+	struct config sc;
+	memset(&sc, 0, sizeof sc);
+	sc.store_url = "https://shop.example.com";
+	ok(link_on_store(&sc, "https://shop.example.com/p/lamp") &&
+	   link_on_store(&sc, "http://SHOP.example.com:8443/x?y=1"),
+	   "a link on the store's host is the store's (any case, port, scheme)");
+	ok(!link_on_store(&sc, "https://evil.example\\@shop.example.com/p") &&
+	   !link_on_store(&sc, "https://evil.example\\shop.example.com/p") &&
+	   !link_on_store(&sc, "https://user@shop.example.com/p") &&
+	   !link_on_store(&sc, "https://shop.example.com/p q") &&
+	   !link_on_store(&sc, "https://shop.example.com/p\tq") &&
+	   !link_on_store(&sc, "https://shop.example.com.evil.example/") &&
+	   !link_on_store(&sc, "javascript://shop.example.com/%0aalert(1)"),
+	   "... never one a browser reads elsewhere: a backslash (a browser's "
+	   "'/'), a user name, a space or tab, another host, another scheme");
 	/* tokens bound to a target */
 	unsigned char key[RM_KEYBYTES];
 	memset(key, 7, sizeof key);
@@ -5696,14 +5726,17 @@ static void test_feedback_http(void)
 	char hex[2 * sizeof mac + 1];
 	crypto_auth_hmacsha256_state st;
 	crypto_auth_hmacsha256_init(&st, (const unsigned char *)"key-mailgun-test", 16);
-	crypto_auth_hmacsha256_update(&st, (const unsigned char *)"1795000000tok123", 16);
+	char signed_part[64];
+	snprintf(signed_part, sizeof signed_part, "%lldtok123", (long long)T0);
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)signed_part,
+				      strlen(signed_part));
 	crypto_auth_hmacsha256_final(&st, mac);
 	sodium_bin2hex(hex, sizeof hex, mac, sizeof mac);
 	/* Mailgun gives the Message-ID without its angle brackets */
-	snprintf(body, sizeof body, "{\"signature\":{\"timestamp\":\"1795000000\","
+	snprintf(body, sizeof body, "{\"signature\":{\"timestamp\":\"%lld\","
 		 "\"token\":\"tok123\",\"signature\":\"%s\"},\"event-data\":{\"event\":"
 		 "\"complained\",\"recipient\":\"fay@example.net\",\"message\":"
-		 "{\"headers\":{\"message-id\":\"%.*s\"}}}}", hex,
+		 "{\"headers\":{\"message-id\":\"%.*s\"}}}}", (long long)T0, hex,
 		 fmid ? (int)strlen(fmid) - 2 : 0, fmid ? fmid + 1 : "");
 	free(fmid);
 	http(&w, "POST", "/feedback/mailgun", body, NULL, NULL, T0, &rs);
@@ -5713,6 +5746,15 @@ static void test_feedback_http(void)
 		  "JOIN contacts c ON c.id = m.contact_id WHERE c.email = 'fay@example.net' "
 		  "AND f.kind = 'complaint' AND f.source = 'mailgun'"), 1,
 	       "mailgun: counted against her message, found by Message-ID");
+	http(&w, "POST", "/feedback/mailgun", body, NULL, NULL, T0 + 60, &rs);
+	ok(rs.status == 403 && contains(buf_str_or(&rs.body), "used before"),
+	   "mailgun: the same signed token again is 403 (its signature does not "
+	   "cover the event: a replay could carry anyone's address)");
+	http_resp_free(&rs);
+	http(&w, "POST", "/feedback/mailgun", body, NULL, NULL, T0 + 301, &rs);
+	ok(rs.status == 403 && contains(buf_str_or(&rs.body), "5 minutes"),
+	   "mailgun: a signature over 5 minutes old is 403");
+	http_resp_free(&rs);
 	char *p = strstr(body, hex);
 	p[0] = p[0] == '0' ? '1' : '0';
 	http(&w, "POST", "/feedback/mailgun", body, NULL, NULL, T0, &rs);
