@@ -9,7 +9,7 @@ DOCDIR   ?= $(PREFIX)/share/doc/remarket
 UNITDIR  ?= $(PREFIX)/lib/systemd/system
 CC       ?= cc
 CFLAGS   ?= -O2 -g
-PKGS      = fcgi sqlite3 libcurl libsodium
+PKGS      = fcgi sqlite3 libcurl libsodium libcrypto
 # -Wno-format-truncation: snprintf results that matter are checked; the
 # rest are error messages, where a cut is harmless.
 RM_CFLAGS = -std=c11 -Wall -Wextra -Werror -Wno-format-truncation -DRM_SHAREDIR='"$(SHAREDIR)"' \

@@ -27,6 +27,7 @@
  *  12. Recommendations
  *  13. Mail: rendering and RFC 5322 building
  *  14. Transports: SMTP and outbox
+ *  14b. Web push: VAPID and RFC 8291 encryption
  *  15. The message context
  *  16. The flow engine: detect, claim, send, record
  *  17. Tick runs
@@ -61,6 +62,12 @@
 #include <arpa/inet.h>
 
 #include <curl/curl.h>
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/ec.h>
+#include <openssl/evp.h>
+#include <openssl/param_build.h>
+#include <openssl/pem.h>
 #include <fcgiapp.h>
 #include <sodium.h>
 #include <sqlite3.h>
@@ -569,6 +576,8 @@ static const struct cfg_key {
 	CFG_STR(postmark_webhook_auth, ""),
 	CFG_STR(store_origin, ""),
 	CFG_STR(static_dir, "./static"),
+	CFG_STR(vapid_key_file, "./var/vapid.pem"),
+	CFG_STR(vapid_subject, ""),
 	CFG_STR(log_pii, "no"),
 	CFG_LONG(rate_ip_per_min, "120"),
 	CFG_LONG(rate_visitor_per_min, "60"),
@@ -958,6 +967,16 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 	    strcmp(cfg->allow_insecure_links, "no")) {
 		snprintf(err, errlen, "allow_insecure_links: '%s' must be yes or no",
 			 cfg->allow_insecure_links);
+		return -1;
+	}
+	/* the JWT's "sub" is written as it is: no quote, no escape */
+	if (*cfg->vapid_subject && ((strncmp(cfg->vapid_subject, "mailto:", 7) &&
+				     strncmp(cfg->vapid_subject, "https:", 6)) ||
+				    !val_text(cfg->vapid_subject, 200) ||
+				    strpbrk(cfg->vapid_subject, "\"\\"))) {
+		snprintf(err, errlen, "vapid_subject: '%s' must be a mailto: or "
+			 "https: URL (e.g. mailto:shop@example.com)",
+			 cfg->vapid_subject);
 		return -1;
 	}
 	if (!cfg_hex_color(cfg->brand_color)) {
@@ -1611,6 +1630,23 @@ void cfg_free(struct config *cfg)
 	  "orders FROM reco_pairs WHERE sku = ?1")                             \
 	X(PRODUCT_KIND_SET,                                                    \
 	  "UPDATE products SET kind = ?2 WHERE sku = ?1")                      \
+	/* -- Web push: VAPID and RFC 8291 encryption -- */                    \
+	X(PUSH_SUB_GET,                                                        \
+	  "SELECT endpoint, p256dh, auth FROM push_subscriptions WHERE id = ?1") \
+	X(PUSH_SUB_GONE, "DELETE FROM push_subscriptions WHERE id = ?1")       \
+	X(PUSH_SUB_SENT,                                                       \
+	  "UPDATE push_subscriptions SET last_sent = ?2, last_status = ?3 "    \
+	  "WHERE id = ?1")                                                     \
+	X(PUSH_PAYLOAD,                                                        \
+	  "SELECT json_object('title', ?1, 'body', ?2, 'url', ?3, 'icon', ?4)") \
+	/* a contact's subscriptions: named, or made by one of its browsers */ \
+	X(PUSH_CONTACT_SUBS,                                                   \
+	  "SELECT s.id FROM push_subscriptions s, contacts c "                 \
+	  "WHERE c.email = ?1 AND (s.contact_id = c.id OR s.visitor_id IN "    \
+	  "(SELECT vid FROM visitors WHERE contact_id = c.id)) ORDER BY s.id")  \
+	X(PUSH_FORGET,                                                         \
+	  "DELETE FROM push_subscriptions WHERE contact_id = ?1 OR visitor_id " \
+	  "IN (SELECT vid FROM visitors WHERE contact_id = ?1)")               \
 	/* -- The message context -- */                                        \
 	/* the median order of contact ?1 (NULL: none), by orders_contact;  \
 	 * of two middle orders their mean */                                 \
@@ -7687,6 +7723,498 @@ static enum send_result mail_send(struct app *app, int64_t id, const char *to,
 		return SEND_CONFIG;
 	}
 	return smtp_send(app, from, to, msg, err, errlen);
+}
+
+/* ==== Web push: VAPID and RFC 8291 encryption ========================= */
+/*
+ * A notification goes to the endpoint a browser's push service gave it
+ * (RFC 8030), encrypted to that browser's P-256 key and auth secret (RFC
+ * 8291: ECDH, an HKDF key schedule, one aes128gcm record of RFC 8188),
+ * and signed for the push service with the store's VAPID key (RFC 8292:
+ * an ES256 JWT). libsodium has no P-256: ECDH, ECDSA and AES-128-GCM come
+ * from OpenSSL's libcrypto; HMAC-SHA-256 (HKDF's one primitive) and
+ * base64url from libsodium. Nothing here is hand-rolled beyond the RFC's
+ * key schedule. The VAPID private key lives in vapid_key_file (PEM,
+ * 0600) and is read per send. A 404 or 410 from the push service means
+ * the browser unsubscribed: the subscription is deleted.
+ */
+
+/* HMAC-SHA-256(KEY, A || B): HKDF-Extract is HMAC(salt, IKM), and an
+ * HKDF-Expand of at most 32 bytes is HMAC(PRK, info || 0x01) cut short. */
+static void hmac256(const unsigned char *key, size_t klen,
+		    const unsigned char *a, size_t alen,
+		    const unsigned char *b, size_t blen, unsigned char out[32])
+{
+	crypto_auth_hmacsha256_state st;
+	crypto_auth_hmacsha256_init(&st, key, klen);
+	crypto_auth_hmacsha256_update(&st, a, alen);
+	crypto_auth_hmacsha256_update(&st, b, blen);
+	crypto_auth_hmacsha256_final(&st, out);
+	sodium_memzero(&st, sizeof st);
+}
+
+static void hkdf_expand1(const unsigned char prk[32], const void *info,
+			 size_t n, unsigned char out[32])
+{
+	static const unsigned char one = 1;
+	hmac256(prk, 32, info, n, &one, 1, out);
+}
+
+/* A P-256 key from its raw parts: the uncompressed point PUB, and the
+ * scalar PRIV (NULL: a public key only). NULL if the point is not one
+ * of the curve's (libcrypto checks it). */
+static EVP_PKEY *ec_key_raw(const unsigned char *priv,
+			    const unsigned char pub[65])
+{
+	OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
+	EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(NULL, "EC", NULL);
+	BIGNUM *d = priv ? BN_bin2bn(priv, 32, NULL) : NULL;
+	OSSL_PARAM *params = NULL;
+	EVP_PKEY *key = NULL;
+	if (pub[0] != 4 || !bld || !ctx || (priv && !d) ||
+	    !OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_GROUP_NAME,
+					     "prime256v1", 0) ||
+	    !OSSL_PARAM_BLD_push_octet_string(bld, OSSL_PKEY_PARAM_PUB_KEY,
+					      pub, 65) ||
+	    (d && !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_PRIV_KEY, d)) ||
+	    !(params = OSSL_PARAM_BLD_to_param(bld)) ||
+	    EVP_PKEY_fromdata_init(ctx) <= 0 ||
+	    EVP_PKEY_fromdata(ctx, &key, d ? EVP_PKEY_KEYPAIR
+					  : EVP_PKEY_PUBLIC_KEY, params) <= 0) {
+		EVP_PKEY_free(key);
+		key = NULL;
+	}
+	OSSL_PARAM_free(params);
+	OSSL_PARAM_BLD_free(bld);
+	BN_clear_free(d);
+	EVP_PKEY_CTX_free(ctx);
+	return key;
+}
+
+/* The uncompressed point of KEY's public half. */
+static int ec_pub_raw(EVP_PKEY *key, unsigned char pub[65])
+{
+	size_t n = 0;
+	return EVP_PKEY_get_octet_string_param(key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY,
+					       pub, 65, &n) > 0 && n == 65 &&
+			       pub[0] == 4 ? 0 : -1;
+}
+
+static int ecdh_p256(EVP_PKEY *mine, EVP_PKEY *peer, unsigned char out[32])
+{
+	EVP_PKEY_CTX *c = EVP_PKEY_CTX_new(mine, NULL);
+	size_t n = 32;
+	int rc = c && EVP_PKEY_derive_init(c) > 0 &&
+		 EVP_PKEY_derive_set_peer(c, peer) > 0 &&
+		 EVP_PKEY_derive(c, out, &n) > 0 && n == 32 ? 0 : -1;
+	EVP_PKEY_CTX_free(c);
+	return rc;
+}
+
+/* One last record of RFC 8188: MSG, the delimiter 0x02 (no padding), and
+ * the 16-byte tag, AES-128-GCM under KEY and IV; appended to OUT. */
+static int gcm_seal(const unsigned char key[16], const unsigned char iv[12],
+		    const void *msg, size_t n, struct buf *out)
+{
+	static const unsigned char last = 2;
+	EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
+	int a = 0, b = 0, f = 0, rc = -1;
+	if (!c || n > PUSH_MAX_PAYLOAD || buf_reserve(out, n + 1 + 16) < 0)
+		goto out;
+	unsigned char *p = (unsigned char *)out->data + out->len;
+	if (EVP_EncryptInit_ex(c, EVP_aes_128_gcm(), NULL, key, iv) <= 0 ||
+	    EVP_EncryptUpdate(c, p, &a, msg, (int)n) <= 0 ||
+	    EVP_EncryptUpdate(c, p + a, &b, &last, 1) <= 0 ||
+	    EVP_EncryptFinal_ex(c, p + a + b, &f) <= 0 ||
+	    (size_t)(a + b + f) != n + 1 ||
+	    EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, 16, p + n + 1) <= 0)
+		goto out;
+	out->len += n + 1 + 16;
+	out->data[out->len] = '\0';
+	rc = 0;
+out:
+	EVP_CIPHER_CTX_free(c);
+	return rc;
+}
+
+int push_encrypt_with(const unsigned char ua_pub[65],
+		      const unsigned char auth[16],
+		      const unsigned char as_priv[32],
+		      const unsigned char as_pub[65],
+		      const unsigned char salt[16], const void *msg, size_t n,
+		      struct buf *out)
+{
+	EVP_PKEY *me = ec_key_raw(as_priv, as_pub), *ua = ec_key_raw(NULL, ua_pub);
+	unsigned char secret[32], prk_key[32], ikm[32], prk[32], cek[32], nonce[32];
+	unsigned char info[14 + 65 + 65], head[16 + 4 + 1 + 65];
+	int rc = -1;
+	if (!me || !ua || n > PUSH_MAX_PAYLOAD || ecdh_p256(me, ua, secret) < 0)
+		goto out;
+	/* RFC 8291 section 3.4 */
+	hmac256(auth, 16, secret, 32, NULL, 0, prk_key);
+	memcpy(info, "WebPush: info", 14); /* with its NUL */
+	memcpy(info + 14, ua_pub, 65);
+	memcpy(info + 79, as_pub, 65);
+	hkdf_expand1(prk_key, info, sizeof info, ikm);
+	hmac256(salt, 16, ikm, 32, NULL, 0, prk);
+	hkdf_expand1(prk, "Content-Encoding: aes128gcm", 28, cek);
+	hkdf_expand1(prk, "Content-Encoding: nonce", 24, nonce);
+	/* RFC 8188 header: salt, record size 4096, the key id = as_pub */
+	memcpy(head, salt, 16);
+	memcpy(head + 16, "\0\0\x10\0", 4);
+	head[20] = 65;
+	memcpy(head + 21, as_pub, 65);
+	size_t at = out->len;
+	if (buf_add(out, head, sizeof head) < 0 || gcm_seal(cek, nonce, msg, n,
+							   out) < 0) {
+		if (!out->failed && out->len >= at)
+			out->len = at;
+		goto out;
+	}
+	rc = 0;
+out:
+	sodium_memzero(secret, sizeof secret);
+	sodium_memzero(prk_key, sizeof prk_key);
+	sodium_memzero(ikm, sizeof ikm);
+	sodium_memzero(prk, sizeof prk);
+	sodium_memzero(cek, sizeof cek);
+	EVP_PKEY_free(me);
+	EVP_PKEY_free(ua);
+	return rc;
+}
+
+int push_encrypt(const unsigned char ua_pub[65], const unsigned char auth[16],
+		 const void *msg, size_t n, struct buf *out)
+{
+	EVP_PKEY *k = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
+	BIGNUM *d = NULL;
+	unsigned char priv[32], pub[65], salt[16];
+	int rc = -1;
+	if (k && ec_pub_raw(k, pub) == 0 &&
+	    EVP_PKEY_get_bn_param(k, OSSL_PKEY_PARAM_PRIV_KEY, &d) > 0 &&
+	    BN_bn2binpad(d, priv, 32) == 32) {
+		randombytes_buf(salt, sizeof salt);
+		rc = push_encrypt_with(ua_pub, auth, priv, pub, salt, msg, n, out);
+	}
+	sodium_memzero(priv, sizeof priv);
+	BN_clear_free(d);
+	EVP_PKEY_free(k);
+	return rc;
+}
+
+static void b64url(const unsigned char *p, size_t n, char *out, size_t outlen)
+{
+	sodium_bin2base64(out, outlen, p, n,
+			  sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+}
+
+/* The VAPID key in PATH; NULL and ERR if it cannot be read. */
+static EVP_PKEY *vapid_load(const char *path, char *err, size_t errlen)
+{
+	FILE *f = fopen(path, "r");
+	if (!f) {
+		snprintf(err, errlen, "vapid_key_file %s: %s — run 'remarket keygen "
+			 "--vapid'", path, strerror(errno));
+		return NULL;
+	}
+	EVP_PKEY *k = PEM_read_PrivateKey(f, NULL, NULL, NULL);
+	fclose(f);
+	unsigned char pub[65];
+	if (!k || !EVP_PKEY_is_a(k, "EC") || ec_pub_raw(k, pub) < 0) {
+		snprintf(err, errlen, "vapid_key_file %s: not a P-256 private key "
+			 "in PEM (made by 'remarket keygen --vapid')", path);
+		EVP_PKEY_free(k);
+		return NULL;
+	}
+	return k;
+}
+
+static int vapid_pub_b64(EVP_PKEY *k, char *pub, size_t publen)
+{
+	unsigned char raw[65];
+	if (publen < 88 || ec_pub_raw(k, raw) < 0)
+		return -1;
+	b64url(raw, sizeof raw, pub, publen);
+	return 0;
+}
+
+int vapid_public(const char *path, char *pub, size_t publen, char *err,
+		 size_t errlen)
+{
+	EVP_PKEY *k = vapid_load(path, err, errlen);
+	int rc = k ? vapid_pub_b64(k, pub, publen) : -1;
+	EVP_PKEY_free(k);
+	return rc;
+}
+
+int vapid_keygen(const char *path, char *pub, size_t publen, char *err,
+		 size_t errlen)
+{
+	EVP_PKEY *k = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
+	BIO *mem = BIO_new(BIO_s_mem());
+	char *pem = NULL;
+	long n = 0;
+	int rc = -1;
+	if (!k || !mem || !PEM_write_bio_PrivateKey(mem, k, NULL, NULL, 0, NULL,
+						    NULL) ||
+	    (n = BIO_get_mem_data(mem, &pem)) <= 0 || vapid_pub_b64(k, pub, publen) < 0) {
+		snprintf(err, errlen, "cannot make a P-256 key (libcrypto)");
+		goto out;
+	}
+	if (access(path, F_OK) == 0) {
+		snprintf(err, errlen, "vapid_key_file %s exists: a new key would "
+			 "orphan every subscription; remove it first to start over",
+			 path);
+		goto out;
+	}
+	if (mkdir_parent(path) < 0 ||
+	    write_file_atomic(path, pem, (size_t)n, 0600) < 0) {
+		snprintf(err, errlen, "vapid_key_file %s: %s", path, strerror(errno));
+		goto out;
+	}
+	rc = 0;
+out:
+	if (pem && n > 0)
+		OPENSSL_cleanse(pem, (size_t)n);
+	BIO_free(mem);
+	EVP_PKEY_free(k);
+	return rc;
+}
+
+/* ES256 signature of DATA as JWS wants it: r || s, 32 bytes each (the
+ * DER of libcrypto, converted). */
+static int es256_sign(EVP_PKEY *k, const char *data, size_t n,
+		      unsigned char sig[64])
+{
+	EVP_MD_CTX *md = EVP_MD_CTX_new();
+	unsigned char der[80];
+	size_t dlen = sizeof der;
+	const unsigned char *p = der;
+	ECDSA_SIG *s = NULL;
+	int rc = -1;
+	if (md && EVP_DigestSignInit(md, NULL, EVP_sha256(), NULL, k) > 0 &&
+	    EVP_DigestSign(md, der, &dlen, (const unsigned char *)data, n) > 0 &&
+	    (s = d2i_ECDSA_SIG(NULL, &p, (long)dlen)) &&
+	    BN_bn2binpad(ECDSA_SIG_get0_r(s), sig, 32) == 32 &&
+	    BN_bn2binpad(ECDSA_SIG_get0_s(s), sig + 32, 32) == 32)
+		rc = 0;
+	ECDSA_SIG_free(s);
+	EVP_MD_CTX_free(md);
+	return rc;
+}
+
+static int vapid_jwt_key(EVP_PKEY *k, const char *aud, rm_time exp,
+			 const char *sub, struct buf *out)
+{
+	/* aud is an origin made by curl_url and sub was checked by cfg_load:
+	 * neither holds a character JSON would escape */
+	if (strpbrk(aud, "\"\\") || strpbrk(sub, "\"\\"))
+		return -1;
+	struct buf claims = {0};
+	char enc[512];
+	unsigned char sig[64];
+	buf_addf(&claims, "{\"aud\":\"%s\",\"exp\":%lld,\"sub\":\"%s\"}", aud,
+		 (long long)exp, sub);
+	size_t at = out->len;
+	int rc = -1;
+	if (buf_failed(&claims) || claims.len > 350)
+		goto out;
+	/* {"typ":"JWT","alg":"ES256"} */
+	buf_adds(out, "eyJ0eXAiOiJKV1QiLCJhbGciOiJFUzI1NiJ9.");
+	b64url((unsigned char *)claims.data, claims.len, enc, sizeof enc);
+	buf_adds(out, enc);
+	if (buf_failed(out) || es256_sign(k, out->data + at, out->len - at, sig) < 0)
+		goto out;
+	b64url(sig, sizeof sig, enc, sizeof enc);
+	buf_addf(out, ".%s", enc);
+	rc = buf_failed(out) ? -1 : 0;
+out:
+	buf_free(&claims);
+	return rc;
+}
+
+int vapid_jwt(const char *path, const char *aud, rm_time exp, const char *sub,
+	      struct buf *out, char *err, size_t errlen)
+{
+	EVP_PKEY *k = vapid_load(path, err, errlen);
+	if (!k)
+		return -1;
+	int rc = vapid_jwt_key(k, aud, exp, sub, out);
+	if (rc < 0)
+		snprintf(err, errlen, "cannot sign the VAPID token");
+	EVP_PKEY_free(k);
+	return rc;
+}
+
+/* The origin (the JWT's audience) of a push endpoint; -1 unless it is an
+ * https URL (http too with allow_insecure_links = yes: tests, staging). */
+static int push_origin(const struct config *cfg, const char *url, char *aud,
+		       size_t n)
+{
+	CURLU *u = curl_url();
+	char *scheme = NULL, *host = NULL, *port = NULL;
+	int rc = -1;
+	if (u && strlen(url) <= 1024 && !has_crlf(url) &&
+	    curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && *host &&
+	    (!strcmp(scheme, "https") || (!strcmp(scheme, "http") &&
+					  !strcmp(cfg->allow_insecure_links, "yes")))) {
+		curl_url_get(u, CURLUPART_PORT, &port, 0); /* only if written */
+		int w = snprintf(aud, n, "%s://%s%s%s", scheme, host, port ? ":" : "",
+				 port ? port : "");
+		rc = w > 0 && (size_t)w < n ? 0 : -1;
+	}
+	curl_free(scheme);
+	curl_free(host);
+	curl_free(port);
+	curl_url_cleanup(u);
+	return rc;
+}
+
+/* A browser's keys from the base64url of its PushSubscription (padded
+ * or not): a point of P-256 and a 16-byte auth secret. */
+static int push_keys(const char *p256dh, const char *auth,
+		     unsigned char ua[65], unsigned char secret[16])
+{
+	size_t n = 0, m = 0;
+	const char *end;
+	if (!p256dh || !auth ||
+	    sodium_base642bin(ua, 65, p256dh, strlen(p256dh), "=", &n, &end,
+			      sodium_base64_VARIANT_URLSAFE_NO_PADDING) < 0 ||
+	    *end || n != 65 ||
+	    sodium_base642bin(secret, 16, auth, strlen(auth), "=", &m, &end,
+			      sodium_base64_VARIANT_URLSAFE_NO_PADDING) < 0 ||
+	    *end || m != 16)
+		return -1;
+	EVP_PKEY *k = ec_key_raw(NULL, ua);
+	EVP_PKEY_free(k);
+	return k ? 0 : -1;
+}
+
+/* The encrypted notification and its headers for subscription ID. */
+static int push_build(struct app *app, int64_t id, const char *title,
+		      const char *body, const char *url, char *endpoint,
+		      size_t elen, struct buf *msg, struct curl_slist **hdrs,
+		      char *err, size_t errlen)
+{
+	const struct config *cfg = app->cfg;
+	unsigned char ua[65], auth[16];
+	char aud[600], pub[100];
+	struct buf payload = {0}, line = {0};
+	EVP_PKEY *k = NULL;
+	int rc = -1, found = 0;
+	sqlite3_stmt *s = q(app->db, ST_PUSH_SUB_GET, "i", id);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		found = copy_str(endpoint, elen, col_text(s, 0)) == 0 &&
+			push_keys(col_text(s, 1), col_text(s, 2), ua, auth) == 0;
+		found = found ? 1 : -1;
+	}
+	sqlite3_reset(s);
+	if (found <= 0) {
+		snprintf(err, errlen, found ? "push subscription %lld: bad endpoint "
+			 "or keys" : "no push subscription %lld", (long long)id);
+		goto out;
+	}
+	if (!*cfg->vapid_subject) {
+		snprintf(err, errlen, "vapid_subject: not set — the push service "
+			 "wants a contact (mailto:you@shop.example or https://...)");
+		goto out;
+	}
+	if (push_origin(cfg, endpoint, aud, sizeof aud) < 0) {
+		snprintf(err, errlen, "push subscription %lld: endpoint is not an "
+			 "https URL", (long long)id);
+		goto out;
+	}
+	if (!(k = vapid_load(cfg->vapid_key_file, err, errlen)))
+		goto out;
+	json_from(app->db, q(app->db, ST_PUSH_PAYLOAD, "tttt", title, body,
+			     url, *cfg->logo_url ? cfg->logo_url : NULL), &payload);
+	if (buf_failed(&payload) || !payload.len ||
+	    payload.len > PUSH_MAX_PAYLOAD) {
+		snprintf(err, errlen, "push message: too long (%zu bytes of JSON, "
+			 "%d at most)", payload.len, PUSH_MAX_PAYLOAD);
+		goto out;
+	}
+	/* 12 hours, half of RFC 8292's day at most, on the real clock */
+	buf_adds(&line, "Authorization: vapid t=");
+	if (vapid_jwt_key(k, aud, (rm_time)time(NULL) + 12 * 3600,
+			  cfg->vapid_subject, &line) < 0 ||
+	    vapid_pub_b64(k, pub, sizeof pub) < 0 ||
+	    push_encrypt(ua, auth, payload.data, payload.len, msg) < 0) {
+		snprintf(err, errlen, "push message: cannot sign or encrypt it");
+		goto out;
+	}
+	buf_addf(&line, ", k=%s", pub);
+	const char *fixed[] = {"Content-Type: application/octet-stream",
+			       "Content-Encoding: aes128gcm", "TTL: 86400",
+			       "Urgency: normal", buf_str(&line)};
+	for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) {
+		struct curl_slist *h = curl_slist_append(*hdrs, fixed[i]);
+		if (!h)
+			goto out;
+		*hdrs = h;
+	}
+	rc = buf_failed(&line) || buf_failed(msg) ? -1 : 0;
+out:
+	EVP_PKEY_free(k);
+	buf_free(&payload);
+	buf_free(&line);
+	return rc;
+}
+
+int push_send(struct app *app, int64_t id, const char *title,
+	      const char *body, const char *url, char *err, size_t errlen)
+{
+	char endpoint[1100];
+	struct buf msg = {0};
+	struct curl_slist *hdrs = NULL;
+	CURL *c = NULL;
+	long status = 0;
+	int rc = -1;
+	if (push_build(app, id, title, body, url, endpoint, sizeof endpoint, &msg,
+		       &hdrs, err, errlen) < 0)
+		goto out;
+	if (!(c = curl_easy_init())) {
+		snprintf(err, errlen, "out of memory");
+		goto out;
+	}
+	curl_easy_setopt(c, CURLOPT_URL, endpoint);
+	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "https,http");
+	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 10L);
+	curl_easy_setopt(c, CURLOPT_TIMEOUT, 30L);
+	curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdrs);
+	curl_easy_setopt(c, CURLOPT_POSTFIELDS, msg.data);
+	curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, (long)msg.len);
+	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, discard);
+	CURLcode cc = curl_easy_perform(c);
+	if (cc != CURLE_OK) {
+		snprintf(err, errlen, "push service %s: %s", endpoint,
+			 curl_easy_strerror(cc));
+		goto out;
+	}
+	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+	if (status == 404 || status == 410) {
+		/* the browser unsubscribed or the subscription expired */
+		q_exec(app->db, q(app->db, ST_PUSH_SUB_GONE, "i", id));
+		snprintf(err, errlen, "push service: %ld — the browser left; "
+			 "subscription %lld deleted", status, (long long)id);
+		rc = -2;
+		goto out;
+	}
+	q_exec(app->db, q(app->db, ST_PUSH_SUB_SENT, "iii", id,
+			  (int64_t)time(NULL), (int64_t)status));
+	if (status < 200 || status > 299) {
+		snprintf(err, errlen, "push service %s: HTTP %ld", endpoint, status);
+		goto out;
+	}
+	rc = 0;
+out:
+	curl_easy_cleanup(c);
+	curl_slist_free_all(hdrs);
+	buf_free(&msg);
+	return rc;
 }
 
 /* ==== The message context ============================================= */
