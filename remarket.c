@@ -2499,6 +2499,22 @@ void cfg_free(struct config *cfg)
 	  "ON c.visitor_id = v.vid OR (v.verified = 1 "                        \
 	  "AND c.contact_id = v.contact_id) WHERE v.vid = ?1 "                 \
 	  "AND c.status = 'abandoned' ORDER BY c.updated DESC LIMIT 1")        \
+	X(JSON_PUSH_KEY, "SELECT json_object('key', ?1)")                      \
+	/* a PushSubscription's parts, each a string, or no row */             \
+	X(PUSH_SUB_PARSE,                                                      \
+	  "SELECT json_extract(?1, '$.endpoint'), "                            \
+	  "json_extract(?1, '$.keys.p256dh'), json_extract(?1, '$.keys.auth') " \
+	  "WHERE json_valid(?1) AND json_type(?1, '$.endpoint') = 'text' "     \
+	  "AND json_type(?1, '$.keys.p256dh') = 'text' "                       \
+	  "AND json_type(?1, '$.keys.auth') = 'text'")                         \
+	/* a browser subscribing again (new keys, or another visitor on the  \
+	 * same browser) replaces its row: one endpoint, one row */            \
+	X(PUSH_SUB_ADD,                                                        \
+	  "INSERT INTO push_subscriptions (endpoint, p256dh, auth, visitor_id, " \
+	  "contact_id, created) VALUES (?1, ?2, ?3, ?4, (SELECT contact_id "   \
+	  "FROM visitors WHERE vid = ?4), ?5) ON CONFLICT (endpoint) DO UPDATE " \
+	  "SET p256dh = excluded.p256dh, auth = excluded.auth, "               \
+	  "visitor_id = excluded.visitor_id, contact_id = excluded.contact_id") \
 	X(JSON_ONSITE,                                                         \
 	  "SELECT json_object('message', ?1, 'cart_url', ?2, 'items', ?3)")    \
 	X(VALIDATE_FIELDS,                                                     \
@@ -14050,6 +14066,99 @@ static void route_script(struct app *app, const struct http_req *rq,
 	buf_adds(&rs->headers, "Cache-Control: public, max-age=3600\r\n");
 }
 
+/* GET /push/key: the VAPID public key remarket.js subscribes with. */
+static void route_push_key(struct app *app, const struct http_req *rq,
+			   struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg, (void)now;
+	char pub[100], err[600];
+	if (preflight(app, rq, rs) || cors(app, rq, rs) < 0)
+		return;
+	if (vapid_public(app->cfg->vapid_key_file, pub, sizeof pub, err,
+			 sizeof err) < 0) {
+		fprintf(stderr, "remarket: web push: %s\n", err);
+		return resp_json_error(app, rs, 404, "web push is not set up: no "
+				       "VAPID key (remarket keygen --vapid)");
+	}
+	rs->status = 200;
+	rs->content_type = "application/json";
+	buf_adds(&rs->headers, "Cache-Control: public, max-age=3600\r\n");
+	json_from(app->db, q(app->db, ST_JSON_PUSH_KEY, "t", pub), &rs->body);
+}
+
+/* POST /push/subscribe: a browser's PushSubscription ({endpoint, keys:
+ * {p256dh, auth}}, as JSON.stringify gives it), stored for the contact
+ * its rm_vid cookie is (or becomes). The cookie only, as /onsite: an id
+ * in the body could be anyone's. */
+static void route_push_subscribe(struct app *app, const struct http_req *rq,
+				 struct http_resp *rs, const char *arg,
+				 rm_time now)
+{
+	(void)arg;
+	char vid[80], endpoint[1100] = "", p256dh[100] = "", secret[40] = "";
+	char aud[600];
+	unsigned char ua[65], auth[16];
+	int keys = -1;
+	if (preflight(app, rq, rs) || cors(app, rq, rs) < 0)
+		return;
+	cookie_vid(rq, vid, sizeof vid);
+	if (rate_limited(app, rq, vid, now, rs))
+		return;
+	if (rq->body_too_large)
+		return resp_json_error(app, rs, 413, "body: too large");
+	if (!content_type_is(rq, "application/json") &&
+	    !content_type_is(rq, "text/plain"))
+		return resp_json_error(app, rs, 415, "Content-Type must be "
+				       "application/json or text/plain");
+	if (!*vid)
+		return resp_json_error(app, rs, 400, "no rm_vid cookie: call "
+				       "remarket('pushPrompt') on a page that "
+				       "loads remarket.js");
+	sqlite3_stmt *s = q(app->db, ST_PUSH_SUB_PARSE, "b", rq->body ? rq->body : "",
+			    (int)rq->body_len);
+	if (sqlite3_step(s) == SQLITE_ROW &&
+	    copy_str(endpoint, sizeof endpoint, col_text(s, 0)) == 0 &&
+	    copy_str(p256dh, sizeof p256dh, col_text(s, 1)) == 0 &&
+	    copy_str(secret, sizeof secret, col_text(s, 2)) == 0)
+		keys = push_keys(p256dh, secret, ua, auth);
+	sqlite3_reset(s);
+	if (keys < 0)
+		return resp_json_error(app, rs, 400, "subscription: want the "
+				       "PushSubscription's JSON {endpoint, keys: "
+				       "{p256dh, auth}} with a P-256 key and a "
+				       "16-byte auth secret");
+	if (push_origin(app->cfg, endpoint, aud, sizeof aud) < 0)
+		return resp_json_error(app, rs, 400, "subscription: endpoint must "
+				       "be an https URL");
+	if (q_exec(app->db, q(app->db, ST_PUSH_SUB_ADD, "tttti", endpoint,
+			      p256dh, secret, vid, (int64_t)now)))
+		return resp_json_error(app, rs, 503, "could not store the "
+				       "subscription: try again");
+	rs->status = 204;
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n");
+}
+
+/* GET /sw.js: the service worker that shows remarket's notifications.
+ * Service-Worker-Allowed: / lets the store register it with scope "/"
+ * although it is served under remarket's path (/rm/sw.js). */
+static void route_sw(struct app *app, const struct http_req *rq,
+		     struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)rq, (void)arg, (void)now;
+	char path[PATH_MAX];
+	snprintf(path, sizeof path, "%s/sw.js", app->cfg->static_dir);
+	if (read_file(path, &rs->body, 1 << 20) < 0) {
+		buf_reset(&rs->body);
+		return resp_json_error(app, rs, 404, "sw.js not found: check "
+				       "static_dir");
+	}
+	rs->status = 200;
+	rs->content_type = "application/javascript; charset=utf-8";
+	/* browsers check a worker for updates: never cached for long */
+	buf_adds(&rs->headers, "Service-Worker-Allowed: /\r\n"
+		 "Cache-Control: no-cache\r\n");
+}
+
 /* Splits a query string and decodes one parameter with libcurl. */
 static char *query_param(const char *query, const char *name)
 {
@@ -14698,6 +14807,9 @@ static const struct route {
 	{"/collect", 0, "POST OPTIONS", route_collect},
 	{"/onsite", 0, "GET HEAD OPTIONS", route_onsite},
 	{"/remarket.js", 0, "GET HEAD", route_script},
+	{"/sw.js", 0, "GET HEAD", route_sw},
+	{"/push/key", 0, "GET HEAD OPTIONS", route_push_key},
+	{"/push/subscribe", 0, "POST OPTIONS", route_push_subscribe},
 	{"/p.gif", 0, "GET HEAD", route_pixel},
 	{"/tick", 0, "POST", route_tick},
 	{"/tick/", 1, "GET HEAD", route_tick_state},
@@ -15656,6 +15768,24 @@ static int cmd_init(struct app *app, struct config *cfg, rm_time now, int argc,
 	return 0;
 }
 
+/* keygen --vapid: the web push key pair in vapid_key_file; its public
+ * key alone on stdout (a script may keep it), the rest on stderr. */
+static int keygen_vapid(const struct config *cfg)
+{
+	char pub[100], err[600];
+	if (vapid_keygen(cfg->vapid_key_file, pub, sizeof pub, err,
+			 sizeof err) < 0) {
+		fprintf(stderr, "remarket keygen --vapid: %s\n", err);
+		return 1;
+	}
+	printf("%s\n", pub);
+	fprintf(stderr, "remarket: VAPID key pair in %s (mode 0600); the public "
+		"key above is served at base_url/push/key for remarket.js%s\n",
+		cfg->vapid_key_file, *cfg->vapid_subject ? "" : ". Set vapid_subject "
+		"(mailto:you@shop.example) before sending");
+	return 0;
+}
+
 /* keygen: a new raw key on stdout. keygen --rotate: a new key appended to
  * key_file's ring; it signs from now on, the older ones still verify. */
 static int cmd_keygen(struct app *app, struct config *cfg, rm_time now,
@@ -15664,8 +15794,10 @@ static int cmd_keygen(struct app *app, struct config *cfg, rm_time now,
 	(void)app, (void)now;
 	unsigned char key[RM_KEYBYTES];
 	int rotate = argc == 2 && !strcmp(argv[1], "--rotate");
+	if (argc == 2 && !strcmp(argv[1], "--vapid"))
+		return keygen_vapid(cfg);
 	if (argc > 1 && !rotate) {
-		fprintf(stderr, "usage: remarket keygen [--rotate]\n");
+		fprintf(stderr, "usage: remarket keygen [--rotate | --vapid]\n");
 		return 2;
 	}
 	randombytes_buf(key, sizeof key);
@@ -16381,6 +16513,40 @@ static int send_test_deliver(struct app *app, const char *tpl, const char *to,
 	return 0;
 }
 
+/* push-test EMAIL: a "[TEST]" notification to each of the contact's push
+ * subscriptions (a browser gone is deleted, as when a flow sends). */
+static int cmd_push_test(struct app *app, struct config *cfg, rm_time now,
+			 int argc, char **argv)
+{
+	(void)now, (void)argc;
+	int64_t ids[64];
+	int n = 0, sent = 0;
+	sqlite3_stmt *s = q(app->db, ST_PUSH_CONTACT_SUBS, "t", argv[1]);
+	while (n < 64 && sqlite3_step(s) == SQLITE_ROW)
+		ids[n++] = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	if (!n) {
+		fprintf(stderr, "remarket push-test: %s has no push subscription "
+			"(the store calls remarket('pushPrompt') after an "
+			"add-to-cart)\n", argv[1]);
+		return 1;
+	}
+	char title[200];
+	snprintf(title, sizeof title, "[TEST] %s", *cfg->store_name ?
+		 cfg->store_name : "remarket");
+	for (int i = 0; i < n; i++) {
+		char err[1200] = "";
+		int rc = push_send(app, ids[i], title, "Web push works: this is "
+				   "how the store's notifications look.",
+				   cfg->store_url, err, sizeof err);
+		if (rc == 0)
+			sent++;
+		printf("subscription %lld: %s\n", (long long)ids[i],
+		       rc == 0 ? "sent" : err);
+	}
+	return sent ? 0 : 1;
+}
+
 /* remarket send-test TEMPLATE ADDR [--email CONTACT] [--trigger T]: one
  * mail through the relay (or the outbox), "[TEST] " before its subject
  * and X-Remarket-Test: yes among its headers, recorded nowhere. */
@@ -16604,6 +16770,7 @@ static int cmd_forget(struct app *app, struct config *cfg, rm_time now,
 	struct buf files = {0};
 	int rc = db_begin(db) ||
 		 q_exec(db, q(db, ST_FORGET_EVENTS, "t", argv[1])) ||
+		 q_exec(db, q(db, ST_PUSH_FORGET, "i", id)) ||
 		 q_exec(db, q(db, ST_FORGET_VISITORS, "i", id)) ||
 		 q_exec(db, q(db, ST_FORGET_CARTS, "i", id)) ||
 		 q_exec(db, q(db, ST_EXIT_CONTACT, "it", id, "forgotten")) ||
@@ -16819,6 +16986,9 @@ static const struct command commands[] = {
 	{"keygen", CMD_ALONE, 0, 0, cmd_keygen, "[--rotate]",
 	 "print a new 32-byte key (raw) on stdout, or\n"
 	 "add one to key_file (old links stay valid)"},
+	{"keygen", CMD_ALONE, 0, 0, cmd_keygen, "--vapid",
+	 "make the web push key pair (vapid_key_file)\n"
+	 "and print its public key"},
 	{"serve", CMD_ALONE, 1, 1, cmd_serve, "ADDR",
 	 "FastCGI on a unix socket path or host:port"},
 	{"tick", CMD_APP, 0, 0, cmd_tick, "[--now T]",
@@ -16849,6 +17019,8 @@ static const struct command commands[] = {
 	 "TEMPLATE [--email ADDR] [--trigger T] [--out DIR]",
 	 "render a mail as the tick would (for ADDR's\ncart or order, or a sample) into DIR\n"
 	 "(./remarket-preview): .eml, .html; text on stdout"},
+	{"push-test", CMD_APP, 1, 1, cmd_push_test, "EMAIL",
+	 "send a test notification to each browser\nof EMAIL subscribed to web push"},
 	{"send-test", CMD_APP, 2, 2, cmd_send_test,
 	 "TEMPLATE ADDR [--email CONTACT] [--trigger T]",
 	 "send one \"[TEST]\" mail to ADDR, recorded nowhere"},
