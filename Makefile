@@ -14,7 +14,7 @@ PKGS      = fcgi sqlite3 libcurl libsodium libcrypto
 # rest are error messages, where a cut is harmless.
 RM_CFLAGS = -std=c11 -Wall -Wextra -Werror -Wno-format-truncation -DRM_SHAREDIR='"$(SHAREDIR)"' \
             $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LIBS      = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lsqlite3 -lcurl -lsodium) -lpthread -lm
+LIBS      = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lsqlite3 -lcurl -lsodium -lcrypto) -lpthread -lm
 SAN       = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 MIGRATIONS = $(sort $(wildcard sql/[0-9]*.sql))
 
