@@ -41,6 +41,12 @@
 		if (w.fetch) w.fetch(url, {method: 'POST', keepalive: true, credentials: 'same-origin',
 			headers: {'Content-Type': 'text/plain'}, body: body})['catch'](function () {});
 	}
+	function tz() {
+		try {
+			var z = w.Intl && w.Intl.DateTimeFormat().resolvedOptions().timeZone;
+			return typeof z === 'string' && /^[A-Za-z0-9_+\/-]{1,64}$/.test(z) ? z : '';
+		} catch (e) { return ''; }
+	}
 	function emit(type, o, keys) {
 		if (!o || typeof o !== 'object') return;
 		var ev = {type: type};
@@ -50,6 +56,8 @@
 			if (!EMAIL.test(ev.email)) return;
 			if (has(ev, 'name')) ev.name = str(ev.name, 100);
 			if (has(ev, 'consent')) ev.consent = ev.consent === true;
+			var z = tz();
+			if (z) ev.tz = z; /* quiet hours (SMS, push) are in the shopper's zone */
 		}
 		send(ev);
 	}
