@@ -2174,6 +2174,7 @@ void cfg_free(struct config *cfg)
 	  "UPDATE messages SET status = 'queued', next_try = ?2, "             \
 	  "lease_until = NULL, gate_at = NULL, error = ?3, deferred_by = ?5 "  \
 	  "WHERE id = ?1 AND lease_owner = ?4")                                \
+	X(MESSAGE_HELD_BY, "UPDATE messages SET deferred_by = ?2 WHERE id = ?1") \
 	X(MESSAGE_WAS_HELD,                                                    \
 	  "SELECT deferred_by IS NOT NULL FROM messages WHERE id = ?1")        \
 	X(CONTACT_TZ, "SELECT coalesce(tz, '') FROM contacts WHERE id = ?1")   \
@@ -2461,9 +2462,14 @@ void cfg_free(struct config *cfg)
 	  "WHERE i.message = m.id AND i.kind = 'unsubscribe')), 0) "           \
 	  "FROM messages m WHERE coalesce(m.sent_at, m.created) >= ?1 "        \
 	  "AND coalesce(m.sent_at, m.created) < ?2")                           \
+	/* stale steps; messages held back by a timing rule (deferred_by),  \
+	 * and of those the ones skipped as stale in the end */              \
 	X(REP_STALE,                                                           \
-	  "SELECT count(*) FROM messages WHERE status = 'skipped' "            \
-	  "AND error LIKE 'stale%' AND created >= ?1 AND created < ?2")        \
+	  "SELECT coalesce(sum(status = 'skipped' AND error LIKE 'stale%'), 0), " \
+	  "coalesce(sum(deferred_by IS NOT NULL), 0), "                        \
+	  "coalesce(sum(deferred_by IS NOT NULL AND status = 'skipped' "       \
+	  "AND error LIKE 'stale%'), 0) "                                      \
+	  "FROM messages WHERE created >= ?1 AND created < ?2")                \
 	X(REP_DISCOUNTS,                                                       \
 	  "SELECT (SELECT count(*) FROM discounts WHERE created >= ?1 "        \
 	  "AND created < ?2), (SELECT count(*) FROM discounts "                \
@@ -9075,6 +9081,9 @@ static int msg_hold(struct app *app, const struct msgrow *m, rm_time until,
 		snprintf(why, sizeof why, "stale: held back (%s) past this "
 			 "step's limit", rule);
 		sum->deferred_skipped++;
+		if (q_write(app->db, q(app->db, ST_MESSAGE_HELD_BY, "it", m->id,
+				       kind)) < 0)
+			return -1;
 		return msg_exit(app, m, why, sum);
 	}
 	snprintf(why, sizeof why, "deferred: %s", rule);
@@ -12111,7 +12120,8 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	      &r->recovered_revenue);
 	q_row(q(db, ST_REP_MESSAGES, "ii", a, b), "lllll", &r->sent, &r->bounced,
 	      &r->opened, &r->clicked, &r->unsubscribed);
-	q_row(q(db, ST_REP_STALE, "ii", a, b), "l", &r->stale);
+	q_row(q(db, ST_REP_STALE, "ii", a, b), "lll", &r->stale, &r->deferred,
+	      &r->deferred_skipped);
 	q_row(q(db, ST_REP_DISCOUNTS, "ii", a, b), "lld", &r->codes_issued,
 	      &r->codes_redeemed, &r->discount_cost);
 	q_row(q(db, ST_REP_CODE_FLAGS, "ii", a, b), "ll", &r->codes_reused,
@@ -12237,6 +12247,11 @@ static const struct rep_num rep_nums[] = {
 	{"bounced", RN(bounced), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " bounced"},
 	{"stale_steps", RN(stale), RK_COUNT, RW_JSON_TAIL | RW_TEXT, 0, NULL, 0,
 	 "stale steps        ", " (too late to send: recorded, not sent)"},
+	{"deferred", RN(deferred), RK_COUNT, RW_JSON_TAIL | RW_TEXT, 0, NULL, 0,
+	 "deferred           ", " held back (smart sending, a cart first, quiet "
+	 "hours), "},
+	{"deferred_skipped", RN(deferred_skipped), RK_COUNT,
+	 RW_JSON_TAIL | RW_TEXT, 0, NULL, 0, NULL, " of them skipped as stale"},
 	{"codes_issued", RN(codes_issued), RK_COUNT, RW_TEXT, 0, NULL, 0,
 	 "discount codes     ", " issued, "},
 	{"codes_redeemed", RN(codes_redeemed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,

@@ -612,6 +612,8 @@ struct report {
 	double days_needed;        /* at the period's cart enrollments per day */
 	long sent, opened, clicked, unsubscribed, bounced, codes_issued, codes_redeemed;
 	long stale;                /* steps recorded stale: too late to send */
+	long deferred;             /* held back by a timing rule (gap, cart, quiet) */
+	long deferred_skipped;     /* ... and skipped as stale in the end */
 	double unsubscribe_rate, discount_cost;
 	long codes_reused, codes_expired; /* orders whose code was used before, or had expired */
 	long browser_held; /* new browser-only contacts past the hourly cap */

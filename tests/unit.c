@@ -7626,6 +7626,15 @@ static void test_smart_sending(void)
 	}
 	sqlite3_close(h);
 	is_int(idx, 2, "the gap check searches both index windows (contact, time)");
+	struct report r;
+	memset(&r, 0, sizeof r);
+	struct buf j = {0};
+	ok(report_build(&w.app, T0 - DAY, T0 + DAY, &r) == 0 && r.deferred == 2 &&
+	   r.deferred_skipped == 1, "the report counts 2 deferred, 1 of them skipped as stale");
+	report_json(&r, &j);
+	ok(j.data && strstr(j.data, "\"deferred\":2,\"deferred_skipped\":1"),
+	   "... report JSON: deferred 2, deferred_skipped 1");
+	buf_free(&j);
 	world_close(&w);
 }
 
