@@ -3979,6 +3979,7 @@ struct event {
 	char *brand;
 	char *customer_id; /* the store's own customer number, kept as said */
 	char *tz;        /* the contact's IANA time zone (a browser's), checked */
+	long seconds;    /* a view's time on the page, -1: not said */
 	int consent;     /* -1: not said */
 	int has_total, has_price, has_amount;
 	double total, price, amount; /* amount: a refund's */
@@ -4175,6 +4176,12 @@ static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 		if (ev_number(s, key, jt, 0, (double)now + 300, 1, &d, err))
 			return -1;
 		e->ts = (rm_time)d;
+		return 0;
+	}
+	if (strcmp(key, "seconds") == 0) { /* a view's time on the page */
+		if (ev_number(s, key, jt, 0, 86400, 1, &d, err))
+			return -1;
+		e->seconds = (long)d;
 		return 0;
 	}
 	if (strcmp(key, "tz") == 0) { /* quiet hours are in the contact's zone */
@@ -4411,6 +4418,9 @@ static int ev_require(const struct event *e, enum ev_source src,
 			    "rm_vid cookie or a visitor_id");
 	if (!strcmp(t, "identify") && !e->email)
 		return fail(err, 400, "email: required for identify");
+	if (e->seconds >= 0 && strcmp(t, "view"))
+		return fail(err, 400, "seconds: only a view has seconds (its time "
+			    "on the page)");
 	if (!strcmp(t, "cart") && !e->items)
 		return fail(err, 400, "items: required for cart (use [] to empty it)");
 	if (!strcmp(t, "cart") && !e->cart_id && !visitor && !e->visitor_id)
@@ -4442,6 +4452,7 @@ static int ev_parse(struct app *app, const char *obj, enum ev_source src,
 	memset(e, 0, sizeof *e);
 	e->consent = -1;
 	e->ts = -1;
+	e->seconds = -1;
 	e->text = strdup(obj);
 	if (!e->text)
 		return fail(err, 500, "out of memory");

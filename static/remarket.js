@@ -9,7 +9,7 @@
 	if (prev && prev.loaded) return;
 	var cfg = {endpoint: '/rm', onsite: true, onsiteLink: 'View your cart'};
 	var ID = /^[A-Za-z0-9._:-]{1,64}$/, EMAIL = /^[^\s@<>()\[\],;:"]+@[^\s@<>()\[\],;:"]+\.[A-Za-z]{2,}$/;
-	var vidMem, captures = [], sent = {};
+	var vidMem, captures = [], sent = {}, dwell;
 	function guard(f) {
 		return function () { try { return f.apply(null, arguments); } catch (e) { /* never into the page */ } };
 	}
@@ -69,7 +69,20 @@
 		},
 		identify: function (o) { emit('identify', o, ['name', 'consent']); },
 		cart: function (o) { emit('cart', o, ['cart_id', 'currency', 'items', 'total', 'email']); },
-		view: function (o) { emit('view', o, ['sku', 'url']); },
+		view: function (o) {
+			emit('view', o, ['sku', 'url']);
+			/* a long look counts like a second view (browse abandonment):
+			 * on leaving a page viewed 60 s or more, once, with its seconds */
+			if (!o || typeof o.sku !== 'string' || dwell) return;
+			var t0 = Date.now(), sku = o.sku;
+			dwell = guard(function () {
+				var s = Math.round((Date.now() - t0) / 1000);
+				if (s < 60 || dwell === true) return;
+				dwell = true;
+				send({type: 'view', sku: sku, seconds: Math.min(s, 86400)});
+			});
+			w.addEventListener('pagehide', dwell);
+		},
 		captureEmail: function (sel, opts) {
 			if (!sel) return;
 			if (!captures.length) {

@@ -7551,6 +7551,16 @@ static void test_quiet_hours(void)
 		   "\"tz\":\"Mars/Olympus\"}"), 1, "an unknown but well-formed zone: the event counts");
 	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'tz3@example.com' AND tz IS NULL"), 1,
 	       "... without a zone");
+	/* a view's time on the page (browse abandonment reads it) */
+	is_int(evf(&w, EV_BROWSER, "v-tz", T0, "{\"type\":\"view\",\"sku\":\"LAMP-1\","
+		   "\"seconds\":75}"), 1, "a view with seconds 75 is accepted");
+	is_int(ingest(&w, EV_BROWSER, "{\"type\":\"view\",\"sku\":\"LAMP-1\",\"seconds\":1.5}",
+		      T0, &err), -1, "seconds 1.5 is refused");
+	is_int(ingest(&w, EV_BROWSER, "{\"type\":\"view\",\"sku\":\"LAMP-1\",\"seconds\":90000}",
+		      T0, &err), -1, "seconds 90000 (past a day) is refused");
+	is_int(ingest(&w, EV_BROWSER, "{\"type\":\"identify\",\"email\":\"s@example.com\","
+		      "\"seconds\":75}", T0, &err), -1, "seconds on an identify is refused");
+	ok(err.status == 400 && contains(err.msg, "only a view has seconds"), "... 400, saying why");
 	/* a mail in quiet hours (quiet_hours_email set) in the contact's zone */
 	set_cfg(&c->quiet_hours_email, "21-9");
 	struct tick_summary s;
