@@ -614,6 +614,10 @@ static const struct cfg_key {
 	CFG_LONG(threads, "4"),
 	CFG_STR(socket_group, ""),
 	CFG_LONG(max_lateness_hours, "24"),
+	CFG_LONG(min_gap_hours, "16"),
+	CFG_STR(quiet_hours_email, ""),
+	CFG_STR(quiet_hours_sms, "21-9"),
+	CFG_STR(quiet_hours_push, "21-9"),
 	CFG_LONG(retention_days, "0"),
 	CFG_LONG(lease_seconds, "300"),
 	CFG_LONG(tick_budget_seconds, "50"),
@@ -799,6 +803,240 @@ int cfg_timezone(const char *name)
 	return 0;
 }
 
+/* Quiet hours: "FROM-TO" in whole hours (0-23) of the contact's local
+ * time, across midnight when FROM > TO ("21-9": 21:00 to 08:59); "" is
+ * none. Writes -1 to both for none; -1 if SPEC is not of that form. */
+int quiet_parse(const char *spec, int *from, int *to)
+{
+	char *end;
+	*from = *to = -1;
+	if (!*spec)
+		return 0;
+	if (!isdigit((unsigned char)*spec))
+		return -1;
+	long a = strtol(spec, &end, 10);
+	if (*end != '-' || !isdigit((unsigned char)end[1]))
+		return -1;
+	long b = strtol(end + 1, &end, 10);
+	if (*end || a > 23 || b > 23 || a == b)
+		return -1;
+	*from = (int)a;
+	*to = (int)b;
+	return 0;
+}
+
+static int cfg_check_quiet(const struct config *cfg, char *err, size_t errlen)
+{
+	const char *names[] = {"quiet_hours_email", "quiet_hours_sms",
+			       "quiet_hours_push"};
+	const char *v[] = {cfg->quiet_hours_email, cfg->quiet_hours_sms,
+			   cfg->quiet_hours_push};
+	int a, b;
+	for (int i = 0; i < 3; i++)
+		if (quiet_parse(v[i], &a, &b) < 0) {
+			snprintf(err, errlen, "%s: '%s' is not FROM-TO in whole "
+				 "hours 0-23, FROM != TO (e.g. 21-9), or empty "
+				 "for none", names[i], v[i]);
+			return -1;
+		}
+	return 0;
+}
+
+/*
+ * Contacts' time zones. The process has one zone (cfg_timezone, set
+ * before any thread starts) and localtime_r reads only that one; setting
+ * TZ per message would race every thread's dates. So a contact's zone is
+ * read once from the system's tz database (a TZif file, RFC 8536: the
+ * transitions and their UTC offsets, 64-bit section when present) into a
+ * cache shared under a mutex, and its offset looked up there. Times past
+ * the last transition keep the last offset: the database as Debian ships
+ * it lists transitions until 2037, its POSIX rule string is not read.
+ */
+#define ZONES_MAX 1024 /* the tz database has some 600 names */
+struct zone {
+	char name[65];
+	int n;           /* transitions */
+	int64_t *at;     /* their times, ascending */
+	int32_t *off;    /* the UTC offset from each on */
+	int32_t off0;    /* before the first */
+};
+static struct zone zones[ZONES_MAX];
+static int nzones;
+static pthread_mutex_t zones_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static uint32_t be32(const unsigned char *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+	       (uint32_t)p[2] << 8 | p[3];
+}
+
+/* Reads the TZif data B (N bytes) into Z; -1 if it is not TZif. */
+static int tzif_parse(const unsigned char *b, size_t n, struct zone *z)
+{
+	size_t tsz = 4, at = 0;
+	for (int pass = 0; pass < 2; pass++) {
+		if (n - at < 44 || memcmp(b + at, "TZif", 4))
+			return -1;
+		uint32_t c[6]; /* isut, isstd, leap, time, type, char */
+		for (int i = 0; i < 6; i++)
+			c[i] = be32(b + at + 20 + 4 * i);
+		if (c[3] > 100000 || c[4] == 0 || c[4] > 256 || c[5] > 65536 ||
+		    c[2] > 10000 || c[0] > 256 || c[1] > 256)
+			return -1;
+		size_t times = at + 44, idx = times + c[3] * tsz,
+		       types = idx + c[3],
+		       end = types + c[4] * 6 + c[5] + c[2] * (tsz + 4) + c[1] + c[0];
+		if (end > n)
+			return -1;
+		if (pass == 0 && b[at + 4] >= '2') { /* the 64-bit section follows */
+			at = end;
+			tsz = 8;
+			continue;
+		}
+		z->n = (int)c[3];
+		z->at = calloc(c[3] + 1, sizeof *z->at);
+		z->off = calloc(c[3] + 1, sizeof *z->off);
+		if (!z->at || !z->off)
+			return -1;
+		z->off0 = (int32_t)be32(b + types);
+		for (uint32_t i = 0; i < c[3]; i++) {
+			const unsigned char *t = b + times + i * tsz;
+			z->at[i] = tsz == 8 ? (int64_t)((uint64_t)be32(t) << 32 |
+							be32(t + 4))
+					    : (int32_t)be32(t);
+			if (b[idx + i] >= c[4])
+				return -1;
+			z->off[i] = (int32_t)be32(b + types + b[idx + i] * 6);
+		}
+		return 0;
+	}
+	return -1;
+}
+
+/* The cached zone NAME, read on first use; NULL if unknown. Under the lock. */
+static const struct zone *zone_get(const char *name)
+{
+	for (int i = 0; i < nzones; i++)
+		if (!strcmp(zones[i].name, name))
+			return &zones[i];
+	if (nzones == ZONES_MAX)
+		return NULL;
+	char path[PATH_MAX];
+	const char *dir = getenv("TZDIR");
+	struct buf b = {0};
+	struct zone z = {0};
+	snprintf(path, sizeof path, "%s/%s", dir && *dir ? dir :
+		 "/usr/share/zoneinfo", name);
+	copy_str(z.name, sizeof z.name, name);
+	int rc = read_file(path, &b, 1 << 20) < 0 ? -1 :
+		 tzif_parse((const unsigned char *)b.data, b.len, &z);
+	buf_free(&b);
+	if (rc < 0) {
+		free(z.at);
+		free(z.off);
+		return NULL;
+	}
+	zones[nzones] = z;
+	return &zones[nzones++];
+}
+
+/* 1 if NAME may name a zone: the charset and length of cfg_timezone. */
+static int tz_name_ok(const char *name)
+{
+	size_t n = strlen(name);
+	if (!n || n > 64 || name[0] == '/' || strstr(name, ".."))
+		return 0;
+	for (const char *p = name; *p; p++)
+		if (!isalnum((unsigned char)*p) && !strchr("/_+-", *p))
+			return 0;
+	return 1;
+}
+
+int tz_offset(const char *zone, rm_time t, long *off)
+{
+	if (!zone || !*zone) { /* the store's: the process's zone */
+		struct tm tm;
+		time_t tt = (time_t)t;
+		if (!localtime_r(&tt, &tm))
+			return -1;
+		*off = tm.tm_gmtoff;
+		return 0;
+	}
+	if (!strcmp(zone, "UTC")) {
+		*off = 0;
+		return 0;
+	}
+	if (!tz_name_ok(zone))
+		return -1;
+	pthread_mutex_lock(&zones_lock);
+	const struct zone *z = zone_get(zone);
+	if (z) {
+		int lo = 0, hi = z->n; /* the first transition after t */
+		while (lo < hi) {
+			int mid = lo + (hi - lo) / 2;
+			if (z->at[mid] <= (int64_t)t)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		*off = lo ? z->off[lo - 1] : z->off0;
+	}
+	pthread_mutex_unlock(&zones_lock);
+	return z ? 0 : -1;
+}
+
+int tz_known(const char *zone)
+{
+	long off;
+	return zone && *zone && tz_offset(zone, 0, &off) == 0;
+}
+
+/* The quiet hours of CHANNEL ("email", "sms", "push"; others have none). */
+static const char *quiet_spec(const struct config *cfg, const char *channel)
+{
+	if (!strcmp(channel, "email"))
+		return cfg->quiet_hours_email;
+	if (!strcmp(channel, "sms"))
+		return cfg->quiet_hours_sms;
+	if (!strcmp(channel, "push"))
+		return cfg->quiet_hours_push;
+	return "";
+}
+
+/* ZONE's offset at T, else the store's, else UTC's. */
+static long zone_offset(const char *zone, rm_time t)
+{
+	long off;
+	if (tz_offset(zone, t, &off) < 0 && tz_offset(NULL, t, &off) < 0)
+		off = 0;
+	return off;
+}
+
+rm_time quiet_next(const struct config *cfg, const char *channel,
+		   const char *zone, rm_time now)
+{
+	int from, to;
+	long off;
+	if (quiet_parse(quiet_spec(cfg, channel), &from, &to) < 0 || from < 0)
+		return now;
+	rm_time t = now;
+	for (int i = 0; i < 3; i++) {
+		off = zone_offset(zone, t);
+		int64_t local = (int64_t)t + off;
+		int64_t sod = ((local % 86400) + 86400) % 86400;
+		int m = (int)(sod / 60);
+		int quiet = from < to ? m >= from * 60 && m < to * 60
+				      : m >= from * 60 || m < to * 60;
+		if (!quiet)
+			return t;
+		t = t - sod % 60 + (rm_time)(((to * 60 - m + 1440) % 1440) * 60);
+		/* the end of the window is in local time: a change of offset
+		 * (DST) inside it moves it by that much */
+		t -= zone_offset(zone, t) - off;
+	}
+	return t;
+}
+
 /* "https://shop.example/some/path" gives the origin "https://shop.example". */
 static void cfg_derive_origin(struct config *cfg)
 {
@@ -914,6 +1152,8 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 			return -1;
 	}
 	cfg_derive_store_name(cfg);
+	if (cfg_check_quiet(cfg, err, errlen) < 0)
+		return -1;
 	if (strcmp(cfg->browser_consent, "checkbox") &&
 	    strcmp(cfg->browser_consent, "confirm")) {
 		snprintf(err, errlen, "browser_consent: '%s' is not checkbox or "
@@ -1117,6 +1357,7 @@ void cfg_free(struct config *cfg)
 	X(CONTACT_NEW_BROWSER,                                                 \
 	  "INSERT INTO contacts (email, created, updated, held_at) "           \
 	  "VALUES (?1, ?2, ?2, ?3) RETURNING id")                              \
+	X(CONTACT_TZ_SET, "UPDATE contacts SET tz = ?2 WHERE id = ?1")         \
 	X(CONTACT_CONSENT_BROWSER,                                             \
 	  "UPDATE contacts SET updated = ?4, consent = CASE "                  \
 	  "WHEN ?2 = 1 AND consent = 0 AND NOT ?5 THEN 1 "                     \
@@ -1772,6 +2013,7 @@ void cfg_free(struct config *cfg)
 	  "SELECT json_patch(json_object('now',?1,'abandoned',?2,'enrolled',?3," \
 	  "'held_out',?12,'sent',?4,'retry',?5,'failed',?6,'exited',?7,"       \
 	  "'skipped',?8,'stale',?9,'winback_waiting',?11,"                     \
+	  "'deferred',?15,'deferred_skipped',?16,"                             \
 	  "'problems',json(?13)), json_object('stopped',?10,"                  \
 	  "'problems_more',nullif(?14,0)))")                                   \
 	/* appends the text ?2 to the JSON array ?1 */                        \
@@ -1955,6 +2197,31 @@ void cfg_free(struct config *cfg)
 	  "UPDATE messages SET status = 'queued', next_try = ?2, "             \
 	  "lease_until = NULL, attempts = max(attempts - ?5, 0), crashes = 0, " \
 	  "error = ?3 WHERE id = ?1 AND lease_owner = ?4")                     \
+	/* -- timing rules (smart sending, quiet hours): see msg_gate -- */  \
+	/* the latest message contact ?1 got since ?2, or ?4 (now) if one    \
+	 * is on its way past the gate; ?3 is the message asking. Both read  \
+	 * a window of one contact's rows by index, not the history */       \
+	X(GATE_GAP,                                                            \
+	  "SELECT max(t) FROM (SELECT max(sent_at) AS t FROM messages "        \
+	  "WHERE contact_id = ?1 AND sent_at > ?2 AND id != ?3 UNION ALL "     \
+	  "SELECT max(?4) FROM messages WHERE contact_id = ?1 AND gate_at > ?2 " \
+	  "AND id != ?3 AND status = 'sending' AND lease_until > ?4)")         \
+	/* an open (active, messaged) cart sequence of contact ?1 */          \
+	X(GATE_CART,                                                           \
+	  "SELECT EXISTS (SELECT 1 FROM enrollments e JOIN flows f "           \
+	  "ON f.id = e.flow_id WHERE e.contact_id = ?1 AND e.status = 'active' " \
+	  "AND e.holdout = 0 AND f.trigger = 'cart_abandoned')")               \
+	X(GATE_PASS,                                                           \
+	  "UPDATE messages SET gate_at = ?2 WHERE id = ?1 AND lease_owner = ?3 " \
+	  "AND status = 'sending'")                                            \
+	X(MESSAGE_HOLD,                                                        \
+	  "UPDATE messages SET status = 'queued', next_try = ?2, "             \
+	  "lease_until = NULL, gate_at = NULL, error = ?3, deferred_by = ?5 "  \
+	  "WHERE id = ?1 AND lease_owner = ?4")                                \
+	X(MESSAGE_HELD_BY, "UPDATE messages SET deferred_by = ?2 WHERE id = ?1") \
+	X(MESSAGE_WAS_HELD,                                                    \
+	  "SELECT deferred_by IS NOT NULL FROM messages WHERE id = ?1")        \
+	X(CONTACT_TZ, "SELECT coalesce(tz, '') FROM contacts WHERE id = ?1")   \
 	X(MESSAGE_END,                                                         \
 	  "UPDATE messages SET status = ?2, lease_until = NULL, error = ?3 "   \
 	  "WHERE id = ?1 AND lease_owner = ?4")                                \
@@ -2242,9 +2509,14 @@ void cfg_free(struct config *cfg)
 	  "WHERE i.message = m.id AND i.kind = 'unsubscribe')), 0) "           \
 	  "FROM messages m WHERE coalesce(m.sent_at, m.created) >= ?1 "        \
 	  "AND coalesce(m.sent_at, m.created) < ?2")                           \
+	/* stale steps; messages held back by a timing rule (deferred_by),  \
+	 * and of those the ones skipped as stale in the end */              \
 	X(REP_STALE,                                                           \
-	  "SELECT count(*) FROM messages WHERE status = 'skipped' "            \
-	  "AND error LIKE 'stale%' AND created >= ?1 AND created < ?2")        \
+	  "SELECT coalesce(sum(status = 'skipped' AND error LIKE 'stale%'), 0), " \
+	  "coalesce(sum(deferred_by IS NOT NULL), 0), "                        \
+	  "coalesce(sum(deferred_by IS NOT NULL AND status = 'skipped' "       \
+	  "AND error LIKE 'stale%'), 0) "                                      \
+	  "FROM messages WHERE created >= ?1 AND created < ?2")                \
 	X(REP_DISCOUNTS,                                                       \
 	  "SELECT (SELECT count(*) FROM discounts WHERE created >= ?1 "        \
 	  "AND created < ?2), (SELECT count(*) FROM discounts "                \
@@ -3769,6 +4041,8 @@ struct event {
 	char *kind;      /* a product's: 'product' or 'service' */
 	char *brand;
 	char *customer_id; /* the store's own customer number, kept as said */
+	char *tz;        /* the contact's IANA time zone (a browser's), checked */
+	long seconds;    /* a view's time on the page, -1: not said */
 	int consent;     /* -1: not said */
 	int has_total, has_price, has_amount;
 	double total, price, amount; /* amount: a refund's */
@@ -3852,6 +4126,7 @@ static void ev_free(struct event *e)
 	free(e->items);
 	free(e->review);
 	free(e->text);
+	free(e->tz);
 	memset(e, 0, sizeof *e);
 }
 
@@ -3965,6 +4240,24 @@ static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 			return -1;
 		e->ts = (rm_time)d;
 		return 0;
+	}
+	if (strcmp(key, "seconds") == 0) { /* a view's time on the page */
+		if (ev_number(s, key, jt, 0, 86400, 1, &d, err))
+			return -1;
+		e->seconds = (long)d;
+		return 0;
+	}
+	if (strcmp(key, "tz") == 0) { /* quiet hours are in the contact's zone */
+		if (strcmp(jt, "text") || !tz_name_ok(atom))
+			return fail(err, 400, "tz: not an IANA time zone name "
+				    "(e.g. Europe/Paris)");
+		/* a zone this system's tz database lacks (newer than it) is
+		 * no fault of the browser's: the event counts, without it */
+		if (!tz_known(atom))
+			return 0;
+		free(e->tz);
+		e->tz = strdup(atom);
+		return e->tz ? 0 : fail(err, 500, "out of memory");
 	}
 	if (strcmp(key, "items") == 0 || strcmp(key, "review") == 0) {
 		int items = *key == 'i';
@@ -4188,6 +4481,9 @@ static int ev_require(const struct event *e, enum ev_source src,
 			    "rm_vid cookie or a visitor_id");
 	if (!strcmp(t, "identify") && !e->email)
 		return fail(err, 400, "email: required for identify");
+	if (e->seconds >= 0 && strcmp(t, "view"))
+		return fail(err, 400, "seconds: only a view has seconds (its time "
+			    "on the page)");
 	if (!strcmp(t, "cart") && !e->items)
 		return fail(err, 400, "items: required for cart (use [] to empty it)");
 	if (!strcmp(t, "cart") && !e->cart_id && !visitor && !e->visitor_id)
@@ -4219,6 +4515,7 @@ static int ev_parse(struct app *app, const char *obj, enum ev_source src,
 	memset(e, 0, sizeof *e);
 	e->consent = -1;
 	e->ts = -1;
+	e->seconds = -1;
 	e->text = strdup(obj);
 	if (!e->text)
 		return fail(err, 500, "out of memory");
@@ -4362,6 +4659,9 @@ static int64_t ev_contact(struct app *app, const struct event *e,
 		if (id && q_exec(db, q(db, ST_VISITOR_CARTS, "ti", vid, id)) < 0)
 			return -1;
 	}
+	if (id > 0 && e->tz && q_exec(db, q(db, ST_CONTACT_TZ_SET, "it", id,
+					    e->tz)) < 0)
+		return -1;
 	return id;
 }
 
@@ -9279,6 +9579,96 @@ static int msg_stale(const struct config *cfg, const struct msgrow *m,
 }
 
 /*
+ * Timing rules, checked when a claimed message is about to go (after its
+ * exit conditions and its staleness): the channel's quiet hours in the
+ * contact's time zone; a win-back waits while the contact's cart sequence
+ * runs (the cart matters more); and smart sending: at most one message a
+ * contact per min_gap_hours across flows (and channels). A message held
+ * back is deferred (queued again for when the rule lets it go, its
+ * attempt not counted), never dropped, unless it would then be stale:
+ * then it is skipped as stale now. Unlike Klaviyo's smart sending, which
+ * skips at once, the step keeps its chance within its lateness limit.
+ * The gap check and the mark that the message passed it (gate_at) are
+ * one write transaction, so two senders of one tick, or two ticks, never
+ * both pass for one contact.
+ */
+
+/* The channel the message goes by. Steps gain a channel in issue 13;
+ * until then every message is a mail. */
+static const char *msg_channel(const struct msgrow *m)
+{
+	(void)m;
+	return "email";
+}
+
+/* 0: M may go now (gate_at written); 1: not before *UNTIL, for the
+ * rule *KIND ("quiet", "cart", "gap"); -1 on a database error. */
+static int msg_gate(struct app *app, const struct msgrow *m,
+		    const char *channel, rm_time now, rm_time *until,
+		    const char **kind)
+{
+	struct db *db = app->db;
+	char tz[80] = "";
+	sqlite3_stmt *s = q(db, ST_CONTACT_TZ, "i", m->contact);
+	if (sqlite3_step(s) == SQLITE_ROW)
+		copy_str(tz, sizeof tz, col_text(s, 0));
+	sqlite3_reset(s);
+	*until = quiet_next(app->cfg, channel, *tz ? tz : NULL, now);
+	*kind = "quiet";
+	if (*until > now)
+		return 1;
+	*until = now + 3600; /* looked at again in an hour */
+	*kind = "cart";
+	if (!strcmp(m->trigger, "customer_lapsed") &&
+	    db_scalar_stmt(q(db, ST_GATE_CART, "i", m->contact)) == 1)
+		return 1;
+	long hours = app->cfg->min_gap_hours;
+	if (hours <= 0)
+		return 0;
+	int64_t gap = (int64_t)(hours < 100000 ? hours : 100000) * 3600;
+	if (db_begin(db))
+		return -1;
+	long long last = db_scalar_stmt(q(db, ST_GATE_GAP, "iiii", m->contact,
+					  (int64_t)now - gap, m->id,
+					  (int64_t)now));
+	int rc = last < 0 ? -1 : last > 0 ? 1 :
+		 q_exec(db, q(db, ST_GATE_PASS, "iii", m->id, (int64_t)now,
+			      m->owner));
+	if (rc < 0 || db_commit(db)) {
+		db_rollback(db);
+		return -1;
+	}
+	*until = (rm_time)(last + gap);
+	*kind = "gap";
+	return rc;
+}
+
+/* M was held back by rule KIND until UNTIL: deferred, or skipped as stale
+ * if it would be too late by then. */
+static int msg_hold(struct app *app, const struct msgrow *m, rm_time until,
+		    const char *kind, struct tick_summary *sum)
+{
+	char why[300], stale[200];
+	const char *rule = !strcmp(kind, "gap") ? "smart sending: a message "
+			   "reached this contact within min_gap_hours" :
+			   !strcmp(kind, "cart") ? "the contact's cart sequence "
+			   "goes first" : "quiet hours of the channel";
+	if (msg_stale(app->cfg, m, until, stale, sizeof stale)) {
+		snprintf(why, sizeof why, "stale: held back (%s) past this "
+			 "step's limit", rule);
+		sum->deferred_skipped++;
+		if (q_write(app->db, q(app->db, ST_MESSAGE_HELD_BY, "it", m->id,
+				       kind)) < 0)
+			return -1;
+		return msg_exit(app, m, why, sum);
+	}
+	snprintf(why, sizeof why, "deferred: %s", rule);
+	sum->deferred++;
+	return q_write(app->db, q(app->db, ST_MESSAGE_HOLD, "iitit", m->id,
+				  (int64_t)until, why, m->owner, kind));
+}
+
+/*
  * 5xx answers to the content (end of DATA). One alone is about its
  * recipient; the same content refused for REFUSALS_IN_A_ROW different
  * recipients in a row is about the content or the sender, and then
@@ -9530,10 +9920,20 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 			       "cart active again", 0);
 		goto out;
 	}
-	if (!why && msg_stale(app->cfg, &m, now, stale, sizeof stale))
+	if (!why && msg_stale(app->cfg, &m, now, stale, sizeof stale)) {
 		why = stale;
+		sum->deferred_skipped +=
+			db_scalar_stmt(q(app->db, ST_MESSAGE_WAS_HELD, "i", id)) == 1;
+	}
 	if (why) {
 		rc = msg_exit(app, &m, why, sum);
+		goto out;
+	}
+	rm_time until;
+	const char *kind;
+	int g = msg_gate(app, &m, msg_channel(&m), now, &until, &kind);
+	if (g != 0) {
+		rc = g < 0 ? -1 : msg_hold(app, &m, until, kind, sum);
 		goto out;
 	}
 	if (app->cfg->dry_run) { /* a backtest: it would have gone now */
@@ -10085,6 +10485,8 @@ static void sum_add(struct tick_summary *to, struct tick_summary *from)
 	to->sent += from->sent, to->retry += from->retry;
 	to->failed += from->failed, to->exited += from->exited;
 	to->skipped += from->skipped, to->stale += from->stale;
+	to->deferred += from->deferred;
+	to->deferred_skipped += from->deferred_skipped;
 	if (!*to->stopped)
 		copy_str(to->stopped, sizeof to->stopped, from->stopped);
 	for (int i = 0; i < from->problems.n; i++)
@@ -10241,7 +10643,7 @@ int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
 	struct buf pj = {0};
 	int rc = problems_json(app->db, &s->problems, &pj);
 	if (rc == 0)
-		rc = json_from(app->db, q(app->db, ST_JSON_TICK, "iiiiiiiiitiiti",
+		rc = json_from(app->db, q(app->db, ST_JSON_TICK, "iiiiiiiiitiitiii",
 					  (int64_t)now, (int64_t)s->abandoned,
 					  (int64_t)s->enrolled, (int64_t)s->sent,
 					  (int64_t)s->retry, (int64_t)s->failed,
@@ -10250,7 +10652,9 @@ int tick_json(struct app *app, const struct tick_summary *s, rm_time now,
 					  *s->stopped ? s->stopped : NULL,
 					  (int64_t)s->winback_waiting,
 					  (int64_t)s->held_out, buf_str(&pj),
-					  (int64_t)s->problems.more),
+					  (int64_t)s->problems.more,
+					  (int64_t)s->deferred,
+					  (int64_t)s->deferred_skipped),
 			       out);
 	buf_free(&pj);
 	return rc;
@@ -12323,7 +12727,8 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	      &r->recovered_revenue);
 	q_row(q(db, ST_REP_MESSAGES, "ii", a, b), "lllll", &r->sent, &r->bounced,
 	      &r->opened, &r->clicked, &r->unsubscribed);
-	q_row(q(db, ST_REP_STALE, "ii", a, b), "l", &r->stale);
+	q_row(q(db, ST_REP_STALE, "ii", a, b), "lll", &r->stale, &r->deferred,
+	      &r->deferred_skipped);
 	q_row(q(db, ST_REP_DISCOUNTS, "ii", a, b), "lld", &r->codes_issued,
 	      &r->codes_redeemed, &r->discount_cost);
 	q_row(q(db, ST_REP_CODE_FLAGS, "ii", a, b), "ll", &r->codes_reused,
@@ -12449,6 +12854,11 @@ static const struct rep_num rep_nums[] = {
 	{"bounced", RN(bounced), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL, " bounced"},
 	{"stale_steps", RN(stale), RK_COUNT, RW_JSON_TAIL | RW_TEXT, 0, NULL, 0,
 	 "stale steps        ", " (too late to send: recorded, not sent)"},
+	{"deferred", RN(deferred), RK_COUNT, RW_JSON_TAIL | RW_TEXT, 0, NULL, 0,
+	 "deferred           ", " held back (smart sending, a cart first, quiet "
+	 "hours), "},
+	{"deferred_skipped", RN(deferred_skipped), RK_COUNT,
+	 RW_JSON_TAIL | RW_TEXT, 0, NULL, 0, NULL, " of them skipped as stale"},
 	{"codes_issued", RN(codes_issued), RK_COUNT, RW_TEXT, 0, NULL, 0,
 	 "discount codes     ", " issued, "},
 	{"codes_redeemed", RN(codes_redeemed), RK_COUNT, RW_TEXT, 0, NULL, 0, NULL,

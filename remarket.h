@@ -70,6 +70,8 @@ struct config {
 	long max_body;      /* bytes; larger request bodies get 413 */
 	long threads;       /* FastCGI worker threads */
 	long max_lateness_hours; /* a step later than this is stale (0: never) */
+	long min_gap_hours; /* one message a contact per this, across flows (0: off) */
+	char *quiet_hours_email, *quiet_hours_sms, *quiet_hours_push; /* "21-9", "" */
 	long retention_days; /* raw events older than this go (0: kept) */
 	long lease_seconds; /* how long a claimed message stays claimed */
 	long smtp_connect_timeout; /* seconds to connect to the relay */
@@ -111,6 +113,19 @@ int cfg_mailbox(const char *mb, char *name, size_t nlen, char *addr,
  * process's time zone: cfg_load calls it before any thread starts, so
  * one process writes one store's dates. -1 if the zone is not known. */
 int cfg_timezone(const char *name);
+/* The UTC offset (seconds east) at T of ZONE, an IANA name read once from
+ * the system's tz database and cached (thread-safe, no TZ change); NULL
+ * or "" is the process's zone. -1 if ZONE is not known. */
+int tz_offset(const char *zone, rm_time t, long *off);
+/* 1 if ZONE is a zone of the system's tz database (a browser's tz). */
+int tz_known(const char *zone);
+/* Quiet hours "FROM-TO" (whole hours, across midnight if FROM > TO) into
+ * FROM and TO; "" gives -1, -1 (none). -1 if malformed. */
+int quiet_parse(const char *spec, int *from, int *to);
+/* The first minute at or after NOW outside CHANNEL's quiet hours
+ * (quiet_hours_<channel>) in ZONE (NULL: the store's): NOW if allowed. */
+rm_time quiet_next(const struct config *cfg, const char *channel,
+		   const char *zone, rm_time now);
 /* URL without its password ("smtp://user:pw@relay" gives
  * "smtp://user@relay"), for every message that names smtp_url; a URL
  * curl cannot parse is shown as "(smtp_url: not a URL)", never raw. */
@@ -462,6 +477,8 @@ struct tick_summary {
 	long abandoned, enrolled, sent, retry, failed, exited, skipped;
 	int budget_spent; /* the budget ran out: the rest waits for the next tick */
 	long stale;        /* steps too late to send: recorded, not sent */
+	long deferred;     /* held back by a timing rule (gap, cart, quiet) */
+	long deferred_skipped; /* of the stale, those a timing rule held back */
 	long winback_waiting; /* lapsed held back by winback_daily_max */
 	long held_out;     /* of the enrolled: the holdout, never messaged */
 	char stopped[400]; /* why the tick stopped early, or "" */
@@ -635,6 +652,8 @@ struct report {
 	double days_needed;        /* at the period's cart enrollments per day */
 	long sent, opened, clicked, unsubscribed, bounced, codes_issued, codes_redeemed;
 	long stale;                /* steps recorded stale: too late to send */
+	long deferred;             /* held back by a timing rule (gap, cart, quiet) */
+	long deferred_skipped;     /* ... and skipped as stale in the end */
 	double unsubscribe_rate, discount_cost;
 	long codes_reused, codes_expired; /* orders whose code was used before, or had expired */
 	long browser_held; /* new browser-only contacts past the hourly cap */

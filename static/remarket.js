@@ -10,7 +10,7 @@
 	if (prev && prev.loaded) return;
 	var cfg = {endpoint: '/rm', onsite: true, onsiteLink: 'View your cart', swScope: '/'};
 	var ID = /^[A-Za-z0-9._:-]{1,64}$/, EMAIL = /^[^\s@<>()\[\],;:"]+@[^\s@<>()\[\],;:"]+\.[A-Za-z]{2,}$/;
-	var vidMem, captures = [], sent = {};
+	var vidMem, captures = [], sent = {}, dwell;
 	function guard(f) {
 		return function () { try { return f.apply(null, arguments); } catch (e) { /* never into the page */ } };
 	}
@@ -42,6 +42,12 @@
 		if (w.fetch) w.fetch(url, {method: 'POST', keepalive: true, credentials: 'same-origin',
 			headers: {'Content-Type': 'text/plain'}, body: body})['catch'](function () {});
 	}
+	function tz() {
+		try {
+			var z = w.Intl && w.Intl.DateTimeFormat().resolvedOptions().timeZone;
+			return typeof z === 'string' && /^[A-Za-z0-9_+\/-]{1,64}$/.test(z) ? z : '';
+		} catch (e) { return ''; }
+	}
 	function emit(type, o, keys) {
 		if (!o || typeof o !== 'object') return;
 		var ev = {type: type};
@@ -51,6 +57,8 @@
 			if (!EMAIL.test(ev.email)) return;
 			if (has(ev, 'name')) ev.name = str(ev.name, 100);
 			if (has(ev, 'consent')) ev.consent = ev.consent === true;
+			var z = tz();
+			if (z) ev.tz = z; /* quiet hours (SMS, push) are in the shopper's zone */
 		}
 		send(ev);
 	}
@@ -62,7 +70,20 @@
 		},
 		identify: function (o) { emit('identify', o, ['name', 'consent']); },
 		cart: function (o) { emit('cart', o, ['cart_id', 'currency', 'items', 'total', 'email']); },
-		view: function (o) { emit('view', o, ['sku', 'url']); },
+		view: function (o) {
+			emit('view', o, ['sku', 'url']);
+			/* a long look counts like a second view (browse abandonment):
+			 * on leaving a page viewed 60 s or more, once, with its seconds */
+			if (!o || typeof o.sku !== 'string' || dwell) return;
+			var t0 = Date.now(), sku = o.sku;
+			dwell = guard(function () {
+				var s = Math.round((Date.now() - t0) / 1000);
+				if (s < 60 || dwell === true) return;
+				dwell = true;
+				send({type: 'view', sku: sku, seconds: Math.min(s, 86400)});
+			});
+			w.addEventListener('pagehide', dwell);
+		},
 		pushPrompt: function () { pushPrompt(); },
 		captureEmail: function (sel, opts) {
 			if (!sel) return;

@@ -2393,6 +2393,11 @@ static void test_codes_migration(void)
 	db_scalar(db, "DROP TABLE feedback"); /* 020 */
 	db_scalar(db, "DROP TABLE webhook_tokens");
 	db_scalar(db, "DROP TABLE push_subscriptions"); /* 024 */
+	db_scalar(db, "DROP INDEX messages_contact_sent"); /* 025 */
+	db_scalar(db, "DROP INDEX messages_contact_gate");
+	db_scalar(db, "ALTER TABLE messages DROP COLUMN deferred_by");
+	db_scalar(db, "ALTER TABLE messages DROP COLUMN gate_at");
+	db_scalar(db, "ALTER TABLE contacts DROP COLUMN tz");
 	db_scalar(db, "DROP INDEX messages_message_id");
 	db_scalar(db, "DROP INDEX orders_cart"); /* 019, replayed too */
 	db_scalar(db, "ALTER TABLE products DROP COLUMN kind");
@@ -3889,7 +3894,8 @@ static void test_flow(void)
 		   !strcmp(j.data, "{\"now\":1795000000,\"abandoned\":1,\"enrolled\":2,"
 			   "\"held_out\":8,\"sent\":3,"
 			   "\"retry\":4,\"failed\":5,\"exited\":6,\"skipped\":7,\"stale\":0,"
-			   "\"winback_waiting\":0,\"problems\":[\"templates/x.html:3: '{{#a}}' "
+			   "\"winback_waiting\":0,\"deferred\":0,\"deferred_skipped\":0,"
+			   "\"problems\":[\"templates/x.html:3: '{{#a}}' "
 			   "is never closed\"]}"),
 	   "tick_json reports every counter, the held-out and each problem once");
 	buf_free(&j);
@@ -7297,6 +7303,7 @@ static void test_cart_generations(void)
 	char loc[600];
 	if (!ok(world_open(&w, "generations") == 0, "generations: world opens"))
 		return;
+	w.cfg.min_gap_hours = 0; /* two reminders 3 h apart: no smart sending */
 	evf(&w, EV_HOOK, NULL, T0, "{\"type\":\"cart\",\"email\":\"gen@example.com\","
 	    "\"name\":\"Gen\",\"consent\":true,\"cart_id\":\"g1\",\"items\":" GEN_ITEMS1 "}");
 	ok(tick(&w, T0 + HOUR, &s) == 0 && sum_is(&s, 1, 1, 1),
@@ -7516,6 +7523,7 @@ static void test_nameless_items(void)
 	struct buf dec = {0};
 	if (!ok(world_open(&w, "nameless") == 0, "nameless items: world opens"))
 		return;
+	w.cfg.min_gap_hours = 0; /* cart and post-purchase mails 2 h apart */
 	is_int(evf(&w, EV_HOOK, NULL, T0, "{\"type\":\"product\",\"sku\":\"TV-1\",\"brand\":\"Acme\","
 		   "\"category\":\"televisions\",\"price\":300}"), 1,
 	       "a product with a brand and category, no name, is accepted");
@@ -7666,6 +7674,233 @@ static void test_carts_as_shops(void)
 	test_neutral_copy();
 }
 
+/* ==== Timing rules: quiet hours, smart sending, the cart first ======== */
+
+struct tz_run { const char *zone; rm_time t; long want; int bad; };
+
+static void *tz_thread(void *arg)
+{
+	struct tz_run *r = arg;
+	for (int i = 0; i < 2000; i++) {
+		long off = 1;
+		if (tz_offset(r->zone, r->t, &off) < 0 || off != r->want)
+			r->bad++;
+	}
+	return NULL;
+}
+
+static void test_quiet_hours(void)
+{
+	struct world w;
+	int a, b;
+	long off = 1;
+	ok(quiet_parse("21-9", &a, &b) == 0 && a == 21 && b == 9, "quiet: 21-9 parses");
+	ok(quiet_parse("", &a, &b) == 0 && a == -1 && b == -1, "quiet: empty is none");
+	ok(quiet_parse("9-9", &a, &b) < 0 && quiet_parse("24-1", &a, &b) < 0 &&
+	   quiet_parse("21", &a, &b) < 0 && quiet_parse("21-9x", &a, &b) < 0 &&
+	   quiet_parse("-1-9", &a, &b) < 0 && quiet_parse("a-b", &a, &b) < 0,
+	   "quiet: 9-9, 24-1, 21, 21-9x, -1-9, a-b refused");
+	ok(tz_offset("America/New_York", T0, &off) == 0 && off == -5 * HOUR,
+	   "tz: New York in November is UTC-5");
+	ok(tz_offset("America/New_York", T0 - 140 * DAY, &off) == 0 && off == -4 * HOUR,
+	   "tz: ... and UTC-4 in July");
+	ok(tz_offset("Asia/Kolkata", T0, &off) == 0 && off == 19800, "tz: Kolkata +5:30");
+	ok(!tz_known("Mars/Olympus") && !tz_known("../../etc/passwd") && !tz_known("") &&
+	   !tz_known("Europe") && !tz_known("/etc/passwd") && tz_known("Europe/Paris"),
+	   "tz: unknown names, paths and directories are refused, Europe/Paris known");
+	/* four threads at once on the cache: no TZ change, the right offsets */
+	struct tz_run r[4] = {{"Europe/Paris", T0, HOUR, 0}, {"America/New_York", T0, -5 * HOUR, 0},
+			      {"Australia/Sydney", T0, 11 * HOUR, 0}, {NULL, T0, 0, 0}};
+	pthread_t th[4];
+	for (int i = 0; i < 4; i++)
+		pthread_create(&th[i], NULL, tz_thread, &r[i]);
+	for (int i = 0; i < 4; i++)
+		pthread_join(th[i], NULL);
+	ok(!r[0].bad && !r[1].bad && !r[2].bad && !r[3].bad,
+	   "tz: 4 threads x 2000 look-ups, every offset right (%d %d %d %d wrong)",
+	   r[0].bad, r[1].bad, r[2].bad, r[3].bad);
+	if (!ok(world_open(&w, "quiet") == 0, "quiet: world opens"))
+		return;
+	struct config *c = &w.cfg;
+	/* T0 is 11:06:40Z: 06:06:40 in New York */
+	is_int(quiet_next(c, "sms", "America/New_York", T0), T0 + 10400,
+	       "sms at 06:06 in New York waits for 09:00 there (14:00Z)");
+	is_int(quiet_next(c, "push", "America/New_York", T0), T0 + 10400, "push too");
+	is_int(quiet_next(c, "email", "America/New_York", T0), T0, "email has no quiet hours by default");
+	is_int(quiet_next(c, "sms", "Asia/Kolkata", T0), T0, "16:36 in Kolkata: sms goes");
+	is_int(quiet_next(c, "sms", NULL, T0), T0, "no zone: the store's (UTC), 11:06 goes");
+	is_int(quiet_next(c, "sms", NULL, T0 + 10 * HOUR), T0 + 78800,
+	       "21:06 in the store's zone waits for 09:00 the next day");
+	is_int(quiet_next(c, "sms", "Europe/Paris", 1774735200), 1774767600,
+	       "Paris, the night summer time starts: 09:00 CEST (07:00Z)");
+	is_int(quiet_next(c, "sms", "Europe/Paris", 1792879200), 1792915200,
+	       "Paris, the night it ends: 09:00 CET (08:00Z)");
+	set_cfg(&c->quiet_hours_sms, "");
+	is_int(quiet_next(c, "sms", "America/New_York", T0), T0, "quiet_hours_sms = (empty): none");
+	/* the browser's zone */
+	struct ev_error err;
+	is_int(evf(&w, EV_BROWSER, "v-tz", T0, "{\"type\":\"identify\",\"email\":\"tz@example.com\","
+		   "\"consent\":true,\"tz\":\"America/New_York\"}"), 1, "identify with tz accepted");
+	char *z = sq_text(&w, "SELECT tz FROM contacts WHERE email = 'tz@example.com'");
+	ok(z && !strcmp(z, "America/New_York"), "... the contact's zone is stored");
+	free(z);
+	is_int(ingest(&w, EV_BROWSER, "{\"type\":\"identify\",\"email\":\"tz2@example.com\","
+		      "\"tz\":\"../../etc/passwd\"}", T0, &err), -1, "a path as tz is refused");
+	is_int(err.status, 400, "... 400");
+	is_int(evf(&w, EV_BROWSER, "v-tz3", T0, "{\"type\":\"identify\",\"email\":\"tz3@example.com\","
+		   "\"tz\":\"Mars/Olympus\"}"), 1, "an unknown but well-formed zone: the event counts");
+	is_int(sq(&w, "SELECT count(*) FROM contacts WHERE email = 'tz3@example.com' AND tz IS NULL"), 1,
+	       "... without a zone");
+	/* a view's time on the page (browse abandonment reads it) */
+	is_int(evf(&w, EV_BROWSER, "v-tz", T0, "{\"type\":\"view\",\"sku\":\"LAMP-1\","
+		   "\"seconds\":75}"), 1, "a view with seconds 75 is accepted");
+	is_int(ingest(&w, EV_BROWSER, "{\"type\":\"view\",\"sku\":\"LAMP-1\",\"seconds\":1.5}",
+		      T0, &err), -1, "seconds 1.5 is refused");
+	is_int(ingest(&w, EV_BROWSER, "{\"type\":\"view\",\"sku\":\"LAMP-1\",\"seconds\":90000}",
+		      T0, &err), -1, "seconds 90000 (past a day) is refused");
+	is_int(ingest(&w, EV_BROWSER, "{\"type\":\"identify\",\"email\":\"s@example.com\","
+		      "\"seconds\":75}", T0, &err), -1, "seconds on an identify is refused");
+	ok(err.status == 400 && contains(err.msg, "only a view has seconds"), "... 400, saying why");
+	/* a mail in quiet hours (quiet_hours_email set) in the contact's zone */
+	set_cfg(&c->quiet_hours_email, "21-9");
+	struct tick_summary s;
+	cart_event(&w, "tz@example.com", "Tz", "tzc", 1, T0 - HOUR);
+	tick(&w, T0, &s);
+	is_int(s.sent, 0, "quiet_hours_email 21-9: a reminder due at 06:06 in New York is not sent");
+	is_int(s.deferred, 1, "... it is deferred (tick summary)");
+	is_int(sq(&w, "SELECT next_try FROM messages WHERE deferred_by = 'quiet' AND status = 'queued'"),
+	       T0 + 10400, "... to 09:00 New York time");
+	tick(&w, T0 + 10400, &s);
+	is_int(s.sent, 1, "... and sent then");
+	world_close(&w);
+}
+
+static void test_smart_sending(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "gap") == 0, "gap: world opens"))
+		return;
+	is_int(w.cfg.min_gap_hours, 16, "min_gap_hours defaults to 16");
+	cart_event(&w, "gap@example.com", "Gap", "g1", 1, T0);
+	cart_event(&w, "gap@example.com", "Gap", "g2", 1, T0 + 30 * MIN);
+	tick(&w, T0 + HOUR, &s);
+	is_int(s.sent, 1, "cart g1's reminder at +1 h");
+	tick(&w, T0 + 90 * MIN, &s);
+	is_int(s.sent, 0, "cart g2's, due 30 min later, is not sent (smart sending)");
+	is_int(s.deferred_skipped, 1, "... 16 h would be past its limit (11.5 h): skipped as stale");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE status = 'skipped' "
+		  "AND error LIKE 'stale: held back (smart sending%%'"), 1, "... with the reason");
+	/* a gap of 4 h: deferred, then sent */
+	w.cfg.min_gap_hours = 4;
+	cart_event(&w, "gap2@example.com", "Gap", "h1", 1, T0);
+	cart_event(&w, "gap2@example.com", "Gap", "h2", 1, T0 + 30 * MIN);
+	tick(&w, T0 + HOUR, &s);
+	tick(&w, T0 + 90 * MIN, &s);
+	is_int(s.deferred, 1, "min_gap_hours = 4: the second reminder is deferred");
+	long long id = sq(&w, "SELECT m.id FROM messages m JOIN contacts c ON c.id = m.contact_id "
+			  "WHERE c.email = 'gap2@example.com' AND m.status = 'queued' AND deferred_by = 'gap'");
+	is_int(sq(&w, "SELECT next_try FROM messages WHERE id = %lld", id), T0 + 5 * HOUR,
+	       "... to 4 h after the first was sent");
+	tick(&w, T0 + 5 * HOUR - 60, &s);
+	is_int(sq(&w, "SELECT status = 'queued' FROM messages WHERE id = %lld", id), 1, "... not before");
+	tick(&w, T0 + 5 * HOUR, &s);
+	is_int(sq(&w, "SELECT status = 'sent' FROM messages WHERE id = %lld", id), 1, "... sent then");
+	is_int(sq(&w, "SELECT attempts FROM messages WHERE id = %lld", id), 1,
+	       "... a deferral counts no attempt");
+	/* 0: off */
+	w.cfg.min_gap_hours = 0;
+	cart_event(&w, "gap3@example.com", "Gap", "k1", 1, T0);
+	cart_event(&w, "gap3@example.com", "Gap", "k2", 1, T0 + 30 * MIN);
+	tick(&w, T0 + HOUR, &s);
+	tick(&w, T0 + 90 * MIN, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 'gap3@example.com' AND m.status = 'sent'"), 2,
+	       "min_gap_hours = 0: both reminders go");
+	/* two due in one tick: the first claimed goes, the other waits */
+	w.cfg.min_gap_hours = 4;
+	cart_event(&w, "gap4@example.com", "Gap", "j1", 1, T0 + 40 * HOUR);
+	cart_event(&w, "gap4@example.com", "Gap", "j2", 1, T0 + 40 * HOUR + MIN);
+	tick(&w, T0 + 42 * HOUR, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 'gap4@example.com' AND m.status = 'sent'"), 1,
+	       "two reminders due in one tick: one goes ...");
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = m.contact_id "
+		  "WHERE c.email = 'gap4@example.com' AND m.status = 'queued' "
+		  "AND m.deferred_by = 'gap' AND m.next_try = %lld", (long long)(T0 + 46 * HOUR)), 1,
+	       "... the other waits the gap");
+	/* the check reads an index window, not the history */
+	sqlite3_stmt *p;
+	sqlite3 *h = NULL;
+	int idx = 0;
+	if (sqlite3_open_v2(w.cfg.db, &h, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK &&
+	    sqlite3_prepare_v2(h, "EXPLAIN QUERY PLAN SELECT max(t) FROM (SELECT "
+			       "max(sent_at) AS t FROM messages WHERE contact_id = 1 AND sent_at > 5 "
+			       "AND id != 3 UNION ALL SELECT max(9) FROM messages WHERE contact_id = 1 "
+			       "AND gate_at > 5 AND id != 3 AND status = 'sending' AND lease_until > 9)",
+			       -1, &p, NULL) == SQLITE_OK) {
+		while (sqlite3_step(p) == SQLITE_ROW) {
+			const char *d = (const char *)sqlite3_column_text(p, 3);
+			idx += d && (strstr(d, "messages_contact_sent (contact_id=? AND sent_at>?)") ||
+				     strstr(d, "messages_contact_gate (contact_id=? AND gate_at>?)"));
+		}
+		sqlite3_finalize(p);
+	}
+	sqlite3_close(h);
+	is_int(idx, 2, "the gap check searches both index windows (contact, time)");
+	struct report r;
+	memset(&r, 0, sizeof r);
+	struct buf j = {0};
+	long long held = sq(&w, "SELECT count(*) FROM messages WHERE deferred_by IS NOT NULL");
+	int rb = report_build(&w.app, T0 - DAY, T0 + 3 * DAY, &r);
+	ok(rb == 0 && held >= 3 && r.deferred == held && r.deferred_skipped == 1,
+	   "the report counts every message held back (%lld), 1 skipped as stale", held);
+	report_json(&r, &j);
+	char want[80];
+	snprintf(want, sizeof want, "\"deferred\":%lld,\"deferred_skipped\":1", held);
+	ok(j.data && strstr(j.data, want), "... report JSON: %s", want);
+	buf_free(&j);
+	world_close(&w);
+}
+
+static void test_cart_first(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "cartfirst") == 0, "cart first: world opens"))
+		return;
+	w.cfg.min_gap_hours = 0; /* this rule alone */
+	product(&w, "A", "lighting", T0);
+	product(&w, "B", "lighting", T0);
+	order_line(&w, "o1", "both@example.com", "A", 40, T0 - 91 * DAY, T0);
+	cart_event(&w, "both@example.com", "Both", "bc", 1, T0 - HOUR);
+	tick(&w, T0, &s);
+	is_int(winback_sent(&w, "both@example.com", 1), 0,
+	       "a lapsed customer with an open cart sequence: no win-back yet");
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "
+		  "JOIN flows f ON f.id = e.flow_id WHERE f.trigger = 'cart_abandoned' "
+		  "AND m.status = 'sent'"), 1, "... the cart reminder goes");
+	is_int(sq(&w, "SELECT count(*) FROM messages WHERE deferred_by = 'cart' AND status = 'queued' "
+		  "AND next_try = %lld", (long long)(T0 + HOUR)), 1,
+	       "... the win-back is deferred (looked at again in an hour)");
+	tick(&w, T0 + 2 * HOUR, &s);
+	is_int(winback_sent(&w, "both@example.com", 1), 0, "... still while the cart sequence runs");
+	/* the cart sequence ends (an emptied cart) */
+	db_scalar(w.app.db, "UPDATE enrollments SET status = 'exited', exit_reason = 'empty' "
+		  "WHERE flow_id = 1");
+	tick(&w, T0 + 3 * HOUR, &s);
+	is_int(winback_sent(&w, "both@example.com", 1), 1, "once it ends, the win-back goes");
+	/* held too long: stale, counted */
+	order_line(&w, "o2", "late@example.com", "A", 40, T0 - 91 * DAY, T0);
+	cart_event(&w, "late@example.com", "Late", "lc", 1, T0 + 2 * HOUR);
+	tick(&w, T0 + 3 * HOUR, &s);
+	tick(&w, T0 + 30 * HOUR, &s);
+	is_int(winback_sent(&w, "late@example.com", 1), 0, "a win-back held past its limit ...");
+	ok(s.deferred_skipped >= 1 && s.stale >= 1, "... is skipped as stale and counted (%ld)",
+	   s.deferred_skipped);
+	world_close(&w);
+}
+
 int main(void)
 {
 	if (sodium_init() < 0 || curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
@@ -7731,6 +7966,9 @@ int main(void)
 	test_status();
 	test_push_rfc8291();
 	test_push_vapid();
+	test_quiet_hours();
+	test_smart_sending();
+	test_cart_first();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
 		diag("could not remove %s", tmpdir);
