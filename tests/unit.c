@@ -2398,6 +2398,13 @@ static void test_codes_migration(void)
 	db_scalar(db, "ALTER TABLE carts DROP COLUMN generation");
 	db_scalar(db, "ALTER TABLE carts DROP COLUMN started");
 	db_scalar(db, "ALTER TABLE products DROP COLUMN brand");
+	db_scalar(db, "DROP INDEX contacts_phone"); /* 023 */
+	db_scalar(db, "ALTER TABLE steps DROP COLUMN channels");
+	db_scalar(db, "ALTER TABLE messages DROP COLUMN channel");
+	db_scalar(db, "ALTER TABLE contacts DROP COLUMN phone");
+	db_scalar(db, "ALTER TABLE contacts DROP COLUMN sms_consent");
+	db_scalar(db, "ALTER TABLE contacts DROP COLUMN sms_consent_source");
+	db_scalar(db, "ALTER TABLE contacts DROP COLUMN sms_consent_at");
 	char pragma[64];
 	/* 009 is the 8th migration (there is no 005): 009, 010 (idempotent)
 	 * and 012 run again */
