@@ -9,12 +9,12 @@ DOCDIR   ?= $(PREFIX)/share/doc/remarket
 UNITDIR  ?= $(PREFIX)/lib/systemd/system
 CC       ?= cc
 CFLAGS   ?= -O2 -g
-PKGS      = fcgi sqlite3 libcurl libsodium
+PKGS      = fcgi sqlite3 libcurl libsodium libcrypto
 # -Wno-format-truncation: snprintf results that matter are checked; the
 # rest are error messages, where a cut is harmless.
 RM_CFLAGS = -std=c11 -Wall -Wextra -Werror -Wno-format-truncation -DRM_SHAREDIR='"$(SHAREDIR)"' \
             $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LIBS      = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lsqlite3 -lcurl -lsodium) -lpthread -lm
+LIBS      = $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lsqlite3 -lcurl -lsodium -lcrypto) -lpthread -lm
 SAN       = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 MIGRATIONS = $(sort $(wildcard sql/[0-9]*.sql))
 

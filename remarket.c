@@ -64,6 +64,8 @@
 
 #include <curl/curl.h>
 #include <fcgiapp.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <sodium.h>
 #include <sqlite3.h>
 
@@ -9020,6 +9022,133 @@ static enum send_result sms_send(struct app *app, int64_t id, const char *to,
 	return r;
 }
 
+/* ---- inbound: Twilio's signature and form ---- */
+/*
+ * A reply to our number arrives as Twilio's form POST, signed in
+ * X-Twilio-Signature: base64(HMAC-SHA1(auth token, the full URL it
+ * called + every POST parameter sorted by name, as name then value)).
+ * libsodium has no HMAC-SHA1: OpenSSL's libcrypto makes it.
+ */
+#define FORM_MAX 64
+struct form {
+	char *k[FORM_MAX], *v[FORM_MAX];
+	int n;
+};
+
+static void form_free(struct form *f)
+{
+	for (int i = 0; i < f->n; i++)
+		curl_free(f->k[i]), curl_free(f->v[i]);
+	f->n = 0;
+}
+
+/* Decodes "a=1&b=x+y" ('+' a space, %XX by libcurl); -1 if more than
+ * FORM_MAX parameters or out of memory. */
+static int form_parse(const char *body, size_t len, struct form *f)
+{
+	memset(f, 0, sizeof *f);
+	char *copy = strndup(body ? body : "", len);
+	if (!copy)
+		return -1;
+	for (char *p = copy; *p; p++)
+		if (*p == '+')
+			*p = ' ';
+	int rc = 0;
+	char *save = NULL;
+	for (char *w = strtok_r(copy, "&", &save); w && rc == 0;
+	     w = strtok_r(NULL, "&", &save)) {
+		char *eq = strchr(w, '=');
+		if (f->n == FORM_MAX) {
+			rc = -1;
+			break;
+		}
+		if (eq)
+			*eq = '\0';
+		f->k[f->n] = curl_easy_unescape(NULL, w, 0, NULL);
+		f->v[f->n] = curl_easy_unescape(NULL, eq ? eq + 1 : "", 0, NULL);
+		if (!f->k[f->n] || !f->v[f->n]) {
+			curl_free(f->k[f->n]), curl_free(f->v[f->n]);
+			rc = -1;
+			break;
+		}
+		f->n++;
+	}
+	free(copy);
+	if (rc)
+		form_free(f);
+	return rc;
+}
+
+static const char *form_get(const struct form *f, const char *name)
+{
+	for (int i = 0; i < f->n; i++)
+		if (!strcmp(f->k[i], name))
+			return f->v[i];
+	return NULL;
+}
+
+int sms_twilio_signature(const char *token, const char *url, const char *form,
+			 size_t len, char *out, size_t outlen)
+{
+	struct form f;
+	struct buf data = {0};
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned int mdlen = 0;
+	int order[FORM_MAX], rc = -1;
+	if (form_parse(form, len, &f) < 0)
+		return -1;
+	for (int i = 0; i < f.n; i++) { /* by name, then value: stable */
+		int j = i;
+		for (; j > 0; j--) {
+			int c = strcmp(f.k[order[j - 1]], f.k[i]);
+			if (c < 0 || (c == 0 && strcmp(f.v[order[j - 1]], f.v[i]) <= 0))
+				break;
+			order[j] = order[j - 1];
+		}
+		order[j] = i;
+	}
+	buf_adds(&data, url);
+	for (int i = 0; i < f.n; i++)
+		buf_adds(&data, f.k[order[i]]), buf_adds(&data, f.v[order[i]]);
+	if (!buf_failed(&data) && outlen >= sodium_base64_ENCODED_LEN(20,
+					sodium_base64_VARIANT_ORIGINAL) &&
+	    HMAC(EVP_sha1(), token, (int)strlen(token),
+		 (const unsigned char *)data.data, data.len, md, &mdlen) &&
+	    mdlen == 20) {
+		sodium_bin2base64(out, outlen, md, mdlen,
+				  sodium_base64_VARIANT_ORIGINAL);
+		rc = 0;
+	}
+	form_free(&f);
+	buf_free(&data);
+	return rc;
+}
+
+/* What a reply asks, by its first word (case aside): STOP and the words
+ * carriers treat as it, START and its like, HELP; 0 for anything else. */
+int sms_keyword(const char *body)
+{
+	static const char *const stop[] = {"STOP", "STOPALL", "UNSUBSCRIBE",
+					   "CANCEL", "END", "QUIT", NULL};
+	static const char *const start[] = {"START", "YES", "UNSTOP", NULL};
+	static const char *const help[] = {"HELP", "INFO", NULL};
+	static const char *const *const sets[] = {stop, start, help};
+	char w[16];
+	size_t n = 0;
+	while (body && isspace((unsigned char)*body))
+		body++;
+	while (body && *body && !isspace((unsigned char)*body) && n + 1 < sizeof w)
+		w[n++] = (char)toupper((unsigned char)*body++);
+	w[n] = '\0';
+	if (body && *body && !isspace((unsigned char)*body))
+		return 0; /* a longer word */
+	for (int s = 0; s < 3; s++)
+		for (int i = 0; sets[s][i]; i++)
+			if (!strcmp(w, sets[s][i]))
+				return s + 1; /* SMS_STOP, SMS_START, SMS_HELP */
+	return 0;
+}
+
 /* ==== The flow engine: detect, claim, send, record ==================== */
 /*
  * A tick runs in three short phases and never holds a write lock while it
@@ -14443,6 +14572,70 @@ static void route_open(struct app *app, const struct http_req *rq,
 
 /* POST /discounts/validate: whether a code applies to a total, and with
  * "reserve" a hold of it for one cart for 15 minutes. */
+/* POST /sms/inbound: a reply to the store's number, as Twilio posts it
+ * (a form with From and Body), signed in X-Twilio-Signature over
+ * base_url + "/sms/inbound" (and its query). STOP ends the number's SMS
+ * consent at once (its mail is another consent, untouched), START gives
+ * it back, HELP is answered with the store's name; the answer is TwiML.
+ * 403 for a missing or wrong signature, before the body is believed. */
+static void route_sms_inbound(struct app *app, const struct http_req *rq,
+			      struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg;
+	const struct config *cfg = app->cfg;
+	struct buf url = {0};
+	struct form f = {0};
+	char sig[64];
+	if (strcmp(cfg->sms_provider, "twilio") || !*cfg->twilio_auth_token)
+		return resp_json_error(app, rs, 403, "sms inbound: sms_provider = "
+				       "twilio and twilio_auth_token are not set "
+				       "on the server");
+	if (rq->body_too_large)
+		return resp_json_error(app, rs, 413, "body: too large");
+	buf_addf(&url, "%s/sms/inbound%s%s", cfg->base_url,
+		 rq->query && *rq->query ? "?" : "", rq->query ? rq->query : "");
+	int good = !buf_failed(&url) && rq->twilio_signature &&
+		   sms_twilio_signature(cfg->twilio_auth_token, url.data, rq->body,
+					rq->body_len, sig, sizeof sig) == 0 &&
+		   strlen(sig) == strlen(rq->twilio_signature) &&
+		   sodium_memcmp(sig, rq->twilio_signature, strlen(sig)) == 0;
+	buf_free(&url);
+	if (!good)
+		return resp_json_error(app, rs, 403, "X-Twilio-Signature: missing "
+				       "or wrong (twilio_auth_token, base_url)");
+	if (form_parse(rq->body, rq->body_len, &f) < 0)
+		return resp_json_error(app, rs, 400, "body: want a form "
+				       "(at most 64 parameters)");
+	const char *from = form_get(&f, "From");
+	int kw = sms_keyword(form_get(&f, "Body"));
+	if (!from || !val_phone(from)) {
+		form_free(&f);
+		return resp_json_error(app, rs, 400, "From: want an E.164 number");
+	}
+	if ((kw == SMS_STOP || kw == SMS_START) &&
+	    q_write(app->db, q(app->db, ST_SMS_CONSENT_SET, "titi", from,
+			       (int64_t)(kw == SMS_START),
+			       kw == SMS_START ? "sms START" : "sms STOP",
+			       (int64_t)now)) < 0) {
+		form_free(&f);
+		return resp_json_error(app, rs, 503, "database busy: try again");
+	}
+	form_free(&f);
+	rs->status = 200;
+	rs->content_type = "text/xml; charset=utf-8";
+	buf_adds(&rs->body, "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response>");
+	if (kw == SMS_HELP || kw == SMS_START) {
+		buf_adds(&rs->body, "<Message>");
+		html_escape(&rs->body, *cfg->store_name ? cfg->store_name : "remarket");
+		buf_adds(&rs->body, kw == SMS_HELP ?
+			 ": texts about your cart and orders. Reply STOP to opt "
+			 "out, START to opt back in." :
+			 ": you will get our texts again. Reply STOP to opt out.");
+		buf_adds(&rs->body, "</Message>");
+	}
+	buf_adds(&rs->body, "</Response>");
+}
+
 static void route_validate(struct app *app, const struct http_req *rq,
 			   struct http_resp *rs, const char *arg, rm_time now)
 {
@@ -14720,6 +14913,7 @@ static const struct route {
 	{"/events", 0, "POST", route_events},
 	{"/feedback", 0, "POST", route_feedback},
 	{"/feedback/", 1, "POST", route_feedback},
+	{"/sms/inbound", 0, "POST", route_sms_inbound},
 	{"/collect", 0, "POST OPTIONS", route_collect},
 	{"/onsite", 0, "GET HEAD OPTIONS", route_onsite},
 	{"/remarket.js", 0, "GET HEAD", route_script},
@@ -14918,6 +15112,8 @@ static const struct cgi_param {
 	 "at most 1024 bytes without control characters"},
 	{"HTTP_X_REMARKET_SIGNATURE", CGI_TEXT, 1024, 0,
 	 "at most 1024 bytes without control characters"},
+	{"HTTP_X_TWILIO_SIGNATURE", CGI_TEXT, 256, 0,
+	 "at most 256 bytes without control characters"},
 	{"HTTP_COOKIE", CGI_TEXT, 16384, 0,
 	 "at most 16384 bytes without control characters"},
 	{"HTTP_ORIGIN", CGI_TEXT, 2048, 0,
@@ -15062,6 +15258,7 @@ static void serve_one(struct app *app, const struct io *io)
 	rq.content_type = io->param(io->ctx, "CONTENT_TYPE");
 	rq.authorization = io->param(io->ctx, "HTTP_AUTHORIZATION");
 	rq.signature = io->param(io->ctx, "HTTP_X_REMARKET_SIGNATURE");
+	rq.twilio_signature = io->param(io->ctx, "HTTP_X_TWILIO_SIGNATURE");
 	rq.cookie = io->param(io->ctx, "HTTP_COOKIE");
 	rq.origin = io->param(io->ctx, "HTTP_ORIGIN");
 	client_addr(app->cfg, io->param(io->ctx, "REMOTE_ADDR"),

@@ -417,6 +417,13 @@ int sms_preview(struct app *app, const char *tpl, const char *trigger,
 enum send_result sms_classify(const char *provider, long status, long code);
 /* 1 if sms_provider and its settings are there. */
 int sms_ready(const struct config *cfg);
+/* Twilio's X-Twilio-Signature for a POST of FORM (urlencoded, LEN bytes)
+ * to URL signed with TOKEN, base64 into OUT (29 bytes or more). */
+int sms_twilio_signature(const char *token, const char *url, const char *form,
+			 size_t len, char *out, size_t outlen);
+/* An inbound reply's keyword: SMS_STOP, SMS_START, SMS_HELP, or 0. */
+enum { SMS_STOP = 1, SMS_START = 2, SMS_HELP = 3 };
+int sms_keyword(const char *body);
 
 /* 1 if template TPL (text or HTML, or a partial of theirs) shows VAR:
  * the recommendation queries run only for a template that shows them. */
@@ -661,6 +668,7 @@ int report_html(const struct report *r, const char *store_name, struct buf *out)
 struct http_req {
 	const char *method, *path, *query;
 	const char *content_type, *authorization, *signature, *cookie;
+	const char *twilio_signature; /* X-Twilio-Signature (/sms/inbound) */
 	const char *origin;
 	/* the client: REMOTE_ADDR, or from X-Forwarded-For when REMOTE_ADDR
 	 * is one of trusted_proxies (the front-ends work it out) */
