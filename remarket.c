@@ -16558,6 +16558,34 @@ static int preview_write(const char *dir, const char *name, const char *ext,
 /* remarket preview TEMPLATE [--email ADDR] [--trigger T] [--out DIR]:
  * DIR/TEMPLATE.eml (the whole message) and DIR/TEMPLATE.html (its HTML
  * part, to open in a browser); the text part on stdout. */
+/* remarket preview NAME.sms: the line as it would go, then how it
+ * travels (GSM-7 or UCS-2, its length and segments: each one is billed). */
+static int preview_sms(struct app *app, const char *file,
+		       const struct preview_opts *o, rm_time now)
+{
+	char tpl[80], err[512];
+	struct buf text = {0};
+	struct sms_count c;
+	snprintf(tpl, sizeof tpl, "%.*s", (int)(strlen(file) - 4), file);
+	int rc = 1;
+	if (sms_preview(app, tpl, o->trigger, o->email, now, &text, err,
+			sizeof err) < 0)
+		fprintf(stderr, "remarket preview: %s\n", err);
+	else if (sms_segments(buf_str(&text), &c) < 0)
+		fprintf(stderr, "remarket preview: %s.sms: not UTF-8\n", tpl);
+	else {
+		printf("%s\n", buf_str(&text));
+		printf("-- %s: %zu %s, %d segment%s (%s a segment, %s each when "
+		       "several)\n", c.ucs2 ? "UCS-2" : "GSM-7", c.units,
+		       c.ucs2 ? "UTF-16 units" : "septets", c.segments,
+		       c.segments == 1 ? "" : "s", c.ucs2 ? "70" : "160",
+		       c.ucs2 ? "67" : "153");
+		rc = 0;
+	}
+	buf_free(&text);
+	return rc;
+}
+
 static int cmd_preview(struct app *app, struct config *cfg, rm_time now,
 		       int argc, char **argv)
 {
@@ -16569,6 +16597,9 @@ static int cmd_preview(struct app *app, struct config *cfg, rm_time now,
 	const char *tpl = argv[1];
 	struct buf text = {0}, html = {0}, msg = {0};
 	char err[512];
+	size_t tn = strlen(tpl);
+	if (tn > 4 && !strcmp(tpl + tn - 4, ".sms"))
+		return preview_sms(app, tpl, &o, now);
 	rc = 1;
 	if (mail_preview(app, tpl, o.trigger, o.email, NULL, now, "", &text,
 			 &html, &msg, err, sizeof err) < 0)

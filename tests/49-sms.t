@@ -129,10 +129,10 @@ is($sam && $sam->{path}, '/2010-04-01/Accounts/AC123/Messages.json', "... at Twi
 is($sam && $sam->{content_type}, 'application/x-www-form-urlencoded', '... as a form');
 is($sam && $sam->{authorization}, 'Basic ' . MIME::Base64::encode_base64('AC123:secret-token', ''),
 	'... with Basic auth of the SID and token');
-my %f = map { my ($k, $v) = split /=/, $_, 2; $v =~ tr/+/ /; $v =~ s/%([0-9A-Fa-f]{2})/chr hex $1/ge; ($k, $v) }
+my %f = map { my ($k, $v) = split /=/, $_, 2; $v =~ tr/+/ /; $v =~ s/%([0-9A-Fa-f]{2})/chr hex $1/ge; ($k, Encode::decode_utf8($v)) }
 	split /&/, ($sam ? $sam->{body} : '');
 is($f{From}, '+15005550006', '... from sms_from');
-like($f{Body} // '', qr/^Maison Test: Name, you left 1 item/, '... the store name first');
+like($f{Body} // '', qr/^Maison Test: Name, your cart \(\x{20ac}30\.00\) is saved for you: /, '... the store name first');
 like($f{Body} // '', qr{http://127\.0\.0\.1:9/rm/r/[A-Za-z0-9_-]+}, '... a signed /r/ link');
 like($f{Body} // '', qr/STOP to opt out\.$/, '... and STOP to opt out');
 unlike($f{Body} // '', qr/\n/, '... on one line');
@@ -193,5 +193,14 @@ like($b->{text} // '', qr/^Maison Test: .*STOP to opt out\.$/, '... and the text
 my ($t, $v1) = ($w->{signature} // '') =~ /^t=(\d+),v1=([0-9a-f]{64})$/;
 ok($t && $v1 eq hmac_sha256_hex(Encode::encode_utf8("$t.$w->{body}"), 'hook-secret'),
 	'... signed: X-Remarket-Signature, HMAC-SHA256 of "<t>.<body>" with sms_secret');
+
+# preview of a .sms: the line and how it travels
+($rc, $out, $err) = rm('', 'preview', 'cart_reminder.sms');
+is($rc, 0, 'preview cart_reminder.sms') or diag($err);
+like($out, qr/^Maison Test: Sample, your cart .* Reply STOP to opt out\.\n-- GSM-7: \d+ septets, 1 segment /,
+	'... the line, then GSM-7 and its segment count');
+($rc, $out, $err) = rm('', 'preview', 'nothing_here.sms', '--trigger', 'cart_abandoned');
+is($rc, 1, 'preview of a missing .sms: exit 1');
+like($err, qr/nothing_here\.sms: cannot read it/, '... naming the file');
 
 done_testing();
