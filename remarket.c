@@ -2029,6 +2029,12 @@ void cfg_free(struct config *cfg)
 	/* -- Checks before sending and status -- */                          \
 	/* the templates of the enabled steps and their B variants, each with \
 	 * the steps that send it */                                         \
+	/* the enabled steps whose channels name sms, with their template */ \
+	X(CHECK_SMS_STEPS,                                                     \
+	  "SELECT s.template, f.name || ' step ' || s.position FROM steps s "  \
+	  "JOIN flows f ON f.id = s.flow_id WHERE f.enabled = 1 "              \
+	  "AND instr(',' || s.channels || ',', ',sms,') > 0 "                  \
+	  "ORDER BY f.id, s.position")                                         \
 	X(CHECK_TEMPLATES,                                                     \
 	  "SELECT t, group_concat(w, ', ') FROM (SELECT s.template AS t, "     \
 	  "f.name || ' step ' || s.position AS w FROM steps s JOIN flows f "   \
@@ -11331,6 +11337,47 @@ static void check_templates(const struct check_ctx *c, struct check_out *o)
 			  "their partials parse (%s)", n, cfg->templates);
 }
 
+/* SMS steps: the provider set up, and each step's NAME.sms there and
+ * parsing. A warning, not a stop: mail goes on; an SMS step without a
+ * provider goes by its next channel or is skipped, one without its .sms
+ * waits (retried every 15 minutes). */
+static void check_sms(const struct check_ctx *c, struct check_out *o)
+{
+	const struct config *cfg = c->app->cfg;
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database at this schema");
+		return;
+	}
+	int n = 0;
+	sqlite3_stmt *s = q(c->app->db, ST_CHECK_SMS_STEPS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		char path[PATH_MAX], err[400];
+		int w = snprintf(path, sizeof path, "%s/%s.sms", cfg->templates,
+				 col_text(s, 0));
+		n++;
+		if (w < 0 || (size_t)w >= sizeof path ||
+		    tpl_lint(path, cfg->templates, ".sms", 0, err, sizeof err) < 0)
+			problem_add(&o->lines, "%s (%s: its SMS wait)",
+				    w < 0 || (size_t)w >= sizeof path ? "path too long" :
+				    err, col_text(s, 1));
+	}
+	sqlite3_reset(s);
+	if (n && !sms_ready(cfg))
+		check_say(o, CHECK_WARN, "%d step%s can go by SMS, but sms_provider "
+			  "'%s' is not set up (twilio: twilio_account_sid, "
+			  "twilio_auth_token, sms_from; webhook: sms_url, "
+			  "sms_secret): they go by their next channel or are "
+			  "skipped", n, n == 1 ? "" : "s", cfg->sms_provider);
+	else if (o->lines.n)
+		check_say(o, CHECK_WARN, "%d SMS template%s cannot be used",
+			  o->lines.n, o->lines.n == 1 ? "" : "s");
+	else if (n)
+		check_say(o, CHECK_OK, "%d step%s can go by SMS (%s, from %s)", n,
+			  n == 1 ? "" : "s", cfg->sms_provider, cfg->sms_from);
+	else
+		check_say(o, CHECK_OK, "no step goes by SMS");
+}
+
 /* The storefront's script, which `remarket serve` hands out. */
 static void check_static(const struct check_ctx *c, struct check_out *o)
 {
@@ -11611,6 +11658,7 @@ static const struct check {
 	{"paused", CHECK_STATUS, check_paused},
 	{"browser_cap", CHECK_STATUS, check_browser_cap},
 	{"winback_waiting", CHECK_STATUS, check_winback_waiting},
+	{"sms", CHECK_STATUS, check_sms},
 };
 
 static const char *const level_names[] = {"ok", "warn", "stop"};

@@ -95,6 +95,21 @@ like($out, qr/step 1 .* by sms,email/, '... listed with its channels');
 ($rc, undef, $err) = rm('', 'flows', 'set', 'abandoned_cart', 1, 'channel=fax');
 is($rc, 2, 'an unknown channel is refused');
 
+# status: the SMS steps, their provider and templates
+sub sms_check {
+	my ($rc, $out) = rm('', 'status', '--json', '--now', $T0);
+	my $j = eval { $J->decode($out) } || {};
+	my ($c) = grep { $_->{name} eq 'sms' } @{ $j->{checks} || [] };
+	return $c || {};
+}
+is(sms_check()->{level}, 'ok', 'status: sms ok with the provider set up');
+{
+	local $env{REMARKET_SMS_PROVIDER} = '';
+	my $c = sms_check();
+	is($c->{level}, 'warn', 'status: sms steps without a provider: a warning');
+	like($c->{message} // $c->{msg} // '', qr/1 step can go by SMS, but sms_provider/, '... saying so');
+}
+
 # the validators: a phone must be E.164
 ($rc, undef, $err) = rm(cart('bad', $T0, ',"phone":"0612345678"'), 'event', '--now', $T0);
 is($rc, 1, 'a phone without +country is refused') or diag($err);
