@@ -8992,8 +8992,8 @@ int sms_ready(const struct config *cfg)
 /* Sends TEXT to TO for message ID through the provider; ERR says why
  * not. */
 static enum send_result sms_send(struct app *app, int64_t id, const char *to,
-				 const char *text, rm_time now, char *err,
-				 size_t errlen)
+				 const char *text, rm_time now, long *pcode,
+				 char *err, size_t errlen)
 {
 	const struct config *cfg = app->cfg;
 	struct buf answer = {0};
@@ -9021,6 +9021,7 @@ static enum send_result sms_send(struct app *app, int64_t id, const char *to,
 	sqlite3_reset(s);
 	buf_free(&answer);
 	enum send_result r = sms_classify(cfg->sms_provider, status, code);
+	*pcode = code;
 	if (r != SEND_OK)
 		snprintf(err, errlen, "SMS provider (%s) answered %ld%s%.0ld%s%s",
 			 cfg->sms_provider, status, code ? ", code " : "", code,
@@ -9585,8 +9586,9 @@ static int flow_send_other(struct app *app, struct msgrow *m,
 		goto out;
 	}
 	m->attempts++;
-	enum send_result r = sms_send(app, m->id, m->phone, text.data, now, err,
-				      sizeof err);
+	long code = 0;
+	enum send_result r = sms_send(app, m->id, m->phone, text.data, now, &code,
+				      err, sizeof err);
 	if (r != SEND_OK)
 		fprintf(stderr, "remarket: message %lld (%s): %s\n",
 			(long long)m->id, chan, err);
@@ -9604,6 +9606,13 @@ static int flow_send_other(struct app *app, struct msgrow *m,
 		     db_commit(db) ? -1 : 0;
 		if (rc)
 			db_rollback(db);
+		/* Twilio 21610: the number sent STOP to the provider, which
+		 * refuses it from now on: so does remarket (no reply reached us) */
+		if (rc == 0 && code == 21610 &&
+		    q_write(db, q(db, ST_SMS_CONSENT_SET, "titi", m->phone,
+				  (int64_t)0, "provider: opted out (21610)",
+				  (int64_t)now)) < 0)
+			rc = -1;
 		sum->failed++;
 	} else {
 		rc = msg_record(app, m, r, err, now, sum);

@@ -191,6 +191,22 @@ is(sql("SELECT group_concat(c.email || ' ' || m.status, ', ') FROM messages m "
 	'nix@example.com failed, sam@example.com sent',
 	'... while sam gets it by SMS (nix: the number refused again)');
 
+# a number that sent STOP to the provider (21610): its consent ends too
+rm(cart('opt', $T0 + 90000, ',"phone":"+15005550002","sms_consent":true'),
+	'event', '--now', $T0 + 90000);
+tick($T0 + 90000 + 3700);
+is(sql("SELECT m.status || ' ' || c.sms_consent || ' ' || c.sms_consent_source "
+	. "FROM messages m JOIN contacts c ON c.id = m.contact_id "
+	. "WHERE c.email = 'opt\@example.com'"), 'failed 0 provider: opted out (21610)',
+	'Twilio 21610 (the number opted out there): the message failed, SMS consent off');
+
+# forget erases the phone and its consent
+($rc, undef, $err) = rm('', 'forget', 'sam@example.com');
+is($rc, 0, 'forget sam') or diag($err);
+is(sql("SELECT count(*) FROM contacts WHERE phone = '+14155550100' OR (email LIKE '#forgotten-%' "
+	. "AND (phone IS NOT NULL OR sms_consent_at IS NOT NULL))"), 0,
+	'forget: the phone and SMS consent are gone');
+
 # the generic webhook, signed like the store's hooks
 $env{REMARKET_SMS_PROVIDER} = 'webhook';
 $env{REMARKET_SMS_URL} = "http://127.0.0.1:$port/sms";

@@ -5,6 +5,7 @@ Answers Twilio's Messages API (a form: To, From, Body) and the generic
 JSON webhook ({"to", "from", "text", "message"}), recording every request
 as one JSON line in LOG. The number decides the answer: +15005550001 is
 refused as Twilio refuses an invalid number (400, code 21211),
++15005550002 as a number that sent Twilio STOP (400, code 21610),
 +15005550009 gets a 503; any other is accepted (201).
 
 usage: sms_provider.py LOG PORTFILE
@@ -38,6 +39,9 @@ class Handler(BaseHTTPRequestHandler):
         if to == "+15005550001":
             status, answer = 400, {"code": 21211, "message":
                                    "The 'To' number is not a valid phone number."}
+        elif to == "+15005550002":
+            status, answer = 400, {"code": 21610, "message":
+                                   "Attempt to send to unsubscribed recipient"}
         elif to == "+15005550009":
             status, answer = 503, {"message": "try later"}
         else:
