@@ -8936,7 +8936,8 @@ out:
 		snprintf(err, errlen, "out of memory");
 	curl_free(sid), curl_free(eto), curl_free(efrom), curl_free(etext);
 	buf_free(&url), buf_free(&body);
-	sodium_memzero(auth.data ? auth.data : (char *)"", auth.len);
+	if (auth.data) /* the token is a secret: not left in freed memory */
+		sodium_memzero(auth.data, auth.len);
 	buf_free(&auth);
 	return rc;
 }
