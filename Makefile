@@ -117,7 +117,7 @@ install: remarket
 	install -m 0755 remarket $(DESTDIR)$(BINDIR)/remarket
 	install -m 0644 templates/* $(DESTDIR)$(SHAREDIR)/templates/
 	install -m 0644 sql/*.sql $(DESTDIR)$(SHAREDIR)/sql/
-	install -m 0644 static/remarket.js $(DESTDIR)$(SHAREDIR)/static/
+	install -m 0644 static/remarket.js static/sw.js $(DESTDIR)$(SHAREDIR)/static/
 	install -m 0644 nginx.conf.example $(DESTDIR)$(SHAREDIR)/
 	install -d $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR) $(DESTDIR)$(UNITDIR)
 	install -m 0644 remarket.8 $(DESTDIR)$(MANDIR)/man8/remarket.8

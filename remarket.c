@@ -27,19 +27,20 @@
  *  12. Recommendations
  *  13. Mail: rendering and RFC 5322 building
  *  14. Transports: SMTP and outbox
- *  15. The message context
- *      SMS: text, segments, providers (after 15: a channel of the flow
+ *  15. Web push: VAPID and RFC 8291 encryption
+ *  16. The message context
+ *      SMS: text, segments, providers (after 16: a channel of the flow
  *      engine; its inbound STOP/START/HELP are among the HTTP routes)
- *  16. The flow engine: detect, claim, send, record
- *  17. Tick runs
- *  18. Feedback: bounces, complaints, unsubscribes by mail
- *  19. Checks before sending and status
- *  20. Backtest
- *  21. The report
- *  22. HTTP routes
- *  23. FastCGI and CGI front-ends
- *  24. Command line
- *  25. Main
+ *  17. The flow engine: detect, claim, send, record
+ *  18. Tick runs
+ *  19. Feedback: bounces, complaints, unsubscribes by mail
+ *  20. Checks before sending and status
+ *  21. Backtest
+ *  22. The report
+ *  23. HTTP routes
+ *  24. FastCGI and CGI front-ends
+ *  25. Command line
+ *  26. Main
  */
 #define _GNU_SOURCE
 #include "remarket.h"
@@ -63,9 +64,14 @@
 #include <arpa/inet.h>
 
 #include <curl/curl.h>
-#include <fcgiapp.h>
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/param_build.h>
+#include <openssl/pem.h>
+#include <fcgiapp.h>
 #include <sodium.h>
 #include <sqlite3.h>
 
@@ -252,12 +258,20 @@ static rm_time parse_time(const char *s, rm_time base)
 /* Seconds the demo's clock is ahead of the real one: a whole number in
  * the file $REMARKET_CLOCK_FILE (demo/backend.py writes it when its +1 h
  * buttons move time), read at each call so a running `remarket serve`
- * follows; 0 without the variable or a readable number. */
+ * follows; 0 without the variable or a readable number, or when the file
+ * is not this user's own or group or others may write it. */
 static rm_time clock_offset(void)
 {
 	const char *path = getenv("REMARKET_CLOCK_FILE");
 	char line[32], *end;
 	FILE *f = path && *path ? fopen(path, "r") : NULL;
+	struct stat st;
+	/* a file others may write would let them move every deadline */
+	if (f && (fstat(fileno(f), &st) != 0 || (st.st_mode & 022) ||
+		  st.st_uid != geteuid())) {
+		fclose(f);
+		f = NULL;
+	}
 	if (!f)
 		return 0;
 	long long off = fgets(line, sizeof line, f) ? strtoll(line, &end, 10) : 0;
@@ -580,6 +594,8 @@ static const struct cfg_key {
 	CFG_STR(sms_secret, ""),
 	CFG_STR(store_origin, ""),
 	CFG_STR(static_dir, "./static"),
+	CFG_STR(vapid_key_file, "./var/vapid.pem"),
+	CFG_STR(vapid_subject, ""),
 	CFG_STR(log_pii, "no"),
 	CFG_LONG(rate_ip_per_min, "120"),
 	CFG_LONG(rate_visitor_per_min, "60"),
@@ -969,6 +985,16 @@ static int cfg_load_all(struct config *cfg, const char *file, char *err,
 	    strcmp(cfg->allow_insecure_links, "no")) {
 		snprintf(err, errlen, "allow_insecure_links: '%s' must be yes or no",
 			 cfg->allow_insecure_links);
+		return -1;
+	}
+	/* the JWT's "sub" is written as it is: no quote, no escape */
+	if (*cfg->vapid_subject && ((strncmp(cfg->vapid_subject, "mailto:", 7) &&
+				     strncmp(cfg->vapid_subject, "https:", 6)) ||
+				    !val_text(cfg->vapid_subject, 200) ||
+				    strpbrk(cfg->vapid_subject, "\"\\"))) {
+		snprintf(err, errlen, "vapid_subject: '%s' must be a mailto: or "
+			 "https: URL (e.g. mailto:shop@example.com)",
+			 cfg->vapid_subject);
 		return -1;
 	}
 	if (!cfg_hex_color(cfg->brand_color)) {
@@ -1635,6 +1661,23 @@ void cfg_free(struct config *cfg)
 	  "orders FROM reco_pairs WHERE sku = ?1")                             \
 	X(PRODUCT_KIND_SET,                                                    \
 	  "UPDATE products SET kind = ?2 WHERE sku = ?1")                      \
+	/* -- Web push: VAPID and RFC 8291 encryption -- */                    \
+	X(PUSH_SUB_GET,                                                        \
+	  "SELECT endpoint, p256dh, auth FROM push_subscriptions WHERE id = ?1") \
+	X(PUSH_SUB_GONE, "DELETE FROM push_subscriptions WHERE id = ?1")       \
+	X(PUSH_SUB_SENT,                                                       \
+	  "UPDATE push_subscriptions SET last_sent = ?2, last_status = ?3 "    \
+	  "WHERE id = ?1")                                                     \
+	X(PUSH_PAYLOAD,                                                        \
+	  "SELECT json_object('title', ?1, 'body', ?2, 'url', ?3, 'icon', ?4)") \
+	/* a contact's subscriptions: named, or made by one of its browsers */ \
+	X(PUSH_CONTACT_SUBS,                                                   \
+	  "SELECT s.id FROM push_subscriptions s, contacts c "                 \
+	  "WHERE c.email = ?1 AND (s.contact_id = c.id OR s.visitor_id IN "    \
+	  "(SELECT vid FROM visitors WHERE contact_id = c.id)) ORDER BY s.id")  \
+	X(PUSH_FORGET,                                                         \
+	  "DELETE FROM push_subscriptions WHERE contact_id = ?1 OR visitor_id " \
+	  "IN (SELECT vid FROM visitors WHERE contact_id = ?1)")               \
 	/* -- The message context -- */                                        \
 	/* the median order of contact ?1 (NULL: none), by orders_contact;  \
 	 * of two middle orders their mean */                                 \
@@ -2016,6 +2059,9 @@ void cfg_free(struct config *cfg)
 	  "JOIN enrollments e ON e.flow_id = xe.flow_id "                      \
 	  "JOIN messages m ON m.enrollment_id = e.id AND m.step = x.step "     \
 	  "WHERE x.id = ?1 AND m.status = 'sent' AND m.sent_at >= ?2")         \
+	X(FB_TOKEN_PURGE, "DELETE FROM webhook_tokens WHERE ts < ?1")        \
+	X(FB_TOKEN_SEEN,                                                       \
+	  "INSERT OR IGNORE INTO webhook_tokens (token, ts) VALUES (?1, ?2)")  \
 	/* the steps whose complaints passed 0.1 % of their sends since ?1 */ \
 	X(FB_WARNINGS,                                                         \
 	  "SELECT f.name, m.step, count(*) AS n, coalesce(sum(EXISTS "         \
@@ -2517,6 +2563,22 @@ void cfg_free(struct config *cfg)
 	  "ON c.visitor_id = v.vid OR (v.verified = 1 "                        \
 	  "AND c.contact_id = v.contact_id) WHERE v.vid = ?1 "                 \
 	  "AND c.status = 'abandoned' ORDER BY c.updated DESC LIMIT 1")        \
+	X(JSON_PUSH_KEY, "SELECT json_object('key', ?1)")                      \
+	/* a PushSubscription's parts, each a string, or no row */             \
+	X(PUSH_SUB_PARSE,                                                      \
+	  "SELECT json_extract(?1, '$.endpoint'), "                            \
+	  "json_extract(?1, '$.keys.p256dh'), json_extract(?1, '$.keys.auth') " \
+	  "WHERE json_valid(?1) AND json_type(?1, '$.endpoint') = 'text' "     \
+	  "AND json_type(?1, '$.keys.p256dh') = 'text' "                       \
+	  "AND json_type(?1, '$.keys.auth') = 'text'")                         \
+	/* a browser subscribing again (new keys, or another visitor on the  \
+	 * same browser) replaces its row: one endpoint, one row */            \
+	X(PUSH_SUB_ADD,                                                        \
+	  "INSERT INTO push_subscriptions (endpoint, p256dh, auth, visitor_id, " \
+	  "contact_id, created) VALUES (?1, ?2, ?3, ?4, (SELECT contact_id "   \
+	  "FROM visitors WHERE vid = ?4), ?5) ON CONFLICT (endpoint) DO UPDATE " \
+	  "SET p256dh = excluded.p256dh, auth = excluded.auth, "               \
+	  "visitor_id = excluded.visitor_id, contact_id = excluded.contact_id") \
 	X(JSON_ONSITE,                                                         \
 	  "SELECT json_object('message', ?1, 'cart_url', ?2, 'items', ?3)")    \
 	X(VALIDATE_FIELDS,                                                     \
@@ -5201,7 +5263,9 @@ static int csv_record(struct csv *c, struct buf *b, const char **fields)
 				if (resume < 0)
 					resume = ftell(c->f);
 			}
-		} else if (ch == '"') {
+		} else if (ch == '"' && b->len == starts[n - 1]) {
+			/* only a field's first character opens a quote (RFC
+			 * 4180); one inside a field is text: TV 55" screen */
 			quoted = 1, qline = c->next, resume = -1;
 			continue;
 		} else if (ch == c->sep) {
@@ -7807,6 +7871,498 @@ static enum send_result mail_send(struct app *app, int64_t id, const char *to,
 	return smtp_send(app, from, to, msg, err, errlen);
 }
 
+/* ==== Web push: VAPID and RFC 8291 encryption ========================= */
+/*
+ * A notification goes to the endpoint a browser's push service gave it
+ * (RFC 8030), encrypted to that browser's P-256 key and auth secret (RFC
+ * 8291: ECDH, an HKDF key schedule, one aes128gcm record of RFC 8188),
+ * and signed for the push service with the store's VAPID key (RFC 8292:
+ * an ES256 JWT). libsodium has no P-256: ECDH, ECDSA and AES-128-GCM come
+ * from OpenSSL's libcrypto; HMAC-SHA-256 (HKDF's one primitive) and
+ * base64url from libsodium. Nothing here is hand-rolled beyond the RFC's
+ * key schedule. The VAPID private key lives in vapid_key_file (PEM,
+ * 0600) and is read per send. A 404 or 410 from the push service means
+ * the browser unsubscribed: the subscription is deleted.
+ */
+
+/* HMAC-SHA-256(KEY, A || B): HKDF-Extract is HMAC(salt, IKM), and an
+ * HKDF-Expand of at most 32 bytes is HMAC(PRK, info || 0x01) cut short. */
+static void hmac256(const unsigned char *key, size_t klen,
+		    const unsigned char *a, size_t alen,
+		    const unsigned char *b, size_t blen, unsigned char out[32])
+{
+	crypto_auth_hmacsha256_state st;
+	crypto_auth_hmacsha256_init(&st, key, klen);
+	crypto_auth_hmacsha256_update(&st, a, alen);
+	crypto_auth_hmacsha256_update(&st, b, blen);
+	crypto_auth_hmacsha256_final(&st, out);
+	sodium_memzero(&st, sizeof st);
+}
+
+static void hkdf_expand1(const unsigned char prk[32], const void *info,
+			 size_t n, unsigned char out[32])
+{
+	static const unsigned char one = 1;
+	hmac256(prk, 32, info, n, &one, 1, out);
+}
+
+/* A P-256 key from its raw parts: the uncompressed point PUB, and the
+ * scalar PRIV (NULL: a public key only). NULL if the point is not one
+ * of the curve's (libcrypto checks it). */
+static EVP_PKEY *ec_key_raw(const unsigned char *priv,
+			    const unsigned char pub[65])
+{
+	OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
+	EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(NULL, "EC", NULL);
+	BIGNUM *d = priv ? BN_bin2bn(priv, 32, NULL) : NULL;
+	OSSL_PARAM *params = NULL;
+	EVP_PKEY *key = NULL;
+	if (pub[0] != 4 || !bld || !ctx || (priv && !d) ||
+	    !OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_GROUP_NAME,
+					     "prime256v1", 0) ||
+	    !OSSL_PARAM_BLD_push_octet_string(bld, OSSL_PKEY_PARAM_PUB_KEY,
+					      pub, 65) ||
+	    (d && !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_PRIV_KEY, d)) ||
+	    !(params = OSSL_PARAM_BLD_to_param(bld)) ||
+	    EVP_PKEY_fromdata_init(ctx) <= 0 ||
+	    EVP_PKEY_fromdata(ctx, &key, d ? EVP_PKEY_KEYPAIR
+					  : EVP_PKEY_PUBLIC_KEY, params) <= 0) {
+		EVP_PKEY_free(key);
+		key = NULL;
+	}
+	OSSL_PARAM_free(params);
+	OSSL_PARAM_BLD_free(bld);
+	BN_clear_free(d);
+	EVP_PKEY_CTX_free(ctx);
+	return key;
+}
+
+/* The uncompressed point of KEY's public half. */
+static int ec_pub_raw(EVP_PKEY *key, unsigned char pub[65])
+{
+	size_t n = 0;
+	return EVP_PKEY_get_octet_string_param(key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY,
+					       pub, 65, &n) > 0 && n == 65 &&
+			       pub[0] == 4 ? 0 : -1;
+}
+
+static int ecdh_p256(EVP_PKEY *mine, EVP_PKEY *peer, unsigned char out[32])
+{
+	EVP_PKEY_CTX *c = EVP_PKEY_CTX_new(mine, NULL);
+	size_t n = 32;
+	int rc = c && EVP_PKEY_derive_init(c) > 0 &&
+		 EVP_PKEY_derive_set_peer(c, peer) > 0 &&
+		 EVP_PKEY_derive(c, out, &n) > 0 && n == 32 ? 0 : -1;
+	EVP_PKEY_CTX_free(c);
+	return rc;
+}
+
+/* One last record of RFC 8188: MSG, the delimiter 0x02 (no padding), and
+ * the 16-byte tag, AES-128-GCM under KEY and IV; appended to OUT. */
+static int gcm_seal(const unsigned char key[16], const unsigned char iv[12],
+		    const void *msg, size_t n, struct buf *out)
+{
+	static const unsigned char last = 2;
+	EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
+	int a = 0, b = 0, f = 0, rc = -1;
+	if (!c || n > PUSH_MAX_PAYLOAD || buf_reserve(out, n + 1 + 16) < 0)
+		goto out;
+	unsigned char *p = (unsigned char *)out->data + out->len;
+	if (EVP_EncryptInit_ex(c, EVP_aes_128_gcm(), NULL, key, iv) <= 0 ||
+	    EVP_EncryptUpdate(c, p, &a, msg, (int)n) <= 0 ||
+	    EVP_EncryptUpdate(c, p + a, &b, &last, 1) <= 0 ||
+	    EVP_EncryptFinal_ex(c, p + a + b, &f) <= 0 ||
+	    (size_t)(a + b + f) != n + 1 ||
+	    EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, 16, p + n + 1) <= 0)
+		goto out;
+	out->len += n + 1 + 16;
+	out->data[out->len] = '\0';
+	rc = 0;
+out:
+	EVP_CIPHER_CTX_free(c);
+	return rc;
+}
+
+int push_encrypt_with(const unsigned char ua_pub[65],
+		      const unsigned char auth[16],
+		      const unsigned char as_priv[32],
+		      const unsigned char as_pub[65],
+		      const unsigned char salt[16], const void *msg, size_t n,
+		      struct buf *out)
+{
+	EVP_PKEY *me = ec_key_raw(as_priv, as_pub), *ua = ec_key_raw(NULL, ua_pub);
+	unsigned char secret[32], prk_key[32], ikm[32], prk[32], cek[32], nonce[32];
+	unsigned char info[14 + 65 + 65], head[16 + 4 + 1 + 65];
+	int rc = -1;
+	if (!me || !ua || n > PUSH_MAX_PAYLOAD || ecdh_p256(me, ua, secret) < 0)
+		goto out;
+	/* RFC 8291 section 3.4 */
+	hmac256(auth, 16, secret, 32, NULL, 0, prk_key);
+	memcpy(info, "WebPush: info", 14); /* with its NUL */
+	memcpy(info + 14, ua_pub, 65);
+	memcpy(info + 79, as_pub, 65);
+	hkdf_expand1(prk_key, info, sizeof info, ikm);
+	hmac256(salt, 16, ikm, 32, NULL, 0, prk);
+	hkdf_expand1(prk, "Content-Encoding: aes128gcm", 28, cek);
+	hkdf_expand1(prk, "Content-Encoding: nonce", 24, nonce);
+	/* RFC 8188 header: salt, record size 4096, the key id = as_pub */
+	memcpy(head, salt, 16);
+	memcpy(head + 16, "\0\0\x10\0", 4);
+	head[20] = 65;
+	memcpy(head + 21, as_pub, 65);
+	size_t at = out->len;
+	if (buf_add(out, head, sizeof head) < 0 || gcm_seal(cek, nonce, msg, n,
+							   out) < 0) {
+		if (!out->failed && out->len >= at)
+			out->len = at;
+		goto out;
+	}
+	rc = 0;
+out:
+	sodium_memzero(secret, sizeof secret);
+	sodium_memzero(prk_key, sizeof prk_key);
+	sodium_memzero(ikm, sizeof ikm);
+	sodium_memzero(prk, sizeof prk);
+	sodium_memzero(cek, sizeof cek);
+	EVP_PKEY_free(me);
+	EVP_PKEY_free(ua);
+	return rc;
+}
+
+int push_encrypt(const unsigned char ua_pub[65], const unsigned char auth[16],
+		 const void *msg, size_t n, struct buf *out)
+{
+	EVP_PKEY *k = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
+	BIGNUM *d = NULL;
+	unsigned char priv[32], pub[65], salt[16];
+	int rc = -1;
+	if (k && ec_pub_raw(k, pub) == 0 &&
+	    EVP_PKEY_get_bn_param(k, OSSL_PKEY_PARAM_PRIV_KEY, &d) > 0 &&
+	    BN_bn2binpad(d, priv, 32) == 32) {
+		randombytes_buf(salt, sizeof salt);
+		rc = push_encrypt_with(ua_pub, auth, priv, pub, salt, msg, n, out);
+	}
+	sodium_memzero(priv, sizeof priv);
+	BN_clear_free(d);
+	EVP_PKEY_free(k);
+	return rc;
+}
+
+static void b64url(const unsigned char *p, size_t n, char *out, size_t outlen)
+{
+	sodium_bin2base64(out, outlen, p, n,
+			  sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+}
+
+/* The VAPID key in PATH; NULL and ERR if it cannot be read. */
+static EVP_PKEY *vapid_load(const char *path, char *err, size_t errlen)
+{
+	FILE *f = fopen(path, "r");
+	if (!f) {
+		snprintf(err, errlen, "vapid_key_file %s: %s — run 'remarket keygen "
+			 "--vapid'", path, strerror(errno));
+		return NULL;
+	}
+	EVP_PKEY *k = PEM_read_PrivateKey(f, NULL, NULL, NULL);
+	fclose(f);
+	unsigned char pub[65];
+	if (!k || !EVP_PKEY_is_a(k, "EC") || ec_pub_raw(k, pub) < 0) {
+		snprintf(err, errlen, "vapid_key_file %s: not a P-256 private key "
+			 "in PEM (made by 'remarket keygen --vapid')", path);
+		EVP_PKEY_free(k);
+		return NULL;
+	}
+	return k;
+}
+
+static int vapid_pub_b64(EVP_PKEY *k, char *pub, size_t publen)
+{
+	unsigned char raw[65];
+	if (publen < 88 || ec_pub_raw(k, raw) < 0)
+		return -1;
+	b64url(raw, sizeof raw, pub, publen);
+	return 0;
+}
+
+int vapid_public(const char *path, char *pub, size_t publen, char *err,
+		 size_t errlen)
+{
+	EVP_PKEY *k = vapid_load(path, err, errlen);
+	int rc = k ? vapid_pub_b64(k, pub, publen) : -1;
+	EVP_PKEY_free(k);
+	return rc;
+}
+
+int vapid_keygen(const char *path, char *pub, size_t publen, char *err,
+		 size_t errlen)
+{
+	EVP_PKEY *k = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
+	BIO *mem = BIO_new(BIO_s_mem());
+	char *pem = NULL;
+	long n = 0;
+	int rc = -1;
+	if (!k || !mem || !PEM_write_bio_PrivateKey(mem, k, NULL, NULL, 0, NULL,
+						    NULL) ||
+	    (n = BIO_get_mem_data(mem, &pem)) <= 0 || vapid_pub_b64(k, pub, publen) < 0) {
+		snprintf(err, errlen, "cannot make a P-256 key (libcrypto)");
+		goto out;
+	}
+	if (access(path, F_OK) == 0) {
+		snprintf(err, errlen, "vapid_key_file %s exists: a new key would "
+			 "orphan every subscription; remove it first to start over",
+			 path);
+		goto out;
+	}
+	if (mkdir_parent(path) < 0 ||
+	    write_file_atomic(path, pem, (size_t)n, 0600) < 0) {
+		snprintf(err, errlen, "vapid_key_file %s: %s", path, strerror(errno));
+		goto out;
+	}
+	rc = 0;
+out:
+	if (pem && n > 0)
+		OPENSSL_cleanse(pem, (size_t)n);
+	BIO_free(mem);
+	EVP_PKEY_free(k);
+	return rc;
+}
+
+/* ES256 signature of DATA as JWS wants it: r || s, 32 bytes each (the
+ * DER of libcrypto, converted). */
+static int es256_sign(EVP_PKEY *k, const char *data, size_t n,
+		      unsigned char sig[64])
+{
+	EVP_MD_CTX *md = EVP_MD_CTX_new();
+	unsigned char der[80];
+	size_t dlen = sizeof der;
+	const unsigned char *p = der;
+	ECDSA_SIG *s = NULL;
+	int rc = -1;
+	if (md && EVP_DigestSignInit(md, NULL, EVP_sha256(), NULL, k) > 0 &&
+	    EVP_DigestSign(md, der, &dlen, (const unsigned char *)data, n) > 0 &&
+	    (s = d2i_ECDSA_SIG(NULL, &p, (long)dlen)) &&
+	    BN_bn2binpad(ECDSA_SIG_get0_r(s), sig, 32) == 32 &&
+	    BN_bn2binpad(ECDSA_SIG_get0_s(s), sig + 32, 32) == 32)
+		rc = 0;
+	ECDSA_SIG_free(s);
+	EVP_MD_CTX_free(md);
+	return rc;
+}
+
+static int vapid_jwt_key(EVP_PKEY *k, const char *aud, rm_time exp,
+			 const char *sub, struct buf *out)
+{
+	/* aud is an origin made by curl_url and sub was checked by cfg_load:
+	 * neither holds a character JSON would escape */
+	if (strpbrk(aud, "\"\\") || strpbrk(sub, "\"\\"))
+		return -1;
+	struct buf claims = {0};
+	char enc[512];
+	unsigned char sig[64];
+	buf_addf(&claims, "{\"aud\":\"%s\",\"exp\":%lld,\"sub\":\"%s\"}", aud,
+		 (long long)exp, sub);
+	size_t at = out->len;
+	int rc = -1;
+	if (buf_failed(&claims) || claims.len > 350)
+		goto out;
+	/* {"typ":"JWT","alg":"ES256"} */
+	buf_adds(out, "eyJ0eXAiOiJKV1QiLCJhbGciOiJFUzI1NiJ9.");
+	b64url((unsigned char *)claims.data, claims.len, enc, sizeof enc);
+	buf_adds(out, enc);
+	if (buf_failed(out) || es256_sign(k, out->data + at, out->len - at, sig) < 0)
+		goto out;
+	b64url(sig, sizeof sig, enc, sizeof enc);
+	buf_addf(out, ".%s", enc);
+	rc = buf_failed(out) ? -1 : 0;
+out:
+	buf_free(&claims);
+	return rc;
+}
+
+int vapid_jwt(const char *path, const char *aud, rm_time exp, const char *sub,
+	      struct buf *out, char *err, size_t errlen)
+{
+	EVP_PKEY *k = vapid_load(path, err, errlen);
+	if (!k)
+		return -1;
+	int rc = vapid_jwt_key(k, aud, exp, sub, out);
+	if (rc < 0)
+		snprintf(err, errlen, "cannot sign the VAPID token");
+	EVP_PKEY_free(k);
+	return rc;
+}
+
+/* The origin (the JWT's audience) of a push endpoint; -1 unless it is an
+ * https URL (http too with allow_insecure_links = yes: tests, staging). */
+static int push_origin(const struct config *cfg, const char *url, char *aud,
+		       size_t n)
+{
+	CURLU *u = curl_url();
+	char *scheme = NULL, *host = NULL, *port = NULL;
+	int rc = -1;
+	if (u && strlen(url) <= 1024 && !has_crlf(url) &&
+	    curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK && *host &&
+	    (!strcmp(scheme, "https") || (!strcmp(scheme, "http") &&
+					  !strcmp(cfg->allow_insecure_links, "yes")))) {
+		curl_url_get(u, CURLUPART_PORT, &port, 0); /* only if written */
+		int w = snprintf(aud, n, "%s://%s%s%s", scheme, host, port ? ":" : "",
+				 port ? port : "");
+		rc = w > 0 && (size_t)w < n ? 0 : -1;
+	}
+	curl_free(scheme);
+	curl_free(host);
+	curl_free(port);
+	curl_url_cleanup(u);
+	return rc;
+}
+
+/* A browser's keys from the base64url of its PushSubscription (padded
+ * or not): a point of P-256 and a 16-byte auth secret. */
+static int push_keys(const char *p256dh, const char *auth,
+		     unsigned char ua[65], unsigned char secret[16])
+{
+	size_t n = 0, m = 0;
+	const char *end;
+	if (!p256dh || !auth ||
+	    sodium_base642bin(ua, 65, p256dh, strlen(p256dh), "=", &n, &end,
+			      sodium_base64_VARIANT_URLSAFE_NO_PADDING) < 0 ||
+	    *end || n != 65 ||
+	    sodium_base642bin(secret, 16, auth, strlen(auth), "=", &m, &end,
+			      sodium_base64_VARIANT_URLSAFE_NO_PADDING) < 0 ||
+	    *end || m != 16)
+		return -1;
+	EVP_PKEY *k = ec_key_raw(NULL, ua);
+	EVP_PKEY_free(k);
+	return k ? 0 : -1;
+}
+
+/* The encrypted notification and its headers for subscription ID. */
+static int push_build(struct app *app, int64_t id, const char *title,
+		      const char *body, const char *url, char *endpoint,
+		      size_t elen, struct buf *msg, struct curl_slist **hdrs,
+		      char *err, size_t errlen)
+{
+	const struct config *cfg = app->cfg;
+	unsigned char ua[65], auth[16];
+	char aud[600], pub[100];
+	struct buf payload = {0}, line = {0};
+	EVP_PKEY *k = NULL;
+	int rc = -1, found = 0;
+	sqlite3_stmt *s = q(app->db, ST_PUSH_SUB_GET, "i", id);
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		found = copy_str(endpoint, elen, col_text(s, 0)) == 0 &&
+			push_keys(col_text(s, 1), col_text(s, 2), ua, auth) == 0;
+		found = found ? 1 : -1;
+	}
+	sqlite3_reset(s);
+	if (found <= 0) {
+		snprintf(err, errlen, found ? "push subscription %lld: bad endpoint "
+			 "or keys" : "no push subscription %lld", (long long)id);
+		goto out;
+	}
+	if (!*cfg->vapid_subject) {
+		snprintf(err, errlen, "vapid_subject: not set — the push service "
+			 "wants a contact (mailto:you@shop.example or https://...)");
+		goto out;
+	}
+	if (push_origin(cfg, endpoint, aud, sizeof aud) < 0) {
+		snprintf(err, errlen, "push subscription %lld: endpoint is not an "
+			 "https URL", (long long)id);
+		goto out;
+	}
+	if (!(k = vapid_load(cfg->vapid_key_file, err, errlen)))
+		goto out;
+	json_from(app->db, q(app->db, ST_PUSH_PAYLOAD, "tttt", title, body,
+			     url, *cfg->logo_url ? cfg->logo_url : NULL), &payload);
+	if (buf_failed(&payload) || !payload.len ||
+	    payload.len > PUSH_MAX_PAYLOAD) {
+		snprintf(err, errlen, "push message: too long (%zu bytes of JSON, "
+			 "%d at most)", payload.len, PUSH_MAX_PAYLOAD);
+		goto out;
+	}
+	/* 12 hours, half of RFC 8292's day at most, on the real clock */
+	buf_adds(&line, "Authorization: vapid t=");
+	if (vapid_jwt_key(k, aud, (rm_time)time(NULL) + 12 * 3600,
+			  cfg->vapid_subject, &line) < 0 ||
+	    vapid_pub_b64(k, pub, sizeof pub) < 0 ||
+	    push_encrypt(ua, auth, payload.data, payload.len, msg) < 0) {
+		snprintf(err, errlen, "push message: cannot sign or encrypt it");
+		goto out;
+	}
+	buf_addf(&line, ", k=%s", pub);
+	const char *fixed[] = {"Content-Type: application/octet-stream",
+			       "Content-Encoding: aes128gcm", "TTL: 86400",
+			       "Urgency: normal", buf_str(&line)};
+	for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) {
+		struct curl_slist *h = curl_slist_append(*hdrs, fixed[i]);
+		if (!h)
+			goto out;
+		*hdrs = h;
+	}
+	rc = buf_failed(&line) || buf_failed(msg) ? -1 : 0;
+out:
+	EVP_PKEY_free(k);
+	buf_free(&payload);
+	buf_free(&line);
+	return rc;
+}
+
+int push_send(struct app *app, int64_t id, const char *title,
+	      const char *body, const char *url, char *err, size_t errlen)
+{
+	char endpoint[1100];
+	struct buf msg = {0};
+	struct curl_slist *hdrs = NULL;
+	CURL *c = NULL;
+	long status = 0;
+	int rc = -1;
+	if (push_build(app, id, title, body, url, endpoint, sizeof endpoint, &msg,
+		       &hdrs, err, errlen) < 0)
+		goto out;
+	if (!(c = curl_easy_init())) {
+		snprintf(err, errlen, "out of memory");
+		goto out;
+	}
+	curl_easy_setopt(c, CURLOPT_URL, endpoint);
+	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "https,http");
+	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 10L);
+	curl_easy_setopt(c, CURLOPT_TIMEOUT, 30L);
+	curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdrs);
+	curl_easy_setopt(c, CURLOPT_POSTFIELDS, msg.data);
+	curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, (long)msg.len);
+	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, discard);
+	CURLcode cc = curl_easy_perform(c);
+	if (cc != CURLE_OK) {
+		snprintf(err, errlen, "push service %s: %s", endpoint,
+			 curl_easy_strerror(cc));
+		goto out;
+	}
+	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+	if (status == 404 || status == 410) {
+		/* the browser unsubscribed or the subscription expired */
+		q_exec(app->db, q(app->db, ST_PUSH_SUB_GONE, "i", id));
+		snprintf(err, errlen, "push service: %ld — the browser left; "
+			 "subscription %lld deleted", status, (long long)id);
+		rc = -2;
+		goto out;
+	}
+	q_exec(app->db, q(app->db, ST_PUSH_SUB_SENT, "iii", id,
+			  (int64_t)time(NULL), (int64_t)status));
+	if (status < 200 || status > 299) {
+		snprintf(err, errlen, "push service %s: HTTP %ld", endpoint, status);
+		goto out;
+	}
+	rc = 0;
+out:
+	curl_easy_cleanup(c);
+	curl_slist_free_all(hdrs);
+	buf_free(&msg);
+	return rc;
+}
+
 /* ==== The message context ============================================= */
 /*
  * One claimed message, from its row to its bytes: msg_load reads the
@@ -7990,18 +8546,26 @@ static void mc_url(struct msgctx *mc, struct app *app, const char *name,
 	mc_set(mc, name, url);
 }
 
-/* The host of URL if it is http(s), else NULL (free with curl_free). */
+/* The host of URL if it is http(s), else NULL (free with curl_free).
+ * A URL that browsers and libcurl could read apart is refused: a
+ * backslash (a browser's '/': "https://evil\\@shop/" is evil's there and
+ * shop's here), a space or a control character, or a user name. */
 static char *url_web_host(const char *url)
 {
+	for (const char *c = url; *c; c++)
+		if (*c == '\\' || (unsigned char)*c <= ' ' || *c == 0x7f)
+			return NULL;
 	CURLU *u = curl_url();
-	char *scheme = NULL, *host = NULL;
+	char *scheme = NULL, *host = NULL, *user = NULL;
 	if (!u || curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+	    curl_url_get(u, CURLUPART_USER, &user, 0) == CURLUE_OK ||
 	    curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
 	    (strcmp(scheme, "http") && strcmp(scheme, "https")) ||
 	    curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK) {
 		curl_free(host);
 		host = NULL;
 	}
+	curl_free(user);
 	curl_free(scheme);
 	curl_url_cleanup(u);
 	return host;
@@ -10598,6 +11162,7 @@ static int tick_state_json(struct app *app, int64_t id, struct buf *out)
 #define FB_SOFT_LIMIT 3           /* soft bounces ... */
 #define FB_SOFT_WINDOW (14 * 86400) /* ... within this suppress */
 #define FB_RATE_WINDOW (7 * 86400)  /* complaint rates count these sends */
+#define FB_WEBHOOK_FRESH 300      /* a Mailgun signature is this fresh */
 
 struct mime_part {
 	const char *head, *body; /* not NUL-terminated */
@@ -11650,6 +12215,35 @@ static void check_winback_waiting(const struct check_ctx *c, struct check_out *o
 		  n == 1 ? "s" : "", c->app->cfg->winback_daily_max);
 }
 
+/* Steps whose spam complaints passed 0.1 % of their sends in 7 days (the
+ * Gmail and Yahoo line is 0.3 %, where the step pauses itself). */
+static void check_complaints(const struct check_ctx *c, struct check_out *o)
+{
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database");
+		return;
+	}
+	struct buf b = {0};
+	int n = feedback_complaint_warnings(c->app, c->now, &b);
+	for (char *line = b.data, *nl; n > 0 && line && *line; line = nl + 1) {
+		if (!(nl = strchr(line, '\n')))
+			break;
+		*nl = '\0';
+		problem_add(&o->lines, "%s", line);
+	}
+	buf_free(&b);
+	buf_addf(&o->data, "%d", n < 0 ? 0 : n);
+	if (n < 0)
+		check_say(o, CHECK_WARN, "not checked: the database failed");
+	else if (n)
+		check_say(o, CHECK_WARN, "%d step%s drew spam complaints over 0.1 %% "
+			  "of their sends in 7 days (see the report):", n,
+			  n == 1 ? "" : "s");
+	else
+		check_say(o, CHECK_OK, "spam complaints under 0.1 %% of every "
+			  "step's sends in 7 days");
+}
+
 static const struct check {
 	const char *name;
 	int when; /* CHECK_* bits: who runs it */
@@ -11668,6 +12262,7 @@ static const struct check {
 	{"paused", CHECK_STATUS, check_paused},
 	{"browser_cap", CHECK_STATUS, check_browser_cap},
 	{"winback_waiting", CHECK_STATUS, check_winback_waiting},
+	{"complaints", CHECK_STATUS, check_complaints},
 	{"sms", CHECK_STATUS, check_sms},
 };
 
@@ -14086,16 +14681,34 @@ static void route_feedback(struct app *app, const struct http_req *rq,
 		return resp_json_error(app, rs, 400, "body: want a JSON object");
 	sqlite3_stmt *s = q(app->db, ST_FB_JSON_MAILGUN, "b", body, (int)rq->body_len);
 	int st = 401;
+	char token[256] = "";
+	long long ts = 0;
 	if (sqlite3_step(s) == SQLITE_ROW && *col_text(s, 5) && *col_text(s, 6) &&
-	    *col_text(s, 7))
+	    *col_text(s, 7)) {
 		st = fb_mailgun_ok(cfg->mailgun_signing_key, col_text(s, 5),
 				   col_text(s, 6), col_text(s, 7)) ? 0 : 403;
+		ts = strtoll(col_text(s, 5), NULL, 10);
+		copy_str(token, sizeof token, col_text(s, 6));
+	}
 	sqlite3_reset(s);
 	if (st)
 		return resp_json_error(app, rs, st, st == 401 ? "signature: missing "
 				       "(want signature.timestamp, token, signature)" :
 				       "signature: does not match (check "
 				       "mailgun_signing_key)");
+	/* the signature covers timestamp and token, not the event: a signed
+	 * pair is taken once, and only while it is fresh, so that one seen
+	 * in a log cannot carry events of someone else's choosing */
+	if (ts < now - FB_WEBHOOK_FRESH || ts > now + FB_WEBHOOK_FRESH)
+		return resp_json_error(app, rs, 403, "signature: timestamp more than "
+				       "5 minutes from now (a replay, or a clock "
+				       "that is wrong)");
+	q_write(app->db, q(app->db, ST_FB_TOKEN_PURGE, "i",
+			   (int64_t)(now - 2 * FB_WEBHOOK_FRESH)));
+	if (q_write(app->db, q(app->db, ST_FB_TOKEN_SEEN, "ti", token, (int64_t)ts)) ||
+	    sqlite3_changes(app->db->h) == 0)
+		return resp_json_error(app, rs, 403, "signature: this token was "
+				       "used before (a replay)");
 	fb_route_apply(app, rs, ST_FB_JSON_MAILGUN, body, rq->body_len, "mailgun",
 		       now);
 }
@@ -14260,6 +14873,99 @@ static void route_script(struct app *app, const struct http_req *rq,
 	rs->status = 200;
 	rs->content_type = "application/javascript; charset=utf-8";
 	buf_adds(&rs->headers, "Cache-Control: public, max-age=3600\r\n");
+}
+
+/* GET /push/key: the VAPID public key remarket.js subscribes with. */
+static void route_push_key(struct app *app, const struct http_req *rq,
+			   struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg, (void)now;
+	char pub[100], err[600];
+	if (preflight(app, rq, rs) || cors(app, rq, rs) < 0)
+		return;
+	if (vapid_public(app->cfg->vapid_key_file, pub, sizeof pub, err,
+			 sizeof err) < 0) {
+		fprintf(stderr, "remarket: web push: %s\n", err);
+		return resp_json_error(app, rs, 404, "web push is not set up: no "
+				       "VAPID key (remarket keygen --vapid)");
+	}
+	rs->status = 200;
+	rs->content_type = "application/json";
+	buf_adds(&rs->headers, "Cache-Control: public, max-age=3600\r\n");
+	json_from(app->db, q(app->db, ST_JSON_PUSH_KEY, "t", pub), &rs->body);
+}
+
+/* POST /push/subscribe: a browser's PushSubscription ({endpoint, keys:
+ * {p256dh, auth}}, as JSON.stringify gives it), stored for the contact
+ * its rm_vid cookie is (or becomes). The cookie only, as /onsite: an id
+ * in the body could be anyone's. */
+static void route_push_subscribe(struct app *app, const struct http_req *rq,
+				 struct http_resp *rs, const char *arg,
+				 rm_time now)
+{
+	(void)arg;
+	char vid[80], endpoint[1100] = "", p256dh[100] = "", secret[40] = "";
+	char aud[600];
+	unsigned char ua[65], auth[16];
+	int keys = -1;
+	if (preflight(app, rq, rs) || cors(app, rq, rs) < 0)
+		return;
+	cookie_vid(rq, vid, sizeof vid);
+	if (rate_limited(app, rq, vid, now, rs))
+		return;
+	if (rq->body_too_large)
+		return resp_json_error(app, rs, 413, "body: too large");
+	if (!content_type_is(rq, "application/json") &&
+	    !content_type_is(rq, "text/plain"))
+		return resp_json_error(app, rs, 415, "Content-Type must be "
+				       "application/json or text/plain");
+	if (!*vid)
+		return resp_json_error(app, rs, 400, "no rm_vid cookie: call "
+				       "remarket('pushPrompt') on a page that "
+				       "loads remarket.js");
+	sqlite3_stmt *s = q(app->db, ST_PUSH_SUB_PARSE, "b", rq->body ? rq->body : "",
+			    (int)rq->body_len);
+	if (sqlite3_step(s) == SQLITE_ROW &&
+	    copy_str(endpoint, sizeof endpoint, col_text(s, 0)) == 0 &&
+	    copy_str(p256dh, sizeof p256dh, col_text(s, 1)) == 0 &&
+	    copy_str(secret, sizeof secret, col_text(s, 2)) == 0)
+		keys = push_keys(p256dh, secret, ua, auth);
+	sqlite3_reset(s);
+	if (keys < 0)
+		return resp_json_error(app, rs, 400, "subscription: want the "
+				       "PushSubscription's JSON {endpoint, keys: "
+				       "{p256dh, auth}} with a P-256 key and a "
+				       "16-byte auth secret");
+	if (push_origin(app->cfg, endpoint, aud, sizeof aud) < 0)
+		return resp_json_error(app, rs, 400, "subscription: endpoint must "
+				       "be an https URL");
+	if (q_exec(app->db, q(app->db, ST_PUSH_SUB_ADD, "tttti", endpoint,
+			      p256dh, secret, vid, (int64_t)now)))
+		return resp_json_error(app, rs, 503, "could not store the "
+				       "subscription: try again");
+	rs->status = 204;
+	buf_adds(&rs->headers, "Cache-Control: no-store\r\n");
+}
+
+/* GET /sw.js: the service worker that shows remarket's notifications.
+ * Service-Worker-Allowed: / lets the store register it with scope "/"
+ * although it is served under remarket's path (/rm/sw.js). */
+static void route_sw(struct app *app, const struct http_req *rq,
+		     struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)rq, (void)arg, (void)now;
+	char path[PATH_MAX];
+	snprintf(path, sizeof path, "%s/sw.js", app->cfg->static_dir);
+	if (read_file(path, &rs->body, 1 << 20) < 0) {
+		buf_reset(&rs->body);
+		return resp_json_error(app, rs, 404, "sw.js not found: check "
+				       "static_dir");
+	}
+	rs->status = 200;
+	rs->content_type = "application/javascript; charset=utf-8";
+	/* browsers check a worker for updates: never cached for long */
+	buf_adds(&rs->headers, "Service-Worker-Allowed: /\r\n"
+		 "Cache-Control: no-cache\r\n");
 }
 
 /* Splits a query string and decodes one parameter with libcurl. */
@@ -14975,6 +15681,9 @@ static const struct route {
 	{"/collect", 0, "POST OPTIONS", route_collect},
 	{"/onsite", 0, "GET HEAD OPTIONS", route_onsite},
 	{"/remarket.js", 0, "GET HEAD", route_script},
+	{"/sw.js", 0, "GET HEAD", route_sw},
+	{"/push/key", 0, "GET HEAD OPTIONS", route_push_key},
+	{"/push/subscribe", 0, "POST OPTIONS", route_push_subscribe},
 	{"/p.gif", 0, "GET HEAD", route_pixel},
 	{"/tick", 0, "POST", route_tick},
 	{"/tick/", 1, "GET HEAD", route_tick_state},
@@ -15936,6 +16645,24 @@ static int cmd_init(struct app *app, struct config *cfg, rm_time now, int argc,
 	return 0;
 }
 
+/* keygen --vapid: the web push key pair in vapid_key_file; its public
+ * key alone on stdout (a script may keep it), the rest on stderr. */
+static int keygen_vapid(const struct config *cfg)
+{
+	char pub[100], err[600];
+	if (vapid_keygen(cfg->vapid_key_file, pub, sizeof pub, err,
+			 sizeof err) < 0) {
+		fprintf(stderr, "remarket keygen --vapid: %s\n", err);
+		return 1;
+	}
+	printf("%s\n", pub);
+	fprintf(stderr, "remarket: VAPID key pair in %s (mode 0600); the public "
+		"key above is served at base_url/push/key for remarket.js%s\n",
+		cfg->vapid_key_file, *cfg->vapid_subject ? "" : ". Set vapid_subject "
+		"(mailto:you@shop.example) before sending");
+	return 0;
+}
+
 /* keygen: a new raw key on stdout. keygen --rotate: a new key appended to
  * key_file's ring; it signs from now on, the older ones still verify. */
 static int cmd_keygen(struct app *app, struct config *cfg, rm_time now,
@@ -15944,8 +16671,10 @@ static int cmd_keygen(struct app *app, struct config *cfg, rm_time now,
 	(void)app, (void)now;
 	unsigned char key[RM_KEYBYTES];
 	int rotate = argc == 2 && !strcmp(argv[1], "--rotate");
+	if (argc == 2 && !strcmp(argv[1], "--vapid"))
+		return keygen_vapid(cfg);
 	if (argc > 1 && !rotate) {
-		fprintf(stderr, "usage: remarket keygen [--rotate]\n");
+		fprintf(stderr, "usage: remarket keygen [--rotate | --vapid]\n");
 		return 2;
 	}
 	randombytes_buf(key, sizeof key);
@@ -16699,6 +17428,40 @@ static int send_test_deliver(struct app *app, const char *tpl, const char *to,
 	return 0;
 }
 
+/* push-test EMAIL: a "[TEST]" notification to each of the contact's push
+ * subscriptions (a browser gone is deleted, as when a flow sends). */
+static int cmd_push_test(struct app *app, struct config *cfg, rm_time now,
+			 int argc, char **argv)
+{
+	(void)now, (void)argc;
+	int64_t ids[64];
+	int n = 0, sent = 0;
+	sqlite3_stmt *s = q(app->db, ST_PUSH_CONTACT_SUBS, "t", argv[1]);
+	while (n < 64 && sqlite3_step(s) == SQLITE_ROW)
+		ids[n++] = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	if (!n) {
+		fprintf(stderr, "remarket push-test: %s has no push subscription "
+			"(the store calls remarket('pushPrompt') after an "
+			"add-to-cart)\n", argv[1]);
+		return 1;
+	}
+	char title[200];
+	snprintf(title, sizeof title, "[TEST] %s", *cfg->store_name ?
+		 cfg->store_name : "remarket");
+	for (int i = 0; i < n; i++) {
+		char err[1200] = "";
+		int rc = push_send(app, ids[i], title, "Web push works: this is "
+				   "how the store's notifications look.",
+				   cfg->store_url, err, sizeof err);
+		if (rc == 0)
+			sent++;
+		printf("subscription %lld: %s\n", (long long)ids[i],
+		       rc == 0 ? "sent" : err);
+	}
+	return sent ? 0 : 1;
+}
+
 /* remarket send-test TEMPLATE ADDR [--email CONTACT] [--trigger T]: one
  * mail through the relay (or the outbox), "[TEST] " before its subject
  * and X-Remarket-Test: yes among its headers, recorded nowhere. */
@@ -16922,6 +17685,7 @@ static int cmd_forget(struct app *app, struct config *cfg, rm_time now,
 	struct buf files = {0};
 	int rc = db_begin(db) ||
 		 q_exec(db, q(db, ST_FORGET_EVENTS, "t", argv[1])) ||
+		 q_exec(db, q(db, ST_PUSH_FORGET, "i", id)) ||
 		 q_exec(db, q(db, ST_FORGET_VISITORS, "i", id)) ||
 		 q_exec(db, q(db, ST_FORGET_CARTS, "i", id)) ||
 		 q_exec(db, q(db, ST_EXIT_CONTACT, "it", id, "forgotten")) ||
@@ -17137,6 +17901,9 @@ static const struct command commands[] = {
 	{"keygen", CMD_ALONE, 0, 0, cmd_keygen, "[--rotate]",
 	 "print a new 32-byte key (raw) on stdout, or\n"
 	 "add one to key_file (old links stay valid)"},
+	{"keygen", CMD_ALONE, 0, 0, cmd_keygen, "--vapid",
+	 "make the web push key pair (vapid_key_file)\n"
+	 "and print its public key"},
 	{"serve", CMD_ALONE, 1, 1, cmd_serve, "ADDR",
 	 "FastCGI on a unix socket path or host:port"},
 	{"tick", CMD_APP, 0, 0, cmd_tick, "[--now T]",
@@ -17167,6 +17934,8 @@ static const struct command commands[] = {
 	 "TEMPLATE [--email ADDR] [--trigger T] [--out DIR]",
 	 "render a mail as the tick would (for ADDR's\ncart or order, or a sample) into DIR\n"
 	 "(./remarket-preview): .eml, .html; text on stdout"},
+	{"push-test", CMD_APP, 1, 1, cmd_push_test, "EMAIL",
+	 "send a test notification to each browser\nof EMAIL subscribed to web push"},
 	{"send-test", CMD_APP, 2, 2, cmd_send_test,
 	 "TEMPLATE ADDR [--email CONTACT] [--trigger T]",
 	 "send one \"[TEST]\" mail to ADDR, recorded nowhere"},

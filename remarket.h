@@ -67,6 +67,8 @@ struct config {
 	char *reply_to; /* optional Reply-To mailbox, written like from */
 	char *store_origin; /* scheme://host[:port] allowed to call /collect */
 	char *static_dir;   /* remarket.js */
+	char *vapid_key_file; /* web push: the VAPID key (keygen --vapid) */
+	char *vapid_subject;  /* web push: mailto: or https: contact of the store */
 	char *log_pii;      /* "yes": the log may name addresses; "no": ids only */
 	long idle_minutes;  /* a cart idle this long is abandoned */
 	long max_body;      /* bytes; larger request bodies get 413 */
@@ -378,6 +380,44 @@ int verp_sender(const struct app *app, int64_t message, char *out, size_t n);
  * tag that verifies under a key of the ring; -1 otherwise (forged,
  * malformed, another address, or no bounce_address). */
 int verp_parse(const struct app *app, const char *addr, int64_t *message);
+
+/* ==== Web push: VAPID and RFC 8291 encryption ========================= */
+
+#define PUSH_MAX_PAYLOAD 3993 /* plaintext bytes: 4096 on the wire at most */
+/* The aes128gcm body (RFC 8188: salt, rs 4096, keyid = AS_PUB, one
+ * record) of MSG encrypted to a browser (its P-256 key UA_PUB and auth
+ * secret AUTH, RFC 8291), with the server key pair and salt given, so a
+ * test can replay RFC 8291's example; appended to OUT. -1 on a bad key
+ * or a message over PUSH_MAX_PAYLOAD. */
+int push_encrypt_with(const unsigned char ua_pub[65],
+		      const unsigned char auth[16],
+		      const unsigned char as_priv[32],
+		      const unsigned char as_pub[65],
+		      const unsigned char salt[16], const void *msg, size_t n,
+		      struct buf *out);
+/* The same with a new server key pair and a random salt: a message. */
+int push_encrypt(const unsigned char ua_pub[65], const unsigned char auth[16],
+		 const void *msg, size_t n, struct buf *out);
+/* A new VAPID key pair (P-256) written to PATH (PEM, 0600, never over an
+ * existing file); its public key (base64url of the uncompressed point,
+ * what a browser's pushManager.subscribe wants) in PUB. */
+int vapid_keygen(const char *path, char *pub, size_t publen, char *err,
+		 size_t errlen);
+/* The public key of the VAPID key in PATH, base64url, in PUB. */
+int vapid_public(const char *path, char *pub, size_t publen, char *err,
+		 size_t errlen);
+/* The VAPID JWT (RFC 8292, ES256) for push service origin AUD, valid
+ * until EXP, subject SUB (mailto: or https:), signed with the key in
+ * PATH; appended to OUT. */
+int vapid_jwt(const char *path, const char *aud, rm_time exp, const char *sub,
+	      struct buf *out, char *err, size_t errlen);
+/* Sends one notification ({title, body, url, icon} JSON, encrypted) to
+ * push subscription SUBSCRIPTION_ID; 0 when the push service took it
+ * (201). A 404 or 410 deletes the subscription (the browser left) and
+ * returns -2; any other failure -1, the reason in ERR. The JWT's expiry
+ * is on the real clock: the push service checks it against its own. */
+int push_send(struct app *app, int64_t subscription_id, const char *title,
+	      const char *body, const char *url, char *err, size_t errlen);
 
 /* ==== The message context ============================================= */
 

@@ -4,9 +4,9 @@
 # `make demo` and `make bench`, so the README's commands work on a fresh
 # Debian machine. Usage: scripts/deps.sh [build|test|bench|shop]
 set -eu
-want="build-essential pkg-config libfcgi-dev libsqlite3-dev libcurl4-openssl-dev libsodium-dev sqlite3 curl"
+want="build-essential pkg-config libfcgi-dev libsqlite3-dev libcurl4-openssl-dev libsodium-dev libssl-dev sqlite3 curl"
 case "${1:-build}" in
-  test)  want="$want clang-14 libclang-rt-14-dev nginx-light postfix valgrind perl python3 apache2 lighttpd chromium chromium-driver fonts-dejavu-core tidy" ;;
+  test)  want="$want clang-14 libclang-rt-14-dev nginx-light postfix valgrind perl python3 python3-cryptography apache2 lighttpd chromium chromium-driver fonts-dejavu-core tidy" ;;
   bench) want="$want nginx-light postfix wrk bc" ;;
   shop)  want="$want nginx-light python3" ;;
 esac

@@ -23,3 +23,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS feedback_once ON feedback(message, kind)
 CREATE INDEX IF NOT EXISTS feedback_contact ON feedback(contact_id, kind, ts);
 -- a report that names our Message-ID finds its message
 CREATE INDEX IF NOT EXISTS messages_message_id ON messages(message_id);
+-- Mailgun's signature covers a timestamp and a token, not the event it
+-- comes with: each token is taken once while fresh (5 minutes), so a
+-- signed pair seen in a log cannot carry other events. Purged as it ages.
+CREATE TABLE IF NOT EXISTS webhook_tokens (
+  token TEXT PRIMARY KEY,
+  ts    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_tokens_ts ON webhook_tokens(ts);

@@ -1,13 +1,14 @@
 /* remarket.js: the storefront snippet of remarket, served at /rm/remarket.js.
  * remarket('identify'|'cart'|'view', {...}), remarket('captureEmail', '#email',
  * {consent: '#consent' or true, name: '#name'}), remarket('config', {endpoint,
- * onsite, onsiteLink}). Never throws into the page, never blocks it; server
+ * onsite, onsiteLink, swScope}), remarket('pushPrompt') (after an add-to-cart,
+ * never on page load: asks for notifications, see README "Web push"). Never throws into the page, never blocks it; server
  * and cookie data reach the DOM only as textContent or a checked link. */
 (function (w, d) {
 	'use strict';
 	var prev = w.remarket;
 	if (prev && prev.loaded) return;
-	var cfg = {endpoint: '/rm', onsite: true, onsiteLink: 'View your cart'};
+	var cfg = {endpoint: '/rm', onsite: true, onsiteLink: 'View your cart', swScope: '/'};
 	var ID = /^[A-Za-z0-9._:-]{1,64}$/, EMAIL = /^[^\s@<>()\[\],;:"]+@[^\s@<>()\[\],;:"]+\.[A-Za-z]{2,}$/;
 	var vidMem, captures = [], sent = {};
 	function guard(f) {
@@ -62,6 +63,7 @@
 		identify: function (o) { emit('identify', o, ['name', 'consent']); },
 		cart: function (o) { emit('cart', o, ['cart_id', 'currency', 'items', 'total', 'email']); },
 		view: function (o) { emit('view', o, ['sku', 'url']); },
+		pushPrompt: function () { pushPrompt(); },
 		captureEmail: function (sel, opts) {
 			if (!sel) return;
 			if (!captures.length) {
@@ -96,6 +98,36 @@
 			if (is(e.target, c.sel) || is(e.target, c.o.consent) || is(e.target, c.o.name)) capture(c);
 		});
 	});
+
+	/* web push: the store calls pushPrompt after an add-to-cart (a user
+	 * gesture, never on page load); the browser asks once, remarket's
+	 * service worker (/rm/sw.js, scope '/') subscribes with the store's
+	 * VAPID key (GET /rm/push/key), and the subscription is posted to
+	 * /rm/push/subscribe with the rm_vid cookie, which says who it is */
+	function b64key(s) {
+		var b = w.atob(s.replace(/-/g, '+').replace(/_/g, '/') + '==='.slice((s.length + 3) % 4)), a = new Uint8Array(b.length);
+		for (var i = 0; i < b.length; i++) a[i] = b.charCodeAt(i);
+		return a;
+	}
+	function pushPrompt() {
+		var n = w.navigator, N = w.Notification;
+		if (!n.serviceWorker || !w.PushManager || !N || N.permission === 'denied' || !w.fetch) return;
+		var opts = {credentials: 'include'}, reg;
+		n.serviceWorker.register(cfg.endpoint + '/sw.js', {scope: cfg.swScope}).then(function (r) {
+			reg = r;
+			return N.permission === 'granted' ? 'granted' : N.requestPermission();
+		}).then(function (p) {
+			if (p !== 'granted') throw 0;
+			return w.fetch(cfg.endpoint + '/push/key', opts);
+		}).then(function (r) { return r.json(); }).then(function (k) {
+			return n.serviceWorker.ready.then(function () {
+				return reg.pushManager.subscribe({userVisibleOnly: true, applicationServerKey: b64key(String(k.key))});
+			});
+		}).then(function (sub) {
+			return w.fetch(cfg.endpoint + '/push/subscribe', {method: 'POST', credentials: 'include',
+				headers: {'Content-Type': 'application/json'}, body: JSON.stringify(sub)});
+		})['catch'](function () { /* refused or unsupported: nothing to do */ });
+	}
 
 	/* on-site message: a returning visitor whose cart was abandoned */
 	function store(k, v) {

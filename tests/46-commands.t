@@ -35,7 +35,7 @@ my ($rc, $out, $err) = rm('help');
 is($rc, 0, 'help exits 0');
 my @table = $out =~ /^  ([a-z][a-z-]*)/mg;
 is(names(@table), names(qw(init keygen serve tick event report flows segments status
-	backtest recommend products preview send-test import contact unsubscribe suppress
+	backtest recommend products preview push-test send-test import contact unsubscribe suppress
 	feedback export forget
 	help version)), 'help lists every command of the table')
 	or diag($out);
@@ -74,7 +74,8 @@ is($err, "usage: remarket import products|orders FILE.csv [--rejects REJECTS.csv
 	. "                       [--dry-run]\n", '... with its usage line');
 ($rc, $out, $err) = rm('keygen', '--rotate', 'extra');
 is($rc, 2, 'keygen with two words: exit 2');
-is($err, "usage: remarket keygen [--rotate]\n", '... with its usage line');
+is($err, "usage: remarket keygen [--rotate]\nusage: remarket keygen --vapid\n",
+	'... with its usage lines');
 ($rc, $out, $err) = rm('version');
 like($out, qr/^remarket \d+\.\d+\.\d+\n\z/, 'version');
 is((rm('--version'))[1], $out, '--version is version');

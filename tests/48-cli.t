@@ -178,7 +178,11 @@ my $k = 0;
 for my $r (@relays) {
 	my ($url, $what) = @$r;
 	$k++;
-	local %env = (%env, REMARKET_DB => "$tmp/pw$k.db", REMARKET_SMTP_URL => $url);
+	# a real relay: a sender and links a tick accepts (see remarket status)
+	local %env = (%env, REMARKET_DB => "$tmp/pw$k.db", REMARKET_SMTP_URL => $url,
+		REMARKET_FROM => 'Shop <shop@shop.example>',
+		REMARKET_POSTAL_ADDRESS => '1 Test Street, Testville',
+		REMARKET_ALLOW_INSECURE_LINKS => 'yes');
 	my @all;
 	for my $a (['init'], [qw(flows holdout abandoned_cart 0)],
 		   [{ _stdin => $cart }, 'event', '--now', $T0],

@@ -213,7 +213,7 @@ my @got = $relay->messages;
 is(scalar @got, 1, '... the relay got one mail');
 like($got[0] // '', qr/^X-Remarket-Test: yes\r?$/m, '... marked X-Remarket-Test: yes');
 like($got[0] // '', qr/^Subject: \[TEST\] /m, '... its subject starts with [TEST]');
-like($got[0] // '', qr/^To: me\@example.org\r?$/m, '... to the test address');
+like($got[0] // '', qr/^To: (?:.*<)?me\@example.org>?\r?$/m, '... to the test address (under the name the contact would see)');
 $relay->stop;
 ($rc, $out, $err) = rm('', 'send-test', 'cart_incentive', 'me@example.org');
 my ($file) = glob("$tmp/outbox/test-cart_incentive-*.eml");

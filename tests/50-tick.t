@@ -208,7 +208,7 @@ like($cj->{tick} // '', qr/^\d+\z/, '... its run is recorded too');
     my @fill = map { IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port", Blocking => 0) } 1 .. 4;
     ($secs, $rc, $out, $err) = timed {
         cli('tick', '--now', $due + 2500, { env => { REMARKET_SMTP_URL => "smtp://127.0.0.1:$port",
-            REMARKET_SMTP_REPLY_TIMEOUT => 30, REMARKET_TICK_BUDGET_SECONDS => 1 }, timeout => 60 }) };
+            REMARKET_SMTP_REPLY_TIMEOUT => 30, REMARKET_TICK_BUDGET_SECONDS => 2 }, timeout => 60 }) };
     $cj = decode_json_or_undef($out) || {};
     ok($rc == 1 && ($cj->{retry} // 0) >= 1, 'remarket tick meets a relay it cannot connect to (exit 1)')
         or diag "$rc $out $err";

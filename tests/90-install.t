@@ -161,6 +161,7 @@ my @want = (
 	'usr/bin/remarket',
 	'usr/share/man/man8/remarket.8',
 	'usr/share/remarket/static/remarket.js',
+	'usr/share/remarket/static/sw.js',
 	'usr/share/remarket/nginx.conf.example',
 	(map { "usr/share/remarket/templates/" . basename($_) } glob "$src/templates/*"),
 	(map { "usr/share/remarket/sql/" . basename($_) } glob "$src/sql/*.sql"),

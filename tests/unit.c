@@ -37,6 +37,9 @@
 #include <unistd.h>
 
 #include <curl/curl.h>
+#include <openssl/ecdsa.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
 #include <sodium.h>
 #include <sqlite3.h>
 
@@ -2388,6 +2391,8 @@ static void test_codes_migration(void)
 	db_scalar(db, "DROP TABLE reco_state");
 	db_scalar(db, "DROP TABLE forgotten"); /* 016, replayed too */
 	db_scalar(db, "DROP TABLE feedback"); /* 020 */
+	db_scalar(db, "DROP TABLE webhook_tokens");
+	db_scalar(db, "DROP TABLE push_subscriptions"); /* 024 */
 	db_scalar(db, "DROP INDEX messages_message_id");
 	db_scalar(db, "DROP INDEX orders_cart"); /* 019, replayed too */
 	db_scalar(db, "ALTER TABLE products DROP COLUMN kind");
@@ -2588,6 +2593,19 @@ static void test_csv_files(void)
 	ok(strstr(err, "missing column 'sku'\n") != NULL, "... named (%s)", err);
 	is_int(csv_run(&w, 0, "", out, sizeof out, err, sizeof err), 1,
 	       "an empty file: exit 1");
+
+	/* inch marks: a quote inside a field is text, so two of them on two
+	 * lines never pair up and swallow what lies between (RFC 4180) */
+	is_int(csv_run(&w, 1, "order_id,email,date,sku,name,price,qty\n"
+		       "i1,a@example.com,2026-06-20,T5,TV 55\" screen,100,1\n"
+		       "i2,b@example.com,2026-06-20,T6,TV 65\",200,1\n"
+		       "i3,c@example.com,2026-06-20,K1,Kettle,3,1\n",
+		       out, sizeof out, err, sizeof err), 0,
+	       "two inch marks on two lines: exit 0");
+	is_str(out, "{\"imported\":3,\"refused\":0}\n", "... every line imported");
+	is_int(sq(&w, "SELECT count(*) FROM orders, json_each(items) WHERE "
+		  "value ->> 'name' IN ('TV 55\" screen', 'TV 65\"')"), 2,
+	       "... each name with its inch mark");
 
 	/* a stray quote on line 3: lines 4 and 5 are still read */
 	is_int(csv_run(&w, 1, "order_id,email,date,sku,name,price,qty\n"
@@ -3592,6 +3610,147 @@ static void test_mail(void)
 	buf_free(&out);
 }
 
+/* ==== Web push: VAPID and RFC 8291 encryption ========================= */
+
+static size_t b64u_dec(const char *s, unsigned char *out, size_t max)
+{
+	size_t n = 0;
+	if (sodium_base642bin(out, max, s, strlen(s), NULL, &n, NULL,
+			      sodium_base64_VARIANT_URLSAFE_NO_PADDING) < 0)
+		return 0;
+	return n;
+}
+
+/* RFC 8291 Appendix A, byte for byte, with its server key pair and salt. */
+static void test_push_rfc8291(void)
+{
+	unsigned char ua[65], auth[16], as_priv[32], as_pub[65], salt[16];
+	const char *msg = "When I grow up, I want to be a watermelon";
+	const char *want = "DGv6ra1nlYgDCS1FRnbzlwAAEABBBP4z9KsN6nGRTbVYI_c7VJSPQT"
+		"Btkgcy27mlmlMoZIIgDll6e3vCYLocInmYWAmS6TlzAC8wEqKK6PBru3jl7A_yl95"
+		"bQpu6cVPTpK4Mqgkf1CXztLVBSt2Ks3oZwbuwXPXLWyouBWLVWGNWQexSgSxsj_Qulcy4a-fN";
+	ok(b64u_dec("BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4"
+		    "bjyPjs7Vd8pZGH6SRpkNtoIAiw4", ua, sizeof ua) == 65 &&
+	   b64u_dec("BTBZMqHH6r4Tts7J_aSIgg", auth, sizeof auth) == 16 &&
+	   b64u_dec("yfWPiYE-n46HLnH0KqZOF1fJJU3MYrct3AELtAQ-oRw", as_priv,
+		    sizeof as_priv) == 32 &&
+	   b64u_dec("BP4z9KsN6nGRTbVYI_c7VJSPQTBtkgcy27mlmlMoZIIgDll6e3vCYLocInmY"
+		    "WAmS6TlzAC8wEqKK6PBru3jl7A8", as_pub, sizeof as_pub) == 65 &&
+	   b64u_dec("DGv6ra1nlYgDCS1FRnbzlw", salt, sizeof salt) == 16,
+	   "push: RFC 8291 example keys decode");
+	struct buf out = {0};
+	char got[512] = "";
+	int rc = push_encrypt_with(ua, auth, as_priv, as_pub, salt, msg,
+				   strlen(msg), &out);
+	if (rc == 0)
+		sodium_bin2base64(got, sizeof got, (unsigned char *)out.data, out.len,
+				  sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+	is_str(got, want, "push: RFC 8291 Appendix A body reproduced exactly");
+	/* a random key pair and salt: the same shape, another body */
+	buf_reset(&out);
+	ok(push_encrypt(ua, auth, msg, strlen(msg), &out) == 0 &&
+	   out.len == 86 + strlen(msg) + 1 + 16 &&
+	   !memcmp(out.data + 16, "\0\0\x10\0\x41\x04", 6) &&
+	   memcmp(out.data, salt, 16) != 0,
+	   "push: a new key pair and salt per message (header rs 4096, keyid 65)");
+	/* a point off the curve, a message too long: refused */
+	unsigned char bad[65];
+	memcpy(bad, ua, sizeof bad);
+	bad[64] ^= 1;
+	buf_reset(&out);
+	ok(push_encrypt(bad, auth, msg, strlen(msg), &out) < 0 && out.len == 0,
+	   "push: a browser key off the curve is refused");
+	char *big = calloc(1, PUSH_MAX_PAYLOAD + 1);
+	ok(big && push_encrypt(ua, auth, big, PUSH_MAX_PAYLOAD, &out) == 0 &&
+	   out.len == 4096, "push: the largest message fills 4096 bytes");
+	buf_reset(&out);
+	ok(big && push_encrypt(ua, auth, big, PUSH_MAX_PAYLOAD + 1, &out) < 0,
+	   "push: a message over PUSH_MAX_PAYLOAD is refused");
+	free(big);
+	buf_free(&out);
+}
+
+/* The JWT's ES256 signature (raw r || s) checked with the key's public
+ * half, the way a push service does. */
+static int jwt_verifies(const char *jwt, const char *pub_b64)
+{
+	unsigned char pub[65], sig[64];
+	const char *dot = strrchr(jwt, '.');
+	if (!dot || b64u_dec(pub_b64, pub, sizeof pub) != 65 ||
+	    b64u_dec(dot + 1, sig, sizeof sig) != 64)
+		return 0;
+	/* the public key as SubjectPublicKeyInfo: the fixed P-256 prefix */
+	static const unsigned char spki[] = {
+		0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d,
+		0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01,
+		0x07, 0x03, 0x42, 0x00};
+	unsigned char der[sizeof spki + 65], *sd = NULL;
+	memcpy(der, spki, sizeof spki);
+	memcpy(der + sizeof spki, pub, 65);
+	const unsigned char *p = der;
+	EVP_PKEY *k = d2i_PUBKEY(NULL, &p, sizeof der);
+	ECDSA_SIG *s = ECDSA_SIG_new();
+	EVP_MD_CTX *md = EVP_MD_CTX_new();
+	int good = 0;
+	if (k && s && md && ECDSA_SIG_set0(s, BN_bin2bn(sig, 32, NULL),
+					   BN_bin2bn(sig + 32, 32, NULL))) {
+		int n = i2d_ECDSA_SIG(s, &sd);
+		good = n > 0 && EVP_DigestVerifyInit(md, NULL, EVP_sha256(), NULL, k) > 0 &&
+		       EVP_DigestVerify(md, sd, (size_t)n, (const unsigned char *)jwt,
+					(size_t)(dot - jwt)) == 1;
+	}
+	OPENSSL_free(sd);
+	EVP_MD_CTX_free(md);
+	ECDSA_SIG_free(s);
+	EVP_PKEY_free(k);
+	return good;
+}
+
+static void test_push_vapid(void)
+{
+	char path[PATH_MAX], pub[100] = "", pub2[100] = "", err[512] = "";
+	struct stat st;
+	snprintf(path, sizeof path, "%s/push/vapid.pem", tmpdir);
+	ok(vapid_keygen(path, pub, sizeof pub, err, sizeof err) == 0 &&
+	   stat(path, &st) == 0 && (st.st_mode & 0777) == 0600,
+	   "vapid: keygen writes the key, mode 0600 (%s)", err);
+	unsigned char raw[65];
+	ok(b64u_dec(pub, raw, sizeof raw) == 65 && raw[0] == 4,
+	   "vapid: the public key is an uncompressed point, base64url (%s)", pub);
+	ok(vapid_keygen(path, pub2, sizeof pub2, err, sizeof err) < 0 &&
+	   strstr(err, "exists"), "vapid: keygen never replaces a key (%s)", err);
+	ok(vapid_public(path, pub2, sizeof pub2, err, sizeof err) == 0 &&
+	   !strcmp(pub, pub2), "vapid: the file gives the same public key");
+	struct buf jwt = {0};
+	*err = '\0';
+	ok(vapid_jwt(path, "https://push.example.net", T0 + 12 * HOUR,
+		     "mailto:shop@example.com", &jwt, err, sizeof err) == 0,
+	   "vapid: a JWT is signed (%s)", err);
+	const char *jt = jwt.data ? jwt.data : "";
+	char claims[256] = "";
+	const char *d1 = strchr(jt, '.'), *d2 = d1 ? strchr(d1 + 1, '.') : NULL;
+	size_t n = 0;
+	if (d2)
+		sodium_base642bin((unsigned char *)claims, sizeof claims - 1, d1 + 1,
+				  (size_t)(d2 - d1 - 1), NULL, &n, NULL,
+				  sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+	claims[n] = '\0';
+	is_str(claims, "{\"aud\":\"https://push.example.net\",\"exp\":1795043200,"
+	       "\"sub\":\"mailto:shop@example.com\"}", "vapid: the JWT's claims");
+	ok(jwt_verifies(jt, pub), "vapid: the ES256 signature verifies with the "
+	   "public key");
+	ok(jwt.len > 20 && (jwt.data[20] ^= 1, !jwt_verifies(jwt.data, pub)),
+	   "vapid: a changed JWT does not verify");
+	buf_reset(&jwt);
+	ok(vapid_jwt(path, "https://x\"y", T0, "mailto:a@b.c", &jwt, err,
+		     sizeof err) < 0, "vapid: a quote in a claim is refused");
+	snprintf(path, sizeof path, "%s/push/none.pem", tmpdir);
+	ok(vapid_public(path, pub2, sizeof pub2, err, sizeof err) < 0 &&
+	   strstr(err, "keygen --vapid"), "vapid: a missing key names the fix (%s)",
+	   err);
+	buf_free(&jwt);
+}
+
 /* ==== The flow engine: detect, claim, send, record ==================== */
 
 static void test_flow(void)
@@ -4538,6 +4697,22 @@ static void link_get(struct world *w, const char *tok, const char *query,
 
 static void test_tracked_links(void)
 {
+	/* only the store's host, as browsers read it too */
+	struct config sc;
+	memset(&sc, 0, sizeof sc);
+	sc.store_url = "https://shop.example.com";
+	ok(link_on_store(&sc, "https://shop.example.com/p/lamp") &&
+	   link_on_store(&sc, "http://SHOP.example.com:8443/x?y=1"),
+	   "a link on the store's host is the store's (any case, port, scheme)");
+	ok(!link_on_store(&sc, "https://evil.example\\@shop.example.com/p") &&
+	   !link_on_store(&sc, "https://evil.example\\shop.example.com/p") &&
+	   !link_on_store(&sc, "https://user@shop.example.com/p") &&
+	   !link_on_store(&sc, "https://shop.example.com/p q") &&
+	   !link_on_store(&sc, "https://shop.example.com/p\tq") &&
+	   !link_on_store(&sc, "https://shop.example.com.evil.example/") &&
+	   !link_on_store(&sc, "javascript://shop.example.com/%0aalert(1)"),
+	   "... never one a browser reads elsewhere: a backslash (a browser's "
+	   "'/'), a user name, a space or tab, another host, another scheme");
 	/* tokens bound to a target */
 	unsigned char key[RM_KEYBYTES];
 	memset(key, 7, sizeof key);
@@ -5602,6 +5777,19 @@ static void test_feedback(void)
 	buf_reset(&warn);
 	is_int(feedback_complaint_warnings(&w.app, T0 + 9 * DAY, &warn), 0,
 	       "warnings: none once the sends are older than 7 days");
+	buf_reset(&warn);
+	struct buf stext = {0};
+	check_run(&w.app, T0 + 3 * HOUR, CHECK_STATUS, &warn, NULL, &stext);
+	ok(contains(warn.data, "{\"name\":\"complaints\",\"level\":\"warn\"") &&
+	   contains(stext.data, "1 step drew spam complaints over 0.1 %") &&
+	   contains(stext.data, "step 1: 1 complaints of 4 sends"),
+	   "status: the complaints check warns and names the step (%s)", vis(stext.data));
+	buf_reset(&warn);
+	buf_reset(&stext);
+	check_run(&w.app, T0 + 9 * DAY, CHECK_STATUS, &warn, NULL, &stext);
+	ok(contains(warn.data, "{\"name\":\"complaints\",\"level\":\"ok\""),
+	   "status: ... and is ok once the sends are older than 7 days");
+	buf_free(&stext);
 	buf_free(&warn);
 
 	/* the report: per step bounced and complained, of the sent */
@@ -5690,14 +5878,17 @@ static void test_feedback_http(void)
 	char hex[2 * sizeof mac + 1];
 	crypto_auth_hmacsha256_state st;
 	crypto_auth_hmacsha256_init(&st, (const unsigned char *)"key-mailgun-test", 16);
-	crypto_auth_hmacsha256_update(&st, (const unsigned char *)"1795000000tok123", 16);
+	char signed_part[64];
+	snprintf(signed_part, sizeof signed_part, "%lldtok123", (long long)T0);
+	crypto_auth_hmacsha256_update(&st, (const unsigned char *)signed_part,
+				      strlen(signed_part));
 	crypto_auth_hmacsha256_final(&st, mac);
 	sodium_bin2hex(hex, sizeof hex, mac, sizeof mac);
 	/* Mailgun gives the Message-ID without its angle brackets */
-	snprintf(body, sizeof body, "{\"signature\":{\"timestamp\":\"1795000000\","
+	snprintf(body, sizeof body, "{\"signature\":{\"timestamp\":\"%lld\","
 		 "\"token\":\"tok123\",\"signature\":\"%s\"},\"event-data\":{\"event\":"
 		 "\"complained\",\"recipient\":\"fay@example.net\",\"message\":"
-		 "{\"headers\":{\"message-id\":\"%.*s\"}}}}", hex,
+		 "{\"headers\":{\"message-id\":\"%.*s\"}}}}", (long long)T0, hex,
 		 fmid ? (int)strlen(fmid) - 2 : 0, fmid ? fmid + 1 : "");
 	free(fmid);
 	http(&w, "POST", "/feedback/mailgun", body, NULL, NULL, T0, &rs);
@@ -5707,6 +5898,15 @@ static void test_feedback_http(void)
 		  "JOIN contacts c ON c.id = m.contact_id WHERE c.email = 'fay@example.net' "
 		  "AND f.kind = 'complaint' AND f.source = 'mailgun'"), 1,
 	       "mailgun: counted against her message, found by Message-ID");
+	http(&w, "POST", "/feedback/mailgun", body, NULL, NULL, T0 + 60, &rs);
+	ok(rs.status == 403 && contains(buf_str_or(&rs.body), "used before"),
+	   "mailgun: the same signed token again is 403 (its signature does not "
+	   "cover the event: a replay could carry anyone's address)");
+	http_resp_free(&rs);
+	http(&w, "POST", "/feedback/mailgun", body, NULL, NULL, T0 + 301, &rs);
+	ok(rs.status == 403 && contains(buf_str_or(&rs.body), "5 minutes"),
+	   "mailgun: a signature over 5 minutes old is 403");
+	http_resp_free(&rs);
 	char *p = strstr(body, hex);
 	p[0] = p[0] == '0' ? '1' : '0';
 	http(&w, "POST", "/feedback/mailgun", body, NULL, NULL, T0, &rs);
@@ -7682,6 +7882,8 @@ int main(void)
 	test_feedback();
 	test_feedback_http();
 	test_status();
+	test_push_rfc8291();
+	test_push_vapid();
 	test_sms();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)

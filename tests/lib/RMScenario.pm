@@ -294,6 +294,7 @@ sub report_gate {
     my $bearer = { Authorization => "Bearer $TICK_TOKEN" };
     is($other->('/rm/health')->{status}, 200, "$server: 127.0.0.2 reaches /rm/health");
     for my $path ('/rm/report', '/rm/report.json', '/rm//report', '/rm/%72eport.json',
+        '/rm/report/carts', '/rm/report/contact?c=1', '/rm//report/carts?page=2',
         '/rm/./report', '/rm/report?x=t=1', '/rm/report.json?T=1') {
         my $r = $other->($path, $bearer);
         is($r->{status}, 403, "$server: GET $path from 127.0.0.2 with the tick_token -> 403")
