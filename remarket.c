@@ -29,16 +29,17 @@
  *  14. Transports: SMTP and outbox
  *  15. Web push: VAPID and RFC 8291 encryption
  *  16. The message context
- *  17. The flow engine: detect, claim, send, record
- *  18. Tick runs
- *  19. Feedback: bounces, complaints, unsubscribes by mail
- *  20. Checks before sending and status
- *  21. Backtest
- *  22. The report
- *  23. HTTP routes
- *  24. FastCGI and CGI front-ends
- *  25. Command line
- *  26. Main
+ *  17. SMS: text, segments, providers
+ *  18. The flow engine: detect, claim, send, record
+ *  19. Tick runs
+ *  20. Feedback: bounces, complaints, unsubscribes by mail
+ *  21. Checks before sending and status
+ *  22. Backtest
+ *  23. The report
+ *  24. HTTP routes
+ *  25. FastCGI and CGI front-ends
+ *  26. Command line
+ *  27. Main
  */
 #define _GNU_SOURCE
 #include "remarket.h"
@@ -66,6 +67,7 @@
 #include <openssl/core_names.h>
 #include <openssl/ec.h>
 #include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <openssl/param_build.h>
 #include <openssl/pem.h>
 #include <fcgiapp.h>
@@ -582,6 +584,13 @@ static const struct cfg_key {
 	CFG_STR(bounce_address, ""),
 	CFG_STR(mailgun_signing_key, ""),
 	CFG_STR(postmark_webhook_auth, ""),
+	CFG_STR(sms_provider, ""),
+	CFG_STR(sms_from, ""),
+	CFG_STR(twilio_account_sid, ""),
+	CFG_STR(twilio_auth_token, ""),
+	CFG_STR(twilio_api_url, "https://api.twilio.com"),
+	CFG_STR(sms_url, ""),
+	CFG_STR(sms_secret, ""),
 	CFG_STR(store_origin, ""),
 	CFG_STR(static_dir, "./static"),
 	CFG_STR(vapid_key_file, "./var/vapid.pem"),
@@ -1337,6 +1346,19 @@ void cfg_free(struct config *cfg)
 	  "consent_pending = CASE WHEN ?3 IS NULL THEN consent_pending ELSE 0 END " \
 	  "RETURNING id")                                                      \
 	/* an address `remarket forget` erased (see sql/016_people.sql) */    \
+	/* a signed event's phone and SMS consent: a consent said is kept     \
+	 * with its source and time when it changes; a new number without a   \
+	 * consent said loses the old number's consent */                     \
+	X(CONTACT_SMS,                                                         \
+	  "UPDATE contacts SET phone = coalesce(?2, phone), "                  \
+	  "sms_consent = CASE WHEN ?3 IS NOT NULL THEN ?3 WHEN ?2 IS NOT NULL " \
+	  "AND ?2 IS NOT phone THEN 0 ELSE sms_consent END, "                  \
+	  "sms_consent_source = CASE WHEN ?3 IS NOT NULL AND ?3 <> sms_consent " \
+	  "THEN ?4 WHEN ?3 IS NULL AND ?2 IS NOT NULL AND ?2 IS NOT phone "    \
+	  "AND sms_consent THEN ?4 || ' (new number)' ELSE sms_consent_source END, " \
+	  "sms_consent_at = CASE WHEN (?3 IS NOT NULL AND ?3 <> sms_consent) " \
+	  "OR (?3 IS NULL AND ?2 IS NOT NULL AND ?2 IS NOT phone "             \
+	  "AND sms_consent) THEN ?5 ELSE sms_consent_at END WHERE id = ?1")    \
 	X(FORGOTTEN_HAS, "SELECT 1 FROM forgotten WHERE hash = ?1")           \
 	X(FORGOTTEN_DEL, "DELETE FROM forgotten WHERE hash = ?1")             \
 	/* the browser's door to contacts: an address, never a name; new      \
@@ -1935,7 +1957,9 @@ void cfg_free(struct config *cfg)
 	  "e.anchor + CASE WHEN m.variant = 'B' THEN coalesce(v.delay_s, "     \
 	  "s.delay_s) ELSE s.delay_s END, (SELECT min(n.delay_s) FROM steps n " \
 	  "WHERE n.flow_id = e.flow_id AND n.position > m.step "               \
-	  "AND n.delay_s > s.delay_s) - s.delay_s "                            \
+	  "AND n.delay_s > s.delay_s) - s.delay_s, "                           \
+	  /* 30-32: the step's channels, the contact's phone and SMS consent */ \
+	  "coalesce(s.channels, 'email'), coalesce(c.phone, ''), c.sms_consent " \
 	  "FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "      \
 	  "JOIN flows f ON f.id = e.flow_id "                                  \
 	  "LEFT JOIN segments sg ON sg.contact_id = m.contact_id "             \
@@ -2170,6 +2194,22 @@ void cfg_free(struct config *cfg)
 	/* the durable "sending" state, written before the hand-over: one     \
 	 * attempt, and every byte the outcome needs, so that recording the   \
 	 * outcome only flips small numbers */                                \
+	/* the channel a message goes by, written with its attempt */        \
+	X(MESSAGE_CHANNEL,                                                     \
+	  "UPDATE messages SET channel = ?3 WHERE id = ?1 AND lease_owner = ?2") \
+	/* an SMS the provider refused for its number: this message fails,  \
+	 * the sequence goes on (mail is not suppressed for a phone's fault) */ \
+	X(SMS_JSON,                                                            \
+	  "SELECT json_object('to', ?1, 'from', ?2, 'text', ?3, "              \
+	  "'message', ?4)")                                                    \
+	X(SMS_ANSWER,                                                          \
+	  "SELECT CASE WHEN json_valid(?1) THEN json_extract(?1, '$.code') END, " \
+	  "CASE WHEN json_valid(?1) THEN json_extract(?1, '$.message') END")   \
+	/* an inbound STOP or START: every contact of the number */          \
+	X(SMS_CONSENT_SET,                                                     \
+	  "UPDATE contacts SET sms_consent = ?2, sms_consent_source = ?3, "    \
+	  "sms_consent_at = ?4, updated = ?4 WHERE phone = ?1 "                \
+	  "AND sms_consent <> ?2")                                             \
 	X(MESSAGE_ATTEMPT,                                                     \
 	  "UPDATE messages SET attempts = attempts + 1, crashes = 0, "         \
 	  "message_id = ?3 WHERE id = ?1 AND lease_owner = ?2 "                \
@@ -2301,6 +2341,12 @@ void cfg_free(struct config *cfg)
 	/* -- Checks before sending and status -- */                          \
 	/* the templates of the enabled steps and their B variants, each with \
 	 * the steps that send it */                                         \
+	/* the enabled steps whose channels name sms, with their template */ \
+	X(CHECK_SMS_STEPS,                                                     \
+	  "SELECT s.template, f.name || ' step ' || s.position FROM steps s "  \
+	  "JOIN flows f ON f.id = s.flow_id WHERE f.enabled = 1 "              \
+	  "AND instr(',' || s.channels || ',', ',sms,') > 0 "                  \
+	  "ORDER BY f.id, s.position")                                         \
 	X(CHECK_TEMPLATES,                                                     \
 	  "SELECT t, group_concat(w, ', ') FROM (SELECT s.template AS t, "     \
 	  "f.name || ' step ' || s.position AS w FROM steps s JOIN flows f "   \
@@ -2699,6 +2745,9 @@ void cfg_free(struct config *cfg)
 	  "'confirm_sent_at', c.confirm_sent_at, 'confirmed_at', c.confirmed_at, " \
 	  "'unsubscribed_at', c.unsubscribed_at, 'suppressed_at', c.suppressed_at, " \
 	  "'suppress_reason', c.suppress_reason, 'held_at', c.held_at, "       \
+	  "'phone', c.phone, 'sms_consent', c.sms_consent, "                   \
+	  "'sms_consent_source', c.sms_consent_source, "                       \
+	  "'sms_consent_at', c.sms_consent_at, "                               \
 	  "'created', c.created, 'updated', c.updated, "                       \
 	  "'visitors', (SELECT json_group_array(json_object('vid', vid, "      \
 	  "'first_seen', first_seen, 'last_seen', last_seen)) FROM visitors "  \
@@ -2716,6 +2765,7 @@ void cfg_free(struct config *cfg)
 	  "WHERE contact_id = c.id), "                                         \
 	  "'messages', (SELECT json_group_array(json_object('id', m.id, "      \
 	  "'flow', f.name, 'step', m.step, 'variant', m.variant, "             \
+	  "'channel', m.channel, "                                             \
 	  "'status', m.status, 'created', m.created, 'sent_at', m.sent_at, "   \
 	  "'discount_code', m.discount_code, 'error', m.error, "               \
 	  "'interactions', (SELECT json_group_array(json_object('kind', i.kind, " \
@@ -2743,6 +2793,8 @@ void cfg_free(struct config *cfg)
 	X(FORGET_CONTACT,                                                      \
 	  "UPDATE contacts SET email = '#forgotten-' || id, name = '', "       \
 	  "consent = 0, consent_vid = NULL, consent_pending = 0, "             \
+	  "phone = NULL, sms_consent = 0, sms_consent_source = NULL, "         \
+	  "sms_consent_at = NULL, "                                            \
 	  "suppressed_at = coalesce(suppressed_at, ?2), "                      \
 	  "suppress_reason = 'forgotten', updated = ?2 WHERE id = ?1")         \
 	X(EVENTS_EXPIRE,                                                       \
@@ -2826,7 +2878,7 @@ void cfg_free(struct config *cfg)
 	X(FLOWS_LIST,                                                          \
 	  "SELECT f.name, f.enabled, s.position, s.delay_s, s.template, "      \
 	  "coalesce(s.discount_pct, 0), coalesce(s.discount_valid, 172800), s.min_spend, " \
-	  "f.holdout_pct, coalesce(s.segment, '') " \
+	  "f.holdout_pct, coalesce(s.segment, ''), s.channels " \
 	  "FROM flows f JOIN steps s ON s.flow_id = f.id ORDER BY f.id, s.position") \
 	X(STEP_SET, /* named parameters: flows_apply binds them by name */  \
 	  "UPDATE steps SET delay_s = coalesce(:delay, delay_s), "             \
@@ -2836,7 +2888,8 @@ void cfg_free(struct config *cfg)
 	  "discount_valid = coalesce(:valid, discount_valid), "                \
 	  "min_spend = coalesce(:min_spend, min_spend), "                      \
 	  "segment = CASE WHEN :segment IS NULL THEN segment "                 \
-	  "WHEN :segment = '' THEN NULL ELSE :segment END "                    \
+	  "WHEN :segment = '' THEN NULL ELSE :segment END, "                   \
+	  "channels = coalesce(:channel, channels) "                           \
 	  "WHERE flow_id = (SELECT id FROM flows WHERE name = :flow) "         \
 	  "AND position = :step")                                              \
 	X(FLOW_ENABLE, "UPDATE flows SET enabled = ?2 WHERE name = ?1")        \
@@ -3474,6 +3527,44 @@ int val_url(const char *s)
 	return ok;
 }
 
+/* A mobile number as SMS providers take it: E.164, '+' then 8 to 15
+ * digits, the country code never starting with 0. Spaces, dashes and
+ * brackets are the store's to strip: a number is stored as sent. */
+int val_phone(const char *s)
+{
+	size_t n = strlen(s);
+	if (n < 9 || n > 16 || s[0] != '+' || s[1] == '0')
+		return 0;
+	for (size_t i = 1; i < n; i++)
+		if (s[i] < '0' || s[i] > '9')
+			return 0;
+	return 1;
+}
+
+/* The channels a step may name, in no order. Push joins here. */
+static const char *const channel_names[] = {"email", "sms"};
+
+int channels_ok(const char *v)
+{
+	char list[64], *save = NULL;
+	const char *seen[8];
+	size_t n = 0;
+	if (!*v || copy_str(list, sizeof list, v) < 0 || strstr(v, ",,") ||
+	    *v == ',' || v[strlen(v) - 1] == ',')
+		return 0;
+	for (char *w = strtok_r(list, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
+		int known = 0;
+		for (size_t i = 0; i < sizeof channel_names / sizeof *channel_names; i++)
+			known |= !strcmp(w, channel_names[i]);
+		for (size_t i = 0; i < n; i++)
+			known &= strcmp(w, seen[i]) != 0;
+		if (!known || n == sizeof seen / sizeof *seen)
+			return 0;
+		seen[n++] = w;
+	}
+	return 1;
+}
+
 /* ==== Signed tokens and hook signatures =============================== */
 /*
  * A token is base64url(kind | subject | expires | mac) where mac is a
@@ -4043,7 +4134,9 @@ struct event {
 	char *customer_id; /* the store's own customer number, kept as said */
 	char *tz;        /* the contact's IANA time zone (a browser's), checked */
 	long seconds;    /* a view's time on the page, -1: not said */
+	char *phone;     /* E.164 (val_phone): a signed event's only */
 	int consent;     /* -1: not said */
+	int has_sms_consent, sms_consent; /* its own, never the email's */
 	int has_total, has_price, has_amount;
 	double total, price, amount; /* amount: a refund's */
 	rm_time ts;
@@ -4051,7 +4144,8 @@ struct event {
 	size_t at; /* its index in the request's array */
 };
 
-enum fcheck { FC_TYPE, FC_EMAIL, FC_TEXT, FC_IDENT, FC_SKU, FC_URL, FC_CURRENCY, FC_CODE };
+enum fcheck { FC_TYPE, FC_EMAIL, FC_TEXT, FC_IDENT, FC_SKU, FC_URL, FC_CURRENCY, FC_CODE,
+	      FC_PHONE };
 static const struct efield {
 	const char *key;
 	size_t off;
@@ -4073,6 +4167,7 @@ static const struct efield {
 	{"brand", offsetof(struct event, brand), FC_TEXT, 64},
 	{"url", offsetof(struct event, url), FC_URL, 2048},
 	{"image", offsetof(struct event, image), FC_URL, 2048},
+	{"phone", offsetof(struct event, phone), FC_PHONE, 16},
 };
 
 static int fail(struct ev_error *err, int status, const char *fmt, ...)
@@ -4099,6 +4194,7 @@ static int check_field(enum fcheck c, const char *v, size_t maxlen)
 		return strlen(v) == 3 && isupper((unsigned char)v[0]) &&
 		       isupper((unsigned char)v[1]) && isupper((unsigned char)v[2]);
 	case FC_CODE: return val_ident(v, maxlen);
+	case FC_PHONE: return val_phone(v);
 	case FC_TYPE: return 1;
 	}
 	return 0;
@@ -4114,6 +4210,8 @@ static const char *check_hint(enum fcheck c)
 	case FC_URL: return "must be an http(s) URL";
 	case FC_CURRENCY: return "must be a 3-letter currency code like EUR";
 	case FC_CODE: return "must be a discount code like RM-7QK2-X9PD";
+	case FC_PHONE: return "must be an E.164 number like +14155550100 "
+			      "('+' and 8-15 digits, no spaces)";
 	case FC_TYPE: break;
 	}
 	return "is not valid";
@@ -4218,6 +4316,13 @@ static int ev_field(struct event *e, sqlite3_stmt *s, rm_time now,
 		if (strcmp(jt, "true") && strcmp(jt, "false"))
 			return fail(err, 400, "consent: must be true or false");
 		e->consent = strcmp(jt, "true") == 0;
+		return 0;
+	}
+	if (strcmp(key, "sms_consent") == 0) { /* never implied by consent */
+		if (strcmp(jt, "true") && strcmp(jt, "false"))
+			return fail(err, 400, "sms_consent: must be true or false");
+		e->sms_consent = strcmp(jt, "true") == 0;
+		e->has_sms_consent = 1;
 		return 0;
 	}
 	if (strcmp(key, "amount") == 0) {
@@ -4622,9 +4727,12 @@ static int forgotten_suppress(struct app *app, int64_t id, const char *email,
 }
 
 /* The contact an event names (upserted from a signed event, limited from a
- * browser) and its visitor linked; the contact id, 0 if none, -1 on error. */
+ * browser) and its visitor linked; a signed event's phone and SMS consent
+ * are kept with SOURCE (a browser's are ignored: see the trust table in
+ * the README). The contact id, 0 if none, -1 on error. */
 static int64_t ev_contact(struct app *app, const struct event *e,
-			  const char *vid, int browser, rm_time now)
+			  const char *vid, int browser, const char *source,
+			  rm_time now)
 {
 	struct db *db = app->db;
 	int64_t id = 0;
@@ -4640,6 +4748,14 @@ static int64_t ev_contact(struct app *app, const struct event *e,
 			id = sqlite3_column_int64(s, 0);
 		sqlite3_reset(s);
 		if (!id)
+			return -1;
+	}
+	if (e->email && !browser && (e->phone || e->has_sms_consent)) {
+		sqlite3_stmt *s = q(db, ST_CONTACT_SMS, "itnti", id, e->phone,
+				    source, (int64_t)now);
+		if (e->has_sms_consent)
+			sqlite3_bind_int(s, 3, e->sms_consent);
+		if (q_exec(db, s) < 0)
 			return -1;
 	}
 	if (e->email && forgotten_suppress(app, id, e->email, now) < 0)
@@ -4995,7 +5111,7 @@ static int ev_apply(struct app *app, const struct event *e, enum ev_source src,
 	if (browser && !strcmp(e->type, "cart") && e->cart_id &&
 	    db_scalar_stmt(q(app->db, ST_CART_OWNER, "tt", e->cart_id, vid)) > 0)
 		return -2;
-	int64_t contact = ev_contact(app, e, vid, browser, now);
+	int64_t contact = ev_contact(app, e, vid, browser, src_name[src], now);
 	int rc = contact < 0 ? -1 : 0;
 	if (rc == 0 && !strcmp(e->type, "cart"))
 		rc = ev_cart(app, e, vid, browser, contact);
@@ -8576,6 +8692,9 @@ struct msgrow {
 	char *items;
 	int64_t due, next_gap; /* when the step was due; to the next one, or 0 */
 	int printable; /* cart items a mail may print (signed or in the catalog) */
+	char channels[64]; /* the step's: "email", "sms,email", ... */
+	char phone[20];
+	int sms_consent;
 };
 
 /* Reads message ID with its enrollment, flow, step, contact and cart into M;
@@ -8622,6 +8741,9 @@ static int msg_load(struct app *app, int64_t id, struct msgrow *m)
 	m->consent = sqlite3_column_int(s, 27);
 	m->due = sqlite3_column_int64(s, 28);
 	m->next_gap = sqlite3_column_int64(s, 29);
+	copy_str(m->channels, sizeof m->channels, col_text(s, 30));
+	copy_str(m->phone, sizeof m->phone, col_text(s, 31));
+	m->sms_consent = sqlite3_column_int(s, 32);
 	sqlite3_reset(s);
 	/* a mail with no cart (win-back, post-purchase) prints its amounts in
 	 * the order's currency when it is about one, else the store's */
@@ -9416,6 +9538,488 @@ static int msg_preview_load(struct app *app, const char *tpl,
 	return 0;
 }
 
+/* ==== SMS: text, segments, providers ================================== */
+/*
+ * A step whose channels name sms (see step_channel in the flow engine)
+ * sends one line of text instead of a mail. Its template is NAME.sms,
+ * rendered by the same engine and context as NAME.txt; the line always
+ * carries the store's name and "STOP to opt out" (added when the
+ * template does not say them), and its links are the same signed short
+ * /r/ tokens as a mail's. It goes out through the provider's HTTP API
+ * with libcurl: Twilio's form API (or any that copies it), or a JSON
+ * webhook signed like the store's hooks (X-Remarket-Signature). An answer
+ * is classified as SMTP's are: 2xx sent; a 4xx about the number fails
+ * that message only (never the contact's mail); 401/403/404 and other
+ * refusals are our configuration (the message waits); 408, 429, 5xx and
+ * time-outs are retried with the same back-off as mail. Inbound STOP,
+ * START and HELP are in HTTP routes (route_sms_inbound).
+ */
+
+#define SMS_ANSWER_MAX 65536
+
+/* The next code point of valid UTF-8 at *P (val_utf8 has checked it). */
+static uint32_t utf8_next(const unsigned char **p)
+{
+	const unsigned char *s = *p;
+	uint32_t c = s[0];
+	int n = c < 0x80 ? 0 : c < 0xE0 ? 1 : c < 0xF0 ? 2 : 3;
+	if (n)
+		c &= 0x3F >> n;
+	for (int i = 1; i <= n && s[i]; i++)
+		c = (c << 6) | (s[i] & 0x3F);
+	for (int i = 0; i <= n && **p; i++)
+		(*p)++;
+	return c;
+}
+
+/* 1 if code point C is in STR (UTF-8). */
+static int in_utf8(const char *str, uint32_t c)
+{
+	for (const unsigned char *p = (const unsigned char *)str; *p;)
+		if (utf8_next(&p) == c)
+			return 1;
+	return 0;
+}
+
+/* GSM 03.38: the default alphabet (one septet each; the escape 0x1B
+ * left out) and its extension table (two septets each). */
+static const char gsm7_basic[] =
+	"@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+	"¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
+static const char gsm7_ext[] = "^{}\\[~]|€\f";
+
+int sms_segments(const char *text, struct sms_count *c)
+{
+	size_t septets = 0, units = 0;
+	int ucs2 = 0;
+	memset(c, 0, sizeof *c);
+	if (!val_utf8(text, strlen(text)))
+		return -1;
+	for (const unsigned char *p = (const unsigned char *)text; *p;) {
+		uint32_t cp = utf8_next(&p);
+		units += cp > 0xFFFF ? 2 : 1; /* UTF-16 code units */
+		if (in_utf8(gsm7_basic, cp))
+			septets++;
+		else if (in_utf8(gsm7_ext, cp))
+			septets += 2;
+		else
+			ucs2 = 1;
+	}
+	c->ucs2 = ucs2;
+	c->units = ucs2 ? units : septets;
+	size_t one = ucs2 ? 70 : 160, many = ucs2 ? 67 : 153;
+	c->segments = c->units == 0 ? 0 : c->units <= one ? 1 :
+		      (int)((c->units + many - 1) / many);
+	return c->segments;
+}
+
+int sms_finish(const char *store, const char *text, struct buf *out)
+{
+	struct buf line = {0};
+	int space = 0;
+	for (const char *p = text; *p; p++) { /* one line, single spaces */
+		if (isspace((unsigned char)*p)) {
+			space = line.len > 0;
+			continue;
+		}
+		if (space)
+			buf_adds(&line, " ");
+		space = 0;
+		buf_add(&line, p, 1);
+	}
+	const char *l = line.data ? line.data : "";
+	if (*store && !strstr(l, store))
+		buf_addf(out, "%s: ", store);
+	buf_adds(out, l);
+	if (!strstr(l, "STOP to opt out"))
+		buf_adds(out, *l ? " Reply STOP to opt out." :
+			 "Reply STOP to opt out.");
+	buf_free(&line);
+	return buf_failed(out) ? -1 : 0;
+}
+
+/* Renders M->tpl.sms for message M (its code fixed) into OUT, finished
+ * by sms_finish. */
+static int sms_build(struct app *app, const struct msgrow *m, rm_time now,
+		     rm_time code_expires, struct buf *out, char *err,
+		     size_t errlen)
+{
+	const char *dir = app->cfg->templates;
+	char path[PATH_MAX];
+	struct msgctx mc = {0};
+	struct buf tpl = {0}, txt = {0};
+	int rc = -1;
+	if (!val_ident(m->tpl, 64) ||
+	    snprintf(path, sizeof path, "%s/%s.sms", dir, m->tpl) >= (int)sizeof path ||
+	    template_read(path, &tpl) < 0) {
+		snprintf(err, errlen, "template %s/%s.sms: cannot read it — an "
+			 "SMS step needs one (a line of text with {{...}})", dir,
+			 m->tpl);
+		goto out;
+	}
+	if (mc_build(&mc, app, m, now, code_expires) < 0) {
+		snprintf(err, errlen, "out of memory");
+		goto out;
+	}
+	if (tpl_render_file(tpl.data, path, &mc.ctx, TPL_TEXT, dir, ".sms", &txt,
+			    err, errlen))
+		goto out;
+	if (sms_finish(app->cfg->store_name, buf_str(&txt), out) < 0) {
+		snprintf(err, errlen, "out of memory rendering %s", path);
+		goto out;
+	}
+	rc = 0;
+out:
+	mc_free(&mc);
+	buf_free(&tpl);
+	buf_free(&txt);
+	return rc;
+}
+
+/* As msg_compose, for an SMS. */
+static int sms_compose(struct app *app, struct msgrow *m, rm_time now,
+		       struct buf *out, char *err, size_t errlen)
+{
+	rm_time code_expires;
+	if (msg_prepare(app, m, now, &code_expires) < 0) {
+		snprintf(err, errlen, "database error preparing message %lld",
+			 (long long)m->id);
+		return -1;
+	}
+	return sms_build(app, m, now, code_expires, out, err, errlen);
+}
+
+int sms_preview(struct app *app, const char *tpl, const char *trigger,
+		const char *email, rm_time now, struct buf *out, char *err,
+		size_t errlen)
+{
+	struct msgrow m;
+	rm_time code_expires;
+	int rc = msg_preview_load(app, tpl, trigger, email, now, &m,
+				  &code_expires, err, errlen);
+	if (rc == 0)
+		rc = sms_build(app, &m, now, code_expires, out, err, errlen);
+	free(m.items);
+	return rc;
+}
+
+enum send_result sms_classify(const char *provider, long status, long code)
+{
+	/* Twilio's codes for a number that cannot take this message:
+	 * invalid, unreachable, not a mobile, opted out (21610), ... */
+	static const long number[] = {21211, 21214, 21217, 21407, 21408,
+				      21610, 21612, 21614, 21635};
+	if (status >= 200 && status < 300)
+		return SEND_OK;
+	if (status == 408 || status == 429 || status >= 500 || status == 0)
+		return SEND_TEMP;
+	if (status == 401 || status == 403 || status == 404)
+		return SEND_CONFIG;
+	if (!strcmp(provider, "twilio")) {
+		for (size_t i = 0; i < sizeof number / sizeof *number; i++)
+			if (code == number[i])
+				return SEND_PERM;
+		return SEND_CONFIG; /* a 400 about our request (From, Body) */
+	}
+	return status >= 400 && status < 500 ? SEND_PERM : SEND_TEMP;
+}
+
+static size_t sms_collect(char *p, size_t size, size_t n, void *ud)
+{
+	struct buf *b = ud;
+	if (size && n > SMS_ANSWER_MAX / size)
+		return 0;
+	if (b->len + size * n > SMS_ANSWER_MAX || buf_add(b, p, size * n) < 0)
+		return 0;
+	return size * n;
+}
+
+/* POSTs BODY to URL; the HTTP status into *STATUS (0: no answer) and the
+ * answer's body into ANSWER. -1 with ERR when nothing was answered. */
+static int sms_post(const char *url, const char *userpwd,
+		    struct curl_slist *hdr, const char *body, long *status,
+		    struct buf *answer, char *err, size_t errlen)
+{
+	CURL *c = curl_easy_init();
+	*status = 0;
+	if (!c) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	curl_easy_setopt(c, CURLOPT_URL, url);
+	curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
+	curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
+	curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 10L);
+	curl_easy_setopt(c, CURLOPT_TIMEOUT, 30L);
+	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, sms_collect);
+	curl_easy_setopt(c, CURLOPT_WRITEDATA, answer);
+	if (userpwd) {
+		curl_easy_setopt(c, CURLOPT_HTTPAUTH, (long)CURLAUTH_BASIC);
+		curl_easy_setopt(c, CURLOPT_USERPWD, userpwd);
+	}
+	CURLcode rc = curl_easy_perform(c);
+	curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, status);
+	curl_easy_cleanup(c);
+	if (rc != CURLE_OK && !*status) {
+		char shown[512];
+		url_shown(url, shown, sizeof shown);
+		snprintf(err, errlen, "SMS provider %s: %s", shown,
+			 curl_easy_strerror(rc));
+		return -1;
+	}
+	return 0;
+}
+
+/* Twilio's Messages API: a form with To, From and Body, Basic auth with
+ * the account SID and auth token. */
+static int sms_twilio(struct app *app, const char *to, const char *text,
+		      long *status, struct buf *answer, char *err, size_t errlen)
+{
+	const struct config *cfg = app->cfg;
+	struct buf url = {0}, body = {0}, auth = {0};
+	char *sid = curl_easy_escape(NULL, cfg->twilio_account_sid, 0);
+	char *eto = curl_easy_escape(NULL, to, 0);
+	char *efrom = curl_easy_escape(NULL, cfg->sms_from, 0);
+	char *etext = curl_easy_escape(NULL, text, 0);
+	int rc = -1;
+	if (!sid || !eto || !efrom || !etext)
+		goto out;
+	buf_addf(&url, "%s/2010-04-01/Accounts/%s/Messages.json",
+		 cfg->twilio_api_url, sid);
+	buf_addf(&body, "To=%s&From=%s&Body=%s", eto, efrom, etext);
+	buf_addf(&auth, "%s:%s", cfg->twilio_account_sid, cfg->twilio_auth_token);
+	if (buf_failed(&url) || buf_failed(&body) || buf_failed(&auth))
+		goto out;
+	rc = sms_post(url.data, auth.data, NULL, body.data, status, answer, err,
+		      errlen);
+out:
+	if (rc < 0 && !*err)
+		snprintf(err, errlen, "out of memory");
+	curl_free(sid), curl_free(eto), curl_free(efrom), curl_free(etext);
+	buf_free(&url), buf_free(&body);
+	if (auth.data) /* the token is a secret: not left in freed memory */
+		sodium_memzero(auth.data, auth.len);
+	buf_free(&auth);
+	return rc;
+}
+
+/* The generic webhook: {"to","from","text","message"} as JSON, signed
+ * with sms_secret as the store's hooks are (X-Remarket-Signature). */
+static int sms_webhook(struct app *app, int64_t id, const char *to,
+		       const char *text, rm_time now, long *status,
+		       struct buf *answer, char *err, size_t errlen)
+{
+	const struct config *cfg = app->cfg;
+	struct buf body = {0};
+	char sig[160], hsig[200];
+	struct curl_slist *hdr = NULL, *h2;
+	int rc = -1;
+	sqlite3_stmt *s = q(app->db, ST_SMS_JSON, "ttti", to, cfg->sms_from, text,
+			    id);
+	if (sqlite3_step(s) == SQLITE_ROW)
+		buf_adds(&body, col_text(s, 0));
+	sqlite3_reset(s);
+	if (buf_failed(&body) || !body.len ||
+	    hook_sign(cfg->sms_secret, now, body.data, body.len, sig, sizeof sig) < 0)
+		goto out;
+	snprintf(hsig, sizeof hsig, "X-Remarket-Signature: %s", sig);
+	if (!(h2 = curl_slist_append(hdr, "Content-Type: application/json")))
+		goto out;
+	hdr = h2;
+	if (!(h2 = curl_slist_append(hdr, hsig)))
+		goto out;
+	hdr = h2;
+	rc = sms_post(cfg->sms_url, NULL, hdr, body.data, status, answer, err,
+		      errlen);
+out:
+	if (rc < 0 && !*err)
+		snprintf(err, errlen, "out of memory building the SMS webhook body");
+	curl_slist_free_all(hdr);
+	buf_free(&body);
+	return rc;
+}
+
+/* 1 if the SMS settings are there for the provider named: a step's sms
+ * is chosen only then. */
+int sms_ready(const struct config *cfg)
+{
+	if (!strcmp(cfg->sms_provider, "twilio"))
+		return *cfg->twilio_account_sid && *cfg->twilio_auth_token &&
+		       *cfg->sms_from && *cfg->twilio_api_url;
+	if (!strcmp(cfg->sms_provider, "webhook"))
+		return *cfg->sms_url && *cfg->sms_secret;
+	return 0;
+}
+
+/* Sends TEXT to TO for message ID through the provider; ERR says why
+ * not. */
+static enum send_result sms_send(struct app *app, int64_t id, const char *to,
+				 const char *text, rm_time now, long *pcode,
+				 char *err, size_t errlen)
+{
+	const struct config *cfg = app->cfg;
+	struct buf answer = {0};
+	long status = 0, code = 0;
+	int twilio = !strcmp(cfg->sms_provider, "twilio");
+	*err = '\0';
+	if (!sms_ready(cfg)) {
+		snprintf(err, errlen, "sms_provider '%s': not set up (twilio: "
+			 "twilio_account_sid, twilio_auth_token, sms_from; "
+			 "webhook: sms_url, sms_secret)", cfg->sms_provider);
+		return SEND_CONFIG;
+	}
+	int rc = twilio ? sms_twilio(app, to, text, &status, &answer, err, errlen) :
+		 sms_webhook(app, id, to, text, now, &status, &answer, err, errlen);
+	if (rc < 0) {
+		buf_free(&answer);
+		return SEND_TEMP;
+	}
+	char said[200] = "";
+	sqlite3_stmt *s = q(app->db, ST_SMS_ANSWER, "t", buf_str(&answer));
+	if (sqlite3_step(s) == SQLITE_ROW) {
+		code = (long)sqlite3_column_int64(s, 0);
+		copy_str(said, sizeof said, col_text(s, 1));
+	}
+	sqlite3_reset(s);
+	buf_free(&answer);
+	enum send_result r = sms_classify(cfg->sms_provider, status, code);
+	*pcode = code;
+	if (r != SEND_OK)
+		snprintf(err, errlen, "SMS provider (%s) answered %ld%s%.0ld%s%s",
+			 cfg->sms_provider, status, code ? ", code " : "", code,
+			 *said ? ": " : "", said);
+	return r;
+}
+
+/* ---- inbound: Twilio's signature and form ---- */
+/*
+ * A reply to our number arrives as Twilio's form POST, signed in
+ * X-Twilio-Signature: base64(HMAC-SHA1(auth token, the full URL it
+ * called + every POST parameter sorted by name, as name then value)).
+ * libsodium has no HMAC-SHA1: OpenSSL's libcrypto makes it.
+ */
+#define FORM_MAX 64
+struct form {
+	char *k[FORM_MAX], *v[FORM_MAX];
+	int n;
+};
+
+static void form_free(struct form *f)
+{
+	for (int i = 0; i < f->n; i++)
+		curl_free(f->k[i]), curl_free(f->v[i]);
+	f->n = 0;
+}
+
+/* Decodes "a=1&b=x+y" ('+' a space, %XX by libcurl); -1 if more than
+ * FORM_MAX parameters or out of memory. */
+static int form_parse(const char *body, size_t len, struct form *f)
+{
+	memset(f, 0, sizeof *f);
+	char *copy = strndup(body ? body : "", len);
+	if (!copy)
+		return -1;
+	for (char *p = copy; *p; p++)
+		if (*p == '+')
+			*p = ' ';
+	int rc = 0;
+	char *save = NULL;
+	for (char *w = strtok_r(copy, "&", &save); w && rc == 0;
+	     w = strtok_r(NULL, "&", &save)) {
+		char *eq = strchr(w, '=');
+		if (f->n == FORM_MAX) {
+			rc = -1;
+			break;
+		}
+		if (eq)
+			*eq = '\0';
+		f->k[f->n] = curl_easy_unescape(NULL, w, 0, NULL);
+		f->v[f->n] = curl_easy_unescape(NULL, eq ? eq + 1 : "", 0, NULL);
+		if (!f->k[f->n] || !f->v[f->n]) {
+			curl_free(f->k[f->n]), curl_free(f->v[f->n]);
+			rc = -1;
+			break;
+		}
+		f->n++;
+	}
+	free(copy);
+	if (rc)
+		form_free(f);
+	return rc;
+}
+
+static const char *form_get(const struct form *f, const char *name)
+{
+	for (int i = 0; i < f->n; i++)
+		if (!strcmp(f->k[i], name))
+			return f->v[i];
+	return NULL;
+}
+
+int sms_twilio_signature(const char *token, const char *url, const char *form,
+			 size_t len, char *out, size_t outlen)
+{
+	struct form f;
+	struct buf data = {0};
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned int mdlen = 0;
+	int order[FORM_MAX], rc = -1;
+	if (form_parse(form, len, &f) < 0)
+		return -1;
+	for (int i = 0; i < f.n; i++) { /* by name, then value: stable */
+		int j = i;
+		for (; j > 0; j--) {
+			int c = strcmp(f.k[order[j - 1]], f.k[i]);
+			if (c < 0 || (c == 0 && strcmp(f.v[order[j - 1]], f.v[i]) <= 0))
+				break;
+			order[j] = order[j - 1];
+		}
+		order[j] = i;
+	}
+	buf_adds(&data, url);
+	for (int i = 0; i < f.n; i++)
+		buf_adds(&data, f.k[order[i]]), buf_adds(&data, f.v[order[i]]);
+	if (!buf_failed(&data) && outlen >= sodium_base64_ENCODED_LEN(20,
+					sodium_base64_VARIANT_ORIGINAL) &&
+	    HMAC(EVP_sha1(), token, (int)strlen(token),
+		 (const unsigned char *)data.data, data.len, md, &mdlen) &&
+	    mdlen == 20) {
+		sodium_bin2base64(out, outlen, md, mdlen,
+				  sodium_base64_VARIANT_ORIGINAL);
+		rc = 0;
+	}
+	form_free(&f);
+	buf_free(&data);
+	return rc;
+}
+
+/* What a reply asks, by its first word (case aside): STOP and the words
+ * carriers treat as it, START and its like, HELP; 0 for anything else. */
+int sms_keyword(const char *body)
+{
+	static const char *const stop[] = {"STOP", "STOPALL", "UNSUBSCRIBE",
+					   "CANCEL", "END", "QUIT", NULL};
+	static const char *const start[] = {"START", "YES", "UNSTOP", NULL};
+	static const char *const help[] = {"HELP", "INFO", NULL};
+	static const char *const *const sets[] = {stop, start, help};
+	char w[16];
+	size_t n = 0;
+	while (body && isspace((unsigned char)*body))
+		body++;
+	while (body && *body && !isspace((unsigned char)*body) && n + 1 < sizeof w)
+		w[n++] = (char)toupper((unsigned char)*body++);
+	w[n] = '\0';
+	if (body && *body && !isspace((unsigned char)*body))
+		return 0; /* a longer word */
+	for (int s = 0; s < 3; s++)
+		for (int i = 0; sets[s][i]; i++)
+			if (!strcmp(w, sets[s][i]))
+				return s + 1; /* SMS_STOP, SMS_START, SMS_HELP */
+	return 0;
+}
+
 /* ==== The flow engine: detect, claim, send, record ==================== */
 /*
  * A tick runs in three short phases and never holds a write lock while it
@@ -9475,7 +10079,8 @@ static int msg_exit(struct app *app, const struct msgrow *m, const char *why,
 	/* not this contact's step, or too late for it: go on with the next
 	 * one, which keeps its own schedule */
 	int stale = !strncmp(why, "stale", 5);
-	int next = !strcmp(why, "segment") || stale;
+	int next = !strcmp(why, "segment") || stale ||
+		   !strncmp(why, "channel", 7);
 	int done = !strcmp(why, "step removed");
 	int rc = db_begin(db) ||
 		 q_exec(db, q(db, ST_MESSAGE_END, "itti", m->id, "skipped", why, m->owner)) ||
@@ -9592,14 +10197,6 @@ static int msg_stale(const struct config *cfg, const struct msgrow *m,
  * one write transaction, so two senders of one tick, or two ticks, never
  * both pass for one contact.
  */
-
-/* The channel the message goes by. Steps gain a channel in issue 13;
- * until then every message is a mail. */
-static const char *msg_channel(const struct msgrow *m)
-{
-	(void)m;
-	return "email";
-}
 
 /* 0: M may go now (gate_at written); 1: not before *UNTIL, for the
  * rule *KIND ("quiet", "cart", "gap"); -1 on a database error. */
@@ -9891,6 +10488,86 @@ static int refusal_add(struct app *app, struct refusals *rf,
 	return 1;
 }
 
+/* The channel message M goes by: the first of its step's channels the
+ * contact consented to ("email": the mail checks of msg_exit_reason
+ * passed; "sms": a phone, its own consent, and a provider set up), or
+ * NULL. One case a channel: push joins here and in flow_send_other. */
+static const char *step_channel(const struct config *cfg,
+				const struct msgrow *m)
+{
+	char list[64], *save = NULL;
+	copy_str(list, sizeof list, *m->channels ? m->channels : "email");
+	for (char *w = strtok_r(list, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
+		if (!strcmp(w, "email"))
+			return "email";
+		if (!strcmp(w, "sms") && *m->phone && m->sms_consent && sms_ready(cfg))
+			return "sms";
+	}
+	return NULL;
+}
+
+/* Sends message M by CHAN (not email): marked, composed, marked sending,
+ * sent and recorded as a mail is. A refusal about the number fails this
+ * message and the sequence goes on (the contact's mail is not
+ * suppressed for it); our configuration refused keeps it waiting. */
+static int flow_send_other(struct app *app, struct msgrow *m,
+			   const char *chan, rm_time now, struct tick_summary *sum)
+{
+	char err[512] = "";
+	struct buf text = {0};
+	int rc;
+	if ((rc = msg_mark(app, m, ST_MESSAGE_START)) != 0)
+		return rc < 0 ? -1 : 0;
+	if (sms_compose(app, m, now, &text, err, sizeof err) < 0) {
+		problem_add(&sum->problems, "%s (%s step %d: its messages wait, "
+			    "retried every 15 min)", err, m->flow, m->step);
+		rc = msg_defer(app, m, now + 900, err, 0);
+		sum->retry++;
+		goto out;
+	}
+	if ((rc = msg_mark(app, m, ST_MESSAGE_ATTEMPT)) != 0 ||
+	    (rc = q_write(app->db, q(app->db, ST_MESSAGE_CHANNEL, "iit", m->id,
+				     m->owner, chan))) != 0) {
+		rc = rc < 0 ? -1 : 0;
+		goto out;
+	}
+	m->attempts++;
+	long code = 0;
+	enum send_result r = sms_send(app, m->id, m->phone, text.data, now, &code,
+				      err, sizeof err);
+	if (r != SEND_OK)
+		fprintf(stderr, "remarket: message %lld (%s): %s\n",
+			(long long)m->id, chan, err);
+	if (r == SEND_CONFIG) {
+		problem_add(&sum->problems, "%s", err);
+		rc = msg_defer(app, m, now + 900, err, 1);
+		sum->retry++;
+	} else if (r == SEND_PERM) {
+		struct db *db = app->db;
+		rc = db_begin(db) ||
+		     q_exec(db, q(db, ST_MESSAGE_END, "itti", m->id, "failed", err,
+				  m->owner)) ||
+		     q_exec(db, q(db, ST_ENROLL_ADVANCE, "ii", m->enrollment,
+				  (int64_t)m->step)) ||
+		     db_commit(db) ? -1 : 0;
+		if (rc)
+			db_rollback(db);
+		/* Twilio 21610: the number sent STOP to the provider, which
+		 * refuses it from now on: so does remarket (no reply reached us) */
+		if (rc == 0 && code == 21610 &&
+		    q_write(db, q(db, ST_SMS_CONSENT_SET, "titi", m->phone,
+				  (int64_t)0, "provider: opted out (21610)",
+				  (int64_t)now)) < 0)
+			rc = -1;
+		sum->failed++;
+	} else {
+		rc = msg_record(app, m, r, err, now, sum);
+	}
+out:
+	buf_free(&text);
+	return rc;
+}
+
 /* Sends one claimed message. Returns 0, -1 on a database failure (the
  * tick stops), or 1 when the relay refuses us or a step was paused: the
  * tick should stop. PREP: with several senders, their preparations
@@ -9929,15 +10606,27 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		rc = msg_exit(app, &m, why, sum);
 		goto out;
 	}
+	const char *chan = step_channel(app->cfg, &m);
+	if (!chan) { /* this step is not for this contact: the next one is */
+		snprintf(stale, sizeof stale, "channel: %s (none the contact "
+			 "consented to, or not set up)", m.channels);
+		rc = msg_exit(app, &m, stale, sum);
+		goto out;
+	}
+	/* the gap, the cart first, and the quiet hours of that channel */
 	rm_time until;
 	const char *kind;
-	int g = msg_gate(app, &m, msg_channel(&m), now, &until, &kind);
+	int g = msg_gate(app, &m, chan, now, &until, &kind);
 	if (g != 0) {
 		rc = g < 0 ? -1 : msg_hold(app, &m, until, kind, sum);
 		goto out;
 	}
 	if (app->cfg->dry_run) { /* a backtest: it would have gone now */
 		rc = msg_record(app, &m, SEND_OK, "", now, sum);
+		goto out;
+	}
+	if (strcmp(chan, "email") != 0) {
+		rc = flow_send_other(app, &m, chan, now, sum);
 		goto out;
 	}
 	/* from here until the hand-over, a death of the tick is this
@@ -11619,6 +12308,47 @@ static void check_templates(const struct check_ctx *c, struct check_out *o)
 			  "their partials parse (%s)", n, cfg->templates);
 }
 
+/* SMS steps: the provider set up, and each step's NAME.sms there and
+ * parsing. A warning, not a stop: mail goes on; an SMS step without a
+ * provider goes by its next channel or is skipped, one without its .sms
+ * waits (retried every 15 minutes). */
+static void check_sms(const struct check_ctx *c, struct check_out *o)
+{
+	const struct config *cfg = c->app->cfg;
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database at this schema");
+		return;
+	}
+	int n = 0;
+	sqlite3_stmt *s = q(c->app->db, ST_CHECK_SMS_STEPS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		char path[PATH_MAX], err[400];
+		int w = snprintf(path, sizeof path, "%s/%s.sms", cfg->templates,
+				 col_text(s, 0));
+		n++;
+		if (w < 0 || (size_t)w >= sizeof path ||
+		    tpl_lint(path, cfg->templates, ".sms", 0, err, sizeof err) < 0)
+			problem_add(&o->lines, "%s (%s: its SMS wait)",
+				    w < 0 || (size_t)w >= sizeof path ? "path too long" :
+				    err, col_text(s, 1));
+	}
+	sqlite3_reset(s);
+	if (n && !sms_ready(cfg))
+		check_say(o, CHECK_WARN, "%d step%s can go by SMS, but sms_provider "
+			  "'%s' is not set up (twilio: twilio_account_sid, "
+			  "twilio_auth_token, sms_from; webhook: sms_url, "
+			  "sms_secret): they go by their next channel or are "
+			  "skipped", n, n == 1 ? "" : "s", cfg->sms_provider);
+	else if (o->lines.n)
+		check_say(o, CHECK_WARN, "%d SMS template%s cannot be used",
+			  o->lines.n, o->lines.n == 1 ? "" : "s");
+	else if (n)
+		check_say(o, CHECK_OK, "%d step%s can go by SMS (%s, from %s)", n,
+			  n == 1 ? "" : "s", cfg->sms_provider, cfg->sms_from);
+	else
+		check_say(o, CHECK_OK, "no step goes by SMS");
+}
+
 /* The storefront's script, which `remarket serve` hands out. */
 static void check_static(const struct check_ctx *c, struct check_out *o)
 {
@@ -11929,6 +12659,7 @@ static const struct check {
 	{"browser_cap", CHECK_STATUS, check_browser_cap},
 	{"winback_waiting", CHECK_STATUS, check_winback_waiting},
 	{"complaints", CHECK_STATUS, check_complaints},
+	{"sms", CHECK_STATUS, check_sms},
 };
 
 static const char *const level_names[] = {"ok", "warn", "stop"};
@@ -15007,6 +15738,70 @@ static void route_open(struct app *app, const struct http_req *rq,
 
 /* POST /discounts/validate: whether a code applies to a total, and with
  * "reserve" a hold of it for one cart for 15 minutes. */
+/* POST /sms/inbound: a reply to the store's number, as Twilio posts it
+ * (a form with From and Body), signed in X-Twilio-Signature over
+ * base_url + "/sms/inbound" (and its query). STOP ends the number's SMS
+ * consent at once (its mail is another consent, untouched), START gives
+ * it back, HELP is answered with the store's name; the answer is TwiML.
+ * 403 for a missing or wrong signature, before the body is believed. */
+static void route_sms_inbound(struct app *app, const struct http_req *rq,
+			      struct http_resp *rs, const char *arg, rm_time now)
+{
+	(void)arg;
+	const struct config *cfg = app->cfg;
+	struct buf url = {0};
+	struct form f = {0};
+	char sig[64];
+	if (strcmp(cfg->sms_provider, "twilio") || !*cfg->twilio_auth_token)
+		return resp_json_error(app, rs, 403, "sms inbound: sms_provider = "
+				       "twilio and twilio_auth_token are not set "
+				       "on the server");
+	if (rq->body_too_large)
+		return resp_json_error(app, rs, 413, "body: too large");
+	buf_addf(&url, "%s/sms/inbound%s%s", cfg->base_url,
+		 rq->query && *rq->query ? "?" : "", rq->query ? rq->query : "");
+	int good = !buf_failed(&url) && rq->twilio_signature &&
+		   sms_twilio_signature(cfg->twilio_auth_token, url.data, rq->body,
+					rq->body_len, sig, sizeof sig) == 0 &&
+		   strlen(sig) == strlen(rq->twilio_signature) &&
+		   sodium_memcmp(sig, rq->twilio_signature, strlen(sig)) == 0;
+	buf_free(&url);
+	if (!good)
+		return resp_json_error(app, rs, 403, "X-Twilio-Signature: missing "
+				       "or wrong (twilio_auth_token, base_url)");
+	if (form_parse(rq->body, rq->body_len, &f) < 0)
+		return resp_json_error(app, rs, 400, "body: want a form "
+				       "(at most 64 parameters)");
+	const char *from = form_get(&f, "From");
+	int kw = sms_keyword(form_get(&f, "Body"));
+	if (!from || !val_phone(from)) {
+		form_free(&f);
+		return resp_json_error(app, rs, 400, "From: want an E.164 number");
+	}
+	if ((kw == SMS_STOP || kw == SMS_START) &&
+	    q_write(app->db, q(app->db, ST_SMS_CONSENT_SET, "titi", from,
+			       (int64_t)(kw == SMS_START),
+			       kw == SMS_START ? "sms START" : "sms STOP",
+			       (int64_t)now)) < 0) {
+		form_free(&f);
+		return resp_json_error(app, rs, 503, "database busy: try again");
+	}
+	form_free(&f);
+	rs->status = 200;
+	rs->content_type = "text/xml; charset=utf-8";
+	buf_adds(&rs->body, "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response>");
+	if (kw == SMS_HELP || kw == SMS_START) {
+		buf_adds(&rs->body, "<Message>");
+		html_escape(&rs->body, *cfg->store_name ? cfg->store_name : "remarket");
+		buf_adds(&rs->body, kw == SMS_HELP ?
+			 ": texts about your cart and orders. Reply STOP to opt "
+			 "out, START to opt back in." :
+			 ": you will get our texts again. Reply STOP to opt out.");
+		buf_adds(&rs->body, "</Message>");
+	}
+	buf_adds(&rs->body, "</Response>");
+}
+
 static void route_validate(struct app *app, const struct http_req *rq,
 			   struct http_resp *rs, const char *arg, rm_time now)
 {
@@ -15284,6 +16079,7 @@ static const struct route {
 	{"/events", 0, "POST", route_events},
 	{"/feedback", 0, "POST", route_feedback},
 	{"/feedback/", 1, "POST", route_feedback},
+	{"/sms/inbound", 0, "POST", route_sms_inbound},
 	{"/collect", 0, "POST OPTIONS", route_collect},
 	{"/onsite", 0, "GET HEAD OPTIONS", route_onsite},
 	{"/remarket.js", 0, "GET HEAD", route_script},
@@ -15485,6 +16281,8 @@ static const struct cgi_param {
 	 "at most 1024 bytes without control characters"},
 	{"HTTP_X_REMARKET_SIGNATURE", CGI_TEXT, 1024, 0,
 	 "at most 1024 bytes without control characters"},
+	{"HTTP_X_TWILIO_SIGNATURE", CGI_TEXT, 256, 0,
+	 "at most 256 bytes without control characters"},
 	{"HTTP_COOKIE", CGI_TEXT, 16384, 0,
 	 "at most 16384 bytes without control characters"},
 	{"HTTP_ORIGIN", CGI_TEXT, 2048, 0,
@@ -15629,6 +16427,7 @@ static void serve_one(struct app *app, const struct io *io)
 	rq.content_type = io->param(io->ctx, "CONTENT_TYPE");
 	rq.authorization = io->param(io->ctx, "HTTP_AUTHORIZATION");
 	rq.signature = io->param(io->ctx, "HTTP_X_REMARKET_SIGNATURE");
+	rq.twilio_signature = io->param(io->ctx, "HTTP_X_TWILIO_SIGNATURE");
 	rq.cookie = io->param(io->ctx, "HTTP_COOKIE");
 	rq.origin = io->param(io->ctx, "HTTP_ORIGIN");
 	client_addr(app->cfg, io->param(io->ctx, "REMOTE_ADDR"),
@@ -16610,6 +17409,8 @@ static int flows_list(struct app *app)
 		if (*seg)
 			printf("  %s %s", *seg == '!' ? "not for" : "only for",
 			       seg + (*seg == '!'));
+		if (strcmp(col_text(s, 10), "email") != 0)
+			printf("  by %s", col_text(s, 10));
 		printf("\n");
 	}
 	sqlite3_reset(s);
@@ -16620,7 +17421,7 @@ static int flows_list(struct app *app)
  * also the name of the statement parameter it binds (":delay"), and has a
  * kind that says how its value is checked. */
 enum set_kind { SET_DELAY, SET_SPAN, SET_TEMPLATE, SET_PCT, SET_SHARE,
-		SET_MONEY, SET_SEGMENT };
+		SET_MONEY, SET_SEGMENT, SET_CHANNELS };
 struct setting {
 	const char *key;
 	enum set_kind kind;
@@ -16669,6 +17470,9 @@ static int bind_setting(sqlite3_stmt *s, const struct setting *st, const char *v
 	case SET_SEGMENT:
 		return segment_name_ok(v) ? sqlite3_bind_text(s, param, v, -1,
 							     SQLITE_TRANSIENT) : -1;
+	case SET_CHANNELS:
+		return channels_ok(v) ? sqlite3_bind_text(s, param, v, -1,
+							  SQLITE_TRANSIENT) : -1;
 	}
 	return -1;
 }
@@ -16762,17 +17566,19 @@ static int flows_apply(struct app *app, enum stmt_id id, const char *what,
 }
 
 /* remarket flows set FLOW STEP delay=24h template=x discount=15 valid=48h
- * min_spend=50 segment=vip */
+ * min_spend=50 segment=vip channel=sms,email */
 static int flows_set(struct app *app, int argc, char **argv)
 {
 	static const struct setting set[] = {
 		{"delay", SET_DELAY}, {"template", SET_TEMPLATE},
 		{"discount", SET_PCT}, {"valid", SET_SPAN},
 		{"min_spend", SET_MONEY}, {"segment", SET_SEGMENT},
+		{"channel", SET_CHANNELS},
 	};
 	return flows_apply(app, ST_STEP_SET, "set", set, sizeof set / sizeof set[0],
 			   "delay=24h template=NAME discount=0-90 valid=48h "
-			   "min_spend=N segment=vip|!vip|... (empty: all)", argc, argv);
+			   "min_spend=N segment=vip|!vip|... (empty: all) "
+			   "channel=email|sms|sms,email", argc, argv);
 }
 
 /* remarket flows variant FLOW STEP template=x delay=2h discount=15
@@ -16941,6 +17747,34 @@ static int preview_write(const char *dir, const char *name, const char *ext,
 /* remarket preview TEMPLATE [--email ADDR] [--trigger T] [--out DIR]:
  * DIR/TEMPLATE.eml (the whole message) and DIR/TEMPLATE.html (its HTML
  * part, to open in a browser); the text part on stdout. */
+/* remarket preview NAME.sms: the line as it would go, then how it
+ * travels (GSM-7 or UCS-2, its length and segments: each one is billed). */
+static int preview_sms(struct app *app, const char *file,
+		       const struct preview_opts *o, rm_time now)
+{
+	char tpl[80], err[512];
+	struct buf text = {0};
+	struct sms_count c;
+	snprintf(tpl, sizeof tpl, "%.*s", (int)(strlen(file) - 4), file);
+	int rc = 1;
+	if (sms_preview(app, tpl, o->trigger, o->email, now, &text, err,
+			sizeof err) < 0)
+		fprintf(stderr, "remarket preview: %s\n", err);
+	else if (sms_segments(buf_str(&text), &c) < 0)
+		fprintf(stderr, "remarket preview: %s.sms: not UTF-8\n", tpl);
+	else {
+		printf("%s\n", buf_str(&text));
+		printf("-- %s: %zu %s, %d segment%s (%s a segment, %s each when "
+		       "several)\n", c.ucs2 ? "UCS-2" : "GSM-7", c.units,
+		       c.ucs2 ? "UTF-16 units" : "septets", c.segments,
+		       c.segments == 1 ? "" : "s", c.ucs2 ? "70" : "160",
+		       c.ucs2 ? "67" : "153");
+		rc = 0;
+	}
+	buf_free(&text);
+	return rc;
+}
+
 static int cmd_preview(struct app *app, struct config *cfg, rm_time now,
 		       int argc, char **argv)
 {
@@ -16952,6 +17786,9 @@ static int cmd_preview(struct app *app, struct config *cfg, rm_time now,
 	const char *tpl = argv[1];
 	struct buf text = {0}, html = {0}, msg = {0};
 	char err[512];
+	size_t tn = strlen(tpl);
+	if (tn > 4 && !strcmp(tpl + tn - 4, ".sms"))
+		return preview_sms(app, tpl, &o, now);
 	rc = 1;
 	if (mail_preview(app, tpl, o.trigger, o.email, NULL, now, "", &text,
 			 &html, &msg, err, sizeof err) < 0)

@@ -55,6 +55,10 @@ struct config {
 			       * "": the from address, untagged */
 	char *mailgun_signing_key;   /* POST /feedback/mailgun ("": refused) */
 	char *postmark_webhook_auth; /* "user:password" of /feedback/postmark */
+	/* SMS (see the SMS section): "" (off), "twilio" or "webhook" */
+	char *sms_provider, *sms_from, *twilio_account_sid, *twilio_auth_token;
+	char *twilio_api_url; /* https://api.twilio.com; a stand-in in tests */
+	char *sms_url, *sms_secret; /* webhook: where, and the signing secret */
 	char *logo_url;    /* the store's logo atop every mail ("": its name) */
 	char *brand_color; /* #rrggbb: buttons and the mails' top rule */
 	char *currency; /* ISO 4217; mails with no cart or order use it ("": none) */
@@ -183,6 +187,10 @@ int val_text(const char *s, size_t maxlen);  /* 1 if no control chars and at
 int val_ident(const char *s, size_t maxlen); /* [A-Za-z0-9._:-]+ */
 int val_sku(const char *s); /* 1-64 printable characters */
 int val_url(const char *s);                  /* 1 if http(s) URL */
+int val_phone(const char *s); /* 1 if E.164: '+' and 8-15 digits, no 0 first */
+/* 1 if V is a step's channels: known names ("email", "sms"), comma
+ * separated, each once ("sms,email": the first the contact consented to) */
+int channels_ok(const char *v);
 
 /* ==== Signed tokens and hook signatures =============================== */
 
@@ -440,6 +448,38 @@ int mail_preview(struct app *app, const char *tpl, const char *trigger,
 		 const char *prefix, struct buf *text, struct buf *html,
 		 struct buf *msg, char *err, size_t errlen);
 
+/* ---- SMS (see the SMS section of remarket.c) ---- */
+/* How TEXT travels: GSM-7 (septets, an extension character counting
+ * two) unless one character is outside it, then UCS-2 (UTF-16 units);
+ * one segment holds 160 septets or 70 units, each of several 153 or 67.
+ * Returns the segments, -1 if TEXT is not UTF-8. */
+struct sms_count {
+	int ucs2;     /* 0: GSM-7 */
+	size_t units; /* septets, or UTF-16 code units */
+	int segments;
+};
+int sms_segments(const char *text, struct sms_count *c);
+/* TEXT as one line (whitespace runs made one space) into OUT, with
+ * "STORE: " before it unless it names STORE, and " Reply STOP to opt
+ * out." after it unless it says "STOP to opt out". */
+int sms_finish(const char *store, const char *text, struct buf *out);
+/* An SMS of template TPL (TPL.sms) as mail_preview renders a mail. */
+int sms_preview(struct app *app, const char *tpl, const char *trigger,
+		const char *email, rm_time now, struct buf *out, char *err,
+		size_t errlen);
+/* What an HTTP STATUS (0: no answer) of PROVIDER ("twilio", "webhook"),
+ * with its error CODE (Twilio's, else 0), means for the message. */
+enum send_result sms_classify(const char *provider, long status, long code);
+/* 1 if sms_provider and its settings are there. */
+int sms_ready(const struct config *cfg);
+/* Twilio's X-Twilio-Signature for a POST of FORM (urlencoded, LEN bytes)
+ * to URL signed with TOKEN, base64 into OUT (29 bytes or more). */
+int sms_twilio_signature(const char *token, const char *url, const char *form,
+			 size_t len, char *out, size_t outlen);
+/* An inbound reply's keyword: SMS_STOP, SMS_START, SMS_HELP, or 0. */
+enum { SMS_STOP = 1, SMS_START = 2, SMS_HELP = 3 };
+int sms_keyword(const char *body);
+
 /* 1 if template TPL (text or HTML, or a partial of theirs) shows VAR:
  * the recommendation queries run only for a template that shows them. */
 int mc_template_uses(struct app *app, const char *tpl, const char *var);
@@ -687,6 +727,7 @@ int report_html(const struct report *r, const char *store_name, struct buf *out)
 struct http_req {
 	const char *method, *path, *query;
 	const char *content_type, *authorization, *signature, *cookie;
+	const char *twilio_signature; /* X-Twilio-Signature (/sms/inbound) */
 	const char *origin;
 	/* the client: REMOTE_ADDR, or from X-Forwarded-For when REMOTE_ADDR
 	 * is one of trusted_proxies (the front-ends work it out) */

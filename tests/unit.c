@@ -2408,6 +2408,13 @@ static void test_codes_migration(void)
 	db_scalar(db, "ALTER TABLE carts DROP COLUMN generation");
 	db_scalar(db, "ALTER TABLE carts DROP COLUMN started");
 	db_scalar(db, "ALTER TABLE products DROP COLUMN brand");
+	db_scalar(db, "DROP INDEX contacts_phone"); /* 023 */
+	db_scalar(db, "ALTER TABLE steps DROP COLUMN channels");
+	db_scalar(db, "ALTER TABLE messages DROP COLUMN channel");
+	db_scalar(db, "ALTER TABLE contacts DROP COLUMN phone");
+	db_scalar(db, "ALTER TABLE contacts DROP COLUMN sms_consent");
+	db_scalar(db, "ALTER TABLE contacts DROP COLUMN sms_consent_source");
+	db_scalar(db, "ALTER TABLE contacts DROP COLUMN sms_consent_at");
 	char pragma[64];
 	/* 009 is the 8th migration (there is no 005): 009, 010 (idempotent)
 	 * and 012 run again */
@@ -7901,6 +7908,152 @@ static void test_cart_first(void)
 	world_close(&w);
 }
 
+/* SMS (issue 13): the validators of a phone and a step's channels, the
+ * GSM-7/UCS-2 segment count, the finished line, the provider answers,
+ * Twilio's signature (the documentation's published example), and the
+ * inbound route: a forged signature is 403 and changes nothing, a signed
+ * STOP ends the number's SMS consent at once (never the mail's), START
+ * gives it back, HELP names the store. */
+static void test_sms(void)
+{
+	ok(val_phone("+14155550100") && val_phone("+33612345678"), "sms: E.164 numbers pass");
+	ok(!val_phone("0612345678") && !val_phone("+0612345678") &&
+	   !val_phone("+1415555") && !val_phone("+1234567890123456") &&
+	   !val_phone("+1 415 555 0100") && !val_phone(""), "sms: others are refused");
+	ok(channels_ok("email") && channels_ok("sms") && channels_ok("sms,email"),
+	   "sms: channels email, sms, sms,email pass");
+	ok(!channels_ok("") && !channels_ok("fax") && !channels_ok("sms,sms") &&
+	   !channels_ok(",sms") && !channels_ok("sms,") && !channels_ok("sms,,email"),
+	   "sms: unknown, repeated or empty channels are refused");
+
+	struct sms_count c;
+	char big[400];
+	is_int(sms_segments("Hello there", &c), 1, "segments: a short GSM-7 text is 1");
+	ok(!c.ucs2 && c.units == 11, "... GSM-7, 11 septets");
+	is_int(sms_segments("{€}", &c), 1, "segments: extension characters");
+	is_int((long long)c.units, 6, "... count two septets each");
+	memset(big, 'a', 160), big[160] = '\0';
+	is_int(sms_segments(big, &c), 1, "segments: 160 GSM-7 characters are 1");
+	big[160] = 'a', big[161] = '\0';
+	is_int(sms_segments(big, &c), 2, "segments: 161 are 2 (153 a segment)");
+	memset(big, 'a', 306), big[306] = '\0';
+	is_int(sms_segments(big, &c), 2, "segments: 306 are 2");
+	big[306] = 'a', big[307] = '\0';
+	is_int(sms_segments(big, &c), 3, "segments: 307 are 3");
+	is_int(sms_segments("Café, ça va ?", &c), 1, "segments: é is GSM-7 but ç is not...");
+	ok(c.ucs2 && c.units == 13, "... so UCS-2, 13 units");
+	memset(big, 'a', 70), big[70] = '\0';
+	memcpy(big, "\xc5\x82", 2); /* ł: not GSM-7 */
+	big[70] = 'a', big[71] = 'a', big[72] = '\0'; /* ł and 70 a */
+	is_int(sms_segments(big, &c), 2, "segments: 70 UCS-2 units and one more are 2");
+	is_int(sms_segments("\xf0\x9f\x9b\x92 cart", &c), 1, "segments: an emoji...");
+	is_int((long long)c.units, 7, "... counts two UTF-16 units");
+	is_int(sms_segments("\xff", &c), -1, "segments: not UTF-8 is -1");
+
+	struct buf b = {0};
+	sms_finish("Maison", "  Your cart\n is  saved:\thttp://x/r/T  ", &b);
+	is_str(b.data, "Maison: Your cart is saved: http://x/r/T Reply STOP to opt out.",
+	       "sms_finish: one line, the store's name and STOP added");
+	buf_reset(&b);
+	sms_finish("Maison", "Maison here. STOP to opt out", &b);
+	is_str(b.data, "Maison here. STOP to opt out", "sms_finish: nothing added when said");
+	buf_free(&b);
+
+	is_int(sms_classify("twilio", 201, 0), SEND_OK, "classify: 201 sent");
+	is_int(sms_classify("twilio", 400, 21211), SEND_PERM, "classify: twilio 21211 is the number's");
+	is_int(sms_classify("twilio", 400, 21610), SEND_PERM, "classify: twilio 21610 (opted out) too");
+	is_int(sms_classify("twilio", 400, 21606), SEND_CONFIG, "classify: another 400 is ours");
+	is_int(sms_classify("twilio", 401, 20003), SEND_CONFIG, "classify: 401 is ours");
+	is_int(sms_classify("twilio", 503, 0), SEND_TEMP, "classify: 5xx retried");
+	is_int(sms_classify("twilio", 429, 0), SEND_TEMP, "classify: 429 retried");
+	is_int(sms_classify("twilio", 0, 0), SEND_TEMP, "classify: no answer retried");
+	is_int(sms_classify("webhook", 422, 0), SEND_PERM, "classify: webhook 4xx is the number's");
+	is_int(sms_classify("webhook", 403, 0), SEND_CONFIG, "classify: webhook 403 is ours");
+
+	/* Twilio's documentation: this URL, these parameters, token 12345 */
+	char sig[64];
+	const char *form = "CallSid=CA1234567890ABCDE&Caller=%2B12349013030&Digits=1234"
+			   "&From=%2B12349013030&To=%2B18005551212";
+	ok(sms_twilio_signature("12345", "https://mycompany.com/myapp.php?foo=1&bar=2",
+				form, strlen(form), sig, sizeof sig) == 0,
+	   "twilio signature: made");
+	is_str(sig, "0/KCTR6DLpKmkAf8muzZqo1nDgQ=", "twilio signature: the documented example");
+	const char *shuffled = "To=%2B18005551212&Digits=1234&From=%2B12349013030"
+			       "&CallSid=CA1234567890ABCDE&Caller=%2B12349013030";
+	sms_twilio_signature("12345", "https://mycompany.com/myapp.php?foo=1&bar=2",
+			     shuffled, strlen(shuffled), sig, sizeof sig);
+	is_str(sig, "0/KCTR6DLpKmkAf8muzZqo1nDgQ=", "... whatever the parameters' order");
+
+	is_int(sms_keyword("stop"), SMS_STOP, "keyword: stop");
+	is_int(sms_keyword("  Unsubscribe please"), SMS_STOP, "keyword: Unsubscribe please");
+	is_int(sms_keyword("START"), SMS_START, "keyword: START");
+	is_int(sms_keyword("help"), SMS_HELP, "keyword: help");
+	is_int(sms_keyword("stopping by later"), 0, "keyword: a longer word is none");
+	is_int(sms_keyword(""), 0, "keyword: empty is none");
+
+	struct world w;
+	struct http_resp rs;
+	if (!ok(world_open(&w, "sms") == 0, "sms: world opens"))
+		return;
+	struct ev_error eerr = {0};
+	ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"sam@example.net\","
+	       "\"consent\":true,\"phone\":\"+14155550100\",\"sms_consent\":true}", T0,
+	       &eerr);
+	is_int(sq(&w, "SELECT sms_consent FROM contacts WHERE email = 'sam@example.net'"),
+	       1, "sms: a signed event gives SMS consent");
+	set_cfg(&w.cfg.sms_provider, "twilio");
+	set_cfg(&w.cfg.twilio_auth_token, "tok-test");
+	set_cfg(&w.cfg.base_url, "https://shop.example/rm");
+	const char *stop = "From=%2B14155550100&To=%2B15005550006&Body=STOP";
+	struct http_req rq = {0};
+	rq.method = "POST";
+	rq.path = "/sms/inbound";
+	rq.content_type = "application/x-www-form-urlencoded";
+	rq.remote_addr = "127.0.0.1";
+	rq.body = stop;
+	rq.body_len = strlen(stop);
+	rq.twilio_signature = "0/KCTR6DLpKmkAf8muzZqo1nDgQ=";
+	memset(&rs, 0, sizeof rs);
+	http_handle(&w.app, &rq, &rs, T0 + 10);
+	is_int(rs.status, 403, "inbound: a forged signature is 403");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT sms_consent FROM contacts WHERE email = 'sam@example.net'"),
+	       1, "... and changes nothing");
+	sms_twilio_signature("tok-test", "https://shop.example/rm/sms/inbound", stop,
+			     strlen(stop), sig, sizeof sig);
+	rq.twilio_signature = sig;
+	memset(&rs, 0, sizeof rs);
+	http_handle(&w.app, &rq, &rs, T0 + 10);
+	is_int(rs.status, 200, "inbound: a signed STOP is 200");
+	http_resp_free(&rs);
+	is_int(sq(&w, "SELECT sms_consent FROM contacts WHERE email = 'sam@example.net'"),
+	       0, "... the SMS consent ends at once");
+	is_int(sq(&w, "SELECT sms_consent_at FROM contacts WHERE email = 'sam@example.net' "
+		  "AND sms_consent_source = 'sms STOP'"), T0 + 10, "... with its source and time");
+	is_int(sq(&w, "SELECT consent FROM contacts WHERE email = 'sam@example.net'"),
+	       1, "... the mail consent stays");
+	const char *start = "From=%2B14155550100&Body=start";
+	sms_twilio_signature("tok-test", "https://shop.example/rm/sms/inbound", start,
+			     strlen(start), sig, sizeof sig);
+	rq.body = start, rq.body_len = strlen(start);
+	memset(&rs, 0, sizeof rs);
+	http_handle(&w.app, &rq, &rs, T0 + 20);
+	is_int(sq(&w, "SELECT sms_consent FROM contacts WHERE email = 'sam@example.net'"),
+	       1, "inbound: START gives it back");
+	http_resp_free(&rs);
+	set_cfg(&w.cfg.store_name, "Maison & Co");
+	const char *help = "From=%2B14155550100&Body=HELP";
+	sms_twilio_signature("tok-test", "https://shop.example/rm/sms/inbound", help,
+			     strlen(help), sig, sizeof sig);
+	rq.body = help, rq.body_len = strlen(help);
+	memset(&rs, 0, sizeof rs);
+	http_handle(&w.app, &rq, &rs, T0 + 30);
+	ok(rs.status == 200 && contains(rs.body.data, "<Message>Maison &amp; Co: "),
+	   "inbound: HELP is answered with the store's name (TwiML, escaped)");
+	http_resp_free(&rs);
+	world_close(&w);
+}
+
 int main(void)
 {
 	if (sodium_init() < 0 || curl_global_init(CURL_GLOBAL_DEFAULT) != 0) {
@@ -7969,6 +8122,7 @@ int main(void)
 	test_quiet_hours();
 	test_smart_sending();
 	test_cart_first();
+	test_sms();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
 		diag("could not remove %s", tmpdir);

@@ -36,6 +36,7 @@
 #define FZ_NOW ((rm_time)1795000000) /* 2026-11-18T11:06:40Z, as the unit tests */
 #define FZ_HOOK_SECRET "whsec_fuzz"
 #define FZ_TICK_TOKEN "tick-fuzz-token"
+#define FZ_TWILIO_TOKEN "twilio-fuzz-token"
 
 static char fz_dir[PATH_MAX];
 static struct config fz_cfg;
@@ -114,6 +115,8 @@ static void fz_open(void)
 	setenv("REMARKET_SMTP_URL", "", 1);
 	setenv("REMARKET_HOOK_SECRET", FZ_HOOK_SECRET, 1);
 	setenv("REMARKET_TICK_TOKEN", FZ_TICK_TOKEN, 1);
+	setenv("REMARKET_SMS_PROVIDER", "twilio", 1); /* /sms/inbound parses */
+	setenv("REMARKET_TWILIO_AUTH_TOKEN", FZ_TWILIO_TOKEN, 1);
 	setenv("REMARKET_STORE_ORIGIN", "https://shop.example.com", 1);
 	setenv("REMARKET_BASE_URL", "https://shop.example.com/rm", 1);
 	/* inputs share one clock and one address: no rate limit may bite */

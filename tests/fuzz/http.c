@@ -20,7 +20,8 @@
  * ${tok:K:N} a token of kind K (r, u, d, o) for subject N valid for a day,
  * ${xtok:K:N} the same but expired, ${ltok:N:URL} a tracked link's token
  * (kind l) for message N bound to URL (give it, URL-escaped, as u= in
- * QUERY_STRING), ${sig} the hook signature of the final
+ * QUERY_STRING), ${tsig} the X-Twilio-Signature of the final body
+ * posted to /rm/sms/inbound, ${sig} the hook signature of the final
  * body at the fixed clock, ${len} the final body's length. The tick token
  * is FZ_TICK_TOKEN ("Bearer tick-fuzz-token"; Basic Zjp0aWNrLWZ1enotdG9rZW4=).
  *
@@ -69,6 +70,13 @@ static void expand(struct buf *out, const char *s, size_t n,
 				      body->len, sig, sizeof sig) == 0)
 				buf_adds(out, sig);
 			i += 6;
+		} else if (final && left >= 7 && !strncmp(p, "${tsig}", 7)) {
+			char sig[64];
+			if (sms_twilio_signature(FZ_TWILIO_TOKEN, "https://shop.example.com"
+						 "/rm/sms/inbound", body->data ? body->data : "",
+						 body->len, sig, sizeof sig) == 0)
+				buf_adds(out, sig);
+			i += 7;
 		} else if (final && left >= 6 && !strncmp(p, "${len}", 6)) {
 			buf_addf(out, "%zu", body->len);
 			i += 6;
