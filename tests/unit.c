@@ -7779,6 +7779,31 @@ static void test_quiet_hours(void)
 	       T0 + 10400, "... to 09:00 New York time");
 	tick(&w, T0 + 10400, &s);
 	is_int(s.sent, 1, "... and sent then");
+	/* a step by sms,email: the channel is chosen first, and an SMS keeps
+	 * the SMS quiet hours (21-9 by default) in the contact's zone */
+	set_cfg(&c->quiet_hours_email, "");
+	set_cfg(&c->quiet_hours_sms, "21-9");
+	set_cfg(&c->sms_provider, "twilio");
+	set_cfg(&c->twilio_account_sid, "AC0");
+	set_cfg(&c->twilio_auth_token, "tok");
+	set_cfg(&c->sms_from, "+15005550006");
+	set_cfg(&c->twilio_api_url, "http://127.0.0.1:1"); /* never reached here */
+	db_scalar(w.app.db, "UPDATE steps SET channels = 'sms,email' WHERE position = 1 "
+		  "AND flow_id = (SELECT id FROM flows WHERE name = 'abandoned_cart')");
+	struct ev_error eerr = {0};
+	is_int(ingest(&w, EV_HOOK, "{\"type\":\"identify\",\"email\":\"sq@example.com\","
+		      "\"consent\":true,\"phone\":\"+12125550100\",\"sms_consent\":true,"
+		      "\"tz\":\"America/New_York\"}", T0 + DAY - 2 * HOUR, &eerr), 1,
+	       "sms: a New York contact with a phone and SMS consent");
+	cart_event(&w, "sq@example.com", "Sq", "sqc", 1, T0 + DAY - HOUR);
+	tick(&w, T0 + DAY, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts k ON k.id = m.contact_id "
+		  "WHERE k.email = 'sq@example.com' AND m.status = 'sent'"), 0,
+	       "sms,email step due at 06:06 in New York: no SMS in quiet hours");
+	is_int(sq(&w, "SELECT m.next_try FROM messages m JOIN contacts k ON k.id = m.contact_id "
+		  "WHERE k.email = 'sq@example.com' AND m.deferred_by = 'quiet' "
+		  "AND m.status = 'queued'"), T0 + DAY + 10400,
+	       "... deferred to 09:00 there, as an SMS (mail has no quiet hours here)");
 	world_close(&w);
 }
 
