@@ -20,7 +20,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#define RM_VERSION "0.4.0"
+#define RM_VERSION "0.5.0"
 
 typedef int64_t rm_time; /* Unix seconds */
 
