@@ -37,6 +37,8 @@ my %env = (
 	REMARKET_CART_URL => 'https://shop.example/cart?restore={cart}&code={code}',
 	REMARKET_LOCALE => 'fr_FR', REMARKET_TIMEZONE => 'Europe/Paris',
 	REMARKET_CURRENCY => 'EUR',
+	# the mails of one contact follow each other here: no smart-sending gap
+	REMARKET_MIN_GAP_HOURS => 0,
 );
 
 sub rm {
