@@ -15261,20 +15261,27 @@ static void route_onsite(struct app *app, const struct http_req *rq,
 	buf_free(&url);
 }
 
+/* Answers static_dir/NAME as JavaScript with HEADERS, or 404. */
+static void static_js(struct app *app, struct http_resp *rs, const char *name,
+		      const char *headers)
+{
+	char path[PATH_MAX], msg[96];
+	snprintf(path, sizeof path, "%s/%s", app->cfg->static_dir, name);
+	if (read_file(path, &rs->body, 1 << 20) < 0) {
+		buf_reset(&rs->body);
+		snprintf(msg, sizeof msg, "%s not found: check static_dir", name);
+		return resp_json_error(app, rs, 404, msg);
+	}
+	rs->status = 200;
+	rs->content_type = "application/javascript; charset=utf-8";
+	buf_adds(&rs->headers, headers);
+}
+
 static void route_script(struct app *app, const struct http_req *rq,
 			 struct http_resp *rs, const char *arg, rm_time now)
 {
 	(void)rq, (void)arg, (void)now;
-	char path[PATH_MAX];
-	snprintf(path, sizeof path, "%s/remarket.js", app->cfg->static_dir);
-	if (read_file(path, &rs->body, 1 << 20) < 0) {
-		buf_reset(&rs->body);
-		return resp_json_error(app, rs, 404, "remarket.js not found: check "
-				       "static_dir");
-	}
-	rs->status = 200;
-	rs->content_type = "application/javascript; charset=utf-8";
-	buf_adds(&rs->headers, "Cache-Control: public, max-age=3600\r\n");
+	static_js(app, rs, "remarket.js", "Cache-Control: public, max-age=3600\r\n");
 }
 
 /* GET /push/key: the VAPID public key remarket.js subscribes with. */
@@ -15356,18 +15363,9 @@ static void route_sw(struct app *app, const struct http_req *rq,
 		     struct http_resp *rs, const char *arg, rm_time now)
 {
 	(void)rq, (void)arg, (void)now;
-	char path[PATH_MAX];
-	snprintf(path, sizeof path, "%s/sw.js", app->cfg->static_dir);
-	if (read_file(path, &rs->body, 1 << 20) < 0) {
-		buf_reset(&rs->body);
-		return resp_json_error(app, rs, 404, "sw.js not found: check "
-				       "static_dir");
-	}
-	rs->status = 200;
-	rs->content_type = "application/javascript; charset=utf-8";
 	/* browsers check a worker for updates: never cached for long */
-	buf_adds(&rs->headers, "Service-Worker-Allowed: /\r\n"
-		 "Cache-Control: no-cache\r\n");
+	static_js(app, rs, "sw.js", "Service-Worker-Allowed: /\r\n"
+		  "Cache-Control: no-cache\r\n");
 }
 
 /* Splits a query string and decodes one parameter with libcurl. */
