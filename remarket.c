@@ -3541,8 +3541,8 @@ int val_phone(const char *s)
 	return 1;
 }
 
-/* The channels a step may name, in no order. Push joins here. */
-static const char *const channel_names[] = {"email", "sms"};
+/* The channels a step may name, in no order. */
+static const char *const channel_names[] = {"email", "sms", "push"};
 
 int channels_ok(const char *v)
 {
@@ -8662,6 +8662,13 @@ out:
 	return rc;
 }
 
+/* 1 if a flow step may send by push: the VAPID key readable and
+ * vapid_subject set (push_send refuses to sign without either). */
+int push_ready(const struct config *cfg)
+{
+	return *cfg->vapid_subject && access(cfg->vapid_key_file, R_OK) == 0;
+}
+
 /* ==== The message context ============================================= */
 /*
  * One claimed message, from its row to its bytes: msg_load reads the
@@ -9536,6 +9543,72 @@ static int msg_preview_load(struct app *app, const char *tpl,
 			m->min_spend = min_spend_nice(median_order(app, m->contact, now));
 	}
 	return 0;
+}
+
+/* A push notification of message M: NAME.push rendered with the mail's
+ * context, its first line the title and its second the body; the URL is
+ * the signed cart link for a cart, else the tracked store link. */
+struct push_text {
+	char title[200], body[600], url[1200];
+};
+
+static int push_build_text(struct app *app, const struct msgrow *m,
+			   rm_time now, rm_time code_expires,
+			   struct push_text *pt, char *err, size_t errlen)
+{
+	const char *dir = app->cfg->templates;
+	char path[PATH_MAX];
+	struct msgctx mc = {0};
+	struct buf tpl = {0}, txt = {0};
+	int rc = -1;
+	if (!val_ident(m->tpl, 64) ||
+	    snprintf(path, sizeof path, "%s/%s.push", dir, m->tpl) >= (int)sizeof path ||
+	    template_read(path, &tpl) < 0) {
+		snprintf(err, errlen, "template %s/%s.push: cannot read it — a "
+			 "push step needs one (title line, body line)", dir, m->tpl);
+		goto out;
+	}
+	if (mc_build(&mc, app, m, now, code_expires) < 0) {
+		snprintf(err, errlen, "out of memory");
+		goto out;
+	}
+	if (tpl_render_file(tpl.data, path, &mc.ctx, TPL_TEXT, dir, ".push", &txt,
+			    err, errlen))
+		goto out;
+	const char *t = buf_str(&txt), *nl = strchr(t, '\n');
+	const char *b = nl ? nl + 1 : "";
+	size_t tl = nl ? (size_t)(nl - t) : strlen(t), bl = strcspn(b, "\n");
+	const char *key = !strcmp(m->trigger, "cart_abandoned") ? "recovery_url" :
+			  "store_url";
+	const struct tvar *u = tpl_lookup(&mc.ctx, key, strlen(key));
+	if (!tl || tl >= sizeof pt->title || bl >= sizeof pt->body ||
+	    !u || !u->value || copy_str(pt->url, sizeof pt->url, u->value) < 0) {
+		snprintf(err, errlen, "%s: the title (first line, 1 to %zu bytes) "
+			 "or the body (second line, under %zu) does not fit", path,
+			 sizeof pt->title - 1, sizeof pt->body);
+		goto out;
+	}
+	memcpy(pt->title, t, tl), pt->title[tl] = '\0';
+	memcpy(pt->body, b, bl), pt->body[bl] = '\0';
+	rc = 0;
+out:
+	mc_free(&mc);
+	buf_free(&tpl);
+	buf_free(&txt);
+	return rc;
+}
+
+/* As msg_compose, for a push notification. */
+static int push_compose(struct app *app, struct msgrow *m, rm_time now,
+			struct push_text *pt, char *err, size_t errlen)
+{
+	rm_time code_expires;
+	if (msg_prepare(app, m, now, &code_expires) < 0) {
+		snprintf(err, errlen, "database error preparing message %lld",
+			 (long long)m->id);
+		return -1;
+	}
+	return push_build_text(app, m, now, code_expires, pt, err, errlen);
 }
 
 /* ==== SMS: text, segments, providers ================================== */
@@ -10488,13 +10561,24 @@ static int refusal_add(struct app *app, struct refusals *rf,
 	return 1;
 }
 
+/* 1 if contact EMAIL has a push subscription (its own, or one of its
+ * browsers'); -1 on a database error. */
+static int push_subscribed(struct app *app, const char *email)
+{
+	sqlite3_stmt *s = q(app->db, ST_PUSH_CONTACT_SUBS, "t", email);
+	int rc = sqlite3_step(s);
+	sqlite3_reset(s);
+	return rc == SQLITE_ROW ? 1 : rc == SQLITE_DONE ? 0 : -1;
+}
+
 /* The channel message M goes by: the first of its step's channels the
  * contact consented to ("email": the mail checks of msg_exit_reason
- * passed; "sms": a phone, its own consent, and a provider set up), or
- * NULL. One case a channel: push joins here and in flow_send_other. */
-static const char *step_channel(const struct config *cfg,
-				const struct msgrow *m)
+ * passed; "sms": a phone, its own consent, and a provider set up;
+ * "push": a push subscription, the browser's own consent, and a VAPID
+ * key), or NULL. One case a channel, here and in flow_send_other. */
+static const char *step_channel(struct app *app, const struct msgrow *m)
 {
+	const struct config *cfg = app->cfg;
 	char list[64], *save = NULL;
 	copy_str(list, sizeof list, *m->channels ? m->channels : "email");
 	for (char *w = strtok_r(list, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
@@ -10502,8 +10586,40 @@ static const char *step_channel(const struct config *cfg,
 			return "email";
 		if (!strcmp(w, "sms") && *m->phone && m->sms_consent && sms_ready(cfg))
 			return "sms";
+		if (!strcmp(w, "push") && push_ready(cfg) &&
+		    push_subscribed(app, m->email) == 1)
+			return "push";
 	}
 	return NULL;
+}
+
+/* Sends notification PT to each push subscription of M's contact (a
+ * phone and a laptop both show it): sent if one service took it; failed
+ * for good when every browser has left (each subscription deleted);
+ * else retried with the mail's back-off. */
+static enum send_result push_deliver(struct app *app, const struct msgrow *m,
+				     const struct push_text *pt, char *err,
+				     size_t errlen)
+{
+	int64_t ids[16];
+	int n = 0, ok = 0, gone = 0;
+	sqlite3_stmt *s = q(app->db, ST_PUSH_CONTACT_SUBS, "t", m->email);
+	while (n < 16 && sqlite3_step(s) == SQLITE_ROW)
+		ids[n++] = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	snprintf(err, errlen, "no push subscription left");
+	for (int i = 0; i < n; i++) {
+		char e[1200] = "";
+		int rc = push_send(app, ids[i], pt->title, pt->body, pt->url, e,
+				   sizeof e);
+		ok += rc == 0;
+		gone += rc == -2;
+		if (rc != 0)
+			snprintf(err, errlen, "%s", e);
+	}
+	if (ok)
+		*err = '\0';
+	return ok ? SEND_OK : gone == n ? SEND_PERM : SEND_TEMP;
 }
 
 /* Sends message M by CHAN (not email): marked, composed, marked sending,
@@ -10515,25 +10631,26 @@ static int flow_send_other(struct app *app, struct msgrow *m,
 {
 	char err[512] = "";
 	struct buf text = {0};
-	int rc;
+	struct push_text pt;
+	int rc, push = !strcmp(chan, "push");
 	if ((rc = msg_mark(app, m, ST_MESSAGE_START)) != 0)
 		return rc < 0 ? -1 : 0;
-	if (sms_compose(app, m, now, &text, err, sizeof err) < 0) {
+	if ((push ? push_compose(app, m, now, &pt, err, sizeof err) :
+	     sms_compose(app, m, now, &text, err, sizeof err)) < 0) {
 		problem_add(&sum->problems, "%s (%s step %d: its messages wait, "
 			    "retried every 15 min)", err, m->flow, m->step);
 		rc = msg_defer(app, m, now + 900, err, 0);
 		sum->retry++;
 		goto out;
 	}
-	if ((rc = msg_mark(app, m, ST_MESSAGE_ATTEMPT)) != 0 ||
-	    (rc = q_write(app->db, q(app->db, ST_MESSAGE_CHANNEL, "iit", m->id,
-				     m->owner, chan))) != 0) {
+	if ((rc = msg_mark(app, m, ST_MESSAGE_ATTEMPT)) != 0) {
 		rc = rc < 0 ? -1 : 0;
 		goto out;
 	}
 	m->attempts++;
 	long code = 0;
-	enum send_result r = sms_send(app, m->id, m->phone, text.data, now, &code,
+	enum send_result r = push ? push_deliver(app, m, &pt, err, sizeof err) :
+			     sms_send(app, m->id, m->phone, text.data, now, &code,
 				      err, sizeof err);
 	if (r != SEND_OK)
 		fprintf(stderr, "remarket: message %lld (%s): %s\n",
@@ -10606,7 +10723,7 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		rc = msg_exit(app, &m, why, sum);
 		goto out;
 	}
-	const char *chan = step_channel(app->cfg, &m);
+	const char *chan = step_channel(app, &m);
 	if (!chan) { /* this step is not for this contact: the next one is */
 		snprintf(stale, sizeof stale, "channel: %s (none the contact "
 			 "consented to, or not set up)", m.channels);
@@ -10619,6 +10736,13 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 	int g = msg_gate(app, &m, chan, now, &until, &kind);
 	if (g != 0) {
 		rc = g < 0 ? -1 : msg_hold(app, &m, until, kind, sum);
+		goto out;
+	}
+	/* chosen again at each attempt (a push retried may go by mail when
+	 * the browser has left): the row says the latest */
+	if ((rc = q_write(app->db, q(app->db, ST_MESSAGE_CHANNEL, "iit", id, owner,
+				     chan))) != 0) {
+		rc = rc < 0 ? -1 : 0;
 		goto out;
 	}
 	if (app->cfg->dry_run) { /* a backtest: it would have gone now */

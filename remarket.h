@@ -433,6 +433,9 @@ int vapid_jwt(const char *path, const char *aud, rm_time exp, const char *sub,
  * is on the real clock: the push service checks it against its own. */
 int push_send(struct app *app, int64_t subscription_id, const char *title,
 	      const char *body, const char *url, char *err, size_t errlen);
+/* 1 if push is set up for flows: the VAPID key file readable and
+ * vapid_subject set. */
+int push_ready(const struct config *cfg);
 
 /* ==== The message context ============================================= */
 
