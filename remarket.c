@@ -2628,6 +2628,19 @@ void cfg_free(struct config *cfg)
 	  "ON o.message = m.id WHERE e.flow_id = ?1 AND m.status = 'sent' "    \
 	  "AND m.sent_at >= ?2 AND m.sent_at < ?3 "                            \
 	  "GROUP BY m.step, m.variant ORDER BY m.step, m.variant")             \
+	/* per channel: sent in the period, clicked, unsubscribed, and the   \
+	 * orders attributed to them */                                        \
+	X(REP_CHANNELS,                                                        \
+	  "SELECT m.channel, count(*), "                                       \
+	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i WHERE "           \
+	  "i.message = m.id AND i.kind IN ('click', 'discount'))), 0), "       \
+	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i WHERE "           \
+	  "i.message = m.id AND i.kind = 'unsubscribe')), 0), "                \
+	  "coalesce(sum(o.n), 0), total(o.rev) FROM messages m "               \
+	  "LEFT JOIN (SELECT message, count(*) AS n, total(total - refunded) AS rev " \
+	  "FROM orders WHERE attribution IN ('click', 'code') GROUP BY message) o " \
+	  "ON o.message = m.id WHERE m.status = 'sent' AND m.sent_at >= ?1 "   \
+	  "AND m.sent_at < ?2 GROUP BY m.channel ORDER BY m.channel")          \
 	X(REP_MONTHS,                                                          \
 	  "SELECT strftime('%Y-%m', ts, 'unixepoch'), count(*), "              \
 	  "coalesce(sum(attribution IN ('click', 'code')), 0), "               \
@@ -13506,6 +13519,23 @@ static void rep_flows(struct app *app, struct report *r)
 	}
 }
 
+/* The messages sent in the period by channel. */
+static void rep_channels(struct app *app, struct report *r)
+{
+	sqlite3_stmt *s = q(app->db, ST_REP_CHANNELS, "ii", (int64_t)r->since,
+			    (int64_t)r->until);
+	while (sqlite3_step(s) == SQLITE_ROW && r->nchannels < REPORT_CHANNELS) {
+		struct channel_report *c = &r->channels[r->nchannels++];
+		copy_str(c->name, sizeof c->name, col_text(s, 0));
+		c->sent = sqlite3_column_int64(s, 1);
+		c->clicked = sqlite3_column_int64(s, 2);
+		c->unsubscribed = sqlite3_column_int64(s, 3);
+		c->orders = sqlite3_column_int64(s, 4);
+		c->revenue = sqlite3_column_double(s, 5);
+	}
+	sqlite3_reset(s);
+}
+
 /* The report's time series: orders, attributed orders and revenue per
  * month (oldest first), and recovered revenue per day for the chart. */
 static void rep_series(struct app *app, struct report *r)
@@ -13599,6 +13629,7 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
 	q_row(q(db, ST_REP_BROWSER_HELD, "ii", a, b), "l", &r->browser_held);
 	rep_flows(app, r);
+	rep_channels(app, r);
 	rep_series(app, r);
 	rep_lifecycle(app, r);
 	return 0;
@@ -13789,6 +13820,16 @@ static const struct rep_row_num rep_step_nums[] = {
 	{"bounce_rate", RS(bounce_rate), RK_PERCENT2, 1},
 	{"complaint_rate", RS(complaint_rate), RK_PERCENT2, 1},
 };
+
+#define RC(f) offsetof(struct channel_report, f)
+static const struct rep_row_num rep_channel_nums[] = {
+	{"sent", RC(sent), RK_COUNT, 1},
+	{"clicked", RC(clicked), RK_COUNT, 1},
+	{"unsubscribed", RC(unsubscribed), RK_COUNT, 1},
+	{"orders", RC(orders), RK_COUNT, 1},
+	{"revenue", RC(revenue), RK_MONEY, 1},
+};
+#define NCHANNEL_NUMS (sizeof rep_channel_nums / sizeof rep_channel_nums[0])
 #undef RS
 
 static long rep_long(const void *base, size_t off)
@@ -13973,6 +14014,13 @@ int report_json(const struct report *r, struct buf *out)
 		if (i)
 			buf_adds(out, ",");
 		json_flow(out, &r->flows[i]);
+	}
+	buf_adds(out, "],\"channels\":[");
+	for (int i = 0; i < r->nchannels; i++) {
+		buf_adds(out, i ? ",{\"name\":" : "{\"name\":");
+		json_str(out, r->channels[i].name);
+		json_row(out, rep_channel_nums, NCHANNEL_NUMS, &r->channels[i]);
+		buf_adds(out, "}");
 	}
 	buf_adds(out, "],\"orders_per_month\":[");
 	for (int i = 0; i < r->nmonths; i++)
@@ -14243,6 +14291,33 @@ static int flow_active(const struct flow_report *f)
 	return f->enabled && (f->enrolled + f->held_out > 0 || f->nsteps > 0);
 }
 
+/* The messages sent by each channel: a small table, when any was sent. */
+static void html_channels(struct buf *b, const struct report *r)
+{
+	char v[64];
+	if (!r->nchannels)
+		return;
+	buf_adds(b, "<section><h2>By channel</h2><table><tr><th>Channel</th>");
+	for (size_t k = 0; k < NCHANNEL_NUMS; k++)
+		buf_addf(b, "<th>%c%s</th>", toupper((unsigned char)rep_channel_nums[k].key[0]),
+			 rep_channel_nums[k].key + 1);
+	buf_adds(b, "</tr>");
+	for (int i = 0; i < r->nchannels; i++) {
+		buf_adds(b, "<tr><td>");
+		html_escape(b, r->channels[i].name);
+		buf_adds(b, "</td>");
+		for (size_t k = 0; k < NCHANNEL_NUMS; k++) {
+			rep_shown(v, sizeof v, rep_channel_nums[k].kind, &r->channels[i],
+				  rep_channel_nums[k].off, r->currency);
+			buf_addf(b, "<td>%s</td>", v);
+		}
+		buf_adds(b, "</tr>");
+	}
+	buf_adds(b, "</table><p class=note>Messages sent in the period by the "
+		 "channel each went by (a step's first channel the contact "
+		 "consented to); orders are those attributed to them.</p></section>");
+}
+
 static void html_flows(struct buf *b, const struct report *r)
 {
 	int folded = 0;
@@ -14449,6 +14524,7 @@ static int report_page(const struct report *r, const char *store,
 			 "max_lateness_hours after they were due) and were skipped as "
 			 "stale.</p>", r->stale);
 	html_flows(b, r);
+	html_channels(b, r);
 	html_lifecycle(b, r);
 	buf_adds(b, "<section><h2>Orders per month</h2><table><tr><th>Month</th>"
 		 "<th>Orders</th><th>Attributed</th><th>Revenue</th></tr>");
@@ -14512,6 +14588,15 @@ static void report_text(const struct report *r)
 	       "to %+.1f)\n  %s\n", r->held_contacted, r->held_reactivated,
 	       100 * wl->p2, 100 * wl->diff, 100 * wl->lo, 100 * wl->hi,
 	       lift_verdict(wl));
+	for (int i = 0; i < r->nchannels; i++) {
+		printf("channel %-10s", r->channels[i].name);
+		for (size_t k = 0; k < NCHANNEL_NUMS; k++) {
+			rep_shown(v, sizeof v, rep_channel_nums[k].kind, &r->channels[i],
+				  rep_channel_nums[k].off, r->currency);
+			printf("  %s %s", rep_channel_nums[k].key, v);
+		}
+		printf("\n");
+	}
 	printf("segments          ");
 	for (int i = 0; i < SEG__MAX; i++)
 		printf(" %s %ld", segment_names[i], r->segments[i]);

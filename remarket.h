@@ -667,6 +667,14 @@ struct step_report {
 	double bounce_rate, complaint_rate;
 	char name[80];            /* "Cart reminder · +1 h": template and delay */
 };
+/* One channel's messages sent in the period (messages.channel) and what
+ * they drew: clicks, unsubscribes, and orders attributed to them. */
+#define REPORT_CHANNELS 4
+struct channel_report {
+	char name[8];             /* "email", "sms", "push" */
+	long sent, clicked, unsubscribed, orders;
+	double revenue;
+};
 struct flow_report {
 	char name[64];
 	int holdout_pct, enabled;
@@ -706,6 +714,8 @@ struct report {
 	struct lift recovery_lift;
 	struct flow_report flows[REPORT_FLOWS];
 	int nflows;
+	struct channel_report channels[REPORT_CHANNELS];
+	int nchannels;
 	struct { char month[8]; long orders, attributed; double revenue; } months[REPORT_MONTHS];
 	int nmonths;
 	long lapse_days, lapsed, contacted, reactivated;

@@ -7980,6 +7980,38 @@ static void test_push_flow(void)
 	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts k ON k.id = m.contact_id "
 		  "WHERE k.email = 'pa@example.com' AND m.channel = 'email' AND m.status = 'sent'"),
 	       1, "push flow: its browser gone, the retry goes by mail");
+	/* the report by channel, from rows made by hand: pa's message made a
+	 * push one, clicked, with an order attributed to it */
+	db_scalar(w.app.db, "UPDATE messages SET channel = 'push' WHERE contact_id = "
+		  "(SELECT id FROM contacts WHERE email = 'pa@example.com')");
+	db_scalar(w.app.db, "INSERT INTO interactions (message, kind, ts) SELECT id, "
+		  "'click', sent_at + 60 FROM messages WHERE channel = 'push'");
+	db_scalar(w.app.db, "INSERT INTO orders (order_key, contact_id, total, ts, "
+		  "attribution, message) SELECT 'o-push', contact_id, 80, sent_at + 120, "
+		  "'click', id FROM messages WHERE channel = 'push'");
+	struct report *r = calloc(1, sizeof *r);
+	struct buf out = {0};
+	if (r && report_build(&w.app, T0 - DAY, T0 + DAY, r) == 0) {
+		is_int(r->nchannels, 2, "report: two channels");
+		ok(!strcmp(r->channels[0].name, "email") && r->channels[0].sent == 1 &&
+		   r->channels[0].clicked == 0 && r->channels[0].orders == 0,
+		   "report: email sent 1, no click, no order");
+		ok(!strcmp(r->channels[1].name, "push") && r->channels[1].sent == 1 &&
+		   r->channels[1].clicked == 1 && r->channels[1].orders == 1 &&
+		   r->channels[1].revenue == 80, "report: push sent 1, clicked 1, 1 order of 80");
+		report_json(r, &out);
+		ok(contains(out.data, "\"channels\":[{\"name\":\"email\",\"sent\":1,"
+			    "\"clicked\":0,\"unsubscribed\":0,\"orders\":0,\"revenue\":0.00},"
+			    "{\"name\":\"push\",\"sent\":1,\"clicked\":1,\"unsubscribed\":0,"
+			    "\"orders\":1,\"revenue\":80.00}]"), "report: the channels in JSON");
+		out.len = 0;
+		report_html(r, "Shop", &out);
+		ok(contains(out.data, "<h2>By channel</h2>") &&
+		   contains(out.data, "<tr><td>push</td><td>1</td><td>1</td><td>0</td>"
+			    "<td>1</td><td>80.00 EUR</td></tr>"), "report: ... and in HTML");
+	}
+	buf_free(&out);
+	free(r);
 	world_close(&w);
 }
 
