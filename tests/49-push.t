@@ -164,6 +164,9 @@ is(sql("SELECT channel || ' ' || status FROM messages"), 'push sent',
 	'the message is recorded: channel push, sent');
 ($rc, $out, $err) = cli('report', '--json', '--now', $T0 + 7200);
 is($rc, 0, 'report --json') or diag $err;
+my $rep = eval { $J->decode($out) } || {};
+is_deeply([map { "$_->{name} $_->{sent}" } @{ $rep->{channels} || [] }], ['push 1'],
+	'the report counts one push sent') or diag $out;
 
 # ---- a contact with none; forget ----
 ($rc, $out, $err) = cli('push-test', 'nobody@example.com');
