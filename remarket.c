@@ -2347,6 +2347,12 @@ void cfg_free(struct config *cfg)
 	  "JOIN flows f ON f.id = s.flow_id WHERE f.enabled = 1 "              \
 	  "AND instr(',' || s.channels || ',', ',sms,') > 0 "                  \
 	  "ORDER BY f.id, s.position")                                         \
+	/* the enabled steps whose channels name push, with their template */ \
+	X(CHECK_PUSH_STEPS,                                                    \
+	  "SELECT s.template, f.name || ' step ' || s.position FROM steps s "  \
+	  "JOIN flows f ON f.id = s.flow_id WHERE f.enabled = 1 "              \
+	  "AND instr(',' || s.channels || ',', ',push,') > 0 "                 \
+	  "ORDER BY f.id, s.position")                                         \
 	X(CHECK_TEMPLATES,                                                     \
 	  "SELECT t, group_concat(w, ', ') FROM (SELECT s.template AS t, "     \
 	  "f.name || ' step ' || s.position AS w FROM steps s JOIN flows f "   \
@@ -12486,6 +12492,43 @@ static void check_sms(const struct check_ctx *c, struct check_out *o)
 		check_say(o, CHECK_OK, "no step goes by SMS");
 }
 
+/* Push steps: push set up (the VAPID key and vapid_subject), and each
+ * step's NAME.push there and parsing. A warning, as for SMS: without
+ * push a step goes by its next channel; without its .push it waits. */
+static void check_push(const struct check_ctx *c, struct check_out *o)
+{
+	const struct config *cfg = c->app->cfg;
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database at this schema");
+		return;
+	}
+	int n = 0;
+	sqlite3_stmt *s = q(c->app->db, ST_CHECK_PUSH_STEPS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		char path[PATH_MAX], err[400];
+		int w = snprintf(path, sizeof path, "%s/%s.push", cfg->templates,
+				 col_text(s, 0));
+		n++;
+		if (w < 0 || (size_t)w >= sizeof path ||
+		    tpl_lint(path, cfg->templates, ".push", 0, err, sizeof err) < 0)
+			problem_add(&o->lines, "%s (%s: its push messages wait)",
+				    w < 0 || (size_t)w >= sizeof path ? "path too long" :
+				    err, col_text(s, 1));
+	}
+	sqlite3_reset(s);
+	if (n && !push_ready(cfg))
+		check_say(o, CHECK_WARN, "%d step%s can go by push, but push is not "
+			  "set up (remarket keygen --vapid; vapid_subject): they go "
+			  "by their next channel or are skipped", n, n == 1 ? "" : "s");
+	else if (o->lines.n)
+		check_say(o, CHECK_WARN, "%d push template%s cannot be used",
+			  o->lines.n, o->lines.n == 1 ? "" : "s");
+	else if (n)
+		check_say(o, CHECK_OK, "%d step%s can go by push", n, n == 1 ? "" : "s");
+	else
+		check_say(o, CHECK_OK, "no step goes by push");
+}
+
 /* The storefront's script, which `remarket serve` hands out. */
 static void check_static(const struct check_ctx *c, struct check_out *o)
 {
@@ -12797,6 +12840,7 @@ static const struct check {
 	{"winback_waiting", CHECK_STATUS, check_winback_waiting},
 	{"complaints", CHECK_STATUS, check_complaints},
 	{"sms", CHECK_STATUS, check_sms},
+	{"push", CHECK_STATUS, check_push},
 };
 
 static const char *const level_names[] = {"ok", "warn", "stop"};

@@ -143,6 +143,17 @@ cli('flows', 'holdout', 'abandoned_cart', 0);
 ($rc, $out, $err) = cli('flows', 'set', 'abandoned_cart', 1, 'channel=push,email');
 is($rc, 0, 'flows set abandoned_cart 1 channel=push,email') or diag $err;
 like($out, qr/by push,email/, '... listed with its channels') or diag $out;
+sub push_check {
+	my (undef, $o) = cli('status', '--json');
+	my ($c) = grep { $_->{name} eq 'push' } @{ (eval { $J->decode($o) } || {})->{checks} || [] };
+	return $c || {};
+}
+is(push_check()->{level}, 'ok', 'status: the push step is ready') or diag explain push_check();
+like(push_check()->{message} // push_check()->{text} // '', qr/1 step can go by push/, '... and says so')
+	or diag explain push_check();
+rename "$dir/vapid.pem", "$dir/vapid.off";
+is(push_check()->{level}, 'warn', 'status: without the VAPID key, a warning');
+rename "$dir/vapid.off", "$dir/vapid.pem";
 ($rc, $out, $err) = cli('event', '--now', $T0, { stdin => '{"type":"cart",'
 	. '"email":"ann@example.com","cart_id":"c-ann","consent":true,"name":"Ann Lee",'
 	. '"currency":"EUR","items":[{"sku":"A","name":"A","price":30,"qty":1}],'
