@@ -2347,6 +2347,12 @@ void cfg_free(struct config *cfg)
 	  "JOIN flows f ON f.id = s.flow_id WHERE f.enabled = 1 "              \
 	  "AND instr(',' || s.channels || ',', ',sms,') > 0 "                  \
 	  "ORDER BY f.id, s.position")                                         \
+	/* the enabled steps whose channels name push, with their template */ \
+	X(CHECK_PUSH_STEPS,                                                    \
+	  "SELECT s.template, f.name || ' step ' || s.position FROM steps s "  \
+	  "JOIN flows f ON f.id = s.flow_id WHERE f.enabled = 1 "              \
+	  "AND instr(',' || s.channels || ',', ',push,') > 0 "                 \
+	  "ORDER BY f.id, s.position")                                         \
 	X(CHECK_TEMPLATES,                                                     \
 	  "SELECT t, group_concat(w, ', ') FROM (SELECT s.template AS t, "     \
 	  "f.name || ' step ' || s.position AS w FROM steps s JOIN flows f "   \
@@ -2628,6 +2634,19 @@ void cfg_free(struct config *cfg)
 	  "ON o.message = m.id WHERE e.flow_id = ?1 AND m.status = 'sent' "    \
 	  "AND m.sent_at >= ?2 AND m.sent_at < ?3 "                            \
 	  "GROUP BY m.step, m.variant ORDER BY m.step, m.variant")             \
+	/* per channel: sent in the period, clicked, unsubscribed, and the   \
+	 * orders attributed to them */                                        \
+	X(REP_CHANNELS,                                                        \
+	  "SELECT m.channel, count(*), "                                       \
+	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i WHERE "           \
+	  "i.message = m.id AND i.kind IN ('click', 'discount'))), 0), "       \
+	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i WHERE "           \
+	  "i.message = m.id AND i.kind = 'unsubscribe')), 0), "                \
+	  "coalesce(sum(o.n), 0), total(o.rev) FROM messages m "               \
+	  "LEFT JOIN (SELECT message, count(*) AS n, total(total - refunded) AS rev " \
+	  "FROM orders WHERE attribution IN ('click', 'code') GROUP BY message) o " \
+	  "ON o.message = m.id WHERE m.status = 'sent' AND m.sent_at >= ?1 "   \
+	  "AND m.sent_at < ?2 GROUP BY m.channel ORDER BY m.channel")          \
 	X(REP_MONTHS,                                                          \
 	  "SELECT strftime('%Y-%m', ts, 'unixepoch'), count(*), "              \
 	  "coalesce(sum(attribution IN ('click', 'code')), 0), "               \
@@ -3541,8 +3560,8 @@ int val_phone(const char *s)
 	return 1;
 }
 
-/* The channels a step may name, in no order. Push joins here. */
-static const char *const channel_names[] = {"email", "sms"};
+/* The channels a step may name, in no order. */
+static const char *const channel_names[] = {"email", "sms", "push"};
 
 int channels_ok(const char *v)
 {
@@ -8662,6 +8681,13 @@ out:
 	return rc;
 }
 
+/* 1 if a flow step may send by push: the VAPID key readable and
+ * vapid_subject set (push_send refuses to sign without either). */
+int push_ready(const struct config *cfg)
+{
+	return *cfg->vapid_subject && access(cfg->vapid_key_file, R_OK) == 0;
+}
+
 /* ==== The message context ============================================= */
 /*
  * One claimed message, from its row to its bytes: msg_load reads the
@@ -9536,6 +9562,72 @@ static int msg_preview_load(struct app *app, const char *tpl,
 			m->min_spend = min_spend_nice(median_order(app, m->contact, now));
 	}
 	return 0;
+}
+
+/* A push notification of message M: NAME.push rendered with the mail's
+ * context, its first line the title and its second the body; the URL is
+ * the signed cart link for a cart, else the tracked store link. */
+struct push_text {
+	char title[200], body[600], url[1200];
+};
+
+static int push_build_text(struct app *app, const struct msgrow *m,
+			   rm_time now, rm_time code_expires,
+			   struct push_text *pt, char *err, size_t errlen)
+{
+	const char *dir = app->cfg->templates;
+	char path[PATH_MAX];
+	struct msgctx mc = {0};
+	struct buf tpl = {0}, txt = {0};
+	int rc = -1;
+	if (!val_ident(m->tpl, 64) ||
+	    snprintf(path, sizeof path, "%s/%s.push", dir, m->tpl) >= (int)sizeof path ||
+	    template_read(path, &tpl) < 0) {
+		snprintf(err, errlen, "template %s/%s.push: cannot read it — a "
+			 "push step needs one (title line, body line)", dir, m->tpl);
+		goto out;
+	}
+	if (mc_build(&mc, app, m, now, code_expires) < 0) {
+		snprintf(err, errlen, "out of memory");
+		goto out;
+	}
+	if (tpl_render_file(tpl.data, path, &mc.ctx, TPL_TEXT, dir, ".push", &txt,
+			    err, errlen))
+		goto out;
+	const char *t = buf_str(&txt), *nl = strchr(t, '\n');
+	const char *b = nl ? nl + 1 : "";
+	size_t tl = nl ? (size_t)(nl - t) : strlen(t), bl = strcspn(b, "\n");
+	const char *key = !strcmp(m->trigger, "cart_abandoned") ? "recovery_url" :
+			  "store_url";
+	const struct tvar *u = tpl_lookup(&mc.ctx, key, strlen(key));
+	if (!tl || tl >= sizeof pt->title || bl >= sizeof pt->body ||
+	    !u || !u->value || copy_str(pt->url, sizeof pt->url, u->value) < 0) {
+		snprintf(err, errlen, "%s: the title (first line, 1 to %zu bytes) "
+			 "or the body (second line, under %zu) does not fit", path,
+			 sizeof pt->title - 1, sizeof pt->body);
+		goto out;
+	}
+	memcpy(pt->title, t, tl), pt->title[tl] = '\0';
+	memcpy(pt->body, b, bl), pt->body[bl] = '\0';
+	rc = 0;
+out:
+	mc_free(&mc);
+	buf_free(&tpl);
+	buf_free(&txt);
+	return rc;
+}
+
+/* As msg_compose, for a push notification. */
+static int push_compose(struct app *app, struct msgrow *m, rm_time now,
+			struct push_text *pt, char *err, size_t errlen)
+{
+	rm_time code_expires;
+	if (msg_prepare(app, m, now, &code_expires) < 0) {
+		snprintf(err, errlen, "database error preparing message %lld",
+			 (long long)m->id);
+		return -1;
+	}
+	return push_build_text(app, m, now, code_expires, pt, err, errlen);
 }
 
 /* ==== SMS: text, segments, providers ================================== */
@@ -10488,13 +10580,24 @@ static int refusal_add(struct app *app, struct refusals *rf,
 	return 1;
 }
 
+/* 1 if contact EMAIL has a push subscription (its own, or one of its
+ * browsers'); -1 on a database error. */
+static int push_subscribed(struct app *app, const char *email)
+{
+	sqlite3_stmt *s = q(app->db, ST_PUSH_CONTACT_SUBS, "t", email);
+	int rc = sqlite3_step(s);
+	sqlite3_reset(s);
+	return rc == SQLITE_ROW ? 1 : rc == SQLITE_DONE ? 0 : -1;
+}
+
 /* The channel message M goes by: the first of its step's channels the
  * contact consented to ("email": the mail checks of msg_exit_reason
- * passed; "sms": a phone, its own consent, and a provider set up), or
- * NULL. One case a channel: push joins here and in flow_send_other. */
-static const char *step_channel(const struct config *cfg,
-				const struct msgrow *m)
+ * passed; "sms": a phone, its own consent, and a provider set up;
+ * "push": a push subscription, the browser's own consent, and a VAPID
+ * key), or NULL. One case a channel, here and in flow_send_other. */
+static const char *step_channel(struct app *app, const struct msgrow *m)
 {
+	const struct config *cfg = app->cfg;
 	char list[64], *save = NULL;
 	copy_str(list, sizeof list, *m->channels ? m->channels : "email");
 	for (char *w = strtok_r(list, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
@@ -10502,8 +10605,40 @@ static const char *step_channel(const struct config *cfg,
 			return "email";
 		if (!strcmp(w, "sms") && *m->phone && m->sms_consent && sms_ready(cfg))
 			return "sms";
+		if (!strcmp(w, "push") && push_ready(cfg) &&
+		    push_subscribed(app, m->email) == 1)
+			return "push";
 	}
 	return NULL;
+}
+
+/* Sends notification PT to each push subscription of M's contact (a
+ * phone and a laptop both show it): sent if one service took it; failed
+ * for good when every browser has left (each subscription deleted);
+ * else retried with the mail's back-off. */
+static enum send_result push_deliver(struct app *app, const struct msgrow *m,
+				     const struct push_text *pt, char *err,
+				     size_t errlen)
+{
+	int64_t ids[16];
+	int n = 0, ok = 0, gone = 0;
+	sqlite3_stmt *s = q(app->db, ST_PUSH_CONTACT_SUBS, "t", m->email);
+	while (n < 16 && sqlite3_step(s) == SQLITE_ROW)
+		ids[n++] = sqlite3_column_int64(s, 0);
+	sqlite3_reset(s);
+	snprintf(err, errlen, "no push subscription left");
+	for (int i = 0; i < n; i++) {
+		char e[1200] = "";
+		int rc = push_send(app, ids[i], pt->title, pt->body, pt->url, e,
+				   sizeof e);
+		ok += rc == 0;
+		gone += rc == -2;
+		if (rc != 0)
+			snprintf(err, errlen, "%s", e);
+	}
+	if (ok)
+		*err = '\0';
+	return ok ? SEND_OK : gone == n ? SEND_PERM : SEND_TEMP;
 }
 
 /* Sends message M by CHAN (not email): marked, composed, marked sending,
@@ -10515,25 +10650,26 @@ static int flow_send_other(struct app *app, struct msgrow *m,
 {
 	char err[512] = "";
 	struct buf text = {0};
-	int rc;
+	struct push_text pt;
+	int rc, push = !strcmp(chan, "push");
 	if ((rc = msg_mark(app, m, ST_MESSAGE_START)) != 0)
 		return rc < 0 ? -1 : 0;
-	if (sms_compose(app, m, now, &text, err, sizeof err) < 0) {
+	if ((push ? push_compose(app, m, now, &pt, err, sizeof err) :
+	     sms_compose(app, m, now, &text, err, sizeof err)) < 0) {
 		problem_add(&sum->problems, "%s (%s step %d: its messages wait, "
 			    "retried every 15 min)", err, m->flow, m->step);
 		rc = msg_defer(app, m, now + 900, err, 0);
 		sum->retry++;
 		goto out;
 	}
-	if ((rc = msg_mark(app, m, ST_MESSAGE_ATTEMPT)) != 0 ||
-	    (rc = q_write(app->db, q(app->db, ST_MESSAGE_CHANNEL, "iit", m->id,
-				     m->owner, chan))) != 0) {
+	if ((rc = msg_mark(app, m, ST_MESSAGE_ATTEMPT)) != 0) {
 		rc = rc < 0 ? -1 : 0;
 		goto out;
 	}
 	m->attempts++;
 	long code = 0;
-	enum send_result r = sms_send(app, m->id, m->phone, text.data, now, &code,
+	enum send_result r = push ? push_deliver(app, m, &pt, err, sizeof err) :
+			     sms_send(app, m->id, m->phone, text.data, now, &code,
 				      err, sizeof err);
 	if (r != SEND_OK)
 		fprintf(stderr, "remarket: message %lld (%s): %s\n",
@@ -10606,7 +10742,7 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 		rc = msg_exit(app, &m, why, sum);
 		goto out;
 	}
-	const char *chan = step_channel(app->cfg, &m);
+	const char *chan = step_channel(app, &m);
 	if (!chan) { /* this step is not for this contact: the next one is */
 		snprintf(stale, sizeof stale, "channel: %s (none the contact "
 			 "consented to, or not set up)", m.channels);
@@ -10619,6 +10755,13 @@ static int flow_send(struct app *app, int64_t id, rm_time now, int64_t owner,
 	int g = msg_gate(app, &m, chan, now, &until, &kind);
 	if (g != 0) {
 		rc = g < 0 ? -1 : msg_hold(app, &m, until, kind, sum);
+		goto out;
+	}
+	/* chosen again at each attempt (a push retried may go by mail when
+	 * the browser has left): the row says the latest */
+	if ((rc = q_write(app->db, q(app->db, ST_MESSAGE_CHANNEL, "iit", id, owner,
+				     chan))) != 0) {
+		rc = rc < 0 ? -1 : 0;
 		goto out;
 	}
 	if (app->cfg->dry_run) { /* a backtest: it would have gone now */
@@ -12349,6 +12492,43 @@ static void check_sms(const struct check_ctx *c, struct check_out *o)
 		check_say(o, CHECK_OK, "no step goes by SMS");
 }
 
+/* Push steps: push set up (the VAPID key and vapid_subject), and each
+ * step's NAME.push there and parsing. A warning, as for SMS: without
+ * push a step goes by its next channel; without its .push it waits. */
+static void check_push(const struct check_ctx *c, struct check_out *o)
+{
+	const struct config *cfg = c->app->cfg;
+	if (!c->db_ok) {
+		check_say(o, CHECK_WARN, "not checked: no database at this schema");
+		return;
+	}
+	int n = 0;
+	sqlite3_stmt *s = q(c->app->db, ST_CHECK_PUSH_STEPS, NULL);
+	while (sqlite3_step(s) == SQLITE_ROW) {
+		char path[PATH_MAX], err[400];
+		int w = snprintf(path, sizeof path, "%s/%s.push", cfg->templates,
+				 col_text(s, 0));
+		n++;
+		if (w < 0 || (size_t)w >= sizeof path ||
+		    tpl_lint(path, cfg->templates, ".push", 0, err, sizeof err) < 0)
+			problem_add(&o->lines, "%s (%s: its push messages wait)",
+				    w < 0 || (size_t)w >= sizeof path ? "path too long" :
+				    err, col_text(s, 1));
+	}
+	sqlite3_reset(s);
+	if (n && !push_ready(cfg))
+		check_say(o, CHECK_WARN, "%d step%s can go by push, but push is not "
+			  "set up (remarket keygen --vapid; vapid_subject): they go "
+			  "by their next channel or are skipped", n, n == 1 ? "" : "s");
+	else if (o->lines.n)
+		check_say(o, CHECK_WARN, "%d push template%s cannot be used",
+			  o->lines.n, o->lines.n == 1 ? "" : "s");
+	else if (n)
+		check_say(o, CHECK_OK, "%d step%s can go by push", n, n == 1 ? "" : "s");
+	else
+		check_say(o, CHECK_OK, "no step goes by push");
+}
+
 /* The storefront's script, which `remarket serve` hands out. */
 static void check_static(const struct check_ctx *c, struct check_out *o)
 {
@@ -12660,6 +12840,7 @@ static const struct check {
 	{"winback_waiting", CHECK_STATUS, check_winback_waiting},
 	{"complaints", CHECK_STATUS, check_complaints},
 	{"sms", CHECK_STATUS, check_sms},
+	{"push", CHECK_STATUS, check_push},
 };
 
 static const char *const level_names[] = {"ok", "warn", "stop"};
@@ -13382,6 +13563,23 @@ static void rep_flows(struct app *app, struct report *r)
 	}
 }
 
+/* The messages sent in the period by channel. */
+static void rep_channels(struct app *app, struct report *r)
+{
+	sqlite3_stmt *s = q(app->db, ST_REP_CHANNELS, "ii", (int64_t)r->since,
+			    (int64_t)r->until);
+	while (sqlite3_step(s) == SQLITE_ROW && r->nchannels < REPORT_CHANNELS) {
+		struct channel_report *c = &r->channels[r->nchannels++];
+		copy_str(c->name, sizeof c->name, col_text(s, 0));
+		c->sent = sqlite3_column_int64(s, 1);
+		c->clicked = sqlite3_column_int64(s, 2);
+		c->unsubscribed = sqlite3_column_int64(s, 3);
+		c->orders = sqlite3_column_int64(s, 4);
+		c->revenue = sqlite3_column_double(s, 5);
+	}
+	sqlite3_reset(s);
+}
+
 /* The report's time series: orders, attributed orders and revenue per
  * month (oldest first), and recovered revenue per day for the chart. */
 static void rep_series(struct app *app, struct report *r)
@@ -13475,6 +13673,7 @@ int report_build(struct app *app, rm_time since, rm_time until, struct report *r
 	r->unsubscribe_rate = r->sent ? (double)r->unsubscribed / (double)r->sent : 0;
 	q_row(q(db, ST_REP_BROWSER_HELD, "ii", a, b), "l", &r->browser_held);
 	rep_flows(app, r);
+	rep_channels(app, r);
 	rep_series(app, r);
 	rep_lifecycle(app, r);
 	return 0;
@@ -13665,6 +13864,16 @@ static const struct rep_row_num rep_step_nums[] = {
 	{"bounce_rate", RS(bounce_rate), RK_PERCENT2, 1},
 	{"complaint_rate", RS(complaint_rate), RK_PERCENT2, 1},
 };
+
+#define RC(f) offsetof(struct channel_report, f)
+static const struct rep_row_num rep_channel_nums[] = {
+	{"sent", RC(sent), RK_COUNT, 1},
+	{"clicked", RC(clicked), RK_COUNT, 1},
+	{"unsubscribed", RC(unsubscribed), RK_COUNT, 1},
+	{"orders", RC(orders), RK_COUNT, 1},
+	{"revenue", RC(revenue), RK_MONEY, 1},
+};
+#define NCHANNEL_NUMS (sizeof rep_channel_nums / sizeof rep_channel_nums[0])
 #undef RS
 
 static long rep_long(const void *base, size_t off)
@@ -13849,6 +14058,13 @@ int report_json(const struct report *r, struct buf *out)
 		if (i)
 			buf_adds(out, ",");
 		json_flow(out, &r->flows[i]);
+	}
+	buf_adds(out, "],\"channels\":[");
+	for (int i = 0; i < r->nchannels; i++) {
+		buf_adds(out, i ? ",{\"name\":" : "{\"name\":");
+		json_str(out, r->channels[i].name);
+		json_row(out, rep_channel_nums, NCHANNEL_NUMS, &r->channels[i]);
+		buf_adds(out, "}");
 	}
 	buf_adds(out, "],\"orders_per_month\":[");
 	for (int i = 0; i < r->nmonths; i++)
@@ -14119,6 +14335,33 @@ static int flow_active(const struct flow_report *f)
 	return f->enabled && (f->enrolled + f->held_out > 0 || f->nsteps > 0);
 }
 
+/* The messages sent by each channel: a small table, when any was sent. */
+static void html_channels(struct buf *b, const struct report *r)
+{
+	char v[64];
+	if (!r->nchannels)
+		return;
+	buf_adds(b, "<section><h2>By channel</h2><table><tr><th>Channel</th>");
+	for (size_t k = 0; k < NCHANNEL_NUMS; k++)
+		buf_addf(b, "<th>%c%s</th>", toupper((unsigned char)rep_channel_nums[k].key[0]),
+			 rep_channel_nums[k].key + 1);
+	buf_adds(b, "</tr>");
+	for (int i = 0; i < r->nchannels; i++) {
+		buf_adds(b, "<tr><td>");
+		html_escape(b, r->channels[i].name);
+		buf_adds(b, "</td>");
+		for (size_t k = 0; k < NCHANNEL_NUMS; k++) {
+			rep_shown(v, sizeof v, rep_channel_nums[k].kind, &r->channels[i],
+				  rep_channel_nums[k].off, r->currency);
+			buf_addf(b, "<td>%s</td>", v);
+		}
+		buf_adds(b, "</tr>");
+	}
+	buf_adds(b, "</table><p class=note>Messages sent in the period by the "
+		 "channel each went by (a step's first channel the contact "
+		 "consented to); orders are those attributed to them.</p></section>");
+}
+
 static void html_flows(struct buf *b, const struct report *r)
 {
 	int folded = 0;
@@ -14325,6 +14568,7 @@ static int report_page(const struct report *r, const char *store,
 			 "max_lateness_hours after they were due) and were skipped as "
 			 "stale.</p>", r->stale);
 	html_flows(b, r);
+	html_channels(b, r);
 	html_lifecycle(b, r);
 	buf_adds(b, "<section><h2>Orders per month</h2><table><tr><th>Month</th>"
 		 "<th>Orders</th><th>Attributed</th><th>Revenue</th></tr>");
@@ -14388,6 +14632,15 @@ static void report_text(const struct report *r)
 	       "to %+.1f)\n  %s\n", r->held_contacted, r->held_reactivated,
 	       100 * wl->p2, 100 * wl->diff, 100 * wl->lo, 100 * wl->hi,
 	       lift_verdict(wl));
+	for (int i = 0; i < r->nchannels; i++) {
+		printf("channel %-10s", r->channels[i].name);
+		for (size_t k = 0; k < NCHANNEL_NUMS; k++) {
+			rep_shown(v, sizeof v, rep_channel_nums[k].kind, &r->channels[i],
+				  rep_channel_nums[k].off, r->currency);
+			printf("  %s %s", rep_channel_nums[k].key, v);
+		}
+		printf("\n");
+	}
 	printf("segments          ");
 	for (int i = 0; i < SEG__MAX; i++)
 		printf(" %s %ld", segment_names[i], r->segments[i]);

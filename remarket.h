@@ -433,6 +433,9 @@ int vapid_jwt(const char *path, const char *aud, rm_time exp, const char *sub,
  * is on the real clock: the push service checks it against its own. */
 int push_send(struct app *app, int64_t subscription_id, const char *title,
 	      const char *body, const char *url, char *err, size_t errlen);
+/* 1 if push is set up for flows: the VAPID key file readable and
+ * vapid_subject set. */
+int push_ready(const struct config *cfg);
 
 /* ==== The message context ============================================= */
 
@@ -664,6 +667,14 @@ struct step_report {
 	double bounce_rate, complaint_rate;
 	char name[80];            /* "Cart reminder · +1 h": template and delay */
 };
+/* One channel's messages sent in the period (messages.channel) and what
+ * they drew: clicks, unsubscribes, and orders attributed to them. */
+#define REPORT_CHANNELS 4
+struct channel_report {
+	char name[8];             /* "email", "sms", "push" */
+	long sent, clicked, unsubscribed, orders;
+	double revenue;
+};
 struct flow_report {
 	char name[64];
 	int holdout_pct, enabled;
@@ -703,6 +714,8 @@ struct report {
 	struct lift recovery_lift;
 	struct flow_report flows[REPORT_FLOWS];
 	int nflows;
+	struct channel_report channels[REPORT_CHANNELS];
+	int nchannels;
 	struct { char month[8]; long orders, attributed; double revenue; } months[REPORT_MONTHS];
 	int nmonths;
 	long lapse_days, lapsed, contacted, reactivated;

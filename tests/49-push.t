@@ -137,6 +137,48 @@ like($out, qr/404 .*deleted/, 'the 404 is reported') or diag $out;
 is(sql('SELECT group_concat(endpoint) FROM push_subscriptions'), "$push/push/ann",
 	'the subscriptions the push service answered 410 and 404 are deleted');
 
+# ---- a due cart step by channel=push,email goes by push ----
+my $T0 = 1795000000;
+cli('flows', 'holdout', 'abandoned_cart', 0);
+($rc, $out, $err) = cli('flows', 'set', 'abandoned_cart', 1, 'channel=push,email');
+is($rc, 0, 'flows set abandoned_cart 1 channel=push,email') or diag $err;
+like($out, qr/by push,email/, '... listed with its channels') or diag $out;
+sub push_check {
+	my (undef, $o) = cli('status', '--json');
+	my ($c) = grep { $_->{name} eq 'push' } @{ (eval { $J->decode($o) } || {})->{checks} || [] };
+	return $c || {};
+}
+is(push_check()->{level}, 'ok', 'status: the push step is ready') or diag explain push_check();
+like(push_check()->{message} // push_check()->{text} // '', qr/1 step can go by push/, '... and says so')
+	or diag explain push_check();
+rename "$dir/vapid.pem", "$dir/vapid.off";
+is(push_check()->{level}, 'warn', 'status: without the VAPID key, a warning');
+rename "$dir/vapid.off", "$dir/vapid.pem";
+($rc, $out, $err) = cli('event', '--now', $T0, { stdin => '{"type":"cart",'
+	. '"email":"ann@example.com","cart_id":"c-ann","consent":true,"name":"Ann Lee",'
+	. '"currency":"EUR","items":[{"sku":"A","name":"A","price":30,"qty":1}],'
+	. "\"total\":30,\"ts\":$T0}" });
+is($rc, 0, 'ann leaves a cart') or diag $err;
+($rc, $out, $err) = cli('tick', '--now', $T0 + 3700);
+is($rc, 0, 'the tick exits 0') or diag "$out$err";
+@req = map { $J->decode($_) } split /\n/, slurp("$dir/requests.jsonl");
+$q = $req[-1] || {};
+is($q->{path}, '/push/ann', 'the step went to ann\'s browser');
+is($q->{vapid}, 'ok', '... signed (VAPID)') or diag $q->{vapid};
+is($q->{decrypt}, undef, '... and it decrypts') or diag $q->{decrypt};
+is($q->{payload}{title}, 'Ann, your cart is waiting', 'its title: the first line of cart_reminder.push');
+like($q->{payload}{body} // '', qr/^It is saved for you at Maison Test \(.*30\.00\)/,
+	'its body: the second line, with the cart\'s total');
+like($q->{payload}{url} // '', qr{^\Q$RMTest::CONF{REMARKET_BASE_URL}\E/?R/}i,
+	'its url: the signed cart link') or diag $q->{payload}{url};
+is(sql("SELECT channel || ' ' || status FROM messages"), 'push sent',
+	'the message is recorded: channel push, sent');
+($rc, $out, $err) = cli('report', '--json', '--now', $T0 + 7200);
+is($rc, 0, 'report --json') or diag $err;
+my $rep = eval { $J->decode($out) } || {};
+is_deeply([map { "$_->{name} $_->{sent}" } @{ $rep->{channels} || [] }], ['push 1'],
+	'the report counts one push sent') or diag $out;
+
 # ---- a contact with none; forget ----
 ($rc, $out, $err) = cli('push-test', 'nobody@example.com');
 is($rc, 1, 'push-test for a contact without subscriptions: exit 1');

@@ -7933,6 +7933,88 @@ static void test_cart_first(void)
 	world_close(&w);
 }
 
+/* Push as a flow channel (issue 13): a step by push,email goes by push
+ * to a contact with a push subscription (and a VAPID key), by mail to
+ * one without; no key: mail for both. */
+static void test_push_flow(void)
+{
+	struct world w;
+	struct tick_summary s;
+	char key[PATH_MAX], pub[100], err[512] = "";
+	if (!ok(world_open(&w, "pushflow") == 0, "push flow: world opens"))
+		return;
+	ok(channels_ok("push") && channels_ok("push,email") &&
+	   channels_ok("push,sms,email") && !channels_ok("push,push"),
+	   "push flow: channels push, push,email, push,sms,email pass; push,push not");
+	snprintf(key, sizeof key, "%s/pushflow-vapid.pem", tmpdir);
+	set_cfg(&w.cfg.vapid_key_file, key);
+	set_cfg(&w.cfg.vapid_subject, "mailto:ops@shop.example.com");
+	set_cfg(&w.cfg.allow_insecure_links, "yes");
+	ok(!push_ready(&w.cfg), "push flow: not set up without the key file");
+	ok(vapid_keygen(key, pub, sizeof pub, err, sizeof err) == 0 && push_ready(&w.cfg),
+	   "push flow: set up with it (%s)", err);
+	db_scalar(w.app.db, "UPDATE steps SET channels = 'push,email' WHERE position = 1 "
+		  "AND flow_id = (SELECT id FROM flows WHERE name = 'abandoned_cart')");
+	cart_event(&w, "pa@example.com", "Pa", "pac", 1, T0);
+	cart_event(&w, "pb@example.com", "Pb", "pbc", 1, T0);
+	/* a browser of pa's; its push service is down (nothing listens) */
+	db_scalar(w.app.db, "INSERT INTO push_subscriptions (endpoint, p256dh, auth, "
+		  "contact_id, created) SELECT 'http://127.0.0.1:1/push/a', "
+		  "'BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4', "
+		  "'BTBZMqHH6r4Tts7J_aSIgg', id, 0 FROM contacts WHERE email = 'pa@example.com'");
+	tick(&w, T0 + 2 * HOUR, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts k ON k.id = m.contact_id "
+		  "WHERE k.email = 'pa@example.com' AND m.channel = 'push'"), 1,
+	       "push flow: a contact with a subscription gets the push,email step by push");
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts k ON k.id = m.contact_id "
+		  "WHERE k.email = 'pa@example.com' AND m.status = 'queued' AND m.attempts = 1 "
+		  "AND m.error LIKE 'push service%%'"), 1,
+	       "... the push service down: retried later, the reason kept");
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts k ON k.id = m.contact_id "
+		  "WHERE k.email = 'pb@example.com' AND m.channel = 'email' AND m.status = 'sent'"),
+	       1, "push flow: one without a subscription gets it by mail");
+	/* the channel is chosen again at each attempt: the browser gone,
+	 * mail is next */
+	db_scalar(w.app.db, "DELETE FROM push_subscriptions");
+	tick(&w, T0 + 3 * HOUR, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts k ON k.id = m.contact_id "
+		  "WHERE k.email = 'pa@example.com' AND m.channel = 'email' AND m.status = 'sent'"),
+	       1, "push flow: its browser gone, the retry goes by mail");
+	/* the report by channel, from rows made by hand: pa's message made a
+	 * push one, clicked, with an order attributed to it */
+	db_scalar(w.app.db, "UPDATE messages SET channel = 'push' WHERE contact_id = "
+		  "(SELECT id FROM contacts WHERE email = 'pa@example.com')");
+	db_scalar(w.app.db, "INSERT INTO interactions (message, kind, ts) SELECT id, "
+		  "'click', sent_at + 60 FROM messages WHERE channel = 'push'");
+	db_scalar(w.app.db, "INSERT INTO orders (order_key, contact_id, total, ts, "
+		  "attribution, message) SELECT 'o-push', contact_id, 80, sent_at + 120, "
+		  "'click', id FROM messages WHERE channel = 'push'");
+	struct report *r = calloc(1, sizeof *r);
+	struct buf out = {0};
+	if (r && report_build(&w.app, T0 - DAY, T0 + DAY, r) == 0) {
+		is_int(r->nchannels, 2, "report: two channels");
+		ok(!strcmp(r->channels[0].name, "email") && r->channels[0].sent == 1 &&
+		   r->channels[0].clicked == 0 && r->channels[0].orders == 0,
+		   "report: email sent 1, no click, no order");
+		ok(!strcmp(r->channels[1].name, "push") && r->channels[1].sent == 1 &&
+		   r->channels[1].clicked == 1 && r->channels[1].orders == 1 &&
+		   r->channels[1].revenue == 80, "report: push sent 1, clicked 1, 1 order of 80");
+		report_json(r, &out);
+		ok(contains(out.data, "\"channels\":[{\"name\":\"email\",\"sent\":1,"
+			    "\"clicked\":0,\"unsubscribed\":0,\"orders\":0,\"revenue\":0.00},"
+			    "{\"name\":\"push\",\"sent\":1,\"clicked\":1,\"unsubscribed\":0,"
+			    "\"orders\":1,\"revenue\":80.00}]"), "report: the channels in JSON");
+		out.len = 0;
+		report_html(r, "Shop", &out);
+		ok(contains(out.data, "<h2>By channel</h2>") &&
+		   contains(out.data, "<tr><td>push</td><td>1</td><td>1</td><td>0</td>"
+			    "<td>1</td><td>80.00 EUR</td></tr>"), "report: ... and in HTML");
+	}
+	buf_free(&out);
+	free(r);
+	world_close(&w);
+}
+
 /* SMS (issue 13): the validators of a phone and a step's channels, the
  * GSM-7/UCS-2 segment count, the finished line, the provider answers,
  * Twilio's signature (the documentation's published example), and the
@@ -8148,6 +8230,7 @@ int main(void)
 	test_smart_sending();
 	test_cart_first();
 	test_sms();
+	test_push_flow();
 	int rc = done_testing();
 	if (nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
 		diag("could not remove %s", tmpdir);
