@@ -9498,6 +9498,8 @@ static int preview_about(struct app *app, struct msgrow *m, char *err,
 {
 	int cart = !strcmp(m->trigger, "cart_abandoned");
 	int order = !strcmp(m->trigger, "order_placed");
+	/* a browse mail: catalog products, as for a sample (whoever it is for) */
+	int browse = !strcmp(m->trigger, "browse_abandoned");
 	sqlite3_stmt *s;
 	if (m->contact && cart) {
 		s = q(app->db, ST_PREVIEW_CART, "i", m->contact);
@@ -9515,7 +9517,7 @@ static int preview_about(struct app *app, struct msgrow *m, char *err,
 			copy_str(m->currency, sizeof m->currency, col_text(s, 1));
 		}
 		sqlite3_reset(s);
-	} else if (cart || order) { /* a sample: the catalog, else made up */
+	} else if (cart || order || browse) { /* a sample: the catalog, else made up */
 		s = q(app->db, ST_PREVIEW_SAMPLE_ITEMS, NULL);
 		const char *j = sqlite3_step(s) == SQLITE_ROW ? col_text(s, 0) : "[]";
 		m->items = strdup(strcmp(j, "[]") ? j :
@@ -9526,7 +9528,7 @@ static int preview_about(struct app *app, struct msgrow *m, char *err,
 		sqlite3_reset(s);
 		if (cart)
 			copy_str(m->cart_key, sizeof m->cart_key, "sample-cart");
-		else
+		else if (order)
 			m->order = -1; /* mc_order: m's items are the order */
 	}
 	if ((cart && !*m->cart_key) || (order && !m->order)) {
