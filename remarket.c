@@ -10281,7 +10281,8 @@ static int msg_gate(struct app *app, const struct msgrow *m,
 		return 1;
 	*until = now + 3600; /* looked at again in an hour */
 	*kind = "cart";
-	if (!strcmp(m->trigger, "customer_lapsed") &&
+	if ((!strcmp(m->trigger, "customer_lapsed") ||
+	     !strcmp(m->trigger, "browse_abandoned")) &&
 	    db_scalar_stmt(q(db, ST_GATE_CART, "i", m->contact)) == 1)
 		return 1;
 	long hours = app->cfg->min_gap_hours;

@@ -4443,6 +4443,28 @@ static void test_browse(void)
 	       "browse: a product not in the catalog: not enrolled");
 	is_int(sq(&w, "SELECT count(*) FROM browse_views"), 0,
 	       "browse: an anonymous view keeps no row; all read rows deleted");
+	/* enrolled, held by quiet hours; a cart sequence starts meanwhile:
+	 * the browse mail waits for it (deferred_by 'cart') */
+	t += 2 * DAY;
+	char quiet[16];
+	int h = (int)((t + 3 * HOUR) % DAY / HOUR);
+	snprintf(quiet, sizeof quiet, "%d-%d", h, (h + 3) % 24);
+	set_cfg(&w.cfg.quiet_hours_email, quiet);
+	browse_view(&w, "late@example.com", "D", 90, t);
+	tick(&w, t + 3 * HOUR, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = "
+		  "m.contact_id WHERE c.email = 'late@example.com' AND m.status = "
+		  "'queued' AND m.deferred_by = 'quiet'"), 1,
+	       "browse: enrolled, its mail waits for quiet hours");
+	cart_event(&w, "late@example.com", "Late", "c-late", 1, t + 3 * HOUR);
+	tick(&w, t + 4 * HOUR + MIN, &s);
+	set_cfg(&w.cfg.quiet_hours_email, "");
+	tick(&w, t + 6 * HOUR, &s); /* both due: the cart's goes */
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON e.id = "
+		  "m.enrollment_id JOIN contacts c ON c.id = m.contact_id WHERE "
+		  "c.email = 'late@example.com' AND e.sku = 'D' AND m.status = "
+		  "'queued' AND m.deferred_by = 'cart'"), 1,
+	       "browse: a cart sequence started since: the browse mail waits for it");
 	world_close(&w);
 }
 
