@@ -2847,6 +2847,7 @@ void cfg_free(struct config *cfg)
 	X(FORGET_SEGMENTS, "DELETE FROM segments WHERE contact_id = ?1")     \
 	X(FORGET_PENDING, "DELETE FROM segment_pending WHERE contact_id = ?1") \
 	X(FORGET_DIRTY, "DELETE FROM segment_dirty WHERE contact_id = ?1")   \
+	X(FORGET_BROWSE, "DELETE FROM browse_views WHERE contact_id = ?1")   \
 	X(FORGOTTEN_ADD,                                                       \
 	  "INSERT OR IGNORE INTO forgotten (hash, ts) VALUES (?1, ?2)")        \
 	X(MESSAGE_TARGET,                                                      \
@@ -18165,6 +18166,7 @@ static int cmd_forget(struct app *app, struct config *cfg, rm_time now,
 		 q_exec(db, q(db, ST_FORGET_SEGMENTS, "i", id)) ||
 		 q_exec(db, q(db, ST_FORGET_PENDING, "i", id)) ||
 		 q_exec(db, q(db, ST_FORGET_DIRTY, "i", id)) ||
+		 q_exec(db, q(db, ST_FORGET_BROWSE, "i", id)) ||
 		 q_exec(db, q(db, ST_FORGET_CONTACT, "ii", id, (int64_t)now)) ||
 		 q_exec(db, q(db, ST_FORGOTTEN_ADD, "ti", hex, (int64_t)now));
 	if (!rc) {
