@@ -619,6 +619,7 @@ static const struct cfg_key {
 	CFG_STR(timezone, "UTC"),
 	CFG_STR(reply_to, ""),
 	CFG_LONG(idle_minutes, "60"),
+	CFG_LONG(browse_idle_minutes, "120"),
 	CFG_LONG(max_body, "65536"),
 	CFG_LONG(threads, "4"),
 	CFG_STR(socket_group, ""),
@@ -1423,6 +1424,14 @@ void cfg_free(struct config *cfg)
 	  "status = CASE WHEN status = 'ordered' THEN 'ordered' "              \
 	  "WHEN ?7 = 0 THEN 'empty' ELSE 'open' END, updated = ?8 "            \
 	  "RETURNING id, status")                                              \
+	/* a known contact's view of a product, for browse abandonment (the  \
+	 * tick reads and deletes these rows: detect_browse) */              \
+	X(BROWSE_VIEW,                                                         \
+	  "INSERT INTO browse_views (contact_id, sku, first, last, views, "    \
+	  "max_seconds) SELECT ?1, ?2, ?3, ?3, 1, max(?4, 0) FROM contacts "   \
+	  "WHERE id = ?1 AND email IS NOT NULL ON CONFLICT DO UPDATE SET "     \
+	  "last = max(last, excluded.last), views = views + 1, "               \
+	  "max_seconds = max(max_seconds, excluded.max_seconds)")              \
 	X(CART_TOUCH,                                                          \
 	  "UPDATE carts SET updated = ?2, contact_id = coalesce(?3, contact_id), " \
 	  "status = CASE WHEN status = 'abandoned' THEN 'open' ELSE status END " \
@@ -1941,7 +1950,9 @@ void cfg_free(struct config *cfg)
 	X(MESSAGE_LOAD,                                                        \
 	  "SELECT m.step, m.attempts, m.message_id, m.discount_code, "         \
 	  "e.id, e.status, c.id, c.email, c.name, c.unsubscribed_at, "         \
-	  "c.suppressed_at, k.cart_key, k.status, k.items, k.total, k.currency, " \
+	  "c.suppressed_at, k.cart_key, k.status, coalesce(k.items, "          \
+	  "CASE WHEN e.sku IS NOT NULL THEN json_array(json_object('sku', "    \
+	  "e.sku, 'qty', 1)) END), k.total, k.currency, "                      \
 	  "CASE WHEN m.variant = 'B' THEN coalesce(v.template, s.template) "   \
 	  "ELSE s.template END, CASE WHEN m.variant = 'B' THEN "               \
 	  "coalesce(v.discount_pct, s.discount_pct) ELSE s.discount_pct END, " \
@@ -2113,6 +2124,30 @@ void cfg_free(struct config *cfg)
 	  "WHERE o.ts > ?1 - 2 * 86400 AND o.ts <= ?1 AND c.consent = 1 "      \
 	  "AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL "         \
 	  "ON CONFLICT DO NOTHING")                                            \
+	/* browse abandonment: views idle since ?2 (two, or one of 60 s),   \
+	 * of a consenting known contact, a product in the catalog, no cart  \
+	 * of theirs touched since the first view, no cart sequence of       \
+	 * theirs running, the product not sent in 30 days before ?1 */      \
+	X(BROWSE_ENROLL,                                                       \
+	  "INSERT INTO enrollments (flow_id, contact_id, sku, anchor, created, " \
+	  "holdout) SELECT f.id, b.contact_id, b.sku, ?1, ?1, "                \
+	  "rm_bucket('holdout:' || f.id || ':' || lower(c.email)) "            \
+	  "< f.holdout_pct * 100 FROM browse_views b "                         \
+	  "JOIN contacts c ON c.id = b.contact_id "                            \
+	  "JOIN flows f ON f.trigger = 'browse_abandoned' AND f.enabled = 1 "  \
+	  "WHERE b.last <= ?2 AND (b.views >= 2 OR b.max_seconds >= 60) "      \
+	  "AND c.email IS NOT NULL AND c.consent = 1 "                         \
+	  "AND c.unsubscribed_at IS NULL AND c.suppressed_at IS NULL "         \
+	  "AND EXISTS (SELECT 1 FROM products p WHERE p.sku = b.sku) "         \
+	  "AND NOT EXISTS (SELECT 1 FROM carts k WHERE k.contact_id = "        \
+	  "b.contact_id AND k.updated >= b.first) "                            \
+	  "AND NOT EXISTS (SELECT 1 FROM enrollments e JOIN flows g ON "       \
+	  "g.id = e.flow_id AND g.trigger = 'cart_abandoned' "                 \
+	  "WHERE e.contact_id = b.contact_id AND e.status = 'active') "        \
+	  "AND NOT EXISTS (SELECT 1 FROM enrollments e WHERE e.contact_id = "  \
+	  "b.contact_id AND e.sku = b.sku AND e.created > ?1 - 30 * 86400)")   \
+	/* the views read by BROWSE_ENROLL (enrolled or not) */               \
+	X(BROWSE_DONE, "DELETE FROM browse_views WHERE last <= ?1")            \
 	X(ABANDON,                                                             \
 	  "UPDATE carts SET status = 'abandoned', abandoned_at = ?1 "          \
 	  "WHERE status = 'open' AND item_count > 0 AND updated <= ?2 "        \
@@ -2831,6 +2866,7 @@ void cfg_free(struct config *cfg)
 	X(FORGET_SEGMENTS, "DELETE FROM segments WHERE contact_id = ?1")     \
 	X(FORGET_PENDING, "DELETE FROM segment_pending WHERE contact_id = ?1") \
 	X(FORGET_DIRTY, "DELETE FROM segment_dirty WHERE contact_id = ?1")   \
+	X(FORGET_BROWSE, "DELETE FROM browse_views WHERE contact_id = ?1")   \
 	X(FORGOTTEN_ADD,                                                       \
 	  "INSERT OR IGNORE INTO forgotten (hash, ts) VALUES (?1, ?2)")        \
 	X(MESSAGE_TARGET,                                                      \
@@ -5142,6 +5178,10 @@ static int ev_apply(struct app *app, const struct event *e, enum ev_source src,
 		rc = ev_product(app, e);
 	else if (rc == 0 && !strcmp(e->type, "refund"))
 		rc = ev_refund(app, e);
+	else if (rc == 0 && !strcmp(e->type, "view") && contact > 0 && e->sku)
+		rc = q_exec(app->db, q(app->db, ST_BROWSE_VIEW, "itii", contact,
+				       e->sku, (int64_t)e->ts,
+				       (int64_t)e->seconds));
 	if (rc == 1) {
 		*dup = 1;
 		return 0;
@@ -9042,24 +9082,31 @@ int mc_template_uses(struct app *app, const char *tpl, const char *var)
 struct reco_list {
 	struct mlist *l;
 	const char *cur, *locale;
+	const char *except; /* a browse mail's product: shown above, not here */
+	int left;           /* how many more to list */
 };
 
 static int reco_item(void *arg, sqlite3_stmt *row)
 {
 	struct reco_list *r = arg;
+	if (r->left <= 0 || (r->except && !strcmp(r->except, col_text(row, 0))))
+		return 0;
+	r->left--;
 	const char *bc[2] = {col_text(row, 5), col_text(row, 6)};
 	return list_add(r->l, col_text(row, 1), col_text(row, 0), 1,
 			sqlite3_column_double(row, 2), col_text(row, 3),
 			col_text(row, 4), bc, r->cur, r->locale);
 }
 
+/* N recommendations for CONTACT, never the product EXCEPT (NULL: none):
+ * one more is asked for, in case it is among them. */
 static int mc_recos(struct msgctx *mc, struct app *app, int64_t contact,
-		    const char *cur)
+		    const char *cur, const char *except, int n)
 {
-	struct reco_list r = {mc_list(mc), cur, app->cfg->locale};
+	struct reco_list r = {mc_list(mc), cur, app->cfg->locale, except, n};
 	if (reco_refresh(app, RECO_CHUNK_LINES, RECO_MAIL_MS) < 0)
 		return -1;
-	if (reco_walk(app, contact, 3, reco_item, &r) < 0)
+	if (reco_walk(app, contact, except ? n + 1 : n, reco_item, &r) < 0)
 		return -1;
 	return list_publish(mc, r.l, "recommendations");
 }
@@ -9120,6 +9167,17 @@ static void mc_free(struct msgctx *mc)
 }
 
 /* The footer's sentence: why this person gets this email. */
+/* A browse mail: the product viewed (items, from the catalog) and two
+ * recommendations that are not it. */
+static int mc_browse(struct msgctx *mc, struct app *app, const struct msgrow *m)
+{
+	if (mc_items(mc, app, "items", m->items, m->currency) < 0)
+		return -1;
+	const char *sku = mc->lists[mc->nlists - 1].n ?
+			  mc->lists[mc->nlists - 1].items[0].sku : NULL;
+	return mc_recos(mc, app, m->contact, m->currency, sku, 2);
+}
+
 static void mc_reason(struct msgctx *mc, const struct config *cfg,
 		      const char *trigger)
 {
@@ -9127,6 +9185,7 @@ static void mc_reason(struct msgctx *mc, const struct config *cfg,
 	snprintf(r, sizeof r, "You are receiving this because %s %s.",
 		 !strcmp(trigger, "cart_abandoned") ? "you left items in your cart at" :
 		 !strcmp(trigger, "order_placed") ? "you ordered from" :
+		 !strcmp(trigger, "browse_abandoned") ? "you looked at a product at" :
 		 "you are a customer of", cfg->store_name);
 	mc_set(mc, "reason", r);
 }
@@ -9230,8 +9289,11 @@ static int mc_build(struct msgctx *mc, struct app *app, const struct msgrow *m,
 			return -1;
 		snprintf(count, sizeof count, "%zu", mc->lists[mc->nlists - 1].n);
 		mc_set(mc, "item_count", count);
+	} else if (!strcmp(m->trigger, "browse_abandoned")) {
+		if (mc_browse(mc, app, m) < 0)
+			return -1;
 	} else if ((mc_template_uses(app, m->tpl, "recommendations") &&
-		    mc_recos(mc, app, m->contact, m->currency) < 0) ||
+		    mc_recos(mc, app, m->contact, m->currency, NULL, 3) < 0) ||
 		   (m->order && mc_order(mc, app, m) < 0)) {
 		return -1;
 	}
@@ -9463,6 +9525,8 @@ static int preview_about(struct app *app, struct msgrow *m, char *err,
 {
 	int cart = !strcmp(m->trigger, "cart_abandoned");
 	int order = !strcmp(m->trigger, "order_placed");
+	/* a browse mail: catalog products, as for a sample (whoever it is for) */
+	int browse = !strcmp(m->trigger, "browse_abandoned");
 	sqlite3_stmt *s;
 	if (m->contact && cart) {
 		s = q(app->db, ST_PREVIEW_CART, "i", m->contact);
@@ -9480,7 +9544,7 @@ static int preview_about(struct app *app, struct msgrow *m, char *err,
 			copy_str(m->currency, sizeof m->currency, col_text(s, 1));
 		}
 		sqlite3_reset(s);
-	} else if (cart || order) { /* a sample: the catalog, else made up */
+	} else if (cart || order || browse) { /* a sample: the catalog, else made up */
 		s = q(app->db, ST_PREVIEW_SAMPLE_ITEMS, NULL);
 		const char *j = sqlite3_step(s) == SQLITE_ROW ? col_text(s, 0) : "[]";
 		m->items = strdup(strcmp(j, "[]") ? j :
@@ -9491,7 +9555,7 @@ static int preview_about(struct app *app, struct msgrow *m, char *err,
 		sqlite3_reset(s);
 		if (cart)
 			copy_str(m->cart_key, sizeof m->cart_key, "sample-cart");
-		else
+		else if (order)
 			m->order = -1; /* mc_order: m's items are the order */
 	}
 	if ((cart && !*m->cart_key) || (order && !m->order)) {
@@ -9536,9 +9600,11 @@ static int msg_preview_load(struct app *app, const char *tpl,
 		copy_str(m->trigger, sizeof m->trigger, trigger);
 	if (strcmp(m->trigger, "cart_abandoned") &&
 	    strcmp(m->trigger, "customer_lapsed") &&
-	    strcmp(m->trigger, "order_placed")) {
+	    strcmp(m->trigger, "order_placed") &&
+	    strcmp(m->trigger, "browse_abandoned")) {
 		snprintf(err, errlen, "%s: %s; say which mail it is with --trigger "
-			 "cart_abandoned, customer_lapsed or order_placed", tpl,
+			 "cart_abandoned, customer_lapsed, order_placed or "
+			 "browse_abandoned", tpl,
 			 *m->trigger ? "not a trigger" : "no flow step sends it");
 		return -1;
 	}
@@ -10308,7 +10374,8 @@ static int msg_gate(struct app *app, const struct msgrow *m,
 		return 1;
 	*until = now + 3600; /* looked at again in an hour */
 	*kind = "cart";
-	if (!strcmp(m->trigger, "customer_lapsed") &&
+	if ((!strcmp(m->trigger, "customer_lapsed") ||
+	     !strcmp(m->trigger, "browse_abandoned")) &&
 	    db_scalar_stmt(q(db, ST_GATE_CART, "i", m->contact)) == 1)
 		return 1;
 	long hours = app->cfg->min_gap_hours;
@@ -11046,8 +11113,8 @@ static int confirm_send(struct app *app, rm_time now, time_t started,
 	return 0;
 }
 
-/* Lapsed customers (with the segments, in chunks: seg_update) and new
- * orders become enrollments of their flows. */
+/* Lapsed customers (with the segments, in chunks: seg_update), new
+ * orders and idle product views become enrollments of their flows. */
 static int detect_lifecycle(struct app *app, rm_time now,
 			    struct tick_summary *sum)
 {
@@ -11056,6 +11123,11 @@ static int detect_lifecycle(struct app *app, rm_time now,
 		return -1;
 	int rc = q_exec(db, q(db, ST_ORDER_ENROLL, "i", (int64_t)now));
 	sum->enrolled += rc ? 0 : sqlite3_changes(db->h);
+	rm_time browse_before = now - app->cfg->browse_idle_minutes * 60;
+	rc = rc || q_exec(db, q(db, ST_BROWSE_ENROLL, "ii", (int64_t)now,
+				(int64_t)browse_before));
+	sum->enrolled += rc ? 0 : sqlite3_changes(db->h);
+	rc = rc || q_exec(db, q(db, ST_BROWSE_DONE, "i", (int64_t)browse_before));
 	rc = rc || q_exec(db, q(db, ST_QUEUE_DUE, "i", (int64_t)now));
 	rc = rc || db_commit(db);
 	if (rc)
@@ -18345,6 +18417,7 @@ static int cmd_forget(struct app *app, struct config *cfg, rm_time now,
 		 q_exec(db, q(db, ST_FORGET_SEGMENTS, "i", id)) ||
 		 q_exec(db, q(db, ST_FORGET_PENDING, "i", id)) ||
 		 q_exec(db, q(db, ST_FORGET_DIRTY, "i", id)) ||
+		 q_exec(db, q(db, ST_FORGET_BROWSE, "i", id)) ||
 		 q_exec(db, q(db, ST_FORGET_CONTACT, "ii", id, (int64_t)now)) ||
 		 q_exec(db, q(db, ST_FORGOTTEN_ADD, "ti", hex, (int64_t)now));
 	if (!rc) {

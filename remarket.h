@@ -71,6 +71,7 @@ struct config {
 	char *vapid_subject;  /* web push: mailto: or https: contact of the store */
 	char *log_pii;      /* "yes": the log may name addresses; "no": ids only */
 	long idle_minutes;  /* a cart idle this long is abandoned */
+	long browse_idle_minutes; /* views with no cart this long: browse flow */
 	long max_body;      /* bytes; larger request bodies get 413 */
 	long threads;       /* FastCGI worker threads */
 	long max_lateness_hours; /* a step later than this is stale (0: never) */

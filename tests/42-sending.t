@@ -477,7 +477,7 @@ SKIP: {
 	my $mnt = "$tmp/disk";
 	mkdir $mnt;
 	skip 'cannot mount a tmpfs here', 5
-	    unless system('mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', $mnt) == 0;
+	    unless system('mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', $mnt) == 0;
 	$MOUNTED = $mnt;
 	# the relay fills the file system under remarket's database while it
 	# holds the first message, then answers 250

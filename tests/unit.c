@@ -2393,6 +2393,12 @@ static void test_codes_migration(void)
 	db_scalar(db, "DROP TABLE feedback"); /* 020 */
 	db_scalar(db, "DROP TABLE webhook_tokens");
 	db_scalar(db, "DROP TABLE push_subscriptions"); /* 024 */
+	db_scalar(db, "DROP TABLE browse_views"); /* 027 */
+	db_scalar(db, "DROP INDEX enrollments_contact_sku");
+	db_scalar(db, "ALTER TABLE enrollments DROP COLUMN sku");
+	db_scalar(db, "DELETE FROM steps WHERE flow_id IN (SELECT id FROM flows "
+		  "WHERE name = 'browse_abandonment')");
+	db_scalar(db, "DELETE FROM flows WHERE name = 'browse_abandonment'");
 	db_scalar(db, "DROP INDEX messages_contact_sent"); /* 025 */
 	db_scalar(db, "DROP INDEX messages_contact_gate");
 	db_scalar(db, "ALTER TABLE messages DROP COLUMN deferred_by");
@@ -4313,6 +4319,155 @@ static void test_post_purchase(void)
 	world_close(&w);
 }
 
+/* ---- issue 13: browse abandonment ---- */
+
+static int evf(struct world *w, enum ev_source src, const char *vid, rm_time now,
+	       const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+/* A view of SKU by EMAIL (a signed hook's), SECS on the page (-1: not said). */
+static int browse_view(struct world *w, const char *email, const char *sku,
+		       long secs, rm_time now)
+{
+	char body[256], extra[32] = "";
+	struct ev_error err;
+	if (secs >= 0)
+		snprintf(extra, sizeof extra, ",\"seconds\":%ld", secs);
+	snprintf(body, sizeof body, "{\"type\":\"view\",\"email\":\"%s\","
+		 "\"consent\":true,\"sku\":\"%s\"%s}", email, sku, extra);
+	int rc = ingest(w, EV_HOOK, body, now, &err);
+	if (rc != 1)
+		diag("view by %s: %d %s", email, err.status, err.msg);
+	return rc;
+}
+
+static long long browse_enrolled(struct world *w, const char *email, const char *sku)
+{
+	char q[300];
+	snprintf(q, sizeof q, "SELECT count(*) FROM enrollments e JOIN contacts c "
+		 "ON c.id = e.contact_id JOIN flows f ON f.id = e.flow_id WHERE "
+		 "f.name = 'browse_abandonment' AND c.email = '%s' AND e.sku = '%s'",
+		 email, sku);
+	return sq(w, q);
+}
+
+static void test_browse(void)
+{
+	struct world w;
+	struct tick_summary s;
+	if (!ok(world_open(&w, "browse") == 0, "browse: world opens"))
+		return;
+	product(&w, "LAMP-1", "lamps", T0);
+	product(&w, "B", "lamps", T0);
+	product(&w, "C", "lamps", T0);
+	product(&w, "D", "rugs", T0);
+	order_line(&w, "o1", "other@example.com", "B", 10, T0 - DAY, T0);
+	order_line(&w, "o2", "other2@example.com", "C", 10, T0 - DAY, T0);
+	/* off by default: views are kept, nobody enrolled */
+	is_int(sq(&w, "SELECT enabled FROM flows WHERE name = 'browse_abandonment'"), 0,
+	       "browse: the flow is off by default");
+	browse_view(&w, "off@example.com", "LAMP-1", -1, T0);
+	browse_view(&w, "off@example.com", "LAMP-1", -1, T0 + MIN);
+	tick(&w, T0 + 3 * HOUR, &s);
+	is_int(browse_enrolled(&w, "off@example.com", "LAMP-1"), 0,
+	       "browse: disabled, two views enroll nobody");
+	is_int(sq(&w, "SELECT count(*) FROM browse_views"), 0,
+	       "browse: the views read are deleted");
+	db_scalar(w.app.db, "UPDATE flows SET enabled = 1, holdout_pct = 0 "
+		  "WHERE name = 'browse_abandonment'");
+	rm_time t = T0 + 4 * HOUR;
+	/* two views: enrolled once 120 minutes have passed since the last */
+	browse_view(&w, "two@example.com", "LAMP-1", -1, t);
+	browse_view(&w, "two@example.com", "LAMP-1", -1, t + 10 * MIN);
+	/* one view of 75 s; one short view (not enough) */
+	browse_view(&w, "long@example.com", "LAMP-1", 75, t);
+	browse_view(&w, "short@example.com", "LAMP-1", 20, t);
+	/* two views, then a cart */
+	browse_view(&w, "cart@example.com", "LAMP-1", -1, t);
+	browse_view(&w, "cart@example.com", "LAMP-1", -1, t + MIN);
+	cart_event(&w, "cart@example.com", "Cara", "c-cart", 1, t + 5 * MIN);
+	tick(&w, t + 10 * MIN + 119 * MIN, &s);
+	is_int(browse_enrolled(&w, "two@example.com", "LAMP-1"), 0,
+	       "browse: not before 120 minutes after the last view");
+	is_int(browse_enrolled(&w, "long@example.com", "LAMP-1"), 1,
+	       "browse: one view of 75 s, idle 120 minutes: enrolled");
+	tick(&w, t + 10 * MIN + 120 * MIN, &s);
+	is_int(browse_enrolled(&w, "two@example.com", "LAMP-1"), 1,
+	       "browse: two views, idle 120 minutes: enrolled");
+	is_int(browse_enrolled(&w, "short@example.com", "LAMP-1"), 0,
+	       "browse: one view of 20 s: not enrolled");
+	is_int(browse_enrolled(&w, "cart@example.com", "LAMP-1"), 0,
+	       "browse: a cart added after the views: not enrolled");
+	/* the mail: the product and two others, never the product again */
+	long long m = sq(&w, "SELECT max(m.id) FROM messages m JOIN contacts c ON "
+			 "c.id = m.contact_id WHERE c.email = 'two@example.com' "
+			 "AND m.status = 'sent'");
+	struct buf mail = {0}, dec = {0};
+	outbox_read(&w, m, &mail);
+	mime_part(mail.data ? mail.data : "", "text/plain", &dec);
+	const char *txt = dec.data ? dec.data : "";
+	const char *also = strstr(txt, "You might also like");
+	ok(m > 0 && contains(txt, "Product LAMP-1") && also &&
+	   contains(also, "Product B") && contains(also, "Product C") &&
+	   !contains(also, "Product LAMP-1"),
+	   "browse: the mail shows the product and two related ones");
+	buf_free(&mail), buf_free(&dec);
+	/* the same product again within 30 days: no; after 30 days: yes */
+	t += 5 * HOUR;
+	browse_view(&w, "two@example.com", "LAMP-1", 90, t);
+	tick(&w, t + 3 * HOUR, &s);
+	is_int(browse_enrolled(&w, "two@example.com", "LAMP-1"), 1,
+	       "browse: the same product within 30 days: not again");
+	t += 31 * DAY;
+	browse_view(&w, "two@example.com", "LAMP-1", 90, t);
+	tick(&w, t + 3 * HOUR, &s);
+	is_int(browse_enrolled(&w, "two@example.com", "LAMP-1"), 2,
+	       "browse: ... after 30 days, again");
+	/* a cart sequence of theirs running: not enrolled */
+	t += DAY;
+	cart_event(&w, "seq@example.com", "Seq", "c-seq", 1, t);
+	tick(&w, t + 2 * HOUR, &s);
+	is_int(sq(&w, "SELECT count(*) FROM enrollments e JOIN contacts c ON "
+		  "c.id = e.contact_id WHERE c.email = 'seq@example.com' "
+		  "AND e.status = 'active' AND e.cart_id IS NOT NULL"), 1,
+	       "browse: seq@ has a cart sequence running");
+	browse_view(&w, "seq@example.com", "D", 90, t + 2 * HOUR + MIN);
+	tick(&w, t + 5 * HOUR, &s);
+	is_int(browse_enrolled(&w, "seq@example.com", "D"), 0,
+	       "browse: a cart sequence running: not enrolled");
+	/* an unknown product, an anonymous browser: nothing */
+	browse_view(&w, "two@example.com", "NOPE", 90, t);
+	is_int(evf(&w, EV_BROWSER, "v-anon", t, "{\"type\":\"view\",\"sku\":\"D\","
+		   "\"seconds\":90}"), 1, "browse: an anonymous view is accepted");
+	tick(&w, t + 8 * HOUR, &s);
+	is_int(browse_enrolled(&w, "two@example.com", "NOPE"), 0,
+	       "browse: a product not in the catalog: not enrolled");
+	is_int(sq(&w, "SELECT count(*) FROM browse_views"), 0,
+	       "browse: an anonymous view keeps no row; all read rows deleted");
+	/* enrolled, held by quiet hours; a cart sequence starts meanwhile:
+	 * the browse mail waits for it (deferred_by 'cart') */
+	t += 2 * DAY;
+	char quiet[16];
+	int h = (int)((t + 3 * HOUR) % DAY / HOUR);
+	snprintf(quiet, sizeof quiet, "%d-%d", h, (h + 3) % 24);
+	set_cfg(&w.cfg.quiet_hours_email, quiet);
+	browse_view(&w, "late@example.com", "D", 90, t);
+	tick(&w, t + 3 * HOUR, &s);
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN contacts c ON c.id = "
+		  "m.contact_id WHERE c.email = 'late@example.com' AND m.status = "
+		  "'queued' AND m.deferred_by = 'quiet'"), 1,
+	       "browse: enrolled, its mail waits for quiet hours");
+	cart_event(&w, "late@example.com", "Late", "c-late", 1, t + 3 * HOUR);
+	tick(&w, t + 4 * HOUR + MIN, &s);
+	set_cfg(&w.cfg.quiet_hours_email, "");
+	tick(&w, t + 6 * HOUR, &s); /* both due: the cart's goes */
+	is_int(sq(&w, "SELECT count(*) FROM messages m JOIN enrollments e ON e.id = "
+		  "m.enrollment_id JOIN contacts c ON c.id = m.contact_id WHERE "
+		  "c.email = 'late@example.com' AND e.sku = 'D' AND m.status = "
+		  "'queued' AND m.deferred_by = 'cart'"), 1,
+	       "browse: a cart sequence started since: the browse mail waits for it");
+	world_close(&w);
+}
+
 /* ---- issue 14: refunds reduce revenue and spent ---- */
 
 static char *segments_text(struct world *w);
@@ -5211,6 +5366,7 @@ static void test_lifecycle(void)
 	test_segments();
 	test_recommendations();
 	test_post_purchase();
+	test_browse();
 }
 
 static void test_sending(void)
