@@ -2669,14 +2669,18 @@ void cfg_free(struct config *cfg)
 	  "ON o.message = m.id WHERE e.flow_id = ?1 AND m.status = 'sent' "    \
 	  "AND m.sent_at >= ?2 AND m.sent_at < ?3 "                            \
 	  "GROUP BY m.step, m.variant ORDER BY m.step, m.variant")             \
-	/* per channel: sent in the period, clicked, unsubscribed, and the   \
+	/* per channel: sent in the period, clicked, opted out (an           \
+	 * unsubscribe link; for SMS also a STOP in the period), and the      \
 	 * orders attributed to them */                                        \
 	X(REP_CHANNELS,                                                        \
 	  "SELECT m.channel, count(*), "                                       \
 	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i WHERE "           \
 	  "i.message = m.id AND i.kind IN ('click', 'discount'))), 0), "       \
 	  "coalesce(sum(EXISTS (SELECT 1 FROM interactions i WHERE "           \
-	  "i.message = m.id AND i.kind = 'unsubscribe')), 0), "                \
+	  "i.message = m.id AND i.kind = 'unsubscribe')), 0) + "               \
+	  "CASE WHEN m.channel = 'sms' THEN (SELECT count(*) FROM contacts "   \
+	  "WHERE sms_consent = 0 AND sms_consent_source = 'sms STOP' "         \
+	  "AND sms_consent_at >= ?1 AND sms_consent_at < ?2) ELSE 0 END, "     \
 	  "coalesce(sum(o.n), 0), total(o.rev) FROM messages m "               \
 	  "LEFT JOIN (SELECT message, count(*) AS n, total(total - refunded) AS rev " \
 	  "FROM orders WHERE attribution IN ('click', 'code') GROUP BY message) o " \

@@ -8166,6 +8166,17 @@ static void test_push_flow(void)
 		   contains(out.data, "<tr><td>push</td><td>1</td><td>1</td><td>0</td>"
 			    "<td>1</td><td>80.00 EUR</td></tr>"), "report: ... and in HTML");
 	}
+	/* an SMS and a STOP in the period: the SMS channel's opt-outs */
+	db_scalar(w.app.db, "UPDATE messages SET channel = 'sms' WHERE contact_id = "
+		  "(SELECT id FROM contacts WHERE email = 'pb@example.com')");
+	db_scalar(w.app.db, "UPDATE contacts SET sms_consent = 0, sms_consent_source = "
+		  "'sms STOP', sms_consent_at = 1795000000 + 4 * 3600 "
+		  "WHERE email = 'pb@example.com'");
+	memset(r, 0, sizeof *r);
+	if (r && report_build(&w.app, T0 - DAY, T0 + DAY, r) == 0)
+		ok(r->nchannels == 2 && !strcmp(r->channels[1].name, "sms") &&
+		   r->channels[1].sent == 1 && r->channels[1].unsubscribed == 1,
+		   "report: an SMS STOP in the period is the SMS channel's opt-out");
 	buf_free(&out);
 	free(r);
 	world_close(&w);
