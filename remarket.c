@@ -14734,7 +14734,8 @@ static void report_text(const struct report *r)
 		text_eta(f->more_needed, f->days_needed);
 		for (int j = 0; j < f->nsteps; j++) {
 			const struct step_report *s = &f->steps[j];
-			printf("  step %d%s", s->position, s->variant == 'B' ? "B" : " ");
+			printf("  step %d%s %s", s->position, s->variant == 'B' ? "B" : " ",
+			       *s->name ? s->name : "(unnamed)");
 			for (size_t k = 0; k < sizeof rep_step_nums / sizeof rep_step_nums[0];
 			     k++) {
 				const struct rep_row_num *n = &rep_step_nums[k];

@@ -130,9 +130,10 @@ my @lines = (
 	    (map { $_ // -1 } @$cj{qw(codes_issued codes_redeemed discount_cost)}), $cj->{currency} // ''),
 	sprintf('flagged codes      %d orders with a code used before, %d with an expired code (not attributed to it)',
 	    map { $_ // -1 } @{ $cj->{codes_flagged} || {} }{qw(reused expired)}),
-	map { sprintf('  step %d%s  sent %d  opened %d  clicked %d  orders %d  revenue %.2f'
+	map { sprintf('  step %d%s %s  sent %d  opened %d  clicked %d  orders %d  revenue %.2f'
 	    . '  bounce_rate %.2f %%  complaint_rate %.2f %%',
-	    $_->{position}, $_->{variant} eq 'B' ? 'B' : ' ', @$_{qw(sent opened clicked orders revenue)},
+	    $_->{position}, $_->{variant} eq 'B' ? 'B' : ' ', $_->{name} || '(unnamed)',
+	    @$_{qw(sent opened clicked orders revenue)},
 	    100 * ($_->{bounce_rate} // -1), 100 * ($_->{complaint_rate} // -1)) }
 	    map { @{ $_->{steps} } } @{ $cj->{flows} || [] },
 );
