@@ -174,7 +174,7 @@ my $j = JSON::PP->new->utf8->decode($json_text);
 my (undef, undef, $page) = cgi('/report', $now, "t=$t");
 like($page, qr{<td title="step 1">Cart reminder \x{c2}\x{b7} \+1 h</td>}, 'steps are named by template and delay');
 is($j->{flows}[0]{steps}[0]{name}, "Cart reminder \x{b7} +1 h", '... in the JSON too');
-like($page, qr{<details class=folded><summary>2 flows without activity in this period or disabled: winback, post_purchase \(disabled\)</summary>},
+like($page, qr{<details class=folded><summary>3 flows without activity in this period or disabled: winback, post_purchase \(disabled\), browse_abandonment \(disabled\)</summary>},
     'flows without activity are folded into one line');
 like($page, qr{<form class=range method=get action=report>.*name=since value=2026-10-20.*name=until value=2026-11-19.*<input type=hidden name=t value="$t">}s,
     'a date form with since, until and the token');
