@@ -9634,6 +9634,31 @@ static int msg_preview_load(struct app *app, const char *tpl,
 	return 0;
 }
 
+/* Reads NAME.EXT of message M's step and renders it as text into TXT
+ * with M's variables, left in MC (the caller frees both); NEED says
+ * what such a template must hold, for the error. 0, or -1 with ERR. */
+static int channel_render(struct app *app, const struct msgrow *m, rm_time now,
+			  rm_time code_expires, const char *ext, const char *need,
+			  struct msgctx *mc, struct buf *txt, char *path,
+			  char *err, size_t errlen)
+{
+	const char *dir = app->cfg->templates;
+	struct buf tpl = {0};
+	int rc = -1;
+	if (!val_ident(m->tpl, 64) ||
+	    snprintf(path, PATH_MAX, "%s/%s%s", dir, m->tpl, ext) >= PATH_MAX ||
+	    template_read(path, &tpl) < 0)
+		snprintf(err, errlen, "template %s/%s%s: cannot read it — %s", dir,
+			 m->tpl, ext, need);
+	else if (mc_build(mc, app, m, now, code_expires) < 0)
+		snprintf(err, errlen, "out of memory");
+	else
+		rc = tpl_render_file(tpl.data, path, &mc->ctx, TPL_TEXT, dir, ext,
+				     txt, err, errlen) ? -1 : 0;
+	buf_free(&tpl);
+	return rc;
+}
+
 /* A push notification of message M: NAME.push rendered with the mail's
  * context, its first line the title and its second the body; the URL is
  * the signed cart link for a cart, else the tracked store link. */
@@ -9645,24 +9670,13 @@ static int push_build_text(struct app *app, const struct msgrow *m,
 			   rm_time now, rm_time code_expires,
 			   struct push_text *pt, char *err, size_t errlen)
 {
-	const char *dir = app->cfg->templates;
 	char path[PATH_MAX];
 	struct msgctx mc = {0};
-	struct buf tpl = {0}, txt = {0};
+	struct buf txt = {0};
 	int rc = -1;
-	if (!val_ident(m->tpl, 64) ||
-	    snprintf(path, sizeof path, "%s/%s.push", dir, m->tpl) >= (int)sizeof path ||
-	    template_read(path, &tpl) < 0) {
-		snprintf(err, errlen, "template %s/%s.push: cannot read it — a "
-			 "push step needs one (title line, body line)", dir, m->tpl);
-		goto out;
-	}
-	if (mc_build(&mc, app, m, now, code_expires) < 0) {
-		snprintf(err, errlen, "out of memory");
-		goto out;
-	}
-	if (tpl_render_file(tpl.data, path, &mc.ctx, TPL_TEXT, dir, ".push", &txt,
-			    err, errlen))
+	if (channel_render(app, m, now, code_expires, ".push", "a push step needs "
+			   "one (title line, body line)", &mc, &txt, path, err,
+			   errlen) < 0)
 		goto out;
 	const char *t = buf_str(&txt), *nl = strchr(t, '\n');
 	const char *b = nl ? nl + 1 : "";
@@ -9682,7 +9696,6 @@ static int push_build_text(struct app *app, const struct msgrow *m,
 	rc = 0;
 out:
 	mc_free(&mc);
-	buf_free(&tpl);
 	buf_free(&txt);
 	return rc;
 }
@@ -9806,25 +9819,13 @@ static int sms_build(struct app *app, const struct msgrow *m, rm_time now,
 		     rm_time code_expires, struct buf *out, char *err,
 		     size_t errlen)
 {
-	const char *dir = app->cfg->templates;
 	char path[PATH_MAX];
 	struct msgctx mc = {0};
-	struct buf tpl = {0}, txt = {0};
+	struct buf txt = {0};
 	int rc = -1;
-	if (!val_ident(m->tpl, 64) ||
-	    snprintf(path, sizeof path, "%s/%s.sms", dir, m->tpl) >= (int)sizeof path ||
-	    template_read(path, &tpl) < 0) {
-		snprintf(err, errlen, "template %s/%s.sms: cannot read it — an "
-			 "SMS step needs one (a line of text with {{...}})", dir,
-			 m->tpl);
-		goto out;
-	}
-	if (mc_build(&mc, app, m, now, code_expires) < 0) {
-		snprintf(err, errlen, "out of memory");
-		goto out;
-	}
-	if (tpl_render_file(tpl.data, path, &mc.ctx, TPL_TEXT, dir, ".sms", &txt,
-			    err, errlen))
+	if (channel_render(app, m, now, code_expires, ".sms", "an SMS step needs "
+			   "one (a line of text with {{...}})", &mc, &txt, path,
+			   err, errlen) < 0)
 		goto out;
 	if (sms_finish(app->cfg->store_name, buf_str(&txt), out) < 0) {
 		snprintf(err, errlen, "out of memory rendering %s", path);
@@ -9833,7 +9834,6 @@ static int sms_build(struct app *app, const struct msgrow *m, rm_time now,
 	rc = 0;
 out:
 	mc_free(&mc);
-	buf_free(&tpl);
 	buf_free(&txt);
 	return rc;
 }
